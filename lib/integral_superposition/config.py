@@ -1,0 +1,144 @@
+"""Pydantic configs shared by the library, the tasks and the CLI.
+
+Every field has a one-line docstring under it; those become the JSON-schema descriptions
+and the CLI help.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+StorageDtype = Literal["fp16", "bf16", "fp32"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
+
+
+class DumpConfig(_Config):
+    """How activations are extracted and stored."""
+
+    layer: int = Field(13, ge=0)
+    """Layer index i: the residual stream entering block i, i.e. the seed's ``hidden_states[i]``."""
+    hook_points: list[str] | None = None
+    """Extra or alternative hook points (``"layer.13"`` or a module path); default ``[f"layer.{layer}"]``."""
+    max_len: int = Field(32, ge=1)
+    """Truncate each text to this many tokens (BOS included), as the seed does."""
+    batch_size: int = Field(64, ge=1)
+    """Texts per forward pass."""
+    dtype: StorageDtype = "bf16"
+    """Storage dtype of the activation shards."""
+    shard_size_mb: float = Field(128.0, gt=0)
+    """Target shard size in MiB (per hook point); shards end on document boundaries."""
+    drop_bos: bool = True
+    """Drop the BOS token's activations (its residual norm is huge on many models)."""
+    drop_special: bool = True
+    """Drop every other special token (EOS, pad is always dropped)."""
+    sort_by_length: bool = True
+    """Batch texts of similar length together to minimise padding."""
+    prepend_bos: bool = True
+    """Let the tokenizer add its BOS token, as the model saw in training."""
+
+    @field_validator("hook_points")
+    @classmethod
+    def _non_empty_hooks(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(v) == 0:
+            raise ValueError(
+                "hook_points=[]: expected at least one hook point, or None to use `layer`"
+            )
+        return v
+
+    def resolved_hook_points(self) -> list[str]:
+        """The hook point names this config dumps."""
+        return list(self.hook_points) if self.hook_points else [f"layer.{self.layer}"]
+
+
+SAEArchitecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
+
+
+class SAEConfig(_Config):
+    """Sparse autoencoder hyperparameters and training schedule.
+
+    ``k`` is the dictionary size (number of latents), as in the seed; the number of active
+    latents of the TopK family is ``top_k``.
+    """
+
+    k: int = Field(2048, ge=1)
+    """Number of latents (dictionary size, d_sae)."""
+    architecture: SAEArchitecture = "relu"
+    """``relu`` (ReLU + decoder-norm-weighted L1, the seed's), ``topk``, ``batchtopk`` or ``jumprelu``."""
+    top_k: int = Field(32, ge=1)
+    """Active latents per token for ``topk``/``batchtopk``."""
+    lr: float = Field(3e-4, gt=0)
+    """Peak Adam learning rate."""
+    l1: float = Field(1e-3, ge=0)
+    """Sparsity coefficient: L1 for ``relu``, L0 for ``jumprelu``."""
+    epochs: float = Field(2, gt=0)
+    """Passes over the training tokens (ignored when ``train_tokens`` is set)."""
+    batch_size: int = Field(4096, ge=1)
+    """Tokens per optimiser step."""
+    train_tokens: int | None = Field(None, ge=1)
+    """Token budget; overrides ``epochs`` when set."""
+    hook_point: str | None = None
+    """Hook point to train on (default: the store's first)."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    lr_warmup_steps: int = Field(100, ge=0)
+    """Linear LR warmup steps."""
+    lr_decay_frac: float = Field(0.2, ge=0, le=1)
+    """Fraction of steps at the end over which the LR decays linearly to zero."""
+    l1_warmup_frac: float = Field(0.05, ge=0, le=1)
+    """Fraction of steps over which the sparsity coefficient ramps from 0."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Gradient-norm clip (0 disables)."""
+    auxk_coef: float = Field(1 / 32, ge=0)
+    """AuxK loss coefficient for dead latents (TopK family)."""
+    aux_k: int = Field(512, ge=1)
+    """Dead latents used by AuxK per token."""
+    dead_tokens: int = Field(1_000_000, ge=1)
+    """A latent is dead in training when it has not fired for this many tokens."""
+    jumprelu_bandwidth: float = Field(0.001, gt=0)
+    """Straight-through bandwidth of JumpReLU's step function."""
+    jumprelu_init_threshold: float = Field(0.001, gt=0)
+    """Initial JumpReLU threshold."""
+    normalize_activations: bool = True
+    """Scale inputs to mean norm sqrt(d) in training; folded back into the weights when saved."""
+    max_norm_factor: float | None = Field(10.0, gt=0)
+    """Skip tokens whose norm exceeds this multiple of the median norm (None keeps all)."""
+    autocast_bf16: bool = False
+    """bf16 autocast over fp32 master weights (recommended on CUDA)."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    checkpoint_every: int = Field(500, ge=1)
+    """Optimiser steps between checkpoints."""
+    log_every: int = Field(50, ge=1)
+    """Optimiser steps between metric logs."""
+    test_fraction: float = Field(0.05, gt=0, lt=1)
+    """Fraction of documents held out for evaluation."""
+
+    @model_validator(mode="after")
+    def _check_topk(self) -> SAEConfig:
+        if self.architecture in ("topk", "batchtopk") and self.top_k > self.k:
+            raise ValueError(
+                f"top_k={self.top_k}: expected top_k <= k (the number of latents, {self.k})"
+            )
+        return self
+
+    @property
+    def d_sae(self) -> int:
+        return self.k
+
+
+class Paths(_Config):
+    """Where a run's outputs go (any fsspec URI; relative paths resolve under the run root)."""
+
+    shards_dir: str = "acts"
+    """Activation store directory."""
+    sae_path: str = "sae"
+    """SAE directory (SAELens format)."""
+    summary_csv: str = "results.csv"
+    """Enrichment summary table (also written as Parquet next to it)."""

@@ -1,0 +1,35 @@
+"""Datasets: labelled text loaders, the synthetic demo corpus and tokenisation."""
+
+from integral_superposition.data.datasets import (
+    balance_labels,
+    dataset_fingerprint,
+    encode_labels,
+    label_mapping,
+    load_dataset_auto,
+    load_hf_dataset,
+    load_kaggle_dataset,
+    load_titles_csv,
+    read_table,
+    split_df,
+    validate_frame,
+)
+from integral_superposition.data.demo_corpus import demo_corpus, neutral_prompts
+from integral_superposition.data.tokenize import pad_batch, tokenize_texts
+
+__all__ = [
+    "balance_labels",
+    "dataset_fingerprint",
+    "demo_corpus",
+    "encode_labels",
+    "label_mapping",
+    "load_dataset_auto",
+    "load_hf_dataset",
+    "load_kaggle_dataset",
+    "load_titles_csv",
+    "neutral_prompts",
+    "pad_batch",
+    "read_table",
+    "split_df",
+    "tokenize_texts",
+    "validate_frame",
+]

@@ -1,0 +1,10 @@
+"""Activation dumping and the ``ActivationStore`` reader."""
+
+from integral_superposition.dump.activations import (
+    combine_dumps,
+    dump_layer_activations,
+    plan_shards,
+)
+from integral_superposition.dump.store import ActivationStore, Batch
+
+__all__ = ["ActivationStore", "Batch", "combine_dumps", "dump_layer_activations", "plan_shards"]

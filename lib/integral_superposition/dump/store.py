@@ -1,0 +1,566 @@
+"""``ActivationStore``: the reader that training and analysis consume.
+
+A store is one published activation dump (or several, concatenated). It offers
+
+- random access to token ranges (``read``) and index lists (``gather``);
+- sequential chunks for analysis (``iter_chunks``);
+- shuffled, resumable batches through a bounded buffer with background prefetch
+  (``iter_batches``);
+- aligned token metadata: ``token_ids``, ``doc_ids``, ``positions``, ``labels``;
+- a document-level train/test split shared by every consumer (``split_mask``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from integral_superposition import storage
+from integral_superposition.dump.shards import TORCH_DTYPES, ShardReader
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard of a store: its tensor file, token table, size and global row offset."""
+
+    root: str
+    tensors: str
+    tokens: str
+    n_tokens: int
+    offset: int
+    store_index: int
+
+
+@dataclass
+class Batch:
+    """A training batch: activations ``[B, d]`` (or one per hook point) and global row ids ``[B]``."""
+
+    acts: torch.Tensor | dict[str, torch.Tensor]
+    index: np.ndarray
+
+
+def _doc_uniform(doc_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A deterministic pseudo-uniform number in [0, 1) per document id (splitmix64)."""
+    z = doc_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class ActivationStore:
+    """Read one or more published activation dumps as one token-indexed array.
+
+    ``uris``: a dump directory URI, or a list of them (same ``d_model`` and hook points;
+    document ids of later dumps are offset to stay unique, labels are mapped by name).
+    """
+
+    def __init__(
+        self,
+        uris: str | Sequence[str],
+        storage_options: Mapping[str, Any] | None = None,
+        hook_point: str | None = None,
+    ):
+        self.uris = [uris] if isinstance(uris, str) else list(uris)
+        if not self.uris:
+            raise ValueError("uris is empty: expected at least one activation dump")
+        self.storage_options = dict(storage_options or {})
+        self.manifests = [
+            storage.read_manifest(u, self.storage_options, kind="activations") for u in self.uris
+        ]
+        first = self.manifests[0]
+        for u, m in zip(self.uris[1:], self.manifests[1:], strict=True):
+            if m["d_model"] != first["d_model"]:
+                raise ValueError(
+                    f"dump {u!r} has d_model={m['d_model']}, but {self.uris[0]!r} has {first['d_model']}"
+                )
+        names = [h["name"] for h in first["hook_points"]]
+        common = [
+            n
+            for n in names
+            if all(n in [h["name"] for h in m["hook_points"]] for m in self.manifests)
+        ]
+        if not common:
+            raise ValueError(f"the dumps {self.uris} share no hook point")
+        self.hook_point_names = common
+        self.hook_point = self._check_hook(hook_point) if hook_point is not None else common[0]
+        self.d_model = int(first["d_model"])
+        self.storage_dtype = first["dtype"]
+        self.dtype = TORCH_DTYPES[self.storage_dtype]
+        label_names: list[str] = []
+        for m in self.manifests:
+            for n in m["labels"]["names"]:
+                if n not in label_names:
+                    label_names.append(n)
+        self.label_names = (
+            label_names if len(self.manifests) > 1 else list(first["labels"]["names"])
+        )
+        self.shards: list[ShardRef] = []
+        offset = 0
+        for si, (u, m) in enumerate(zip(self.uris, self.manifests, strict=True)):
+            for s in m["shards"]:
+                self.shards.append(
+                    ShardRef(u, s["tensors"], s["tokens"], int(s["n_tokens"]), offset, si)
+                )
+                offset += int(s["n_tokens"])
+        self.n_tokens = offset
+        self._starts = np.array([s.offset for s in self.shards] + [offset], dtype=np.int64)
+        self._readers: dict[int, ShardReader] = {}
+        self._lock = threading.Lock()
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The (first) dump's manifest."""
+        return self.manifests[0]
+
+    @property
+    def content_hash(self) -> str:
+        """Hash of the dumps' content hashes (one store, one identity)."""
+        if len(self.manifests) == 1:
+            return self.manifests[0]["content_hash"]
+        return storage.sha256_bytes("|".join(m["content_hash"] for m in self.manifests).encode())
+
+    @property
+    def n_docs(self) -> int:
+        return int(sum(m["n_docs"] for m in self.manifests))
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return self.manifests[0]["model"]
+
+    def hook_info(self, name: str | None = None) -> dict[str, Any]:
+        name = self._check_hook(name or self.hook_point)
+        return next(h for h in self.manifests[0]["hook_points"] if h["name"] == name)
+
+    def norm_stats(self, name: str | None = None) -> dict[str, float]:
+        return self.manifests[0]["norm_stats"][self._check_hook(name or self.hook_point)]
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({self.uris!r}, hook_point={self.hook_point!r}, n_tokens={self.n_tokens}, d_model={self.d_model}, dtype={self.storage_dtype})"
+
+    def _check_hook(self, name: str) -> str:
+        if name not in self.hook_point_names:
+            raise ValueError(
+                f"hook_point={name!r}: not in this store; available: {self.hook_point_names}"
+            )
+        return name
+
+    # -- token metadata ---------------------------------------------------------------------
+    @functools.cached_property
+    def _token_table(self) -> dict[str, np.ndarray]:
+        cols: dict[str, list[np.ndarray]] = {
+            "token_id": [],
+            "doc_id": [],
+            "position": [],
+            "label": [],
+        }
+        doc_offset, store_index = 0, -1
+        label_maps = [
+            np.array([self.label_names.index(n) for n in m["labels"]["names"]], dtype=np.int32)
+            for m in self.manifests
+        ]
+        for shard in self.shards:
+            if shard.store_index != store_index:
+                if store_index >= 0:
+                    doc_offset += int(self.manifests[store_index]["doc_id_end"])
+                store_index = shard.store_index
+            t = pq.read_table(
+                io.BytesIO(
+                    storage.read_bytes(storage.join(shard.root, shard.tokens), self.storage_options)
+                )
+            )
+            cols["token_id"].append(t.column("token_id").to_numpy().astype(np.int32))
+            cols["doc_id"].append(t.column("doc_id").to_numpy().astype(np.int64) + doc_offset)
+            cols["position"].append(t.column("position").to_numpy().astype(np.int32))
+            cols["label"].append(label_maps[store_index][t.column("label").to_numpy()])
+        return {
+            k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)) for k, v in cols.items()
+        }
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """Token id per stored row, ``int32[n_tokens]``."""
+        return self._token_table["token_id"]
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        """Document id per stored row, ``int64[n_tokens]``."""
+        return self._token_table["doc_id"]
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Position of each row inside its document's token sequence, ``int32[n_tokens]``."""
+        return self._token_table["position"]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Label id per stored row (index into ``label_names``), ``int32[n_tokens]``."""
+        return self._token_table["label"]
+
+    @functools.cached_property
+    def docs(self) -> pd.DataFrame:
+        """One row per document: ``doc_id``, ``text``, ``label`` (id), ``label_name``, ``n_tokens``."""
+        frames = []
+        doc_offset = 0
+        for u, m in zip(self.uris, self.manifests, strict=True):
+            df = pd.read_parquet(
+                io.BytesIO(
+                    storage.read_bytes(storage.join(u, m["docs_file"]), self.storage_options)
+                )
+            )
+            df["doc_id"] = df["doc_id"].astype(np.int64) + doc_offset
+            df["label"] = [self.label_names.index(n) for n in df["label_name"]]
+            frames.append(df)
+            doc_offset += int(m["doc_id_end"])
+        return pd.concat(frames, ignore_index=True)
+
+    def split_mask(
+        self, split: str = "train", test_fraction: float = 0.05, seed: int = 0
+    ) -> np.ndarray:
+        """Boolean row mask of a document-level split: ``train``, ``test`` or ``all``."""
+        if split == "all":
+            return np.ones(self.n_tokens, dtype=bool)
+        if split not in ("train", "test"):
+            raise ValueError(f"split={split!r}: expected 'train', 'test' or 'all'")
+        if not 0 < test_fraction < 1:
+            raise ValueError(
+                f"test_fraction={test_fraction}: expected a fraction strictly between 0 and 1"
+            )
+        is_test = _doc_uniform(self.doc_ids, seed) < test_fraction
+        return is_test if split == "test" else ~is_test
+
+    # -- activations ------------------------------------------------------------------------
+    def _reader(self, i: int) -> ShardReader:
+        with self._lock:
+            r = self._readers.get(i)
+            if r is None:
+                s = self.shards[i]
+                r = ShardReader(storage.join(s.root, s.tensors), self.storage_options)
+                self._readers[i] = r
+            return r
+
+    def read(self, start: int, stop: int, hook_point: str | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` as ``[stop-start, d_model]`` in the storage dtype."""
+        name = self._check_hook(hook_point or self.hook_point)
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(
+                f"rows [{start}, {stop}) out of range: the store has {self.n_tokens} tokens"
+            )
+        parts = []
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            s = self.shards[i]
+            a, b = pos - s.offset, min(stop, s.offset + s.n_tokens) - s.offset
+            if b > a:
+                parts.append(self._reader(i).read(name, a, b))
+            pos = s.offset + b
+            i += 1
+        if not parts:
+            return torch.empty((0, self.d_model), dtype=self.dtype)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def gather(
+        self, indices: np.ndarray | Sequence[int], hook_point: str | None = None
+    ) -> torch.Tensor:
+        """Rows at ``indices`` (any order) as ``[len(indices), d_model]``."""
+        name = self._check_hook(hook_point or self.hook_point)
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_tokens):
+            raise IndexError(f"indices out of range [0, {self.n_tokens})")
+        out = torch.empty((idx.size, self.d_model), dtype=self.dtype)
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        for i in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == i)
+            out[torch.from_numpy(sel)] = self._reader(int(i)).read_rows(
+                name, idx[sel] - self.shards[i].offset
+            )
+        return out
+
+    def iter_chunks(
+        self,
+        chunk_tokens: int = 65536,
+        hook_point: str | None = None,
+        mask: np.ndarray | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Sequential ``(row ids [n], activations [n, d])`` chunks, optionally only rows in ``mask``."""
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number")
+        for a in range(0, self.n_tokens, chunk_tokens):
+            b = min(self.n_tokens, a + chunk_tokens)
+            x = self.read(a, b, hook_point)
+            rows = np.arange(a, b)
+            if mask is not None:
+                keep = mask[a:b]
+                if not keep.any():
+                    continue
+                x, rows = x[torch.from_numpy(keep)], rows[keep]
+            yield rows, x.to(dtype)
+
+    def batches_per_epoch(
+        self,
+        batch_size: int,
+        split: str = "train",
+        test_fraction: float = 0.05,
+        split_seed: int = 0,
+        buffer_tokens: int = 1 << 18,
+        block_tokens: int = 4096,
+    ) -> int:
+        """Number of batches one epoch of :meth:`iter_batches` yields (computed from metadata)."""
+        plan = _BatchPlan(
+            self, batch_size, split, test_fraction, split_seed, buffer_tokens, block_tokens, 0
+        )
+        return sum(plan.batches_in(0, b) for b in range(plan.n_buffers))
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        hook_points: Sequence[str] | None = None,
+        split: str = "train",
+        test_fraction: float = 0.05,
+        split_seed: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        n_batches: int | None = None,
+        epochs: float | None = 1.0,
+        start_batch: int = 0,
+        buffer_tokens: int = 1 << 18,
+        block_tokens: int = 4096,
+        prefetch: int = 2,
+        dtype: torch.dtype = torch.float32,
+        row_filter=None,
+    ) -> Iterator[Batch]:
+        """Shuffled batches of ``batch_size`` rows, resumable at ``start_batch``.
+
+        Rows are read as blocks of ``block_tokens`` consecutive rows; each epoch visits the
+        blocks in a seeded random order, ``buffer_tokens`` rows at a time, and shuffles rows
+        inside each buffer. A background thread reads up to ``prefetch`` buffers ahead. A
+        buffer's rows that do not fill a whole batch are dropped. The sequence depends only on
+        the seeds and the metadata, so batch ``n`` is the same whether the run started at 0
+        or resumed at ``n``. ``row_filter(rows [n], acts [n, d]) -> bool[n]`` drops rows
+        (e.g. outliers) before batching; it must be deterministic.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected a positive number of rows")
+        names = [self._check_hook(h) for h in (hook_points or [self.hook_point])]
+        plan = _BatchPlan(
+            self,
+            batch_size,
+            split,
+            test_fraction,
+            split_seed,
+            buffer_tokens,
+            block_tokens,
+            seed,
+            shuffle,
+        )
+        per_epoch = (
+            sum(plan.batches_in(0, b) for b in range(plan.n_buffers))
+            if row_filter is None
+            else None
+        )
+        if n_batches is None:
+            if epochs is None:
+                raise ValueError("give n_batches or epochs")
+            if per_epoch is None:
+                raise ValueError(
+                    "with row_filter, give n_batches (the epoch length is not known in advance)"
+                )
+            n_batches = int(epochs * per_epoch)
+        if plan.total_rows == 0:
+            raise ValueError(f"the {split!r} split of {self!r} has no tokens")
+        if per_epoch == 0:
+            raise ValueError(
+                f"batch_size={batch_size}: larger than every buffer of the {split!r} split ({plan.total_rows} tokens); use a smaller batch"
+            )
+        yield from _PrefetchIterator(
+            self, plan, names, n_batches, start_batch, prefetch, dtype, row_filter
+        )
+
+
+class _BatchPlan:
+    """Deterministic block/buffer schedule of :meth:`ActivationStore.iter_batches`."""
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        batch_size: int,
+        split: str,
+        test_fraction: float,
+        split_seed: int,
+        buffer_tokens: int,
+        block_tokens: int,
+        seed: int,
+        shuffle: bool = True,
+    ):
+        if block_tokens < 1 or buffer_tokens < 1:
+            raise ValueError("block_tokens and buffer_tokens must be positive")
+        self.store, self.batch_size, self.seed, self.shuffle = store, batch_size, seed, shuffle
+        self.mask = store.split_mask(split, test_fraction, split_seed)
+        n = store.n_tokens
+        self.block_starts = np.arange(0, n, block_tokens, dtype=np.int64)
+        self.block_ends = np.minimum(self.block_starts + block_tokens, n)
+        csum = np.concatenate([[0], np.cumsum(self.mask)])
+        self.block_rows = csum[self.block_ends] - csum[self.block_starts]
+        self.total_rows = int(self.block_rows.sum())
+        self.blocks_per_buffer = max(1, -(-max(buffer_tokens, batch_size) // block_tokens))
+        self.n_buffers = max(1, -(-len(self.block_starts) // self.blocks_per_buffer))
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if self.shuffle:
+                self._orders = {
+                    epoch: np.random.default_rng([self.seed, epoch]).permutation(
+                        len(self.block_starts)
+                    )
+                }
+            else:
+                self._orders = {epoch: np.arange(len(self.block_starts))}
+        return self._orders[epoch]
+
+    def blocks_in(self, epoch: int, buf: int) -> np.ndarray:
+        o = self.order(epoch)
+        return o[buf * self.blocks_per_buffer : (buf + 1) * self.blocks_per_buffer]
+
+    def batches_in(self, epoch: int, buf: int) -> int:
+        return int(self.block_rows[self.blocks_in(epoch, buf)].sum()) // self.batch_size
+
+    def load(
+        self, epoch: int, buf: int, names: list[str], dtype: torch.dtype, row_filter
+    ) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        """Read one buffer: its row ids and activations, shuffled."""
+        blocks = self.blocks_in(epoch, buf)
+        rows_parts, acts_parts = [], {n: [] for n in names}
+        for b in blocks:
+            a, e = int(self.block_starts[b]), int(self.block_ends[b])
+            keep = self.mask[a:e]
+            if not keep.any():
+                continue
+            rows = np.arange(a, e)[keep]
+            keep_t = torch.from_numpy(keep)
+            for n in names:
+                acts_parts[n].append(self.store.read(a, e, n)[keep_t])
+            rows_parts.append(rows)
+        if not rows_parts:
+            return np.zeros(0, dtype=np.int64), {
+                n: torch.empty((0, self.store.d_model), dtype=dtype) for n in names
+            }
+        rows = np.concatenate(rows_parts)
+        acts = {n: torch.cat(p).to(dtype) for n, p in acts_parts.items()}
+        if row_filter is not None:
+            keep = np.asarray(row_filter(rows, acts[names[0]]), dtype=bool)
+            rows = rows[keep]
+            acts = {n: a[torch.from_numpy(keep)] for n, a in acts.items()}
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch, buf, 1]).permutation(rows.size)
+            rows = rows[perm]
+            perm_t = torch.from_numpy(perm)
+            acts = {n: a[perm_t] for n, a in acts.items()}
+        return rows, acts
+
+
+class _PrefetchIterator:
+    """Yields batches from buffers that a background thread reads ahead (bounded queue)."""
+
+    _DONE = object()
+
+    def __init__(
+        self, store, plan: _BatchPlan, names, n_batches, start_batch, prefetch, dtype, row_filter
+    ):
+        self.plan, self.names, self.n_batches, self.dtype, self.row_filter = (
+            plan,
+            names,
+            n_batches,
+            dtype,
+            row_filter,
+        )
+        self.start_batch = start_batch
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def _schedule(self) -> Iterator[tuple[int, int, int]]:
+        """``(epoch, buffer, batches to skip in it)`` from ``start_batch`` on."""
+        skip = self.start_batch
+        epoch = 0
+        while True:
+            for buf in range(self.plan.n_buffers):
+                if self.row_filter is None:
+                    nb = self.plan.batches_in(epoch, buf)
+                    if skip >= nb:
+                        skip -= nb
+                        continue
+                yield epoch, buf, skip
+                skip = 0
+            epoch += 1
+
+    def _producer(self) -> None:
+        try:
+            skip_left = self.start_batch if self.row_filter is not None else 0
+            for epoch, buf, skip in self._schedule():
+                if self.stop.is_set():
+                    return
+                rows, acts = self.plan.load(epoch, buf, self.names, self.dtype, self.row_filter)
+                if skip_left:
+                    nb = rows.size // self.plan.batch_size
+                    if skip_left >= nb:
+                        skip_left -= nb
+                        continue
+                    skip, skip_left = skip_left, 0
+                self._put((rows, acts, skip))
+        except BaseException as e:  # surfaced in the consumer
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.n_batches <= self.start_batch:
+            return
+        self.thread = threading.Thread(target=self._producer, daemon=True, name="isup-prefetch")
+        self.thread.start()
+        emitted = self.start_batch
+        bs = self.plan.batch_size
+        try:
+            while emitted < self.n_batches:
+                item = self.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                rows, acts, skip = item
+                for j in range(skip, rows.size // bs):
+                    sl = slice(j * bs, (j + 1) * bs)
+                    a = {n: t[sl] for n, t in acts.items()}
+                    yield Batch(a[self.names[0]] if len(self.names) == 1 else a, rows[sl])
+                    emitted += 1
+                    if emitted >= self.n_batches:
+                        break
+        finally:
+            self.stop.set()
+            while True:  # unblock the producer
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            self.thread.join(timeout=5)

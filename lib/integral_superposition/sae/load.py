@@ -1,0 +1,294 @@
+"""Saving and loading SAEs (no pickles).
+
+``save_sae`` writes the SAELens folder format to any fsspec URI::
+
+    cfg.json                  SAELens config (architecture, d_in, d_sae, k, metadata, ...)
+    sae_weights.safetensors   W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec (+ threshold)
+    sparsity.safetensors      optional: "sparsity" = log10 firing frequency [d_sae]
+    manifest.json             training config, metrics, activation manifest hash (written last)
+
+``load_sae`` reads our folders, SAELens folders, EleutherAI sparsify folders, and legacy
+seed state dicts (``torch.load(weights_only=True)`` only).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from integral_superposition import storage
+from integral_superposition.sae.model import SparseAutoencoder
+
+log = logging.getLogger(__name__)
+
+SAELENS_VERSION = "6.0.0"
+_SAELENS_ARCH = {
+    "relu": "standard",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "jumprelu": "jumprelu",
+}
+
+
+def _resolve_save_path(path: str) -> str:
+    path = str(path)
+    if path.endswith((".pt", ".pth")):
+        folder = path.rsplit(".", 1)[0]
+        msg = (
+            f"save_sae({path!r}): SAEs are saved as a SAELens folder (cfg.json + sae_weights.safetensors), "
+            f"never as a pickle; writing the folder {folder!r} instead"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        log.warning(msg)
+        return folder
+    return path
+
+
+def saelens_config(
+    sae: SparseAutoencoder, metadata: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``cfg.json`` dict SAELens (>= 6) reads, plus an ``isup`` block with our fields."""
+    meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION}
+    meta.update(
+        {
+            "model_name": None,
+            "hook_name": None,
+            "hook_head_index": None,
+            "context_size": None,
+            "prepend_bos": True,
+            "dataset_path": None,
+            "model_from_pretrained_kwargs": {},
+        }
+    )
+    meta.update(sae.metadata)
+    meta.update(metadata or {})
+    cfg: dict[str, Any] = {
+        "architecture": _SAELENS_ARCH[sae.architecture],
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": meta,
+        "isup": {**sae.config_dict(), "format": 1},
+    }
+    if sae.architecture == "topk":
+        cfg["k"] = sae.top_k
+    return cfg
+
+
+def save_sae(
+    model: SparseAutoencoder,
+    path: str,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    sparsity: torch.Tensor | None = None,
+    training_config: Any = None,
+    metrics: Mapping[str, Any] | None = None,
+    activation_manifest_hash: str | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    **manifest_extra: Any,
+) -> str:
+    """Save ``model`` as a SAELens folder at ``path`` (any URI); returns the folder URI.
+
+    ``metadata`` fills SAELens's ``metadata`` (``model_name``, ``hook_name``, ...).
+    ``sparsity`` (``[d_sae]`` log10 firing frequencies) goes to ``sparsity.safetensors``.
+    ``extra_files`` (name -> bytes) are published with the SAE (e.g. a merge map).
+    """
+    if not isinstance(model, SparseAutoencoder):
+        raise TypeError(f"model: expected a SparseAutoencoder, got {type(model).__name__}")
+    folder = _resolve_save_path(path)
+    cfg = saelens_config(model, metadata)
+    tensors = {
+        "W_enc": model.W_enc.detach().float().cpu().contiguous(),
+        "W_dec": model.W_dec.detach().float().cpu().contiguous(),
+        "b_enc": model.b_enc.detach().float().cpu().contiguous(),
+        "b_dec": model.b_dec.detach().float().cpu().contiguous(),
+    }
+    if model.architecture in ("jumprelu", "batchtopk"):
+        tensors["threshold"] = model.threshold.detach().float().cpu().contiguous()
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"refusing to save: {name} has NaN or inf values")
+    files: dict[str, dict[str, Any]] = {}
+    payloads = {
+        "sae_weights.safetensors": st_save(tensors),
+        "cfg.json": storage.canonical_json(cfg, indent=2).encode(),
+    }
+    if sparsity is not None:
+        sp = torch.as_tensor(sparsity).detach().float().cpu().contiguous()
+        if sp.shape != (model.d_sae,):
+            raise ValueError(f"sparsity has shape {tuple(sp.shape)}, expected ({model.d_sae},)")
+        payloads["sparsity.safetensors"] = st_save({"sparsity": sp})
+    payloads.update(extra_files or {})
+    for name, data in payloads.items():
+        storage.write_bytes(storage.join(folder, name), data, storage_options)
+        files[name] = storage.file_entry("", data)
+    storage.write_manifest(
+        folder,
+        "sae",
+        training_config,
+        files,
+        storage_options,
+        sae=model.config_dict(),
+        metrics=dict(metrics or {}),
+        activation_manifest_hash=activation_manifest_hash,
+        **manifest_extra,
+    )
+    return folder
+
+
+def _from_tensors(
+    arch: str,
+    d_in: int,
+    d_sae: int,
+    top_k: int,
+    tensors: Mapping[str, torch.Tensor],
+    bandwidth: float = 0.001,
+) -> SparseAutoencoder:
+    sae = SparseAutoencoder(
+        d_in, d_sae, architecture=arch, top_k=top_k, jumprelu_bandwidth=bandwidth, seed=None
+    )
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            t = tensors[name]
+            expected = tuple(getattr(sae, name).shape)
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected}")
+            getattr(sae, name).copy_(t.float())
+        if "threshold" in tensors:
+            sae.threshold.copy_(tensors["threshold"].float())
+        elif "log_threshold" in tensors:
+            sae.threshold.copy_(tensors["log_threshold"].float().exp())
+    return sae
+
+
+def load_sae(
+    path: str,
+    *,
+    device: str | torch.device | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> SparseAutoencoder:
+    """Load an SAE folder (ours, SAELens or sparsify) or a legacy ``.pt`` state dict.
+
+    Folders may be local or remote URIs. Legacy files are read with
+    ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
+    """
+    path = str(path)
+    if path.endswith((".pt", ".pth")) and not storage.exists(
+        storage.join(path, "cfg.json"), storage_options
+    ):
+        return _load_legacy(path, device, storage_options)
+    if storage.exists(storage.join(path, "sae_weights.safetensors"), storage_options):
+        cfg = storage.read_json(storage.join(path, "cfg.json"), storage_options)
+        tensors = st_load(
+            storage.read_bytes(storage.join(path, "sae_weights.safetensors"), storage_options)
+        )
+        ours = cfg.get("isup")
+        if ours:
+            arch, top_k, bw = (
+                ours["architecture"],
+                int(ours.get("top_k", 32)),
+                float(ours.get("jumprelu_bandwidth", 0.001)),
+            )
+        else:
+            arch = {
+                "standard": "relu",
+                "topk": "topk",
+                "jumprelu": "jumprelu",
+                "batchtopk": "batchtopk",
+            }.get(cfg.get("architecture", "standard"))
+            if arch is None:
+                raise ValueError(
+                    f"{path}: SAELens architecture {cfg.get('architecture')!r} is not supported; expected standard, topk, batchtopk or jumprelu"
+                )
+            top_k, bw = int(cfg.get("k", 32)), 0.001
+            if cfg.get("normalize_activations", "none") not in ("none", None):
+                raise ValueError(
+                    f"{path}: normalize_activations={cfg['normalize_activations']!r}; fold the scaling into the weights first"
+                )
+            if not cfg.get("apply_b_dec_to_input", True):
+                with (
+                    torch.no_grad()
+                ):  # encode x directly: shift b_enc so (x - b_dec) @ W_enc + b_enc matches
+                    tensors = dict(tensors)
+                    tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+        if arch == "batchtopk" and "threshold" not in tensors:
+            raise ValueError(f"{path}: a batchtopk SAE needs a 'threshold' tensor")
+        d_in, d_sae = tensors["W_enc"].shape
+        sae = _from_tensors(arch, int(d_in), int(d_sae), top_k, tensors, bw)
+        sae.metadata = dict(cfg.get("metadata") or {})
+    elif storage.exists(storage.join(path, "sae.safetensors"), storage_options):
+        sae = _load_sparsify(path, storage_options)
+    else:
+        raise FileNotFoundError(
+            f"path={path!r}: no sae_weights.safetensors (SAELens/ours) or sae.safetensors (sparsify) found"
+        )
+    return sae.to(device) if device is not None else sae
+
+
+def _load_sparsify(path: str, storage_options) -> SparseAutoencoder:
+    cfg = storage.read_json(storage.join(path, "cfg.json"), storage_options)
+    t = st_load(storage.read_bytes(storage.join(path, "sae.safetensors"), storage_options))
+    w_enc = t["encoder.weight"]  # [d_sae, d_in]
+    d_sae, d_in = w_enc.shape
+    tensors = {
+        "W_enc": w_enc.T.contiguous(),
+        "b_enc": t["encoder.bias"],
+        "W_dec": t["W_dec"],
+        "b_dec": t["b_dec"],
+    }
+    k = int(cfg.get("k", 32))
+    return _from_tensors("topk", int(d_in), int(d_sae), k, tensors)
+
+
+def _load_legacy(path: str, device, storage_options) -> SparseAutoencoder:
+    data = storage.read_bytes(path, storage_options)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"path={path!r}: not a plain tensor state dict (only weights_only loading is allowed): {e}"
+        ) from e
+    if "enc.weight" in state:  # the seed's nn.Linear layout
+        enc_w, dec_w = state["enc.weight"], state["dec.weight"]  # [K, d], [d, K]
+        tensors = {
+            "W_enc": enc_w.T,
+            "b_enc": state["enc.bias"],
+            "W_dec": dec_w.T,
+            "b_dec": state.get("dec.bias", torch.zeros(dec_w.shape[0])),
+        }
+    elif "W_enc" in state:
+        tensors = state
+    else:
+        raise ValueError(f"path={path!r}: unknown state dict keys {sorted(state)[:6]}")
+    d_in, d_sae = tensors["W_enc"].shape
+    sae = _from_tensors("relu", int(d_in), int(d_sae), 32, tensors)
+    return sae.to(device) if device is not None else sae
+
+
+def read_sae_manifest(
+    path: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The manifest of a saved SAE (metrics, training config, activation hash)."""
+    return storage.read_manifest(str(path), storage_options, kind="sae")
+
+
+def load_sparsity(
+    path: str, storage_options: Mapping[str, Any] | None = None
+) -> torch.Tensor | None:
+    """``[d_sae]`` log10 firing frequencies saved with the SAE, if any."""
+    uri = storage.join(str(path), "sparsity.safetensors")
+    if not storage.exists(uri, storage_options):
+        return None
+    return st_load(storage.read_bytes(uri, storage_options))["sparsity"]

@@ -1,0 +1,322 @@
+"""One storage layer over fsspec URIs: local paths, ``s3://bucket/prefix`` and ``memory://``.
+
+Every output directory is *published*: its data files are written atomically first and
+``manifest.json`` is written last, so a reader that finds a manifest finds complete files.
+
+Atomicity per backend:
+- local files are written to a temporary sibling and ``os.replace``-d into place;
+- object stores (S3, memory) receive a finished local temp file through one ``put_file``
+  (S3 makes an object visible only when its single or multipart upload completes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+
+_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def set_default_storage_options(protocol: str, options: Mapping[str, Any]) -> None:
+    """Register storage options used for every URI of ``protocol`` (e.g. an S3 endpoint)."""
+    _DEFAULT_OPTIONS[protocol] = dict(options)
+
+
+def _env_s3_options() -> dict[str, Any]:
+    """S3 options from the environment: endpoint, region and profile (credentials are read
+    by botocore itself from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or a profile)."""
+    opts: dict[str, Any] = {}
+    endpoint = (
+        os.environ.get("ISUP_S3_ENDPOINT_URL")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    if os.environ.get("AWS_PROFILE"):
+        opts["profile"] = os.environ["AWS_PROFILE"]
+    return opts
+
+
+def get_fs(
+    uri: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for ``uri`` with merged storage options."""
+    if not isinstance(uri, str | os.PathLike) or not str(uri):
+        raise ValueError(f"uri={uri!r}: expected a non-empty path or URL string")
+    uri = os.fspath(uri)
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    opts: dict[str, Any] = {}
+    if protocol in ("s3", "s3a"):
+        opts.update(_env_s3_options())
+    opts.update(_DEFAULT_OPTIONS.get(protocol, {}))
+    opts.update(storage_options or {})
+    fs, path = url_to_fs(uri, **opts)
+    return fs, path
+
+
+def is_local(uri: str) -> bool:
+    """True when ``uri`` names a local file path."""
+    fs, _ = get_fs(uri)
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (keeps the protocol)."""
+    uri = os.fspath(uri)
+    if "://" in uri:
+        proto, rest = uri.split("://", 1)
+        return (
+            f"{proto}://" + posixpath.join(rest, *parts)
+            if rest
+            else f"{proto}://" + posixpath.join(*parts)
+        )
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    fs, path = get_fs(uri, storage_options)
+    return fs.exists(path)
+
+
+def read_bytes(
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    start: int | None = None,
+    end: int | None = None,
+) -> bytes:
+    """Read a whole file or the byte range ``[start, end)`` of it."""
+    fs, path = get_fs(uri, storage_options)
+    if start is None and end is None:
+        return fs.cat_file(path)
+    return fs.cat_file(path, start=start, end=end)
+
+
+def read_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    return json.loads(read_bytes(uri, storage_options).decode("utf-8"))
+
+
+def _publish_local_file(tmp_path: str, uri: str, storage_options: Mapping[str, Any] | None) -> None:
+    fs, path = get_fs(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.replace(tmp_path, path)
+    else:
+        parent = posixpath.dirname(path)
+        if parent:
+            with contextlib.suppress(Exception):
+                fs.makedirs(parent, exist_ok=True)
+        fs.put_file(tmp_path, path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_path)
+
+
+@contextlib.contextmanager
+def atomic_open(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[IO[bytes]]:
+    """Open ``uri`` for binary writing; the file appears whole on success, not at all on error."""
+    fs, path = get_fs(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="isup-upload-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            if isinstance(fs, LocalFileSystem):
+                os.fsync(f.fileno())
+        _publish_local_file(tmp, uri, storage_options)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Atomically write ``data`` to ``uri``."""
+    with atomic_open(uri, storage_options) as f:
+        f.write(data)
+
+
+def write_json(uri: str, obj: Any, storage_options: Mapping[str, Any] | None = None) -> None:
+    write_bytes(uri, canonical_json(obj, indent=2).encode("utf-8"), storage_options)
+
+
+def canonical_json(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(obj, sort_keys=True, indent=indent, default=_json_default, ensure_ascii=False)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "model_dump"):
+        return o.model_dump(mode="json")
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(
+    uri: str, storage_options: Mapping[str, Any] | None = None, chunk: int = 8 << 20
+) -> str:
+    """SHA-256 of a file, streamed in ``chunk``-byte pieces."""
+    fs, path = get_fs(uri, storage_options)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(
+    uri: str, data: bytes | None = None, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of a written file (hashing ``data`` when given, avoiding a re-read)."""
+    if data is not None:
+        return {"size": len(data), "sha256": sha256_bytes(data)}
+    fs, path = get_fs(uri, storage_options)
+    return {"size": int(fs.size(path)), "sha256": sha256_file(uri, storage_options)}
+
+
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of the packages that shape an output."""
+    names = (
+        "integral-superposition",
+        "torch",
+        "transformers",
+        "numpy",
+        "safetensors",
+        "pyarrow",
+        "fsspec",
+        *extra,
+    )
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def content_hash(manifest: Mapping[str, Any]) -> str:
+    """Hash of what an output *is*: its kind, config and file hashes (not timestamps)."""
+    keyed = {k: manifest.get(k) for k in ("kind", "config", "files") if k in manifest}
+    return sha256_bytes(canonical_json(keyed).encode("utf-8"))
+
+
+def write_manifest(
+    dir_uri: str,
+    kind: str,
+    config: Any,
+    files: Mapping[str, Mapping[str, Any]],
+    storage_options: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write ``manifest.json`` into ``dir_uri`` (call it after every data file is published).
+
+    Returns the manifest, including ``content_hash``.
+    """
+    from integral_superposition.version import code_version
+
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "kind": kind,
+        "config": json.loads(canonical_json(config)) if config is not None else None,
+        "files": {k: dict(v) for k, v in sorted(files.items())},
+        "versions": package_versions(),
+        "code_version": code_version(),
+        **json.loads(canonical_json(extra)),
+    }
+    manifest["content_hash"] = content_hash(manifest)
+    write_json(join(dir_uri, MANIFEST_NAME), manifest, storage_options)
+    return manifest
+
+
+def read_manifest(
+    dir_uri: str, storage_options: Mapping[str, Any] | None = None, kind: str | None = None
+) -> dict[str, Any]:
+    """Read ``manifest.json`` of a published output; error if missing or of another kind."""
+    uri = join(dir_uri, MANIFEST_NAME)
+    try:
+        manifest = read_json(uri, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{dir_uri!r} has no {MANIFEST_NAME}: it is not a published output (or it is incomplete)"
+        ) from None
+    if kind is not None and manifest.get("kind") != kind:
+        raise ValueError(f"{dir_uri!r} holds a {manifest.get('kind')!r} output, expected {kind!r}")
+    return manifest
+
+
+def verify_output(
+    dir_uri: str, storage_options: Mapping[str, Any] | None = None, deep: bool = False
+) -> bool:
+    """True when the manifest exists and every listed file exists with its size (and hash if ``deep``)."""
+    try:
+        manifest = read_manifest(dir_uri, storage_options)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError):
+        return False
+    fs, root = get_fs(dir_uri, storage_options)
+    for name, entry in manifest.get("files", {}).items():
+        path = (
+            posixpath.join(root, name)
+            if not isinstance(fs, LocalFileSystem)
+            else os.path.join(root, name)
+        )
+        try:
+            if int(fs.size(path)) != int(entry["size"]):
+                return False
+        except FileNotFoundError:
+            return False
+        if deep and sha256_file(join(dir_uri, name), storage_options) != entry["sha256"]:
+            return False
+    return True
+
+
+def remove(
+    uri: str, storage_options: Mapping[str, Any] | None = None, recursive: bool = True
+) -> None:
+    """Remove a file or directory if it exists."""
+    fs, path = get_fs(uri, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def listdir(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Names (not paths) of the entries directly under ``uri``; empty when it does not exist."""
+    fs, path = get_fs(uri, storage_options)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def bytes_io(data: bytes) -> io.BytesIO:
+    return io.BytesIO(data)

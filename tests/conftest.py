@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny models, the real gemma-3-270m, a moto S3 server on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+import pytest
+
+TINY_FAMILIES = ("gemma", "llama", "mistral", "qwen", "gpt2", "gpt_neox", "bert")
+CAUSAL_FAMILIES = tuple(f for f in TINY_FAMILIES if f != "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_backend_factory():
+    """``factory(family) -> backend`` for tiny random models (cached per family)."""
+    from integral_superposition.backends import load_backend
+
+    cache: dict[str, object] = {}
+
+    def make(family: str = "gemma"):
+        if family not in cache:
+            cache[family] = load_backend(f"tiny:{family}")
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_backend_factory):
+    return tiny_backend_factory("gemma")
+
+
+@pytest.fixture(scope="session")
+def gemma_backend():
+    """The real gemma-3-270m from the embedded GGUF package (fp32)."""
+    from integral_superposition.backends import HFCausalLM
+
+    return HFCausalLM.from_pretrained("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def demo_df():
+    from integral_superposition.data import demo_corpus
+
+    return demo_corpus(400)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1; yields storage options for s3fs."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; yields ``(s3://bucket URI, storage_options)``."""
+    import s3fs
+
+    name = f"isup-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir(name)
+    yield f"s3://{name}", dict(s3_server)
