@@ -7,6 +7,7 @@ single byte-range request.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Mapping
@@ -21,7 +22,10 @@ from integral_superposition import storage
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+# numpy has no bfloat16: raw bytes go through a same-width integer view
+_RAW_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,46 @@ class TensorSpan:
 def encode_shard(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """Serialise ``{hook name: [n, d]}`` to safetensors bytes (deterministic)."""
     return save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def _header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[str]]:
+    """The safetensors header (length prefix + JSON padded to 8 bytes) and the data order.
+
+    Same layout as ``safetensors.torch.save``: tensors sorted by alignment, then name.
+    """
+    order = sorted(tensors, key=lambda k: (-_ITEMSIZE[tensors[k].dtype], k))
+    meta: dict[str, Any] = {}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        if t.dtype not in _ST_NAMES:
+            raise TypeError(f"tensor {k!r}: dtype {t.dtype} cannot be stored in a shard")
+        n = t.numel() * _ITEMSIZE[t.dtype]
+        meta[k] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head, order
+
+
+def write_shard(
+    uri: str, tensors: Mapping[str, torch.Tensor], storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Stream ``{hook name: [n, d]}`` into a safetensors file at ``uri`` without an in-memory
+    copy of the payload; returns its ``{"size", "sha256"}``. Bytes equal :func:`encode_shard`'s.
+    """
+    head, order = _header(tensors)
+    h = hashlib.sha256(head)
+    size = len(head)
+    with storage.atomic_open(uri, storage_options) as f:
+        f.write(head)
+        for k in order:
+            t = tensors[k].detach().to("cpu").contiguous()
+            raw = memoryview(t.view(_RAW_VIEW[t.dtype]).numpy()).cast("B")
+            f.write(raw)
+            h.update(raw)
+            size += raw.nbytes
+    return {"size": size, "sha256": h.hexdigest()}
 
 
 def parse_header(head: bytes) -> dict[str, TensorSpan]:
@@ -102,21 +146,35 @@ class ShardReader:
         return torch.from_numpy(raw).view(span.dtype).reshape(stop - start, span.cols)
 
     def read_rows(self, name: str, rows: np.ndarray) -> torch.Tensor:
-        """Arbitrary rows (sorted or not) of tensor ``name``: ``[len(rows), d]``."""
+        """Arbitrary rows (sorted or not, repeats allowed) of tensor ``name``: ``[len(rows), d]``.
+
+        Locally only the wanted rows are copied out of the memory map; remotely, runs of rows
+        that lie close together are merged and fetched with one concurrent ``cat_ranges``.
+        """
+        span = self.spans[name]
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
-            span = self.spans[name]
             return torch.empty((0, span.cols), dtype=span.dtype)
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        if self._local or (hi - lo) <= 4 * rows.size:
-            block = self.read(name, lo, hi)
-            return block[torch.from_numpy(rows - lo)]
-        # sparse remote rows: fetch each contiguous run
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        breaks = np.flatnonzero(np.diff(srt) != 1) + 1
-        parts = [self.read(name, int(run[0]), int(run[-1]) + 1) for run in np.split(srt, breaks)]
-        out = torch.cat(parts)
-        inv = np.empty_like(order)
-        inv[order] = np.arange(order.size)
-        return out[torch.from_numpy(inv)]
+        if rows.min() < 0 or rows.max() >= span.rows:
+            raise IndexError(f"rows out of range for {self.uri} with {span.rows} rows")
+        if self._local:
+            table = self._memmap()[span.start : span.start + span.rows * span.row_bytes]
+            raw = table.reshape(span.rows, span.row_bytes)[rows]
+            return torch.from_numpy(raw).view(span.dtype).reshape(rows.size, span.cols)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        # merge runs separated by gaps of under ~256 KiB: fewer requests, little waste
+        max_gap = max(1, (256 << 10) // span.row_bytes)
+        breaks = np.flatnonzero(np.diff(uniq) > max_gap) + 1
+        runs = np.split(uniq, breaks)
+        fs, path = storage.get_fs(self.uri, self.storage_options)
+        starts = [span.start + int(r[0]) * span.row_bytes for r in runs]
+        ends = [span.start + (int(r[-1]) + 1) * span.row_bytes for r in runs]
+        blobs = fs.cat_ranges([path] * len(runs), starts, ends)
+        parts = []
+        for r, blob in zip(runs, blobs, strict=True):
+            if isinstance(blob, Exception):
+                raise blob
+            block = np.frombuffer(blob, dtype=np.uint8).reshape(-1, span.row_bytes)
+            parts.append(block[r - r[0]])
+        raw = np.concatenate(parts)[inverse]
+        return torch.from_numpy(raw).view(span.dtype).reshape(rows.size, span.cols)
