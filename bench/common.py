@@ -74,3 +74,24 @@ def ag_news_store(layer: int = MIDDLE_LAYER, max_len: int = 64):
     )
     print(f"[bench] dumped {store.n_tokens} tokens to {out} in {time.time() - t:.0f}s")
     return store
+
+
+def ag_news_sae(arch: str = "topk", d_sae: int = 4096, **overrides):
+    """``(sae_uri, store)``: an SAE trained (once, cached under ``bench/out/``) on
+    :func:`ag_news_store`. ``overrides`` are extra ``SAEConfig`` fields (``top_k``, ``l1``, ...).
+    """
+    from integral_superposition import SAEConfig
+    from integral_superposition.sae.train import train_saes
+    from integral_superposition.storage import canonical_json, sha256_bytes, verify_output
+
+    store = ag_news_store()
+    defaults = {"top_k": 32, "l1": 2e-3, "lr": 1e-3, "batch_size": 1024, "epochs": 3.0}
+    defaults.update({"lr_warmup_steps": 50, "dead_tokens": 200_000, "log_every": 50})
+    cfg = SAEConfig(k=d_sae, architecture=arch, **{**defaults, **overrides})
+    key = sha256_bytes(canonical_json([cfg, store.content_hash]).encode())[:10]
+    out = OUT / f"ag_news_sae_{arch}_{d_sae}_{key}"
+    if not verify_output(str(out)):
+        t = time.time()
+        (res,) = train_saes(store, [cfg], [str(out)], checkpoint_uri=str(out) + ".ckpt")
+        print(f"[bench] trained {arch} d_sae={d_sae} in {time.time() - t:.0f}s: {res.metrics}")
+    return str(out), store

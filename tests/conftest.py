@@ -54,6 +54,20 @@ def demo_df():
     return demo_corpus(400)
 
 
+@pytest.fixture(scope="session")
+def demo_store(tiny_backend, tmp_path_factory):
+    """A published dump of 240 demo-corpus titles (8 topics) through tiny:gemma, layer 2."""
+    from integral_superposition import DumpConfig
+    from integral_superposition.data import demo_corpus
+    from integral_superposition.dump import dump_layer_activations
+
+    out = tmp_path_factory.mktemp("demo_store") / "acts"
+    return dump_layer_activations(
+        demo_corpus(240), "title", "topic", tiny_backend,
+        DumpConfig(layer=2, max_len=32, batch_size=64), str(out), progress=False,
+    )  # fmt: skip
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,3 +98,15 @@ def s3_bucket(s3_server):
     fs = s3fs.S3FileSystem(**s3_server)
     fs.mkdir(name)
     yield f"s3://{name}", dict(s3_server)
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One real Prefect server for the whole session (``prefect_test_harness``, with a
+    temporary database); yields its API URL, for subprocesses as ``PREFECT_API_URL``."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield get_current_settings().api.url

@@ -37,7 +37,7 @@ class DumpConfig(_Config):
     drop_bos: bool = True
     """Drop the BOS token's activations (its residual norm is huge on many models)."""
     drop_special: bool = True
-    """Drop every other special token (EOS, pad is always dropped)."""
+    """Drop every other special token (EOS, CLS, SEP, ...; UNK stands for text and is kept; pad is always dropped)."""
     sort_by_length: bool = True
     """Batch texts of similar length together to minimise padding."""
     prepend_bos: bool = True
@@ -111,6 +111,8 @@ class SAEConfig(_Config):
     """Skip tokens whose norm exceeds this multiple of the median norm (None keeps all)."""
     autocast_bf16: bool = False
     """bf16 autocast over fp32 master weights (recommended on CUDA)."""
+    sparse_decode: bool | None = None
+    """Decode and back-propagate only the active latents (relu/topk/batchtopk); None: automatic."""
     device: str = "auto"
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
     checkpoint_every: int = Field(500, ge=1)
@@ -119,6 +121,8 @@ class SAEConfig(_Config):
     """Optimiser steps between metric logs."""
     test_fraction: float = Field(0.05, gt=0, lt=1)
     """Fraction of documents held out for evaluation."""
+    shuffle_buffer_tokens: int = Field(65536, ge=1)
+    """Rows shuffled together when streaming from a store (bounds the reader's memory)."""
 
     @model_validator(mode="after")
     def _check_topk(self) -> SAEConfig:

@@ -1,1 +1,44 @@
-"""analysis"""
+"""Latent analysis: top activating tokens, label enrichment, co-activation, statistics,
+2-D maps, the logit lens, and :func:`run_analysis`, which publishes all of them."""
+
+from integral_superposition.analysis import (
+    enrichment,
+    jaccard_sparse,
+    logit_lens,
+    reducer,
+    scan,
+    stats,
+    top_tokens,
+)
+from integral_superposition.analysis.enrichment import (
+    document_enrichment,
+    fisher_enrichment,
+)
+from integral_superposition.analysis.run import (
+    AnalysisParams,
+    AnalysisResult,
+    load_analysis,
+    run_analysis,
+)
+from integral_superposition.analysis.scan import LatentScan, TopKSets, scan_latents
+from integral_superposition.analysis.top_tokens import topk_sets_per_latent
+
+__all__ = [
+    "AnalysisParams",
+    "AnalysisResult",
+    "LatentScan",
+    "TopKSets",
+    "document_enrichment",
+    "enrichment",
+    "fisher_enrichment",
+    "jaccard_sparse",
+    "load_analysis",
+    "logit_lens",
+    "reducer",
+    "run_analysis",
+    "scan",
+    "scan_latents",
+    "stats",
+    "top_tokens",
+    "topk_sets_per_latent",
+]

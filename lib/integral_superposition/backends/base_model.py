@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ class HFBackend:
         self.source_info = dict(source_info or {})
         self.blocks_path, self.blocks = resolve_blocks(model)
         self._fingerprint: str | None = None
+        self._tokenizer_fingerprint: str | None = None
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -262,6 +264,23 @@ class HFBackend:
                 self._fingerprint = f"params_sha256:{h.hexdigest()}"
         return self._fingerprint
 
+    def tokenizer_fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's full definition (vocabulary, merges, normaliser, special
+        tokens), computed once."""
+        if self._tokenizer_fingerprint is None:
+            tok = self.tokenizer
+            backend = getattr(tok, "backend_tokenizer", None)
+            if backend is not None:
+                # truncation/padding are call-time state that a tokenizer call leaves behind
+                spec = json.loads(backend.to_str())
+                spec.pop("truncation", None)
+                spec.pop("padding", None)
+                payload = json.dumps(spec, sort_keys=True)
+            else:  # slow tokenizers: the vocabulary and special tokens
+                payload = repr(sorted(tok.get_vocab().items())) + repr(tok.all_special_tokens)
+            self._tokenizer_fingerprint = hashlib.sha256(payload.encode("utf-8")).hexdigest()
+        return self._tokenizer_fingerprint
+
     def describe(self) -> dict[str, Any]:
         """Model identity for manifests: id, class, size, tokenizer and weight fingerprint."""
         tok = self.tokenizer
@@ -274,8 +293,13 @@ class HFBackend:
             "fingerprint": self.fingerprint(),
             "tokenizer": {
                 "class": type(tok).__name__,
-                "name": getattr(tok, "name_or_path", None),
+                # the id the model was loaded by, not a machine-specific cache folder
+                "name": self.model_id,
                 "vocab_size": len(tok),
+                "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id,
+                "fingerprint": self.tokenizer_fingerprint(),
             },
             **{k: v for k, v in self.source_info.items() if k not in ("gguf_sha256",)},
         }

@@ -34,37 +34,44 @@ _TEXT_SUFFIXES = {
 def validate_frame(df: Any, text_col: str, label_col: str | None) -> pd.DataFrame:
     """Check that ``df`` has usable text and label columns; return it unchanged.
 
-    Raises ``ValueError`` naming the problem: not a frame, missing column, empty dataset,
-    empty or non-string texts, or missing labels.
+    Raises ``TypeError``/``ValueError`` naming the problem: not a frame, missing column, empty
+    dataset, empty or non-string texts, or missing (NaN) labels.
     """
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"df: expected a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in (text_col, label_col) if c is not None and c not in df.columns]
-    if missing:
-        raise ValueError(
-            f"column(s) {missing} not found: the dataset has columns {list(df.columns)}"
-        )
+    for arg, col in (("text_col", text_col), ("label_col", label_col)):
+        if col is not None and col not in df.columns:
+            raise ValueError(
+                f"{arg}={col!r}: no such column; the dataset has columns {list(df.columns)}"
+            )
     if len(df) == 0:
         raise ValueError("the dataset is empty: expected at least one row")
     texts = df[text_col]
-    not_str = ~texts.map(lambda t: isinstance(t, str))
-    if not_str.any():
-        i = int(np.flatnonzero(not_str.to_numpy())[0])
+    missing = texts.isna().to_numpy(dtype=bool)
+    if missing.any():
+        i = int(np.flatnonzero(missing)[0])
         raise ValueError(
-            f"{text_col!r} row {i}: expected a string, got {texts.iloc[i]!r} ({type(texts.iloc[i]).__name__}); {int(not_str.sum())} row(s) are not strings"
+            f"text_col={text_col!r} row {i}: missing text ({texts.iloc[i]!r}); {int(missing.sum())} row(s) have no text"
         )
-    empty = texts.str.strip().str.len() == 0
-    if empty.any():
-        i = int(np.flatnonzero(empty.to_numpy())[0])
+    not_str = ~texts.map(lambda t: isinstance(t, str)).to_numpy(dtype=bool)
+    if not_str.any():
+        i = int(np.flatnonzero(not_str)[0])
         raise ValueError(
-            f"{text_col!r} row {i}: empty text; {int(empty.sum())} row(s) are empty or whitespace"
+            f"text_col={text_col!r} row {i}: expected a string, got {texts.iloc[i]!r} "
+            f"({type(texts.iloc[i]).__name__}); {int(not_str.sum())} row(s) are not strings"
+        )
+    empty = (texts.str.strip().str.len() == 0).to_numpy(dtype=bool)
+    if empty.any():
+        i = int(np.flatnonzero(empty)[0])
+        raise ValueError(
+            f"text_col={text_col!r} row {i}: empty text; {int(empty.sum())} row(s) are empty or whitespace"
         )
     if label_col is not None:
-        na = df[label_col].isna()
+        na = df[label_col].isna().to_numpy(dtype=bool)
         if na.any():
-            i = int(np.flatnonzero(na.to_numpy())[0])
+            i = int(np.flatnonzero(na)[0])
             raise ValueError(
-                f"{label_col!r} row {i}: missing (NaN) label; {int(na.sum())} row(s) have no label"
+                f"label_col={label_col!r} row {i}: missing (NaN) label; {int(na.sum())} row(s) have no label"
             )
     return df
 
@@ -95,11 +102,15 @@ def dataset_fingerprint(df: pd.DataFrame, text_col: str, label_col: str | None) 
     """SHA-256 over the (text, label) rows in order: identifies a dataset's content."""
     h = hashlib.sha256()
     labels = df[label_col].astype(str) if label_col is not None else pd.Series([""] * len(df))
-    for text, label in zip(df[text_col].tolist(), labels.tolist(), strict=True):
-        h.update(text.encode("utf-8"))
-        h.update(b"\x1f")
-        h.update(label.encode("utf-8"))
-        h.update(b"\x1e")
+    texts = df[text_col].tolist()
+    labels_l = labels.tolist()
+    step = 16384  # hash in chunks: one join per chunk instead of one update per row
+    for a in range(0, len(texts), step):
+        rows = (
+            f"{t}\x1f{lab}\x1e"
+            for t, lab in zip(texts[a : a + step], labels_l[a : a + step], strict=True)
+        )
+        h.update("".join(rows).encode("utf-8"))
     return h.hexdigest()
 
 
@@ -116,38 +127,84 @@ def _format_of(uri: str) -> str:
     return _TEXT_SUFFIXES[ext]
 
 
-def read_table(
-    uri: str, storage_options: Mapping[str, Any] | None = None, sep: str | None = None
-) -> pd.DataFrame:
-    """Read CSV (separator sniffed unless ``sep``), Parquet or JSONL from any fsspec URI."""
-    fmt = _format_of(str(uri))
+_SEPARATORS = (",", ";", "\t", "|")
+
+
+def _sniff_separator(text: str, required: Sequence[str]) -> str:
+    """The CSV separator of ``text``: the sniffed one, unless another separator is the only
+    one whose header holds every ``required`` column."""
+    sample = text[:65536]
+    header = sample.splitlines()[0] if sample else ""
     try:
-        raw = storage.read_bytes(str(uri), storage_options)
+        sniffed: str | None = csv.Sniffer().sniff(sample, delimiters="".join(_SEPARATORS)).delimiter
+    except csv.Error:
+        sniffed = None
+    order = ([sniffed] if sniffed else []) + [c for c in _SEPARATORS if c != sniffed]
+    if required:
+        for sep in order:
+            cols = next(csv.reader([header], delimiter=sep), [])
+            if all(r in cols for r in required):
+                return sep
+    return sniffed or max(_SEPARATORS, key=header.count)
+
+
+def read_table(
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    sep: str | None = None,
+    columns: Sequence[str | None] = (),
+    text_columns: Sequence[str | None] = (),
+) -> pd.DataFrame:
+    """Read CSV/TSV (separator sniffed unless ``sep``), Parquet or JSONL from any fsspec URI.
+
+    ``columns`` are the columns the caller needs; they guide the separator choice. CSV cells
+    of ``text_columns`` are read literally as strings (a headline such as ``"None"`` or
+    ``"2024"`` stays text; only empty cells are missing).
+    """
+    if not isinstance(uri, str | os.PathLike) or not str(uri):
+        raise TypeError(f"path={uri!r}: expected a file path or fsspec URI string")
+    uri = os.fspath(uri)
+    fmt = _format_of(uri)
+    try:
+        raw = storage.read_bytes(uri, storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"path={uri!r}: file not found") from None
-    except (OSError, PermissionError) as e:
+    except IsADirectoryError:
+        raise IsADirectoryError(f"path={uri!r}: is a directory, expected a file") from None
+    except OSError as e:
         raise OSError(f"path={uri!r}: cannot read the file ({e})") from e
-    compression = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}.get(
-        os.path.splitext(str(uri).lower())[1]
-    )
+    compression = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}.get(os.path.splitext(uri.lower())[1])
     try:
-        if fmt == "parquet":
-            return pd.read_parquet(io.BytesIO(raw))
-        if fmt == "jsonl":
-            return pd.read_json(io.BytesIO(raw), lines=True, compression=compression)
         if compression:
             from fsspec.compression import compr
 
             raw = compr[compression](io.BytesIO(raw)).read()
+        if fmt == "parquet":
+            return pd.read_parquet(io.BytesIO(raw))
+        if fmt == "jsonl":
+            lines = raw.lstrip()[:1] != b"["  # a JSON array file is read as records
+            return pd.read_json(io.BytesIO(raw), lines=lines, dtype=False)
         text = raw.decode("utf-8-sig")
         if sep is None:
-            try:
-                sep = csv.Sniffer().sniff(text[:65536], delimiters=",;\t|").delimiter
-            except csv.Error:
-                sep = ","
-        return pd.read_csv(io.StringIO(text), sep=sep)
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
-        raise ValueError(f"path={uri!r}: cannot parse as {fmt} ({e})") from e
+            sep = _sniff_separator(text, [c for c in columns if c])
+        str_cols = [c for c in text_columns if c]
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=dict.fromkeys(str_cols, str))
+        # pandas reads "None", "NA", "null" ... as missing; in a text column they are words
+        literal = [c for c in str_cols if c in df.columns and df[c].isna().any()]
+        if literal:
+            cells = pd.read_csv(
+                io.StringIO(text),
+                sep=sep,
+                usecols=literal,
+                keep_default_na=False,
+                na_values=[""],
+                dtype=str,
+            )
+            for c in literal:
+                df[c] = cells[c]
+        return df
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError, EOFError) as e:
+        raise ValueError(f"path={uri!r}: cannot parse as {fmt} ({type(e).__name__}: {e})") from e
 
 
 def balance_labels(df: pd.DataFrame, label_col: str, seed: int = 0) -> pd.DataFrame:
@@ -193,7 +250,9 @@ def load_titles_csv(
     Rows keep their order; labels stay multi-class strings. ``balance=True`` down-samples
     every label to the rarest one's count. Returns a validated DataFrame.
     """
-    df = read_table(path, storage_options, sep=sep)
+    df = read_table(
+        path, storage_options, sep=sep, columns=[text_col, label_col], text_columns=[text_col]
+    )
     return _finish(df, text_col, label_col, balance, seed, max_rows)
 
 
@@ -222,18 +281,33 @@ def load_hf_dataset(
         ds = datasets.load_dataset(name, config_name, split=split)
     except Exception as e:
         raise OSError(
-            f"dataset={name!r}: cannot load from the HuggingFace hub or cache ({type(e).__name__}: {e})"
+            f"name={name!r}: cannot load the HuggingFace dataset from the hub or the local cache ({type(e).__name__}: {e})"
         ) from e
     df = ds.to_pandas()
     feature = ds.features.get(label_col) if label_col else None
     if feature is not None and hasattr(feature, "names"):
-        df[label_col] = [feature.names[i] for i in df[label_col]]
+        df[label_col] = np.asarray(feature.names, dtype=object)[df[label_col].to_numpy()]
     return _finish(df, text_col, label_col, balance, seed, max_rows)
+
+
+def _pick_table(root: str, dataset_id: str) -> str:
+    """The one table file of a downloaded dataset folder."""
+    found = sorted(
+        os.path.relpath(os.path.join(d, f), root)
+        for d, _, files in os.walk(root)
+        for f in files
+        if os.path.splitext(f.lower().removesuffix(".gz"))[1] in _TEXT_SUFFIXES
+    )
+    if len(found) != 1:
+        raise ValueError(
+            f"dataset_id={dataset_id!r} holds {len(found)} table files {found[:10]}: pass filename= to pick one"
+        )
+    return found[0]
 
 
 def load_kaggle_dataset(
     dataset_id: str,
-    filename: str,
+    filename: str | None = None,
     text_col: str = "title",
     label_col: str | None = "topic",
     *,
@@ -241,7 +315,10 @@ def load_kaggle_dataset(
     seed: int = 0,
     max_rows: int | None = None,
 ) -> pd.DataFrame:
-    """Download ``filename`` of a Kaggle dataset with kagglehub and load it (``kaggle`` extra)."""
+    """Download a Kaggle dataset with kagglehub (``kaggle`` extra) and load ``filename`` from it
+    (default: its only table file). Needs network access and Kaggle credentials."""
+    if not isinstance(dataset_id, str) or dataset_id.count("/") != 1:
+        raise ValueError(f"dataset_id={dataset_id!r}: expected 'owner/dataset-name'")
     try:
         import kagglehub
     except ImportError as e:
@@ -254,6 +331,8 @@ def load_kaggle_dataset(
         raise OSError(
             f"dataset_id={dataset_id!r}: cannot download from Kaggle ({type(e).__name__}: {e})"
         ) from e
+    if filename is None:
+        filename = _pick_table(root, dataset_id)
     return load_titles_csv(
         os.path.join(root, filename),
         text_col,
@@ -261,6 +340,18 @@ def load_kaggle_dataset(
         balance=balance,
         seed=seed,
         max_rows=max_rows,
+    )
+
+
+def _looks_like_file(source: str) -> bool:
+    lower = source.lower()
+    for suffix in (".gz", ".bz2", ".xz"):
+        lower = lower.removesuffix(suffix)
+    return (
+        "://" in source
+        or os.path.exists(source)
+        or source.startswith((".", "/", "~"))
+        or os.path.splitext(lower)[1] in _TEXT_SUFFIXES
     )
 
 
@@ -272,30 +363,59 @@ def load_dataset_auto(
     filename: str | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
-    """Load from a local/remote file, the built-in ``demo`` corpus, Kaggle (``owner/name`` +
-    ``filename``) or the HF hub (``owner/name`` or ``name``), in that order of precedence."""
+    """Load a labelled text dataset from wherever ``source`` points:
+
+    - ``"demo"`` or ``"demo:N"``: the built-in synthetic corpus (N headlines, default 4000);
+    - a path or fsspec URI of a CSV/TSV/Parquet/JSONL file;
+    - ``"kaggle:owner/name"``, or ``"owner/name"`` with ``filename``: a Kaggle dataset;
+    - ``"hf:name"``: a HuggingFace dataset;
+    - a bare ``"owner/name"``: Kaggle (as the original notebook), then the HF hub.
+
+    ``kwargs`` go to the loader (``balance``, ``seed``, ``max_rows``, ``split`` for HF, ...).
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"source={source!r}: expected 'demo', a file path/URI or a dataset id")
     if source == "demo" or source.startswith("demo:"):
         from integral_superposition.data.demo_corpus import demo_corpus
 
-        n = int(source.split(":", 1)[1]) if ":" in source else 4000
-        df = demo_corpus(n)
+        arg = source.split(":", 1)[1] if ":" in source else "4000"
+        if not arg.isdigit():
+            raise ValueError(f"source={source!r}: expected 'demo' or 'demo:N' with N a number")
+        df = demo_corpus(int(arg), seed=kwargs.get("seed", 0))
+        renames = {"title": text_col}
+        if label_col is not None:
+            renames["topic"] = label_col
         return _finish(
-            df.rename(columns={"title": text_col, "topic": label_col or "topic"}),
+            df.rename(columns=renames),
             text_col,
             label_col,
             kwargs.get("balance", False),
             kwargs.get("seed", 0),
             kwargs.get("max_rows"),
         )
-    if (
-        "://" in source
-        or os.path.exists(source)
-        or os.path.splitext(source)[1].lower() in _TEXT_SUFFIXES
-    ):
+    if source.startswith("kaggle:"):
+        return load_kaggle_dataset(source[7:], filename, text_col, label_col, **kwargs)
+    if source.startswith("hf:"):
+        return load_hf_dataset(source[3:], text_col=text_col, label_col=label_col, **kwargs)
+    if _looks_like_file(source):
         return load_titles_csv(source, text_col, label_col, **kwargs)
     if filename is not None:
         return load_kaggle_dataset(source, filename, text_col, label_col, **kwargs)
-    return load_hf_dataset(source, text_col=text_col, label_col=label_col, **kwargs)
+    errors = []
+    if source.count("/") == 1:
+        try:
+            return load_kaggle_dataset(source, None, text_col, label_col, **kwargs)
+        except (ImportError, OSError) as e:
+            errors.append(f"Kaggle: {e}")
+    try:
+        return load_hf_dataset(source, text_col=text_col, label_col=label_col, **kwargs)
+    except (ImportError, OSError) as e:
+        errors.append(f"HuggingFace: {e}")
+    raise OSError(
+        f"source={source!r}: not a local file, and no reachable dataset of that name ("
+        + "; ".join(errors)
+        + ")"
+    )
 
 
 def split_df(
@@ -308,6 +428,10 @@ def split_df(
         raise ValueError(f"df has {len(df)} row(s): need at least 2 to split")
     from sklearn.model_selection import train_test_split
 
+    if stratify_col is not None and stratify_col not in df.columns:
+        raise ValueError(
+            f"stratify_col={stratify_col!r}: no such column; the dataset has columns {list(df.columns)}"
+        )
     strat = df[stratify_col] if stratify_col else None
     tr, te = train_test_split(df, train_size=train, random_state=seed, stratify=strat)
     return tr, te

@@ -37,7 +37,11 @@ def tokenize_texts(
     """
     if max_len < 1:
         raise ValueError(f"max_len={max_len}: expected a positive token count")
-    enc = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+    # Token-level truncation keeps the same prefix as tokenising everything; one spare token
+    # covers a leading BOS that is removed below.
+    enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_len + 1)[
+        "input_ids"
+    ]
     bos = tokenizer.bos_token_id
     out: list[list[int]] = []
     for ids in enc:

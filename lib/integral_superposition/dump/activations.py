@@ -5,20 +5,29 @@ Layout of a dump directory (any fsspec URI)::
     shard-00000.safetensors   one [n_tokens, d_model] tensor per hook point
     shard-00000.parquet       token_id, doc_id, position, label per row
     shard-00000.json          completion record of the shard (hashes, norm statistics)
-    docs.parquet              doc_id, text, label_name, n_tokens per document
+    docs.parquet              doc_id, text, label_name, n_tokens, seq_len per document
     manifest.json             written last; its presence means the dump is complete
 
 Shards are planned up front from token counts alone: documents are sorted by length
-(stable on doc id) and cut into shards of about ``shard_size_mb``. A rerun after a crash
-skips every shard whose completion record matches the plan, so only missing shards are
+(stable on doc id) and cut into shards of about ``shard_size_mb``. Every file is published
+atomically and a shard's record is written after its data files, so a rerun after a crash
+(even ``kill -9``) skips every shard whose record matches the plan: only missing shards are
 computed and the result is byte-identical to an uninterrupted run.
+
+While the model computes shard ``s + 1``, a background thread writes shard ``s``; at most two
+shards are held in memory, so peak memory depends on ``shard_size_mb``, not on the dataset.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,12 +51,16 @@ from integral_superposition.data.tokenize import (
     special_ids,
     tokenize_texts,
 )
-from integral_superposition.dump.shards import TORCH_DTYPES, encode_shard
+from integral_superposition.dump.shards import TORCH_DTYPES, write_shard
 from integral_superposition.dump.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
+DUMP_FORMAT = 2
+"""Version of the dump layout; part of every dump's identity."""
+
 _NORM_BINS = np.linspace(-4.0, 6.0, 401)  # log10 of the L2 norm
+_SHARD_RE = re.compile(r"^shard-(\d{5})\.json$")
 ProgressFn = Callable[[int, int], None]
 
 
@@ -57,19 +70,45 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _keep_mask(ids: list[int], bos: int | None, specials: set[int], cfg: DumpConfig) -> np.ndarray:
-    arr = np.asarray(ids, dtype=np.int64)
-    keep = np.ones(arr.size, dtype=bool)
-    if cfg.drop_bos and bos is not None and arr.size and arr[0] == bos:
-        keep[0] = False
-    if cfg.drop_special and specials:
-        keep &= ~np.isin(arr, list(specials))
-    return keep
+class TokenMask:
+    """Which tokens of a tokenised text are stored: never padding; BOS at position 0 unless
+    ``drop_bos=False``; other special tokens unless ``drop_special=False``."""
+
+    def __init__(self, tokenizer, cfg: DumpConfig):
+        self.bos = tokenizer.bos_token_id if cfg.drop_bos else None
+        # UNK stands for real text, so it is stored like any other token
+        not_special = {tokenizer.bos_token_id, getattr(tokenizer, "unk_token_id", None)}
+        specials = special_ids(tokenizer) - not_special if cfg.drop_special else set()
+        self.specials = np.array(sorted(specials), dtype=np.int64)
+        self._specials_t = torch.from_numpy(self.specials)
+
+    def counts(self, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(tokens fed to the model, tokens stored)`` per sequence, both ``int64[n]``."""
+        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        flat = np.fromiter(
+            itertools.chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum())
+        )
+        keep = ~np.isin(flat, self.specials) if self.specials.size else np.ones(flat.size, bool)
+        starts = np.cumsum(lengths) - lengths
+        if self.bos is not None:
+            first = starts[lengths > 0]
+            keep[first] &= flat[first] != self.bos
+        csum = np.concatenate([[0], np.cumsum(keep)])
+        return lengths, csum[starts + lengths] - csum[starts]
+
+    def batch(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Boolean mask ``[B, T]`` of the stored tokens of a right-padded batch ``[B, T]``."""
+        keep = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
+        if self.bos is not None:
+            keep[:, 0] &= input_ids[:, 0] != self.bos
+        if self.specials.size:
+            keep &= ~torch.isin(input_ids, self._specials_t)
+        return keep
 
 
 def _norm_summary(
     hist: np.ndarray, count: int, total: float, total_sq: float, lo: float, hi: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
     if count == 0:
         return {"count": 0}
     mean = total / count
@@ -96,17 +135,145 @@ def _norm_summary(
 def plan_shards(
     n_kept_sorted: np.ndarray, bytes_per_token: int, shard_bytes: int
 ) -> list[tuple[int, int]]:
-    """Cut the length-sorted documents into ``[start, end)`` runs of about ``shard_bytes``."""
+    """Cut documents (in forward order) into ``[start, end)`` runs of about ``shard_bytes``.
+
+    ``n_kept_sorted``: stored tokens per document ``[n_docs]``. A shard ends on the first
+    document that brings it to ``shard_bytes``; shards never split a document.
+    """
     per_shard = max(1, shard_bytes // max(1, bytes_per_token))
-    bounds, start, acc = [], 0, 0
-    for i, n in enumerate(n_kept_sorted.tolist()):
-        acc += n
-        if acc >= per_shard:
-            bounds.append((start, i + 1))
-            start, acc = i + 1, 0
-    if start < len(n_kept_sorted):
-        bounds.append((start, len(n_kept_sorted)))
+    n = np.asarray(n_kept_sorted, dtype=np.int64)
+    if n.size == 0:
+        return []
+    bounds, start = [], 0
+    csum = np.cumsum(n)
+    base = 0
+    while start < n.size:
+        # first document whose cumulative count reaches the shard's budget
+        end = int(np.searchsorted(csum, base + per_shard, side="left")) + 1
+        end = min(max(end, start + 1), n.size)
+        bounds.append((start, end))
+        base = int(csum[end - 1])
+        start = end
     return bounds
+
+
+@dataclass
+class _Plan:
+    """What a dump computes: documents, their token counts and the shard cut."""
+
+    doc_ids: np.ndarray  # int64 [n_docs]: the documents of this dump (row numbers of df)
+    n_tok: np.ndarray  # int64 [n_docs]: tokens fed to the model (BOS included, <= max_len)
+    n_kept: np.ndarray  # int64 [n_docs]: tokens stored
+    order: np.ndarray  # int64 [n_fwd]: indices into doc_ids in forward order (stored docs only)
+    shards: list[tuple[int, int]]  # [start, end) ranges into order
+
+    def shard_docs(self, s: int) -> np.ndarray:
+        a, b = self.shards[s]
+        return self.doc_ids[self.order[a:b]]
+
+    def shard_tokens(self, s: int) -> int:
+        a, b = self.shards[s]
+        return int(self.n_kept[self.order[a:b]].sum())
+
+
+def _check_inputs(
+    df: Any,
+    text_col: str,
+    label_col: str | None,
+    backend,
+    cfg: Any,
+    out_dir: Any,
+    partition: Any,
+) -> None:
+    if not isinstance(cfg, DumpConfig):
+        raise TypeError(f"cfg: expected a DumpConfig, got {type(cfg).__name__}")
+    if not isinstance(out_dir, str | os.PathLike) or not str(out_dir):
+        raise TypeError(f"out_dir={out_dir!r}: expected a directory path or fsspec URI string")
+    if not isinstance(text_col, str):
+        raise TypeError(f"text_col={text_col!r}: expected a column name (str)")
+    if label_col is not None and not isinstance(label_col, str):
+        raise TypeError(f"label_col={label_col!r}: expected a column name (str) or None")
+    validate_frame(df, text_col, label_col)
+    if partition is not None:
+        ok = (
+            isinstance(partition, tuple | list)
+            and len(partition) == 2
+            and all(isinstance(v, int) for v in partition)
+            and 0 <= partition[0] < partition[1]
+        )
+        if not ok:
+            raise ValueError(
+                f"partition={partition!r}: expected (index, count) with 0 <= index < count"
+            )
+    for attr in ("tokenizer", "hook_points", "capture", "describe", "d_model"):
+        if not hasattr(backend, attr):
+            raise TypeError(
+                f"backend: expected an HFBackend (e.g. backends.HFCausalLM.from_pretrained(...)), got {type(backend).__name__}"
+            )
+    max_pos = getattr(
+        getattr(backend.config, "text_config", None) or backend.config,
+        "max_position_embeddings",
+        None,
+    )
+    if isinstance(max_pos, int) and cfg.max_len > max_pos:
+        raise ValueError(
+            f"cfg.max_len={cfg.max_len}: the model accepts at most {max_pos} positions"
+        )
+
+
+def _plan(
+    df: pd.DataFrame,
+    text_col: str,
+    tok,
+    mask: TokenMask,
+    cfg: DumpConfig,
+    partition,
+    bytes_per_token: int,
+) -> _Plan:
+    doc_ids = np.arange(len(df), dtype=np.int64)
+    if partition is not None:
+        doc_ids = doc_ids[doc_ids % partition[1] == partition[0]]
+        if doc_ids.size == 0:
+            raise ValueError(
+                f"partition={tuple(partition)!r}: selects no document of a dataset with {len(df)} rows"
+            )
+    texts = df[text_col]
+    n_tok = np.zeros(doc_ids.size, dtype=np.int64)
+    n_kept = np.zeros(doc_ids.size, dtype=np.int64)
+    step = 8192  # bounded: token lists of one chunk at a time
+    for a in range(0, doc_ids.size, step):
+        chunk = doc_ids[a : a + step]
+        seqs = tokenize_texts(tok, texts.iloc[chunk].tolist(), cfg.max_len, cfg.prepend_bos)
+        n_tok[a : a + len(chunk)], n_kept[a : a + len(chunk)] = mask.counts(seqs)
+    empty = np.flatnonzero(n_tok == 0)
+    if empty.size:
+        i = int(doc_ids[empty[0]])
+        raise ValueError(
+            f"text_col={text_col!r} row {i} ({texts.iloc[i]!r}): tokenises to no token; {empty.size} row(s) do"
+        )
+    if int(n_kept.sum()) == 0:
+        raise ValueError(
+            "no tokens left to store: every token is BOS or special "
+            f"(cfg.max_len={cfg.max_len}, drop_bos={cfg.drop_bos}, drop_special={cfg.drop_special})"
+        )
+    order = np.lexsort((doc_ids, n_tok)) if cfg.sort_by_length else np.arange(doc_ids.size)
+    order = order[n_kept[order] > 0]  # documents with nothing to store need no forward
+    shards = plan_shards(n_kept[order], bytes_per_token, int(cfg.shard_size_mb * (1 << 20)))
+    return _Plan(doc_ids, n_tok, n_kept, order, shards)
+
+
+def _listing(out_dir: str, storage_options) -> dict[str, int]:
+    """``{name: size}`` of the files directly under ``out_dir`` (empty if it does not exist)."""
+    fs, path = storage.get_fs(out_dir, storage_options)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for e in entries:
+        if e.get("type") == "file":
+            out[e["name"].rstrip("/").rsplit("/", 1)[-1]] = int(e.get("size") or 0)
+    return out
 
 
 def dump_layer_activations(
@@ -127,31 +294,43 @@ def dump_layer_activations(
     """Dump activations of ``df[text_col]`` at ``cfg``'s hook points into ``out_dir``.
 
     Stores only real tokens (no padding; BOS and special tokens dropped unless ``cfg`` says
-    otherwise), ``cfg.dtype`` activations ``[n_tokens, d_model]`` per hook point, and token
+    otherwise): ``cfg.dtype`` activations ``[n_tokens, d_model]`` per hook point, and token
     metadata aligned row by row. ``label_names`` fixes the label mapping (default: the sorted
     distinct labels). ``partition=(i, n)`` dumps only documents whose id ``% n == i``; combine
-    the parts with :func:`combine_dumps`. Returns the published :class:`ActivationStore`.
+    the parts with :func:`combine_dumps`. ``on_progress(done_tokens, total_tokens)`` is called
+    after every batch.
+
+    Rerunning the same dump into the same ``out_dir`` resumes it (only missing shards are
+    computed) or, when it is complete, returns it. ``out_dir`` holding a *different* dump is an
+    error unless ``overwrite=True``. Every input is checked before anything is written.
+    Returns the published :class:`ActivationStore`.
     """
-    if not isinstance(cfg, DumpConfig):
-        raise TypeError(f"cfg: expected a DumpConfig, got {type(cfg).__name__}")
-    validate_frame(df, text_col, label_col)
-    names = (
-        list(label_names)
-        if label_names is not None
-        else (label_mapping(df[label_col]) if label_col else ["unlabelled"])
-    )
+    _check_inputs(df, text_col, label_col, backend, cfg, out_dir, partition)
+    partition = tuple(partition) if partition is not None else None
+    if label_names is not None:
+        names = [str(n) for n in label_names]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"label_names={list(label_names)!r}: expected distinct names")
+    else:
+        names = label_mapping(df[label_col]) if label_col else ["unlabelled"]
     label_ids = (
         encode_labels(df[label_col], names) if label_col else np.zeros(len(df), dtype=np.int32)
     )
-    if partition is not None:
-        pi, pn = partition
-        if not (isinstance(pn, int) and pn >= 1 and isinstance(pi, int) and 0 <= pi < pn):
-            raise ValueError(
-                f"partition={partition!r}: expected (index, count) with 0 <= index < count"
-            )
     hook_points = backend.hook_points(cfg.resolved_hook_points())
-    out_dir = str(out_dir)
+    seen: set[str] = set()
+    dupes = [h.name for h in hook_points if h.name in seen or seen.add(h.name)]
+    if dupes:
+        raise ValueError(
+            f"cfg.hook_points={cfg.resolved_hook_points()!r}: {dupes} named more than once"
+        )
+    out_dir = os.fspath(out_dir)
     tok = backend.tokenizer
+    mask = TokenMask(tok, cfg)
+    out_dtype = TORCH_DTYPES[cfg.dtype]
+    d_model = int(backend.d_model)
+    bytes_per_token = d_model * out_dtype.itemsize * len(hook_points)
+    plan = _plan(df, text_col, tok, mask, cfg, partition, bytes_per_token)
+
     fingerprint = dataset_fingerprint(df, text_col, label_col)
     model_info = backend.describe()
     hook_info = [
@@ -166,132 +345,164 @@ def dump_layer_activations(
     identity = storage.sha256_bytes(
         storage.canonical_json(
             {
+                "format": DUMP_FORMAT,
                 "cfg": cfg,
-                "fingerprint": fingerprint,
+                "dataset": fingerprint,
+                "text_col": text_col,
+                "label_col": label_col,
                 "model": model_info["fingerprint"],
+                "tokenizer": model_info["tokenizer"].get("fingerprint"),
                 "hooks": hook_info,
                 "labels": names,
                 "partition": partition,
             }
         ).encode()
     )
+    shard_ids = [
+        storage.sha256_bytes(
+            f"{identity}:{s}:{','.join(map(str, plan.shard_docs(s).tolist()))}".encode()
+        )
+        for s in range(len(plan.shards))
+    ]
 
-    if storage.exists(storage.join(out_dir, storage.MANIFEST_NAME), storage_options):
+    # -- what is already there ---------------------------------------------------------------
+    listing = _listing(out_dir, storage_options)
+    if storage.MANIFEST_NAME in listing:
         existing = storage.read_manifest(out_dir, storage_options)
-        if existing.get("identity") == identity and storage.verify_output(out_dir, storage_options):
-            log.info("dump at %s is complete; reusing it", out_dir)
-            return ActivationStore(out_dir, storage_options)
-        if not overwrite:
+        if existing.get("identity") == identity:
+            if storage.verify_output(out_dir, storage_options):
+                log.info("dump at %s is complete; reusing it", out_dir)
+                return ActivationStore(out_dir, storage_options)
+            # same dump, damaged: unpublish it, then recompute what is missing
+            storage.remove(storage.join(out_dir, storage.MANIFEST_NAME), storage_options)
+            listing.pop(storage.MANIFEST_NAME)
+        elif not overwrite:
             raise FileExistsError(
                 f"out_dir={out_dir!r} already holds a different dump; pass overwrite=True or choose another directory"
             )
+        else:
+            storage.remove(out_dir, storage_options)
+            listing = {}
+    for name in [n for n in listing if n.startswith(".tmp-")]:
+        # a temporary file of a write that a crash interrupted: never published, never read
+        storage.remove(storage.join(out_dir, name), storage_options)
+        listing.pop(name)
+    records: list[dict[str, Any] | None] = [None] * len(plan.shards)
+    foreign = []
+    for name in listing:
+        m = _SHARD_RE.match(name)
+        if not m:
+            continue
+        s = int(m.group(1))
+        rec = storage.read_json(storage.join(out_dir, name), storage_options)
+        if s >= len(plan.shards) or rec.get("shard_id") != shard_ids[s]:
+            foreign.append(name)
+        elif all(listing.get(f) == e["size"] for f, e in rec["files"].items()):
+            records[s] = rec
+    if foreign:
+        if not overwrite:
+            raise FileExistsError(
+                f"out_dir={out_dir!r} holds shards of a different dump ({foreign[0]}); pass overwrite=True or choose another directory"
+            )
         storage.remove(out_dir, storage_options)
+        records = [None] * len(plan.shards)
 
-    # -- plan: token counts only -------------------------------------------------------------
-    doc_ids = np.arange(len(df), dtype=np.int64)
-    if partition is not None:
-        doc_ids = doc_ids[doc_ids % partition[1] == partition[0]]
-    texts = df[text_col].tolist()
-    bos = tok.bos_token_id
-    specials = special_ids(tok) - ({bos} if bos is not None else set())
-    n_tok = np.zeros(len(doc_ids), dtype=np.int64)
-    n_kept = np.zeros(len(doc_ids), dtype=np.int64)
-    for a in range(0, len(doc_ids), 8192):
-        chunk = doc_ids[a : a + 8192]
-        for j, ids in enumerate(
-            tokenize_texts(tok, [texts[i] for i in chunk], cfg.max_len, cfg.prepend_bos)
-        ):
-            n_tok[a + j] = len(ids)
-            n_kept[a + j] = int(_keep_mask(ids, bos, specials, cfg).sum())
-    order = np.lexsort((doc_ids, n_tok)) if cfg.sort_by_length else np.arange(len(doc_ids))
-    itemsize = torch.tensor([], dtype=TORCH_DTYPES[cfg.dtype]).element_size()
-    bytes_per_token = backend.d_model * itemsize * len(hook_points)
-    shards = plan_shards(n_kept[order], bytes_per_token, int(cfg.shard_size_mb * (1 << 20)))
-    if int(n_kept.sum()) == 0:
-        raise ValueError(
-            "no tokens left to store: every token is padding, BOS or special (check max_len and the masking flags)"
+    # -- compute the missing shards ----------------------------------------------------------
+    todo = [s for s, r in enumerate(records) if r is None]
+    total = int(plan.n_kept.sum())
+    done = total - sum(plan.shard_tokens(s) for s in todo)
+    if done:
+        log.info(
+            "resuming %s: %d of %d shards already complete",
+            out_dir,
+            len(plan.shards) - len(todo),
+            len(plan.shards),
         )
-
-    # -- run: compute missing shards ---------------------------------------------------------
-    records: list[dict[str, Any]] = []
-    todo = []
-    for s, (a, b) in enumerate(shards):
-        shard_docs = doc_ids[order[a:b]]
-        shard_id = storage.sha256_bytes(
-            (identity + ":" + ",".join(map(str, shard_docs.tolist()))).encode()
-        )
-        rec_uri = storage.join(out_dir, f"shard-{s:05d}.json")
-        rec = None
-        if storage.exists(rec_uri, storage_options):
-            rec = storage.read_json(rec_uri, storage_options)
-            if rec.get("shard_id") != shard_id:
-                if not overwrite:
-                    raise FileExistsError(
-                        f"out_dir={out_dir!r} holds shards of a different dump ({rec_uri}); pass overwrite=True or choose another directory"
-                    )
-                rec = None
-        records.append(rec)
-        if rec is None:
-            todo.append((s, shard_docs, shard_id))
-    total = int(
-        sum(n_kept[order[a:b]].sum() for s, (a, b) in enumerate(shards) if records[s] is None)
-    )
+    texts = df[text_col]
     pad_id = pad_token_id(tok)
-    out_dtype = TORCH_DTYPES[cfg.dtype]
-    done = 0
     bar = tqdm(
         total=total,
+        initial=done,
         unit="tok",
         desc=f"dump {','.join(h.name for h in hook_points)}",
         disable=not progress,
     )
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isup-shard-writer")
+    pending: tuple[int, Future] | None = None
     try:
-        for s, shard_docs, shard_id in todo:
-            acts: dict[str, list[torch.Tensor]] = {h.name: [] for h in hook_points}
-            meta: dict[str, list[np.ndarray]] = {
-                "token_id": [],
-                "doc_id": [],
-                "position": [],
-                "label": [],
+        for s in todo:
+            docs = plan.shard_docs(s)
+            n_s = plan.shard_tokens(s)
+            acts = {h.name: torch.empty((n_s, d_model), dtype=out_dtype) for h in hook_points}
+            norms = {h.name: np.empty(n_s, dtype=np.float64) for h in hook_points}
+            meta = {
+                "token_id": np.empty(n_s, dtype=np.int32),
+                "doc_id": np.empty(n_s, dtype=np.int64),
+                "position": np.empty(n_s, dtype=np.int32),
+                "label": np.empty(n_s, dtype=np.int32),
             }
-            for a in range(0, len(shard_docs), cfg.batch_size):
-                batch_docs = shard_docs[a : a + cfg.batch_size]
+            pos = 0
+            for a in range(0, docs.size, cfg.batch_size):
+                batch_docs = docs[a : a + cfg.batch_size]
                 seqs = tokenize_texts(
-                    tok, [texts[i] for i in batch_docs], cfg.max_len, cfg.prepend_bos
+                    tok, texts.iloc[batch_docs].tolist(), cfg.max_len, cfg.prepend_bos
                 )
                 batch = pad_batch(seqs, pad_id, "right")
-                keep = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
-                for r, ids in enumerate(seqs):
-                    keep[r, : len(ids)] = torch.from_numpy(_keep_mask(ids, bos, specials, cfg))
-                out = backend.capture(batch.input_ids, batch.attention_mask, hook_points)
-                keep_dev = keep.to(next(iter(out.values())).device)
-                for h in hook_points:
-                    acts[h.name].append(out[h.name][keep_dev].to("cpu", out_dtype))
-                rows, cols = keep.nonzero(as_tuple=True)
-                rows_np = rows.numpy()
-                meta["token_id"].append(batch.input_ids[rows, cols].numpy().astype(np.int32))
-                meta["doc_id"].append(batch_docs[rows_np])
-                meta["position"].append(cols.numpy().astype(np.int32))
-                meta["label"].append(label_ids[batch_docs[rows_np]])
+                keep = mask.batch(batch.input_ids, batch.lengths)
                 n = int(keep.sum())
+                if pos + n > n_s:
+                    raise RuntimeError(
+                        "the tokenizer produced different tokens than when the dump was planned"
+                    )
+                out = backend.capture(batch.input_ids, batch.attention_mask, hook_points)
+                for h in hook_points:
+                    x = out[h.name]
+                    dst = acts[h.name][pos : pos + n]
+                    dst.copy_(x[keep.to(x.device)])
+                    norms[h.name][pos : pos + n] = dst.float().norm(dim=-1).numpy()
+                rows, cols = keep.nonzero(as_tuple=True)
+                meta["token_id"][pos : pos + n] = batch.input_ids[rows, cols].numpy()
+                meta["doc_id"][pos : pos + n] = batch_docs[rows.numpy()]
+                meta["position"][pos : pos + n] = cols.numpy()
+                meta["label"][pos : pos + n] = label_ids[meta["doc_id"][pos : pos + n]]
+                pos += n
                 done += n
                 bar.update(n)
                 if on_progress is not None:
                     on_progress(done, total)
-            records[s] = _write_shard(out_dir, s, shard_id, acts, meta, storage_options)
+            if pos != n_s:
+                raise RuntimeError(
+                    "the tokenizer produced different tokens than when the dump was planned"
+                )
+            if pending is not None:
+                records[pending[0]] = pending[1].result()
+            pending = (
+                s,
+                writer.submit(
+                    _write_shard, out_dir, s, shard_ids[s], acts, meta, norms, storage_options
+                ),
+            )
+        if pending is not None:
+            records[pending[0]] = pending[1].result()
+            pending = None
     finally:
+        # a shard already handed to the writer is finished (or fails) before we return
+        writer.shutdown(wait=True)
         bar.close()
 
     # -- publish -----------------------------------------------------------------------------
+    complete: list[dict[str, Any]] = [r for r in records if r is not None]
+    assert len(complete) == len(plan.shards)
     files: dict[str, dict[str, Any]] = {}
-    for rec in records:
+    for rec in complete:
         files.update(rec["files"])
     doc_df = pd.DataFrame(
         {
-            "doc_id": doc_ids,
-            "text": [texts[i] for i in doc_ids],
-            "label_name": [names[label_ids[i]] for i in doc_ids],
-            "n_tokens": n_kept,
+            "doc_id": plan.doc_ids,
+            "text": texts.iloc[plan.doc_ids].tolist(),
+            "label_name": np.asarray(names, dtype=object)[label_ids[plan.doc_ids]],
+            "n_tokens": plan.n_kept,
+            "seq_len": plan.n_tok,
         }
     )
     docs_bytes = _parquet_bytes(pa.Table.from_pandas(doc_df, preserve_index=False))
@@ -299,16 +510,16 @@ def dump_layer_activations(
     files["docs.parquet"] = storage.file_entry("", docs_bytes)
     norm_stats = {}
     for h in hook_points:
-        hist = np.sum([np.asarray(r["norms"][h.name]["hist"]) for r in records], axis=0)
+        parts = [r["norms"][h.name] for r in complete]
         norm_stats[h.name] = _norm_summary(
-            hist,
-            sum(r["norms"][h.name]["count"] for r in records),
-            sum(r["norms"][h.name]["sum"] for r in records),
-            sum(r["norms"][h.name]["sumsq"] for r in records),
-            min(r["norms"][h.name]["min"] for r in records),
-            max(r["norms"][h.name]["max"] for r in records),
+            np.sum([np.asarray(p["hist"]) for p in parts], axis=0),
+            sum(p["count"] for p in parts),
+            sum(p["sum"] for p in parts),
+            sum(p["sumsq"] for p in parts),
+            min(p["min"] for p in parts),
+            max(p["max"] for p in parts),
         )
-    counts = np.bincount(label_ids[doc_ids], minlength=len(names))
+    counts = np.bincount(label_ids[plan.doc_ids], minlength=len(names))
     storage.write_manifest(
         out_dir,
         "activations",
@@ -316,12 +527,14 @@ def dump_layer_activations(
         files,
         storage_options,
         identity=identity,
+        dump_format=DUMP_FORMAT,
         model=model_info,
+        tokenizer=model_info["tokenizer"],
         hook_points=hook_info,
-        d_model=backend.d_model,
+        d_model=d_model,
         dtype=cfg.dtype,
-        n_tokens=int(sum(r["n_tokens"] for r in records)),
-        n_docs=len(doc_ids),
+        n_tokens=int(sum(r["n_tokens"] for r in complete)),
+        n_docs=int(plan.doc_ids.size),
         doc_id_end=len(df),
         docs_file="docs.parquet",
         shards=[
@@ -330,8 +543,10 @@ def dump_layer_activations(
                 "tokens": r["tokens"],
                 "n_tokens": r["n_tokens"],
                 "n_docs": r["n_docs"],
+                "size": r["files"][r["tensors"]]["size"],
+                "sha256": r["files"][r["tensors"]]["sha256"],
             }
-            for r in records
+            for r in complete
         ],
         dataset={
             "fingerprint": fingerprint,
@@ -341,16 +556,19 @@ def dump_layer_activations(
         },
         labels={
             "names": names,
+            "mapping": {n: i for i, n in enumerate(names)},
             "doc_counts": {n: int(c) for n, c in zip(names, counts, strict=True)},
         },
         masking={
             "drop_pad": True,
             "drop_bos": cfg.drop_bos,
             "drop_special": cfg.drop_special,
+            "special_token_ids": mask.specials.tolist(),
+            "bos_token_id": tok.bos_token_id,
             "prepend_bos": cfg.prepend_bos,
             "max_len": cfg.max_len,
-            "tokens_before_masking": int(n_tok.sum()),
-            "tokens_kept": int(n_kept.sum()),
+            "tokens_before_masking": int(plan.n_tok.sum()),
+            "tokens_kept": int(plan.n_kept.sum()),
         },
         norm_stats=norm_stats,
         partition=list(partition) if partition else None,
@@ -362,48 +580,47 @@ def _write_shard(
     out_dir: str,
     s: int,
     shard_id: str,
-    acts: dict[str, list[torch.Tensor]],
-    meta: dict[str, list[np.ndarray]],
+    acts: dict[str, torch.Tensor],
+    meta: dict[str, np.ndarray],
+    norms: dict[str, np.ndarray],
     storage_options,
 ) -> dict[str, Any]:
+    """Publish one shard: tensors, token table, then its completion record (last)."""
     name = f"shard-{s:05d}"
-    tensors = {k: torch.cat(v) for k, v in acts.items()}
-    n_tokens = next(iter(tensors.values())).shape[0]
-    norms: dict[str, Any] = {}
-    for k, t in tensors.items():
-        nrm = t.float().norm(dim=-1).numpy().astype(np.float64)
+    n_tokens = int(meta["doc_id"].size)
+    norm_rec: dict[str, Any] = {}
+    for k, nrm in norms.items():
         hist, _ = np.histogram(np.log10(np.maximum(nrm, 1e-12)), bins=_NORM_BINS)
-        norms[k] = {
+        norm_rec[k] = {
             "count": int(nrm.size),
             "sum": float(nrm.sum()),
             "sumsq": float((nrm**2).sum()),
-            "min": float(nrm.min()) if nrm.size else 0.0,
-            "max": float(nrm.max()) if nrm.size else 0.0,
+            "min": float(nrm.min()),
+            "max": float(nrm.max()),
             "hist": hist.tolist(),
         }
-    data = encode_shard(tensors)
     table = pa.table(
         {
-            "token_id": pa.array(np.concatenate(meta["token_id"]), pa.int32()),
-            "doc_id": pa.array(np.concatenate(meta["doc_id"]), pa.int64()),
-            "position": pa.array(np.concatenate(meta["position"]), pa.int32()),
-            "label": pa.array(np.concatenate(meta["label"]), pa.int32()),
+            "token_id": pa.array(meta["token_id"], pa.int32()),
+            "doc_id": pa.array(meta["doc_id"], pa.int64()),
+            "position": pa.array(meta["position"], pa.int32()),
+            "label": pa.array(meta["label"], pa.int32()),
         }
     )
     tbytes = _parquet_bytes(table)
-    storage.write_bytes(storage.join(out_dir, f"{name}.safetensors"), data, storage_options)
+    tensors_entry = write_shard(storage.join(out_dir, f"{name}.safetensors"), acts, storage_options)
     storage.write_bytes(storage.join(out_dir, f"{name}.parquet"), tbytes, storage_options)
     rec = {
         "shard_id": shard_id,
         "tensors": f"{name}.safetensors",
         "tokens": f"{name}.parquet",
-        "n_tokens": int(n_tokens),
-        "n_docs": len(np.unique(np.concatenate(meta["doc_id"]))) if n_tokens else 0,
+        "n_tokens": n_tokens,
+        "n_docs": int(np.unique(meta["doc_id"]).size),
         "files": {
-            f"{name}.safetensors": storage.file_entry("", data),
+            f"{name}.safetensors": tensors_entry,
             f"{name}.parquet": storage.file_entry("", tbytes),
         },
-        "norms": norms,
+        "norms": norm_rec,
     }
     storage.write_json(storage.join(out_dir, f"{name}.json"), rec, storage_options)
     return rec
@@ -420,7 +637,16 @@ def combine_dumps(
     """
     if not part_dirs:
         raise ValueError("part_dirs is empty: expected at least one partition dump")
-    out_dir = str(out_dir).rstrip("/")
+    out_dir = os.fspath(out_dir).rstrip("/")
+    part_dirs = [os.fspath(p).rstrip("/") for p in part_dirs]
+    rels = []
+    for p in part_dirs:
+        prefix = out_dir + ("/" if "://" in out_dir else os.sep)
+        if not p.startswith(prefix):
+            raise ValueError(f"part_dirs: {p!r} must be a sub-directory of out_dir={out_dir!r}")
+        rels.append(p[len(prefix) :].replace(os.sep, "/"))
+    if len(set(rels)) != len(rels):
+        raise ValueError(f"part_dirs={part_dirs!r}: a partition is listed twice")
     manifests = [storage.read_manifest(p, storage_options, kind="activations") for p in part_dirs]
     first = manifests[0]
     for p, m in zip(part_dirs, manifests, strict=True):
@@ -438,12 +664,9 @@ def combine_dumps(
             raise ValueError(
                 f"partition {p!r} has labels {m['labels']['names']}, expected {first['labels']['names']}"
             )
-    rels = []
-    for p in part_dirs:
-        p = str(p).rstrip("/")
-        if not p.startswith(out_dir + "/"):
-            raise ValueError(f"partition {p!r} must be a sub-directory of out_dir={out_dir!r}")
-        rels.append(p[len(out_dir) + 1 :])
+    parts_idx = [tuple(m.get("partition") or ()) for m in manifests]
+    if len(set(parts_idx)) != len(parts_idx):
+        raise ValueError(f"part_dirs={part_dirs!r}: two parts hold the same partition")
     files: dict[str, Any] = {}
     shards = []
     docs = []
@@ -490,7 +713,9 @@ def combine_dumps(
         files,
         storage_options,
         identity=storage.sha256_bytes("|".join(m["identity"] for m in manifests).encode()),
+        dump_format=first.get("dump_format"),
         model=first["model"],
+        tokenizer=first.get("tokenizer", first["model"].get("tokenizer")),
         hook_points=first["hook_points"],
         d_model=first["d_model"],
         dtype=first["dtype"],
@@ -501,7 +726,7 @@ def combine_dumps(
         shards=shards,
         dataset=first["dataset"],
         labels={
-            "names": first["labels"]["names"],
+            **first["labels"],
             "doc_counts": {
                 n: sum(m["labels"]["doc_counts"][n] for m in manifests)
                 for n in first["labels"]["names"]

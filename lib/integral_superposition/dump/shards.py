@@ -50,9 +50,11 @@ def encode_shard(tensors: Mapping[str, torch.Tensor]) -> bytes:
 def _header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[str]]:
     """The safetensors header (length prefix + JSON padded to 8 bytes) and the data order.
 
-    Same layout as ``safetensors.torch.save``: tensors sorted by alignment, then name.
+    Same layout as ``safetensors.torch.save``: tensors sorted by dtype (F32, BF16, F16, the
+    reverse of safetensors' dtype enum order), then name.
     """
-    order = sorted(tensors, key=lambda k: (-_ITEMSIZE[tensors[k].dtype], k))
+    rank = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    order = sorted(tensors, key=lambda k: (rank.get(tensors[k].dtype, -1), k))
     meta: dict[str, Any] = {}
     offset = 0
     for k in order:
@@ -60,7 +62,11 @@ def _header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[str]]:
         if t.dtype not in _ST_NAMES:
             raise TypeError(f"tensor {k!r}: dtype {t.dtype} cannot be stored in a shard")
         n = t.numel() * _ITEMSIZE[t.dtype]
-        meta[k] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        meta[k] = {
+            "dtype": _ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     head = json.dumps(meta, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)

@@ -117,6 +117,8 @@ def save_sae(
     }
     if model.architecture in ("jumprelu", "batchtopk"):
         tensors["threshold"] = model.threshold.detach().float().cpu().contiguous()
+    if model.merge_index is not None:
+        tensors["merge_index"] = model.merge_index.detach().cpu().contiguous()
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"refusing to save: {name} has NaN or inf values")
@@ -155,9 +157,17 @@ def _from_tensors(
     top_k: int,
     tensors: Mapping[str, torch.Tensor],
     bandwidth: float = 0.001,
+    merge_mode: str = "sum",
 ) -> SparseAutoencoder:
     sae = SparseAutoencoder(
-        d_in, d_sae, architecture=arch, top_k=top_k, jumprelu_bandwidth=bandwidth, seed=None
+        d_in,
+        d_sae,
+        architecture=arch,
+        top_k=top_k,
+        jumprelu_bandwidth=bandwidth,
+        seed=None,
+        merge_index=tensors.get("merge_index"),
+        merge_mode=merge_mode,
     )
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
@@ -226,7 +236,10 @@ def load_sae(
         if arch == "batchtopk" and "threshold" not in tensors:
             raise ValueError(f"{path}: a batchtopk SAE needs a 'threshold' tensor")
         d_in, d_sae = tensors["W_enc"].shape
-        sae = _from_tensors(arch, int(d_in), int(d_sae), top_k, tensors, bw)
+        if "merge_index" in tensors:  # a merged SAE: d_sae merged latents over d_pre codes
+            d_sae = tensors["W_dec"].shape[0]
+        merge_mode = (ours or {}).get("merge_mode", "sum")
+        sae = _from_tensors(arch, int(d_in), int(d_sae), top_k, tensors, bw, merge_mode)
         sae.metadata = dict(cfg.get("metadata") or {})
     elif storage.exists(storage.join(path, "sae.safetensors"), storage_options):
         sae = _load_sparsify(path, storage_options)

@@ -6,7 +6,9 @@ tokens only: no BOS, pad or special tokens), usually its held-out ``test`` split
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,10 +129,12 @@ def latent_stats(
     mask: np.ndarray | None = None,
     chunk_tokens: int = 16384,
     device: str | torch.device | None = None,
+    hook_point: str | None = None,
 ) -> LatentStats:
     """One streaming pass of ``sae`` over ``store`` rows (``mask``: ``bool[n_tokens]``).
 
     Memory is O(d_sae + chunk_tokens * d_sae), independent of the number of tokens.
+    ``hook_point`` picks the store's hook point (default: the store's own).
     """
     if store.d_model != sae.d_in:
         raise ValueError(
@@ -138,10 +142,187 @@ def latent_stats(
         )
     device = torch.device(device) if device is not None else sae.W_enc.device
     stats = LatentStats(sae.d_sae)
-    for _rows, x in store.iter_chunks(chunk_tokens, mask=mask):
+    for _rows, x in store.iter_chunks(chunk_tokens, hook_point=hook_point, mask=mask):
         x = x.to(device)
         z = sae.encode(x)
         stats.update(x, z, sae.decode(z))
     if stats.n_tokens == 0:
         raise ValueError("latent_stats: the selected token set is empty")
     return stats
+
+
+def _default_hook(sae: SparseAutoencoder, store=None) -> str | None:
+    meta = getattr(sae, "metadata", {}) or {}
+    return (
+        meta.get("isup_hook_point")
+        or meta.get("hook_name")
+        or (store.hook_point if store is not None else None)
+    )
+
+
+@torch.no_grad()
+def spliced_ce(
+    backend,
+    sae: SparseAutoencoder,
+    hook_point: str | int | None,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_len: int = 64,
+    prepend_bos: bool = True,
+    drop_bos: bool = True,
+    drop_special: bool = True,
+) -> dict[str, float]:
+    """Next-token CE with the SAE reconstruction spliced in at ``hook_point``.
+
+    Three forwards per batch on the same tokens: clean, with the activation replaced by
+    ``sae.reconstruct`` and with it replaced by zeros. Only the positions an activation dump
+    stores are replaced (no pad; no BOS or special tokens under ``drop_bos``/``drop_special``),
+    and the CE and ``KL(p_clean || p_spliced)`` are averaged over the predictions made at a
+    replaced position whose target is also a stored token. So an identity SAE leaves the CE
+    unchanged and a zero SAE gives the zero-ablation CE.
+
+    Returns ``ce_clean``, ``ce_sae``, ``ce_zero`` (nats), ``delta_ce = ce_sae - ce_clean``,
+    ``ce_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``, ``kl`` and ``kl_zero``
+    (nats per prediction) and ``n_predictions``.
+    """
+    from integral_superposition.config import DumpConfig
+    from integral_superposition.data.tokenize import pad_batch, pad_token_id, tokenize_texts
+    from integral_superposition.dump.activations import TokenMask
+
+    if not hasattr(backend, "logits"):
+        raise TypeError(
+            f"backend: expected a causal LM backend with logits() (HFCausalLM), got {type(backend).__name__}"
+        )
+    texts = [str(t) for t in texts]
+    if not texts:
+        raise ValueError("texts is empty: expected at least one text")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected a positive number of texts")
+    hook_point = hook_point if hook_point is not None else _default_hook(sae)
+    if hook_point is None:
+        raise ValueError("hook_point: not given and the SAE's metadata names none")
+    hp = backend.hook_point(hook_point)
+    if backend.d_model != sae.d_in:
+        raise ValueError(
+            f"sae.d_in={sae.d_in} does not match the model's d_model={backend.d_model}"
+        )
+    tok = backend.tokenizer
+    token_mask = TokenMask(
+        tok, DumpConfig(max_len=max_len, drop_bos=drop_bos, drop_special=drop_special)
+    )
+    pad = pad_token_id(tok)
+    sums = dict.fromkeys(("clean", "sae", "zero", "kl", "kl_zero"), 0.0)
+    n_pred = 0
+    sae_dev = sae.W_enc.device
+    for a in range(0, len(texts), batch_size):
+        seqs = tokenize_texts(tok, texts[a : a + batch_size], max_len, prepend_bos)
+        batch = pad_batch(seqs, pad, "right")
+        keep = token_mask.batch(batch.input_ids, batch.lengths)  # [B, T] spliced positions
+        pred = keep[:, :-1] & keep[:, 1:]  # predictions at spliced positions of stored targets
+        if not pred.any():
+            continue
+        targets = batch.input_ids[:, 1:][pred]
+        keep_dev = keep.to(backend.device)
+
+        def splice(x: torch.Tensor, fn, keep_dev=keep_dev) -> torch.Tensor:
+            new = fn(x)
+            return torch.where(keep_dev[..., None], new.to(x.dtype), x)
+
+        def recon(x: torch.Tensor) -> torch.Tensor:
+            return sae.reconstruct(x.to(sae_dev, torch.float32)).to(x.device)
+
+        logp = {}
+        logp["clean"] = backend.logits(batch.input_ids, batch.attention_mask)[:, :-1][pred]
+        with backend.edit(hp, lambda x: splice(x, recon)):
+            logp["sae"] = backend.logits(batch.input_ids, batch.attention_mask)[:, :-1][pred]
+        with backend.edit(hp, lambda x: splice(x, torch.zeros_like)):
+            logp["zero"] = backend.logits(batch.input_ids, batch.attention_mask)[:, :-1][pred]
+        tgt = targets.to(logp["clean"].device)
+        for k in ("clean", "sae", "zero"):
+            logp[k] = torch.log_softmax(logp[k].double(), dim=-1)
+            sums[k] += float(-logp[k].gather(1, tgt[:, None]).sum())
+        p_clean = logp["clean"].exp()
+        sums["kl"] += float((p_clean * (logp["clean"] - logp["sae"])).sum())
+        sums["kl_zero"] += float((p_clean * (logp["clean"] - logp["zero"])).sum())
+        n_pred += int(pred.sum())
+    if n_pred == 0:
+        raise ValueError("texts: no prediction at a stored position (texts too short?)")
+    ce = {k: v / n_pred for k, v in sums.items()}
+    denom = ce["zero"] - ce["clean"]
+    return {
+        "ce_clean": ce["clean"],
+        "ce_sae": ce["sae"],
+        "ce_zero": ce["zero"],
+        "delta_ce": ce["sae"] - ce["clean"],
+        "ce_recovered": (ce["zero"] - ce["sae"]) / denom if abs(denom) > 1e-12 else float("nan"),
+        "kl": ce["kl"],
+        "kl_zero": ce["kl_zero"],
+        "n_predictions": n_pred,
+    }
+
+
+def evaluate_sae(
+    sae: SparseAutoencoder,
+    store,
+    backend=None,
+    *,
+    split: str = "test",
+    test_fraction: float = 0.05,
+    split_seed: int = 0,
+    hook_point: str | None = None,
+    chunk_tokens: int = 8192,
+    device: str | torch.device | None = None,
+    n_ce_docs: int = 64,
+    ce_batch_size: int = 8,
+    hist_bins: int = 50,
+) -> dict[str, Any]:
+    """Evaluate ``sae`` on a split of ``store`` (the held-out ``test`` split by default).
+
+    Returns scalars - ``n_tokens``, ``l0``, ``explained_variance`` (about the mean), ``fvu``,
+    ``mse`` (per token, summed over d), ``dead_frac`` (never fires on the split),
+    ``dense_frac`` (> 0.1), ``dense_frac_001`` (> 0.01), ``cos_sim``, ``norm_ratio`` - plus
+    ``density_hist`` (counts and edges of ``log10(density + 1e-10)``) and ``density``
+    (``[d_sae]`` firing frequencies, a list). With a causal LM ``backend``, also the
+    :func:`spliced_ce` results on up to ``n_ce_docs`` documents of the split, tokenised as the
+    dump was (same ``max_len``, BOS and special-token handling).
+    """
+    hook_point = (
+        hook_point
+        or (
+            _default_hook(sae, store)
+            if _default_hook(sae, store) in store.hook_point_names
+            else None
+        )
+        or store.hook_point
+    )
+    mask = store.split_mask(split, test_fraction, split_seed)
+    if not mask.any():
+        raise ValueError(f"split={split!r}: the store has no tokens in it")
+    stats = latent_stats(sae, store, mask, chunk_tokens, device, hook_point=hook_point)
+    out: dict[str, Any] = stats.summary()
+    out["mse"] = stats.sse / max(1, stats.n_tokens)
+    counts, edges = stats.log10_density_hist(hist_bins)
+    out["density_hist"] = {"counts": counts.tolist(), "edges": edges.tolist()}
+    out["density"] = stats.density.tolist()
+    out["split"] = split
+    out["hook_point"] = hook_point
+    if backend is not None:
+        docs = store.docs
+        held = np.unique(store.doc_ids[mask])[:n_ce_docs]
+        texts = docs.set_index("doc_id").loc[held, "text"].tolist()
+        mcfg = store.manifest.get("config") or {}
+        info = store.hook_info(hook_point)
+        ce = spliced_ce(
+            backend,
+            sae,
+            info.get("module_path") if info.get("layer") is None else f"layer.{info['layer']}",
+            texts,
+            batch_size=ce_batch_size,
+            max_len=int(mcfg.get("max_len", 64)),
+            prepend_bos=bool(mcfg.get("prepend_bos", True)),
+            drop_bos=bool(mcfg.get("drop_bos", True)),
+            drop_special=bool(mcfg.get("drop_special", True)),
+        )
+        out.update(ce)
+    return out

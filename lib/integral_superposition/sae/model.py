@@ -15,10 +15,17 @@ Encoding (``x_in = x - b_dec``, ``pre = x_in @ W_enc + b_enc``):
 
 Decoding: ``z @ W_dec + b_dec``. TopK codes can be decoded by gathering only the active
 rows (``decode_sparse``), which avoids the dense ``[B, d_sae] @ [d_sae, d_in]`` product.
+
+Merged SAEs (built by ``integral_superposition.merge``): an optional fixed ``merge_index``
+(``long[d_pre]``, values in ``[0, d_sae)``) aggregates the ``d_pre`` codes of the original
+encoder into ``d_sae`` merged latents, by ``merge_mode`` ``"sum"`` or ``"max"``. Then
+``W_enc`` is ``[d_in, d_pre]``, ``b_enc`` and ``threshold`` are ``[d_pre]``, ``W_dec`` is
+``[d_sae, d_in]``, and ``encode(x)`` is exactly the aggregation of the original codes.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -26,6 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+SPARSE_MAX_DENSITY = 0.05
+"""A ``relu`` training batch runs on the sparse path while at most this fraction is active."""
+MERGE_MODES = ("sum", "max")
 
 
 class SAEOutput(NamedTuple):
@@ -34,7 +44,8 @@ class SAEOutput(NamedTuple):
     x_hat: torch.Tensor
     """Reconstruction ``[B, d_in]``."""
     latents: torch.Tensor
-    """Dense latent activations ``[B, d_sae]``."""
+    """Latent activations ``[B, d_sae]``: dense, or (sparse training path) a detached sparse
+    CSR tensor holding only the active entries."""
     top_indices: torch.Tensor | None
     """For ``topk``: indices of the active latents ``[B, top_k]``; else None."""
     top_values: torch.Tensor | None
@@ -46,7 +57,7 @@ class SAEOutput(NamedTuple):
     sparsity_loss: torch.Tensor
     """Decoder-norm-weighted L1 (``relu``), L0 (``jumprelu``), else 0; scalar, not yet scaled."""
     aux_loss: torch.Tensor
-    """AuxK loss (TopK family, when ``dead_mask`` is given), normalised like the FVU; scalar."""
+    """AuxK loss (TopK family, when ``dead_mask`` is given), in the units of ``mse``; scalar."""
     l0: torch.Tensor
     """Mean number of active latents per token, scalar."""
 
@@ -88,6 +99,46 @@ class _JumpReLU(torch.autograd.Function):
         return grad * gate, g_thr, None
 
 
+class _GatherEncode(torch.autograd.Function):
+    """Pre-activations at chosen entries, with a backward that touches only those entries.
+
+    ``vals[e] = (x[rows[e]] - b_dec) @ W_enc[:, cols[e]] + b_enc[cols[e]]`` for entries
+    sorted by row. ``pre`` (``[B, d_sae]``, already computed without grad) supplies the
+    forward values; the backward builds ``W_enc``'s gradient as one sparse ``[d_sae, B]`` by
+    ``[B, d_in]`` product instead of two dense ``[B, d_sae]`` products. ``x`` gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, rows, cols, pre):
+        ctx.save_for_backward(x, b_dec, W_enc, rows, cols)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, b_dec, W_enc, rows, cols = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        g = grad.to(W_enc.dtype)
+        g_benc = torch.zeros(d_sae, dtype=W_enc.dtype, device=g.device).index_add_(0, cols, g)
+        g_wenc = None
+        if ctx.needs_input_grad[2]:
+            order = torch.sort(cols).indices  # any order inside a latent's row is fine
+            counts = torch.bincount(cols, minlength=d_sae)
+            crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=g.device)
+            crow[1:] = counts.cumsum(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
+                gt = torch.sparse_csr_tensor(
+                    crow,
+                    rows[order],
+                    g[order],
+                    (d_sae, x.shape[0]),
+                    check_invariants=False,
+                )
+                g_wenc = (gt @ (x.to(W_enc.dtype) - b_dec)).T
+        g_bdec = -(W_enc @ g_benc) if ctx.needs_input_grad[1] else None
+        return None, g_bdec, g_wenc, g_benc, None, None, None
+
+
 class _LinearView:
     """``nn.Linear``-style view of a weight: ``.weight`` is ``[out, in]`` (shares storage)."""
 
@@ -103,6 +154,7 @@ class SparseAutoencoder(nn.Module):
     picks ``relu``, ``topk``, ``batchtopk`` or ``jumprelu``; ``top_k`` is the number of active
     latents for the TopK family. ``model.dec.weight`` (``[d_model, k]``) and
     ``model.enc.weight`` (``[k, d_model]``) give ``nn.Linear``-style views as in the seed.
+    ``merge_index`` (``long[d_pre]``) and ``merge_mode`` make a merged SAE (module docstring).
     """
 
     def __init__(
@@ -117,6 +169,8 @@ class SparseAutoencoder(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         seed: int | None = 0,
+        merge_index: torch.Tensor | None = None,
+        merge_mode: str = "sum",
     ):
         super().__init__()
         if not isinstance(d_model, int) or d_model < 1:
@@ -125,26 +179,50 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"k={k!r}: expected a positive int (the number of latents)")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={architecture!r}: expected one of {ARCHITECTURES}")
-        if architecture in ("topk", "batchtopk") and not 0 < top_k <= k:
-            raise ValueError(f"top_k={top_k}: expected 0 < top_k <= k={k}")
+        if merge_mode not in MERGE_MODES:
+            raise ValueError(f"merge_mode={merge_mode!r}: expected one of {MERGE_MODES}")
+        if merge_index is not None:
+            merge_index = torch.as_tensor(merge_index).detach().to(torch.long).cpu()
+            if merge_index.dim() != 1 or merge_index.numel() < 1:
+                raise ValueError(
+                    f"merge_index has shape {tuple(merge_index.shape)}: expected a non-empty 1-D [d_pre] tensor"
+                )
+            lo, hi = int(merge_index.min()), int(merge_index.max())
+            if lo < 0 or hi >= k or torch.bincount(merge_index, minlength=k).eq(0).any():
+                raise ValueError(
+                    f"merge_index: values must cover every merged latent 0..{k - 1} (k={k}); got range [{lo}, {hi}] with empty latents"
+                )
+        d_pre = k if merge_index is None else int(merge_index.numel())
+        if architecture in ("topk", "batchtopk") and not 0 < top_k <= d_pre:
+            raise ValueError(f"top_k={top_k}: expected 0 < top_k <= k={d_pre}")
         self.d_in, self.d_sae = d_model, k
         self.architecture = architecture
         self.top_k = int(top_k)
         self.bandwidth = float(jumprelu_bandwidth)
+        self.merge_mode = merge_mode
+        self.aux_k = 512
+        """Dead latents per token that the AuxK loss uses (set by the trainer)."""
         self.metadata: dict[str, Any] = {}
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        w = torch.randn(k, d_model, generator=gen, dtype=torch.float32)
+        w = torch.randn(d_pre, d_model, generator=gen, dtype=torch.float32)
         w = w / w.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w.to(device=device, dtype=dtype))
+        # A merged row starts as the sum of its members' rows; merge.build_merged_sae refits it.
+        w_dec = w if merge_index is None else torch.zeros(k, d_model).index_add_(0, merge_index, w)
+        self.W_dec = nn.Parameter(w_dec.to(device=device, dtype=dtype))
         self.W_enc = nn.Parameter(w.T.clone().to(device=device, dtype=dtype))
-        self.b_enc = nn.Parameter(torch.zeros(k, device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(d_pre, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
         if architecture == "jumprelu":
             self.threshold = nn.Parameter(
-                torch.full((k,), float(jumprelu_init_threshold), device=device, dtype=dtype)
+                torch.full((d_pre,), float(jumprelu_init_threshold), device=device, dtype=dtype)
             )
         else:
-            self.register_buffer("threshold", torch.zeros(k, device=device, dtype=dtype))
+            self.register_buffer("threshold", torch.zeros(d_pre, device=device, dtype=dtype))
+        self.merge_index: torch.Tensor | None
+        if merge_index is not None:
+            self.register_buffer("merge_index", merge_index.to(device))
+        else:
+            self.merge_index = None
 
     # -- seed compatibility -----------------------------------------------------------------
     @property
@@ -155,6 +233,15 @@ class SparseAutoencoder(nn.Module):
     @property
     def d_model(self) -> int:
         return self.d_in
+
+    @property
+    def d_pre(self) -> int:
+        """Number of encoder codes before the merge (``d_sae`` when not merged)."""
+        return int(self.b_enc.shape[0])
+
+    @property
+    def is_merged(self) -> bool:
+        return self.merge_index is not None
 
     @property
     def dec(self) -> _LinearView:
@@ -183,19 +270,44 @@ class SparseAutoencoder(nn.Module):
         return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TopK code: ``(values [..., top_k], indices [..., top_k])`` (values ReLU-ed)."""
+        """TopK code: ``(values [..., top_k], indices [..., top_k])`` (values ReLU-ed).
+
+        For a merged SAE: the ``min(top_k, d_sae)`` largest merged codes (zeros pad the rest).
+        """
+        if self.merge_index is not None:
+            top = self.encode(x).topk(min(self.top_k, self.d_sae), dim=-1, sorted=False)
+            return top.values, top.indices
         top = self.pre_activations(x).topk(self.top_k, dim=-1, sorted=False)
         return F.relu(top.values), top.indices
+
+    def merge_codes(self, z: torch.Tensor) -> torch.Tensor:
+        """Aggregate original codes ``[..., d_pre]`` into merged latents ``[..., d_sae]``.
+
+        ``sum`` adds the members' codes; ``max`` takes their maximum (codes are >= 0, so the
+        zero start is exact). Identity when the SAE is not merged.
+        """
+        if self.merge_index is None:
+            return z
+        flat = z.reshape(-1, z.shape[-1])
+        out = flat.new_zeros(flat.shape[0], self.d_sae)
+        if self.merge_mode == "sum":
+            out.index_add_(1, self.merge_index, flat)
+        else:
+            idx = self.merge_index.expand(flat.shape[0], -1)
+            out.scatter_reduce_(1, idx, flat, reduce="amax", include_self=True)
+        return out.reshape(*z.shape[:-1], self.d_sae)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Inference-time latents ``[..., d_sae]`` (BatchTopK uses its learned threshold)."""
         pre = self.pre_activations(x)
         if self.architecture == "relu":
-            return F.relu(pre)
-        if self.architecture == "topk":
+            z = F.relu(pre)
+        elif self.architecture == "topk":
             top = pre.topk(self.top_k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
-        return pre * (pre > self.threshold).to(pre.dtype)
+            z = torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
+        else:
+            z = pre * (pre > self.threshold).to(pre.dtype)
+        return self.merge_codes(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``z @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]``."""
@@ -212,7 +324,7 @@ class SparseAutoencoder(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))`` ``[..., d_in]``."""
-        if self.architecture == "topk":
+        if self.architecture == "topk" and self.merge_index is None:
             v, i = self.encode_topk(x)
             return self.decode_sparse(v, i)
         return self.decode(self.encode(x))
@@ -227,15 +339,27 @@ class SparseAutoencoder(nn.Module):
         """Training forward on ``x [B, d_in]``: reconstruction, latents and unscaled loss terms.
 
         ``dead_mask`` (``bool[d_sae]``) turns on the AuxK loss for the TopK family.
-        ``sparse_decode`` gathers active rows for TopK (default: when d_sae >= 4 * d_in).
+        ``sparse_decode``: in training mode, ``relu``, ``topk`` and ``batchtopk`` run on the
+        sparse path (only the active entries are decoded and back-propagated) by default -
+        ``relu`` only while at most ``SPARSE_MAX_DENSITY`` of its entries are active; ``False``
+        forces the dense path, ``True`` forces the sparse one where it exists.
         """
         pre = self.pre_activations(x)
+        if (
+            sparse_decode is not False
+            and self.training
+            and self.merge_index is None
+            and self.architecture in ("relu", "topk", "batchtopk")
+        ):
+            # ReLU codes start dense: check (on a few rows) that the sparse path pays off
+            check = self.architecture == "relu" and sparse_decode is None
+            if not check or float((pre[:512] > 0).sum()) <= SPARSE_MAX_DENSITY * pre[:512].numel():
+                return self._forward_sparse(x, pre.detach(), dead_mask)
         top_i = top_v = None
         zero = pre.new_zeros(())
         sparsity = zero
         if self.architecture == "relu":
             z = F.relu(pre)
-            sparsity = (z * self.W_dec.norm(dim=1)).sum(-1).mean()
         elif self.architecture == "topk":
             top = pre.topk(self.top_k, dim=-1, sorted=False)
             top_i, top_v = top.indices, F.relu(top.values)
@@ -252,8 +376,11 @@ class SparseAutoencoder(nn.Module):
         else:  # jumprelu
             z = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
             sparsity = _Rectangle.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
-        use_sparse = sparse_decode if sparse_decode is not None else self.d_sae >= 4 * self.d_in
-        if top_i is not None and use_sparse:
+        if self.merge_index is not None:
+            z, top_i, top_v = self.merge_codes(z), None, None
+        if self.architecture == "relu":  # decoder-norm-weighted L1, as one [d_sae] product
+            sparsity = z.sum(0) @ self.W_dec.norm(dim=1).to(z.dtype) / z.shape[0]
+        if top_i is not None and sparse_decode is not False:
             x_hat = self.decode_sparse(top_v, top_i)
         else:
             x_hat = self.decode(z)
@@ -265,30 +392,111 @@ class SparseAutoencoder(nn.Module):
         aux = zero
         if (
             dead_mask is not None
+            and self.merge_index is None
             and self.architecture in ("topk", "batchtopk")
             and bool(dead_mask.any())
         ):
-            aux = self._auxk_loss(pre, dead_mask, err, var)
-        l0 = (z > 0).sum(-1).float().mean()
+            aux = self._auxk_loss(pre, dead_mask, err)
+        # codes are >= 0 here (ReLU-ed or above a non-negative threshold): count, no bool copy
+        l0 = torch.count_nonzero(z).float() / max(1, z.numel() // z.shape[-1])
         return SAEOutput(x_hat, z, top_i, top_v, fvu, mse, sparsity, aux, l0)
+
+    def _forward_sparse(
+        self, x: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor | None
+    ) -> SAEOutput:
+        """The training forward over the active entries only (``pre``: detached ``[B, d_sae]``).
+
+        The dense encoder product is the only ``[B, d_sae]``-sized matmul; decoding is an
+        ``embedding_bag`` over the active decoder rows and the encoder's backward is one sparse
+        product (:class:`_GatherEncode`).
+        """
+        B, dev = pre.shape[0], pre.device
+        if self.architecture == "topk":
+            top = pre.topk(self.top_k, dim=-1, sorted=False)
+            cols = top.indices.reshape(-1)
+            rows = torch.arange(B, device=dev).repeat_interleave(self.top_k)
+        elif self.architecture == "batchtopk":
+            flat = pre.reshape(-1)
+            top = flat.topk(min(flat.numel(), self.top_k * B), sorted=False)
+            sel = top.indices[top.values > 0].sort().values  # row-major order for the bags
+            rows, cols = sel // self.d_sae, sel % self.d_sae
+        else:
+            rows, cols = (pre > 0).nonzero(as_tuple=True)
+        vals = F.relu(_GatherEncode.apply(x, self.b_dec, self.W_enc, self.b_enc, rows, cols, pre))
+        counts = torch.bincount(rows, minlength=B)
+        crow = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+        crow[1:] = counts.cumsum(0)
+        if self.architecture == "topk":
+            top_i, top_v = cols.view(B, self.top_k), vals.view(B, self.top_k)
+            dec = F.embedding_bag(
+                top_i, self.W_dec, per_sample_weights=top_v.to(self.W_dec.dtype), mode="sum"
+            )
+        else:
+            top_i = top_v = None
+            dec = F.embedding_bag(
+                cols,
+                self.W_dec,
+                crow[:-1],
+                per_sample_weights=vals.to(self.W_dec.dtype),
+                mode="sum",
+            )
+        x_hat = dec + self.b_dec
+        x = x.to(x_hat.dtype)
+        err = x_hat - x
+        mse = err.pow(2).sum(-1).mean()
+        var = (x - x.mean(0)).pow(2).sum(-1).mean()
+        fvu = mse / var.clamp_min(1e-12)
+        zero = mse.new_zeros(())
+        sparsity = zero
+        if self.architecture == "relu":
+            sparsity = (vals * self.W_dec.norm(dim=1)[cols].to(vals.dtype)).sum() / B
+        aux = zero
+        if dead_mask is not None and self.architecture != "relu" and bool(dead_mask.any()):
+            k_aux = min(self.aux_k, int(dead_mask.sum()))
+            masked = torch.where(dead_mask, pre, torch.full_like(pre, float("-inf")))
+            atop = masked.topk(k_aux, dim=-1, sorted=False)
+            arows = torch.arange(B, device=dev).repeat_interleave(k_aux)
+            avals = F.relu(
+                _GatherEncode.apply(
+                    x, self.b_dec, self.W_enc, self.b_enc, arows, atop.indices.reshape(-1), pre
+                )
+            )
+            recon = F.embedding_bag(
+                atop.indices,
+                self.W_dec,
+                per_sample_weights=avals.view(B, k_aux).to(self.W_dec.dtype),
+                mode="sum",
+            )
+            aux = (recon + err.detach()).pow(2).sum(-1).mean()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "CSR support is in beta"
+            latents = torch.sparse_csr_tensor(
+                crow, cols, vals.detach(), (B, self.d_sae), check_invariants=False
+            )
+        l0 = (vals > 0).sum().float() / B
+        return SAEOutput(x_hat, latents, top_i, top_v, fvu, mse, sparsity, aux, l0)
 
     def _auxk_loss(
         self,
         pre: torch.Tensor,
         dead_mask: torch.Tensor,
         err: torch.Tensor,
-        var: torch.Tensor,
         aux_k: int | None = None,
     ) -> torch.Tensor:
-        """Reconstruct the residual ``x - x_hat`` from the top dead latents (Gao et al.)."""
+        """Reconstruct the residual ``x - x_hat`` from the top dead latents (Gao et al.).
+
+        Returns the squared error summed over ``d_in`` and averaged over tokens (``mse`` units).
+        """
         n_dead = int(dead_mask.sum())
-        k_aux = min(aux_k or getattr(self, "aux_k", 512), n_dead)
+        k_aux = min(aux_k or self.aux_k, n_dead)
         masked = torch.where(dead_mask, pre, torch.full_like(pre, float("-inf")))
         top = masked.topk(k_aux, dim=-1, sorted=False)
         vals = F.relu(top.values)
-        recon = F.embedding_bag(top.indices, self.W_dec, per_sample_weights=vals, mode="sum")
+        recon = F.embedding_bag(
+            top.indices, self.W_dec, per_sample_weights=vals.to(self.W_dec.dtype), mode="sum"
+        )
         target = -err.detach()
-        return (recon - target).pow(2).sum(-1).mean() / var.clamp_min(1e-12)
+        return (recon - target).pow(2).sum(-1).mean()
 
     # -- constraints ------------------------------------------------------------------------
     @torch.no_grad()
@@ -307,17 +515,26 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def fold_activation_scale(self, scale: float) -> None:
-        """Make an SAE trained on ``x * scale`` take raw ``x``: ``W_enc *= s``, ``W_dec, b_dec /= s``."""
-        self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
+        """Make an SAE trained on ``x * scale`` take raw ``x``.
+
+        ``b_enc``, ``b_dec`` and ``threshold`` are divided by ``scale``; ``W_enc`` and the
+        (unit-norm) decoder rows are kept, so the latents come out in raw activation units
+        (divided by ``scale``) and each latent's value is its length along its decoder row.
+        ``fold_activation_scale(1 / scale)`` is the inverse.
+        """
+        self.b_enc.div_(scale)
         self.b_dec.div_(scale)
+        self.threshold.div_(scale)
 
     def config_dict(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this SAE's shape."""
-        return {
+        cfg: dict[str, Any] = {
             "d_model": self.d_in,
             "k": self.d_sae,
             "architecture": self.architecture,
             "top_k": self.top_k,
             "jumprelu_bandwidth": self.bandwidth,
         }
+        if self.merge_index is not None:
+            cfg.update(merge_mode=self.merge_mode, d_pre=self.d_pre)
+        return cfg

@@ -1,0 +1,311 @@
+"""Latent merging on real activations: quality of the merge, refit speed, clustering memory.
+
+gemma-3-270m layer-9 activations of ag_news (titles + descriptions), a d_sae = 4096 SAE.
+
+1. Sweep K' = K/2 .. K/16, clustering vs a random partition of the same cluster sizes, on the
+   held-out split: FVU, L0, dead fraction, enrichment retention, CE recovered (when the SAE
+   metrics offer spliced CE). Goals: at K/4 the FVU rises by at most 25% of the original FVU
+   and >= 80% of the significant enrichments survive; clustering beats the control at every K'.
+2. Levers at K/4: similarity, linkage, aggregation, ridge lambda, bias refit, no refit, and
+   the default evaluated on another document split.
+3. Streaming refit speed vs a bare ``Z^T Z`` matmul over the same tokens (goal: >= 50%).
+4. Peak RSS of clustering K = 65,536 synthetic decoder rows in the k-NN mode (subprocess).
+
+    python bench/bench_merge.py                 # everything
+    python bench/bench_merge.py --skip-levers --skip-rss
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+from integral_superposition import merge
+from integral_superposition.merge import evaluate as ev
+from integral_superposition.merge.params import MergeParams
+from integral_superposition.merge.refit import accumulate_stats, build_merged_sae
+
+OUT = common.OUT / "merge"
+
+
+def load_sae(uri: str | None):
+    """``(sae, description)``: ``--sae`` or the training bench's cached ag_news SAE (trained once)."""
+    from integral_superposition.sae import load_sae as _load
+
+    if uri is None:
+        uri, _store = common.ag_news_sae("topk", 4096)
+        return _load(uri), f"{uri} (bench/common.ag_news_sae)"
+    return _load(uri), uri
+
+
+def fmt(df: pd.DataFrame, cols: list[str]) -> str:
+    cols = [c for c in cols if c in df]
+    return df[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def quality(sae, store, backend, params: MergeParams) -> pd.DataFrame:
+    t = time.time()
+    table, fig = ev.sweep(sae, store, params, backend=backend)
+    OUT.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT / "sweep.png", dpi=110)
+    table.to_parquet(OUT / "sweep.parquet", index=False)
+    print(f"\n== 1. sweep ({time.time() - t:.0f}s; figure {OUT / 'sweep.png'})")
+    print(
+        fmt(
+            table,
+            [
+                "k_prime",
+                "partition",
+                "fvu",
+                "l0",
+                "dead_frac",
+                "enrichment_retention",
+                "ce_recovered",
+                "delta_ce",
+                "kl",
+                "fit_fvu",
+                "mean_distance_to_medoid",
+            ],
+        )
+    )
+    orig = table[table["partition"] == "original"].iloc[0]
+    k = int(orig["k_prime"])
+    at4 = table[(table["partition"] == "cluster") & (table["k_prime"] == k // 4)].iloc[0]
+    rise = (at4["fvu"] - orig["fvu"]) / orig["fvu"]
+    print(
+        f"K/4: FVU {orig['fvu']:.4f} -> {at4['fvu']:.4f} (+{100 * rise:.1f}% of the original FVU; goal <= 25%) "
+        f"{'PASS' if rise <= 0.25 else 'MISS'}"
+    )
+    ret = at4.get("enrichment_retention", float("nan"))
+    print(
+        f"K/4: enrichment retention {ret:.3f} of {int(at4.get('n_enriched_before', 0))} pairs (goal >= 0.80) "
+        f"{'PASS' if ret >= 0.8 else 'MISS'}"
+    )
+    for size in sorted(table.loc[table["partition"] == "cluster", "k_prime"], reverse=True):
+        c = table[(table["partition"] == "cluster") & (table["k_prime"] == size)].iloc[0]
+        r = table[(table["partition"] == "random") & (table["k_prime"] == size)].iloc[0]
+        wins = [f"fvu {c['fvu']:.4f} < {r['fvu']:.4f}: {c['fvu'] < r['fvu']}"]
+        if np.isfinite(c.get("ce_recovered", np.nan)):
+            wins.append(
+                f"ce_rec {c['ce_recovered']:.4f} > {r['ce_recovered']:.4f}: {c['ce_recovered'] > r['ce_recovered']}"
+            )
+        if np.isfinite(c.get("enrichment_retention", np.nan)):
+            wins.append(
+                f"retention {c['enrichment_retention']:.3f} > {r['enrichment_retention']:.3f}: {c['enrichment_retention'] > r['enrichment_retention']}"
+            )
+        print(f"K'={size}: clustering vs random: " + "; ".join(wins))
+    return table
+
+
+def levers(sae, store, base: MergeParams, stats, ref) -> pd.DataFrame:
+    """Every variant merges to K/4 and is evaluated like the sweep (same held-out tokens)."""
+    k = sae.d_sae
+    dec = {"similarity": {"decoder": 1.0}}
+    variants = {
+        "default: reconstruction + 0.3 doc-correlation, complete": {},
+        "  same, average linkage": {"linkage": "average"},
+        "  same, max aggregation": {"aggregation": "max"},
+        "  same, ridge_lambda 1e-2": {"ridge_lambda": 1e-2},
+        "  same, ridge_lambda 1e-6": {"ridge_lambda": 1e-6},
+        "  same, no bias refit": {"refit_bias": False},
+        "  same, no refit (medoid rows)": {"refit": False},
+        "  same, evaluated on another split (split_seed=1)": {"split_seed": 1},
+        "reconstruction only, complete": {"similarity": {"reconstruction": 1.0}},
+        "doc-correlation only, complete": {"similarity": {"coactivation": 1.0}},
+        "token-Jaccard only, average": {
+            "similarity": {"coactivation": 1.0},
+            "coactivation": "jaccard",
+            "coactivation_level": "token",
+            "linkage": "average",
+        },
+        "decoder cosine, average (the seed's)": {**dec, "linkage": "average"},
+        "decoder cosine, complete": {**dec},
+        "encoder cosine, complete": {"similarity": {"encoder": 1.0}},
+        "decoder + doc-correlation, complete": {
+            "similarity": {"decoder": 0.5, "coactivation": 0.5}
+        },
+    }
+    rows = []
+    refs = {(base.split_seed,): (stats, ref)}
+    for name, change in variants.items():
+        t = time.time()
+        p = base.model_copy(update=change)
+        key = (p.split_seed,)
+        if key not in refs:
+            refs[key] = (ev.original_stats(sae, store, p), ev.reference_metrics(sae, store, p))
+        st, rf = refs[key]
+        sim = ev.similarity_for(sae, store, p, st)
+        labels = merge.build_tree(sim, p.linkage, p.graph, p.n_neighbors, k // 4).cut(k // 4)
+        merged, _m, _d, info = ev.merge_with_labels(sae, labels, sim, p, store=store, stats=st)
+        m, pairs = ev.evaluate_sae(merged, store, ev._split(store, p.eval_split, p), p)
+        if rf.significant is not None and pairs is not None:
+            m.update(ev.enrichment_retention(rf.significant, pairs, labels))
+        m["fvu_rise"] = (m["fvu"] - rf.metrics["fvu"]) / rf.metrics["fvu"]
+        m["max_cluster"] = int(np.bincount(labels).max())
+        rows.append({"variant": name, "seconds": time.time() - t, **info, **m})
+    table = pd.DataFrame(rows)
+    print(
+        f"\n== 2. levers at K'={k // 4} (original FVU {ref.metrics['fvu']:.4f}; fvu_rise is relative to the original FVU)"
+    )
+    print(
+        fmt(
+            table,
+            [
+                "variant",
+                "fvu",
+                "fvu_rise",
+                "l0",
+                "dead_frac",
+                "enrichment_retention",
+                "max_cluster",
+                "seconds",
+            ],
+        )
+    )
+    return table
+
+
+@torch.no_grad()
+def refit_speed(sae, store, params: MergeParams, labels: np.ndarray) -> dict:
+    """Streaming refit (read + encode + merge + accumulate + solve) vs bare Z^T Z matmuls."""
+    mask = ev._split(store, params.fit_split, params)
+    merged = build_merged_sae(
+        sae, labels, np.array([np.flatnonzero(labels == c)[0] for c in range(labels.max() + 1)])
+    )
+    chunk = params.chunk_tokens
+    # bare baseline: the merged codes of the same tokens, already in memory, dense float32
+    codes = [merged.encode(x) for _r, x in store.iter_chunks(chunk, mask=mask)]
+    n = sum(c.shape[0] for c in codes)
+    res = {}
+    for rep in range(2):  # interleave to share the machine's noise
+        t = time.perf_counter()
+        g = torch.zeros(merged.d_sae, merged.d_sae)
+        for z in codes:
+            g += z.T @ z
+        t_bare = time.perf_counter() - t
+        t = time.perf_counter()
+        stats = accumulate_stats(merged, ev._fit_chunks(store, params))
+        stats.solve(params.ridge_lambda, prior=merged.W_dec.double())
+        t_stream = time.perf_counter() - t
+        t = time.perf_counter()
+        accumulate_stats(sae, ev._fit_chunks(store, params)).merged(labels).solve(
+            params.ridge_lambda
+        )
+        t_proj = time.perf_counter() - t
+        res = {
+            "tokens": n,
+            "k_prime": merged.d_sae,
+            "bare_ztz_s": t_bare,
+            "stream_refit_s": t_stream,
+            "original_stats_then_project_s": t_proj,
+            "speed_ratio": t_bare / t_stream,
+        }
+        print(
+            f"rep {rep}: "
+            + ", ".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
+            )
+        )
+    t = time.perf_counter()
+    for _r, x in store.iter_chunks(chunk, mask=mask):
+        merged.encode(x)
+    res["read_and_encode_only_s"] = time.perf_counter() - t
+    print(
+        f"\n== 3. refit speed over {n} tokens, K'={merged.d_sae}: bare Z^T Z {res['bare_ztz_s']:.2f}s, "
+        f"streaming refit {res['stream_refit_s']:.2f}s (read+encode alone {res['read_and_encode_only_s']:.2f}s) -> "
+        f"{100 * res['speed_ratio']:.0f}% of the bare matmul's speed (goal >= 50%) "
+        f"{'PASS' if res['speed_ratio'] >= 0.5 else 'MISS'}"
+    )
+    return res
+
+
+RSS_CHILD = r"""
+import json, resource, sys, time
+import numpy as np, torch
+from sklearn.metrics import adjusted_rand_score
+from integral_superposition.merge.similarity import LatentSimilarity
+from integral_superposition.merge.cluster import tree_from_graph
+K, d, group = int(sys.argv[1]), int(sys.argv[2]), 16
+g = torch.Generator().manual_seed(0)
+truth = torch.randperm(K, generator=g) // group
+centers = torch.randn(K // group, d, generator=g)
+W = centers[truth] + 0.5 * torch.randn(K, d, generator=g)
+t0 = time.time()
+sim = LatentSimilarity(decoder=W)
+edges = sim.knn_edges(16)
+t1 = time.time()
+tree = tree_from_graph(edges, "average", n_clusters_min=K // 16)
+labels = tree.cut(K // 16)
+t2 = time.time()
+print(json.dumps({"K": K, "d": d, "edges": int(edges.rows.size), "knn_s": t1 - t0, "tree_s": t2 - t1,
+                  "ari_vs_planted_groups": adjusted_rand_score(truth.numpy(), labels),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def rss_65k(k: int = 65536, d: int = 640) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_CHILD, str(k), str(d)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    dense_gb = k * k * 8 / 2**30
+    print(
+        f"\n== 4. k-NN clustering of K={k} synthetic decoder rows (d={d}, 16 neighbours, average linkage, cut at K/16): "
+        f"peak RSS {res['peak_rss_mb']:.0f} MiB (goal < 4096; a dense float64 K x K matrix alone is {dense_gb:.0f} GiB), "
+        f"kNN {res['knn_s']:.0f}s, tree {res['tree_s']:.0f}s, ARI vs planted groups {res['ari_vs_planted_groups']:.3f}"
+    )
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sae", help="SAE URI (default: bench/common.ag_news_sae())")
+    p.add_argument(
+        "--no-ce", action="store_true", help="skip the spliced CE metrics (no gemma forwards)"
+    )
+    p.add_argument("--skip-levers", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-rss", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(common.machine())
+    store = common.ag_news_store()
+    sae, where = load_sae(args.sae)
+    sae = sae.eval()
+    print(f"store {store}\nSAE {sae} from {where}")
+    backend = None if args.no_ce else common.gemma(torch.float32)
+    params = MergeParams()
+    results: dict = {"machine": common.machine()}
+    table = quality(sae, store, backend, params)
+    results["sweep"] = table.to_dict("records")
+    stats = ev.original_stats(sae, store, params)
+    if not args.skip_levers:
+        ref = ev.reference_metrics(sae, store, params)
+        results["levers"] = levers(sae, store, params, stats, ref).to_dict("records")
+    if not args.skip_speed:
+        sim = ev.similarity_for(sae, store, params, stats)
+        labels = merge.build_tree(sim, params.linkage, params.graph).cut(sae.d_sae // 4)
+        results["refit_speed"] = refit_speed(sae, store, params, labels)
+    if not args.skip_rss:
+        results["rss_65536"] = rss_65k()
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    print(f"\nresults in {OUT / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

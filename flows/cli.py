@@ -1,0 +1,487 @@
+"""``isup``: the project's one command line.
+
+``isup run`` runs the whole experiment (the embedded defaults, a preset, or a YAML config);
+``dump``, ``train``, ``analyze``, ``merge``, ``steer-eval`` and ``report`` run one step as
+its own Prefect flow; ``steer`` prints steered and unsteered generations side by side;
+``ls`` lists runs and their outputs; ``server`` starts the Prefect server and UI;
+``schema`` prints the config's JSON schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="isup",
+    help="Integral Superposition: dump activations, train SAEs, analyse, merge and steer "
+    "their latents - as Prefect flows, locally or on GPU work pools.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", help="Experiment config (YAML file or URI).")
+]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", "-p", help="A shipped preset: default or smoke.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config field: KEY.PATH=VALUE (repeatable)."),
+]
+StorageOpt = Annotated[
+    str | None, typer.Option("--storage", help="Output root: a directory or s3://bucket/prefix.")
+]
+NameOpt = Annotated[str | None, typer.Option("--name", help="Experiment name.")]
+RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (default: a new timestamped id).")]
+
+
+def _console():
+    from rich.console import Console
+
+    # piped output (CI logs, tests) gets wide lines instead of wrapped tables
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _load_cfg(
+    config: str | None,
+    preset: str | None,
+    overrides: list[str] | None,
+    storage: str | None = None,
+    name: str | None = None,
+    run: str | None = None,
+    new_run: bool = True,
+):
+    from integral_superposition.experiment import ConfigError, make_run_id, resolve_config
+
+    extra = list(overrides or [])
+    if storage:
+        extra.append(f"storage={storage}")
+    if name:
+        extra.append(f"name={name}")
+    if run:
+        extra.append(f"run={run}")
+    try:
+        cfg = resolve_config(config, preset, extra)
+    except ConfigError as e:
+        _fail(str(e))
+    if new_run and cfg.run is None:
+        cfg = cfg.model_copy(update={"run": make_run_id()})
+    return cfg
+
+
+def _api_url() -> str | None:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+def _ui_link(flow_run_id: str | None) -> str | None:
+    from prefect.settings import get_current_settings
+
+    ui = get_current_settings().ui_url
+    if not ui or not flow_run_id or not _api_url():
+        return None
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def _prefect_hint(flow_run_id: str | None) -> str:
+    link = _ui_link(flow_run_id)
+    if link:
+        return f"Prefect UI: {link}"
+    from prefect.settings import get_current_settings
+
+    home = get_current_settings().home
+    return (
+        "Prefect: no PREFECT_API_URL is set, so this run used a temporary local Prefect server;\n"
+        f"  its history is kept in the database under {home}. To open the Prefect UI on it,\n"
+        "  start the server in"
+        " another terminal with `isup server` (or `prefect server start`) and open\n"
+        f"  http://127.0.0.1:4200/runs/flow-run/{flow_run_id or ''}\n"
+        "  To watch later runs live: prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
+
+
+def _task_timings(flow_run_id: str | None) -> list[dict[str, Any]]:
+    """Task runs of a flow run: name, state and seconds, in start order."""
+    if not flow_run_id:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    out = []
+    for tr in runs:
+        secs = tr.total_run_time.total_seconds() if tr.total_run_time else 0.0
+        if tr.start_time and tr.end_time:
+            secs = max(secs, (tr.end_time - tr.start_time).total_seconds())
+        out.append({"task": tr.name, "state": tr.state_name, "seconds": secs, "start": tr.start_time or tr.expected_start_time})
+    out.sort(key=lambda r: (r["start"] is None, r["start"]))
+    return out
+
+
+def _print_run(result, flow_run_id: str | None, wall_s: float) -> None:
+    from rich.table import Table
+
+    from integral_superposition.tasks.ui import browser_url
+
+    con = _console()
+    timings = _task_timings(flow_run_id)
+    if timings:
+        t = Table(title="Steps", show_lines=False)
+        for col in ("task run", "state", "seconds"):
+            t.add_column(col, justify="right" if col == "seconds" else "left")
+        for r in timings:
+            t.add_row(r["task"], r["state"] or "", f"{r['seconds']:.1f}")
+        con.print(t)
+    if result is not None:
+        t = Table(title="Outputs")
+        for col in ("step", "name", "state", "output"):
+            t.add_column(col)
+        for s in result.steps:
+            t.add_row(s.step, s.name, s.state, s.output.uri if s.output else "")
+        con.print(t)
+        n_cached = sum(s.state == "Cached" for s in result.steps)
+        con.print(f"{len(result.steps)} task runs, {n_cached} cached; wall time {wall_s:.1f} s")
+        con.print(f"run folder: {result.run_root}")
+        if result.report_uri:
+            con.print(f"report:     {result.report_uri}")
+            typer.echo(f"open it:    {browser_url(result.report_uri)}")
+    typer.echo(_prefect_hint(flow_run_id))
+
+
+def _run_flow(flow_obj, **params):
+    """Call a flow, returning (result or None, flow run id, final state)."""
+    state = flow_obj(**params, return_state=True)
+    fr_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+    return state, fr_id
+
+
+def _finish(state, fr_id: str | None) -> Any:
+    if state.is_completed():
+        return state.result()
+    try:
+        state.result()
+    except Exception as e:
+        typer.echo(f"\nthe run {state.name.lower()}: {type(e).__name__}: {e}", err=True)
+    typer.echo(_prefect_hint(fr_id), err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    storage: StorageOpt = None,
+    name: NameOpt = None,
+    run_name: RunOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+) -> None:
+    """Run the whole experiment: dump -> train -> analyse -> merge -> steering -> report.
+
+    Without --config or --preset it runs the embedded defaults (the demo corpus through
+    gemma-3-270m). Finished steps of earlier runs of the same experiment are reused.
+    """
+    import time
+
+    cfg = _load_cfg(config, preset, overrides, storage, name, run_name)
+    con = _console()
+    if dry_run:
+        con.print(cfg.to_yaml())
+        return
+    jobs = cfg.sae_jobs()
+    con.print(
+        f"[bold]experiment[/bold] {cfg.name}  [bold]run[/bold] {cfg.run}  -> {cfg.run_root()}\n"
+        f"data {cfg.data.source} | model {cfg.model.model_id} ({cfg.model.dtype}) | "
+        f"hook points {cfg.dump.resolved_hook_points()} | SAEs {[j.name for j in jobs]}\n"
+        f"Prefect API: {_api_url() or 'temporary local server (no PREFECT_API_URL)'}"
+    )
+    from integral_superposition.flows.experiment import experiment_flow
+
+    t0 = time.perf_counter()
+    state, fr_id = _run_flow(experiment_flow, cfg=cfg, show_progress=sys.stderr.isatty())
+    result = _finish(state, fr_id)
+    _print_run(result, fr_id, time.perf_counter() - t0)
+
+
+@app.command()
+def dump(
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    storage: StorageOpt = None,
+    name: NameOpt = None,
+    run_name: RunOpt = None,
+    data: Annotated[str | None, typer.Option(help="Dataset source (demo:N, a file or URI, hf:..., kaggle:...).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model id, directory, .gguf file, gemma-3-270m or tiny:<family>.")] = None,
+    layer: Annotated[int | None, typer.Option(help="Layer whose input residual stream is dumped.")] = None,
+) -> None:
+    """Dump activations of the config's dataset through its model (cached)."""
+    extra = list(overrides or [])
+    extra += [f"data.source={data}"] if data else []
+    extra += [f"model.model_id={model}"] if model else []
+    extra += [f"dump.layer={layer}"] if layer is not None else []
+    cfg = _load_cfg(config, preset, extra, storage, name, run_name)
+    from integral_superposition.flows.steps import dump_flow
+
+    state, fr_id = _run_flow(dump_flow, cfg=cfg, show_progress=sys.stderr.isatty())
+    ref = _finish(state, fr_id)
+    _console().print(f"activation store: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    overrides: SetOpt = None,
+    storage: StorageOpt = None,
+    name: NameOpt = None,
+    run_name: RunOpt = None,
+    store: Annotated[str | None, typer.Option(help="Train on this activation store (default: dump per the config first).")] = None,
+) -> None:
+    """Train the config's SAEs (the base SAE and its sweep) in one pass over the store."""
+    cfg = _load_cfg(config, preset, overrides, storage, name, run_name)
+    from integral_superposition.flows.steps import train_flow
+
+    state, fr_id = _run_flow(train_flow, cfg=cfg, store_uri=store, show_progress=sys.stderr.isatty())
+    refs = _finish(state, fr_id)
+    for r in refs:
+        _console().print(f"{r.name}: {r.uri}\n  {json.dumps(r.summary.get('metrics', {}), default=str)}")
+
+
+def _params(model_cls, overrides: list[str] | None):
+    from pydantic import ValidationError
+
+    from integral_superposition.experiment import ConfigError, _describe_errors, apply_overrides
+
+    try:
+        data = apply_overrides({}, overrides or [])
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        _fail(f"invalid {model_cls.__name__}: {_describe_errors(e)}")
+    except ConfigError as e:
+        _fail(str(e))
+
+
+SaeOpt = Annotated[str, typer.Option("--sae", help="SAE folder (ours, SAELens or sparsify; local or URI).")]
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", help="Activation store (default: the one recorded by the SAE's run)."),
+]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Model id for logit lens / CE metrics / generation.")]
+RootOpt = Annotated[
+    str | None, typer.Option("--run-root", help="Run folder for the output (default: the SAE's run).")
+]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="A parameter: NAME=VALUE (repeatable).")]
+
+
+@app.command()
+def analyze(
+    sae: SaeOpt,
+    store: StoreOpt = None,
+    model: ModelOpt = None,
+    run_root: RootOpt = None,
+    param: ParamOpt = None,
+) -> None:
+    """Analyse an SAE's latents: statistics, label enrichment, maps, dashboards."""
+    from integral_superposition.analysis.run import AnalysisParams
+    from integral_superposition.flows.steps import analyze_flow
+
+    params = _params(AnalysisParams, param)
+    state, fr_id = _run_flow(analyze_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root)
+    ref = _finish(state, fr_id)
+    _console().print(f"analysis: {ref.uri}")
+
+
+@app.command()
+def merge(
+    sae: SaeOpt,
+    store: StoreOpt = None,
+    model: ModelOpt = None,
+    run_root: RootOpt = None,
+    param: ParamOpt = None,
+) -> None:
+    """Merge redundant latents of an SAE into a smaller SAE, and evaluate what it costs."""
+    from integral_superposition.flows.steps import merge_flow
+    from integral_superposition.merge.params import MergeParams
+
+    params = _params(MergeParams, param)
+    state, fr_id = _run_flow(merge_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root)
+    ref = _finish(state, fr_id)
+    _console().print(f"merged SAE: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
+
+
+@app.command("steer-eval")
+def steer_eval(
+    sae: SaeOpt,
+    store: StoreOpt = None,
+    model: ModelOpt = None,
+    run_root: RootOpt = None,
+    param: ParamOpt = None,
+) -> None:
+    """Sweep steering strengths of the SAE's most label-enriched latents, with controls."""
+    from integral_superposition.flows.steps import steer_eval_flow
+    from integral_superposition.steering.evaluate import SteeringParams
+
+    params = _params(SteeringParams, param)
+    state, fr_id = _run_flow(steer_eval_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root)
+    ref = _finish(state, fr_id)
+    _console().print(f"steering evaluation: {ref.uri}")
+
+
+@app.command()
+def steer(
+    sae: SaeOpt,
+    prompt: Annotated[list[str], typer.Option("--prompt", help="A prompt (repeatable).")],
+    latent: Annotated[int | None, typer.Option(help="The latent to edit.")] = None,
+    set_to: Annotated[float | None, typer.Option("--set-to", help="Clamp the latent to this value.")] = None,
+    scale: Annotated[float | None, typer.Option(help="Multiply the latent by this factor.")] = None,
+    edit: Annotated[
+        list[str] | None,
+        typer.Option(help="More edits: '42=100', '42=2xmax', '42*3', '42+8', '42:ablate' (repeatable)."),
+    ] = None,
+    model: ModelOpt = None,
+    hook_point: Annotated[str | None, typer.Option(help="Where to steer (default: where the SAE was trained).")] = None,
+    positions: Annotated[str, typer.Option(help="last_prompt, prompt, generated or all.")] = "all",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 30,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")] = False,
+    seed: Annotated[int, typer.Option(help="Sampling seed (both runs use it).")] = 0,
+    dtype: Annotated[str, typer.Option(help="Model dtype: fp32, bf16 or fp16.")] = "fp32",
+) -> None:
+    """Print unsteered and steered generations of the prompts side by side."""
+    from rich.table import Table
+
+    from integral_superposition import sae as sae_lib
+    from integral_superposition import steering
+    from integral_superposition.experiment import ModelSpec
+    from integral_superposition.flows.steps import sae_model_id
+    from integral_superposition.tasks.backends import load_backend
+
+    edits = []
+    try:
+        if latent is not None or set_to is not None or scale is not None:
+            if latent is None:
+                _fail("--set-to/--scale need --latent")
+            edits.append(steering.set_or_scale_latent(latent, set_to=set_to, scale=scale))
+        edits += [steering.parse_edit(e) for e in edit or []]
+        if not edits:
+            _fail("nothing to steer: give --latent with --set-to or --scale, or --edit")
+        model_id = model or sae_model_id(sae)
+        backend, _ = load_backend(ModelSpec(model_id=model_id, dtype=dtype))
+        loaded = sae_lib.load_sae(sae)
+        rows = steering.compare_generations(
+            backend, loaded, hook_point, edits, prompt, max_new_tokens, positions,
+            do_sample=sample, seed=seed,
+        )  # fmt: skip
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        _fail(str(e))
+    t = Table(title=f"{', '.join(map(str, steering.edits_summary(edits)))} at {hook_point or 'the SAE hook point'} ({model_id})", show_lines=True)
+    t.add_column("prompt")
+    t.add_column("unsteered")
+    t.add_column("steered")
+    for p, base, steered in rows:
+        t.add_row(p, base, steered)
+    _console().print(t)
+
+
+@app.command()
+def report(
+    run_root: Annotated[str, typer.Argument(help="The run folder {storage}/{experiment}/{run}.")],
+) -> None:
+    """(Re)build the HTML report of a finished run from its run.json."""
+    from integral_superposition.flows.steps import report_flow
+
+    state, fr_id = _run_flow(report_flow, run_root=run_root)
+    ref = _finish(state, fr_id)
+    _console().print(f"report: {ref.summary.get('page')}")
+
+
+@app.command("ls")
+def ls_runs(
+    storage_root: Annotated[str, typer.Argument(help="Storage root (a directory or s3://bucket/prefix).")] = "runs",
+    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="Only this experiment.")] = None,
+    outputs: Annotated[bool, typer.Option("--outputs", "-o", help="List every run's outputs.")] = False,
+) -> None:
+    """List runs (newest last) and, with --outputs, what each produced or reused."""
+    from rich.table import Table
+
+    from integral_superposition.tasks.index import list_runs
+
+    runs = list_runs(storage_root, experiment)
+    con = _console()
+    if not runs:
+        con.print(f"no runs under {storage_root!r}")
+        return
+    t = Table()
+    for col in ("experiment", "run", "finished", "tasks", "cached", "report"):
+        t.add_column(col)
+    for r in runs:
+        steps = r.get("steps", [])
+        t.add_row(
+            r.get("experiment", ""), r.get("run", ""), r.get("finished") or "(unfinished)",
+            str(len(steps)), str(sum(s.get("state") == "Cached" for s in steps)), r.get("report_uri") or "",
+        )  # fmt: skip
+    con.print(t)
+    if outputs:
+        for r in runs:
+            con.print(f"\n[bold]{r.get('experiment')}/{r.get('run')}[/bold]  {r['run_root']}")
+            for s in r.get("steps", []):
+                out = s.get("output") or {}
+                where = out.get("uri", "")
+                tag = "" if where.startswith(r["run_root"]) else "  (reused)"
+                con.print(f"  {s['step']:<10} {s['name']:<28} {s['state']:<10} {where}{tag}")
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the API and UI.")] = 4200,
+) -> None:
+    """Start the Prefect server and UI (same as `prefect server start`).
+
+    It reads the same database as the temporary server that `isup run` starts when no
+    PREFECT_API_URL is set, so earlier runs show up. Point later runs at it with
+    `prefect config set PREFECT_API_URL=http://HOST:PORT/api`.
+    """
+    typer.echo(
+        f"Prefect UI: http://{host}:{port}  (API http://{host}:{port}/api)\n"
+        f"for live runs: prefect config set PREFECT_API_URL=http://{host}:{port}/api"
+    )
+    sys.stdout.flush()
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    os.execv(sys.executable, cmd)
+
+
+@app.command()
+def schema(
+    out: Annotated[str | None, typer.Option(help="Write the schema to this file instead of printing it.")] = None,
+) -> None:
+    """Print the JSON schema of the experiment config (also shipped as schemas/experiment.schema.json)."""
+    from integral_superposition.experiment import json_schema, write_schema
+
+    if out:
+        typer.echo(str(write_schema(out)))
+    else:
+        typer.echo(json.dumps(json_schema(), indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

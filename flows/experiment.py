@@ -1,0 +1,290 @@
+"""``experiment_flow``: dump -> train -> analyse -> merge -> steering evaluation -> report.
+
+Each step is a task from ``integral_superposition.tasks``; tasks pass references to published
+outputs (URI + content hash), never tensors or DataFrames. Every task is cached on its
+inputs' content hashes, its config and the code version, with results kept in the
+experiment's storage, so a rerun of an unchanged experiment finishes in seconds with every
+task Cached, and changing one SAE parameter reruns only training and what follows it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run as runtime_flow_run
+
+from integral_superposition import storage
+from integral_superposition.experiment import ExperimentConfig, SAEJob, make_run_id
+from integral_superposition.tasks.analyze import analyze_sae
+from integral_superposition.tasks.backends import model_stamp
+from integral_superposition.tasks.dump import (
+    combine_partitions,
+    dump_activations,
+    partition_name,
+    resolve_dataset,
+)
+from integral_superposition.tasks.index import (
+    ExperimentResult,
+    StepRecord,
+    write_run_config,
+    write_run_index,
+)
+from integral_superposition.tasks.merge import merge_sae
+from integral_superposition.tasks.policy import retry_options
+from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
+from integral_superposition.tasks.report import build_experiment_report
+from integral_superposition.tasks.steer import evaluate_steering
+from integral_superposition.tasks.train import train_saes
+from integral_superposition.tasks.ui import event
+
+
+_SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+
+
+def result_storage_at(experiment_root: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """Result storage kept with an experiment's outputs, in ``{experiment_root}/.prefect-results``:
+    a path for local storage, else a saved ``RemoteFileSystem`` block (credentials left out:
+    the worker's environment or profile gives them)."""
+    base = storage.join(absolute_storage(experiment_root), ".prefect-results")
+    if storage.is_local(base):
+        return Path(base)
+    from prefect.filesystems import RemoteFileSystem
+
+    fs, _ = storage.get_fs(base, storage_options)
+    settings = {k: v for k, v in fs.storage_options.items() if k not in _SECRET_OPTIONS}
+    block = RemoteFileSystem(basepath=base, settings=settings)
+    block.save("isup-results-" + storage.sha256_bytes(base.encode())[:12], overwrite=True)
+    return block
+
+
+def result_storage_for(cfg: ExperimentConfig) -> Any:
+    """Where task results (the cache records that let a rerun skip finished steps) live:
+    ``auto`` keeps them with the outputs (:func:`result_storage_at`), a block slug is used
+    as given, None leaves Prefect's default."""
+    if cfg.result_storage is None:
+        return None
+    if cfg.result_storage != "auto":
+        return cfg.result_storage
+    return result_storage_at(storage.join(cfg.storage, cfg.name), cfg.storage_options)
+
+
+def absolute_storage(uri: str) -> str:
+    """Local storage made absolute (a worker may run the flow from another directory)."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+def task_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Per-experiment task options: retries and result storage."""
+    opts = retry_options(cfg.retries.retries, cfg.retries.delay_s, cfg.retries.jitter)
+    rs = result_storage_for(cfg)
+    if rs is not None:
+        opts["result_storage"] = rs
+    return opts
+
+
+def _flow_run_name() -> str:
+    cfg = runtime_flow_run.parameters.get("cfg")
+    if isinstance(cfg, dict):
+        name, run = cfg.get("name", "demo"), cfg.get("run")
+    else:
+        name, run = getattr(cfg, "name", "demo"), getattr(cfg, "run", None)
+    return f"{name}/{run}" if run else f"{name}/new-run"
+
+
+def _rename_flow_run(name: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    fr_id = runtime_flow_run.id
+    if fr_id:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(fr_id, name=name)
+
+
+class _Steps:
+    """Collects the task futures of a flow run, in order, for the run's record."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, PrefectFuture]] = []
+
+    def add(self, step: str, name: str, fut: PrefectFuture) -> PrefectFuture:
+        self.items.append((step, name, fut))
+        return fut
+
+    def records(self) -> list[StepRecord]:
+        out = []
+        for step, name, fut in self.items:
+            state = fut.state
+            value = fut.result(raise_on_failure=False) if state.is_completed() else None
+            refs = value if isinstance(value, list) else [value]
+            for ref in refs:
+                out.append(
+                    StepRecord(
+                        step=step,
+                        name=ref.name if isinstance(ref, OutputRef) else name,
+                        state=state.name or state.type.value,
+                        output=ref if isinstance(ref, OutputRef) else None,
+                    )
+                )
+        return out
+
+
+def dump_store(
+    cfg: ExperimentConfig,
+    loc: RunLocation,
+    model: ModelRef,
+    T: Callable,
+    steps: _Steps,
+    show_progress: bool = False,
+) -> OutputRef:
+    """Resolve the dataset and dump it, as one task or as ``cfg.fanout.partitions`` partition
+    tasks (or deployment runs) combined into one store."""
+    data_f = steps.add(
+        "data",
+        cfg.data.source,
+        T(resolve_dataset).submit(cfg.data, cfg.data.stamp(loc.storage_options), loc),
+    )
+    data = data_f.result()
+    n = cfg.fanout.partitions
+    out = cfg.paths.shards_dir
+    common = {"gpu_limit": cfg.gpu_limit, "show_progress": show_progress}
+    if n == 1:
+        fut = T(dump_activations).submit(data, model, cfg.dump, loc, out=out, **common)
+        return steps.add("dump", out, fut).result()
+    if cfg.fanout.mode == "deployments":
+        from integral_superposition.tasks.fanout import dump_partitions_remote
+
+        fut = T(dump_partitions_remote).submit(cfg, data, model, loc)
+        return steps.add("dump", out, fut).result()
+    parts = [
+        steps.add(
+            "dump",
+            partition_name(i, n),
+            T(dump_activations).submit(data, model, cfg.dump, loc, out=out, partition=(i, n), **common),
+        )
+        for i in range(n)
+    ]
+    refs = [p.result() for p in parts]
+    return steps.add("combine", out, T(combine_partitions).submit(refs, loc, out=out)).result()
+
+
+def report_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config the report shows (and its cache key holds): all but the run name, so
+    a rerun of an unchanged experiment reuses the report."""
+    shown = cfg.public_dict()
+    shown.pop("run", None)
+    return shown
+
+
+def group_jobs(jobs: list[SAEJob]) -> list[list[SAEJob]]:
+    """SAEs on the same hook point train together (one pass over the store)."""
+    groups: dict[str, list[SAEJob]] = {}
+    for j in jobs:
+        groups.setdefault(j.hook_point, []).append(j)
+    return list(groups.values())
+
+
+@flow(
+    name="experiment",
+    flow_run_name=_flow_run_name,
+    persist_result=True,
+    result_serializer="json",
+    log_prints=True,
+)
+def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> ExperimentResult:
+    """Run one experiment end to end (see the module docstring); returns the run's record,
+    also written to ``{storage}/{name}/{run}/run.json``."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    run = cfg.run or make_run_id()
+    if not cfg.run:
+        _rename_flow_run(f"{cfg.name}/{run}")
+    loc = RunLocation(
+        storage=absolute_storage(cfg.storage),
+        experiment=cfg.name,
+        run=run,
+        storage_options=cfg.storage_options,
+    )
+    logger.info("run root: %s", loc.root)
+    write_run_config(cfg, loc)
+    opts = task_options(cfg)
+
+    def T(task_obj):
+        return task_obj.with_options(**opts)
+
+    steps = _Steps()
+    model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+    store = dump_store(cfg, loc, model, T, steps, show_progress)
+
+    train_futs = [
+        steps.add(
+            "train",
+            jobs[0].name,
+            T(train_saes).submit(
+                store, jobs, loc, out=cfg.paths.sae_path, gpu_limit=cfg.gpu_limit,
+                show_progress=show_progress,
+            ),  # fmt: skip
+        )
+        for jobs in group_jobs(cfg.sae_jobs())
+    ]
+    saes = [ref for f in train_futs for ref in f.result()]
+
+    def per_sae(step: str, task_obj, *args, **kwargs) -> list[PrefectFuture]:
+        return [
+            steps.add(step, s.name, T(task_obj).submit(s, *args, **kwargs, gpu_limit=cfg.gpu_limit))
+            for s in saes
+        ]
+
+    analysis_f = (
+        per_sae("analyze", analyze_sae, store, cfg.analysis, loc, model=model)
+        if cfg.steps.analyze
+        else []
+    )
+    merge_f = per_sae("merge", merge_sae, store, cfg.merge, loc, model=model) if cfg.steps.merge else []
+    steer_f: list[PrefectFuture] = []
+    if cfg.steps.steer_eval:
+        steer_f = per_sae("steer_eval", evaluate_steering, store, cfg.steering, loc, model=model)
+    analyses = [f.result() for f in analysis_f]
+    merges = [f.result() for f in merge_f]
+    steering = [f.result() for f in steer_f]
+
+    report_uri = None
+    if cfg.steps.report:
+        report = steps.add(
+            "report",
+            "report",
+            T(build_experiment_report).submit(
+                report_config(cfg), saes, analyses, merges, steering, cfg.report, loc,
+                summary_csv=cfg.paths.summary_csv,
+            ),  # fmt: skip
+        ).result()
+        report_uri = report.summary.get("page")
+
+    result = ExperimentResult(
+        experiment=cfg.name,
+        run=run,
+        run_root=loc.root,
+        flow_run_id=str(runtime_flow_run.id) if runtime_flow_run.id else None,
+        report_uri=report_uri,
+        steps=steps.records(),
+    )
+    index = write_run_index(result, cfg, loc)
+    n_cached = sum(s.state == "Cached" for s in result.steps)
+    logger.info(
+        "experiment %s/%s done in %.1f s: %d task runs, %d cached; index %s",
+        cfg.name, run, time.perf_counter() - t0, len(result.steps), n_cached, index,
+    )  # fmt: skip
+    if report_uri:
+        logger.info("report: %s", report_uri)
+    event(
+        "isup.experiment.completed",
+        f"isup.experiment.{cfg.name}.{run}",
+        {"run_root": loc.root, "report_uri": report_uri, "cached": n_cached, "tasks": len(result.steps)},
+        labels={"prefect.resource.name": f"{cfg.name}/{run}", "isup.experiment": cfg.name},
+    )
+    return result

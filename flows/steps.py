@@ -1,0 +1,273 @@
+"""One flow per step, for running a step alone (``isup dump``, ``isup train``, ...) and for
+deployments (``prefect.yaml``): each composes the same cached tasks as ``experiment_flow``.
+
+Steps after training take plain URIs, so an automation can start them from an event: the
+``analyze`` deployment runs ``analyze_flow(sae_uri=..., store_uri=...)`` when an
+``isup.sae.trained`` event arrives. Their outputs go next to the SAE's run folder: for an
+SAE at ``{storage}/{experiment}/{run}/sae/<name>``, the analysis is written to
+``{storage}/{experiment}/{run}/analysis/<name>`` (or under ``run_root`` when given).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from integral_superposition import storage
+from integral_superposition.analysis.run import AnalysisParams
+from integral_superposition.experiment import ExperimentConfig, ModelSpec, ReportOptions, make_run_id
+from integral_superposition.flows.experiment import (
+    _Steps,
+    absolute_storage,
+    dump_store,
+    group_jobs,
+    result_storage_at,
+    task_options,
+)
+from integral_superposition.merge.params import MergeParams
+from integral_superposition.steering.evaluate import SteeringParams
+from integral_superposition.tasks.analyze import analyze_sae
+from integral_superposition.tasks.backends import model_stamp
+from integral_superposition.tasks.dump import dump_activations, partition_name
+from integral_superposition.tasks.index import RUN_INDEX
+from integral_superposition.tasks.merge import merge_sae
+from integral_superposition.tasks.policy import retry_options
+from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
+from integral_superposition.tasks.report import build_experiment_report
+from integral_superposition.tasks.steer import evaluate_steering
+from integral_superposition.tasks.train import train_saes
+
+
+def _loc(cfg: ExperimentConfig, run: str | None = None) -> RunLocation:
+    return RunLocation(
+        storage=absolute_storage(cfg.storage),
+        experiment=cfg.name,
+        run=run or cfg.run or make_run_id(),
+        storage_options=cfg.storage_options,
+    )
+
+
+def location_of(run_root: str, storage_options: dict[str, Any] | None = None) -> RunLocation:
+    """The :class:`RunLocation` of a run folder ``{storage}/{experiment}/{run}``."""
+    root = absolute_storage(run_root).rstrip("/")
+    exp_root, run = posixpath.split(root) if "://" in root else _split_local(root)
+    storage_root, experiment = posixpath.split(exp_root) if "://" in exp_root else _split_local(exp_root)
+    return RunLocation(
+        storage=storage_root, experiment=experiment, run=run, storage_options=storage_options or {}
+    )
+
+
+def _split_local(path: str) -> tuple[str, str]:
+    import os
+
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def _parent(uri: str, levels: int = 1) -> str:
+    for _ in range(levels):
+        uri = posixpath.dirname(uri.rstrip("/")) if "://" in uri else _split_local(uri.rstrip("/"))[0]
+    return uri
+
+
+def _basename(uri: str) -> str:
+    return posixpath.basename(uri.rstrip("/"))
+
+
+def find_store_of(sae_uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The activation store an SAE of an experiment run was trained on (from the run's
+    ``run.json``); raises when the SAE does not sit in a run folder that records it."""
+    root = _parent(sae_uri, 2)
+    index = storage.join(root, RUN_INDEX)
+    try:
+        doc = storage.read_json(index, storage_options)
+    except (FileNotFoundError, OSError, ValueError):
+        raise ValueError(
+            f"sae_uri={sae_uri!r}: no run index at {index!r} to find its activation store; "
+            "pass store_uri explicitly"
+        ) from None
+    stores = [
+        s["output"]["uri"]
+        for s in doc.get("steps", [])
+        if s.get("output") and s["output"]["kind"] == "activations" and s["step"] in ("dump", "combine")
+    ]
+    if not stores:
+        raise ValueError(f"{index!r} records no activation store; pass store_uri explicitly")
+    return stores[-1]
+
+
+def _refs(sae_uri: str, store_uri: str | None, opts: dict[str, Any]) -> tuple[OutputRef, OutputRef]:
+    store_uri = store_uri or find_store_of(sae_uri, opts)
+    sae = OutputRef.read("sae", _basename(sae_uri), absolute_storage(sae_uri), opts)
+    store = OutputRef.read("activations", _basename(store_uri), absolute_storage(store_uri), opts)
+    return sae, store
+
+
+def _standalone_options(loc: RunLocation) -> dict[str, Any]:
+    """Retries and result storage for a step run on its own: results with the outputs."""
+    return {
+        **retry_options(3, 10.0, 0.2),
+        "result_storage": result_storage_at(loc.experiment_root, loc.storage_options),
+    }
+
+
+@flow(name="dump", persist_result=True, result_serializer="json", log_prints=True)
+def dump_flow(cfg: ExperimentConfig, show_progress: bool = False) -> OutputRef:
+    """Resolve the dataset of ``cfg`` and dump its activations (one store, or partitions
+    combined into one); cached like the experiment's dump step."""
+    loc = _loc(cfg)
+    opts = task_options(cfg)
+    model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+    store = dump_store(cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress)
+    get_run_logger().info("activation store: %s (%s tokens)", store.uri, store.summary.get("n_tokens"))
+    return store
+
+
+@flow(name="dump-partition", persist_result=True, result_serializer="json", log_prints=True)
+def dump_partition_flow(cfg: ExperimentConfig, partition: int, run: str) -> OutputRef:
+    """Dump partition ``partition`` of ``cfg.fanout.partitions`` into run ``run`` (one GPU
+    worker each when the experiment fans out with ``fanout.mode: deployments``)."""
+    from integral_superposition.tasks.dump import resolve_dataset
+
+    n = cfg.fanout.partitions
+    if not 0 <= partition < n:
+        raise ValueError(f"partition={partition}: expected 0 <= partition < fanout.partitions={n}")
+    loc = _loc(cfg, run)
+    opts = task_options(cfg)
+    data = resolve_dataset.with_options(**opts)(cfg.data, cfg.data.stamp(loc.storage_options), loc)
+    model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+    ref = dump_activations.with_options(**opts)(
+        data, model, cfg.dump, loc, out=cfg.paths.shards_dir, partition=(partition, n),
+        gpu_limit=cfg.gpu_limit,
+    )  # fmt: skip
+    get_run_logger().info("partition %s: %s", partition_name(partition, n), ref.uri)
+    return ref
+
+
+@flow(name="train", persist_result=True, result_serializer="json", log_prints=True)
+def train_flow(
+    cfg: ExperimentConfig, store_uri: str | None = None, show_progress: bool = False
+) -> list[OutputRef]:
+    """Train the SAEs of ``cfg`` (the base SAE and its sweep) on ``store_uri``, or on the
+    store of ``cfg``'s dump step (run first, cached)."""
+    loc = _loc(cfg)
+    opts = task_options(cfg)
+    if store_uri:
+        store = OutputRef.read("activations", _basename(store_uri), absolute_storage(store_uri), cfg.storage_options)
+    else:
+        model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+        store = dump_store(cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress)
+    futs = [
+        train_saes.with_options(**opts).submit(
+            store, jobs, loc, out=cfg.paths.sae_path, gpu_limit=cfg.gpu_limit, show_progress=show_progress
+        )
+        for jobs in group_jobs(cfg.sae_jobs())
+    ]
+    saes = [r for f in futs for r in f.result()]
+    for s in saes:
+        get_run_logger().info("SAE %s: %s", s.name, s.uri)
+    return saes
+
+
+@flow(name="analyze", persist_result=True, result_serializer="json", log_prints=True)
+def analyze_flow(
+    sae_uri: str,
+    store_uri: str | None = None,
+    params: AnalysisParams | None = None,
+    model_id: str | None = None,
+    run_root: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> OutputRef:
+    """Analyse the SAE at ``sae_uri`` on ``store_uri`` (default: the store recorded by the
+    SAE's run). ``model_id`` adds the logit lens. Output: ``{run_root}/analysis/<sae>``."""
+    opts = dict(storage_options or {})
+    sae, store = _refs(sae_uri, store_uri, opts)
+    loc = location_of(run_root or _parent(sae.uri, 2), opts)
+    model = _model_ref(model_id) if model_id else None
+    ref = analyze_sae.with_options(**_standalone_options(loc))(sae, store, params or AnalysisParams(), loc, model=model)
+    get_run_logger().info("analysis of %s: %s", sae.name, ref.uri)
+    return ref
+
+
+@flow(name="merge", persist_result=True, result_serializer="json", log_prints=True)
+def merge_flow(
+    sae_uri: str,
+    store_uri: str | None = None,
+    params: MergeParams | None = None,
+    model_id: str | None = None,
+    run_root: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> OutputRef:
+    """Merge the latents of the SAE at ``sae_uri``; ``model_id`` enables the spliced CE / KL
+    metrics. Output: ``{run_root}/merge/<sae>``."""
+    opts = dict(storage_options or {})
+    sae, store = _refs(sae_uri, store_uri, opts)
+    loc = location_of(run_root or _parent(sae.uri, 2), opts)
+    model = _model_ref(model_id) if model_id else None
+    ref = merge_sae.with_options(**_standalone_options(loc))(sae, store, params or MergeParams(), loc, model=model)
+    get_run_logger().info("merged SAE of %s: %s", sae.name, ref.uri)
+    return ref
+
+
+def sae_model_id(sae_uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The model an SAE was trained on, from its ``cfg.json`` (SAELens ``metadata.model_name``)."""
+    try:
+        cfg = storage.read_json(storage.join(sae_uri, "cfg.json"), storage_options)
+    except (FileNotFoundError, OSError, ValueError):
+        cfg = {}
+    name = (cfg.get("metadata") or {}).get("model_name") or cfg.get("model_name")
+    if not name:
+        raise ValueError(f"sae_uri={sae_uri!r}: its cfg.json names no model; pass model_id")
+    return str(name)
+
+
+def _model_ref(model_id: str) -> ModelRef:
+    spec = ModelSpec(model_id=model_id)
+    return ModelRef(spec=spec, stamp=model_stamp(spec))
+
+
+@flow(name="steer-eval", persist_result=True, result_serializer="json", log_prints=True)
+def steer_eval_flow(
+    sae_uri: str,
+    store_uri: str | None = None,
+    params: SteeringParams | None = None,
+    model_id: str | None = None,
+    run_root: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> OutputRef:
+    """Evaluate steering with the SAE at ``sae_uri`` inside ``model_id`` (default: the model
+    the SAE was trained on). Output: ``{run_root}/steering/<sae>``."""
+    opts = dict(storage_options or {})
+    sae, store = _refs(sae_uri, store_uri, opts)
+    loc = location_of(run_root or _parent(sae.uri, 2), opts)
+    model = _model_ref(model_id or sae_model_id(sae.uri, opts))
+    ref = evaluate_steering.with_options(**_standalone_options(loc))(
+        sae, store, params or SteeringParams(), loc, model=model
+    )
+    get_run_logger().info("steering evaluation of %s: %s", sae.name, ref.uri)
+    return ref
+
+
+@flow(name="report", persist_result=True, result_serializer="json", log_prints=True)
+def report_flow(
+    run_root: str,
+    options: ReportOptions | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> OutputRef:
+    """(Re)build the report of the experiment run at ``run_root`` from its ``run.json``."""
+    opts = dict(storage_options or {})
+    root = absolute_storage(run_root)
+    doc = storage.read_json(storage.join(root, RUN_INDEX), opts)
+    by_kind: dict[str, list[OutputRef]] = {}
+    for s in doc.get("steps", []):
+        if s.get("output") and s["step"] != "report":
+            ref = OutputRef.model_validate(s["output"])
+            by_kind.setdefault(ref.kind, []).append(ref)
+    loc = location_of(root, opts)
+    ref = build_experiment_report.with_options(**_standalone_options(loc))(
+        doc.get("config", {}), by_kind.get("sae", []), by_kind.get("analysis", []),
+        by_kind.get("merge", []), by_kind.get("steering", []), options or ReportOptions(), loc,
+    )  # fmt: skip
+    get_run_logger().info("report: %s", ref.summary.get("page"))
+    return ref

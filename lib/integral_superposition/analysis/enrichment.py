@@ -1,0 +1,362 @@
+"""Label enrichment of latents: multi-class one-sided Fisher exact tests, vectorised.
+
+For latent ``j`` and label ``c`` the 2x2 table is
+
+    =================  ===============  =====================
+    .                  label c          other labels
+    in j's set         a                b = n_j - a
+    not in j's set     N_c - a          N - N_c - b
+    =================  ===============  =====================
+
+where ``j``'s set is its top-``n`` tokens (token level) or the documents where its maximum
+passes a threshold (document level), ``N`` the population and ``N_c`` the population with
+label ``c``. The one-sided (enrichment) Fisher p-value is the hypergeometric tail
+``P(X >= a)``, ``X ~ Hypergeom(N, N_c, n_j)`` (``scipy.stats.hypergeom.sf``), computed for
+all ``K x C`` pairs at once. Benjamini-Hochberg q-values (``scipy.stats.false_discovery_control``)
+are taken over every testable pair (latents with an empty set are reported, with p = q = 1,
+but are not counted as tests).
+
+Odds ratios are Haldane-corrected (0.5 added to each cell), so they are finite for empty
+cells. The AUROC of a latent's activation as a score for label ``c`` over all tokens comes
+from the per-(latent, label) log10 activation histogram of the scan (exact for the
+zero/non-zero split, ties inside a bin counted half).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import false_discovery_control, hypergeom
+
+from integral_superposition.analysis.scan import TopKSets
+
+__all__ = [
+    "auroc_from_hist",
+    "best_labels",
+    "document_enrichment",
+    "encode_label_array",
+    "enrichment_matrix",
+    "fisher_enrichment",
+    "fisher_table",
+]
+
+
+def encode_label_array(
+    labels: Any, label_names: Sequence[str] | None = None, name: str = "labels_global"
+) -> tuple[np.ndarray, list[str]]:
+    """Labels (ids or names; array, list or Series) -> ``(int64 ids [N], names [C])``."""
+    arr = labels.to_numpy() if isinstance(labels, pd.Series | pd.Index) else np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} has shape {arr.shape}: expected a 1-D array of labels")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: expected one label per token")
+    if np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_):
+        ids = arr.astype(np.int64)
+        if ids.min() < 0:
+            raise ValueError(f"{name}: label ids must be non-negative, found {int(ids.min())}")
+        n = int(ids.max()) + 1
+        names = list(label_names) if label_names is not None else [str(i) for i in range(n)]
+        if len(names) < n:
+            raise ValueError(
+                f"label_names has {len(names)} names, but {name} uses ids up to {n - 1}"
+            )
+        return ids, [str(x) for x in names]
+    if label_names is not None:
+        names = [str(x) for x in label_names]
+        index = {n: i for i, n in enumerate(names)}
+        ids = np.array([index.get(str(v), -1) for v in arr], dtype=np.int64)
+        if (ids < 0).any():
+            bad = sorted({str(v) for v in arr[ids < 0]})[:5]
+            raise ValueError(f"{name} has labels {bad} not in label_names={names}")
+        return ids, names
+    codes, uniques = pd.factorize(pd.Series(arr).astype(str), sort=True)
+    return codes.astype(np.int64), [str(u) for u in uniques]
+
+
+def _check_two_classes(counts: np.ndarray, names: Sequence[str], name: str) -> None:
+    present = np.flatnonzero(counts > 0)
+    if present.size < 2:
+        only = names[int(present[0])] if present.size else None
+        raise ValueError(
+            f"{name} has a single class ({only!r}): enrichment needs at least two labels "
+            "that occur among the tokens"
+        )
+
+
+def auroc_from_hist(
+    label_hist: np.ndarray, label_counts: np.ndarray, block: int = 2048
+) -> np.ndarray:
+    """AUROC of each latent's activation as a score for each label, ``float64 [K, C]``.
+
+    ``label_hist``: ``[K, C, n_bins]`` counts of firing activations on increasing bins;
+    ``label_counts``: ``[C]`` tokens per label. Non-firing tokens form a bin below all others.
+    """
+    K, C, _ = label_hist.shape
+    N = float(label_counts.sum())
+    out = np.full((K, C), np.nan)
+    for a in range(0, K, block):
+        h = label_hist[a : a + block].astype(np.float64)
+        zeros = label_counts[None, :] - h.sum(2)
+        pos = np.concatenate([zeros[..., None], h], 2)  # [k, C, nb+1]
+        neg = pos.sum(1, keepdims=True) - pos
+        below = np.cumsum(neg, 2) - neg
+        u = (pos * (below + 0.5 * neg)).sum(2)
+        denom = label_counts * (N - label_counts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[a : a + block] = np.where(denom > 0, u / denom, np.nan)
+    return out
+
+
+def fisher_table(
+    in_set: np.ndarray,
+    set_size: np.ndarray,
+    label_counts: np.ndarray,
+    label_names: Sequence[str],
+    *,
+    level: str = "token",
+    auroc: np.ndarray | None = None,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """The tidy enrichment table from counts: ``in_set [K, C]`` (set members with label c),
+    ``set_size [K]``, ``label_counts [C]``. One row per (latent, label)."""
+    a = np.asarray(in_set, dtype=np.int64)
+    K, C = a.shape
+    n = np.asarray(set_size, dtype=np.int64)[:, None]
+    Nc = np.asarray(label_counts, dtype=np.int64)[None, :]
+    N = int(label_counts.sum())
+    p = hypergeom.sf(a - 1, N, Nc, n)
+    p = np.clip(np.where(n > 0, p, 1.0), 0.0, 1.0)
+    testable = np.broadcast_to(n > 0, (K, C))
+    q = np.ones((K, C))
+    if testable.any():
+        q[testable] = false_discovery_control(p[testable], method="bh")
+    b = n - a
+    c = Nc - a
+    d = N - Nc - b
+    odds = ((a + 0.5) * (d + 0.5)) / ((b + 0.5) * (c + 0.5))
+    log_odds = np.log(odds)
+    se = np.sqrt(1 / (a + 0.5) + 1 / (b + 0.5) + 1 / (c + 0.5) + 1 / (d + 0.5))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(n > 0, a / np.maximum(n, 1), np.nan)
+    base = Nc / max(N, 1)
+    fires = np.broadcast_to(n > 0, (K, C))
+    odds = np.where(fires, odds, np.nan)
+    log_odds = np.where(fires, log_odds, np.nan)
+    se = np.where(fires, se, np.nan)
+    purity = np.nanmax(np.where(fires, frac, -np.inf), axis=1)
+    purity = np.where(n[:, 0] > 0, purity, np.nan)
+    cat = pd.Categorical.from_codes(np.tile(np.arange(C), K), categories=list(label_names))
+    table = pd.DataFrame(
+        {
+            "latent": np.repeat(np.arange(K, dtype=np.int64), C),
+            "label": cat,
+            "label_id": np.tile(np.arange(C, dtype=np.int64), K),
+            "level": level,
+            "set_size": np.repeat(n[:, 0], C),
+            "in_set": a.ravel(),
+            "label_total": np.tile(Nc[0], K),
+            "population": N,
+            "frac_in_set": frac.ravel(),
+            "base_rate": np.tile(base[0], K),
+            "lift": (frac / base).ravel(),
+            "odds_ratio": odds.ravel(),
+            "log_odds": log_odds.ravel(),
+            "log_odds_se": se.ravel(),
+            "p": p.ravel(),
+            "q": q.ravel(),
+            "significant": (q < alpha).ravel() & fires.ravel(),
+            "purity": np.repeat(purity, C),
+            "auroc": (auroc if auroc is not None else np.full((K, C), np.nan)).ravel(),
+            "fires": fires.ravel(),
+        }
+    )
+    table["level"] = table["level"].astype("category")
+    return table
+
+
+def _top_rows_and_latents(top_sets: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Flatten any accepted top-set form to ``(latent ids, row ids, K)``."""
+    if isinstance(top_sets, TopKSets):
+        K = top_sets.n_latents
+        lat = np.repeat(np.arange(K), top_sets.n)
+        rows = top_sets.rows.ravel()
+        ok = rows >= 0
+        return lat[ok], rows[ok], K
+    if isinstance(top_sets, Mapping):
+        keys = [int(k) for k in top_sets]
+        if any(k < 0 for k in keys):
+            raise ValueError("top_sets: latent keys must be non-negative")
+        K = max(keys) + 1 if keys else 0
+        items = [
+            (int(k), np.asarray(list(v) if isinstance(v, set) else v, dtype=np.int64))
+            for k, v in top_sets.items()
+        ]
+    elif isinstance(top_sets, Sequence):
+        K = len(top_sets)
+        items = [
+            (j, np.asarray(sorted(v) if isinstance(v, set) else v, dtype=np.int64).ravel())
+            for j, v in enumerate(top_sets)
+        ]
+    else:
+        raise TypeError(
+            f"top_sets={type(top_sets).__name__}: expected TopKSets, a list of sets/arrays or a "
+            "{latent: row ids} mapping"
+        )
+    if not items:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), K
+    lat = np.concatenate([np.full(v.size, k, dtype=np.int64) for k, v in items])
+    rows = np.concatenate([v for _, v in items])
+    return lat, rows, K
+
+
+def fisher_enrichment(
+    top_sets: Any,
+    labels_global: Any,
+    *,
+    label_names: Sequence[str] | None = None,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Token-level enrichment of each latent's top set for each label (the seed's call, multi-class).
+
+    ``top_sets``: a :class:`TopKSets` (from :func:`topk_sets_per_latent`), the seed's list of
+    row-id sets, or a ``{latent: row ids}`` mapping. ``labels_global``: one label (id or
+    name) per token, aligned with the rows the top sets index. Returns the tidy table
+    (one row per latent x label): ``latent, label, label_id, level, set_size, in_set,
+    label_total, population, frac_in_set, base_rate, lift, odds_ratio, log_odds,
+    log_odds_se, p, q, significant, purity, auroc, fires``.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha}: expected a significance level in (0, 1)")
+    if label_names is None and isinstance(top_sets, TopKSets):
+        label_names = top_sets.label_names
+    ids, names = encode_label_array(labels_global, label_names)
+    lat, rows, K = _top_rows_and_latents(top_sets)
+    population = ids
+    if isinstance(top_sets, TopKSets):
+        if top_sets.row_index is not None:
+            if ids.size <= int(top_sets.row_index.max(initial=0)):
+                raise ValueError(
+                    f"labels_global has {ids.size} labels, but the top sets index rows up to "
+                    f"{int(top_sets.row_index.max())}: expected one label per stored token"
+                )
+            population = ids[top_sets.row_index]
+        elif ids.size != top_sets.n_tokens:
+            raise ValueError(
+                f"labels_global has {ids.size} labels, but the top sets were computed over "
+                f"{top_sets.n_tokens} tokens: expected one label per scanned token, in row order"
+            )
+    if rows.size and (rows.min() < 0 or rows.max() >= ids.size):
+        raise ValueError(
+            f"top_sets index rows up to {int(rows.max())}, but labels_global has only {ids.size} "
+            "labels: labels and activations are not aligned"
+        )
+    C = len(names)
+    counts = np.bincount(population, minlength=C)
+    _check_two_classes(counts, names, "labels_global")
+    in_set = np.bincount(lat * C + ids[rows], minlength=K * C).reshape(K, C)
+    set_size = in_set.sum(1)
+    auroc = None
+    if (
+        isinstance(top_sets, TopKSets)
+        and top_sets.label_hist is not None
+        and top_sets.label_hist.shape[1] == C
+    ):
+        auroc = auroc_from_hist(top_sets.label_hist, top_sets.label_counts)
+    return fisher_table(in_set, set_size, counts, names, level="token", auroc=auroc, alpha=alpha)
+
+
+def document_enrichment(
+    doc_pairs: np.ndarray,
+    doc_labels: Any,
+    n_latents: int,
+    *,
+    label_names: Sequence[str] | None = None,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Document-level enrichment: latent ``j``'s set is the documents where it fires.
+
+    ``doc_pairs``: int ``[P, 2]`` distinct ``(doc_id, latent)`` pairs (from
+    :func:`~integral_superposition.analysis.scan.scan_latents` with ``doc_threshold``);
+    ``doc_labels``: the documents and their labels - a DataFrame with ``doc_id`` and
+    ``label`` (or ``label_name``) columns, or a Series indexed by doc id. The population is
+    every document in ``doc_labels``. The AUROC column is that of the firing indicator.
+    """
+    if isinstance(doc_labels, pd.DataFrame):
+        if "doc_id" not in doc_labels:
+            raise ValueError("doc_labels: expected a 'doc_id' column")
+        col = "label_name" if "label_name" in doc_labels else "label"
+        if col not in doc_labels:
+            raise ValueError("doc_labels: expected a 'label' or 'label_name' column")
+        doc_index = doc_labels["doc_id"].to_numpy(dtype=np.int64)
+        values = doc_labels[col]
+    elif isinstance(doc_labels, pd.Series):
+        doc_index = doc_labels.index.to_numpy(dtype=np.int64)
+        values = doc_labels
+    else:
+        raise TypeError(
+            f"doc_labels={type(doc_labels).__name__}: expected a DataFrame (doc_id, label) or a "
+            "Series indexed by doc_id"
+        )
+    if np.unique(doc_index).size != doc_index.size:
+        raise ValueError("doc_labels: doc_id values must be unique (one label per document)")
+    ids, names = encode_label_array(values, label_names, name="doc_labels")
+    C = len(names)
+    counts = np.bincount(ids, minlength=C)
+    _check_two_classes(counts, names, "doc_labels")
+    pairs = np.asarray(doc_pairs, dtype=np.int64).reshape(-1, 2)
+    order = np.argsort(doc_index)
+    sorted_docs = doc_index[order]
+    pos = np.searchsorted(sorted_docs, pairs[:, 0])
+    found = (pos < sorted_docs.size) & (
+        sorted_docs[np.minimum(pos, sorted_docs.size - 1)] == pairs[:, 0]
+    )
+    if not found.all():
+        missing = np.unique(pairs[~found, 0])
+        raise ValueError(
+            f"doc_labels has no label for {missing.size} document ids that the activations "
+            f"contain (e.g. {missing[:5].tolist()}): labels and activations are not aligned"
+        )
+    if pairs.size and (pairs[:, 1].min() < 0 or pairs[:, 1].max() >= n_latents):
+        raise ValueError(f"doc_pairs: latent ids must lie in [0, {n_latents})")
+    lab = ids[order][pos]
+    in_set = np.bincount(pairs[:, 1] * C + lab, minlength=n_latents * C).reshape(n_latents, C)
+    set_size = in_set.sum(1)
+    N = counts.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = in_set / counts[None, :]
+        fpr = (set_size[:, None] - in_set) / (N - counts)[None, :]
+    auroc = 0.5 * (1 + tpr - fpr)
+    return fisher_table(in_set, set_size, counts, names, level="document", auroc=auroc, alpha=alpha)
+
+
+def enrichment_matrix(table: pd.DataFrame, value: str = "log_odds") -> pd.DataFrame:
+    """Pivot a tidy enrichment table to ``[latent, label]`` (e.g. for heatmaps)."""
+    return table.pivot(index="latent", columns="label", values=value)
+
+
+def best_labels(table: pd.DataFrame) -> pd.DataFrame:
+    """Per latent, the label with the smallest q (ties: largest log odds).
+
+    Columns: ``latent, best_label, best_label_id, q, p, log_odds, frac_in_set, purity,
+    auroc, set_size, significant``. Latents with an empty set get ``best_label`` NaN.
+    """
+    t = table.sort_values(["latent", "q", "log_odds"], ascending=[True, True, False])
+    best = t.drop_duplicates("latent", keep="first").set_index("latent")
+    out = pd.DataFrame(
+        {
+            "best_label": best["label"].astype(object).where(best["fires"], None),
+            "best_label_id": best["label_id"].where(best["fires"], -1),
+            "q": best["q"],
+            "p": best["p"],
+            "log_odds": best["log_odds"],
+            "frac_in_set": best["frac_in_set"],
+            "purity": best["purity"],
+            "auroc": best["auroc"],
+            "set_size": best["set_size"],
+            "significant": best["significant"],
+        }
+    )
+    return out.reset_index()

@@ -1,0 +1,684 @@
+"""``run_analysis``: everything the project knows about a trained SAE's latents, published as
+one output directory (tables, figures, dashboards, manifest last).
+
+Layout of ``out_uri``::
+
+    manifest.json                 kind "analysis": params, SAE and activation hashes, files
+    summary.json                  scalar metrics, L0 distribution, counts, timings
+    tables/latents.parquet        one row per latent: statistics, best label, 2-D map, cluster
+    tables/enrichment.parquet     tidy (latent, label, level) enrichment tests
+    tables/examples.parquet       top and quantile examples with context windows
+    tables/neighbours.parquet     co-activation Jaccard neighbours
+    tables/activation_hist.parquet  non-zero (latent, label, log10 bin) activation counts
+    tables/logit_lens.parquet     promoted / suppressed tokens (when a backend is given)
+    figures/*.png, figures/*.svg  density, L0, decoder geometry, 2-D map, heatmaps
+    dashboards/index.html         sortable, filterable index of the latents
+    dashboards/latents/NNNNN.html one self-contained page per latent
+
+It needs only the saved SAE and the stored activations (and, for the logit lens, a backend).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from integral_superposition import storage
+from integral_superposition.analysis import enrichment as enr
+from integral_superposition.analysis.jaccard_sparse import (
+    firing_matrix,
+    jaccard_dense,
+    jaccard_neighbours,
+)
+from integral_superposition.analysis.logit_lens import logit_lens_for_backend
+from integral_superposition.analysis.reducer import decoder_directions, reduce_2d
+from integral_superposition.analysis.scan import default_chunk_tokens, scan_latents
+from integral_superposition.analysis.stats import (
+    l0_distribution,
+    latent_table,
+    stats_from_scan,
+)
+from integral_superposition.analysis.top_tokens import (
+    collect_examples,
+    decode_tokens,
+    tokenizer_for,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+_STAGES = (
+    "contexts",
+    "enrichment",
+    "neighbours",
+    "map",
+    "logit_lens",
+    "tables",
+    "figures",
+    "dashboards",
+)
+
+__all__ = ["AnalysisParams", "AnalysisResult", "load_analysis", "resolve_labels", "run_analysis"]
+
+
+class AnalysisParams(BaseModel):
+    """What :func:`run_analysis` computes and how much of it."""
+
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
+
+    n_top: int = Field(20, ge=1)
+    """Top activating examples kept per latent (the top set of the token-level enrichment)."""
+    n_bands: int = Field(4, ge=0)
+    """Quantile bands of each latent's firing activations sampled below the top (0: none)."""
+    per_band: int = Field(5, ge=1)
+    """Examples sampled per quantile band."""
+    context_left: int = Field(8, ge=0)
+    """Tokens shown before each example token."""
+    context_right: int = Field(4, ge=0)
+    """Tokens shown after each example token."""
+    split: Literal["all", "train", "test"] = "all"
+    """Which rows of the store to analyse (the store's shared document-level split)."""
+    test_fraction: float = Field(0.05, gt=0, lt=1)
+    """Test fraction of that split (must match the one used in training to mean 'held out')."""
+    alpha: float = Field(0.05, gt=0, lt=1)
+    """Significance level for Benjamini-Hochberg q-values."""
+    doc_threshold: float = Field(0.0, ge=0)
+    """A latent fires in a document when its maximum over the document exceeds this."""
+    hist_bins: int = Field(96, ge=8)
+    """log10 activation bins (range 1e-4..1e4) for the AUROC and the dashboards' histograms."""
+    n_neighbours: int = Field(10, ge=1)
+    """Co-activation (Jaccard) neighbours listed per latent."""
+    firing_budget: int = Field(4_000_000, ge=0)
+    """Most non-zeros kept in the token firing sample for Jaccard (0: skip neighbours)."""
+    reducer: Literal["auto", "pca", "umap"] = "auto"
+    """2-D map method; ``auto`` is UMAP when umap-learn is installed, else PCA."""
+    map_input: Literal["decoder", "profiles"] = "decoder"
+    """Map decoder directions, or per-label log-odds profiles."""
+    logit_top: int = Field(10, ge=1)
+    """Promoted / suppressed tokens per latent in the logit lens (needs a backend)."""
+    dashboards: Literal["all", "alive", "none"] = "all"
+    """Which latents get a dashboard page (the index always lists every latent)."""
+    heatmap_per_label: int = Field(5, ge=1)
+    """Most enriched latents per label shown in the enrichment heatmap."""
+    coactivation_latents: int = Field(40, ge=2)
+    """Latents (the most frequently firing of the heatmap's) in the co-activation heatmap."""
+    enrichment: bool = True
+    """Run the label enrichment (needs at least two labels)."""
+    metrics: bool = True
+    """Also compute reconstruction metrics (EV, FVU, cosine) in the same pass (one decode per chunk)."""
+    chunk_tokens: int | None = Field(None, ge=1)
+    """Tokens per chunk (default: about 64 MiB of latent activations)."""
+    device: str = "auto"
+    """Torch device for the SAE: ``auto`` (CUDA when available), ``cpu``, ``cuda:0``, ..."""
+    seed: int = 0
+    """Seed of the reservoir sampling, the firing sample and the 2-D map."""
+
+
+# -- labels ------------------------------------------------------------------------------------
+def resolve_labels(store, labels: Any = None) -> tuple[np.ndarray, pd.DataFrame | None, list[str]]:
+    """Token label ids ``[N]``, document labels (``doc_id, label`` or None) and label names.
+
+    ``labels``: None (the store's), one label per stored token (array/Series/list), or a
+    DataFrame of document labels with ``doc_id`` and ``label`` columns. Raises when they do
+    not align with the store (length or document ids).
+    """
+    doc_ids = np.asarray(store.doc_ids)
+    if labels is None:
+        docs = store.docs
+        return (
+            np.asarray(store.labels, dtype=np.int64),
+            pd.DataFrame({"doc_id": docs["doc_id"].to_numpy(), "label": docs["label"].to_numpy()}),
+            list(store.label_names),
+        )
+    if isinstance(labels, pd.DataFrame):
+        if "doc_id" not in labels or "label" not in labels:
+            raise ValueError(
+                f"labels: a DataFrame needs 'doc_id' and 'label' columns, got {list(labels.columns)}"
+            )
+        ids, names = enr.encode_label_array(labels["label"], name="labels")
+        d = labels["doc_id"].to_numpy(dtype=np.int64)
+        if np.unique(d).size != d.size:
+            raise ValueError("labels: doc_id values must be unique (one label per document)")
+        order = np.argsort(d)
+        pos = np.searchsorted(d[order], doc_ids)
+        pos = np.minimum(pos, d.size - 1)
+        ok = d[order][pos] == doc_ids
+        if not ok.all():
+            missing = np.unique(doc_ids[~ok])
+            raise ValueError(
+                f"labels has no row for {missing.size} document ids of the store "
+                f"(e.g. {missing[:5].tolist()}): labels and activations are not aligned by doc_id"
+            )
+        token = ids[order][pos]
+        return token, pd.DataFrame({"doc_id": d, "label": ids}), names
+    ids, names = enr.encode_label_array(labels, name="labels")
+    if ids.size != store.n_tokens:
+        raise ValueError(
+            f"labels has {ids.size} entries, but the store has {store.n_tokens} tokens: expected "
+            "one label per stored token (or a DataFrame of doc_id, label)"
+        )
+    first = np.unique(doc_ids, return_index=True)
+    per_doc = pd.Series(ids).groupby(doc_ids).nunique()
+    docs = None
+    if (per_doc.to_numpy() == 1).all():
+        docs = pd.DataFrame({"doc_id": first[0], "label": ids[first[1]]})
+    else:
+        log.info("labels vary inside documents: skipping the document-level enrichment")
+    return ids, docs, names
+
+
+# -- writing -----------------------------------------------------------------------------------
+class _Publisher:
+    """Writes data files under ``out_uri`` (atomically each), remembers them for the manifest,
+    and removes them again if the run fails."""
+
+    def __init__(self, out_uri: str, storage_options: Mapping[str, Any] | None):
+        self.out, self.opts = out_uri, storage_options
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def write(self, name: str, data: bytes) -> str:
+        uri = storage.join(self.out, name)
+        storage.write_bytes(uri, data, self.opts)
+        self.files[name] = storage.file_entry(uri, data)
+        return uri
+
+    def parquet(self, name: str, df: pd.DataFrame) -> str:
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        return self.write(name, buf.getvalue())
+
+    def json(self, name: str, obj: Any) -> str:
+        return self.write(name, storage.canonical_json(obj, indent=2).encode())
+
+    def figure(self, name: str, fig) -> None:
+        from integral_superposition.viz.figures import close_figure, figure_bytes
+
+        try:
+            for fmt in ("png", "svg"):
+                self.write(f"{name}.{fmt}", figure_bytes(fig, fmt))
+        finally:
+            close_figure(fig)
+
+    def rollback(self) -> None:
+        for name in self.files:
+            try:
+                storage.remove(storage.join(self.out, name), self.opts, recursive=False)
+            except Exception as e:  # best effort: the manifest was never written
+                log.warning("could not remove %s after a failed analysis: %s", name, e)
+
+
+@dataclass
+class _Progress:
+    """``on_progress(done, total)``: one unit per scanned chunk, then one per later stage."""
+
+    fn: ProgressFn | None
+    total: int
+    done: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.perf_counter)
+
+    def set(self, done: int) -> None:
+        self.done = min(self.total, done)
+        if self.fn is not None:
+            self.fn(self.done, self.total)
+
+    def step(self, name: str, n: int = 1) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._t, 3)
+        self._t = now
+        self.set(self.done + n)
+
+
+def _load_inputs(sae_uri: Any, store_uri: Any, storage_options):
+    from integral_superposition.dump.store import ActivationStore
+    from integral_superposition.sae import SparseAutoencoder, load_sae, read_sae_manifest
+
+    if isinstance(sae_uri, SparseAutoencoder):
+        sae, sae_info = sae_uri, {"uri": None, "content_hash": None}
+    else:
+        sae = load_sae(str(sae_uri), storage_options=storage_options)
+        try:
+            m = read_sae_manifest(str(sae_uri), storage_options)
+            sae_info = {"uri": str(sae_uri), "content_hash": m.get("content_hash")}
+        except (FileNotFoundError, ValueError):  # a SAELens/sparsify folder without our manifest
+            sae_info = {"uri": str(sae_uri), "content_hash": None}
+    store = (
+        store_uri
+        if isinstance(store_uri, ActivationStore)
+        else ActivationStore(store_uri, storage_options=storage_options)
+    )
+    if store.d_model != sae.d_in:
+        raise ValueError(
+            f"sae.d_in={sae.d_in} does not match the store's d_model={store.d_model} ({store.uris}): "
+            "the SAE was trained on another model or hook point"
+        )
+    return sae, sae_info, store
+
+
+def _top_tokens_text(examples, token_text: Mapping[int, str], K: int, n: int = 3) -> list[str]:
+    """The first ``n`` top-example tokens of each latent, joined (for tables and the index)."""
+    top = examples.kind < 0
+    lat = examples.latents[top]
+    rank = examples.rank[top]
+    tok = examples.token_ids[top, examples.center]
+    sel = rank < n
+    parts: list[list[str]] = [[] for _ in range(K)]
+    order = np.lexsort((rank[sel], lat[sel]))
+    for j, t in zip(lat[sel][order].tolist(), tok[sel][order].tolist(), strict=True):
+        parts[j].append(token_text.get(t, f"<{t}>"))
+    return [" | ".join(p) for p in parts]
+
+
+def run_analysis(
+    sae_uri: Any,
+    store_uri: Any,
+    out_uri: str,
+    params: AnalysisParams | Mapping[str, Any] | None = None,
+    *,
+    backend: Any = None,
+    labels: Any = None,
+    clusters: np.ndarray | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Analyse the latents of the SAE at ``sae_uri`` on the activations at ``store_uri`` and
+    publish tables, figures and dashboards to ``out_uri``; returns the manifest.
+
+    ``backend`` (optional) adds the logit lens and the tokenizer (else the tokenizer named in
+    the store manifest is loaded). ``labels`` overrides the store's labels (one per token, or
+    a DataFrame ``doc_id, label``). ``clusters`` (``int[K]``, e.g. merge clusters) colours a
+    second map and fills the index's cluster column. Inputs are checked before anything is
+    written; on failure the files written so far are removed and no manifest is published.
+    """
+    from integral_superposition import viz
+
+    p = params if isinstance(params, AnalysisParams) else AnalysisParams(**dict(params or {}))
+    sae, sae_info, store = _load_inputs(sae_uri, store_uri, storage_options)
+    K = sae.d_sae
+    mask = None if p.split == "all" else store.split_mask(p.split, p.test_fraction, p.seed)
+    n_rows = store.n_tokens if mask is None else int(mask.sum())
+    if p.n_top > n_rows:
+        raise ValueError(
+            f"n_top={p.n_top}: more top examples per latent than the {n_rows} tokens of the "
+            f"{p.split!r} split"
+        )
+    token_labels, doc_labels, label_names = resolve_labels(store, labels)
+    if p.enrichment:
+        present = np.unique(token_labels if mask is None else token_labels[mask])
+        if present.size < 2:
+            raise ValueError(
+                f"labels have a single class ({label_names[int(present[0])]!r}) in the analysed "
+                "tokens: enrichment needs at least two; pass enrichment=False to analyse an "
+                "unlabelled store"
+            )
+    if clusters is not None:
+        clusters = np.asarray(clusters)
+        if clusters.shape != (K,):
+            raise ValueError(
+                f"clusters has shape {clusters.shape}: expected ({K},), one per latent"
+            )
+    if storage.exists(storage.join(out_uri, storage.MANIFEST_NAME), storage_options):
+        # Readers must never see the old manifest next to new files.
+        storage.remove(
+            storage.join(out_uri, storage.MANIFEST_NAME), storage_options, recursive=False
+        )
+
+    chunk = p.chunk_tokens or default_chunk_tokens(K)
+    n_chunks = -(-store.n_tokens // chunk)
+    prog = _Progress(on_progress, n_chunks + len(_STAGES))
+    pub = _Publisher(out_uri, storage_options)
+    try:
+        manifest = _run(
+            p, sae, sae_info, store, out_uri, backend, token_labels, doc_labels, label_names,
+            clusters, mask, chunk, prog, pub, storage_options, viz,
+        )  # fmt: skip
+    except BaseException:
+        pub.rollback()
+        raise
+    return manifest
+
+
+def _run(
+    p, sae, sae_info, store, out_uri, backend, token_labels, doc_labels, label_names,
+    clusters, mask, chunk, prog, pub, storage_options, viz,
+) -> dict[str, Any]:  # fmt: skip
+    K = sae.d_sae
+    t_start = time.perf_counter()
+    n_chunks = prog.total - len(_STAGES)
+    scan = scan_latents(
+        sae,
+        store,
+        n_top=p.n_top,
+        n_bands=p.n_bands,
+        per_band=p.per_band,
+        labels=token_labels,
+        label_names=label_names,
+        hist_bins=p.hist_bins,
+        doc_threshold=p.doc_threshold if doc_labels is not None else None,
+        firing_budget=p.firing_budget,
+        metrics=p.metrics,
+        mask=mask,
+        chunk_tokens=chunk,
+        device=p.device,
+        seed=p.seed,
+        on_progress=lambda done, _total: prog.set(done),
+    )
+    prog.done = n_chunks
+    prog.step("scan", 0)
+    top = scan.top
+
+    tokenizer = tokenizer_for(store, backend)
+    examples = collect_examples(
+        sae, store, top, p.context_left, p.context_right, device=p.device, chunk_tokens=chunk
+    )
+    prog.step("contexts")
+
+    stats = stats_from_scan(scan)
+    table = latent_table(stats, sae.W_dec)
+    summary: dict[str, Any] = {
+        "n_latents": K,
+        "n_tokens": int(top.n_tokens),
+        "split": p.split,
+        "metrics": stats.summary(),
+        "l0": l0_distribution(scan.l0_counts),
+        "n_dead": int(table["dead"].sum()),
+        "dead_latents": table.loc[table["dead"], "latent"].tolist(),
+        "labels": label_names,
+        "tokenizer": None if tokenizer is None else type(tokenizer).__name__,
+    }
+    enrich_frames = []
+    if p.enrichment:
+        tok_table = enr.fisher_enrichment(top, token_labels, label_names=label_names, alpha=p.alpha)
+        enrich_frames.append(tok_table)
+        best = enr.best_labels(tok_table)
+        table = table.merge(
+            best[["latent", "best_label", "q", "log_odds", "purity", "auroc", "significant"]],
+            on="latent",
+            how="left",
+        )
+        if scan.doc_pairs is not None and doc_labels is not None:
+            scanned_docs = (
+                np.unique(np.asarray(store.doc_ids)[top.row_index])
+                if top.row_index is not None
+                else None
+            )
+            dl = (
+                doc_labels
+                if scanned_docs is None
+                else doc_labels[doc_labels["doc_id"].isin(scanned_docs)]
+            )
+            doc_table = enr.document_enrichment(
+                scan.doc_pairs, dl, K, label_names=label_names, alpha=p.alpha
+            )
+            enrich_frames.append(doc_table)
+            dbest = enr.best_labels(doc_table)[["latent", "best_label", "q", "log_odds"]]
+            table = table.merge(
+                dbest.rename(
+                    columns={
+                        "best_label": "doc_best_label",
+                        "q": "doc_q",
+                        "log_odds": "doc_log_odds",
+                    }
+                ),
+                on="latent",
+                how="left",
+            )
+        sig = tok_table[tok_table["significant"]]
+        summary["significant_latents_per_label"] = {
+            str(k): int(v)
+            for k, v in sig.groupby("label", observed=False)["latent"].nunique().items()
+        }
+        summary["n_significant_latents"] = int(sig["latent"].nunique())
+    enrichment_table = pd.concat(enrich_frames, ignore_index=True) if enrich_frames else None
+    prog.step("enrichment")
+
+    neighbours = None
+    if p.firing_budget and scan.firing_rows is not None and scan.firing_rows.size:
+        F = firing_matrix(scan.firing_rows, scan.firing_latents, K)
+        neighbours = jaccard_neighbours(F, p.n_neighbours)
+        summary["firing_sample"] = {
+            "rate": scan.firing_rate,
+            "nnz": int(F.nnz),
+            "rows": int(F.shape[0]),
+        }
+    prog.step("neighbours")
+
+    if p.map_input == "profiles" and enrichment_table is not None:
+        prof = enr.enrichment_matrix(enrichment_table[enrichment_table["level"] == "token"])
+        X = np.nan_to_num(prof.to_numpy(dtype=np.float64))
+    else:
+        X = decoder_directions(sae.W_dec)
+    coords, method = reduce_2d(X, p.reducer, random_state=p.seed)
+    table["x"], table["y"] = coords[:, 0], coords[:, 1]
+    summary["map"] = {"method": method, "input": p.map_input}
+    if clusters is not None:
+        table["cluster"] = clusters
+    prog.step("map")
+
+    lens = None
+    lens_frame = None
+    if backend is not None and hasattr(backend, "output_embedding"):
+        lens = logit_lens_for_backend(sae, backend, top=p.logit_top)
+    prog.step("logit_lens")
+
+    ids = [examples.token_ids.ravel()]
+    if lens is not None:
+        ids += [lens.promoted_ids.ravel(), lens.suppressed_ids.ravel()]
+    token_text = decode_tokens(tokenizer, np.concatenate(ids))
+    table["top_tokens"] = _top_tokens_text(examples, token_text, K)
+    if lens is not None:
+        lens_frame = lens.to_frame(token_text)
+        table["promoted_tokens"] = [
+            " ".join(token_text.get(int(t), "") for t in row[:5]) for row in lens.promoted_ids
+        ]
+
+    # -- tables --------------------------------------------------------------------------------
+    pub.parquet("tables/latents.parquet", table)
+    if enrichment_table is not None:
+        pub.parquet("tables/enrichment.parquet", enrichment_table)
+    doc_of = np.asarray(store.doc_ids)
+    pos_of = np.asarray(store.positions)
+    pub.parquet(
+        "tables/examples.parquet",
+        pd.DataFrame(
+            {
+                "latent": examples.latents,
+                "kind": np.where(examples.kind < 0, "top", "quantile"),
+                "band": examples.kind.astype(np.int16),
+                "rank": examples.rank,
+                "row": examples.rows,
+                "value": examples.values,
+                "doc_id": doc_of[examples.rows],
+                "position": pos_of[examples.rows],
+                "token_id": examples.token_ids[:, examples.center],
+                "window_token_ids": list(examples.token_ids),
+                "window_acts": list(examples.acts),
+            }
+        ),
+    )
+    if neighbours is not None:
+        pub.parquet("tables/neighbours.parquet", neighbours.to_frame())
+    if top.label_hist is not None:
+        j, c, b = np.nonzero(top.label_hist)
+        pub.parquet(
+            "tables/activation_hist.parquet",
+            pd.DataFrame(
+                {
+                    "latent": j,
+                    "label_id": c,
+                    "bin": b,
+                    "log10_lo": top.hist_edges[b],
+                    "count": top.label_hist[j, c, b],
+                }
+            ),
+        )
+    if lens_frame is not None:
+        pub.parquet("tables/logit_lens.parquet", lens_frame)
+    prog.step("tables")
+
+    # -- figures -------------------------------------------------------------------------------
+    from integral_superposition.viz import distributions, heatmaps, maps
+
+    pub.figure("figures/density_hist", distributions.density_histogram(table["density"].to_numpy()))
+    pub.figure("figures/l0_hist", distributions.l0_histogram(scan.l0_counts))
+    pub.figure("figures/decoder_geometry", distributions.decoder_geometry_figure(table))
+    pub.figure(
+        "figures/latent_map",
+        maps.latent_map(
+            coords,
+            best_label=table["best_label"].to_numpy() if "best_label" in table else None,
+            q=table["q"].to_numpy() if "q" in table else None,
+            label_names=label_names,
+            dead=table["dead"].to_numpy(),
+            alpha=p.alpha,
+            title=f"SAE latents ({method.upper()} of {'decoder directions' if p.map_input == 'decoder' else 'label profiles'})",
+        ),
+    )
+    if clusters is not None:
+        pub.figure(
+            "figures/latent_map_clusters",
+            maps.latent_map(
+                coords,
+                clusters=clusters,
+                dead=table["dead"].to_numpy(),
+                title="SAE latents by cluster",
+            ),
+        )
+    if enrichment_table is not None:
+        tok = enrichment_table[enrichment_table["level"] == "token"]
+        pub.figure(
+            "figures/enrichment_heatmap",
+            heatmaps.enrichment_heatmap(tok, per_label=p.heatmap_per_label, alpha=p.alpha),
+        )
+        chosen = heatmaps.select_enriched_latents(tok, p.heatmap_per_label)
+    else:
+        chosen = table.sort_values("fire_count", ascending=False)["latent"].to_numpy()[
+            : p.coactivation_latents
+        ]
+    if scan.firing_rows is not None and scan.firing_rows.size and len(chosen) >= 2:
+        sel = np.asarray(chosen)[: p.coactivation_latents]
+        F = firing_matrix(scan.firing_rows, scan.firing_latents, K)
+        pub.figure(
+            "figures/coactivation_heatmap",
+            heatmaps.coactivation_heatmap(jaccard_dense(F[:, sel]), sel),
+        )
+    prog.step("figures")
+
+    # -- dashboards ----------------------------------------------------------------------------
+    if p.dashboards != "none":
+        data = viz.panels.DashboardData.build(
+            table=table,
+            examples=examples,
+            token_text=token_text,
+            top=top,
+            enrichment=enrichment_table,
+            neighbours=neighbours,
+            lens=lens,
+            label_names=label_names,
+            title=f"SAE latents - {store.model_info.get('model_id', '')} {store.hook_point}",
+        )
+        latents = None if p.dashboards == "all" else table.loc[~table["dead"], "latent"].to_numpy()
+        files = viz.panels.write_dashboards(
+            storage.join(out_uri, "dashboards"),
+            data,
+            latents=latents,
+            storage_options=storage_options,
+        )
+        for name, entry in files.items():
+            pub.files[f"dashboards/{name}"] = entry
+    prog.step("dashboards")
+
+    summary["timings_s"] = dict(prog.timings)
+    summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    pub.json("summary.json", summary)
+    manifest = storage.write_manifest(
+        out_uri,
+        "analysis",
+        p,
+        pub.files,
+        storage_options,
+        sae=sae_info,
+        activations={
+            "uris": list(store.uris),
+            "content_hash": store.content_hash,
+            "hook_point": store.hook_point,
+        },
+        model=store.model_info,
+        summary={
+            k: summary[k] for k in ("n_latents", "n_tokens", "n_dead", "metrics") if k in summary
+        },
+    )
+    return manifest
+
+
+# -- reading -----------------------------------------------------------------------------------
+class AnalysisResult:
+    """A published analysis, read lazily: ``manifest``, ``summary``, the tables as DataFrames,
+    and figure bytes."""
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
+        self.uri = uri
+        self.storage_options = storage_options
+        self.manifest = storage.read_manifest(uri, storage_options, kind="analysis")
+        self._cache: dict[str, Any] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+    def read(self, name: str) -> bytes:
+        if not self.has(name):
+            raise FileNotFoundError(f"{self.uri!r} has no {name!r}")
+        return storage.read_bytes(storage.join(self.uri, name), self.storage_options)
+
+    def table(self, name: str) -> pd.DataFrame | None:
+        """``latents``, ``enrichment``, ``examples``, ``neighbours``, ``activation_hist`` or
+        ``logit_lens`` (None when this run did not produce it)."""
+        key = f"tables/{name}.parquet"
+        if key not in self._cache:
+            self._cache[key] = (
+                pd.read_parquet(io.BytesIO(self.read(key))) if self.has(key) else None
+            )
+        return self._cache[key]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        if "summary" not in self._cache:
+            self._cache["summary"] = json.loads(self.read("summary.json"))
+        return self._cache["summary"]
+
+    @property
+    def latents(self) -> pd.DataFrame:
+        return self.table("latents")
+
+    @property
+    def enrichment(self) -> pd.DataFrame | None:
+        return self.table("enrichment")
+
+    def figure(self, name: str, fmt: str = "png") -> bytes | None:
+        key = f"figures/{name}.{fmt}"
+        return self.read(key) if self.has(key) else None
+
+    def dashboard_uri(self, latent: int | None = None) -> str | None:
+        """URI of the index page, or of latent ``latent``'s page (None when not written)."""
+        from integral_superposition.viz.panels import latent_page_name
+
+        name = (
+            "dashboards/index.html" if latent is None else f"dashboards/{latent_page_name(latent)}"
+        )
+        return storage.join(self.uri, name) if self.has(name) else None
+
+
+def load_analysis(uri: str, storage_options: Mapping[str, Any] | None = None) -> AnalysisResult:
+    """Open a published analysis output."""
+    return AnalysisResult(uri, storage_options)

@@ -1,0 +1,552 @@
+"""``ExperimentConfig``: one experiment, from the data to the report, as one validated config.
+
+An experiment dumps activations of a dataset through a model, trains one or more SAEs on
+them (a base :class:`~integral_superposition.config.SAEConfig` plus an optional sweep over
+its fields and layers), analyses, merges and steers each SAE, and writes one report. Every
+output goes under the run root ``{storage}/{name}/{run}/``::
+
+    config.yaml           the resolved config (storage options left out)
+    acts/                 the activation store (partition dumps under acts/part-III-of-NNN/)
+    sae/<sae name>/       one SAELens-format folder per SAE
+    checkpoints/<...>/    training checkpoints (resumed by a retried training task)
+    analysis/<sae name>/  tables, figures, dashboards
+    merge/<sae name>/     the merged SAE and its evaluation
+    steering/<sae name>/  the steering evaluation
+    report/report.html    the experiment report
+    results.csv           the enrichment summary of every SAE (Parquet next to it)
+    run.json              the index of the run's outputs, written last
+
+Configs load from YAML (:func:`load_config`), from a named preset (:func:`load_preset`,
+``default`` and ``smoke``), and take dotted overrides (``sae.k=4096``). A bad value raises
+:class:`ConfigError` naming the field, the value and what was expected. This module is
+plain pydantic: it never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.resources
+import itertools
+import json
+import os
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from integral_superposition.analysis.run import AnalysisParams
+from integral_superposition.config import DumpConfig, Paths, SAEConfig
+from integral_superposition.merge.params import MergeParams
+from integral_superposition.steering.evaluate import SteeringParams
+
+__all__ = [
+    "PRESETS",
+    "ConfigError",
+    "DataSpec",
+    "ExperimentConfig",
+    "FanoutConfig",
+    "ModelSpec",
+    "ReportOptions",
+    "RetryConfig",
+    "SAEJob",
+    "StepsConfig",
+    "apply_overrides",
+    "json_schema",
+    "load_config",
+    "load_preset",
+    "make_run_id",
+    "resolve_config",
+    "schema_path",
+    "write_schema",
+]
+
+_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+PRESETS = ("default", "smoke")
+"""Presets shipped with the package (``presets/<name>.yaml``)."""
+
+
+class ConfigError(ValueError):
+    """An invalid experiment config; the message names every bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
+
+
+class DataSpec(_Section):
+    """Where the labelled texts come from (anything ``data.load_dataset_auto`` reads)."""
+
+    source: str = "demo:4000"
+    """``demo`` / ``demo:N`` (the built-in synthetic headlines), a CSV/TSV/Parquet/JSONL path or URI, ``kaggle:owner/name`` or ``hf:name``."""
+    text_col: str = "title"
+    """Column holding the texts."""
+    label_col: str | None = "topic"
+    """Column holding the labels (None: an unlabelled dataset; enrichment is then skipped)."""
+    filename: str | None = None
+    """File inside a Kaggle dataset."""
+    max_rows: int | None = Field(None, ge=1)
+    """Keep only the first N rows."""
+    balance: bool = False
+    """Down-sample every label to the rarest one's count."""
+    seed: int = 0
+    """Seed of the demo corpus and of balancing."""
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected a dataset source, e.g. 'demo:4000' or 'data/news.csv'")
+        return v
+
+    def is_file(self) -> bool:
+        """True when ``source`` names a file (a local path or a URI) rather than a dataset id."""
+        s = self.source
+        if s == "demo" or s.startswith(("demo:", "kaggle:", "hf:")):
+            return False
+        return "://" in s or os.path.exists(os.path.expanduser(s))
+
+    def load(self, storage_options: Mapping[str, Any] | None = None):
+        """The dataset as a validated DataFrame (``data.load_dataset_auto``)."""
+        from integral_superposition.data import load_dataset_auto
+
+        kwargs: dict[str, Any] = {"balance": self.balance, "seed": self.seed, "max_rows": self.max_rows}
+        if self.is_file():
+            kwargs["storage_options"] = dict(storage_options or {})
+        return load_dataset_auto(
+            self.source, self.text_col, self.label_col, filename=self.filename, **kwargs
+        )
+
+    def stamp(self, storage_options: Mapping[str, Any] | None = None) -> str:
+        """A cheap identity of the source's current content, without reading it: size and
+        modification time (or ETag) of a file, the spec itself for built-in or remote ids."""
+        if not self.is_file():
+            return f"id:{self.source}"
+        from integral_superposition import storage
+
+        fs, path = storage.get_fs(self.source, storage_options)
+        info = fs.info(path)
+        parts = [str(info.get(k)) for k in ("size", "ETag", "LastModified", "mtime") if info.get(k)]
+        return "file:" + ":".join(parts)
+
+
+class ModelSpec(_Section):
+    """Which model the activations come from, and where it runs."""
+
+    model_id: str = "gemma-3-270m"
+    """A hub id, a local directory, a ``.gguf`` file, ``gemma-3-270m`` (embedded, offline) or ``tiny:<family>``."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Compute dtype of the model (bf16 is about 3x faster than fp32 on recent CPUs and on GPUs)."""
+    device: str = "auto"
+    """``auto`` (the first CUDA device when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    device_map: str | dict[str, Any] | None = None
+    """Accelerate device map for a model larger than one device (``auto``, ``balanced``, or an explicit map); overrides ``device``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub."""
+
+    def resolved_device_map(self) -> str | dict[str, Any] | None:
+        """What the backend's ``from_pretrained(device_map=...)`` gets: the explicit map, the
+        CUDA device when ``device`` asks for one (or ``auto`` finds one), else None (CPU)."""
+        if self.device_map is not None:
+            return self.device_map
+        if self.device == "cpu":
+            return None
+        if self.device == "auto":
+            import torch
+
+            return "cuda:0" if torch.cuda.is_available() else None
+        return self.device
+
+
+class FanoutConfig(_Section):
+    """How the dump of a large corpus is spread: documents ``id % partitions == i`` go to
+    partition ``i``; the parts are combined into one store that training reads."""
+
+    partitions: int = Field(1, ge=1, le=4096)
+    """Number of partition dumps (1: a single dump)."""
+    mode: Literal["tasks", "deployments"] = "tasks"
+    """``tasks``: partitions run as tasks of the experiment flow; ``deployments``: each partition is a run of ``deployment`` on a worker (e.g. one GPU pod each)."""
+    deployment: str = "dump-partition/dump-partition-gpu"
+    """The ``flow-name/deployment-name`` that dumps one partition (``mode: deployments``)."""
+
+
+class StepsConfig(_Section):
+    """Which steps after training run."""
+
+    analyze: bool = True
+    """Analyse every SAE's latents (statistics, enrichment, dashboards)."""
+    merge: bool = True
+    """Merge redundant latents of every SAE and evaluate the merged SAE."""
+    steer_eval: bool = True
+    """Evaluate steering with every SAE's most enriched latents."""
+    report: bool = True
+    """Write the HTML report and the Prefect summary artifacts."""
+
+
+class ReportOptions(_Section):
+    """The experiment report."""
+
+    title: str | None = None
+    """Page title (default: the experiment name and run)."""
+    top_per_label: int = Field(10, ge=1)
+    """Most enriched latents listed per label."""
+    figure_width: int = Field(480, ge=64)
+    """Width in pixels of the PNGs embedded in the Prefect markdown summary."""
+
+
+class RetryConfig(_Section):
+    """Retries of transient failures (network and S3 errors, connection resets, CUDA errors a
+    restart fixes). Bad configs, shape mismatches, NaNs and out-of-memory errors never retry."""
+
+    retries: int = Field(3, ge=0)
+    """Retries per task."""
+    delay_s: float = Field(10.0, ge=0)
+    """Delay before the first retry; doubles with each further retry."""
+    jitter: float = Field(0.2, ge=0)
+    """Random jitter of the delays, as a fraction."""
+
+
+class SAEJob(BaseModel):
+    """One SAE of the experiment: its folder name, hook point and training config."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    hook_point: str
+    cfg: SAEConfig
+
+
+class ExperimentConfig(_Section):
+    """One experiment: data, model, dump, SAEs (with an optional sweep), the analysis, merge,
+    steering and report steps, and where everything is written."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        title="Integral Superposition experiment",
+    )
+
+    name: str = Field("demo", pattern=_NAME_RE)
+    """Experiment name: the folder under ``storage`` that holds its runs."""
+    run: str | None = Field(None, pattern=_NAME_RE)
+    """Run name: the folder under the experiment (default: a new timestamped id per run)."""
+    storage: str = "runs"
+    """Root of all outputs: a local directory or an fsspec URI such as ``s3://bucket/prefix``."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """fsspec options for ``storage`` (e.g. ``endpoint_url``). Credentials belong in the environment (AWS_* variables, a profile) or a Prefect block, not here."""
+    result_storage: str | None = "auto"
+    """Where Prefect keeps task results, the cache records that let a rerun skip finished steps: ``auto`` (``{storage}/{name}/.prefect-results`` for remote storage, Prefect's local default otherwise), a saved block slug such as ``remote-file-system/isup-results``, or None (Prefect's default)."""
+    data: DataSpec = Field(default_factory=DataSpec)
+    """The dataset."""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    """The model."""
+    dump: DumpConfig = Field(
+        default_factory=lambda: DumpConfig(layer=6, max_len=32, batch_size=64, dtype="bf16")
+    )
+    """Activation dump: hook points, truncation, batch size, storage dtype."""
+    fanout: FanoutConfig = Field(default_factory=FanoutConfig)
+    """Partitioned dumping for large corpora."""
+    sae: SAEConfig = Field(
+        default_factory=lambda: SAEConfig(
+            architecture="topk", k=2048, top_k=32, epochs=4, batch_size=1024, lr=4e-4,
+            lr_warmup_steps=20, checkpoint_every=100, log_every=20,
+        )  # fmt: skip
+    )
+    """The SAE (the base config of the sweep)."""
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    """Train one SAE per combination: SAEConfig field -> values (e.g. ``k: [1024, 4096]``), plus ``layer: [..]`` for dumped layers."""
+    paths: Paths = Field(default_factory=Paths)
+    """Folder names under the run root."""
+    steps: StepsConfig = Field(default_factory=StepsConfig)
+    """Which steps after training run."""
+    analysis: AnalysisParams = Field(default_factory=lambda: AnalysisParams(dashboards="alive"))
+    """Analysis parameters."""
+    merge: MergeParams = Field(default_factory=MergeParams)
+    """Merge parameters."""
+    steering: SteeringParams = Field(
+        default_factory=lambda: SteeringParams(
+            labels=["Sports", "Business"], strengths=[1.0, 2.0, 4.0], samples_per_prompt=1,
+            max_new_tokens=16, own_label_prompts=6,
+        )  # fmt: skip
+    )
+    """Steering evaluation parameters."""
+    report: ReportOptions = Field(default_factory=ReportOptions)
+    """Report options."""
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+    """Retries of transient failures."""
+    gpu_limit: str | None = "gpu"
+    """Global concurrency limit taken by every GPU step (a slot each); skipped when no limit of that name exists."""
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected a directory or an fsspec URI such as s3://bucket/prefix")
+        return v.rstrip("/") or v
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        allowed = set(SAEConfig.model_fields) | {"layer"}
+        for key, values in v.items():
+            if key not in allowed:
+                raise ValueError(
+                    f"sweep key {key!r}: expected 'layer', 'hook_point' or an SAEConfig field "
+                    f"({', '.join(sorted(SAEConfig.model_fields))})"
+                )
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"sweep.{key}={values!r}: expected a non-empty list of values")
+            if len(set(map(repr, values))) != len(values):
+                raise ValueError(f"sweep.{key}={values!r}: values must be distinct")
+        if "layer" in v and "hook_point" in v:
+            raise ValueError("sweep: give 'layer' or 'hook_point', not both")
+        return v
+
+    @model_validator(mode="after")
+    def _check_jobs(self) -> ExperimentConfig:
+        self.sae_jobs()  # raises on a sweep value or hook point that does not fit
+        return self
+
+    # -- derived ------------------------------------------------------------------------------
+    def sae_jobs(self) -> list[SAEJob]:
+        """The SAEs to train: the base ``sae`` for every combination of ``sweep`` values."""
+        hooks = self.dump.resolved_hook_points()
+        keys = list(self.sweep)
+        combos = list(itertools.product(*(self.sweep[k] for k in keys))) or [()]
+        jobs: list[SAEJob] = []
+        for combo in combos:
+            update = dict(zip(keys, combo, strict=True))
+            if "layer" in update:
+                update["hook_point"] = f"layer.{update.pop('layer')}"
+            base = self.sae.model_dump()
+            base.update(update)
+            base["hook_point"] = base.get("hook_point") or hooks[0]
+            try:
+                cfg = SAEConfig.model_validate(base)
+            except ValidationError as e:
+                where = ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo, strict=True))
+                raise ValueError(
+                    f"sweep ({where}): " + _describe_errors(e, prefix="sae")
+                ) from None
+            if cfg.hook_point not in hooks:
+                field = "sweep.layer" if "layer" in self.sweep else "sae.hook_point"
+                raise ValueError(
+                    f"{field}: hook point {cfg.hook_point!r} is not dumped; the dump has {hooks} "
+                    "(add it to dump.hook_points)"
+                )
+            jobs.append(SAEJob(name=_job_name(cfg, update, len(hooks) > 1), hook_point=cfg.hook_point, cfg=cfg))
+        names = [j.name for j in jobs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sweep: two SAEs get the same name ({names})")
+        return jobs
+
+    def experiment_root(self) -> str:
+        """``{storage}/{name}``: the folder holding every run of this experiment."""
+        from integral_superposition import storage
+
+        return storage.join(self.storage, self.name)
+
+    def run_root(self, run: str | None = None) -> str:
+        """``{storage}/{name}/{run}``."""
+        from integral_superposition import storage
+
+        run = run or self.run
+        if not run:
+            raise ValueError("run: no run name (set `run`, or let the flow make one)")
+        return storage.join(self.storage, self.name, run)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as JSON-able data without storage options (they may hold secrets)."""
+        d = self.model_dump(mode="json")
+        if d.get("storage_options"):
+            d["storage_options"] = {k: "***" for k in d["storage_options"]}
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.public_dict(), sort_keys=False)
+
+
+def _job_name(cfg: SAEConfig, swept: Mapping[str, Any], several_hooks: bool) -> str:
+    hook = re.sub(r"[^A-Za-z0-9]+", "", cfg.hook_point or "")
+    parts = [hook, cfg.architecture, f"k{cfg.k}"]
+    if cfg.architecture in ("topk", "batchtopk") and "top_k" in swept:
+        parts.append(f"top{cfg.top_k}")
+    for key, value in swept.items():
+        if key in ("hook_point", "architecture", "k", "top_k"):
+            continue
+        parts.append(f"{key}{value}".replace("/", "-"))
+    return "-".join(str(p) for p in parts if p)
+
+
+# -- errors ------------------------------------------------------------------------------------
+def _describe_errors(e: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in e.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+        if prefix:
+            loc = f"{prefix}.{loc}" if err["loc"] else prefix
+        msg = err["msg"]
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        lines.append(f"{loc}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def _validate(data: Mapping[str, Any], source: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid experiment config: {_describe_errors(e)}") from None
+
+
+# -- loading -----------------------------------------------------------------------------------
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of config fields at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def preset_data(name: str) -> dict[str, Any]:
+    """The raw YAML mapping of a shipped preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset={name!r}: expected one of {list(PRESETS)}")
+    text = (
+        importlib.resources.files("integral_superposition")
+        .joinpath("presets", f"{name}.yaml")
+        .read_text("utf-8")
+    )
+    return _read_yaml(text, f"preset {name!r}")
+
+
+def load_preset(name: str, overrides: Sequence[str] | Mapping[str, Any] = ()) -> ExperimentConfig:
+    """A shipped preset (``default``: demo corpus + gemma-3-270m; ``smoke``: a tiny model,
+    under a minute), with optional dotted overrides."""
+    return _validate(apply_overrides(preset_data(name), overrides), f"preset {name!r}")
+
+
+def load_config(
+    path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()
+) -> ExperimentConfig:
+    """Load an experiment config from a YAML file (local path or fsspec URI). The file may
+    start from a preset with ``preset: smoke``; its other keys override the preset's."""
+    from integral_superposition import storage
+
+    source = os.fspath(path)
+    try:
+        text = storage.read_bytes(source).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config={source!r}: no such file") from None
+    data = _read_yaml(text, source)
+    base: dict[str, Any] = {}
+    if "preset" in data:
+        base = preset_data(str(data.pop("preset")))
+    merged = _deep_merge(base, data)
+    return _validate(apply_overrides(merged, overrides), source)
+
+
+def resolve_config(
+    config: str | os.PathLike | None = None,
+    preset: str | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+) -> ExperimentConfig:
+    """The CLI's rule: a YAML file, else a preset, else ``default``; then the overrides."""
+    if config is not None and preset is not None:
+        raise ConfigError("give a config file or a preset, not both")
+    if config is not None:
+        return load_config(config, overrides)
+    return load_preset(preset or "default", overrides)
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k != "sweep":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def apply_overrides(
+    data: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]
+) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML: ``sae.k=4096``,
+    ``sweep.k=[512,1024]``, ``data.label_col=null``) to a raw config mapping."""
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        for o in overrides:
+            if "=" not in o:
+                raise ConfigError(f"override {o!r}: expected key.path=value")
+            key, raw = o.split("=", 1)
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+            items.append((key.strip(), value))
+    out = json.loads(json.dumps(dict(data), default=str))
+    for key, value in items:
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {key!r}: empty path component")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def make_run_id(now: _dt.datetime | None = None) -> str:
+    """A new run name: ``YYYYmmdd-HHMMSS-xxxx`` (UTC, plus 4 random hex digits)."""
+    now = now or _dt.datetime.now(_dt.UTC)
+    return now.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+# -- JSON schema -------------------------------------------------------------------------------
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of :class:`ExperimentConfig` (what ``schemas/experiment.schema.json`` holds)."""
+    schema = ExperimentConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://integral-superposition.dev/schemas/experiment.schema.json"
+    return schema
+
+
+def schema_path() -> Path:
+    """The published schema file inside the package."""
+    return Path(__file__).resolve().parent / "schemas" / "experiment.schema.json"
+
+
+def write_schema(path: str | os.PathLike | None = None) -> Path:
+    """(Re)write the published schema file."""
+    target = Path(path) if path is not None else schema_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(json_schema(), indent=2, sort_keys=False) + "\n", "utf-8")
+    return target
+
+
+if __name__ == "__main__":  # python -m integral_superposition.experiment: refresh the schema
+    print(write_schema())

@@ -1,0 +1,364 @@
+"""What a merge costs: original vs merged SAE on the same held-out tokens, and the K' sweep.
+
+Metrics (one row per SAE):
+
+- ``fvu``, ``explained_variance``, ``l0``, ``dead_frac`` (and the other
+  :class:`~integral_superposition.sae.metrics.LatentStats` summaries) over the held-out
+  tokens;
+- ``ce_recovered``, ``delta_ce``, ``kl`` from spliced forwards through a backend, when one
+  is given (``ce_docs`` held-out documents);
+- ``enrichment_retention``: of the (latent, label) pairs whose top-``n`` token set is
+  enriched at BH ``q < q_threshold`` before the merge, the fraction whose cluster is still
+  enriched for that label after it.
+
+:func:`sweep` merges to several ``K'`` (default K/2, K/4, K/8, K/16) with the clustering and
+with a random partition of the same cluster sizes (the labels permuted), from one merge
+tree and one pass of ridge statistics, and plots FVU, CE recovered and enrichment retention
+against ``K'``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from integral_superposition.merge.cluster import DENSE_MAX_LATENTS, MergeTree, build_tree
+from integral_superposition.merge.medoid import medoids_from_similarity
+from integral_superposition.merge.params import MergeParams
+from integral_superposition.merge.refit import (
+    RidgeStats,
+    accumulate_stats,
+    build_merged_sae,
+    refit_decoder,
+)
+from integral_superposition.merge.similarity import LatentSimilarity, firing_matrix
+from integral_superposition.sae.model import SparseAutoencoder
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class Reference:
+    """The original SAE's evaluation, computed once and shared by every comparison."""
+
+    metrics: dict[str, float]
+    significant: np.ndarray | None
+    """int64 ``[P, 2]``: (latent, label id) pairs enriched before the merge (None: no labels)."""
+    ce_clean: dict[str, Any] | None = None
+
+
+def _split(store, name: str, params: MergeParams) -> np.ndarray:
+    return store.split_mask(name, test_fraction=params.test_fraction, seed=params.split_seed)
+
+
+def _enrichment_pairs(top, store, q_threshold: float) -> np.ndarray:
+    from integral_superposition.analysis.enrichment import fisher_enrichment
+
+    table = fisher_enrichment(top, store.labels, label_names=store.label_names, alpha=q_threshold)
+    sig = table[table["significant"].to_numpy()]
+    return np.stack([sig["latent"].to_numpy(), sig["label_id"].to_numpy()], 1).astype(np.int64)
+
+
+def _has_labels(store) -> bool:
+    labels = getattr(store, "labels", None)
+    return labels is not None and len(getattr(store, "label_names", []) or []) >= 2
+
+
+@torch.no_grad()
+def measure(
+    sae: SparseAutoencoder, store, params: MergeParams, *, backend=None
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Held-out metrics of one SAE and its enriched ``(latent, label id)`` pairs ``[P, 2]``.
+
+    FVU, L0, dead fraction (and, with a ``backend``, the spliced CE / KL) come from
+    :func:`integral_superposition.sae.metrics.evaluate_sae`; the enrichment from the top-
+    ``top_n`` held-out tokens of each latent (``analysis.enrichment.fisher_enrichment``).
+    """
+    from integral_superposition.analysis.scan import scan_latents
+    from integral_superposition.sae.metrics import evaluate_sae
+
+    out = evaluate_sae(
+        sae,
+        store,
+        backend if params.ce_docs > 0 else None,
+        split=params.eval_split,
+        test_fraction=params.test_fraction,
+        split_seed=params.split_seed,
+        chunk_tokens=params.chunk_tokens,
+        n_ce_docs=max(1, params.ce_docs),
+        ce_batch_size=params.ce_batch_size,
+    )
+    metrics = {
+        k: v for k, v in out.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    for k in ("ce_recovered", "delta_ce", "kl"):
+        metrics.setdefault(k, float("nan"))
+    pairs = None
+    if _has_labels(store):
+        mask = _split(store, params.eval_split, params)
+        scan = scan_latents(
+            sae,
+            store,
+            n_top=min(params.top_n, int(mask.sum())),
+            mask=mask,
+            chunk_tokens=params.chunk_tokens,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pairs = _enrichment_pairs(scan.top, store, params.q_threshold)
+        metrics["n_enriched"] = int(pairs.shape[0])
+    return metrics, pairs
+
+
+def enrichment_retention(
+    before: np.ndarray, after: np.ndarray, labels: np.ndarray
+) -> dict[str, float]:
+    """Fraction of enriched ``(latent, label)`` pairs ``before`` ``[P, 2]`` whose cluster
+    ``labels[latent]`` is enriched for the same label in ``after`` ``[Q, 2]`` (cluster ids)."""
+    if before.shape[0] == 0:
+        return {"enrichment_retention": float("nan"), "n_enriched_before": 0, "n_retained": 0}
+    n_lab = int(max(before[:, 1].max(initial=0), after[:, 1].max(initial=0))) + 1
+    keys_after = np.unique(after[:, 0] * n_lab + after[:, 1])
+    mapped = labels[before[:, 0]] * n_lab + before[:, 1]
+    kept = np.isin(mapped, keys_after)
+    return {
+        "enrichment_retention": float(kept.mean()),
+        "n_enriched_before": int(before.shape[0]),
+        "n_retained": int(kept.sum()),
+    }
+
+
+def compare(
+    original: SparseAutoencoder,
+    merged: SparseAutoencoder,
+    store,
+    params: MergeParams | None = None,
+    *,
+    backend=None,
+    reference: Reference | None = None,
+) -> pd.DataFrame:
+    """Original vs merged on the held-out split: one row each (``sae`` = original / merged)."""
+    params = params or MergeParams()
+    if not merged.is_merged or merged.d_pre != original.d_sae:
+        raise ValueError(
+            f"merged must be a merge of original (d_pre={getattr(merged, 'd_pre', None)}, K={original.d_sae})"
+        )
+    if reference is None:
+        reference = reference_metrics(original, store, params, backend=backend)
+    m_metrics, m_pairs = measure(merged, store, params, backend=backend)
+    if reference.significant is not None and m_pairs is not None:
+        m_metrics.update(
+            enrichment_retention(reference.significant, m_pairs, merged.merge_index.cpu().numpy())
+        )
+    rows = [
+        {"sae": "original", "n_latents": original.d_sae, **reference.metrics},
+        {"sae": "merged", "n_latents": merged.d_sae, **m_metrics},
+    ]
+    return pd.DataFrame(rows)
+
+
+def reference_metrics(
+    original: SparseAutoencoder, store, params: MergeParams, *, backend=None
+) -> Reference:
+    """Evaluate the original SAE once (metrics and its enriched pairs)."""
+    metrics, pairs = measure(original, store, params, backend=backend)
+    return Reference(metrics, pairs)
+
+
+def check_params_for(sae: SparseAutoencoder, params: MergeParams) -> None:
+    """Errors that depend on the SAE's size, raised before any work."""
+    if params.similarity.get("reconstruction", 0) > 0 and sae.d_sae > DENSE_MAX_LATENTS:
+        raise ValueError(
+            f"similarity 'reconstruction' needs the dense K x K Gram matrix of the codes; K={sae.d_sae} > "
+            f"{DENSE_MAX_LATENTS}: use 'decoder', 'encoder' or 'coactivation' (with graph='knn')"
+        )
+    params.target_clusters(sae.d_sae)
+
+
+def uses_original_stats(sae: SparseAutoencoder, params: MergeParams) -> bool:
+    """Whether one pass of original-code statistics serves this merge (and its sweep)."""
+    if params.similarity.get("reconstruction", 0) > 0:
+        return True
+    return params.refit and params.aggregation == "sum" and sae.d_sae <= DENSE_MAX_LATENTS
+
+
+def similarity_for(
+    sae: SparseAutoencoder,
+    store,
+    params: MergeParams,
+    stats: RidgeStats | None = None,
+    on_progress: ProgressFn | None = None,
+) -> LatentSimilarity:
+    """The :class:`LatentSimilarity` ``params`` asks for (firing matrix on the fit split;
+    ``stats`` of the original codes for ``reconstruction``)."""
+    firing = None
+    if params.similarity.get("coactivation", 0) > 0:
+        firing = firing_matrix(
+            sae,
+            store,
+            _split(store, params.fit_split, params),
+            params.chunk_tokens,
+            on_progress,
+            level=params.coactivation_level,
+        )
+    if params.similarity.get("reconstruction", 0) > 0 and stats is None:
+        stats = original_stats(sae, store, params)
+    return LatentSimilarity(
+        sae, params.similarity, firing=firing, coactivation=params.coactivation, stats=stats
+    )
+
+
+def merge_with_labels(
+    sae: SparseAutoencoder,
+    labels: np.ndarray,
+    sim: LatentSimilarity,
+    params: MergeParams,
+    *,
+    store=None,
+    stats: RidgeStats | None = None,
+) -> tuple[SparseAutoencoder, np.ndarray, np.ndarray, dict[str, float]]:
+    """Medoids, the merged SAE and its refit for one partition.
+
+    Returns ``(merged, medoids [K'], distance to medoid [K], refit info)``. ``stats``: ridge
+    statistics of the *original* codes (sum aggregation reuses them; ``max`` streams
+    ``store`` again).
+    """
+    medoids, dist = medoids_from_similarity(sim, labels)
+    merged = build_merged_sae(sae, labels, medoids, mode=params.aggregation)
+    info: dict[str, float] = {}
+    if params.refit:
+        if params.aggregation == "sum" and stats is not None:
+            merged_stats = stats.merged(labels)
+        else:
+            if store is None:
+                raise ValueError(
+                    "refitting needs store= (or original-code stats for sum aggregation)"
+                )
+            merged_stats = accumulate_stats(merged, _fit_chunks(store, params))
+        res = refit_decoder(
+            merged, stats=merged_stats, ridge_lambda=params.ridge_lambda, fit_bias=params.refit_bias
+        )
+        info = {"fit_fvu": res.fit_fvu, "ridge_lambda_abs": res.lam, "fit_tokens": res.n_tokens}
+    return merged, medoids, dist, info
+
+
+def _fit_chunks(store, params: MergeParams):
+    for _rows, x in store.iter_chunks(
+        params.chunk_tokens, mask=_split(store, params.fit_split, params)
+    ):
+        yield x
+
+
+def original_stats(
+    sae: SparseAutoencoder, store, params: MergeParams, on_progress=None
+) -> RidgeStats:
+    """Ridge statistics of the original codes on the fit split (one streaming pass)."""
+    return accumulate_stats(sae, _fit_chunks(store, params), on_progress=on_progress)
+
+
+def sweep(
+    sae: SparseAutoencoder,
+    store,
+    params: MergeParams | None = None,
+    *,
+    backend=None,
+    sizes: list[int] | None = None,
+    control: bool = True,
+    similarity: LatentSimilarity | None = None,
+    tree: MergeTree | None = None,
+    stats: RidgeStats | None = None,
+    reference: Reference | None = None,
+    on_progress: ProgressFn | None = None,
+) -> tuple[pd.DataFrame, Figure]:
+    """Merge ``sae`` to each ``K'`` in ``sizes`` (default ``params.sweep_fractions`` of K) by
+    clustering and by a random partition of the same sizes; evaluate each on held-out tokens.
+
+    Returns the table (one row per ``K'`` x ``partition`` in ``original``/``cluster``/``random``)
+    and a figure of FVU, CE recovered and enrichment retention against ``K'``.
+    """
+    params = params or MergeParams()
+    k = sae.d_sae
+    sizes = sorted(set(sizes or params.sweep_sizes(k)), reverse=True)
+    for s in sizes:
+        if not 1 <= s <= k:
+            raise ValueError(f"sweep size K'={s}: expected 1 <= K' <= K={k}")
+    steps = 3 + len(sizes) * (2 if control else 1)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, steps)
+
+    check_params_for(sae, params)
+    if stats is None and uses_original_stats(sae, params):
+        stats = original_stats(sae, store, params)
+    tick()
+    sim = similarity or similarity_for(sae, store, params, stats)
+    if tree is None:
+        tree = build_tree(sim, params.linkage, params.graph, params.n_neighbors, min(sizes))
+    tick()
+    ref = reference or reference_metrics(sae, store, params, backend=backend)
+    tick()
+    rows = [{"k_prime": k, "fraction": 1.0, "partition": "original", **ref.metrics}]
+    rng = np.random.default_rng(params.control_seed)
+    for size in sizes:
+        lab = tree.cut(size)
+        parts = [("cluster", lab)] + ([("random", rng.permutation(lab))] if control else [])
+        for name, labels in parts:
+            merged, _med, dist, info = merge_with_labels(
+                sae, labels, sim, params, store=store, stats=stats
+            )
+            m, pairs = measure(merged, store, params, backend=backend)
+            if ref.significant is not None and pairs is not None:
+                m.update(enrichment_retention(ref.significant, pairs, labels))
+            m["mean_distance_to_medoid"] = float(dist.mean())
+            rows.append({"k_prime": size, "fraction": size / k, "partition": name, **info, **m})
+            tick()
+    table = pd.DataFrame(rows)
+    return table, plot_sweep(table)
+
+
+def plot_sweep(table: pd.DataFrame) -> Figure:
+    """FVU, CE recovered and enrichment retention against ``K'`` (log2 axis), cluster vs random."""
+    panels = [
+        ("fvu", "FVU (held-out)"),
+        ("ce_recovered", "CE loss recovered"),
+        ("enrichment_retention", "enrichment retained (q < threshold)"),
+    ]
+    fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharex=True)
+    orig = table[table["partition"] == "original"]
+    styles = {
+        "cluster": ("C0", "-", "o", "clustering"),
+        "random": ("C3", "--", "s", "random partition"),
+    }
+    for ax, (col, title) in zip(axes, panels, strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("merged latents K'")
+        ax.set_xscale("log", base=2)
+        if col not in table or table[col].isna().all():
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+            continue
+        for part, (color, ls, marker, label) in styles.items():
+            sub = table[table["partition"] == part].sort_values("k_prime")
+            if len(sub) and not sub[col].isna().all():
+                ax.plot(sub["k_prime"], sub[col], color=color, ls=ls, marker=marker, label=label)
+        if len(orig) and col in orig and not orig[col].isna().all():
+            ax.axhline(
+                float(orig[col].iloc[0]),
+                color="0.4",
+                ls=":",
+                label=f"original (K={int(orig['k_prime'].iloc[0])})",
+            )
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return fig

@@ -1,0 +1,156 @@
+"""``run_merge``: from a saved SAE and an activation store to a published merged SAE.
+
+The output folder is a regular SAE folder (``save_sae``: ``cfg.json``,
+``sae_weights.safetensors``, ``manifest.json`` written last, ``kind="sae"``) plus:
+
+- ``merge_map.parquet``: ``latent, cluster, medoid, distance_to_medoid, cluster_size, is_medoid``;
+- ``merge_eval.parquet``: original vs merged on the held-out split;
+- ``merge_sweep.parquet`` and ``merge_sweep.png`` / ``.svg`` when ``params.sweep``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from integral_superposition.merge import evaluate as ev
+from integral_superposition.merge.cluster import build_tree
+from integral_superposition.merge.medoid import merge_map_table
+from integral_superposition.merge.params import MergeParams
+from integral_superposition.sae.load import load_sae, read_sae_manifest, save_sae
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _parquet(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _figure(fig: Figure, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=110)
+    return buf.getvalue()
+
+
+def _json_safe(d: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+    return out
+
+
+def run_merge(
+    sae_uri: str,
+    store_uri: str | list[str],
+    out_uri: str,
+    params: MergeParams | Mapping[str, Any] | None = None,
+    *,
+    backend=None,
+    storage_options: Mapping[str, Any] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Cluster, merge, refit and evaluate the SAE at ``sae_uri`` on the store at ``store_uri``;
+    publish the merged SAE at ``out_uri`` and return its manifest.
+
+    ``backend`` (optional) enables the spliced CE / KL metrics. Every argument is checked
+    before anything is written; the manifest is written last.
+    """
+    from integral_superposition.dump.store import ActivationStore
+
+    params = params if isinstance(params, MergeParams) else MergeParams.model_validate(params or {})
+    if str(out_uri).rstrip("/") == str(sae_uri).rstrip("/"):
+        raise ValueError(f"out_uri={out_uri!r} is the source SAE's folder: expected a new location")
+    sae = load_sae(sae_uri, storage_options=storage_options).eval()
+    if sae.is_merged:
+        raise ValueError(f"sae_uri={sae_uri!r} holds a merged SAE: merge the original SAE instead")
+    store = ActivationStore(store_uri, storage_options)
+    if store.d_model != sae.d_in:
+        raise ValueError(
+            f"the SAE at {sae_uri!r} has d_in={sae.d_in}, but the store has d_model={store.d_model}"
+        )
+    k = sae.d_sae
+    ev.check_params_for(sae, params)
+    target = params.target_clusters(k)
+    sizes = params.sweep_sizes(k) if params.sweep else []
+    n_min = 1 if target is None else min([target, *sizes])
+    steps, done = 6, 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, steps)
+
+    stats = ev.original_stats(sae, store, params) if ev.uses_original_stats(sae, params) else None
+    sim = ev.similarity_for(sae, store, params, stats)
+    tree = build_tree(sim, params.linkage, params.graph, params.n_neighbors, n_min)
+    labels = tree.cut(target) if target is not None else tree.cut_at(params.distance_threshold)
+    tick()
+    merged, medoids, dist, refit_info = ev.merge_with_labels(
+        sae, labels, sim, params, store=store, stats=stats
+    )
+    tick()
+    reference = ev.reference_metrics(sae, store, params, backend=backend)
+    eval_table = ev.compare(sae, merged, store, params, backend=backend, reference=reference)
+    tick()
+    files: dict[str, bytes] = {
+        "merge_map.parquet": _parquet(merge_map_table(labels, medoids, dist)),
+        "merge_eval.parquet": _parquet(eval_table),
+    }
+    sweep_records = None
+    if params.sweep:
+        table, fig = ev.sweep(
+            sae,
+            store,
+            params,
+            backend=backend,
+            sizes=sizes,
+            similarity=sim,
+            tree=tree,
+            stats=stats,
+            reference=reference,
+        )
+        files["merge_sweep.parquet"] = _parquet(table)
+        files["merge_sweep.png"] = _figure(fig, "png")
+        files["merge_sweep.svg"] = _figure(fig, "svg")
+        sweep_records = [_json_safe(r) for r in table.to_dict("records")]
+    tick()
+    try:
+        source_hash = read_sae_manifest(sae_uri, storage_options).get("content_hash")
+    except (FileNotFoundError, ValueError):
+        source_hash = None
+    rows = {r["sae"]: _json_safe(r) for r in eval_table.to_dict("records")}
+    tick()
+    save_sae(
+        merged,
+        out_uri,
+        metadata={**sae.metadata, "merged_from": str(sae_uri)},
+        training_config=params,
+        metrics=rows["merged"],
+        activation_manifest_hash=store.content_hash,
+        extra_files=files,
+        storage_options=storage_options,
+        merge={
+            "source_sae": str(sae_uri),
+            "source_sae_hash": source_hash,
+            "n_latents_before": k,
+            "n_latents_after": merged.d_sae,
+            "aggregation": params.aggregation,
+            "refit": _json_safe(refit_info),
+            "original_metrics": rows["original"],
+            "merged_metrics": rows["merged"],
+            "sweep": sweep_records,
+        },
+    )
+    tick()
+    return read_sae_manifest(out_uri, storage_options)

@@ -1,0 +1,355 @@
+"""The merged SAE and the streaming ridge refit of its decoder.
+
+A merged SAE keeps the original encoder and aggregates its codes with a fixed
+``merge_index`` (see ``SparseAutoencoder``): ``z' = merge(z)`` ``[n, K']``. Its decoder is refit
+by ridge regression of the activations on the merged codes,
+
+    min_{W, b}  sum_t ||x_t - z'_t W - b||^2 + lam ||W - W0||^2,
+
+where ``W0`` (``[K', d]``) holds the medoids' decoder rows, so a latent that never fires on
+the fit tokens keeps its medoid direction instead of collapsing to zero. The sufficient
+statistics ``Z'^T Z'`` ``[K', K']``, ``Z'^T X`` ``[K', d]``, ``sum z'``, ``sum x`` and ``n`` are
+accumulated over a stream of chunks (memory independent of the number of tokens) and the
+system is solved once (Cholesky, float64). ``lam = ridge_lambda * mean(diag(Z'^T Z'))``
+(centred), so ``ridge_lambda`` is scale-free. With sum aggregation the merged statistics are
+``M^T S M`` of the original ones: one pass over the data serves every ``K'`` of a sweep.
+
+Changing ``b_dec`` would shift the encoder input ``x - b_dec``; the refit compensates in
+``b_enc`` so that ``encode`` is unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from integral_superposition.merge.medoid import (
+    check_labels,
+    check_medoids,
+    labels_from_merge_matrix,
+)
+from integral_superposition.sae.model import MERGE_MODES, SparseAutoencoder
+
+SPARSE_DENSITY = 0.05
+"""Chunks whose codes are sparser than this are accumulated with sparse products."""
+
+
+@dataclass
+class RidgeStats:
+    """Sufficient statistics of the ridge refit over ``n`` tokens (all float64).
+
+    ``gram`` ``[m, m]`` = ``Z^T Z``; ``cross`` ``[m, d]`` = ``Z^T X``; ``z_sum`` ``[m]``;
+    ``x_sum`` ``[d]``; ``x_sq`` = ``sum ||x||^2``.
+    """
+
+    gram: np.ndarray
+    cross: np.ndarray
+    z_sum: np.ndarray
+    x_sum: np.ndarray
+    x_sq: float = 0.0
+    n: int = 0
+
+    @classmethod
+    def empty(cls, m: int, d: int) -> RidgeStats:
+        return cls(np.zeros((m, m)), np.zeros((m, d)), np.zeros(m), np.zeros(d))
+
+    @property
+    def n_latents(self) -> int:
+        return self.gram.shape[0]
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor, x: torch.Tensor) -> None:
+        """Add a chunk: codes ``z`` ``[n, m]`` and activations ``x`` ``[n, d]``."""
+        if (
+            z.shape[0] != x.shape[0]
+            or z.shape[1] != self.n_latents
+            or x.shape[1] != self.cross.shape[1]
+        ):
+            raise ValueError(
+                f"chunk shapes z={tuple(z.shape)}, x={tuple(x.shape)} do not match the statistics "
+                f"([n, {self.n_latents}], [n, {self.cross.shape[1]}])"
+            )
+        z, x = z.detach().cpu(), x.detach().cpu()
+        nz = z.nonzero()
+        if nz.shape[0] < SPARSE_DENSITY * z.numel():
+            vals = z[nz[:, 0], nz[:, 1]].double().numpy()
+            zs = sp.csr_array((vals, (nz[:, 0].numpy(), nz[:, 1].numpy())), shape=tuple(z.shape))
+            zt = zs.T.tocsr()
+            self.gram += (zt @ zs).toarray()
+            with warnings.catch_warnings():  # torch flags sparse CSR as beta
+                warnings.simplefilter("ignore", UserWarning)
+                zt_t = torch.sparse_csr_tensor(
+                    torch.from_numpy(zt.indptr).long(),
+                    torch.from_numpy(zt.indices).long(),
+                    torch.from_numpy(zt.data),
+                    size=zt.shape,
+                )
+                # multithreaded, unlike scipy's sparse @ dense
+                self.cross += (zt_t @ x.double()).numpy()
+        else:
+            zf, xf = z.float(), x.float()
+            self.gram += (zf.T @ zf).double().numpy()
+            self.cross += (zf.T @ xf).double().numpy()
+        self.z_sum += z.double().sum(0).numpy()
+        self.x_sum += x.double().sum(0).numpy()
+        self.x_sq += float(x.double().pow(2).sum())
+        self.n += int(x.shape[0])
+
+    def merged(self, labels) -> RidgeStats:
+        """Statistics of sum-merged codes ``z M`` (``labels``: ``int[m]`` cluster ids)."""
+        lab = check_labels(labels, self.n_latents)
+        n_c = int(lab.max()) + 1
+        idx = torch.from_numpy(lab)
+        g = torch.from_numpy(self.gram)
+        rows = torch.zeros(n_c, g.shape[1], dtype=g.dtype).index_add_(0, idx, g)
+        gram = torch.zeros(n_c, n_c, dtype=g.dtype).index_add_(1, idx, rows)
+        cross = torch.zeros(n_c, self.cross.shape[1], dtype=g.dtype).index_add_(
+            0, idx, torch.from_numpy(self.cross)
+        )
+        z_sum = np.bincount(lab, weights=self.z_sum, minlength=n_c)
+        return RidgeStats(gram.numpy(), cross.numpy(), z_sum, self.x_sum.copy(), self.x_sq, self.n)
+
+    def solve(
+        self,
+        ridge_lambda: float = 1e-4,
+        prior: np.ndarray | torch.Tensor | None = None,
+        fit_bias: bool = True,
+        b_dec: np.ndarray | torch.Tensor | None = None,
+    ) -> RefitResult:
+        """Solve the ridge system once: ``W`` ``[m, d]`` and ``b`` ``[d]`` (see module docstring).
+
+        ``prior``: ``W0`` ``[m, d]`` (default zeros). ``fit_bias=False`` keeps ``b_dec`` fixed
+        (regresses ``x - b_dec`` on ``z``).
+        """
+        ridge_lambda = float(ridge_lambda)
+        if not np.isfinite(ridge_lambda) or ridge_lambda < 0:
+            raise ValueError(f"ridge_lambda={ridge_lambda}: expected a finite number >= 0")
+        if self.n == 0:
+            raise ValueError("the ridge statistics are empty: no token was accumulated")
+        m, d = self.cross.shape
+        mu_x = self.x_sum / self.n
+        if fit_bias:
+            mu_z = self.z_sum / self.n
+            gram = self.gram - self.n * np.outer(mu_z, mu_z)
+            cross = self.cross - self.n * np.outer(mu_z, mu_x)
+        else:
+            if b_dec is None:
+                raise ValueError("fit_bias=False needs b_dec (the fixed decoder bias [d])")
+            b = np.asarray(torch.as_tensor(b_dec).detach().cpu().double().numpy())
+            gram = self.gram
+            cross = self.cross - np.outer(self.z_sum, b)
+        diag = np.diag(gram)
+        scale = float(diag.mean())
+        lam = ridge_lambda * scale
+        a = torch.from_numpy(gram + lam * np.eye(m))
+        rhs = torch.from_numpy(cross.copy())
+        if prior is not None and lam > 0:
+            w0 = torch.as_tensor(prior).detach().cpu().double()
+            if tuple(w0.shape) != (m, d):
+                raise ValueError(f"prior has shape {tuple(w0.shape)}, expected ({m}, {d})")
+            rhs += lam * w0
+        chol, info = torch.linalg.cholesky_ex(a)
+        piv = torch.diagonal(chol).pow(2) if int(info) == 0 else None
+        if (
+            piv is None
+            or not torch.isfinite(piv).all()
+            or float(piv.min()) <= 1e-11 * max(float(diag.max()), 1e-300)
+        ):
+            dead = np.flatnonzero(diag <= 1e-12 * max(float(diag.max()), 1e-300))
+            why = (
+                f"{dead.size} merged latents never fire on the fit tokens (e.g. {dead[:5].tolist()})"
+                if dead.size
+                else "the merged codes are linearly dependent on the fit tokens"
+            )
+            raise ValueError(
+                f"the ridge system Z^T Z ({m} x {m}) is singular with ridge_lambda={ridge_lambda}: {why}; "
+                f"pass ridge_lambda > 0, e.g. ridge_lambda=1e-4 (relative to the mean diagonal of Z^T Z, "
+                f"{scale:.3g} here)"
+            )
+        w = torch.cholesky_solve(rhs, chol).numpy()
+        bias = mu_x - (self.z_sum / self.n) @ w if fit_bias else b
+        return RefitResult(w, bias, lam, self.n, self._fvu(w, bias))
+
+    def _fvu(self, w: np.ndarray, b: np.ndarray) -> float:
+        """FVU of ``x_hat = z W + b`` on the accumulated tokens (from the statistics alone)."""
+        # sum ||x - zW - b||^2 expanded in the sufficient statistics.
+        sse = (
+            self.x_sq
+            - 2 * float(np.sum(self.cross * w))
+            - 2 * float(self.x_sum @ b)
+            + float(np.sum((self.gram @ w) * w))
+            + 2 * float(self.z_sum @ w @ b)
+            + self.n * float(b @ b)
+        )
+        sst = self.x_sq - float(self.x_sum @ self.x_sum) / self.n
+        return sse / max(sst, 1e-300)
+
+
+@dataclass
+class RefitResult:
+    """A solved refit: ``W_dec`` ``[m, d]``, ``b_dec`` ``[d]``, the absolute ``lam`` used,
+    the number of fit tokens and the FVU on them."""
+
+    W_dec: np.ndarray
+    b_dec: np.ndarray
+    lam: float
+    n_tokens: int
+    fit_fvu: float
+
+
+def _iter_activations(data) -> Iterable[torch.Tensor]:
+    """Activations ``[n, d]`` from an ``ActivationStore`` (its ``train`` split), tensors,
+    ``(rows, x)`` pairs (``iter_chunks``) or ``Batch`` objects."""
+    if hasattr(data, "iter_chunks") and hasattr(data, "split_mask"):
+        for _rows, x in data.iter_chunks(16384, mask=data.split_mask("train")):
+            yield x
+        return
+    for item in data:
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif hasattr(item, "acts"):
+            yield item.acts
+        elif isinstance(item, tuple | list) and len(item) == 2:
+            yield torch.as_tensor(item[1])
+        else:
+            yield torch.as_tensor(item)
+
+
+@torch.no_grad()
+def accumulate_stats(
+    sae: SparseAutoencoder,
+    data,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+    total: int | None = None,
+) -> RidgeStats:
+    """One pass: ridge statistics of ``sae.encode(x)`` (``[n, d_sae]``) against ``x`` ``[n, d]``.
+
+    ``data``: an ``ActivationStore`` (its ``train`` split) or an iterable of activation
+    chunks (see :func:`_iter_activations`).
+    """
+    stats = RidgeStats.empty(sae.d_sae, sae.d_in)
+    device = sae.W_enc.device
+    for x in _iter_activations(data):
+        x = x.to(device=device, dtype=torch.float32)
+        if x.dim() != 2 or x.shape[1] != sae.d_in:
+            raise ValueError(
+                f"activation chunk has shape {tuple(x.shape)}: expected [n, {sae.d_in}]"
+            )
+        stats.update(sae.encode(x), x)
+        if on_progress is not None:
+            on_progress(stats.n, total or stats.n)
+    if stats.n == 0:
+        raise ValueError("data yielded no activations: nothing to refit on")
+    return stats
+
+
+def build_merged_sae(
+    sae: SparseAutoencoder, labels, medoids, *, mode: str = "sum"
+) -> SparseAutoencoder:
+    """A merged ``SparseAutoencoder``: ``sae``'s encoder followed by the merge ``labels`` ``int[K]``.
+
+    The decoder starts as the medoids' rows ``W_dec[medoids]`` ``[K', d]`` (not refit: see
+    :func:`refit_decoder`). With the identity merge it reproduces ``sae`` exactly.
+    """
+    if not isinstance(sae, SparseAutoencoder):
+        raise TypeError(f"sae: expected a SparseAutoencoder, got {type(sae).__name__}")
+    if sae.is_merged:
+        raise ValueError("sae is already merged: merge the original SAE with the composed labels")
+    if mode not in MERGE_MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MERGE_MODES}")
+    lab = check_labels(labels, sae.d_sae)
+    med = check_medoids(medoids, lab)
+    n_c = int(lab.max()) + 1
+    merged = SparseAutoencoder(
+        sae.d_in,
+        n_c,
+        architecture=sae.architecture,
+        top_k=sae.top_k,
+        jumprelu_bandwidth=sae.bandwidth,
+        seed=None,
+        merge_index=torch.from_numpy(lab),
+        merge_mode=mode,
+        device=sae.W_enc.device,
+        dtype=sae.W_enc.dtype,
+    )
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "b_dec", "threshold"):
+            getattr(merged, name).copy_(getattr(sae, name))
+        merged.W_dec.copy_(sae.W_dec[torch.from_numpy(med).to(sae.W_dec.device)])
+    merged.metadata = dict(sae.metadata)
+    return merged.eval()
+
+
+@torch.no_grad()
+def apply_refit(merged: SparseAutoencoder, result: RefitResult) -> SparseAutoencoder:
+    """Write a refit's decoder into ``merged`` in place, keeping ``encode`` unchanged."""
+    w = torch.from_numpy(result.W_dec).to(merged.W_dec)
+    b_new = torch.from_numpy(np.asarray(result.b_dec)).to(merged.b_dec)
+    if tuple(w.shape) != tuple(merged.W_dec.shape):
+        raise ValueError(
+            f"refit W_dec has shape {tuple(w.shape)}, expected {tuple(merged.W_dec.shape)}"
+        )
+    # pre = (x - b_dec) @ W_enc + b_enc: move b_dec's change into b_enc.
+    merged.b_enc.add_(
+        (b_new - merged.b_dec).double() @ merged.W_enc.double().to(merged.b_enc.device)
+    )
+    merged.b_dec.copy_(b_new)
+    merged.W_dec.copy_(w)
+    return merged
+
+
+def refit_decoder(
+    merged: SparseAutoencoder,
+    data=None,
+    *,
+    stats: RidgeStats | None = None,
+    ridge_lambda: float = 1e-4,
+    fit_bias: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> RefitResult:
+    """Refit ``merged``'s decoder in place by streaming ridge regression; returns the result.
+
+    Give ``data`` (a store or activation chunks, streamed once) or precomputed ``stats`` of
+    the merged codes (e.g. ``original_stats.merged(labels)`` for sum aggregation). The
+    ridge prior is the current decoder (the medoid rows after :func:`build_merged_sae`).
+    """
+    if stats is None:
+        if data is None:
+            raise ValueError("refit_decoder needs data (activations to stream) or stats")
+        stats = accumulate_stats(merged, data, on_progress=on_progress)
+    if stats.n_latents != merged.d_sae:
+        raise ValueError(f"stats cover {stats.n_latents} latents, but the SAE has {merged.d_sae}")
+    result = stats.solve(
+        ridge_lambda,
+        prior=merged.W_dec.detach().cpu().double(),
+        fit_bias=fit_bias,
+        b_dec=merged.b_dec.detach().cpu(),
+    )
+    apply_refit(merged, result)
+    return result
+
+
+def merge_and_refit_decoder(
+    data_iter, model: SparseAutoencoder, M, *, ridge_lambda: float = 1e-4
+) -> torch.Tensor:
+    """The seed's call: refit decoder ``[d_model, K']`` for the merge matrix ``M`` ``[K, K']``.
+
+    ``data_iter`` yields activation chunks ``[n, d_model]`` (or is an ``ActivationStore``).
+    Merged codes are ``model.encode(x) @ M`` (sum aggregation); ``model.b_dec`` is kept, so
+    ``x_hat = (z @ M) @ W_new.T + model.b_dec``. The result has the seed's
+    ``model.dec.weight`` layout (latents are columns); the ridge shrinks towards zero.
+    """
+    if not isinstance(model, SparseAutoencoder):
+        raise TypeError(f"model: expected a SparseAutoencoder, got {type(model).__name__}")
+    lab = labels_from_merge_matrix(M)
+    if lab.size != model.d_sae:
+        raise ValueError(f"M has {lab.size} rows, but the model has K={model.d_sae} latents")
+    stats = accumulate_stats(model, data_iter).merged(lab)
+    result = stats.solve(ridge_lambda, fit_bias=False, b_dec=model.b_dec.detach().cpu())
+    return torch.from_numpy(result.W_dec.T.copy()).float()

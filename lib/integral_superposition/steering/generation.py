@@ -1,0 +1,272 @@
+"""Batched generation, side-by-side comparisons and perplexity for steering.
+
+Prompts are tokenised with the model's BOS and left-padded, so every row's last prompt token
+sits in the last column and generated tokens follow it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from integral_superposition.data.tokenize import pad_batch, pad_token_id, special_ids
+
+__all__ = [
+    "Generations",
+    "check_prompts",
+    "compare_generations",
+    "continuation_nll",
+    "encode_prompts",
+    "generate_continuations",
+]
+
+_MAX_PROMPT_TOKENS = 4096
+
+
+def check_prompts(prompts: Any, name: str = "prompts") -> list[str]:
+    """``prompts`` as a non-empty list of strings (a single string is one prompt)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if prompts is None or not isinstance(prompts, Sequence):
+        raise TypeError(f"{name}={prompts!r}: expected a list of prompt strings")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"{name} is empty: expected at least one prompt string")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{name}: expected strings, got {type(bad[0]).__name__} ({bad[0]!r})")
+    return prompts
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, with the BOS token the model saw in training."""
+    from integral_superposition.data.tokenize import tokenize_texts
+
+    return tokenize_texts(tokenizer, list(prompts), _MAX_PROMPT_TOKENS, prepend_bos=True)
+
+
+@dataclass
+class Generations:
+    """Continuations of ``prompts`` (one row per prompt x sample, prompt-major)."""
+
+    prompts: list[str]
+    """The prompt of each row."""
+    texts: list[str]
+    """The decoded continuation of each row (special tokens skipped)."""
+    prompt_ids: list[list[int]]
+    """The prompt's token ids (BOS included)."""
+    token_ids: list[list[int]]
+    """The continuation's token ids, up to and including the first EOS."""
+    vocab_mass: np.ndarray | None = None
+    """``float64 [rows, C]``: next-token probability on each vocabulary set, averaged over the
+    row's generation steps (None unless ``vocab_sets`` was given)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+class _VocabMass:
+    """Model-level forward hook: probability mass of the next-token distribution on each of
+    ``C`` vocabulary sets, at every forward of one ``generate`` call."""
+
+    def __init__(self, sets: Sequence[Sequence[int]], device: torch.device):
+        ids = [torch.as_tensor(list(s), dtype=torch.long) for s in sets]
+        self.ids = torch.cat(ids).to(device) if ids else torch.zeros(0, dtype=torch.long)
+        self.seg = torch.repeat_interleave(
+            torch.arange(len(ids)), torch.tensor([len(i) for i in ids])
+        ).to(device)
+        self.C = len(ids)
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, _module, _args, output) -> None:
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        p = torch.softmax(logits[:, -1, :].float(), dim=-1)[:, self.ids]  # [B, n_ids]
+        mass = torch.zeros(p.shape[0], self.C, device=p.device).index_add_(1, self.seg, p)
+        self.steps.append(mass)
+
+
+def _eos_ids(backend) -> set[int]:
+    ids: set[int] = set()
+    for src in (backend.model.generation_config, backend.tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if e is None:
+            continue
+        ids.update(int(i) for i in (e if isinstance(e, list | tuple) else [e]))
+    return ids
+
+
+@torch.inference_mode()
+def generate_continuations(
+    backend,
+    prompts: Sequence[str],
+    max_new_tokens: int = 30,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    samples_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 16,
+    vocab_sets: Sequence[Sequence[int]] | None = None,
+) -> Generations:
+    """Generate ``samples_per_prompt`` continuations of every prompt (left-padded batches).
+
+    Sampling is seeded per batch (``seed + batch index``), so two calls with the same
+    arguments - one steered, one not - draw the same random numbers. ``vocab_sets``: lists of
+    token ids; the result's ``vocab_mass`` is the next-token probability on each set, averaged
+    over each row's steps.
+    """
+    prompts = check_prompts(prompts)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected a positive int")
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt={samples_per_prompt}: expected >= 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    tok = backend.tokenizer
+    pad = pad_token_id(tok)
+    eos = _eos_ids(backend)
+    rows = [p for p in prompts for _ in range(samples_per_prompt)]
+    enc = encode_prompts(tok, prompts)
+    enc_rows = [e for e in enc for _ in range(samples_per_prompt)]
+    out_ids: list[list[int]] = []
+    masses: list[np.ndarray] = []
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+    if do_sample:
+        gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+    else:  # silence the model's sampling defaults when decoding greedily
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    for bi, a in enumerate(range(0, len(rows), batch_size)):
+        batch = pad_batch(enc_rows[a : a + batch_size], pad, "left")
+        recorder = _VocabMass(vocab_sets, backend.device) if vocab_sets else None
+        handle = backend.model.register_forward_hook(recorder) if recorder is not None else None
+        try:
+            torch.manual_seed(seed + bi)
+            seqs = backend.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                pad_token_id=pad,
+                **gen_kwargs,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        new = seqs[:, batch.input_ids.shape[1] :].cpu().tolist()
+        lengths = []
+        for ids in new:
+            n = len(ids)
+            for i, t in enumerate(ids):
+                if t in eos:
+                    n = i + 1
+                    break
+            out_ids.append(ids[:n])
+            lengths.append(n)
+        if recorder is not None:
+            steps = torch.stack(recorder.steps[: max(lengths, default=0)], 0).cpu().double()
+            valid = torch.arange(steps.shape[0])[:, None] < torch.tensor(lengths)[None, :]
+            total = (steps * valid[..., None]).sum(0)
+            masses.append((total / valid.sum(0).clamp_min(1)[:, None]).numpy())
+    specials = special_ids(tok)
+    texts = [
+        tok.decode([t for t in ids if t not in specials], skip_special_tokens=True)
+        for ids in out_ids
+    ]
+    return Generations(
+        prompts=rows,
+        texts=texts,
+        prompt_ids=[list(e) for e in enc_rows],
+        token_ids=out_ids,
+        vocab_mass=np.concatenate(masses, 0) if masses else None,
+        meta={
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "temperature": temperature if do_sample else None,
+            "top_p": top_p if do_sample else None,
+            "samples_per_prompt": samples_per_prompt,
+            "seed": seed,
+        },
+    )
+
+
+@torch.inference_mode()
+def continuation_nll(
+    backend,
+    prompt_ids: Sequence[Sequence[int]],
+    cont_ids: Sequence[Sequence[int]],
+    batch_size: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Negative log-likelihood of each continuation given its prompt under ``backend`` as it
+    is (call it outside any steering block to score with the unsteered model).
+
+    Returns ``(nll_sum [n], n_tokens [n])``; rows with an empty continuation get ``(0, 0)``.
+    """
+    if len(prompt_ids) != len(cont_ids):
+        raise ValueError(
+            f"prompt_ids has {len(prompt_ids)} rows but cont_ids has {len(cont_ids)}: expected one continuation per prompt"
+        )
+    n = len(cont_ids)
+    nll = np.zeros(n)
+    count = np.zeros(n, dtype=np.int64)
+    todo = [i for i in range(n) if len(cont_ids[i]) > 0]
+    pad = pad_token_id(backend.tokenizer)
+    for a in range(0, len(todo), batch_size):
+        idx = todo[a : a + batch_size]
+        seqs = [list(prompt_ids[i]) + list(cont_ids[i]) for i in idx]
+        batch = pad_batch(seqs, pad, "right")
+        out = backend.model(
+            input_ids=batch.input_ids.to(backend.device),
+            attention_mask=batch.attention_mask.to(backend.device),
+            use_cache=False,
+        )
+        logits = out.logits
+        for r, i in enumerate(idx):
+            p, c = len(prompt_ids[i]), len(cont_ids[i])
+            lp = torch.log_softmax(logits[r, p - 1 : p + c - 1].float(), dim=-1)
+            target = torch.tensor(cont_ids[i], device=lp.device)
+            nll[i] = float(-lp.gather(1, target[:, None]).sum())
+            count[i] = c
+        del out, logits
+    return nll, count
+
+
+def compare_generations(
+    backend,
+    sae,
+    hook_point: Any,
+    edits: Any,
+    prompts: Sequence[str] | str,
+    max_new_tokens: int = 30,
+    positions: Any = "all",
+    *,
+    max_acts: Any = None,
+    keep_error: bool = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[tuple[str, str, str]]:
+    """Generate each prompt's continuation without and with steering: a list of
+    ``(prompt, unsteered, steered)``.
+
+    Both runs use the same decoding settings and seed. Every argument is checked before
+    anything is generated.
+    """
+    from integral_superposition.steering.hooks import steer
+
+    prompts = check_prompts(prompts)
+    kw = dict(
+        do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size
+    )
+    # The steered run goes first: steer() checks every argument before anything is generated.
+    with steer(
+        backend, sae, hook_point, edits, positions, max_acts=max_acts, keep_error=keep_error
+    ):
+        steered = generate_continuations(backend, prompts, max_new_tokens, **kw)
+    base = generate_continuations(backend, prompts, max_new_tokens, **kw)
+    return list(zip(prompts, base.texts, steered.texts, strict=True))

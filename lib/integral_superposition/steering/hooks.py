@@ -1,0 +1,631 @@
+"""Steering hooks: edit SAE latents inside a model while it runs or generates.
+
+``with steer(backend, sae, "layer.9", [clamp(42, 30.0)], positions="all"):`` registers two
+hooks and removes both on exit, also after an exception:
+
+- a forward pre-hook on the whole model that classifies the columns of every forward as
+  *prompt* or *generated* (below);
+- an edit hook at the SAE's hook point (``backend.edit``'s mechanism) that replaces the
+  activation ``x`` of the selected tokens by ``x + dec(z') - dec(z)`` (the SAE error term is
+  kept), or by ``dec(z')`` with ``keep_error=False``; ``z = sae.encode(x)`` and ``z'`` is
+  ``z`` after the edits.
+
+Hook points
+-----------
+``"layer.i"`` (or ``i``, or SAELens's ``blocks.i.hook_resid_pre``) is the residual stream
+entering block ``i`` = HuggingFace's ``hidden_states[i]`` - the tensor a dump at
+``DumpConfig(layer=i)`` stores, so an SAE trained on that dump is applied to exactly the
+activations it was trained on. ``blocks.i.hook_resid_post`` is mapped to ``layer.{i+1}``.
+With ``hook_point=None`` the SAE's own metadata (``hook_name``) is used.
+
+Positions under the KV cache
+----------------------------
+A forward whose KV cache is empty starts a sequence: its columns are the *prompt*. Every
+later forward that extends the cache (one new column per step of ``generate``) feeds
+*generated* tokens. A forward without a cache that repeats the last prompt and extends it
+(``generate(use_cache=False)``) is classified the same way, column by column. Position sets:
+
+- ``"last_prompt"``: the last real (non-pad) prompt token of each row (the seed's "last row");
+- ``"prompt"``: every prompt token;
+- ``"generated"``: every generated token once it is fed back in (the first sampled token is
+  produced by the prompt forward, so only ``last_prompt``/``prompt`` steer it);
+- ``"all"`` (alias ``"both"``): prompt and generated tokens;
+- a bool mask ``[B or 1, L]`` over the absolute columns of the padded sequence (prompt columns
+  first, then one column per generated token), e.g. from :func:`column_mask`.
+
+Combine sets with a tuple: ``positions=("last_prompt", "generated")``. Pad tokens are never
+edited; BOS and other special tokens are skipped by the named sets unless
+``include_special=True`` (SAEs are trained without them, and Gemma's BOS norm is huge).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from integral_superposition.backends.base_model import HookPoint, register_edit_hook
+from integral_superposition.sae.model import SparseAutoencoder
+from integral_superposition.steering.edits import (
+    Edit,
+    as_edits,
+    edits_summary,
+    resolve_edits,
+    set_or_scale_latent,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "POSITION_SETS",
+    "LatentEditor",
+    "SteeringHandle",
+    "column_mask",
+    "register_prehook_last_row",
+    "register_steering",
+    "resolve_sae_hook_point",
+    "set_or_scale_latent",
+    "steer",
+]
+
+POSITION_SETS = ("last_prompt", "prompt", "generated", "all")
+_ALIASES = {
+    "all": ("prompt", "generated"),
+    "both": ("prompt", "generated"),
+    "last_row": ("last_prompt",),
+    "last": ("last_prompt",),
+}
+LatentMap = Edit | Sequence[Edit | str] | str | Callable[[torch.Tensor], torch.Tensor]
+
+
+# -- the latent editor -----------------------------------------------------------------------
+class LatentEditor:
+    """Applies latent edits to activation rows: ``x [N, d_in] -> x' [N, d_in]`` (same dtype).
+
+    ``edits``: :class:`Edit` objects (or edit strings), or a callable ``z [N, d_sae] ->
+    z' [N, d_sae]``. With ``keep_error`` (default) ``x' = x + dec(z') - dec(z)``, computed as
+    ``x + (z'_S - z_S) @ W_dec[S]`` over the edited latents ``S`` only; the code ``z_S`` is
+    computed for those latents alone when the architecture is elementwise (ReLU, JumpReLU,
+    BatchTopK at inference). Pure ``add`` edits need no encoding. ``keep_error=False``
+    returns ``dec(z')``.
+    """
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        edits: LatentMap,
+        *,
+        keep_error: bool = True,
+        max_acts: Any = None,
+        device: torch.device | str | None = None,
+        storage_options=None,
+    ):
+        if not isinstance(sae, SparseAutoencoder):
+            raise TypeError(
+                f"sae: expected a SparseAutoencoder (sae.load_sae reads ours and SAELens folders), got {type(sae).__name__}"
+            )
+        device = torch.device(device) if device is not None else sae.W_dec.device
+        if sae.W_dec.device != device:
+            sae = copy.deepcopy(sae).to(device)  # never move the caller's SAE
+        self.sae = sae.eval()
+        self.keep_error = bool(keep_error)
+        self.fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.edits: list[Edit] = []
+        if callable(edits) and not isinstance(edits, Edit):
+            self.fn = edits
+        else:
+            self.edits = resolve_edits(as_edits(edits), sae.d_sae, max_acts, storage_options)
+        self._compile()
+
+    def _compile(self) -> None:
+        sae = self.sae
+        with torch.no_grad():
+            W_dec = sae.W_dec.detach().float()
+            latents = sorted({e.latent for e in self.edits})
+            self.latents = latents
+            col = {j: i for i, j in enumerate(latents)}
+            # Groups of same-op edits with distinct columns, applied in the order given.
+            self.groups: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+            cur_op, cur_cols, cur_vals = None, [], []
+            for e in self.edits:
+                c = col[e.latent]
+                if e.op != cur_op or c in cur_cols:
+                    if cur_op is not None:
+                        self.groups.append(self._group(cur_op, cur_cols, cur_vals))
+                    cur_op, cur_cols, cur_vals = e.op, [], []
+                cur_cols.append(c)
+                cur_vals.append(e.value)
+            if cur_op is not None:
+                self.groups.append(self._group(cur_op, cur_cols, cur_vals))
+            idx = torch.tensor(latents, dtype=torch.long, device=W_dec.device)
+            self.W_dec_S = W_dec[idx]  # [S, d]
+            self.pure_add = (
+                self.fn is None and self.keep_error and all(e.op == "add" for e in self.edits)
+            )
+            if self.pure_add and latents:
+                alpha = torch.zeros(len(latents), device=W_dec.device)
+                for _op, c, v in self.groups:
+                    alpha.index_add_(0, c, v)
+                self.constant_delta = alpha @ self.W_dec_S  # [d]
+            else:
+                self.constant_delta = None
+            self.elementwise = not sae.is_merged and sae.architecture in (
+                "relu",
+                "jumprelu",
+                "batchtopk",
+            )
+            if self.elementwise and latents:
+                self.W_enc_S = sae.W_enc.detach().float()[:, idx]
+                self.b_enc_S = sae.b_enc.detach().float()[idx]
+                self.thr_S = sae.threshold.detach().float()[idx]
+                self.b_dec = sae.b_dec.detach().float()
+
+    def _group(self, op: str, cols: list[int], vals: list[float]):
+        dev = self.sae.W_dec.device
+        return (
+            op,
+            torch.tensor(cols, dtype=torch.long, device=dev),
+            torch.tensor(vals, dtype=torch.float32, device=dev),
+        )
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the edits cannot change any code (no edits, ``scale 1``, ``add 0``)."""
+        if self.fn is not None or not self.keep_error:
+            return False
+        return all(
+            (e.op == "scale" and e.value == 1.0) or (e.op == "add" and e.value == 0.0)
+            for e in self.edits
+        )
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes of the edited latents ``[N, S]`` for float32 rows ``x [N, d_in]``."""
+        if self.elementwise:
+            pre = (x - self.b_dec) @ self.W_enc_S + self.b_enc_S
+            if self.sae.architecture == "relu":
+                return torch.relu(pre)
+            return pre * (pre > self.thr_S)
+        idx = torch.tensor(self.latents, dtype=torch.long, device=x.device)
+        return self.sae.encode(x)[:, idx]
+
+    def _apply_groups(self, z: torch.Tensor) -> torch.Tensor:
+        for op, cols, vals in self.groups:
+            if op == "set":
+                z[:, cols] = vals
+            elif op == "scale":
+                z[:, cols] = z[:, cols] * vals
+            elif op == "add":
+                z[:, cols] = z[:, cols] + vals
+            else:  # ablate
+                z[:, cols] = 0.0
+        return z
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.sae.d_in:
+            raise ValueError(
+                f"the hooked activation has dimension {x.shape[-1]}, but the SAE has d_in={self.sae.d_in}: "
+                "it was trained on another layer or model"
+            )
+        xf = x.float()
+        if self.fn is not None:
+            z = self.sae.encode(xf)
+            z2 = self.fn(z.clone())
+            if not isinstance(z2, torch.Tensor) or z2.shape != z.shape:
+                raise ValueError(
+                    f"latent_map returned {type(z2).__name__}{tuple(getattr(z2, 'shape', ()))}: "
+                    f"expected a tensor of shape {tuple(z.shape)} (the edited code)"
+                )
+            new = xf + (z2 - z) @ self.sae.W_dec.float() if self.keep_error else self.sae.decode(z2)
+            return new.to(x.dtype)
+        if not self.keep_error:
+            z = self.sae.encode(xf)
+            if self.latents:
+                idx = torch.tensor(self.latents, dtype=torch.long, device=x.device)
+                z[:, idx] = self._apply_groups(z[:, idx].clone())
+            return self.sae.decode(z).to(x.dtype)
+        if not self.latents:
+            return x
+        if self.constant_delta is not None:
+            return x + self.constant_delta.to(x.dtype)
+        z = self.codes(xf)
+        delta = (self._apply_groups(z.clone()) - z) @ self.W_dec_S
+        return (xf + delta).to(x.dtype)
+
+
+# -- positions -------------------------------------------------------------------------------
+def _parse_positions(positions: Any) -> tuple[frozenset[str], torch.Tensor | None]:
+    if isinstance(positions, torch.Tensor | np.ndarray):
+        m = torch.as_tensor(positions)
+        if m.dtype != torch.bool:
+            raise TypeError(f"positions: a mask must be bool, got {m.dtype}")
+        if m.dim() == 1:
+            m = m[None]
+        if m.dim() != 2:
+            raise ValueError(
+                f"positions: a mask must be [B, L] or [L] over sequence columns, got shape {tuple(m.shape)}"
+            )
+        return frozenset(), m
+    names = (positions,) if isinstance(positions, str) else tuple(positions)
+    if not names:
+        raise ValueError(f"positions={positions!r}: expected at least one of {POSITION_SETS}")
+    out: set[str] = set()
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(
+                f"positions: expected names from {POSITION_SETS} or a bool mask, got {n!r}"
+            )
+        key = n.strip().lower()
+        if key in _ALIASES:
+            out.update(_ALIASES[key])
+        elif key in POSITION_SETS:
+            out.add(key)
+        else:
+            raise ValueError(
+                f"positions={positions!r}: {n!r} is not one of {POSITION_SETS} (or 'both'), nor a bool mask"
+            )
+    return frozenset(out), None
+
+
+def column_mask(
+    batch_size: int, prompt_len: int, max_new_tokens: int, columns: Sequence[int] | slice
+) -> torch.Tensor:
+    """A ``[batch_size, prompt_len + max_new_tokens]`` bool mask selecting ``columns``
+    (absolute indices into the padded prompt followed by the generated tokens)."""
+    m = torch.zeros(batch_size, prompt_len + max_new_tokens, dtype=torch.bool)
+    m[:, columns] = True
+    return m
+
+
+@dataclass
+class _Step:
+    """What the model-level pre-hook learnt about the current forward."""
+
+    B: int
+    T: int
+    select: torch.Tensor | None  # bool [B, T]; None: nothing to edit in this forward
+    n_prompt: torch.Tensor | int = 0
+    n_generated: torch.Tensor | int = 0
+
+
+def _cache_length(kwargs: dict[str, Any]) -> int | None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return None
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    try:  # legacy tuple cache: ((k [B, H, T, hd], v), ...)
+        return int(cache[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return None
+
+
+class _Tracker:
+    """Model-level forward pre-hook: decides, per forward, which columns to edit."""
+
+    def __init__(
+        self, sets: frozenset[str], mask: torch.Tensor | None, special: torch.Tensor | None
+    ):
+        self.sets = sets
+        self.mask = mask
+        self.special = special
+        self.prompt_ids: torch.Tensor | None = None
+        self.prompt_len = 0
+        self.step: _Step | None = None
+        self.counts = {"prompt": 0, "generated": 0}
+
+    def __call__(self, _module, args, kwargs) -> None:
+        ids = kwargs.get(
+            "input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None
+        )
+        if ids is None:
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                self.step = None
+                return
+            B, T = embeds.shape[:2]
+            device = embeds.device
+        else:
+            B, T = ids.shape[:2]
+            device = ids.device
+        attn = kwargs.get("attention_mask")
+        past = _cache_length(kwargs)
+        if past is None:
+            past = (
+                int(attn.shape[-1]) - T
+                if attn is not None and attn.dim() == 2 and attn.shape[-1] > T
+                else 0
+            )
+        if past == 0:
+            continuing = (
+                ids is not None
+                and self.prompt_ids is not None
+                and self.prompt_ids.shape[0] == B
+                and self.prompt_len < T
+                and self.prompt_ids.device == ids.device
+                and torch.equal(ids[:, : self.prompt_len], self.prompt_ids)
+            )
+            if not continuing:
+                self.prompt_len = T
+                self.prompt_ids = ids.detach().clone() if ids is not None else None
+        n_prompt_cols = max(0, min(T, self.prompt_len - past))
+        if attn is not None and attn.dim() == 2:
+            real = attn[:, -T:].to(device=device, dtype=torch.bool)
+        else:
+            real = torch.ones(B, T, dtype=torch.bool, device=device)
+        want_prompt = n_prompt_cols > 0 and bool(self.sets & {"prompt", "last_prompt"})
+        want_gen = n_prompt_cols < T and "generated" in self.sets
+        if not (want_prompt or want_gen or self.mask is not None):
+            self.step = _Step(B, T, None)
+            return
+        content = real
+        if self.special is not None and ids is not None:
+            content = real & ~torch.isin(ids, self.special.to(device))
+        is_prompt = torch.arange(T, device=device) < n_prompt_cols  # [T]
+        sel = torch.zeros(B, T, dtype=torch.bool, device=device)
+        if "prompt" in self.sets and n_prompt_cols > 0:
+            sel |= content & is_prompt
+        if "generated" in self.sets and n_prompt_cols < T:
+            sel |= content & ~is_prompt
+        if "last_prompt" in self.sets and n_prompt_cols > 0:
+            rp = real & is_prompt
+            last = (n_prompt_cols - 1) - rp[:, :n_prompt_cols].flip(1).int().argmax(1)
+            has = rp.any(1)
+            sel[torch.arange(B, device=device), last] |= has
+        if self.mask is not None:
+            cols = past + torch.arange(T)
+            inside = cols < self.mask.shape[1]
+            m = torch.zeros(self.mask.shape[0], T, dtype=torch.bool)
+            m[:, inside] = self.mask[:, cols[inside]]
+            if m.shape[0] != B:
+                if m.shape[0] == 1:
+                    m = m.expand(B, T)
+                elif B % m.shape[0] == 0:  # generate repeats rows for beams / return sequences
+                    m = m.repeat_interleave(B // m.shape[0], dim=0)
+                else:
+                    raise ValueError(
+                        f"positions: the mask has {self.mask.shape[0]} rows, but the forward has batch size {B}"
+                    )
+            sel |= m.to(device) & real
+        self.step = _Step(B, T, sel, (sel & is_prompt).sum(), (sel & ~is_prompt).sum())
+
+
+# -- the handle and the context manager -------------------------------------------------------
+class SteeringHandle:
+    """Hooks registered by :func:`register_steering`; ``remove()`` unregisters both (idempotent).
+
+    Also a context manager. ``edited_tokens`` counts the tokens edited so far, split into
+    ``prompt`` and ``generated``.
+    """
+
+    def __init__(
+        self,
+        backend,
+        hook_point: HookPoint,
+        editor: LatentEditor,
+        tracker: _Tracker,
+        positions: Any,
+    ):
+        self.backend = backend
+        self.hook_point = hook_point
+        self.editor = editor
+        self.positions = positions
+        self._tracker = tracker
+        self._handles: list[Any] = []
+        # Counts stay on the model's device: no host sync per forward.
+        self._prompt: torch.Tensor | int = 0
+        self._generated: torch.Tensor | int = 0
+
+    def _edit(self, x: torch.Tensor) -> torch.Tensor | None:
+        step = self._tracker.step
+        if step is None:
+            raise RuntimeError(
+                "the steering hook fired without the model-level hook: call the model itself "
+                "(backend.model / backend.generate), not one of its submodules"
+            )
+        if step.select is None:
+            return None
+        if x.dim() != 3 or x.shape[0] != step.B or x.shape[1] != step.T:
+            raise RuntimeError(
+                f"steering at {self.hook_point.name}: activation of shape {tuple(x.shape)} does not "
+                f"match the forward's tokens [{step.B}, {step.T}]"
+            )
+        flat = x.reshape(-1, x.shape[-1])
+        new = self.editor(flat)
+        sel = step.select.reshape(-1, 1)
+        self._prompt = self._prompt + step.n_prompt
+        self._generated = self._generated + step.n_generated
+        return torch.where(sel, new, flat).reshape(x.shape)
+
+    @property
+    def edited_tokens(self) -> dict[str, int]:
+        return {"prompt": int(self._prompt), "generated": int(self._generated)}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def describe(self) -> dict[str, Any]:
+        pos = self.positions
+        return {
+            "hook_point": self.hook_point.name,
+            "edits": edits_summary(self.editor.fn or self.editor.edits),
+            "positions": pos
+            if isinstance(pos, str)
+            else ("mask" if isinstance(pos, torch.Tensor | np.ndarray) else list(pos)),
+            "keep_error": self.editor.keep_error,
+        }
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> SteeringHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+_RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+
+
+def resolve_sae_hook_point(
+    backend, sae: SparseAutoencoder, hook_point: Any = None, arg: str = "hook_point"
+) -> HookPoint:
+    """The hook point to steer: ``hook_point`` when given, else the SAE's metadata ``hook_name``.
+
+    Checks that the SAE's ``d_in`` matches the hooked activation (for layer hook points) and
+    warns when the SAE's metadata names a different hook point.
+    """
+    recorded = (getattr(sae, "metadata", None) or {}).get("hook_name")
+    recorded_hp = None
+    if recorded:
+        m = _RESID_POST.match(str(recorded))
+        name = recorded
+        if m:  # the output of block i is the input of block i + 1
+            i = int(m.group(1))
+            name = f"layer.{i + 1}" if i + 1 < backend.n_layers else f"{backend.blocks_path}.{i}"
+        try:
+            recorded_hp = backend.hook_point(name)
+        except ValueError:
+            recorded_hp = None
+    if hook_point is None:
+        if recorded_hp is None:
+            raise ValueError(
+                f"{arg}=None: the SAE does not record a hook point this model has "
+                f"(metadata hook_name={recorded!r}); pass {arg}, e.g. 'layer.9'"
+            )
+        hp = recorded_hp
+    elif isinstance(hook_point, HookPoint):
+        hp = hook_point
+    else:
+        try:
+            hp = backend.hook_point(hook_point)
+        except ValueError as e:
+            raise ValueError(f"{arg}={hook_point!r}: {e}") from None
+    if hp.layer is not None and int(backend.d_model) != sae.d_in:
+        raise ValueError(
+            f"sae.d_in={sae.d_in} does not match the hooked layer: {hp.name} of {backend.model_id} "
+            f"has d_model={backend.d_model}"
+        )
+    if recorded_hp is not None and recorded_hp.name != hp.name:
+        msg = (
+            f"steering at {hp.name}, but the SAE was trained on {recorded!r} ({recorded_hp.name}): "
+            "its latents mean something else here"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        log.warning(msg)
+    return hp
+
+
+def _special_ids(tokenizer) -> torch.Tensor | None:
+    from integral_superposition.data.tokenize import special_ids
+
+    if tokenizer is None:
+        return None
+    ids = sorted(special_ids(tokenizer))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    ids = [i for i in ids if i != unk]  # UNK stands for text
+    return torch.tensor(ids, dtype=torch.long) if ids else None
+
+
+def register_steering(
+    backend,
+    sae: SparseAutoencoder,
+    hook_point: Any = None,
+    edits: LatentMap = (),
+    positions: Any = "all",
+    *,
+    max_acts: Any = None,
+    keep_error: bool = True,
+    include_special: bool = False,
+    storage_options=None,
+) -> SteeringHandle:
+    """Register the steering hooks and return their :class:`SteeringHandle` (call ``remove()``).
+
+    Prefer the :func:`steer` context manager. Every argument is checked before any hook is
+    registered. See the module docstring for ``hook_point``, ``positions`` and the edits.
+    """
+    hp = resolve_sae_hook_point(backend, sae, hook_point)
+    sets, mask = _parse_positions(positions)
+    editor = LatentEditor(
+        sae, edits, keep_error=keep_error, max_acts=max_acts, device=backend.device,
+        storage_options=storage_options,
+    )  # fmt: skip
+    special = None if include_special else _special_ids(getattr(backend, "tokenizer", None))
+    tracker = _Tracker(sets, mask, special)
+    handle = SteeringHandle(backend, hp, editor, tracker, positions)
+    try:
+        handle._handles.append(backend.model.register_forward_pre_hook(tracker, with_kwargs=True))
+        handle._handles.append(register_edit_hook(hp, handle._edit))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+@contextlib.contextmanager
+def steer(
+    backend,
+    sae: SparseAutoencoder,
+    hook_point: Any = None,
+    edits: LatentMap = (),
+    positions: Any = "all",
+    *,
+    max_acts: Any = None,
+    keep_error: bool = True,
+    include_special: bool = False,
+    storage_options=None,
+) -> Iterator[SteeringHandle]:
+    """Within the block, every forward and ``generate`` of ``backend`` runs with ``edits``
+    applied to ``sae``'s latents at ``hook_point`` on ``positions``; the hooks are removed on
+    exit, also after an exception.
+
+    ``edits``: an :class:`Edit` (``clamp``, ``clamp_to_max``, ``scale``, ``add``, ``ablate``),
+    an edit string (``"42=30"``), a list of them, or a callable ``z -> z'`` on codes
+    ``[N, d_sae]``. ``max_acts`` supplies the max activations for ``clamp_to_max``.
+    ``keep_error=False`` replaces the activation by the SAE reconstruction.
+    """
+    handle = register_steering(
+        backend, sae, hook_point, edits, positions, max_acts=max_acts, keep_error=keep_error,
+        include_special=include_special, storage_options=storage_options,
+    )  # fmt: skip
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def register_prehook_last_row(
+    backend,
+    layer_idx: int | str,
+    sae: SparseAutoencoder,
+    latent_map: LatentMap,
+    *,
+    positions: Any = "last_prompt",
+    keep_error: bool = True,
+    max_acts: Any = None,
+) -> SteeringHandle:
+    """The seed's hook: steer the last real prompt token of each row at layer ``layer_idx``
+    (the input of block ``layer_idx``). Returns a handle; call ``handle.remove()``.
+
+    ``latent_map``: e.g. ``set_or_scale_latent(latent_j=42, set_to=100.0)``, a list of edits or
+    a callable on codes. ``positions`` widens the steered tokens (e.g. ``"all"``).
+    """
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int | str | np.integer):
+        raise TypeError(f"layer_idx={layer_idx!r}: expected a layer index (int)")
+    try:
+        hp = backend.hook_point(layer_idx if isinstance(layer_idx, str) else int(layer_idx))
+    except ValueError as e:
+        raise ValueError(f"layer_idx={layer_idx!r}: {e}") from None
+    return register_steering(
+        backend, sae, hp, latent_map, positions, keep_error=keep_error, max_acts=max_acts
+    )

@@ -1,0 +1,507 @@
+"""The experiment report: one self-contained HTML page per run, and its markdown summary.
+
+``build_report(out_uri, *sections, analysis=..., sae=..., config=...)`` assembles
+
+- the run configuration (``config``, the SAE's training config and the activation source);
+- the training curves (``history``, or a history table saved with the SAE);
+- the metrics table, the density / L0 / decoder-geometry plots, the enrichment heatmap and
+  the 2-D map of a published analysis, and the top latents per label with links to their
+  dashboards;
+- any further :class:`ReportSection` - merge results, steering generations, ... - given by
+  the caller as generic pieces: text, pandas tables, matplotlib figures (or PNG bytes),
+  side-by-side generations, or a trusted HTML fragment.
+
+Images are embedded as ``data:`` PNGs and the page carries the same Content-Security-Policy
+as the dashboards (no network, no scripts), so it opens offline and as a single file.
+:func:`markdown_summary` renders the same summary as markdown with small embedded PNGs (for
+Prefect markdown artifacts); :func:`summary_tables` gives its tables as DataFrames (for
+table artifacts).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from integral_superposition import storage
+from integral_superposition.viz.figures import figure_bytes, png_data_uri
+from integral_superposition.viz.panels import CSS, _csp, display_token, esc
+
+__all__ = [
+    "ReportSection",
+    "analysis_sections",
+    "build_report",
+    "markdown_summary",
+    "summary_tables",
+]
+
+FigureLike = Figure | bytes
+
+
+@dataclass
+class ReportSection:
+    """A generic piece of the report, given by whoever produced the results.
+
+    - ``text``: plain text (escaped); blank lines separate paragraphs.
+    - ``tables``: DataFrames, or ``(caption, DataFrame)`` pairs (values are escaped).
+    - ``figures``: matplotlib Figures or PNG bytes, or ``(caption, figure)`` pairs.
+    - ``generations``: side-by-side text generations: a DataFrame or a list of dicts, one
+      row per prompt and one column per condition (e.g. ``prompt, baseline, steered``).
+      Texts are escaped and shown in aligned columns.
+    - ``html_text``: a trusted HTML fragment inserted as is (the page's Content-Security-Policy
+      still blocks scripts and network loads). Use ``text`` for anything a model generated.
+    """
+
+    title: str
+    text: str = ""
+    tables: Sequence[pd.DataFrame | tuple[str, pd.DataFrame]] = ()
+    figures: Sequence[FigureLike | tuple[str, FigureLike]] = ()
+    generations: pd.DataFrame | Sequence[Mapping[str, Any]] | None = None
+    html_text: str | None = None
+    anchor: str | None = None
+
+    def _pairs(self, items) -> list[tuple[str, Any]]:
+        return [it if isinstance(it, tuple) else ("", it) for it in items]
+
+    @staticmethod
+    def _png(fig: FigureLike) -> bytes:
+        if isinstance(fig, bytes):
+            return fig
+        if not isinstance(fig, Figure):
+            raise TypeError(
+                f"figures: expected matplotlib Figures or PNG bytes, got {type(fig).__name__}"
+            )
+        return figure_bytes(fig, "png")
+
+    def _generations_frame(self) -> pd.DataFrame | None:
+        if self.generations is None:
+            return None
+        g = (
+            self.generations
+            if isinstance(self.generations, pd.DataFrame)
+            else pd.DataFrame(list(self.generations))
+        )
+        return g
+
+    def slug(self) -> str:
+        return self.anchor or re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-") or "section"
+
+    def to_html(self) -> str:
+        parts = [f'<section id="{esc(self.slug())}"><h2>{esc(self.title)}</h2>']
+        for para in [p for p in re.split(r"\n\s*\n", self.text or "") if p.strip()]:
+            parts.append(f"<p>{esc(para.strip())}</p>")
+        if self.html_text:
+            parts.append(f"<div>{self.html_text}</div>")
+        for caption, df in self._pairs(self.tables):
+            parts.append(_table_html(df, caption))
+        for caption, fig in self._pairs(self.figures):
+            cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+            parts.append(
+                f'<figure><img alt="{esc(caption or self.title)}" src="{png_data_uri(self._png(fig))}">{cap}</figure>'
+            )
+        g = self._generations_frame()
+        if g is not None and len(g):
+            head = "".join(f"<th>{esc(c)}</th>" for c in g.columns)
+            body = "".join(
+                "<tr>" + "".join(f'<td class="gen">{esc(v)}</td>' for v in row) + "</tr>"
+                for row in g.itertuples(index=False)
+            )
+            parts.append(
+                f'<table class="gens"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+            )
+        parts.append("</section>")
+        return "".join(parts)
+
+    def to_markdown(self, max_rows: int = 20, figure_width: int = 480) -> str:
+        parts = [f"## {_md_escape(self.title)}"]
+        if self.text:
+            parts.append(_md_escape(self.text.strip()))
+        for caption, df in self._pairs(self.tables):
+            if caption:
+                parts.append(f"**{_md_escape(caption)}**")
+            parts.append(markdown_table(df, max_rows))
+        for caption, fig in self._pairs(self.figures):
+            png = small_png(self._png(fig), figure_width)
+            parts.append(f"![{_md_escape(caption or self.title)}]({png_data_uri(png)})")
+        g = self._generations_frame()
+        if g is not None and len(g):
+            parts.append(markdown_table(g, max_rows))
+        return "\n\n".join(parts)
+
+
+# -- small helpers -----------------------------------------------------------------------------
+def _table_html(df: pd.DataFrame, caption: str = "", max_rows: int = 200) -> str:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"tables: expected pandas DataFrames, got {type(df).__name__}")
+    shown = df.head(max_rows)
+    more = (
+        f'<div class="mut">{len(df) - max_rows} more rows not shown</div>'
+        if len(df) > max_rows
+        else ""
+    )
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    html_table = shown.to_html(
+        index=False, escape=True, border=0, na_rep="–", float_format=lambda v: f"{v:.4g}"
+    )
+    return (
+        html_table.replace('<table class="dataframe">', f'<table class="dataframe">{cap}', 1) + more
+    )
+
+
+def _md_escape(text: str) -> str:
+    """Escape markdown and HTML metacharacters in plain text."""
+    text = str(text).replace("\\", "\\\\")
+    for ch in "`*_[]<>|#":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\n", " ")
+
+
+def markdown_table(df: pd.DataFrame, max_rows: int = 20) -> str:
+    """A GitHub-style markdown table (cells escaped; floats to 4 significant digits)."""
+    shown = df.head(max_rows)
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float | np.floating):
+            return "–" if not np.isfinite(v) else f"{v:.4g}"
+        return _md_escape("–" if v is None else display_token(str(v)) if isinstance(v, str) else v)
+
+    head = "| " + " | ".join(_md_escape(c) for c in shown.columns) + " |"
+    sep = "| " + " | ".join("---" for _ in shown.columns) + " |"
+    rows = ["| " + " | ".join(cell(v) for v in r) + " |" for r in shown.itertuples(index=False)]
+    more = [f"\n_{len(df) - max_rows} more rows_"] if len(df) > max_rows else []
+    return "\n".join([head, sep, *rows]) + "".join(more)
+
+
+def small_png(png: bytes, max_width: int = 480) -> bytes:
+    """Downscale PNG bytes to at most ``max_width`` pixels wide (for markdown artifacts)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png))
+    if img.width <= max_width:
+        return png
+    h = max(1, round(img.height * max_width / img.width))
+    out = io.BytesIO()
+    img.convert("RGB").resize((max_width, h), Image.LANCZOS).save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def _relative_link(from_dir: str, target: str) -> str:
+    """A link from a page in ``from_dir`` to ``target``: relative when both are local or on the
+    same object-store bucket, else the target's URI."""
+    if storage.is_local(from_dir) and storage.is_local(target):
+        return os.path.relpath(storage.get_fs(target)[1], storage.get_fs(from_dir)[1]).replace(
+            os.sep, "/"
+        )
+    if "://" in from_dir and "://" in target:
+        p1, r1 = from_dir.split("://", 1)
+        p2, r2 = target.split("://", 1)
+        if p1 == p2 and r1.split("/", 1)[0] == r2.split("/", 1)[0]:
+            return posixpath.relpath(r2, r1)
+    return target
+
+
+# -- sections from published outputs -----------------------------------------------------------
+def _as_analysis(analysis: Any, storage_options):
+    from integral_superposition.analysis.run import AnalysisResult, load_analysis
+
+    if analysis is None or isinstance(analysis, AnalysisResult):
+        return analysis
+    return load_analysis(str(analysis), storage_options)
+
+
+def summary_tables(
+    analysis: Any, top_per_label: int = 10, storage_options=None
+) -> dict[str, pd.DataFrame]:
+    """The summary's tables: ``metrics`` (name, value) and ``top_latents`` (per label, the
+    most significant latents with q, log odds, purity, AUROC, density and top tokens)."""
+    a = _as_analysis(analysis, storage_options)
+    s = a.summary
+    metrics = dict(s.get("metrics", {}))
+    metrics.update(
+        {
+            "latents": s.get("n_latents"),
+            "dead latents": s.get("n_dead"),
+            "latents enriched (q<alpha)": s.get("n_significant_latents"),
+            "median L0": (s.get("l0") or {}).get("median"),
+            "tokens analysed": s.get("n_tokens"),
+        }
+    )
+    mt = pd.DataFrame({"metric": list(metrics), "value": [_scalar(v) for v in metrics.values()]})
+    out = {"metrics": mt}
+    enr = a.enrichment
+    lat = a.latents
+    if enr is not None and len(enr):
+        tok = enr[(enr["level"] == "token") & enr["significant"] & (enr["log_odds"] > 0)]
+        tok = tok.sort_values(["label_id", "q", "log_odds"], ascending=[True, True, False])
+        top = tok.groupby("label_id", observed=True).head(top_per_label)
+        cols = ["latent", "top_tokens", "density"] + (
+            ["promoted_tokens"] if "promoted_tokens" in lat else []
+        )
+        top = top.merge(lat[cols], on="latent", how="left")
+        out["top_latents"] = top[
+            ["label", "latent", "q", "log_odds", "frac_in_set", "auroc", "density", "top_tokens"]
+            + (["promoted_tokens"] if "promoted_tokens" in top else [])
+        ].reset_index(drop=True)
+    return out
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, float):
+        return float(f"{v:.6g}") if np.isfinite(v) else None
+    return v
+
+
+def analysis_sections(
+    analysis: Any, report_dir: str | None = None, top_per_label: int = 10, storage_options=None
+) -> list[ReportSection]:
+    """Report sections of a published analysis: metrics, distributions, enrichment heatmap,
+    2-D map and the top latents per label (linked to their dashboards from ``report_dir``)."""
+    a = _as_analysis(analysis, storage_options)
+    tables = summary_tables(a, top_per_label)
+    sections = [ReportSection("Metrics", tables=[tables["metrics"]], anchor="metrics")]
+    figs = [(cap, a.figure(name)) for cap, name in (
+        ("Latent density (log10)", "density_hist"), ("Active latents per token", "l0_hist"),
+        ("Decoder geometry", "decoder_geometry"))]  # fmt: skip
+    sections.append(
+        ReportSection("Latent statistics", figures=[(c, f) for c, f in figs if f is not None])
+    )
+    if a.figure("enrichment_heatmap") is not None:
+        sections.append(
+            ReportSection(
+                "Label enrichment",
+                figures=[
+                    ("latent x label log odds; dots: q < alpha", a.figure("enrichment_heatmap"))
+                ],
+            )
+        )
+    maps = [
+        (c, a.figure(n))
+        for c, n in (
+            ("2-D map by most enriched label", "latent_map"),
+            ("2-D map by cluster", "latent_map_clusters"),
+            ("Co-activation", "coactivation_heatmap"),
+        )
+    ]
+    sections.append(ReportSection("Latent map", figures=[(c, f) for c, f in maps if f is not None]))
+    if "top_latents" in tables:
+        top = tables["top_latents"]
+        rows = []
+        for r in top.itertuples(index=False):
+            page = a.dashboard_uri(int(r.latent))
+            href = _relative_link(report_dir, page) if page and report_dir else page
+            latent = f'<a href="{esc(href)}">L{int(r.latent)}</a>' if href else f"L{int(r.latent)}"
+            rows.append(
+                f"<tr><td>{esc(r.label)}</td><td>{latent}</td><td class=n>{r.q:.2e}</td><td class=n>{r.log_odds:.2f}</td>"
+                f"<td class=n>{r.frac_in_set:.2f}</td><td class=n>{'–' if pd.isna(r.auroc) else f'{r.auroc:.3f}'}</td>"
+                f"<td class=n>{r.density:.2e}</td><td class=tok>{esc(display_token(str(r.top_tokens)))}</td></tr>"
+            )
+        head = "<tr><th>label</th><th>latent</th><th>q</th><th>log odds</th><th>in top set</th><th>AUROC</th><th>density</th><th>top tokens</th></tr>"
+        index = a.dashboard_uri()
+        link = (
+            f'<p><a href="{esc(_relative_link(report_dir, index) if report_dir else index)}">all latents (dashboard index)</a></p>'
+            if index
+            else ""
+        )
+        sections.append(
+            ReportSection(
+                "Top latents per label",
+                html_text=f"{link}<table>{head}{''.join(rows)}</table>",
+                anchor="top-latents",
+            )
+        )
+    return sections
+
+
+def _sae_sections(
+    sae_uri: str, history: pd.DataFrame | None, storage_options
+) -> list[ReportSection]:
+    from integral_superposition.sae import read_sae_manifest
+
+    out = []
+    try:
+        m = read_sae_manifest(sae_uri, storage_options)
+    except (FileNotFoundError, ValueError):
+        m = None
+    cfg_uri = storage.join(sae_uri, "cfg.json")
+    cfg = (
+        storage.read_json(cfg_uri, storage_options)
+        if storage.exists(cfg_uri, storage_options)
+        else {}
+    )
+    if m is not None or cfg:
+        blocks = {"SAE (cfg.json)": cfg}
+        if m is not None:
+            blocks["training config"] = m.get("config")
+            if m.get("metrics"):
+                blocks["training metrics"] = m.get("metrics")
+        out.append(ReportSection("SAE", html_text=_json_blocks(blocks), anchor="sae"))
+    if history is None and m is not None:
+        history = _find_history(sae_uri, m, storage_options)
+    if history is not None and len(history):
+        from integral_superposition.viz.distributions import training_curves
+
+        out.append(
+            ReportSection("Training curves", figures=[training_curves(history)], anchor="training")
+        )
+    return out
+
+
+def _find_history(
+    sae_uri: str, manifest: Mapping[str, Any], storage_options
+) -> pd.DataFrame | None:
+    """A training history table published with the SAE (``*history*``/``*log*`` as
+    Parquet, CSV or JSON lines), or a ``history`` list in its manifest."""
+    if isinstance(manifest.get("history"), list) and manifest["history"]:
+        return pd.DataFrame(manifest["history"])
+    for name in sorted(manifest.get("files", {})):
+        base = posixpath.basename(name).lower()
+        if not re.search(r"(history|log|curve)", base):
+            continue
+        data = storage.read_bytes(storage.join(sae_uri, name), storage_options)
+        if base.endswith(".parquet"):
+            return pd.read_parquet(io.BytesIO(data))
+        if base.endswith(".csv"):
+            return pd.read_csv(io.BytesIO(data))
+        if base.endswith((".jsonl", ".ndjson")):
+            return pd.read_json(io.BytesIO(data), lines=True)
+    return None
+
+
+def _json_blocks(blocks: Mapping[str, Any]) -> str:
+    return "".join(
+        f"<h3>{esc(k)}</h3><pre>{esc(json.dumps(v, indent=2, sort_keys=True, default=str))}</pre>"
+        for k, v in blocks.items()
+        if v
+    )
+
+
+def build_report(
+    out_uri: str,
+    *sections: ReportSection,
+    title: str | None = None,
+    analysis: Any = None,
+    sae: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    history: pd.DataFrame | None = None,
+    top_per_label: int = 10,
+    storage_options: Mapping[str, Any] | None = None,
+    filename: str = "report.html",
+) -> str:
+    """Write the experiment report to ``out_uri/filename`` (plus a ``report`` manifest) and
+    return the page's URI.
+
+    ``analysis``: a published analysis (URI or :func:`~integral_superposition.analysis.load_analysis`
+    result); ``sae``: the SAE folder (config, training metrics and history); ``config``: the
+    run configuration; ``sections``: further :class:`ReportSection` (merge, steering, ...).
+    """
+    for s in sections:
+        if not isinstance(s, ReportSection):
+            raise TypeError(f"sections: expected ReportSection objects, got {type(s).__name__}")
+    if storage.exists(storage.join(out_uri, storage.MANIFEST_NAME), storage_options):
+        kind = storage.read_json(storage.join(out_uri, storage.MANIFEST_NAME), storage_options).get(
+            "kind"
+        )
+        if kind != "report":
+            raise ValueError(
+                f"out_uri={out_uri!r} holds a published {kind!r} output: write the report to its own folder"
+            )
+    a = _as_analysis(analysis, storage_options)
+    std: list[ReportSection] = []
+    run_blocks: dict[str, Any] = {}
+    if config:
+        run_blocks["run configuration"] = dict(config)
+    if a is not None:
+        act = a.manifest.get("activations", {})
+        model = a.manifest.get("model", {})
+        run_blocks["activations"] = {
+            "uris": act.get("uris"), "hook_point": act.get("hook_point"), "content_hash": act.get("content_hash"),
+            "model": model.get("model_id"), "tokens analysed": a.summary.get("n_tokens"),
+            "labels": a.summary.get("labels"),
+        }  # fmt: skip
+        run_blocks["analysis parameters"] = a.manifest.get("config")
+    if run_blocks:
+        std.append(
+            ReportSection("Configuration", html_text=_json_blocks(run_blocks), anchor="config")
+        )
+    sae_uri = sae or (a.manifest.get("sae", {}).get("uri") if a is not None else None)
+    if sae_uri:
+        std += _sae_sections(str(sae_uri), history, storage_options)
+    elif history is not None:
+        from integral_superposition.viz.distributions import training_curves
+
+        std.append(
+            ReportSection("Training curves", figures=[training_curves(history)], anchor="training")
+        )
+    if a is not None:
+        std += analysis_sections(a, out_uri, top_per_label)
+    all_sections = std + list(sections)
+    if not all_sections:
+        raise ValueError("nothing to report: give an analysis, an SAE, a config or sections")
+    page_title = title or "Integral Superposition experiment report"
+    toc = "".join(f'<li><a href="#{esc(s.slug())}">{esc(s.title)}</a></li>' for s in all_sections)
+    style = (
+        CSS
+        + "figure{margin:10px 12px 10px 0;display:inline-block;vertical-align:top;max-width:49%}figure img{max-width:100%;border:1px solid var(--line)}figcaption{font-size:12px;color:var(--mut)}pre{background:#f6f7f9;padding:8px;font-size:12px;overflow:auto;max-height:360px}.gens td.gen{white-space:pre-wrap;max-width:420px;font-family:ui-monospace,Menlo,monospace;font-size:12px;unicode-bidi:isolate}table.dataframe td{font-variant-numeric:tabular-nums}"
+    )
+    body = f"<h1>{esc(page_title)}</h1><nav><ul>{toc}</ul></nav>" + "".join(
+        s.to_html() for s in all_sections
+    )
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_csp(None)}">'
+        f"<title>{esc(page_title)}</title><style>{style}</style></head><body>{body}</body></html>"
+    ).encode()
+    uri = storage.join(out_uri, filename)
+    storage.write_bytes(uri, page, storage_options)
+    storage.write_manifest(
+        out_uri,
+        "report",
+        {"title": page_title, "sections": [s.title for s in all_sections]},
+        {filename: storage.file_entry(uri, page)},
+        storage_options,
+        analysis=None
+        if a is None
+        else {"uri": a.uri, "content_hash": a.manifest.get("content_hash")},
+        sae=sae_uri,
+    )
+    return uri
+
+
+def markdown_summary(
+    analysis: Any = None,
+    *sections: ReportSection,
+    title: str | None = None,
+    figures: Sequence[str] = ("latent_map", "enrichment_heatmap"),
+    top_per_label: int = 5,
+    max_rows: int = 20,
+    figure_width: int = 480,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """The run summary as markdown: metrics, top latents per label, small embedded PNGs of
+    the analysis ``figures`` (``data:`` URIs, at most ``figure_width`` pixels wide), then
+    the given sections."""
+    parts = [f"# {_md_escape(title or 'SAE analysis summary')}"]
+    a = _as_analysis(analysis, storage_options)
+    if a is not None:
+        t = summary_tables(a, top_per_label)
+        parts.append("## Metrics\n\n" + markdown_table(t["metrics"], max_rows=50))
+        if "top_latents" in t:
+            parts.append(
+                "## Top latents per label\n\n" + markdown_table(t["top_latents"], max_rows=max_rows)
+            )
+        for name in figures:
+            png = a.figure(name)
+            if png is not None:
+                parts.append(f"![{_md_escape(name)}]({png_data_uri(small_png(png, figure_width))})")
+    parts += [s.to_markdown(max_rows, figure_width) for s in sections]
+    return "\n\n".join(parts) + "\n"

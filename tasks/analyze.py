@@ -1,0 +1,60 @@
+"""The analysis task: statistics, enrichment, maps and dashboards of one SAE's latents."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from integral_superposition.analysis.run import AnalysisParams
+from integral_superposition.tasks.backends import using_backend
+from integral_superposition.tasks.dump import TASK_DEFAULTS
+from integral_superposition.tasks.policy import gpu_slot
+from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
+from integral_superposition.tasks.ui import Progress, event, table
+
+
+@task(name="analyze-sae", **TASK_DEFAULTS)
+def analyze_sae(
+    sae: OutputRef,
+    store: OutputRef,
+    params: AnalysisParams,
+    loc: RunLocation,
+    model: ModelRef | None = None,
+    out: str = "analysis",
+    gpu_limit: str | None = "gpu",
+) -> OutputRef:
+    """Analyse ``sae`` on ``store`` into ``{run}/{out}/{sae.name}``; ``model`` adds the logit
+    lens. Cached on the SAE's and the store's content hashes and ``params``."""
+    from integral_superposition.analysis.run import load_analysis, run_analysis
+    from integral_superposition.viz.report import summary_tables
+
+    out_uri = loc.uri(out, sae.name)
+    progress = Progress(f"analyze-{sae.name}", f"analyze {sae.name}", unit="steps")
+    with gpu_slot(gpu_limit), using_backend(model.spec if model else None) as backend:
+        manifest = run_analysis(
+            sae.uri,
+            store.uri,
+            out_uri,
+            params,
+            backend=backend,
+            storage_options=loc.storage_options,
+            on_progress=progress,
+        )
+    progress.finish()
+    summary = manifest.get("summary", {})
+    ref = OutputRef.from_manifest("analysis", sae.name, out_uri, manifest, **summary)
+    tables = summary_tables(load_analysis(out_uri, loc.storage_options))
+    table(f"analysis-metrics-{sae.name}", tables["metrics"], f"Latent statistics of {sae.name}")
+    if "top_latents" in tables:
+        table(
+            f"top-latents-{sae.name}",
+            tables["top_latents"].head(50),
+            f"Most enriched latents per label of {sae.name}",
+        )
+    event(
+        "isup.analysis.completed",
+        f"isup.analysis.{ref.content_hash[:16]}",
+        {"uri": out_uri, "sae_uri": sae.uri, "store_uri": store.uri, "summary": summary},
+        labels={"prefect.resource.name": f"{loc.experiment}/{sae.name}", "isup.run": loc.run},
+        related=[{"prefect.resource.id": f"isup.sae.{sae.content_hash[:16]}", "prefect.resource.role": "sae"}],
+    )
+    return ref

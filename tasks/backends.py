@@ -1,0 +1,103 @@
+"""One loaded model per process, shared by the tasks that need it.
+
+Loading gemma-3-270m takes seconds and a GiB of memory, so the dump, analysis, merge and
+steering tasks of one flow run share one backend per :class:`ModelSpec`. Hooks are
+registered per forward, so two threads must not run the same model at once: each backend
+comes with a lock that its users hold while they call the library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from integral_superposition.experiment import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_BACKENDS: dict[str, tuple[Any, threading.Lock]] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def _key(spec: ModelSpec) -> str:
+    return spec.model_dump_json()
+
+
+def load_backend(spec: ModelSpec) -> tuple[Any, threading.Lock]:
+    """The process's backend for ``spec`` (loaded on first use) and its lock."""
+    key = _key(spec)
+    with _LOAD_LOCK:
+        hit = _BACKENDS.get(key)
+        if hit is None:
+            from integral_superposition.backends import load_backend as _load
+
+            backend = _load(
+                spec.model_id,
+                dtype=spec.dtype,
+                device_map=spec.resolved_device_map(),
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+            )
+            hit = _BACKENDS[key] = (backend, threading.Lock())
+    return hit
+
+
+@contextlib.contextmanager
+def using_backend(spec: ModelSpec | None) -> Iterator[Any]:
+    """The backend for ``spec`` (None yields None), held exclusively by this thread."""
+    if spec is None:
+        yield None
+        return
+    backend, lock = load_backend(spec)
+    with lock:
+        yield backend
+
+
+def clear_backends() -> None:
+    """Forget the loaded models (a CUDA failure may have poisoned them)."""
+    with _LOAD_LOCK:
+        _BACKENDS.clear()
+    with contextlib.suppress(Exception):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def model_stamp(spec: ModelSpec) -> str:
+    """A cheap identity of the weights ``spec`` loads, without loading them: file sizes and
+    modification times of a local directory or file, the pinned revision of a hub id, or the
+    package version of an embedded model."""
+    from importlib import metadata
+
+    from integral_superposition.backends.sources import EMBEDDED_MODELS
+
+    mid = spec.model_id
+    if mid.startswith("tiny:"):
+        return f"{mid}:builtin"
+    if mid in EMBEDDED_MODELS:
+        dist = EMBEDDED_MODELS[mid].distribution
+        try:
+            return f"{mid}:{dist}=={metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            return f"{mid}:{dist} (not installed)"
+    path = os.path.expanduser(mid)
+    if os.path.exists(path):
+        h = hashlib.sha256()
+        files = (
+            [path]
+            if os.path.isfile(path)
+            else sorted(
+                os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith(".")
+            )
+        )
+        for f in files:
+            st = os.stat(f)
+            h.update(f"{os.path.relpath(f, path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return f"local:{h.hexdigest()[:16]}"
+    return f"hub:{mid}@{spec.revision or 'main'}"

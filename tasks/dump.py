@@ -1,0 +1,156 @@
+"""Tasks of the first step: resolve the dataset, dump activations (whole or by partition),
+combine partition dumps into one store."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from prefect import task
+
+from integral_superposition import storage
+from integral_superposition.config import DumpConfig
+from integral_superposition.experiment import DataSpec
+from integral_superposition.tasks.backends import using_backend
+from integral_superposition.tasks.policy import OUTPUT_CACHE, gpu_slot, retry_transient
+from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
+from integral_superposition.tasks.ui import Progress, event
+
+TASK_DEFAULTS: dict[str, Any] = {
+    "cache_policy": OUTPUT_CACHE,
+    "persist_result": True,
+    "result_serializer": "json",
+    "retries": 3,
+    "retry_delay_seconds": [10, 20, 40],
+    "retry_jitter_factor": 0.2,
+    "retry_condition_fn": retry_transient,
+    "tags": ["isup"],
+}
+"""Options every step task starts from (the flow overrides retries and result storage)."""
+
+
+def partition_name(index: int, count: int) -> str:
+    return f"part-{index:03d}-of-{count:03d}"
+
+
+@task(name="resolve-dataset", **TASK_DEFAULTS)
+def resolve_dataset(spec: DataSpec, stamp: str, loc: RunLocation) -> DataRef:
+    """Load the dataset once to fingerprint it. Cached on the spec and the source's
+    ``stamp`` (size and mtime or ETag), so an unchanged file is not read again."""
+    from integral_superposition.data.datasets import dataset_fingerprint, label_mapping
+
+    df = spec.load(loc.storage_options)
+    labels = label_mapping(df[spec.label_col]) if spec.label_col else []
+    return DataRef(
+        spec=spec,
+        fingerprint=dataset_fingerprint(df, spec.text_col, spec.label_col),
+        n_rows=len(df),
+        labels=labels,
+    )
+
+
+@task(name="dump-activations", **TASK_DEFAULTS)
+def dump_activations(
+    data: DataRef,
+    model: ModelRef,
+    cfg: DumpConfig,
+    loc: RunLocation,
+    out: str = "acts",
+    partition: tuple[int, int] | None = None,
+    gpu_limit: str | None = "gpu",
+    show_progress: bool = False,
+) -> OutputRef:
+    """Dump ``data`` through ``model`` at ``cfg``'s hook points into ``{run}/{out}`` (or
+    ``{run}/{out}/part-III-of-NNN`` for one partition). A retry resumes the dump: shards
+    already written are kept."""
+    from integral_superposition.data.datasets import dataset_fingerprint
+    from integral_superposition.dump import dump_layer_activations
+
+    df = data.spec.load(loc.storage_options)
+    spec = data.spec
+    if dataset_fingerprint(df, spec.text_col, spec.label_col) != data.fingerprint:
+        raise RuntimeError(
+            f"dataset {spec.source!r} changed since it was resolved in this run; run again"
+        )
+    name = out if partition is None else partition_name(*partition)
+    out_uri = loc.uri(out) if partition is None else loc.uri(out, name)
+    progress = Progress(f"dump-{name}", f"dump {name}", unit="tok")
+    with gpu_slot(gpu_limit), using_backend(model.spec) as backend:
+        store = dump_layer_activations(
+            df,
+            spec.text_col,
+            spec.label_col,
+            backend,
+            cfg,
+            out_uri,
+            storage_options=loc.storage_options,
+            label_names=data.labels or None,
+            partition=partition,
+            overwrite=True,
+            progress=show_progress,
+            on_progress=progress,
+        )
+    progress.finish()
+    m = store.manifest
+    ref = OutputRef.from_manifest(
+        "activations", name, out_uri, m,
+        n_tokens=m["n_tokens"], n_docs=m["n_docs"], d_model=m["d_model"],
+        hook_points=[h["name"] for h in m["hook_points"]], labels=m["labels"]["names"],
+        model=m["model"].get("model_id"),
+    )  # fmt: skip
+    if partition is None:
+        _announce(ref, loc)
+    return ref
+
+
+def _copy_output(src: str, dst: str, storage_options: Any) -> None:
+    """Copy a published output: data files first, its manifest last."""
+    manifest = storage.read_manifest(src, storage_options)
+    for name in sorted(manifest["files"]):
+        data = storage.read_bytes(storage.join(src, name), storage_options)
+        storage.write_bytes(storage.join(dst, name), data, storage_options)
+    storage.write_json(storage.join(dst, storage.MANIFEST_NAME), manifest, storage_options)
+
+
+@task(name="combine-partitions", **TASK_DEFAULTS)
+def combine_partitions(parts: list[OutputRef], loc: RunLocation, out: str = "acts") -> OutputRef:
+    """Publish one store over the partition dumps (their shards are referenced, not copied).
+
+    Parts normally sit side by side under one folder. When some were reused from an earlier
+    run and others recomputed in this one, the earlier ones are copied next to the new ones.
+    """
+    from integral_superposition.dump import combine_dumps
+
+    parents = {posixpath.dirname(p.uri.rstrip("/")) for p in parts}
+    target = parents.pop() if len(parents) == 1 else loc.uri(out)
+    part_uris = []
+    for p in parts:
+        if posixpath.dirname(p.uri.rstrip("/")) != target.rstrip("/"):
+            dst = storage.join(target, p.name)
+            _copy_output(p.uri, dst, loc.storage_options)
+            part_uris.append(dst)
+        else:
+            part_uris.append(p.uri)
+    store = combine_dumps(part_uris, target, storage_options=loc.storage_options)
+    m = store.manifest
+    ref = OutputRef.from_manifest(
+        "activations", out, target, m,
+        n_tokens=m["n_tokens"], n_docs=m["n_docs"], d_model=m["d_model"],
+        hook_points=[h["name"] for h in m["hook_points"]], labels=m["labels"]["names"],
+        model=m["model"].get("model_id"), partitions=len(parts),
+    )  # fmt: skip
+    _announce(ref, loc)
+    return ref
+
+
+def _announce(ref: OutputRef, loc: RunLocation) -> None:
+    event(
+        "isup.activations.dumped",
+        f"isup.activations.{ref.content_hash[:16]}",
+        {"uri": ref.uri, "content_hash": ref.content_hash, **ref.summary},
+        labels={
+            "prefect.resource.name": f"{loc.experiment}/{ref.name}",
+            "isup.experiment": loc.experiment,
+            "isup.run": loc.run,
+        },
+    )

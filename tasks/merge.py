@@ -1,0 +1,63 @@
+"""The merge task: cluster redundant latents, build and refit the merged SAE, evaluate it."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from integral_superposition.merge.params import MergeParams
+from integral_superposition.tasks.backends import using_backend
+from integral_superposition.tasks.dump import TASK_DEFAULTS
+from integral_superposition.tasks.policy import gpu_slot
+from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
+from integral_superposition.tasks.ui import Progress, event, table
+
+
+@task(name="merge-sae", **TASK_DEFAULTS)
+def merge_sae(
+    sae: OutputRef,
+    store: OutputRef,
+    params: MergeParams,
+    loc: RunLocation,
+    model: ModelRef | None = None,
+    out: str = "merge",
+    gpu_limit: str | None = "gpu",
+) -> OutputRef:
+    """Merge ``sae``'s latents into ``{run}/{out}/{sae.name}`` (a loadable SAE folder with its
+    merge map and evaluation); ``model`` enables the spliced CE / KL metrics. Cached on the
+    SAE's and the store's content hashes and ``params``."""
+    from integral_superposition.merge import run_merge
+
+    out_uri = loc.uri(out, sae.name)
+    progress = Progress(f"merge-{sae.name}", f"merge {sae.name}", unit="steps")
+    with gpu_slot(gpu_limit), using_backend(model.spec if model else None) as backend:
+        manifest = run_merge(
+            sae.uri,
+            store.uri,
+            out_uri,
+            params,
+            backend=backend,
+            storage_options=loc.storage_options,
+            on_progress=progress,
+        )
+    progress.finish()
+    info = manifest.get("merge", {})
+    rows = [
+        {"sae": "original", **info.get("original_metrics", {})},
+        {"sae": "merged", **info.get("merged_metrics", {})},
+    ]
+    ref = OutputRef.from_manifest(
+        "merge", sae.name, out_uri, manifest,
+        n_latents_before=info.get("n_latents_before"), n_latents_after=info.get("n_latents_after"),
+        original=info.get("original_metrics", {}), merged=info.get("merged_metrics", {}),
+    )  # fmt: skip
+    table(f"merge-{sae.name}", rows, f"{sae.name}: original vs merged SAE on held-out tokens")
+    if info.get("sweep"):
+        table(f"merge-sweep-{sae.name}", info["sweep"], f"{sae.name}: merge sweep over K'")
+    event(
+        "isup.merge.completed",
+        f"isup.merge.{ref.content_hash[:16]}",
+        {"uri": out_uri, "sae_uri": sae.uri, "store_uri": store.uri, **ref.summary},
+        labels={"prefect.resource.name": f"{loc.experiment}/{sae.name}", "isup.run": loc.run},
+        related=[{"prefect.resource.id": f"isup.sae.{sae.content_hash[:16]}", "prefect.resource.role": "sae"}],
+    )
+    return ref

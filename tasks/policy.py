@@ -1,0 +1,333 @@
+"""How every task of the project caches, retries and shares GPUs.
+
+- :class:`OutputCache`: the cache key is the task's source, the package's code version
+  (version + hash of ``lib/``) and the task's inputs, where a published input counts by its
+  content hash, the run location by its experiment root, and storage options not at all.
+  A cached result is reused only while the outputs it names are still there with the same
+  content (``storage.verify_output`` plus the manifest hash); otherwise the task reruns.
+- :func:`retry_transient`: the ``retry_condition_fn`` of every task. It retries network and
+  S3 errors, connection resets and CUDA errors that a restart can fix, and nothing else: a
+  bad config, a shape mismatch, NaNs or out-of-memory fail at once with their message.
+- :func:`gpu_slot`: one slot of the global concurrency limit named ``gpu`` around a GPU
+  step; a no-op when no such limit exists (or outside a Prefect run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.utilities.hashing import hash_objects
+from pydantic import BaseModel
+
+from integral_superposition.version import code_version
+from integral_superposition.tasks.refs import RunLocation, collect_refs
+
+log = logging.getLogger(__name__)
+
+_MAX_SALT = 64
+
+
+def _stable(value: Any) -> Any:
+    """A JSON-able stand-in of a task input for its cache key."""
+    if hasattr(value, "cache_identity"):
+        return value.cache_identity()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Mapping):
+        return {str(k): _stable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [_stable(v) for v in value]
+    if callable(value):
+        return None
+    return value
+
+
+def _storage_options(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
+    for v in inputs.values():
+        if isinstance(v, RunLocation):
+            return dict(v.storage_options)
+    opts = inputs.get("storage_options")
+    return dict(opts) if isinstance(opts, Mapping) else None
+
+
+@dataclass
+class OutputCache(CachePolicy):
+    """Cache on content: inputs' content hashes, the config, the code version; verified."""
+
+    exclude: list[str] = field(
+        default_factory=lambda: ["storage_options", "gpu_limit", "show_progress"]
+    )
+
+    def base_key(self, task_ctx, inputs: Mapping[str, Any], flow_parameters) -> str:
+        source = TASK_SOURCE.compute_key(task_ctx, dict(inputs), flow_parameters)
+        payload = {
+            "task": task_ctx.task.name,
+            "source": source,
+            "code_version": code_version(),
+            "inputs": {k: _stable(v) for k, v in sorted(inputs.items()) if k not in self.exclude},
+        }
+        key = hash_objects(payload, raise_on_failure=True)
+        assert key is not None
+        return key
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs: Any) -> str | None:
+        base = self.base_key(task_ctx, inputs or {}, flow_parameters)
+        store = getattr(task_ctx, "result_store", None)
+        if store is None:
+            return base
+        opts = _storage_options(inputs or {})
+        # A record whose outputs were deleted or replaced is skipped, not trusted: the next
+        # free key in a deterministic chain is used, so the recomputed result is found again.
+        stale = 0
+        for salt in range(_MAX_SALT):
+            key = base if salt == 0 else f"{base}-{salt}"
+            if not store.exists(key):
+                if stale:
+                    log.warning(
+                        "%s: the cached result names outputs that are gone or changed; recomputing",
+                        task_ctx.task.name,
+                    )
+                return key
+            try:
+                refs = collect_refs(store.read(key).result)
+                ok = all(r.is_valid(opts) for r in refs)
+            except Exception as e:  # an unreadable record is as good as none
+                log.debug("cache record %s unreadable: %s", key, e)
+                ok = False
+            if ok:
+                return key
+            stale += 1
+        return f"{base}-{_MAX_SALT}"
+
+
+OUTPUT_CACHE = OutputCache()
+
+
+# -- retries -----------------------------------------------------------------------------------
+_TRANSIENT_ERRNOS = {
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.ENETRESET,
+    errno.EAGAIN,
+}
+# network errors of botocore, aiohttp, httpx, urllib3 and requests, by class name (none of
+# them has to be installed for the check to work)
+_TRANSIENT_CLASSES = {
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    "ProxyConnectionError",
+    "ClientConnectionError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "ClientPayloadError",
+    "ServerTimeoutError",
+    "ConnectError",
+    "ReadTimeout",
+    "WriteTimeout",
+    "PoolTimeout",
+    "RemoteProtocolError",
+    "ReadError",
+    "ProtocolError",
+    "NewConnectionError",
+    "ChunkedEncodingError",
+}
+# S3 error codes that mean "try again"
+_TRANSIENT_S3_CODES = {
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+# CUDA failures that a fresh attempt (a reloaded model, a restarted worker) can survive
+_TRANSIENT_CUDA = (
+    "unspecified launch failure",
+    "illegal memory access",
+    "ecc error",
+    "launch timed out",
+    "nccl error",
+    "cublas_status_execution_failed",
+    "cublas_status_internal_error",
+    "cudnn_status_internal_error",
+    "cudnn_status_execution_failed",
+    "cuda driver error",
+    "gpu is lost",
+    "uncorrectable",
+)
+_PERMANENT = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    AssertionError,
+    NotImplementedError,
+    ImportError,
+    MemoryError,
+    ArithmeticError,
+    FileNotFoundError,
+    PermissionError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def _names(exc: BaseException) -> set[str]:
+    return {c.__name__ for c in type(exc).__mro__}
+
+
+def classify(exc: BaseException) -> str | None:
+    """``"transient"``, ``"permanent"`` or None (unknown) for one exception, ignoring its causes."""
+    msg = str(exc).lower()
+    names = _names(exc)
+    if "OutOfMemoryError" in names or "out of memory" in msg:
+        return "permanent"
+    if "ClientError" in names:  # botocore: decide by the error code
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        return "transient" if code in _TRANSIENT_S3_CODES else "permanent"
+    if names & _TRANSIENT_CLASSES:
+        return "transient"
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return "transient"
+    if isinstance(exc, _PERMANENT):
+        return "permanent"
+    if isinstance(exc, OSError):
+        if exc.errno in _TRANSIENT_ERRNOS:
+            return "transient"
+        if any(code.lower() in msg for code in ("slowdown", "service unavailable", "503")):
+            return "transient"
+        return None
+    if (isinstance(exc, RuntimeError) or "AcceleratorError" in names) and any(
+        m in msg for m in _TRANSIENT_CUDA
+    ):
+        return "transient"
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` (or, if it is unknown, what caused it) is a transient failure."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        kind = classify(cur)
+        if kind is not None:
+            return kind == "transient"
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """``retry_condition_fn``: retry only transient failures (see :func:`is_transient`)."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - the failure to classify
+        transient = is_transient(exc)
+        logger = _run_logger()
+        if transient:
+            logger.warning("transient failure, retrying: %s: %s", type(exc).__name__, exc)
+            _drop_cached_backends_on_cuda(exc)
+        else:
+            logger.error("not retrying (%s is not transient): %s", type(exc).__name__, exc)
+        return transient
+    return False
+
+
+def _run_logger():
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:
+        return log
+
+
+def _drop_cached_backends_on_cuda(exc: BaseException) -> None:
+    if "cuda" in str(exc).lower():
+        from integral_superposition.tasks.backends import clear_backends
+
+        clear_backends()
+
+
+def retry_options(retries: int, delay_s: float, jitter: float) -> dict[str, Any]:
+    """Task options for ``retries`` attempts with doubling delays starting at ``delay_s``."""
+    delays = [delay_s * 2**i for i in range(max(retries, 1))]
+    return {
+        "retries": retries,
+        "retry_delay_seconds": delays,
+        "retry_jitter_factor": jitter if delay_s > 0 else None,
+        "retry_condition_fn": retry_transient,
+    }
+
+
+# -- GPU slots ---------------------------------------------------------------------------------
+_LIMIT_CACHE: dict[str, tuple[float, bool]] = {}
+_LIMIT_LOCK = threading.Lock()
+_LIMIT_TTL_S = 60.0
+
+
+def _limit_exists(name: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    now = time.monotonic()
+    with _LIMIT_LOCK:
+        hit = _LIMIT_CACHE.get(name)
+        if hit is not None and now - hit[0] < _LIMIT_TTL_S:
+            return hit[1]
+    try:
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        exists = bool(getattr(limit, "active", True))
+    except ObjectNotFound:
+        exists = False
+    with _LIMIT_LOCK:
+        _LIMIT_CACHE[name] = (now, exists)
+    return exists
+
+
+@contextlib.contextmanager
+def gpu_slot(name: str | None = "gpu", timeout_s: float | None = None) -> Iterator[bool]:
+    """Hold one slot of the global concurrency limit ``name`` (yields True), or do nothing
+    (yields False) when ``name`` is None, no such active limit exists, or no Prefect run is
+    active. ``timeout_s`` bounds the wait for a slot (None: wait as long as it takes)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if not name or (TaskRunContext.get() is None and FlowRunContext.get() is None):
+        yield False
+        return
+    if not _limit_exists(name):
+        log.debug("no active global concurrency limit %r: running without a GPU slot", name)
+        yield False
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield True

@@ -1,0 +1,134 @@
+"""What tasks hand each other: small references to published outputs, never tensors or frames.
+
+An :class:`OutputRef` names a published output directory (``uri``) and its manifest's
+``content_hash``; downstream cache keys use the hash, so an output recomputed elsewhere with
+the same content does not invalidate later steps. :class:`RunLocation` says where a run
+writes; only its experiment root enters cache keys, so a new run of the same experiment
+reuses every unchanged step of earlier runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from integral_superposition import storage
+from integral_superposition.experiment import DataSpec, ModelSpec
+
+
+class OutputRef(BaseModel):
+    """A published output: ``kind`` (activations, sae, analysis, merge, steering, report),
+    ``name``, ``uri``, the manifest's ``content_hash`` and a few summary numbers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    name: str
+    uri: str
+    content_hash: str
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(
+        cls, kind: str, name: str, uri: str, manifest: Mapping[str, Any], **summary: Any
+    ) -> OutputRef:
+        return cls(
+            kind=kind,
+            name=name,
+            uri=uri,
+            content_hash=str(manifest["content_hash"]),
+            summary=json.loads(storage.canonical_json(summary)),
+        )
+
+    @classmethod
+    def read(
+        cls, kind: str, name: str, uri: str, storage_options: Mapping[str, Any] | None = None
+    ) -> OutputRef:
+        """The reference of an output already published at ``uri``."""
+        manifest = storage.read_manifest(uri, storage_options)
+        return cls.from_manifest(kind, name, uri, manifest)
+
+    def is_valid(self, storage_options: Mapping[str, Any] | None = None) -> bool:
+        """True when the output is still there, complete, and holds the same content."""
+        try:
+            manifest = storage.read_manifest(self.uri, storage_options)
+        except (FileNotFoundError, ValueError, OSError):
+            return False
+        if manifest.get("content_hash") != self.content_hash:
+            return False
+        return storage.verify_output(self.uri, storage_options)
+
+    def cache_identity(self) -> dict[str, str]:
+        """What a downstream cache key sees: the content, not the location."""
+        return {"kind": self.kind, "content_hash": self.content_hash}
+
+
+class RunLocation(BaseModel):
+    """Where one run writes: ``{storage}/{experiment}/{run}``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    storage: str
+    experiment: str
+    run: str
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    @property
+    def experiment_root(self) -> str:
+        return storage.join(self.storage, self.experiment)
+
+    @property
+    def root(self) -> str:
+        return storage.join(self.storage, self.experiment, self.run)
+
+    def uri(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    def cache_identity(self) -> dict[str, str]:
+        # the run name is left out: runs of one experiment share their cached steps
+        return {"experiment_root": self.experiment_root}
+
+
+class DataRef(BaseModel):
+    """A resolved dataset: its spec, content fingerprint and size."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: DataSpec
+    fingerprint: str
+    n_rows: int
+    labels: list[str] = Field(default_factory=list)
+
+    def cache_identity(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "spec": self.spec.model_dump(mode="json")}
+
+
+class ModelRef(BaseModel):
+    """A model spec plus a stamp of its weights' source (size and mtime of local files, the
+    revision of a hub id, the package version of an embedded model)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: ModelSpec
+    stamp: str
+
+    def cache_identity(self) -> dict[str, Any]:
+        # where the model runs does not change what it computes (up to float noise)
+        spec = self.spec.model_dump(mode="json", exclude={"device", "device_map"})
+        return {"spec": spec, "stamp": self.stamp}
+
+
+def collect_refs(obj: Any) -> list[OutputRef]:
+    """Every :class:`OutputRef` inside a (nested) result."""
+    if isinstance(obj, OutputRef):
+        return [obj]
+    if isinstance(obj, BaseModel):
+        return [r for v in obj.__dict__.values() for r in collect_refs(v)]
+    if isinstance(obj, Mapping):
+        return [r for v in obj.values() for r in collect_refs(v)]
+    if isinstance(obj, list | tuple):
+        return [r for v in obj for r in collect_refs(v)]
+    return []

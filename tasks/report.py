@@ -1,0 +1,179 @@
+"""The report task: the HTML experiment report, the enrichment summary table, and the Prefect
+summary (markdown with small PNGs, a link to the HTML report, a metrics table)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import task
+
+from integral_superposition import storage
+from integral_superposition.experiment import ReportOptions
+from integral_superposition.tasks.dump import TASK_DEFAULTS
+from integral_superposition.tasks.refs import OutputRef, RunLocation
+from integral_superposition.tasks.ui import browser_url, event, link, markdown, table
+
+
+def _by_name(refs: Sequence[OutputRef] | None) -> dict[str, OutputRef]:
+    return {r.name: r for r in refs or []}
+
+
+def _saes_section(saes: Sequence[OutputRef], links: dict[str, str]):
+    import pandas as pd
+
+    from integral_superposition.viz.report import ReportSection
+
+    rows = []
+    for s in saes:
+        row: dict[str, Any] = {
+            "sae": s.name,
+            "hook point": s.summary.get("hook_point"),
+            "architecture": s.summary.get("architecture"),
+            "latents": s.summary.get("d_sae"),
+        }
+        row.update({k: v for k, v in (s.summary.get("metrics") or {}).items() if not isinstance(v, dict | list)})
+        rows.append(row)
+    text = ""
+    if links:
+        text = "Each SAE of the sweep has its own report: " + ", ".join(
+            f"{name}: {href}" for name, href in links.items()
+        )
+    return ReportSection("SAEs", text=text, tables=[("held-out metrics", pd.DataFrame(rows))], anchor="saes")
+
+
+def _merge_section(ref: OutputRef, storage_options):
+    import pandas as pd
+
+    from integral_superposition.viz.report import ReportSection
+
+    manifest = storage.read_manifest(ref.uri, storage_options)
+    files = manifest.get("files", {})
+    tables = []
+    if "merge_eval.parquet" in files:
+        data = storage.read_bytes(storage.join(ref.uri, "merge_eval.parquet"), storage_options)
+        tables.append(("original vs merged SAE (held-out tokens)", pd.read_parquet(io.BytesIO(data))))
+    if "merge_sweep.parquet" in files:
+        data = storage.read_bytes(storage.join(ref.uri, "merge_sweep.parquet"), storage_options)
+        tables.append(("sweep over K' with a random-partition control", pd.read_parquet(io.BytesIO(data))))
+    figures = []
+    if "merge_sweep.png" in files:
+        figures.append(
+            ("FVU and CE recovered against K'", storage.read_bytes(storage.join(ref.uri, "merge_sweep.png"), storage_options))
+        )
+    before, after = ref.summary.get("n_latents_before"), ref.summary.get("n_latents_after")
+    return ReportSection(
+        f"Merge ({ref.name})",
+        text=f"{before} latents merged into {after}; the merged SAE is at {ref.uri}.",
+        tables=tables,
+        figures=figures,
+        anchor=f"merge-{ref.name}",
+    )
+
+
+def _write_summary_table(analyses: Sequence[OutputRef], loc: RunLocation, csv_path: str) -> str | None:
+    """The enrichment tables of every analysis, one ``sae`` column added, as CSV + Parquet."""
+    import pandas as pd
+
+    from integral_superposition.analysis.run import load_analysis
+
+    frames = []
+    for a in analyses:
+        enr = load_analysis(a.uri, loc.storage_options).enrichment
+        if enr is not None and len(enr):
+            frames.append(enr.assign(sae=a.name))
+    if not frames:
+        return None
+    df = pd.concat(frames, ignore_index=True)
+    csv_uri = loc.uri(csv_path)
+    storage.write_bytes(csv_uri, df.to_csv(index=False).encode("utf-8"), loc.storage_options)
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    stem = csv_path[: -len(".csv")] if csv_path.endswith(".csv") else csv_path
+    storage.write_bytes(loc.uri(stem + ".parquet"), buf.getvalue(), loc.storage_options)
+    return csv_uri
+
+
+@task(name="build-report", **TASK_DEFAULTS)
+def build_experiment_report(
+    config: dict[str, Any],
+    saes: list[OutputRef],
+    analyses: list[OutputRef],
+    merges: list[OutputRef],
+    steering: list[OutputRef],
+    options: ReportOptions,
+    loc: RunLocation,
+    out: str = "report",
+    summary_csv: str = "results.csv",
+) -> OutputRef:
+    """Write ``{run}/{out}/report.html`` for the first SAE (with every SAE's metrics, the
+    merge and steering results) and, for a sweep, one report per further SAE under
+    ``{run}/{out}/saes/<name>/``. Publishes the markdown summary, a link and a metrics table
+    as artifacts, and emits ``isup.report.published``."""
+    from integral_superposition.viz.report import build_report, markdown_summary, summary_tables
+
+    if not saes:
+        raise ValueError("saes is empty: the report needs at least one trained SAE")
+    title = options.title or f"{loc.experiment} / {loc.run}"
+    analysis_of, merge_of, steer_of = _by_name(analyses), _by_name(merges), _by_name(steering)
+    report_dir = loc.uri(out)
+    extra_dirs = {s.name: storage.join(report_dir, "saes", s.name) for s in saes[1:]}
+    links = {name: f"saes/{name}/report.html" for name in extra_dirs}
+
+    def sections_for(name: str) -> list:
+        out_sections = []
+        if name in merge_of:
+            out_sections.append(_merge_section(merge_of[name], loc.storage_options))
+        if name in steer_of:
+            from integral_superposition.tasks.steer import steering_sections
+
+            out_sections += steering_sections(steer_of[name], loc.storage_options)
+        return out_sections
+
+    page_uris = {}
+    for sae in saes:
+        target = report_dir if sae is saes[0] else extra_dirs[sae.name]
+        sections = sections_for(sae.name)
+        if sae is saes[0] and len(saes) > 1:
+            sections.insert(0, _saes_section(saes, links))
+        page_uris[sae.name] = build_report(
+            target,
+            *sections,
+            title=title if sae is saes[0] else f"{title}: {sae.name}",
+            analysis=analysis_of[sae.name].uri if sae.name in analysis_of else None,
+            sae=sae.uri,
+            config=config,
+            top_per_label=options.top_per_label,
+            storage_options=loc.storage_options,
+        )
+    csv_uri = _write_summary_table(analyses, loc, summary_csv) if analyses else None
+
+    primary = saes[0]
+    page = page_uris[primary.name]
+    url = browser_url(page, loc.storage_options)
+    head = f"**[Open the HTML report]({url})** (`{page}`)\n\n"
+    md = markdown_summary(
+        analysis_of[primary.name].uri if primary.name in analysis_of else None,
+        *sections_for(primary.name),
+        title=title,
+        top_per_label=min(options.top_per_label, 5),
+        figure_width=options.figure_width,
+        storage_options=loc.storage_options,
+    )
+    markdown("experiment-summary", head + md, f"Summary of {title}")
+    link("experiment-report", url, "HTML report", f"Report of {title}")
+    if primary.name in analysis_of:
+        t = summary_tables(analysis_of[primary.name].uri, storage_options=loc.storage_options)
+        table("experiment-metrics", t["metrics"], f"Metrics of {primary.name}")
+    ref = OutputRef.read("report", out, report_dir, loc.storage_options)
+    ref = ref.model_copy(
+        update={"summary": {"page": page, "pages": page_uris, "url": url, "summary_csv": csv_uri}}
+    )
+    event(
+        "isup.report.published",
+        f"isup.report.{ref.content_hash[:16]}",
+        {"uri": page, "url": url, "saes": [s.uri for s in saes]},
+        labels={"prefect.resource.name": f"{loc.experiment}/{loc.run}", "isup.run": loc.run},
+    )
+    return ref

@@ -1,0 +1,107 @@
+"""The training task: one or more SAEs trained on one store in a single pass over it."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+
+from integral_superposition import storage
+from integral_superposition.experiment import SAEJob
+from integral_superposition.tasks.dump import TASK_DEFAULTS
+from integral_superposition.tasks.policy import gpu_slot
+from integral_superposition.tasks.refs import OutputRef, RunLocation
+from integral_superposition.tasks.ui import Progress, artifact_key, event, producer, run_logger, table
+from integral_superposition.version import code_version
+
+
+def checkpoint_key(store: OutputRef, jobs: list[SAEJob]) -> str:
+    """A folder name for the checkpoints of one training: a retry (same inputs) finds them,
+    a changed config never does."""
+    ident = storage.canonical_json(
+        {"store": store.content_hash, "jobs": [j.model_dump(mode="json") for j in jobs], "code": code_version()}
+    )
+    return storage.sha256_bytes(ident.encode())[:16]
+
+
+@task(name="train-saes", **TASK_DEFAULTS)
+def train_saes(
+    store: OutputRef,
+    jobs: list[SAEJob],
+    loc: RunLocation,
+    out: str = "sae",
+    gpu_limit: str | None = "gpu",
+    show_progress: bool = False,
+) -> list[OutputRef]:
+    """Train ``jobs`` (SAEs on the same store, read once) into ``{run}/{out}/{job.name}``.
+
+    Checkpoints go to ``{run}/checkpoints/<key>/``; a retry resumes from the last one
+    instead of step 0. Cached on the store's content hash, the SAE configs and the code
+    version. Emits ``isup.sae.trained`` with the metrics for every SAE.
+    """
+    from integral_superposition.sae.train import train_saes as _train
+
+    out_uris = [loc.uri(out, j.name) for j in jobs]
+    ckpt = loc.uri("checkpoints", checkpoint_key(store, jobs))
+    label = ", ".join(j.name for j in jobs)
+    progress = Progress(f"train-{jobs[0].name}" + ("-etc" if len(jobs) > 1 else ""), f"train {label}", unit="steps")
+    logger = run_logger()
+    last_log = [0.0]
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        # at most one line every 15 s: the progress artifact shows the rest
+        now = time.monotonic()
+        if now - last_log[0] >= 15.0:
+            last_log[0] = now
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            logger.info("train step %d: %s", step, shown)
+
+    with gpu_slot(gpu_limit):
+        results = _train(
+            [store.uri],
+            [j.cfg for j in jobs],
+            out_uris,
+            checkpoint_uri=ckpt,
+            storage_options=loc.storage_options,
+            on_progress=progress,
+            on_log=on_log,
+            resume=True,
+            progress=show_progress,
+        )
+    progress.finish()
+    refs = []
+    for job, uri, res in zip(jobs, out_uris, results, strict=True):
+        metrics = dict(res.metrics or {})
+        manifest = storage.read_manifest(uri, loc.storage_options)
+        ref = OutputRef.from_manifest(
+            "sae", job.name, uri, manifest, hook_point=job.hook_point,
+            architecture=job.cfg.architecture, d_sae=job.cfg.k, metrics=metrics,
+            steps=res.steps, resumed_from_step=res.resumed_from_step,
+        )  # fmt: skip
+        refs.append(ref)
+        table(
+            artifact_key("sae-metrics", job.name),
+            [{"metric": k, "value": v} for k, v in metrics.items()],
+            f"Held-out metrics of {job.name}",
+        )
+        event(
+            "isup.sae.trained",
+            f"isup.sae.{ref.content_hash[:16]}",
+            {
+                "uri": uri,
+                "store_uri": store.uri,
+                "content_hash": ref.content_hash,
+                "name": job.name,
+                "hook_point": job.hook_point,
+                "config": job.cfg.model_dump(mode="json"),
+                "metrics": metrics,
+                "model_id": store.summary.get("model"),
+            },
+            labels={
+                "prefect.resource.name": f"{loc.experiment}/{job.name}",
+                "isup.experiment": loc.experiment,
+                "isup.run": loc.run,
+                "isup.producer": producer(),
+            },
+        )
+    return refs

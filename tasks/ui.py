@@ -1,0 +1,177 @@
+"""What a run shows in the Prefect UI: progress artifacts, tables, links and custom events.
+
+Library functions report progress through ``on_progress(done, total)`` callbacks and
+training metrics through ``on_log(record)``; :class:`Progress` turns them into a progress
+artifact (throttled, so a fast loop does not flood the API) and a log line every 10%.
+Everything here is best effort: a UI call that fails is logged, never fatal to the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from integral_superposition import storage
+
+log = logging.getLogger(__name__)
+
+
+def run_logger():
+    """The Prefect run logger inside a run, else this module's logger."""
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:
+        return log
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def artifact_key(*parts: str) -> str:
+    """A valid artifact key (lowercase letters, digits and dashes) from ``parts``."""
+    key = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+    return key[:100] or "isup"
+
+
+class Progress:
+    """``on_progress(done, total)`` callback that drives a progress artifact and logs.
+
+    Updates the artifact at most every ``min_interval_s`` seconds (and at completion), and
+    logs ``label: 30% (done/total unit)`` each time another 10% is reached.
+    """
+
+    def __init__(self, key: str, label: str, unit: str = "", min_interval_s: float = 2.0):
+        self.key, self.label, self.unit = artifact_key(key), label, unit
+        self.min_interval_s = min_interval_s
+        self._id = None
+        self._last_t = 0.0
+        self._last_decile = -1
+        self._t0 = time.perf_counter()
+        self.logger = run_logger()
+        if _in_run():
+            try:
+                from prefect.artifacts import create_progress_artifact
+
+                self._id = create_progress_artifact(
+                    progress=0.0, key=self.key, description=f"{label}: progress"
+                )
+            except Exception as e:
+                log.debug("progress artifact %s not created: %s", self.key, e)
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= 0:
+            return
+        frac = min(max(done / total, 0.0), 1.0)
+        decile = math.floor(frac * 10)
+        if decile > self._last_decile:
+            self._last_decile = decile
+            rate = done / max(time.perf_counter() - self._t0, 1e-9)
+            unit = f" {self.unit}" if self.unit else ""
+            self.logger.info(
+                "%s: %3.0f%% (%d/%d%s, %.0f%s/s)", self.label, 100 * frac, done, total, unit, rate, unit
+            )
+        now = time.perf_counter()
+        if self._id is not None and (frac >= 1.0 or now - self._last_t >= self.min_interval_s):
+            self._last_t = now
+            try:
+                from prefect.artifacts import update_progress_artifact
+
+                update_progress_artifact(self._id, progress=100.0 * frac)
+            except Exception as e:
+                log.debug("progress artifact %s not updated: %s", self.key, e)
+
+    def finish(self) -> None:
+        self(1, 1)
+
+
+def table(key: str, rows: Sequence[Mapping[str, Any]] | Any, description: str) -> None:
+    """A table artifact from records or a DataFrame (values made JSON-safe)."""
+    if not _in_run():
+        return
+    try:
+        import pandas as pd
+        from prefect.artifacts import create_table_artifact
+
+        df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+        records = json.loads(df.to_json(orient="records"))
+        create_table_artifact(table=records, key=artifact_key(key), description=description)
+    except Exception as e:
+        run_logger().warning("table artifact %s not created: %s", key, e)
+
+
+def markdown(key: str, text: str, description: str) -> None:
+    if not _in_run():
+        return
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown=text, key=artifact_key(key), description=description)
+    except Exception as e:
+        run_logger().warning("markdown artifact %s not created: %s", key, e)
+
+
+def link(key: str, url: str, text: str, description: str) -> None:
+    if not _in_run():
+        return
+    try:
+        from prefect.artifacts import create_link_artifact
+
+        create_link_artifact(link=url, link_text=text, key=artifact_key(key), description=description)
+    except Exception as e:
+        run_logger().warning("link artifact %s not created: %s", key, e)
+
+
+def browser_url(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A URL a browser can open for ``uri``: ``file://`` for local files, a presigned
+    HTTPS URL (7 days) for S3, else the URI itself."""
+    import os
+
+    fs, path = storage.get_fs(uri, storage_options)
+    if storage.is_local(uri):
+        return "file://" + os.path.abspath(path)
+    sign = getattr(fs, "url", None)
+    if sign is not None and "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        try:
+            return sign(path, expires=7 * 24 * 3600)
+        except Exception as e:
+            log.debug("no presigned URL for %s: %s", uri, e)
+    return uri
+
+
+def producer() -> str:
+    """The name of the flow this code runs in (``experiment``, ``train``, ...), or ``library``."""
+    from prefect.runtime import flow_run
+
+    return flow_run.flow_name or "library"
+
+
+def event(
+    name: str,
+    resource_id: str,
+    payload: Mapping[str, Any],
+    labels: Mapping[str, str] | None = None,
+    related: Sequence[Mapping[str, str]] = (),
+) -> None:
+    """Emit the custom event ``name`` (e.g. ``isup.sae.trained``) about ``resource_id``."""
+    try:
+        from prefect.events import emit_event
+
+        resource = {"prefect.resource.id": resource_id, **{k: str(v) for k, v in (labels or {}).items()}}
+        emit_event(
+            event=name,
+            resource=resource,
+            payload=json.loads(storage.canonical_json(dict(payload))),
+            related=[dict(r) for r in related] or None,
+        )
+    except Exception as e:
+        run_logger().warning("event %s not emitted: %s", name, e)

@@ -1,0 +1,186 @@
+"""The smoke experiment end to end against a real Prefect server: local and S3 storage,
+caching across runs, selective reruns, recomputation of deleted outputs, retries of
+transient failures, and bad configs failing at once."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import time
+
+import pytest
+
+from integral_superposition import storage
+from integral_superposition.experiment import ConfigError, load_preset
+
+pytestmark = pytest.mark.prefect
+
+
+def smoke(storage_root, **overrides):
+    """The smoke preset writing under ``storage_root``, with fast retries."""
+    return load_preset("smoke", {"storage": str(storage_root), "retries.delay_s": 0.2, **overrides})
+
+
+def run_experiment(cfg):
+    from integral_superposition.flows.experiment import experiment_flow
+
+    t0 = time.perf_counter()
+    result = experiment_flow(cfg)
+    return result, time.perf_counter() - t0
+
+
+def states(result) -> dict[tuple[str, str], str]:
+    return {(s.step, s.name): s.state for s in result.steps}
+
+
+def task_runs(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, tmp_path_factory):
+    cfg = smoke(tmp_path_factory.mktemp("experiments"), run="first")
+    result, elapsed = run_experiment(cfg)
+    return cfg, result, elapsed
+
+
+def test_smoke_experiment_runs_end_to_end(first_run):
+    cfg, result, _ = first_run
+    steps = [s.step for s in result.steps]
+    assert steps.count("dump") == 4 and "combine" in steps  # four partitions, one store
+    for step in ("data", "train", "analyze", "merge", "steer_eval", "report"):
+        assert step in steps, step
+    assert all(s.state == "Completed" for s in result.steps), states(result)
+    root = cfg.run_root()
+    for s in result.steps:
+        if s.output is not None:
+            assert s.output.uri.startswith(root), s.output.uri
+            assert s.output.is_valid(), s.output.uri
+    store = result.outputs("activations")[-1]
+    parts = [o for o in result.outputs("activations") if o.name.startswith("part-")]
+    assert store.summary["n_tokens"] == sum(p.summary["n_tokens"] for p in parts) > 0
+    page = result.report_uri
+    assert page == storage.join(root, "report", "report.html")
+    html = storage.read_bytes(page).decode()
+    assert "Metrics" in html and "Merge" in html and "layer2-topk-k128" in html
+    index = storage.read_json(storage.join(root, "run.json"))
+    assert [s["step"] for s in index["steps"]] == steps
+    assert storage.exists(storage.join(root, "results.csv"))
+
+
+def test_second_run_has_every_task_cached(first_run):
+    cfg, first, first_s = first_run
+    second, elapsed = run_experiment(cfg.model_copy(update={"run": "second"}))
+    assert second.all_cached, states(second)
+    assert len(second.steps) == len(first.steps)
+    # nothing was recomputed: the run reuses the first run's outputs
+    assert [s.output.uri for s in second.steps if s.output] == [
+        s.output.uri for s in first.steps if s.output
+    ]
+    assert second.report_uri == first.report_uri
+    assert elapsed < max(20.0, 0.5 * first_s), (elapsed, first_s)
+
+
+def test_changing_one_sae_parameter_reruns_only_training_and_after(first_run):
+    cfg, first, _ = first_run
+    changed = smoke(cfg.storage, run="lr", **{"sae.lr": 0.002})
+    result, _ = run_experiment(changed)
+    by_step: dict[str, set[str]] = {}
+    for s in result.steps:
+        by_step.setdefault(s.step, set()).add(s.state)
+    for step in ("data", "dump", "combine"):
+        assert by_step[step] == {"Cached"}, (step, by_step)
+    for step in ("train", "analyze", "merge", "steer_eval", "report"):
+        assert by_step[step] == {"Completed"}, (step, by_step)
+    new_sae = result.outputs("sae")[0]
+    assert new_sae.uri.startswith(changed.run_root())
+    assert new_sae.content_hash != first.outputs("sae")[0].content_hash
+
+
+def test_deleted_outputs_are_recomputed_not_trusted(first_run):
+    cfg, first, _ = first_run
+    part = next(o for o in first.outputs("activations") if o.name == "part-001-of-004")
+    analysis = first.outputs("analysis")[0]
+    shutil.rmtree(part.uri)
+    shutil.rmtree(analysis.uri)
+    result, _ = run_experiment(cfg.model_copy(update={"run": "after-delete"}))
+    st = states(result)
+    assert st[("dump", "part-001-of-004")] == "Completed"
+    assert st[("dump", "part-000-of-004")] == "Cached"
+    assert st[("combine", "acts")] == "Completed"  # its old manifest names the deleted shards
+    assert st[("train", "layer2-topk-k128")] == "Cached"  # same content, so same key
+    assert st[("analyze", "layer2-topk-k128")] == "Completed"
+    for s in result.steps:
+        if s.output is not None:
+            assert s.output.is_valid(), s.output.uri
+    # the recomputed partition lands in this run; the combined store holds all four parts
+    new_part = next(o for o in result.outputs("activations") if o.name == "part-001-of-004")
+    assert new_part.uri.startswith(cfg.model_copy(update={"run": "after-delete"}).run_root())
+    assert new_part.content_hash == part.content_hash
+
+
+@pytest.mark.s3
+def test_smoke_on_s3_retries_a_transient_failure(prefect_api, s3_bucket, monkeypatch):
+    bucket, opts = s3_bucket
+    fs, _ = storage.get_fs(bucket, opts)  # the (cached) filesystem the tasks will use
+    original = fs.put_file
+    injected: list[str] = []
+
+    def flaky_put(lpath, rpath, *args, **kwargs):
+        if "sae_weights.safetensors" in str(rpath) and not injected:
+            injected.append(str(rpath))
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer (injected)")
+        return original(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", flaky_put)
+    cfg = smoke(f"{bucket}/runs", run="s3", storage_options=opts)
+    result, _ = run_experiment(cfg)
+    assert injected, "the fault was not injected"
+    assert all(s.state == "Completed" for s in result.steps), states(result)
+    for s in result.steps:
+        if s.output is not None:
+            assert s.output.uri.startswith(f"{bucket}/runs/smoke/s3/"), s.output.uri
+            assert s.output.is_valid(opts)
+    train_runs = [t for t in task_runs(result.flow_run_id) if t.name.startswith("train-saes")]
+    assert [t.run_count for t in train_runs] == [2]  # failed once, retried once
+    sae = result.outputs("sae")[0]
+    assert sae.summary["resumed_from_step"] > 0  # the retry resumed from a checkpoint
+    html = storage.read_bytes(result.report_uri, opts).decode()
+    assert "layer2-topk-k128" in html
+    # storage options (credentials) are never written with the run
+    saved = storage.read_bytes(f"{bucket}/runs/smoke/s3/config.yaml", opts).decode()
+    assert opts["secret"] not in saved and "endpoint_url: '***'" in saved
+
+    again, _ = run_experiment(cfg.model_copy(update={"run": "s3-again"}))
+    assert again.all_cached, states(again)
+
+
+def test_bad_config_is_rejected_naming_the_field():
+    with pytest.raises(ConfigError, match=r"sae\.k: .*greater than or equal to 1"):
+        load_preset("smoke", {"sae.k": 0})
+    with pytest.raises(ConfigError, match=r"sae\.top_k"):
+        load_preset("smoke", {"sae.top_k": 1000})
+    with pytest.raises(ConfigError, match=r"dump\.dtype"):
+        load_preset("smoke", {"dump.dtype": "int8"})
+
+
+def test_bad_input_fails_at_once_without_retries(prefect_api, tmp_path):
+    from integral_superposition.flows.experiment import experiment_flow
+
+    cfg = smoke(tmp_path, run="bad", **{"data.label_col": "no_such_column", "retries.delay_s": 30})
+    t0 = time.perf_counter()
+    state = experiment_flow(cfg, return_state=True)
+    elapsed = time.perf_counter() - t0
+    assert state.is_failed()
+    assert elapsed < 30  # a retry would have waited 30 s
+    with pytest.raises(ValueError, match="no_such_column"):
+        state.result()
+    runs = task_runs(str(state.state_details.flow_run_id))
+    failed = [t for t in runs if t.state_type.value == "FAILED"]
+    assert failed and all(t.run_count == 1 for t in failed)

@@ -1,0 +1,164 @@
+"""run_merge end to end on a tiny model's activations: publish, load, analyse, steer; the sweep;
+bad input leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from integral_superposition import DumpConfig, merge, steering, storage
+from integral_superposition.data import demo_corpus
+from integral_superposition.dump import ActivationStore, dump_layer_activations
+from integral_superposition.merge import MergeParams
+from integral_superposition.sae import SparseAutoencoder, load_sae, save_sae
+from matplotlib.figure import Figure
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_backend, tmp_path_factory):
+    """A store of 240 demo headlines at layer 2 of tiny:gemma and a TopK SAE (K=96) on it."""
+    root = tmp_path_factory.mktemp("merge")
+    store = dump_layer_activations(
+        demo_corpus(240),
+        "title",
+        "topic",
+        tiny_backend,
+        DumpConfig(layer=2, max_len=16, batch_size=32),
+        str(root / "acts"),
+        progress=False,
+    )
+    sae = SparseAutoencoder(store.d_model, 96, architecture="topk", top_k=6, seed=0)
+    x = store.read(0, store.n_tokens).float()
+    with torch.no_grad():  # encoder along data directions so that latents are informative
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:96]
+        sae.b_dec.copy_(x.mean(0))
+        w = x[idx] - x.mean(0)
+        sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+    save_sae(sae, str(root / "sae"), metadata={"hook_name": "layer.2"})
+    return root, store, sae
+
+
+def fast_params(**kw) -> MergeParams:
+    base = {"fraction": 0.25, "top_n": 10, "sweep_fractions": [0.5, 0.125], "chunk_tokens": 512}
+    return MergeParams(**{**base, **kw})
+
+
+def test_run_merge_publishes_a_loadable_merged_sae(setup, tiny_backend):
+    root, store, sae = setup
+    out = str(root / "merged")
+    seen = []
+    manifest = merge.run_merge(
+        str(root / "sae"),
+        str(root / "acts"),
+        out,
+        fast_params(similarity={"decoder": 0.5, "coactivation": 0.5}),
+        on_progress=lambda d, t: seen.append((d, t)),
+    )
+    assert storage.verify_output(out, deep=True)
+    assert manifest["kind"] == "sae" and manifest["activation_manifest_hash"] == store.content_hash
+    assert {
+        "merge_map.parquet",
+        "merge_eval.parquet",
+        "merge_sweep.parquet",
+        "merge_sweep.png",
+    } <= set(manifest["files"])
+    assert seen[-1][0] == seen[-1][1]
+    assert manifest["merge"]["n_latents_after"] == 24
+
+    merged = load_sae(out)
+    assert merged.is_merged and merged.d_sae == 24 and merged.d_pre == 96
+    mm = pd.read_parquet(os.path.join(out, "merge_map.parquet"))
+    np.testing.assert_array_equal(mm["cluster"].to_numpy(), merged.merge_index.numpy())
+    assert (mm.loc[mm["is_medoid"], "distance_to_medoid"] == 0).all()
+
+    # the encoder is the original one followed by the merge (sum of member codes)
+    x = store.read(0, 300).float()
+    with torch.no_grad():
+        want = torch.zeros(300, 24).index_add_(1, merged.merge_index, sae.encode(x))
+        torch.testing.assert_close(merged.encode(x), want, atol=1e-4, rtol=1e-4)
+
+    ev = pd.read_parquet(os.path.join(out, "merge_eval.parquet")).set_index("sae")
+    assert ev.loc["merged", "n_latents"] == 24 and ev.loc["original", "n_latents"] == 96
+    assert 0 <= ev.loc["merged", "enrichment_retention"] <= 1
+    assert manifest["metrics"]["fvu"] == pytest.approx(ev.loc["merged", "fvu"])
+
+
+def test_merged_sae_works_with_analysis_and_steers(setup, tiny_backend, tmp_path):
+    root, store, _sae = setup
+    merged_dir = root / "merged"
+    if not (merged_dir / "manifest.json").exists():
+        merge.run_merge(
+            str(root / "sae"), str(root / "acts"), str(merged_dir), fast_params(sweep=False)
+        )
+    merged = load_sae(str(merged_dir))
+    from integral_superposition.analysis.top_tokens import topk_sets_per_latent
+
+    top = topk_sets_per_latent(merged, store, k=5)
+    assert top.n_latents == merged.d_sae
+
+    ids = tiny_backend.tokenizer(["the market rallied after the vote"], return_tensors="pt")
+    ids = ids["input_ids"]
+    clean = tiny_backend.logits(ids)
+    j = int(top.values[:, 0].argmax())
+    with steering.steer(tiny_backend, merged, "layer.2", steering.scale(j, 1.0)):
+        same = tiny_backend.logits(ids)  # an edit that changes nothing keeps the output
+    with steering.steer(tiny_backend, merged, "layer.2", steering.clamp(j, 50.0)):
+        steered = tiny_backend.logits(ids)
+    torch.testing.assert_close(same, clean, atol=1e-4, rtol=1e-4)
+    assert (steered - clean).abs().max() > 1e-2
+
+
+def test_sweep_returns_table_and_figure(setup):
+    _root, store, sae = setup
+    table, fig = merge.evaluate.sweep(sae, store, fast_params(), sizes=[48, 12])
+    assert isinstance(fig, Figure)
+    assert table["partition"].tolist() == ["original", "cluster", "random", "cluster", "random"]
+    assert table["k_prime"].tolist() == [96, 48, 48, 12, 12]
+    assert table[["fvu", "l0", "dead_frac"]].notna().all().all()
+    # the random control has exactly the clustering's cluster sizes, so same K'
+    assert (table.loc[1:, "fit_tokens"] > 0).all()
+
+
+def test_bad_input_writes_nothing(setup, tmp_path):
+    root, _store, _sae = setup
+    out = tmp_path / "never"
+    for params, match in (
+        ({"n_clusters": 97}, "n_clusters=97"),
+        ({"n_clusters": 0}, "greater than or equal to 1"),
+        ({"similarity": {"decoder": 1, "bogus": 1}}, "unknown name"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            merge.run_merge(str(root / "sae"), str(root / "acts"), str(out), params)
+        assert not out.exists()
+    with pytest.raises(ValueError, match="source SAE's folder"):
+        merge.run_merge(str(root / "sae"), str(root / "acts"), str(root / "sae"), fast_params())
+    other = SparseAutoencoder(8, 16)
+    save_sae(other, str(tmp_path / "small"))
+    with pytest.raises(ValueError, match="d_model"):
+        merge.run_merge(str(tmp_path / "small"), str(root / "acts"), str(out), fast_params())
+    assert not out.exists()
+
+
+def test_max_aggregation_and_distance_threshold(setup, tmp_path):
+    root, _store, sae = setup
+    out = str(tmp_path / "m")
+    manifest = merge.run_merge(
+        str(root / "sae"),
+        str(root / "acts"),
+        out,
+        fast_params(aggregation="max", distance_threshold=0.5, sweep=False),
+    )
+    merged = load_sae(out)
+    assert merged.merge_mode == "max" and manifest["merge"]["aggregation"] == "max"
+    assert 1 <= merged.d_sae <= 96
+    x = ActivationStore(str(root / "acts")).read(0, 100).float()
+    with torch.no_grad():
+        z = sae.encode(x)
+        want = torch.zeros(100, merged.d_sae).scatter_reduce(
+            1, merged.merge_index.expand(100, -1), z, reduce="amax", include_self=True
+        )
+        torch.testing.assert_close(merged.encode(x), want, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,187 @@
+"""SAE training: every architecture recovers a known sparse dictionary; the seed's call works."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from integral_superposition import SAEConfig, storage
+from integral_superposition.dump.synthetic import (
+    sparse_dictionary_activations,
+    write_activation_store,
+)
+from integral_superposition.sae import SparseAutoencoder, load_sae, load_sparsity, read_sae_manifest
+from integral_superposition.sae.train import TrainResult, lr_at, sparsity_coef_at, train_sae, train_saes
+
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+D, N_FEATURES, D_SAE = 16, 32, 64
+
+
+def _cfg(arch: str, **kw) -> SAEConfig:
+    per_arch = {
+        "relu": {"l1": 3e-2},
+        "topk": {"top_k": 4},
+        "batchtopk": {"top_k": 4},
+        "jumprelu": {"l1": 1e-2, "jumprelu_init_threshold": 0.1, "jumprelu_bandwidth": 0.1},
+    }[arch]
+    base = dict(
+        k=D_SAE, architecture=arch, batch_size=256, epochs=2, lr=1e-2, lr_warmup_steps=10,
+        log_every=20, dead_tokens=2000,
+    )  # fmt: skip
+    return SAEConfig(**{**base, **per_arch, **kw})
+
+
+@pytest.fixture(scope="module")
+def dictionary_store(tmp_path_factory):
+    """16,000 tokens built from 32 known features (3 active per token), far from unit scale."""
+    x, feats = sparse_dictionary_activations(16000, D, N_FEATURES, 3.0, offset=0.2, scale=100.0)
+    store = write_activation_store(x, str(tmp_path_factory.mktemp("dict") / "acts"))
+    return store, feats
+
+
+@pytest.fixture(scope="module")
+def trained(dictionary_store, tmp_path_factory):
+    """All four architectures trained in one pass over the stream."""
+    store, _ = dictionary_store
+    out = tmp_path_factory.mktemp("saes")
+    logs: list[tuple[int, dict]] = []
+    progress: list[tuple[int, int]] = []
+    results = train_saes(
+        store,
+        [_cfg(a) for a in ARCHS],
+        [str(out / a) for a in ARCHS],
+        checkpoint_uri=str(out / "ckpt"),
+        progress=False,
+        on_log=lambda step, m: logs.append((step, m)),
+        on_progress=lambda step, total: progress.append((step, total)),
+    )
+    return dict(zip(ARCHS, results, strict=True)), logs, progress, out
+
+
+def _mean_max_cos(sae: SparseAutoencoder, feats: torch.Tensor) -> float:
+    w = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    return float((feats @ w.T).max(dim=1).values.mean())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_architecture_recovers_ground_truth_features(trained, dictionary_store, arch):
+    _, feats = dictionary_store
+    res = trained[0][arch]
+    sae = load_sae(res.uri)
+    assert sae.architecture == arch
+    assert _mean_max_cos(sae, feats) >= 0.9
+    # the saved SAE takes raw activations (the training scale is folded into its weights)
+    assert res.metrics["explained_variance"] > 0.8
+    assert res.metrics["l0"] < D_SAE / 2
+
+
+def test_untrained_sae_does_not_recover_features(dictionary_store):
+    _, feats = dictionary_store
+    assert _mean_max_cos(SparseAutoencoder(D, D_SAE, seed=0), feats) < 0.8
+
+
+def test_topk_family_sparsity_matches_k(trained):
+    assert trained[0]["topk"].metrics["l0"] == pytest.approx(4.0)
+    # batchtopk infers with its learned threshold: about k latents per token on average
+    assert trained[0]["batchtopk"].metrics["l0"] == pytest.approx(4.0, rel=0.25)
+
+
+def test_outputs_manifest_callbacks_and_checkpoint_cleanup(trained, dictionary_store):
+    results, logs, progress, out = trained
+    store, _ = dictionary_store
+    res = results["topk"]
+    assert isinstance(res, TrainResult) and res.steps == progress[-1][0] == progress[-1][1]
+    assert [p[0] for p in progress] == list(range(1, res.steps + 1))
+    manifest = read_sae_manifest(res.uri)
+    assert manifest["content_hash"] == res.content_hash
+    assert manifest["activation_manifest_hash"] == store.content_hash
+    assert manifest["config"]["architecture"] == "topk" and manifest["config"]["top_k"] == 4
+    curve = manifest["training_curve"]
+    assert [c["step"] for c in curve][:2] == [20, 40]
+    assert {"loss", "l0", "fvu", "dead_frac", "lr"} <= set(curve[0])
+    assert curve[-1]["fvu"] < curve[0]["fvu"]
+    assert manifest["metrics"]["fvu"] == pytest.approx(res.metrics["fvu"])
+    assert storage.verify_output(res.uri, deep=True)
+    sp = load_sparsity(res.uri)
+    assert sp.shape == (D_SAE,) and float(sp.max()) <= 0.0
+    # one log per SAE every log_every steps, tagged with the SAE's index
+    assert {m["sae"] for _, m in logs} == set(range(len(ARCHS)))
+    assert not storage.exists(str(out / "ckpt"))  # removed once every SAE is published
+
+
+def test_decoder_rows_unit_norm_and_seed_view(trained):
+    sae = load_sae(trained[0]["relu"].uri)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(D_SAE), atol=1e-4)
+    assert sae.dec.weight.shape == (D, D_SAE)  # the seed's nn.Linear view
+
+
+def test_schedules():
+    cfg = SAEConfig(lr=1.0, lr_warmup_steps=10, lr_decay_frac=0.2, l1=2.0, l1_warmup_frac=0.1)
+    lrs = [lr_at(cfg, s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[50] == 1.0 and lrs[80] == pytest.approx(1.0) and lrs[90] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert sparsity_coef_at(cfg, 0, 100) == pytest.approx(0.2)
+    assert sparsity_coef_at(cfg, 50, 100) == 2.0
+    assert lr_at(cfg, 500, None) == 1.0  # unknown length: no decay
+
+
+def test_seed_api_trains_in_place_on_tensors(dictionary_store):
+    store, feats = dictionary_store
+    x = store.read(0, 8000).float()
+    model = SparseAutoencoder(d_model=D, k=D_SAE, architecture="topk", top_k=4)
+    cfg = SAEConfig(k=D_SAE, architecture="topk", top_k=4, lr=1e-2, epochs=2, batch_size=256)
+    res = train_sae(model, [x[:5000], x[5000:]], cfg, "cpu", progress=False)
+    assert res.steps == 2 * (-(-8000 // 256))  # a partial last batch per epoch
+    assert _mean_max_cos(model, feats) > 0.85
+    ev = 1 - (model.reconstruct(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert float(ev) > 0.7  # raw activations in, raw reconstructions out
+
+
+def test_seed_api_reads_a_store_and_a_one_shot_iterator(dictionary_store):
+    store, _ = dictionary_store
+    cfg = SAEConfig(k=D_SAE, architecture="relu", l1=3e-2, train_tokens=2560, batch_size=256)
+    model = SparseAutoencoder(D, D_SAE)
+    assert train_sae(model, store, cfg, progress=False).steps == 10
+    x = store.read(0, 3000).float()
+    one_shot = (x[i : i + 300] for i in range(0, 3000, 300))
+    res = train_sae(SparseAutoencoder(D, D_SAE), one_shot, cfg.model_copy(update={"train_tokens": None}), progress=False)
+    assert res.steps == -(-3000 // 256)  # one pass; no decay schedule without a length
+
+
+def test_multiple_hook_points_in_one_pass(tmp_path):
+    x, _ = sparse_dictionary_activations(4096, D, N_FEATURES, seed=1)
+    y, _ = sparse_dictionary_activations(4096, D, N_FEATURES, seed=2)
+    store = write_activation_store({"layer.1": x, "layer.2": y}, str(tmp_path / "acts"))
+    cfgs = [
+        SAEConfig(k=32, architecture="topk", top_k=4, batch_size=256, epochs=1, hook_point=h)
+        for h in ("layer.1", "layer.2")
+    ]
+    res = train_saes(store, cfgs, [str(tmp_path / "a"), str(tmp_path / "b")], progress=False)
+    assert [read_sae_manifest(r.uri)["hook_point"] for r in res] == ["layer.1", "layer.2"]
+    assert load_sae(res[1].uri).metadata["hook_name"] == "blocks.2.hook_resid_pre"
+
+
+def test_outlier_tokens_are_dropped(tmp_path):
+    x, _ = sparse_dictionary_activations(4096, D, N_FEATURES, seed=3)
+    x[::97] *= 1000.0  # extreme-norm tokens, like a BOS residual
+    store = write_activation_store(x, str(tmp_path / "acts"))
+    cfg = SAEConfig(k=32, architecture="topk", top_k=4, batch_size=256, epochs=2, lr=1e-2)
+    (res,) = train_saes(store, [cfg], [str(tmp_path / "sae")], progress=False)
+    sae = load_sae(res.uri)
+    clean = store.read(0, 4096).float()
+    keep = np.ones(4096, bool)
+    keep[::97] = False
+    xc = clean[torch.from_numpy(keep)]
+    ev = 1 - (sae.reconstruct(xc) - xc).pow(2).sum() / (xc - xc.mean(0)).pow(2).sum()
+    assert float(ev) > 0.6  # the outliers did not wreck the fit to ordinary tokens
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(dictionary_store, tmp_path):
+    store, _ = dictionary_store
+    cfg = SAEConfig(k=32, architecture="topk", top_k=4, batch_size=256, train_tokens=2560, autocast_bf16=True)
+    model = SparseAutoencoder(D, 32, architecture="topk", top_k=4)
+    res = train_sae(model, store, cfg, progress=False)
+    assert res.steps == 10 and model.W_enc.dtype == torch.float32
+    assert torch.isfinite(model.W_dec).all()

@@ -1,0 +1,168 @@
+"""The steering evaluation: target vocabularies, the label classifier, latent picking, and
+the published sweep with its controls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from integral_superposition import steering, storage
+from integral_superposition.sae import SparseAutoencoder, save_sae
+from integral_superposition.steering import evaluate as ev
+from matplotlib.figure import Figure
+
+
+def test_label_vocabulary_holds_label_specific_tokens(demo_store, tiny_backend):
+    vocab = steering.label_vocabulary(demo_store, per_label=10, tokenizer=tiny_backend.tokenizer)
+    assert set(vocab["label"]) == set(demo_store.label_names)
+    assert (vocab["q"] < 1e-3).all() and (vocab["log_odds"] > 0).all()
+    assert vocab.groupby("label").size().max() <= 10
+    # each token really is concentrated in its label in the store
+    tok, lab = demo_store.token_ids, demo_store.labels
+    for row in vocab.itertuples():
+        in_label = np.mean(lab[tok == row.token_id] == row.label_id)
+        assert in_label == pytest.approx(row.frac_in_label)
+        assert in_label > 1 / len(demo_store.label_names)
+
+
+def test_label_classifier_fits_separable_documents(tmp_path):
+    import torch
+    from integral_superposition.dump.synthetic import write_activation_store
+
+    rng = np.random.default_rng(0)
+    n_docs, per_doc, d, C = 120, 8, 16, 3
+    doc_label = np.arange(n_docs) % C
+    centers = rng.normal(size=(C, d)) * 2
+    x = centers[np.repeat(doc_label, per_doc)] + rng.normal(size=(n_docs * per_doc, d)) * 3
+    store = write_activation_store(
+        torch.tensor(x, dtype=torch.float32), str(tmp_path / "acts"),
+        labels=np.repeat(doc_label, per_doc), label_names=["a", "b", "c"], tokens_per_doc=per_doc,
+    )  # fmt: skip
+    clf = steering.LabelClassifier.fit(store, test_fraction=0.25, seed=0)
+    assert clf.n_test + clf.n_train == n_docs and clf.n_test > 10
+    assert clf.accuracy > 0.9
+    shuffled = steering.LabelClassifier.fit(store, test_fraction=0.25, seed=1)
+    assert not np.array_equal(shuffled.test_doc_ids, clf.test_doc_ids)
+    proba = clf.predict_proba(centers.astype(np.float32))
+    assert proba.argmax(1).tolist() == [0, 1, 2]
+
+
+def test_label_classifier_reads_texts_like_the_dump(demo_store, tiny_backend):
+    """Features of a document's text through the backend equal the store's mean-pooled rows."""
+    clf = steering.LabelClassifier.fit(demo_store, test_fraction=0.25, seed=0)
+    assert 0.0 <= clf.accuracy <= 1.0 and clf.hook_point == "layer.2"
+    doc_ids, pooled = ev.mean_pooled_documents(demo_store)
+    docs = demo_store.docs.set_index("doc_id").loc[doc_ids[:12]]
+    X, valid = clf.features(tiny_backend, docs["text"].tolist() + ["", "   "])
+    assert valid.tolist() == [True] * 12 + [False, False]
+    np.testing.assert_allclose(X[:12], pooled[:12], rtol=0.03, atol=0.03)  # the store is bf16
+    proba = clf.predict_proba(X[valid])
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-6)
+
+
+def test_pick_latents_ranks_significant_latents_per_label():
+    names = ["a", "b"]
+    tok = pd.DataFrame(
+        {
+            "latent": [0, 0, 1, 1, 2, 2, 3, 3],
+            "label": pd.Categorical(["a", "b"] * 4, categories=names),
+            "q": [1e-5, 1.0, 1e-9, 1.0, 1.0, 1e-4, 1e-2, 1.0],
+            "log_odds": [2.0, -1, 1.0, -1, -1, 3.0, 5.0, -1],
+            "frac_in_set": [0.9, 0.1, 0.8, 0.2, 0.1, 0.9, 0.9, 0.1],
+        }
+    )
+    doc = tok[["latent", "label"]].assign(q=[1e-50, 1, 1e-3, 1, 1, 1e-9, 1e-80, 1], log_odds=1.0)
+    by_doc = steering.pick_latents(tok, doc, per_label=2, q_max=1e-3)
+    assert by_doc[["label", "latent"]].values.tolist() == [["a", 0], ["a", 1], ["b", 2]]
+    by_q = steering.pick_latents(tok, doc, per_label=1, rank_by="token_q")
+    assert by_q[["label", "latent"]].values.tolist() == [["a", 1], ["b", 2]]
+    assert steering.pick_latents(tok, None, labels=["b"])["latent"].tolist() == [2]
+    with pytest.raises(ValueError, match=r"\['c'\] not among the store's labels"):
+        steering.pick_latents(tok, doc, labels=["c"])
+
+
+@pytest.fixture(scope="module")
+def published(demo_store, tiny_backend, tmp_path_factory):
+    root = tmp_path_factory.mktemp("steer_eval")
+    sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
+    sae_uri = save_sae(sae, str(root / "sae"), metadata={"hook_name": "layer.2"})
+    params = steering.SteeringParams(
+        latents=[5], labels=[demo_store.label_names[0]], mode="clamp", strengths=[40.0],
+        prompts=["the market", "news:"], max_new_tokens=4, samples_per_prompt=1, do_sample=False,
+        own_label_prompts=2, vocab_per_label=20,
+    )  # fmt: skip
+    progress = []
+    manifest = steering.run_steering_eval(
+        sae_uri, demo_store.uris[0], str(root / "out"), params, backend=tiny_backend,
+        on_progress=lambda done, total: progress.append((done, total)),
+    )  # fmt: skip
+    return root, manifest, progress, params
+
+
+def test_run_steering_eval_publishes_the_sweep_with_controls(published):
+    root, manifest, progress, params = published
+    out = str(root / "out")
+    assert manifest["kind"] == "steering" and storage.verify_output(out, deep=True)
+    assert set(manifest["files"]) == {
+        "sweep.parquet", "generations.parquet", "latents.parquet", "vocabulary.parquet",
+        "sweep.png", "sweep.svg", "summary.json",
+    }  # fmt: skip
+    assert progress[-1][0] == progress[-1][1] == len(progress)
+    res = steering.load_steering(out)
+    t = res.sweep.set_index(["control", "prompts", "strength"], drop=False)
+    assert set(t["control"]) == {"unsteered", "alpha0", "steer", "random", "own_label"}
+    base = t[t["control"] == "unsteered"].iloc[0]
+    alpha0 = t[t["control"] == "alpha0"].iloc[0]
+    for col in ("share", "prob", "vocab_mass", "perplexity", "distinct2"):
+        assert alpha0[col] == pytest.approx(base[col], nan_ok=True)  # the hook itself is neutral
+    steer_row = t[t["control"] == "steer"].iloc[0]
+    rand_row = t[t["control"] == "random"].iloc[0]
+    assert steer_row["edit_value"] == 40.0 and steer_row["steered_latent"] == 5
+    assert rand_row["steered_latent"] not in (5, -1)
+    norms = res.picks.iloc[0]
+    assert rand_row["edit_value"] == pytest.approx(40.0 * norms["random_ratio"])
+    assert steer_row["classifier_accuracy"] == res.summary["classifier"]["held_out_accuracy"]
+    gens = res.generations
+    assert len(gens) == int(res.sweep["n"].sum())
+    assert set(gens.columns) >= {"set", "control", "strength", "prompt", "text", "predicted"}
+    assert (res.vocabulary.groupby("label").size() <= 20).all()
+    assert isinstance(res.figure(), Figure)
+    assert res.read("sweep.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_side_by_side_and_report_section(published):
+    root, _, _, params = published
+    res = steering.load_steering(str(root / "out"))
+    sbs = steering.side_by_side(res)
+    assert list(sbs.columns[:2]) == ["prompt", "unsteered"] and len(sbs) == len(params.prompts)
+    assert sbs["prompt"].tolist() == params.prompts
+    own = steering.side_by_side(res, 5, 40.0, prompts="own_label")
+    assert len(own) == params.own_label_prompts
+    with pytest.raises(ValueError, match="strength=3.0: not in the sweep"):
+        steering.side_by_side(res, 5, 3.0)
+    section = steering.steering_section(res)
+    html = section.to_html()
+    assert "Steering" in html and "Latent 5" in html and "<img" in html
+    assert "<script" not in html.lower()
+
+
+def test_run_steering_eval_rejects_bad_input_before_writing(demo_store, tiny_backend, tmp_path):
+    sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match=r"latents=\[64\]: \[64\] out of range .*d_sae=64"):
+        steering.run_steering_eval(sae, demo_store, str(out), {"latents": [64]}, backend=tiny_backend)
+    with pytest.raises(ValueError, match=r"labels=\['Cooking'\]"):
+        steering.run_steering_eval(sae, demo_store, str(out), {"latents": [1], "labels": ["Cooking"]}, backend=tiny_backend)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        steering.run_steering_eval(sae, demo_store, str(out), {"prompts": []}, backend=tiny_backend)
+    narrow = SparseAutoencoder(16, 8)
+    with pytest.raises(ValueError, match="sae.d_in=16 does not match"):
+        steering.run_steering_eval(narrow, demo_store, str(out), {"latents": [1]}, backend=tiny_backend)
+    assert not out.exists()
+
+
+def test_edit_for_matches_decoder_norms():
+    assert ev._edit_for("clamp_max", 3, 2.0, 5.0) == steering.clamp(3, 10.0)
+    assert ev._edit_for("clamp_max", 4, 2.0, 5.0, ratio=0.5) == steering.clamp(4, 5.0)
+    assert ev._edit_for("add", 4, 2.0, 5.0, ratio=3.0) == steering.add(4, 6.0)
+    assert ev._edit_for("scale", 4, 2.0, 5.0, ratio=3.0) == steering.scale(4, 2.0)

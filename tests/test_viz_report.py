@@ -1,0 +1,139 @@
+"""The experiment report and its markdown summary (static checks; the browser test renders them)."""
+
+from __future__ import annotations
+
+import base64
+import html.parser
+import io
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from integral_superposition import storage
+from integral_superposition.analysis import run_analysis
+from integral_superposition.sae import SparseAutoencoder, save_sae
+from integral_superposition.viz import ReportSection, build_report, markdown_summary
+from integral_superposition.viz.figures import new_figure
+from integral_superposition.viz.report import summary_tables
+
+
+@pytest.fixture(scope="module")
+def analysis_dir(demo_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    sae = SparseAutoencoder(demo_store.d_model, 32, seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.2)
+    history = pd.DataFrame(
+        {"step": np.arange(20), "loss": np.linspace(3, 1, 20), "fvu": np.linspace(0.9, 0.3, 20)}
+    )
+    buf = io.BytesIO()
+    history.to_parquet(buf)
+    sae_dir = save_sae(
+        sae, str(root / "sae"), extra_files={"training_history.parquet": buf.getvalue()}
+    )
+    out = str(root / "analysis")
+    run_analysis(
+        sae_dir, demo_store, out, {"reducer": "pca", "n_top": 6, "n_bands": 1, "per_band": 2}
+    )
+    return out, sae_dir
+
+
+class _Collect(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.text: list[str] = []
+        self.attrs: list[tuple[str, list]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.append((tag, attrs))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_from_analysis_and_generic_sections(analysis_dir, tmp_path):
+    out, _ = analysis_dir
+    fig = new_figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    merge = ReportSection(
+        "Merge results",
+        text="Merged 32 latents into 16.\n\nFVU went from 0.30 to 0.34.",
+        tables=[
+            (
+                "before / after",
+                pd.DataFrame(
+                    {"metric": ["fvu", "l0"], "before": [0.3, 40.0], "after": [0.34, 22.0]}
+                ),
+            )
+        ],
+        figures=[("merge matrix", fig)],
+    )
+    steering = ReportSection(
+        "Steering",
+        generations=[
+            {
+                "prompt": "The match",
+                "baseline": "ended 2-1.",
+                "steered": "<script>alert(1)</script> markets fell",
+            }
+        ],
+    )
+    uri = build_report(
+        str(tmp_path / "report"), merge, steering, analysis=out, config={"preset": "smoke"}
+    )
+    assert storage.read_manifest(str(tmp_path / "report"), kind="report")["config"]["sections"][
+        -2:
+    ] == ["Merge results", "Steering"]
+    page = storage.read_bytes(uri).decode()
+    p = _Collect()
+    p.feed(page)
+    text = "".join(p.text)
+    for heading in ("Configuration", "SAE", "Training curves", "Metrics", "Latent statistics", "Label enrichment",
+                    "Latent map", "Top latents per label", "Merge results", "Steering"):  # fmt: skip
+        assert heading in text, heading
+    assert "script" not in p.tags  # the generation is text, not markup
+    assert "<script>alert(1)</script> markets fell" in text
+    imgs = [dict(a) for t, a in p.attrs if t == "img"]
+    assert len(imgs) >= 6 and all(i["src"].startswith("data:image/png;base64,") for i in imgs)
+    links = [dict(a).get("href", "") for t, a in p.attrs if t == "a"]
+    pages = [h for h in links if "dashboards/latents/" in h]
+    assert pages and not any("://" in h for h in pages)  # relative links between local folders
+    for h in pages + [h for h in links if h.endswith("dashboards/index.html")]:
+        assert os.path.exists(os.path.normpath(os.path.join(tmp_path / "report", h))), h
+    assert "default-src 'none'" in page
+
+
+def test_report_rejects_bad_input(analysis_dir, tmp_path):
+    out, _ = analysis_dir
+    with pytest.raises(ValueError, match="holds a published 'analysis' output"):
+        build_report(out, analysis=out)
+    with pytest.raises(TypeError, match="ReportSection"):
+        build_report(str(tmp_path / "r"), "not a section")
+    with pytest.raises(ValueError, match="nothing to report"):
+        build_report(str(tmp_path / "r"))
+    with pytest.raises(TypeError, match="DataFrames"):
+        build_report(str(tmp_path / "r"), ReportSection("x", tables=[[1, 2]]))
+
+
+def test_markdown_summary_and_tables(analysis_dir):
+    out, _ = analysis_dir
+    tables = summary_tables(out)
+    assert {"metrics", "top_latents"} <= set(tables)
+    assert "explained_variance" in set(tables["metrics"]["metric"])
+    extra = ReportSection(
+        "Steering", tables=[pd.DataFrame({"a|b": ["x|y"]})], figures=[new_figure()]
+    )
+    md = markdown_summary(out, extra, figure_width=200)
+    assert md.startswith("# SAE analysis summary")
+    assert "## Metrics" in md and "## Top latents per label" in md and "## Steering" in md
+    assert "a\\|b" in md and "x\\|y" in md
+    pngs = [chunk.split(")")[0] for chunk in md.split("data:image/png;base64,")[1:]]
+    assert len(pngs) >= 2
+    from PIL import Image
+
+    for b64 in pngs:
+        assert Image.open(io.BytesIO(base64.b64decode(b64))).width <= 200
