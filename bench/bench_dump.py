@@ -194,7 +194,8 @@ def throughput(
         print(
             f"\nthroughput ours / {other}: {paired:.2f}x (median of {len(pair[other])} paired "
             f"chunk ratios), {wall[other] / wall['ours']:.2f}x (median totals), "
-            f"{best[other] / best['ours']:.2f}x (best totals); goal >= {goal}x: "
+            f"{best[other] / best['ours']:.2f}x (best totals), {cpu[other] / cpu['ours']:.2f}x "
+            f"(median CPU time); goal >= {goal}x: "
             f"{'met' if paired >= goal else 'MISSED'}"
         )
 
@@ -312,7 +313,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="256 docs, 2 repeats, small RSS runs")
     p.add_argument("--skip-load", action="store_true", help="skip the model load timing")
     p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS runs")
+    p.add_argument("--threads", type=int, help="torch threads (1 is steadier on a busy machine)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.quick:
         a.n_docs, a.repeats, a.rss_docs, a.chunk_docs = 256, 2, 300, 128
     print(machine())

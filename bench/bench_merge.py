@@ -8,7 +8,8 @@ gemma-3-270m layer-9 activations of ag_news (titles + descriptions), a d_sae = 4
    and >= 80% of the significant enrichments survive; clustering beats the control at every K'.
 2. Levers at K/4: similarity, linkage, aggregation, ridge lambda, bias refit, no refit, and
    the default evaluated on another document split.
-3. Streaming refit speed vs a bare ``Z^T Z`` matmul over the same tokens (goal: >= 50%).
+3. Streaming refit speed vs a bare ``Z^T Z`` matmul over the same tokens (goal: >= 50%), for
+   codes in memory, end to end from the store, and for the sweep's one pass of original codes.
 4. Peak RSS of clustering K = 65,536 synthetic decoder rows in the k-NN mode (subprocess).
 
     python bench/bench_merge.py                 # everything
@@ -34,7 +35,7 @@ import common
 from integral_superposition import merge
 from integral_superposition.merge import evaluate as ev
 from integral_superposition.merge.params import MergeParams
-from integral_superposition.merge.refit import accumulate_stats, build_merged_sae
+from integral_superposition.merge.refit import RidgeStats, accumulate_stats, build_merged_sae
 
 OUT = common.OUT / "merge"
 
@@ -176,58 +177,85 @@ def levers(sae, store, base: MergeParams, stats, ref) -> pd.DataFrame:
     return table
 
 
+def _bare_gram(codes: list[torch.Tensor]) -> float:
+    """Seconds of the bare dense ``G += Z^T Z`` over chunks already in memory."""
+    t = time.perf_counter()
+    g = torch.zeros(codes[0].shape[1], codes[0].shape[1])
+    for z in codes:
+        g += z.T @ z
+    return time.perf_counter() - t
+
+
 @torch.no_grad()
 def refit_speed(sae, store, params: MergeParams, labels: np.ndarray) -> dict:
-    """Streaming refit (read + encode + merge + accumulate + solve) vs bare Z^T Z matmuls."""
+    """The streaming refit against a bare ``Z^T Z`` matmul over the same tokens, three ways
+    (repeated and interleaved so that both sides share the machine's noise):
+
+    a. K' = K/4 codes already in memory: our accumulation (sparse Z^T Z, Z^T X, sums) + solve
+       vs the bare dense Z^T Z of the same codes;
+    b. the same refit end to end from the store (read + encode + merge + accumulate + solve);
+    c. the sweep's path: one pass of the *original* K codes (read + encode + accumulate) vs the
+       bare dense Z^T Z of those codes (timed on the first 3 chunks, scaled to all tokens).
+    """
     mask = ev._split(store, params.fit_split, params)
-    merged = build_merged_sae(
-        sae, labels, np.array([np.flatnonzero(labels == c)[0] for c in range(labels.max() + 1)])
-    )
+    first = np.array([np.flatnonzero(labels == c)[0] for c in range(labels.max() + 1)])
+    merged = build_merged_sae(sae, labels, first)
     chunk = params.chunk_tokens
-    # bare baseline: the merged codes of the same tokens, already in memory, dense float32
-    codes = [merged.encode(x) for _r, x in store.iter_chunks(chunk, mask=mask)]
+    xs = [x for _r, x in store.iter_chunks(chunk, mask=mask)]
+    codes = [merged.encode(x) for x in xs]
     n = sum(c.shape[0] for c in codes)
-    res = {}
-    for rep in range(2):  # interleave to share the machine's noise
+    orig_codes = [sae.encode(x) for x in xs[:3]]
+    n3 = sum(c.shape[0] for c in orig_codes)
+    del xs
+    rows = []
+    for rep in range(2):
+        r = {"rep": rep, "tokens": n, "k_prime": merged.d_sae}
+        r["a_bare_ztz_s"] = _bare_gram(codes)
         t = time.perf_counter()
-        g = torch.zeros(merged.d_sae, merged.d_sae)
-        for z in codes:
-            g += z.T @ z
-        t_bare = time.perf_counter() - t
+        st = RidgeStats.empty(merged.d_sae, merged.d_in)
+        for z, (_r, x) in zip(codes, store.iter_chunks(chunk, mask=mask), strict=True):
+            st.update(z, x)
+        st.solve(params.ridge_lambda, prior=merged.W_dec.double())
+        r["a_accumulate_solve_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        stats = accumulate_stats(merged, ev._fit_chunks(store, params))
-        stats.solve(params.ridge_lambda, prior=merged.W_dec.double())
-        t_stream = time.perf_counter() - t
+        accumulate_stats(merged, ev._fit_chunks(store, params)).solve(
+            params.ridge_lambda, prior=merged.W_dec.double()
+        )
+        r["b_end_to_end_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for _r, x in store.iter_chunks(chunk, mask=mask):
+            merged.encode(x)
+        r["b_read_encode_only_s"] = time.perf_counter() - t
+        r["c_bare_ztz_original_s"] = _bare_gram(orig_codes) * n / n3
         t = time.perf_counter()
         accumulate_stats(sae, ev._fit_chunks(store, params)).merged(labels).solve(
             params.ridge_lambda
         )
-        t_proj = time.perf_counter() - t
-        res = {
-            "tokens": n,
-            "k_prime": merged.d_sae,
-            "bare_ztz_s": t_bare,
-            "stream_refit_s": t_stream,
-            "original_stats_then_project_s": t_proj,
-            "speed_ratio": t_bare / t_stream,
-        }
+        r["c_original_pass_project_solve_s"] = time.perf_counter() - t
+        rows.append(r)
         print(
-            f"rep {rep}: "
+            "  "
             + ", ".join(
-                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()
+                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
             )
         )
-    t = time.perf_counter()
-    for _r, x in store.iter_chunks(chunk, mask=mask):
-        merged.encode(x)
-    res["read_and_encode_only_s"] = time.perf_counter() - t
+    best = {k: min(r[k] for r in rows) for k in rows[0] if k.endswith("_s")}
+    ra = best["a_bare_ztz_s"] / best["a_accumulate_solve_s"]
+    rb = best["a_bare_ztz_s"] / best["b_end_to_end_s"]
+    rc = best["c_bare_ztz_original_s"] / best["c_original_pass_project_solve_s"]
     print(
-        f"\n== 3. refit speed over {n} tokens, K'={merged.d_sae}: bare Z^T Z {res['bare_ztz_s']:.2f}s, "
-        f"streaming refit {res['stream_refit_s']:.2f}s (read+encode alone {res['read_and_encode_only_s']:.2f}s) -> "
-        f"{100 * res['speed_ratio']:.0f}% of the bare matmul's speed (goal >= 50%) "
-        f"{'PASS' if res['speed_ratio'] >= 0.5 else 'MISS'}"
+        f"\n== 3. refit speed over {n} fit tokens (best of 2), as a fraction of the bare Z^T Z speed (goal >= 50%):"
     )
-    return res
+    print(
+        f"  a. K'={merged.d_sae} codes in memory: accumulate + solve {best['a_accumulate_solve_s']:.2f}s vs bare {best['a_bare_ztz_s']:.2f}s -> {100 * ra:.0f}% {'PASS' if ra >= 0.5 else 'MISS'}"
+    )
+    print(
+        f"  b. K'={merged.d_sae} end to end from the store: {best['b_end_to_end_s']:.2f}s (read + encode alone {best['b_read_encode_only_s']:.2f}s) vs bare {best['a_bare_ztz_s']:.2f}s -> {100 * rb:.0f}% {'PASS' if rb >= 0.5 else 'MISS'}"
+    )
+    print(
+        f"  c. K={sae.d_sae} original codes, the sweep's one pass (read + encode + accumulate + project + solve) {best['c_original_pass_project_solve_s']:.2f}s vs bare dense Z^T Z {best['c_bare_ztz_original_s']:.2f}s (3 chunks, scaled) -> {100 * rc:.0f}% {'PASS' if rc >= 0.5 else 'MISS'}"
+    )
+    return {"reps": rows, "best": best, "ratio_a": ra, "ratio_b": rb, "ratio_c": rc}
 
 
 RSS_CHILD = r"""
@@ -277,6 +305,7 @@ def main() -> None:
     p.add_argument(
         "--no-ce", action="store_true", help="skip the spliced CE metrics (no gemma forwards)"
     )
+    p.add_argument("--ce-docs", type=int, default=32, help="held-out documents for CE / KL")
     p.add_argument("--skip-levers", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
@@ -287,8 +316,8 @@ def main() -> None:
     sae, where = load_sae(args.sae)
     sae = sae.eval()
     print(f"store {store}\nSAE {sae} from {where}")
-    backend = None if args.no_ce else common.gemma(torch.float32)
-    params = MergeParams()
+    backend = None if args.no_ce else common.gemma()  # bf16: CE of every SAE on one model
+    params = MergeParams(ce_docs=args.ce_docs)
     results: dict = {"machine": common.machine()}
     table = quality(sae, store, backend, params)
     results["sweep"] = table.to_dict("records")

@@ -26,7 +26,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from common import ag_news_sae, ag_news_store, machine
-
 from integral_superposition import SAEConfig
 from integral_superposition.sae import SparseAutoencoder, load_sae
 from integral_superposition.sae.train import train_sae

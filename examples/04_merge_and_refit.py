@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--work", default="example_runs", help="folder for the demo inputs")
     p.add_argument("--model", default="gemma-3-270m", help="model for the dump and CE metrics")
     p.add_argument("--no-ce", action="store_true", help="skip the spliced CE metrics")
+    p.add_argument("--ce-docs", type=int, default=16, help="held-out documents for CE / KL")
     p.add_argument("--n-docs", type=int, default=800, help="demo corpus size")
     p.add_argument("--layer", type=int, default=6, help="layer of the demo dump")
     p.add_argument("--k", type=int, default=512, help="latents of the demo SAE")
@@ -105,7 +106,7 @@ def main() -> None:
         linkage=args.linkage,
         aggregation=args.aggregation,
         sweep=not args.no_sweep,
-        ce_docs=0 if args.no_ce else 48,
+        ce_docs=0 if args.no_ce else args.ce_docs,
     )
     manifest = merge.run_merge(
         sae_uri, store_uri, out, params, backend=None if args.no_ce else backend

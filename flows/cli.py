@@ -39,7 +39,9 @@ StorageOpt = Annotated[
     str | None, typer.Option("--storage", help="Output root: a directory or s3://bucket/prefix.")
 ]
 NameOpt = Annotated[str | None, typer.Option("--name", help="Experiment name.")]
-RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (default: a new timestamped id).")]
+RunOpt = Annotated[
+    str | None, typer.Option("--run", help="Run name (default: a new timestamped id).")
+]
 
 
 def _console():
@@ -113,52 +115,24 @@ def _prefect_hint(flow_run_id: str | None) -> str:
     )
 
 
-def _task_timings(flow_run_id: str | None) -> list[dict[str, Any]]:
-    """Task runs of a flow run: name, state and seconds, in start order."""
-    if not flow_run_id:
-        return []
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    out = []
-    for tr in runs:
-        secs = tr.total_run_time.total_seconds() if tr.total_run_time else 0.0
-        if tr.start_time and tr.end_time:
-            secs = max(secs, (tr.end_time - tr.start_time).total_seconds())
-        out.append({"task": tr.name, "state": tr.state_name, "seconds": secs, "start": tr.start_time or tr.expected_start_time})
-    out.sort(key=lambda r: (r["start"] is None, r["start"]))
-    return out
-
-
 def _print_run(result, flow_run_id: str | None, wall_s: float) -> None:
+    from integral_superposition.tasks.ui import browser_url
     from rich.table import Table
 
-    from integral_superposition.tasks.ui import browser_url
-
     con = _console()
-    timings = _task_timings(flow_run_id)
-    if timings:
-        t = Table(title="Steps", show_lines=False)
-        for col in ("task run", "state", "seconds"):
-            t.add_column(col, justify="right" if col == "seconds" else "left")
-        for r in timings:
-            t.add_row(r["task"], r["state"] or "", f"{r['seconds']:.1f}")
-        con.print(t)
-    if result is not None:
-        t = Table(title="Outputs")
-        for col in ("step", "name", "state", "output"):
-            t.add_column(col)
-        for s in result.steps:
-            t.add_row(s.step, s.name, s.state, s.output.uri if s.output else "")
-        con.print(t)
-        n_cached = sum(s.state == "Cached" for s in result.steps)
-        con.print(f"{len(result.steps)} task runs, {n_cached} cached; wall time {wall_s:.1f} s")
-        con.print(f"run folder: {result.run_root}")
-        if result.report_uri:
-            con.print(f"report:     {result.report_uri}")
-            typer.echo(f"open it:    {browser_url(result.report_uri)}")
+    t = Table(title="Steps")
+    for col in ("step", "name", "state", "seconds", "output"):
+        t.add_column(col, justify="right" if col == "seconds" else "left")
+    for s in result.steps:
+        secs = "" if s.seconds is None else f"{s.seconds:.1f}"
+        t.add_row(s.step, s.name, s.state, secs, s.output.uri if s.output else "")
+    con.print(t)
+    n_cached = sum(s.state == "Cached" for s in result.steps)
+    con.print(f"{len(result.steps)} task runs, {n_cached} cached; wall time {wall_s:.1f} s")
+    con.print(f"run folder: {result.run_root}")
+    if result.report_uri:
+        con.print(f"report:     {result.report_uri}")
+        typer.echo(f"open it:    {browser_url(result.report_uri)}")
     typer.echo(_prefect_hint(flow_run_id))
 
 
@@ -188,7 +162,9 @@ def run(
     storage: StorageOpt = None,
     name: NameOpt = None,
     run_name: RunOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved config and exit.")
+    ] = False,
 ) -> None:
     """Run the whole experiment: dump -> train -> analyse -> merge -> steering -> report.
 
@@ -225,9 +201,16 @@ def dump(
     storage: StorageOpt = None,
     name: NameOpt = None,
     run_name: RunOpt = None,
-    data: Annotated[str | None, typer.Option(help="Dataset source (demo:N, a file or URI, hf:..., kaggle:...).")] = None,
-    model: Annotated[str | None, typer.Option(help="Model id, directory, .gguf file, gemma-3-270m or tiny:<family>.")] = None,
-    layer: Annotated[int | None, typer.Option(help="Layer whose input residual stream is dumped.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Dataset source (demo:N, a file or URI, hf:..., kaggle:...).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model id, directory, .gguf file, gemma-3-270m or tiny:<family>."),
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option(help="Layer whose input residual stream is dumped.")
+    ] = None,
 ) -> None:
     """Dump activations of the config's dataset through its model (cached)."""
     extra = list(overrides or [])
@@ -250,22 +233,28 @@ def train(
     storage: StorageOpt = None,
     name: NameOpt = None,
     run_name: RunOpt = None,
-    store: Annotated[str | None, typer.Option(help="Train on this activation store (default: dump per the config first).")] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(help="Train on this activation store (default: dump per the config first)."),
+    ] = None,
 ) -> None:
     """Train the config's SAEs (the base SAE and its sweep) in one pass over the store."""
     cfg = _load_cfg(config, preset, overrides, storage, name, run_name)
     from integral_superposition.flows.steps import train_flow
 
-    state, fr_id = _run_flow(train_flow, cfg=cfg, store_uri=store, show_progress=sys.stderr.isatty())
+    state, fr_id = _run_flow(
+        train_flow, cfg=cfg, store_uri=store, show_progress=sys.stderr.isatty()
+    )
     refs = _finish(state, fr_id)
     for r in refs:
-        _console().print(f"{r.name}: {r.uri}\n  {json.dumps(r.summary.get('metrics', {}), default=str)}")
+        _console().print(
+            f"{r.name}: {r.uri}\n  {json.dumps(r.summary.get('metrics', {}), default=str)}"
+        )
 
 
 def _params(model_cls, overrides: list[str] | None):
-    from pydantic import ValidationError
-
     from integral_superposition.experiment import ConfigError, _describe_errors, apply_overrides
+    from pydantic import ValidationError
 
     try:
         data = apply_overrides({}, overrides or [])
@@ -276,16 +265,23 @@ def _params(model_cls, overrides: list[str] | None):
         _fail(str(e))
 
 
-SaeOpt = Annotated[str, typer.Option("--sae", help="SAE folder (ours, SAELens or sparsify; local or URI).")]
+SaeOpt = Annotated[
+    str, typer.Option("--sae", help="SAE folder (ours, SAELens or sparsify; local or URI).")
+]
 StoreOpt = Annotated[
     str | None,
     typer.Option("--store", help="Activation store (default: the one recorded by the SAE's run)."),
 ]
-ModelOpt = Annotated[str | None, typer.Option("--model", help="Model id for logit lens / CE metrics / generation.")]
-RootOpt = Annotated[
-    str | None, typer.Option("--run-root", help="Run folder for the output (default: the SAE's run).")
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Model id for logit lens / CE metrics / generation.")
 ]
-ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="A parameter: NAME=VALUE (repeatable).")]
+RootOpt = Annotated[
+    str | None,
+    typer.Option("--run-root", help="Run folder for the output (default: the SAE's run)."),
+]
+ParamOpt = Annotated[
+    list[str] | None, typer.Option("--param", help="A parameter: NAME=VALUE (repeatable).")
+]
 
 
 @app.command()
@@ -301,7 +297,9 @@ def analyze(
     from integral_superposition.flows.steps import analyze_flow
 
     params = _params(AnalysisParams, param)
-    state, fr_id = _run_flow(analyze_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root)
+    state, fr_id = _run_flow(
+        analyze_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root
+    )
     ref = _finish(state, fr_id)
     _console().print(f"analysis: {ref.uri}")
 
@@ -319,7 +317,9 @@ def merge(
     from integral_superposition.merge.params import MergeParams
 
     params = _params(MergeParams, param)
-    state, fr_id = _run_flow(merge_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root)
+    state, fr_id = _run_flow(
+        merge_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root
+    )
     ref = _finish(state, fr_id)
     _console().print(f"merged SAE: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
 
@@ -337,7 +337,14 @@ def steer_eval(
     from integral_superposition.steering.evaluate import SteeringParams
 
     params = _params(SteeringParams, param)
-    state, fr_id = _run_flow(steer_eval_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root)
+    state, fr_id = _run_flow(
+        steer_eval_flow,
+        sae_uri=sae,
+        store_uri=store,
+        params=params,
+        model_id=model,
+        run_root=run_root,
+    )
     ref = _finish(state, fr_id)
     _console().print(f"steering evaluation: {ref.uri}")
 
@@ -347,28 +354,35 @@ def steer(
     sae: SaeOpt,
     prompt: Annotated[list[str], typer.Option("--prompt", help="A prompt (repeatable).")],
     latent: Annotated[int | None, typer.Option(help="The latent to edit.")] = None,
-    set_to: Annotated[float | None, typer.Option("--set-to", help="Clamp the latent to this value.")] = None,
+    set_to: Annotated[
+        float | None, typer.Option("--set-to", help="Clamp the latent to this value.")
+    ] = None,
     scale: Annotated[float | None, typer.Option(help="Multiply the latent by this factor.")] = None,
     edit: Annotated[
         list[str] | None,
-        typer.Option(help="More edits: '42=100', '42=2xmax', '42*3', '42+8', '42:ablate' (repeatable)."),
+        typer.Option(
+            help="More edits: '42=100', '42=2xmax', '42*3', '42+8', '42:ablate' (repeatable)."
+        ),
     ] = None,
     model: ModelOpt = None,
-    hook_point: Annotated[str | None, typer.Option(help="Where to steer (default: where the SAE was trained).")] = None,
+    hook_point: Annotated[
+        str | None, typer.Option(help="Where to steer (default: where the SAE was trained).")
+    ] = None,
     positions: Annotated[str, typer.Option(help="last_prompt, prompt, generated or all.")] = "all",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 30,
-    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")] = False,
+    sample: Annotated[
+        bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed (both runs use it).")] = 0,
     dtype: Annotated[str, typer.Option(help="Model dtype: fp32, bf16 or fp16.")] = "fp32",
 ) -> None:
     """Print unsteered and steered generations of the prompts side by side."""
-    from rich.table import Table
-
     from integral_superposition import sae as sae_lib
     from integral_superposition import steering
     from integral_superposition.experiment import ModelSpec
     from integral_superposition.flows.steps import sae_model_id
     from integral_superposition.tasks.backends import load_backend
+    from rich.table import Table
 
     edits = []
     try:
@@ -388,7 +402,8 @@ def steer(
         )  # fmt: skip
     except (ValueError, TypeError, FileNotFoundError) as e:
         _fail(str(e))
-    t = Table(title=f"{', '.join(map(str, steering.edits_summary(edits)))} at {hook_point or 'the SAE hook point'} ({model_id})", show_lines=True)
+    where = steering.resolve_sae_hook_point(backend, loaded, hook_point).name
+    t = Table(title=f"{', '.join(map(str, edits))} at {where} of {model_id}", show_lines=True)
     t.add_column("prompt")
     t.add_column("unsteered")
     t.add_column("steered")
@@ -411,14 +426,19 @@ def report(
 
 @app.command("ls")
 def ls_runs(
-    storage_root: Annotated[str, typer.Argument(help="Storage root (a directory or s3://bucket/prefix).")] = "runs",
-    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="Only this experiment.")] = None,
-    outputs: Annotated[bool, typer.Option("--outputs", "-o", help="List every run's outputs.")] = False,
+    storage_root: Annotated[
+        str, typer.Argument(help="Storage root (a directory or s3://bucket/prefix).")
+    ] = "runs",
+    experiment: Annotated[
+        str | None, typer.Option("--experiment", "-e", help="Only this experiment.")
+    ] = None,
+    outputs: Annotated[
+        bool, typer.Option("--outputs", "-o", help="List every run's outputs.")
+    ] = False,
 ) -> None:
     """List runs (newest last) and, with --outputs, what each produced or reused."""
-    from rich.table import Table
-
     from integral_superposition.tasks.index import list_runs
+    from rich.table import Table
 
     runs = list_runs(storage_root, experiment)
     con = _console()
@@ -467,7 +487,9 @@ def server(
 
 @app.command()
 def schema(
-    out: Annotated[str | None, typer.Option(help="Write the schema to this file instead of printing it.")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="Write the schema to this file instead of printing it.")
+    ] = None,
 ) -> None:
     """Print the JSON schema of the experiment config (also shipped as schemas/experiment.schema.json)."""
     from integral_superposition.experiment import json_schema, write_schema

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
-
-from prefect import flow, get_run_logger
-from prefect.futures import PrefectFuture
-from prefect.runtime import flow_run as runtime_flow_run
 
 from integral_superposition import storage
 from integral_superposition.experiment import ExperimentConfig, SAEJob, make_run_id
@@ -41,29 +37,60 @@ from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.report import build_experiment_report
 from integral_superposition.tasks.steer import evaluate_steering
 from integral_superposition.tasks.train import train_saes
-from integral_superposition.tasks.ui import event
+from integral_superposition.tasks.ui import event, step_seconds
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run as runtime_flow_run
+
+_SECRET_OPTIONS = {
+    "key",
+    "secret",
+    "token",
+    "password",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+}
 
 
-_SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
-
-
-def result_storage_at(experiment_root: str, storage_options: dict[str, Any] | None = None) -> Any:
+def result_storage_at(
+    experiment_root: str,
+    storage_options: dict[str, Any] | None = None,
+    credentials_secret: str | None = None,
+) -> Any:
     """Result storage kept with an experiment's outputs, in ``{experiment_root}/.prefect-results``:
-    a path for local storage, else a saved ``RemoteFileSystem`` block (credentials left out:
-    the worker's environment or profile gives them)."""
+    a path for local storage, else a saved remote file-system block that holds no credentials
+    (they come from the worker's environment or profile, or from ``credentials_secret``)."""
     base = storage.join(absolute_storage(experiment_root), ".prefect-results")
     if storage.is_local(base):
         return Path(base)
-    from prefect.filesystems import RemoteFileSystem
+    from integral_superposition.tasks.blocks import SecretRemoteFileSystem
 
     fs, _ = storage.get_fs(base, storage_options)
     settings = {k: v for k, v in fs.storage_options.items() if k not in _SECRET_OPTIONS}
-    block = RemoteFileSystem(basepath=base, settings=settings)
+    if credentials_secret:  # options the Secret gives are read from it at run time
+        from integral_superposition.tasks.blocks import load_secret_options
+
+        for k in load_secret_options(credentials_secret):
+            settings.pop(k, None)
+    block = SecretRemoteFileSystem(
+        basepath=base, settings=settings, credentials_secret=credentials_secret
+    )
     block.save("isup-results-" + storage.sha256_bytes(base.encode())[:12], overwrite=True)
     return block
 
 
-def result_storage_for(cfg: ExperimentConfig) -> Any:
+def resolve_storage_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg.storage_options`` plus those of its ``storage_secret`` block (config wins)."""
+    opts = dict(cfg.storage_options)
+    if cfg.storage_secret:
+        from integral_superposition.tasks.blocks import load_secret_options
+
+        opts = {**load_secret_options(cfg.storage_secret), **opts}
+    return opts
+
+
+def result_storage_for(cfg: ExperimentConfig, storage_options: dict[str, Any] | None = None) -> Any:
     """Where task results (the cache records that let a rerun skip finished steps) live:
     ``auto`` keeps them with the outputs (:func:`result_storage_at`), a block slug is used
     as given, None leaves Prefect's default."""
@@ -71,7 +98,8 @@ def result_storage_for(cfg: ExperimentConfig) -> Any:
         return None
     if cfg.result_storage != "auto":
         return cfg.result_storage
-    return result_storage_at(storage.join(cfg.storage, cfg.name), cfg.storage_options)
+    opts = resolve_storage_options(cfg) if storage_options is None else storage_options
+    return result_storage_at(storage.join(cfg.storage, cfg.name), opts, cfg.storage_secret)
 
 
 def absolute_storage(uri: str) -> str:
@@ -79,10 +107,12 @@ def absolute_storage(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
-def task_options(cfg: ExperimentConfig) -> dict[str, Any]:
+def task_options(
+    cfg: ExperimentConfig, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Per-experiment task options: retries and result storage."""
     opts = retry_options(cfg.retries.retries, cfg.retries.delay_s, cfg.retries.jitter)
-    rs = result_storage_for(cfg)
+    rs = result_storage_for(cfg, storage_options)
     if rs is not None:
         opts["result_storage"] = rs
     return opts
@@ -128,6 +158,7 @@ class _Steps:
                         step=step,
                         name=ref.name if isinstance(ref, OutputRef) else name,
                         state=state.name or state.type.value,
+                        seconds=step_seconds(fut.task_run_id),
                         output=ref if isinstance(ref, OutputRef) else None,
                     )
                 )
@@ -159,13 +190,15 @@ def dump_store(
     if cfg.fanout.mode == "deployments":
         from integral_superposition.tasks.fanout import dump_partitions_remote
 
-        fut = T(dump_partitions_remote).submit(cfg, data, model, loc)
+        fut = T(dump_partitions_remote).submit(data, model, cfg.dump, cfg.fanout, loc, cfg)
         return steps.add("dump", out, fut).result()
     parts = [
         steps.add(
             "dump",
             partition_name(i, n),
-            T(dump_activations).submit(data, model, cfg.dump, loc, out=out, partition=(i, n), **common),
+            T(dump_activations).submit(
+                data, model, cfg.dump, loc, out=out, partition=(i, n), **common
+            ),
         )
         for i in range(n)
     ]
@@ -192,8 +225,7 @@ def group_jobs(jobs: list[SAEJob]) -> list[list[SAEJob]]:
 @flow(
     name="experiment",
     flow_run_name=_flow_run_name,
-    persist_result=True,
-    result_serializer="json",
+    persist_result=False,  # the run's record is run.json; task results hold the cache
     log_prints=True,
 )
 def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> ExperimentResult:
@@ -204,15 +236,16 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
     run = cfg.run or make_run_id()
     if not cfg.run:
         _rename_flow_run(f"{cfg.name}/{run}")
+    storage_options = resolve_storage_options(cfg)
     loc = RunLocation(
         storage=absolute_storage(cfg.storage),
         experiment=cfg.name,
         run=run,
-        storage_options=cfg.storage_options,
+        storage_options=storage_options,
     )
     logger.info("run root: %s", loc.root)
     write_run_config(cfg, loc)
-    opts = task_options(cfg)
+    opts = task_options(cfg, storage_options)
 
     def T(task_obj):
         return task_obj.with_options(**opts)
@@ -226,9 +259,13 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
             "train",
             jobs[0].name,
             T(train_saes).submit(
-                store, jobs, loc, out=cfg.paths.sae_path, gpu_limit=cfg.gpu_limit,
+                store,
+                jobs,
+                loc,
+                out=cfg.paths.sae_path,
+                gpu_limit=cfg.gpu_limit,
                 show_progress=show_progress,
-            ),  # fmt: skip
+            ),
         )
         for jobs in group_jobs(cfg.sae_jobs())
     ]
@@ -245,7 +282,9 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
         if cfg.steps.analyze
         else []
     )
-    merge_f = per_sae("merge", merge_sae, store, cfg.merge, loc, model=model) if cfg.steps.merge else []
+    merge_f = (
+        per_sae("merge", merge_sae, store, cfg.merge, loc, model=model) if cfg.steps.merge else []
+    )
     steer_f: list[PrefectFuture] = []
     if cfg.steps.steer_eval:
         steer_f = per_sae("steer_eval", evaluate_steering, store, cfg.steering, loc, model=model)
@@ -259,9 +298,15 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
             "report",
             "report",
             T(build_experiment_report).submit(
-                report_config(cfg), saes, analyses, merges, steering, cfg.report, loc,
+                report_config(cfg),
+                saes,
+                analyses,
+                merges,
+                steering,
+                cfg.report,
+                loc,
                 summary_csv=cfg.paths.summary_csv,
-            ),  # fmt: skip
+            ),
         ).result()
         report_uri = report.summary.get("page")
 
@@ -284,7 +329,12 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
     event(
         "isup.experiment.completed",
         f"isup.experiment.{cfg.name}.{run}",
-        {"run_root": loc.root, "report_uri": report_uri, "cached": n_cached, "tasks": len(result.steps)},
+        {
+            "run_root": loc.root,
+            "report_uri": report_uri,
+            "cached": n_cached,
+            "tasks": len(result.steps),
+        },
         labels={"prefect.resource.name": f"{cfg.name}/{run}", "isup.experiment": cfg.name},
     )
     return result

@@ -13,16 +13,20 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from prefect import flow, get_run_logger
-
 from integral_superposition import storage
 from integral_superposition.analysis.run import AnalysisParams
-from integral_superposition.experiment import ExperimentConfig, ModelSpec, ReportOptions, make_run_id
+from integral_superposition.experiment import (
+    ExperimentConfig,
+    ModelSpec,
+    ReportOptions,
+    make_run_id,
+)
 from integral_superposition.flows.experiment import (
     _Steps,
     absolute_storage,
     dump_store,
     group_jobs,
+    resolve_storage_options,
     result_storage_at,
     task_options,
 )
@@ -38,6 +42,8 @@ from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.report import build_experiment_report
 from integral_superposition.tasks.steer import evaluate_steering
 from integral_superposition.tasks.train import train_saes
+from prefect import flow, get_run_logger
+from prefect.cache_policies import NO_CACHE
 
 
 def _loc(cfg: ExperimentConfig, run: str | None = None) -> RunLocation:
@@ -45,7 +51,7 @@ def _loc(cfg: ExperimentConfig, run: str | None = None) -> RunLocation:
         storage=absolute_storage(cfg.storage),
         experiment=cfg.name,
         run=run or cfg.run or make_run_id(),
-        storage_options=cfg.storage_options,
+        storage_options=resolve_storage_options(cfg),
     )
 
 
@@ -53,7 +59,9 @@ def location_of(run_root: str, storage_options: dict[str, Any] | None = None) ->
     """The :class:`RunLocation` of a run folder ``{storage}/{experiment}/{run}``."""
     root = absolute_storage(run_root).rstrip("/")
     exp_root, run = posixpath.split(root) if "://" in root else _split_local(root)
-    storage_root, experiment = posixpath.split(exp_root) if "://" in exp_root else _split_local(exp_root)
+    storage_root, experiment = (
+        posixpath.split(exp_root) if "://" in exp_root else _split_local(exp_root)
+    )
     return RunLocation(
         storage=storage_root, experiment=experiment, run=run, storage_options=storage_options or {}
     )
@@ -67,7 +75,9 @@ def _split_local(path: str) -> tuple[str, str]:
 
 def _parent(uri: str, levels: int = 1) -> str:
     for _ in range(levels):
-        uri = posixpath.dirname(uri.rstrip("/")) if "://" in uri else _split_local(uri.rstrip("/"))[0]
+        uri = (
+            posixpath.dirname(uri.rstrip("/")) if "://" in uri else _split_local(uri.rstrip("/"))[0]
+        )
     return uri
 
 
@@ -90,7 +100,9 @@ def find_store_of(sae_uri: str, storage_options: dict[str, Any] | None = None) -
     stores = [
         s["output"]["uri"]
         for s in doc.get("steps", [])
-        if s.get("output") and s["output"]["kind"] == "activations" and s["step"] in ("dump", "combine")
+        if s.get("output")
+        and s["output"]["kind"] == "activations"
+        and s["step"] in ("dump", "combine")
     ]
     if not stores:
         raise ValueError(f"{index!r} records no activation store; pass store_uri explicitly")
@@ -112,19 +124,21 @@ def _standalone_options(loc: RunLocation) -> dict[str, Any]:
     }
 
 
-@flow(name="dump", persist_result=True, result_serializer="json", log_prints=True)
+@flow(name="dump", persist_result=False, log_prints=True)
 def dump_flow(cfg: ExperimentConfig, show_progress: bool = False) -> OutputRef:
     """Resolve the dataset of ``cfg`` and dump its activations (one store, or partitions
     combined into one); cached like the experiment's dump step."""
     loc = _loc(cfg)
-    opts = task_options(cfg)
+    opts = task_options(cfg, loc.storage_options)
     model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
     store = dump_store(cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress)
-    get_run_logger().info("activation store: %s (%s tokens)", store.uri, store.summary.get("n_tokens"))
+    get_run_logger().info(
+        "activation store: %s (%s tokens)", store.uri, store.summary.get("n_tokens")
+    )
     return store
 
 
-@flow(name="dump-partition", persist_result=True, result_serializer="json", log_prints=True)
+@flow(name="dump-partition", persist_result=False, log_prints=True)
 def dump_partition_flow(cfg: ExperimentConfig, partition: int, run: str) -> OutputRef:
     """Dump partition ``partition`` of ``cfg.fanout.partitions`` into run ``run`` (one GPU
     worker each when the experiment fans out with ``fanout.mode: deployments``)."""
@@ -134,10 +148,12 @@ def dump_partition_flow(cfg: ExperimentConfig, partition: int, run: str) -> Outp
     if not 0 <= partition < n:
         raise ValueError(f"partition={partition}: expected 0 <= partition < fanout.partitions={n}")
     loc = _loc(cfg, run)
-    opts = task_options(cfg)
+    opts = task_options(cfg, loc.storage_options)
     data = resolve_dataset.with_options(**opts)(cfg.data, cfg.data.stamp(loc.storage_options), loc)
     model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
-    ref = dump_activations.with_options(**opts)(
+    # not cached here: the orchestrating task caches the whole fan-out, and the part must
+    # land in this run's folder, where the orchestrator reads it
+    ref = dump_activations.with_options(**opts, cache_policy=NO_CACHE)(
         data, model, cfg.dump, loc, out=cfg.paths.shards_dir, partition=(partition, n),
         gpu_limit=cfg.gpu_limit,
     )  # fmt: skip
@@ -145,22 +161,31 @@ def dump_partition_flow(cfg: ExperimentConfig, partition: int, run: str) -> Outp
     return ref
 
 
-@flow(name="train", persist_result=True, result_serializer="json", log_prints=True)
+@flow(name="train", persist_result=False, log_prints=True)
 def train_flow(
     cfg: ExperimentConfig, store_uri: str | None = None, show_progress: bool = False
 ) -> list[OutputRef]:
     """Train the SAEs of ``cfg`` (the base SAE and its sweep) on ``store_uri``, or on the
     store of ``cfg``'s dump step (run first, cached)."""
     loc = _loc(cfg)
-    opts = task_options(cfg)
+    opts = task_options(cfg, loc.storage_options)
     if store_uri:
-        store = OutputRef.read("activations", _basename(store_uri), absolute_storage(store_uri), cfg.storage_options)
+        store = OutputRef.read(
+            "activations", _basename(store_uri), absolute_storage(store_uri), loc.storage_options
+        )
     else:
         model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
-        store = dump_store(cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress)
+        store = dump_store(
+            cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress
+        )
     futs = [
         train_saes.with_options(**opts).submit(
-            store, jobs, loc, out=cfg.paths.sae_path, gpu_limit=cfg.gpu_limit, show_progress=show_progress
+            store,
+            jobs,
+            loc,
+            out=cfg.paths.sae_path,
+            gpu_limit=cfg.gpu_limit,
+            show_progress=show_progress,
         )
         for jobs in group_jobs(cfg.sae_jobs())
     ]
@@ -170,7 +195,7 @@ def train_flow(
     return saes
 
 
-@flow(name="analyze", persist_result=True, result_serializer="json", log_prints=True)
+@flow(name="analyze", persist_result=False, log_prints=True)
 def analyze_flow(
     sae_uri: str,
     store_uri: str | None = None,
@@ -185,12 +210,14 @@ def analyze_flow(
     sae, store = _refs(sae_uri, store_uri, opts)
     loc = location_of(run_root or _parent(sae.uri, 2), opts)
     model = _model_ref(model_id) if model_id else None
-    ref = analyze_sae.with_options(**_standalone_options(loc))(sae, store, params or AnalysisParams(), loc, model=model)
+    ref = analyze_sae.with_options(**_standalone_options(loc))(
+        sae, store, params or AnalysisParams(), loc, model=model
+    )
     get_run_logger().info("analysis of %s: %s", sae.name, ref.uri)
     return ref
 
 
-@flow(name="merge", persist_result=True, result_serializer="json", log_prints=True)
+@flow(name="merge", persist_result=False, log_prints=True)
 def merge_flow(
     sae_uri: str,
     store_uri: str | None = None,
@@ -205,7 +232,9 @@ def merge_flow(
     sae, store = _refs(sae_uri, store_uri, opts)
     loc = location_of(run_root or _parent(sae.uri, 2), opts)
     model = _model_ref(model_id) if model_id else None
-    ref = merge_sae.with_options(**_standalone_options(loc))(sae, store, params or MergeParams(), loc, model=model)
+    ref = merge_sae.with_options(**_standalone_options(loc))(
+        sae, store, params or MergeParams(), loc, model=model
+    )
     get_run_logger().info("merged SAE of %s: %s", sae.name, ref.uri)
     return ref
 
@@ -227,7 +256,7 @@ def _model_ref(model_id: str) -> ModelRef:
     return ModelRef(spec=spec, stamp=model_stamp(spec))
 
 
-@flow(name="steer-eval", persist_result=True, result_serializer="json", log_prints=True)
+@flow(name="steer-eval", persist_result=False, log_prints=True)
 def steer_eval_flow(
     sae_uri: str,
     store_uri: str | None = None,
@@ -249,7 +278,7 @@ def steer_eval_flow(
     return ref
 
 
-@flow(name="report", persist_result=True, result_serializer="json", log_prints=True)
+@flow(name="report", persist_result=False, log_prints=True)
 def report_flow(
     run_root: str,
     options: ReportOptions | None = None,

@@ -93,7 +93,10 @@ def model_stamp(spec: ModelSpec) -> str:
             [path]
             if os.path.isfile(path)
             else sorted(
-                os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith(".")
+                os.path.join(d, f)
+                for d, _, fs in os.walk(path)
+                for f in fs
+                if not f.startswith(".")
             )
         )
         for f in files:

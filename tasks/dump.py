@@ -6,15 +6,14 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from prefect import task
-
 from integral_superposition import storage
 from integral_superposition.config import DumpConfig
 from integral_superposition.experiment import DataSpec
 from integral_superposition.tasks.backends import using_backend
 from integral_superposition.tasks.policy import OUTPUT_CACHE, gpu_slot, retry_transient
 from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.ui import Progress, event
+from integral_superposition.tasks.ui import Progress, event, timed_step
+from prefect import task
 
 TASK_DEFAULTS: dict[str, Any] = {
     "cache_policy": OUTPUT_CACHE,
@@ -39,7 +38,8 @@ def resolve_dataset(spec: DataSpec, stamp: str, loc: RunLocation) -> DataRef:
     ``stamp`` (size and mtime or ETag), so an unchanged file is not read again."""
     from integral_superposition.data.datasets import dataset_fingerprint, label_mapping
 
-    df = spec.load(loc.storage_options)
+    with timed_step():
+        df = spec.load(loc.storage_options)
     labels = label_mapping(df[spec.label_col]) if spec.label_col else []
     return DataRef(
         spec=spec,
@@ -75,7 +75,7 @@ def dump_activations(
     name = out if partition is None else partition_name(*partition)
     out_uri = loc.uri(out) if partition is None else loc.uri(out, name)
     progress = Progress(f"dump-{name}", f"dump {name}", unit="tok")
-    with gpu_slot(gpu_limit), using_backend(model.spec) as backend:
+    with gpu_slot(gpu_limit), using_backend(model.spec) as backend, timed_step():
         store = dump_layer_activations(
             df,
             spec.text_col,
@@ -131,7 +131,8 @@ def combine_partitions(parts: list[OutputRef], loc: RunLocation, out: str = "act
             part_uris.append(dst)
         else:
             part_uris.append(p.uri)
-    store = combine_dumps(part_uris, target, storage_options=loc.storage_options)
+    with timed_step():
+        store = combine_dumps(part_uris, target, storage_options=loc.storage_options)
     m = store.manifest
     ref = OutputRef.from_manifest(
         "activations", out, target, m,

@@ -7,11 +7,10 @@ import datetime as _dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, Field
-
 from integral_superposition import storage
 from integral_superposition.experiment import ExperimentConfig
 from integral_superposition.tasks.refs import OutputRef, RunLocation
+from pydantic import BaseModel, Field
 
 RUN_INDEX = "run.json"
 
@@ -22,6 +21,7 @@ class StepRecord(BaseModel):
     step: str
     name: str
     state: str
+    seconds: float | None = None
     output: OutputRef | None = None
 
 
@@ -73,7 +73,9 @@ def list_runs(
 ) -> list[dict[str, Any]]:
     """Every run under ``storage_root`` (or one experiment): ``experiment, run, finished,
     report_uri, steps`` from its ``run.json``; runs without one are listed as unfinished."""
-    experiments: Sequence[str] = [experiment] if experiment else storage.listdir(storage_root, storage_options)
+    experiments: Sequence[str] = (
+        [experiment] if experiment else storage.listdir(storage_root, storage_options)
+    )
     runs = []
     for exp in experiments:
         if exp.startswith("."):
@@ -92,5 +94,7 @@ def list_runs(
                 doc = {"experiment": exp, "run": run, "finished": None, "steps": []}
             doc["run_root"] = run_root
             runs.append(doc)
-    runs.sort(key=lambda d: (d.get("experiment") or "", d.get("finished") or "", d.get("run") or ""))
+    runs.sort(
+        key=lambda d: (d.get("experiment") or "", d.get("finished") or "", d.get("run") or "")
+    )
     return runs

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import task
-
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.tasks.backends import using_backend
 from integral_superposition.tasks.dump import TASK_DEFAULTS
 from integral_superposition.tasks.policy import gpu_slot
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.ui import Progress, event, table
+from integral_superposition.tasks.ui import Progress, event, table, timed_step
+from prefect import task
 
 
 @task(name="merge-sae", **TASK_DEFAULTS)
@@ -29,7 +28,11 @@ def merge_sae(
 
     out_uri = loc.uri(out, sae.name)
     progress = Progress(f"merge-{sae.name}", f"merge {sae.name}", unit="steps")
-    with gpu_slot(gpu_limit), using_backend(model.spec if model else None) as backend:
+    with (
+        gpu_slot(gpu_limit),
+        using_backend(model.spec if model else None) as backend,
+        timed_step(),
+    ):
         manifest = run_merge(
             sae.uri,
             store.uri,
@@ -58,6 +61,11 @@ def merge_sae(
         f"isup.merge.{ref.content_hash[:16]}",
         {"uri": out_uri, "sae_uri": sae.uri, "store_uri": store.uri, **ref.summary},
         labels={"prefect.resource.name": f"{loc.experiment}/{sae.name}", "isup.run": loc.run},
-        related=[{"prefect.resource.id": f"isup.sae.{sae.content_hash[:16]}", "prefect.resource.role": "sae"}],
+        related=[
+            {
+                "prefect.resource.id": f"isup.sae.{sae.content_hash[:16]}",
+                "prefect.resource.role": "sae",
+            }
+        ],
     )
     return ref

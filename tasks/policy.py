@@ -23,12 +23,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from integral_superposition.tasks.refs import RunLocation, collect_refs
+from integral_superposition.version import code_version
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel
-
-from integral_superposition.version import code_version
-from integral_superposition.tasks.refs import RunLocation, collect_refs
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +85,10 @@ class OutputCache(CachePolicy):
         opts = _storage_options(inputs or {})
         # A record whose outputs were deleted or replaced is skipped, not trusted: the next
         # free key in a deterministic chain is used, so the recomputed result is found again.
-        stale = 0
         for salt in range(_MAX_SALT):
             key = base if salt == 0 else f"{base}-{salt}"
             if not store.exists(key):
-                if stale:
+                if salt:
                     log.warning(
                         "%s: the cached result names outputs that are gone or changed; recomputing",
                         task_ctx.task.name,
@@ -104,7 +102,6 @@ class OutputCache(CachePolicy):
                 ok = False
             if ok:
                 return key
-            stale += 1
         return f"{base}-{_MAX_SALT}"
 
 
@@ -248,7 +245,7 @@ def retry_transient(task, task_run, state) -> bool:
     """``retry_condition_fn``: retry only transient failures (see :func:`is_transient`)."""
     try:
         state.result()
-    except BaseException as exc:  # noqa: BLE001 - the failure to classify
+    except BaseException as exc:
         transient = is_transient(exc)
         logger = _run_logger()
         if transient:

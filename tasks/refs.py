@@ -13,10 +13,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from integral_superposition import storage
 from integral_superposition.experiment import DataSpec, ModelSpec
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class OutputRef(BaseModel):

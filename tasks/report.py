@@ -4,16 +4,23 @@ summary (markdown with small PNGs, a link to the HTML report, a metrics table)."
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Sequence
 from typing import Any
-
-from prefect import task
 
 from integral_superposition import storage
 from integral_superposition.experiment import ReportOptions
 from integral_superposition.tasks.dump import TASK_DEFAULTS
 from integral_superposition.tasks.refs import OutputRef, RunLocation
-from integral_superposition.tasks.ui import browser_url, event, link, markdown, table
+from integral_superposition.tasks.ui import (
+    browser_url,
+    event,
+    link,
+    markdown,
+    record_step_seconds,
+    table,
+)
+from prefect import task
 
 
 def _by_name(refs: Sequence[OutputRef] | None) -> dict[str, OutputRef]:
@@ -22,7 +29,6 @@ def _by_name(refs: Sequence[OutputRef] | None) -> dict[str, OutputRef]:
 
 def _saes_section(saes: Sequence[OutputRef], links: dict[str, str]):
     import pandas as pd
-
     from integral_superposition.viz.report import ReportSection
 
     rows = []
@@ -33,19 +39,26 @@ def _saes_section(saes: Sequence[OutputRef], links: dict[str, str]):
             "architecture": s.summary.get("architecture"),
             "latents": s.summary.get("d_sae"),
         }
-        row.update({k: v for k, v in (s.summary.get("metrics") or {}).items() if not isinstance(v, dict | list)})
+        row.update(
+            {
+                k: v
+                for k, v in (s.summary.get("metrics") or {}).items()
+                if not isinstance(v, dict | list)
+            }
+        )
         rows.append(row)
     text = ""
     if links:
         text = "Each SAE of the sweep has its own report: " + ", ".join(
             f"{name}: {href}" for name, href in links.items()
         )
-    return ReportSection("SAEs", text=text, tables=[("held-out metrics", pd.DataFrame(rows))], anchor="saes")
+    return ReportSection(
+        "SAEs", text=text, tables=[("held-out metrics", pd.DataFrame(rows))], anchor="saes"
+    )
 
 
 def _merge_section(ref: OutputRef, storage_options):
     import pandas as pd
-
     from integral_superposition.viz.report import ReportSection
 
     manifest = storage.read_manifest(ref.uri, storage_options)
@@ -53,14 +66,21 @@ def _merge_section(ref: OutputRef, storage_options):
     tables = []
     if "merge_eval.parquet" in files:
         data = storage.read_bytes(storage.join(ref.uri, "merge_eval.parquet"), storage_options)
-        tables.append(("original vs merged SAE (held-out tokens)", pd.read_parquet(io.BytesIO(data))))
+        tables.append(
+            ("original vs merged SAE (held-out tokens)", pd.read_parquet(io.BytesIO(data)))
+        )
     if "merge_sweep.parquet" in files:
         data = storage.read_bytes(storage.join(ref.uri, "merge_sweep.parquet"), storage_options)
-        tables.append(("sweep over K' with a random-partition control", pd.read_parquet(io.BytesIO(data))))
+        tables.append(
+            ("sweep over K' with a random-partition control", pd.read_parquet(io.BytesIO(data)))
+        )
     figures = []
     if "merge_sweep.png" in files:
         figures.append(
-            ("FVU and CE recovered against K'", storage.read_bytes(storage.join(ref.uri, "merge_sweep.png"), storage_options))
+            (
+                "FVU and CE recovered against K'",
+                storage.read_bytes(storage.join(ref.uri, "merge_sweep.png"), storage_options),
+            )
         )
     before, after = ref.summary.get("n_latents_before"), ref.summary.get("n_latents_after")
     return ReportSection(
@@ -72,10 +92,11 @@ def _merge_section(ref: OutputRef, storage_options):
     )
 
 
-def _write_summary_table(analyses: Sequence[OutputRef], loc: RunLocation, csv_path: str) -> str | None:
+def _write_summary_table(
+    analyses: Sequence[OutputRef], loc: RunLocation, csv_path: str
+) -> str | None:
     """The enrichment tables of every analysis, one ``sae`` column added, as CSV + Parquet."""
     import pandas as pd
-
     from integral_superposition.analysis.run import load_analysis
 
     frames = []
@@ -132,6 +153,7 @@ def build_experiment_report(
         return out_sections
 
     page_uris = {}
+    t0 = time.perf_counter()
     for sae in saes:
         target = report_dir if sae is saes[0] else extra_dirs[sae.name]
         sections = sections_for(sae.name)
@@ -161,6 +183,7 @@ def build_experiment_report(
         figure_width=options.figure_width,
         storage_options=loc.storage_options,
     )
+    record_step_seconds(time.perf_counter() - t0)
     markdown("experiment-summary", head + md, f"Summary of {title}")
     link("experiment-report", url, "HTML report", f"Report of {title}")
     if primary.name in analysis_of:

@@ -7,14 +7,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from prefect import task
-
 from integral_superposition.steering.evaluate import SteeringParams
 from integral_superposition.tasks.backends import using_backend
 from integral_superposition.tasks.dump import TASK_DEFAULTS
 from integral_superposition.tasks.policy import gpu_slot
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.ui import Progress, event, table
+from integral_superposition.tasks.ui import Progress, event, table, timed_step
+from prefect import task
 
 
 @task(name="steer-eval", **TASK_DEFAULTS)
@@ -33,7 +32,7 @@ def evaluate_steering(
 
     out_uri = loc.uri(out, sae.name)
     progress = Progress(f"steer-{sae.name}", f"steering eval {sae.name}", unit="steps")
-    with gpu_slot(gpu_limit), using_backend(model.spec) as backend:
+    with gpu_slot(gpu_limit), using_backend(model.spec) as backend, timed_step():
         manifest = run_steering_eval(
             sae.uri,
             store.uri,
@@ -47,13 +46,22 @@ def evaluate_steering(
     summary = manifest.get("summary", {})
     ref = OutputRef.from_manifest("steering", sae.name, out_uri, manifest, **summary)
     result = load_steering(out_uri, loc.storage_options)
-    table(f"steering-{sae.name}", result.sweep.round(4), f"{sae.name}: steering strength sweep with controls")
+    table(
+        f"steering-{sae.name}",
+        result.sweep.round(4),
+        f"{sae.name}: steering strength sweep with controls",
+    )
     event(
         "isup.steering.evaluated",
         f"isup.steering.{ref.content_hash[:16]}",
         {"uri": out_uri, "sae_uri": sae.uri, "latents": summary.get("latents", [])},
         labels={"prefect.resource.name": f"{loc.experiment}/{sae.name}", "isup.run": loc.run},
-        related=[{"prefect.resource.id": f"isup.sae.{sae.content_hash[:16]}", "prefect.resource.role": "sae"}],
+        related=[
+            {
+                "prefect.resource.id": f"isup.sae.{sae.content_hash[:16]}",
+                "prefect.resource.role": "sae",
+            }
+        ],
     )
     return ref
 

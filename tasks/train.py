@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import time
 
-from prefect import task
-
 from integral_superposition import storage
 from integral_superposition.experiment import SAEJob
 from integral_superposition.tasks.dump import TASK_DEFAULTS
 from integral_superposition.tasks.policy import gpu_slot
 from integral_superposition.tasks.refs import OutputRef, RunLocation
-from integral_superposition.tasks.ui import Progress, artifact_key, event, producer, run_logger, table
+from integral_superposition.tasks.ui import (
+    Progress,
+    artifact_key,
+    event,
+    producer,
+    run_logger,
+    table,
+    timed_step,
+)
 from integral_superposition.version import code_version
+from prefect import task
 
 
 def checkpoint_key(store: OutputRef, jobs: list[SAEJob]) -> str:
     """A folder name for the checkpoints of one training: a retry (same inputs) finds them,
     a changed config never does."""
     ident = storage.canonical_json(
-        {"store": store.content_hash, "jobs": [j.model_dump(mode="json") for j in jobs], "code": code_version()}
+        {
+            "store": store.content_hash,
+            "jobs": [j.model_dump(mode="json") for j in jobs],
+            "code": code_version(),
+        }
     )
     return storage.sha256_bytes(ident.encode())[:16]
 
@@ -44,7 +55,9 @@ def train_saes(
     out_uris = [loc.uri(out, j.name) for j in jobs]
     ckpt = loc.uri("checkpoints", checkpoint_key(store, jobs))
     label = ", ".join(j.name for j in jobs)
-    progress = Progress(f"train-{jobs[0].name}" + ("-etc" if len(jobs) > 1 else ""), f"train {label}", unit="steps")
+    progress = Progress(
+        f"train-{jobs[0].name}" + ("-etc" if len(jobs) > 1 else ""), f"train {label}", unit="steps"
+    )
     logger = run_logger()
     last_log = [0.0]
 
@@ -56,7 +69,7 @@ def train_saes(
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
             logger.info("train step %d: %s", step, shown)
 
-    with gpu_slot(gpu_limit):
+    with gpu_slot(gpu_limit), timed_step():
         results = _train(
             [store.uri],
             [j.cfg for j in jobs],

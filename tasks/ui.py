@@ -8,12 +8,14 @@ Everything here is best effort: a UI call that fails is logged, never fatal to t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from integral_superposition import storage
@@ -35,6 +37,38 @@ def _in_run() -> bool:
     from prefect.context import FlowRunContext, TaskRunContext
 
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+_STEP_SECONDS: dict[str, float] = {}
+_STEP_LOCK = threading.Lock()
+
+
+def record_step_seconds(seconds: float) -> None:
+    """Record the compute time of the current task run (see :func:`step_seconds`)."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    if ctx is not None:
+        with _STEP_LOCK:
+            _STEP_SECONDS[str(ctx.task_run.id)] = round(seconds, 3)
+
+
+@contextlib.contextmanager
+def timed_step() -> Iterator[None]:
+    """Time the library call of the current task run (entered after its GPU slot and model
+    lock are held, so waiting for them does not count)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        record_step_seconds(time.perf_counter() - t0)
+
+
+def step_seconds(task_run_id: Any) -> float | None:
+    """Seconds the library call of a task run of this process took (None if it did not run
+    here, e.g. a cached task)."""
+    with _STEP_LOCK:
+        return _STEP_SECONDS.pop(str(task_run_id), None)
 
 
 def artifact_key(*parts: str) -> str:
@@ -78,7 +112,14 @@ class Progress:
             rate = done / max(time.perf_counter() - self._t0, 1e-9)
             unit = f" {self.unit}" if self.unit else ""
             self.logger.info(
-                "%s: %3.0f%% (%d/%d%s, %.0f%s/s)", self.label, 100 * frac, done, total, unit, rate, unit
+                "%s: %3.0f%% (%d/%d%s, %.0f%s/s)",
+                self.label,
+                100 * frac,
+                done,
+                total,
+                unit,
+                rate,
+                unit,
             )
         now = time.perf_counter()
         if self._id is not None and (frac >= 1.0 or now - self._last_t >= self.min_interval_s):
@@ -126,7 +167,9 @@ def link(key: str, url: str, text: str, description: str) -> None:
     try:
         from prefect.artifacts import create_link_artifact
 
-        create_link_artifact(link=url, link_text=text, key=artifact_key(key), description=description)
+        create_link_artifact(
+            link=url, link_text=text, key=artifact_key(key), description=description
+        )
     except Exception as e:
         run_logger().warning("link artifact %s not created: %s", key, e)
 
@@ -140,7 +183,9 @@ def browser_url(uri: str, storage_options: Mapping[str, Any] | None = None) -> s
     if storage.is_local(uri):
         return "file://" + os.path.abspath(path)
     sign = getattr(fs, "url", None)
-    if sign is not None and "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if sign is not None and "s3" in (
+        fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    ):
         try:
             return sign(path, expires=7 * 24 * 3600)
         except Exception as e:
@@ -166,7 +211,10 @@ def event(
     try:
         from prefect.events import emit_event
 
-        resource = {"prefect.resource.id": resource_id, **{k: str(v) for k, v in (labels or {}).items()}}
+        resource = {
+            "prefect.resource.id": resource_id,
+            **{k: str(v) for k, v in (labels or {}).items()},
+        }
         emit_event(
             event=name,
             resource=resource,

@@ -46,19 +46,10 @@ def test_latent_table_from_scan_matches_brute_force_and_metrics():
     )
     assert bool(t.loc[4, "dead"]) and t["dead"].sum() == 1
     assert len(t) == sae.d_sae
-    # the same counts as the SAE engineer's one-pass metrics
-    ref = latent_stats(
-        sae,
-        type(
-            "S",
-            (),
-            {
-                "d_model": 16,
-                "uris": [],
-                "iter_chunks": lambda self, c, mask=None: iter([(np.arange(1500), x)]),
-            },
-        )(),
-    )
+    # the same counts as sae.metrics.latent_stats, the SAE's own one-pass metrics
+    from integral_superposition.analysis.scan import ArraySource
+
+    ref = latent_stats(sae, ArraySource([x]))
     np.testing.assert_array_equal(stats_from_scan(scan).fire_count, ref.fire_count)
     assert stats_from_scan(scan).summary()["explained_variance"] == pytest.approx(
         ref.explained_variance, rel=1e-9
@@ -78,8 +69,8 @@ def test_decoder_geometry_and_distributions():
     np.fill_diagonal(C, -np.inf)
     np.testing.assert_allclose(max_cos, C.max(1), atol=1e-5)
     assert partner[3] == 7 and partner[7] == 3
-    counts, edges = log10_density_hist(np.array([0.0, 1e-3, 0.5]), bins=10)
-    assert counts.sum() == 3 and counts[0] == 1 and edges[0] == -10
+    counts, edges = log10_density_hist(np.array([0.0, 1e-3, 0.5, 1.0]), bins=10)
+    assert counts.sum() == 4 and counts[0] == 1 and counts[-1] == 2 and edges[0] == -10
     d = l0_distribution(np.array([2, 0, 5, 3]))
     assert d["mean"] == pytest.approx((5 * 2 + 3 * 3) / 10) and d["median"] == 2 and d["max"] == 3
     z = rng.random((10, 3))

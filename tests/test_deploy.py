@@ -71,7 +71,16 @@ def test_pool_templates_pass_prefect_validation(prefect_api, tmp_path, kind, tem
     tpl = json.loads(path.read_text())
     name = f"isup-validate-{kind}"
     proc = prefect_cli(
-        ["work-pool", "create", name, "--type", kind, "--base-job-template", str(path), "--overwrite"],
+        [
+            "work-pool",
+            "create",
+            name,
+            "--type",
+            kind,
+            "--base-job-template",
+            str(path),
+            "--overwrite",
+        ],
         prefect_api,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -108,9 +117,7 @@ def _process_pool_copy(tmp_path: Path, pool: str) -> Path:
     """prefect.yaml with every GPU pool swapped for a local process pool and the pull step
     pointed at this checkout."""
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    doc["pull"] = [
-        {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
-    ]
+    doc["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     for d in doc["deployments"]:
         d["work_pool"] = {"name": pool}
     out = tmp_path / "prefect.yaml"
@@ -118,14 +125,16 @@ def _process_pool_copy(tmp_path: Path, pool: str) -> Path:
     return out
 
 
-def test_deploy_all_and_a_process_worker_runs_the_smoke_experiment(prefect_api, tmp_path):
+def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tmp_path):
+    from integral_superposition.experiment import load_preset
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.deployments import run_deployment
 
-    from integral_superposition.experiment import load_preset
-
     pool = "isup-test-process"
-    proc = prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], prefect_api)
+    proc = prefect_cli(
+        ["work-pool", "create", pool, "--type", "process", "--overwrite"], prefect_api
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     prefect_file = _process_pool_copy(tmp_path, pool)
     proc = prefect_cli(["deploy", "--all", "--prefect-file", str(prefect_file)], prefect_api)
@@ -142,32 +151,54 @@ def test_deploy_all_and_a_process_worker_runs_the_smoke_experiment(prefect_api, 
     assert any(n.startswith("analyze-gpu") for n in triggers), triggers
     assert any(n.startswith("experiment-on-new-data") for n in triggers), triggers
 
+    # The smoke experiment, its dump fanned out over two partition deployment runs: the
+    # worker runs the experiment and the partitions, as N GPU workers would.
     cfg = load_preset(
         "smoke",
-        # the steps after analysis are covered in-process; here the worker path matters
         {
-            "storage": str(tmp_path / "runs"), "run": "deployed", "fanout.partitions": 1,
+            "storage": str(tmp_path / "runs"), "run": "deployed",
+            "fanout": {"partitions": 2, "mode": "deployments", "deployment": "dump-partition/dump-partition-gpu"},
             "steps.merge": False, "steps.steer_eval": False,
-        },  # fmt: skip
-    )
+        },
+    )  # fmt: skip
     flow_run = run_deployment(
-        "experiment/experiment-gpu",
-        parameters={"cfg": cfg.model_dump(mode="json")},
-        timeout=0,
+        "experiment/experiment-gpu", parameters={"cfg": cfg.model_dump(mode="json")}, timeout=0
     )
-    worker = prefect_cli(
-        ["worker", "start", "--pool", pool, "--run-once", "--type", "process"],
-        prefect_api,
-        timeout=420,
-    )
-    deadline = time.time() + 60
-    with get_client(sync_client=True) as client:
-        state = client.read_flow_run(flow_run.id).state
-        while not state.is_final() and time.time() < deadline:
-            time.sleep(2)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    worker = subprocess.Popen(
+        [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "3"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 480
+        with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run.id).state
-    assert state.is_completed(), (state, worker.stdout[-4000:], worker.stderr[-4000:])
-    report = tmp_path / "runs" / "smoke" / "deployed" / "report" / "report.html"
-    assert report.exists()
-    index = json.loads((tmp_path / "runs" / "smoke" / "deployed" / "run.json").read_text())
+            while not state.is_final() and time.time() < deadline and worker.poll() is None:
+                time.sleep(3)
+                state = client.read_flow_run(flow_run.id).state
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["isup-partition"]))
+            )
+    finally:
+        worker.terminate()
+        try:
+            log, _ = worker.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            log, _ = worker.communicate()
+    assert state.is_completed(), (state, log[-6000:])
+    assert sorted(c.name for c in children) == [
+        "smoke/deployed/part-000-of-002", "smoke/deployed/part-001-of-002",
+    ]  # fmt: skip
+    assert all(c.state.is_completed() for c in children)
+    run = tmp_path / "runs" / "smoke" / "deployed"
+    assert (run / "acts" / "part-001-of-002" / "manifest.json").exists()
+    assert (run / "report" / "report.html").exists()
+    index = json.loads((run / "run.json").read_text())
     assert index["flow_run_id"] == str(flow_run.id)
+    dump = [s for s in index["steps"] if s["step"] == "dump"]
+    assert dump[0]["output"]["summary"]["partitions"] == 2

@@ -9,7 +9,6 @@ import shutil
 import time
 
 import pytest
-
 from integral_superposition import storage
 from integral_superposition.experiment import ConfigError, load_preset
 
@@ -41,6 +40,19 @@ def task_runs(flow_run_id: str):
         return client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         )
+
+
+def _results_blocks():
+    from integral_superposition.tasks.blocks import SecretRemoteFileSystem
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        docs = client.read_block_documents()
+    return [
+        SecretRemoteFileSystem.load(d.name)
+        for d in docs
+        if d.block_type and d.block_type.slug == SecretRemoteFileSystem.get_block_type_slug()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +115,26 @@ def test_changing_one_sae_parameter_reruns_only_training_and_after(first_run):
     assert new_sae.content_hash != first.outputs("sae")[0].content_hash
 
 
+def test_step_flows_share_the_experiments_cache(first_run):
+    """``isup dump``/``train``/``analyze`` run the same cached tasks as the experiment: on
+    the experiment's inputs they reuse its outputs (the analysis found the store through
+    the SAE's run.json, as the event-triggered ``analyze`` deployment does)."""
+    from integral_superposition.flows.steps import analyze_flow, dump_flow, train_flow
+
+    cfg, first, _ = first_run
+    again = cfg.model_copy(update={"run": "steps"})
+    store = dump_flow(again)
+    assert store.uri == first.outputs("activations")[-1].uri
+    (sae,) = train_flow(again, store_uri=store.uri)
+    assert sae.uri == first.outputs("sae")[0].uri
+    state = analyze_flow(
+        sae_uri=sae.uri, params=cfg.analysis, model_id="tiny:gemma", return_state=True
+    )
+    assert state.result().uri == first.outputs("analysis")[0].uri
+    runs = task_runs(str(state.state_details.flow_run_id))
+    assert [t.state_name for t in runs] == ["Cached"]
+
+
 def test_deleted_outputs_are_recomputed_not_trusted(first_run):
     cfg, first, _ = first_run
     part = next(o for o in first.outputs("activations") if o.name == "part-001-of-004")
@@ -127,7 +159,13 @@ def test_deleted_outputs_are_recomputed_not_trusted(first_run):
 
 @pytest.mark.s3
 def test_smoke_on_s3_retries_a_transient_failure(prefect_api, s3_bucket, monkeypatch):
+    from prefect.blocks.system import Secret
+
     bucket, opts = s3_bucket
+    # the credentials and endpoint come only from a Prefect Secret block
+    Secret(value=dict(opts)).save("isup-test-s3", overwrite=True)
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
     fs, _ = storage.get_fs(bucket, opts)  # the (cached) filesystem the tasks will use
     original = fs.put_file
     injected: list[str] = []
@@ -139,7 +177,7 @@ def test_smoke_on_s3_retries_a_transient_failure(prefect_api, s3_bucket, monkeyp
         return original(lpath, rpath, *args, **kwargs)
 
     monkeypatch.setattr(fs, "put_file", flaky_put)
-    cfg = smoke(f"{bucket}/runs", run="s3", storage_options=opts)
+    cfg = smoke(f"{bucket}/runs", run="s3", storage_secret="isup-test-s3")
     result, _ = run_experiment(cfg)
     assert injected, "the fault was not injected"
     assert all(s.state == "Completed" for s in result.steps), states(result)
@@ -153,9 +191,17 @@ def test_smoke_on_s3_retries_a_transient_failure(prefect_api, s3_bucket, monkeyp
     assert sae.summary["resumed_from_step"] > 0  # the retry resumed from a checkpoint
     html = storage.read_bytes(result.report_uri, opts).decode()
     assert "layer2-topk-k128" in html
-    # storage options (credentials) are never written with the run
+    # the credentials are never written with the run, nor in the results block
     saved = storage.read_bytes(f"{bucket}/runs/smoke/s3/config.yaml", opts).decode()
-    assert opts["secret"] not in saved and "endpoint_url: '***'" in saved
+    assert "storage_secret: isup-test-s3" in saved and opts["endpoint_url"] not in saved
+    from integral_superposition.tasks.blocks import SecretRemoteFileSystem
+
+    (block,) = [
+        b for b in _results_blocks() if isinstance(b, SecretRemoteFileSystem)
+        and b.basepath.startswith(f"{bucket}/runs/smoke")
+    ]  # fmt: skip
+    assert block.credentials_secret == "isup-test-s3"
+    assert not set(block.settings) & {"key", "secret", "endpoint_url"}
 
     again, _ = run_experiment(cfg.model_copy(update={"run": "s3-again"}))
     assert again.all_cached, states(again)
@@ -164,7 +210,7 @@ def test_smoke_on_s3_retries_a_transient_failure(prefect_api, s3_bucket, monkeyp
 def test_bad_config_is_rejected_naming_the_field():
     with pytest.raises(ConfigError, match=r"sae\.k: .*greater than or equal to 1"):
         load_preset("smoke", {"sae.k": 0})
-    with pytest.raises(ConfigError, match=r"sae\.top_k"):
+    with pytest.raises(ConfigError, match=r"sae: top_k=1000: expected top_k <= k"):
         load_preset("smoke", {"sae.top_k": 1000})
     with pytest.raises(ConfigError, match=r"dump\.dtype"):
         load_preset("smoke", {"dump.dtype": "int8"})
@@ -173,7 +219,12 @@ def test_bad_config_is_rejected_naming_the_field():
 def test_bad_input_fails_at_once_without_retries(prefect_api, tmp_path):
     from integral_superposition.flows.experiment import experiment_flow
 
-    cfg = smoke(tmp_path, run="bad", **{"data.label_col": "no_such_column", "retries.delay_s": 30})
+    table = tmp_path / "news.csv"
+    table.write_text("title,topic\nStocks rally,Business\nCup final tonight,Sports\n")
+    cfg = smoke(
+        tmp_path, run="bad",
+        **{"data.source": str(table), "data.label_col": "no_such_column", "retries.delay_s": 30},
+    )  # fmt: skip
     t0 = time.perf_counter()
     state = experiment_flow(cfg, return_state=True)
     elapsed = time.perf_counter() - t0

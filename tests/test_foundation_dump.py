@@ -20,6 +20,7 @@ from integral_superposition import DumpConfig, storage
 from integral_superposition.data import demo_corpus
 from integral_superposition.data.tokenize import special_ids, tokenize_texts
 from integral_superposition.dump import ActivationStore, dump_layer_activations
+from integral_superposition.dump import shards as shards_mod
 from integral_superposition.dump.shards import encode_shard, write_shard
 from pydantic import ValidationError
 from safetensors import safe_open
@@ -499,7 +500,7 @@ def test_resume_after_kill_9_is_byte_identical(tiny_backend, tmp_path):
         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300
         while not (out / "shard-00001.json").exists():
             assert proc.poll() is None, "the dump process ended before its second shard"
             assert time.time() < deadline, "no shard completed in time"
@@ -560,13 +561,11 @@ def test_dump_to_s3_and_memory_equals_local(tiny_backend, s3_bucket, tmp_path):
         fetched = []
         real_read = storage.read_bytes
 
-        def spy(uri, storage_options=None, start=None, end=None):
-            fetched.append((uri, start, end))
-            return real_read(uri, storage_options, start, end)
+        def spy(uri, storage_options=None, start=None, end=None, _log=fetched, _read=real_read):
+            _log.append((uri, start, end))
+            return _read(uri, storage_options, start, end)
 
         fresh = ActivationStore(uri, storage_options=so)
-        import integral_superposition.dump.shards as shards_mod
-
         shards_mod.storage.read_bytes = spy
         try:
             rows = fresh.read(10, 20)

@@ -55,7 +55,8 @@ def test_run_merge_publishes_a_loadable_merged_sae(setup, tiny_backend):
         str(root / "sae"),
         str(root / "acts"),
         out,
-        fast_params(similarity={"decoder": 0.5, "coactivation": 0.5}),
+        fast_params(similarity={"decoder": 0.5, "coactivation": 0.5}, ce_docs=4),
+        backend=tiny_backend,
         on_progress=lambda d, t: seen.append((d, t)),
     )
     assert storage.verify_output(out, deep=True)
@@ -85,6 +86,35 @@ def test_run_merge_publishes_a_loadable_merged_sae(setup, tiny_backend):
     assert ev.loc["merged", "n_latents"] == 24 and ev.loc["original", "n_latents"] == 96
     assert 0 <= ev.loc["merged", "enrichment_retention"] <= 1
     assert manifest["metrics"]["fvu"] == pytest.approx(ev.loc["merged", "fvu"])
+    # spliced forwards through the backend: CE recovered, delta CE and KL for both SAEs
+    assert ev[["ce_recovered", "delta_ce", "kl"]].notna().all().all()
+    assert (ev["kl"] >= 0).all()
+    sweep = pd.read_parquet(os.path.join(out, "merge_sweep.parquet"))
+    assert sweep["ce_recovered"].notna().all()
+
+
+def test_large_k_path_without_a_dense_gram(setup, tmp_path, monkeypatch):
+    """Above DENSE_MAX_LATENTS: k-NN graph, no K x K statistics, refit from merged codes."""
+    root, _store, _sae = setup
+    monkeypatch.setattr(merge.evaluate, "DENSE_MAX_LATENTS", 32)
+    monkeypatch.setattr(merge.cluster, "DENSE_MAX_LATENTS", 32)
+    with pytest.raises(ValueError, match="reconstruction"):
+        merge.run_merge(str(root / "sae"), str(root / "acts"), str(tmp_path / "x"), fast_params())
+    assert not (tmp_path / "x").exists()
+    called = []
+    monkeypatch.setattr(merge.evaluate, "original_stats", lambda *a, **k: called.append(1) or None)
+    out = str(tmp_path / "knn")
+    merge.run_merge(
+        str(root / "sae"),
+        str(root / "acts"),
+        out,
+        fast_params(similarity={"decoder": 1.0}, n_neighbors=8, sweep=False),
+    )
+    assert not called
+    merged = load_sae(out)
+    assert merged.d_sae == 24
+    ev = pd.read_parquet(os.path.join(out, "merge_eval.parquet")).set_index("sae")
+    assert np.isfinite(ev.loc["merged", "fvu"]) and ev.loc["merged", "fit_tokens"] > 0
 
 
 def test_merged_sae_works_with_analysis_and_steers(setup, tiny_backend, tmp_path):

@@ -2,31 +2,47 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
-
 from integral_superposition import SAEConfig, storage
 from integral_superposition.dump.synthetic import (
     sparse_dictionary_activations,
     write_activation_store,
 )
 from integral_superposition.sae import SparseAutoencoder, load_sae, load_sparsity, read_sae_manifest
-from integral_superposition.sae.train import TrainResult, lr_at, sparsity_coef_at, train_sae, train_saes
+from integral_superposition.sae.train import (
+    TrainResult,
+    lr_at,
+    sparsity_coef_at,
+    train_sae,
+    train_saes,
+)
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
-D, N_FEATURES, D_SAE = 16, 32, 64
+D, N_FEATURES, D_SAE = 32, 48, 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from threads, and thread hand-offs dominate on busy CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _cfg(arch: str, **kw) -> SAEConfig:
     per_arch = {
-        "relu": {"l1": 3e-2},
+        "relu": {"l1": 0.1},
         "topk": {"top_k": 4},
         "batchtopk": {"top_k": 4},
-        "jumprelu": {"l1": 1e-2, "jumprelu_init_threshold": 0.1, "jumprelu_bandwidth": 0.1},
+        "jumprelu": {"l1": 0.03, "jumprelu_init_threshold": 0.1, "jumprelu_bandwidth": 0.1},
     }[arch]
     base = dict(
-        k=D_SAE, architecture=arch, batch_size=256, epochs=2, lr=1e-2, lr_warmup_steps=10,
+        k=D_SAE, architecture=arch, batch_size=64, epochs=2, lr=1e-2, lr_warmup_steps=10,
         log_every=20, dead_tokens=2000,
     )  # fmt: skip
     return SAEConfig(**{**base, **per_arch, **kw})
@@ -34,7 +50,8 @@ def _cfg(arch: str, **kw) -> SAEConfig:
 
 @pytest.fixture(scope="module")
 def dictionary_store(tmp_path_factory):
-    """16,000 tokens built from 32 known features (3 active per token), far from unit scale."""
+    """16,000 tokens built from 48 known features in 32 dimensions (3 active per token), offset
+    from the origin and far from unit scale."""
     x, feats = sparse_dictionary_activations(16000, D, N_FEATURES, 3.0, offset=0.2, scale=100.0)
     store = write_activation_store(x, str(tmp_path_factory.mktemp("dict") / "acts"))
     return store, feats
@@ -72,8 +89,8 @@ def test_architecture_recovers_ground_truth_features(trained, dictionary_store, 
     assert sae.architecture == arch
     assert _mean_max_cos(sae, feats) >= 0.9
     # the saved SAE takes raw activations (the training scale is folded into its weights)
-    assert res.metrics["explained_variance"] > 0.8
-    assert res.metrics["l0"] < D_SAE / 2
+    assert res.metrics["explained_variance"] > 0.5
+    assert 2.0 < res.metrics["l0"] < 8.0  # about the 3 true features per token
 
 
 def test_untrained_sae_does_not_recover_features(dictionary_store):
@@ -82,7 +99,7 @@ def test_untrained_sae_does_not_recover_features(dictionary_store):
 
 
 def test_topk_family_sparsity_matches_k(trained):
-    assert trained[0]["topk"].metrics["l0"] == pytest.approx(4.0)
+    assert 3.5 <= trained[0]["topk"].metrics["l0"] <= 4.0  # ReLU-ed: a top value can be 0
     # batchtopk infers with its learned threshold: about k latents per token on average
     assert trained[0]["batchtopk"].metrics["l0"] == pytest.approx(4.0, rel=0.25)
 
@@ -121,22 +138,28 @@ def test_schedules():
     lrs = [lr_at(cfg, s, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[50] == 1.0 and lrs[80] == pytest.approx(1.0) and lrs[90] == pytest.approx(0.5)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert sparsity_coef_at(cfg, 0, 100) == pytest.approx(0.2)
     assert sparsity_coef_at(cfg, 50, 100) == 2.0
     assert lr_at(cfg, 500, None) == 1.0  # unknown length: no decay
 
 
 def test_seed_api_trains_in_place_on_tensors(dictionary_store):
-    store, feats = dictionary_store
-    x = store.read(0, 8000).float()
+    store, _ = dictionary_store
+    x = store.read(0, 4000).float()
     model = SparseAutoencoder(d_model=D, k=D_SAE, architecture="topk", top_k=4)
-    cfg = SAEConfig(k=D_SAE, architecture="topk", top_k=4, lr=1e-2, epochs=2, batch_size=256)
-    res = train_sae(model, [x[:5000], x[5000:]], cfg, "cpu", progress=False)
-    assert res.steps == 2 * (-(-8000 // 256))  # a partial last batch per epoch
-    assert _mean_max_cos(model, feats) > 0.85
-    ev = 1 - (model.reconstruct(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    assert float(ev) > 0.7  # raw activations in, raw reconstructions out
+
+    def ev() -> float:
+        with torch.no_grad():
+            x_hat = model.reconstruct(x)
+        return float(1 - (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    before = ev()
+    cfg = SAEConfig(k=D_SAE, architecture="topk", top_k=4, lr=1e-2, epochs=2, batch_size=128)
+    res = train_sae(model, [x[:2500], x[2500:]], cfg, "cpu", progress=False)
+    assert res.steps == 2 * (-(-4000 // 128))  # a partial last batch per epoch
+    assert before < 0 and ev() > 0.4  # raw activations in, raw reconstructions out
+    assert res.uri is None and res.metrics["fvu"] < 0.5
 
 
 def test_seed_api_reads_a_store_and_a_one_shot_iterator(dictionary_store):
@@ -146,7 +169,12 @@ def test_seed_api_reads_a_store_and_a_one_shot_iterator(dictionary_store):
     assert train_sae(model, store, cfg, progress=False).steps == 10
     x = store.read(0, 3000).float()
     one_shot = (x[i : i + 300] for i in range(0, 3000, 300))
-    res = train_sae(SparseAutoencoder(D, D_SAE), one_shot, cfg.model_copy(update={"train_tokens": None}), progress=False)
+    res = train_sae(
+        SparseAutoencoder(D, D_SAE),
+        one_shot,
+        cfg.model_copy(update={"train_tokens": None}),
+        progress=False,
+    )
     assert res.steps == -(-3000 // 256)  # one pass; no decay schedule without a length
 
 
@@ -167,20 +195,29 @@ def test_outlier_tokens_are_dropped(tmp_path):
     x, _ = sparse_dictionary_activations(4096, D, N_FEATURES, seed=3)
     x[::97] *= 1000.0  # extreme-norm tokens, like a BOS residual
     store = write_activation_store(x, str(tmp_path / "acts"))
-    cfg = SAEConfig(k=32, architecture="topk", top_k=4, batch_size=256, epochs=2, lr=1e-2)
-    (res,) = train_saes(store, [cfg], [str(tmp_path / "sae")], progress=False)
-    sae = load_sae(res.uri)
-    clean = store.read(0, 4096).float()
+    base = SAEConfig(k=D_SAE, architecture="topk", top_k=4, batch_size=64, epochs=2, lr=1e-2)
+    cfgs = [base, base.model_copy(update={"max_norm_factor": None})]
+    res = train_saes(
+        store, cfgs, [str(tmp_path / "filtered"), str(tmp_path / "all")], progress=False
+    )
     keep = np.ones(4096, bool)
     keep[::97] = False
-    xc = clean[torch.from_numpy(keep)]
-    ev = 1 - (sae.reconstruct(xc) - xc).pow(2).sum() / (xc - xc.mean(0)).pow(2).sum()
-    assert float(ev) > 0.6  # the outliers did not wreck the fit to ordinary tokens
+    xc = store.read(0, 4096).float()[torch.from_numpy(keep)]
+
+    def ev(uri: str) -> float:
+        with torch.no_grad():
+            x_hat = load_sae(uri).reconstruct(xc)
+        return float(1 - (x_hat - xc).pow(2).sum() / (xc - xc.mean(0)).pow(2).sum())
+
+    # the outliers wreck the fit to ordinary tokens unless they are dropped
+    assert ev(res[0].uri) > 0.6 and ev(res[0].uri) > ev(res[1].uri) + 0.2
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(dictionary_store, tmp_path):
     store, _ = dictionary_store
-    cfg = SAEConfig(k=32, architecture="topk", top_k=4, batch_size=256, train_tokens=2560, autocast_bf16=True)
+    cfg = SAEConfig(
+        k=32, architecture="topk", top_k=4, batch_size=256, train_tokens=2560, autocast_bf16=True
+    )
     model = SparseAutoencoder(D, 32, architecture="topk", top_k=4)
     res = train_sae(model, store, cfg, progress=False)
     assert res.steps == 10 and model.W_enc.dtype == torch.float32

@@ -26,11 +26,15 @@ def _ids(backend):
 
 def test_latent_index_out_of_range(setup):
     backend, sae = setup
-    with pytest.raises(ValueError, match=r"latent=96 .*out of range.*d_sae=96"):
-        with steering.steer(backend, sae, LAYER, steering.clamp(96, 1.0)):
-            pass
+    with (
+        pytest.raises(ValueError, match=r"latent=96 .*out of range.*d_sae=96"),
+        steering.steer(backend, sae, LAYER, steering.clamp(96, 1.0)),
+    ):
+        pass
     with pytest.raises(ValueError, match=r"latent=500"):
-        steering.register_prehook_last_row(backend, LAYER, sae, steering.set_or_scale_latent(500, set_to=1.0))
+        steering.register_prehook_last_row(
+            backend, LAYER, sae, steering.set_or_scale_latent(500, set_to=1.0)
+        )
     with pytest.raises(ValueError, match=r"latent=-1: expected a non-negative"):
         steering.clamp(-1, 1.0)
 
@@ -38,32 +42,47 @@ def test_latent_index_out_of_range(setup):
 def test_sae_width_must_match_the_hooked_layer(setup):
     backend, _ = setup
     narrow = SparseAutoencoder(backend.d_model // 2, 16)
-    with pytest.raises(ValueError, match=rf"sae.d_in={backend.d_model // 2} does not match.*d_model={backend.d_model}"):
-        with steering.steer(backend, narrow, LAYER, steering.clamp(1, 1.0)):
-            pass
+    with (
+        pytest.raises(
+            ValueError,
+            match=rf"sae.d_in={backend.d_model // 2} does not match.*d_model={backend.d_model}",
+        ),
+        steering.steer(backend, narrow, LAYER, steering.clamp(1, 1.0)),
+    ):
+        pass
     # a module path whose width is only known at run time: the error comes from the forward
     sae = SparseAutoencoder(backend.d_model, 16)
-    with pytest.raises(ValueError, match=r"dimension 128, but the SAE has d_in=64"):
-        with steering.steer(backend, sae, "model.layers.1.mlp.gate_proj", steering.clamp(1, 1.0)):
-            backend.logits(_ids(backend))
+    with (
+        pytest.raises(ValueError, match=r"dimension 128, but the SAE has d_in=64"),
+        steering.steer(backend, sae, "model.layers.1.mlp.gate_proj", steering.clamp(1, 1.0)),
+    ):
+        backend.logits(_ids(backend))
 
 
 def test_layer_index_out_of_range(setup):
     backend, sae = setup
     with pytest.raises(ValueError, match=r"layer_idx=99: layer=99 out of range: expected 0\.\.3"):
-        steering.register_prehook_last_row(backend, layer_idx=99, sae=sae, latent_map=steering.clamp(1, 1.0))
-    with pytest.raises(ValueError, match=r"hook_point='layer.4': layer=4 out of range"):
-        with steering.steer(backend, sae, "layer.4", steering.clamp(1, 1.0)):
-            pass
-    with pytest.raises(ValueError, match=r"hook_point=None: the SAE does not record a hook point"):
-        with steering.steer(backend, sae, None, steering.clamp(1, 1.0)):
-            pass
+        steering.register_prehook_last_row(
+            backend, layer_idx=99, sae=sae, latent_map=steering.clamp(1, 1.0)
+        )
+    with (
+        pytest.raises(ValueError, match=r"hook_point='layer.4': layer=4 out of range"),
+        steering.steer(backend, sae, "layer.4", steering.clamp(1, 1.0)),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match=r"hook_point=None: the SAE does not record a hook point"),
+        steering.steer(backend, sae, None, steering.clamp(1, 1.0)),
+    ):
+        pass
 
 
 def test_set_to_and_scale_exactly_one():
     with pytest.raises(ValueError, match=r"set_to=1.0, scale=2.0: expected exactly one.*got both"):
         steering.set_or_scale_latent(latent_j=3, set_to=1.0, scale=2.0)
-    with pytest.raises(ValueError, match=r"set_to=None, scale=None: expected exactly one.*got neither"):
+    with pytest.raises(
+        ValueError, match=r"set_to=None, scale=None: expected exactly one.*got neither"
+    ):
         steering.set_or_scale_latent(latent_j=3)
 
 
@@ -81,36 +100,51 @@ def test_empty_prompt_list(setup, tmp_path):
 
 def test_bad_positions_edits_and_max_acts(setup):
     backend, sae = setup
-    with pytest.raises(ValueError, match=r"'middle' is not one of"):
-        with steering.steer(backend, sae, LAYER, steering.clamp(1, 1.0), positions="middle"):
-            pass
-    with pytest.raises(TypeError, match="a mask must be bool"):
-        with steering.steer(backend, sae, LAYER, steering.clamp(1, 1.0), positions=torch.ones(3)):
-            pass
-    with pytest.raises(ValueError, match=r"clamps to a multiple of the latent's max activation: pass max_acts="):
-        with steering.steer(backend, sae, LAYER, steering.clamp_to_max(1, 2.0)):
-            pass
-    with pytest.raises(ValueError, match=r"max_acts has 5 values, but the SAE has d_sae=96"):
-        with steering.steer(backend, sae, LAYER, "1=2xmax", max_acts=[1.0] * 5):
-            pass
+    with (
+        pytest.raises(ValueError, match=r"'middle' is not one of"),
+        steering.steer(backend, sae, LAYER, steering.clamp(1, 1.0), positions="middle"),
+    ):
+        pass
+    with (
+        pytest.raises(TypeError, match="a mask must be bool"),
+        steering.steer(backend, sae, LAYER, steering.clamp(1, 1.0), positions=torch.ones(3)),
+    ):
+        pass
+    with (
+        pytest.raises(
+            ValueError, match=r"clamps to a multiple of the latent's max activation: pass max_acts="
+        ),
+        steering.steer(backend, sae, LAYER, steering.clamp_to_max(1, 2.0)),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match=r"max_acts has 5 values, but the SAE has d_sae=96"),
+        steering.steer(backend, sae, LAYER, "1=2xmax", max_acts=[1.0] * 5),
+    ):
+        pass
     with pytest.raises(ValueError, match=r"edit='42 to 100': expected LATENT=VALUE"):
         steering.parse_edit("42 to 100")
-    with pytest.raises(TypeError, match="edits=3"):
-        with steering.steer(backend, sae, LAYER, 3):
-            pass
+    with pytest.raises(TypeError, match="edits=3"), steering.steer(backend, sae, LAYER, 3):
+        pass
 
 
 def test_a_latent_map_returning_the_wrong_shape_is_reported(setup):
     backend, sae = setup
-    with pytest.raises(ValueError, match=r"latent_map returned Tensor\(2,\): expected a tensor of shape"):
-        with steering.steer(backend, sae, LAYER, lambda z: z[0, :2]):
-            backend.logits(_ids(backend))
+    with (
+        pytest.raises(
+            ValueError, match=r"latent_map returned Tensor\(2,\): expected a tensor of shape"
+        ),
+        steering.steer(backend, sae, LAYER, lambda z: z[0, :2]),
+    ):
+        backend.logits(_ids(backend))
 
 
 def test_a_mask_with_the_wrong_batch_size(setup):
     backend, sae = setup
     ids = backend.tokenizer(["a b", "c d", "e f"], return_tensors="pt", padding=True)["input_ids"]
     mask = torch.ones(2, ids.shape[1], dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"the mask has 2 rows, but the forward has batch size 3"):
-        with steering.steer(backend, sae, LAYER, steering.clamp(1, 1.0), positions=mask):
-            backend.logits(ids)
+    with (
+        pytest.raises(ValueError, match=r"the mask has 2 rows, but the forward has batch size 3"),
+        steering.steer(backend, sae, LAYER, steering.clamp(1, 1.0), positions=mask),
+    ):
+        backend.logits(ids)

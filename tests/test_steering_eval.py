@@ -13,7 +13,9 @@ from matplotlib.figure import Figure
 
 
 def test_label_vocabulary_holds_label_specific_tokens(demo_store, tiny_backend):
-    vocab = steering.label_vocabulary(demo_store, per_label=10, tokenizer=tiny_backend.tokenizer)
+    vocab = steering.label_vocabulary(
+        demo_store, per_label=10, tokenizer=tiny_backend.tokenizer, words_only=False
+    )
     assert set(vocab["label"]) == set(demo_store.label_names)
     assert (vocab["q"] < 1e-3).all() and (vocab["log_odds"] > 0).all()
     assert vocab.groupby("label").size().max() <= 10
@@ -23,6 +25,9 @@ def test_label_vocabulary_holds_label_specific_tokens(demo_store, tiny_backend):
         in_label = np.mean(lab[tok == row.token_id] == row.label_id)
         assert in_label == pytest.approx(row.frac_in_label)
         assert in_label > 1 / len(demo_store.label_names)
+    words = steering.label_vocabulary(demo_store, per_label=10, tokenizer=tiny_backend.tokenizer)
+    assert len(words) and all(len(w.strip()) >= 3 and w.strip().isalpha() for w in words["token"])
+    assert (words["q"] < 1e-3).all() and len(words) < len(vocab)
 
 
 def test_label_classifier_fits_separable_documents(tmp_path):
@@ -53,7 +58,7 @@ def test_label_classifier_reads_texts_like_the_dump(demo_store, tiny_backend):
     assert 0.0 <= clf.accuracy <= 1.0 and clf.hook_point == "layer.2"
     doc_ids, pooled = ev.mean_pooled_documents(demo_store)
     docs = demo_store.docs.set_index("doc_id").loc[doc_ids[:12]]
-    X, valid = clf.features(tiny_backend, docs["text"].tolist() + ["", "   "])
+    X, valid = clf.features(tiny_backend, [*docs["text"].tolist(), "", "   "])
     assert valid.tolist() == [True] * 12 + [False, False]
     np.testing.assert_allclose(X[:12], pooled[:12], rtol=0.03, atol=0.03)  # the store is bf16
     proba = clf.predict_proba(X[valid])
@@ -100,7 +105,7 @@ def published(demo_store, tiny_backend, tmp_path_factory):
 
 
 def test_run_steering_eval_publishes_the_sweep_with_controls(published):
-    root, manifest, progress, params = published
+    root, manifest, progress, _params = published
     out = str(root / "out")
     assert manifest["kind"] == "steering" and storage.verify_output(out, deep=True)
     assert set(manifest["files"]) == {
@@ -138,7 +143,7 @@ def test_side_by_side_and_report_section(published):
     assert sbs["prompt"].tolist() == params.prompts
     own = steering.side_by_side(res, 5, 40.0, prompts="own_label")
     assert len(own) == params.own_label_prompts
-    with pytest.raises(ValueError, match="strength=3.0: not in the sweep"):
+    with pytest.raises(ValueError, match=r"strength=3.0: not in the sweep"):
         steering.side_by_side(res, 5, 3.0)
     section = steering.steering_section(res)
     html = section.to_html()
@@ -150,14 +155,20 @@ def test_run_steering_eval_rejects_bad_input_before_writing(demo_store, tiny_bac
     sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
     out = tmp_path / "never"
     with pytest.raises(ValueError, match=r"latents=\[64\]: \[64\] out of range .*d_sae=64"):
-        steering.run_steering_eval(sae, demo_store, str(out), {"latents": [64]}, backend=tiny_backend)
+        steering.run_steering_eval(
+            sae, demo_store, str(out), {"latents": [64]}, backend=tiny_backend
+        )
     with pytest.raises(ValueError, match=r"labels=\['Cooking'\]"):
-        steering.run_steering_eval(sae, demo_store, str(out), {"latents": [1], "labels": ["Cooking"]}, backend=tiny_backend)
+        steering.run_steering_eval(
+            sae, demo_store, str(out), {"latents": [1], "labels": ["Cooking"]}, backend=tiny_backend
+        )
     with pytest.raises(ValueError, match="prompts is empty"):
         steering.run_steering_eval(sae, demo_store, str(out), {"prompts": []}, backend=tiny_backend)
     narrow = SparseAutoencoder(16, 8)
-    with pytest.raises(ValueError, match="sae.d_in=16 does not match"):
-        steering.run_steering_eval(narrow, demo_store, str(out), {"latents": [1]}, backend=tiny_backend)
+    with pytest.raises(ValueError, match=r"sae.d_in=16 does not match"):
+        steering.run_steering_eval(
+            narrow, demo_store, str(out), {"latents": [1]}, backend=tiny_backend
+        )
     assert not out.exists()
 
 

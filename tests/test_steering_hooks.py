@@ -29,7 +29,9 @@ def _sae(backend, k=96, arch="relu", seed=1):
 
 
 def _batch(backend, prompts=PROMPTS, side="left"):
-    return pad_batch(encode_prompts(backend.tokenizer, prompts), pad_token_id(backend.tokenizer), side)
+    return pad_batch(
+        encode_prompts(backend.tokenizer, prompts), pad_token_id(backend.tokenizer), side
+    )
 
 
 def _generate(backend, batch, **kw):
@@ -83,8 +85,12 @@ def test_a_big_clamp_changes_generations(tiny_backend_factory, family):
         steered = _generate(backend, batch)
     T = batch.input_ids.shape[1]
     changed_rows = (steered[:, T:] != base[:, T:]).any(1)
-    assert bool(changed_rows.all()), f"{family}: a clamp to 200 left rows {(~changed_rows).nonzero().ravel().tolist()} unchanged"
-    assert h.edited_tokens["prompt"] > 0 and h.edited_tokens["generated"] == len(PROMPTS) * (NEW - 1)
+    assert bool(changed_rows.all()), (
+        f"{family}: a clamp to 200 left rows {(~changed_rows).nonzero().ravel().tolist()} unchanged"
+    )
+    assert h.edited_tokens["prompt"] > 0 and h.edited_tokens["generated"] == len(PROMPTS) * (
+        NEW - 1
+    )
 
 
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
@@ -106,7 +112,9 @@ def test_generated_token_steering_is_active_under_the_kv_cache(tiny_backend_fact
 
     mask = torch.zeros_like(gen, dtype=torch.bool)
     mask[:, T:] = True
-    full_mask = torch.cat([batch.attention_mask, torch.ones(len(PROMPTS), NEW, dtype=torch.long)], 1)
+    full_mask = torch.cat(
+        [batch.attention_mask, torch.ones(len(PROMPTS), NEW, dtype=torch.long)], 1
+    )
     with steering.steer(backend, sae, LAYER, edit, positions=mask), torch.no_grad():
         logits = backend.model(input_ids=gen, attention_mask=full_mask, use_cache=False).logits
     assert torch.equal(logits[:, T:-1].argmax(-1), gen[:, T + 1 :])
@@ -136,7 +144,9 @@ def test_padded_batches_steer_the_last_real_token_of_each_row(tiny_backend_facto
         for p in PROMPTS:
             one = _batch(backend, [p])
             with torch.no_grad():
-                singles.append(backend.model(input_ids=one.input_ids, use_cache=False).logits[0, -1])
+                singles.append(
+                    backend.model(input_ids=one.input_ids, use_cache=False).logits[0, -1]
+                )
     before.remove()
     after.remove()
     changed = (after.seen[0] - before.seen[0]).abs().amax(-1) > 0  # [B, T]
@@ -175,10 +185,14 @@ def test_hooks_are_removed_on_exit_after_errors_and_by_handles(tiny_backend):
         raise RuntimeError("boom")
     assert count_hooks(model) == n0
     modifier = steering.set_or_scale_latent(latent_j=3, set_to=100.0)
-    handle = steering.register_prehook_last_row(tiny_backend, layer_idx=LAYER, sae=sae, latent_map=modifier)
+    handle = steering.register_prehook_last_row(
+        tiny_backend, layer_idx=LAYER, sae=sae, latent_map=modifier
+    )
     assert count_hooks(model) == n0 + 2
     batch = _batch(tiny_backend)
-    out = tiny_backend.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=3)
+    out = tiny_backend.generate(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=3
+    )
     assert out.shape[1] == batch.input_ids.shape[1] + 3
     handle.remove()
     handle.remove()  # idempotent
@@ -199,7 +213,9 @@ def test_error_term_identity_and_the_reconstruction_flag(tiny_backend):
         after.remove()
         torch.testing.assert_close(after.seen[0], before.seen[0], atol=1e-5, rtol=0)
     before = Probe(tiny_backend)
-    with steering.steer(tiny_backend, sae, LAYER, [], positions="all", keep_error=False, include_special=True):
+    with steering.steer(
+        tiny_backend, sae, LAYER, [], positions="all", keep_error=False, include_special=True
+    ):
         after = Probe(tiny_backend)
         with torch.no_grad():
             tiny_backend.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -233,7 +249,9 @@ def test_the_hook_sees_exactly_the_dumped_activations(tiny_backend, tmp_path):
         "right",
     )
     before = Probe(tiny_backend)
-    with steering.steer(tiny_backend, sae, f"layer.{LAYER}", [], positions="prompt", keep_error=False):
+    with steering.steer(
+        tiny_backend, sae, f"layer.{LAYER}", [], positions="prompt", keep_error=False
+    ):
         after = Probe(tiny_backend)
         with torch.no_grad():
             tiny_backend.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -269,7 +287,13 @@ def test_the_editor_equals_the_full_formula_for_every_architecture(arch):
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
     x = torch.randn(40, 32) * 2
-    edits = [steering.clamp(3, 4.0), steering.scale(5, 3.0), steering.add(7, -1.5), steering.ablate(3), steering.clamp(9, 2.0)]
+    edits = [
+        steering.clamp(3, 4.0),
+        steering.scale(5, 3.0),
+        steering.add(7, -1.5),
+        steering.ablate(3),
+        steering.clamp(9, 2.0),
+    ]
     editor = steering.LatentEditor(sae, edits)
     with torch.no_grad():
         z = sae.encode(x)
@@ -292,7 +316,9 @@ def test_merged_and_saelens_folder_saes_steer(tiny_backend, tmp_path):
     batch = _batch(tiny_backend)
     base = _generate(tiny_backend, batch)
     merged = SparseAutoencoder(tiny_backend.d_model, 24, merge_index=torch.arange(96) % 24, seed=3)
-    save_sae(merged, str(tmp_path / "merged"), metadata={"hook_name": f"blocks.{LAYER}.hook_resid_pre"})
+    save_sae(
+        merged, str(tmp_path / "merged"), metadata={"hook_name": f"blocks.{LAYER}.hook_resid_pre"}
+    )
     merged = load_sae(str(tmp_path / "merged"))
     assert merged.is_merged
     with steering.steer(tiny_backend, merged, None, steering.scale(2, 1.0)) as h:
@@ -348,7 +374,9 @@ def test_compare_generations_side_by_side(tiny_backend):
     assert [r[0] for r in rows] == PROMPTS
     assert all(isinstance(r[1], str) and isinstance(r[2], str) for r in rows)
     assert any(r[1] != r[2] for r in rows)
-    same = steering.compare_generations(tiny_backend, sae, LAYER, steering.scale(5, 1.0), PROMPTS, 6)
+    same = steering.compare_generations(
+        tiny_backend, sae, LAYER, steering.scale(5, 1.0), PROMPTS, 6
+    )
     assert all(r[1] == r[2] for r in same)
 
 

@@ -115,7 +115,11 @@ class DataSpec(_Section):
         """The dataset as a validated DataFrame (``data.load_dataset_auto``)."""
         from integral_superposition.data import load_dataset_auto
 
-        kwargs: dict[str, Any] = {"balance": self.balance, "seed": self.seed, "max_rows": self.max_rows}
+        kwargs: dict[str, Any] = {
+            "balance": self.balance,
+            "seed": self.seed,
+            "max_rows": self.max_rows,
+        }
         if self.is_file():
             kwargs["storage_options"] = dict(storage_options or {})
         return load_dataset_auto(
@@ -242,6 +246,8 @@ class ExperimentConfig(_Section):
     """Root of all outputs: a local directory or an fsspec URI such as ``s3://bucket/prefix``."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec options for ``storage`` (e.g. ``endpoint_url``). Credentials belong in the environment (AWS_* variables, a profile) or a Prefect block, not here."""
+    storage_secret: str | None = None
+    """Name of a Prefect Secret block holding a JSON object of storage options (S3 credentials, endpoint); merged into ``storage_options`` at run time and never written anywhere."""
     result_storage: str | None = "auto"
     """Where Prefect keeps task results, the cache records that let a rerun skip finished steps: ``auto`` (``{storage}/{name}/.prefect-results`` for remote storage, Prefect's local default otherwise), a saved block slug such as ``remote-file-system/isup-results``, or None (Prefect's default)."""
     data: DataSpec = Field(default_factory=DataSpec)
@@ -256,9 +262,16 @@ class ExperimentConfig(_Section):
     """Partitioned dumping for large corpora."""
     sae: SAEConfig = Field(
         default_factory=lambda: SAEConfig(
-            architecture="topk", k=2048, top_k=32, epochs=4, batch_size=1024, lr=4e-4,
-            lr_warmup_steps=20, checkpoint_every=100, log_every=20,
-        )  # fmt: skip
+            architecture="topk",
+            k=2048,
+            top_k=32,
+            epochs=4,
+            batch_size=1024,
+            lr=4e-4,
+            lr_warmup_steps=20,
+            checkpoint_every=100,
+            log_every=20,
+        )
     )
     """The SAE (the base config of the sweep)."""
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
@@ -273,9 +286,12 @@ class ExperimentConfig(_Section):
     """Merge parameters."""
     steering: SteeringParams = Field(
         default_factory=lambda: SteeringParams(
-            labels=["Sports", "Business"], strengths=[1.0, 2.0, 4.0], samples_per_prompt=1,
-            max_new_tokens=16, own_label_prompts=6,
-        )  # fmt: skip
+            labels=["Sports", "Business"],
+            strengths=[1.0, 2.0, 4.0],
+            samples_per_prompt=1,
+            max_new_tokens=16,
+            own_label_prompts=6,
+        )
     )
     """Steering evaluation parameters."""
     report: ReportOptions = Field(default_factory=ReportOptions)
@@ -333,16 +349,18 @@ class ExperimentConfig(_Section):
                 cfg = SAEConfig.model_validate(base)
             except ValidationError as e:
                 where = ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo, strict=True))
-                raise ValueError(
-                    f"sweep ({where}): " + _describe_errors(e, prefix="sae")
-                ) from None
+                raise ValueError(f"sweep ({where}): " + _describe_errors(e, prefix="sae")) from None
             if cfg.hook_point not in hooks:
                 field = "sweep.layer" if "layer" in self.sweep else "sae.hook_point"
                 raise ValueError(
                     f"{field}: hook point {cfg.hook_point!r} is not dumped; the dump has {hooks} "
                     "(add it to dump.hook_points)"
                 )
-            jobs.append(SAEJob(name=_job_name(cfg, update, len(hooks) > 1), hook_point=cfg.hook_point, cfg=cfg))
+            jobs.append(
+                SAEJob(
+                    name=_job_name(cfg, update, len(hooks) > 1), hook_point=cfg.hook_point, cfg=cfg
+                )
+            )
         names = [j.name for j in jobs]
         if len(set(names)) != len(names):
             raise ValueError(f"sweep: two SAEs get the same name ({names})")
@@ -390,15 +408,15 @@ def _job_name(cfg: SAEConfig, swept: Mapping[str, Any], several_hooks: bool) -> 
 def _describe_errors(e: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in e.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+        loc = ".".join(str(p) for p in err["loc"])
         if prefix:
-            loc = f"{prefix}.{loc}" if err["loc"] else prefix
-        msg = err["msg"]
+            loc = f"{prefix}.{loc}" if loc else prefix
+        msg = err["msg"].removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
         got = err.get("input")
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-        lines.append(f"{loc}: {msg}{shown}")
+        lines.append(f"{loc}: {msg}{shown}" if loc else msg)
     return "; ".join(lines)
 
 

@@ -122,7 +122,9 @@ def log10_density_hist(
 
     Dead latents land in the first bin (log10(1e-10) = -10).
     """
-    return np.histogram(np.log10(np.asarray(density) + DENSITY_EPS), bins=bins, range=(lo, 0.0))
+    # a latent firing on every token sits at log10(1 + 1e-10) > 0: keep it in the last bin
+    logd = np.minimum(np.log10(np.asarray(density) + DENSITY_EPS), 0.0)
+    return np.histogram(logd, bins=bins, range=(lo, 0.0))
 
 
 def l0_distribution(l0_counts: np.ndarray) -> dict[str, Any]:

@@ -37,6 +37,8 @@ def _norm_stats(x: torch.Tensor) -> dict[str, Any]:
     nrm = x.double().norm(dim=-1).numpy()
     if nrm.size == 0:
         return {"count": 0}
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf rows give NaN statistics
+        std = float(nrm.std())
     finite = nrm[np.isfinite(nrm)]
     hist, _ = np.histogram(np.log10(np.maximum(finite, 1e-12)), bins=_NORM_BINS)
     centers = 10 ** ((_NORM_BINS[:-1] + _NORM_BINS[1:]) / 2)
@@ -48,7 +50,7 @@ def _norm_stats(x: torch.Tensor) -> dict[str, Any]:
     return {
         "count": int(nrm.size),
         "mean": float(nrm.mean()),
-        "std": float(nrm.std()),
+        "std": std,
         "min": float(nrm.min()),
         "max": float(nrm.max()),
         "p50": q(0.5),
@@ -245,7 +247,9 @@ def sparse_dictionary_activations(
             f"n={n}, d={d}, n_features={n_features}, active={active}: expected positive sizes "
             "and 0 < active <= n_features"
         )
-    g = torch.Generator().manual_seed(seed)
+    # a stream of its own: SparseAutoencoder(seed=0) draws its decoder from manual_seed(0),
+    # and a dictionary equal to the initial decoder would make recovery trivial
+    g = torch.Generator().manual_seed(1_000_003 + seed)
     feats = torch.randn(n_features, d, generator=g)
     feats /= feats.norm(dim=1, keepdim=True)
     on = torch.rand(n, n_features, generator=g) < active / n_features

@@ -22,7 +22,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,7 +50,6 @@ class Reference:
     metrics: dict[str, float]
     significant: np.ndarray | None
     """int64 ``[P, 2]``: (latent, label id) pairs enriched before the merge (None: no labels)."""
-    ce_clean: dict[str, Any] | None = None
 
 
 def _split(store, name: str, params: MergeParams) -> np.ndarray:

@@ -101,15 +101,11 @@ def run_merge(
     )
     tick()
     reference = ev.reference_metrics(sae, store, params, backend=backend)
-    eval_table = ev.compare(sae, merged, store, params, backend=backend, reference=reference)
     tick()
-    files: dict[str, bytes] = {
-        "merge_map.parquet": _parquet(merge_map_table(labels, medoids, dist)),
-        "merge_eval.parquet": _parquet(eval_table),
-    }
-    sweep_records = None
+    sweep_table = None
+    files: dict[str, bytes] = {}
     if params.sweep:
-        table, fig = ev.sweep(
+        sweep_table, fig = ev.sweep(
             sae,
             store,
             params,
@@ -120,10 +116,35 @@ def run_merge(
             stats=stats,
             reference=reference,
         )
-        files["merge_sweep.parquet"] = _parquet(table)
+        files["merge_sweep.parquet"] = _parquet(sweep_table)
         files["merge_sweep.png"] = _figure(fig, "png")
         files["merge_sweep.svg"] = _figure(fig, "svg")
-        sweep_records = [_json_safe(r) for r in table.to_dict("records")]
+    same = (
+        sweep_table[
+            (sweep_table["partition"] == "cluster") & (sweep_table["k_prime"] == merged.d_sae)
+        ]
+        if sweep_table is not None and target is not None
+        else None
+    )
+    if same is not None and len(same):
+        # the sweep built this very merge (same tree, cut and refit): reuse its evaluation
+        m = same.iloc[0].drop(["k_prime", "fraction", "partition"]).to_dict()
+        eval_table = pd.DataFrame(
+            [
+                {"sae": "original", "n_latents": k, **reference.metrics},
+                {"sae": "merged", "n_latents": merged.d_sae, **m},
+            ]
+        )
+    else:
+        eval_table = ev.compare(sae, merged, store, params, backend=backend, reference=reference)
+        extra = {**refit_info, "mean_distance_to_medoid": float(dist.mean())}
+        for key, value in extra.items():
+            eval_table.loc[eval_table["sae"] == "merged", key] = value
+    files["merge_map.parquet"] = _parquet(merge_map_table(labels, medoids, dist))
+    files["merge_eval.parquet"] = _parquet(eval_table)
+    sweep_records = (
+        [_json_safe(r) for r in sweep_table.to_dict("records")] if sweep_table is not None else None
+    )
     tick()
     try:
         source_hash = read_sae_manifest(sae_uri, storage_options).get("content_hash")

@@ -1,5 +1,6 @@
 """Sparse autoencoders: the model (four architectures), training, metrics, saving and loading."""
 
+from integral_superposition.sae import metrics
 from integral_superposition.sae.load import (
     load_sae,
     load_sparsity,
@@ -7,15 +8,30 @@ from integral_superposition.sae.load import (
     saelens_config,
     save_sae,
 )
+from integral_superposition.sae.metrics import evaluate_sae, explained_variance, spliced_ce
 from integral_superposition.sae.model import ARCHITECTURES, SAEOutput, SparseAutoencoder
+from integral_superposition.sae.train import (
+    NonFiniteActivationsError,
+    TrainResult,
+    train_sae,
+    train_saes,
+)
 
 __all__ = [
     "ARCHITECTURES",
+    "NonFiniteActivationsError",
     "SAEOutput",
     "SparseAutoencoder",
+    "TrainResult",
+    "evaluate_sae",
+    "explained_variance",
     "load_sae",
     "load_sparsity",
+    "metrics",
     "read_sae_manifest",
     "saelens_config",
     "save_sae",
+    "spliced_ce",
+    "train_sae",
+    "train_saes",
 ]

@@ -83,6 +83,7 @@ def saelens_config(
     }
     if sae.architecture == "topk":
         cfg["k"] = sae.top_k
+        cfg["rescale_acts_by_decoder_norm"] = False
     return cfg
 
 
@@ -198,6 +199,11 @@ def load_sae(
     if path.endswith((".pt", ".pth")) and not storage.exists(
         storage.join(path, "cfg.json"), storage_options
     ):
+        folder = path.rsplit(".", 1)[0]
+        if not storage.exists(path, storage_options) and storage.exists(
+            storage.join(folder, "cfg.json"), storage_options
+        ):  # save_sae(model, "x.pt") wrote the folder "x": read it back from the same name
+            return load_sae(folder, device=device, storage_options=storage_options)
         return _load_legacy(path, device, storage_options)
     if storage.exists(storage.join(path, "sae_weights.safetensors"), storage_options):
         cfg = storage.read_json(storage.join(path, "cfg.json"), storage_options)
@@ -273,13 +279,16 @@ def _load_legacy(path: str, device, storage_options) -> SparseAutoencoder:
         raise ValueError(
             f"path={path!r}: not a plain tensor state dict (only weights_only loading is allowed): {e}"
         ) from e
-    if "enc.weight" in state:  # the seed's nn.Linear layout
+    if "enc.weight" in state:  # the seed's nn.Linear layout: z = relu(enc(x)), x_hat = dec(z)
         enc_w, dec_w = state["enc.weight"], state["dec.weight"]  # [K, d], [d, K]
+        b_dec = state.get("dec.bias", torch.zeros(dec_w.shape[0]))
+        b_enc = state.get("enc.bias", torch.zeros(enc_w.shape[0]))
         tensors = {
             "W_enc": enc_w.T,
-            "b_enc": state["enc.bias"],
+            # we encode (x - b_dec) @ W_enc + b_enc; the seed encodes x @ W_enc + b_enc
+            "b_enc": b_enc + b_dec @ enc_w.T,
             "W_dec": dec_w.T,
-            "b_dec": state.get("dec.bias", torch.zeros(dec_w.shape[0])),
+            "b_dec": b_dec,
         }
     elif "W_enc" in state:
         tensors = state

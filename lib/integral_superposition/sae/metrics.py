@@ -119,7 +119,9 @@ class LatentStats:
         self, bins: int = 50, lo: float = -10.0
     ) -> tuple[np.ndarray, np.ndarray]:
         """Histogram of ``log10(density + 1e-10)``: ``(counts [bins], edges [bins + 1])``."""
-        return np.histogram(np.log10(self.density + 1e-10), bins=bins, range=(lo, 0.0))
+        # latents firing on every token sit at log10(1 + 1e-10) > 0: keep them in the last bin
+        logd = np.minimum(np.log10(self.density + 1e-10), 0.0)
+        return np.histogram(logd, bins=bins, range=(lo, 0.0))
 
 
 @torch.no_grad()

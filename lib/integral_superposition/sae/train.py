@@ -55,6 +55,10 @@ _INIT_TOKENS = 16384
 _BLOCK_TOKENS = 4096
 
 
+class NonFiniteActivationsError(ValueError):
+    """The activations hold NaN or inf values (the message names the shard and row)."""
+
+
 @dataclass
 class TrainResult:
     """What training one SAE produced: where it is saved and how good it is."""
@@ -174,7 +178,7 @@ class _StoreSource:
                 bad = ~torch.isfinite(x).all(dim=1)
                 if bad.any():
                     r = int(rows[int(bad.nonzero()[0])])
-                    raise ValueError(
+                    raise NonFiniteActivationsError(
                         f"activations at hook point {h!r} contain NaN or inf values: first at {self.locate(r)}"
                     )
 
@@ -754,15 +758,13 @@ def _run(
                 if not bool(ok.all()):
                     r = int((~ok).nonzero()[0])
                     row = int(index[r]) if index is not None else r
-                    raise ValueError(
+                    raise NonFiniteActivationsError(
                         f"activations at hook point {h!r} contain NaN or inf values: {source.locate(row)}"
                     )
             for t in trainees:
                 t.step(acts[t.hook], step, total)
             step += 1
             bar.update(1)
-            if on_progress is not None:
-                on_progress(step, total if total is not None else step)
             if step % every_log == 0 or step == total:
                 entries = [t.flush_log(step, total) for t in trainees]
                 bar.set_postfix(
@@ -778,7 +780,9 @@ def _run(
             if ckpt is not None and (step % every_ckpt == 0 or step == total):
                 ckpt.write(step, fingerprint, trainees, {"total": total})
                 wrote_ckpt = True
-    except ValueError:
+            if on_progress is not None:  # after the checkpoint: a reported step is durable
+                on_progress(step, total if total is not None else step)
+    except NonFiniteActivationsError:
         # bad data found mid-run: a fresh run leaves no checkpoint behind
         if ckpt is not None and wrote_ckpt and start == 0:
             ckpt.remove()
@@ -917,6 +921,20 @@ def train_saes(
     return results
 
 
+def _store_metadata(store, hook: str) -> dict[str, Any]:
+    """SAELens ``metadata`` fields describing where an SAE's activations came from."""
+    info = store.hook_info(hook)
+    mcfg = store.manifest.get("config") or {}
+    return {
+        "model_name": store.model_info.get("model_id"),
+        "hook_name": info.get("saelens_name") or hook,
+        "context_size": mcfg.get("max_len"),
+        "prepend_bos": mcfg.get("prepend_bos", True),
+        "dataset_path": store.uris[0] if len(store.uris) == 1 else list(store.uris),
+        "isup_hook_point": hook,
+    }
+
+
 def _publish(
     t: _Trainee,
     uri: str,
@@ -939,16 +957,7 @@ def _publish(
 
         store = source.store
         act_hash = store.content_hash
-        info = store.hook_info(t.hook)
-        mcfg = store.manifest.get("config") or {}
-        meta = {
-            "model_name": store.model_info.get("model_id"),
-            "hook_name": info.get("saelens_name") or t.hook,
-            "context_size": mcfg.get("max_len"),
-            "prepend_bos": mcfg.get("prepend_bos", True),
-            "dataset_path": store.uris[0] if len(store.uris) == 1 else list(store.uris),
-            "isup_hook_point": t.hook,
-        }
+        meta = _store_metadata(store, t.hook)
         if evaluate:
             ev = evaluate_sae(
                 sae, store, split="test", test_fraction=cfg.test_fraction, hook_point=t.hook
@@ -1062,6 +1071,8 @@ def train_sae(
         progress=progress,
     )
     _finish(t)
+    if isinstance(source, _StoreSource):
+        model.metadata.update(_store_metadata(source.store, hook))
     if ckpt is not None:
         ckpt.remove()
     metrics = {k: v for k, v in (t.curve[-1] if t.curve else {}).items()}

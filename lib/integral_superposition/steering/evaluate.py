@@ -129,6 +129,8 @@ class SteeringParams(BaseModel):
     """Target vocabulary: most enriched token ids per label."""
     vocab_min_count: int = Field(5, ge=1)
     """Target vocabulary: a token must occur at least this often in the store."""
+    vocab_words_only: bool = True
+    """Target vocabulary: keep only tokens that read as words (three or more letters)."""
     classifier_test_fraction: float = Field(0.2, gt=0, lt=1)
     """Held-out documents for the classifier's accuracy."""
     classifier_c: float = Field(1.0, gt=0)
@@ -176,12 +178,15 @@ def label_vocabulary(
     q_max: float = 1e-3,
     min_count: int = 5,
     tokenizer=None,
+    words_only: bool = True,
 ) -> pd.DataFrame:
     """The most label-enriched token ids of ``store`` (one-sided Fisher test per token and
     label, BH q-values over all pairs).
 
     Returns one row per selected (label, token): ``label, label_id, token_id, token, count,
     in_label, frac_in_label, log_odds, q``, at most ``per_label`` per label, by log odds.
+    With a ``tokenizer`` and ``words_only``, only tokens that read as words (three or more
+    letters once stripped) are kept, which drops markup and URL debris from the vocabulary.
     """
     from integral_superposition.analysis.enrichment import fisher_table
 
@@ -194,7 +199,14 @@ def label_vocabulary(
     table = fisher_table(in_set, in_set.sum(1), np.bincount(labels, minlength=C), names)
     keep = (table["q"] < q_max) & (table["set_size"] >= min_count) & (table["log_odds"] > 0)
     t = table[keep].sort_values(["label_id", "log_odds"], ascending=[True, False])
-    t = t.groupby("label_id", observed=True).head(per_label)
+    text = None
+    if tokenizer is not None:
+        text = np.array([tokenizer.decode([int(vocab[i])]) for i in t["latent"]], dtype=object)
+        if words_only:
+            word = np.array([len(w.strip()) >= 3 and w.strip().isalpha() for w in text], bool)
+            t, text = t[word], text[word]
+    head = t.groupby("label_id", observed=True).cumcount().to_numpy() < per_label
+    t = t[head]
     out = pd.DataFrame(
         {
             "label": t["label"].astype(str).to_numpy(),
@@ -207,8 +219,8 @@ def label_vocabulary(
             "q": t["q"].to_numpy(),
         }
     )
-    if tokenizer is not None:
-        out.insert(3, "token", [tokenizer.decode([int(i)]) for i in out["token_id"]])
+    if text is not None:
+        out.insert(3, "token", text[head])
     return out.reset_index(drop=True)
 
 
@@ -487,7 +499,7 @@ class SteeringEval:
     summary: dict[str, Any]
 
     def figure(self) -> Figure:
-        return plot_sweep(self.table)
+        return plot_sweep(self.table, self.summary.get("ppl_ratio_max"))
 
 
 def _own_label_prompts(
@@ -499,6 +511,70 @@ def _own_label_prompts(
         pool = docs[docs["label"] == label_id]
     pool = pool.sample(n=min(n, len(pool)), random_state=seed) if len(pool) else pool
     return [" ".join(str(t).split()[:words]) for t in pool["text"]]
+
+
+def _target_latents(
+    p: SteeringParams, tok_table: pd.DataFrame, doc_table: pd.DataFrame | None, names: list[str]
+) -> pd.DataFrame:
+    """The latents to steer with their target label: picked by enrichment (``auto``) or given
+    (target label: given, else the latent's most significant label)."""
+    if p.latents == "auto":
+        picks = pick_latents(
+            tok_table, doc_table, labels=p.labels, per_label=p.per_label, q_max=p.q_max,
+            rank_by=p.rank_by,
+        )  # fmt: skip
+        if picks.empty:
+            raise ValueError(
+                f"no latent is enriched for any of the labels {p.labels or names} at q < {p.q_max}"
+            )
+        return picks
+    t = tok_table.assign(label=tok_table["label"].astype(str))
+    t = t[t["latent"].isin(p.latents)].sort_values(["q", "log_odds"], ascending=[True, False])
+    best = t.drop_duplicates("latent").set_index("latent")["label"]
+    labels = p.labels if p.labels is not None else [best[j] for j in p.latents]
+    pairs = pd.DataFrame({"latent": p.latents, "label": labels})
+    cols = ["latent", "label", "q", "log_odds", "frac_in_set"]
+    return pairs.merge(t[cols], on=["latent", "label"], how="left")[["label", *cols[:1], *cols[2:]]]
+
+
+def _random_controls(
+    picks: pd.DataFrame, tok_table: pd.DataFrame, norms: np.ndarray, q_max: float, seed: int
+) -> pd.DataFrame:
+    """For each steered latent, a random latent that fired in the data and is not enriched
+    for the target label, and the decoder-norm ratio that matches the injected vectors."""
+    t = tok_table.assign(label=tok_table["label"].astype(str))
+    fired = np.zeros(norms.shape[0], dtype=bool)
+    fired[t.loc[t["fires"], "latent"].to_numpy()] = True
+    rng = np.random.default_rng(seed)
+    randoms = []
+    for label, j in zip(picks["label"], picks["latent"], strict=True):
+        ok = fired.copy()
+        ok[t.loc[(t["label"] == label) & (t["q"] < q_max) & (t["log_odds"] > 0), "latent"]] = False
+        ok[int(j)] = False
+        cands = np.flatnonzero(ok)
+        randoms.append(int(rng.choice(cands)) if cands.size else -1)
+    r = np.asarray(randoms)
+    ratio = np.where(r >= 0, norms[picks["latent"].to_numpy()] / norms[np.maximum(r, 0)], np.nan)
+    return picks.assign(random_latent=r, random_ratio=ratio)
+
+
+def _latent_summary(j, label, base_m, steer_ms, rand_ms, r, ppl_ratio_max) -> dict[str, Any]:
+    """The strongest share within the fluency bound, and how far the random control moved."""
+    fluent = [(s, m) for s, m in steer_ms if m["ppl_ratio"] <= ppl_ratio_max]
+    best = max(fluent, key=lambda sm: (sm[1]["share"], -sm[0])) if fluent else None
+    rand_at = dict(rand_ms)
+    return {
+        "latent": j, "label": label, "baseline_share": base_m["share"],
+        "baseline_vocab_mass": base_m["vocab_mass"], "baseline_perplexity": base_m["perplexity"],
+        "best_strength": best[0] if best else None,
+        "best_share": best[1]["share"] if best else None,
+        "best_vocab_mass": best[1]["vocab_mass"] if best else None,
+        "best_ppl_ratio": best[1]["ppl_ratio"] if best else None,
+        "max_share": max(m["share"] for _, m in steer_ms),
+        "random_latent": r,
+        "random_share_at_best": rand_at[best[0]]["share"] if best and best[0] in rand_at else None,
+        "random_max_shift": max((abs(m["share"] - base_m["share"]) for _, m in rand_ms), default=None),
+    }  # fmt: skip
 
 
 def evaluate_steering(
@@ -564,74 +640,18 @@ def evaluate_steering(
     )
     if p.mode == "clamp_max" and mx is None:
         raise ValueError("mode='clamp_max' needs max_acts= when enrichment tables are given")
-    fire = np.asarray(scan.top.fire_count) if scan is not None else None
 
-    if p.latents == "auto":
-        picks = pick_latents(
-            tok_table,
-            doc_table,
-            labels=p.labels,
-            per_label=p.per_label,
-            q_max=p.q_max,
-            rank_by=p.rank_by,
-        )
-        if picks.empty:
-            raise ValueError(
-                f"no latent is enriched for any of the labels {p.labels or names} at q < {p.q_max}"
-            )
-    else:
-        tt = tok_table.copy()
-        tt["label"] = tt["label"].astype(str)
-        rows = []
-        for i, j in enumerate(p.latents):
-            lt = tt[tt["latent"] == j]
-            label = (
-                p.labels[i]
-                if p.labels is not None
-                else str(
-                    lt.sort_values(["q", "log_odds"], ascending=[True, False])["label"].iloc[0]
-                )
-            )
-            r = lt[lt["label"] == label].iloc[0]
-            rows.append(
-                {
-                    "label": label,
-                    "latent": j,
-                    "q": r["q"],
-                    "log_odds": r["log_odds"],
-                    "frac_in_set": r["frac_in_set"],
-                }
-            )
-        picks = pd.DataFrame(rows)
-    W = sae.W_dec.detach().float().cpu()
-    norms = W.norm(dim=1).numpy()
+    picks = _target_latents(p, tok_table, doc_table, names)
+    norms = sae.W_dec.detach().float().norm(dim=1).cpu().numpy()
     picks["max_act"] = mx[picks["latent"].to_numpy()] if mx is not None else np.nan
     picks["decoder_norm"] = norms[picks["latent"].to_numpy()]
-    rng = np.random.default_rng(p.seed)
-    tt = tok_table.copy()
-    tt["label"] = tt["label"].astype(str)
-    live = fire > 0 if fire is not None else np.ones(sae.d_sae, dtype=bool)
-    randoms = []
-    for lb, j in zip(picks["label"], picks["latent"], strict=True):
-        enriched = tt[(tt["label"] == lb) & (tt["q"] < p.q_max) & (tt["log_odds"] > 0)][
-            "latent"
-        ].to_numpy()
-        ok = live.copy()
-        ok[enriched] = False
-        ok[int(j)] = False
-        cands = np.flatnonzero(ok)
-        randoms.append(int(rng.choice(cands)) if cands.size else -1)
-    picks["random_latent"] = randoms
-    picks["random_ratio"] = [
-        norms[j] / norms[r] if r >= 0 else np.nan
-        for j, r in zip(picks["latent"], randoms, strict=True)
-    ]
+    picks = _random_controls(picks, tok_table, norms, p.q_max, p.seed)
 
     classifier = classifier or LabelClassifier.fit(
         store, test_fraction=p.classifier_test_fraction, seed=p.seed, C=p.classifier_c
     )
     vocab = label_vocabulary(
-        store, p.vocab_per_label, p.q_max, p.vocab_min_count, backend.tokenizer
+        store, p.vocab_per_label, p.q_max, p.vocab_min_count, backend.tokenizer, p.vocab_words_only
     )
     vocab_sets = [vocab.loc[vocab["label_id"] == c, "token_id"].tolist() for c in range(len(names))]
 
@@ -665,22 +685,15 @@ def evaluate_steering(
     rows: list[dict[str, Any]] = []
     gen_frames: list[pd.DataFrame] = []
 
-    def record(
-        s: _Scored,
-        pick,
-        control: str,
-        strength: float,
-        steered_latent: int,
-        value: float,
-        prompt_set: str,
-        base_ppl,
-    ):
+    def record(s: _Scored, pick, control: str, prompt_set: str, base_ppl: float | None,
+               strength: float = float("nan"), edit: Edit | None = None) -> dict[str, Any]:  # fmt: skip
         c = names.index(pick["label"])
         m = _metrics(s, c, base_ppl)
         rows.append({
             "latent": int(pick["latent"]), "label": pick["label"], "control": control,
-            "strength": strength, "steered_latent": steered_latent, "edit_value": value,
-            "mode": p.mode, "prompts": prompt_set, **m, "classifier_accuracy": classifier.accuracy,
+            "strength": strength, "steered_latent": edit.latent if edit else -1,
+            "edit_value": edit.value if edit else float("nan"), "mode": p.mode,
+            "prompts": prompt_set, **m, "classifier_accuracy": classifier.accuracy,
         })  # fmt: skip
         pred = np.where(s.valid, s.proba.argmax(1), -1)
         gen_frames.append(pd.DataFrame({
@@ -692,45 +705,33 @@ def evaluate_steering(
         }))  # fmt: skip
         return m
 
+    def sweep(pick, control: str, latent: int, ratio: float, prompt_list, prompt_set, base_ppl):
+        """One steered set per strength; returns ``[(strength, metrics)]``."""
+        max_act = float(pick["max_act"]) if np.isfinite(pick["max_act"]) else 1.0
+        out = []
+        for s in p.strengths:
+            e = _edit_for(p.mode, latent, s, max_act, ratio)
+            out.append(
+                (s, record(run(prompt_list, [e]), pick, control, prompt_set, base_ppl, s, e))
+            )
+        return out
+
     base = run(prompts, None)
     summary_latents = []
     for _, pick in picks.iterrows():
         j, c = int(pick["latent"]), names.index(pick["label"])
-        base_m = _metrics(base, c, None)
-        base_ppl = base_m["perplexity"]
-        record(base, pick, "unsteered", float("nan"), -1, float("nan"), "neutral", base_ppl)
-        max_act = float(pick["max_act"]) if np.isfinite(pick["max_act"]) else 1.0
+        base_ppl = _metrics(base, c, None)["perplexity"]
+        base_m = record(base, pick, "unsteered", "neutral", base_ppl)
         if "alpha0" in p.controls:
-            record(
-                run(prompts, [Edit(j, "add", 0.0)]),
-                pick,
-                "alpha0",
-                0.0,
-                j,
-                0.0,
-                "neutral",
-                base_ppl,
-            )
-        steer_ms = []
-        for s in p.strengths:
-            e = _edit_for(p.mode, j, s, max_act)
-            steer_ms.append(
-                (s, record(run(prompts, [e]), pick, "steer", s, j, e.value, "neutral", base_ppl))
-            )
-        rand_ms = []
+            identity = Edit(j, "add", 0.0)
+            record(run(prompts, [identity]), pick, "alpha0", "neutral", base_ppl, 0.0, identity)
+        steer_ms = sweep(pick, "steer", j, 1.0, prompts, "neutral", base_ppl)
         r = int(pick["random_latent"])
+        rand_ms = []
         if "random" in p.controls and r >= 0:
-            for s in p.strengths:
-                e = _edit_for(p.mode, r, s, max_act, float(pick["random_ratio"]))
-                rand_ms.append(
-                    (
-                        s,
-                        record(
-                            run(prompts, [e]), pick, "random", s, r, e.value, "neutral", base_ppl
-                        ),
-                    )
-                )
-        own_ms = []
+            rand_ms = sweep(
+                pick, "random", r, float(pick["random_ratio"]), prompts, "neutral", base_ppl
+            )
         if own:
             own_prompts = _own_label_prompts(
                 store, c, classifier.test_doc_ids, p.own_label_prompts, p.own_prompt_words, p.seed
@@ -738,48 +739,11 @@ def evaluate_steering(
             if own_prompts:
                 own_base = run(own_prompts, None)
                 own_ppl = _metrics(own_base, c, None)["perplexity"]
-                record(
-                    own_base,
-                    pick,
-                    "own_label",
-                    float("nan"),
-                    -1,
-                    float("nan"),
-                    "own_label",
-                    own_ppl,
-                )
-                for s in p.strengths:
-                    e = _edit_for(p.mode, j, s, max_act)
-                    own_ms.append(
-                        (
-                            s,
-                            record(
-                                run(own_prompts, [e]),
-                                pick,
-                                "own_label",
-                                s,
-                                j,
-                                e.value,
-                                "own_label",
-                                own_ppl,
-                            ),
-                        )
-                    )
-        fluent = [(s, m) for s, m in steer_ms if m["ppl_ratio"] <= p.ppl_ratio_max]
-        best = max(fluent, key=lambda sm: (sm[1]["share"], -sm[0])) if fluent else None
-        rand_at = dict(rand_ms)
-        summary_latents.append({
-            "latent": j, "label": pick["label"], "baseline_share": base_m["share"],
-            "baseline_vocab_mass": base_m["vocab_mass"], "baseline_perplexity": base_ppl,
-            "best_strength": best[0] if best else None,
-            "best_share": best[1]["share"] if best else None,
-            "best_vocab_mass": best[1]["vocab_mass"] if best else None,
-            "best_ppl_ratio": best[1]["ppl_ratio"] if best else None,
-            "max_share": max(m["share"] for _, m in steer_ms),
-            "random_latent": r,
-            "random_share_at_best": rand_at[best[0]]["share"] if best and best[0] in rand_at else None,
-            "random_max_shift": max((abs(m["share"] - base_m["share"]) for _, m in rand_ms), default=None),
-        })  # fmt: skip
+                record(own_base, pick, "own_label", "own_label", own_ppl)
+                sweep(pick, "own_label", j, 1.0, own_prompts, "own_label", own_ppl)
+        summary_latents.append(
+            _latent_summary(j, pick["label"], base_m, steer_ms, rand_ms, r, p.ppl_ratio_max)
+        )
     table = pd.DataFrame(rows)
     generations = pd.concat(gen_frames, ignore_index=True)
     summary = {
@@ -788,6 +752,7 @@ def evaluate_steering(
         "positions": p.positions,
         "strengths": list(p.strengths),
         "n_prompts": len(prompts),
+        "ppl_ratio_max": p.ppl_ratio_max,
         "classifier": classifier.describe(),
         "latents": summary_latents,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -799,60 +764,66 @@ def evaluate_steering(
 _STYLE = {"steer": "-", "random": "--", "own_label": ":", "alpha0": "none"}
 
 
-def plot_sweep(table: pd.DataFrame) -> Figure:
+def plot_sweep(table: pd.DataFrame, ppl_ratio_max: float | None = 2.0) -> Figure:
     """Effect against perplexity: classifier share (left) and target-vocabulary mass (right)
     against perplexity under the unsteered model, one line per latent and per control
-    (strengths annotated; the unsteered point starts each line)."""
+    (strengths annotated; each line starts at its unsteered point, a black star). The dashed
+    line marks ``ppl_ratio_max`` x the unsteered perplexity of the neutral prompts."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     from integral_superposition.viz.figures import label_color, new_figure
 
-    fig = new_figure(figsize=(11.0, 4.4))
+    fig = new_figure(figsize=(11.0, 4.6))
     axes = fig.subplots(1, 2)
+    cols = ("share", "vocab_mass")
     labels = list(dict.fromkeys(table["label"].astype(str)))
     for (lat, control), g in table.groupby(["latent", "control"], sort=False):
         if control == "unsteered":
             continue
-        sub = table[(table["latent"] == lat)]
-        prompt_set = g["prompts"].iloc[0]
+        sub = table[table["latent"] == lat]
         start = sub[
-            (sub["control"].isin(["unsteered", "own_label"]))
+            sub["control"].isin(["unsteered", "own_label"])
             & sub["strength"].isna()
-            & (sub["prompts"] == prompt_set)
+            & (sub["prompts"] == g["prompts"].iloc[0])
         ]
-        g = g.sort_values("strength")
-        pts = pd.concat([start, g]) if control != "alpha0" else g
-        color = label_color(labels.index(str(g["label"].iloc[0])))
-        name = f"{lat} ({g['label'].iloc[0]})" + ("" if control == "steer" else f" {control}")
-        for ax, col in zip(axes, ("share", "vocab_mass"), strict=True):
-            ax.plot(
-                pts["perplexity"], pts[col], linestyle=_STYLE.get(control, "-"),
-                marker="x" if control == "alpha0" else "o", color=color, label=name, alpha=0.9,
-                markersize=7 if control == "alpha0" else 4,
-            )  # fmt: skip
+        g = g[g["strength"].notna()].sort_values("strength")
+        pts = g if control == "alpha0" else pd.concat([start, g])
+        label = str(g["label"].iloc[0])
+        name = f"{lat} ({label})" + ("" if control == "steer" else f" {control}")
+        style = dict(
+            linestyle=_STYLE.get(control, "-"), marker="x" if control == "alpha0" else "o",
+            markersize=7 if control == "alpha0" else 4, color=label_color(labels.index(label)),
+            label=name, alpha=0.9,
+        )  # fmt: skip
+        for ax, col in zip(axes, cols, strict=True):
+            ax.plot(pts["perplexity"], pts[col], **style)
             if control == "steer":
-                for _, r in g.iterrows():
+                for x, y, s in zip(g["perplexity"], g[col], g["strength"], strict=True):
                     ax.annotate(
-                        f"{r['strength']:g}",
-                        (r["perplexity"], r[col]),
-                        fontsize=7,
-                        xytext=(3, 3),
-                        textcoords="offset points",
+                        f"{s:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
                     )
-    for _lat, sub in table[table["control"] == "unsteered"].groupby("latent", sort=False):
-        for ax, col in zip(axes, ("share", "vocab_mass"), strict=True):
-            ax.plot(
-                sub["perplexity"],
-                sub[col],
-                marker="*",
-                markersize=11,
-                color="black",
-                linestyle="none",
+    base = table[table["control"] == "unsteered"]
+    for ax, col in zip(axes, cols, strict=True):
+        ax.plot(
+            base["perplexity"],
+            base[col],
+            marker="*",
+            markersize=11,
+            color="black",
+            linestyle="none",
+        )
+        if ppl_ratio_max and len(base):
+            ax.axvline(
+                ppl_ratio_max * base["perplexity"].iloc[0], color="grey", linestyle="--", lw=1
             )
-    axes[0].set_ylabel("classifier share of the target label")
-    axes[1].set_ylabel("next-token mass on the target vocabulary")
-    for ax in axes:
         ax.set_xlabel("perplexity under the unsteered model")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
+    axes[0].set_ylabel("classifier share of the target label")
+    axes[1].set_ylabel("next-token mass on the target vocabulary")
     axes[0].set_ylim(-0.02, 1.02)
     handles, names = axes[0].get_legend_handles_labels()
     uniq = dict(zip(names, handles, strict=True))
@@ -864,8 +835,10 @@ def plot_sweep(table: pd.DataFrame) -> Figure:
         fontsize=7,
         frameon=False,
     )
-    fig.suptitle("Steering sweep (star: unsteered; numbers: strength)", fontsize=10)
-    fig.subplots_adjust(bottom=0.32, wspace=0.28)
+    title = "Steering sweep (star: unsteered; numbers: strength"
+    title += f"; dashed: {ppl_ratio_max:g}x unsteered perplexity)" if ppl_ratio_max else ")"
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(bottom=0.18 + 0.03 * ((len(uniq) - 1) // 4), wspace=0.25)
     return fig
 
 
@@ -1026,7 +999,7 @@ class SteeringResult:
 
     def figure(self) -> Figure:
         """The sweep plot, redrawn from the table (the PNG/SVG are ``read('sweep.png')``)."""
-        return plot_sweep(self.sweep)
+        return plot_sweep(self.sweep, self.summary.get("ppl_ratio_max"))
 
 
 def load_steering(uri: str, storage_options: Mapping[str, Any] | None = None) -> SteeringResult:

@@ -319,7 +319,6 @@ class _Tracker:
         self.prompt_ids: torch.Tensor | None = None
         self.prompt_len = 0
         self.step: _Step | None = None
-        self.counts = {"prompt": 0, "generated": 0}
 
     def __call__(self, _module, args, kwargs) -> None:
         ids = kwargs.get(
@@ -367,7 +366,9 @@ class _Tracker:
             return
         content = real
         if self.special is not None and ids is not None:
-            content = real & ~torch.isin(ids, self.special.to(device))
+            if self.special.device != device:
+                self.special = self.special.to(device)
+            content = real & ~torch.isin(ids, self.special)
         is_prompt = torch.arange(T, device=device) < n_prompt_cols  # [T]
         sel = torch.zeros(B, T, dtype=torch.bool, device=device)
         if "prompt" in self.sets and n_prompt_cols > 0:

@@ -1,0 +1,235 @@
+"""Orchestration overhead of the smoke experiment, and the wall time of ``isup run`` on the
+defaults.
+
+1. Overhead: the smoke experiment as ``experiment_flow`` (every task, artifact, event and
+   result record, against a local Prefect server) and as the same library calls made
+   directly, alternated in one process on fresh output folders. Overhead = flow time minus
+   direct time. Goal: under 10% of the flow time, or under 15 s. The cached rerun is timed
+   too.
+2. With ``--defaults``: ``isup run`` exactly as the README runs it (console script, no
+   Prefect server configured, the embedded defaults), its wall time and each step's time.
+   Goal: under 15 minutes on this machine.
+
+    python bench/bench_orchestration.py [--repeats 2] [--defaults]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from common import OUT, machine
+
+
+def direct(cfg, root: Path) -> dict[str, float]:
+    """The library calls ``experiment_flow`` makes for ``cfg``, without Prefect."""
+    from integral_superposition import storage
+    from integral_superposition.analysis.run import run_analysis
+    from integral_superposition.backends import load_backend
+    from integral_superposition.data.datasets import dataset_fingerprint, label_mapping
+    from integral_superposition.dump import combine_dumps, dump_layer_activations
+    from integral_superposition.merge import run_merge
+    from integral_superposition.sae.train import train_saes
+    from integral_superposition.steering.evaluate import run_steering_eval, steering_section
+    from integral_superposition.tasks.dump import partition_name
+    from integral_superposition.tasks.refs import OutputRef, RunLocation
+    from integral_superposition.tasks.report import _merge_section, _write_summary_table
+    from integral_superposition.viz.report import build_report, markdown_summary
+
+    t: dict[str, float] = {}
+    run = root / cfg.name / "direct"
+    loc = RunLocation(storage=str(root), experiment=cfg.name, run="direct")
+
+    def lap(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        t[name] = t.get(name, 0.0) + now - t0
+        return now
+
+    t0 = time.perf_counter()
+    df = cfg.data.load()
+    labels = label_mapping(df[cfg.data.label_col])
+    dataset_fingerprint(df, cfg.data.text_col, cfg.data.label_col)
+    t0 = lap("data", t0)
+    backend = load_backend(cfg.model.model_id, dtype=cfg.model.dtype)
+    acts = str(run / cfg.paths.shards_dir)
+    n = cfg.fanout.partitions
+    kw = dict(label_names=labels, progress=False)
+    if n == 1:
+        dump_layer_activations(
+            df, cfg.data.text_col, cfg.data.label_col, backend, cfg.dump, acts, **kw
+        )
+    else:
+        parts = []
+        for i in range(n):
+            part = str(Path(acts) / partition_name(i, n))
+            dump_layer_activations(
+                df,
+                cfg.data.text_col,
+                cfg.data.label_col,
+                backend,
+                cfg.dump,
+                part,
+                partition=(i, n),
+                **kw,
+            )
+            parts.append(part)
+        combine_dumps(parts, acts)
+    t0 = lap("dump", t0)
+    jobs = cfg.sae_jobs()
+    saes = [str(run / cfg.paths.sae_path / j.name) for j in jobs]
+    train_saes(
+        [acts],
+        [j.cfg for j in jobs],
+        saes,
+        checkpoint_uri=str(run / "checkpoints" / "x"),
+        progress=False,
+    )
+    t0 = lap("train", t0)
+    analyses, merges, steers = [], [], []
+    for j, sae in zip(jobs, saes, strict=True):
+        out = str(run / "analysis" / j.name)
+        m = run_analysis(sae, acts, out, cfg.analysis, backend=backend)
+        analyses.append(OutputRef.from_manifest("analysis", j.name, out, m))
+        t0 = lap("analyze", t0)
+        if cfg.steps.merge:
+            out = str(run / "merge" / j.name)
+            m = run_merge(sae, acts, out, cfg.merge, backend=backend)
+            merges.append(OutputRef.from_manifest("merge", j.name, out, m, **{
+                k: m["merge"].get(k) for k in ("n_latents_before", "n_latents_after")}))  # fmt: skip
+            t0 = lap("merge", t0)
+        if cfg.steps.steer_eval:
+            out = str(run / "steering" / j.name)
+            run_steering_eval(sae, acts, out, cfg.steering, backend=backend)
+            steers.append(out)
+            t0 = lap("steer_eval", t0)
+    sections = [_merge_section(r, None) for r in merges[:1]] + [
+        steering_section(s) for s in steers[:1]
+    ]
+    build_report(
+        str(run / "report"),
+        *sections,
+        analysis=analyses[0].uri,
+        sae=saes[0],
+        config=cfg.public_dict(),
+    )
+    _write_summary_table(analyses, loc, cfg.paths.summary_csv)
+    markdown_summary(analyses[0].uri, *sections, figure_width=cfg.report.figure_width)
+    storage.write_json(str(run / "run.json"), {"done": True})
+    lap("report", t0)
+    return t
+
+
+def flow_steps(result) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in result.steps:
+        key = "dump" if s.step == "combine" else s.step
+        # partition tasks run concurrently: count the step's span as its longest task
+        out[key] = (
+            max(out.get(key, 0.0), s.seconds or 0.0)
+            if s.step == "dump"
+            else out.get(key, 0.0) + (s.seconds or 0.0)
+        )
+    return out
+
+
+def overhead(repeats: int) -> None:
+    from integral_superposition.experiment import load_preset
+    from integral_superposition.flows.experiment import experiment_flow
+    from integral_superposition.tasks.backends import clear_backends
+    from prefect.testing.utilities import prefect_test_harness
+
+    print(f"machine: {machine()}")
+    with prefect_test_harness(server_startup_timeout=180), tempfile.TemporaryDirectory() as tmp:
+        base = load_preset("smoke")
+        # warm-up: imports, the tiny model's first build, the server's first requests
+        direct(base, Path(tmp) / "warmup-direct")
+        experiment_flow(
+            base.model_copy(update={"storage": str(Path(tmp) / "warmup-flow"), "run": "w"})
+        )
+        d_times, f_times, cached_times = [], [], []
+        d_steps, f_steps = {}, {}
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            d_steps = direct(base, Path(tmp) / f"direct-{r}")
+            d_times.append(time.perf_counter() - t0)
+            clear_backends()  # the flow loads its model again, as the direct run did
+            cfg = base.model_copy(update={"storage": str(Path(tmp) / f"flow-{r}"), "run": "a"})
+            t0 = time.perf_counter()
+            res = experiment_flow(cfg)
+            f_times.append(time.perf_counter() - t0)
+            f_steps = flow_steps(res)
+            t0 = time.perf_counter()
+            again = experiment_flow(cfg.model_copy(update={"run": "b"}))
+            cached_times.append(time.perf_counter() - t0)
+            assert again.all_cached
+        d, f = statistics.median(d_times), statistics.median(f_times)
+        print(f"\nsmoke experiment, {repeats} alternated repeats (median):")
+        print(f"  library calls directly : {d:6.1f} s   {[round(x, 1) for x in d_times]}")
+        print(f"  experiment_flow        : {f:6.1f} s   {[round(x, 1) for x in f_times]}")
+        print(
+            f"  overhead               : {f - d:6.1f} s = {100 * (f - d) / f:.1f}% of the flow time "
+            f"(goal: < 10% or < 15 s: {'met' if (f - d) < 15 or (f - d) / f < 0.10 else 'NOT met'})"
+        )
+        print(
+            f"  cached rerun (all {len(res.steps)} tasks Cached): {statistics.median(cached_times):.1f} s"
+        )
+        print("\n  step         direct s   flow task s")
+        for k in d_steps:
+            print(f"  {k:<12} {d_steps[k]:8.1f}   {f_steps.get(k, float('nan')):8.1f}")
+
+
+def defaults_wall_time() -> None:
+    print(f"\nmachine: {machine()}")
+    root = Path(tempfile.mkdtemp(prefix="isup-defaults-", dir=OUT if OUT.exists() else None))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_HOME": str(root / "prefect-home"), "HF_HUB_OFFLINE": "1"})
+    isup = Path(sys.executable).with_name("isup")
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(isup), "run", "--storage", str(root / "runs")], cwd=root, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        raise SystemExit(f"isup run failed ({proc.returncode})")
+    run = next((root / "runs" / "demo").iterdir())
+    index = json.loads((run / "run.json").read_text())
+    print(
+        f"`isup run` on the defaults: wall time {wall:.0f} s ({wall / 60:.1f} min; goal < 15 min: "
+        f"{'met' if wall < 900 else 'NOT met'})"
+    )
+    for s in index["steps"]:
+        print(f"  {s['step']:<11} {s['name']:<22} {s['state']:<10} {s['seconds'] or 0:7.1f} s")
+    flow_total = sum(s["seconds"] or 0 for s in index["steps"])
+    print(
+        f"  sum of task times {flow_total:.0f} s; the rest is start-up (imports, the temporary "
+        "Prefect server) and Prefect bookkeeping"
+    )
+    print(f"  report: {index['report_uri']}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--defaults", action="store_true", help="also time `isup run` on the defaults")
+    p.add_argument("--only-defaults", action="store_true")
+    a = p.parse_args()
+    if not a.only_defaults:
+        overhead(a.repeats)
+    if a.defaults or a.only_defaults:
+        defaults_wall_time()
+
+
+if __name__ == "__main__":
+    main()

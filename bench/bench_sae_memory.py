@@ -1,0 +1,129 @@
+"""Peak memory of SAE training at two dataset sizes: it must not grow with the tokens.
+
+Two activation stores cut from the real ag_news activations (gemma-3-270m, layer 9, bf16):
+the first half of the documents and all of them. Each child process trains one TopK SAE
+(d_sae = 4096, k = 32, batch 4096) for one epoch over its store, evaluates it on the held-out
+split and publishes it, while a thread samples ``/proc/self/status``. Reported per size:
+
+- ``VmHWM``: the kernel's peak resident set (anonymous memory plus mapped file pages);
+- peak ``RssAnon``: the process's own memory (tensors, buffers, optimizer state);
+- peak ``RssFile``: pages of memory-mapped files (the store's shards are read through
+  ``np.memmap``; these are clean page-cache pages the kernel can drop at any time).
+
+    python bench/bench_sae_memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from common import OUT, ag_news_store, machine
+
+from integral_superposition.storage import verify_output
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def child(uri: str) -> None:
+    import torch
+
+    from integral_superposition import SAEConfig
+    from integral_superposition.dump import ActivationStore
+    from integral_superposition.sae.train import train_saes
+
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for k in peaks:
+                peaks[k] = max(peaks[k], _status_kib(k))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    store = ActivationStore(uri)
+    cfg = SAEConfig(k=4096, architecture="topk", top_k=32, batch_size=4096, epochs=1.0)
+    t = time.time()
+    (res,) = train_saes(store, [cfg], [uri + "_sae"], progress=False)
+    done.set()
+    th.join()
+    print(
+        json.dumps(
+            {
+                "n_tokens": store.n_tokens,
+                "steps": res.steps,
+                "tokens": res.tokens,
+                "seconds": time.time() - t,
+                "VmHWM_MiB": _status_kib("VmHWM") / 1024,
+                "RssAnon_MiB": peaks["RssAnon"] / 1024,
+                "RssFile_MiB": peaks["RssFile"] / 1024,
+                "fvu": res.metrics["fvu"],
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+def stores() -> list[str]:
+    """The half and full stores (written once, cached under bench/out/sae_memory/)."""
+    from integral_superposition.dump.synthetic import write_activation_store
+
+    src = ag_news_store()
+    doc = src.doc_ids
+    half = int(np.searchsorted(doc, doc[len(doc) // 2]))  # a document boundary
+    uris = []
+    for name, n in (("half", half), ("full", src.n_tokens)):
+        uri = str(OUT / "sae_memory" / name)
+        if not verify_output(uri):
+            write_activation_store(
+                src.read(0, n), uri, doc_ids=doc[:n], token_ids=src.token_ids[:n],
+                labels=src.labels[:n], label_names=src.label_names, dtype="bf16",
+                rows_per_shard=65536, model_name="gemma-3-270m",
+            )  # fmt: skip
+        uris.append(uri)
+    return uris
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    print(machine())
+    rows = []
+    for uri in stores():
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", uri], capture_output=True, text=True, check=True
+        )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print("\n| tokens in store | steps | VmHWM MiB | peak RssAnon MiB | peak RssFile MiB | s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['n_tokens']} | {r['steps']} | {r['VmHWM_MiB']:.0f} | {r['RssAnon_MiB']:.0f} | "
+            f"{r['RssFile_MiB']:.0f} | {r['seconds']:.0f} |"
+        )
+    a, b = rows
+    print(
+        f"\n{b['n_tokens'] / a['n_tokens']:.2f}x the tokens: VmHWM x{b['VmHWM_MiB'] / a['VmHWM_MiB']:.2f}, "
+        f"RssAnon x{b['RssAnon_MiB'] / a['RssAnon_MiB']:.2f}, RssFile x{b['RssFile_MiB'] / max(1, a['RssFile_MiB']):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

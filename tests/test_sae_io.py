@@ -1,0 +1,183 @@
+"""Saving and loading SAEs: our folders (local and S3), SAELens, sparsify and legacy files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from integral_superposition import SAEConfig, storage
+from integral_superposition.dump.synthetic import (
+    sparse_dictionary_activations,
+    write_activation_store,
+)
+from integral_superposition.sae import (
+    ARCHITECTURES,
+    SparseAutoencoder,
+    load_sae,
+    load_sparsity,
+    read_sae_manifest,
+    save_sae,
+)
+from integral_superposition.sae.train import train_saes
+from safetensors.torch import save_file
+
+D = 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from threads, and thread hand-offs dominate on busy CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One quickly trained SAE per architecture (real biases, thresholds and scale folding)."""
+    x, _ = sparse_dictionary_activations(3000, D, 40, seed=9)
+    root = tmp_path_factory.mktemp("io")
+    store = write_activation_store(x * 50 + 7, str(root / "acts"))
+    cfgs = [
+        SAEConfig(k=48, architecture=a, top_k=6, batch_size=100, epochs=1, lr=5e-3, l1=0.05,
+                  jumprelu_init_threshold=0.05, jumprelu_bandwidth=0.05)
+        for a in ARCHITECTURES
+    ]  # fmt: skip
+    res = train_saes(store, cfgs, [str(root / a) for a in ARCHITECTURES], progress=False)
+    batch = store.read(0, 256).float()
+    return {a: r.uri for a, r in zip(ARCHITECTURES, res, strict=True)}, batch
+
+
+def _same(a: SparseAutoencoder, b: SparseAutoencoder, x: torch.Tensor) -> None:
+    assert (a.architecture, a.d_in, a.d_sae, a.top_k) == (b.architecture, b.d_in, b.d_sae, b.top_k)
+    with torch.no_grad():
+        assert torch.equal(a.encode(x), b.encode(x))
+        assert torch.equal(a.reconstruct(x), b.reconstruct(x))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_round_trip_local(trained, tmp_path, arch):
+    uris, x = trained
+    sae = load_sae(uris[arch])
+    assert sorted(os.listdir(uris[arch])) == [
+        "cfg.json", "manifest.json", "sae_weights.safetensors", "sparsity.safetensors",
+    ]  # fmt: skip
+    out = save_sae(sae, str(tmp_path / "copy"), metadata={"model_name": "m"})
+    back = load_sae(out)
+    _same(sae, back, x)
+    assert back.metadata["model_name"] == "m"
+    assert storage.verify_output(out, deep=True)
+
+
+def test_round_trip_s3(trained, s3_bucket):
+    uris, x = trained
+    bucket, opts = s3_bucket
+    for arch in ARCHITECTURES:
+        sae = load_sae(uris[arch])
+        uri = save_sae(
+            sae, f"{bucket}/saes/{arch}", storage_options=opts, sparsity=load_sparsity(uris[arch])
+        )
+        _same(sae, load_sae(uri, storage_options=opts), x)
+        assert torch.equal(load_sparsity(uri, opts), load_sparsity(uris[arch]))
+        assert read_sae_manifest(uri, opts)["kind"] == "sae"
+
+
+def test_train_to_s3_with_s3_checkpoints(s3_bucket):
+    bucket, opts = s3_bucket
+    x, _ = sparse_dictionary_activations(2000, D, 40, seed=4)
+    store = write_activation_store(x, f"{bucket}/acts", storage_options=opts)
+    cfg = SAEConfig(
+        k=32, architecture="topk", top_k=4, batch_size=100, epochs=1, checkpoint_every=5
+    )
+    (res,) = train_saes(store, [cfg], [f"{bucket}/sae"], checkpoint_uri=f"{bucket}/ckpt",
+                        storage_options=opts, progress=False)  # fmt: skip
+    assert load_sae(res.uri, storage_options=opts).architecture == "topk"
+    assert not storage.exists(f"{bucket}/ckpt", opts)
+    assert read_sae_manifest(res.uri, opts)["activation_manifest_hash"] == store.content_hash
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_saelens_loads_our_saes(trained, arch):
+    """SAELens itself (installed in the same environment) reads our folders."""
+    sae_lens = pytest.importorskip("sae_lens")
+    uris, x = trained
+    ours = load_sae(uris[arch])
+    theirs = sae_lens.SAE.load_from_disk(uris[arch], device="cpu")
+    expected = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+    assert theirs.cfg.architecture() == expected[arch]
+    with torch.no_grad():
+        z_ours, z_theirs = ours.encode(x), theirs.encode(x)
+        assert float((z_ours - z_theirs).abs().max()) <= 1e-5
+        assert (z_ours > 0).float().sum(-1).mean() > 0  # a non-trivial code
+        assert float((ours.decode(z_ours) - theirs.decode(z_ours)).abs().max()) <= 1e-5
+
+
+def test_pt_path_explains_and_writes_a_folder(tmp_path):
+    sae = SparseAutoencoder(8, 16)
+    with pytest.warns(UserWarning, match="never as a pickle"):
+        out = save_sae(sae, str(tmp_path / "sae_weights.pt"))
+    assert out == str(tmp_path / "sae_weights") and os.path.isdir(out)
+    assert not os.path.exists(tmp_path / "sae_weights.pt")
+    # the seed's load_sae("sae_weights.pt") finds the folder written in its place
+    x = torch.randn(4, 8)
+    assert torch.equal(load_sae(str(tmp_path / "sae_weights.pt")).encode(x), sae.encode(x))
+
+
+def test_legacy_state_dict_is_read_with_weights_only(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    enc_w, enc_b = torch.randn(16, 8, generator=g), torch.randn(16, generator=g)
+    dec_w, dec_b = torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    path = tmp_path / "seed.pt"
+    torch.save(
+        {"enc.weight": enc_w, "enc.bias": enc_b, "dec.weight": dec_w, "dec.bias": dec_b}, path
+    )
+    sae = load_sae(str(path))
+    x = torch.randn(5, 8, generator=g)
+    z = torch.relu(x @ enc_w.T + enc_b)  # the seed's forward
+    with torch.no_grad():
+        assert torch.allclose(sae.encode(x), z, atol=1e-5)
+        assert torch.allclose(sae.decode(z), z @ dec_w.T + dec_b, atol=1e-5)
+    assert torch.equal(sae.dec.weight, dec_w)
+
+
+class _Payload:
+    def __reduce__(self):  # what a malicious pickle would run
+        return (os.system, ("echo pwned",))
+
+
+def test_legacy_file_with_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"enc.weight": torch.zeros(2, 2), "x": _Payload()}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_sae(str(path))
+
+
+def test_sparsify_folder(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    d_sae, k = 32, 4
+    t = {
+        "encoder.weight": torch.randn(d_sae, D, generator=g),
+        "encoder.bias": torch.randn(d_sae, generator=g),
+        "W_dec": torch.randn(d_sae, D, generator=g),
+        "b_dec": torch.randn(D, generator=g),
+    }
+    folder = tmp_path / "layers.6"
+    folder.mkdir()
+    save_file(t, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"k": k, "num_latents": d_sae, "d_in": D}))
+    sae = load_sae(str(folder))
+    assert sae.architecture == "topk" and sae.top_k == k
+    x = torch.randn(6, D, generator=g)
+    pre = (x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"]  # sparsify's encoder
+    top = pre.topk(k, dim=-1)
+    expected = torch.relu(top.values).unsqueeze(-1).mul(t["W_dec"][top.indices]).sum(1) + t["b_dec"]
+    with torch.no_grad():
+        assert torch.allclose(sae.reconstruct(x), expected, atol=1e-4)
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"sae_weights\.safetensors"):
+        load_sae(str(tmp_path / "nothing"))
