@@ -13,7 +13,36 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+# Prefect binds its console log handlers to whatever sys.stderr is when logging is set up:
+# at import, and again whenever Prefect's own CLI runs in-process. Import it here, under
+# pytest's session-long capture, and rebind handlers left on a stream that a CliRunner has
+# since closed (later flow logs would fail with "I/O operation on closed file").
+import prefect  # noqa: F401
 import pytest
+
+
+def _rebind_prefect_console_handlers() -> None:
+    import logging
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, PrefectConsoleHandler) and getattr(h.stream, "closed", False):
+                h.setStream(sys.stderr)
+                h.console.file = sys.stderr
+
+
+@pytest.fixture(autouse=True)
+def _prefect_logs_on_a_live_stream():
+    _rebind_prefect_console_handlers()
+    yield
+    _rebind_prefect_console_handlers()
+
 
 TINY_FAMILIES = ("gemma", "llama", "mistral", "qwen", "gpt2", "gpt_neox", "bert")
 CAUSAL_FAMILIES = tuple(f for f in TINY_FAMILIES if f != "bert")

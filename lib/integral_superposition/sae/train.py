@@ -494,6 +494,7 @@ class _Trainee:
             "aux_loss": a[4] / self.scale**2,
             "sparsity_loss": a[5],
             "dead_frac": float(self.dead_mask().float().mean()),
+            "tokens_per_step": a[6],  # after the outlier filter
             "lr": lr_at(self.cfg, max(0, step - 1), total),
             "sparsity_coef": sparsity_coef_at(self.cfg, max(0, step - 1), total),
         }
@@ -704,6 +705,7 @@ def _init_trainee(t: _Trainee, sample: torch.Tensor, init_b_dec: bool) -> None:
 
 
 # -- the training loop -------------------------------------------------------------------------
+@torch.enable_grad()  # training works even when the caller sits inside no_grad/inference code
 def _run(
     source,
     trainees: list[_Trainee],
