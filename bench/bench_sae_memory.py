@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 from common import OUT, ag_news_store, machine
-
 from integral_superposition.storage import verify_output
 
 
@@ -38,7 +37,6 @@ def _status_kib(field: str) -> int:
 
 def child(uri: str) -> None:
     import torch
-
     from integral_superposition import SAEConfig
     from integral_superposition.dump import ActivationStore
     from integral_superposition.sae.train import train_saes

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from common import OUT, ag_news_store, gemma, machine, peak_rss_mb
-
 from integral_superposition import SAEConfig
 from integral_superposition.sae import evaluate_sae, load_sae
 from integral_superposition.sae.train import train_saes
@@ -39,14 +38,16 @@ def our_configs(args) -> dict[str, SAEConfig]:
         k=D_SAE, batch_size=args.batch, epochs=args.epochs, lr=args.lr, lr_warmup_steps=50,
         dead_tokens=args.dead_tokens, log_every=50, seed=0,
     )  # fmt: skip
+    jump = dict(
+        l1=args.jumprelu_l0,
+        jumprelu_bandwidth=args.bandwidth,
+        jumprelu_init_threshold=args.init_threshold,
+    )
     return {
         "relu": SAEConfig(architecture="relu", l1=args.relu_l1, **common),
         "topk": SAEConfig(architecture="topk", top_k=TOP_K, **common),
         "batchtopk": SAEConfig(architecture="batchtopk", top_k=TOP_K, **common),
-        "jumprelu": SAEConfig(
-            architecture="jumprelu", l1=args.jumprelu_l0, jumprelu_bandwidth=args.bandwidth,
-            jumprelu_init_threshold=args.init_threshold, **common,
-        ),  # fmt: skip
+        "jumprelu": SAEConfig(architecture="jumprelu", **jump, **common),
     }
 
 

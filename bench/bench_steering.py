@@ -6,9 +6,10 @@
    forwards equal. Goal: steered time <= 1.15 x unsteered.
 2. Quality: the ag_news SAE (``common.ag_news_sae()``, layer 9); the latent most enriched for
    Sports and for Business (token-level q < 1e-3, ranked by document-level q); a strength
-   sweep over the neutral prompts with the controls. Goals: the classifier's target-label
-   share rises from its baseline to >= 0.6 with perplexity within 2x of unsteered; the
-   random-latent control moves the share by < 0.1.
+   sweep (clamp to strength x the latent's max activation on every prompt and generated
+   token) over the 12 neutral prompts x 3 sampled continuations of 32 tokens, with the
+   controls. Goals: the classifier's target-label share rises from its baseline to >= 0.6
+   with perplexity within 2x of unsteered; the random-latent control moves the share by < 0.1.
 
     python bench/bench_steering.py                       # both parts
     python bench/bench_steering.py --skip-quality
@@ -109,14 +110,15 @@ def main() -> None:
         "--latents", nargs="+", type=int, default=None, help="explicit latents (one per label)"
     )
     ap.add_argument("--per-label", type=int, default=1)
-    ap.add_argument("--strengths", nargs="+", type=float, default=[0.5, 1.0, 1.5])
+    ap.add_argument("--strengths", nargs="+", type=float, default=[0.25, 0.35, 0.5])
     ap.add_argument("--positions", nargs="+", default=["all"])
     ap.add_argument("--mode", default="clamp_max")
     ap.add_argument("--rank-by", default="doc_q")
-    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--samples", type=int, default=3, help="continuations per prompt")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--greedy", action="store_true")
-    ap.add_argument("--new-tokens", type=int, default=20)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=36)
     ap.add_argument("--controls", nargs="*", default=["alpha0", "random", "own_label"])
     ap.add_argument("--own-prompts", type=int, default=6)
     ap.add_argument("--tag", default="default")
@@ -125,6 +127,10 @@ def main() -> None:
     print(common.machine())
     sae_uri, store = common.ag_news_sae()
     sae = load_sae(sae_uri).eval()
+    m = read_sae_manifest(sae_uri).get("metrics", {})
+    print(
+        f"SAE {sae_uri}: {sae}; held-out FVU {m.get('fvu', float('nan')):.3f}, L0 {m.get('l0', float('nan')):.1f}"
+    )
     backend = common.gemma()  # bf16, as the store was dumped
     tok, doc, mx = enrichment(sae, sae_uri, store)
     picks = steering.pick_latents(
@@ -153,7 +159,7 @@ def main() -> None:
             strengths=args.strengths, positions=args.positions if len(args.positions) > 1 else args.positions[0],
             max_new_tokens=args.new_tokens, do_sample=not args.greedy, temperature=args.temperature,
             samples_per_prompt=args.samples, controls=args.controls, own_label_prompts=args.own_prompts,
-            batch_size=16,
+            batch_size=args.batch_size,
         )  # fmt: skip
         t = time.time()
         result = ev.evaluate_steering(

@@ -20,7 +20,6 @@ import argparse
 import os
 
 import torch
-
 from integral_superposition import DumpConfig, SAEConfig, backends, data, dump, sae, storage
 
 

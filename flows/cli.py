@@ -51,6 +51,14 @@ def _console():
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
+def _table(**kwargs):
+    """A rich table: boxed on a terminal, plain columns when piped (logs, grep)."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(box=box.HEAVY_HEAD if sys.stdout.isatty() else box.SIMPLE, **kwargs)
+
+
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
@@ -117,10 +125,9 @@ def _prefect_hint(flow_run_id: str | None) -> str:
 
 def _print_run(result, flow_run_id: str | None, wall_s: float) -> None:
     from integral_superposition.tasks.ui import browser_url
-    from rich.table import Table
 
     con = _console()
-    t = Table(title="Steps")
+    t = _table(title="Steps")
     for col in ("step", "name", "state", "seconds", "output"):
         t.add_column(col, justify="right" if col == "seconds" else "left")
     for s in result.steps:
@@ -222,7 +229,8 @@ def dump(
 
     state, fr_id = _run_flow(dump_flow, cfg=cfg, show_progress=sys.stderr.isatty())
     ref = _finish(state, fr_id)
-    _console().print(f"activation store: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
+    # plain echo: rich would wrap (or mark up) long paths and JSON
+    typer.echo(f"activation store: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
 
 
 @app.command()
@@ -247,9 +255,7 @@ def train(
     )
     refs = _finish(state, fr_id)
     for r in refs:
-        _console().print(
-            f"{r.name}: {r.uri}\n  {json.dumps(r.summary.get('metrics', {}), default=str)}"
-        )
+        typer.echo(f"{r.name}: {r.uri}\n  {json.dumps(r.summary.get('metrics', {}), default=str)}")
 
 
 def _params(model_cls, overrides: list[str] | None):
@@ -321,7 +327,7 @@ def merge(
         merge_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root
     )
     ref = _finish(state, fr_id)
-    _console().print(f"merged SAE: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
+    typer.echo(f"merged SAE: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
 
 
 @app.command("steer-eval")
@@ -438,14 +444,15 @@ def ls_runs(
 ) -> None:
     """List runs (newest last) and, with --outputs, what each produced or reused."""
     from integral_superposition.tasks.index import list_runs
-    from rich.table import Table
 
+    if "://" not in storage_root:  # runs record absolute local paths
+        storage_root = os.path.abspath(os.path.expanduser(storage_root))
     runs = list_runs(storage_root, experiment)
     con = _console()
     if not runs:
         con.print(f"no runs under {storage_root!r}")
         return
-    t = Table()
+    t = _table()
     for col in ("experiment", "run", "finished", "tasks", "cached", "report"):
         t.add_column(col)
     for r in runs:
@@ -461,7 +468,7 @@ def ls_runs(
             for s in r.get("steps", []):
                 out = s.get("output") or {}
                 where = out.get("uri", "")
-                tag = "" if where.startswith(r["run_root"]) else "  (reused)"
+                tag = "  (reused)" if where and not where.startswith(r["run_root"]) else ""
                 con.print(f"  {s['step']:<10} {s['name']:<28} {s['state']:<10} {where}{tag}")
 
 

@@ -209,7 +209,7 @@ def analyze_flow(
     opts = dict(storage_options or {})
     sae, store = _refs(sae_uri, store_uri, opts)
     loc = location_of(run_root or _parent(sae.uri, 2), opts)
-    model = _model_ref(model_id) if model_id else None
+    model = _model_ref(model_id, store, opts) if model_id else None
     ref = analyze_sae.with_options(**_standalone_options(loc))(
         sae, store, params or AnalysisParams(), loc, model=model
     )
@@ -231,7 +231,7 @@ def merge_flow(
     opts = dict(storage_options or {})
     sae, store = _refs(sae_uri, store_uri, opts)
     loc = location_of(run_root or _parent(sae.uri, 2), opts)
-    model = _model_ref(model_id) if model_id else None
+    model = _model_ref(model_id, store, opts) if model_id else None
     ref = merge_sae.with_options(**_standalone_options(loc))(
         sae, store, params or MergeParams(), loc, model=model
     )
@@ -251,8 +251,23 @@ def sae_model_id(sae_uri: str, storage_options: dict[str, Any] | None = None) ->
     return str(name)
 
 
-def _model_ref(model_id: str) -> ModelRef:
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _model_ref(
+    model_id: str, store: OutputRef | None = None, storage_options: dict[str, Any] | None = None
+) -> ModelRef:
+    """The model ``model_id``; when it is the model ``store`` was dumped from, in the dtype it
+    ran in then, so a step run on its own shares the experiment's cached results."""
     spec = ModelSpec(model_id=model_id)
+    if store is not None:
+        try:
+            dumped = storage.read_manifest(store.uri, storage_options).get("model") or {}
+        except (FileNotFoundError, OSError, ValueError):
+            dumped = {}
+        dtype = _DTYPES.get(str(dumped.get("dtype")))
+        if dumped.get("model_id") == model_id and dtype:
+            spec = ModelSpec(model_id=model_id, dtype=dtype)
     return ModelRef(spec=spec, stamp=model_stamp(spec))
 
 
@@ -270,7 +285,7 @@ def steer_eval_flow(
     opts = dict(storage_options or {})
     sae, store = _refs(sae_uri, store_uri, opts)
     loc = location_of(run_root or _parent(sae.uri, 2), opts)
-    model = _model_ref(model_id or sae_model_id(sae.uri, opts))
+    model = _model_ref(model_id or sae_model_id(sae.uri, opts), store, opts)
     ref = evaluate_steering.with_options(**_standalone_options(loc))(
         sae, store, params or SteeringParams(), loc, model=model
     )

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,8 @@ from integral_superposition.experiment import ModelSpec
 log = logging.getLogger(__name__)
 
 _BACKENDS: dict[str, tuple[Any, threading.Lock]] = {}
+LOAD_SECONDS: list[float] = []
+"""Seconds each model load of this process took (for benchmarks)."""
 _LOAD_LOCK = threading.Lock()
 
 
@@ -36,6 +39,7 @@ def load_backend(spec: ModelSpec) -> tuple[Any, threading.Lock]:
         if hit is None:
             from integral_superposition.backends import load_backend as _load
 
+            t0 = time.perf_counter()
             backend = _load(
                 spec.model_id,
                 dtype=spec.dtype,
@@ -44,6 +48,7 @@ def load_backend(spec: ModelSpec) -> tuple[Any, threading.Lock]:
                 trust_remote_code=spec.trust_remote_code,
             )
             hit = _BACKENDS[key] = (backend, threading.Lock())
+            LOAD_SECONDS.append(time.perf_counter() - t0)
     return hit
 
 

@@ -177,3 +177,113 @@ def test_store_source_and_tokenizer(demo_store, tiny_backend):
     ids, vals = top1_tokens_for_latents(sae, [0, 1], demo_store)
     assert (ids == demo_store.token_ids[top.rows[[0, 1], 0]]).all()
     np.testing.assert_allclose(vals, top.values[[0, 1], 0], rtol=1e-6)
+
+
+def _merged_sae(d=16, k=40):
+    base = _sae(d, k)
+    idx = torch.arange(k) % 25  # 40 member latents -> 25 merged latents
+    sae = SparseAutoencoder(d, 25, architecture="relu", seed=1, merge_index=idx, merge_mode="max")
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "b_dec"):
+            getattr(sae, name).copy_(getattr(base, name))
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu", "batchtopk", "jumprelu<0", "merged"])
+def test_sparse_encoder_matches_dense_encode(arch):
+    from integral_superposition.analysis.scan import SparseEncoder
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 16)
+    if arch == "merged":
+        sae = _merged_sae()
+    else:
+        sae = _sae(arch=arch.rstrip("<0"))
+        if arch == "jumprelu<0":  # a negative threshold: pre in (thr, 0] gives z <= 0, not active
+            with torch.no_grad():
+                sae.threshold.fill_(-0.2)
+    z = sae.encode(x).detach()
+    codes = SparseEncoder(sae)(x, reconstruct=True)
+    dense = torch.zeros_like(z)
+    dense[codes.t, codes.j] = codes.v
+    assert (codes.v > 0).all()
+    torch.testing.assert_close(dense, torch.where(z > 0, z, 0.0), rtol=0, atol=0)
+    torch.testing.assert_close(codes.x_hat, sae.decode(z).detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="encode_dtype='float16'"):
+        SparseEncoder(sae, "float16")
+
+
+@pytest.mark.parametrize("largest", [True, False])
+def test_select_buffer_with_many_merges_matches_sorting(largest):
+    """A pool limit far below one chunk forces a merge on every add; ties keep earlier rows."""
+    from integral_superposition.analysis.scan import _SelectBuffer
+
+    rng = np.random.default_rng(3)
+    K, n = 7, 5
+    buf = _SelectBuffer(K, n, largest, [np.int64], limit=3)
+    js, keys, rows = [], [], []
+    for c in range(12):
+        j = rng.integers(0, K - 1, 40)  # latent K-1 never gets an entry
+        key = rng.integers(1, 9, 40).astype(np.float32) / 10  # many exact ties
+        r = np.arange(40) + 40 * c
+        ok = buf.candidates(j, key)
+        buf.add(j[ok], key[ok], [r[ok]])
+        js.append(j), keys.append(key), rows.append(r)
+    j, key, r = np.concatenate(js), np.concatenate(keys), np.concatenate(rows)
+    got_k, (got_r,) = buf.result(-1.0, [-1])
+    for lat in range(K):
+        m = j == lat
+        order = np.lexsort((r[m], -key[m] if largest else key[m]))[:n]
+        exp_k = np.full(n, -1.0, np.float32)
+        exp_r = np.full(n, -1)
+        exp_k[: order.size], exp_r[: order.size] = key[m][order], r[m][order]
+        np.testing.assert_array_equal(got_k[lat], exp_k)
+        np.testing.assert_array_equal(got_r[lat], exp_r)
+
+
+def test_scan_statistics_match_brute_force_per_architecture():
+    for arch in ("relu", "topk", "jumprelu"):
+        torch.manual_seed(1)
+        x = torch.randn(700, 16)
+        sae = _sae(arch=arch)
+        z = sae.encode(x).detach().numpy()
+        doc = np.repeat(np.arange(70), 10)
+        labels = np.arange(700) % 3
+        src = ArraySource([x.numpy()], doc_ids=doc)
+        scan = scan_latents(
+            sae, src, n_top=4, labels=labels, hist_bins=16, doc_threshold=0.5,
+            metrics=True, chunk_tokens=128,
+        )  # fmt: skip
+        assert scan.top.fire_count.tolist() == (z > 0).sum(0).tolist()
+        np.testing.assert_allclose(scan.act_sum, z.sum(0), rtol=1e-5)
+        np.testing.assert_allclose(scan.act_max, z.max(0), rtol=1e-6)
+        l0 = np.bincount((z > 0).sum(1), minlength=sae.d_sae + 1)
+        assert scan.l0_counts.tolist() == l0.tolist()
+        dmax = z.reshape(70, 10, -1).max(1)
+        exp_pairs = np.argwhere(dmax > 0.5)
+        np.testing.assert_array_equal(scan.doc_pairs, exp_pairs)
+        h = scan.top.label_hist
+        for c in range(3):
+            assert h[:, c].sum(1).tolist() == (z[labels == c] > 0).sum(0).tolist()
+        ev = (
+            1
+            - ((x.numpy() - sae.decode(torch.from_numpy(z)).detach().numpy()) ** 2).sum()
+            / ((x.numpy() - x.numpy().mean(0)) ** 2).sum()
+        )
+        assert scan.metrics.explained_variance == pytest.approx(float(ev), rel=1e-4, abs=1e-5)
+        assert scan.metrics.fire_count.tolist() == scan.top.fire_count.tolist()
+        assert set(scan.timings) >= {"read", "encode", "select", "finish"}
+
+
+def test_bfloat16_encode_is_close_to_float32():
+    torch.manual_seed(2)
+    x = torch.randn(3000, 16)
+    sae = _sae(arch="topk")
+    a = topk_sets_per_latent(sae, x, "cpu", k=20)
+    b = topk_sets_per_latent(sae, x, "cpu", k=20, encode_dtype="bfloat16")
+    both = (a.values > 0) & (b.values > 0)
+    np.testing.assert_allclose(b.values[both], a.values[both], rtol=0.05, atol=0.02)
+    overlap = [len(a[j] & b[j]) / max(1, len(a[j] | b[j])) for j in range(sae.d_sae) if a[j]]
+    assert np.mean(overlap) > 0.8
+    with pytest.raises(ValueError, match="encode_dtype"):
+        topk_sets_per_latent(sae, x, "cpu", k=20, encode_dtype="int8")

@@ -118,7 +118,28 @@ def test_ls_lists_runs_and_outputs(cli_run):
     assert result.exit_code == 0, result.output
     assert "smoke" in result.output and "cli" in result.output
     assert str(storage / "smoke" / "cli" / "sae" / "layer2-topk-k128") in result.output
+    assert "(reused)" not in result.output  # every output of this run was made by it
     assert "no runs" in invoke("ls", str(storage / "nothing")).output
+
+
+@pytest.mark.prefect
+def test_dump_and_train_subcommands_reuse_the_runs_outputs(cli_run):
+    """``isup dump`` and ``isup train`` run the experiment's cached tasks: on the same inputs
+    they name the outputs of the ``isup run`` above instead of writing new ones."""
+    storage, _ = cli_run
+    root = storage / "smoke" / "cli"
+    same = ["--preset", "smoke", "--storage", str(storage), "--run", "steps",
+            "--set", "fanout.partitions=1"]  # fmt: skip
+    result = invoke("dump", *same)
+    assert result.exit_code == 0, result.output
+    assert f"activation store: {root / 'acts'}\n" in result.output
+    assert '"n_tokens": ' in result.output
+    result = invoke("train", *same, "--store", str(root / "acts"))
+    assert result.exit_code == 0, result.output
+    assert f"layer2-topk-k128: {root / 'sae' / 'layer2-topk-k128'}" in result.output
+    assert not (storage / "smoke" / "steps" / "sae").exists()
+    result = CliRunner().invoke(app, ["train", *same, "--store", str(storage / "no-store")])
+    assert result.exit_code == 1 and "no-store" in result.output
 
 
 @pytest.mark.prefect
@@ -186,7 +207,7 @@ def test_isup_run_on_gemma_as_the_readme_says(tmp_path):
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    runs = list((tmp_path / "runs" / "demo").iterdir())
+    runs = [p for p in (tmp_path / "runs" / "demo").iterdir() if not p.name.startswith(".")]
     assert len(runs) == 1
     report = runs[0] / "report" / "report.html"
     assert report.exists() and "layer6-topk-k512" in report.read_text()

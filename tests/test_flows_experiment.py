@@ -4,6 +4,7 @@ transient failures, and bad configs failing at once."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import errno
 import shutil
 import time
@@ -84,6 +85,53 @@ def test_smoke_experiment_runs_end_to_end(first_run):
     index = storage.read_json(storage.join(root, "run.json"))
     assert [s["step"] for s in index["steps"]] == steps
     assert storage.exists(storage.join(root, "results.csv"))
+
+
+def test_the_prefect_ui_gets_progress_tables_a_summary_and_events(first_run):
+    """Progress artifacts during dump and training, metrics tables, the markdown summary
+    (small PNGs, a link to the HTML report), and ``isup.sae.trained`` with the metrics."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    _, result, _ = first_run
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[result.flow_run_id]))
+        )
+    by_type: dict[str, list] = {}
+    for a in arts:
+        by_type.setdefault(a.type, []).append(a)
+    progress = {a.key for a in by_type.get("progress", [])}
+    assert any(k.startswith("dump-part-") for k in progress), progress
+    assert any(k.startswith("train-") for k in progress), progress
+    assert all(a.data == 100.0 for a in by_type["progress"])  # every one ran to the end
+    tables = {a.key for a in by_type.get("table", [])}
+    assert "sae-metrics-layer2-topk-k128" in tables and "experiment-metrics" in tables, tables
+    (summary,) = [a for a in by_type["markdown"] if a.key == "experiment-summary"]
+    assert "data:image/png;base64," in summary.data
+    assert f"file://{result.report_uri}" in summary.data
+    (link,) = [a for a in arts if a.key == "experiment-report"]  # stored as markdown
+    assert f"file://{result.report_uri}" in link.data
+
+    sae = result.outputs("sae")[0]
+    flt = EventFilter(
+        event=EventNameFilter(name=["isup.sae.trained"]),
+        occurred=EventOccurredFilter(since=_dt.datetime.now(_dt.UTC) - _dt.timedelta(hours=1)),
+    )
+    deadline = time.time() + 30  # events reach the server asynchronously
+    while True:
+        with get_client(sync_client=True) as client:
+            events = [e for e in client.read_events(flt, limit=50).events
+                      if e.payload.get("content_hash") == sae.content_hash]  # fmt: skip
+        if events or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert events, "no isup.sae.trained event for the trained SAE"
+    payload = events[0].payload
+    assert payload["uri"] == sae.uri and payload["metrics"] == sae.summary["metrics"]
+    assert {"fvu", "l0"} <= set(payload["metrics"]), payload["metrics"]
+    assert events[0].resource["isup.producer"] == "experiment"
 
 
 def test_second_run_has_every_task_cached(first_run):

@@ -13,7 +13,7 @@ from integral_superposition.tasks.policy import (
     is_transient,
     retry_transient,
 )
-from integral_superposition.tasks.refs import OutputRef, RunLocation
+from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 
 
 def _chained(outer: BaseException, cause: BaseException) -> BaseException:
@@ -152,3 +152,45 @@ def test_gpu_slot_takes_a_slot_only_when_the_limit_exists(prefect_api):
     assert held is True and active == 1
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("isup-test-gpu").active_slots == 0
+
+
+def test_model_spec_device_map_reaches_the_backend(monkeypatch):
+    """``model.device_map`` goes to the model's from_pretrained (accelerate's dispatch)."""
+    import transformers
+    from integral_superposition.experiment import ModelSpec
+    from integral_superposition.tasks.backends import clear_backends, load_backend, model_stamp
+
+    seen: list[dict] = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    spec = ModelSpec(model_id="tiny:gemma", dtype="fp32", device_map="auto")
+    assert spec.resolved_device_map() == "auto"
+    assert ModelSpec(model_id="tiny:gemma", device="cpu").resolved_device_map() is None
+    clear_backends()
+    try:
+        backend, lock = load_backend(spec)
+        assert seen and seen[-1]["device_map"] == "auto"
+        assert load_backend(spec)[0] is backend  # one model per spec and process
+        with lock:
+            out = backend.capture(*_ids(backend), backend.hook_points(["layer.1"]))
+        assert out["layer.1"].shape[-1] == backend.d_model
+    finally:
+        clear_backends()
+    # where a model runs does not change its cache identity; its weights' source does
+    plain = ModelSpec(model_id="tiny:gemma", dtype="fp32", device="cpu")
+    ident = ModelRef(spec=spec, stamp=model_stamp(spec)).cache_identity()
+    assert ident == ModelRef(spec=plain, stamp=model_stamp(plain)).cache_identity()
+    other = ModelSpec(model_id="tiny:llama", dtype="fp32")
+    assert ident != ModelRef(spec=other, stamp=model_stamp(other)).cache_identity()
+
+
+def _ids(backend):
+    import torch
+
+    ids = torch.tensor([backend.tokenizer("Stocks rally on rate hopes")["input_ids"]])
+    return ids, torch.ones_like(ids)

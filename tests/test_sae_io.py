@@ -117,7 +117,7 @@ def test_saelens_loads_our_saes(trained, arch):
 
 def test_pt_path_explains_and_writes_a_folder(tmp_path):
     sae = SparseAutoencoder(8, 16)
-    with pytest.warns(UserWarning, match="never as a pickle"):
+    with pytest.warns(UserWarning, match=r"never as a pickled \.pt file; writing the folder"):
         out = save_sae(sae, str(tmp_path / "sae_weights.pt"))
     assert out == str(tmp_path / "sae_weights") and os.path.isdir(out)
     assert not os.path.exists(tmp_path / "sae_weights.pt")

@@ -121,6 +121,9 @@ class AnalysisParams(BaseModel):
     """Tokens per chunk (default: about 64 MiB of latent activations)."""
     device: str = "auto"
     """Torch device for the SAE: ``auto`` (CUDA when available), ``cpu``, ``cuda:0``, ..."""
+    encode_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Encoder matmul precision of the scan: ``bfloat16`` is several times faster on CPUs with
+    AVX512-BF16/AMX and on GPUs, but near-equal activations can swap ranks."""
     seed: int = 0
     """Seed of the reservoir sampling, the firing sample and the 2-D map."""
 
@@ -371,6 +374,7 @@ def _run(
         mask=mask,
         chunk_tokens=chunk,
         device=p.device,
+        encode_dtype=p.encode_dtype,
         seed=p.seed,
         on_progress=lambda done, _total: prog.set(done),
     )
@@ -380,7 +384,14 @@ def _run(
 
     tokenizer = tokenizer_for(store, backend)
     examples = collect_examples(
-        sae, store, top, p.context_left, p.context_right, device=p.device, chunk_tokens=chunk
+        sae,
+        store,
+        top,
+        p.context_left,
+        p.context_right,
+        device=p.device,
+        chunk_tokens=chunk,
+        encode_dtype=p.encode_dtype,
     )
     prog.step("contexts")
 
@@ -601,6 +612,7 @@ def _run(
 
     summary["timings_s"] = dict(prog.timings)
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+    summary["scan_stages_s"] = {k: round(v, 3) for k, v in (scan.timings or {}).items()}
     pub.json("summary.json", summary)
     manifest = storage.write_manifest(
         out_uri,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import io
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -199,6 +200,81 @@ def sae_on(sae: SparseAutoencoder, device: torch.device) -> SparseAutoencoder:
     return sae.eval()
 
 
+ENCODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Codes:
+    """The active entries of one chunk's latents ``z [B, K]`` in coordinate form."""
+
+    n_rows: int
+    """``B``, the chunk's rows."""
+    t: torch.Tensor
+    """int64 ``[E]`` row of each entry (0..B-1)."""
+    j: torch.Tensor
+    """int64 ``[E]`` latent of each entry."""
+    v: torch.Tensor
+    """float32 ``[E]`` its activation (> 0)."""
+    x_hat: torch.Tensor | None = None
+    """float32 ``[B, d]`` reconstruction, when asked for."""
+
+
+class SparseEncoder:
+    """``x [B, d] -> Codes``: the SAE's inference-time encode, returning only active entries.
+
+    TopK codes come straight from the per-row ``topk`` (no dense ``[B, K]`` code is built);
+    ReLU/JumpReLU/BatchTopK entries from one mask over the pre-activations. ``dtype="bfloat16"``
+    runs the encoder matmul on bf16 copies of ``x`` and ``W_enc`` (fp32 bias and activation):
+    several times faster on CPUs with AVX512-BF16 or AMX and on GPUs, at bf16 precision of
+    the pre-activations (ranks can swap between near-equal activations).
+    """
+
+    def __init__(self, sae: SparseAutoencoder, dtype: str | torch.dtype = "float32"):
+        if isinstance(dtype, str):
+            if dtype not in ENCODE_DTYPES:
+                raise ValueError(f"encode_dtype={dtype!r}: expected one of {sorted(ENCODE_DTYPES)}")
+            dtype = ENCODE_DTYPES[dtype]
+        if dtype not in ENCODE_DTYPES.values():
+            raise ValueError(f"encode_dtype={dtype}: expected torch.float32 or torch.bfloat16")
+        self.sae, self.dtype = sae, dtype
+        self.W = sae.W_enc.detach().to(dtype).contiguous()
+        self.b_enc = sae.b_enc.detach().float()
+        self.b_dec = sae.b_dec.detach().float()
+        # merged SAEs aggregate member codes: their latents only exist after a dense encode
+        self.dense_only = sae.merge_index is not None
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - b_dec) @ W_enc + b_enc`` in float32 ``[B, d_pre]`` (matmul in ``self.dtype``)."""
+        xc = (x.float() - self.b_dec).to(self.dtype)
+        # matmul, then the bias: the same rounding as SparseAutoencoder.encode
+        return (xc @ self.W).float().add_(self.b_enc)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, reconstruct: bool = False) -> Codes:
+        sae, B = self.sae, x.shape[0]
+        if self.dense_only:
+            z = sae.encode(x).float()
+            t, j = (z > 0).nonzero(as_tuple=True)
+            x_hat = sae.decode(z).float() if reconstruct else None
+            return Codes(B, t, j, z[t, j], x_hat)
+        pre = self.pre_activations(x)
+        if sae.architecture == "topk":
+            top = pre.topk(sae.top_k, dim=-1, sorted=False)
+            vals = top.values.relu_()
+            x_hat = sae.decode_sparse(vals, top.indices).float() if reconstruct else None
+            keep = (vals > 0).view(-1).nonzero().squeeze(1)
+            t = torch.arange(B, device=x.device).repeat_interleave(sae.top_k)[keep]
+            return Codes(B, t, top.indices.view(-1)[keep], vals.view(-1)[keep], x_hat)
+        thr = 0.0 if sae.architecture == "relu" else sae.threshold.detach().float()
+        x_hat = None
+        if reconstruct:
+            z = pre * (pre > thr).to(pre.dtype)
+            x_hat = sae.decode(z).float()
+        # z > 0 exactly where pre exceeds both the threshold and 0
+        t, j = (pre > (thr.clamp_min(0.0) if torch.is_tensor(thr) else thr)).nonzero(as_tuple=True)
+        return Codes(B, t, j, pre[t, j], x_hat)
+
+
 def check_sae_source(sae: SparseAutoencoder, source) -> None:
     if not isinstance(sae, SparseAutoencoder):
         raise TypeError(f"sae: expected a SparseAutoencoder, got {type(sae).__name__}")
@@ -304,16 +380,25 @@ class LatentScan:
     metrics: LatentStats | None = None
     has_stats: bool = True
     """False when scanned with ``stats=False``: ``act_sum``, ``act_max``, ``l0_counts`` are empty."""
+    timings: dict[str, float] | None = None
+    """Seconds spent reading, encoding, selecting (folding into the buffers), on metrics, and
+    finishing."""
 
 
 class _Accumulator:
-    """Per-chunk folding of ``z [B, K]`` into the bounded buffers of :class:`LatentScan`."""
+    """Per-chunk folding of a chunk's active entries into the bounded buffers of
+    :class:`LatentScan`.
+
+    It works on the ``E`` active entries (``E`` is about ``L0 x B``, a few percent of the
+    dense ``[B, K]`` code) in numpy, whatever device encoded them: on CPU numpy's gathers,
+    bincounts and compares on 1-D arrays are several times faster than torch's, and on a GPU
+    only the entries cross to the host.
+    """
 
     def __init__(
         self,
         d_sae: int,
         n: int,
-        device: torch.device,
         reservoir: int,
         labels: np.ndarray | None,
         n_labels: int,
@@ -323,24 +408,22 @@ class _Accumulator:
         firing_budget: int,
         seed: int,
         stats: bool = True,
+        keep_rows: bool = False,
     ):
         K = d_sae
-        self.stats = stats
-        self.K, self.n, self.dev, self.seed = K, n, device, seed
-        self.top_v = torch.full((K, n), -1.0, device=device)
-        self.top_r = torch.full((K, n), -1, dtype=torch.long, device=device)
+        self.stats, self.keep_rows = stats, keep_rows
+        self.K, self.n, self.seed = K, n, seed
+        self.top = _SelectBuffer(K, n, True, [np.int64])
         self.R = reservoir
         if reservoir:
-            self.res_k = torch.full((K, reservoir), 2.0, device=device)
-            self.res_v = torch.zeros((K, reservoir), device=device)
-            self.res_r = torch.full((K, reservoir), -1, dtype=torch.long, device=device)
-        self.fire = torch.zeros(K, dtype=torch.long, device=device)
-        self.act_sum = torch.zeros(K, dtype=torch.float64, device=device)
-        self.act_max = torch.zeros(K, device=device)
-        self.l0 = torch.zeros(K + 1, dtype=torch.long, device=device)
+            self.res = _SelectBuffer(K, reservoir, False, [np.float32, np.int64])
+        self.fire = np.zeros(K, dtype=np.int64)
+        self.act_sum = np.zeros(K, dtype=np.float64)
+        self.act_max = np.zeros(K, dtype=np.float32)
+        self.l0 = np.zeros(K + 1, dtype=np.int64)
         self.labels, self.C, self.nb = labels, n_labels, hist_bins
         if labels is not None and hist_bins:
-            self.hist = torch.zeros(K * n_labels * hist_bins, dtype=torch.long, device=device)
+            self.hist = np.zeros(K * n_labels * hist_bins, dtype=np.int64)
             self.label_counts = np.zeros(n_labels, dtype=np.int64)
         self.doc_ids, self.doc_thr = doc_ids, doc_threshold
         self.doc_parts: list[np.ndarray] = []
@@ -352,74 +435,53 @@ class _Accumulator:
         self.n_tokens = 0
         self.scanned: list[np.ndarray] = []
 
-    @torch.no_grad()
-    def update(self, rows: np.ndarray, z: torch.Tensor) -> None:
-        B = z.shape[0]
+    def update(self, rows: np.ndarray, codes: Codes) -> None:
+        """Fold one chunk (global row ids ``rows [B]``, its active entries ``codes``)."""
+        B, K = codes.n_rows, self.K
         self.n_tokens += B
-        self.scanned.append(rows)
-        rows_t = torch.from_numpy(rows).to(self.dev)
-        active = z > 0
-        # float reductions along dim 0 are several times faster than bool/float64 ones on CPU
-        act_f = active.to(z.dtype)
-        self.fire += act_f.sum(0).round().long()
+        if self.keep_rows:  # only a masked scan needs its row ids (8 bytes a token)
+            self.scanned.append(rows)
+        t = codes.t.cpu().numpy()
+        j = codes.j.cpu().numpy()
+        v = codes.v.float().cpu().numpy()
+        self.fire += np.bincount(j, minlength=K)
         if self.stats:
-            self.act_sum += z.sum(0).double()
-            self.act_max = torch.maximum(self.act_max, z.amax(0))
-            self.l0 += torch.bincount(act_f.sum(1).round().long(), minlength=self.K + 1)
+            self.act_sum += np.bincount(j, weights=v, minlength=K)
+            np.maximum.at(self.act_max, j, v)
+            self.l0 += np.bincount(np.bincount(t, minlength=B), minlength=K + 1)
 
-        # Only entries above a latent's current n-th best can enter its top set.
-        thr = self.top_v.amin(1).clamp_min(0.0)
-        t_idx, j_idx = (z > thr).nonzero(as_tuple=True)
-        if t_idx.numel():
-            self.top_v, (self.top_r,) = _merge_candidates(
-                self.top_v, [self.top_r], j_idx, z[t_idx, j_idx], [rows_t[t_idx]], largest=True
-            )
+        cand = self.top.candidates(j, v)
+        self.top.add(j[cand], v[cand], [rows[t[cand]]])
 
         u = None
+        if self.R or self.budget:
+            u = row_uniform(rows, self.seed).astype(np.float32)
         if self.R:
-            u = torch.from_numpy(row_uniform(rows, self.seed)).to(self.dev)
             # a latent's reservoir: its firing rows with the smallest row keys
-            cand = active & (u.float()[:, None] < self.res_k.amax(1))
-            t_idx, j_idx = cand.nonzero(as_tuple=True)
-            if t_idx.numel():
-                self.res_k, (self.res_v, self.res_r) = _merge_candidates(
-                    self.res_k,
-                    [self.res_v, self.res_r],
-                    j_idx,
-                    u.float()[t_idx],
-                    [z[t_idx, j_idx], rows_t[t_idx]],
-                    largest=False,
-                )
+            u_e = u[t]
+            cand = self.res.candidates(j, u_e)
+            self.res.add(j[cand], u_e[cand], [v[cand], rows[t[cand]]])
 
-        need_nz = (self.labels is not None and self.nb) or self.budget
-        if need_nz:
-            t_idx, j_idx = active.nonzero(as_tuple=True)
         if self.labels is not None and self.nb:
-            lab = torch.from_numpy(self.labels[rows].astype(np.int64)).to(self.dev)
-            self.label_counts += np.bincount(self.labels[rows], minlength=self.C)
+            lab = self.labels[rows].astype(np.int64)
+            self.label_counts += np.bincount(lab, minlength=self.C)
             lo, hi = HIST_LOG10_RANGE
-            b = ((torch.log10(z[t_idx, j_idx]) - lo) * (self.nb / (hi - lo))).floor()
-            b = b.clamp_(0, self.nb - 1).long()
-            idx = (j_idx * self.C + lab[t_idx]) * self.nb + b
-            self.hist.index_add_(0, idx, torch.ones_like(idx))
+            b = np.floor((np.log10(v) - lo) * (self.nb / (hi - lo)))
+            b = np.clip(b, 0, self.nb - 1).astype(np.int64)
+            idx = (j * self.C + lab[t]) * self.nb + b
+            np.add.at(self.hist, idx, 1)  # no [K x C x bins] temporary per chunk
 
         if self.doc_ids is not None and self.doc_thr is not None:
-            d = self.doc_ids[rows]
-            starts = np.flatnonzero(np.diff(d, prepend=d[0] - 1))
-            lengths = np.diff(np.append(starts, d.size))
-            dmax = torch.segment_reduce(
-                z, "max", lengths=torch.from_numpy(lengths).to(self.dev), axis=0
-            )
-            di, lj = (dmax > self.doc_thr).nonzero(as_tuple=True)
-            pairs = np.stack([d[starts][di.cpu().numpy()], lj.cpu().numpy()], 1)
-            self.doc_parts.append(pairs.astype(np.int64))
+            # a latent's max over a document exceeds the threshold iff one of its entries does
+            above = v > self.doc_thr
+            d = np.asarray(self.doc_ids[rows], dtype=np.int64)
+            key = np.unique(d[t[above]] * K + j[above])
+            self.doc_parts.append(np.stack([key // K, key % K], 1))
 
         if self.budget:
-            if u is None:
-                u = torch.from_numpy(row_uniform(rows, self.seed)).to(self.dev)
-            sel = u[t_idx] < self.rate
-            self.f_rows.append(rows_t[t_idx[sel]].cpu().numpy())
-            self.f_lats.append(j_idx[sel].to(torch.int32).cpu().numpy())
+            sel = u[t] < self.rate
+            self.f_rows.append(rows[t[sel]])
+            self.f_lats.append(j[sel].astype(np.int32))
             self.f_nnz += int(sel.sum())
             while self.f_nnz > self.budget:
                 self._halve_firing_rate()
@@ -440,17 +502,13 @@ class _Accumulator:
         per_band: int,
         label_names: list[str] | None,
     ) -> LatentScan:
-        order = torch.argsort(self.top_v, dim=1, descending=True, stable=True)
-        top_v = self.top_v.gather(1, order).cpu().numpy()
-        top_r = self.top_r.gather(1, order).cpu().numpy()
+        top_v, (top_r,) = self.top.result(0.0, [-1])
         empty = top_v <= 0
-        top_v[empty] = 0.0
-        top_r[empty] = -1
         top = TopKSets(
-            values=top_v.astype(np.float32),
-            rows=top_r.astype(np.int64),
+            values=top_v,
+            rows=top_r,
             n_tokens=self.n_tokens,
-            fire_count=self.fire.cpu().numpy().astype(np.int64),
+            fire_count=self.fire.copy(),
             label_names=label_names,
         )
         for name in ("token_ids", "doc_ids", "positions"):
@@ -460,27 +518,24 @@ class _Accumulator:
                 vals[empty] = -1
                 setattr(top, name, vals)
         if self.R and n_bands and per_band:
+            res_k, (res_v, res_r) = self.res.result(2.0, [0.0, -1])
             qv, qr, qe = _quantile_samples(
-                self.res_v.cpu().numpy(),
-                self.res_r.cpu().numpy(),
-                (self.res_k < 2.0).cpu().numpy(),
-                top_v[:, 0],
-                n_bands,
-                per_band,
+                res_v, res_r, res_k < 2.0, top_v[:, 0], n_bands, per_band
             )
             top.quantile_values, top.quantile_rows, top.quantile_edges = qv, qr, qe
         if self.labels is not None and self.nb:
-            top.label_hist = self.hist.view(self.K, self.C, self.nb).cpu().numpy()
+            top.label_hist = self.hist.reshape(self.K, self.C, self.nb)
             top.hist_edges = np.linspace(*HIST_LOG10_RANGE, self.nb + 1)
             top.label_counts = self.label_counts
-        scanned = np.concatenate(self.scanned) if self.scanned else np.zeros(0, np.int64)
-        if scanned.size != getattr(source, "n_tokens", -1):
-            top.row_index = scanned
+        if self.keep_rows:
+            scanned = np.concatenate(self.scanned) if self.scanned else np.zeros(0, np.int64)
+            if scanned.size != getattr(source, "n_tokens", -1):
+                top.row_index = scanned
         scan = LatentScan(
             top=top,
-            l0_counts=self.l0.cpu().numpy(),
-            act_sum=self.act_sum.cpu().numpy(),
-            act_max=self.act_max.cpu().numpy().astype(np.float64),
+            l0_counts=self.l0,
+            act_sum=self.act_sum,
+            act_max=self.act_max.astype(np.float64),
             has_stats=self.stats,
         )
         if self.doc_thr is not None and self.doc_ids is not None:
@@ -496,57 +551,107 @@ class _Accumulator:
         return scan
 
 
-def _group_order(latent: torch.Tensor, K: int) -> torch.Tensor:
-    """A stable permutation grouping ``latent [c]`` by value. On CPU numpy's radix sort of
-    16-bit keys is about 100x faster than ``torch.argsort``."""
-    if latent.device.type == "cpu" and K <= 1 << 16:
-        keys = latent.numpy().astype(np.uint16)
-        return torch.from_numpy(np.argsort(keys, kind="stable"))
-    return torch.argsort(latent, stable=True)
+class _SelectBuffer:
+    """Per-latent selection of the ``n`` largest (or smallest) keys among streamed entries,
+    with payloads; memory O(K x n + pool).
 
-
-def _merge_candidates(
-    buf_key: torch.Tensor,
-    buf_payload: list[torch.Tensor],
-    latent: torch.Tensor,
-    key: torch.Tensor,
-    payload: list[torch.Tensor],
-    largest: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Merge candidate entries ``(latent [c], key [c], payloads [c])`` into per-latent buffers
-    ``[K, n]`` that keep the ``n`` largest (or smallest) keys.
-
-    Candidates are laid out as a ``[K, c_max]`` block (c_max = most candidates of one latent,
-    capped near ``n``), so one ``topk`` over ``[K, n + c_max]`` merges every latent at once.
+    Entries are filtered against each latent's current ``n``-th best key (a gather and a
+    compare), survivors wait in a pool, and the pool is merged only when it holds more than
+    ``limit`` entries: one sort of ``(latent, key)`` packed into an int64, then each
+    latent's first ``n``. Once the buffers are full few entries pass the filter (about
+    ``n x B / tokens seen`` per latent and chunk), so merges are rare and most chunks cost
+    only the filter.
     """
-    K, n = buf_key.shape
-    counts = torch.bincount(latent, minlength=K)
-    c_max = int(counts.max())
-    starts = torch.cumsum(counts, 0) - counts
-    if c_max > 4 * n:
-        # a wide block would dominate: keep only each latent's n best candidates (two sorts)
-        by_key = torch.argsort(key, descending=largest, stable=True)
-        order = by_key[_group_order(latent[by_key], K)]
-    else:
-        order = _group_order(latent, K)
-    lat = latent[order]
-    rank = torch.arange(lat.numel(), device=lat.device) - starts[lat]
-    if c_max > 4 * n:
-        keep = rank < n
-        order, lat, rank = order[keep], lat[keep], rank[keep]
-        c_max = n
-    fill = -torch.inf if largest else torch.inf
-    block = torch.full((K, c_max), fill, dtype=buf_key.dtype, device=buf_key.device)
-    block[lat, rank] = key[order].to(buf_key.dtype)
-    keys = torch.cat([buf_key, block], 1)
-    # unsorted: sorting costs about 5x the selection; buffers are sorted once, at the end
-    sel = keys.topk(n, dim=1, largest=largest, sorted=False)
-    out = []
-    for buf, pay in zip(buf_payload, payload, strict=True):
-        pb = torch.zeros((K, c_max), dtype=buf.dtype, device=buf.device)
-        pb[lat, rank] = pay[order].to(buf.dtype)
-        out.append(torch.cat([buf, pb], 1).gather(1, sel.indices))
-    return sel.values, out
+
+    def __init__(
+        self, K: int, n: int, largest: bool, payload_dtypes: Sequence[Any], limit: int | None = None
+    ):
+        self.K, self.n, self.largest = K, n, largest
+        # keys are > 0 (activations, largest) or in [0, 1) (row hashes, smallest)
+        self.thr = np.full(K, 0.0 if largest else 2.0, dtype=np.float32)
+        self.limit = int(limit or max(K * n, 1 << 20))
+        self.j = np.zeros(0, dtype=np.int64)
+        self.key = np.zeros(0, dtype=np.float32)
+        self.packed = np.zeros(0, dtype=np.int64)
+        self.pay = [np.zeros(0, dtype=dt) for dt in payload_dtypes]
+        self.pool: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
+        self.pool_size = 0
+
+    def candidates(self, j: np.ndarray, key: np.ndarray) -> np.ndarray:
+        """Mask ``bool [E]`` of the entries ``(j [E], key [E])`` that can enter a buffer."""
+        return key > self.thr[j] if self.largest else key < self.thr[j]
+
+    def add(self, j: np.ndarray, key: np.ndarray, payloads: Sequence[np.ndarray]) -> None:
+        if j.size:
+            self.pool.append((j, key.astype(np.float32, copy=False), list(payloads)))
+            self.pool_size += j.size
+            if self.pool_size > self.limit:
+                self.merge()
+
+    def _packed(self, j: np.ndarray, key: np.ndarray) -> np.ndarray:
+        """int64 ``(latent, key)`` sort keys: non-negative float32 keys order like their bits."""
+        bits = key.view(np.int32).astype(np.int64)
+        if self.largest:
+            bits = 0x7FFFFFFF - bits
+        return (j << 31) | bits
+
+    def _first_n(self, packed_sorted: np.ndarray) -> np.ndarray:
+        """Mask of the first ``n`` entries of each latent in a ``(latent, key)``-sorted array."""
+        j = packed_sorted >> 31
+        counts = np.bincount(j, minlength=self.K)
+        return (np.arange(j.size) - (np.cumsum(counts) - counts)[j]) < self.n
+
+    def merge(self) -> None:
+        if not self.pool:
+            return
+        j = np.concatenate([p[0] for p in self.pool])
+        key = np.concatenate([p[1] for p in self.pool])
+        pay = [np.concatenate([p[2][i] for p in self.pool]) for i in range(len(self.pay))]
+        self.pool, self.pool_size = [], 0
+        packed = self._packed(j, key)
+        # sort the pool alone (a plain sort when its positions fit in the spare low bits:
+        # several times faster than argsort) and keep each latent's first n ...
+        spare = 64 - 31 - max(1, int(self.K - 1).bit_length())
+        if j.size < 1 << spare:
+            s = np.sort(
+                (packed.astype(np.uint64) << np.uint64(spare)) | np.arange(j.size, dtype=np.uint64)
+            )
+            order = (s & np.uint64((1 << spare) - 1)).astype(np.int64)
+        else:
+            order = np.argsort(packed)
+        packed = packed[order]
+        keep = self._first_n(packed)
+        order, packed = order[keep], packed[keep]
+        # ... then merge two sorted runs (timsort finds them: linear time), kept entries first
+        # so that ties keep the earlier rows
+        both = np.concatenate([self.packed, packed])
+        merged = np.argsort(both, kind="stable")
+        keep = self._first_n(both[merged])
+        merged = merged[keep]
+        self.packed = both[merged]
+        self.j = np.concatenate([self.j, j[order]])[merged]
+        self.key = np.concatenate([self.key, key[order]])[merged]
+        self.pay = [
+            np.concatenate([b, p[order]])[merged] for b, p in zip(self.pay, pay, strict=True)
+        ]
+        counts = np.bincount(self.j, minlength=self.K)
+        full = counts >= self.n
+        last = np.cumsum(counts) - 1
+        self.thr[full] = self.key[last[full]]
+
+    def result(self, fill_key: float, fills: Sequence[float]) -> tuple[np.ndarray, list]:
+        """``(keys [K, n], payloads [K, n])`` best first; empty slots hold the fill values."""
+        self.merge()
+        counts = np.bincount(self.j, minlength=self.K)
+        rank = np.arange(self.j.size) - (np.cumsum(counts) - counts)[self.j]
+        keys = np.full((self.K, self.n), fill_key, dtype=np.float32)
+        keys[self.j, rank] = self.key
+        out = []
+        for p, f in zip(self.pay, fills, strict=True):
+            block = np.full((self.K, self.n), f, dtype=p.dtype)
+            block[self.j, rank] = p
+            out.append(block)
+        return keys, out
 
 
 def _quantile_samples(
@@ -602,6 +707,7 @@ def scan_latents(
     mask: np.ndarray | None = None,
     chunk_tokens: int | None = None,
     device: str | torch.device | None = None,
+    encode_dtype: str | torch.dtype = "float32",
     seed: int = 0,
     storage_options: Mapping[str, Any] | None = None,
     on_progress: ProgressFn | None = None,
@@ -623,6 +729,8 @@ def scan_latents(
     - ``stats``: accumulate activation sums, maxima and the L0 histogram (firing counts are
       always kept); ``metrics`` implies it.
     - ``mask``: ``bool[N]`` rows to scan (e.g. ``store.split_mask("test")``).
+    - ``encode_dtype``: ``"float32"`` (exact) or ``"bfloat16"`` (the encoder matmul in bf16,
+      see :class:`SparseEncoder`).
     """
     src = as_activation_source(source, storage_options)
     check_sae_source(sae, src)
@@ -662,7 +770,6 @@ def scan_latents(
     acc = _Accumulator(
         sae.d_sae,
         n_top,
-        dev,
         int(reservoir),
         labels,
         C,
@@ -672,23 +779,63 @@ def scan_latents(
         int(firing_budget),
         seed,
         stats=stats or metrics,
+        keep_rows=mask is not None,
     )
     stats = LatentStats(sae.d_sae) if metrics else None
+    encoder = SparseEncoder(model, encode_dtype)
     chunk = int(chunk_tokens or default_chunk_tokens(sae.d_sae))
     if chunk < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number of tokens")
     total = -(-src.n_tokens // chunk)
+    timings = {"read": 0.0, "encode": 0.0, "select": 0.0, "metrics": 0.0}
+    clock = time.perf_counter()
     for rows, x in src.iter_chunks(chunk, mask=mask):
         x = x.to(dev, non_blocking=True)
-        z = model.encode(x).float()
-        acc.update(rows, z)
+        t0 = _sync(dev)
+        codes = encoder(x, reconstruct=stats is not None)
+        t1 = _sync(dev)
+        acc.update(rows, codes)
+        t2 = _sync(dev)
         if stats is not None:
-            stats.update(x, z, model.decode(z))
+            _update_reconstruction(stats, x, codes.x_hat)
+        t3 = _sync(dev)
+        timings["read"] += t0 - clock
+        timings["encode"] += t1 - t0
+        timings["select"] += t2 - t1
+        timings["metrics"] += t3 - t2
+        clock = t3
         done = min(total, int(rows[-1]) // chunk + 1)
         if on_progress is not None:
             on_progress(done, total)
+        clock += time.perf_counter() - t3  # the callback's time is not the scan's
     if acc.n_tokens == 0:
         raise ValueError("the selected token set is empty: nothing to scan")
+    t0 = time.perf_counter()
     scan = acc.finish(src, n_bands, per_band, list(label_names) if label_names else None)
+    timings["finish"] = time.perf_counter() - t0
+    if stats is not None:
+        stats.n_tokens = acc.n_tokens
+        stats.fire_count = scan.top.fire_count.copy()
+        stats.act_sum, stats.act_max = scan.act_sum.copy(), scan.act_max.copy()
+        stats.l0_counts = scan.l0_counts.astype(np.int64)
     scan.metrics = stats
+    scan.timings = timings
     return scan
+
+
+def _sync(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+def _update_reconstruction(stats: LatentStats, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    """The reconstruction terms of :meth:`LatentStats.update` for ``x, x_hat [B, d]`` (the
+    per-latent counts come from the scan's sparse entries instead of a dense pass)."""
+    xd, xh = x.double(), x_hat.double()
+    stats.sse += float((xd - xh).pow(2).sum())
+    sx = xd.sum(0).cpu().numpy()
+    stats.sum_x = sx if stats.sum_x is None else stats.sum_x + sx
+    stats.sum_xx += float(xd.pow(2).sum())
+    stats.cos_sum += float(torch.nn.functional.cosine_similarity(xd, xh, dim=-1).sum())
+    stats.norm_ratio_sum += float((xh.norm(dim=-1) / xd.norm(dim=-1).clamp_min(1e-12)).sum())

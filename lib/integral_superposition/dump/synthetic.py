@@ -7,7 +7,6 @@ written by :func:`~integral_superposition.dump.dump_layer_activations`.
 
 from __future__ import annotations
 
-import io
 import itertools
 import os
 from collections.abc import Mapping, Sequence
@@ -16,49 +15,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from integral_superposition import storage
-from integral_superposition.dump.shards import TORCH_DTYPES, write_shard
+from integral_superposition.dump.activations import _norm_summary, _parquet_bytes, _write_shard
+from integral_superposition.dump.shards import TORCH_DTYPES
 from integral_superposition.dump.store import ActivationStore
 
-_NORM_BINS = np.linspace(-4.0, 6.0, 401)  # log10 of the L2 norm, as in dump manifests
 
-
-def _parquet(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def _norm_stats(x: torch.Tensor) -> dict[str, Any]:
-    """Norm summary in the dump manifest's layout; non-finite rows make ``mean``/``max`` NaN."""
-    nrm = x.double().norm(dim=-1).numpy()
-    if nrm.size == 0:
+def _norm_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's norm summary of one hook point from its shard records, as a dump
+    computes it (non-finite rows make ``mean``/``max`` NaN or inf)."""
+    if not parts:
         return {"count": 0}
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf rows give NaN statistics
-        std = float(nrm.std())
-    finite = nrm[np.isfinite(nrm)]
-    hist, _ = np.histogram(np.log10(np.maximum(finite, 1e-12)), bins=_NORM_BINS)
-    centers = 10 ** ((_NORM_BINS[:-1] + _NORM_BINS[1:]) / 2)
-    cdf = np.cumsum(hist) / max(1, hist.sum())
-
-    def q(p: float) -> float:
-        return float(centers[min(len(centers) - 1, int(np.searchsorted(cdf, p)))])
-
-    return {
-        "count": int(nrm.size),
-        "mean": float(nrm.mean()),
-        "std": std,
-        "min": float(nrm.min()),
-        "max": float(nrm.max()),
-        "p50": q(0.5),
-        "p99": q(0.99),
-        "p999": q(0.999),
-        "hist_log10_edges": [float(_NORM_BINS[0]), float(_NORM_BINS[-1]), len(_NORM_BINS) - 1],
-        "hist_log10_counts": hist.astype(int).tolist(),
-    }
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _norm_summary(
+            np.sum([np.asarray(p["hist"]) for p in parts], axis=0),
+            sum(p["count"] for p in parts),
+            sum(p["sum"] for p in parts),
+            sum(p["sumsq"] for p in parts),
+            min(p["min"] for p in parts),
+            max(p["max"] for p in parts),
+        )
 
 
 def write_activation_store(
@@ -133,32 +111,29 @@ def write_activation_store(
             later = starts[starts >= end]
             end = int(later[0]) if later.size else n
         cut.append(end)
+    records = []
     for s, (a, b) in enumerate(itertools.pairwise(cut)):
-        name = f"shard-{s:05d}"
-        entry = write_shard(
-            storage.join(out_dir, f"{name}.safetensors"),
-            {k: v[a:b].detach().to("cpu", tdtype).contiguous() for k, v in acts.items()},
-            storage_options,
-        )
-        table = pa.table(
-            {
-                "token_id": pa.array(tok[a:b], pa.int32()),
-                "doc_id": pa.array(doc[a:b], pa.int64()),
-                "position": pa.array(position[a:b], pa.int32()),
-                "label": pa.array(lab[a:b], pa.int32()),
-            }
-        )
-        tbytes = _parquet(table)
-        storage.write_bytes(storage.join(out_dir, f"{name}.parquet"), tbytes, storage_options)
-        files[f"{name}.safetensors"] = entry
-        files[f"{name}.parquet"] = storage.file_entry("", tbytes)
+        chunk = {k: v[a:b].detach().to("cpu", tdtype).contiguous() for k, v in acts.items()}
+        meta = {
+            "token_id": tok[a:b],
+            "doc_id": doc[a:b],
+            "position": position[a:b],
+            "label": lab[a:b],
+        }
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf rows: NaN/inf statistics
+            norms = {k: v.double().norm(dim=-1).numpy() for k, v in chunk.items()}
+            rec = _write_shard(
+                out_dir, s, f"synthetic-{s:05d}", chunk, meta, norms, storage_options
+            )
+        records.append(rec)
+        files.update(rec["files"])
         shards.append(
             {
-                "tensors": f"{name}.safetensors",
-                "tokens": f"{name}.parquet",
-                "n_tokens": b - a,
-                "n_docs": int(np.unique(doc[a:b]).size),
-                **entry,
+                "tensors": rec["tensors"],
+                "tokens": rec["tokens"],
+                "n_tokens": rec["n_tokens"],
+                "n_docs": rec["n_docs"],
+                **rec["files"][rec["tensors"]],
             }
         )
     uniq, first_row, counts = np.unique(doc, return_index=True, return_counts=True)
@@ -171,7 +146,7 @@ def write_activation_store(
             "seq_len": counts,
         }
     )
-    dbytes = _parquet(pa.Table.from_pandas(docs, preserve_index=False))
+    dbytes = _parquet_bytes(pa.Table.from_pandas(docs, preserve_index=False))
     storage.write_bytes(storage.join(out_dir, "docs.parquet"), dbytes, storage_options)
     files["docs.parquet"] = storage.file_entry("", dbytes)
     data_hash = storage.sha256_bytes("|".join(files[f]["sha256"] for f in sorted(files)).encode())
@@ -219,7 +194,7 @@ def write_activation_store(
             },
         },
         masking={"drop_pad": True, "drop_bos": True, "drop_special": True},
-        norm_stats={k: _norm_stats(v.detach().to("cpu", tdtype).float()) for k, v in acts.items()},
+        norm_stats={k: _norm_stats([r["norms"][k] for r in records]) for k in acts},
         partition=None,
     )
     return ActivationStore(out_dir, storage_options)

@@ -75,10 +75,15 @@ class RidgeStats:
                 f"([n, {self.n_latents}], [n, {self.cross.shape[1]}])"
             )
         z, x = z.detach().cpu(), x.detach().cpu()
-        nz = z.nonzero()
-        if nz.shape[0] < SPARSE_DENSITY * z.numel():
+        xd = x.double()  # one float64 copy serves Z^T X and the sums
+        n, m = z.shape
+        if int(torch.count_nonzero(z)) < SPARSE_DENSITY * z.numel():
+            nz = z.nonzero()  # row-major order: the CSR index arrays follow directly
+            rows, cols = nz[:, 0].numpy(), nz[:, 1].numpy()
             vals = z[nz[:, 0], nz[:, 1]].double().numpy()
-            zs = sp.csr_array((vals, (nz[:, 0].numpy(), nz[:, 1].numpy())), shape=tuple(z.shape))
+            indptr = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+            zs = sp.csr_array((vals, cols, indptr), shape=(n, m))
             zt = zs.T.tocsr()
             self.gram += (zt @ zs).toarray()
             with warnings.catch_warnings():  # torch flags sparse CSR as beta
@@ -90,14 +95,16 @@ class RidgeStats:
                     size=zt.shape,
                 )
                 # multithreaded, unlike scipy's sparse @ dense
-                self.cross += (zt_t @ x.double()).numpy()
+                self.cross += (zt_t @ xd).numpy()
+            self.z_sum += np.bincount(cols, weights=vals, minlength=m)
         else:
             zf, xf = z.float(), x.float()
             self.gram += (zf.T @ zf).double().numpy()
             self.cross += (zf.T @ xf).double().numpy()
-        self.z_sum += z.double().sum(0).numpy()
-        self.x_sum += x.double().sum(0).numpy()
-        self.x_sq += float(x.double().pow(2).sum())
+            self.z_sum += z.sum(0, dtype=torch.float64).numpy()
+        self.x_sum += xd.sum(0).numpy()
+        flat = xd.reshape(-1)
+        self.x_sq += float(torch.dot(flat, flat))
         self.n += int(x.shape[0])
 
     def merged(self, labels) -> RidgeStats:

@@ -42,11 +42,13 @@ def _resolve_save_path(path: str) -> str:
     if path.endswith((".pt", ".pth")):
         folder = path.rsplit(".", 1)[0]
         msg = (
-            f"save_sae({path!r}): SAEs are saved as a SAELens folder (cfg.json + sae_weights.safetensors), "
-            f"never as a pickle; writing the folder {folder!r} instead"
+            f"save_sae({path!r}): SAEs are saved as a SAELens folder (cfg.json + "
+            f"sae_weights.safetensors + manifest.json), never as a pickled .pt file; writing the "
+            f"folder {folder!r} instead. load_sae({path!r}) or load_sae({folder!r}) reads it back, "
+            f"and so does sae_lens.SAE.load_from_disk({folder!r})"
         )
         warnings.warn(msg, UserWarning, stacklevel=3)
-        log.warning(msg)
+        log.info(msg)
         return folder
     return path
 
