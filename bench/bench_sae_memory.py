@@ -81,7 +81,8 @@ def stores() -> list[str]:
 
     src = ag_news_store()
     doc = src.doc_ids
-    half = int(np.searchsorted(doc, doc[len(doc) // 2]))  # a document boundary
+    bounds = np.flatnonzero(doc[1:] != doc[:-1]) + 1  # document boundaries (rows)
+    half = int(bounds[np.searchsorted(bounds, len(doc) // 2)])
     uris = []
     for name, n in (("half", half), ("full", src.n_tokens)):
         uri = str(OUT / "sae_memory" / name)

@@ -7,7 +7,7 @@
 2. Quality: the ag_news SAE (``common.ag_news_sae()``, layer 9); the latent most enriched for
    Sports and for Business (token-level q < 1e-3, ranked by document-level q); a strength
    sweep (clamp to strength x the latent's max activation on every prompt and generated
-   token) over the 12 neutral prompts x 3 sampled continuations of 32 tokens, with the
+   token) over the 12 neutral prompts x 6 sampled continuations of 32 tokens, with the
    controls. Goals: the classifier's target-label share rises from its baseline to >= 0.6
    with perplexity within 2x of unsteered; the random-latent control moves the share by < 0.1.
 
@@ -98,6 +98,27 @@ def overhead(backend, sae, latent: int, value: float, batch_size: int, new_token
     }
 
 
+def significance(table: pd.DataFrame) -> pd.DataFrame:
+    """Each steered and random-control row's share shift from the unsteered share of the same
+    prompts, its standard error (two independent binomial proportions) and a Fisher exact
+    p-value: shows how large a shift sampling noise alone produces at this many generations."""
+    from scipy.stats import fisher_exact
+
+    rows = []
+    neutral = table[table["prompts"] == "neutral"]
+    for lat, g in neutral.groupby("latent", sort=False):
+        base = g[g["control"] == "unsteered"].iloc[0]
+        k0, n0 = round(base["share"] * base["n"]), int(base["n"])
+        for r in g[g["control"].isin(["steer", "random"])].itertuples():
+            k, n = round(r.share * r.n), int(r.n)
+            p1, p0 = k / n, k0 / n0
+            se = float(np.sqrt(p1 * (1 - p1) / n + p0 * (1 - p0) / n0))
+            p = fisher_exact([[k, n - k], [k0, n0 - k0]])[1]
+            rows.append({"latent": lat, "label": r.label, "control": r.control, "strength": r.strength,
+                         "share": p1, "shift": p1 - p0, "se": se, "fisher_p": p})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,7 +135,7 @@ def main() -> None:
     ap.add_argument("--positions", nargs="+", default=["all"])
     ap.add_argument("--mode", default="clamp_max")
     ap.add_argument("--rank-by", default="doc_q")
-    ap.add_argument("--samples", type=int, default=3, help="continuations per prompt")
+    ap.add_argument("--samples", type=int, default=6, help="continuations per prompt")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -200,6 +221,8 @@ def main() -> None:
                 f"[{'PASS' if ok_share else 'FAIL'} >= 0.6 within 2x ppl]; random control max shift "
                 f"{s['random_max_shift'] if s['random_max_shift'] is not None else float('nan'):.2f} [{'PASS' if ok_rand else 'FAIL'} < 0.1]"
             )
+        print("\nshare shifts against unsteered (two-sided Fisher exact test on the counts):")
+        print(significance(result.table).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         for j in params.latents:
             print(f"\nside by side, latent {j}:")
             print(steering.side_by_side(result, j).to_string(index=False, max_colwidth=70))

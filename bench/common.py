@@ -30,7 +30,18 @@ def machine() -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux ru_maxrss is KiB)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    Reads ``VmHWM`` from ``/proc/self/status``: unlike ``ru_maxrss``, it belongs to this
+    process image only (a child spawned by a large parent does not inherit its peak).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

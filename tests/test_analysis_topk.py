@@ -285,5 +285,10 @@ def test_bfloat16_encode_is_close_to_float32():
     np.testing.assert_allclose(b.values[both], a.values[both], rtol=0.05, atol=0.02)
     overlap = [len(a[j] & b[j]) / max(1, len(a[j] | b[j])) for j in range(sae.d_sae) if a[j]]
     assert np.mean(overlap) > 0.8
+    win = context_windows(x, a.rows[:, :3].ravel(), 2, 2)
+    lat = np.repeat(np.arange(sae.d_sae), 3)
+    w32 = window_activations(sae, x, win, lat)
+    w16 = window_activations(sae, x, win, lat, encode_dtype="bfloat16")
+    assert np.mean(np.isclose(w16, w32, rtol=0.05, atol=0.02)) > 0.95
     with pytest.raises(ValueError, match="encode_dtype"):
         topk_sets_per_latent(sae, x, "cpu", k=20, encode_dtype="int8")

@@ -169,3 +169,16 @@ def test_configs_that_cannot_share_a_stream(store, tmp_path):
             progress=False,
         )
     assert not os.listdir(tmp_path)
+
+
+def test_synthetic_store_takes_documents_in_any_order_but_contiguous(tmp_path):
+    """Dumps order documents by length, so ids need not increase; a split document is refused."""
+    x = torch.randn(6, 4)
+    store = write_activation_store(x, str(tmp_path / "ok"), doc_ids=[5, 5, 1, 1, 1, 3])
+    assert store.doc_ids.tolist() == [5, 5, 1, 1, 1, 3]
+    assert store.positions.tolist() == [0, 1, 0, 1, 2, 0]
+    assert store.norm_stats()["count"] == 6
+    assert abs(store.norm_stats()["mean"] - float(x.norm(dim=1).mean())) < 1e-5
+    with pytest.raises(ValueError, match="rows of each document must be contiguous"):
+        write_activation_store(x, str(tmp_path / "bad"), doc_ids=[5, 5, 1, 5, 1, 3])
+    assert not os.path.exists(tmp_path / "bad")

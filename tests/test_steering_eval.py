@@ -177,3 +177,32 @@ def test_edit_for_matches_decoder_norms():
     assert ev._edit_for("clamp_max", 4, 2.0, 5.0, ratio=0.5) == steering.clamp(4, 5.0)
     assert ev._edit_for("add", 4, 2.0, 5.0, ratio=3.0) == steering.add(4, 6.0)
     assert ev._edit_for("scale", 4, 2.0, 5.0, ratio=3.0) == steering.scale(4, 2.0)
+
+
+def test_random_control_is_a_topic_neutral_live_latent_with_matched_norm():
+    names = ["a", "b"]
+    n_lat = 6
+    lat = np.repeat(np.arange(n_lat), 2)
+    tok = pd.DataFrame(
+        {
+            "latent": lat,
+            "label": pd.Categorical(names * n_lat, categories=names),
+            # latent 0: target (a); 1: enriched for b; 2: enriched for a; 3: dead; 4, 5: neutral
+            "q": [1e-9, 1, 1, 1e-6, 1e-5, 1, 1, 1, 0.5, 1, 1, 0.2],
+            "log_odds": [3.0, -1, -1, 2.0, 2.0, -1, 0, 0, 0.5, -0.5, 0.1, 0.3],
+            "fires": np.repeat([True, True, True, False, True, True], 2),
+        }
+    )
+    norms = np.array([2.0, 1.0, 1.0, 1.0, 4.0, 0.5])
+    picks = pd.DataFrame({"label": ["a"], "latent": [0]})
+    seen = set()
+    for seed in range(20):
+        out = ev._random_controls(picks, tok, norms, 1e-3, seed)
+        r = int(out["random_latent"].iloc[0])
+        seen.add(r)
+        assert out["random_ratio"].iloc[0] == pytest.approx(norms[0] / norms[r])
+    assert seen == {4, 5}
+    # no neutral latent left: fall back to latents not enriched for the target label
+    only = tok[tok["latent"].isin([0, 1, 2])]
+    out = ev._random_controls(picks, only, norms, 1e-3, 0)
+    assert int(out["random_latent"].iloc[0]) == 1

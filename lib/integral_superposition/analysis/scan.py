@@ -1,11 +1,11 @@
 """One streaming pass of an SAE over stored activations, collecting everything the analysis needs.
 
-For every chunk ``x [B, d]`` the SAE is run once (``z = sae.encode(x)``, ``[B, K]``) and the
-chunk is folded into fixed-size per-latent buffers, so memory is O(K x n) whatever the
-number of tokens:
+For every chunk ``x [B, d]`` the SAE is run once (:class:`SparseEncoder`: only the active
+entries of ``z = sae.encode(x)`` ``[B, K]``, as ``(row, latent, value)``) and those entries are
+folded into fixed-size per-latent buffers, so memory is O(K x n) whatever the number of tokens:
 
-- the top-``n`` activations per latent with their row ids (per-chunk ``torch.topk`` merged
-  into a running buffer);
+- the top-``n`` activations per latent with their row ids (entries above each latent's
+  running ``n``-th best value, merged into the buffer in rare batched sorts);
 - a uniform reservoir of firing rows per latent (each row gets a hash-derived key; a latent
   keeps the rows with the smallest keys among those where it fires), from which the
   quantile samples are drawn;
@@ -13,7 +13,7 @@ number of tokens:
 - optionally a histogram of activations per (latent, label) on log10 bins (AUROC, dashboards),
   the (document, latent) pairs where a latent's maximum over the document passes a threshold
   (document-level enrichment), a bounded sample of the token firing matrix (co-activation
-  Jaccard), and the SAE metrics of :func:`integral_superposition.sae.metrics.latent_stats`.
+  Jaccard), and the SAE metrics of :class:`integral_superposition.sae.metrics.LatentStats`.
 
 Sources: an :class:`~integral_superposition.dump.ActivationStore`, a store URI or list of
 URIs, ``.npy`` files (the seed's shards), or an in-memory ``[N, d]`` array.

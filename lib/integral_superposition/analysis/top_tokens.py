@@ -2,8 +2,9 @@
 
 ``topk_sets_per_latent(sae, act_files, device)`` keeps the seed's call: ``act_files`` may be
 an :class:`~integral_superposition.dump.ActivationStore`, a store URI (or list), the seed's
-``.npy`` shards or an ``[N, d]`` array. One pass merges per-chunk ``torch.topk`` results into
-a running ``[K, n]`` buffer (memory O(K x n)), see :mod:`integral_superposition.analysis.scan`.
+``.npy`` shards or an ``[N, d]`` array. One pass keeps a running ``[K, n]`` buffer per latent
+(memory O(K x n)): only entries above a latent's current ``n``-th best value are merged in,
+see :mod:`integral_superposition.analysis.scan`.
 """
 
 from __future__ import annotations

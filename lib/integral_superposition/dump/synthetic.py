@@ -55,7 +55,7 @@ def write_activation_store(
 ) -> ActivationStore:
     """Publish ``acts`` (``[n, d]``, or ``{hook name: [n, d]}``) as an activation store.
 
-    ``doc_ids`` (``int[n]``, non-decreasing) group rows into documents; by default every
+    ``doc_ids`` (``int[n]``; each document's rows contiguous) group rows into documents; by default every
     ``tokens_per_doc`` consecutive rows form one. ``token_ids`` default to 0, ``labels``
     (per row, constant within a document) to 0 with ``label_names`` ``["unlabelled"]``.
     A single tensor is stored under the hook point ``"layer.0"``. Values are stored as given
@@ -81,8 +81,11 @@ def write_activation_store(
         if doc_ids is None
         else np.asarray(doc_ids, dtype=np.int64)
     )
-    if doc.shape != (n,) or (n > 1 and np.any(np.diff(doc) < 0)) or (n and doc.min() < 0):
-        raise ValueError(f"doc_ids: expected {n} non-negative, non-decreasing ids")
+    if doc.shape != (n,) or (n and doc.min() < 0):
+        raise ValueError(f"doc_ids: expected {n} non-negative ids, got shape {doc.shape}")
+    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+    if n and np.unique(doc[starts]).size != starts.size:  # dumps order docs by length, not id
+        raise ValueError("doc_ids: the rows of each document must be contiguous")
     tok = np.zeros(n, np.int32) if token_ids is None else np.asarray(token_ids, np.int32)
     lab = np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32)
     names = list(label_names) if label_names is not None else None
@@ -96,7 +99,6 @@ def write_activation_store(
         raise ValueError(f"token_ids and labels: expected {n} values each")
     if n and (lab.min() < 0 or lab.max() >= len(names)):
         raise ValueError(f"labels: expected ids in [0, {len(names)})")
-    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
     position = (np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))).astype(np.int32)
 
     out_dir = os.fspath(out_dir)

@@ -16,7 +16,7 @@ generations is scored by
   unsteered generations' perplexity), plus the distinct-bigram fraction.
 
 Controls are rows of their own: ``unsteered`` (no hook), ``alpha0`` (the hook with an identity
-edit), ``random`` (a random live latent not enriched for the label, its edit scaled so the
+edit), ``random`` (a random live latent enriched for no label, its edit scaled so the
 injected vector has the target's norm) and ``own_label`` (the same latent on prompts cut from
 held-out documents of its own label).
 
@@ -540,17 +540,24 @@ def _target_latents(
 def _random_controls(
     picks: pd.DataFrame, tok_table: pd.DataFrame, norms: np.ndarray, q_max: float, seed: int
 ) -> pd.DataFrame:
-    """For each steered latent, a random latent that fired in the data and is not enriched
-    for the target label, and the decoder-norm ratio that matches the injected vectors."""
+    """For each steered latent, a random latent that fired in the data and is enriched for no
+    label (a topic-neutral perturbation; if there is none, one not enriched for the target
+    label), and the decoder-norm ratio that matches the injected vectors."""
     t = tok_table.assign(label=tok_table["label"].astype(str))
     fired = np.zeros(norms.shape[0], dtype=bool)
     fired[t.loc[t["fires"], "latent"].to_numpy()] = True
+    enriched = (t["q"] < q_max) & (t["log_odds"] > 0)
+    neutral = fired.copy()
+    neutral[t.loc[enriched, "latent"].to_numpy()] = False
     rng = np.random.default_rng(seed)
     randoms = []
     for label, j in zip(picks["label"], picks["latent"], strict=True):
-        ok = fired.copy()
-        ok[t.loc[(t["label"] == label) & (t["q"] < q_max) & (t["log_odds"] > 0), "latent"]] = False
+        ok = neutral.copy()
         ok[int(j)] = False
+        if not ok.any():
+            ok = fired.copy()
+            ok[t.loc[enriched & (t["label"] == label), "latent"].to_numpy()] = False
+            ok[int(j)] = False
         cands = np.flatnonzero(ok)
         randoms.append(int(rng.choice(cands)) if cands.size else -1)
     r = np.asarray(randoms)
