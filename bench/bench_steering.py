@@ -11,8 +11,9 @@
    controls. Goals: the classifier's target-label share rises from its baseline to >= 0.6
    with perplexity within 2x of unsteered; the random-latent control moves the share by < 0.1.
 
-    python bench/bench_steering.py                       # both parts
-    python bench/bench_steering.py --skip-quality
+    python bench/bench_steering.py                       # both parts, all controls
+    python bench/bench_steering.py --skip-quality        # overhead only (about 1 minute)
+    python bench/bench_steering.py --skip-overhead --controls random   # the quality goals
     python bench/bench_steering.py --skip-overhead --per-label 3 --positions generated
 """
 

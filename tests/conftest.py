@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,35 +14,40 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-# Prefect binds its console log handlers to whatever sys.stderr is when logging is set up:
-# at import, and again whenever Prefect's own CLI runs in-process. Import it here, under
-# pytest's session-long capture, and rebind handlers left on a stream that a CliRunner has
-# since closed (later flow logs would fail with "I/O operation on closed file").
-import prefect  # noqa: F401
+# Prefect's console log handlers bind to whatever sys.stderr is when logging is set up: at
+# import, and again whenever a Prefect app is created in-process (e.g. inside a CliRunner,
+# whose stream is closed afterwards; later flow logs then fail with "I/O operation on
+# closed file"). Point them at a stream that resolves sys.stderr at every write instead.
+import prefect
+import prefect.logging.configuration
 import pytest
+from prefect.logging.handlers import PrefectConsoleHandler
 
 
-def _rebind_prefect_console_handlers() -> None:
-    import logging
-    import sys
+class _LiveStderr:
+    """Writes to the current ``sys.stderr`` (pytest's capture, or a CliRunner's)."""
 
-    from prefect.logging.handlers import PrefectConsoleHandler
+    encoding = "utf-8"
 
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    for lg in loggers:
-        for h in lg.handlers:
-            if isinstance(h, PrefectConsoleHandler) and getattr(h.stream, "closed", False):
-                h.setStream(sys.stderr)
-                h.console.file = sys.stderr
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return False
 
 
-@pytest.fixture(autouse=True)
-def _prefect_logs_on_a_live_stream():
-    _rebind_prefect_console_handlers()
-    yield
-    _rebind_prefect_console_handlers()
+_console_init = PrefectConsoleHandler.__init__
+
+
+def _console_init_on_live_stderr(self, stream=None, *args, **kwargs):
+    _console_init(self, _LiveStderr() if stream is None else stream, *args, **kwargs)
+
+
+PrefectConsoleHandler.__init__ = _console_init_on_live_stderr
+prefect.logging.configuration.setup_logging()
 
 
 TINY_FAMILIES = ("gemma", "llama", "mistral", "qwen", "gpt2", "gpt_neox", "bert")
