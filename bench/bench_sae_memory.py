@@ -1,7 +1,8 @@
 """Peak memory of SAE training at two dataset sizes: it must not grow with the tokens.
 
-Two activation stores cut from the real ag_news activations (gemma-3-270m, layer 9, bf16):
-the first half of the documents and all of them. Each child process trains one TopK SAE
+Three activation stores from the real ag_news activations (gemma-3-270m, layer 9, bf16):
+the first half of the documents, all of them, and all of them twice (the same dump opened
+twice as one store, 2x the tokens without writing a copy). Each child process trains one TopK SAE
 (d_sae = 4096, k = 32, batch 4096) for one epoch over its store, evaluates it on the held-out
 split and publishes it, while a thread samples ``/proc/self/status``. Reported per size:
 
@@ -18,6 +19,7 @@ split and publishes it, while a thread samples ``/proc/self/status``. Reported p
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -54,7 +56,7 @@ def child(uri: str) -> None:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    store = ActivationStore(uri)
+    store = ActivationStore(uri.split(","))
     cfg = SAEConfig(k=4096, architecture="topk", top_k=32, batch_size=4096, epochs=1.0)
     t = time.time()
     train_peak: dict[str, int] = {}
@@ -63,7 +65,9 @@ def child(uri: str) -> None:
         if step == total:  # the last step is done: what follows is evaluation and publishing
             train_peak.update({k: max(peaks[k], _status_kib(k)) for k in peaks})
 
-    (res,) = train_saes(store, [cfg], [uri + "_sae"], progress=False, on_progress=on_progress)
+    (res,) = train_saes(
+        store, [cfg], [uri.split(",")[0] + "_sae"], progress=False, on_progress=on_progress
+    )
     done.set()
     th.join()
     print(
@@ -86,7 +90,7 @@ def child(uri: str) -> None:
 
 
 def stores() -> list[str]:
-    """The half and full stores (written once, cached under bench/out/sae_memory/)."""
+    """The half, full and doubled stores (written once, cached under bench/out/sae_memory/)."""
     from integral_superposition.dump.synthetic import write_activation_store
 
     src = ag_news_store()
@@ -103,7 +107,7 @@ def stores() -> list[str]:
                 rows_per_shard=65536, model_name="gemma-3-270m",
             )  # fmt: skip
         uris.append(uri)
-    return uris
+    return [*uris, f"{uris[1]},{uris[1]}"]
 
 
 def main() -> None:
@@ -131,14 +135,14 @@ def main() -> None:
             f"{r['train_RssFile_MiB']:.0f} | {r['VmHWM_MiB']:.0f} | {r['RssAnon_MiB']:.0f} | "
             f"{r['RssFile_MiB']:.0f} | {r['seconds']:.0f} |"
         )
-    a, b = rows
-    print(
-        f"\n{b['n_tokens'] / a['n_tokens']:.2f}x the tokens: training RssAnon "
-        f"x{b['train_RssAnon_MiB'] / a['train_RssAnon_MiB']:.2f}; whole call (with the held-out "
-        f"evaluation, whose chunk is the whole split when it is under 8192 tokens): VmHWM "
-        f"x{b['VmHWM_MiB'] / a['VmHWM_MiB']:.2f}, RssAnon x{b['RssAnon_MiB'] / a['RssAnon_MiB']:.2f}, "
-        f"RssFile x{b['RssFile_MiB'] / max(1, a['RssFile_MiB']):.2f}"
-    )
+    for a, b in itertools.pairwise(rows):
+        print(
+            f"\n{a['n_tokens']} -> {b['n_tokens']} tokens ({b['n_tokens'] / a['n_tokens']:.2f}x): "
+            f"training RssAnon x{b['train_RssAnon_MiB'] / a['train_RssAnon_MiB']:.2f}; whole call "
+            f"(with the held-out evaluation): VmHWM x{b['VmHWM_MiB'] / a['VmHWM_MiB']:.2f}, "
+            f"RssAnon x{b['RssAnon_MiB'] / a['RssAnon_MiB']:.2f}, "
+            f"RssFile x{b['RssFile_MiB'] / max(1, a['RssFile_MiB']):.2f}"
+        )
 
 
 if __name__ == "__main__":
