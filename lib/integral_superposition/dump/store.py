@@ -448,23 +448,26 @@ class _BatchPlan:
     ) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
         """Read one buffer: its row ids and activations, shuffled."""
         blocks = self.blocks_in(epoch, buf)
-        rows_parts, acts_parts = [], {n: [] for n in names}
+        rows_parts = []
         for b in blocks:
             a, e = int(self.block_starts[b]), int(self.block_ends[b])
-            keep = self.mask[a:e]
-            if not keep.any():
+            rows_parts.append(np.arange(a, e)[self.mask[a:e]])
+        rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
+        # One allocation per buffer, filled block by block (with the dtype conversion in the
+        # copy): no per-block temporaries, which fragment the reader thread's malloc arena.
+        acts = {n: torch.empty((rows.size, self.store.d_model), dtype=dtype) for n in names}
+        pos = 0
+        for b, part in zip(blocks, rows_parts, strict=True):
+            if not part.size:
                 continue
-            rows = np.arange(a, e)[keep]
-            keep_t = torch.from_numpy(keep)
+            a, e = int(self.block_starts[b]), int(self.block_ends[b])
+            keep = self.mask[a:e]
             for n in names:
-                acts_parts[n].append(self.store.read(a, e, n)[keep_t])
-            rows_parts.append(rows)
-        if not rows_parts:
-            return np.zeros(0, dtype=np.int64), {
-                n: torch.empty((0, self.store.d_model), dtype=dtype) for n in names
-            }
-        rows = np.concatenate(rows_parts)
-        acts = {n: torch.cat(p).to(dtype) for n, p in acts_parts.items()}
+                x = self.store.read(a, e, n)
+                acts[n][pos : pos + part.size].copy_(
+                    x if part.size == e - a else x[torch.from_numpy(keep)]
+                )
+            pos += part.size
         if row_filter is not None:
             keep = np.asarray(row_filter(rows, acts[names[0]]), dtype=bool)
             rows = rows[keep]
