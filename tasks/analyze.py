@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from integral_superposition.analysis.run import AnalysisParams
-from integral_superposition.tasks.backends import using_backend
+from integral_superposition.tasks.backends import run_sae_step
 from integral_superposition.tasks.dump import TASK_DEFAULTS
-from integral_superposition.tasks.policy import gpu_slot
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.ui import Progress, event, table, timed_step
+from integral_superposition.tasks.ui import event, table
 from prefect import task
 
 
@@ -27,22 +26,18 @@ def analyze_sae(
     from integral_superposition.viz.report import summary_tables
 
     out_uri = loc.uri(out, sae.name)
-    progress = Progress(f"analyze-{sae.name}", f"analyze {sae.name}", unit="steps")
-    with (
-        gpu_slot(gpu_limit),
-        using_backend(model.spec if model else None) as backend,
-        timed_step(),
-    ):
-        manifest = run_analysis(
-            sae.uri,
-            store.uri,
-            out_uri,
-            params,
-            backend=backend,
-            storage_options=loc.storage_options,
-            on_progress=progress,
-        )
-    progress.finish()
+    manifest = run_sae_step(
+        run_analysis,
+        "analyze",
+        "analyze",
+        sae,
+        store,
+        params,
+        loc,
+        out_uri,
+        model.spec if model else None,
+        gpu_limit,
+    )
     summary = manifest.get("summary", {})
     ref = OutputRef.from_manifest("analysis", sae.name, out_uri, manifest, **summary)
     tables = summary_tables(load_analysis(out_uri, loc.storage_options))

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from integral_superposition.experiment import ModelSpec
@@ -61,6 +61,43 @@ def using_backend(spec: ModelSpec | None) -> Iterator[Any]:
     backend, lock = load_backend(spec)
     with lock:
         yield backend
+
+
+def run_sae_step(
+    fn: Callable[..., dict[str, Any]],
+    key: str,
+    title: str,
+    sae: Any,
+    store: Any,
+    params: Any,
+    loc: Any,
+    out_uri: str,
+    spec: ModelSpec | None,
+    gpu_limit: str | None,
+) -> dict[str, Any]:
+    """Run one library step on an SAE and its store, and return its manifest.
+
+    ``fn(sae_uri, store_uri, out_uri, params, backend=, storage_options=, on_progress=)`` is
+    ``run_analysis``, ``run_merge`` or ``run_steering_eval``. It runs holding a GPU slot and
+    the shared backend of ``spec`` (None: no model), timed, with a progress artifact keyed
+    ``{key}-{sae.name}``.
+    """
+    from integral_superposition.tasks.policy import gpu_slot
+    from integral_superposition.tasks.ui import Progress, timed_step
+
+    progress = Progress(f"{key}-{sae.name}", f"{title} {sae.name}", unit="steps")
+    with gpu_slot(gpu_limit), using_backend(spec) as backend, timed_step():
+        manifest = fn(
+            sae.uri,
+            store.uri,
+            out_uri,
+            params,
+            backend=backend,
+            storage_options=loc.storage_options,
+            on_progress=progress,
+        )
+    progress.finish()
+    return manifest
 
 
 def clear_backends() -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from integral_superposition.merge.params import MergeParams
-from integral_superposition.tasks.backends import using_backend
+from integral_superposition.tasks.backends import run_sae_step
 from integral_superposition.tasks.dump import TASK_DEFAULTS
-from integral_superposition.tasks.policy import gpu_slot
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.ui import Progress, event, table, timed_step
+from integral_superposition.tasks.ui import event, table
 from prefect import task
 
 
@@ -27,22 +26,18 @@ def merge_sae(
     from integral_superposition.merge import run_merge
 
     out_uri = loc.uri(out, sae.name)
-    progress = Progress(f"merge-{sae.name}", f"merge {sae.name}", unit="steps")
-    with (
-        gpu_slot(gpu_limit),
-        using_backend(model.spec if model else None) as backend,
-        timed_step(),
-    ):
-        manifest = run_merge(
-            sae.uri,
-            store.uri,
-            out_uri,
-            params,
-            backend=backend,
-            storage_options=loc.storage_options,
-            on_progress=progress,
-        )
-    progress.finish()
+    manifest = run_sae_step(
+        run_merge,
+        "merge",
+        "merge",
+        sae,
+        store,
+        params,
+        loc,
+        out_uri,
+        model.spec if model else None,
+        gpu_limit,
+    )
     info = manifest.get("merge", {})
     rows = [
         {"sae": "original", **info.get("original_metrics", {})},

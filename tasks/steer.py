@@ -8,11 +8,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from integral_superposition.steering.evaluate import SteeringParams
-from integral_superposition.tasks.backends import using_backend
+from integral_superposition.tasks.backends import run_sae_step
 from integral_superposition.tasks.dump import TASK_DEFAULTS
-from integral_superposition.tasks.policy import gpu_slot
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.ui import Progress, event, table, timed_step
+from integral_superposition.tasks.ui import event, table
 from prefect import task
 
 
@@ -31,18 +30,18 @@ def evaluate_steering(
     from integral_superposition.steering.evaluate import load_steering, run_steering_eval
 
     out_uri = loc.uri(out, sae.name)
-    progress = Progress(f"steer-{sae.name}", f"steering eval {sae.name}", unit="steps")
-    with gpu_slot(gpu_limit), using_backend(model.spec) as backend, timed_step():
-        manifest = run_steering_eval(
-            sae.uri,
-            store.uri,
-            out_uri,
-            params,
-            backend=backend,
-            storage_options=loc.storage_options,
-            on_progress=progress,
-        )
-    progress.finish()
+    manifest = run_sae_step(
+        run_steering_eval,
+        "steer",
+        "steering eval",
+        sae,
+        store,
+        params,
+        loc,
+        out_uri,
+        model.spec,
+        gpu_limit,
+    )
     summary = manifest.get("summary", {})
     ref = OutputRef.from_manifest("steering", sae.name, out_uri, manifest, **summary)
     result = load_steering(out_uri, loc.storage_options)
