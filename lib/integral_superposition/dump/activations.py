@@ -132,6 +132,22 @@ def _norm_summary(
     }
 
 
+def _norm_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's norm summary of one hook point from its shard records, as a dump
+    computes it (non-finite rows make ``mean``/``max`` NaN or inf)."""
+    if not parts:
+        return {"count": 0}
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _norm_summary(
+            np.sum([np.asarray(p["hist"]) for p in parts], axis=0),
+            sum(p["count"] for p in parts),
+            sum(p["sum"] for p in parts),
+            sum(p["sumsq"] for p in parts),
+            min(p["min"] for p in parts),
+            max(p["max"] for p in parts),
+        )
+
+
 def plan_shards(
     n_kept_sorted: np.ndarray, bytes_per_token: int, shard_bytes: int
 ) -> list[tuple[int, int]]:
@@ -510,15 +526,7 @@ def dump_layer_activations(
     files["docs.parquet"] = storage.file_entry("", docs_bytes)
     norm_stats = {}
     for h in hook_points:
-        parts = [r["norms"][h.name] for r in complete]
-        norm_stats[h.name] = _norm_summary(
-            np.sum([np.asarray(p["hist"]) for p in parts], axis=0),
-            sum(p["count"] for p in parts),
-            sum(p["sum"] for p in parts),
-            sum(p["sumsq"] for p in parts),
-            min(p["min"] for p in parts),
-            max(p["max"] for p in parts),
-        )
+        norm_stats[h.name] = _norm_stats([r["norms"][h.name] for r in complete])
     counts = np.bincount(label_ids[plan.doc_ids], minlength=len(names))
     storage.write_manifest(
         out_dir,

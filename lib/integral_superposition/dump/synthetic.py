@@ -18,25 +18,9 @@ import pyarrow as pa
 import torch
 
 from integral_superposition import storage
-from integral_superposition.dump.activations import _norm_summary, _parquet_bytes, _write_shard
+from integral_superposition.dump.activations import _norm_stats, _parquet_bytes, _write_shard
 from integral_superposition.dump.shards import TORCH_DTYPES
 from integral_superposition.dump.store import ActivationStore
-
-
-def _norm_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manifest's norm summary of one hook point from its shard records, as a dump
-    computes it (non-finite rows make ``mean``/``max`` NaN or inf)."""
-    if not parts:
-        return {"count": 0}
-    with np.errstate(invalid="ignore", over="ignore"):
-        return _norm_summary(
-            np.sum([np.asarray(p["hist"]) for p in parts], axis=0),
-            sum(p["count"] for p in parts),
-            sum(p["sum"] for p in parts),
-            sum(p["sumsq"] for p in parts),
-            min(p["min"] for p in parts),
-            max(p["max"] for p in parts),
-        )
 
 
 def write_activation_store(
