@@ -797,7 +797,7 @@ def scan_latents(
         acc.update(rows, codes)
         t2 = _sync(dev)
         if stats is not None:
-            _update_reconstruction(stats, x, codes.x_hat)
+            stats.update_reconstruction(x, codes.x_hat)
         t3 = _sync(dev)
         timings["read"] += t0 - clock
         timings["encode"] += t1 - t0
@@ -827,15 +827,3 @@ def _sync(dev: torch.device) -> float:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return time.perf_counter()
-
-
-def _update_reconstruction(stats: LatentStats, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-    """The reconstruction terms of :meth:`LatentStats.update` for ``x, x_hat [B, d]`` (the
-    per-latent counts come from the scan's sparse entries instead of a dense pass)."""
-    xd, xh = x.double(), x_hat.double()
-    stats.sse += float((xd - xh).pow(2).sum())
-    sx = xd.sum(0).cpu().numpy()
-    stats.sum_x = sx if stats.sum_x is None else stats.sum_x + sx
-    stats.sum_xx += float(xd.pow(2).sum())
-    stats.cos_sum += float(torch.nn.functional.cosine_similarity(xd, xh, dim=-1).sum())
-    stats.norm_ratio_sum += float((xh.norm(dim=-1) / xd.norm(dim=-1).clamp_min(1e-12)).sum())

@@ -68,6 +68,12 @@ class LatentStats:
         self.act_sum += z.double().sum(0).cpu().numpy()
         self.act_max = np.maximum(self.act_max, z.max(0).values.double().cpu().numpy())
         self.l0_counts += np.bincount(active.sum(1).cpu().numpy(), minlength=self.d_sae + 1)
+        self.update_reconstruction(x, x_hat)
+
+    @torch.no_grad()
+    def update_reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """Only the reconstruction terms (SSE, sums of x, cosine, norm ratio) for
+        ``x, x_hat [B, d]``; the caller counts the tokens and latents."""
         xd, xh = x.double(), x_hat.double()
         self.sse += float((xd - xh).pow(2).sum())
         sx = xd.sum(0).cpu().numpy()
