@@ -13,7 +13,13 @@ split and publishes it, while a thread samples ``/proc/self/status``. Reported p
 - the peaks of ``RssAnon`` and ``RssFile`` up to the end of the last training step (before the
   held-out evaluation and publishing): what must not grow with the tokens.
 
-    python bench/bench_sae_memory.py
+The store's reader holds at most ``prefetch + 2`` shuffle buffers of ``shuffle_buffer_tokens``
+rows (one being filled, ``prefetch`` queued, one being consumed): a store smaller than that
+never fills them, so its peak is lower for that reason alone. ``--buffer-tokens`` (default
+16384, the library default is 65536) keeps the bound below the smallest store, so that the
+comparison tests what it should: growth with the number of tokens.
+
+    python bench/bench_sae_memory.py [--buffer-tokens 16384]
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def child(uri: str) -> None:
+def child(uri: str, buffer_tokens: int) -> None:
     import torch
     from integral_superposition import SAEConfig
     from integral_superposition.dump import ActivationStore
@@ -57,7 +63,10 @@ def child(uri: str) -> None:
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     store = ActivationStore(uri.split(","))
-    cfg = SAEConfig(k=4096, architecture="topk", top_k=32, batch_size=4096, epochs=1.0)
+    cfg = SAEConfig(
+        k=4096, architecture="topk", top_k=32, batch_size=4096, epochs=1.0,
+        shuffle_buffer_tokens=buffer_tokens,
+    )  # fmt: skip
     t = time.time()
     train_peak: dict[str, int] = {}
 
@@ -113,15 +122,20 @@ def stores() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--buffer-tokens", type=int, default=16384)
     args = ap.parse_args()
     if args.child:
-        child(args.child)
+        child(args.child, args.buffer_tokens)
         return
     print(machine())
+    print(f"shuffle_buffer_tokens = {args.buffer_tokens}")
     rows = []
     for uri in stores():
         out = subprocess.run(
-            [sys.executable, __file__, "--child", uri], capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--child", uri, "--buffer-tokens", str(args.buffer_tokens)],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -126,13 +127,46 @@ class ShardReader:
         self.storage_options = storage_options
         self.spans = read_header(uri, storage_options)
         self._local = storage.is_local(uri)
-        self._mmap: np.memmap | None = None
+        self._map: mmap.mmap | None = None
+        self._mmap: np.ndarray | None = None
 
-    def _memmap(self) -> np.memmap:
+    def _memmap(self) -> np.ndarray:
+        """The whole file as ``uint8`` (a private, copy-on-write map: never written back)."""
         if self._mmap is None:
             _, path = storage.get_fs(self.uri, self.storage_options)
-            self._mmap = np.memmap(path, dtype=np.uint8, mode="r")
+            with open(path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._mmap = np.frombuffer(self._map, dtype=np.uint8)
         return self._mmap
+
+    def _release(self, a: int, b: int) -> None:
+        """Unmap the pages of bytes ``[a, b)`` from this process (they stay in the page cache)."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            a0 = a - a % mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, a0, b - a0)
+
+    def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Copy rows ``[start, stop)`` of ``name`` into ``out`` ``[stop-start, d]`` (any dtype).
+
+        Locally the rows go from the memory map straight into ``out``, converted on the way:
+        no temporary, so a long-running reader thread does not churn its malloc arena, and the
+        pages are unmapped afterwards.
+        """
+        span = self.spans[name]
+        if not 0 <= start <= stop <= span.rows:
+            raise IndexError(
+                f"rows [{start}, {stop}) out of range for {self.uri} with {span.rows} rows"
+            )
+        if not self._local:
+            out.copy_(self.read(name, start, stop))
+            return
+        a = span.start + start * span.row_bytes
+        b = span.start + stop * span.row_bytes
+        mapped = torch.from_numpy(self._memmap()[a:b]).view(span.dtype)
+        out.copy_(mapped.reshape(stop - start, span.cols))
+        # a streaming pass reads each row once: keep its pages out of the resident set, so a
+        # long run's memory does not grow with the bytes it has read
+        self._release(a, b)
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of tensor ``name`` as a ``[stop-start, d]`` tensor (a copy)."""
@@ -145,6 +179,7 @@ class ShardReader:
         b = span.start + stop * span.row_bytes
         if self._local:
             raw = np.array(self._memmap()[a:b])
+            self._release(a, b)
         else:
             raw = np.frombuffer(
                 storage.read_bytes(self.uri, self.storage_options, a, b), dtype=np.uint8
@@ -166,6 +201,8 @@ class ShardReader:
         if self._local:
             table = self._memmap()[span.start : span.start + span.rows * span.row_bytes]
             raw = table.reshape(span.rows, span.row_bytes)[rows]
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            self._release(span.start + lo * span.row_bytes, span.start + hi * span.row_bytes)
             return torch.from_numpy(raw).view(span.dtype).reshape(rows.size, span.cols)
         uniq, inverse = np.unique(rows, return_inverse=True)
         # merge runs separated by gaps of under ~256 KiB: fewer requests, little waste

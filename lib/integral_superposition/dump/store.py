@@ -275,6 +275,27 @@ class ActivationStore:
             return torch.empty((0, self.d_model), dtype=self.dtype)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def read_into(self, start: int, stop: int, out: torch.Tensor, hook_point: str | None = None):
+        """Copy rows ``[start, stop)`` into ``out`` ``[stop-start, d_model]`` (any float dtype)."""
+        name = self._check_hook(hook_point or self.hook_point)
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(
+                f"rows [{start}, {stop}) out of range: the store has {self.n_tokens} tokens"
+            )
+        if out.shape != (stop - start, self.d_model):
+            raise ValueError(
+                f"out has shape {tuple(out.shape)}: expected {(stop - start, self.d_model)}"
+            )
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            s = self.shards[i]
+            a, b = pos - s.offset, min(stop, s.offset + s.n_tokens) - s.offset
+            if b > a:
+                self._reader(i).read_into(name, a, b, out[pos - start : pos - start + b - a])
+            pos = s.offset + b
+            i += 1
+
     def gather(
         self, indices: np.ndarray | Sequence[int], hook_point: str | None = None
     ) -> torch.Tensor:
@@ -453,30 +474,49 @@ class _BatchPlan:
             a, e = int(self.block_starts[b]), int(self.block_ends[b])
             rows_parts.append(np.arange(a, e)[self.mask[a:e]])
         rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
-        # One allocation per buffer, filled block by block (with the dtype conversion in the
-        # copy): no per-block temporaries, which fragment the reader thread's malloc arena.
+        # The buffer is allocated once and filled in place, already shuffled: each block is
+        # read through one reused scratch block (converted on the way), its kept rows are
+        # selected into a second one and scattered to their shuffled positions. No per-block
+        # temporaries and no second, shuffled copy of the buffer: a long run's reader thread
+        # does not fragment its malloc arena, so memory stays flat in the number of tokens.
+        perm = (
+            np.random.default_rng([self.seed, epoch, buf, 1]).permutation(rows.size)
+            if self.shuffle and row_filter is None
+            else None
+        )
+        dest = np.empty(rows.size, dtype=np.int64)
+        if perm is not None:
+            dest[perm] = np.arange(rows.size)
+        else:
+            dest[:] = np.arange(rows.size)
         acts = {n: torch.empty((rows.size, self.store.d_model), dtype=dtype) for n in names}
+        width = int((self.block_ends - self.block_starts).max()) if blocks.size else 0
+        scratch = torch.empty((width, self.store.d_model), dtype=dtype)
+        picked = torch.empty((width, self.store.d_model), dtype=dtype)
         pos = 0
         for b, part in zip(blocks, rows_parts, strict=True):
             if not part.size:
                 continue
             a, e = int(self.block_starts[b]), int(self.block_ends[b])
-            keep = self.mask[a:e]
+            to = torch.from_numpy(dest[pos : pos + part.size])
+            keep = None if part.size == e - a else torch.from_numpy(part - a)
             for n in names:
-                x = self.store.read(a, e, n)
-                acts[n][pos : pos + part.size].copy_(
-                    x if part.size == e - a else x[torch.from_numpy(keep)]
-                )
+                self.store.read_into(a, e, scratch[: e - a], n)
+                src = scratch[: e - a]
+                if keep is not None:
+                    src = torch.index_select(src, 0, keep, out=picked[: part.size])
+                acts[n].index_copy_(0, to, src)
             pos += part.size
+        rows = rows[perm] if perm is not None else rows
         if row_filter is not None:
-            keep = np.asarray(row_filter(rows, acts[names[0]]), dtype=bool)
-            rows = rows[keep]
-            acts = {n: a[torch.from_numpy(keep)] for n, a in acts.items()}
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch, buf, 1]).permutation(rows.size)
-            rows = rows[perm]
-            perm_t = torch.from_numpy(perm)
-            acts = {n: a[perm_t] for n, a in acts.items()}
+            keep_rows = np.asarray(row_filter(rows, acts[names[0]]), dtype=bool)
+            rows = rows[keep_rows]
+            acts = {n: a[torch.from_numpy(keep_rows)] for n, a in acts.items()}
+            if self.shuffle:
+                p2 = np.random.default_rng([self.seed, epoch, buf, 1]).permutation(rows.size)
+                rows = rows[p2]
+                p2_t = torch.from_numpy(p2)
+                acts = {n: a[p2_t] for n, a in acts.items()}
         return rows, acts
 
 
