@@ -38,6 +38,10 @@ def test_read_and_gather_equal_the_dumped_rows(dumped):
         a = store.manifest["shards"][0]["n_tokens"] - 3
         torch.testing.assert_close(store.read(a, a + 50, hook), full[a : a + 50], rtol=0, atol=0)
         assert store.read(7, 7, hook).shape == (0, store.d_model)
+        # read_into converts on the way, across shard boundaries, without a temporary
+        out = torch.full((50, store.d_model), float("nan"))
+        store.read_into(a, a + 50, out, hook)
+        torch.testing.assert_close(out, full[a : a + 50].float(), rtol=0, atol=0)
         idx = np.random.default_rng(1).integers(0, store.n_tokens, 500)
         idx[:3] = [0, store.n_tokens - 1, idx[5]]  # edges and a repeat
         torch.testing.assert_close(store.gather(idx, hook), full[idx], rtol=0, atol=0)
@@ -45,6 +49,8 @@ def test_read_and_gather_equal_the_dumped_rows(dumped):
         store.read(0, store.n_tokens + 1)
     with pytest.raises(IndexError, match="out of range"):
         store.gather([store.n_tokens])
+    with pytest.raises(ValueError, match=r"out has shape \(3, \d+\): expected \(2, \d+\)"):
+        store.read_into(0, 2, torch.empty(3, store.d_model))
     with pytest.raises(ValueError, match=r"hook_point='layer\.2': not in this store"):
         store.read(0, 1, "layer.2")
 
