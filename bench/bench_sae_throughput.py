@@ -21,10 +21,10 @@ and the report gives the tokens/s over the run and over its first and last fifth
 makes the code sparse within the run, and from then on our trainer switches to its sparse
 path by itself; SAELens's trainer and the bare loop stay dense. This is what a user waits for:
 the ratio over a whole run, which a fresh-init window understates and a trained-state window
-overstates. ``--run-steps 0`` skips it.
+overstates. ``--cases`` picks a subset of the cases.
 
     python bench/bench_sae_throughput.py [--steps 6] [--warmup 2] [--rounds 5] [--batch 4096]
-        [--run-steps 150]
+        [--run-steps 150] [--cases topk,relu,trained,run]
 """
 
 from __future__ import annotations
@@ -154,7 +154,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--no-trained-relu", action="store_true", help="skip the trained-state ReLU")
+    ap.add_argument(
+        "--cases",
+        default="topk,relu,trained,run",
+        help="comma-separated subset of topk, relu (fresh init), trained (ReLU), run (whole run)",
+    )
     ap.add_argument("--run-steps", type=int, default=150, help="whole ReLU run (0: skip)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
@@ -167,8 +171,11 @@ def main() -> None:
         f"batches: {len(batches)} x {args.batch} tokens of {store.uris[0]} (layer {store.hook_point}); "
         f"timed steps per run: {args.steps} (after {args.warmup} warm-up steps); rounds: {args.rounds}"
     )
-    cases = [("topk", None, "TopK k=32, fresh init"), ("relu", None, "ReLU+L1, fresh init")]
-    if not args.no_trained_relu:
+    want = set(args.cases.split(","))
+    cases = [("topk", None, "TopK k=32, fresh init")] if "topk" in want else []
+    if "relu" in want:
+        cases.append(("relu", None, "ReLU+L1, fresh init"))
+    if "trained" in want:
         uri, _ = ag_news_sae("relu")
         cases.append(("relu", load_sae(uri), "ReLU+L1, trained state"))
     rows = []
@@ -210,7 +217,7 @@ def main() -> None:
                 f"(median {summary[tag][0]:.2f}); per CPU second: median {summary[tag][1]:.2f}{goal}"
             )
         rows.append((label, med, summary))
-    if args.run_steps > 0:
+    if args.run_steps > 0 and "run" in want:
         rows.append(whole_run(store, args.batch, args.run_steps))
     print(
         "\n| case | ours tok/s | SAELens tok/s | bare tok/s | ours/SAELens | ours/bare | "

@@ -222,3 +222,46 @@ def test_bf16_autocast_keeps_fp32_master_weights(dictionary_store, tmp_path):
     res = train_sae(model, store, cfg, progress=False)
     assert res.steps == 10 and model.W_enc.dtype == torch.float32
     assert torch.isfinite(model.W_dec).all()
+
+
+def test_jumprelu_straight_through_gradients_reach_the_input_only_when_asked():
+    from integral_superposition.sae.model import _JumpReLU, _Rectangle
+
+    x = torch.tensor([[0.05, 0.48, 0.52, 0.9]], requires_grad=True)
+    thr = torch.full((4,), 0.5, requires_grad=True)
+    bw = 0.1  # entries 1 and 2 lie inside the rectangle around the threshold
+    window = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    gate = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    for to_input in (False, True):
+        x.grad = thr.grad = None
+        _JumpReLU.apply(x, thr, bw, to_input).sum().backward()
+        jump = window * 0.5 / bw  # threshold / bandwidth inside the window
+        torch.testing.assert_close(thr.grad, -jump[0])
+        torch.testing.assert_close(x.grad, gate + jump if to_input else gate)
+        x.grad = thr.grad = None
+        _Rectangle.apply(x, thr, bw, to_input).sum().backward()
+        torch.testing.assert_close(thr.grad, -window[0] / bw)
+        if to_input:
+            torch.testing.assert_close(x.grad, window / bw)
+        else:
+            assert x.grad is None
+
+
+def test_jumprelu_tanh_penalty_value():
+    sae = SparseAutoencoder(D, D_SAE, architecture="jumprelu", jumprelu_init_threshold=0.1)
+    sae.jumprelu_sparsity = "tanh"
+    x = torch.randn(16, D)
+    out = sae(x)
+    scaled = out.latents * (4.0 * sae.W_dec.norm(dim=1))
+    torch.testing.assert_close(out.sparsity_loss, torch.tanh(scaled).sum(-1).mean())
+
+
+def test_jumprelu_with_the_jump_gradient_on_the_encoder_recovers_features(
+    dictionary_store, tmp_path
+):
+    store, feats = dictionary_store
+    cfg = _cfg("jumprelu", jumprelu_ste_to_input=True)
+    (res,) = train_saes(store, [cfg], [str(tmp_path / "sae")], progress=False)
+    sae = load_sae(res.uri)
+    assert _mean_max_cos(sae, feats) >= 0.9
+    assert 2.0 < res.metrics["l0"] < 8.0

@@ -76,7 +76,7 @@ class SAEConfig(_Config):
     lr: float = Field(3e-4, gt=0)
     """Peak Adam learning rate."""
     l1: float = Field(1e-3, ge=0)
-    """Sparsity coefficient: L1 for ``relu``, L0 for ``jumprelu``."""
+    """Sparsity coefficient: L1 for ``relu``, L0 (or tanh) for ``jumprelu``."""
     epochs: float = Field(2, gt=0)
     """Passes over the training tokens (ignored when ``train_tokens`` is set)."""
     batch_size: int = Field(4096, ge=1)
@@ -105,6 +105,13 @@ class SAEConfig(_Config):
     """Straight-through bandwidth of JumpReLU's step function."""
     jumprelu_init_threshold: float = Field(0.001, gt=0)
     """Initial JumpReLU threshold."""
+    jumprelu_sparsity: Literal["step", "tanh"] = "step"
+    """JumpReLU penalty: ``step`` (L0 through the threshold's straight-through estimator,
+    DeepMind's) or ``tanh`` (``sum tanh(jumprelu_tanh_scale * z * ||W_dec||)``, Anthropic's)."""
+    jumprelu_tanh_scale: float = Field(4.0, gt=0)
+    """Scale inside the ``tanh`` penalty."""
+    jumprelu_ste_to_input: bool = False
+    """Let the jump's straight-through gradient reach the encoder too (Anthropic's variant)."""
     normalize_activations: bool = True
     """Scale inputs to mean norm sqrt(d) in training; folded back into the weights when saved."""
     max_norm_factor: float | None = Field(10.0, gt=0)

@@ -11,7 +11,9 @@ Encoding (``x_in = x - b_dec``, ``pre = x_in @ W_enc + b_enc``):
   at inference ``pre * (pre > threshold)`` with a per-latent threshold learned from training
   batches (saved as SAELens ``jumprelu``).
 - ``jumprelu``: ``pre * (pre > threshold)`` with a learned threshold (straight-through
-  estimator with a rectangle kernel of width ``bandwidth``).
+  estimator with a rectangle kernel of width ``bandwidth``); trained with the L0 penalty of
+  Rajamanoharan et al. (the gradient reaches only the threshold) or, optionally, Anthropic's
+  tanh penalty with the jump's gradient also reaching the encoder.
 
 Decoding: ``z @ W_dec + b_dec``. TopK codes can be decoded by gathering only the active
 rows (``decode_sparse``), which avoids the dense ``[B, d_sae] @ [d_sae, d_in]`` product.
@@ -33,8 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
-SPARSE_MAX_DENSITY = 0.05
-"""A ``relu`` training batch runs on the sparse path while at most this fraction is active."""
+SPARSE_MAX_DENSITY = {"cpu": 0.12}
+"""A ``relu`` training batch runs on the sparse path while at most this fraction of its
+entries is active, per device type (``SPARSE_MAX_DENSITY_DEFAULT`` for the others). On the CPU the sparse step
+(d_in 640, d_sae 4096, batch 4096) is 3.0x the dense one at 2% active, 1.7x at 8%, 1.24x at
+12% and breaks even near 16%. Other devices keep a conservative 5% (not benchmarked)."""
+SPARSE_MAX_DENSITY_DEFAULT = 0.05
 MERGE_MODES = ("sum", "max")
 
 
@@ -63,30 +69,36 @@ class SAEOutput(NamedTuple):
 
 
 class _Rectangle(torch.autograd.Function):
-    """Heaviside step of ``x - threshold`` with a rectangle pseudo-derivative for ``threshold``."""
+    """Heaviside step of ``x - threshold`` with a rectangle pseudo-derivative for ``threshold``
+    (and, with ``to_input``, the opposite one for ``x``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float, to_input: bool = False
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.to_input = bandwidth, to_input
         return (x > threshold).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, threshold = ctx.saved_tensors
         bw = ctx.bandwidth
-        kernel = ((x - threshold).abs() < bw / 2).to(grad.dtype) / bw
-        g_thr = -(grad * kernel).sum(dim=tuple(range(grad.dim() - 1)))
-        return None, g_thr, None
+        g = grad * (((x - threshold).abs() < bw / 2).to(grad.dtype) / bw)
+        g_thr = -g.sum(dim=tuple(range(grad.dim() - 1)))
+        return (g if ctx.to_input else None), g_thr, None, None
 
 
 class _JumpReLU(torch.autograd.Function):
-    """``x * (x > threshold)`` with the straight-through threshold gradient of Rajamanoharan et al."""
+    """``x * (x > threshold)`` with the straight-through threshold gradient of Rajamanoharan et
+    al.; with ``to_input`` the jump's pseudo-derivative also reaches ``x`` (Anthropic's variant)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, threshold: torch.Tensor, bandwidth: float, to_input: bool = False
+    ) -> torch.Tensor:
         ctx.save_for_backward(x, threshold)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.to_input = bandwidth, to_input
         return x * (x > threshold).to(x.dtype)
 
     @staticmethod
@@ -94,9 +106,10 @@ class _JumpReLU(torch.autograd.Function):
         x, threshold = ctx.saved_tensors
         bw = ctx.bandwidth
         gate = (x > threshold).to(grad.dtype)
-        window = ((x - threshold).abs() < bw / 2).to(grad.dtype)
-        g_thr = -(threshold / bw) * (grad * window).sum(dim=tuple(range(grad.dim() - 1)))
-        return grad * gate, g_thr, None
+        jump = grad * ((x - threshold).abs() < bw / 2).to(grad.dtype) * (threshold / bw)
+        g_thr = -jump.sum(dim=tuple(range(grad.dim() - 1)))
+        g_x = grad * gate + jump if ctx.to_input else grad * gate
+        return g_x, g_thr, None, None
 
 
 class _GatherEncode(torch.autograd.Function):
@@ -202,6 +215,13 @@ class SparseAutoencoder(nn.Module):
         self.merge_mode = merge_mode
         self.aux_k = 512
         """Dead latents per token that the AuxK loss uses (set by the trainer)."""
+        self.jumprelu_sparsity = "step"
+        """JumpReLU training penalty (set by the trainer): ``step`` is the L0 through the
+        threshold's straight-through estimator (Rajamanoharan et al.); ``tanh`` is
+        ``sum_i tanh(jumprelu_tanh_scale * z_i * ||W_dec[i]||)`` (Anthropic's)."""
+        self.jumprelu_tanh_scale = 4.0
+        self.jumprelu_ste_to_input = False
+        """Pass the jump's straight-through gradient to the pre-activations as well."""
         self.metadata: dict[str, Any] = {}
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         w = torch.randn(d_pre, d_model, generator=gen, dtype=torch.float32)
@@ -353,7 +373,8 @@ class SparseAutoencoder(nn.Module):
         ):
             # ReLU codes start dense: check (on a few rows) that the sparse path pays off
             check = self.architecture == "relu" and sparse_decode is None
-            if not check or float((pre[:512] > 0).sum()) <= SPARSE_MAX_DENSITY * pre[:512].numel():
+            limit = SPARSE_MAX_DENSITY.get(pre.device.type, SPARSE_MAX_DENSITY_DEFAULT)
+            if not check or float((pre[:512] > 0).sum()) <= limit * pre[:512].numel():
                 return self._forward_sparse(x, pre.detach(), dead_mask)
         top_i = top_v = None
         zero = pre.new_zeros(())
@@ -374,8 +395,14 @@ class SparseAutoencoder(nn.Module):
             else:
                 z = pre * (pre > self.threshold).to(pre.dtype)
         else:  # jumprelu
-            z = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
-            sparsity = _Rectangle.apply(pre, self.threshold, self.bandwidth).sum(-1).mean()
+            to_input = self.training and self.jumprelu_ste_to_input
+            z = _JumpReLU.apply(pre, self.threshold, self.bandwidth, to_input)
+            if self.jumprelu_sparsity == "tanh":
+                scaled = z.abs() * (self.jumprelu_tanh_scale * self.W_dec.norm(dim=1).to(z.dtype))
+                sparsity = torch.tanh(scaled).sum(-1).mean()
+            else:
+                step = _Rectangle.apply(pre, self.threshold, self.bandwidth, to_input)
+                sparsity = step.sum(-1).mean()
         if self.merge_index is not None:
             z, top_i, top_v = self.merge_codes(z), None, None
         if self.architecture == "relu":  # decoder-norm-weighted L1, as one [d_sae] product

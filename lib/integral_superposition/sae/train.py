@@ -412,6 +412,9 @@ class _Trainee:
     def __post_init__(self) -> None:
         d_sae = self.sae.d_sae
         self.sae.aux_k = self.cfg.aux_k
+        self.sae.jumprelu_sparsity = self.cfg.jumprelu_sparsity
+        self.sae.jumprelu_tanh_scale = self.cfg.jumprelu_tanh_scale
+        self.sae.jumprelu_ste_to_input = self.cfg.jumprelu_ste_to_input
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.fire_count = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
