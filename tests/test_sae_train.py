@@ -265,3 +265,15 @@ def test_jumprelu_with_the_jump_gradient_on_the_encoder_recovers_features(
     sae = load_sae(res.uri)
     assert _mean_max_cos(sae, feats) >= 0.9
     assert 2.0 < res.metrics["l0"] < 8.0
+
+
+def test_jumprelu_pre_activation_loss_value_and_only_in_training():
+    sae = SparseAutoencoder(D, D_SAE, architecture="jumprelu", jumprelu_init_threshold=0.3)
+    x = torch.randn(16, D)
+    assert float(sae(x).aux_loss) == 0.0  # off by default
+    sae.jumprelu_pre_act = True
+    pre = sae.pre_activations(x)
+    want = (torch.relu(sae.threshold - pre) * sae.W_dec.norm(dim=1)).sum(-1).mean()
+    torch.testing.assert_close(sae(x).aux_loss, want)
+    sae.eval()
+    assert float(sae(x).aux_loss) == 0.0

@@ -112,6 +112,9 @@ class SAEConfig(_Config):
     """Scale inside the ``tanh`` penalty."""
     jumprelu_ste_to_input: bool = False
     """Let the jump's straight-through gradient reach the encoder too (Anthropic's variant)."""
+    jumprelu_pre_act_coef: float = Field(0.0, ge=0)
+    """Coefficient of Anthropic's pre-activation loss ``sum_i relu(threshold_i - pre_i) *
+    ||W_dec[i]||`` (0: off); it keeps JumpReLU latents from dying."""
     normalize_activations: bool = True
     """Scale inputs to mean norm sqrt(d) in training; folded back into the weights when saved."""
     max_norm_factor: float | None = Field(10.0, gt=0)

@@ -63,7 +63,9 @@ class SAEOutput(NamedTuple):
     sparsity_loss: torch.Tensor
     """Decoder-norm-weighted L1 (``relu``), L0 (``jumprelu``), else 0; scalar, not yet scaled."""
     aux_loss: torch.Tensor
-    """AuxK loss (TopK family, when ``dead_mask`` is given), in the units of ``mse``; scalar."""
+    """AuxK loss (TopK family, when ``dead_mask`` is given), in the units of ``mse``; for
+    ``jumprelu`` with ``jumprelu_pre_act`` on, the pre-activation loss
+    ``mean_tokens sum_i relu(threshold_i - pre_i) * ||W_dec[i]||``; else 0. Scalar."""
     l0: torch.Tensor
     """Mean number of active latents per token, scalar."""
 
@@ -222,6 +224,9 @@ class SparseAutoencoder(nn.Module):
         self.jumprelu_tanh_scale = 4.0
         self.jumprelu_ste_to_input = False
         """Pass the jump's straight-through gradient to the pre-activations as well."""
+        self.jumprelu_pre_act = False
+        """Compute Anthropic's pre-activation loss (it pulls latents that do not fire towards
+        their threshold) into ``SAEOutput.aux_loss`` (set by the trainer)."""
         self.metadata: dict[str, Any] = {}
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         w = torch.randn(d_pre, d_model, generator=gen, dtype=torch.float32)
@@ -424,6 +429,9 @@ class SparseAutoencoder(nn.Module):
             and bool(dead_mask.any())
         ):
             aux = self._auxk_loss(pre, dead_mask, err)
+        elif self.architecture == "jumprelu" and self.jumprelu_pre_act and self.training:
+            below = F.relu(self.threshold - pre)
+            aux = (below.sum(0) @ self.W_dec.norm(dim=1).to(below.dtype)) / below.shape[0]
         # codes are >= 0 here (ReLU-ed or above a non-negative threshold): count, no bool copy
         l0 = torch.count_nonzero(z).float() / max(1, z.numel() // z.shape[-1])
         return SAEOutput(x_hat, z, top_i, top_v, fvu, mse, sparsity, aux, l0)

@@ -415,6 +415,7 @@ class _Trainee:
         self.sae.jumprelu_sparsity = self.cfg.jumprelu_sparsity
         self.sae.jumprelu_tanh_scale = self.cfg.jumprelu_tanh_scale
         self.sae.jumprelu_ste_to_input = self.cfg.jumprelu_ste_to_input
+        self.sae.jumprelu_pre_act = self.cfg.jumprelu_pre_act_coef > 0
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.fire_count = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
@@ -450,6 +451,8 @@ class _Trainee:
         loss = out.mse / d + coef * out.sparsity_loss
         if dead is not None:
             loss = loss + cfg.auxk_coef * out.aux_loss / d
+        elif sae.architecture == "jumprelu" and cfg.jumprelu_pre_act_coef > 0:
+            loss = loss + cfg.jumprelu_pre_act_coef * out.aux_loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -494,7 +497,9 @@ class _Trainee:
             "mse": a[1] / self.scale**2,
             "fvu": a[2],
             "l0": a[3],
-            "aux_loss": a[4] / self.scale**2,
+            # AuxK is a squared error; the pre-activation loss is linear in the activations
+            "aux_loss": a[4]
+            / (self.scale if self.sae.architecture == "jumprelu" else self.scale**2),
             "sparsity_loss": a[5],
             "dead_frac": float(self.dead_mask().float().mean()),
             "tokens_per_step": a[6],  # after the outlier filter
