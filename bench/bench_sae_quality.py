@@ -13,7 +13,10 @@ The run is short (4 epochs of ~180k tokens, ~700 steps of 1,024 tokens), so two 
 differ from the library's: ``--auxk-coef`` is 1/4 rather than 1/32 (which suits runs of many
 millions of tokens and leaves about 4% of the TopK latents dead here; SAELens's default is 1,
 in the same units), and the JumpReLU options are the ones that let its threshold move within
-a short run (see ``--jumprelu-*``). ReLU uses the library's default L1 coefficient.
+a short run. ReLU uses the library's default L1 coefficient. JumpReLU is trained twice: as
+DeepMind's (L0 through the threshold only; ``--jumprelu-l0``) and as Anthropic's variant
+(``jumprelu_tanh``: tanh penalty ``--tanh-coef``, the jump's gradient on the encoder, and the
+pre-activation loss ``--pre-act-coef``).
 
 Goals: at the same L0 (TopK k = 32 on both sides) our FVU is no worse than SAELens's, and our
 TopK with AuxK ends with under 1% dead latents on the held-out split.
@@ -45,16 +48,22 @@ def our_configs(args) -> dict[str, SAEConfig]:
         k=D_SAE, batch_size=args.batch, epochs=args.epochs, lr=args.lr, lr_warmup_steps=50,
         dead_tokens=args.dead_tokens, auxk_coef=args.auxk_coef, log_every=50, seed=0,
     )  # fmt: skip
-    jump = dict(
-        l1=args.jumprelu_l0,
-        jumprelu_bandwidth=args.bandwidth,
-        jumprelu_init_threshold=args.init_threshold,
-    )
+    jump = dict(jumprelu_bandwidth=args.bandwidth, jumprelu_init_threshold=args.init_threshold)
     return {
         "relu": SAEConfig(architecture="relu", l1=args.relu_l1, **common),
         "topk": SAEConfig(architecture="topk", top_k=TOP_K, **common),
         "batchtopk": SAEConfig(architecture="batchtopk", top_k=TOP_K, **common),
-        "jumprelu": SAEConfig(architecture="jumprelu", **jump, **common),
+        "jumprelu": SAEConfig(architecture="jumprelu", l1=args.jumprelu_l0, **jump, **common),
+        # Anthropic's variant: tanh penalty, the jump's gradient on the encoder, pre-act loss
+        "jumprelu_tanh": SAEConfig(
+            architecture="jumprelu",
+            l1=args.tanh_coef,
+            jumprelu_sparsity="tanh",
+            jumprelu_ste_to_input=True,
+            jumprelu_pre_act_coef=args.pre_act_coef,
+            **jump,
+            **common,
+        ),
     }
 
 
@@ -126,6 +135,8 @@ def main() -> None:
     ap.add_argument("--auxk-coef", type=float, default=0.25)
     ap.add_argument("--relu-l1", type=float, default=SAEConfig().l1)
     ap.add_argument("--jumprelu-l0", type=float, default=1e-3)
+    ap.add_argument("--tanh-coef", type=float, default=3e-4, help="jumprelu_tanh: tanh penalty")
+    ap.add_argument("--pre-act-coef", type=float, default=1e-6, help="jumprelu_tanh: pre-act loss")
     ap.add_argument("--bandwidth", type=float, default=0.05)
     ap.add_argument("--init-threshold", type=float, default=0.05)
     ap.add_argument("--ce-docs", type=int, default=64)
