@@ -15,7 +15,7 @@ trainer takes its dense path) and from a trained state (the ReLU SAE of
 contender starts from the same weights.
 
 A third ReLU case times a whole training run: every contender trains ``--run-steps`` steps
-(default 150, on the store's shuffled rows) from the same fresh initialisation, once,
+(default 300, on the store's shuffled rows) from the same fresh initialisation, once,
 with the library's default L1 coefficient (``SAEConfig().l1``; the other cases use 2e-3),
 and the report gives the tokens/s over the run and over its first and last fifths. The L1
 makes the code sparse within the run, and from then on our trainer switches to its sparse
@@ -24,7 +24,7 @@ the ratio over a whole run, which a fresh-init window understates and a trained-
 overstates. ``--cases`` picks a subset of the cases.
 
     python bench/bench_sae_throughput.py [--steps 6] [--warmup 2] [--rounds 5] [--batch 4096]
-        [--run-steps 150] [--cases topk,relu,trained,run]
+        [--run-steps 300] [--cases topk,relu,trained,run]
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main() -> None:
         default="topk,relu,trained,run",
         help="comma-separated subset of topk, relu (fresh init), trained (ReLU), run (whole run)",
     )
-    ap.add_argument("--run-steps", type=int, default=150, help="whole ReLU run (0: skip)")
+    ap.add_argument("--run-steps", type=int, default=300, help="whole ReLU run (0: skip)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     store = ag_news_store()
