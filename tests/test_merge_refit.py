@@ -14,7 +14,12 @@ from integral_superposition.merge.refit import (
 )
 from integral_superposition.sae import SparseAutoencoder
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """These tests edit parameters in place; grad mode is restored afterwards."""
+    with torch.no_grad():
+        yield
 
 
 def make_sae(arch="topk", k=128, d=16, top_k=4, seed=0):
