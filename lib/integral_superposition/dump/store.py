@@ -257,20 +257,7 @@ class ActivationStore:
     def read(self, start: int, stop: int, hook_point: str | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` as ``[stop-start, d_model]`` in the storage dtype."""
         name = self._check_hook(hook_point or self.hook_point)
-        if not 0 <= start <= stop <= self.n_tokens:
-            raise IndexError(
-                f"rows [{start}, {stop}) out of range: the store has {self.n_tokens} tokens"
-            )
-        parts = []
-        i = int(np.searchsorted(self._starts, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            s = self.shards[i]
-            a, b = pos - s.offset, min(stop, s.offset + s.n_tokens) - s.offset
-            if b > a:
-                parts.append(self._reader(i).read(name, a, b))
-            pos = s.offset + b
-            i += 1
+        parts = [self._reader(i).read(name, a, b) for i, a, b, _ in self._pieces(start, stop)]
         if not parts:
             return torch.empty((0, self.d_model), dtype=self.dtype)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -278,23 +265,32 @@ class ActivationStore:
     def read_into(self, start: int, stop: int, out: torch.Tensor, hook_point: str | None = None):
         """Copy rows ``[start, stop)`` into ``out`` ``[stop-start, d_model]`` (any float dtype)."""
         name = self._check_hook(hook_point or self.hook_point)
-        if not 0 <= start <= stop <= self.n_tokens:
-            raise IndexError(
-                f"rows [{start}, {stop}) out of range: the store has {self.n_tokens} tokens"
-            )
+        pieces = self._pieces(start, stop)
         if out.shape != (stop - start, self.d_model):
             raise ValueError(
                 f"out has shape {tuple(out.shape)}: expected {(stop - start, self.d_model)}"
             )
+        for i, a, b, at in pieces:
+            self._reader(i).read_into(name, a, b, out[at : at + b - a])
+
+    def _pieces(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+        """``(shard, first row, stop row, offset in the range)`` of the non-empty shard pieces
+        of rows ``[start, stop)``; raises ``IndexError`` when the range is out of bounds."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(
+                f"rows [{start}, {stop}) out of range: the store has {self.n_tokens} tokens"
+            )
+        pieces = []
         i = int(np.searchsorted(self._starts, start, side="right")) - 1
         pos = start
         while pos < stop:
             s = self.shards[i]
             a, b = pos - s.offset, min(stop, s.offset + s.n_tokens) - s.offset
             if b > a:
-                self._reader(i).read_into(name, a, b, out[pos - start : pos - start + b - a])
+                pieces.append((i, a, b, pos - start))
             pos = s.offset + b
             i += 1
+        return pieces
 
     def gather(
         self, indices: np.ndarray | Sequence[int], hook_point: str | None = None
