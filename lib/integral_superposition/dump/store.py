@@ -475,16 +475,10 @@ class _BatchPlan:
         # selected into a second one and scattered to their shuffled positions. No per-block
         # temporaries and no second, shuffled copy of the buffer: a long run's reader thread
         # does not fragment its malloc arena, so memory stays flat in the number of tokens.
-        perm = (
-            np.random.default_rng([self.seed, epoch, buf, 1]).permutation(rows.size)
-            if self.shuffle and row_filter is None
-            else None
-        )
-        dest = np.empty(rows.size, dtype=np.int64)
+        perm = self._row_order(epoch, buf, rows.size) if row_filter is None else None
+        dest = np.arange(rows.size)  # where each row of the unshuffled buffer goes
         if perm is not None:
-            dest[perm] = np.arange(rows.size)
-        else:
-            dest[:] = np.arange(rows.size)
+            dest[perm] = dest.copy()
         acts = {n: torch.empty((rows.size, self.store.d_model), dtype=dtype) for n in names}
         width = int((self.block_ends - self.block_starts).max()) if blocks.size else 0
         scratch = torch.empty((width, self.store.d_model), dtype=dtype)
@@ -508,12 +502,18 @@ class _BatchPlan:
             keep_rows = np.asarray(row_filter(rows, acts[names[0]]), dtype=bool)
             rows = rows[keep_rows]
             acts = {n: a[torch.from_numpy(keep_rows)] for n, a in acts.items()}
-            if self.shuffle:
-                p2 = np.random.default_rng([self.seed, epoch, buf, 1]).permutation(rows.size)
+            p2 = self._row_order(epoch, buf, rows.size)
+            if p2 is not None:
                 rows = rows[p2]
                 p2_t = torch.from_numpy(p2)
                 acts = {n: a[p2_t] for n, a in acts.items()}
         return rows, acts
+
+    def _row_order(self, epoch: int, buf: int, n: int) -> np.ndarray | None:
+        """The seeded shuffle of a buffer's ``n`` rows (None without shuffling)."""
+        if not self.shuffle:
+            return None
+        return np.random.default_rng([self.seed, epoch, buf, 1]).permutation(n)
 
 
 class _PrefetchIterator:
