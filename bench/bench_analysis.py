@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -65,18 +66,20 @@ def bench_sae(store, target_density: float = 0.02) -> tuple[SparseAutoencoder, s
 
 # -- 1. top-k against the seed's loop -----------------------------------------------------------
 @torch.no_grad()
-def seed_loop(sae, store, latents: np.ndarray, k: int = TOP, batch: int = 16384):
-    """The seed's ``topk_sets_per_latent`` (per-latent numpy loop), restricted to ``latents``.
+def seed_loop(sae, store, latents: np.ndarray, k: int = TOP, batch: int = 16384, device="cpu"):
+    """The seed's ``topk_sets_per_latent`` (per-latent numpy loop), restricted to ``latents``:
+    each chunk is encoded on ``device`` and copied to numpy.
 
     Returns (sets, seconds in encode + copy to numpy, seconds in the per-latent loop).
     """
+    sae = copy.deepcopy(sae).to(device).eval()
     top_vals = [np.empty((0,), dtype=np.float32) for _ in latents]
     top_idx = [np.empty((0,), dtype=np.int64) for _ in latents]
     t_enc = t_loop = 0.0
     for start in range(0, store.n_tokens, batch):
         end = min(start + batch, store.n_tokens)
         t0 = time.perf_counter()
-        z_np = sae.encode(store.read(start, end).float()).cpu().numpy()
+        z_np = sae.encode(store.read(start, end).float().to(device)).cpu().numpy()
         t1 = time.perf_counter()
         for i, j in enumerate(latents):
             z_j = z_np[:, j]
@@ -118,18 +121,21 @@ def _same_sets(sae, store, subset, sets_a, top_b) -> tuple[int, int, float]:
     return same, same_values, float(np.mean(overlap))
 
 
-def bench_topk(sae, store, n_subset: int, chunk: int = 16384) -> dict:
-    """Ours (float32 and bfloat16 encoder matmul) against the seed's loop, same chunk size."""
-    out = {"tokens": store.n_tokens, "chunk": chunk}
+def bench_topk(sae, store, n_subset: int, chunk: int = 16384, device: str = "cpu") -> dict:
+    """Ours (float32 and bfloat16 encoder matmul) against the seed's loop, same chunk size,
+    both encoding on ``device``."""
+    out = {"tokens": store.n_tokens, "chunk": chunk, "device": device}
     tops = {}
     for dt in ("float32", "bfloat16"):
         t0 = time.perf_counter()
-        scan = scan_latents(sae, store, n_top=TOP, stats=False, chunk_tokens=chunk, encode_dtype=dt)
+        scan = scan_latents(
+            sae, store, n_top=TOP, stats=False, chunk_tokens=chunk, encode_dtype=dt, device=device
+        )
         out[f"ours_{dt}_s"] = time.perf_counter() - t0
         out[f"ours_{dt}_timings"] = scan.timings
         tops[dt] = scan.top
     subset = np.linspace(0, sae.d_sae - 1, n_subset).astype(np.int64)
-    sets, t_enc, t_loop = seed_loop(sae, store, subset, batch=chunk)
+    sets, t_enc, t_loop = seed_loop(sae, store, subset, batch=chunk, device=device)
     seed_loop_est = t_loop * sae.d_sae / n_subset
     seed_est = t_enc + seed_loop_est
     out.update(
@@ -324,6 +330,11 @@ def main() -> None:
         "--skip-run", action="store_true", help="skip the run_analysis / dashboard part"
     )
     ap.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where both sides of the top-k comparison encode (cpu, cuda)",
+    )
     ap.add_argument("--rss-child", nargs=2, metavar=("SAE", "COPIES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -336,7 +347,7 @@ def main() -> None:
     print(f"SAE: {what}; store: {store.n_tokens} tokens, d_model={store.d_model}")
 
     doubled = ActivationStore([store.uris[0]] * (1 if args.quick else 2))
-    r = bench_topk(sae, doubled, n_subset=64 if args.quick else 256)
+    r = bench_topk(sae, doubled, n_subset=64 if args.quick else 256, device=args.device)
     f32, b16 = r["ours_float32_timings"], r["ours_bfloat16_timings"]
 
     def stages(t: dict) -> str:
@@ -344,7 +355,7 @@ def main() -> None:
 
     print(
         f"\n[top-k] K={sae.d_sae}, n={TOP}, {r['tokens']} tokens (store read {1 if args.quick else 2}x), "
-        f"chunks of {r['chunk']} tokens for both\n"
+        f"chunks of {r['chunk']} tokens for both, encoding on {r['device']}\n"
         f"  seed per-latent loop, estimated            {r['seed_total_est_s']:8.1f} s   "
         f"(encode {r['seed_encode_s']:.1f} s + loop {r['seed_loop_subset_s']:.1f} s on {r['seed_subset']} latents, "
         f"x {sae.d_sae // r['seed_subset']} = {r['seed_loop_est_s']:.1f} s)\n"

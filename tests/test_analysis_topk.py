@@ -214,24 +214,30 @@ def test_sparse_encoder_matches_dense_encode(arch):
 
 
 @pytest.mark.parametrize("largest", [True, False])
-def test_select_buffer_with_many_merges_matches_sorting(largest):
-    """A pool limit far below one chunk forces a merge on every add; ties keep earlier rows."""
+@pytest.mark.parametrize("K,per_chunk", [(7, 40), (1 << 19, 4000)])
+def test_select_buffer_with_many_merges_matches_sorting(largest, K, per_chunk):
+    """A pool limit far below one chunk forces a merge on every add; ties keep earlier rows.
+    With 2^19 latents the packed keys leave 14 spare bits, so merges past 16,384 entries take
+    the argsort path and smaller ones the packed sort."""
     from integral_superposition.analysis.scan import _SelectBuffer
 
     rng = np.random.default_rng(3)
-    K, n = 7, 5
+    n = 5
+    used = np.arange(K - 1) if K < 100 else np.arange(3000) * 174  # latent K-1 never fires
     buf = _SelectBuffer(K, n, largest, [np.int64], limit=3)
     js, keys, rows = [], [], []
     for c in range(12):
-        j = rng.integers(0, K - 1, 40)  # latent K-1 never gets an entry
-        key = rng.integers(1, 9, 40).astype(np.float32) / 10  # many exact ties
-        r = np.arange(40) + 40 * c
+        j = used[rng.integers(0, used.size, per_chunk)]
+        key = rng.integers(1, 9, per_chunk).astype(np.float32) / 10  # many exact ties
+        r = np.arange(per_chunk) + per_chunk * c
         ok = buf.candidates(j, key)
         buf.add(j[ok], key[ok], [r[ok]])
         js.append(j), keys.append(key), rows.append(r)
     j, key, r = np.concatenate(js), np.concatenate(keys), np.concatenate(rows)
     got_k, (got_r,) = buf.result(-1.0, [-1])
-    for lat in range(K):
+    empty = np.setdiff1d(np.arange(K), used)
+    assert (got_r[empty] == -1).all() and (got_k[empty] == -1.0).all()
+    for lat in used[: 400 if K > 100 else None]:
         m = j == lat
         order = np.lexsort((r[m], -key[m] if largest else key[m]))[:n]
         exp_k = np.full(n, -1.0, np.float32)

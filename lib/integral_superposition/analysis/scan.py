@@ -245,7 +245,8 @@ class SparseEncoder:
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - b_dec) @ W_enc + b_enc`` in float32 ``[B, d_pre]`` (matmul in ``self.dtype``)."""
-        xc = (x.float() - self.b_dec).to(self.dtype)
+        # any float input: the subtraction promotes to float32 in one pass (no separate copy)
+        xc = torch.sub(x, self.b_dec).to(self.dtype)
         # matmul, then the bias: the same rounding as SparseAutoencoder.encode
         return (xc @ self.W).float().add_(self.b_enc)
 
@@ -253,7 +254,7 @@ class SparseEncoder:
     def __call__(self, x: torch.Tensor, reconstruct: bool = False) -> Codes:
         sae, B = self.sae, x.shape[0]
         if self.dense_only:
-            z = sae.encode(x).float()
+            z = sae.encode(x.float()).float()
             t, j = (z > 0).nonzero(as_tuple=True)
             x_hat = sae.decode(z).float() if reconstruct else None
             return Codes(B, t, j, z[t, j], x_hat)
@@ -389,10 +390,12 @@ class _Accumulator:
     """Per-chunk folding of a chunk's active entries into the bounded buffers of
     :class:`LatentScan`.
 
-    It works on the ``E`` active entries (``E`` is about ``L0 x B``, a few percent of the
-    dense ``[B, K]`` code) in numpy, whatever device encoded them: on CPU numpy's gathers,
-    bincounts and compares on 1-D arrays are several times faster than torch's, and on a GPU
-    only the entries cross to the host.
+    Firing counts and the top-``n`` filter (each latent's current ``n``-th best) run on the
+    device that encoded the chunk, so a scan that keeps nothing else moves only the entries
+    that can still enter a top set to the host. The other statistics work on all ``E`` active
+    entries (``E`` is about ``L0 x B``, a few percent of the dense ``[B, K]`` code) in numpy:
+    on CPU its gathers, bincounts and compares on 1-D arrays are several times faster than
+    torch's.
     """
 
     def __init__(
@@ -417,7 +420,8 @@ class _Accumulator:
         self.R = reservoir
         if reservoir:
             self.res = _SelectBuffer(K, reservoir, False, [np.float32, np.int64])
-        self.fire = np.zeros(K, dtype=np.int64)
+        self.fire: torch.Tensor | None = None  # int64 [K] on the encoding device
+        self._thr: tuple[int, torch.Tensor] | None = None  # (buffer version, its thresholds)
         self.act_sum = np.zeros(K, dtype=np.float64)
         self.act_max = np.zeros(K, dtype=np.float32)
         self.l0 = np.zeros(K + 1, dtype=np.int64)
@@ -434,6 +438,19 @@ class _Accumulator:
         self.f_nnz = 0
         self.n_tokens = 0
         self.scanned: list[np.ndarray] = []
+        self.needs_entries = bool(
+            stats
+            or reservoir
+            or (labels is not None and hist_bins)
+            or (doc_ids is not None and doc_threshold is not None)
+            or firing_budget
+        )
+
+    def _top_thresholds(self, device: torch.device) -> torch.Tensor:
+        """The top buffer's per-latent thresholds ``[K]`` on ``device`` (copied after merges)."""
+        if self._thr is None or self._thr[0] != self.top.version or self._thr[1].device != device:
+            self._thr = (self.top.version, torch.from_numpy(self.top.thr.copy()).to(device))
+        return self._thr[1]
 
     def update(self, rows: np.ndarray, codes: Codes) -> None:
         """Fold one chunk (global row ids ``rows [B]``, its active entries ``codes``)."""
@@ -441,17 +458,23 @@ class _Accumulator:
         self.n_tokens += B
         if self.keep_rows:  # only a masked scan needs its row ids (8 bytes a token)
             self.scanned.append(rows)
+        jd, vd = codes.j, codes.v.float()
+        if self.fire is None:
+            self.fire = torch.zeros(K, dtype=torch.int64, device=jd.device)
+        self.fire += torch.bincount(jd, minlength=K)
+        keep = (vd > self._top_thresholds(jd.device)[jd]).nonzero().squeeze(1)
+        t_keep = codes.t[keep].cpu().numpy()
+        self.top.add(jd[keep].cpu().numpy(), vd[keep].cpu().numpy(), [rows[t_keep]])
+        if not self.needs_entries:
+            return
+
         t = codes.t.cpu().numpy()
-        j = codes.j.cpu().numpy()
-        v = codes.v.float().cpu().numpy()
-        self.fire += np.bincount(j, minlength=K)
+        j = jd.cpu().numpy()
+        v = vd.cpu().numpy()
         if self.stats:
             self.act_sum += np.bincount(j, weights=v, minlength=K)
             np.maximum.at(self.act_max, j, v)
             self.l0 += np.bincount(np.bincount(t, minlength=B), minlength=K + 1)
-
-        cand = self.top.candidates(j, v)
-        self.top.add(j[cand], v[cand], [rows[t[cand]]])
 
         u = None
         if self.R or self.budget:
@@ -508,7 +531,9 @@ class _Accumulator:
             values=top_v,
             rows=top_r,
             n_tokens=self.n_tokens,
-            fire_count=self.fire.copy(),
+            fire_count=(
+                self.fire.cpu().numpy() if self.fire is not None else np.zeros(self.K, np.int64)
+            ),
             label_names=label_names,
         )
         for name in ("token_ids", "doc_ids", "positions"):
@@ -570,12 +595,11 @@ class _SelectBuffer:
         # keys are > 0 (activations, largest) or in [0, 1) (row hashes, smallest)
         self.thr = np.full(K, 0.0 if largest else 2.0, dtype=np.float32)
         self.limit = int(limit or max(K * n, 1 << 20))
-        self.j = np.zeros(0, dtype=np.int64)
-        self.key = np.zeros(0, dtype=np.float32)
-        self.packed = np.zeros(0, dtype=np.int64)
+        self.packed = np.zeros(0, dtype=np.int64)  # sorted (latent, key) of the kept entries
         self.pay = [np.zeros(0, dtype=dt) for dt in payload_dtypes]
         self.pool: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
         self.pool_size = 0
+        self.version = 0  # bumped whenever the thresholds change
 
     def candidates(self, j: np.ndarray, key: np.ndarray) -> np.ndarray:
         """Mask ``bool [E]`` of the entries ``(j [E], key [E])`` that can enter a buffer."""
@@ -595,61 +619,76 @@ class _SelectBuffer:
             bits = 0x7FFFFFFF - bits
         return (j << 31) | bits
 
+    def _unpacked(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(latent int64, key float32)`` of packed sort keys (the inverse of :meth:`_packed`)."""
+        bits = packed & 0x7FFFFFFF
+        if self.largest:
+            bits = 0x7FFFFFFF - bits
+        return packed >> 31, bits.astype(np.int32).view(np.float32)
+
     def _first_n(self, packed_sorted: np.ndarray) -> np.ndarray:
         """Mask of the first ``n`` entries of each latent in a ``(latent, key)``-sorted array."""
         j = packed_sorted >> 31
         counts = np.bincount(j, minlength=self.K)
         return (np.arange(j.size) - (np.cumsum(counts) - counts)[j]) < self.n
 
+    def _spare_bits(self) -> int:
+        """Low bits left in a packed key (31 key bits above, the latent above them)."""
+        return 64 - 31 - max(1, int(self.K - 1).bit_length())
+
+    def _stable_order(self, packed: np.ndarray) -> np.ndarray:
+        """The stable sorting permutation of ``packed`` (ties keep their positions)."""
+        spare = self._spare_bits()
+        if packed.size >= 1 << spare:
+            return np.argsort(packed, kind="stable")
+        # positions in the spare low bits make the keys unique: a plain sort of one uint64
+        # array is several times faster than an argsort
+        s = np.sort(
+            (packed.astype(np.uint64) << np.uint64(spare)) | np.arange(packed.size, dtype=np.uint64)
+        )
+        return (s & np.uint64((1 << spare) - 1)).astype(np.int64)
+
     def merge(self) -> None:
-        if not self.pool:
-            return
-        j = np.concatenate([p[0] for p in self.pool])
-        key = np.concatenate([p[1] for p in self.pool])
-        pay = [np.concatenate([p[2][i] for p in self.pool]) for i in range(len(self.pay))]
-        self.pool, self.pool_size = [], 0
-        packed = self._packed(j, key)
-        # sort the pool alone (a plain sort when its positions fit in the spare low bits:
-        # several times faster than argsort) and keep each latent's first n ...
-        spare = 64 - 31 - max(1, int(self.K - 1).bit_length())
-        if j.size < 1 << spare:
-            s = np.sort(
-                (packed.astype(np.uint64) << np.uint64(spare)) | np.arange(j.size, dtype=np.uint64)
-            )
-            order = (s & np.uint64((1 << spare) - 1)).astype(np.int64)
-        else:
-            order = np.argsort(packed)
+        """Fold the pool into the kept entries, in groups small enough for the fast sort."""
+        room = max(1, (1 << self._spare_bits()) - self.K * self.n)
+        while self.pool:
+            size, take = 0, 0
+            while take < len(self.pool) and (take == 0 or size + self.pool[take][0].size <= room):
+                size += self.pool[take][0].size
+                take += 1
+            group, self.pool = self.pool[:take], self.pool[take:]
+            self._merge(group)
+        self.pool_size = 0
+
+    def _merge(self, group: list) -> None:
+        # the kept entries first, so that ties keep the earlier rows, then the group in order
+        packed = np.concatenate([self.packed] + [self._packed(p[0], p[1]) for p in group])
+        pay = [np.concatenate([b] + [p[2][i] for p in group]) for i, b in enumerate(self.pay)]
+        order = self._stable_order(packed)
         packed = packed[order]
         keep = self._first_n(packed)
-        order, packed = order[keep], packed[keep]
-        # ... then merge two sorted runs (timsort finds them: linear time), kept entries first
-        # so that ties keep the earlier rows
-        both = np.concatenate([self.packed, packed])
-        merged = np.argsort(both, kind="stable")
-        keep = self._first_n(both[merged])
-        merged = merged[keep]
-        self.packed = both[merged]
-        self.j = np.concatenate([self.j, j[order]])[merged]
-        self.key = np.concatenate([self.key, key[order]])[merged]
-        self.pay = [
-            np.concatenate([b, p[order]])[merged] for b, p in zip(self.pay, pay, strict=True)
-        ]
-        counts = np.bincount(self.j, minlength=self.K)
+        order = order[keep]
+        self.packed = packed[keep]
+        self.pay = [p[order] for p in pay]
+        j, key = self._unpacked(self.packed)
+        counts = np.bincount(j, minlength=self.K)
         full = counts >= self.n
         last = np.cumsum(counts) - 1
-        self.thr[full] = self.key[last[full]]
+        self.thr[full] = key[last[full]]
+        self.version += 1
 
     def result(self, fill_key: float, fills: Sequence[float]) -> tuple[np.ndarray, list]:
         """``(keys [K, n], payloads [K, n])`` best first; empty slots hold the fill values."""
         self.merge()
-        counts = np.bincount(self.j, minlength=self.K)
-        rank = np.arange(self.j.size) - (np.cumsum(counts) - counts)[self.j]
+        j, key = self._unpacked(self.packed)
+        counts = np.bincount(j, minlength=self.K)
+        rank = np.arange(j.size) - (np.cumsum(counts) - counts)[j]
         keys = np.full((self.K, self.n), fill_key, dtype=np.float32)
-        keys[self.j, rank] = self.key
+        keys[j, rank] = key
         out = []
         for p, f in zip(self.pay, fills, strict=True):
             block = np.full((self.K, self.n), f, dtype=p.dtype)
-            block[self.j, rank] = p
+            block[j, rank] = p
             out.append(block)
         return keys, out
 
@@ -789,7 +828,8 @@ def scan_latents(
     total = -(-src.n_tokens // chunk)
     timings = {"read": 0.0, "encode": 0.0, "select": 0.0, "metrics": 0.0}
     clock = time.perf_counter()
-    for rows, x in src.iter_chunks(chunk, mask=mask):
+    # chunks arrive in the storage dtype: the encoder converts them on the device
+    for rows, x in src.iter_chunks(chunk, mask=mask, dtype=None):
         x = x.to(dev, non_blocking=True)
         t0 = _sync(dev)
         codes = encoder(x, reconstruct=stats is not None)

@@ -314,9 +314,10 @@ class ActivationStore:
         chunk_tokens: int = 65536,
         hook_point: str | None = None,
         mask: np.ndarray | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Sequential ``(row ids [n], activations [n, d])`` chunks, optionally only rows in ``mask``."""
+        """Sequential ``(row ids [n], activations [n, d])`` chunks, optionally only rows in ``mask``;
+        ``dtype=None`` keeps the storage dtype (no conversion on the host)."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number")
         for a in range(0, self.n_tokens, chunk_tokens):
@@ -328,7 +329,7 @@ class ActivationStore:
                 if not keep.any():
                     continue
                 x, rows = x[torch.from_numpy(keep)], rows[keep]
-            yield rows, x.to(dtype)
+            yield rows, x if dtype is None else x.to(dtype)
 
     def batches_per_epoch(
         self,
