@@ -215,23 +215,29 @@ def test_sparse_encoder_matches_dense_encode(arch):
 
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("K,per_chunk", [(7, 40), (1 << 19, 4000)])
-def test_select_buffer_with_many_merges_matches_sorting(largest, K, per_chunk):
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_select_buffer_with_many_merges_matches_sorting(largest, K, per_chunk, backend):
     """A pool limit far below one chunk forces a merge on every add; ties keep earlier rows.
     With 2^19 latents the packed keys leave 14 spare bits, so merges past 16,384 entries take
-    the argsort path and smaller ones the packed sort."""
-    from integral_superposition.analysis.scan import _SelectBuffer
+    the argsort path and smaller ones the packed sort. The torch buffer (the one a scan keeps
+    on an accelerator) runs here on the CPU."""
+    from integral_superposition.analysis.scan import _SelectBuffer, _TorchSelectBuffer
 
     rng = np.random.default_rng(3)
     n = 5
     used = np.arange(K - 1) if K < 100 else np.arange(3000) * 174  # latent K-1 never fires
-    buf = _SelectBuffer(K, n, largest, [np.int64], limit=3)
+    if backend == "torch":
+        buf = _TorchSelectBuffer(K, n, largest, [np.int64], limit=3, device="cpu")
+        arr = torch.from_numpy
+    else:
+        buf, arr = _SelectBuffer(K, n, largest, [np.int64], limit=3), np.asarray
     js, keys, rows = [], [], []
     for c in range(12):
         j = used[rng.integers(0, used.size, per_chunk)]
         key = rng.integers(1, 9, per_chunk).astype(np.float32) / 10  # many exact ties
         r = np.arange(per_chunk) + per_chunk * c
-        ok = buf.candidates(j, key)
-        buf.add(j[ok], key[ok], [r[ok]])
+        ok = buf.candidates(arr(j), arr(key))
+        buf.add(arr(j)[ok], arr(key)[ok], [arr(r)[ok]])
         js.append(j), keys.append(key), rows.append(r)
     j, key, r = np.concatenate(js), np.concatenate(keys), np.concatenate(rows)
     got_k, (got_r,) = buf.result(-1.0, [-1])
@@ -245,6 +251,34 @@ def test_select_buffer_with_many_merges_matches_sorting(largest, K, per_chunk):
         exp_k[: order.size], exp_r[: order.size] = key[m][order], r[m][order]
         np.testing.assert_array_equal(got_k[lat], exp_k)
         np.testing.assert_array_equal(got_r[lat], exp_r)
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_device_resident_selection_matches_the_host_selection(monkeypatch, stats):
+    """The selection a scan keeps on an accelerator (forced here onto the CPU) returns the same
+    top sets, values and counts as the host one, with and without the statistics that need
+    every entry on the host (sums, quantile reservoir, label histograms)."""
+    from integral_superposition.analysis import scan as scan_mod
+
+    torch.manual_seed(2)
+    x = torch.randn(3000, 16)
+    x[1500:1600] = x[:100]  # repeated rows: exact ties across chunks
+    sae = _sae(arch="topk")
+    kw = dict(n_top=7, stats=stats, chunk_tokens=256)
+    if stats:
+        kw.update(n_bands=3, per_band=2, labels=np.arange(3000) % 4, hist_bins=8)
+    host = scan_latents(sae, x, **kw)
+    monkeypatch.setattr(scan_mod, "_select_on_device", lambda device: True)
+    dev = scan_latents(sae, x, **kw)
+    assert dev.top.values.any()
+    for name in ("values", "rows", "fire_count", "quantile_values", "quantile_rows"):
+        a, b = getattr(host.top, name, None), getattr(dev.top, name, None)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    z = sae.encode(x).detach().numpy()
+    exp_v, _ = _brute_topk(z, 7)
+    np.testing.assert_allclose(dev.top.values, exp_v, rtol=1e-6, atol=0)
 
 
 def test_scan_statistics_match_brute_force_per_architecture():

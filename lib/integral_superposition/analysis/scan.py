@@ -412,11 +412,17 @@ class _Accumulator:
         seed: int,
         stats: bool = True,
         keep_rows: bool = False,
+        device: torch.device | None = None,
     ):
         K = d_sae
         self.stats, self.keep_rows = stats, keep_rows
         self.K, self.n, self.seed = K, n, seed
-        self.top = _SelectBuffer(K, n, True, [np.int64])
+        device = torch.device(device or "cpu")
+        self.top: _SelectBuffer = (
+            _TorchSelectBuffer(K, n, True, [np.int64], device=device)
+            if _select_on_device(device)
+            else _SelectBuffer(K, n, True, [np.int64])
+        )
         self.R = reservoir
         if reservoir:
             self.res = _SelectBuffer(K, reservoir, False, [np.float32, np.int64])
@@ -448,6 +454,8 @@ class _Accumulator:
 
     def _top_thresholds(self, device: torch.device) -> torch.Tensor:
         """The top buffer's per-latent thresholds ``[K]`` on ``device`` (copied after merges)."""
+        if isinstance(self.top.thr, torch.Tensor) and self.top.thr.device == device:
+            return self.top.thr
         if self._thr is None or self._thr[0] != self.top.version or self._thr[1].device != device:
             self._thr = (self.top.version, torch.from_numpy(self.top.thr.copy()).to(device))
         return self._thr[1]
@@ -463,8 +471,12 @@ class _Accumulator:
             self.fire = torch.zeros(K, dtype=torch.int64, device=jd.device)
         self.fire += torch.bincount(jd, minlength=K)
         keep = (vd > self._top_thresholds(jd.device)[jd]).nonzero().squeeze(1)
-        t_keep = codes.t[keep].cpu().numpy()
-        self.top.add(jd[keep].cpu().numpy(), vd[keep].cpu().numpy(), [rows[t_keep]])
+        if isinstance(self.top, _TorchSelectBuffer) and self.top.device == jd.device:
+            rows_d = torch.from_numpy(rows).to(jd.device)
+            self.top.add(jd[keep], vd[keep], [rows_d[codes.t[keep]]])
+        else:
+            t_keep = codes.t[keep].cpu().numpy()
+            self.top.add(jd[keep].cpu().numpy(), vd[keep].cpu().numpy(), [rows[t_keep]])
         if not self.needs_entries:
             return
 
@@ -585,76 +597,104 @@ class _SelectBuffer:
     ``limit`` entries: one sort of ``(latent, key)`` packed into an int64, then each
     latent's first ``n``. Once the buffers are full few entries pass the filter (about
     ``n x B / tokens seen`` per latent and chunk), so merges are rare and most chunks cost
-    only the filter.
+    only the filter. This class keeps its arrays in host numpy (its sort of packed keys is
+    the fastest on a CPU); :class:`_TorchSelectBuffer` keeps them on a torch device.
     """
 
     def __init__(
         self, K: int, n: int, largest: bool, payload_dtypes: Sequence[Any], limit: int | None = None
     ):
         self.K, self.n, self.largest = K, n, largest
-        # keys are > 0 (activations, largest) or in [0, 1) (row hashes, smallest)
-        self.thr = np.full(K, 0.0 if largest else 2.0, dtype=np.float32)
         self.limit = int(limit or max(K * n, 1 << 20))
-        self.packed = np.zeros(0, dtype=np.int64)  # sorted (latent, key) of the kept entries
-        self.pay = [np.zeros(0, dtype=dt) for dt in payload_dtypes]
-        self.pool: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
+        # keys are > 0 (activations, largest) or in [0, 1) (row hashes, smallest)
+        self.thr = self._full(K, 0.0 if largest else 2.0, np.float32)
+        self.packed = self._full(0, 0, np.int64)  # sorted (latent, key) of the kept entries
+        self.pay = [self._full(0, 0, dt) for dt in payload_dtypes]
+        self.pool: list[tuple[Any, Any, list[Any]]] = []
         self.pool_size = 0
         self.version = 0  # bumped whenever the thresholds change
 
-    def candidates(self, j: np.ndarray, key: np.ndarray) -> np.ndarray:
-        """Mask ``bool [E]`` of the entries ``(j [E], key [E])`` that can enter a buffer."""
-        return key > self.thr[j] if self.largest else key < self.thr[j]
+    # -- the array operations (overridden by _TorchSelectBuffer) --------------------------------
+    def _full(self, shape: Any, value: float, dtype: Any) -> np.ndarray:
+        return np.full(shape, value, dtype=dtype)
 
-    def add(self, j: np.ndarray, key: np.ndarray, payloads: Sequence[np.ndarray]) -> None:
-        if j.size:
-            self.pool.append((j, key.astype(np.float32, copy=False), list(payloads)))
-            self.pool_size += j.size
-            if self.pool_size > self.limit:
-                self.merge()
+    def _cat(self, parts: list) -> np.ndarray:
+        return np.concatenate(parts)
 
-    def _packed(self, j: np.ndarray, key: np.ndarray) -> np.ndarray:
-        """int64 ``(latent, key)`` sort keys: non-negative float32 keys order like their bits."""
-        bits = key.view(np.int32).astype(np.int64)
-        if self.largest:
-            bits = 0x7FFFFFFF - bits
-        return (j << 31) | bits
+    def _arange(self, n: int) -> np.ndarray:
+        return np.arange(n)
 
-    def _unpacked(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(latent int64, key float32)`` of packed sort keys (the inverse of :meth:`_packed`)."""
-        bits = packed & 0x7FFFFFFF
-        if self.largest:
-            bits = 0x7FFFFFFF - bits
-        return packed >> 31, bits.astype(np.int32).view(np.float32)
+    def _bincount(self, j: np.ndarray) -> np.ndarray:
+        return np.bincount(j, minlength=self.K)
 
-    def _first_n(self, packed_sorted: np.ndarray) -> np.ndarray:
-        """Mask of the first ``n`` entries of each latent in a ``(latent, key)``-sorted array."""
-        j = packed_sorted >> 31
-        counts = np.bincount(j, minlength=self.K)
-        return (np.arange(j.size) - (np.cumsum(counts) - counts)[j]) < self.n
+    def _float_bits(self, key: np.ndarray) -> np.ndarray:
+        """int64 bit patterns of float32 ``key``."""
+        return key.astype(np.float32, copy=False).view(np.int32).astype(np.int64)
 
-    def _spare_bits(self) -> int:
-        """Low bits left in a packed key (31 key bits above, the latent above them)."""
-        return 64 - 31 - max(1, int(self.K - 1).bit_length())
+    def _bits_float(self, bits: np.ndarray) -> np.ndarray:
+        """float32 values of int64 bit patterns (the inverse of :meth:`_float_bits`)."""
+        return bits.astype(np.int32).view(np.float32)
 
-    def _stable_order(self, packed: np.ndarray) -> np.ndarray:
-        """The stable sorting permutation of ``packed`` (ties keep their positions)."""
+    def _stable_sort(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(sorted packed, permutation)``; ties keep their positions."""
         spare = self._spare_bits()
         if packed.size >= 1 << spare:
-            return np.argsort(packed, kind="stable")
+            order = np.argsort(packed, kind="stable")
+            return packed[order], order
         # positions in the spare low bits make the keys unique: a plain sort of one uint64
         # array is several times faster than an argsort
         s = np.sort(
             (packed.astype(np.uint64) << np.uint64(spare)) | np.arange(packed.size, dtype=np.uint64)
         )
-        return (s & np.uint64((1 << spare) - 1)).astype(np.int64)
+        order = (s & np.uint64((1 << spare) - 1)).astype(np.int64)
+        return packed[order], order
+
+    def _host(self, a: Any) -> np.ndarray:
+        return a
+
+    # -- selection ----------------------------------------------------------------------------
+    def candidates(self, j, key):
+        """Mask ``bool [E]`` of the entries ``(j [E], key [E])`` that can enter a buffer."""
+        return key > self.thr[j] if self.largest else key < self.thr[j]
+
+    def add(self, j, key, payloads: Sequence[Any]) -> None:
+        if len(j):
+            self.pool.append((j, key, list(payloads)))
+            self.pool_size += len(j)
+            if self.pool_size > self.limit:
+                self.merge()
+
+    def _packed(self, j, key):
+        """int64 ``(latent, key)`` sort keys: non-negative float32 keys order like their bits."""
+        bits = self._float_bits(key)
+        if self.largest:
+            bits = 0x7FFFFFFF - bits
+        return (j << 31) | bits
+
+    def _unpacked(self, packed):
+        """``(latent int64, key float32)`` of packed sort keys (the inverse of :meth:`_packed`)."""
+        bits = packed & 0x7FFFFFFF
+        if self.largest:
+            bits = 0x7FFFFFFF - bits
+        return packed >> 31, self._bits_float(bits)
+
+    def _first_n(self, packed_sorted):
+        """Mask of the first ``n`` entries of each latent in a ``(latent, key)``-sorted array."""
+        j = packed_sorted >> 31
+        counts = self._bincount(j)
+        return (self._arange(len(j)) - (counts.cumsum(0) - counts)[j]) < self.n
+
+    def _spare_bits(self) -> int:
+        """Low bits left in a packed key (31 key bits above, the latent above them)."""
+        return 64 - 31 - max(1, int(self.K - 1).bit_length())
 
     def merge(self) -> None:
         """Fold the pool into the kept entries, in groups small enough for the fast sort."""
         room = max(1, (1 << self._spare_bits()) - self.K * self.n)
         while self.pool:
             size, take = 0, 0
-            while take < len(self.pool) and (take == 0 or size + self.pool[take][0].size <= room):
-                size += self.pool[take][0].size
+            while take < len(self.pool) and (take == 0 or size + len(self.pool[take][0]) <= room):
+                size += len(self.pool[take][0])
                 take += 1
             group, self.pool = self.pool[:take], self.pool[take:]
             self._merge(group)
@@ -662,35 +702,84 @@ class _SelectBuffer:
 
     def _merge(self, group: list) -> None:
         # the kept entries first, so that ties keep the earlier rows, then the group in order
-        packed = np.concatenate([self.packed] + [self._packed(p[0], p[1]) for p in group])
-        pay = [np.concatenate([b] + [p[2][i] for p in group]) for i, b in enumerate(self.pay)]
-        order = self._stable_order(packed)
-        packed = packed[order]
+        packed = self._cat([self.packed] + [self._packed(p[0], p[1]) for p in group])
+        pay = [self._cat([b] + [p[2][i] for p in group]) for i, b in enumerate(self.pay)]
+        packed, order = self._stable_sort(packed)
         keep = self._first_n(packed)
         order = order[keep]
         self.packed = packed[keep]
         self.pay = [p[order] for p in pay]
         j, key = self._unpacked(self.packed)
-        counts = np.bincount(j, minlength=self.K)
+        counts = self._bincount(j)
         full = counts >= self.n
-        last = np.cumsum(counts) - 1
+        last = counts.cumsum(0) - 1
         self.thr[full] = key[last[full]]
         self.version += 1
 
     def result(self, fill_key: float, fills: Sequence[float]) -> tuple[np.ndarray, list]:
-        """``(keys [K, n], payloads [K, n])`` best first; empty slots hold the fill values."""
+        """``(keys [K, n], payloads [K, n])`` as numpy, best first; empty slots hold the fills."""
         self.merge()
         j, key = self._unpacked(self.packed)
-        counts = np.bincount(j, minlength=self.K)
-        rank = np.arange(j.size) - (np.cumsum(counts) - counts)[j]
-        keys = np.full((self.K, self.n), fill_key, dtype=np.float32)
+        counts = self._bincount(j)
+        rank = self._arange(len(j)) - (counts.cumsum(0) - counts)[j]
+        keys = self._full((self.K, self.n), fill_key, np.float32)
         keys[j, rank] = key
         out = []
         for p, f in zip(self.pay, fills, strict=True):
-            block = np.full((self.K, self.n), f, dtype=p.dtype)
+            block = self._full((self.K, self.n), f, p.dtype)
             block[j, rank] = p
-            out.append(block)
-        return keys, out
+            out.append(self._host(block))
+        return self._host(keys), out
+
+
+_TORCH_DTYPES = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.int32): torch.int32,
+}
+
+
+def _select_on_device(device: torch.device) -> bool:
+    """Whether a scan encoding on ``device`` keeps its top-n selection there (accelerators:
+    yes; on a CPU the numpy buffer's sorts are faster than torch's)."""
+    return device.type != "cpu"
+
+
+class _TorchSelectBuffer(_SelectBuffer):
+    """:class:`_SelectBuffer` with its arrays, pool and merges on a torch ``device``: on a GPU
+    the filter, the sorts and the thresholds never leave it, and only the result comes back."""
+
+    def __init__(self, K, n, largest, payload_dtypes, limit=None, device="cpu"):
+        self.device = torch.device(device)
+        super().__init__(K, n, largest, payload_dtypes, limit)
+
+    def _full(self, shape, value, dtype):
+        if not isinstance(dtype, torch.dtype):
+            dtype = _TORCH_DTYPES[np.dtype(dtype)]
+        return torch.full(
+            shape if isinstance(shape, tuple) else (shape,), value, dtype=dtype, device=self.device
+        )
+
+    def _cat(self, parts):
+        return torch.cat(parts)
+
+    def _arange(self, n):
+        return torch.arange(n, device=self.device)
+
+    def _bincount(self, j):
+        return torch.bincount(j, minlength=self.K)
+
+    def _float_bits(self, key):
+        return key.float().view(torch.int32).to(torch.int64)
+
+    def _bits_float(self, bits):
+        return bits.to(torch.int32).view(torch.float32)
+
+    def _stable_sort(self, packed):
+        return torch.sort(packed, stable=True)
+
+    def _host(self, a):
+        return a.cpu().numpy()
 
 
 def _quantile_samples(
@@ -819,6 +908,7 @@ def scan_latents(
         seed,
         stats=stats or metrics,
         keep_rows=mask is not None,
+        device=dev,
     )
     stats = LatentStats(sae.d_sae) if metrics else None
     encoder = SparseEncoder(model, encode_dtype)
