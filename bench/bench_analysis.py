@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from integral_superposition.analysis import enrichment, run_analysis
-from integral_superposition.analysis.scan import TopKSets, scan_latents
+from integral_superposition.analysis.scan import ArraySource, TopKSets, scan_latents
 from integral_superposition.dump import ActivationStore
 from integral_superposition.sae import SparseAutoencoder, load_sae, save_sae
 
@@ -126,6 +126,11 @@ def bench_topk(sae, store, n_subset: int, chunk: int = 16384, device: str = "cpu
     both encoding on ``device``."""
     out = {"tokens": store.n_tokens, "chunk": chunk, "device": device}
     tops = {}
+    if device != "cpu":  # device context and kernels ready before either side is timed
+        x = store.read(0, min(store.n_tokens, chunk))
+        for dt in ("float32", "bfloat16"):
+            scan_latents(sae, x, n_top=TOP, stats=False, encode_dtype=dt, device=device)
+        seed_loop(sae, ArraySource([x.float().numpy()]), np.arange(2), batch=chunk, device=device)
     for dt in ("float32", "bfloat16"):
         t0 = time.perf_counter()
         scan = scan_latents(
