@@ -254,21 +254,30 @@ def test_select_buffer_with_many_merges_matches_sorting(largest, K, per_chunk, b
 
 
 @pytest.mark.parametrize("stats", [False, True])
-def test_device_resident_selection_matches_the_host_selection(monkeypatch, stats):
+@pytest.mark.parametrize("source", ["tensor", "store"])
+def test_device_resident_selection_matches_the_host_selection(
+    monkeypatch, stats, source, demo_store
+):
     """The selection a scan keeps on an accelerator (forced here onto the CPU) returns the same
     top sets, values and counts as the host one, with and without the statistics that need
-    every entry on the host (sums, quantile reservoir, label histograms)."""
+    every entry on the host (sums, quantile reservoir, label histograms). From a store, the
+    accelerator scan also reads chunks ahead in a thread."""
     from integral_superposition.analysis import scan as scan_mod
 
     torch.manual_seed(2)
-    x = torch.randn(3000, 16)
-    x[1500:1600] = x[:100]  # repeated rows: exact ties across chunks
-    sae = _sae(arch="topk")
+    if source == "store":
+        x = demo_store
+        sae = _sae(d=demo_store.d_model, k=48, arch="topk", bias=-0.5)
+    else:
+        x = torch.randn(3000, 16)
+        x[1500:1600] = x[:100]  # repeated rows: exact ties across chunks
+        sae = _sae(arch="topk")
+    n_rows = x.n_tokens if source == "store" else x.shape[0]
     kw = dict(n_top=7, stats=stats, chunk_tokens=256)
     if stats:
-        kw.update(n_bands=3, per_band=2, labels=np.arange(3000) % 4, hist_bins=8)
+        kw.update(n_bands=3, per_band=2, labels=np.arange(n_rows) % 4, hist_bins=8)
     host = scan_latents(sae, x, **kw)
-    monkeypatch.setattr(scan_mod, "_select_on_device", lambda device: True)
+    monkeypatch.setattr(scan_mod, "_on_accelerator", lambda device: True)
     dev = scan_latents(sae, x, **kw)
     assert dev.top.values.any()
     for name in ("values", "rows", "fire_count", "quantile_values", "quantile_rows"):
@@ -276,8 +285,8 @@ def test_device_resident_selection_matches_the_host_selection(monkeypatch, stats
         assert (a is None) == (b is None), name
         if a is not None:
             np.testing.assert_array_equal(a, b, err_msg=name)
-    z = sae.encode(x).detach().numpy()
-    exp_v, _ = _brute_topk(z, 7)
+    xs = x.read(0, n_rows).float() if source == "store" else x
+    exp_v, _ = _brute_topk(sae.encode(xs).detach().numpy(), 7)
     np.testing.assert_allclose(dev.top.values, exp_v, rtol=1e-6, atol=0)
 
 

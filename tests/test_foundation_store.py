@@ -73,6 +73,42 @@ def test_metadata_is_aligned(dumped):
     )
 
 
+def test_iter_chunks_read_ahead_equals_sequential_and_surfaces_errors(dumped, monkeypatch):
+    store, _ = dumped
+    mask = np.zeros(store.n_tokens, dtype=bool)
+    mask[::3] = True
+    mask[: 2 * 97] = False  # whole chunks without a kept row are skipped
+    kw = dict(hook_point="layer.3", mask=mask, dtype=None)
+    seq = list(store.iter_chunks(97, **kw))
+    ahead = list(store.iter_chunks(97, prefetch=2, **kw))
+    assert len(seq) == len(ahead) > 2 and seq[0][0][0] == 195  # the first kept row
+    for (ra, xa), (rb, xb) in zip(seq, ahead, strict=True):
+        assert (ra == rb).all() and xa.dtype == store.dtype and torch.equal(xa, xb)
+    # a read that fails in the background thread raises in the consumer, after the good chunks
+    real_read = type(store).read
+
+    def failing_read(self, a, b, *args):
+        if a >= 5 * 97:
+            raise OSError(f"shard unreadable at row {a}")
+        return real_read(self, a, b, *args)
+
+    monkeypatch.setattr(type(store), "read", failing_read)
+    got = []
+    with pytest.raises(OSError, match="unreadable at row 485"):
+        for rows, _ in store.iter_chunks(97, prefetch=2, hook_point="layer.3"):
+            got.append(rows[0])
+    assert got == [0, 97, 194, 291, 388]
+    # leaving the loop early stops the reader thread
+    it = store.iter_chunks(97, prefetch=1, hook_point="layer.3")
+    next(it)
+    it.close()
+    import threading
+    import time
+
+    time.sleep(0.3)
+    assert not [t for t in threading.enumerate() if t.name == "isup-prefetch"]
+
+
 def test_train_test_split_is_disjoint_by_document(dumped):
     store, _ = dumped
     train = store.split_mask("train", test_fraction=0.2, seed=0)

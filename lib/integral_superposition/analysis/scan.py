@@ -420,7 +420,7 @@ class _Accumulator:
         device = torch.device(device or "cpu")
         self.top: _SelectBuffer = (
             _TorchSelectBuffer(K, n, True, [np.int64], device=device)
-            if _select_on_device(device)
+            if _on_accelerator(device)
             else _SelectBuffer(K, n, True, [np.int64])
         )
         self.R = reservoir
@@ -739,9 +739,10 @@ _TORCH_DTYPES = {
 }
 
 
-def _select_on_device(device: torch.device) -> bool:
-    """Whether a scan encoding on ``device`` keeps its top-n selection there (accelerators:
-    yes; on a CPU the numpy buffer's sorts are faster than torch's)."""
+def _on_accelerator(device: torch.device) -> bool:
+    """Whether a scan encoding on ``device`` keeps its top-n selection there and reads chunks
+    ahead in a thread (accelerators: yes; on a CPU the numpy buffer's sorts are faster than
+    torch's, and the encode already uses every core)."""
     return device.type != "cpu"
 
 
@@ -918,8 +919,10 @@ def scan_latents(
     total = -(-src.n_tokens // chunk)
     timings = {"read": 0.0, "encode": 0.0, "select": 0.0, "metrics": 0.0}
     clock = time.perf_counter()
-    # chunks arrive in the storage dtype: the encoder converts them on the device
-    for rows, x in src.iter_chunks(chunk, mask=mask, dtype=None):
+    # chunks arrive in the storage dtype (the encoder converts them on the device); while an
+    # accelerator encodes one chunk, a thread reads the next
+    ahead = 2 if _on_accelerator(dev) else 0
+    for rows, x in src.iter_chunks(chunk, mask=mask, dtype=None, prefetch=ahead):
         x = x.to(dev, non_blocking=True)
         t0 = _sync(dev)
         codes = encoder(x, reconstruct=stats is not None)

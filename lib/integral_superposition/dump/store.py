@@ -16,9 +16,9 @@ import functools
 import io
 import queue
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,8 @@ import torch
 
 from integral_superposition import storage
 from integral_superposition.dump.shards import TORCH_DTYPES, ShardReader
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -315,21 +317,32 @@ class ActivationStore:
         hook_point: str | None = None,
         mask: np.ndarray | None = None,
         dtype: torch.dtype | None = torch.float32,
+        prefetch: int = 0,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Sequential ``(row ids [n], activations [n, d])`` chunks, optionally only rows in ``mask``;
-        ``dtype=None`` keeps the storage dtype (no conversion on the host)."""
+        ``dtype=None`` keeps the storage dtype (no conversion on the host). ``prefetch > 0``
+        reads up to that many chunks ahead in a background thread (while a device computes)."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number")
-        for a in range(0, self.n_tokens, chunk_tokens):
-            b = min(self.n_tokens, a + chunk_tokens)
-            x = self.read(a, b, hook_point)
-            rows = np.arange(a, b)
-            if mask is not None:
-                keep = mask[a:b]
-                if not keep.any():
-                    continue
-                x, rows = x[torch.from_numpy(keep)], rows[keep]
-            yield rows, x if dtype is None else x.to(dtype)
+        name = self._check_hook(hook_point or self.hook_point)
+
+        def chunks() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+            for a in range(0, self.n_tokens, chunk_tokens):
+                b = min(self.n_tokens, a + chunk_tokens)
+                rows = np.arange(a, b)
+                if mask is not None:
+                    keep = mask[a:b]
+                    if not keep.any():
+                        continue
+                    x, rows = self.read(a, b, name)[torch.from_numpy(keep)], rows[keep]
+                else:
+                    x = self.read(a, b, name)
+                yield rows, x if dtype is None else x.to(dtype)
+
+        if prefetch > 0:
+            yield from read_ahead(chunks, prefetch)
+        else:
+            yield from chunks()
 
     def batches_per_epoch(
         self,
@@ -517,10 +530,54 @@ class _BatchPlan:
         return np.random.default_rng([self.seed, epoch, buf, 1]).permutation(n)
 
 
+def read_ahead(items: Callable[[], Iterator[T]], depth: int) -> Iterator[T]:
+    """Yield the values of ``items()``, which a background thread produces up to ``depth``
+    ahead (a bounded queue). Its exceptions re-raise here; closing this generator (or leaving
+    the loop) stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items():
+                if not put((None, x)):
+                    return
+            put((done, None))
+        except BaseException as e:  # surfaced in the consumer
+            put((e, None))
+
+    thread = threading.Thread(target=produce, daemon=True, name="isup-prefetch")
+    thread.start()
+    try:
+        while True:
+            err, x = q.get()
+            if err is done:
+                return
+            if err is not None:
+                raise err
+            yield x
+    finally:
+        stop.set()
+        while True:  # unblock the producer
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+        thread.join(timeout=5)
+
+
 class _PrefetchIterator:
     """Yields batches from buffers that a background thread reads ahead (bounded queue)."""
-
-    _DONE = object()
 
     def __init__(
         self, store, plan: _BatchPlan, names, n_batches, start_batch, prefetch, dtype, row_filter
@@ -533,9 +590,7 @@ class _PrefetchIterator:
             row_filter,
         )
         self.start_batch = start_batch
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
+        self.prefetch = prefetch
 
     def _schedule(self) -> Iterator[tuple[int, int, int]]:
         """``(epoch, buffer, batches to skip in it)`` from ``start_batch`` on."""
@@ -552,56 +607,33 @@ class _PrefetchIterator:
                 skip = 0
             epoch += 1
 
-    def _producer(self) -> None:
-        try:
-            skip_left = self.start_batch if self.row_filter is not None else 0
-            for epoch, buf, skip in self._schedule():
-                if self.stop.is_set():
-                    return
-                rows, acts = self.plan.load(epoch, buf, self.names, self.dtype, self.row_filter)
-                if skip_left:
-                    nb = rows.size // self.plan.batch_size
-                    if skip_left >= nb:
-                        skip_left -= nb
-                        continue
-                    skip, skip_left = skip_left, 0
-                self._put((rows, acts, skip))
-        except BaseException as e:  # surfaced in the consumer
-            self._put(e)
-
-    def _put(self, item) -> None:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+    def _buffers(self) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], int]]:
+        """``(rows, activations, batches to skip)`` of each buffer from ``start_batch`` on."""
+        skip_left = self.start_batch if self.row_filter is not None else 0
+        for epoch, buf, skip in self._schedule():
+            rows, acts = self.plan.load(epoch, buf, self.names, self.dtype, self.row_filter)
+            if skip_left:
+                nb = rows.size // self.plan.batch_size
+                if skip_left >= nb:
+                    skip_left -= nb
+                    continue
+                skip, skip_left = skip_left, 0
+            yield rows, acts, skip
 
     def __iter__(self) -> Iterator[Batch]:
         if self.n_batches <= self.start_batch:
             return
-        self.thread = threading.Thread(target=self._producer, daemon=True, name="isup-prefetch")
-        self.thread.start()
         emitted = self.start_batch
         bs = self.plan.batch_size
+        buffers = read_ahead(self._buffers, self.prefetch)
         try:
-            while emitted < self.n_batches:
-                item = self.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                rows, acts, skip = item
+            for rows, acts, skip in buffers:
                 for j in range(skip, rows.size // bs):
                     sl = slice(j * bs, (j + 1) * bs)
                     a = {n: t[sl] for n, t in acts.items()}
                     yield Batch(a[self.names[0]] if len(self.names) == 1 else a, rows[sl])
                     emitted += 1
                     if emitted >= self.n_batches:
-                        break
+                        return
         finally:
-            self.stop.set()
-            while True:  # unblock the producer
-                try:
-                    self.queue.get_nowait()
-                except queue.Empty:
-                    break
-            self.thread.join(timeout=5)
+            buffers.close()
