@@ -22,6 +22,9 @@ URIs, ``.npy`` files (the seed's shards), or an in-memory ``[N, d]`` array.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import functools
 import io
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -928,6 +931,8 @@ def scan_latents(
         codes = encoder(x, reconstruct=stats is not None)
         t1 = _sync(dev)
         acc.update(rows, codes)
+        if not _on_accelerator(dev):
+            _release_free_heap()
         t2 = _sync(dev)
         if stats is not None:
             stats.update_reconstruction(x, codes.x_hat)
@@ -954,6 +959,28 @@ def scan_latents(
     scan.metrics = stats
     scan.timings = timings
     return scan
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` with another C library."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS.
+
+    glibc serves blocks below its mmap threshold from the heap, and the threshold grows to the
+    largest block freed so far (up to 32 MiB), so a CPU scan's chunk-sized temporaries and
+    selection pools end up there. Their freed pages stay resident, more of them the more chunks
+    a scan runs. Trimming once per chunk (about 2 ms) keeps the peak flat in the token count.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _sync(dev: torch.device) -> float:
