@@ -385,8 +385,8 @@ class LatentScan:
     has_stats: bool = True
     """False when scanned with ``stats=False``: ``act_sum``, ``act_max``, ``l0_counts`` are empty."""
     timings: dict[str, float] | None = None
-    """Seconds spent reading, encoding, selecting (folding into the buffers), on metrics, and
-    finishing."""
+    """Seconds spent reading, encoding, selecting (folding into the buffers), on metrics,
+    handing freed heap pages back to the OS (``heap``, CPU scans), and finishing."""
 
 
 class _Accumulator:
@@ -920,7 +920,7 @@ def scan_latents(
     if chunk < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number of tokens")
     total = -(-src.n_tokens // chunk)
-    timings = {"read": 0.0, "encode": 0.0, "select": 0.0, "metrics": 0.0}
+    timings = {"read": 0.0, "encode": 0.0, "select": 0.0, "metrics": 0.0, "heap": 0.0}
     clock = time.perf_counter()
     # chunks arrive in the storage dtype (the encoder converts them on the device); while an
     # accelerator encodes one chunk, a thread reads the next
@@ -931,21 +931,24 @@ def scan_latents(
         codes = encoder(x, reconstruct=stats is not None)
         t1 = _sync(dev)
         acc.update(rows, codes)
-        if not _on_accelerator(dev):
-            _release_free_heap()
         t2 = _sync(dev)
         if stats is not None:
             stats.update_reconstruction(x, codes.x_hat)
         t3 = _sync(dev)
+        del codes, x
+        if not _on_accelerator(dev):
+            _release_free_heap()
+        t4 = time.perf_counter()
         timings["read"] += t0 - clock
         timings["encode"] += t1 - t0
         timings["select"] += t2 - t1
         timings["metrics"] += t3 - t2
-        clock = t3
+        timings["heap"] += t4 - t3
+        clock = t4
         done = min(total, int(rows[-1]) // chunk + 1)
         if on_progress is not None:
             on_progress(done, total)
-        clock += time.perf_counter() - t3  # the callback's time is not the scan's
+        clock += time.perf_counter() - t4  # the callback's time is not the scan's
     if acc.n_tokens == 0:
         raise ValueError("the selected token set is empty: nothing to scan")
     t0 = time.perf_counter()
