@@ -145,6 +145,15 @@ class ShardReader:
             a0 = a - a % mmap.PAGESIZE
             self._map.madvise(mmap.MADV_DONTNEED, a0, b - a0)
 
+    def _byte_range(self, name: str, start: int, stop: int) -> tuple[TensorSpan, int, int]:
+        """``(span, first byte, end byte)`` of rows ``[start, stop)`` of tensor ``name``."""
+        span = self.spans[name]
+        if not 0 <= start <= stop <= span.rows:
+            raise IndexError(
+                f"rows [{start}, {stop}) out of range for {self.uri} with {span.rows} rows"
+            )
+        return span, span.start + start * span.row_bytes, span.start + stop * span.row_bytes
+
     def read_into(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         """Copy rows ``[start, stop)`` of ``name`` into ``out`` ``[stop-start, d]`` (any dtype).
 
@@ -152,16 +161,10 @@ class ShardReader:
         no temporary, so a long-running reader thread does not churn its malloc arena, and the
         pages are unmapped afterwards.
         """
-        span = self.spans[name]
-        if not 0 <= start <= stop <= span.rows:
-            raise IndexError(
-                f"rows [{start}, {stop}) out of range for {self.uri} with {span.rows} rows"
-            )
+        span, a, b = self._byte_range(name, start, stop)
         if not self._local:
             out.copy_(self.read(name, start, stop))
             return
-        a = span.start + start * span.row_bytes
-        b = span.start + stop * span.row_bytes
         mapped = torch.from_numpy(self._memmap()[a:b]).view(span.dtype)
         out.copy_(mapped.reshape(stop - start, span.cols))
         # a streaming pass reads each row once: keep its pages out of the resident set, so a
@@ -170,20 +173,14 @@ class ShardReader:
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of tensor ``name`` as a ``[stop-start, d]`` tensor (a copy)."""
-        span = self.spans[name]
-        if not 0 <= start <= stop <= span.rows:
-            raise IndexError(
-                f"rows [{start}, {stop}) out of range for {self.uri} with {span.rows} rows"
-            )
-        a = span.start + start * span.row_bytes
-        b = span.start + stop * span.row_bytes
+        span, a, b = self._byte_range(name, start, stop)
         if self._local:
-            raw = np.array(self._memmap()[a:b])
-            self._release(a, b)
-        else:
-            raw = np.frombuffer(
-                storage.read_bytes(self.uri, self.storage_options, a, b), dtype=np.uint8
-            ).copy()
+            out = torch.empty((stop - start, span.cols), dtype=span.dtype)
+            self.read_into(name, start, stop, out)
+            return out
+        raw = np.frombuffer(
+            storage.read_bytes(self.uri, self.storage_options, a, b), dtype=np.uint8
+        ).copy()
         return torch.from_numpy(raw).view(span.dtype).reshape(stop - start, span.cols)
 
     def read_rows(self, name: str, rows: np.ndarray) -> torch.Tensor:
