@@ -430,7 +430,6 @@ class _Accumulator:
         if reservoir:
             self.res = _SelectBuffer(K, reservoir, False, [np.float32, np.int64])
         self.fire: torch.Tensor | None = None  # int64 [K] on the encoding device
-        self._thr: tuple[int, torch.Tensor] | None = None  # (buffer version, its thresholds)
         self.act_sum = np.zeros(K, dtype=np.float64)
         self.act_max = np.zeros(K, dtype=np.float32)
         self.l0 = np.zeros(K + 1, dtype=np.int64)
@@ -455,14 +454,6 @@ class _Accumulator:
             or firing_budget
         )
 
-    def _top_thresholds(self, device: torch.device) -> torch.Tensor:
-        """The top buffer's per-latent thresholds ``[K]`` on ``device`` (copied after merges)."""
-        if isinstance(self.top.thr, torch.Tensor) and self.top.thr.device == device:
-            return self.top.thr
-        if self._thr is None or self._thr[0] != self.top.version or self._thr[1].device != device:
-            self._thr = (self.top.version, torch.from_numpy(self.top.thr.copy()).to(device))
-        return self._thr[1]
-
     def update(self, rows: np.ndarray, codes: Codes) -> None:
         """Fold one chunk (global row ids ``rows [B]``, its active entries ``codes``)."""
         B, K = codes.n_rows, self.K
@@ -473,13 +464,16 @@ class _Accumulator:
         if self.fire is None:
             self.fire = torch.zeros(K, dtype=torch.int64, device=jd.device)
         self.fire += torch.bincount(jd, minlength=K)
-        keep = (vd > self._top_thresholds(jd.device)[jd]).nonzero().squeeze(1)
-        if isinstance(self.top, _TorchSelectBuffer) and self.top.device == jd.device:
+        # the buffer lives where the codes are: a device buffer's thresholds are on the device,
+        # a host buffer's numpy thresholds are shared (merges update them in place)
+        if isinstance(self.top, _TorchSelectBuffer):
+            keep = (vd > self.top.thr[jd]).nonzero().squeeze(1)
             rows_d = torch.from_numpy(rows).to(jd.device)
             self.top.add(jd[keep], vd[keep], [rows_d[codes.t[keep]]])
         else:
-            t_keep = codes.t[keep].cpu().numpy()
-            self.top.add(jd[keep].cpu().numpy(), vd[keep].cpu().numpy(), [rows[t_keep]])
+            keep = (vd > torch.from_numpy(self.top.thr)[jd]).nonzero().squeeze(1)
+            t_keep = codes.t[keep].numpy()
+            self.top.add(jd[keep].numpy(), vd[keep].numpy(), [rows[t_keep]])
         if not self.needs_entries:
             return
 
@@ -615,7 +609,6 @@ class _SelectBuffer:
         self.pay = [self._full(0, 0, dt) for dt in payload_dtypes]
         self.pool: list[tuple[Any, Any, list[Any]]] = []
         self.pool_size = 0
-        self.version = 0  # bumped whenever the thresholds change
 
     # -- the array operations (overridden by _TorchSelectBuffer) --------------------------------
     def _full(self, shape: Any, value: float, dtype: Any) -> np.ndarray:
@@ -717,7 +710,6 @@ class _SelectBuffer:
         full = counts >= self.n
         last = counts.cumsum(0) - 1
         self.thr[full] = key[last[full]]
-        self.version += 1
 
     def result(self, fill_key: float, fills: Sequence[float]) -> tuple[np.ndarray, list]:
         """``(keys [K, n], payloads [K, n])`` as numpy, best first; empty slots hold the fills."""
