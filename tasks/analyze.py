@@ -27,16 +27,7 @@ def analyze_sae(
 
     out_uri = loc.uri(out, sae.name)
     manifest = run_sae_step(
-        run_analysis,
-        "analyze",
-        "analyze",
-        sae,
-        store,
-        params,
-        loc,
-        out_uri,
-        model.spec if model else None,
-        gpu_limit,
+        run_analysis, "analyze", sae, store, params, loc, out_uri, model, gpu_limit
     )
     summary = manifest.get("summary", {})
     ref = OutputRef.from_manifest("analysis", sae.name, out_uri, manifest, **summary)

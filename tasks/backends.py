@@ -66,26 +66,27 @@ def using_backend(spec: ModelSpec | None) -> Iterator[Any]:
 def run_sae_step(
     fn: Callable[..., dict[str, Any]],
     key: str,
-    title: str,
     sae: Any,
     store: Any,
     params: Any,
     loc: Any,
     out_uri: str,
-    spec: ModelSpec | None,
+    model: Any | None,
     gpu_limit: str | None,
+    title: str | None = None,
 ) -> dict[str, Any]:
     """Run one library step on an SAE and its store, and return its manifest.
 
     ``fn(sae_uri, store_uri, out_uri, params, backend=, storage_options=, on_progress=)`` is
     ``run_analysis``, ``run_merge`` or ``run_steering_eval``. It runs holding a GPU slot and
-    the shared backend of ``spec`` (None: no model), timed, with a progress artifact keyed
-    ``{key}-{sae.name}``.
+    the shared backend of ``model`` (a ``ModelRef``; None: no model), timed, with a progress
+    artifact keyed ``{key}-{sae.name}`` and titled ``{title or key} {sae.name}``.
     """
     from integral_superposition.tasks.policy import gpu_slot
     from integral_superposition.tasks.ui import Progress, timed_step
 
-    progress = Progress(f"{key}-{sae.name}", f"{title} {sae.name}", unit="steps")
+    progress = Progress(f"{key}-{sae.name}", f"{title or key} {sae.name}", unit="steps")
+    spec = model.spec if model is not None else None
     with gpu_slot(gpu_limit), using_backend(spec) as backend, timed_step():
         manifest = fn(
             sae.uri,

@@ -26,18 +26,7 @@ def merge_sae(
     from integral_superposition.merge import run_merge
 
     out_uri = loc.uri(out, sae.name)
-    manifest = run_sae_step(
-        run_merge,
-        "merge",
-        "merge",
-        sae,
-        store,
-        params,
-        loc,
-        out_uri,
-        model.spec if model else None,
-        gpu_limit,
-    )
+    manifest = run_sae_step(run_merge, "merge", sae, store, params, loc, out_uri, model, gpu_limit)
     info = manifest.get("merge", {})
     rows = [
         {"sae": "original", **info.get("original_metrics", {})},

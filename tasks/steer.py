@@ -33,14 +33,14 @@ def evaluate_steering(
     manifest = run_sae_step(
         run_steering_eval,
         "steer",
-        "steering eval",
         sae,
         store,
         params,
         loc,
         out_uri,
-        model.spec,
+        model,
         gpu_limit,
+        title="steering eval",
     )
     summary = manifest.get("summary", {})
     ref = OutputRef.from_manifest("steering", sae.name, out_uri, manifest, **summary)
