@@ -15,7 +15,10 @@ StorageDtype = Literal["fp16", "bf16", "fp32"]
 
 class _Config(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        allow_inf_nan=False,
     )
 
 

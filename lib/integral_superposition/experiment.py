@@ -75,7 +75,10 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        allow_inf_nan=False,
     )
 
 
@@ -235,6 +238,7 @@ class ExperimentConfig(_Section):
         extra="forbid",
         use_attribute_docstrings=True,
         validate_assignment=True,
+        allow_inf_nan=False,
         title="Integral Superposition experiment",
     )
 

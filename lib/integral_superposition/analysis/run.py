@@ -74,7 +74,10 @@ class AnalysisParams(BaseModel):
     """What :func:`run_analysis` computes and how much of it."""
 
     model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        allow_inf_nan=False,
     )
 
     n_top: int = Field(20, ge=1)

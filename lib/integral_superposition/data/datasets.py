@@ -7,9 +7,12 @@ string-to-id mapping is :func:`label_mapping` and is recorded in every dump mani
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import hashlib
 import io
+import lzma
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -127,6 +130,47 @@ def _format_of(uri: str) -> str:
     return _TEXT_SUFFIXES[ext]
 
 
+def _compression_of(raw: bytes) -> str | None:
+    """The compression of a file from its magic bytes (not its name): ``gzip``, ``bz2``,
+    ``xz``, ``zstd`` or ``None``."""
+    if raw[:2] == b"\x1f\x8b":
+        return "gzip"
+    if raw[:3] == b"BZh" and raw[3:4].isdigit() and raw[4:10] == b"1AY&SY":
+        return "bz2"
+    if raw[:6] == b"\xfd7zXZ\x00":
+        return "xz"
+    if raw[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return None
+
+
+def _decompress(raw: bytes, uri: str) -> bytes:
+    """``raw`` decompressed when its magic bytes say it is compressed, whatever its name."""
+    kind = _compression_of(raw)
+    if kind is None:
+        return raw
+    try:
+        if kind == "gzip":
+            return gzip.decompress(raw)
+        if kind == "bz2":
+            return bz2.decompress(raw)
+        if kind == "xz":
+            return lzma.decompress(raw)
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(
+                f"path={uri!r}: the file is zstd-compressed; install zstandard "
+                "(pip install zstandard) or decompress it (zstd -d)"
+            ) from None
+        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise ValueError(
+            f"path={uri!r}: the file is {kind}-compressed but cannot be decompressed "
+            f"({type(e).__name__}: {e}); the file is damaged or truncated"
+        ) from e
+
+
 _SEPARATORS = (",", ";", "\t", "|")
 
 
@@ -157,6 +201,9 @@ def read_table(
 ) -> pd.DataFrame:
     """Read CSV/TSV (separator sniffed unless ``sep``), Parquet or JSONL from any fsspec URI.
 
+    gzip, bz2, xz and zstd (with ``zstandard`` installed) files are decompressed, recognised
+    by their magic bytes whatever their name (``titles.csv`` may be gzip).
+
     ``columns`` are the columns the caller needs; they guide the separator choice. CSV cells
     of ``text_columns`` are read literally as strings (a headline such as ``"None"`` or
     ``"2024"`` stays text; only empty cells are missing).
@@ -173,12 +220,8 @@ def read_table(
         raise IsADirectoryError(f"path={uri!r}: is a directory, expected a file") from None
     except OSError as e:
         raise OSError(f"path={uri!r}: cannot read the file ({e})") from e
-    compression = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}.get(os.path.splitext(uri.lower())[1])
     try:
-        if compression:
-            from fsspec.compression import compr
-
-            raw = compr[compression](io.BytesIO(raw)).read()
+        raw = _decompress(raw, uri)
         if fmt == "parquet":
             return pd.read_parquet(io.BytesIO(raw))
         if fmt == "jsonl":

@@ -80,7 +80,10 @@ class SteeringParams(BaseModel):
     """What :func:`run_steering_eval` sweeps and how it scores it."""
 
     model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        allow_inf_nan=False,
     )
 
     latents: list[int] | Literal["auto"] = "auto"
