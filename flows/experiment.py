@@ -244,6 +244,7 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
         storage_options=storage_options,
     )
     logger.info("run root: %s", loc.root)
+    storage.ensure_bucket(loc.root, storage_options, create=cfg.storage_create_bucket)
     write_run_config(cfg, loc)
     opts = task_options(cfg, storage_options)
 

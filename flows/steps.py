@@ -47,12 +47,14 @@ from prefect.cache_policies import NO_CACHE
 
 
 def _loc(cfg: ExperimentConfig, run: str | None = None) -> RunLocation:
-    return RunLocation(
+    loc = RunLocation(
         storage=absolute_storage(cfg.storage),
         experiment=cfg.name,
         run=run or cfg.run or make_run_id(),
         storage_options=resolve_storage_options(cfg),
     )
+    storage.ensure_bucket(loc.root, loc.storage_options, create=cfg.storage_create_bucket)
+    return loc
 
 
 def location_of(run_root: str, storage_options: dict[str, Any] | None = None) -> RunLocation:

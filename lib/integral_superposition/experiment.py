@@ -250,6 +250,8 @@ class ExperimentConfig(_Section):
     """Root of all outputs: a local directory or an fsspec URI such as ``s3://bucket/prefix``."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
     """fsspec options for ``storage`` (e.g. ``endpoint_url``). Credentials belong in the environment (AWS_* variables, a profile) or a Prefect block, not here."""
+    storage_create_bucket: bool = False
+    """Create the bucket of an object-store ``storage`` when it does not exist (default: a missing bucket is an error, so a misspelled name never becomes a new bucket)."""
     storage_secret: str | None = None
     """Name of a Prefect Secret block holding a JSON object of storage options (S3 credentials, endpoint); merged into ``storage_options`` at run time and never written anywhere."""
     result_storage: str | None = "auto"
@@ -305,12 +307,12 @@ class ExperimentConfig(_Section):
     gpu_limit: str | None = "gpu"
     """Global concurrency limit taken by every GPU step (a slot each); skipped when no limit of that name exists."""
 
-    @field_validator("storage")
+    @field_validator("storage", mode="before")
     @classmethod
-    def _storage(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("expected a directory or an fsspec URI such as s3://bucket/prefix")
-        return v.rstrip("/") or v
+    def _storage(cls, v: Any) -> str:
+        from integral_superposition import storage
+
+        return storage.check_root(v, None)
 
     @field_validator("sweep")
     @classmethod

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from importlib import metadata
@@ -24,11 +25,14 @@ from pathlib import Path
 from typing import IO, Any
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"})
+"""Object stores whose first path component is a bucket (or container), never created here."""
 
 _DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {}
 
@@ -68,7 +72,96 @@ def get_fs(
     opts.update(_DEFAULT_OPTIONS.get(protocol, {}))
     opts.update(storage_options or {})
     fs, path = url_to_fs(uri, **opts)
+    if protocol in _BUCKET_PROTOCOLS and not path.strip("/"):
+        raise ValueError(f"uri={uri!r}: expected {protocol}://bucket[/path], the bucket is missing")
     return fs, path
+
+
+def check_root(uri: Any, name: str | None = "storage") -> str:
+    """Validate an output root: a local directory or ``protocol://bucket[/prefix]``.
+
+    Parsed with fsspec; refuses an empty value, an object-store URI without a bucket
+    (``s3://``), the filesystem root (``/``, ``file:///``) and a protocol written without
+    ``//`` (``s3:bucket``, which would silently become a local folder named ``s3:bucket``).
+    Returns the URI without trailing slashes. Errors start with ``name=<value>`` (left out
+    when ``name`` is None, e.g. when pydantic names the field itself).
+    """
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"{name}={uri!r}: {msg}" if name else msg)
+
+    if uri is None:
+        raise bad(
+            "expected a directory or a URI such as s3://bucket/prefix (YAML reads a bare `~` "
+            "or `null` as None; write the directory out, e.g. /home/me/runs)"
+        )
+    if isinstance(uri, dict):
+        raise bad(
+            "expected a directory or a URI string; YAML read the value as a mapping "
+            "(a value like `s3:` or `key: value`), quote it"
+        )
+    if not isinstance(uri, str | os.PathLike):
+        raise bad(f"expected a directory or a URI string, got {type(uri).__name__}")
+    text = os.fspath(uri).strip()
+    if not text:
+        raise bad("expected a directory or a URI such as s3://bucket/prefix")
+    protocol, _ = split_protocol(text)
+    if protocol is None:
+        m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):", text)
+        if m and m.group(1).lower() in fsspec.available_protocols():
+            raise bad(
+                f"looks like a {m.group(1)!r} URI without '//'; expected "
+                f"{m.group(1)}://bucket/prefix (or a local directory not named like a URI)"
+            )
+    try:
+        fs_cls = fsspec.get_filesystem_class(protocol or "file")
+    except (ValueError, ImportError) as e:
+        raise bad(f"unknown or unavailable storage protocol ({e})") from None
+    path = str(fs_cls._strip_protocol(text))
+    if protocol in _BUCKET_PROTOCOLS and not path.strip("/"):
+        raise bad(f"expected {protocol}://bucket[/prefix], the bucket is missing")
+    if not path.strip("/") or ((protocol or "file") in ("file", "local") and _is_fs_root(path)):
+        raise bad(
+            "names no directory (the path is empty or the filesystem root); expected a "
+            "directory such as runs or /data/runs, or a URI such as s3://bucket/prefix"
+        )
+    return text.rstrip("/")
+
+
+def _is_fs_root(path: str) -> bool:
+    p = os.path.abspath(os.path.expanduser(path))
+    return os.path.dirname(p) == p
+
+
+def bucket_of(uri: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The bucket of an object-store URI, None for local and other stores."""
+    protocol = split_protocol(os.fspath(uri))[0]
+    if protocol not in _BUCKET_PROTOCOLS:
+        return None
+    _, path = get_fs(uri, storage_options)
+    return path.strip("/").split("/", 1)[0]
+
+
+def ensure_bucket(
+    uri: str, storage_options: Mapping[str, Any] | None = None, create: bool = False
+) -> None:
+    """Check that the bucket of ``uri`` exists (nothing to check for local storage).
+
+    A missing bucket is a :class:`FileNotFoundError`, never created silently (a misspelled
+    bucket must not become a new one); ``create=True`` creates it.
+    """
+    bucket = bucket_of(uri, storage_options)
+    if bucket is None:
+        return
+    fs, _ = get_fs(uri, storage_options)
+    if fs.exists(bucket):
+        return
+    if not create:
+        raise FileNotFoundError(
+            f"storage={uri!r}: bucket {bucket!r} does not exist (or is not visible with these "
+            "credentials); create it first, or set storage_create_bucket: true to create it"
+        )
+    fs.mkdir(bucket)
 
 
 def is_local(uri: str) -> bool:
@@ -112,17 +205,53 @@ def read_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any
     return json.loads(read_bytes(uri, storage_options).decode("utf-8"))
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode of a newly published file: ``0o666`` less the umask, as ``open`` would give."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """Mode of a newly made directory: ``0o777`` less the umask."""
+    return 0o777 & ~_umask()
+
+
 def _publish_local_file(tmp_path: str, uri: str, storage_options: Mapping[str, Any] | None) -> None:
     fs, path = get_fs(uri, storage_options)
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         os.replace(tmp_path, path)
-    else:
-        parent = posixpath.dirname(path)
-        if parent:
-            with contextlib.suppress(Exception):
-                fs.makedirs(parent, exist_ok=True)
+        return
+    bucket = bucket_of(uri, storage_options)
+    parent = posixpath.dirname(path)
+    if bucket is None and parent:
+        # stores with real directories need them; object stores have none, and creating
+        # "directories" there would create a missing (misspelled) bucket
+        with contextlib.suppress(Exception):
+            fs.makedirs(parent, exist_ok=True)
+    try:
         fs.put_file(tmp_path, path)
+    except FileNotFoundError:
+        if bucket is not None and not fs.exists(bucket):
+            raise FileNotFoundError(
+                f"uri={uri!r}: bucket {bucket!r} does not exist; create it first "
+                "(an experiment creates it with storage_create_bucket: true)"
+            ) from None
+        raise
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)
 
@@ -135,6 +264,7 @@ def atomic_open(uri: str, storage_options: Mapping[str, Any] | None = None) -> I
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; a published file follows the umask
     else:
         fd, tmp = tempfile.mkstemp(prefix="isup-upload-")
     try:

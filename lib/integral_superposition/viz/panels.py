@@ -675,6 +675,9 @@ def _publish_folder(
     if local:
         os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-dashboards-", dir=parent)
+    os.chmod(
+        staging, storage.dir_mode()
+    )  # mkdtemp makes 0700; the published folder follows the umask
     try:
         for name, data in files.items():
             target = os.path.join(staging, name)
