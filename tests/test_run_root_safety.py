@@ -1,4 +1,4 @@
-"""Data safety: storage roots, buckets, file modes, run-root ownership and the run lease."""
+"""Run-root safety: storage roots, buckets, file modes, run-root ownership and the run lease."""
 
 from __future__ import annotations
 
