@@ -181,3 +181,158 @@ def test_sparsify_folder(tmp_path):
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"sae_weights\.safetensors"):
         load_sae(str(tmp_path / "nothing"))
+
+
+# -- SAELens folders written by SAELens itself -------------------------------------------------
+
+SAELENS_LOADED = {"standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"}
+"""SAELens architectures load_sae reads; every other one in SAELens's registry is refused."""
+
+
+def _saelens_sae(arch: str, training: bool, **extra):
+    """A SAELens SAE of ``arch`` built by SAELens, with random weights of realistic shape:
+    decoder rows of norms far from 1, non-zero biases, positive thresholds."""
+    from dataclasses import fields
+
+    from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+    cls, cfg_cls = (SAE_TRAINING_CLASS_REGISTRY if training else SAE_CLASS_REGISTRY)[arch]
+    names = {f.name for f in fields(cfg_cls)}
+    kw = {"d_in": D, "d_sae": 64, **extra}
+    if "k" in names:
+        kw.setdefault("k", 5)
+    if "matryoshka_widths" in names:
+        kw["matryoshka_widths"] = [16, 64]
+    if "d_out" in names:
+        kw.update(d_out=D, apply_b_dec_to_input=False)
+    if "n_heads" in names:
+        kw.update(n_heads=2, bottleneck_factor=2)
+    sae = cls(cfg_cls(**kw))
+    g = torch.Generator().manual_seed(len(arch))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        sae.W_dec.mul_(torch.rand(sae.W_dec.shape[0], 1, generator=g) * 3 + 0.05)
+        if hasattr(sae, "threshold"):
+            sae.threshold.copy_(torch.rand(sae.threshold.shape, generator=g) * 4)
+        if hasattr(sae, "topk_threshold"):
+            sae.topk_threshold.fill_(2.5)
+    return sae.eval()
+
+
+def _x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(128, D, generator=g) * 6 + torch.randn(D, generator=g) * 3
+
+
+def _matches_saelens(ours: SparseAutoencoder, theirs, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        z_ours, z_theirs = ours.encode(x), theirs.encode(x)
+        l0 = (z_theirs != 0).float().sum(-1).mean()
+        assert 0 < l0 < z_theirs.shape[-1], f"a trivial code (L0 {l0})"
+        assert torch.equal(z_ours != 0, z_theirs != 0)
+        scale = float(z_theirs.abs().max())
+        assert float((z_ours - z_theirs).abs().max()) <= 1e-5 * scale
+        r_ours, r_theirs = ours.reconstruct(x), theirs.decode(z_theirs)
+        assert float((r_ours - r_theirs).abs().max()) <= 1e-5 * float(r_theirs.abs().max())
+
+
+def _saelens_archs() -> list[str]:
+    sae_lens = pytest.importorskip("sae_lens")
+    from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+    assert sae_lens.__version__.startswith("6.")
+    return sorted(set(SAE_CLASS_REGISTRY) | set(SAE_TRAINING_CLASS_REGISTRY))
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka_batchtopk"])
+def test_saelens_topk_family_with_and_without_decoder_norm_rescale(tmp_path, arch, rescale):
+    """SAELens TopK ranks pre * ||W_dec[i]|| when rescale_acts_by_decoder_norm is on (the
+    default of its training config): load_sae gives SAELens's own codes and reconstructions."""
+    from sae_lens import SAE
+
+    _saelens_archs()
+    sae = _saelens_sae(arch, True, rescale_acts_by_decoder_norm=rescale)
+    sae.save_model(str(tmp_path / "train"))
+    ours = load_sae(str(tmp_path / "train"))
+    x = _x()
+    if arch == "topk":
+        theirs = SAE.load_from_disk(str(tmp_path / "train"))
+        assert theirs.cfg.rescale_acts_by_decoder_norm is rescale
+    else:  # a BatchTopK training folder: SAELens's inference form is a JumpReLU, folded first
+        if rescale:
+            sae.fold_W_dec_norm()
+        sae.save_inference_model(str(tmp_path / "inference"))
+        theirs = SAE.load_from_disk(str(tmp_path / "inference"))
+        assert theirs.cfg.architecture() == "jumprelu"
+    _matches_saelens(ours, theirs, x)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_saelens_every_registered_architecture_loads_exactly_or_is_refused(tmp_path, training):
+    from sae_lens import SAE
+    from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+    archs = _saelens_archs()
+    registry = SAE_TRAINING_CLASS_REGISTRY if training else SAE_CLASS_REGISTRY
+    x = _x()
+    for arch in archs:
+        if arch not in registry:
+            continue
+        sae = _saelens_sae(arch, training)
+        folders = [tmp_path / f"{arch}-save_model"]
+        sae.save_model(str(folders[0]))
+        if training:
+            folders.append(tmp_path / f"{arch}-save_inference_model")
+            sae.save_inference_model(str(folders[1]))
+        for folder in folders:
+            if arch not in SAELENS_LOADED:
+                with pytest.raises(ValueError, match=rf"architecture '{arch}' is not supported"):
+                    load_sae(str(folder))
+                continue
+            ours = load_sae(str(folder))
+            if arch in ("batchtopk", "matryoshka_batchtopk") and folder == folders[0]:
+                continue  # compared through SAELens's own fold + inference save above
+            _matches_saelens(ours, SAE.load_from_disk(str(folder)), x)
+
+
+def test_saelens_apply_b_dec_to_input_false(tmp_path):
+    from sae_lens import SAE
+
+    _saelens_archs()
+    for arch in ("standard", "topk", "jumprelu"):
+        sae = _saelens_sae(arch, False, apply_b_dec_to_input=False)
+        sae.save_model(str(tmp_path / arch))
+        _matches_saelens(
+            load_sae(str(tmp_path / arch)), SAE.load_from_disk(str(tmp_path / arch)), _x()
+        )
+
+
+def test_saelens_unknown_math_keys_are_refused(tmp_path):
+    _saelens_archs()
+    sae = _saelens_sae("topk", False)
+    sae.save_model(str(tmp_path / "ok"))
+    cfg = json.loads((tmp_path / "ok" / "cfg.json").read_text())
+    load_sae(str(tmp_path / "ok"))
+    for key, value in [("use_sparse_codes_of_the_future", True), ("scale_latents", 2.0)]:
+        bad = tmp_path / key
+        bad.mkdir()
+        (bad / "sae_weights.safetensors").write_bytes(
+            (tmp_path / "ok" / "sae_weights.safetensors").read_bytes()
+        )
+        (bad / "cfg.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match=rf"\['{key}'\] that load_sae does not understand"):
+            load_sae(str(bad))
+    for key, value, match in [
+        ("normalize_activations", "layer_norm", "normalize_activations='layer_norm'"),
+        ("reshape_activations", "hook_z", "reshape_activations='hook_z'"),
+    ]:
+        bad = tmp_path / f"{key}-{value}"
+        bad.mkdir()
+        (bad / "sae_weights.safetensors").write_bytes(
+            (tmp_path / "ok" / "sae_weights.safetensors").read_bytes()
+        )
+        (bad / "cfg.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match=match):
+            load_sae(str(bad))

@@ -186,6 +186,173 @@ def _from_tensors(
     return sae
 
 
+# cfg.json keys, per format, that load_sae understands. Every other key is refused: a key
+# that is not known may change the math, and a silently ignored one gives wrong codes.
+SAELENS_COMMON_KEYS = frozenset(
+    {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
+     "normalize_activations", "reshape_activations", "metadata"}
+)  # fmt: skip
+"""Keys of every SAELens (>= 6) ``cfg.json``."""
+SAELENS_ARCH_KEYS: dict[str, frozenset[str]] = {
+    "standard": frozenset(),
+    "topk": frozenset({"k", "rescale_acts_by_decoder_norm"}),
+    "jumprelu": frozenset(),
+    "batchtopk": frozenset({"k", "rescale_acts_by_decoder_norm"}),
+    "matryoshka_batchtopk": frozenset({"k", "rescale_acts_by_decoder_norm"}),
+}
+"""Extra keys per SAELens architecture that ``load_sae`` reads (``save_model`` and
+``save_inference_model`` folders). Other SAELens architectures (``gated``, ``abstopk``, the
+transcoders, ``temporal``, ``matching_pursuit``) compute codes ``SparseAutoencoder`` cannot
+represent and are refused."""
+SAELENS_TRAINING_KEYS = frozenset(
+    {"decoder_init_norm", "l1_coefficient", "lp_norm", "l1_warm_up_steps",
+     "use_sparse_activations", "aux_loss_coefficient", "topk_threshold_lr",
+     "jumprelu_init_threshold", "jumprelu_bandwidth", "jumprelu_sparsity_loss_mode",
+     "l0_coefficient", "l0_warm_up_steps", "pre_act_loss_coefficient", "jumprelu_tanh_scale",
+     "jumprelu_ste_to_input", "target_l0", "matryoshka_widths", "use_matryoshka_aux_loss"}
+)  # fmt: skip
+"""Training-only keys a SAELens ``save_model`` (training) folder carries: losses, schedules
+and initialisation, none of which changes ``encode``/``decode``."""
+SAELENS_TENSORS = {
+    "standard": frozenset({"W_enc", "W_dec", "b_enc", "b_dec"}),
+    "topk": frozenset({"W_enc", "W_dec", "b_enc", "b_dec"}),
+    "jumprelu": frozenset({"W_enc", "W_dec", "b_enc", "b_dec", "threshold", "log_threshold"}),
+    "batchtopk": frozenset({"W_enc", "W_dec", "b_enc", "b_dec", "threshold", "topk_threshold"}),
+}
+ISUP_KEYS = frozenset(
+    {"format", "d_model", "k", "architecture", "top_k", "jumprelu_bandwidth", "merge_mode",
+     "d_pre"}
+)  # fmt: skip
+"""Keys of the ``isup`` block that ``save_sae`` adds to ``cfg.json``."""
+_SAELENS_TO_OURS = {
+    "standard": "relu",
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "batchtopk": "batchtopk",
+    "matryoshka_batchtopk": "batchtopk",
+}
+
+
+def _refuse_unknown(path: str, what: str, keys, known) -> None:
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        raise ValueError(
+            f"path={path!r}: {what} has keys {unknown} that load_sae does not understand "
+            f"(they may change the encoder or decoder math); known keys: {sorted(known)}"
+        )
+
+
+def _saelens_version(cfg: Mapping[str, Any]) -> str | None:
+    meta = cfg.get("metadata") or {}
+    return cfg.get("sae_lens_version") or meta.get("sae_lens_version")
+
+
+def _legacy_saelens_config(path: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A pre-6.0 flat SAELens config, translated the way SAELens itself migrates it.
+
+    The old runner wrote its whole run configuration into ``cfg.json``; only these keys
+    change the codes, and each is read or refused here: ``architecture``, ``activation_fn``
+    (``relu`` or ``topk`` with ``activation_fn_kwargs.k``), ``apply_b_dec_to_input``,
+    ``normalize_activations``, ``finetuning_scaling_factor``, ``hook_point``/``hook_name``
+    ending in ``hook_z`` (a reshape).
+    """
+    out: dict[str, Any] = {
+        "architecture": cfg.get("architecture", "standard"),
+        "d_in": cfg["d_in"],
+        "d_sae": cfg["d_sae"],
+        "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input", True),
+        "normalize_activations": cfg.get("normalize_activations", "none"),
+    }
+    act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+    if act == "topk":
+        out["architecture"] = "topk"
+        out["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k", cfg.get("k"))
+    elif act not in ("relu", None):
+        raise ValueError(f"path={path!r}: activation_fn={act!r}; expected 'relu' or 'topk'")
+    if isinstance(out["normalize_activations"], bool) or out["normalize_activations"] is None:
+        out["normalize_activations"] = (
+            "expected_average_only_in" if out["normalize_activations"] else "none"
+        )
+    if cfg.get("finetuning_scaling_factor"):
+        raise ValueError(
+            f"path={path!r}: finetuning_scaling_factor=True scales the codes by a learned "
+            f"factor that load_sae does not apply; expected False"
+        )
+    hook = str(cfg.get("hook_name") or cfg.get("hook_point") or "")
+    out["reshape_activations"] = "hook_z" if "hook_z" in hook else "none"
+    keep = ("model_name", "hook_name", "hook_point", "context_size", "dataset_path", "prepend_bos")
+    out["metadata"] = {k: cfg[k] for k in keep if k in cfg}
+    return out
+
+
+def _saelens_tensors(
+    path: str, cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> tuple[str, int, dict[str, torch.Tensor]]:
+    """``(our architecture, top_k, tensors in our convention)`` for a SAELens folder.
+
+    Our encoder is ``(x - b_dec) @ W_enc + b_enc``, our decoder ``z @ W_dec + b_dec``; each
+    SAELens option that differs is folded into the weights so that the codes and the
+    reconstruction equal SAELens's own ``encode``/``decode``.
+    """
+    arch = cfg.get("architecture", "standard")
+    if arch not in SAELENS_ARCH_KEYS:
+        raise ValueError(
+            f"path={path!r}: SAELens architecture {arch!r} is not supported (its codes cannot "
+            f"be represented by SparseAutoencoder); expected one of {sorted(SAELENS_ARCH_KEYS)}"
+        )
+    if _saelens_version(cfg) is not None:
+        known = SAELENS_COMMON_KEYS | SAELENS_ARCH_KEYS[arch] | SAELENS_TRAINING_KEYS | {"isup"}
+        _refuse_unknown(path, "cfg.json", cfg, known)
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in ("none", None):
+        raise ValueError(
+            f"path={path!r}: normalize_activations={norm!r}; load_sae reads raw activations, "
+            f"expected 'none' (fold the scaling into the weights first)"
+        )
+    reshape = cfg.get("reshape_activations", "none")
+    if reshape not in ("none", None):
+        raise ValueError(
+            f"path={path!r}: reshape_activations={reshape!r}; expected 'none' (activations "
+            f"are [n_tokens, d_in] rows)"
+        )
+    t = {k: v.float() for k, v in tensors.items() if k not in ("scaling_factor",)}
+    if "scaling_factor" in tensors and not torch.all(tensors["scaling_factor"] == 1):
+        raise ValueError(
+            f"path={path!r}: a 'scaling_factor' tensor that is not all ones (a finetuning "
+            f"scale load_sae does not apply)"
+        )
+    ours = _SAELENS_TO_OURS[arch]
+    table = "batchtopk" if ours == "batchtopk" else arch
+    _refuse_unknown(path, "sae_weights.safetensors", t, SAELENS_TENSORS[table] | {"merge_index"})
+    if ours == "batchtopk":  # a training folder: the running threshold, as SAELens saves it
+        if "topk_threshold" in t:
+            t["threshold"] = torch.full_like(t["b_enc"], float(t.pop("topk_threshold")))
+        if "threshold" not in t:
+            raise ValueError(f"path={path!r}: a {arch} SAE needs a 'topk_threshold' tensor")
+    if "log_threshold" in t:  # SAELens < 6 JumpReLU
+        t["threshold"] = t.pop("log_threshold").exp()
+    if ours == "jumprelu" and "threshold" not in t:
+        raise ValueError(f"path={path!r}: a jumprelu SAE needs a 'threshold' tensor")
+    if "threshold" in t:
+        # SAELens's JumpReLU is relu(pre) * (pre > threshold): a negative threshold acts as 0
+        t["threshold"] = t["threshold"].clamp_min(0.0)
+    if ours in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm", False):
+        # SAELens ranks pre * ||W_dec[i]|| and decodes (z / ||W_dec[i]||) @ W_dec: the same
+        # as pre' = pre * n with W_enc' = W_enc * n, b_enc' = b_enc * n, W_dec' = W_dec / n.
+        n = t["W_dec"].norm(dim=-1)
+        if not bool((n > 0).all()):
+            raise ValueError(
+                f"path={path!r}: rescale_acts_by_decoder_norm=True with {int((n == 0).sum())} "
+                f"zero decoder rows (SAELens would divide by zero)"
+            )
+        t["W_enc"], t["b_enc"], t["W_dec"] = t["W_enc"] * n, t["b_enc"] * n, t["W_dec"] / n[:, None]
+    if not cfg.get("apply_b_dec_to_input", True):
+        # SAELens encodes x @ W_enc + b_enc: shift b_enc so (x - b_dec) @ W_enc + b_enc matches
+        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+    top_k = int(cfg.get("k", 32)) if ours in ("topk", "batchtopk") else 32
+    return ours, top_k, t
+
+
 def load_sae(
     path: str,
     *,
@@ -194,7 +361,10 @@ def load_sae(
 ) -> SparseAutoencoder:
     """Load an SAE folder (ours, SAELens or sparsify) or a legacy ``.pt`` state dict.
 
-    Folders may be local or remote URIs. Legacy files are read with
+    Folders may be local or remote URIs. A folder loads exactly (the same codes and
+    reconstructions as the library that wrote it) or not at all: an architecture, option or
+    ``cfg.json`` key that the loader does not understand is a ``ValueError`` (the known keys
+    per format: ``SAELENS_*_KEYS``, ``SPARSIFY_KEYS``). Legacy files are read with
     ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects.
     """
     path = str(path)
@@ -212,41 +382,19 @@ def load_sae(
         tensors = st_load(
             storage.read_bytes(storage.join(path, "sae_weights.safetensors"), storage_options)
         )
-        ours = cfg.get("isup")
+        if _saelens_version(cfg) is None:
+            cfg = _legacy_saelens_config(path, cfg)
+        arch, top_k, tensors = _saelens_tensors(path, cfg, tensors)
+        ours = cfg.get("isup") or {}
+        bw, merge_mode = 0.001, "sum"
         if ours:
-            arch, top_k, bw = (
-                ours["architecture"],
-                int(ours.get("top_k", 32)),
-                float(ours.get("jumprelu_bandwidth", 0.001)),
-            )
-        else:
-            arch = {
-                "standard": "relu",
-                "topk": "topk",
-                "jumprelu": "jumprelu",
-                "batchtopk": "batchtopk",
-            }.get(cfg.get("architecture", "standard"))
-            if arch is None:
-                raise ValueError(
-                    f"{path}: SAELens architecture {cfg.get('architecture')!r} is not supported; expected standard, topk, batchtopk or jumprelu"
-                )
-            top_k, bw = int(cfg.get("k", 32)), 0.001
-            if cfg.get("normalize_activations", "none") not in ("none", None):
-                raise ValueError(
-                    f"{path}: normalize_activations={cfg['normalize_activations']!r}; fold the scaling into the weights first"
-                )
-            if not cfg.get("apply_b_dec_to_input", True):
-                with (
-                    torch.no_grad()
-                ):  # encode x directly: shift b_enc so (x - b_dec) @ W_enc + b_enc matches
-                    tensors = dict(tensors)
-                    tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
-        if arch == "batchtopk" and "threshold" not in tensors:
-            raise ValueError(f"{path}: a batchtopk SAE needs a 'threshold' tensor")
+            _refuse_unknown(path, "cfg.json's isup block", ours, ISUP_KEYS)
+            arch, top_k = ours["architecture"], int(ours.get("top_k", 32))
+            bw = float(ours.get("jumprelu_bandwidth", 0.001))
+            merge_mode = ours.get("merge_mode", "sum")
         d_in, d_sae = tensors["W_enc"].shape
         if "merge_index" in tensors:  # a merged SAE: d_sae merged latents over d_pre codes
             d_sae = tensors["W_dec"].shape[0]
-        merge_mode = (ours or {}).get("merge_mode", "sum")
         sae = _from_tensors(arch, int(d_in), int(d_sae), top_k, tensors, bw, merge_mode)
         sae.metadata = dict(cfg.get("metadata") or {})
     elif storage.exists(storage.join(path, "sae.safetensors"), storage_options):
