@@ -15,6 +15,7 @@ from typing import Any
 
 from integral_superposition import storage
 from integral_superposition.analysis.run import AnalysisParams
+from integral_superposition.compute import DTYPE_NAMES, short_name
 from integral_superposition.experiment import (
     ExperimentConfig,
     ModelSpec,
@@ -253,7 +254,9 @@ def sae_model_id(sae_uri: str, storage_options: dict[str, Any] | None = None) ->
     return str(name)
 
 
-_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+def _short_dtype(name: str) -> str | None:
+    """``"bfloat16"`` (a manifest's model dtype) -> ``"bf16"``; None for an unknown name."""
+    return short_name(DTYPE_NAMES[name]) if name in DTYPE_NAMES else None
 
 
 def _model_ref(
@@ -267,7 +270,7 @@ def _model_ref(
             dumped = storage.read_manifest(store.uri, storage_options).get("model") or {}
         except (FileNotFoundError, OSError, ValueError):
             dumped = {}
-        dtype = _DTYPES.get(str(dumped.get("dtype")))
+        dtype = _short_dtype(str(dumped.get("dtype")))
         if dumped.get("model_id") == model_id and dtype:
             spec = ModelSpec(model_id=model_id, dtype=dtype)
     return ModelRef(spec=spec, stamp=model_stamp(spec))

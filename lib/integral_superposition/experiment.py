@@ -147,8 +147,8 @@ class ModelSpec(_Section):
 
     model_id: str = "gemma-3-270m"
     """A hub id, a local directory, a ``.gguf`` file, ``gemma-3-270m`` (embedded, offline) or ``tiny:<family>``."""
-    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Compute dtype of the model (bf16 is about 3x faster than fp32 on recent CPUs and on GPUs)."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute dtype of the model: ``auto`` is bf16 on GPUs that support it (fp16 on older ones) and on CPUs with native bf16 (AVX512-BF16, AMX), float32 on other CPUs, where bf16 runs many times slower."""
     device: str = "auto"
     """``auto`` (the first CUDA device when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     device_map: str | dict[str, Any] | None = None
@@ -165,11 +165,10 @@ class ModelSpec(_Section):
             return self.device_map
         if self.device == "cpu":
             return None
-        if self.device == "auto":
-            import torch
+        from integral_superposition.compute import resolve_device
 
-            return "cuda:0" if torch.cuda.is_available() else None
-        return self.device
+        dev = resolve_device(self.device)
+        return None if dev.type == "cpu" else str(dev)
 
 
 class FanoutConfig(_Section):

@@ -124,9 +124,10 @@ class AnalysisParams(BaseModel):
     """Tokens per chunk (default: about 64 MiB of latent activations)."""
     device: str = "auto"
     """Torch device for the SAE: ``auto`` (CUDA when available), ``cpu``, ``cuda:0``, ..."""
-    encode_dtype: Literal["float32", "bfloat16"] = "float32"
+    encode_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Encoder matmul precision of the scan: ``bfloat16`` is several times faster on CPUs with
-    AVX512-BF16/AMX and on GPUs, but near-equal activations can swap ranks."""
+    AVX512-BF16/AMX and on GPUs (near-equal activations can swap ranks) and many times slower
+    on other CPUs; ``auto`` picks bf16 only where it is native."""
     seed: int = 0
     """Seed of the reservoir sampling, the firing sample and the 2-D map."""
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from integral_superposition import compute
 from integral_superposition.sae.metrics import LatentStats
 from integral_superposition.sae.model import SparseAutoencoder
 
@@ -188,12 +189,11 @@ def row_uniform(rows: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def resolve_device(device: str | torch.device | None, sae: SparseAutoencoder) -> torch.device:
-    """``None`` -> the SAE's device; ``"auto"`` -> CUDA when available, else CPU."""
+    """``None`` -> the SAE's device; ``"auto"`` -> CUDA when available, else CPU
+    (:func:`integral_superposition.compute.resolve_device`)."""
     if device is None:
         return sae.W_enc.device
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return compute.resolve_device(device)
 
 
 def sae_on(sae: SparseAutoencoder, device: torch.device) -> SparseAutoencoder:
@@ -204,6 +204,19 @@ def sae_on(sae: SparseAutoencoder, device: torch.device) -> SparseAutoencoder:
 
 
 ENCODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def encode_dtype_for(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The encoder matmul dtype: float32 or bfloat16 (``"auto"`` picks by the hardware of
+    ``device``, as :func:`integral_superposition.compute.resolve_dtype`; fp16 is not used).
+
+    Raises ``ValueError`` naming ``encode_dtype`` for anything else.
+    """
+    if compute.parse_dtype(dtype, "encode_dtype") == torch.float16:
+        raise ValueError(f"encode_dtype={dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
+    dt = compute.resolve_dtype(dtype, device, arg="encode_dtype")
+    # auto on a GPU without bf16 gives fp16, whose range the pre-activations can exceed
+    return torch.float32 if dt == torch.float16 else dt
 
 
 @dataclass
@@ -233,12 +246,7 @@ class SparseEncoder:
     """
 
     def __init__(self, sae: SparseAutoencoder, dtype: str | torch.dtype = "float32"):
-        if isinstance(dtype, str):
-            if dtype not in ENCODE_DTYPES:
-                raise ValueError(f"encode_dtype={dtype!r}: expected one of {sorted(ENCODE_DTYPES)}")
-            dtype = ENCODE_DTYPES[dtype]
-        if dtype not in ENCODE_DTYPES.values():
-            raise ValueError(f"encode_dtype={dtype}: expected torch.float32 or torch.bfloat16")
+        dtype = encode_dtype_for(dtype, sae.W_enc.device)
         self.sae, self.dtype = sae, dtype
         self.W = sae.W_enc.detach().to(dtype).contiguous()
         self.b_enc = sae.b_enc.detach().float()
@@ -853,8 +861,8 @@ def scan_latents(
     - ``stats``: accumulate activation sums, maxima and the L0 histogram (firing counts are
       always kept); ``metrics`` implies it.
     - ``mask``: ``bool[N]`` rows to scan (e.g. ``store.split_mask("test")``).
-    - ``encode_dtype``: ``"float32"`` (exact) or ``"bfloat16"`` (the encoder matmul in bf16,
-      see :class:`SparseEncoder`).
+    - ``encode_dtype``: ``"float32"`` (exact), ``"bfloat16"`` (the encoder matmul in bf16,
+      see :class:`SparseEncoder`) or ``"auto"`` (bf16 where the hardware has native bf16).
     """
     src = as_activation_source(source, storage_options)
     check_sae_source(sae, src)

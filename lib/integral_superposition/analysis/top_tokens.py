@@ -27,6 +27,7 @@ from integral_superposition.analysis.scan import (
     as_activation_source,
     check_sae_source,
     default_chunk_tokens,
+    encode_dtype_for,
     resolve_device,
     sae_on,
     scan_latents,
@@ -184,7 +185,8 @@ def window_activations(
     chunk = int(chunk_tokens or default_chunk_tokens(sae.d_sae))
     # A pair costs a gathered d-vector (memory-bound), a distinct row a full [K] encode
     # (compute-bound); measured on CPU the break-even is near pairs * 256 == rows * K.
-    pairwise = r.size * 256 < uniq.size * sae.d_sae and encode_dtype in ("float32", torch.float32)
+    exact = encode_dtype_for(encode_dtype, dev) == torch.float32
+    pairwise = r.size * 256 < uniq.size * sae.d_sae and exact
     encoder = None if pairwise else SparseEncoder(model, encode_dtype)
     for a in range(0, uniq.size, chunk):
         b = min(uniq.size, a + chunk)

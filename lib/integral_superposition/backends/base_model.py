@@ -365,21 +365,8 @@ def count_hooks(model: nn.Module) -> int:
 
 
 def as_torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16``; ``None``/``"auto"`` -> None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {
-        "auto": None,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "float": torch.float32,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-        "half": torch.float16,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-    }
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in table:
-        raise ValueError(f"dtype={dtype!r}: expected one of fp32, fp16, bf16 (or a torch.dtype)")
-    return table[key]
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16`` -> ``torch.bfloat16``; ``None``/``"auto"`` -> None
+    (see :func:`integral_superposition.compute.resolve_dtype` for what ``auto`` picks)."""
+    from integral_superposition.compute import parse_dtype
+
+    return parse_dtype(dtype)

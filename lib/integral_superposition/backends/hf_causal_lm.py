@@ -16,8 +16,21 @@ from integral_superposition.backends.sources import (
     embedded_gguf_path,
     resolve_model_source,
 )
+from integral_superposition.compute import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+
+def _map_device(device_map: str | dict | None) -> torch.device:
+    """The device a ``device_map`` puts (the first part of) the model on."""
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, dict):
+        first = next(iter(device_map.values()), "cpu")
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return resolve_device("auto")
+    return resolve_device(device_map)
 
 
 def _load(
@@ -34,6 +47,8 @@ def _load(
 
     source: ModelSource = resolve_model_source(model_id_or_path, gguf_file)
     torch_dtype = as_torch_dtype(dtype)
+    if torch_dtype is None and dtype is not None:  # "auto": by the hardware it will run on
+        torch_dtype = resolve_dtype("auto", _map_device(device_map))
     load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **kwargs}
     if torch_dtype is not None:
         load_kwargs["dtype"] = torch_dtype
@@ -93,6 +108,8 @@ class HFCausalLM(HFBackend):
 
         ``google/gemma-3-270m`` falls back to the embedded copy when the hub is unreachable.
         ``device_map`` is passed to accelerate (``"auto"`` spreads a large model over devices).
+        ``dtype="auto"`` picks by hardware (:func:`integral_superposition.compute.resolve_dtype`);
+        None keeps the checkpoint's own dtype.
         """
         from transformers import AutoModelForCausalLM
 

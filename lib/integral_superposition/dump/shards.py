@@ -20,8 +20,10 @@ import torch
 from safetensors.torch import save
 
 from integral_superposition import storage
+from integral_superposition.compute import DTYPE_NAMES
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TORCH_DTYPES = {k: DTYPE_NAMES[k] for k in ("fp16", "bf16", "fp32")}
+"""Storage dtypes of activation shards (compute dtypes are resolved by ``compute``)."""
 _ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}

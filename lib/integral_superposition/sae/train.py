@@ -682,15 +682,9 @@ def _check_cfgs(cfgs: Any, store_like: bool) -> list[SAEConfig]:
 
 
 def _resolve_device(device: Any, cfg: SAEConfig) -> torch.device:
-    name = device if device is not None else cfg.device
-    if isinstance(name, torch.device):
-        return name
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: CUDA is not available on this machine")
-    return dev
+    from integral_superposition.compute import resolve_device
+
+    return resolve_device(device if device is not None else cfg.device)
 
 
 def _init_trainee(t: _Trainee, sample: torch.Tensor, init_b_dec: bool) -> None:

@@ -353,9 +353,10 @@ class LabelClassifier:
 
 # -- picking latents --------------------------------------------------------------------------------
 def _resolve_device(device: str, backend) -> torch.device:
-    if device == "auto":
-        return backend.device if backend is not None else torch.device("cpu")
-    return torch.device(device)
+    """``auto``: where the model runs (it generates the steered texts), else CUDA or CPU."""
+    from integral_superposition.compute import resolve_device
+
+    return resolve_device(device, default=backend.device if backend is not None else None)
 
 
 def enrichment_tables(sae, store, n_top: int = 20, device=None, chunk_tokens: int | None = None):
