@@ -6,12 +6,24 @@ import bz2
 import gzip
 import lzma
 import math
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+from integral_superposition import storage
 from integral_superposition.analysis.run import AnalysisParams
 from integral_superposition.config import DumpConfig, SAEConfig
 from integral_superposition.data import load_dataset_auto, load_titles_csv
+from integral_superposition.dump import (
+    ActivationStore,
+    CorruptShardError,
+    dump_layer_activations,
+)
+from integral_superposition.dump import shards as shards_mod
+from integral_superposition.dump.shards import ShardReader
+from integral_superposition.dump.synthetic import write_activation_store
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.steering.evaluate import SteeringParams
 from pydantic import ValidationError
@@ -83,3 +95,183 @@ def test_truncated_gzip_names_the_compression(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"titles\.csv.*gzip-compressed.*damaged or truncated"):
         load_titles_csv(str(path))
+
+
+# -- shard integrity -------------------------------------------------------------------------
+def _synthetic(path: Path, n: int = 600, d: int = 16, rows_per_shard: int = 200) -> torch.Tensor:
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+    write_activation_store(x, str(path), rows_per_shard=rows_per_shard, tokens_per_doc=20)
+    return x
+
+
+def _overwrite_rows(shard: Path, first_row: int, n_rows: int, row_bytes: int) -> None:
+    """Overwrite ``n_rows`` rows of a shard's tensor in place: same size, other bytes."""
+    spans = shards_mod.read_header(str(shard))
+    start = next(iter(spans.values())).start + first_row * row_bytes
+    with open(shard, "r+b") as f:
+        f.seek(start)
+        f.write(np.full(n_rows * row_bytes // 4, 7.5, dtype=np.float32).tobytes())
+
+
+def test_same_size_corruption_is_caught_on_first_read(tmp_path):
+    x = _synthetic(tmp_path / "acts")
+    shard = tmp_path / "acts" / "shard-00001.safetensors"
+    size = shard.stat().st_size
+    _overwrite_rows(shard, 5, 10, 16 * 4)
+    assert shard.stat().st_size == size
+    assert storage.verify_output(str(tmp_path / "acts"))  # sizes alone cannot see it
+
+    store = ActivationStore(str(tmp_path / "acts"))
+    torch.testing.assert_close(store.read(0, 200), x[:200])  # an intact shard reads fine
+    for read in (
+        lambda: store.read(200, 210),
+        lambda: store.gather([250]),
+        lambda: next(iter(store.iter_chunks(1000))),
+        lambda: next(iter(store.iter_batches(32, split="all", n_batches=50))),
+    ):
+        with pytest.raises(
+            CorruptShardError,
+            match=r"shard .*shard-00001\.safetensors is damaged: its content differs .* "
+            r"size \(\d+ bytes\) matches \(sha256 expected .*\); rerun the dump",
+        ):
+            read()
+
+    # skipping the hashes is explicit, and then the damaged rows are read as they are
+    off = ActivationStore(str(tmp_path / "acts"), verify="off")
+    got = off.read(200, 220)
+    assert bool((got[5:15] == 7.5).all()) and torch.equal(got[:5], x[200:205])
+    with pytest.raises(
+        ValueError, match=r"verify='sometimes': expected one of \['first-read', 'off'\]"
+    ):
+        ActivationStore(str(tmp_path / "acts"), verify="sometimes")
+
+
+def test_shards_are_hashed_once_per_process_and_file_version(tmp_path, monkeypatch):
+    _synthetic(tmp_path / "acts")
+    calls: list[str] = []
+    real = storage.sha256_file
+
+    def counting(uri, storage_options=None, chunk=8 << 20):
+        calls.append(uri)
+        return real(uri, storage_options, chunk)
+
+    monkeypatch.setattr(storage, "sha256_file", counting)
+    for _ in range(2):  # a second store in the same process trusts the first one's check
+        store = ActivationStore(str(tmp_path / "acts"))
+        store.read(0, store.n_tokens)
+    assert sorted(Path(c).name for c in calls) == [f"shard-0000{i}.safetensors" for i in range(3)]
+    # a file rewritten since (same bytes, new version) is hashed again
+    shard = tmp_path / "acts" / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes())
+    ActivationStore(str(tmp_path / "acts")).read(0, 600)
+    assert [Path(c).name for c in calls[3:]] == ["shard-00002.safetensors"]
+    monkeypatch.setenv("ISUP_VERIFY_SHARDS", "off")
+    shard.write_bytes(shard.read_bytes())
+    store = ActivationStore(str(tmp_path / "acts"))
+    assert store.verify == "off"
+    store.read(0, 600)
+    assert len(calls) == 4
+
+
+def test_damaged_token_table_is_caught(tmp_path):
+    _synthetic(tmp_path / "acts")
+    table = tmp_path / "acts" / "shard-00000.parquet"
+    raw = bytearray(table.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    table.write_bytes(bytes(raw))
+    with pytest.raises(CorruptShardError, match=r"file .*shard-00000\.parquet is damaged"):
+        _ = ActivationStore(str(tmp_path / "acts")).token_ids
+
+
+def test_truncated_shard_names_the_file_what_was_expected_and_found(tmp_path):
+    _synthetic(tmp_path / "acts")
+    shard = tmp_path / "acts" / "shard-00001.safetensors"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 100)
+    for verify in ("first-read", "off"):
+        store = ActivationStore(str(tmp_path / "acts"), verify=verify)
+        store.read(0, 200)
+        with pytest.raises(
+            CorruptShardError,
+            match=rf"shard .*shard-00001\.safetensors is damaged: expected {size} bytes "
+            rf"\(from the dump's manifest\), found {size - 100} bytes \(truncated\); "
+            r"rerun the dump .* recomputes damaged ones",
+        ):
+            store.read(0, 400)
+    # without a manifest entry, the header still gives the expected size
+    with pytest.raises(
+        CorruptShardError,
+        match=rf"header describes {size} bytes, but the file has {size - 100} bytes \(truncated\)",
+    ):
+        ShardReader(str(shard))
+    shard.write_bytes(b"\x10\x00")
+    with pytest.raises(CorruptShardError, match="safetensors header cannot be read"):
+        ShardReader(str(shard))
+
+
+def test_corrupted_shard_on_s3_is_caught(s3_bucket, tmp_path):
+    import s3fs
+
+    uri, opts = s3_bucket
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+    write_activation_store(x, f"{uri}/acts", rows_per_shard=100, storage_options=opts)
+    fs = s3fs.S3FileSystem(**opts)
+    path = f"{uri[5:]}/acts/shard-00001.safetensors"
+    raw = bytearray(fs.cat_file(path))
+    raw[-40:] = bytes(40)  # the last rows, same size
+    fs.pipe_file(path, bytes(raw))
+    store = ActivationStore(f"{uri}/acts", storage_options=opts)
+    first = store.shards[1].offset
+    torch.testing.assert_close(store.read(0, first), x[:first])
+    with pytest.raises(CorruptShardError, match=r"shard-00001\.safetensors is damaged"):
+        store.read(first, first + 1)
+
+
+class CountingBackend:
+    """Wraps a backend and counts its forwards."""
+
+    def __init__(self, inner):
+        self.inner, self.forwards = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def capture(self, *args, **kw):
+        self.forwards += 1
+        return self.inner.capture(*args, **kw)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["complete", "partial"])
+def test_dump_rerun_recomputes_a_same_size_corrupted_shard(
+    tiny_backend, demo_df, tmp_path, published
+):
+    cfg = DumpConfig(layer=1, max_len=16, batch_size=8, shard_size_mb=0.02)
+    out = tmp_path / "d"
+    store = dump_layer_activations(
+        demo_df, "title", "topic", tiny_backend, cfg, out, progress=False
+    )
+    before = _tree(out)
+    if not published:
+        (out / "manifest.json").unlink()
+    _overwrite_rows(out / "shard-00002.safetensors", 3, 10, store.d_model * 2)
+    counting = CountingBackend(tiny_backend)
+    again = dump_layer_activations(demo_df, "title", "topic", counting, cfg, out, progress=False)
+    # only the damaged shard is recomputed, and the store is as an uninterrupted dump left it
+    assert counting.forwards == math.ceil(store.manifest["shards"][2]["n_docs"] / cfg.batch_size)
+    assert _tree(out) == before
+    torch.testing.assert_close(again.read(0, again.n_tokens), store.read(0, store.n_tokens))
+
+
+def test_cached_dump_step_is_invalid_after_same_size_corruption(tmp_path):
+    from integral_superposition.tasks.refs import OutputRef
+
+    _synthetic(tmp_path / "acts")
+    ref = OutputRef.read("dump", "acts", str(tmp_path / "acts"))
+    assert ref.is_valid()
+    _overwrite_rows(tmp_path / "acts" / "shard-00000.safetensors", 0, 3, 16 * 4)
+    assert not ref.is_valid()  # the cached dump is not reused: the step reruns

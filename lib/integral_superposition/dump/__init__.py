@@ -5,6 +5,14 @@ from integral_superposition.dump.activations import (
     dump_layer_activations,
     plan_shards,
 )
+from integral_superposition.dump.shards import CorruptShardError
 from integral_superposition.dump.store import ActivationStore, Batch
 
-__all__ = ["ActivationStore", "Batch", "combine_dumps", "dump_layer_activations", "plan_shards"]
+__all__ = [
+    "ActivationStore",
+    "Batch",
+    "CorruptShardError",
+    "combine_dumps",
+    "dump_layer_activations",
+    "plan_shards",
+]

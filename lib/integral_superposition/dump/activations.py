@@ -11,8 +11,9 @@ Layout of a dump directory (any fsspec URI)::
 Shards are planned up front from token counts alone: documents are sorted by length
 (stable on doc id) and cut into shards of about ``shard_size_mb``. Every file is published
 atomically and a shard's record is written after its data files, so a rerun after a crash
-(even ``kill -9``) skips every shard whose record matches the plan: only missing shards are
-computed and the result is byte-identical to an uninterrupted run.
+(even ``kill -9``) skips every shard whose record matches the plan and whose files still
+match the record's sizes and SHA-256: only missing or damaged shards are computed and the
+result is byte-identical to an uninterrupted run.
 
 While the model computes shard ``s + 1``, a background thread writes shard ``s``; at most two
 shards are held in memory, so peak memory depends on ``shard_size_mb``, not on the dataset.
@@ -292,6 +293,21 @@ def _listing(out_dir: str, storage_options) -> dict[str, int]:
     return out
 
 
+def _intact(
+    out_dir: str,
+    files: Mapping[str, Mapping[str, Any]],
+    listing: Mapping[str, int],
+    storage_options,
+) -> bool:
+    """True when every file of a shard record is there with its size and SHA-256."""
+    for name, entry in files.items():
+        if listing.get(name) != entry["size"]:
+            return False
+        if storage.sha256_file(storage.join(out_dir, name), storage_options) != entry["sha256"]:
+            return False
+    return True
+
+
 def dump_layer_activations(
     df: pd.DataFrame,
     text_col: str,
@@ -316,8 +332,9 @@ def dump_layer_activations(
     the parts with :func:`combine_dumps`. ``on_progress(done_tokens, total_tokens)`` is called
     after every batch.
 
-    Rerunning the same dump into the same ``out_dir`` resumes it (only missing shards are
-    computed) or, when it is complete, returns it. ``out_dir`` holding a *different* dump is an
+    Rerunning the same dump into the same ``out_dir`` resumes it (only missing or damaged
+    shards are computed) or, when it is complete, returns it; what it keeps is verified first
+    (sizes and SHA-256 against the shard records and the manifest). ``out_dir`` holding a *different* dump is an
     error unless ``overwrite=True``. Every input is checked before anything is written.
     Returns the published :class:`ActivationStore`.
     """
@@ -386,9 +403,10 @@ def dump_layer_activations(
     if storage.MANIFEST_NAME in listing:
         existing = storage.read_manifest(out_dir, storage_options)
         if existing.get("identity") == identity:
-            if storage.verify_output(out_dir, storage_options):
-                log.info("dump at %s is complete; reusing it", out_dir)
+            if storage.verify_output(out_dir, storage_options, deep=True):
+                log.info("dump at %s is complete and verified; reusing it", out_dir)
                 return ActivationStore(out_dir, storage_options)
+            log.warning("dump at %s is damaged; recomputing its damaged shards", out_dir)
             # same dump, damaged: unpublish it, then recompute what is missing
             storage.remove(storage.join(out_dir, storage.MANIFEST_NAME), storage_options)
             listing.pop(storage.MANIFEST_NAME)
@@ -413,8 +431,10 @@ def dump_layer_activations(
         rec = storage.read_json(storage.join(out_dir, name), storage_options)
         if s >= len(plan.shards) or rec.get("shard_id") != shard_ids[s]:
             foreign.append(name)
-        elif all(listing.get(f) == e["size"] for f, e in rec["files"].items()):
+        elif _intact(out_dir, rec["files"], listing, storage_options):
             records[s] = rec
+        else:
+            log.warning("%s: shard %d is damaged; recomputing it", out_dir, s)
     if foreign:
         if not overwrite:
             raise FileExistsError(

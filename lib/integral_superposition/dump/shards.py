@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import struct
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,17 @@ _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 # numpy has no bfloat16: raw bytes go through a same-width integer view
 _RAW_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+REPAIR_HINT = (
+    "rerun the dump with the same data, model and config into the same directory "
+    "(dump_layer_activations or `isup dump`): it verifies every shard it keeps and "
+    "recomputes damaged ones"
+)
+
+
+class CorruptShardError(ValueError):
+    """A shard file that does not match its dump's manifest: truncated, damaged or modified."""
 
 
 @dataclass(frozen=True)
@@ -114,23 +127,128 @@ def parse_header(head: bytes) -> dict[str, TensorSpan]:
 
 
 def read_header(
-    uri: str, storage_options: Mapping[str, Any] | None = None
+    uri: str, storage_options: Mapping[str, Any] | None = None, file_size: int | None = None
 ) -> dict[str, TensorSpan]:
-    head = storage.read_bytes(uri, storage_options, 0, 8)
-    (n,) = struct.unpack("<Q", head)
-    return parse_header(storage.read_bytes(uri, storage_options, 0, 8 + n))
+    """The tensor spans of a shard; ``CorruptShardError`` when its header is unreadable or
+    (given ``file_size``) describes more or fewer bytes than the file has."""
+    try:
+        head = storage.read_bytes(uri, storage_options, 0, 8)
+        (n,) = struct.unpack("<Q", head)
+        if file_size is not None and 8 + n > file_size:
+            raise ValueError(f"header length {n} runs past the end of the file")
+        spans = parse_header(storage.read_bytes(uri, storage_options, 0, 8 + n))
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+        raise CorruptShardError(
+            f"shard {uri} is damaged: its safetensors header cannot be read ({e}); {REPAIR_HINT}"
+        ) from None
+    if file_size is not None:
+        end = max((sp.start + sp.rows * sp.row_bytes for sp in spans.values()), default=8 + n)
+        if end != file_size:
+            raise CorruptShardError(
+                f"shard {uri} is damaged: its header describes {end} bytes, but the file has "
+                f"{file_size} bytes ({'truncated' if file_size < end else 'trailing bytes'}); "
+                f"{REPAIR_HINT}"
+            )
+    return spans
+
+
+# Shards verified in this process: (uri, sha256, size, modification stamp). A file rewritten
+# since it was verified has another stamp and is verified again.
+_verified: set[tuple[str, str, int, Any]] = set()
+_verify_locks: dict[tuple[str, str], threading.Lock] = {}
+_verify_guard = threading.Lock()
+
+
+def _stat(uri: str, storage_options: Mapping[str, Any] | None) -> tuple[int, Any]:
+    """``(size, modification stamp)`` of a file (mtime and inode locally; ETag or time remotely)."""
+    fs, path = storage.get_fs(uri, storage_options)
+    if storage.is_local(uri):
+        st = os.stat(path)
+        return int(st.st_size), (st.st_mtime_ns, st.st_ino)
+    info = fs.info(path)
+    stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+    return int(info["size"]), str(stamp)
+
+
+def _check_size(uri: str, expected: int | None, found: int) -> None:
+    if expected is not None and found != expected:
+        raise CorruptShardError(
+            f"shard {uri} is damaged: expected {expected} bytes (from the dump's manifest), found "
+            f"{found} bytes ({'truncated' if found < expected else 'longer'}); {REPAIR_HINT}"
+        )
+
+
+def verify_file(
+    uri: str,
+    sha256: str,
+    size: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Check a shard file's size and SHA-256 against its manifest entry, once per process and
+    file version (streamed in 8 MiB pieces); ``CorruptShardError`` names what differs."""
+    found_size, stamp = _stat(uri, storage_options)
+    _check_size(uri, size, found_size)
+    key = (uri, sha256, found_size, stamp)
+    if key in _verified:
+        return
+    with _verify_guard:
+        lock = _verify_locks.setdefault((uri, sha256), threading.Lock())
+    with lock:  # two threads opening one shard hash it once
+        if key in _verified:
+            return
+        found = storage.sha256_file(uri, storage_options)
+        if found != sha256:
+            raise CorruptShardError(
+                f"shard {uri} is damaged: its content differs from the dump's manifest although "
+                f"its size ({found_size} bytes) matches (sha256 expected {sha256[:16]}..., found "
+                f"{found[:16]}...); {REPAIR_HINT}"
+            )
+        _verified.add(key)
 
 
 class ShardReader:
-    """Row-range reads from one shard: ``np.memmap`` locally, byte ranges remotely."""
+    """Row-range reads from one shard: ``np.memmap`` locally, byte ranges remotely.
 
-    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
+    ``size`` and ``sha256`` (the manifest's entry) are checked when given: the size and the
+    header on open, always; the SHA-256 on open with ``verify=True`` (once per process).
+    A mismatch raises :class:`CorruptShardError` naming the file, what was expected and found.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        size: int | None = None,
+        sha256: str | None = None,
+        verify: bool = False,
+    ):
         self.uri = uri
         self.storage_options = storage_options
-        self.spans = read_header(uri, storage_options)
+        if verify and sha256:
+            verify_file(uri, sha256, size, storage_options)
+            file_size = size
+        else:
+            file_size, _ = _stat(uri, storage_options)
+            _check_size(uri, size, file_size)
+        self.spans = read_header(uri, storage_options, file_size)
         self._local = storage.is_local(uri)
         self._map: mmap.mmap | None = None
         self._mmap: np.ndarray | None = None
+
+    def check_shape(self, name: str, rows: int, cols: int) -> None:
+        """``CorruptShardError`` unless tensor ``name`` is ``[rows, cols]`` (the manifest's)."""
+        span = self.spans.get(name)
+        if span is None:
+            raise CorruptShardError(
+                f"shard {self.uri} is damaged: it has no tensor {name!r} (it has "
+                f"{sorted(self.spans)}); {REPAIR_HINT}"
+            )
+        if (span.rows, span.cols) != (rows, cols):
+            raise CorruptShardError(
+                f"shard {self.uri} is damaged: tensor {name!r} has shape [{span.rows}, "
+                f"{span.cols}], expected [{rows}, {cols}] from the dump's manifest; {REPAIR_HINT}"
+            )
 
     def _memmap(self) -> np.ndarray:
         """The whole file as ``uint8`` (a private, copy-on-write map: never written back)."""

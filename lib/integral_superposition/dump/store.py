@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,9 +27,17 @@ import pyarrow.parquet as pq
 import torch
 
 from integral_superposition import storage
-from integral_superposition.dump.shards import TORCH_DTYPES, ShardReader
+from integral_superposition.dump.shards import (
+    REPAIR_HINT,
+    TORCH_DTYPES,
+    CorruptShardError,
+    ShardReader,
+)
 
 T = TypeVar("T")
+
+VERIFY_MODES = ("first-read", "off")
+"""``ActivationStore(verify=...)``: hash every file on its first read, or not at all."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,8 @@ class ShardRef:
     n_tokens: int
     offset: int
     store_index: int
+    size: int | None = None
+    sha256: str | None = None
 
 
 @dataclass
@@ -66,6 +77,12 @@ class ActivationStore:
 
     ``uris``: a dump directory URI, or a list of them (same ``d_model`` and hook points;
     document ids of later dumps are offset to stay unique, labels are mapped by name).
+
+    ``verify``: ``"first-read"`` (default) checks each file against the manifest's SHA-256
+    when this process first reads it (a shard: one streamed extra read of the file, once per
+    process; token tables as they are loaded); ``"off"`` skips the hashes. Sizes, headers and
+    shapes are always checked. A mismatch raises :class:`CorruptShardError`. The default
+    comes from the ``ISUP_VERIFY_SHARDS`` environment variable when it is set.
     """
 
     def __init__(
@@ -73,10 +90,16 @@ class ActivationStore:
         uris: str | Sequence[str],
         storage_options: Mapping[str, Any] | None = None,
         hook_point: str | None = None,
+        verify: str | None = None,
     ):
         self.uris = [uris] if isinstance(uris, str) else list(uris)
         if not self.uris:
             raise ValueError("uris is empty: expected at least one activation dump")
+        if verify is None:
+            verify = os.environ.get("ISUP_VERIFY_SHARDS") or "first-read"
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify={verify!r}: expected one of {list(VERIFY_MODES)}")
+        self.verify = verify
         self.storage_options = dict(storage_options or {})
         self.manifests = [
             storage.read_manifest(u, self.storage_options, kind="activations") for u in self.uris
@@ -112,8 +135,18 @@ class ActivationStore:
         offset = 0
         for si, (u, m) in enumerate(zip(self.uris, self.manifests, strict=True)):
             for s in m["shards"]:
+                entry = {**m.get("files", {}).get(s["tensors"], {}), **s}
                 self.shards.append(
-                    ShardRef(u, s["tensors"], s["tokens"], int(s["n_tokens"]), offset, si)
+                    ShardRef(
+                        u,
+                        s["tensors"],
+                        s["tokens"],
+                        int(s["n_tokens"]),
+                        offset,
+                        si,
+                        int(entry["size"]) if "size" in entry else None,
+                        entry.get("sha256"),
+                    )
                 )
                 offset += int(s["n_tokens"])
         self.n_tokens = offset
@@ -163,6 +196,25 @@ class ActivationStore:
         return name
 
     # -- token metadata ---------------------------------------------------------------------
+    def _read_file(self, store_index: int, name: str) -> bytes:
+        """A (small) file of dump ``store_index``, checked against its manifest entry."""
+        uri = storage.join(self.uris[store_index], name)
+        data = storage.read_bytes(uri, self.storage_options)
+        entry = self.manifests[store_index].get("files", {}).get(name)
+        if entry is None:
+            return data
+        if len(data) != int(entry["size"]):
+            raise CorruptShardError(
+                f"file {uri} is damaged: expected {entry['size']} bytes (from the dump's "
+                f"manifest), found {len(data)} bytes; {REPAIR_HINT}"
+            )
+        if self.verify == "first-read" and storage.sha256_bytes(data) != entry["sha256"]:
+            raise CorruptShardError(
+                f"file {uri} is damaged: its content differs from the dump's manifest although "
+                f"its size ({len(data)} bytes) matches; {REPAIR_HINT}"
+            )
+        return data
+
     @functools.cached_property
     def _token_table(self) -> dict[str, np.ndarray]:
         cols: dict[str, list[np.ndarray]] = {
@@ -181,11 +233,7 @@ class ActivationStore:
                 if store_index >= 0:
                     doc_offset += int(self.manifests[store_index]["doc_id_end"])
                 store_index = shard.store_index
-            t = pq.read_table(
-                io.BytesIO(
-                    storage.read_bytes(storage.join(shard.root, shard.tokens), self.storage_options)
-                )
-            )
+            t = pq.read_table(io.BytesIO(self._read_file(shard.store_index, shard.tokens)))
             cols["token_id"].append(t.column("token_id").to_numpy().astype(np.int32))
             cols["doc_id"].append(t.column("doc_id").to_numpy().astype(np.int64) + doc_offset)
             cols["position"].append(t.column("position").to_numpy().astype(np.int32))
@@ -219,12 +267,8 @@ class ActivationStore:
         """One row per document: ``doc_id``, ``text``, ``label`` (id), ``label_name``, ``n_tokens``."""
         frames = []
         doc_offset = 0
-        for u, m in zip(self.uris, self.manifests, strict=True):
-            df = pd.read_parquet(
-                io.BytesIO(
-                    storage.read_bytes(storage.join(u, m["docs_file"]), self.storage_options)
-                )
-            )
+        for i, m in enumerate(self.manifests):
+            df = pd.read_parquet(io.BytesIO(self._read_file(i, m["docs_file"])))
             df["doc_id"] = df["doc_id"].astype(np.int64) + doc_offset
             df["label"] = [self.label_names.index(n) for n in df["label_name"]]
             frames.append(df)
@@ -248,13 +292,24 @@ class ActivationStore:
 
     # -- activations ------------------------------------------------------------------------
     def _reader(self, i: int) -> ShardReader:
-        with self._lock:
-            r = self._readers.get(i)
-            if r is None:
-                s = self.shards[i]
-                r = ShardReader(storage.join(s.root, s.tensors), self.storage_options)
-                self._readers[i] = r
+        """The reader of shard ``i``, opened (size, header and shapes checked; its SHA-256
+        too with ``verify="first-read"``, once per process) on first use."""
+        r = self._readers.get(i)
+        if r is not None:
             return r
+        s = self.shards[i]
+        # opened outside the store's lock: hashing one shard does not stall readers of others
+        r = ShardReader(
+            storage.join(s.root, s.tensors),
+            self.storage_options,
+            size=s.size,
+            sha256=s.sha256,
+            verify=self.verify == "first-read",
+        )
+        for name in self.hook_point_names:
+            r.check_shape(name, s.n_tokens, self.d_model)
+        with self._lock:
+            return self._readers.setdefault(i, r)
 
     def read(self, start: int, stop: int, hook_point: str | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` as ``[stop-start, d_model]`` in the storage dtype."""
