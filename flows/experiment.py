@@ -28,13 +28,14 @@ from integral_superposition.tasks.dump import (
 from integral_superposition.tasks.index import (
     ExperimentResult,
     StepRecord,
+    publish_run_outputs,
     write_run_config,
     write_run_index,
 )
 from integral_superposition.tasks.merge import merge_sae
 from integral_superposition.tasks.policy import retry_options
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.report import build_experiment_report
+from integral_superposition.tasks.report import build_experiment_report, publish_report_summary
 from integral_superposition.tasks.steer import evaluate_steering
 from integral_superposition.tasks.train import train_saes
 from integral_superposition.tasks.ui import event, step_seconds
@@ -310,6 +311,7 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
             ),
         ).result()
         report_uri = report.summary.get("page")
+        publish_report_summary(report, saes, analyses, merges, steering, cfg.report, loc)
 
     result = ExperimentResult(
         experiment=cfg.name,
@@ -320,6 +322,7 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
         steps=steps.records(),
     )
     index = write_run_index(result, cfg, loc)
+    publish_run_outputs(result, loc)
     n_cached = sum(s.state == "Cached" for s in result.steps)
     logger.info(
         "experiment %s/%s done in %.1f s: %d task runs, %d cached; index %s",

@@ -40,7 +40,7 @@ from integral_superposition.tasks.index import RUN_INDEX
 from integral_superposition.tasks.merge import merge_sae
 from integral_superposition.tasks.policy import retry_options
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.report import build_experiment_report
+from integral_superposition.tasks.report import build_experiment_report, publish_report_summary
 from integral_superposition.tasks.steer import evaluate_steering
 from integral_superposition.tasks.train import train_saes
 from prefect import flow, get_run_logger
@@ -317,6 +317,10 @@ def report_flow(
     ref = build_experiment_report.with_options(**_standalone_options(loc))(
         doc.get("config", {}), by_kind.get("sae", []), by_kind.get("analysis", []),
         by_kind.get("merge", []), by_kind.get("steering", []), options or ReportOptions(), loc,
+    )  # fmt: skip
+    publish_report_summary(
+        ref, by_kind.get("sae", []), by_kind.get("analysis", []), by_kind.get("merge", []),
+        by_kind.get("steering", []), options or ReportOptions(), loc,
     )  # fmt: skip
     get_run_logger().info("report: %s", ref.summary.get("page"))
     return ref

@@ -98,3 +98,23 @@ def list_runs(
         key=lambda d: (d.get("experiment") or "", d.get("finished") or "", d.get("run") or "")
     )
     return runs
+
+
+def publish_run_outputs(result: ExperimentResult, loc: RunLocation) -> None:
+    """A markdown artifact listing every step of the run with its state and a link to its
+    output (on a cached run, the earlier run's output it reuses)."""
+    from integral_superposition.tasks.ui import browser_url, markdown
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = ["| step | name | state | output |", "| --- | --- | --- | --- |"]
+    for s in result.steps:
+        out = ""
+        if s.output is not None:
+            out = f"[{cell(s.output.uri)}]({browser_url(s.output.uri, loc.storage_options)})"
+        rows.append(f"| {s.step} | {cell(s.name)} | {s.state} | {out} |")
+    n_cached = sum(s.state == "Cached" for s in result.steps)
+    head = f"# Outputs of {cell(result.experiment)} / {cell(result.run)}\n\n"
+    head += f"Run root: `{result.run_root}`; {n_cached} of {len(result.steps)} steps cached.\n\n"
+    markdown("run-outputs", head + "\n".join(rows) + "\n", f"Outputs of {result.run}")

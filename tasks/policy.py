@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -121,32 +122,42 @@ _TRANSIENT_ERRNOS = {
     errno.ENETRESET,
     errno.EAGAIN,
 }
-# network errors of botocore, aiohttp, httpx, urllib3 and requests, by class name (none of
-# them has to be installed for the check to work)
+# network errors of botocore, aiohttp, httpx, urllib3 and requests, as (top-level package,
+# class name): a class counts only where it is defined, so aiohttp's base ``ClientError`` is
+# not botocore's, and none of these packages has to be installed for the check to work
 _TRANSIENT_CLASSES = {
-    "EndpointConnectionError",
-    "ConnectionClosedError",
-    "ReadTimeoutError",
-    "ConnectTimeoutError",
-    "ResponseStreamingError",
-    "IncompleteReadError",
-    "ProxyConnectionError",
-    "ClientConnectionError",
-    "ClientConnectorError",
-    "ServerDisconnectedError",
-    "ClientOSError",
-    "ClientPayloadError",
-    "ServerTimeoutError",
-    "ConnectError",
-    "ReadTimeout",
-    "WriteTimeout",
-    "PoolTimeout",
-    "RemoteProtocolError",
-    "ReadError",
-    "ProtocolError",
-    "NewConnectionError",
-    "ChunkedEncodingError",
+    ("botocore", "EndpointConnectionError"),
+    ("botocore", "ConnectionClosedError"),
+    ("botocore", "ReadTimeoutError"),
+    ("botocore", "ConnectTimeoutError"),
+    ("botocore", "ResponseStreamingError"),
+    ("botocore", "IncompleteReadError"),
+    ("botocore", "ProxyConnectionError"),
+    ("aiohttp", "ClientConnectionError"),  # ClientConnectorError, ServerDisconnectedError, ...
+    ("aiohttp", "ClientPayloadError"),
+    ("aiohttp", "ServerTimeoutError"),
+    ("aiohttp", "ConnectionTimeoutError"),
+    ("aiohttp", "SocketTimeoutError"),
+    ("httpx", "TimeoutException"),  # ConnectTimeout, ReadTimeout, WriteTimeout, PoolTimeout
+    ("httpx", "NetworkError"),  # ConnectError, ReadError, WriteError, CloseError
+    ("httpx", "RemoteProtocolError"),
+    ("urllib3", "ProtocolError"),
+    ("urllib3", "NewConnectionError"),
+    ("urllib3", "ReadTimeoutError"),
+    ("urllib3", "ConnectTimeoutError"),
+    ("requests", "ConnectionError"),
+    ("requests", "Timeout"),
+    ("requests", "ChunkedEncodingError"),
 }
+# subclasses of the classes above that no retry can fix (a bad certificate or URL)
+_PERMANENT_CLASSES = {
+    ("aiohttp", "ClientConnectorCertificateError"),
+    ("aiohttp", "InvalidURL"),
+    ("httpx", "UnsupportedProtocol"),
+    ("requests", "SSLError"),
+    ("botocore", "SSLError"),
+}
+_TRANSIENT_HTTP_STATUS = {408, 429, 500, 502, 503, 504}
 # S3 error codes that mean "try again"
 _TRANSIENT_S3_CODES = {
     "SlowDown",
@@ -196,21 +207,29 @@ _PERMANENT = (
 )
 
 
-def _names(exc: BaseException) -> set[str]:
-    return {c.__name__ for c in type(exc).__mro__}
+def _classes(exc: BaseException) -> set[tuple[str, str]]:
+    """``(top-level package, class name)`` of ``exc``'s class and every base class."""
+    return {(c.__module__.partition(".")[0], c.__name__) for c in type(exc).__mro__}
 
 
 def classify(exc: BaseException) -> str | None:
     """``"transient"``, ``"permanent"`` or None (unknown) for one exception, ignoring its causes."""
     msg = str(exc).lower()
-    names = _names(exc)
-    if "OutOfMemoryError" in names or "out of memory" in msg:
+    classes = _classes(exc)
+    if ("torch", "OutOfMemoryError") in classes or "out of memory" in msg:
         return "permanent"
-    if "ClientError" in names:  # botocore: decide by the error code
-        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+    if ("botocore", "ClientError") in classes:  # an S3 error response: decide by its code
+        code = str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
         return "transient" if code in _TRANSIENT_S3_CODES else "permanent"
-    if names & _TRANSIENT_CLASSES:
+    if classes & _PERMANENT_CLASSES:
+        return "permanent"
+    if classes & _TRANSIENT_CLASSES:
         return "transient"
+    if {("aiohttp", "ClientResponseError"), ("httpx", "HTTPStatusError")} & classes:
+        status = getattr(exc, "status", None) or getattr(
+            getattr(exc, "response", None), "status_code", None
+        )
+        return "transient" if status in _TRANSIENT_HTTP_STATUS else "permanent"
     if isinstance(exc, ConnectionError | TimeoutError):
         return "transient"
     if isinstance(exc, _PERMANENT):
@@ -221,7 +240,7 @@ def classify(exc: BaseException) -> str | None:
         if any(code.lower() in msg for code in ("slowdown", "service unavailable", "503")):
             return "transient"
         return None
-    if (isinstance(exc, RuntimeError) or "AcceleratorError" in names) and any(
+    if (isinstance(exc, RuntimeError) or ("torch", "AcceleratorError") in classes) and any(
         m in msg for m in _TRANSIENT_CUDA
     ):
         return "transient"
@@ -241,15 +260,28 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def describe(exc: BaseException) -> str:
+    """``ClassName: message``: how a failure is named in one log line."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def retry_transient(task, task_run, state) -> bool:
-    """``retry_condition_fn``: retry only transient failures (see :func:`is_transient`)."""
+    """``retry_condition_fn``: retry only transient failures (see :func:`is_transient`).
+
+    Logs one line per retry (``retry 1/3 after ClassName: message``) and the traceback only
+    at debug level; the final failure's traceback is logged once, by the task engine."""
     try:
         state.result()
     except BaseException as exc:
         transient = is_transient(exc)
         logger = _run_logger()
         if transient:
-            logger.warning("transient failure, retrying: %s: %s", type(exc).__name__, exc)
+            attempt = getattr(task_run, "run_count", None) or "?"
+            total = getattr(task, "retries", None) or "?"
+            logger.warning("transient failure, retry %s/%s after %s", attempt, total, describe(exc))
+            logger.debug("traceback of the transient failure", exc_info=exc)
+            if task_run is not None:
+                _RETRY_LOGGED.add(str(task_run.id))
             _drop_cached_backends_on_cuda(exc)
         else:
             logger.error("not retrying (%s is not transient): %s", type(exc).__name__, exc)
@@ -264,6 +296,66 @@ def _run_logger():
         return get_run_logger()
     except Exception:
         return log
+
+
+# Prefect's engine announces each retry and logs tracebacks of failures that do not end the
+# run (a cache lookup or a result write during an outage); :class:`ConciseFailureLogs` keeps
+# one line for each and a single traceback for the failure that ends a run.
+_RETRY_LOGGED: set[str] = set()
+_ENGINE_RETRY_LINE = "Task run failed with %s: %r - Retry"
+_FINAL_FAILURE_LINES = ("Task run failed with", "Encountered exception during execution")
+_SHOWN_MAX = 256
+
+
+class ConciseFailureLogs(logging.Filter):
+    """A filter for Prefect's task- and flow-run loggers: drops the engine's retry line when
+    :func:`retry_transient` logged one, shows a traceback once per failure (the final one),
+    and turns the traceback of a transient failure that does not end the run into one line
+    (the traceback goes to debug level)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shown: collections.OrderedDict[tuple[Any, str, str], None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(_ENGINE_RETRY_LINE):
+            task_run_id = getattr(record, "task_run_id", None)
+            if task_run_id in _RETRY_LOGGED:
+                _RETRY_LOGGED.discard(task_run_id)
+                return False
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or record.levelno < logging.INFO:
+            return True
+        signature = (getattr(record, "flow_run_id", None), type(exc).__qualname__, str(exc))
+        final = isinstance(record.msg, str) and record.msg.startswith(_FINAL_FAILURE_LINES)
+        with self._lock:
+            shown = signature in self._shown
+            if not shown and (final or not is_transient(exc)):
+                self._shown[signature] = None
+                while len(self._shown) > _SHOWN_MAX:
+                    self._shown.popitem(last=False)
+                return True
+        log.debug("traceback of: %s", record.getMessage(), exc_info=record.exc_info)
+        message = record.getMessage()
+        if type(exc).__name__ not in message:
+            message = f"{message.rstrip('.')}: {describe(exc)}"
+        record.msg, record.args = message, None
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def install_concise_failure_logs() -> None:
+    """Add :class:`ConciseFailureLogs` to Prefect's run loggers (once per process)."""
+    shared = ConciseFailureLogs()
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ConciseFailureLogs) for f in logger.filters):
+            logger.addFilter(shared)
+
+
+install_concise_failure_logs()
 
 
 def _drop_cached_backends_on_cuda(exc: BaseException) -> None:

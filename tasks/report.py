@@ -18,6 +18,7 @@ from integral_superposition.tasks.ui import (
     link,
     markdown,
     record_step_seconds,
+    run_logger,
     table,
 )
 from prefect import task
@@ -116,6 +117,20 @@ def _write_summary_table(
     return csv_uri
 
 
+def _sections(
+    name: str, merge_of: dict[str, OutputRef], steer_of: dict[str, OutputRef], loc: RunLocation
+) -> list:
+    """The merge and steering sections of one SAE's report."""
+    out_sections = []
+    if name in merge_of:
+        out_sections.append(_merge_section(merge_of[name], loc.storage_options))
+    if name in steer_of:
+        from integral_superposition.tasks.steer import steering_sections
+
+        out_sections += steering_sections(steer_of[name], loc.storage_options)
+    return out_sections
+
+
 @task(name="build-report", **TASK_DEFAULTS)
 def build_experiment_report(
     config: dict[str, Any],
@@ -130,9 +145,9 @@ def build_experiment_report(
 ) -> OutputRef:
     """Write ``{run}/{out}/report.html`` for the first SAE (with every SAE's metrics, the
     merge and steering results) and, for a sweep, one report per further SAE under
-    ``{run}/{out}/saes/<name>/``. Publishes the markdown summary, a link and a metrics table
-    as artifacts, and emits ``isup.report.published``."""
-    from integral_superposition.viz.report import build_report, markdown_summary, summary_tables
+    ``{run}/{out}/saes/<name>/``, and emit ``isup.report.published``. The flow publishes the
+    summary artifacts (:func:`publish_report_summary`), so a cached report gets them too."""
+    from integral_superposition.viz.report import build_report
 
     if not saes:
         raise ValueError("saes is empty: the report needs at least one trained SAE")
@@ -143,14 +158,7 @@ def build_experiment_report(
     links = {name: f"saes/{name}/report.html" for name in extra_dirs}
 
     def sections_for(name: str) -> list:
-        out_sections = []
-        if name in merge_of:
-            out_sections.append(_merge_section(merge_of[name], loc.storage_options))
-        if name in steer_of:
-            from integral_superposition.tasks.steer import steering_sections
-
-            out_sections += steering_sections(steer_of[name], loc.storage_options)
-        return out_sections
+        return _sections(name, merge_of, steer_of, loc)
 
     page_uris = {}
     t0 = time.perf_counter()
@@ -171,24 +179,9 @@ def build_experiment_report(
         )
     csv_uri = _write_summary_table(analyses, loc, summary_csv) if analyses else None
 
-    primary = saes[0]
-    page = page_uris[primary.name]
+    page = page_uris[saes[0].name]
     url = browser_url(page, loc.storage_options)
-    head = f"**[Open the HTML report]({url})** (`{page}`)\n\n"
-    md = markdown_summary(
-        analysis_of[primary.name].uri if primary.name in analysis_of else None,
-        *sections_for(primary.name),
-        title=title,
-        top_per_label=min(options.top_per_label, 5),
-        figure_width=options.figure_width,
-        storage_options=loc.storage_options,
-    )
     record_step_seconds(time.perf_counter() - t0)
-    markdown("experiment-summary", head + md, f"Summary of {title}")
-    link("experiment-report", url, "HTML report", f"Report of {title}")
-    if primary.name in analysis_of:
-        t = summary_tables(analysis_of[primary.name].uri, storage_options=loc.storage_options)
-        table("experiment-metrics", t["metrics"], f"Metrics of {primary.name}")
     ref = OutputRef.read("report", out, report_dir, loc.storage_options)
     ref = ref.model_copy(
         update={"summary": {"page": page, "pages": page_uris, "url": url, "summary_csv": csv_uri}}
@@ -200,3 +193,49 @@ def build_experiment_report(
         labels={"prefect.resource.name": f"{loc.experiment}/{loc.run}", "isup.run": loc.run},
     )
     return ref
+
+
+def publish_report_summary(
+    report: OutputRef,
+    saes: Sequence[OutputRef],
+    analyses: Sequence[OutputRef],
+    merges: Sequence[OutputRef],
+    steering: Sequence[OutputRef],
+    options: ReportOptions,
+    loc: RunLocation,
+) -> None:
+    """The Prefect UI's view of a report: the markdown summary (small PNGs, a link to the
+    HTML report), a link artifact and the metrics table. Called by the flow after the report
+    task, whether that ran or was cached (a cached report names an earlier run's page)."""
+    from integral_superposition.viz.report import markdown_summary, summary_tables
+
+    if not saes:
+        return
+    title = options.title or f"{loc.experiment} / {loc.run}"
+    primary = saes[0]
+    analysis_of = _by_name(analyses)
+    page = report.summary.get("page") or storage.join(report.uri, "report.html")
+    url = browser_url(page, loc.storage_options)
+    head = f"**[Open the HTML report]({url})** (`{page}`)\n\n"
+    if not report.uri.startswith(loc.root + "/"):
+        head += f"The report is reused unchanged from an earlier run: `{report.uri}`.\n\n"
+    try:
+        md = markdown_summary(
+            analysis_of[primary.name].uri if primary.name in analysis_of else None,
+            *_sections(primary.name, _by_name(merges), _by_name(steering), loc),
+            title=title,
+            top_per_label=min(options.top_per_label, 5),
+            figure_width=options.figure_width,
+            storage_options=loc.storage_options,
+        )
+        metrics = None
+        if primary.name in analysis_of:
+            t = summary_tables(analysis_of[primary.name].uri, storage_options=loc.storage_options)
+            metrics = t["metrics"]
+    except (OSError, ValueError, KeyError) as e:  # the UI summary never fails the run
+        run_logger().warning("report summary not built: %s: %s", type(e).__name__, e)
+        md, metrics = "", None
+    markdown("experiment-summary", head + md, f"Summary of {title}")
+    link("experiment-report", url, "HTML report", f"Report of {title}")
+    if metrics is not None:
+        table("experiment-metrics", metrics, f"Metrics of {primary.name}")

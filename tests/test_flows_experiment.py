@@ -43,6 +43,16 @@ def task_runs(flow_run_id: str):
         )
 
 
+def flow_run_artifacts(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+
+
 def _results_blocks():
     from integral_superposition.tasks.blocks import SecretRemoteFileSystem
     from prefect.client.orchestration import get_client
@@ -145,6 +155,18 @@ def test_second_run_has_every_task_cached(first_run):
     ]
     assert second.report_uri == first.report_uri
     assert elapsed < max(20.0, 0.5 * first_s), (elapsed, first_s)
+    # the cached run's UI still has the summary, the report link and links to its outputs
+    arts = {a.key: a for a in flow_run_artifacts(second.flow_run_id)}
+    summary = arts["experiment-summary"].data
+    assert f"file://{first.report_uri}" in summary and "data:image/png;base64," in summary
+    assert "reused unchanged from an earlier run" in summary
+    assert f"file://{first.report_uri}" in arts["experiment-report"].data
+    assert "experiment-metrics" in arts
+    outputs = arts["run-outputs"].data
+    for s in second.steps:
+        if s.output is not None:
+            assert f"(file://{s.output.uri})" in outputs, s.output.uri
+    assert outputs.count("| Cached |") == len(second.steps)
 
 
 def test_changing_one_sae_parameter_reruns_only_training_and_after(first_run):

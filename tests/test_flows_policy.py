@@ -83,6 +83,103 @@ def _make(e):
     return e() if callable(e) else e
 
 
+def _aiohttp(name: str) -> BaseException:
+    """A real aiohttp client exception, constructed as aiohttp itself raises it."""
+    import aiohttp
+    from aiohttp.client_reqrep import ConnectionKey
+
+    key = ConnectionKey("s3.example.com", 443, True, True, None, None, None, None)
+    if name == "ClientConnectorError":
+        return aiohttp.ClientConnectorError(key, OSError(errno.ECONNREFUSED, "Connect call failed"))
+    if name == "ClientConnectorCertificateError":
+        return aiohttp.ClientConnectorCertificateError(key, ValueError("certificate verify failed"))
+    if name == "ServerDisconnectedError":
+        return aiohttp.ServerDisconnectedError()
+    if name == "ClientPayloadError":
+        return aiohttp.ClientPayloadError("Response payload is not completed")
+    if name.startswith("ClientResponseError"):
+        from multidict import CIMultiDict, CIMultiDictProxy
+        from yarl import URL
+
+        url = URL("https://s3.example.com/bucket/key")
+        info = aiohttp.RequestInfo(url, "GET", CIMultiDictProxy(CIMultiDict()), url)
+        status = 404 if name.endswith("404") else 503
+        return aiohttp.ClientResponseError(info, (), status=status, message="Slow Down")
+    raise AssertionError(name)
+
+
+def _httpx(name: str) -> BaseException:
+    import httpx
+
+    return getattr(httpx, name)("connection failed", request=httpx.Request("GET", "https://s3"))
+
+
+def _urllib3_new_connection() -> BaseException:
+    from urllib3.connection import HTTPConnection
+    from urllib3.exceptions import NewConnectionError
+
+    return NewConnectionError(HTTPConnection("s3.example.com"), "Failed to establish connection")
+
+
+def _requests(name: str) -> BaseException:
+    import requests
+
+    return getattr(requests.exceptions, name)("connection aborted")
+
+
+def _torch(name: str, message: str) -> BaseException:
+    import torch
+
+    return getattr(torch, name)(message)
+
+
+# (exception factory, expected classification): each class constructed for real
+BY_CLASS = [
+    (lambda: _aiohttp("ClientConnectorError"), True),
+    (lambda: _aiohttp("ServerDisconnectedError"), True),
+    (lambda: _aiohttp("ClientPayloadError"), True),
+    (lambda: _aiohttp("ClientResponseError"), True),
+    (lambda: _aiohttp("ClientResponseError404"), False),
+    (lambda: _aiohttp("ClientConnectorCertificateError"), False),
+    (lambda: _botocore("EndpointConnectionError", endpoint_url="https://s3"), True),
+    (lambda: _botocore("ConnectTimeoutError", endpoint_url="https://s3"), True),
+    (lambda: _botocore("NoCredentialsError"), False),
+    (
+        lambda: _botocore(
+            "ClientError",
+            error_response={"Error": {"Code": "NoSuchBucket", "Message": "no bucket"}},
+            operation_name="ListObjectsV2",
+        ),
+        False,
+    ),
+    (lambda: _httpx("ConnectError"), True),
+    (lambda: _httpx("ReadTimeout"), True),
+    (lambda: _httpx("RemoteProtocolError"), True),
+    (lambda: _httpx("UnsupportedProtocol"), False),
+    (_urllib3_new_connection, True),
+    (lambda: _requests("ConnectionError"), True),
+    (lambda: _requests("SSLError"), False),
+    (lambda: OSError(errno.ECONNRESET, "Connection reset by peer"), True),
+    (lambda: OSError(errno.ENOSPC, "No space left on device"), False),
+    (lambda: _torch("AcceleratorError", "CUDA error: an illegal memory access"), True),
+    (lambda: _torch("OutOfMemoryError", "CUDA out of memory. Tried to allocate 2 GiB"), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "transient"), BY_CLASS, ids=lambda v: repr(v() if callable(v) else v)[:60]
+)
+def test_each_exception_class_is_classified_by_its_type_and_module(make, transient):
+    assert is_transient(make()) is transient
+
+
+def test_a_botocore_error_response_is_not_confused_with_aiohttps_client_error():
+    """aiohttp's base class is also named ``ClientError``: it has no S3 error code."""
+    exc = _aiohttp("ServerDisconnectedError")
+    assert "ClientError" in {c.__name__ for c in type(exc).__mro__}
+    assert is_transient(exc)
+
+
 @pytest.mark.parametrize("exc", TRANSIENT, ids=lambda e: repr(_make(e))[:60])
 def test_transient_errors_retry(exc):
     assert is_transient(_make(exc))
@@ -194,3 +291,67 @@ def _ids(backend):
 
     ids = torch.tensor([backend.tokenizer("Stocks rally on rate hopes")["input_ids"]])
     return ids, torch.ones_like(ids)
+
+
+def _run_logs(flow_run_id) -> list[str]:
+    """The messages a flow run logged to the Prefect API, in order."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [log.message for log in sorted(logs, key=lambda log: log.timestamp)]
+
+
+@pytest.mark.prefect
+@pytest.mark.parametrize("n_failures", [2, 4])
+def test_a_transient_outage_logs_one_line_per_retry_and_one_final_traceback(
+    prefect_api, n_failures
+):
+    """Two outages then success: two concise lines, no traceback. Four outages with three
+    retries: three lines and the final failure's traceback, once in the whole run."""
+    from integral_superposition.tasks.policy import retry_options
+    from prefect import flow, task
+    from prefect.cache_policies import CachePolicy
+
+    calls: list[int] = []
+
+    class LookupDuringOutage(CachePolicy):  # the cache lookup meets the outage too
+        def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "cache store unreachable")
+
+    @task(**retry_options(3, 0.0, 0.0), cache_policy=LookupDuringOutage())
+    def flaky(n: int) -> int:
+        calls.append(1)
+        if len(calls) <= n:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer (outage)")
+        return len(calls)
+
+    @flow
+    def outage(n: int) -> int:
+        return flaky(n)
+
+    state = outage(n_failures, return_state=True)
+    messages = _run_logs(state.state_details.flow_run_id)
+    retries = [m for m in messages if "retry" in m.lower()]
+    expected = [
+        f"transient failure, retry {i}/3 after ConnectionResetError: [Errno 104] "
+        "Connection reset by peer (outage)"
+        for i in range(1, min(n_failures, 3) + 1)
+    ]
+    assert retries == expected, messages
+    cache_lines = [m for m in messages if "cache key" in m]
+    assert cache_lines and all("ConnectionRefusedError" in m for m in cache_lines), messages
+    tracebacks = sum(m.count("Traceback (most recent call last)") for m in messages)
+    if n_failures == 2:
+        assert state.is_completed() and state.result() == 3
+        assert tracebacks == 0, messages
+    else:
+        assert state.is_failed()
+        assert tracebacks == 1, messages
+        (final,) = [m for m in messages if "Traceback" in m]
+        assert "Retries are exhausted" in final
