@@ -275,3 +275,116 @@ def test_cached_dump_step_is_invalid_after_same_size_corruption(tmp_path):
     assert ref.is_valid()
     _overwrite_rows(tmp_path / "acts" / "shard-00000.safetensors", 0, 3, 16 * 4)
     assert not ref.is_valid()  # the cached dump is not reused: the step reruns
+
+
+# -- non-finite activations stop every consumer ----------------------------------------------
+@pytest.fixture(scope="module")
+def inf_store(tmp_path_factory):
+    """A store whose shard 2, row 7, holds an inf (as a dump of a diverging model would),
+    and an SAE with finite weights for it."""
+    from integral_superposition.sae import SparseAutoencoder, save_sae
+
+    root = tmp_path_factory.mktemp("inf")
+    x = torch.randn(600, 16, generator=torch.Generator().manual_seed(3))
+    x[407, 5] = float("inf")
+    labels = np.repeat(np.arange(30) % 3, 20)
+    store = write_activation_store(
+        x,
+        str(root / "acts"),
+        rows_per_shard=200,
+        tokens_per_doc=20,
+        labels=labels,
+        label_names=["a", "b", "c"],
+    )
+    assert store.shards[2].offset == 400
+    sae = SparseAutoencoder(16, 24, architecture="topk", top_k=4, seed=0)
+    save_sae(sae, str(root / "sae"), metadata={"hook_name": "layer.0"})
+    return root, store
+
+
+WHERE = r"shard \S*shard-00002\.safetensors row 7 \(store row 407\) \(value inf in column 5\)"
+
+
+def test_inf_in_a_store_stops_reads_with_the_shard_and_row(inf_store):
+    from integral_superposition.dump.store import NonFiniteActivationsError
+
+    _root, store = inf_store
+    with pytest.raises(NonFiniteActivationsError, match=WHERE):
+        for _ in store.iter_chunks(64):
+            pass
+    with pytest.raises(NonFiniteActivationsError, match=WHERE):
+        store.gather([3, 407])
+    assert store.read(400, 410).isinf().sum() == 1  # raw reads stay raw
+    chunks = list(store.iter_chunks(64, check_finite=False))  # and so does the explicit opt-out
+    assert sum(int(x.isinf().sum()) for _, x in chunks) == 1
+
+
+def test_inf_in_a_store_stops_analysis_before_publishing(inf_store, tmp_path):
+    from integral_superposition.analysis.run import run_analysis
+    from integral_superposition.dump.store import NonFiniteActivationsError
+
+    root, _store = inf_store
+    out = tmp_path / "analysis"
+    with pytest.raises(NonFiniteActivationsError, match=WHERE):
+        run_analysis(str(root / "sae"), str(root / "acts"), str(out), {"n_top": 5, "n_bands": 0})
+    assert not (out / "manifest.json").exists()
+
+
+def test_inf_in_a_store_stops_metrics(inf_store):
+    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.sae import load_sae
+    from integral_superposition.sae.metrics import evaluate_sae
+
+    root, store = inf_store
+    with pytest.raises(NonFiniteActivationsError, match=WHERE):
+        evaluate_sae(load_sae(str(root / "sae")), store, split="all")
+
+
+def test_run_merge_says_where_non_finite_values_come_from(inf_store, tmp_path, monkeypatch):
+    from integral_superposition import merge
+    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.merge import evaluate as ev
+    from integral_superposition.sae import SparseAutoencoder, load_sae
+
+    root, _store = inf_store
+    params = {"fraction": 0.5, "top_n": 5, "chunk_tokens": 128, "sweep": False}
+    out = tmp_path / "merged"
+    # 1. a store row
+    with pytest.raises(NonFiniteActivationsError, match=WHERE):
+        merge.run_merge(str(root / "sae"), str(root / "acts"), str(out), params)
+    assert not out.exists()
+
+    clean = torch.randn(600, 16, generator=torch.Generator().manual_seed(4))
+    write_activation_store(clean, str(tmp_path / "clean"), rows_per_shard=200, tokens_per_doc=20)
+    # 2. the SAE's weights
+    bad = SparseAutoencoder(16, 24, architecture="topk", top_k=4, seed=0)
+    good = load_sae(str(root / "sae"))
+    bad.load_state_dict(good.state_dict())
+    with torch.no_grad():
+        bad.W_dec[3, 2] = float("nan")
+    monkeypatch.setattr(
+        "integral_superposition.merge.pipeline.load_sae", lambda *a, **k: bad.eval()
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"SAE's weights hold NaN or inf values \(W_dec has 1, first at index \[3, 2\]\)",
+    ):
+        merge.run_merge(str(root / "sae"), str(tmp_path / "clean"), str(out), params)
+    assert not out.exists()
+    monkeypatch.undo()
+    # 3. the computation
+    real = ev.merge_with_labels
+
+    def diverging(*a, **k):
+        merged, medoids, dist, info = real(*a, **k)
+        with torch.no_grad():
+            merged.W_dec[0, 0] = float("inf")
+        return merged, medoids, dist, info
+
+    monkeypatch.setattr(ev, "merge_with_labels", diverging)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"merge computation produced NaN or inf values in the merged SAE \(W_dec",
+    ):
+        merge.run_merge(str(root / "sae"), str(tmp_path / "clean"), str(out), params)
+    assert not out.exists()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from integral_superposition import compute
+from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
 from integral_superposition.sae.metrics import LatentStats
 from integral_superposition.sae.model import SparseAutoencoder
 
@@ -134,9 +135,32 @@ class ArraySource:
             out[torch.from_numpy(sel)] = self._tensor(self.parts[int(i)][uniq])[
                 torch.from_numpy(inv)
             ]
+        self.check_finite(idx, out)
         return out
 
-    def iter_chunks(self, chunk_tokens: int, mask: np.ndarray | None = None, **_: Any):
+    def locate(self, row: int) -> str:
+        """``part, row`` of a global row, for error messages."""
+        i = int(np.searchsorted(self._starts, row, side="right")) - 1
+        name = self.uris[i] if len(self.uris) == len(self.parts) else f"part {i}"
+        return f"{name} row {row - int(self._starts[i])} (row {row})"
+
+    def check_finite(self, rows: np.ndarray, x: torch.Tensor) -> None:
+        """:class:`NonFiniteActivationsError` naming the part and row of the first NaN/inf."""
+        bad = first_non_finite(x)
+        if bad is not None:
+            r, c = bad
+            raise NonFiniteActivationsError(
+                f"activations contain NaN or inf values: first at {self.locate(int(rows[r]))} "
+                f"(value {float(x[r, c])} in column {c})"
+            )
+
+    def iter_chunks(
+        self,
+        chunk_tokens: int,
+        mask: np.ndarray | None = None,
+        check_finite: bool = True,
+        **_: Any,
+    ):
         for a in range(0, self.n_tokens, chunk_tokens):
             b = min(self.n_tokens, a + chunk_tokens)
             rows = np.arange(a, b)
@@ -146,6 +170,8 @@ class ArraySource:
                 if not keep.any():
                     continue
                 x, rows = x[torch.from_numpy(keep)], rows[keep]
+            if check_finite:
+                self.check_finite(rows, x)
             yield rows, x
 
 

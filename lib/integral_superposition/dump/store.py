@@ -36,6 +36,29 @@ from integral_superposition.dump.shards import (
 
 T = TypeVar("T")
 
+
+class NonFiniteActivationsError(ValueError):
+    """The activations hold NaN or inf values (the message names the shard and row)."""
+
+
+def first_non_finite(x: torch.Tensor) -> tuple[int, int] | None:
+    """``(row, column)`` of the first NaN/inf of ``x`` ``[n, d]``, or ``None``.
+
+    One reduction when everything is finite (a sum is NaN or inf whenever an element is;
+    only then, or when a finite sum overflows, is the element-wise test run).
+    """
+    if x.numel() == 0:
+        return None
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    if bool(torch.isfinite(x.sum(dtype=acc))):
+        return None
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return None
+    r, c = bad.nonzero()[0].tolist()
+    return int(r), int(c)
+
+
 VERIFY_MODES = ("first-read", "off")
 """``ActivationStore(verify=...)``: hash every file on its first read, or not at all."""
 
@@ -195,6 +218,32 @@ class ActivationStore:
             )
         return name
 
+    def locate(self, row: int) -> str:
+        """``shard file, row`` of a global store row, for error messages."""
+        i = int(np.searchsorted(self._starts, row, side="right")) - 1
+        if 0 <= i < len(self.shards) and 0 <= row < self.n_tokens:
+            sh = self.shards[i]
+            return (
+                f"shard {storage.join(sh.root, sh.tensors)} row {row - sh.offset} (store row {row})"
+            )
+        return f"store row {row}"
+
+    def check_finite(
+        self, rows: np.ndarray, x: torch.Tensor, hook_point: str | None = None
+    ) -> None:
+        """Raise :class:`NonFiniteActivationsError` naming the shard and row when the
+        activations ``x`` ``[n, d]`` read for store rows ``rows`` ``[n]`` hold NaN or inf."""
+        bad = first_non_finite(x)
+        if bad is None:
+            return
+        r, c = bad
+        raise NonFiniteActivationsError(
+            f"activations at hook point {hook_point or self.hook_point!r} contain NaN or inf "
+            f"values: first at {self.locate(int(rows[r]))} (value {float(x[r, c])} in column "
+            f"{c}); the dump that wrote this store produced them: fix the model or the data "
+            "and dump again"
+        )
+
     # -- token metadata ---------------------------------------------------------------------
     def _read_file(self, store_index: int, name: str) -> bytes:
         """A (small) file of dump ``store_index``, checked against its manifest entry."""
@@ -350,9 +399,13 @@ class ActivationStore:
         return pieces
 
     def gather(
-        self, indices: np.ndarray | Sequence[int], hook_point: str | None = None
+        self,
+        indices: np.ndarray | Sequence[int],
+        hook_point: str | None = None,
+        check_finite: bool = True,
     ) -> torch.Tensor:
-        """Rows at ``indices`` (any order) as ``[len(indices), d_model]``."""
+        """Rows at ``indices`` (any order) as ``[len(indices), d_model]``; NaN/inf values raise
+        :class:`NonFiniteActivationsError` unless ``check_finite=False``."""
         name = self._check_hook(hook_point or self.hook_point)
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_tokens):
@@ -364,6 +417,8 @@ class ActivationStore:
             out[torch.from_numpy(sel)] = self._reader(int(i)).read_rows(
                 name, idx[sel] - self.shards[i].offset
             )
+        if check_finite:
+            self.check_finite(idx, out, name)
         return out
 
     def iter_chunks(
@@ -373,10 +428,13 @@ class ActivationStore:
         mask: np.ndarray | None = None,
         dtype: torch.dtype | None = torch.float32,
         prefetch: int = 0,
+        check_finite: bool = True,
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Sequential ``(row ids [n], activations [n, d])`` chunks, optionally only rows in ``mask``;
         ``dtype=None`` keeps the storage dtype (no conversion on the host). ``prefetch > 0``
-        reads up to that many chunks ahead in a background thread (while a device computes)."""
+        reads up to that many chunks ahead in a background thread (while a device computes).
+        A chunk with NaN/inf values raises :class:`NonFiniteActivationsError` naming the
+        shard and row (one reduction per chunk) unless ``check_finite=False``."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number")
         name = self._check_hook(hook_point or self.hook_point)
@@ -392,7 +450,11 @@ class ActivationStore:
                     x, rows = self.read(a, b, name)[torch.from_numpy(keep)], rows[keep]
                 else:
                     x = self.read(a, b, name)
-                yield rows, x if dtype is None else x.to(dtype)
+                if dtype is not None:
+                    x = x.to(dtype)
+                if check_finite:
+                    self.check_finite(rows, x, name)
+                yield rows, x
 
         if prefetch > 0:
             yield from read_ahead(chunks, prefetch)

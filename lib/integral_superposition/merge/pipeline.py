@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 
 from integral_superposition.merge import evaluate as ev
@@ -49,6 +50,34 @@ def _json_safe(d: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_CORE_METRICS = ("fvu", "explained_variance", "l0", "mse")
+"""Metrics that are finite whenever their inputs are (CE/KL are NaN without a backend)."""
+
+
+def _first_non_finite(sae) -> tuple[str, tuple[int, ...], int] | None:
+    """``(tensor name, index of its first NaN/inf, count)`` of an SAE's weights, or None."""
+    for name, t in sae.state_dict().items():
+        if t.is_floating_point():
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                return name, tuple(bad.nonzero()[0].tolist()), int(bad.sum())
+    return None
+
+
+def _check_computation(table: pd.DataFrame, what: str) -> None:
+    """``FloatingPointError`` when a core metric of ``table`` is NaN or inf."""
+    for col in [c for c in _CORE_METRICS if c in table.columns]:
+        vals = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(vals))
+        if bad.size:
+            row = table.iloc[int(bad[0])]
+            who = ", ".join(f"{k}={row[k]}" for k in ("sae", "k_prime", "partition") if k in row)
+            raise FloatingPointError(
+                f"the merge computation produced {col}={vals[bad[0]]} in the {what} ({who}), "
+                "although the store's activations and the SAE's weights are finite"
+            )
+
+
 def run_merge(
     sae_uri: str,
     store_uri: str | list[str],
@@ -63,7 +92,9 @@ def run_merge(
     publish the merged SAE at ``out_uri`` and return its manifest.
 
     ``backend`` (optional) enables the spliced CE / KL metrics. Every argument is checked
-    before anything is written; the manifest is written last.
+    before anything is written; the manifest is written last. NaN or inf stops the merge
+    with where it came from: a store row (``NonFiniteActivationsError`` naming the shard
+    and row), the SAE's weights (``ValueError``) or the computation (``FloatingPointError``).
     """
     from integral_superposition.dump.store import ActivationStore
 
@@ -73,6 +104,12 @@ def run_merge(
     sae = load_sae(sae_uri, storage_options=storage_options).eval()
     if sae.is_merged:
         raise ValueError(f"sae_uri={sae_uri!r} holds a merged SAE: merge the original SAE instead")
+    bad = _first_non_finite(sae)
+    if bad is not None:
+        raise ValueError(
+            f"sae_uri={sae_uri!r}: the SAE's weights hold NaN or inf values ({bad[0]} has "
+            f"{bad[2]}, first at index {list(bad[1])}); merge an SAE with finite weights"
+        )
     store = ActivationStore(store_uri, storage_options)
     if store.d_model != sae.d_in:
         raise ValueError(
@@ -99,6 +136,14 @@ def run_merge(
     merged, medoids, dist, refit_info = ev.merge_with_labels(
         sae, labels, sim, params, store=store, stats=stats
     )
+    bad = _first_non_finite(merged)
+    if bad is not None:
+        raise FloatingPointError(
+            f"the merge computation produced NaN or inf values in the merged SAE ({bad[0]} has "
+            f"{bad[2]}, first at index {list(bad[1])}), although the store's activations and "
+            f"the SAE's weights are finite (refit={params.refit}, "
+            f"ridge_lambda={params.ridge_lambda}: a larger ridge_lambda steadies the refit)"
+        )
     tick()
     reference = ev.reference_metrics(sae, store, params, backend=backend)
     tick()
@@ -116,6 +161,7 @@ def run_merge(
             stats=stats,
             reference=reference,
         )
+        _check_computation(sweep_table, "sweep")
         files["merge_sweep.parquet"] = _parquet(sweep_table)
         files["merge_sweep.png"] = _figure(fig, "png")
         files["merge_sweep.svg"] = _figure(fig, "svg")
@@ -140,6 +186,7 @@ def run_merge(
         extra = {**refit_info, "mean_distance_to_medoid": float(dist.mean())}
         for key, value in extra.items():
             eval_table.loc[eval_table["sae"] == "merged", key] = value
+    _check_computation(eval_table, "evaluation")
     files["merge_map.parquet"] = _parquet(merge_map_table(labels, medoids, dist))
     files["merge_eval.parquet"] = _parquet(eval_table)
     sweep_records = (

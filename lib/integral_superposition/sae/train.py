@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from integral_superposition import storage
 from integral_superposition.config import SAEConfig
+from integral_superposition.dump.store import NonFiniteActivationsError
 from integral_superposition.sae.load import save_sae
 from integral_superposition.sae.model import SparseAutoencoder
 
@@ -53,10 +54,6 @@ _STREAM_FIELDS = ("batch_size", "seed", "epochs", "train_tokens", "test_fraction
 _STREAM_FIELDS_STORE = (*_STREAM_FIELDS, "shuffle_buffer_tokens")
 _INIT_TOKENS = 16384
 _BLOCK_TOKENS = 4096
-
-
-class NonFiniteActivationsError(ValueError):
-    """The activations hold NaN or inf values (the message names the shard and row)."""
 
 
 @dataclass
@@ -162,10 +159,7 @@ class _StoreSource:
 
     def locate(self, row: int) -> str:
         """``shard file, row`` of a global store row, for error messages."""
-        for sh in self.store.shards:
-            if sh.offset <= row < sh.offset + sh.n_tokens:
-                return f"shard {storage.join(sh.root, sh.tensors)} row {row - sh.offset} (store row {row})"
-        return f"store row {row}"
+        return self.store.locate(row)
 
     def check_finite(self) -> None:
         """Fail before training when a hook point's norm statistics show NaN/inf values."""
@@ -174,13 +168,8 @@ class _StoreSource:
             vals = [ns.get(k) for k in ("mean", "max", "min")]
             if all(v is not None and math.isfinite(v) for v in vals):
                 continue
-            for rows, x in self.store.iter_chunks(1 << 16, hook_point=h):
-                bad = ~torch.isfinite(x).all(dim=1)
-                if bad.any():
-                    r = int(rows[int(bad.nonzero()[0])])
-                    raise NonFiniteActivationsError(
-                        f"activations at hook point {h!r} contain NaN or inf values: first at {self.locate(r)}"
-                    )
+            for _ in self.store.iter_chunks(1 << 16, hook_point=h, dtype=None):
+                pass  # the store raises NonFiniteActivationsError at the first bad row
 
     def sample(self, n: int) -> dict[str, torch.Tensor]:
         """Up to ``n`` evenly spaced training rows per hook point, float32 ``[n, d]``."""
