@@ -87,6 +87,19 @@ class RunLocation(BaseModel):
         return storage.join(self.storage, self.experiment, self.run)
 
     def uri(self, *parts: str) -> str:
+        """A location inside the run root; a part that would leave it (absolute, a URI,
+        ``..``) is refused, so no step writes outside ``{storage}/{experiment}/{run}``."""
+        for part in parts:
+            pieces = str(part).replace("\\", "/").split("/")
+            if (
+                not str(part)
+                or "://" in str(part)
+                or str(part).startswith(("/", "~"))
+                or any(p in ("", ".", "..") for p in pieces)
+            ):
+                raise ValueError(
+                    f"{part!r}: expected a relative path inside the run root {self.root!r}"
+                )
         return storage.join(self.root, *parts)
 
     def cache_identity(self) -> dict[str, str]:

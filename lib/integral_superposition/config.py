@@ -6,7 +6,9 @@ and the CLI help.
 
 from __future__ import annotations
 
-from typing import Literal
+import itertools
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -150,8 +152,55 @@ class SAEConfig(_Config):
         return self.k
 
 
+RUN_ROOT_RESERVED = frozenset(
+    {
+        "config.yaml",
+        "run.json",
+        ".lease.json",
+        ".prefect-results",
+        "checkpoints",
+        "analysis",
+        "merge",
+        "steering",
+        "report",
+    }
+)
+"""Names under a run root that the pipeline itself uses; a ``Paths`` field may not take them."""
+
+
+def check_run_path(value: Any, field: str) -> str:
+    """A path under a run root: relative, ``/``-separated, no ``..``, no URI, no reserved name.
+
+    Output paths always resolve inside the run root, so a step can never write to (or
+    replace) a folder outside it.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{field}={value!r}: expected a relative path under the run root")
+    text = value.strip()
+    why = None
+    if "://" in text or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", text):
+        why = "a URI"
+    elif text.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:[\\/]", text):
+        why = "an absolute path"
+    elif "\\" in text:
+        why = "a path with backslashes"
+    else:
+        parts = text.rstrip("/").split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            why = "a path with empty, '.' or '..' components"
+        elif parts[0] in RUN_ROOT_RESERVED:
+            why = f"a path under {parts[0]!r}, which the run itself uses"
+    if why:
+        raise ValueError(
+            f"{field}={value!r}: is {why}; expected a relative path inside the run root "
+            "such as 'acts' or 'outputs/acts' (outputs never leave {storage}/{name}/{run})"
+        )
+    return text.rstrip("/")
+
+
 class Paths(_Config):
-    """Where a run's outputs go (any fsspec URI; relative paths resolve under the run root)."""
+    """Where a run's outputs go: relative paths under the run root ``{storage}/{name}/{run}``
+    (no absolute paths, URIs or ``..``: outputs never leave the run root)."""
 
     shards_dir: str = "acts"
     """Activation store directory."""
@@ -159,3 +208,24 @@ class Paths(_Config):
     """SAE directory (SAELens format)."""
     summary_csv: str = "results.csv"
     """Enrichment summary table (also written as Parquet next to it)."""
+
+    @field_validator("shards_dir", "sae_path", "summary_csv")
+    @classmethod
+    def _inside_run_root(cls, v: Any, info) -> str:
+        return check_run_path(v, f"paths.{info.field_name}")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Paths:
+        items = {
+            "shards_dir": self.shards_dir,
+            "sae_path": self.sae_path,
+            "summary_csv": self.summary_csv,
+        }
+        for a, b in itertools.combinations(items, 2):
+            pa, pb = items[a] + "/", items[b] + "/"
+            if pa.startswith(pb) or pb.startswith(pa):
+                raise ValueError(
+                    f"paths.{a}={items[a]!r} and paths.{b}={items[b]!r}: expected separate "
+                    "locations (neither inside the other), so one step never mixes with another"
+                )
+        return self

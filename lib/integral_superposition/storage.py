@@ -406,6 +406,26 @@ def read_manifest(
     return manifest
 
 
+def unpublish(dir_uri: str, kind: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove the manifest of an earlier ``kind`` output in ``dir_uri`` before it is rewritten
+    (readers must never see an old manifest next to new files). A manifest of another kind,
+    or one that is not ours, is refused: that folder is not this step's to replace."""
+    uri = join(dir_uri, MANIFEST_NAME)
+    if not exists(uri, storage_options):
+        return
+    try:
+        found = read_json(uri, storage_options)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict) or found.get("kind") != kind or "content_hash" not in found:
+        what = f"a {found.get('kind')!r} output" if isinstance(found, dict) else "a foreign file"
+        raise FileExistsError(
+            f"{dir_uri!r} holds {what} ({MANIFEST_NAME}), not an earlier {kind!r} output: "
+            "choose another folder (nothing was changed)"
+        )
+    remove(uri, storage_options)
+
+
 def verify_output(
     dir_uri: str, storage_options: Mapping[str, Any] | None = None, deep: bool = False
 ) -> bool:
@@ -432,12 +452,28 @@ def verify_output(
 
 
 def remove(
-    uri: str, storage_options: Mapping[str, Any] | None = None, recursive: bool = True
+    uri: str, storage_options: Mapping[str, Any] | None = None, recursive: bool = False
 ) -> None:
-    """Remove a file or directory if it exists."""
+    """Remove a file if it exists (a whole tree only with ``recursive=True``; the pipeline
+    removes the files it wrote by name and never asks for that)."""
     fs, path = get_fs(uri, storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def remove_empty_dir(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Remove a local directory if it is empty (object stores have no directories to remove).
+    True when it is gone."""
+    fs, path = get_fs(uri, storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        return not fs.exists(path)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def listdir(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:

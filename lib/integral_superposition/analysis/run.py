@@ -335,11 +335,8 @@ def run_analysis(
             raise ValueError(
                 f"clusters has shape {clusters.shape}: expected ({K},), one per latent"
             )
-    if storage.exists(storage.join(out_uri, storage.MANIFEST_NAME), storage_options):
-        # Readers must never see the old manifest next to new files.
-        storage.remove(
-            storage.join(out_uri, storage.MANIFEST_NAME), storage_options, recursive=False
-        )
+    # readers must never see the old manifest next to new files
+    storage.unpublish(out_uri, "analysis", storage_options)
 
     chunk = p.chunk_tokens or default_chunk_tokens(K)
     n_chunks = -(-store.n_tokens // chunk)

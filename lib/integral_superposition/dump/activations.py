@@ -279,18 +279,89 @@ def _plan(
     return _Plan(doc_ids, n_tok, n_kept, order, shards)
 
 
-def _listing(out_dir: str, storage_options) -> dict[str, int]:
-    """``{name: size}`` of the files directly under ``out_dir`` (empty if it does not exist)."""
+_OWN_NAME_RE = re.compile(
+    r"^(manifest\.json|docs\.parquet|shard-\d{5}\.(json|safetensors|parquet))$"
+)
+_OWN_TMP_RE = re.compile(
+    r"^\.tmp-(manifest\.json|docs\.parquet|shard-\d{5}\.(json|safetensors|parquet))-"
+)
+_PART_DIR_RE = re.compile(r"^part-\d{3}-of-\d{3}$")
+
+
+def _listing(out_dir: str, storage_options) -> tuple[dict[str, int], set[str]]:
+    """``({file name: size}, {directory name})`` directly under ``out_dir`` (empty if it
+    does not exist)."""
     fs, path = storage.get_fs(out_dir, storage_options)
     try:
         entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return {}
-    out = {}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}, set()
+    files: dict[str, int] = {}
+    dirs: set[str] = set()
     for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
         if e.get("type") == "file":
-            out[e["name"].rstrip("/").rsplit("/", 1)[-1]] = int(e.get("size") or 0)
-    return out
+            files[name] = int(e.get("size") or 0)
+        elif e.get("type") == "directory" and name:
+            dirs.add(name)
+    return files, dirs
+
+
+def _own_listing(out_dir: str, storage_options, part_dirs: Sequence[str] = ()) -> dict[str, int]:
+    """The files under ``out_dir``, after checking that every entry is one a dump writes.
+
+    A folder holding anything else (a user's files, another kind of output) is refused
+    before anything is written or removed: a dump never mixes with data it did not write.
+    """
+    if storage.is_local(out_dir):
+        _, path = storage.get_fs(out_dir, storage_options)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise FileExistsError(f"out_dir={out_dir!r} is a file: expected a directory")
+    files, dirs = _listing(out_dir, storage_options)
+    foreign = sorted(n for n in files if not (_OWN_NAME_RE.match(n) or _OWN_TMP_RE.match(n)))
+    foreign += sorted(f"{d}/" for d in dirs if not (_PART_DIR_RE.match(d) or d in part_dirs))
+    if not foreign and storage.MANIFEST_NAME in files:
+        try:
+            m = storage.read_manifest(out_dir, storage_options)
+        except ValueError:
+            m = {}
+        if m.get("kind") != "activations" or "identity" not in m:
+            foreign = [f"{storage.MANIFEST_NAME} of a {m.get('kind')!r} output"]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
+        raise FileExistsError(
+            f"out_dir={out_dir!r} holds files an activation dump did not write ({shown}); "
+            "choose a new or empty directory (nothing was changed)"
+        )
+    return files
+
+
+def _remove_named(out_dir: str, names, storage_options) -> None:
+    """Remove files of a dump by name (never a folder, never a name a dump does not write)."""
+    for name in names:
+        base = name.split("/")[-1]
+        head = name[: -len(base)].rstrip("/")
+        if not (_OWN_NAME_RE.match(base) or _OWN_TMP_RE.match(base)) or (
+            head and not _PART_DIR_RE.match(head)
+        ):
+            continue
+        uri = storage.join(out_dir, *name.split("/"))
+        if storage.exists(uri, storage_options):
+            storage.remove(uri, storage_options, recursive=False)
+
+
+def _unpublish(out_dir: str, manifest: Mapping[str, Any], storage_options) -> None:
+    """Remove an earlier dump of ours from ``out_dir``: its manifest first (readers stop
+    trusting it), then the files it lists and its parts' files, each by name."""
+    _remove_named(out_dir, [storage.MANIFEST_NAME], storage_options)
+    _remove_named(out_dir, list(manifest.get("files") or {}), storage_options)
+    for rel in manifest.get("parts") or []:
+        if isinstance(rel, str) and _PART_DIR_RE.match(rel):
+            part = storage.join(out_dir, rel)
+            files, _ = _listing(part, storage_options)
+            _remove_named(part, sorted(files), storage_options)
 
 
 def _intact(
@@ -334,8 +405,11 @@ def dump_layer_activations(
 
     Rerunning the same dump into the same ``out_dir`` resumes it (only missing or damaged
     shards are computed) or, when it is complete, returns it; what it keeps is verified first
-    (sizes and SHA-256 against the shard records and the manifest). ``out_dir`` holding a *different* dump is an
-    error unless ``overwrite=True``. Every input is checked before anything is written.
+    (sizes and SHA-256 against the shard records and the manifest). ``out_dir`` holding a
+    *different* dump is an error unless ``overwrite=True``, which replaces an earlier dump of
+    ours there, file by file (its manifest, then the files it lists); it never removes the
+    folder or a file a dump did not write, and a folder holding anything else is refused.
+    Every input is checked before anything is written.
     Returns the published :class:`ActivationStore`.
     """
     _check_inputs(df, text_col, label_col, backend, cfg, out_dir, partition)
@@ -399,7 +473,7 @@ def dump_layer_activations(
     ]
 
     # -- what is already there ---------------------------------------------------------------
-    listing = _listing(out_dir, storage_options)
+    listing = _own_listing(out_dir, storage_options)
     if storage.MANIFEST_NAME in listing:
         existing = storage.read_manifest(out_dir, storage_options)
         if existing.get("identity") == identity:
@@ -408,18 +482,20 @@ def dump_layer_activations(
                 return ActivationStore(out_dir, storage_options)
             log.warning("dump at %s is damaged; recomputing its damaged shards", out_dir)
             # same dump, damaged: unpublish it, then recompute what is missing
-            storage.remove(storage.join(out_dir, storage.MANIFEST_NAME), storage_options)
+            _remove_named(out_dir, [storage.MANIFEST_NAME], storage_options)
             listing.pop(storage.MANIFEST_NAME)
         elif not overwrite:
             raise FileExistsError(
                 f"out_dir={out_dir!r} already holds a different dump; pass overwrite=True or choose another directory"
             )
         else:
-            storage.remove(out_dir, storage_options)
-            listing = {}
-    for name in [n for n in listing if n.startswith(".tmp-")]:
-        # a temporary file of a write that a crash interrupted: never published, never read
-        storage.remove(storage.join(out_dir, name), storage_options)
+            # overwrite replaces our own earlier dump, file by file; nothing else is touched
+            _unpublish(out_dir, existing, storage_options)
+            listing = _own_listing(out_dir, storage_options)
+    tmp = [n for n in listing if _OWN_TMP_RE.match(n)]
+    # temporary files of writes that a crash interrupted: never published, never read
+    _remove_named(out_dir, tmp, storage_options)
+    for name in tmp:
         listing.pop(name)
     records: list[dict[str, Any] | None] = [None] * len(plan.shards)
     foreign = []
@@ -428,7 +504,10 @@ def dump_layer_activations(
         if not m:
             continue
         s = int(m.group(1))
-        rec = storage.read_json(storage.join(out_dir, name), storage_options)
+        try:
+            rec = storage.read_json(storage.join(out_dir, name), storage_options)
+        except ValueError:
+            rec = {}
         if s >= len(plan.shards) or rec.get("shard_id") != shard_ids[s]:
             foreign.append(name)
         elif _intact(out_dir, rec["files"], listing, storage_options):
@@ -440,8 +519,13 @@ def dump_layer_activations(
             raise FileExistsError(
                 f"out_dir={out_dir!r} holds shards of a different dump ({foreign[0]}); pass overwrite=True or choose another directory"
             )
-        storage.remove(out_dir, storage_options)
-        records = [None] * len(plan.shards)
+        # shards of an earlier dump of ours: removed by name, shard by shard
+        stems = [n.removesuffix(".json") for n in foreign]
+        _remove_named(
+            out_dir,
+            [f"{st}.{ext}" for st in stems for ext in ("json", "safetensors", "parquet")],
+            storage_options,
+        )
 
     # -- compute the missing shards ----------------------------------------------------------
     todo = [s for s, r in enumerate(records) if r is None]
@@ -675,6 +759,9 @@ def combine_dumps(
         rels.append(p[len(prefix) :].replace(os.sep, "/"))
     if len(set(rels)) != len(rels):
         raise ValueError(f"part_dirs={part_dirs!r}: a partition is listed twice")
+    if any(part in ("", ".", "..") for rel in rels for part in rel.split("/")):
+        raise ValueError(f"part_dirs={part_dirs!r}: expected plain sub-directories (no '..')")
+    _own_listing(out_dir, storage_options, {rel.split("/")[0] for rel in rels})
     manifests = [storage.read_manifest(p, storage_options, kind="activations") for p in part_dirs]
     first = manifests[0]
     for p, m in zip(part_dirs, manifests, strict=True):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -556,12 +557,30 @@ class _Trainee:
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+_STEP_DIR_RE = re.compile(r"^step-\d{9}$")
+_STEP_FILE_RE = re.compile(r"^(\.tmp-)?(state\.json|rng\.safetensors|sae-\d{2}\.safetensors)")
+
+
 class _Checkpoints:
-    """Atomic step directories under ``uri`` with ``latest.json`` published last."""
+    """Atomic step directories under ``uri`` with ``latest.json`` published last.
+
+    Only files a checkpoint writes are ever removed, by name: a step directory's files
+    (``step-NNNNNNNNN/{state.json, rng.safetensors, sae-NN.safetensors}``) and ``latest.json``;
+    folders (step directories and ``uri``) are removed only when nothing else is left in them.
+    """
 
     def __init__(self, uri: str, storage_options=None):
         self.uri = str(uri).rstrip("/")
         self.so = storage_options
+
+    def _remove_step(self, name: str) -> None:
+        if not _STEP_DIR_RE.match(str(name)):
+            return  # not a name we write (e.g. a tampered latest.json): leave it alone
+        d = storage.join(self.uri, name)
+        for f in storage.listdir(d, self.so):
+            if _STEP_FILE_RE.match(f):
+                storage.remove(storage.join(d, f), self.so)
+        storage.remove_empty_dir(d, self.so)
 
     def latest(self) -> dict[str, Any] | None:
         p = storage.join(self.uri, "latest.json")
@@ -597,7 +616,7 @@ class _Checkpoints:
             storage.join(self.uri, "latest.json"), {"step": step, "dir": name}, self.so
         )
         if previous and previous.get("dir") != name:
-            storage.remove(storage.join(self.uri, previous["dir"]), self.so)
+            self._remove_step(str(previous.get("dir")))
 
     def read(
         self,
@@ -615,7 +634,11 @@ class _Checkpoints:
         return state, tensors, rng
 
     def remove(self) -> None:
-        storage.remove(self.uri, self.so)
+        # latest.json first: a crash half-way leaves no pointer to a half-removed step
+        storage.remove(storage.join(self.uri, "latest.json"), self.so)
+        for name in storage.listdir(self.uri, self.so):
+            self._remove_step(name)
+        storage.remove_empty_dir(self.uri, self.so)  # only when nothing else is left in it
 
 
 def _fingerprint(cfgs: list[SAEConfig], source_desc: dict[str, Any], extra: dict[str, Any]) -> dict:

@@ -912,10 +912,7 @@ def run_steering_eval(
         *[u.rstrip("/") for u in store.uris],
     }:
         raise ValueError(f"out_uri={out_uri!r} is an input folder: expected a new location")
-    if storage.exists(storage.join(out_uri, storage.MANIFEST_NAME), storage_options):
-        storage.remove(
-            storage.join(out_uri, storage.MANIFEST_NAME), storage_options, recursive=False
-        )
+    storage.unpublish(out_uri, "steering", storage_options)
 
     ev = evaluate_steering(backend, sae, store, p, on_progress=on_progress)
     written: dict[str, dict[str, Any]] = {}

@@ -27,6 +27,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import unicodedata
@@ -645,7 +646,8 @@ def write_dashboards(
     links: Sequence[tuple[str, str]] = (),
 ) -> dict[str, dict[str, Any]]:
     """Write ``index.html`` and ``latents/NNNNN.html`` (for ``latents``, default all) under
-    ``out_uri``, replacing what was there; returns ``{relative name: {size, sha256}}``."""
+    ``out_uri``, replacing earlier dashboards there; returns ``{relative name: {size, sha256}}``.
+    A folder holding any other file is refused (it is not ours to replace)."""
     K = data.n_latents
     pages = np.arange(K) if latents is None else np.unique(np.asarray(latents, dtype=np.int64))
     if pages.size and (pages.min() < 0 or pages.max() >= K):
@@ -663,6 +665,25 @@ def write_dashboards(
     return _publish_folder(out_uri, files, storage_options)
 
 
+_DASHBOARD_FILE_RE = re.compile(r"^(index\.html|latents/\d{5,}\.html)$")
+
+
+def _check_dashboards_folder(out_uri: str, fs, path: str) -> None:
+    """Refuse to replace a folder that holds anything but dashboard pages."""
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise FileExistsError(f"out_uri={out_uri!r} is a file: expected a dashboards folder")
+    root = path.rstrip("/") + "/"
+    names = [p[len(root) :] if p.startswith(root) else p for p in fs.find(path)]
+    foreign = sorted(n for n in names if not _DASHBOARD_FILE_RE.match(n.replace(os.sep, "/")))
+    if foreign:
+        raise FileExistsError(
+            f"out_uri={out_uri!r} holds files that are not dashboard pages ({', '.join(foreign[:3])}); "
+            "choose a new folder (nothing was changed)"
+        )
+
+
 def _publish_folder(
     out_uri: str, files: Mapping[str, bytes], storage_options
 ) -> dict[str, dict[str, Any]]:
@@ -670,6 +691,7 @@ def _publish_folder(
     step (local: rename; object stores: one recursive upload)."""
     entries = {name: storage.file_entry("", data) for name, data in files.items()}
     fs, path = storage.get_fs(out_uri, storage_options)
+    _check_dashboards_folder(out_uri, fs, path)
     local = storage.is_local(out_uri)
     parent = os.path.dirname(os.path.abspath(path)) if local else None
     if local:
