@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,157 @@ def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tm
     assert index["flow_run_id"] == str(flow_run.id)
     dump = [s for s in index["steps"] if s["step"] == "dump"]
     assert dump[0]["output"]["summary"]["partitions"] == 2
+
+
+class _KubernetesJob:
+    """The Kubernetes worker's job configuration, rendered by Prefect's own templating
+    (``BaseJobConfiguration.from_template_and_values``) from a pool's base job template and a
+    deployment's job variables."""
+
+    @staticmethod
+    def render(base_job_template: dict, job_variables: dict) -> dict:
+        import asyncio
+        from typing import Any
+
+        from prefect.workers.base import BaseJobConfiguration
+
+        class KubernetesJobConfiguration(BaseJobConfiguration):
+            job_manifest: dict[str, Any]
+            namespace: str | None = None
+            pod_watch_timeout_seconds: int | None = None
+            job_watch_timeout_seconds: int | None = None
+            stream_output: bool | None = None
+
+        cfg = asyncio.run(
+            KubernetesJobConfiguration.from_template_and_values(base_job_template, job_variables)
+        )
+        return cfg.model_dump()
+
+
+def test_kubernetes_template_takes_secrets_service_account_registry_and_pull_secrets(
+    prefect_api,
+):
+    """A pool made from the template accepts a deployment whose pods get S3 credentials from
+    a Secret (envFrom) or an IRSA service account, pull a qualified, versioned image with a
+    pull secret, and wait 600 s for the pod; a wrong type is refused by the server."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    path = REPO / "deployments" / "kubernetes-gpu-job-template.json"
+    pool = "isup-k8s-render"
+    proc = prefect_cli(
+        ["work-pool", "create", pool, "--type", "kubernetes", "--base-job-template", str(path),
+         "--overwrite"],
+        prefect_api,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_variables = {
+        "image_registry": "123456789012.dkr.ecr.us-east-1.amazonaws.com/isup",
+        "image_tag": "0.2.0-cu128",
+        "image_pull_secrets": [{"name": "regcred"}],
+        "env_from": [{"secretRef": {"name": "isup-s3"}}, {"configMapRef": {"name": "isup-env"}}],
+        "service_account_name": "isup-runner",
+        "env": {"HF_HUB_OFFLINE": "1"},
+    }
+
+    @flow(name="isup-render-probe")
+    def probe() -> None:
+        return None
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(probe)
+        dep_id = client.create_deployment(
+            flow_id=flow_id, name="render", work_pool_name=pool, job_variables=job_variables
+        )
+        deployment = client.read_deployment(dep_id)
+        template = client.read_work_pool(pool).base_job_template
+        # the control: the server validates job variables against the template
+        with pytest.raises(PrefectHTTPStatusError, match="422"):
+            client.create_deployment(
+                flow_id=flow_id, name="render-bad", work_pool_name=pool,
+                job_variables={**job_variables, "env_from": {"secretRef": "isup-s3"}},
+            )  # fmt: skip
+    assert deployment.job_variables == job_variables
+
+    rendered = _KubernetesJob.render(template, deployment.job_variables)
+    pod = rendered["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == (
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com/isup/integral-superposition-worker:0.2.0-cu128"
+    )
+    assert container["envFrom"] == job_variables["env_from"]
+    assert pod["serviceAccountName"] == "isup-runner"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert rendered["env"]["HF_HUB_OFFLINE"] == "1"
+    assert rendered["pod_watch_timeout_seconds"] == 600
+
+    # with only the registry set: the project's version as tag, no secrets, the namespace's
+    # default service account
+    bare = _KubernetesJob.render(template, {"image_registry": "ghcr.io/acme"})
+    pod = bare["job_manifest"]["spec"]["template"]["spec"]
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert pod["containers"][0]["image"] == f"ghcr.io/acme/integral-superposition-worker:{version}"
+    assert pod["containers"][0]["envFrom"] == [] and pod["imagePullSecrets"] == []
+    assert "serviceAccountName" not in pod
+
+
+def _registry_reachable(index: str) -> str | None:
+    """None when the package index answers, else why not."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{index}/pip/", timeout=15) as r:
+            r.read(1)
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.registry
+def test_worker_image_requirements_resolve_against_the_base_images_torch(tmp_path):
+    """pip resolves the image's requirements (the project with the extras the Dockerfile
+    installs) under deployments/worker-constraints.txt, for the base image's Python and
+    platform, without installing anything: torch stays the base image's version."""
+    import re
+
+    index = "https://pypi.org/simple"
+    why = _registry_reachable(index)
+    if why is not None:
+        pytest.skip(f"the package index {index} is unreachable ({why})")
+    dockerfile = (REPO / "deployments" / "Dockerfile").read_text()
+    (base_torch,) = re.findall(r"^FROM pytorch/pytorch:([0-9.]+)-cuda", dockerfile, re.M)
+    constraints = REPO / "deployments" / "worker-constraints.txt"
+    pins = re.findall(r"^torch==([0-9.]+)$", constraints.read_text(), re.M)
+    assert pins == [base_torch], (pins, base_torch)
+    (extras,) = re.findall(
+        r'pip install -c deployments/worker-constraints.txt -e "\.\[([a-z0-9,]+)\]"', dockerfile
+    )
+    assert "hf" in extras.split(",") and "s3" in extras.split(",")
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in extras.split(","):
+        reqs += project["optional-dependencies"][extra]
+    platforms = [f"manylinux_2_{v}_x86_64" for v in (28, 27, 26, 25, 24, 17, 12, 5)]
+    report = tmp_path / "report.json"
+    cmd = [
+        sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed",
+        "--quiet", "--index-url", index, "--use-feature=fast-deps",
+        "--report", str(report), "-c", str(constraints),
+        "--python-version", "3.11", "--only-binary=:all:",
+        *[a for p in [*platforms, "manylinux2014_x86_64", "linux_x86_64"] for a in ("--platform", p)],
+        *reqs,
+    ]  # fmt: skip
+    if os.environ.get("PIP_CERT"):
+        cmd += ["--cert", os.environ["PIP_CERT"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    resolved = {
+        i["metadata"]["name"].lower(): i["metadata"]["version"]
+        for i in json.loads(report.read_text())["install"]
+    }
+    assert resolved["torch"] == base_torch, resolved.get("torch")
+    for name in ("transformers", "accelerate", "datasets", "s3fs", "prefect"):
+        assert name in resolved, name
