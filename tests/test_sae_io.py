@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -21,7 +22,6 @@ from integral_superposition.sae import (
     save_sae,
 )
 from integral_superposition.sae.train import train_saes
-from safetensors.torch import save_file
 
 D = 24
 
@@ -155,27 +155,75 @@ def test_legacy_file_with_objects_is_refused(tmp_path):
         load_sae(str(path))
 
 
-def test_sparsify_folder(tmp_path):
-    g = torch.Generator().manual_seed(1)
-    d_sae, k = 32, 4
-    t = {
-        "encoder.weight": torch.randn(d_sae, D, generator=g),
-        "encoder.bias": torch.randn(d_sae, generator=g),
-        "W_dec": torch.randn(d_sae, D, generator=g),
-        "b_dec": torch.randn(D, generator=g),
-    }
-    folder = tmp_path / "layers.6"
-    folder.mkdir()
-    save_file(t, str(folder / "sae.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({"k": k, "num_latents": d_sae, "d_in": D}))
-    sae = load_sae(str(folder))
-    assert sae.architecture == "topk" and sae.top_k == k
-    x = torch.randn(6, D, generator=g)
-    pre = (x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"]  # sparsify's encoder
-    top = pre.topk(k, dim=-1)
-    expected = torch.relu(top.values).unsqueeze(-1).mul(t["W_dec"][top.indices]).sum(1) + t["b_dec"]
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"activation": "groupmax"},
+        {"skip_connection": True},
+        {"activation": "groupmax", "skip_connection": True},
+        {"multi_topk": True, "normalize_decoder": False},
+    ],
+    ids=["topk", "groupmax", "skip", "groupmax-skip", "multi_topk"],
+)
+def test_sparsify_folders_match_sparsify(tmp_path, options):
+    """Folders written by sparsify's own ``save_to_disk`` give sparsify's codes and outputs."""
+    sparsify = pytest.importorskip("sparsify")
+    coder = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=64, k=4, **options))
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        assert torch.allclose(sae.reconstruct(x), expected, atol=1e-4)
+        for p in coder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    coder.save_to_disk(tmp_path / "layers.6")
+    sae = load_sae(str(tmp_path / "layers.6"))
+    expected_arch = options.get("activation", "topk")
+    assert (sae.architecture, sae.top_k, sae.d_sae) == (expected_arch, 4, 64)
+    assert (sae.W_skip is not None) == options.get("skip_connection", False)
+    x = _x()
+    with torch.no_grad():
+        acts, idx, _ = coder.encode(x)
+        z = torch.zeros(x.shape[0], 64).scatter_(-1, idx, acts)
+        # multi_topk is a training loss (its forward returns the 4k reconstruction)
+        expected = coder.decode(acts, idx)
+        if coder.W_skip is not None:
+            expected = expected + x @ coder.W_skip.mT
+            assert float((x @ coder.W_skip.mT).abs().max()) > 1.0  # the skip term matters
+        if not options.get("multi_topk"):
+            assert torch.allclose(coder(x).sae_out, expected, atol=1e-5)
+        assert torch.equal(sae.encode(x) > 0, z > 0)
+        assert float((sae.encode(x) - z).abs().max()) <= 1e-5 * float(z.abs().max())
+        assert float((sae.reconstruct(x) - expected).abs().max()) <= 1e-5 * float(
+            expected.abs().max()
+        )
+        out = sae.eval()(x)  # the training forward computes the same reconstruction
+        assert torch.allclose(out.x_hat, expected, atol=1e-4)
+        with (
+            pytest.raises(ValueError, match="skip connection")
+            if sae.W_skip is not None
+            else contextlib.nullcontext()
+        ):
+            sae.decode(z)
+    # our own folder of it reads back the same; SAELens is told it cannot read it
+    if sae.architecture == "groupmax" or sae.W_skip is not None:
+        out = save_sae(sae, str(tmp_path / "ours"))
+        back = load_sae(out)
+        with torch.no_grad():
+            assert torch.equal(back.reconstruct(x), sae.reconstruct(x))
+        assert json.loads((tmp_path / "ours" / "cfg.json").read_text())["architecture"] == "isup"
+
+
+def test_sparsify_transcoder_and_unknown_keys_are_refused(tmp_path):
+    sparsify = pytest.importorskip("sparsify")
+    coder = sparsify.SparseCoder(D, sparsify.TranscoderConfig(num_latents=64, k=4))
+    coder.save_to_disk(tmp_path / "tc")
+    with pytest.raises(ValueError, match="transcode=True is a sparsify transcoder"):
+        load_sae(str(tmp_path / "tc"))
+    coder = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=64, k=4))
+    coder.save_to_disk(tmp_path / "future")
+    cfg = json.loads((tmp_path / "future" / "cfg.json").read_text())
+    (tmp_path / "future" / "cfg.json").write_text(json.dumps({**cfg, "signed": True}))
+    with pytest.raises(ValueError, match=r"\['signed'\] that load_sae does not understand"):
+        load_sae(str(tmp_path / "future"))
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):

@@ -277,8 +277,11 @@ class SparseEncoder:
         self.W = sae.W_enc.detach().to(dtype).contiguous()
         self.b_enc = sae.b_enc.detach().float()
         self.b_dec = sae.b_dec.detach().float()
-        # merged SAEs aggregate member codes: their latents only exist after a dense encode
-        self.dense_only = sae.merge_index is not None
+        # merged SAEs aggregate member codes: their latents only exist after a dense encode;
+        # groupmax ranks within groups and a skip connection decodes from x as well
+        self.dense_only = (
+            sae.merge_index is not None or sae.architecture == "groupmax" or sae.W_skip is not None
+        )
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - b_dec) @ W_enc + b_enc`` in float32 ``[B, d_pre]`` (matmul in ``self.dtype``)."""
@@ -293,7 +296,7 @@ class SparseEncoder:
         if self.dense_only:
             z = sae.encode(x.float()).float()
             t, j = (z > 0).nonzero(as_tuple=True)
-            x_hat = sae.decode(z).float() if reconstruct else None
+            x_hat = sae.decode(z, x.float()).float() if reconstruct else None
             return Codes(B, t, j, z[t, j], x_hat)
         pre = self.pre_activations(x)
         if sae.architecture == "topk":

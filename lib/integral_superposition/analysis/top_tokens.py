@@ -225,7 +225,7 @@ def _pair_activations(
     product per pair, ``P x d`` work instead of a full ``[n, K]`` encode; TopK (which ranks
     all latents of a row) and merged SAEs fall back to the full encode.
     """
-    if sae.architecture == "topk" or getattr(sae, "merge_index", None) is not None:
+    if sae.architecture in ("topk", "groupmax") or getattr(sae, "merge_index", None) is not None:
         return sae.encode(x)[rows, latents]
     out = torch.empty(rows.numel(), dtype=sae.W_enc.dtype, device=x.device)
     xc = x.to(sae.W_enc.dtype) - sae.b_dec

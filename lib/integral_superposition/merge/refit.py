@@ -268,6 +268,11 @@ def build_merged_sae(
         raise TypeError(f"sae: expected a SparseAutoencoder, got {type(sae).__name__}")
     if sae.is_merged:
         raise ValueError("sae is already merged: merge the original SAE with the composed labels")
+    if sae.W_skip is not None:
+        raise ValueError(
+            "sae has a skip connection (x_hat = z @ W_dec + b_dec + x @ W_skip.T): merging "
+            "refits only z @ W_dec + b_dec; expected an SAE without one"
+        )
     if mode not in MERGE_MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MERGE_MODES}")
     lab = check_labels(labels, sae.d_sae)

@@ -29,6 +29,9 @@ from integral_superposition.sae.model import SparseAutoencoder
 log = logging.getLogger(__name__)
 
 SAELENS_VERSION = "6.0.0"
+OURS_ONLY = "isup"
+"""``cfg.json`` ``architecture`` of an SAE SAELens cannot compute (groupmax, skip
+connection): SAELens refuses the folder; ``load_sae`` reads it from the ``isup`` block."""
 _SAELENS_ARCH = {
     "relu": "standard",
     "topk": "topk",
@@ -72,7 +75,11 @@ def saelens_config(
     meta.update(sae.metadata)
     meta.update(metadata or {})
     cfg: dict[str, Any] = {
-        "architecture": _SAELENS_ARCH[sae.architecture],
+        # SAELens has no groupmax and no SAE with a skip connection: name an architecture
+        # it refuses rather than one it would read with different math
+        "architecture": _SAELENS_ARCH.get(sae.architecture, OURS_ONLY)
+        if sae.W_skip is None
+        else OURS_ONLY,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": "float32",
@@ -83,6 +90,8 @@ def saelens_config(
         "metadata": meta,
         "isup": {**sae.config_dict(), "format": 1},
     }
+    if cfg["architecture"] == OURS_ONLY:
+        return cfg
     if sae.architecture == "topk":
         cfg["k"] = sae.top_k
         cfg["rescale_acts_by_decoder_norm"] = False
@@ -122,6 +131,8 @@ def save_sae(
         tensors["threshold"] = model.threshold.detach().float().cpu().contiguous()
     if model.merge_index is not None:
         tensors["merge_index"] = model.merge_index.detach().cpu().contiguous()
+    if model.W_skip is not None:
+        tensors["W_skip"] = model.W_skip.detach().float().cpu().contiguous()
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"refusing to save: {name} has NaN or inf values")
@@ -162,6 +173,9 @@ def _from_tensors(
     bandwidth: float = 0.001,
     merge_mode: str = "sum",
 ) -> SparseAutoencoder:
+    skip = tensors.get("W_skip")
+    if skip is not None and tuple(skip.shape) != (d_in, d_in):
+        raise ValueError(f"W_skip has shape {tuple(skip.shape)}, expected {(d_in, d_in)}")
     sae = SparseAutoencoder(
         d_in,
         d_sae,
@@ -171,8 +185,11 @@ def _from_tensors(
         seed=None,
         merge_index=tensors.get("merge_index"),
         merge_mode=merge_mode,
+        skip_connection=skip is not None,
     )
     with torch.no_grad():
+        if skip is not None:
+            sae.W_skip.copy_(skip.float())
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             t = tensors[name]
             expected = tuple(getattr(sae, name).shape)
@@ -221,7 +238,7 @@ SAELENS_TENSORS = {
 }
 ISUP_KEYS = frozenset(
     {"format", "d_model", "k", "architecture", "top_k", "jumprelu_bandwidth", "merge_mode",
-     "d_pre"}
+     "d_pre", "skip_connection"}
 )  # fmt: skip
 """Keys of the ``isup`` block that ``save_sae`` adds to ``cfg.json``."""
 _SAELENS_TO_OURS = {
@@ -382,10 +399,16 @@ def load_sae(
         tensors = st_load(
             storage.read_bytes(storage.join(path, "sae_weights.safetensors"), storage_options)
         )
-        if _saelens_version(cfg) is None:
-            cfg = _legacy_saelens_config(path, cfg)
-        arch, top_k, tensors = _saelens_tensors(path, cfg, tensors)
         ours = cfg.get("isup") or {}
+        if cfg.get("architecture") == OURS_ONLY and ours:
+            _refuse_unknown(path, "cfg.json", cfg, SAELENS_COMMON_KEYS | {"isup"})
+            known = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold", "merge_index", "W_skip"}
+            _refuse_unknown(path, "sae_weights.safetensors", tensors, known)
+            top_k = 32
+        else:
+            if _saelens_version(cfg) is None:
+                cfg = _legacy_saelens_config(path, cfg)
+            arch, top_k, tensors = _saelens_tensors(path, cfg, tensors)
         bw, merge_mode = 0.001, "sum"
         if ours:
             _refuse_unknown(path, "cfg.json's isup block", ours, ISUP_KEYS)
@@ -406,19 +429,64 @@ def load_sae(
     return sae.to(device) if device is not None else sae
 
 
+SPARSIFY_KEYS = frozenset(
+    {"d_in", "activation", "expansion_factor", "num_latents", "k", "normalize_decoder",
+     "multi_topk", "skip_connection", "transcode"}
+)  # fmt: skip
+"""sparsify ``SparseCoderConfig`` keys ``load_sae`` reads: ``activation`` (``topk`` or
+``groupmax``), ``k``, ``skip_connection`` (``W_skip``) and ``transcode`` (true is refused);
+``expansion_factor``/``num_latents`` are checked against the weights; ``normalize_decoder``
+and ``multi_topk`` act only in training."""
+
+
 def _load_sparsify(path: str, storage_options) -> SparseAutoencoder:
+    """A sparsify ``SparseCoder`` folder: ``(relu(x - b_dec) @ encoder.weight.T + bias)``,
+    top-k (or group max), decoded by ``W_dec`` plus ``b_dec`` (and ``x @ W_skip.T``)."""
     cfg = storage.read_json(storage.join(path, "cfg.json"), storage_options)
+    _refuse_unknown(path, "cfg.json (sparsify)", cfg, SPARSIFY_KEYS)
+    if cfg.get("transcode", False):
+        raise ValueError(
+            f"path={path!r}: transcode=True is a sparsify transcoder (it predicts a module's "
+            f"output from its input, and encodes x without subtracting b_dec); load_sae loads "
+            f"sparse autoencoders only, expected transcode=False"
+        )
+    activation = cfg.get("activation", "topk")
+    if activation not in ("topk", "groupmax"):
+        raise ValueError(f"path={path!r}: activation={activation!r}; expected 'topk' or 'groupmax'")
     t = st_load(storage.read_bytes(storage.join(path, "sae.safetensors"), storage_options))
+    known = {"encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip"}
+    _refuse_unknown(path, "sae.safetensors (sparsify)", t, known)
+    if "W_dec" not in t:
+        raise ValueError(f"path={path!r}: sae.safetensors has no W_dec (an encoder-only save)")
+    if bool(cfg.get("skip_connection", False)) != ("W_skip" in t):
+        raise ValueError(
+            f"path={path!r}: skip_connection={cfg.get('skip_connection', False)!r} but "
+            f"W_skip is {'present' if 'W_skip' in t else 'missing'} in sae.safetensors"
+        )
     w_enc = t["encoder.weight"]  # [d_sae, d_in]
     d_sae, d_in = w_enc.shape
+    if int(cfg.get("d_in", d_in)) != d_in:
+        raise ValueError(
+            f"path={path!r}: d_in={cfg['d_in']} but encoder.weight is {tuple(w_enc.shape)}"
+        )
+    expected = int(cfg.get("num_latents") or 0) or d_in * int(cfg.get("expansion_factor", 32))
+    if expected != d_sae:
+        raise ValueError(
+            f"path={path!r}: num_latents/expansion_factor give {expected} latents but "
+            f"encoder.weight has {d_sae}"
+        )
     tensors = {
         "W_enc": w_enc.T.contiguous(),
         "b_enc": t["encoder.bias"],
         "W_dec": t["W_dec"],
         "b_dec": t["b_dec"],
     }
+    if "W_skip" in t:
+        tensors["W_skip"] = t["W_skip"]  # [d_out, d_in]: x_hat += x @ W_skip.T
     k = int(cfg.get("k", 32))
-    return _from_tensors("topk", int(d_in), int(d_sae), k, tensors)
+    arch = "groupmax" if activation == "groupmax" else "topk"
+    sae = _from_tensors(arch, int(d_in), int(d_sae), k, tensors)
+    return sae
 
 
 def _load_legacy(path: str, device, storage_options) -> SparseAutoencoder:

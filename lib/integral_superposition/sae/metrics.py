@@ -153,7 +153,7 @@ def latent_stats(
     for _rows, x in store.iter_chunks(chunk_tokens, hook_point=hook_point, mask=mask):
         x = x.to(device)
         z = sae.encode(x)
-        stats.update(x, z, sae.decode(z))
+        stats.update(x, z, sae.decode(z, x))
     if stats.n_tokens == 0:
         raise ValueError("latent_stats: the selected token set is empty")
     return stats

@@ -15,7 +15,12 @@ Encoding (``x_in = x - b_dec``, ``pre = x_in @ W_enc + b_enc``):
   Rajamanoharan et al. (the gradient reaches only the threshold) or, optionally, Anthropic's
   tanh penalty with the jump's gradient also reaching the encoder.
 
-Decoding: ``z @ W_dec + b_dec``. TopK codes can be decoded by gathering only the active
+- ``groupmax`` (EleutherAI sparsify's): the latents form ``top_k`` contiguous groups of
+  ``d_sae / top_k``; each token keeps the largest ReLU-ed pre-activation of each group.
+  Loaded from sparsify folders; not trained here.
+
+Decoding: ``z @ W_dec + b_dec``, plus ``x @ W_skip.T`` for an SAE with a linear skip
+connection (``skip_connection=True``, sparsify's option; ``W_skip`` is ``[d_in, d_in]``). TopK codes can be decoded by gathering only the active
 rows (``decode_sparse``), which avoids the dense ``[B, d_sae] @ [d_sae, d_in]`` product.
 
 Merged SAEs (built by ``integral_superposition.merge``): an optional fixed ``merge_index``
@@ -35,6 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+"""The architectures the trainer trains."""
+LOADED_ARCHITECTURES = ("groupmax",)
+"""Architectures ``SparseAutoencoder`` computes but the trainer does not train."""
 SPARSE_MAX_DENSITY = {"cpu": 0.12}
 """A ``relu`` training batch runs on the sparse path while at most this fraction of its
 entries is active, per device type (``SPARSE_MAX_DENSITY_DEFAULT`` for the others). On the CPU the sparse step
@@ -186,14 +194,17 @@ class SparseAutoencoder(nn.Module):
         seed: int | None = 0,
         merge_index: torch.Tensor | None = None,
         merge_mode: str = "sum",
+        skip_connection: bool = False,
     ):
         super().__init__()
         if not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model={d_model!r}: expected a positive int")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k={k!r}: expected a positive int (the number of latents)")
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture={architecture!r}: expected one of {ARCHITECTURES}")
+        if architecture not in ARCHITECTURES + LOADED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture={architecture!r}: expected one of {ARCHITECTURES + LOADED_ARCHITECTURES}"
+            )
         if merge_mode not in MERGE_MODES:
             raise ValueError(f"merge_mode={merge_mode!r}: expected one of {MERGE_MODES}")
         if merge_index is not None:
@@ -208,8 +219,13 @@ class SparseAutoencoder(nn.Module):
                     f"merge_index: values must cover every merged latent 0..{k - 1} (k={k}); got range [{lo}, {hi}] with empty latents"
                 )
         d_pre = k if merge_index is None else int(merge_index.numel())
-        if architecture in ("topk", "batchtopk") and not 0 < top_k <= d_pre:
+        if architecture in ("topk", "batchtopk", "groupmax") and not 0 < top_k <= d_pre:
             raise ValueError(f"top_k={top_k}: expected 0 < top_k <= k={d_pre}")
+        if architecture == "groupmax" and d_pre % top_k:
+            raise ValueError(
+                f"top_k={top_k}: a groupmax SAE splits its k={d_pre} latents into top_k equal "
+                f"groups; expected a divisor of {d_pre}"
+            )
         self.d_in, self.d_sae = d_model, k
         self.architecture = architecture
         self.top_k = int(top_k)
@@ -243,6 +259,10 @@ class SparseAutoencoder(nn.Module):
             )
         else:
             self.register_buffer("threshold", torch.zeros(d_pre, device=device, dtype=dtype))
+        self.W_skip: nn.Parameter | None = None
+        """Linear skip connection ``[d_in, d_in]`` (``x_hat += x @ W_skip.T``), or None."""
+        if skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_model, d_model, device=device, dtype=dtype))
         self.merge_index: torch.Tensor | None
         if merge_index is not None:
             self.register_buffer("merge_index", merge_index.to(device))
@@ -279,7 +299,13 @@ class SparseAutoencoder(nn.Module):
         return _LinearView(self.W_enc.T, self.b_enc)
 
     def extra_repr(self) -> str:
-        extra = f", top_k={self.top_k}" if self.architecture in ("topk", "batchtopk") else ""
+        extra = (
+            f", top_k={self.top_k}"
+            if self.architecture in ("topk", "batchtopk", "groupmax")
+            else ""
+        )
+        if self.W_skip is not None:
+            extra += ", skip_connection=True"
         return f"d_in={self.d_in}, d_sae={self.d_sae}, architecture={self.architecture!r}{extra}"
 
     # -- encode / decode --------------------------------------------------------------------
@@ -302,8 +328,19 @@ class SparseAutoencoder(nn.Module):
         if self.merge_index is not None:
             top = self.encode(x).topk(min(self.top_k, self.d_sae), dim=-1, sorted=False)
             return top.values, top.indices
-        top = self.pre_activations(x).topk(self.top_k, dim=-1, sorted=False)
+        pre = self.pre_activations(x)
+        if self.architecture == "groupmax":
+            return self._groupmax(pre)
+        top = pre.topk(self.top_k, dim=-1, sorted=False)
         return F.relu(top.values), top.indices
+
+    def _groupmax(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The largest ReLU-ed pre-activation of each of ``top_k`` contiguous latent groups:
+        ``[..., d_pre] -> (values [..., top_k], indices [..., top_k])``."""
+        top = pre.unflatten(-1, (self.top_k, -1)).max(dim=-1)
+        size = pre.shape[-1] // self.top_k
+        offsets = torch.arange(0, pre.shape[-1], size, device=pre.device)
+        return F.relu(top.values), top.indices + offsets
 
     def merge_codes(self, z: torch.Tensor) -> torch.Tensor:
         """Aggregate original codes ``[..., d_pre]`` into merged latents ``[..., d_sae]``.
@@ -330,29 +367,47 @@ class SparseAutoencoder(nn.Module):
         elif self.architecture == "topk":
             top = pre.topk(self.top_k, dim=-1, sorted=False)
             z = torch.zeros_like(pre).scatter_(-1, top.indices, F.relu(top.values))
+        elif self.architecture == "groupmax":
+            values, indices = self._groupmax(pre)
+            z = torch.zeros_like(pre).scatter_(-1, indices, values)
         else:
             z = pre * (pre > self.threshold).to(pre.dtype)
         return self.merge_codes(z)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """``z @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]``."""
-        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+    def skip(self, x: torch.Tensor | None) -> torch.Tensor | float:
+        """The skip connection's term ``x @ W_skip.T`` (``[..., d_in]``), or 0 without one."""
+        if self.W_skip is None:
+            return 0.0
+        if x is None:
+            raise ValueError(
+                "x=None: this SAE has a skip connection (x_hat = z @ W_dec + b_dec + x @ "
+                "W_skip.T); pass the input x [..., d_in] to decode it"
+            )
+        return x.to(self.W_skip.dtype) @ self.W_skip.T
 
-    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Decode a TopK code by gathering the active rows: ``[B, k], [B, k] -> [B, d_in]``."""
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``z @ W_dec + b_dec`` (``+ x @ W_skip.T`` with a skip connection, which needs the
+        input ``x [..., d_in]``): ``[..., d_sae] -> [..., d_in]``."""
+        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec + self.skip(x)
+
+    def decode_sparse(
+        self, values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decode a TopK code by gathering the active rows: ``[B, k], [B, k] -> [B, d_in]``
+        (``x`` as in :meth:`decode`)."""
         flat_v = values.reshape(-1, values.shape[-1])
         flat_i = indices.reshape(-1, indices.shape[-1])
         out = F.embedding_bag(
             flat_i, self.W_dec, per_sample_weights=flat_v.to(self.W_dec.dtype), mode="sum"
         )
-        return (out + self.b_dec).reshape(*values.shape[:-1], self.d_in)
+        return (out + self.b_dec).reshape(*values.shape[:-1], self.d_in) + self.skip(x)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """``decode(encode(x))`` ``[..., d_in]``."""
-        if self.architecture == "topk" and self.merge_index is None:
+        """``decode(encode(x), x)`` ``[..., d_in]``."""
+        if self.architecture in ("topk", "groupmax") and self.merge_index is None:
             v, i = self.encode_topk(x)
-            return self.decode_sparse(v, i)
-        return self.decode(self.encode(x))
+            return self.decode_sparse(v, i, x)
+        return self.decode(self.encode(x), x)
 
     # -- training forward -------------------------------------------------------------------
     def forward(
@@ -374,6 +429,7 @@ class SparseAutoencoder(nn.Module):
             sparse_decode is not False
             and self.training
             and self.merge_index is None
+            and self.W_skip is None
             and self.architecture in ("relu", "topk", "batchtopk")
         ):
             # ReLU codes start dense: check (on a few rows) that the sparse path pays off
@@ -389,6 +445,9 @@ class SparseAutoencoder(nn.Module):
         elif self.architecture == "topk":
             top = pre.topk(self.top_k, dim=-1, sorted=False)
             top_i, top_v = top.indices, F.relu(top.values)
+            z = torch.zeros_like(pre).scatter(-1, top_i, top_v)
+        elif self.architecture == "groupmax":
+            top_v, top_i = self._groupmax(pre)
             z = torch.zeros_like(pre).scatter(-1, top_i, top_v)
         elif self.architecture == "batchtopk":
             acts = F.relu(pre)
@@ -413,9 +472,9 @@ class SparseAutoencoder(nn.Module):
         if self.architecture == "relu":  # decoder-norm-weighted L1, as one [d_sae] product
             sparsity = z.sum(0) @ self.W_dec.norm(dim=1).to(z.dtype) / z.shape[0]
         if top_i is not None and sparse_decode is not False:
-            x_hat = self.decode_sparse(top_v, top_i)
+            x_hat = self.decode_sparse(top_v, top_i, x)
         else:
-            x_hat = self.decode(z)
+            x_hat = self.decode(z, x)
         x = x.to(x_hat.dtype)
         err = x_hat - x
         mse = err.pow(2).sum(-1).mean()
@@ -572,4 +631,6 @@ class SparseAutoencoder(nn.Module):
         }
         if self.merge_index is not None:
             cfg.update(merge_mode=self.merge_mode, d_pre=self.d_pre)
+        if self.W_skip is not None:
+            cfg["skip_connection"] = True
         return cfg

@@ -223,14 +223,18 @@ class LatentEditor:
                     f"latent_map returned {type(z2).__name__}{tuple(getattr(z2, 'shape', ()))}: "
                     f"expected a tensor of shape {tuple(z.shape)} (the edited code)"
                 )
-            new = xf + (z2 - z) @ self.sae.W_dec.float() if self.keep_error else self.sae.decode(z2)
+            new = (
+                xf + (z2 - z) @ self.sae.W_dec.float()
+                if self.keep_error
+                else self.sae.decode(z2, xf)
+            )
             return new.to(x.dtype)
         if not self.keep_error:
             z = self.sae.encode(xf)
             if self.latents:
                 idx = torch.tensor(self.latents, dtype=torch.long, device=x.device)
                 z[:, idx] = self._apply_groups(z[:, idx].clone())
-            return self.sae.decode(z).to(x.dtype)
+            return self.sae.decode(z, xf).to(x.dtype)
         if not self.latents:
             return x
         if self.constant_delta is not None:
