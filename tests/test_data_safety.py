@@ -388,3 +388,75 @@ def test_run_merge_says_where_non_finite_values_come_from(inf_store, tmp_path, m
     ):
         merge.run_merge(str(root / "sae"), str(tmp_path / "clean"), str(out), params)
     assert not out.exists()
+
+
+# -- impossible sizes are refused before any work --------------------------------------------
+def _quick(fn, exc, match, limit_s: float = 5.0):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(exc, match=match):
+        fn()
+    assert time.perf_counter() - t0 < limit_s
+
+
+def test_huge_k_is_refused_at_once(tmp_path):
+    from integral_superposition.config import MAX_LATENTS
+    from integral_superposition.sae import SparseAutoencoder
+    from integral_superposition.sae.train import train_saes
+
+    _quick(lambda: SAEConfig(k=10**12), ValidationError, r"k\n.*less than or equal to 268435456")
+    _quick(
+        lambda: SparseAutoencoder(640, 10**10),
+        MemoryError,
+        r"SparseAutoencoder\(d_model=640, k=10000000000\): needs at least [\d,.]+ GiB on cpu, "
+        r"but only [\d,.]+ GiB is available",
+    )
+    store = write_activation_store(torch.randn(256, 16), str(tmp_path / "acts"))
+    cfg = SAEConfig(k=MAX_LATENTS, architecture="topk", top_k=8, batch_size=64)
+    _quick(
+        lambda: train_saes(store, [cfg], [str(tmp_path / "sae")], progress=False, device="cpu"),
+        MemoryError,
+        rf"training 1 SAE\(s\) \(k={MAX_LATENTS}, d_model=16, batch_size=64: .*\): needs at least",
+    )
+    assert not (tmp_path / "sae").exists()
+
+
+def test_huge_demo_corpus_is_refused_at_once():
+    from integral_superposition.data import demo_corpus
+    from integral_superposition.experiment import ExperimentConfig
+
+    _quick(
+        lambda: load_dataset_auto("demo:100000000"),
+        ValueError,
+        r"source='demo:100000000': n=100000000: the demo corpus has at most 640000 distinct "
+        r"headlines \(80000 per topic x 8 topics\)",
+    )
+    _quick(
+        lambda: demo_corpus(3 * 80_001, topics=["Sports", "Health", "World"]), ValueError, "240000"
+    )
+    _quick(
+        lambda: ExperimentConfig.model_validate({"data": {"source": "demo:100000000"}}),
+        ValidationError,
+        r"'demo:100000000': the demo corpus has at most 640000 distinct headlines",
+    )
+
+
+def test_dump_whose_shards_cannot_fit_in_memory_is_refused(
+    tiny_backend, demo_df, tmp_path, monkeypatch
+):
+    from integral_superposition import compute
+
+    monkeypatch.setattr(compute, "available_memory", lambda device="cpu": 1 << 16)
+    cfg = DumpConfig(layer=1, max_len=16, batch_size=8, shard_size_mb=4096)
+    out = tmp_path / "d"
+    _quick(
+        lambda: dump_layer_activations(
+            demo_df, "title", "topic", tiny_backend, cfg, out, progress=False
+        ),
+        MemoryError,
+        r"cfg\.shard_size_mb=4096\.0 \(shards of up to \d+ tokens x 1 hook point\(s\) x d_model=\d+ "
+        r"in bf16\): needs at least",
+        limit_s=60,
+    )
+    assert not out.exists()

@@ -29,6 +29,8 @@ import torch
 __all__ = [
     "DTYPE_NAMES",
     "ComputeChoice",
+    "available_memory",
+    "check_memory",
     "cpu_bf16_support",
     "dtype_name",
     "parse_dtype",
@@ -284,3 +286,33 @@ def resolve_dtype(
 def short_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bf16"`` (the config spelling)."""
     return _SHORT[dtype]
+
+
+# -- memory --------------------------------------------------------------------------------
+def available_memory(device: str | torch.device | None = "cpu") -> int | None:
+    """Bytes that new tensors can take on ``device``: the RAM the OS reports as available
+    (psutil) on the CPU, the free memory on a CUDA device; ``None`` when unknown (MPS)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free)
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):,.2f} GiB"
+
+
+def check_memory(nbytes: float, device: str | torch.device | None, what: str) -> None:
+    """``MemoryError`` naming ``what`` when ``nbytes`` exceed the memory available on
+    ``device`` (:func:`available_memory`); checked before allocating, not after failing."""
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        raise MemoryError(
+            f"{what}: needs at least {_gib(nbytes)} on {dev}, but only {_gib(free)} is available"
+        )

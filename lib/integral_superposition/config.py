@@ -64,6 +64,10 @@ class DumpConfig(_Config):
 
 SAEArchitecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
 
+MAX_LATENTS = 1 << 28
+"""Largest ``SAEConfig.k`` accepted: 268,435,456 latents, eight times the largest published
+SAEs; whether a width fits this machine is checked against its memory when training starts."""
+
 
 class SAEConfig(_Config):
     """Sparse autoencoder hyperparameters and training schedule.
@@ -72,8 +76,8 @@ class SAEConfig(_Config):
     latents of the TopK family is ``top_k``.
     """
 
-    k: int = Field(2048, ge=1)
-    """Number of latents (dictionary size, d_sae)."""
+    k: int = Field(2048, ge=1, le=MAX_LATENTS)
+    """Number of latents (dictionary size, d_sae); at most ``MAX_LATENTS`` (2**28)."""
     architecture: SAEArchitecture = "relu"
     """``relu`` (ReLU + decoder-norm-weighted L1, the seed's), ``topk``, ``batchtopk`` or ``jumprelu``."""
     top_k: int = Field(32, ge=1)

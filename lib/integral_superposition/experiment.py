@@ -105,6 +105,15 @@ class DataSpec(_Section):
     def _source(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("expected a dataset source, e.g. 'demo:4000' or 'data/news.csv'")
+        if v.startswith("demo:") and v[5:].isdigit():
+            from integral_superposition.data.demo_corpus import MAX_TITLES_PER_TOPIC, TOPICS
+
+            limit = MAX_TITLES_PER_TOPIC * len(TOPICS)
+            if int(v[5:]) > limit:
+                raise ValueError(
+                    f"{v!r}: the demo corpus has at most {limit} distinct headlines; "
+                    "use a smaller N or a real dataset"
+                )
         return v
 
     def is_file(self) -> bool:

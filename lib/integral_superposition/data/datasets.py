@@ -424,7 +424,10 @@ def load_dataset_auto(
         arg = source.split(":", 1)[1] if ":" in source else "4000"
         if not arg.isdigit():
             raise ValueError(f"source={source!r}: expected 'demo' or 'demo:N' with N a number")
-        df = demo_corpus(int(arg), seed=kwargs.get("seed", 0))
+        try:
+            df = demo_corpus(int(arg), seed=kwargs.get("seed", 0))
+        except ValueError as e:
+            raise ValueError(f"source={source!r}: {e}") from None
         renames = {"title": text_col}
         if label_col is not None:
             renames["topic"] = label_col

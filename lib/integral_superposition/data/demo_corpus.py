@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pandas as pd
 
 TOPICS: dict[str, dict[str, list[str]]] = {
@@ -553,18 +554,33 @@ _TEMPLATES = [
 _SOURCES = ["AP", "Reuters", "AFP"]
 
 
+MAX_TITLES_PER_TOPIC = 80_000
+"""Most distinct headlines :func:`demo_corpus` makes per topic (the vocabulary allows about
+92,000; sampling the last ones would take ever longer)."""
+
+
 def demo_corpus(n: int = 4000, seed: int = 0, topics: list[str] | None = None) -> pd.DataFrame:
     """``n`` distinct synthetic headlines, balanced over topics, with columns ``title`` and ``topic``.
 
     Deterministic for a given ``(n, seed, topics)``. Eight topics by default; at most
-    about 80,000 distinct titles per topic can be generated.
+    :data:`MAX_TITLES_PER_TOPIC` (80,000) titles per topic, 640,000 in all: a larger ``n`` is
+    refused at once.
     """
     names = list(TOPICS) if topics is None else list(topics)
     unknown = sorted(set(names) - set(TOPICS))
     if unknown:
         raise ValueError(f"topics={unknown}: unknown; expected a subset of {list(TOPICS)}")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer):
+        raise TypeError(f"n={n!r}: expected an integer number of headlines")
     if n < len(names):
         raise ValueError(f"n={n}: expected at least one headline per topic ({len(names)} topics)")
+    limit = MAX_TITLES_PER_TOPIC * len(names)
+    if n > limit:
+        raise ValueError(
+            f"n={n}: the demo corpus has at most {limit} distinct headlines "
+            f"({MAX_TITLES_PER_TOPIC} per topic x {len(names)} topics); use a smaller n or a "
+            "real dataset"
+        )
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: list[tuple[str, str]] = []

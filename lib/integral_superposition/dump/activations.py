@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from integral_superposition import storage
+from integral_superposition.compute import check_memory
 from integral_superposition.config import DumpConfig
 from integral_superposition.data.datasets import (
     dataset_fingerprint,
@@ -437,6 +438,14 @@ def dump_layer_activations(
     d_model = int(backend.d_model)
     bytes_per_token = d_model * out_dtype.itemsize * len(hook_points)
     plan = _plan(df, text_col, tok, mask, cfg, partition, bytes_per_token)
+    biggest = max(plan.shard_tokens(s) for s in range(len(plan.shards)))
+    # two shards in memory (one computed, one being written), each with its float64 norms
+    check_memory(
+        2 * biggest * (bytes_per_token + 8 * len(hook_points)),
+        "cpu",
+        f"cfg.shard_size_mb={cfg.shard_size_mb} (shards of up to {biggest} tokens x "
+        f"{len(hook_points)} hook point(s) x d_model={d_model} in {cfg.dtype})",
+    )
 
     fingerprint = dataset_fingerprint(df, text_col, label_col)
     model_info = backend.describe()

@@ -170,6 +170,33 @@ class _LinearView:
         self.bias = bias
 
 
+def sae_parameter_count(d_model: int, k: int, d_pre: int | None = None) -> int:
+    """Parameters of an SAE: ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec`` and ``threshold``."""
+    d_pre = k if d_pre is None else d_pre
+    return (d_pre + k) * d_model + 2 * d_pre + d_model
+
+
+def check_sae_memory(
+    d_model: int,
+    d_pre: int,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> None:
+    """``MemoryError`` naming ``d_model`` and ``k`` before an SAE that cannot fit is built:
+    its weights on ``device``, plus the float32 initialisation ``[d_pre, d_model]`` (twice)
+    on the host."""
+    from integral_superposition.compute import check_memory
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    weights = sae_parameter_count(d_model, k, d_pre) * torch.empty((), dtype=dtype).element_size()
+    host = 2 * d_pre * d_model * 4 + (weights if dev.type == "cpu" else 0)
+    what = f"SparseAutoencoder(d_model={d_model}, k={k})"
+    check_memory(host, "cpu", what)
+    if dev.type != "cpu":
+        check_memory(weights, dev, what)
+
+
 class SparseAutoencoder(nn.Module):
     """A sparse autoencoder over ``d_model``-dimensional activations with ``k`` latents.
 
@@ -244,6 +271,7 @@ class SparseAutoencoder(nn.Module):
         """Compute Anthropic's pre-activation loss (it pulls latents that do not fire towards
         their threshold) into ``SAEOutput.aux_loss`` (set by the trainer)."""
         self.metadata: dict[str, Any] = {}
+        check_sae_memory(d_model, d_pre, k, dtype, device)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         w = torch.randn(d_pre, d_model, generator=gen, dtype=torch.float32)
         w = w / w.norm(dim=1, keepdim=True)

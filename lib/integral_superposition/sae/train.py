@@ -43,7 +43,7 @@ from integral_superposition import storage
 from integral_superposition.config import SAEConfig
 from integral_superposition.dump.store import NonFiniteActivationsError
 from integral_superposition.sae.load import save_sae
-from integral_superposition.sae.model import SparseAutoencoder
+from integral_superposition.sae.model import SparseAutoencoder, sae_parameter_count
 
 log = logging.getLogger(__name__)
 
@@ -849,6 +849,26 @@ def _finish(t: _Trainee) -> SparseAutoencoder:
     return sae
 
 
+def _check_training_memory(
+    cfgs: Sequence[SAEConfig], d_model: int, dev: torch.device, allocated: int = 0
+) -> None:
+    """``MemoryError`` before training SAEs that cannot fit on ``dev``: float32 weights,
+    gradients and two Adam moments per SAE, plus a batch of dense latents and their gradient
+    (``allocated``: bytes of weights already on ``dev``)."""
+    from integral_superposition.compute import check_memory
+
+    need = -allocated
+    for c in cfgs:
+        need += 4 * 4 * sae_parameter_count(d_model, c.k) + 2 * 4 * c.batch_size * c.k
+    widths = ", ".join(f"k={c.k}" for c in cfgs)
+    check_memory(
+        need,
+        dev,
+        f"training {len(cfgs)} SAE(s) ({widths}, d_model={d_model}, "
+        f"batch_size={cfgs[0].batch_size}: weights, gradients, Adam moments and a batch of latents)",
+    )
+
+
 def train_saes(
     stores: Any,
     cfgs: Sequence[SAEConfig],
@@ -892,6 +912,7 @@ def train_saes(
         raise ValueError(f"out_uris={out_uris!r}: every SAE needs its own output URI")
     dev = _resolve_device(device, cfg_list[0])
     source = _open_source(stores, cfg_list, storage_options)
+    _check_training_memory(cfg_list, source.d_model, dev)
     source.check_finite()
     if checkpoint_uri is not None and not source.resumable:
         raise ValueError(
@@ -1061,10 +1082,14 @@ def train_sae(
         raise ValueError(
             f"model.d_model={model.d_in} does not match the activations' d_model={source.d_model}"
         )
+    dev = _resolve_device(device, cfg)
+    on_dev = model.W_enc.device == dev
+    _check_training_memory(
+        [cfg], model.d_in, dev, sum(p.numel() * 4 for p in model.parameters()) if on_dev else 0
+    )
     source.check_finite()
     if checkpoint_uri is not None and not source.resumable:
         raise ValueError("checkpoint_uri: a one-shot iterator cannot be resumed")
-    dev = _resolve_device(device, cfg)
     model.to(dev)
     hook = cfg.hook_point if cfg.hook_point and cfg.hook_point != "input" else source.hooks[0]
     t = _Trainee(cfg, model, hook, dev)
