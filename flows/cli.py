@@ -91,6 +91,48 @@ def _load_cfg(
     return cfg
 
 
+def _secure(cfg):
+    """``cfg`` with credentials given inline moved into a per-run Prefect Secret block (only
+    its name reaches Prefect); exits with the reason when that cannot be done."""
+    from integral_superposition.tasks.blocks import secure_config
+
+    try:
+        return secure_config(cfg)
+    except ValueError as e:
+        _fail(str(e))
+
+
+SecretOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage-secret",
+        help="Prefect Secret block holding storage options (credentials) as a JSON object.",
+    ),
+]
+StorageOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--storage-option",
+        help="An fsspec storage option: KEY.PATH=VALUE, e.g. endpoint_url=http://... "
+        "(repeatable; credentials are moved into a Secret block first).",
+    ),
+]
+
+
+def _storage_args(options: list[str] | None, secret: str | None) -> dict[str, Any]:
+    """The ``storage_options`` / ``storage_secret`` parameters of a step flow, credentials
+    given inline moved into a Secret block first."""
+    from integral_superposition.experiment import ConfigError, apply_overrides, make_run_id
+    from integral_superposition.tasks.blocks import move_credentials, secret_block_name
+
+    try:
+        parsed = apply_overrides({}, options or [])
+        public, name = move_credentials(parsed, secret, secret_block_name("cli", make_run_id()))
+    except (ConfigError, ValueError) as e:
+        _fail(str(e).replace("storage_options.", "--storage-option "))
+    return {"storage_options": public or None, "storage_secret": name}
+
+
 def _api_url() -> str | None:
     from prefect.settings import get_current_settings
 
@@ -194,6 +236,7 @@ def run(
     )
     from integral_superposition.flows.experiment import experiment_flow
 
+    cfg = _secure(cfg)
     t0 = time.perf_counter()
     state, fr_id = _run_flow(experiment_flow, cfg=cfg, show_progress=sys.stderr.isatty())
     result = _finish(state, fr_id)
@@ -224,7 +267,7 @@ def dump(
     extra += [f"data.source={data}"] if data else []
     extra += [f"model.model_id={model}"] if model else []
     extra += [f"dump.layer={layer}"] if layer is not None else []
-    cfg = _load_cfg(config, preset, extra, storage, name, run_name)
+    cfg = _secure(_load_cfg(config, preset, extra, storage, name, run_name))
     from integral_superposition.flows.steps import dump_flow
 
     state, fr_id = _run_flow(dump_flow, cfg=cfg, show_progress=sys.stderr.isatty())
@@ -247,7 +290,7 @@ def train(
     ] = None,
 ) -> None:
     """Train the config's SAEs (the base SAE and its sweep) in one pass over the store."""
-    cfg = _load_cfg(config, preset, overrides, storage, name, run_name)
+    cfg = _secure(_load_cfg(config, preset, overrides, storage, name, run_name))
     from integral_superposition.flows.steps import train_flow
 
     state, fr_id = _run_flow(
@@ -297,6 +340,8 @@ def analyze(
     model: ModelOpt = None,
     run_root: RootOpt = None,
     param: ParamOpt = None,
+    storage_option: StorageOptionOpt = None,
+    storage_secret: SecretOpt = None,
 ) -> None:
     """Analyse an SAE's latents: statistics, label enrichment, maps, dashboards."""
     from integral_superposition.analysis.run import AnalysisParams
@@ -304,8 +349,9 @@ def analyze(
 
     params = _params(AnalysisParams, param)
     state, fr_id = _run_flow(
-        analyze_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root
-    )
+        analyze_flow, sae_uri=sae, store_uri=store, params=params, model_id=model,
+        run_root=run_root, **_storage_args(storage_option, storage_secret),
+    )  # fmt: skip
     ref = _finish(state, fr_id)
     _console().print(f"analysis: {ref.uri}")
 
@@ -317,6 +363,8 @@ def merge(
     model: ModelOpt = None,
     run_root: RootOpt = None,
     param: ParamOpt = None,
+    storage_option: StorageOptionOpt = None,
+    storage_secret: SecretOpt = None,
 ) -> None:
     """Merge redundant latents of an SAE into a smaller SAE, and evaluate what it costs."""
     from integral_superposition.flows.steps import merge_flow
@@ -324,8 +372,9 @@ def merge(
 
     params = _params(MergeParams, param)
     state, fr_id = _run_flow(
-        merge_flow, sae_uri=sae, store_uri=store, params=params, model_id=model, run_root=run_root
-    )
+        merge_flow, sae_uri=sae, store_uri=store, params=params, model_id=model,
+        run_root=run_root, **_storage_args(storage_option, storage_secret),
+    )  # fmt: skip
     ref = _finish(state, fr_id)
     typer.echo(f"merged SAE: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
 
@@ -337,6 +386,8 @@ def steer_eval(
     model: ModelOpt = None,
     run_root: RootOpt = None,
     param: ParamOpt = None,
+    storage_option: StorageOptionOpt = None,
+    storage_secret: SecretOpt = None,
 ) -> None:
     """Sweep steering strengths of the SAE's most label-enriched latents, with controls."""
     from integral_superposition.flows.steps import steer_eval_flow
@@ -350,6 +401,7 @@ def steer_eval(
         params=params,
         model_id=model,
         run_root=run_root,
+        **_storage_args(storage_option, storage_secret),
     )
     ref = _finish(state, fr_id)
     _console().print(f"steering evaluation: {ref.uri}")
@@ -421,11 +473,15 @@ def steer(
 @app.command()
 def report(
     run_root: Annotated[str, typer.Argument(help="The run folder {storage}/{experiment}/{run}.")],
+    storage_option: StorageOptionOpt = None,
+    storage_secret: SecretOpt = None,
 ) -> None:
     """(Re)build the HTML report of a finished run from its run.json."""
     from integral_superposition.flows.steps import report_flow
 
-    state, fr_id = _run_flow(report_flow, run_root=run_root)
+    state, fr_id = _run_flow(
+        report_flow, run_root=run_root, **_storage_args(storage_option, storage_secret)
+    )
     ref = _finish(state, fr_id)
     _console().print(f"report: {ref.summary.get('page')}")
 

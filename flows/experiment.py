@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from integral_superposition import storage
+from integral_superposition.credentials import split_secret_options
 from integral_superposition.experiment import ExperimentConfig, SAEJob, make_run_id
 from integral_superposition.tasks.analyze import analyze_sae
 from integral_superposition.tasks.backends import model_stamp
+from integral_superposition.tasks.blocks import secure_config
 from integral_superposition.tasks.dump import (
     combine_partitions,
     dump_activations,
@@ -43,16 +45,6 @@ from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as runtime_flow_run
 
-_SECRET_OPTIONS = {
-    "key",
-    "secret",
-    "token",
-    "password",
-    "aws_access_key_id",
-    "aws_secret_access_key",
-    "aws_session_token",
-}
-
 
 def result_storage_at(
     experiment_root: str,
@@ -68,7 +60,7 @@ def result_storage_at(
     from integral_superposition.tasks.blocks import SecretRemoteFileSystem
 
     fs, _ = storage.get_fs(base, storage_options)
-    settings = {k: v for k, v in fs.storage_options.items() if k not in _SECRET_OPTIONS}
+    settings, _ = split_secret_options(fs.storage_options)
     if credentials_secret:  # options the Secret gives are read from it at run time
         from integral_superposition.tasks.blocks import load_secret_options
 
@@ -82,13 +74,10 @@ def result_storage_at(
 
 
 def resolve_storage_options(cfg: ExperimentConfig) -> dict[str, Any]:
-    """``cfg.storage_options`` plus those of its ``storage_secret`` block (config wins)."""
-    opts = dict(cfg.storage_options)
-    if cfg.storage_secret:
-        from integral_superposition.tasks.blocks import load_secret_options
+    """``cfg.storage_options`` over those of its ``storage_secret`` block (config wins)."""
+    from integral_superposition.tasks.blocks import resolve_storage
 
-        opts = {**load_secret_options(cfg.storage_secret), **opts}
-    return opts
+    return resolve_storage(cfg.storage_options, cfg.storage_secret)
 
 
 def result_storage_for(cfg: ExperimentConfig, storage_options: dict[str, Any] | None = None) -> Any:
@@ -237,12 +226,14 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
     run = cfg.run or make_run_id()
     if not cfg.run:
         _rename_flow_run(f"{cfg.name}/{run}")
+    cfg = secure_config(cfg, run)
     storage_options = resolve_storage_options(cfg)
     loc = RunLocation(
         storage=absolute_storage(cfg.storage),
         experiment=cfg.name,
         run=run,
         storage_options=storage_options,
+        storage_secret=cfg.storage_secret,
     )
     logger.info("run root: %s", loc.root)
     storage.ensure_bucket(loc.root, storage_options, create=cfg.storage_create_bucket)
@@ -338,6 +329,7 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
             "report_uri": report_uri,
             "cached": n_cached,
             "tasks": len(result.steps),
+            **loc.storage_settings(),
         },
         labels={"prefect.resource.name": f"{cfg.name}/{run}", "isup.experiment": cfg.name},
     )

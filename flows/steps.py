@@ -35,6 +35,7 @@ from integral_superposition.merge.params import MergeParams
 from integral_superposition.steering.evaluate import SteeringParams
 from integral_superposition.tasks.analyze import analyze_sae
 from integral_superposition.tasks.backends import model_stamp
+from integral_superposition.tasks.blocks import refuse_credentials, resolve_storage, secure_config
 from integral_superposition.tasks.dump import dump_activations, partition_name
 from integral_superposition.tasks.index import RUN_INDEX
 from integral_superposition.tasks.merge import merge_sae
@@ -47,27 +48,48 @@ from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 
-def _loc(cfg: ExperimentConfig, run: str | None = None) -> RunLocation:
+def _secured(cfg: ExperimentConfig, run: str | None = None) -> tuple[ExperimentConfig, RunLocation]:
+    """``cfg`` with inline credentials moved into a per-run Secret block, and where it writes."""
+    run = run or cfg.run or make_run_id()
+    cfg = secure_config(cfg, run)
     loc = RunLocation(
         storage=absolute_storage(cfg.storage),
         experiment=cfg.name,
-        run=run or cfg.run or make_run_id(),
+        run=run,
         storage_options=resolve_storage_options(cfg),
+        storage_secret=cfg.storage_secret,
     )
     storage.ensure_bucket(loc.root, loc.storage_options, create=cfg.storage_create_bucket)
-    return loc
+    return cfg, loc
 
 
-def location_of(run_root: str, storage_options: dict[str, Any] | None = None) -> RunLocation:
-    """The :class:`RunLocation` of a run folder ``{storage}/{experiment}/{run}``."""
+def location_of(
+    run_root: str,
+    storage_options: dict[str, Any] | None = None,
+    storage_secret: str | None = None,
+) -> RunLocation:
+    """The :class:`RunLocation` of a run folder ``{storage}/{experiment}/{run}``
+    (``storage_options``: those storage is opened with, the Secret's included)."""
     root = absolute_storage(run_root).rstrip("/")
     exp_root, run = posixpath.split(root) if "://" in root else _split_local(root)
     storage_root, experiment = (
         posixpath.split(exp_root) if "://" in exp_root else _split_local(exp_root)
     )
     return RunLocation(
-        storage=storage_root, experiment=experiment, run=run, storage_options=storage_options or {}
+        storage=storage_root,
+        experiment=experiment,
+        run=run,
+        storage_options=storage_options or {},
+        storage_secret=storage_secret,
     )
+
+
+def _open_storage(
+    storage_options: dict[str, Any] | None, storage_secret: str | None
+) -> dict[str, Any]:
+    """The options a step flow opens storage with; credentials as parameters are refused."""
+    refuse_credentials(storage_options, "storage_options")
+    return resolve_storage(storage_options, storage_secret)
 
 
 def _split_local(path: str) -> tuple[str, str]:
@@ -123,7 +145,9 @@ def _standalone_options(loc: RunLocation) -> dict[str, Any]:
     """Retries and result storage for a step run on its own: results with the outputs."""
     return {
         **retry_options(3, 10.0, 0.2),
-        "result_storage": result_storage_at(loc.experiment_root, loc.storage_options),
+        "result_storage": result_storage_at(
+            loc.experiment_root, loc.storage_options, loc.storage_secret
+        ),
     }
 
 
@@ -131,7 +155,7 @@ def _standalone_options(loc: RunLocation) -> dict[str, Any]:
 def dump_flow(cfg: ExperimentConfig, show_progress: bool = False) -> OutputRef:
     """Resolve the dataset of ``cfg`` and dump its activations (one store, or partitions
     combined into one); cached like the experiment's dump step."""
-    loc = _loc(cfg)
+    cfg, loc = _secured(cfg)
     opts = task_options(cfg, loc.storage_options)
     model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
     store = dump_store(cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress)
@@ -150,7 +174,7 @@ def dump_partition_flow(cfg: ExperimentConfig, partition: int, run: str) -> Outp
     n = cfg.fanout.partitions
     if not 0 <= partition < n:
         raise ValueError(f"partition={partition}: expected 0 <= partition < fanout.partitions={n}")
-    loc = _loc(cfg, run)
+    cfg, loc = _secured(cfg, run)
     opts = task_options(cfg, loc.storage_options)
     data = resolve_dataset.with_options(**opts)(cfg.data, cfg.data.stamp(loc.storage_options), loc)
     model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
@@ -170,7 +194,7 @@ def train_flow(
 ) -> list[OutputRef]:
     """Train the SAEs of ``cfg`` (the base SAE and its sweep) on ``store_uri``, or on the
     store of ``cfg``'s dump step (run first, cached)."""
-    loc = _loc(cfg)
+    cfg, loc = _secured(cfg)
     opts = task_options(cfg, loc.storage_options)
     if store_uri:
         store = OutputRef.read(
@@ -206,12 +230,13 @@ def analyze_flow(
     model_id: str | None = None,
     run_root: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    storage_secret: str | None = None,
 ) -> OutputRef:
     """Analyse the SAE at ``sae_uri`` on ``store_uri`` (default: the store recorded by the
     SAE's run). ``model_id`` adds the logit lens. Output: ``{run_root}/analysis/<sae>``."""
-    opts = dict(storage_options or {})
+    opts = _open_storage(storage_options, storage_secret)
     sae, store = _refs(sae_uri, store_uri, opts)
-    loc = location_of(run_root or _parent(sae.uri, 2), opts)
+    loc = location_of(run_root or _parent(sae.uri, 2), opts, storage_secret)
     model = _model_ref(model_id, store, opts) if model_id else None
     ref = analyze_sae.with_options(**_standalone_options(loc))(
         sae, store, params or AnalysisParams(), loc, model=model
@@ -228,12 +253,13 @@ def merge_flow(
     model_id: str | None = None,
     run_root: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    storage_secret: str | None = None,
 ) -> OutputRef:
     """Merge the latents of the SAE at ``sae_uri``; ``model_id`` enables the spliced CE / KL
     metrics. Output: ``{run_root}/merge/<sae>``."""
-    opts = dict(storage_options or {})
+    opts = _open_storage(storage_options, storage_secret)
     sae, store = _refs(sae_uri, store_uri, opts)
-    loc = location_of(run_root or _parent(sae.uri, 2), opts)
+    loc = location_of(run_root or _parent(sae.uri, 2), opts, storage_secret)
     model = _model_ref(model_id, store, opts) if model_id else None
     ref = merge_sae.with_options(**_standalone_options(loc))(
         sae, store, params or MergeParams(), loc, model=model
@@ -284,12 +310,13 @@ def steer_eval_flow(
     model_id: str | None = None,
     run_root: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    storage_secret: str | None = None,
 ) -> OutputRef:
     """Evaluate steering with the SAE at ``sae_uri`` inside ``model_id`` (default: the model
     the SAE was trained on). Output: ``{run_root}/steering/<sae>``."""
-    opts = dict(storage_options or {})
+    opts = _open_storage(storage_options, storage_secret)
     sae, store = _refs(sae_uri, store_uri, opts)
-    loc = location_of(run_root or _parent(sae.uri, 2), opts)
+    loc = location_of(run_root or _parent(sae.uri, 2), opts, storage_secret)
     model = _model_ref(model_id or sae_model_id(sae.uri, opts), store, opts)
     ref = evaluate_steering.with_options(**_standalone_options(loc))(
         sae, store, params or SteeringParams(), loc, model=model
@@ -303,9 +330,10 @@ def report_flow(
     run_root: str,
     options: ReportOptions | None = None,
     storage_options: dict[str, Any] | None = None,
+    storage_secret: str | None = None,
 ) -> OutputRef:
     """(Re)build the report of the experiment run at ``run_root`` from its ``run.json``."""
-    opts = dict(storage_options or {})
+    opts = _open_storage(storage_options, storage_secret)
     root = absolute_storage(run_root)
     doc = storage.read_json(storage.join(root, RUN_INDEX), opts)
     by_kind: dict[str, list[OutputRef]] = {}
@@ -313,7 +341,7 @@ def report_flow(
         if s.get("output") and s["step"] != "report":
             ref = OutputRef.model_validate(s["output"])
             by_kind.setdefault(ref.kind, []).append(ref)
-    loc = location_of(root, opts)
+    loc = location_of(root, opts, storage_secret)
     ref = build_experiment_report.with_options(**_standalone_options(loc))(
         doc.get("config", {}), by_kind.get("sae", []), by_kind.get("analysis", []),
         by_kind.get("merge", []), by_kind.get("steering", []), options or ReportOptions(), loc,

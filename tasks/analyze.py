@@ -42,7 +42,13 @@ def analyze_sae(
     event(
         "isup.analysis.completed",
         f"isup.analysis.{ref.content_hash[:16]}",
-        {"uri": out_uri, "sae_uri": sae.uri, "store_uri": store.uri, "summary": summary},
+        {
+            "uri": out_uri,
+            "sae_uri": sae.uri,
+            "store_uri": store.uri,
+            "summary": summary,
+            **loc.storage_settings(),
+        },
         labels={"prefect.resource.name": f"{loc.experiment}/{sae.name}", "isup.run": loc.run},
         related=[
             {

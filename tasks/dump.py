@@ -148,7 +148,7 @@ def _announce(ref: OutputRef, loc: RunLocation) -> None:
     event(
         "isup.activations.dumped",
         f"isup.activations.{ref.content_hash[:16]}",
-        {"uri": ref.uri, "content_hash": ref.content_hash, **ref.summary},
+        {"uri": ref.uri, "content_hash": ref.content_hash, **ref.summary, **loc.storage_settings()},
         labels={
             "prefect.resource.name": f"{loc.experiment}/{ref.name}",
             "isup.experiment": loc.experiment,

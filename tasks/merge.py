@@ -43,7 +43,13 @@ def merge_sae(
     event(
         "isup.merge.completed",
         f"isup.merge.{ref.content_hash[:16]}",
-        {"uri": out_uri, "sae_uri": sae.uri, "store_uri": store.uri, **ref.summary},
+        {
+            "uri": out_uri,
+            "sae_uri": sae.uri,
+            "store_uri": store.uri,
+            **ref.summary,
+            **loc.storage_settings(),
+        },
         labels={"prefect.resource.name": f"{loc.experiment}/{sae.name}", "isup.run": loc.run},
         related=[
             {

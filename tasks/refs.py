@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from integral_superposition import storage
+from integral_superposition.credentials import masked_options, split_secret_options
 from integral_superposition.experiment import DataSpec, ModelSpec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 
 class OutputRef(BaseModel):
@@ -69,7 +70,10 @@ class OutputRef(BaseModel):
 
 
 class RunLocation(BaseModel):
-    """Where one run writes: ``{storage}/{experiment}/{run}``."""
+    """Where one run writes: ``{storage}/{experiment}/{run}``. ``storage_options`` are the
+    options storage is opened with (those of the Secret block ``storage_secret`` included);
+    only their public part and the Secret's name are ever passed on (:meth:`storage_settings`),
+    and a JSON dump masks the credentials."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -77,6 +81,24 @@ class RunLocation(BaseModel):
     experiment: str
     run: str
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    storage_secret: str | None = None
+
+    @field_serializer("storage_options", when_used="json")
+    def _mask_credentials(self, v: dict[str, Any]) -> dict[str, Any]:
+        return masked_options(v)
+
+    def storage_settings(self) -> dict[str, Any]:
+        """What a step started elsewhere needs to open this storage, without a credential:
+        ``{"storage_secret": name or None, "storage_options": options without credentials}``
+        (an event payload; a trigger passes both to the step flow it starts)."""
+        public, _ = split_secret_options(self.storage_options)
+        if self.storage_secret:
+            from integral_superposition.tasks.blocks import load_secret_options
+
+            # what the Secret holds is read from it again where the step runs
+            held = load_secret_options(self.storage_secret)
+            public = {k: v for k, v in public.items() if k not in held or held[k] != v}
+        return {"storage_secret": self.storage_secret, "storage_options": public}
 
     @property
     def experiment_root(self) -> str:

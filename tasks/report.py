@@ -189,7 +189,7 @@ def build_experiment_report(
     event(
         "isup.report.published",
         f"isup.report.{ref.content_hash[:16]}",
-        {"uri": page, "url": url, "saes": [s.uri for s in saes]},
+        {"uri": page, "url": url, "saes": [s.uri for s in saes], **loc.storage_settings()},
         labels={"prefect.resource.name": f"{loc.experiment}/{loc.run}", "isup.run": loc.run},
     )
     return ref

@@ -53,7 +53,12 @@ def evaluate_steering(
     event(
         "isup.steering.evaluated",
         f"isup.steering.{ref.content_hash[:16]}",
-        {"uri": out_uri, "sae_uri": sae.uri, "latents": summary.get("latents", [])},
+        {
+            "uri": out_uri,
+            "sae_uri": sae.uri,
+            "latents": summary.get("latents", []),
+            **loc.storage_settings(),
+        },
         labels={"prefect.resource.name": f"{loc.experiment}/{sae.name}", "isup.run": loc.run},
         related=[
             {

@@ -109,6 +109,7 @@ def train_saes(
                 "config": job.cfg.model_dump(mode="json"),
                 "metrics": metrics,
                 "model_id": store.summary.get("model"),
+                **loc.storage_settings(),
             },
             labels={
                 "prefect.resource.name": f"{loc.experiment}/{job.name}",

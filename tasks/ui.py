@@ -176,7 +176,9 @@ def link(key: str, url: str, text: str, description: str) -> None:
 
 def browser_url(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """A URL a browser can open for ``uri``: ``file://`` for local files, a presigned
-    HTTPS URL (7 days) for S3, else the URI itself."""
+    HTTPS URL (7 days) for S3, else the URI itself. No presigned URL is made from session
+    credentials: it would carry their session token into the artifacts and events it is
+    shown in."""
     import os
 
     fs, path = storage.get_fs(uri, storage_options)
@@ -187,9 +189,13 @@ def browser_url(uri: str, storage_options: Mapping[str, Any] | None = None) -> s
         fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     ):
         try:
-            return sign(path, expires=7 * 24 * 3600)
+            url = sign(path, expires=7 * 24 * 3600)
         except Exception as e:
             log.debug("no presigned URL for %s: %s", uri, e)
+        else:
+            if "x-amz-security-token" not in url.lower():
+                return url
+            log.debug("no presigned URL for %s: the credentials are session credentials", uri)
     return uri
 
 

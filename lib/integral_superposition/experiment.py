@@ -36,10 +36,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from integral_superposition.analysis.run import AnalysisParams
 from integral_superposition.config import DumpConfig, Paths, SAEConfig
+from integral_superposition.credentials import (
+    MASK,
+    masked_options,
+    masked_paths,
+    split_secret_options,
+)
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.steering.evaluate import SteeringParams
 
@@ -257,11 +271,11 @@ class ExperimentConfig(_Section):
     storage: str = "runs"
     """Root of all outputs: a local directory or an fsspec URI such as ``s3://bucket/prefix``."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    """fsspec options for ``storage`` (e.g. ``endpoint_url``). Credentials belong in the environment (AWS_* variables, a profile) or a Prefect block, not here."""
+    """fsspec options for ``storage`` (e.g. ``endpoint_url``). Credentials belong in the environment (AWS_* variables, a profile) or in the Secret block named by ``storage_secret``: ``isup`` moves a key, secret, token or password given here into a per-run Secret block before the run starts, and JSON dumps of the config mask them as ``***``."""
     storage_create_bucket: bool = False
     """Create the bucket of an object-store ``storage`` when it does not exist (default: a missing bucket is an error, so a misspelled name never becomes a new bucket)."""
     storage_secret: str | None = None
-    """Name of a Prefect Secret block holding a JSON object of storage options (S3 credentials, endpoint); merged into ``storage_options`` at run time and never written anywhere."""
+    """Name of a Prefect Secret block holding a JSON object of storage options (S3 credentials, endpoint); merged under ``storage_options`` at run time and never written anywhere."""
     result_storage: str | None = "auto"
     """Where Prefect keeps task results, the cache records that let a rerun skip finished steps: ``auto`` (``{storage}/{name}/.prefect-results`` for remote storage, Prefect's local default otherwise), a saved block slug such as ``remote-file-system/isup-results``, or None (Prefect's default)."""
     data: DataSpec = Field(default_factory=DataSpec)
@@ -321,6 +335,24 @@ class ExperimentConfig(_Section):
         from integral_superposition import storage
 
         return storage.check_root(v, None)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _storage_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        masked = masked_paths(v)
+        if masked:
+            raise ValueError(
+                f"{', '.join(masked)}={MASK!r}: expected a credential, got the mask that stands "
+                "for one in a config dumped to JSON; give credentials through storage_secret "
+                "(a Prefect Secret block) or the worker's environment"
+            )
+        return v
+
+    @field_serializer("storage_options", when_used="json")
+    def _mask_credentials(self, v: dict[str, Any]) -> dict[str, Any]:
+        # JSON is what leaves the process (Prefect flow-run parameters, config.yaml, events):
+        # credentials never go with it
+        return masked_options(v)
 
     @field_validator("sweep")
     @classmethod
@@ -394,6 +426,11 @@ class ExperimentConfig(_Section):
         if not run:
             raise ValueError("run: no run name (set `run`, or let the flow make one)")
         return storage.join(self.storage, self.name, run)
+
+    def inline_credentials(self) -> dict[str, Any]:
+        """The credentials given in ``storage_options`` itself (``key``, ``secret``, ``token``,
+        ``client_kwargs.aws_secret_access_key``, ...), nested as there; empty when none."""
+        return split_secret_options(self.storage_options)[1]
 
     def public_dict(self) -> dict[str, Any]:
         """The config as JSON-able data without storage options (they may hold secrets)."""

@@ -1,0 +1,111 @@
+"""Telling storage credentials apart from the other fsspec storage options.
+
+fsspec options mix settings that may be shown anywhere (``endpoint_url``, ``region_name``,
+``anon``) with credentials that must never be written with a run, logged or sent to an
+orchestrator (``key``, ``secret``, ``token``, ``password``, ``client_kwargs`` holding
+``aws_secret_access_key``, an ``Authorization`` header, ...). :func:`split_secret_options`
+separates the two at any depth; :func:`merge_options` puts them back together.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "MASK",
+    "is_secret_option",
+    "masked_options",
+    "masked_paths",
+    "merge_options",
+    "split_secret_options",
+]
+
+MASK = "***"
+"""What a credential's value is replaced by wherever options are shown or serialised."""
+
+# compared against the option name lowercased with everything but letters and digits dropped
+_SECRET_WORDS = (
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "passphrase",
+    "credential",
+    "privatekey",
+    "sastoken",
+    "saskey",
+    "connectionstring",
+    "authorization",
+    "cookie",
+)
+_SECRET_NAMES = {"key", "sas", "auth", "pwd", "apikey", "accountkey", "sessiontoken"}
+_KEY_SUFFIX = re.compile(r"(key|keyid)$")
+
+
+def is_secret_option(name: str) -> bool:
+    """True when a storage option called ``name`` holds a credential (``key``, ``secret``,
+    ``aws_session_token``, ``password``, ``account_key``, ``SSECustomerKey``, ...)."""
+    flat = re.sub(r"[^a-z0-9]", "", str(name).lower())
+    if flat in _SECRET_NAMES or any(w in flat for w in _SECRET_WORDS):
+        return True
+    return bool(_KEY_SUFFIX.search(flat))
+
+
+def split_secret_options(
+    options: Mapping[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(public, secret)``: the options without credentials, and the credentials alone, both
+    keeping the nesting (``client_kwargs``, ``config_kwargs``, ``headers``) of ``options``.
+    ``merge_options(secret, public)`` gives ``options`` back."""
+    public: dict[str, Any] = {}
+    secret: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if is_secret_option(k):
+            secret[k] = v
+        elif isinstance(v, Mapping):
+            pub, sec = split_secret_options(v)
+            public[k] = pub
+            if sec:
+                secret[k] = sec
+        else:
+            public[k] = v
+    return public, secret
+
+
+def masked_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` with every credential's value replaced by :data:`MASK`."""
+    out: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if is_secret_option(k):
+            out[k] = MASK
+        elif isinstance(v, Mapping):
+            out[k] = masked_options(v)
+        else:
+            out[k] = v
+    return out
+
+
+def merge_options(base: Mapping[str, Any] | None, top: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``base`` updated by ``top``, nested mappings merged key by key (``top`` wins)."""
+    out = dict(base or {})
+    for k, v in (top or {}).items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge_options(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def masked_paths(options: Mapping[str, Any] | None, prefix: str = "") -> list[str]:
+    """Dotted names of the options whose value is :data:`MASK` (a credential that was masked
+    on the way here and so is lost)."""
+    found: list[str] = []
+    for k, v in (options or {}).items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            found += masked_paths(v, name + ".")
+        elif v == MASK:
+            found.append(name)
+    return found
