@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -360,10 +361,22 @@ def _open_source(obj: Any, cfgs: list[SAEConfig], storage_options=None):
     store = None
     if isinstance(obj, ActivationStore):
         store = obj
-    elif isinstance(obj, str) or (
-        isinstance(obj, Sequence) and obj and all(isinstance(u, str) for u in obj)
+    elif isinstance(obj, str | os.PathLike) or (
+        isinstance(obj, Sequence) and obj and all(isinstance(u, str | os.PathLike) for u in obj)
     ):
-        store = ActivationStore(obj, storage_options)
+        from integral_superposition.analysis.scan import as_activation_source
+
+        # dump URIs, or the seed's .npy / .safetensors shard files
+        src = as_activation_source(obj, storage_options)
+        if isinstance(src, ActivationStore):
+            store = src
+        else:
+            if any(c.hook_point for c in cfgs if c.hook_point not in (None, "input")):
+                raise ValueError(
+                    "cfg.hook_point: activation files carry no hook points; leave hook_point unset"
+                )
+            chunk = max(cfgs[0].batch_size, 1 << 14)
+            return _IterableSource(lambda: (x for _, x in src.iter_chunks(chunk)), "input", cfgs[0])
     elif isinstance(obj, Sequence) and obj and all(isinstance(s, ActivationStore) for s in obj):
         uris = [u for s in obj for u in s.uris]
         store = ActivationStore(uris, obj[0].storage_options)
