@@ -9,7 +9,13 @@ EXTRAS ?= dev,viz,hf
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run smoke test test-fast lint format bench browser clean
+DEVICE ?= auto
+GPU_CHECK_ARGS ?= $(if $(filter cpu,$(DEVICE)),--quick)
+WHEELHOUSE ?= wheelhouse
+GPU_PYTHON ?= python3
+GPU_WHEEL_PY ?= 3.12
+
+.PHONY: install run smoke test test-fast lint format bench browser clean gpu-check gpu-install gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -51,6 +57,29 @@ format: install
 
 bench: install
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The prepared GPU check: CUDA tests, each benchmark's GPU mode and `isup run` on the defaults,
+# summarised in bench/out/gpu-check/summary.{md,json} (`make gpu-check DEVICE=cpu`: the quick
+# CPU run). See docs/gpu-check.md.
+gpu-check:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory gpu-install || exit 1; \
+	if [ -x "$(PY)" ]; then py=$(PY); else py=$(GPU_PYTHON); fi; \
+	ISUP_GPU_CHECK_T0=$$t0 $$py bench/gpu_check.py --device $(DEVICE) $(GPU_CHECK_ARGS)
+
+# With a $(WHEELHOUSE) folder and no $(VENV) (a GPU machine without a package registry, whose
+# $(GPU_PYTHON) already holds a CUDA build of torch), the project goes into that Python's
+# environment from the wheelhouse alone; otherwise `make install` builds $(VENV).
+gpu-install:
+	@if [ -d "$(WHEELHOUSE)" ] && [ ! -x "$(PY)" ]; then \
+	  echo "installing from $(WHEELHOUSE) into $$(command -v $(GPU_PYTHON))"; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --find-links "$(WHEELHOUSE)" -e .; \
+	else \
+	  $(MAKE) --no-print-directory install; \
+	fi
+
+# Wheels for `make gpu-check` on a machine without a package registry (Python $(GPU_WHEEL_PY)).
+gpu-wheels: install
+	$(PY) bench/gpu_wheels.py --dest $(WHEELHOUSE) --python-version $(GPU_WHEEL_PY)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -37,7 +37,7 @@ from integral_superposition.dump import ActivationStore
 from integral_superposition.sae import SparseAutoencoder, load_sae, save_sae
 
 OUT = common.OUT / "analysis"
-K = 4096
+K = common.D_SAE
 TOP = 200
 
 
@@ -327,6 +327,7 @@ def bench_run(sae_uri: str, store, backend) -> dict:
 
 
 def main() -> None:
+    global K
     ap = argparse.ArgumentParser()
     ap.add_argument(
         "--quick", action="store_true", help="smaller runs (a smoke test of the script)"
@@ -340,11 +341,14 @@ def main() -> None:
         default="cpu",
         help="where both sides of the top-k comparison encode (cpu, cuda)",
     )
+    ap.add_argument("--d-sae", type=int, default=K, help="SAE width (latents)")
     ap.add_argument("--rss-child", nargs=2, metavar=("SAE", "COPIES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         rss_child(args.rss_child[0], int(args.rss_child[1]))
         return
+    common.set_device(args.device)
+    K = args.d_sae
     OUT.mkdir(parents=True, exist_ok=True)
     print(common.machine())
     store = common.ag_news_store()
@@ -375,6 +379,18 @@ def main() -> None:
         f"bfloat16 {r['identical_bfloat16']} (mean Jaccard {r['jaccard_bfloat16']:.4f})\n"
         f"  bfloat16 vs float32, all {sae.d_sae} latents: {r['bf16_vs_fp32_identical']} identical sets, mean Jaccard "
         f"{r['bf16_vs_fp32_mean_jaccard']:.4f}, relative error of an activation in both sets: median {r['bf16_vs_fp32_rel_value_err'][0]:.1e}, max {r['bf16_vs_fp32_rel_value_err'][1]:.1e}"
+    )
+    common.record(
+        device=r["device"],
+        d_sae=sae.d_sae,
+        tokens=r["tokens"],
+        ours_float32_s=round(r["ours_float32_s"], 3),
+        ours_bfloat16_s=round(r["ours_bfloat16_s"], 3),
+        seed_total_est_s=round(r["seed_total_est_s"], 3),
+        speedup_total_float32=round(r["speedup_total_float32"], 2),
+        speedup_total_bfloat16=round(r["speedup_total_bfloat16"], 2),
+        speedup_selection_float32=round(r["speedup_selection_float32"], 1),
+        identical_float32=r["identical_float32"],
     )
     if not (args.quick or args.skip_rss):
         rss = bench_rss(sae_uri)

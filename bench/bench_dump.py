@@ -21,7 +21,9 @@ Measured side by side in one run on the same real headlines (ag_news titles):
 3. Model load time in fresh processes: the first load from the GGUF file into an empty
    ``ISUP_CACHE`` (dequantise + cache) and the second load from that cache. Goal: < 10 s.
 
-Run: ``python bench/bench_dump.py`` (``--quick`` for a short run; ``--skip-load`` skips 3).
+Run: ``python bench/bench_dump.py`` (``--quick`` for a short run; ``--skip-load`` skips 3;
+``--device cuda`` runs the model on a GPU, where the bare forward gets its batches already on
+the device and every clock waits for the device's queue).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 from common import ag_news_frame, gemma, machine
 from integral_superposition import DumpConfig
 from integral_superposition.data.tokenize import pad_batch, pad_token_id, tokenize_texts
@@ -50,10 +53,12 @@ class Clock:
     """Wall and process CPU seconds of a block (CPU time is less sensitive to other load)."""
 
     def __enter__(self):
+        common.sync()
         self.w, self.c = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
+        common.sync()
         self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
 
 
@@ -92,7 +97,7 @@ def run_seed(
                 truncation=True,
                 max_length=max_len,
                 return_tensors="pt",
-            )
+            ).to(backend.device)
             hs = backend.model(**enc, output_hidden_states=True).hidden_states[layer]
             torch.save({"acts": hs, "mask": enc["attention_mask"]}, f"{out}/batch_{i:06d}.pt")
     return c
@@ -109,10 +114,11 @@ def throughput(
     each chunk as a separate dump, paying its fixed costs (planning, manifest) per chunk: a
     conservative setting for ours.
     """
-    backend = gemma(torch.bfloat16)
+    backend = gemma()
     df = ag_news_frame(with_description=False).iloc[:n_docs][["title", "topic"]]
+    n_docs = len(df)
     df = df.reset_index(drop=True)
-    cfg = DumpConfig(layer=layer, max_len=max_len, batch_size=batch_size, dtype="bf16")
+    cfg = DumpConfig(layer=layer, max_len=max_len, batch_size=batch_size, dtype=common.DTYPE)
     pad = pad_token_id(backend.tokenizer)
     chunks = []
     for a in range(0, len(df), chunk_docs):
@@ -122,7 +128,7 @@ def throughput(
         batches = []
         for s in range(0, len(order), batch_size):
             b = pad_batch([seqs[i] for i in order[s : s + batch_size]], pad)
-            batches.append((b.input_ids, b.attention_mask))
+            batches.append((b.input_ids.to(backend.device), b.attention_mask.to(backend.device)))
         chunks.append((part, batches))
     n_tokens = sum(int(m.sum()) for _, bs in chunks for _, m in bs)
     cut = bare_forward_model(backend.model, layer)
@@ -171,7 +177,7 @@ def throughput(
     best = {k: min(v) for k, v in totals.items()}
     cpu = {k: statistics.median(v) for k, v in cpu_totals.items()}
     print(
-        f"\n## Dump throughput: gemma-3-270m bf16, layer {layer}, {n_docs} ag_news titles "
+        f"\n## Dump throughput: {common.MODEL} {common.DTYPE} on {backend.device}, layer {layer}, {n_docs} ag_news titles "
         f"({len(chunks)} interleaved chunks of {chunk_docs}), {n_tokens} tokens, "
         f"max_len {max_len}, batch {batch_size}, {repeats} repeats"
     )
@@ -198,6 +204,16 @@ def throughput(
             f"(median CPU time); goal >= {goal}x: "
             f"{'met' if paired >= goal else 'MISSED'}"
         )
+    common.record(
+        device=str(backend.device),
+        model=common.MODEL,
+        tokens=n_tokens,
+        ours_tok_s=round(n_tokens / wall["ours"]),
+        bare_tok_s=round(n_tokens / wall["bare"]),
+        seed_tok_s=round(n_tokens / wall["seed"]),
+        ours_vs_bare=round(statistics.median(pair["bare"]), 3),
+        ours_vs_seed=round(statistics.median(pair["seed"]), 3),
+    )
 
 
 RSS_SCRIPT = r"""
@@ -260,13 +276,13 @@ def peak_rss(n_docs: int, shard_mb: float) -> None:
 
 
 LOAD_SCRIPT = r"""
-import json, time
+import json, sys, time
 t = time.perf_counter()
 import torch
 from integral_superposition.backends import HFCausalLM
 t_import = time.perf_counter() - t
 t = time.perf_counter()
-b = HFCausalLM.from_pretrained("gemma-3-270m", dtype=torch.bfloat16)
+b = HFCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 t_load = time.perf_counter() - t
 print(json.dumps({"import_s": t_import, "load_s": t_load}))
 """
@@ -279,7 +295,7 @@ def load_time() -> None:
         for _ in range(2):
             t = time.perf_counter()
             out = subprocess.run(
-                [sys.executable, "-c", LOAD_SCRIPT],
+                [sys.executable, "-c", LOAD_SCRIPT, common.MODEL],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -288,7 +304,7 @@ def load_time() -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["process_s"] = time.perf_counter() - t
             res.append(r)
-    print("\n## gemma-3-270m load time (fresh process each, empty ISUP_CACHE before the first)")
+    print(f"\n## {common.MODEL} load time (fresh process each, empty ISUP_CACHE before the first)")
     print("| load | from_pretrained s | whole process s |")
     print("| --- | --- | --- |")
     print(
@@ -314,7 +330,9 @@ def main() -> None:
     p.add_argument("--skip-load", action="store_true", help="skip the model load timing")
     p.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS runs")
     p.add_argument("--threads", type=int, help="torch threads (1 is steadier on a busy machine)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
     a = p.parse_args()
+    common.set_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:

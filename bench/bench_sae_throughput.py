@@ -24,7 +24,10 @@ the ratio over a whole run, which a fresh-init window understates and a trained-
 overstates. ``--cases`` picks a subset of the cases.
 
     python bench/bench_sae_throughput.py [--steps 6] [--warmup 2] [--rounds 5] [--batch 4096]
-        [--run-steps 300] [--cases topk,relu,trained,run]
+        [--run-steps 300] [--cases topk,relu,trained,run] [--device cuda] [--d-sae 4096]
+
+``--device cuda`` runs every contender on a GPU, the batches already on the device; each
+clock reading waits for the device's queue. Without sae-lens installed, its column is skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import statistics
 import time
 import warnings
 
+import common
 import torch
 import torch.nn.functional as F
 from common import ag_news_sae, ag_news_store, machine
@@ -43,6 +47,7 @@ from integral_superposition.sae import SparseAutoencoder, load_sae
 from integral_superposition.sae.train import train_sae
 
 D_SAE, TOP_K, LR = 4096, 32, 3e-4
+D_IN = 640  # set from the store in main()
 L1_OURS = 2e-3  # SAELens and the bare loop get l1 * d_in: ours divides the MSE by d_in
 
 
@@ -64,7 +69,8 @@ class TimedBatches:
 
 
 def now() -> tuple[float, float]:
-    """(wall clock, CPU time of this process over all its threads)."""
+    """(wall clock, CPU time of this process over all its threads), after the device's queue."""
+    common.sync()
     return time.perf_counter(), time.process_time()
 
 
@@ -81,7 +87,7 @@ def run_ours(
     sparse: bool | None,
     l1: float = L1_OURS,
 ):
-    sae = SparseAutoencoder(640, D_SAE, architecture=arch, top_k=TOP_K, seed=0)
+    sae = SparseAutoencoder(D_IN, D_SAE, architecture=arch, top_k=TOP_K, seed=0)
     if init is not None:
         sae.load_state_dict(init.state_dict())
     bs = tb.batches[0].shape[0]
@@ -89,7 +95,7 @@ def run_ours(
         k=D_SAE, architecture=arch, top_k=TOP_K, lr=LR, l1=l1, batch_size=bs,
         train_tokens=len(tb) * bs, lr_warmup_steps=1, sparse_decode=sparse, log_every=1000,
     )  # fmt: skip
-    train_sae(sae, tb, cfg, "cpu", progress=False)
+    train_sae(sae, tb, cfg, common.DEVICE, progress=False)
     return now()
 
 
@@ -99,11 +105,11 @@ def run_saelens(arch: str, tb: TimedBatches, init: SparseAutoencoder | None, l1:
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    common = {"d_in": 640, "d_sae": D_SAE, "dtype": "float32", "device": "cpu"}
+    shared = {"d_in": D_IN, "d_sae": D_SAE, "dtype": "float32", "device": common.DEVICE}
     if arch == "topk":
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=TOP_K, **common))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=TOP_K, **shared))
     else:
-        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=l1 * 640, **common))
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=l1 * D_IN, **shared))
     if init is not None:
         with torch.no_grad():
             for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
@@ -114,7 +120,7 @@ def run_saelens(arch: str, tb: TimedBatches, init: SparseAutoencoder | None, l1:
         train_batch_size_samples=bs,
         lr=LR,
         lr_end=LR / 10,
-        device="cpu",
+        device=common.DEVICE,
     )
     trainer = SAETrainer(cfg, sae, iter(tb))
     with warnings.catch_warnings():
@@ -125,9 +131,9 @@ def run_saelens(arch: str, tb: TimedBatches, init: SparseAutoencoder | None, l1:
 
 def run_bare(arch: str, tb: TimedBatches, init: SparseAutoencoder | None, l1: float = L1_OURS):
     """Encode, decode, backward, Adam: nothing else."""
-    src = init if init is not None else SparseAutoencoder(640, D_SAE, architecture=arch, seed=0)
+    src = init if init is not None else SparseAutoencoder(D_IN, D_SAE, architecture=arch, seed=0)
     W_enc, W_dec, b_enc, b_dec = (
-        torch.nn.Parameter(getattr(src, n).detach().clone())
+        torch.nn.Parameter(getattr(src, n).detach().to(common.DEVICE).clone())
         for n in ("W_enc", "W_dec", "b_enc", "b_dec")
     )
     opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=LR)
@@ -141,7 +147,7 @@ def run_bare(arch: str, tb: TimedBatches, init: SparseAutoencoder | None, l1: fl
         x_hat = z @ W_dec + b_dec
         loss = (x_hat - x).pow(2).sum(-1).mean()
         if arch == "relu":
-            loss = loss + l1 * 640 * z.sum(-1).mean()
+            loss = loss + l1 * D_IN * z.sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -149,6 +155,7 @@ def run_bare(arch: str, tb: TimedBatches, init: SparseAutoencoder | None, l1: fl
 
 
 def main() -> None:
+    global D_SAE, D_IN
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
@@ -160,11 +167,20 @@ def main() -> None:
         help="comma-separated subset of topk, relu (fresh init), trained (ReLU), run (whole run)",
     )
     ap.add_argument("--run-steps", type=int, default=300, help="whole ReLU run (0: skip)")
+    ap.add_argument("--device", default="cpu", help="where every contender trains: cpu, cuda")
+    ap.add_argument("--d-sae", type=int, default=D_SAE, help="SAE width")
     args = ap.parse_args()
+    common.set_device(args.device)
+    D_SAE = args.d_sae
     logging.disable(logging.WARNING)
     store = ag_news_store()
+    D_IN = store.d_model
     n = (args.steps + args.warmup) * args.batch
-    x = store.read(0, n).float()
+    if store.n_tokens < n:
+        raise SystemExit(
+            f"--steps/--warmup/--batch need {n} tokens; the store has {store.n_tokens}"
+        )
+    x = store.read(0, n).float().to(common.DEVICE)
     batches = [x[i : i + args.batch] for i in range(0, n, args.batch)]
     print(machine())
     print(
@@ -172,6 +188,13 @@ def main() -> None:
         f"timed steps per run: {args.steps} (after {args.warmup} warm-up steps); rounds: {args.rounds}"
     )
     want = set(args.cases.split(","))
+    try:
+        import sae_lens  # noqa: F401
+
+        have_saelens = True
+    except ImportError:
+        have_saelens = False
+        print("sae-lens is not installed: its trainer is skipped")
     cases = [("topk", None, "TopK k=32, fresh init")] if "topk" in want else []
     if "relu" in want:
         cases.append(("relu", None, "ReLU+L1, fresh init"))
@@ -186,6 +209,8 @@ def main() -> None:
             "SAELens SAETrainer": lambda tb, a=arch, i=init: run_saelens(a, tb, i),
             "bare loop": lambda tb, a=arch, i=init: run_bare(a, tb, i),
         }
+        if not have_saelens:
+            del runners["SAELens SAETrainer"]
         wall: dict[str, list[float]] = {k: [] for k in runners}
         cpu: dict[str, list[float]] = {k: [] for k in runners}
         for r in range(args.rounds):
@@ -202,6 +227,8 @@ def main() -> None:
             print(f"  {k:20s} {' '.join(f'{s:8.0f}' for s in v)}   median {med[k]:8.0f}")
 
         def ratios(sp: dict[str, list[float]], other: str) -> list[float]:
+            if other not in sp:
+                return [float("nan")]
             return [a / b for a, b in zip(sp["ours"], sp[other], strict=True)]
 
         summary = {}
@@ -218,22 +245,43 @@ def main() -> None:
             )
         rows.append((label, med, summary))
     if args.run_steps > 0 and "run" in want:
-        rows.append(whole_run(store, args.batch, args.run_steps))
+        rows.append(whole_run(store, args.batch, args.run_steps, have_saelens))
     print(
         "\n| case | ours tok/s | SAELens tok/s | bare tok/s | ours/SAELens | ours/bare | "
         "sparse/dense | ours/SAELens (CPU s) | ours/bare (CPU s) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    nan = float("nan")
     for label, med, sm in rows:
         print(
-            f"| {label} | {med['ours']:.0f} | {med['SAELens SAETrainer']:.0f} | {med['bare loop']:.0f} "
+            f"| {label} | {med['ours']:.0f} | {med.get('SAELens SAETrainer', nan):.0f} | {med['bare loop']:.0f} "
             f"| {sm['ours / SAELens'][0]:.2f} | {sm['ours / bare'][0]:.2f} "
             f"| {sm['sparse / dense'][0]:.2f} | {sm['ours / SAELens'][1]:.2f} "
             f"| {sm['ours / bare'][1]:.2f} |".replace("| nan |", "| - |")
         )
 
+    def num(v: float, nd: int) -> float | None:
+        return None if v != v else round(v, nd)
 
-def whole_run(store, batch: int, steps: int):
+    common.record(
+        device=common.DEVICE,
+        d_in=D_IN,
+        d_sae=D_SAE,
+        batch=args.batch,
+        cases={
+            label: {
+                "ours_tok_s": round(med["ours"]),
+                "bare_tok_s": round(med["bare loop"]),
+                "saelens_tok_s": num(med.get("SAELens SAETrainer", nan), 0),
+                "ours_vs_saelens": num(sm["ours / SAELens"][0], 3),
+                "ours_vs_bare": num(sm["ours / bare"][0], 3),
+            }
+            for label, med, sm in rows
+        },
+    )
+
+
+def whole_run(store, batch: int, steps: int, have_saelens: bool = True):
     """Each contender trains ``steps`` steps from the same fresh ReLU init, once.
 
     The batches are the store's rows (up to ``steps * batch`` of them), shuffled with a fixed
@@ -241,14 +289,17 @@ def whole_run(store, batch: int, steps: int):
     """
     n = min(store.n_tokens, steps * batch) // batch * batch
     x = store.read(0, n).float()[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    x = x.to(common.DEVICE)
     run = [x[(i * batch) % n :][:batch] for i in range(steps)]
-    init = SparseAutoencoder(640, D_SAE, architecture="relu", seed=0)
+    init = SparseAutoencoder(D_IN, D_SAE, architecture="relu", seed=0)
     l1 = SAEConfig().l1  # the library default
     runners = {
         "ours": lambda tb: run_ours("relu", tb, init, None, l1),
         "SAELens SAETrainer": lambda tb: run_saelens("relu", tb, init, l1),
         "bare loop": lambda tb: run_bare("relu", tb, init, l1),
     }
+    if not have_saelens:
+        del runners["SAELens SAETrainer"]
     label = f"ReLU+L1, whole run of {steps} steps"
     print(f"\n== {label} from a fresh init (once each): tokens per wall second")
     wall, cpu = {}, {}
@@ -265,10 +316,11 @@ def whole_run(store, batch: int, steps: int):
             f"  {name:20s} whole run {wall[name]:8.0f}   first fifth {first:8.0f}   "
             f"last fifth {last:8.0f}   ({marks[-1] - marks[0]:.0f} s)"
         )
+    nan = float("nan")
     summary = {
         "ours / SAELens": (
-            wall["ours"] / wall["SAELens SAETrainer"],
-            cpu["ours"] / cpu["SAELens SAETrainer"],
+            wall["ours"] / wall.get("SAELens SAETrainer", nan),
+            cpu["ours"] / cpu.get("SAELens SAETrainer", nan),
         ),
         "ours / bare": (wall["ours"] / wall["bare loop"], cpu["ours"] / cpu["bare loop"]),
         "sparse / dense": (float("nan"), float("nan")),

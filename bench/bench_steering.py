@@ -15,6 +15,10 @@
     python bench/bench_steering.py --skip-quality        # overhead only (about 1 minute)
     python bench/bench_steering.py --skip-overhead --controls random   # the quality goals
     python bench/bench_steering.py --skip-overhead --per-label 3 --positions generated
+    python bench/bench_steering.py --skip-quality --device cuda   # overhead on a GPU
+
+When no latent passes the enrichment cut (a model with random weights, say), the overhead
+part clamps the latent with the largest activation instead.
 """
 
 from __future__ import annotations
@@ -59,7 +63,9 @@ def enrichment(sae, sae_uri: str, store):
     return tok, doc, np.asarray(scan.act_max)
 
 
-def overhead(backend, sae, latent: int, value: float, batch_size: int, new_tokens: int, reps: int):
+def overhead(
+    backend, sae, hook: str, latent: int, value: float, batch_size: int, new_tokens: int, reps: int
+):
     prompts = (neutral_prompts() * 4)[:batch_size]
     tok = backend.tokenizer
     batch = pad_batch(encode_prompts(tok, prompts), pad_token_id(tok), "left")
@@ -73,7 +79,7 @@ def overhead(backend, sae, latent: int, value: float, batch_size: int, new_token
 
     def steered():
         with steering.steer(
-            backend, sae, "layer.9", steering.clamp(latent, value), positions="generated"
+            backend, sae, hook, steering.clamp(latent, value), positions="generated"
         ) as h:
             out = backend.generate(**kw)
         assert h.edited_tokens["generated"] == batch_size * (new_tokens - 1)
@@ -83,8 +89,10 @@ def overhead(backend, sae, latent: int, value: float, batch_size: int, new_token
     times = {"unsteered": [], "steered": []}
     for _ in range(reps):  # interleaved, so load changes hit both sides alike
         for name, fn in (("unsteered", unsteered), ("steered", steered)):
+            common.sync()
             t = time.perf_counter()
             fn()
+            common.sync()
             times[name].append(time.perf_counter() - t)
     a, b = statistics.median(times["unsteered"]), statistics.median(times["steered"])
     ratios = [s / u for s, u in zip(times["steered"], times["unsteered"], strict=True)]
@@ -144,11 +152,14 @@ def main() -> None:
     ap.add_argument("--controls", nargs="*", default=["alpha0", "random", "own_label"])
     ap.add_argument("--own-prompts", type=int, default=6)
     ap.add_argument("--tag", default="default")
+    ap.add_argument("--device", default="cpu", help="where the model and the SAE run: cpu, cuda")
+    ap.add_argument("--overhead-tokens", type=int, default=32, help="new tokens per overhead run")
     args = ap.parse_args()
+    common.set_device(args.device)
 
     print(common.machine())
     sae_uri, store = common.ag_news_sae()
-    sae = load_sae(sae_uri).eval()
+    sae = load_sae(sae_uri).eval().to(common.DEVICE)
     m = read_sae_manifest(sae_uri).get("metrics", {})
     print(
         f"SAE {sae_uri}: {sae}; held-out FVU {m.get('fvu', float('nan')):.3f}, L0 {m.get('l0', float('nan')):.1f}"
@@ -164,14 +175,21 @@ def main() -> None:
     results: dict = {"machine": common.machine()}
 
     if not args.skip_overhead:
-        j = int(picks["latent"].iloc[0])
+        j = int(picks["latent"].iloc[0]) if len(picks) else int(np.argmax(mx))
         print(f"\n== 1. overhead: clamp latent {j} to 1x max on every generated token")
         rows = []
-        for batch_size, new_tokens in ((8, 32), (1, 32)):
-            r = overhead(backend, sae, j, float(mx[j]), batch_size, new_tokens, args.reps)
+        for batch_size, new_tokens in ((8, args.overhead_tokens), (1, args.overhead_tokens)):
+            r = overhead(
+                backend, sae, store.hook_point, j, float(mx[j]), batch_size, new_tokens, args.reps
+            )
             rows.append(r)
             print(json.dumps(r))
         results["overhead"] = rows
+        common.record(
+            device=str(backend.device),
+            model=common.MODEL,
+            overhead={f"batch_{r['batch']}": r for r in rows},
+        )
 
     if not args.skip_quality:
         latents = args.latents or picks["latent"].tolist()

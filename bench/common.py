@@ -1,7 +1,15 @@
 """Shared fixtures for the benchmark scripts: the real model and real activations.
 
 Benchmarks read ``../shared/data/ag_news_dev.csv`` (or ``$ISUP_AG_NEWS``) and cache what they
-build under ``bench/out/`` so that several scripts share one dump.
+build under ``bench/out/`` (or ``$ISUP_BENCH_OUT``) so that several scripts share one dump.
+
+Variables retarget every script (``bench/gpu_check.py`` sets them): ``$ISUP_AG_NEWS``
+may be ``demo:N`` (the built-in demo corpus, N headlines, no descriptions),
+``$ISUP_BENCH_MODEL`` names another model (default ``gemma-3-270m``; e.g. ``tiny:gemma`` or a
+model directory), ``$ISUP_BENCH_LAYER`` the hook layer of the shared dump (default 9),
+``$ISUP_BENCH_DTYPE`` the model's dtype (default bf16) and ``$ISUP_BENCH_D_SAE`` the shared
+SAE's width (default 4096).
+:func:`set_device` picks where the shared dump and SAE are computed.
 """
 
 from __future__ import annotations
@@ -17,16 +25,62 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 OUT = Path(os.environ.get("ISUP_BENCH_OUT", ROOT / "out"))
-AG_NEWS = Path(
+AG_NEWS_SOURCE = str(
     os.environ.get("ISUP_AG_NEWS", ROOT.parent.parent / "shared" / "data" / "ag_news_dev.csv")
 )
-MIDDLE_LAYER = 9
+AG_NEWS = Path(AG_NEWS_SOURCE)
+MIDDLE_LAYER = int(os.environ.get("ISUP_BENCH_LAYER", "9"))
+MODEL = os.environ.get("ISUP_BENCH_MODEL", "gemma-3-270m")
+D_SAE = int(os.environ.get("ISUP_BENCH_D_SAE", "4096"))
+"""Width of the shared SAE of :func:`ag_news_sae` (``$ISUP_BENCH_D_SAE``)."""
+DTYPE = os.environ.get("ISUP_BENCH_DTYPE", "bf16")
+"""The model's compute dtype in every script (``$ISUP_BENCH_DTYPE``: bf16, fp16 or fp32)."""
+DEVICE = "cpu"
+"""Where :func:`ag_news_store` dumps and :func:`ag_news_sae` trains (see :func:`set_device`)."""
+
+
+def set_device(device: str) -> torch.device:
+    """Check ``device`` (``cpu``, ``cuda``, ``cuda:N``) and make it the scripts' device."""
+    global DEVICE
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SystemExit(f"--device={device!r}: expected cpu, cuda or cuda:N ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device!r}: torch sees no CUDA device on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device={device!r}: expected cpu, cuda or cuda:N")
+    DEVICE = str(dev)
+    return dev
+
+
+def sync(device: str | torch.device | None = None) -> None:
+    """Wait for queued work on a CUDA ``device`` (default: the scripts' device) before a clock is read."""
+    dev = torch.device(device if device is not None else DEVICE)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def record(**values) -> None:
+    """Merge key numbers into the JSON file ``$ISUP_BENCH_JSON`` (when set), for summaries."""
+    path = os.environ.get("ISUP_BENCH_JSON")
+    if not path:
+        return
+    import json
+
+    from integral_superposition.storage import write_json
+
+    p = Path(path)
+    data = json.loads(p.read_text()) if p.exists() else {}
+    data.update(values)
+    write_json(str(p), data)
 
 
 def machine() -> str:
     """One line describing where a number was measured."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.node()} | {psutil.cpu_count(logical=True)} CPUs | {psutil.virtual_memory().total / 2**30:.0f} GiB | {gpu} | torch {torch.__version__} threads={torch.get_num_threads()}"
+    data = "demo corpus" if AG_NEWS_SOURCE.startswith("demo") else str(AG_NEWS)
+    return f"{platform.node()} | {psutil.cpu_count(logical=True)} CPUs | {psutil.virtual_memory().total / 2**30:.0f} GiB | {gpu} | torch {torch.__version__} threads={torch.get_num_threads()} | model {MODEL} {DTYPE} | data {data}"
 
 
 def peak_rss_mb() -> float:
@@ -46,9 +100,18 @@ def peak_rss_mb() -> float:
 
 
 def ag_news_frame(with_description: bool = True):
-    """The real labelled headlines; ``text`` is the title plus, optionally, the description."""
-    from integral_superposition.data import load_titles_csv
+    """The real labelled headlines; ``text`` is the title plus, optionally, the description.
 
+    With ``$ISUP_AG_NEWS=demo:N``: N headlines of the built-in demo corpus (no descriptions).
+    """
+    from integral_superposition.data import demo_corpus, load_titles_csv
+
+    if AG_NEWS_SOURCE.startswith("demo"):
+        _, _, n = AG_NEWS_SOURCE.partition(":")
+        df = demo_corpus(int(n or 3800))
+        df["description"] = ""
+        df["text"] = df["title"]
+        return df
     if not AG_NEWS.exists():
         raise SystemExit(f"{AG_NEWS} not found: set ISUP_AG_NEWS to the ag_news_dev.csv path")
     df = load_titles_csv(str(AG_NEWS), text_col="title", label_col="topic")
@@ -58,19 +121,33 @@ def ag_news_frame(with_description: bool = True):
     return df
 
 
-def gemma(dtype=torch.bfloat16):
+def gemma(dtype=None, device: str | None = None):
+    """The benchmarks' model (``$ISUP_BENCH_MODEL``, default gemma-3-270m) in ``dtype``
+    (default ``$ISUP_BENCH_DTYPE``, bf16) on ``device`` (default: the scripts' device)."""
     from integral_superposition.backends import HFCausalLM
 
-    return HFCausalLM.from_pretrained("gemma-3-270m", dtype=dtype)
+    dev = torch.device(device or DEVICE)
+    device_map = str(dev) if dev.type == "cuda" else None
+    return HFCausalLM.from_pretrained(MODEL, dtype=dtype or DTYPE, device_map=device_map)
 
 
-def ag_news_store(layer: int = MIDDLE_LAYER, max_len: int = 64):
+def _cache_tag() -> str:
+    """``gemma`` for the default model and data; else a short key of both."""
+    if MODEL == "gemma-3-270m" and not AG_NEWS_SOURCE.startswith("demo"):
+        return "gemma"
+    import hashlib
+
+    return hashlib.sha256(f"{MODEL}|{AG_NEWS_SOURCE}".encode()).hexdigest()[:10]
+
+
+def ag_news_store(layer: int | None = None, max_len: int = 64):
     """gemma-3-270m activations of ag_news titles + descriptions at ``layer`` (cached)."""
     from integral_superposition import DumpConfig
     from integral_superposition.dump import ActivationStore, dump_layer_activations
     from integral_superposition.storage import verify_output
 
-    out = OUT / f"ag_news_gemma_L{layer}_T{max_len}"
+    layer = MIDDLE_LAYER if layer is None else layer
+    out = OUT / f"ag_news_{_cache_tag()}_L{layer}_T{max_len}"
     if verify_output(str(out)):
         return ActivationStore(str(out))
     t = time.time()
@@ -87,7 +164,7 @@ def ag_news_store(layer: int = MIDDLE_LAYER, max_len: int = 64):
     return store
 
 
-def ag_news_sae(arch: str = "topk", d_sae: int = 4096, **overrides):
+def ag_news_sae(arch: str = "topk", d_sae: int | None = None, **overrides):
     """``(sae_uri, store)``: an SAE trained (once, cached under ``bench/out/``) on
     :func:`ag_news_store`. ``overrides`` are extra ``SAEConfig`` fields (``top_k``, ``l1``, ...).
     """
@@ -96,6 +173,7 @@ def ag_news_sae(arch: str = "topk", d_sae: int = 4096, **overrides):
     from integral_superposition.storage import canonical_json, sha256_bytes, verify_output
 
     store = ag_news_store()
+    d_sae = D_SAE if d_sae is None else d_sae
     defaults = {"top_k": 32, "l1": 2e-3, "lr": 1e-3, "batch_size": 1024, "epochs": 3.0}
     defaults.update({"lr_warmup_steps": 50, "dead_tokens": 200_000, "log_every": 50})
     cfg = SAEConfig(k=d_sae, architecture=arch, **{**defaults, **overrides})
@@ -103,6 +181,8 @@ def ag_news_sae(arch: str = "topk", d_sae: int = 4096, **overrides):
     out = OUT / f"ag_news_sae_{arch}_{d_sae}_{key}"
     if not verify_output(str(out)):
         t = time.time()
-        (res,) = train_saes(store, [cfg], [str(out)], checkpoint_uri=str(out) + ".ckpt")
+        (res,) = train_saes(
+            store, [cfg], [str(out)], checkpoint_uri=str(out) + ".ckpt", device=DEVICE
+        )
         print(f"[bench] trained {arch} d_sae={d_sae} in {time.time() - t:.0f}s: {res.metrics}")
     return str(out), store
