@@ -120,7 +120,8 @@ def find_news_csv(spec: str = "auto", root: Path = ROOT) -> tuple[str, str]:
 
 def stand_in_model(cache: Path) -> Path:
     """A model folder with gemma-3-270m's architecture, random weights (seed 0, bf16) and the
-    tiny gemma tokenizer (its ids are a subset of the vocabulary); built once under ``cache``."""
+    tiny gemma tokenizer, its vocabulary filled up to the model's with ``<unusedN>`` tokens;
+    built once under ``cache``."""
     target = cache / "gemma-3-270m-architecture-random"
     if (target / "config.json").exists():
         return target
@@ -131,7 +132,6 @@ def stand_in_model(cache: Path) -> Path:
     import transformers as tf
     from integral_superposition.backends.tiny import tiny_model_dir
 
-    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_model_dir("gemma"))
     config = tf.Gemma3TextConfig(**GEMMA_270M)
     torch.manual_seed(0)
     model = tf.Gemma3ForCausalLM(config).to(torch.bfloat16)
@@ -139,7 +139,12 @@ def stand_in_model(cache: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        tf.AutoTokenizer.from_pretrained(tiny_model_dir("gemma")).save_pretrained(tmp)
+        # every id of the vocabulary decodes to a token (generations are never empty text)
+        spec = json.loads((tmp / "tokenizer.json").read_text())
+        vocab = spec["model"]["vocab"]
+        vocab.update({f"<unused{i}>": i for i in range(len(vocab), config.vocab_size)})
+        (tmp / "tokenizer.json").write_text(json.dumps(spec))
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,9 +193,20 @@ def machine_info(device: str) -> dict[str, Any]:
             bf16_supported=torch.cuda.is_bf16_supported(),
         )
     else:
-        info.update(device_name=f"CPU ({platform.processor() or platform.machine()})")
-        info.update(cuda_capability=None)
+        info.update(device_name=f"CPU ({cpu_model()})", cuda_capability=None)
     return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _junit_counts(path: Path) -> dict[str, int]:
@@ -460,7 +476,10 @@ def isup_run_numbers(runs: Path) -> dict[str, Any]:
     steps = index.get("steps", [])
     return {
         "report": index.get("report_uri"),
-        "steps": {s["name"]: {"state": s["state"], "seconds": s["seconds"]} for s in steps},
+        "steps": {
+            f"{s['step']} {s['name']}": {"state": s["state"], "seconds": s["seconds"]}
+            for s in steps
+        },
         "steps_seconds": round(sum(s["seconds"] or 0 for s in steps), 1),
     }
 
@@ -506,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         data, data_note = "demo:200", "the built-in demo corpus, 200 headlines (--quick)"
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    t_model = time.time()
     model, model_note = choose_model(args.quick, args.model, out / "cache")
+    if time.time() - t_model > 1:
+        model_note += f" (built in {time.time() - t_model:.0f} s)"
     info = machine_info(device)
     info.update(mode="quick" if args.quick else "full", data=data_note, model=model_note)
     t0 = os.environ.get("ISUP_GPU_CHECK_T0")

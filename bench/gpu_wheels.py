@@ -34,23 +34,28 @@ BUILD = ("setuptools", "wheel")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
-def closure(name: str = PROJECT) -> dict[str, str]:
-    """``{distribution: installed version}`` of ``name``'s runtime requirements, recursively."""
+def closure(name: str = PROJECT, python_version: str | None = None) -> dict[str, str]:
+    """``{distribution: installed version}`` of ``name``'s runtime requirements, recursively,
+    with environment markers judged for ``python_version`` (default: this Python's)."""
+    env = {"python_version": python_version, "python_full_version": f"{python_version}.0"}
+    env = env if python_version else {}
     seen: dict[str, str] = {}
+    visited: set[tuple[str, str]] = set()  # (distribution, extra): an extra adds requirements
 
     def walk(dist: str, extras: tuple[str, ...] = ()) -> None:
         key = canonicalize_name(dist)
-        if key in seen:
+        todo = [e for e in ("", *extras) if (key, e) not in visited]
+        if not todo:
             return
         try:
             d = metadata.distribution(dist)
         except metadata.PackageNotFoundError:
             return  # a requirement for another platform or Python
+        visited.update((key, e) for e in todo)
         seen[key] = d.version
         for line in d.requires or []:
             req = Requirement(line)
-            envs = [{"extra": e} for e in ("", *extras)]
-            if req.marker is None or any(req.marker.evaluate(e) for e in envs):
+            if req.marker is None or any(req.marker.evaluate({**env, "extra": e}) for e in todo):
                 walk(req.name, tuple(req.extras))
 
     walk(name)
@@ -78,7 +83,7 @@ def main() -> int:
     ap.add_argument("--dest", default="wheelhouse")
     ap.add_argument("--python-version", default="3.12")
     args = ap.parse_args()
-    pins = wanted(closure())
+    pins = wanted(closure(python_version=args.python_version))
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]

@@ -283,3 +283,8 @@ def test_gemma_sources_hub_fallback_and_gguf_file(gemma_backend):
         hub.capture(ids, None, ["layer.3"])["layer.3"],
         gguf.capture(ids, None, ["layer.3"])["layer.3"],
     )
+
+
+def test_tokenizing_no_texts_gives_no_sequences(tiny_backend_factory):
+    for family in ("gemma", "gpt2"):
+        assert tokenize_texts(tiny_backend_factory(family).tokenizer, [], 8) == []

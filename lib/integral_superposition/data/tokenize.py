@@ -37,6 +37,8 @@ def tokenize_texts(
     """
     if max_len < 1:
         raise ValueError(f"max_len={max_len}: expected a positive token count")
+    if not texts:  # fast tokenizers fail on an empty batch
+        return []
     # Token-level truncation keeps the same prefix as tokenising everything; one spare token
     # covers a leading BOS that is removed below.
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_len + 1)[
