@@ -183,6 +183,12 @@ def machine_info(device: str) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "device": device,
     }
+    try:  # what ``dtype: auto`` picks here, and why
+        from integral_superposition.compute import resolve_compute
+
+        info["dtype_auto"] = resolve_compute("auto", device).describe()
+    except (ImportError, ValueError) as e:
+        info["dtype_auto"] = f"unknown ({e})"
     if torch.device(device).type == "cuda":
         idx = torch.device(device).index or 0
         props = torch.cuda.get_device_properties(idx)
@@ -400,6 +406,7 @@ def write_summary(out: Path, info: dict, items: list[Item], started: float) -> N
         + (f", {info['gpu_memory_gib']} GiB" if info.get("gpu_memory_gib") else ""),
         f"- torch {info['torch']} (CUDA {info['cuda']}), Python {info['python']}, "
         f"CPU capability {info['cpu_capability']}, {info['cpus']} CPUs, host {info['host']}",
+        f"- dtype auto: {info['dtype_auto']}",
         f"- mode: {info['mode']}; data: {info['data']}; model: {info['model']}",
     ]
     if info.get("install_s") is not None:

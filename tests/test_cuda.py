@@ -1,5 +1,5 @@
 """The CUDA paths: a dump on a CUDA backend, training, the analysis scan's device-resident
-top-n selection, steering, and ``auto`` device resolution.
+top-n selection, steering, and ``auto`` device and dtype resolution.
 
 Marked ``cuda``: they run on ``$ISUP_TEST_DEVICE`` (default ``cuda``) and skip when torch sees
 no CUDA device. ``bench/gpu_check.py --device cpu`` runs them on the CPU
@@ -140,12 +140,26 @@ def test_steering_on_the_device(device, device_backend):
     assert sae.W_dec.device.type == "cpu"  # the caller's SAE is never moved
 
 
-def test_auto_device_resolution(device, device_backend):
+def test_auto_device_and_dtype_resolution(device, device_backend):
+    from integral_superposition.compute import cpu_bf16_support, resolve_compute, resolve_device
     from integral_superposition.experiment import ModelSpec
     from integral_superposition.steering import evaluate as ev
 
-    want = "cuda:0" if torch.cuda.is_available() else None
-    assert ModelSpec(device="auto").resolved_device_map() == want
+    has_cuda = torch.cuda.is_available()
+    auto = torch.device("cuda:0" if has_cuda else "cpu")
+    assert resolve_device("auto") == auto
+    assert ModelSpec(device="auto").resolved_device_map() == ("cuda:0" if has_cuda else None)
     assert ModelSpec(device="cpu").resolved_device_map() is None
     assert ev._resolve_device("auto", device_backend) == device_backend.device
-    assert ev._resolve_device("auto", None) == torch.device("cpu")
+    assert ev._resolve_device("auto", None) == auto
+
+    choice = resolve_compute("auto", device)
+    assert choice.device.type == device.type
+    if device.type == "cuda":
+        # bf16 on a GPU that has it (compute capability 8.0 and up), else fp16
+        bf16 = torch.cuda.get_device_capability(device)[0] >= 8
+        assert choice.dtype == (torch.bfloat16 if bf16 else torch.float16), choice.describe()
+    else:
+        native, _ = cpu_bf16_support()
+        assert choice.dtype == (torch.bfloat16 if native else torch.float32), choice.describe()
+    assert resolve_compute("fp32", device).dtype == torch.float32  # explicit wins
