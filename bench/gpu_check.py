@@ -55,6 +55,8 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 DATA_NAME = Path("shared") / "data" / "ag_news_dev.csv"
+DEMO_FALLBACK = "demo:12000"
+"""Without the news CSV: enough demo headlines for the training benchmark's batches."""
 GEMMA_270M = {
     # gemma-3-270m's architecture (google/gemma-3-270m config.json)
     "vocab_size": 262144,
@@ -98,10 +100,10 @@ def find_news_csv(spec: str = "auto", root: Path = ROOT) -> tuple[str, str]:
     """``(ISUP_AG_NEWS value, how it was found)`` for ``spec``: ``auto``, ``demo`` or a path.
 
     ``auto`` looks at ``$ISUP_AG_NEWS``, then ``shared/data/ag_news_dev.csv`` inside ``root``
-    and beside each folder above it; when none exists, the demo corpus (``demo:3800``).
+    and beside each folder above it; when none exists, the demo corpus (:data:`DEMO_FALLBACK`).
     """
     if spec == "demo":
-        return "demo:3800", "the built-in demo corpus (asked for)"
+        return DEMO_FALLBACK, "the built-in demo corpus (asked for)"
     if spec != "auto":
         if not Path(spec).is_file():
             raise SystemExit(f"--data={spec!r}: no such file; expected auto, demo or a CSV path")
@@ -115,7 +117,8 @@ def find_news_csv(spec: str = "auto", root: Path = ROOT) -> tuple[str, str]:
         looked.append(str(candidate))
         if candidate.is_file():
             return str(candidate), str(candidate)
-    return "demo:3800", "the built-in demo corpus (no ag_news_dev.csv at " + ", ".join(looked) + ")"
+    note = f"the built-in demo corpus (no ag_news_dev.csv at {', '.join(looked)})"
+    return DEMO_FALLBACK, note
 
 
 def stand_in_model(cache: Path) -> Path:

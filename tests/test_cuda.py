@@ -92,7 +92,7 @@ def test_training_on_the_device_learns_like_the_cpu(device, demo_store):
     (init_d, fvu_d), (init_c, fvu_c) = results[device.type], results["cpu"]
     assert init_d == pytest.approx(init_c)
     assert fvu_d < 0.7 * init_d  # it learned
-    assert fvu_d == pytest.approx(fvu_c, abs=0.05)  # as much as on the CPU
+    assert fvu_d == pytest.approx(fvu_c, rel=0.15)  # as much as on the CPU
 
 
 def test_scan_selection_on_the_device_matches_the_host_selection(device, monkeypatch):

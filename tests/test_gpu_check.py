@@ -78,7 +78,7 @@ def test_news_data_is_found_beside_a_parent_folder_or_replaced_by_the_demo_corpu
     repo = tmp_path / "work" / "wt" / "repo"
     repo.mkdir(parents=True)
     value, note = gpu_check.find_news_csv("auto", repo)
-    assert value == "demo:3800" and "demo corpus" in note
+    assert value == gpu_check.DEMO_FALLBACK and "demo corpus" in note
     assert str(repo / "shared" / "data" / "ag_news_dev.csv") in note
 
     csv = tmp_path / "work" / "shared" / "data" / "ag_news_dev.csv"
@@ -96,7 +96,7 @@ def test_news_data_is_found_beside_a_parent_folder_or_replaced_by_the_demo_corpu
     monkeypatch.setenv("ISUP_AG_NEWS", str(other))
     value, note = gpu_check.find_news_csv("auto", repo)
     assert value == str(other) and "$ISUP_AG_NEWS" in note
-    assert gpu_check.find_news_csv("demo", repo)[0] == "demo:3800"
+    assert gpu_check.find_news_csv("demo", repo)[0] == gpu_check.DEMO_FALLBACK
 
 
 def test_bad_arguments_name_the_argument_and_write_nothing(gpu_check, tmp_path):
