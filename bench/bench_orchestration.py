@@ -216,6 +216,8 @@ def cli_wall_time(preset: str | None, goal_s: float, extra: list[str] = ()) -> N
     root = Path(tempfile.mkdtemp(prefix="isup-cli-", dir=OUT if OUT.exists() else None))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_HOME": str(root / "prefect-home"), "HF_HUB_OFFLINE": "1"})
+    # a loaded machine can take longer than Prefect's default to start its temporary server
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     isup = Path(sys.executable).with_name("isup")
     args = [str(isup), "run", "--storage", str(root / "runs"), *extra]
     args += ["--preset", preset] if preset else []

@@ -87,7 +87,7 @@ def run_sae_step(
 
     progress = Progress(f"{key}-{sae.name}", f"{title or key} {sae.name}", unit="steps")
     spec = model.spec if model is not None else None
-    with gpu_slot(gpu_limit), using_backend(spec) as backend, timed_step():
+    with gpu_slot(gpu_limit), using_backend(spec) as backend, progress, timed_step():
         manifest = fn(
             sae.uri,
             store.uri,

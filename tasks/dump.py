@@ -75,7 +75,7 @@ def dump_activations(
     name = out if partition is None else partition_name(*partition)
     out_uri = loc.uri(out) if partition is None else loc.uri(out, name)
     progress = Progress(f"dump-{name}", f"dump {name}", unit="tok")
-    with gpu_slot(gpu_limit), using_backend(model.spec) as backend, timed_step():
+    with gpu_slot(gpu_limit), using_backend(model.spec) as backend, progress, timed_step():
         store = dump_layer_activations(
             df,
             spec.text_col,

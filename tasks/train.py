@@ -69,7 +69,7 @@ def train_saes(
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
             logger.info("train step %d: %s", step, shown)
 
-    with gpu_slot(gpu_limit), timed_step():
+    with gpu_slot(gpu_limit), progress, timed_step():
         results = _train(
             [store.uri],
             [j.cfg for j in jobs],

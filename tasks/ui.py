@@ -1,8 +1,9 @@
 """What a run shows in the Prefect UI: progress artifacts, tables, links and custom events.
 
-Library functions report progress through ``on_progress(done, total)`` callbacks and
-training metrics through ``on_log(record)``; :class:`Progress` turns them into a progress
-artifact (throttled, so a fast loop does not flood the API) and a log line every 10%.
+Library functions report progress through ``on_progress(done, total, phase=...)`` callbacks
+and training metrics through ``on_log(record)``; :class:`Progress` turns them into a progress
+artifact (throttled, so a fast loop does not flood the API) and log lines with the rate, the
+ETA and the phase (every 10 s at most, and a heartbeat after 30 s without one).
 Everything here is best effort: a UI call that fails is logged, never fatal to the step.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from integral_superposition import storage
+from integral_superposition.progress import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +78,31 @@ def artifact_key(*parts: str) -> str:
     return key[:100] or "isup"
 
 
-class Progress:
-    """``on_progress(done, total)`` callback that drives a progress artifact and logs.
+class Progress(Reporter):
+    """A :class:`~integral_superposition.progress.Reporter` for a task run: its lines
+    (``label done/total unit (pct) | rate | ETA | phase``, at most every ``line_every_s`` and a
+    heartbeat after ``interval_s`` of silence while open) go to the run logger, and a progress
+    artifact keyed ``key`` follows ``done/total`` (updated at most every ``min_interval_s``).
 
-    Updates the artifact at most every ``min_interval_s`` seconds (and at completion), and
-    logs ``label: 30% (done/total unit)`` each time another 10% is reached.
+    Use it as ``with Progress(...) as progress: fn(..., on_progress=progress)``.
     """
 
-    def __init__(self, key: str, label: str, unit: str = "", min_interval_s: float = 2.0):
-        self.key, self.label, self.unit = artifact_key(key), label, unit
+    def __init__(
+        self,
+        key: str,
+        label: str,
+        unit: str = "",
+        min_interval_s: float = 2.0,
+        line_every_s: float = 10.0,
+        interval_s: float = 30.0,
+    ):
+        super().__init__(
+            label, unit=unit, logger=run_logger(), line_every_s=line_every_s, interval_s=interval_s
+        )
+        self.key = artifact_key(key)
         self.min_interval_s = min_interval_s
         self._id = None
         self._last_t = 0.0
-        self._last_decile = -1
-        self._t0 = time.perf_counter()
-        self.logger = run_logger()
         if _in_run():
             try:
                 from prefect.artifacts import create_progress_artifact
@@ -102,27 +113,13 @@ class Progress:
             except Exception as e:
                 log.debug("progress artifact %s not created: %s", self.key, e)
 
-    def __call__(self, done: int, total: int) -> None:
-        if total <= 0:
+    def update(self, done: int, total: int | None = None, phase: str | None = None) -> None:
+        super().update(done, total, phase)
+        if self._id is None or self.total <= 0:
             return
-        frac = min(max(done / total, 0.0), 1.0)
-        decile = math.floor(frac * 10)
-        if decile > self._last_decile:
-            self._last_decile = decile
-            rate = done / max(time.perf_counter() - self._t0, 1e-9)
-            unit = f" {self.unit}" if self.unit else ""
-            self.logger.info(
-                "%s: %3.0f%% (%d/%d%s, %.0f%s/s)",
-                self.label,
-                100 * frac,
-                done,
-                total,
-                unit,
-                rate,
-                unit,
-            )
+        frac = min(max(self.done / self.total, 0.0), 1.0)
         now = time.perf_counter()
-        if self._id is not None and (frac >= 1.0 or now - self._last_t >= self.min_interval_s):
+        if frac >= 1.0 or now - self._last_t >= self.min_interval_s:
             self._last_t = now
             try:
                 from prefect.artifacts import update_progress_artifact
@@ -132,7 +129,9 @@ class Progress:
                 log.debug("progress artifact %s not updated: %s", self.key, e)
 
     def finish(self) -> None:
-        self(1, 1)
+        """Mark the work complete (100%) and stop the heartbeat."""
+        self.update(max(self.total, 1), max(self.total, 1))
+        self.close()
 
 
 def table(key: str, rows: Sequence[Mapping[str, Any]] | Any, description: str) -> None:

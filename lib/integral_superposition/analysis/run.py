@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -52,10 +52,10 @@ from integral_superposition.analysis.top_tokens import (
     decode_tokens,
     tokenizer_for,
 )
+from integral_superposition.progress import ProgressFn, Reporter
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
 _STAGES = (
     "contexts",
     "enrichment",
@@ -229,22 +229,24 @@ class _Publisher:
 class _Progress:
     """``on_progress(done, total)``: one unit per scanned chunk, then one per later stage."""
 
-    fn: ProgressFn | None
+    fn: Reporter | None
     total: int
     done: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     _t: float = field(default_factory=time.perf_counter)
 
-    def set(self, done: int) -> None:
+    def set(self, done: int, phase: str = "scan") -> None:
         self.done = min(self.total, done)
         if self.fn is not None:
-            self.fn(self.done, self.total)
+            self.fn(self.done, self.total, phase=phase)
 
     def step(self, name: str, n: int = 1) -> None:
+        """Stage ``name`` finished: record its time; the line names the stage that runs next."""
         now = time.perf_counter()
         self.timings[name] = round(now - self._t, 3)
         self._t = now
-        self.set(self.done + n)
+        later = _STAGES[_STAGES.index(name) + 1 :] if name in _STAGES else _STAGES
+        self.set(self.done + n, later[0] if later else "publish")
 
 
 def _load_inputs(sae_uri: Any, store_uri: Any, storage_options):
@@ -340,13 +342,15 @@ def run_analysis(
 
     chunk = p.chunk_tokens or default_chunk_tokens(K)
     n_chunks = -(-store.n_tokens // chunk)
-    prog = _Progress(on_progress, n_chunks + len(_STAGES))
     pub = _Publisher(out_uri, storage_options)
+    rep = Reporter("analysis", on_progress, unit="steps", total=n_chunks + len(_STAGES))
     try:
-        manifest = _run(
-            p, sae, sae_info, store, out_uri, backend, token_labels, doc_labels, label_names,
-            clusters, mask, chunk, prog, pub, storage_options, viz,
-        )  # fmt: skip
+        with rep:
+            prog = _Progress(rep, n_chunks + len(_STAGES))
+            manifest = _run(
+                p, sae, sae_info, store, out_uri, backend, token_labels, doc_labels, label_names,
+                clusters, mask, chunk, prog, pub, storage_options, viz,
+            )  # fmt: skip
     except BaseException:
         pub.rollback()
         raise

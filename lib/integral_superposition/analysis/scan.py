@@ -37,10 +37,9 @@ import torch
 
 from integral_superposition import compute
 from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
+from integral_superposition.progress import ProgressFn
 from integral_superposition.sae.metrics import LatentStats
 from integral_superposition.sae.model import SparseAutoencoder
-
-ProgressFn = Callable[[int, int], None]
 
 HIST_LOG10_RANGE = (-4.0, 4.0)
 """Range of the log10 activation histogram; values outside fall into the edge bins."""

@@ -26,7 +26,8 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from integral_superposition import storage
 from integral_superposition.compute import check_memory
@@ -55,6 +55,7 @@ from integral_superposition.data.tokenize import (
 )
 from integral_superposition.dump.shards import TORCH_DTYPES, write_shard
 from integral_superposition.dump.store import ActivationStore
+from integral_superposition.progress import ProgressFn, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ DUMP_FORMAT = 2
 
 _NORM_BINS = np.linspace(-4.0, 6.0, 401)  # log10 of the L2 norm
 _SHARD_RE = re.compile(r"^shard-(\d{5})\.json$")
-ProgressFn = Callable[[int, int], None]
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -549,13 +549,14 @@ def dump_layer_activations(
         )
     texts = df[text_col]
     pad_id = pad_token_id(tok)
-    bar = tqdm(
+    bar = Reporter(
+        f"dump {','.join(h.name for h in hook_points)}",
+        on_progress,
+        unit="tok",
         total=total,
         initial=done,
-        unit="tok",
-        desc=f"dump {','.join(h.name for h in hook_points)}",
-        disable=not progress,
-    )
+        show=progress,
+    ).__enter__()  # left in the finally below, with the writer
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isup-shard-writer")
     pending: tuple[int, Future] | None = None
     try:
@@ -596,9 +597,7 @@ def dump_layer_activations(
                 meta["label"][pos : pos + n] = label_ids[meta["doc_id"][pos : pos + n]]
                 pos += n
                 done += n
-                bar.update(n)
-                if on_progress is not None:
-                    on_progress(done, total)
+                bar.update(done, total, phase=f"shard {s + 1}/{len(plan.shards)}")
             if pos != n_s:
                 raise RuntimeError(
                     "the tokenizer produced different tokens than when the dump was planned"
@@ -617,7 +616,7 @@ def dump_layer_activations(
     finally:
         # a shard already handed to the writer is finished (or fails) before we return
         writer.shutdown(wait=True)
-        bar.close()
+        bar.__exit__(*sys.exc_info())
 
     # -- publish -----------------------------------------------------------------------------
     complete: list[dict[str, Any]] = [r for r in records if r is not None]

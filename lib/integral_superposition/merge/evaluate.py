@@ -20,7 +20,6 @@ against ``K'``.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,9 +37,8 @@ from integral_superposition.merge.refit import (
     refit_decoder,
 )
 from integral_superposition.merge.similarity import LatentSimilarity, firing_matrix
+from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.model import SparseAutoencoder
-
-ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
@@ -288,22 +286,17 @@ def sweep(
         if not 1 <= s <= k:
             raise ValueError(f"sweep size K'={s}: expected 1 <= K' <= K={k}")
     steps = 3 + len(sizes) * (2 if control else 1)
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if on_progress is not None:
-            on_progress(done, steps)
+    rep = Reporter("merge sweep", on_progress, unit="steps", total=steps)
+    tick = rep.advance
 
     check_params_for(sae, params)
     if stats is None and uses_original_stats(sae, params):
         stats = original_stats(sae, store, params)
-    tick()
+    tick(phase="similarity")
     sim = similarity or similarity_for(sae, store, params, stats)
     if tree is None:
         tree = build_tree(sim, params.linkage, params.graph, params.n_neighbors, min(sizes))
-    tick()
+    tick(phase="reference metrics")
     ref = reference or reference_metrics(sae, store, params, backend=backend)
     tick()
     rows = [{"k_prime": k, "fraction": 1.0, "partition": "original", **ref.metrics}]
@@ -312,6 +305,7 @@ def sweep(
         lab = tree.cut(size)
         parts = [("cluster", lab)] + ([("random", rng.permutation(lab))] if control else [])
         for name, labels in parts:
+            rep.set_phase(f"sweep K'={size} {name}")
             merged, _med, dist, info = merge_with_labels(
                 sae, labels, sim, params, store=store, stats=stats
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,9 +24,8 @@ from integral_superposition.merge import evaluate as ev
 from integral_superposition.merge.cluster import build_tree
 from integral_superposition.merge.medoid import merge_map_table
 from integral_superposition.merge.params import MergeParams
+from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.load import load_sae, read_sae_manifest, save_sae
-
-ProgressFn = Callable[[int, int], None]
 
 
 def _parquet(df: pd.DataFrame) -> bytes:
@@ -120,19 +119,36 @@ def run_merge(
     target = params.target_clusters(k)
     sizes = params.sweep_sizes(k) if params.sweep else []
     n_min = 1 if target is None else min([target, *sizes])
-    steps, done = 6, 0
+    # one step per stage, and one per sweep point (clustered and random) in between
+    sweep_steps = 3 + 2 * len(sizes) if params.sweep else 0
+    rep = Reporter("merge", on_progress, unit="steps", total=6 + sweep_steps)
+    with rep:
+        return _run_merge(
+            sae,
+            sae_uri,
+            store,
+            out_uri,
+            params,
+            backend,
+            storage_options,
+            rep,
+            target,
+            sizes,
+            n_min,
+        )
 
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if on_progress is not None:
-            on_progress(done, steps)
 
+def _run_merge(
+    sae, sae_uri, store, out_uri, params, backend, storage_options, rep, target, sizes, n_min
+) -> dict[str, Any]:
+    k = sae.d_sae
+    tick = rep.advance
+    rep.set_phase("similarity and merge tree")
     stats = ev.original_stats(sae, store, params) if ev.uses_original_stats(sae, params) else None
     sim = ev.similarity_for(sae, store, params, stats)
     tree = build_tree(sim, params.linkage, params.graph, params.n_neighbors, n_min)
     labels = tree.cut(target) if target is not None else tree.cut_at(params.distance_threshold)
-    tick()
+    tick(phase="merge and refit")
     merged, medoids, dist, refit_info = ev.merge_with_labels(
         sae, labels, sim, params, store=store, stats=stats
     )
@@ -144,9 +160,9 @@ def run_merge(
             f"the SAE's weights are finite (refit={params.refit}, "
             f"ridge_lambda={params.ridge_lambda}: a larger ridge_lambda steadies the refit)"
         )
-    tick()
+    tick(phase="reference metrics")
     reference = ev.reference_metrics(sae, store, params, backend=backend)
-    tick()
+    tick(phase="sweep" if params.sweep else "evaluate")
     sweep_table = None
     files: dict[str, bytes] = {}
     if params.sweep:
@@ -160,8 +176,10 @@ def run_merge(
             tree=tree,
             stats=stats,
             reference=reference,
+            on_progress=lambda d, _t, phase=None, base=rep.done: rep.update(base + d, phase=phase),
         )
         _check_computation(sweep_table, "sweep")
+        rep.set_phase("evaluate")
         files["merge_sweep.parquet"] = _parquet(sweep_table)
         files["merge_sweep.png"] = _figure(fig, "png")
         files["merge_sweep.svg"] = _figure(fig, "svg")

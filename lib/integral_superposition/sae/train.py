@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,17 +39,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from tqdm.auto import tqdm
 
 from integral_superposition import storage
 from integral_superposition.config import SAEConfig
 from integral_superposition.dump.store import NonFiniteActivationsError
+from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.load import save_sae
 from integral_superposition.sae.model import SparseAutoencoder, sae_parameter_count
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
 LogFn = Callable[[int, dict[str, float]], None]
 
 CHECKPOINT_FORMAT = 1
@@ -770,13 +770,14 @@ def _run(
             _init_trainee(t, sample[t.hook], init_b_dec)
     every_ckpt = min(c.checkpoint_every for c in cfgs)
     every_log = min(c.log_every for c in cfgs)
-    bar = tqdm(
-        total=total,
+    bar = Reporter(
+        f"train {len(trainees)} SAE{'s' if len(trainees) > 1 else ''}",
+        on_progress,
+        unit="steps",
+        total=total or 0,
         initial=start,
-        unit="step",
-        desc=f"train {len(trainees)} SAE{'s' if len(trainees) > 1 else ''}",
-        disable=not progress,
-    )
+        show=progress,
+    ).__enter__()  # left in the finally below
     step = start
     try:
         for sae_t in trainees:
@@ -793,10 +794,9 @@ def _run(
             for t in trainees:
                 t.step(acts[t.hook], step, total)
             step += 1
-            bar.update(1)
             if step % every_log == 0 or step == total:
                 entries = [t.flush_log(step, total) for t in trainees]
-                bar.set_postfix(
+                bar.postfix(
                     loss=f"{entries[0]['loss']:.4g}",
                     l0=f"{entries[0]['l0']:.1f}",
                     fvu=f"{entries[0]['fvu']:.3f}",
@@ -809,15 +809,15 @@ def _run(
             if ckpt is not None and (step % every_ckpt == 0 or step == total):
                 ckpt.write(step, fingerprint, trainees, {"total": total})
                 wrote_ckpt = True
-            if on_progress is not None:  # after the checkpoint: a reported step is durable
-                on_progress(step, total if total is not None else step)
+            # after the checkpoint: a reported step is durable
+            bar.update(step, total if total is not None else step)
     except NonFiniteActivationsError:
         # bad data found mid-run: a fresh run leaves no checkpoint behind
         if ckpt is not None and wrote_ckpt and start == 0:
             ckpt.remove()
         raise
     finally:
-        bar.close()
+        bar.__exit__(*sys.exc_info())
     if step == start and start == 0:
         raise ValueError("the data source yielded no batch: nothing to train on")
     if trainees[0].acc_steps:

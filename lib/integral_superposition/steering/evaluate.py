@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from integral_superposition import storage
 from integral_superposition.data.tokenize import pad_batch, pad_token_id, special_ids
+from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.steering.edits import Edit
 from integral_superposition.steering.generation import (
     Generations,
@@ -56,7 +57,6 @@ from integral_superposition.steering.hooks import resolve_sae_hook_point, steer
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int], None]
 Mode = Literal["clamp_max", "clamp", "add", "scale"]
 Control = Literal["alpha0", "random", "own_label"]
 
@@ -638,7 +638,9 @@ def evaluate_steering(
     t0 = time.perf_counter()
     names = list(store.label_names)
     scan = None
+    rep = Reporter("steering", on_progress, unit="sets")
     if enrichment is None:
+        rep.set_phase("enrichment scan")
         tok_table, doc_table, scan = enrichment_tables(
             sae, store, p.n_top, device=_resolve_device(p.device, backend)
         )
@@ -658,6 +660,7 @@ def evaluate_steering(
     picks["decoder_norm"] = norms[picks["latent"].to_numpy()]
     picks = _random_controls(picks, tok_table, norms, p.q_max, p.seed)
 
+    rep.set_phase("label classifier")
     classifier = classifier or LabelClassifier.fit(
         store, test_fraction=p.classifier_test_fraction, seed=p.seed, C=p.classifier_c
     )
@@ -675,14 +678,10 @@ def evaluate_steering(
     n_sets = 1 + len(picks) * (
         len(p.strengths) * (1 + ("random" in p.controls) + own) + ("alpha0" in p.controls) + own
     )
-    done = [0]
+    rep.update(0, n_sets)
 
-    def tick() -> None:
-        done[0] += 1
-        if on_progress is not None:
-            on_progress(done[0], n_sets)
-
-    def run(prompt_list: list[str], edits: list[Edit] | None) -> _Scored:
+    def run(prompt_list: list[str], edits: list[Edit] | None, what: str) -> _Scored:
+        rep.set_phase(what)
         if edits is None:
             g = generate_continuations(backend, prompt_list, p.max_new_tokens, **gen_kw)
         else:
@@ -690,7 +689,7 @@ def evaluate_steering(
                 g = generate_continuations(backend, prompt_list, p.max_new_tokens, **gen_kw)
         X, valid = classifier.features(backend, g.texts, p.batch_size)
         nll, n_tok = continuation_nll(backend, g.prompt_ids, g.token_ids)
-        tick()
+        rep.advance()
         return _Scored(g, classifier.predict_proba(X), valid, nll, n_tok)
 
     rows: list[dict[str, Any]] = []
@@ -722,12 +721,12 @@ def evaluate_steering(
         out = []
         for s in p.strengths:
             e = _edit_for(p.mode, latent, s, max_act, ratio)
-            out.append(
-                (s, record(run(prompt_list, [e]), pick, control, prompt_set, base_ppl, s, e))
-            )
+            what = f"{pick['label']}: {control} latent {latent}, strength {s:g}"
+            scored = run(prompt_list, [e], what)
+            out.append((s, record(scored, pick, control, prompt_set, base_ppl, s, e)))
         return out
 
-    base = run(prompts, None)
+    base = run(prompts, None, "unsteered")
     summary_latents = []
     for _, pick in picks.iterrows():
         j, c = int(pick["latent"]), names.index(pick["label"])
@@ -735,7 +734,8 @@ def evaluate_steering(
         base_m = record(base, pick, "unsteered", "neutral", base_ppl)
         if "alpha0" in p.controls:
             identity = Edit(j, "add", 0.0)
-            record(run(prompts, [identity]), pick, "alpha0", "neutral", base_ppl, 0.0, identity)
+            scored = run(prompts, [identity], f"{pick['label']}: alpha0 control latent {j}")
+            record(scored, pick, "alpha0", "neutral", base_ppl, 0.0, identity)
         steer_ms = sweep(pick, "steer", j, 1.0, prompts, "neutral", base_ppl)
         r = int(pick["random_latent"])
         rand_ms = []
@@ -748,7 +748,7 @@ def evaluate_steering(
                 store, c, classifier.test_doc_ids, p.own_label_prompts, p.own_prompt_words, p.seed
             )
             if own_prompts:
-                own_base = run(own_prompts, None)
+                own_base = run(own_prompts, None, f"{pick['label']}: own-label prompts")
                 own_ppl = _metrics(own_base, c, None)["perplexity"]
                 record(own_base, pick, "own_label", "own_label", own_ppl)
                 sweep(pick, "own_label", j, 1.0, own_prompts, "own_label", own_ppl)
