@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -222,8 +223,11 @@ def cli_wall_time(preset: str | None, goal_s: float, extra: list[str] = ()) -> N
     args = [str(isup), "run", "--storage", str(root / "runs"), *extra]
     args += ["--preset", preset] if preset else []
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         raise SystemExit(f"isup run {what} failed ({proc.returncode})")
@@ -232,8 +236,13 @@ def cli_wall_time(preset: str | None, goal_s: float, extra: list[str] = ()) -> N
     index = json.loads((run / "run.json").read_text())
     print(
         f"`isup run {what}`: wall time {wall:.0f} s ({wall / 60:.1f} min; goal < {goal_s:.0f} s: "
-        f"{'met' if wall < goal_s else 'NOT met'})"
+        f"{'met' if wall < goal_s else 'NOT met'}); CPU time {cpu_s:.0f} s, load average "
+        f"{os.getloadavg()[0]:.1f} at the end (on a shared machine the wall time is inflated; "
+        f"CPU time / {os.cpu_count()} cores bounds it from below)"
     )
+    print("  first lines of its output:")
+    for line in proc.stdout.splitlines()[:3]:
+        print(f"    {line}")
     for s in index["steps"]:
         print(f"  {s['step']:<11} {s['name']:<22} {s['state']:<10} {s['seconds'] or 0:7.1f} s")
     task_total = sum(s["seconds"] or 0 for s in index["steps"])

@@ -29,7 +29,12 @@ ConfigOpt = Annotated[
     str | None, typer.Option("--config", "-c", help="Experiment config (YAML file or URI).")
 ]
 PresetOpt = Annotated[
-    str | None, typer.Option("--preset", "-p", help="A shipped preset: default or smoke.")
+    str | None,
+    typer.Option(
+        "--preset",
+        "-p",
+        help="A shipped preset: default, smoke (under a minute) or thorough (full-size evaluations).",
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -203,6 +208,30 @@ def _finish(state, fr_id: str | None) -> Any:
     raise typer.Exit(1)
 
 
+def _plan_line(cfg) -> str:
+    """``isup run: demo:4000 through gemma-3-270m on cpu, float32 (auto: ...): dump -> ...;
+    about 6 min on this machine``: what runs, where, in which dtype, and roughly how long."""
+    from integral_superposition.compute import resolve_compute
+    from integral_superposition.estimate import estimate_run
+
+    steps = ["dump", f"train {len(cfg.sae_jobs())} SAE{'s' if len(cfg.sae_jobs()) > 1 else ''}"]
+    names = {"analyze": "analyse", "merge": "merge", "steer_eval": "steer", "report": "report"}
+    steps += [shown for key, shown in names.items() if getattr(cfg.steps, key)]
+    try:
+        choice = resolve_compute(cfg.model.dtype, cfg.model.device, arg="model.dtype")
+    except ValueError as e:
+        _fail(str(e))
+    where = choice.describe()
+    try:
+        when = f"{estimate_run(cfg, choice).describe()} on this machine"
+    except Exception as e:  # an estimate must never stop a run
+        when = f"no time estimate ({type(e).__name__}: {e})"
+    return (
+        f"isup run: {cfg.data.source} through {cfg.model.model_id} on {where}: "
+        f"{' -> '.join(steps)}; {when}"
+    )
+
+
 @app.command()
 def run(
     config: ConfigOpt = None,
@@ -228,9 +257,11 @@ def run(
         con.print(cfg.to_yaml())
         return
     jobs = cfg.sae_jobs()
+    # plain echo: the plan line must not be wrapped or styled
+    typer.echo(_plan_line(cfg))
     con.print(
         f"[bold]experiment[/bold] {cfg.name}  [bold]run[/bold] {cfg.run}  -> {cfg.run_root()}\n"
-        f"data {cfg.data.source} | model {cfg.model.model_id} ({cfg.model.dtype}) | "
+        f"data {cfg.data.source} | model {cfg.model.model_id} | "
         f"hook points {cfg.dump.resolved_hook_points()} | SAEs {[j.name for j in jobs]}\n"
         f"Prefect API: {_api_url() or 'temporary local server (no PREFECT_API_URL)'}"
     )

@@ -79,7 +79,7 @@ __all__ = [
 ]
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-PRESETS = ("default", "smoke")
+PRESETS = ("default", "smoke", "thorough")
 """Presets shipped with the package (``presets/<name>.yaml``)."""
 
 
@@ -310,18 +310,22 @@ class ExperimentConfig(_Section):
     """Which steps after training run."""
     analysis: AnalysisParams = Field(default_factory=lambda: AnalysisParams(dashboards="alive"))
     """Analysis parameters."""
-    merge: MergeParams = Field(default_factory=MergeParams)
-    """Merge parameters."""
+    merge: MergeParams = Field(
+        default_factory=lambda: MergeParams(sweep_fractions=[1 / 4, 1 / 16], ce_docs=32)
+    )
+    """Merge parameters (sized for minutes on a CPU: two K' of the sweep, each against its
+    random-partition control, 32 documents for CE; the ``thorough`` preset runs the full sweep)."""
     steering: SteeringParams = Field(
         default_factory=lambda: SteeringParams(
             labels=["Sports", "Business"],
-            strengths=[1.0, 2.0, 4.0],
+            strengths=[2.0, 4.0],
             samples_per_prompt=1,
-            max_new_tokens=16,
-            own_label_prompts=6,
+            max_new_tokens=12,
+            own_label_prompts=4,
         )
     )
-    """Steering evaluation parameters."""
+    """Steering evaluation parameters (two labels, two strengths, every control; the
+    ``thorough`` preset sweeps four strengths over every label)."""
     report: ReportOptions = Field(default_factory=ReportOptions)
     """Report options."""
     retries: RetryConfig = Field(default_factory=RetryConfig)
@@ -506,8 +510,9 @@ def preset_data(name: str) -> dict[str, Any]:
 
 
 def load_preset(name: str, overrides: Sequence[str] | Mapping[str, Any] = ()) -> ExperimentConfig:
-    """A shipped preset (``default``: demo corpus + gemma-3-270m; ``smoke``: a tiny model,
-    under a minute), with optional dotted overrides."""
+    """A shipped preset (``default``: demo corpus + gemma-3-270m, minutes on a CPU; ``smoke``:
+    a tiny model, under a minute; ``thorough``: the default with full-size analysis, merge
+    sweep and steering evaluation), with optional dotted overrides."""
     return _validate(apply_overrides(preset_data(name), overrides), f"preset {name!r}")
 
 

@@ -214,6 +214,9 @@ class Reporter:
                     )
 
     def __enter__(self) -> Reporter:
+        with self._lock:  # the clock starts here: set-up before (a model load) is not work
+            self._t0 = self._t_update = self._rate_t0 = time.monotonic()
+            self._rate_done = self.done
         if self._thread is None:
             self._stop = threading.Event()
             self._thread = threading.Thread(

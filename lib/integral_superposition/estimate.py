@@ -1,0 +1,150 @@
+"""How long an experiment will roughly take here, before it runs (``isup run``'s first line).
+
+The estimate scales the measured step times of the default experiment on the reference
+machine (2 CPU cores, AVX2 only, float32; ``bench/bench_orchestration.py``) by the work each
+step of ``cfg`` does relative to the defaults (documents, dumped layers, latents, epochs,
+merges, steered generations) and by this machine's speed: a short matmul probe in the
+chosen dtype on the chosen device (about 0.1 s), compared with the reference's. It is meant
+to tell minutes from hours, not to be exact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from integral_superposition.compute import ComputeChoice, resolve_compute
+
+__all__ = ["Estimate", "estimate_run", "matmul_gflops"]
+
+REFERENCE_GFLOPS = 75.0
+"""float32 matmul throughput of the reference machine (2 cores, AVX2), GFLOP/s."""
+
+REFERENCE_S = {
+    "start": 20.0,
+    "load": 10.0,
+    "dump": 60.0,
+    "train": 50.0,
+    "analyze": 50.0,
+    "merge": 60.0,
+    "steer": 120.0,
+    "report": 10.0,
+}
+"""Seconds of each step of the default experiment on the reference machine; ``start`` is the
+imports and the temporary Prefect server, ``load`` the model load."""
+
+_GPU_SPEEDUP_CAP = 12.0
+"""The default steps are small: a GPU's matmul speed does not carry over to them in full."""
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.1) -> float:
+    """GFLOP/s of a ``[1024, 640] @ [640, 2048]`` product in ``dtype`` on ``device`` (the best
+    of the repeats that fit in about ``seconds``)."""
+    a = torch.randn(1024, 640, device=device).to(dtype)
+    b = torch.randn(640, 2048, device=device).to(dtype)
+    flops = 2.0 * 1024 * 640 * 2048
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a @ b  # warm-up: kernel selection
+    sync()
+    best, spent = math.inf, 0.0
+    while spent < seconds or best == math.inf:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+        if dt > seconds:  # a slow path: one product is enough to know
+            break
+    return flops / best / 1e9
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Estimated seconds per step and in total, with the compute choice it assumed."""
+
+    steps: dict[str, float]
+    choice: ComputeChoice
+    gflops: float
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.steps.values())
+
+    def describe(self) -> str:
+        """``"about 6 min"`` (rounded to what an estimate can say)."""
+        s = self.total_s
+        if s < 90:
+            return f"about {max(10, round(s / 10) * 10):.0f} s"
+        if s < 3600:
+            return f"about {round(s / 60):.0f} min"
+        return f"about {s / 3600:.1f} h"
+
+
+def _n_docs(source: str, max_rows: int | None) -> int | None:
+    m = re.fullmatch(r"demo(?::(\d+))?", source)
+    n = int(m.group(1) or 4000) if m else None
+    if max_rows is not None:
+        n = min(n, max_rows) if n is not None else max_rows
+    return n
+
+
+def _model_factor(model_id: str) -> float:
+    """Forward cost relative to gemma-3-270m (built-in tiny models are about free)."""
+    return 0.02 if model_id.startswith("tiny:") else 1.0
+
+
+def estimate_run(
+    cfg, choice: ComputeChoice | None = None, probe_s: float = 0.1, gflops: float | None = None
+) -> Estimate:
+    """Rough seconds per step of ``cfg`` (an ``ExperimentConfig``) on this machine (or on one
+    whose matmul runs at ``gflops``: ``REFERENCE_GFLOPS`` gives the reference machine's)."""
+    if choice is None:
+        choice = resolve_compute(cfg.model.dtype, cfg.model.device)
+    if gflops is None:
+        gflops = matmul_gflops(choice.device, choice.dtype, probe_s)
+    speed = gflops / REFERENCE_GFLOPS
+    if choice.device.type == "cuda":
+        speed = min(speed, _GPU_SPEEDUP_CAP)
+    speed = max(speed, 1e-3)
+    model = _model_factor(cfg.model.model_id)
+    docs = _n_docs(cfg.data.source, cfg.data.max_rows) or 4000
+    d_ratio = docs / 4000 * min(cfg.dump.max_len, 32) / 32
+    layers = [
+        int(h.split(".")[1]) for h in cfg.dump.resolved_hook_points() if h.startswith("layer.")
+    ]
+    depth = (max(layers) + 1) / 7 if layers else 18 / 7
+    jobs = cfg.sae_jobs()
+    lat = sum(j.cfg.k for j in jobs) / 2048
+    train = sum(j.cfg.k * j.cfg.epochs for j in jobs) / (2048 * 4)
+    steps = {
+        "start": REFERENCE_S["start"],
+        "load": REFERENCE_S["load"] * (0.1 if model < 1 else 1.0),
+        "dump": REFERENCE_S["dump"] * d_ratio * depth * model / speed,
+        "train": REFERENCE_S["train"] * d_ratio * train / speed,
+    }
+    if cfg.steps.analyze:
+        steps["analyze"] = REFERENCE_S["analyze"] * d_ratio * lat / speed
+    if cfg.steps.merge:
+        m = cfg.merge
+        merges = 2 + (2 * len(m.sweep_fractions) if m.sweep else 0)
+        ce = m.ce_docs / 32
+        steps["merge"] = REFERENCE_S["merge"] * lat * (merges / 6) * (0.5 + 0.5 * ce) / speed
+    if cfg.steps.steer_eval:
+        s = cfg.steering
+        n_prompts = len(s.prompts) if s.prompts is not None else 12
+        n_labels = len(s.labels) if s.labels is not None else 8
+        sets = n_labels * s.per_label * (len(s.strengths) * 3 + 3)
+        gens = sets * n_prompts * s.samples_per_prompt * s.max_new_tokens
+        ref_gens = 2 * (2 * 3 + 3) * 12 * 1 * 12
+        steps["steer"] = REFERENCE_S["steer"] * gens / ref_gens * model / speed
+    if cfg.steps.report:
+        steps["report"] = REFERENCE_S["report"]
+    return Estimate(steps=steps, choice=choice, gflops=gflops)
