@@ -92,6 +92,21 @@ def test_smoke_experiment_runs_end_to_end(first_run):
     assert page == storage.join(root, "report", "report.html")
     html = storage.read_bytes(page).decode()
     assert "Metrics" in html and "Merge" in html and "layer2-topk-k128" in html
+    # every section, with the controls the science needs: merge against a random partition,
+    # steering against its alpha0, random-latent and own-label controls
+    for section in (
+        "Merge (layer2-topk-k128)",
+        "with a random-partition control",
+        "Steering",
+        "Strength sweep with controls",
+    ):
+        assert section in html, section
+    import pandas as pd
+
+    sweep = pd.read_parquet(storage.join(root, "merge", "layer2-topk-k128", "merge_sweep.parquet"))
+    assert {"original", "cluster", "random"} <= set(sweep["partition"])
+    steer = pd.read_parquet(storage.join(root, "steering", "layer2-topk-k128", "sweep.parquet"))
+    assert {"steer", "alpha0", "random", "own_label", "unsteered"} <= set(steer["control"])
     index = storage.read_json(storage.join(root, "run.json"))
     assert [s["step"] for s in index["steps"]] == steps
     assert storage.exists(storage.join(root, "results.csv"))
