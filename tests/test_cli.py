@@ -108,7 +108,14 @@ def test_run_prints_the_report_and_the_prefect_ui_link(cli_run):
     )
     for step in ("dump", "train", "analyze", "report"):  # the per-step table with timings
         assert re.search(rf"{step}\s+\S+\s+Completed\s+\d+\.\d", proc.stdout), step
-    assert "train layer2-topk-k128: 100%" in proc.stderr  # progress lines
+    # progress lines with done/total, rate, ETA
+    assert re.search(
+        r"train layer2-topk-k128 (\d+)/\1 steps \(100%\) \| [\d.e+]+ steps/s \| ETA ", proc.stderr
+    ), proc.stderr[-3000:]
+    # the first line says what runs, where, in which dtype, and about how long
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("isup run: demo:400 through tiny:gemma on cpu, float32 (fp32): dump")
+    assert re.search(r"; about \d+ (s|min) on this machine$", first), first
 
 
 @pytest.mark.prefect
