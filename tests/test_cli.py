@@ -229,3 +229,17 @@ def test_isup_run_on_gemma_as_the_readme_says(tmp_path):
         "steer_eval",
         "report",
     }
+
+
+def test_steer_refuses_a_prompt_with_nothing_to_steer(tiny_backend, tmp_path):
+    from integral_superposition.sae import SparseAutoencoder, save_sae
+
+    sae = save_sae(SparseAutoencoder(tiny_backend.d_model, 64, seed=0), str(tmp_path / "sae"))
+    common = ["steer", "--sae", sae, "--model", "tiny:gemma", "--hook-point", "layer.2",
+              "--latent", "3", "--set-to", "5", "--max-new-tokens", "2"]  # fmt: skip
+    bad = CliRunner().invoke(app, [*common, "--prompt", "Breaking news:", "--prompt", ""])
+    assert bad.exit_code == 2, bad.output
+    assert "prompts[1]='' is empty" in bad.output and "never steered" in bad.output
+    eos = tiny_backend.tokenizer.eos_token
+    bad = CliRunner().invoke(app, [*common, "--prompt", eos])
+    assert bad.exit_code == 2 and f"prompts[0]='{eos}' has only special tokens" in bad.output

@@ -148,3 +148,63 @@ def test_a_mask_with_the_wrong_batch_size(setup):
         steering.steer(backend, sae, LAYER, steering.clamp(1, 1.0), positions=mask),
     ):
         backend.logits(ids)
+
+
+@pytest.mark.parametrize("positions", ["all", "last_prompt", "prompt", "generated"])
+def test_a_prompt_with_nothing_to_steer_is_refused_naming_it(setup, positions):
+    """An empty prompt, or one of only special tokens, would edit nothing (or BOS/EOS):
+    refused before anything is generated, for every position set."""
+    backend, sae = setup
+    eos = backend.tokenizer.eos_token
+    calls: list[int] = []
+    hook = backend.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"prompts\[1\]='' is empty: expected text"):
+            steering.compare_generations(
+                backend, sae, LAYER, steering.clamp(1, 5.0), ["the market", ""], 3, positions
+            )
+        with pytest.raises(ValueError, match=rf"prompts\[0\]='{eos}' has only special tokens"):
+            steering.compare_generations(
+                backend, sae, LAYER, steering.clamp(1, 5.0), [eos], 3, positions
+            )
+    finally:
+        hook.remove()
+    assert calls == []  # nothing ran
+    rows = steering.compare_generations(
+        backend, sae, LAYER, steering.clamp(1, 5.0), [f"the market{eos}"], 2, positions
+    )
+    assert len(rows) == 1
+
+
+def _logits(backend, ids):
+    with torch.no_grad():
+        return backend.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def test_last_prompt_skips_a_trailing_special_token(setup):
+    """``"last_prompt"`` edits the last real token that is not special: with ``... b <eos>``
+    it edits ``b`` (the logits from ``b`` on change), never the EOS."""
+    backend, sae = setup
+    tok = backend.tokenizer
+    ids = torch.tensor([[tok.bos_token_id, *_ids(backend)[0, 1:3].tolist(), tok.eos_token_id]])
+    plain = _logits(backend, ids)
+    with steering.steer(backend, sae, LAYER, steering.clamp(1, 500.0), "last_prompt") as h:
+        steered = _logits(backend, ids)
+    assert h.edited_tokens == {"prompt": 1, "generated": 0}
+    assert torch.equal(steered[0, :2], plain[0, :2])  # before the edited token: unchanged
+    assert not torch.allclose(steered[0, 2], plain[0, 2])  # the last non-special token
+
+
+def test_hooks_warn_about_a_prompt_row_with_nothing_to_steer(setup):
+    backend, sae = setup
+    tok = backend.tokenizer
+    text = _ids(backend)[0, 1:3].tolist()
+    ids = torch.tensor(
+        [[tok.bos_token_id, *text], [tok.bos_token_id, tok.eos_token_id, tok.eos_token_id]]
+    )
+    with (
+        steering.steer(backend, sae, LAYER, steering.clamp(1, 5.0), "prompt") as h,
+        pytest.warns(UserWarning, match=r"prompt rows \[1\] have no token to steer"),
+    ):
+        _logits(backend, ids)
+    assert h.edited_tokens["prompt"] == 2  # the two text tokens of row 0

@@ -161,3 +161,73 @@ def test_the_harness_catches_an_unsafe_page(tmp_path, browser):
     visit = browser.open(page, settle_s=1.0)
     assert visit.dialogs == ["2"]
     assert any(u.startswith("http://127.0.0.1:9/") for u in visit.foreign_requests)
+
+
+LONG_TOKEN = "y" * 10_000 + "\u202e"
+BIDI_LABELS = ["He\u202ealth", "Sp\u2028orts", "World"]
+
+
+class _LongTokenizer:
+    def batch_decode(self, seqs, **_):
+        return [LONG_TOKEN if s[0] % 2 == 0 else f" w{s[0]}" for s in seqs]
+
+
+class _LongBackend:
+    tokenizer = _LongTokenizer()
+
+
+@pytest.fixture(scope="module")
+def bidi_run(demo_store, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bidi")
+    sae = SparseAutoencoder(demo_store.d_model, 12, seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.2)
+    sae_dir = save_sae(sae, str(root / "sae"))
+    docs = demo_store.docs["doc_id"].to_numpy()
+    labels = pd.DataFrame({"doc_id": docs, "label": np.array(BIDI_LABELS)[docs % 3]})
+    out = str(root / "analysis")
+    run_analysis(sae_dir, demo_store, out, {"reducer": "pca", "n_top": 6, "n_bands": 2, "per_band": 2},
+                 backend=_LongBackend(), labels=labels)  # fmt: skip
+    report = build_report(str(root / "report"), analysis=out, title="exp\u202eriment / r\u2028un")
+    return out, report
+
+
+def _no_raw_bidi(browser) -> None:
+    text = browser.evaluate("document.title + document.body.innerText")
+    assert "\u202e" not in text and "\u2028" not in text
+
+
+def test_labels_and_names_render_escaped_and_long_tokens_cut_with_a_tooltip(bidi_run, browser):
+    from integral_superposition.viz.panels import MAX_TOKEN_CHARS
+
+    out, report = bidi_run
+    visit = browser.open(os.path.join(out, "dashboards", "latents", "00000.html"))
+    _assert_clean(visit)
+    _no_raw_bidi(browser)
+    text = browser.evaluate("document.body.innerText")
+    assert "He⟨U+202E⟩alth" in text and "Sp⟨U+2028⟩orts" in text
+    assert "y" * (MAX_TOKEN_CHARS + 1) not in text  # the long token is cut ...
+    cut = browser.evaluate(
+        "Array.from(document.querySelectorAll('.cut')).map(e => [e.textContent, e.title])"
+    )
+    assert cut, "no cut token on the page"
+    shown, tip = cut[0]
+    assert shown == "y" * MAX_TOKEN_CHARS + "…"
+    assert tip == "y" * 10_000 + "⟨U+202E⟩"  # ... and whole, escaped, in its tooltip
+
+    visit = browser.open(os.path.join(out, "dashboards", "index.html"))
+    _assert_clean(visit)
+    _no_raw_bidi(browser)
+    options = browser.evaluate(
+        "Array.from(document.querySelectorAll('#f-label option')).map(o => o.textContent)"
+    )
+    assert "He⟨U+202E⟩alth" in options and "Sp⟨U+2028⟩orts" in options
+    assert "y" * 200 not in browser.evaluate("document.body.innerText")
+
+    visit = browser.open(report)
+    _assert_clean(visit)
+    _no_raw_bidi(browser)
+    assert browser.evaluate("document.querySelector('h1').textContent") == (
+        "exp⟨U+202E⟩riment / r⟨U+2028⟩un"
+    )
+    assert "y" * 200 not in browser.evaluate("document.body.innerText")

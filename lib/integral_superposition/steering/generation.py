@@ -42,6 +42,25 @@ def check_prompts(prompts: Any, name: str = "prompts") -> list[str]:
     return prompts
 
 
+def check_steerable_prompts(
+    tokenizer, prompts: Sequence[str], name: str = "prompts"
+) -> list[list[int]]:
+    """Token ids of each prompt (:func:`encode_prompts`), after checking that each prompt has a
+    token steering can edit: special tokens (BOS, EOS, pad, ...) are never steered, so an empty
+    prompt or one of only special tokens is refused, naming the prompt."""
+    from integral_superposition.steering.hooks import steerable_token_mask
+
+    enc = encode_prompts(tokenizer, prompts)
+    for i, (prompt, ids) in enumerate(zip(prompts, enc, strict=True)):
+        if not steerable_token_mask(tokenizer, torch.tensor([ids])).any():
+            what = "is empty" if not prompt.strip() else f"has only special tokens {ids}"
+            raise ValueError(
+                f"{name}[{i}]={prompt!r} {what}: expected text with at least one token that is "
+                "not special (BOS, EOS and pad tokens are never steered)"
+            )
+    return enc
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, with the BOS token the model saw in training."""
     from integral_superposition.data.tokenize import tokenize_texts
@@ -260,6 +279,7 @@ def compare_generations(
     from integral_superposition.steering.hooks import steer
 
     prompts = check_prompts(prompts)
+    check_steerable_prompts(backend.tokenizer, prompts)
     kw = dict(
         do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size
     )

@@ -380,10 +380,19 @@ class _Tracker:
         if "generated" in self.sets and n_prompt_cols < T:
             sel |= content & ~is_prompt
         if "last_prompt" in self.sets and n_prompt_cols > 0:
-            rp = real & is_prompt
+            rp = content & is_prompt
             last = (n_prompt_cols - 1) - rp[:, :n_prompt_cols].flip(1).int().argmax(1)
             has = rp.any(1)
             sel[torch.arange(B, device=device), last] |= has
+        if want_prompt and n_prompt_cols == T and past == 0:
+            empty = ~(content & is_prompt).any(1)
+            if bool(empty.any()):
+                rows = empty.nonzero().flatten().tolist()
+                warnings.warn(
+                    f"steering: prompt rows {rows} have no token to steer (empty, or only "
+                    "special tokens, which are never steered): their prompt is left unedited",
+                    stacklevel=2,
+                )
         if self.mask is not None:
             cols = past + torch.arange(T)
             inside = cols < self.mask.shape[1]
@@ -540,6 +549,15 @@ def _special_ids(tokenizer) -> torch.Tensor | None:
     unk = getattr(tokenizer, "unk_token_id", None)
     ids = [i for i in ids if i != unk]  # UNK stands for text
     return torch.tensor(ids, dtype=torch.long) if ids else None
+
+
+def steerable_token_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the tokens of ``ids [B, T]`` that the named position sets may steer
+    (all but special tokens; UNK stands for text and counts)."""
+    special = _special_ids(tokenizer)
+    if special is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    return ~torch.isin(ids, special.to(ids.device))
 
 
 def register_steering(

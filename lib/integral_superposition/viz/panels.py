@@ -7,8 +7,10 @@ The index lists every latent and sorts / filters them by label, q-value, density
 
 Safety and offline use:
 
-- every page is static HTML rendered here; every token and label is ``html.escape``-d
-  (control and bidi characters are shown as visible ``⟨U+200F⟩`` marks and isolated);
+- every page is static HTML rendered here; every user-provided string (token, label, name,
+  title, text) goes through one escaping, :func:`esc` (control and bidi characters are shown
+  as visible ``⟨U+200F⟩`` marks and isolated); tokens longer than ``MAX_TOKEN_CHARS`` are
+  cut, the whole token in a tooltip;
 - the index embeds its data as ``<script type="application/json">`` with ``<``, ``>``,
   ``&``, U+2028 and U+2029 escaped, read by one inline script;
 - a Content-Security-Policy allows no network or file loads (``default-src 'none'``), only
@@ -49,10 +51,13 @@ from integral_superposition.viz.figures import label_color
 __all__ = [
     "DashboardData",
     "display_token",
+    "esc",
+    "esc_cut",
     "json_for_script",
     "latent_page_name",
     "render_index",
     "render_latent_page",
+    "token_html",
     "top_activations_panel",
     "write_dashboards",
 ]
@@ -67,6 +72,21 @@ def latent_page_name(latent: int) -> str:
 
 # -- escaping ----------------------------------------------------------------------------------
 _VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
+# control, format (bidi marks and overrides, zero-width), line and paragraph separators,
+# surrogates and private use: characters that would reorder, hide or break the page's text
+_INVISIBLE = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co")
+MAX_TOKEN_CHARS = 40
+"""Tokens longer than this are cut on the pages, the whole token in a tooltip."""
+
+
+def visible_text(text: str, keep: str = "\n\t") -> str:
+    """``text`` with every invisible or reordering character (control, format, separator,
+    surrogate, private use) written as a visible ``⟨U+XXXX⟩`` mark; characters in ``keep``
+    stay as they are."""
+    return "".join(
+        f"⟨U+{ord(ch):04X}⟩" if ch not in keep and unicodedata.category(ch) in _INVISIBLE else ch
+        for ch in text
+    )
 
 
 def display_token(text: str) -> str:
@@ -74,20 +94,32 @@ def display_token(text: str) -> str:
     separator characters (bidi marks, zero-width, U+2028/9) as visible ``⟨U+XXXX⟩``."""
     if text == "":
         return "∅"
-    out = []
-    for ch in text:
-        if ch in _VISIBLE:
-            out.append(_VISIBLE[ch])
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co"):
-            out.append(f"⟨U+{ord(ch):04X}⟩")
-        else:
-            out.append(ch)
-    return "".join(out)
+    return visible_text("".join(_VISIBLE.get(ch, ch) for ch in text), keep="")
 
 
 def esc(text: Any) -> str:
-    """HTML-escape any value for text or attribute context."""
-    return html.escape(str(text), quote=True)
+    """The one escaping of every user-provided string shown in HTML (labels, experiment and
+    run names, titles, texts, tokens), for text and attribute context: HTML-escaped, with
+    invisible and bidi characters as visible ``⟨U+XXXX⟩`` marks (newlines and tabs kept)."""
+    return html.escape(visible_text(str(text)), quote=True)
+
+
+def esc_cut(text: Any, max_chars: int) -> str:
+    """:func:`esc` of ``text`` cut to ``max_chars`` characters plus ``…``, with the whole
+    (escaped) text in a ``title`` tooltip; short texts are :func:`esc` alone."""
+    text = str(text)
+    if len(text) <= max_chars:
+        return esc(text)
+    return f'<span class=cut title="{esc(text)}">{esc(text[:max_chars])}…</span>'
+
+
+def token_html(token: str, max_chars: int = MAX_TOKEN_CHARS) -> str:
+    """A token for a page (:func:`display_token`), cut after ``max_chars`` characters of the
+    token with the whole token in a tooltip."""
+    if len(token) <= max_chars:
+        return esc(display_token(token))
+    shown = html.escape(display_token(token[:max_chars]), quote=True)
+    return f'<span class=cut title="{esc(display_token(token))}">{shown}…</span>'
 
 
 def json_for_script(obj: Any) -> str:
@@ -159,6 +191,7 @@ tr.sig td{background:#fff7ed}.pill{display:inline-block;padding:0 6px;border-rad
     + """
 .cols{display:flex;flex-wrap:wrap;gap:28px}.cols>div{min-width:260px}
 .tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre;unicode-bidi:isolate}
+.cut{cursor:help;text-decoration:underline dotted}
 .lens td.tok{background:#f3f4f6}.band{margin:10px 0 2px;font-size:13px;color:var(--mut)}
 svg text{font:10px system-ui,sans-serif;fill:#555}
 """
@@ -230,9 +263,9 @@ class _Prepared:
         K = data.n_latents
         ex = data.examples
         ids = np.array(sorted(int(i) for i in data.token_text), dtype=np.int64)
-        shown = [display_token(data.token_text[int(i)]) for i in ids]
-        self.tok_html = {int(i): esc(s) for i, s in zip(ids, shown, strict=True)}
-        vocab_html = np.array([""] + [esc(s) for s in shown], dtype=object)
+        shown = [token_html(data.token_text[int(i)]) for i in ids]
+        self.tok_html = {int(i): h for i, h in zip(ids, shown, strict=True)}
+        vocab_html = np.array(["", *shown], dtype=object)
         if ids.size:
             pos = np.searchsorted(ids, ex.token_ids).clip(0, ids.size - 1)
             known = (ex.token_ids >= 0) & (ids[pos] == ex.token_ids)
@@ -586,7 +619,7 @@ def render_index(
         )
         lab = esc(names[label_ids[i]]) if label_ids[i] >= 0 else '<span class="mut">–</span>'
         extra = (
-            f"<span class=tok>{esc(display_token(promoted[i]))}</span>"
+            f"<span class=tok>{esc_cut(display_token(promoted[i]), 4 * MAX_TOKEN_CHARS)}</span>"
             if promoted is not None
             else ""
         )
@@ -595,7 +628,7 @@ def render_index(
             f"<span class=n>{_fmt(q[i], '.2e')}</span><span class=n>{_fmt(lo[i], '.2f')}</span>"
             f"<span class=n>{_fmt(pu[i], '.2f')}</span><span class=n>{_fmt(de[i], '.2e')}</span>"
             f"<span class=n>{_fmt(ma[i], '.3g')}</span><span>{esc('' if cols['cluster'][i] is None else cols['cluster'][i])}</span>"
-            f"<span class=tok>{esc(display_token(tokens_plain[i]))}</span>{extra}</div>"
+            f"<span class=tok>{esc_cut(display_token(tokens_plain[i]), 4 * MAX_TOKEN_CHARS)}</span>{extra}</div>"
         )
     options = (
         '<option value="">all labels</option>'

@@ -35,7 +35,15 @@ from matplotlib.figure import Figure
 
 from integral_superposition import storage
 from integral_superposition.viz.figures import figure_bytes, png_data_uri
-from integral_superposition.viz.panels import CSS, _csp, display_token, esc
+from integral_superposition.viz.panels import (
+    CSS,
+    MAX_TOKEN_CHARS,
+    _csp,
+    display_token,
+    esc,
+    esc_cut,
+    visible_text,
+)
 
 __all__ = [
     "ReportSection",
@@ -143,7 +151,9 @@ class ReportSection:
 def _table_html(df: pd.DataFrame, caption: str = "", max_rows: int = 200) -> str:
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"tables: expected pandas DataFrames, got {type(df).__name__}")
-    shown = df.head(max_rows)
+    # pandas escapes HTML metacharacters; invisible and bidi characters become visible marks
+    shown = df.head(max_rows).map(lambda v: visible_text(v) if isinstance(v, str) else v)
+    shown.columns = [visible_text(c) if isinstance(c, str) else c for c in shown.columns]
     more = (
         f'<div class="mut">{len(df) - max_rows} more rows not shown</div>'
         if len(df) > max_rows
@@ -159,8 +169,9 @@ def _table_html(df: pd.DataFrame, caption: str = "", max_rows: int = 200) -> str
 
 
 def _md_escape(text: str) -> str:
-    """Escape markdown and HTML metacharacters in plain text."""
-    text = str(text).replace("\\", "\\\\")
+    """Escape markdown and HTML metacharacters in plain text (invisible and bidi characters
+    as visible ``⟨U+XXXX⟩`` marks)."""
+    text = visible_text(str(text), keep="\n").replace("\\", "\\\\")
     for ch in "`*_[]<>|#":
         text = text.replace(ch, "\\" + ch)
     return text.replace("\n", " ")
@@ -303,7 +314,7 @@ def analysis_sections(
             rows.append(
                 f"<tr><td>{esc(r.label)}</td><td>{latent}</td><td class=n>{r.q:.2e}</td><td class=n>{r.log_odds:.2f}</td>"
                 f"<td class=n>{r.frac_in_set:.2f}</td><td class=n>{'–' if pd.isna(r.auroc) else f'{r.auroc:.3f}'}</td>"
-                f"<td class=n>{r.density:.2e}</td><td class=tok>{esc(display_token(str(r.top_tokens)))}</td></tr>"
+                f"<td class=n>{r.density:.2e}</td><td class=tok>{esc_cut(display_token(str(r.top_tokens)), 4 * MAX_TOKEN_CHARS)}</td></tr>"
             )
         head = "<tr><th>label</th><th>latent</th><th>q</th><th>log odds</th><th>in top set</th><th>AUROC</th><th>density</th><th>top tokens</th></tr>"
         index = a.dashboard_uri()
