@@ -164,6 +164,15 @@ def test_run_steering_eval_rejects_bad_input_before_writing(demo_store, tiny_bac
         )
     with pytest.raises(ValueError, match="prompts is empty"):
         steering.run_steering_eval(sae, demo_store, str(out), {"prompts": []}, backend=tiny_backend)
+    with pytest.raises(ValueError, match=r"prompts\[1\]='' is empty"):
+        steering.run_steering_eval(
+            sae, demo_store, str(out), {"prompts": ["The", ""]}, backend=tiny_backend
+        )
+    eos = tiny_backend.tokenizer.eos_token
+    with pytest.raises(ValueError, match=rf"prompts\[0\]='{eos}' has only special tokens"):
+        steering.run_steering_eval(
+            sae, demo_store, str(out), {"prompts": [eos]}, backend=tiny_backend
+        )
     narrow = SparseAutoencoder(16, 8)
     with pytest.raises(ValueError, match=r"sae.d_in=16 does not match"):
         steering.run_steering_eval(

@@ -50,6 +50,7 @@ from integral_superposition.steering.edits import Edit
 from integral_superposition.steering.generation import (
     Generations,
     check_prompts,
+    check_steerable_prompts,
     continuation_nll,
     generate_continuations,
 )
@@ -160,6 +161,11 @@ class SteeringParams(BaseModel):
         if v is not None and not v:
             raise ValueError(
                 "prompts is empty: expected at least one prompt (or None for the neutral prompts)"
+            )
+        blank = [i for i, s in enumerate(v or []) if not s]
+        if blank:
+            raise ValueError(
+                f"prompts[{blank[0]}]={v[blank[0]]!r} is empty: expected text to steer"
             )
         return v
 
@@ -615,6 +621,7 @@ def evaluate_steering(
         else SteeringParams.model_validate(dict(params or {}))
     )
     prompts = check_prompts(p.prompts if p.prompts is not None else neutral_prompts())
+    check_steerable_prompts(backend.tokenizer, prompts)
     hook = p.hook_point or store.hook_point
     hp = resolve_sae_hook_point(backend, sae, hook)
     if store.d_model != sae.d_in:
