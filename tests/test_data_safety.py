@@ -460,3 +460,34 @@ def test_dump_whose_shards_cannot_fit_in_memory_is_refused(
         limit_s=60,
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"jumprelu_bandwidth": math.inf}, r"jumprelu_bandwidth=inf: expected a finite number > 0"),
+        ({"jumprelu_bandwidth": 0.0}, r"jumprelu_bandwidth=0\.0: expected a finite number > 0"),
+        ({"jumprelu_init_threshold": math.nan}, r"jumprelu_init_threshold=nan: expected"),
+    ],
+)
+def test_sae_refuses_non_finite_constructor_floats(kw, match):
+    from integral_superposition.sae import SparseAutoencoder
+
+    with pytest.raises(ValueError, match=match):
+        SparseAutoencoder(8, 16, architecture="jumprelu", **kw)
+
+
+def test_scan_chunk_that_cannot_fit_is_refused(monkeypatch):
+    from integral_superposition import compute
+    from integral_superposition.analysis.scan import scan_latents
+    from integral_superposition.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder(16, 64, architecture="topk", top_k=4)
+    x = torch.randn(4096, 16)
+    assert scan_latents(sae, x, n_top=4, chunk_tokens=4096).top.fire_count.sum() > 0
+    monkeypatch.setattr(compute, "available_memory", lambda device="cpu": 1 << 20)
+    _quick(
+        lambda: scan_latents(sae, x, n_top=4, chunk_tokens=4096),
+        MemoryError,
+        r"chunk_tokens=4096 with d_sae=64 \(chunks of 4096 tokens\): needs at least",
+    )

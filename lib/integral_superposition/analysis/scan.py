@@ -1092,6 +1092,14 @@ def scan_latents(
     chunk = int(chunk_tokens or default_chunk_tokens(sae.d_sae))
     if chunk < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number of tokens")
+    # a chunk's dense codes and their selection buffers (float32 [chunk, d_sae], about twice)
+    # and its activations must fit where the encode runs
+    rows = min(chunk, src.n_tokens)
+    compute.check_memory(
+        rows * (2 * sae.d_sae + 2 * src.d_model) * 4,
+        dev,
+        f"chunk_tokens={chunk} with d_sae={sae.d_sae} (chunks of {rows} tokens)",
+    )
     total = -(-src.n_tokens // chunk)
     timings = {"read": 0.0, "encode": 0.0, "select": 0.0, "metrics": 0.0, "heap": 0.0}
     clock = time.perf_counter()

@@ -32,6 +32,7 @@ encoder into ``d_sae`` merged latents, by ``merge_mode`` ``"sum"`` or ``"max"``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -234,6 +235,13 @@ class SparseAutoencoder(nn.Module):
             )
         if merge_mode not in MERGE_MODES:
             raise ValueError(f"merge_mode={merge_mode!r}: expected one of {MERGE_MODES}")
+        for name, value, low in (
+            ("jumprelu_bandwidth", jumprelu_bandwidth, "> 0"),
+            ("jumprelu_init_threshold", jumprelu_init_threshold, ">= 0"),
+        ):
+            ok = isinstance(value, int | float) and math.isfinite(value)
+            if not ok or (value <= 0 if low == "> 0" else value < 0):
+                raise ValueError(f"{name}={value!r}: expected a finite number {low}")
         if merge_index is not None:
             merge_index = torch.as_tensor(merge_index).detach().to(torch.long).cpu()
             if merge_index.dim() != 1 or merge_index.numel() < 1:
