@@ -200,10 +200,25 @@ def machine_info(device: str) -> dict[str, Any]:
             cuda_capability=".".join(map(str, torch.cuda.get_device_capability(idx))),
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
             bf16_supported=torch.cuda.is_bf16_supported(),
+            driver=nvidia_driver(),
         )
     else:
         info.update(device_name=f"CPU ({cpu_model()})", cuda_capability=None)
     return info
+
+
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version from ``nvidia-smi``, when there is one."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (
+        out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    )
 
 
 def cpu_model() -> str:
@@ -407,7 +422,9 @@ def write_summary(out: Path, info: dict, items: list[Item], started: float) -> N
         "",
         f"- device: `{info['device']}`: {info['device_name']}{cap}"
         + (f", {info['gpu_memory_gib']} GiB" if info.get("gpu_memory_gib") else ""),
-        f"- torch {info['torch']} (CUDA {info['cuda']}), Python {info['python']}, "
+        f"- torch {info['torch']} (CUDA {info['cuda']}"
+        + (f", driver {info['driver']}" if info.get("driver") else "")
+        + f"), Python {info['python']}, "
         f"CPU capability {info['cpu_capability']}, {info['cpus']} CPUs, host {info['host']}",
         f"- dtype auto: {info['dtype_auto']}",
         f"- mode: {info['mode']}; data: {info['data']}; model: {info['model']}",
@@ -435,6 +452,7 @@ def run_item(item: Item, out: Path, remaining_s: float) -> str:
     import tempfile
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    env.update(TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")  # a readable log
     if item.name == "isup-run":  # as a user runs it: no Prefect server configured
         env = {k: v for k, v in env.items() if not k.startswith("PREFECT_")}
     env.update(item.env)

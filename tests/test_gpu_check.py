@@ -112,3 +112,19 @@ def test_bad_arguments_name_the_argument_and_write_nothing(gpu_check, tmp_path):
         with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
             gpu_check.main([*argv, "--out", str(out)])
         assert not out.exists()
+
+
+def test_wheelhouse_list_follows_extras_and_the_target_python(tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_wheels", ROOT / "bench" / "gpu_wheels.py")
+    gpu_wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_wheels)
+    py312 = gpu_wheels.closure(python_version="3.12")
+    py313 = gpu_wheels.closure(python_version="3.13")
+    # prefect needs sqlalchemy[asyncio], whose extra needs greenlet
+    assert {"prefect", "sqlalchemy", "greenlet", "gguf", "pydantic"} <= set(py312)
+    assert "pendulum" in py312 and "pendulum" not in py313  # "python_version < '3.13'"
+    pins = gpu_wheels.wanted(py312)
+    names = {p.split("==")[0] for p in pins}
+    assert {"prefect", "greenlet", "setuptools", "wheel"} <= names
+    assert not names & {"torch", "numpy", "transformers", "pandas", "scipy"}  # preinstalled
+    assert f"prefect=={py312['prefect']}" in pins
