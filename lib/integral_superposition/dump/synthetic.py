@@ -35,6 +35,7 @@ def write_activation_store(
     rows_per_shard: int = 65536,
     dtype: str = "fp32",
     model_name: str = "synthetic",
+    model_info: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> ActivationStore:
     """Publish ``acts`` (``[n, d]``, or ``{hook name: [n, d]}``) as an activation store.
@@ -42,6 +43,7 @@ def write_activation_store(
     ``doc_ids`` (``int[n]``; each document's rows contiguous) group rows into documents; by default every
     ``tokens_per_doc`` consecutive rows form one. ``token_ids`` default to 0, ``labels``
     (per row, constant within a document) to 0 with ``label_names`` ``["unlabelled"]``.
+    ``model_info`` adds fields to the manifest's ``model`` entry (as a backend's ``describe()``).
     A single tensor is stored under the hook point ``"layer.0"``. Values are stored as given
     (NaN included), so the store can also exercise error handling downstream.
     """
@@ -149,6 +151,7 @@ def write_activation_store(
         "model_id": model_name,
         "fingerprint": f"synthetic:{data_hash}",
         "tokenizer": {"fingerprint": None},
+        **dict(model_info or {}),
     }
     storage.write_manifest(
         out_dir,

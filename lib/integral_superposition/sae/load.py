@@ -150,6 +150,8 @@ def save_sae(
     for name, data in payloads.items():
         storage.write_bytes(storage.join(folder, name), data, storage_options)
         files[name] = storage.file_entry("", data)
+    if cfg["metadata"].get("model_source") is not None:  # shown beside the metrics as well
+        manifest_extra.setdefault("model_source", cfg["metadata"]["model_source"])
     storage.write_manifest(
         folder,
         "sae",

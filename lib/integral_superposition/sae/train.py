@@ -973,9 +973,11 @@ def train_saes(
 
 def _store_metadata(store, hook: str) -> dict[str, Any]:
     """SAELens ``metadata`` fields describing where an SAE's activations came from."""
+    from integral_superposition.backends.sources import weights_source
+
     info = store.hook_info(hook)
     mcfg = store.manifest.get("config") or {}
-    return {
+    meta = {
         "model_name": store.model_info.get("model_id"),
         "hook_name": info.get("saelens_name") or hook,
         "context_size": mcfg.get("max_len"),
@@ -983,6 +985,11 @@ def _store_metadata(store, hook: str) -> dict[str, Any]:
         "dataset_path": store.uris[0] if len(store.uris) == 1 else list(store.uris),
         "isup_hook_point": hook,
     }
+    # model_name stays the hub id SAELens expects; the weights' real source sits beside it
+    source = weights_source(store.model_info)
+    if source is not None:
+        meta["model_source"] = source
+    return meta
 
 
 def _publish(
