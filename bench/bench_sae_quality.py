@@ -22,14 +22,21 @@ Goals: at the same L0 (TopK k = 32 on both sides) our FVU is no worse than SAELe
 TopK with AuxK ends with under 1% dead latents on the held-out split.
 
     python bench/bench_sae_quality.py [--epochs 4] [--batch 1024] [--auxk-coef 0.25] [--ce-docs 64]
+
+A shorter run: ``--docs 1000 --max-len 32 --ours topk`` (the first documents, our TopK only).
+Each SAELens SAE is also evaluated as a loader that ignores its
+``rescale_acts_by_decoder_norm`` would read it (``SAELens ... flag ignored``), which is how
+SAELens TopK SAEs were read before ``load_sae`` folded the decoder norms.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -126,6 +133,19 @@ def train_saelens(
     return str(path)
 
 
+def ignoring_rescale(folder: str) -> str:
+    """A copy of a SAELens folder whose ``rescale_acts_by_decoder_norm`` is off: what a loader
+    that never reads the flag computes."""
+    copy = folder + "_flag_ignored"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(folder, copy)
+    cfg_path = Path(copy) / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rescale_acts_by_decoder_norm"] = False
+    cfg_path.write_text(json.dumps(cfg))
+    return copy
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=float, default=4.0)
@@ -142,11 +162,15 @@ def main() -> None:
     ap.add_argument("--ce-docs", type=int, default=64)
     ap.add_argument("--saelens-batchtopk", action="store_true")
     ap.add_argument("--no-saelens", action="store_true")
+    ap.add_argument("--docs", type=int, default=None, help="only the first ag_news documents")
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--ours", default="relu,topk,batchtopk,jumprelu,jumprelu_tanh")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     out = OUT / "sae_quality"
-    store = ag_news_store()
-    cfgs = our_configs(args)
+    store = ag_news_store(max_len=args.max_len, n_docs=args.docs)
+    wanted = args.ours.split(",")
+    cfgs = {a: c for a, c in our_configs(args).items() if a in wanted or a == "topk"}
     print(machine())
     t = time.time()
     res = train_saes(
@@ -164,8 +188,10 @@ def main() -> None:
             for median in (False, True):
                 name = f"SAELens {arch}" + (" (b_dec at median)" if median else " (b_dec = 0)")
                 t = time.time()
-                saes[name] = train_saelens(arch, store, cfgs[arch], total, out, median)
+                cfg_arch = cfgs.get(arch) or our_configs(args)[arch]
+                saes[name] = train_saelens(arch, store, cfg_arch, total, out, median)
                 print(f"{name}: {total} steps on the same batches in {time.time() - t:.0f}s")
+                saes[name + ", flag ignored"] = ignoring_rescale(saes[name])
     backend = gemma() if args.ce_docs > 0 else None
     rows = {}
     for name, uri in saes.items():

@@ -140,19 +140,23 @@ def _cache_tag() -> str:
     return hashlib.sha256(f"{MODEL}|{AG_NEWS_SOURCE}".encode()).hexdigest()[:10]
 
 
-def ag_news_store(layer: int | None = None, max_len: int = 64):
-    """gemma-3-270m activations of ag_news titles + descriptions at ``layer`` (cached)."""
+def ag_news_store(layer: int | None = None, max_len: int = 64, n_docs: int | None = None):
+    """gemma-3-270m activations of ag_news titles + descriptions at ``layer`` (cached);
+    ``n_docs``: only the first documents (a shorter run)."""
     from integral_superposition import DumpConfig
     from integral_superposition.dump import ActivationStore, dump_layer_activations
     from integral_superposition.storage import verify_output
 
     layer = MIDDLE_LAYER if layer is None else layer
     out = OUT / f"ag_news_{_cache_tag()}_L{layer}_T{max_len}"
+    if n_docs is not None:
+        out = out.with_name(f"{out.name}_D{n_docs}")
     if verify_output(str(out)):
         return ActivationStore(str(out))
     t = time.time()
+    frame = ag_news_frame()
     store = dump_layer_activations(
-        ag_news_frame(),
+        frame if n_docs is None else frame.iloc[:n_docs],
         "text",
         "topic",
         gemma(),
