@@ -155,6 +155,8 @@ class ModelRef(BaseModel):
     def cache_identity(self) -> dict[str, Any]:
         # where the model runs does not change what it computes (up to float noise)
         spec = self.spec.model_dump(mode="json", exclude={"device", "device_map"})
+        # the dtype it computes in, so that "auto" and the dtype it picked share results
+        spec["dtype"] = self.spec.resolved_dtype()
         return {"spec": spec, "stamp": self.stamp}
 
 

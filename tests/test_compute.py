@@ -194,3 +194,16 @@ def test_model_dtype_auto_follows_the_cpu(monkeypatch):
     assert load_backend("tiny:gemma", dtype="auto").dtype == torch.float32
     monkeypatch.setenv(compute.CPU_BF16_ENV, "1")
     assert load_backend("tiny:gemma", dtype="auto").dtype == torch.bfloat16
+
+
+def test_model_cache_identity_names_the_dtype_auto_picks(monkeypatch):
+    from integral_superposition.experiment import ModelSpec
+    from integral_superposition.tasks.refs import ModelRef
+
+    auto = ModelRef(spec=ModelSpec(model_id="tiny:gemma"), stamp="s")
+    monkeypatch.setenv(compute.CPU_BF16_ENV, "0")
+    fp32 = ModelRef(spec=ModelSpec(model_id="tiny:gemma", dtype="fp32"), stamp="s")
+    assert auto.cache_identity() == fp32.cache_identity()
+    monkeypatch.setenv(compute.CPU_BF16_ENV, "1")
+    bf16 = ModelRef(spec=ModelSpec(model_id="tiny:gemma", dtype="bf16"), stamp="s")
+    assert auto.cache_identity() == bf16.cache_identity() != fp32.cache_identity()

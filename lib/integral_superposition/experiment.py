@@ -193,6 +193,14 @@ class ModelSpec(_Section):
         dev = resolve_device(self.device)
         return None if dev.type == "cpu" else str(dev)
 
+    def resolved_dtype(self) -> str:
+        """The dtype the model computes in on this machine: ``dtype``, or what ``auto`` picks
+        for the device it loads on (``fp32``, ``bf16`` or ``fp16``)."""
+        from integral_superposition.compute import resolve_device, resolve_dtype, short_name
+
+        dev = resolve_device("auto" if self.device_map is not None else self.device)
+        return short_name(resolve_dtype(self.dtype, dev, arg="model.dtype"))
+
 
 class FanoutConfig(_Section):
     """How the dump of a large corpus is spread: documents ``id % partitions == i`` go to
