@@ -548,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--only={args.only!r}: expected a comma-separated subset of {ITEMS}")
     started = time.time()
     device = resolve_device(args.device)
+    fallback = args.device == "auto" and device == "cpu" and not args.quick
+    if fallback:  # the real sizes are for a GPU; on a CPU they would run for hours
+        args.quick = True
+        print("--device auto: torch sees no CUDA device, so this is the quick CPU check")
     data, data_note = find_news_csv(args.data or ("demo" if args.quick else "auto"))
     if args.quick and args.data is None:
         data, data_note = "demo:200", "the built-in demo corpus, 200 headlines (--quick)"
@@ -558,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     if time.time() - t_model > 1:
         model_note += f" (built in {time.time() - t_model:.0f} s)"
     info = machine_info(device)
-    info.update(mode="quick" if args.quick else "full", data=data_note, model=model_note)
+    mode = "quick" if args.quick else "full"
+    mode += " (--device auto found no CUDA device)" if fallback else ""
+    info.update(mode=mode, data=data_note, model=model_note)
     t0 = os.environ.get("ISUP_GPU_CHECK_T0")
     info["install_s"] = round(started - float(t0), 1) if t0 else None
     items = plan(args, device, out, model, data)

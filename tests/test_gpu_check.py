@@ -128,3 +128,16 @@ def test_wheelhouse_list_follows_extras_and_the_target_python(tmp_path):
     assert {"prefect", "greenlet", "setuptools", "wheel"} <= names
     assert not names & {"torch", "numpy", "transformers", "pandas", "scipy"}  # preinstalled
     assert f"prefect=={py312['prefect']}" in pins
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback of --device auto")
+def test_auto_device_without_cuda_is_the_quick_check_and_the_budget_is_kept(gpu_check, tmp_path):
+    rc = gpu_check.main(["--only", "dump,train", "--budget-s", "0.5", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert rc == 1 and summary["status"] == "failed"
+    assert summary["machine"]["mode"] == "quick (--device auto found no CUDA device)"
+    assert [(i["name"], i["status"]) for i in summary["items"]] == [
+        ("dump", "skipped"),
+        ("train", "skipped"),
+    ]
+    assert "| dump | skipped |" in (tmp_path / "summary.md").read_text()
