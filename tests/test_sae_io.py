@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from integral_superposition import SAEConfig, storage
@@ -429,3 +430,37 @@ def test_quantised_model_source_is_recorded_beside_the_hub_name(tmp_path):
     plain = write_activation_store(x, str(tmp_path / "plain"))
     (res,) = train_saes(plain, [cfg], [str(tmp_path / "sae_plain")], progress=False)
     assert "model_source" not in load_sae(res.uri).metadata
+
+
+def test_sparsify_groupmax_skip_sae_through_metrics_and_analysis(tmp_path):
+    """The scan (top tokens, metrics) and latent_stats use the skip term and group maxima."""
+    sparsify = pytest.importorskip("sparsify")
+    from integral_superposition.analysis.scan import scan_latents
+    from integral_superposition.sae.metrics import latent_stats
+
+    cfg = sparsify.SparseCoderConfig(
+        num_latents=64, k=8, activation="groupmax", skip_connection=True
+    )
+    coder = sparsify.SparseCoder(D, cfg)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in coder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    coder.save_to_disk(tmp_path / "gm")
+    sae = load_sae(str(tmp_path / "gm"))
+    x = _x()
+    store = write_activation_store(x, str(tmp_path / "acts"))
+    with torch.no_grad():
+        acts, idx, _ = coder.encode(x)
+        x_hat = coder(x).sae_out
+        z = torch.zeros(x.shape[0], 64).scatter_(-1, idx, acts)
+    ev = 1 - float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    stats = latent_stats(sae, store, chunk_tokens=50)
+    assert stats.explained_variance == pytest.approx(ev, rel=1e-5)
+    scan = scan_latents(sae, store, n_top=3, metrics=True, chunk_tokens=50)
+    assert scan.metrics.explained_variance == pytest.approx(ev, rel=1e-5)
+    best = z.max(0)
+    fired = best.values > 0
+    assert fired.sum() > 8
+    assert np.allclose(scan.top.values[:, 0][fired.numpy()], best.values[fired].numpy(), rtol=1e-5)
+    assert np.array_equal(scan.top.fire_count, (z > 0).sum(0).numpy())
