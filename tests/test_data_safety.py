@@ -491,3 +491,48 @@ def test_scan_chunk_that_cannot_fit_is_refused(monkeypatch):
         MemoryError,
         r"chunk_tokens=4096 with d_sae=64 \(chunks of 4096 tokens\): needs at least",
     )
+
+
+class _EditedBackend(CountingBackend):
+    """A backend whose captured activations are edited by ``fn(name, x) -> x``."""
+
+    def __init__(self, inner, fn):
+        super().__init__(inner)
+        self.fn = fn
+
+    def capture(self, *args, **kw):
+        out = super().capture(*args, **kw)
+        return {k: self.fn(k, v) for k, v in out.items()}
+
+
+def test_dump_refuses_to_store_non_finite_activations(tiny_backend, demo_df, tmp_path):
+    from integral_superposition.dump.store import NonFiniteActivationsError
+
+    def poisoned(_name, x):
+        x = x.clone()
+        x[1, 2, 3] = float("nan")
+        return x
+
+    cfg = DumpConfig(layer=1, max_len=16, batch_size=8)
+    with pytest.raises(
+        NonFiniteActivationsError,
+        match=r"model produced NaN or inf activations at hook point 'layer\.1', document \d+ "
+        r"\(row \d+ of the dataset\), token position 2, column 3",
+    ):
+        dump_layer_activations(
+            demo_df, "title", "topic", _EditedBackend(tiny_backend, poisoned), cfg,
+            tmp_path / "nan", progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "nan" / "manifest.json").exists()
+    # finite model values that the storage dtype cannot hold
+    big = _EditedBackend(tiny_backend, lambda _n, x: x * 1e6)
+    with pytest.raises(
+        NonFiniteActivationsError,
+        match=r"activations overflow cfg\.dtype='fp16' at hook point 'layer\.1', .*becomes inf "
+        r"when stored; dump with dtype='fp32'",
+    ):
+        dump_layer_activations(
+            demo_df, "title", "topic", big, cfg.model_copy(update={"dtype": "fp16"}),
+            tmp_path / "fp16", progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "fp16" / "manifest.json").exists()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import math
 import os
 import re
 import sys
@@ -54,7 +55,11 @@ from integral_superposition.data.tokenize import (
     tokenize_texts,
 )
 from integral_superposition.dump.shards import TORCH_DTYPES, write_shard
-from integral_superposition.dump.store import ActivationStore
+from integral_superposition.dump.store import (
+    ActivationStore,
+    NonFiniteActivationsError,
+    first_non_finite,
+)
 from integral_superposition.progress import ProgressFn, Reporter
 
 log = logging.getLogger(__name__)
@@ -589,7 +594,10 @@ def dump_layer_activations(
                     x = out[h.name]
                     dst = acts[h.name][pos : pos + n]
                     dst.copy_(x[keep.to(x.device)])
-                    norms[h.name][pos : pos + n] = dst.float().norm(dim=-1).numpy()
+                    nrm = dst.float().norm(dim=-1)
+                    norms[h.name][pos : pos + n] = nrm.numpy()
+                    if not bool(torch.isfinite(nrm).all()):  # NaN/inf, or a huge finite row
+                        _check_finite_batch(dst, x, keep, batch_docs, h.name, cfg.dtype)
                 rows, cols = keep.nonzero(as_tuple=True)
                 meta["token_id"][pos : pos + n] = batch.input_ids[rows, cols].numpy()
                 meta["doc_id"][pos : pos + n] = batch_docs[rows.numpy()]
@@ -694,6 +702,35 @@ def dump_layer_activations(
         partition=list(partition) if partition else None,
     )
     return ActivationStore(out_dir, storage_options)
+
+
+def _check_finite_batch(
+    dst: torch.Tensor,
+    x: torch.Tensor,
+    keep: torch.Tensor,
+    batch_docs: np.ndarray,
+    hook: str,
+    dtype: str,
+) -> None:
+    """``NonFiniteActivationsError`` naming the document, position and cause when the stored
+    rows ``dst`` ``[n, d]`` of a batch (model output ``x`` ``[B, T, d]``) hold NaN or inf."""
+    bad = first_non_finite(dst)
+    if bad is None:
+        return
+    r, c = bad
+    rows, cols = keep.nonzero(as_tuple=True)
+    doc, position = int(batch_docs[int(rows[r])]), int(cols[r])
+    value = float(x[int(rows[r]), int(cols[r]), c])
+    where = f"hook point {hook!r}, document {doc} (row {doc} of the dataset), token position {position}, column {c}"
+    if math.isfinite(value):
+        raise NonFiniteActivationsError(
+            f"activations overflow cfg.dtype={dtype!r} at {where}: the model's value {value:.4g} "
+            "becomes inf when stored; dump with dtype='fp32' (or 'bf16')"
+        )
+    raise NonFiniteActivationsError(
+        f"the model produced NaN or inf activations at {where} (value {value}); check the "
+        "model's weights and its compute dtype (fp16 overflows easily)"
+    )
 
 
 def _write_shard(
