@@ -9,9 +9,11 @@ its own Prefect flow; ``steer`` prints steered and unsteered generations side by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -138,10 +140,57 @@ def _storage_args(options: list[str] | None, secret: str | None) -> dict[str, An
     return {"storage_options": public or None, "storage_secret": name}
 
 
-def _api_url() -> str | None:
-    from prefect.settings import get_current_settings
+_SUPERVISE = False  # set by the console script: flows run in a supervised child process
 
-    return get_current_settings().api.url
+
+def _api_url() -> str | None:
+    """The Prefect API runs are kept on (None: a temporary server that ends with the command)."""
+    from integral_superposition.flows import process
+
+    if process.temporary_server_url():
+        return None
+    return process.api_url()
+
+
+@contextlib.contextmanager
+def _flow_process(enabled: bool = True) -> Iterator[None]:
+    """Around a command's input checks, before it runs a flow. From the console script:
+    check the API or start a temporary server while the input is checked, then run the
+    command in a supervised child process and exit with its code (nothing after the
+    ``with`` block runs here). In that child, or called in-process: check the API, and mark
+    Crashed the flow runs of processes that died."""
+    from integral_superposition.flows import process
+
+    if not enabled:
+        yield
+        return
+    if _SUPERVISE:
+        sup = process.Supervisor()
+        try:
+            sup.prepare()
+        except process.PrefectUnavailable as e:
+            _fail(str(e), 1)
+        try:
+            yield
+        except BaseException:
+            sup.close()
+            raise
+        try:
+            code = sup.run(sys.argv[1:])
+        except process.PrefectUnavailable as e:
+            typer.echo(f"error: {e}", err=True)
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # everything is stopped; skip a slow interpreter teardown
+    try:
+        url = _api_url()
+        if url:
+            process.check_api(url)
+    except process.PrefectUnavailable as e:
+        _fail(str(e), 1)
+    process.mark_dead_runs_crashed()
+    yield
 
 
 def _ui_link(flow_run_id: str | None) -> str | None:
@@ -243,19 +292,41 @@ def run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved config and exit.")
     ] = False,
+    new_run: Annotated[
+        bool,
+        typer.Option(
+            "--new-run", help="Start a new run even if an unfinished run of this config exists."
+        ),
+    ] = False,
 ) -> None:
     """Run the whole experiment: dump -> train -> analyse -> merge -> steering -> report.
 
     Without --config or --preset it runs the embedded defaults (the demo corpus through
-    gemma-3-270m). Finished steps of earlier runs of the same experiment are reused.
+    gemma-3-270m). Finished steps of earlier runs of the same experiment are reused. Without
+    --run, an unfinished run of the same config whose process is gone (killed, crashed) is
+    continued: the dump from its completed shards, training from its last checkpoint.
     """
     import time
 
-    cfg = _load_cfg(config, preset, overrides, storage, name, run_name)
+    from integral_superposition.experiment import make_run_id
+
+    with _flow_process(enabled=not dry_run):
+        cfg = _load_cfg(config, preset, overrides, storage, name, run_name, new_run=False)
     con = _console()
     if dry_run:
-        con.print(cfg.to_yaml())
+        con.print(cfg.model_copy(update={"run": cfg.run or make_run_id()}).to_yaml())
         return
+    if cfg.run is None:
+        from integral_superposition.flows.experiment import resolve_storage_options
+        from integral_superposition.tasks.index import find_unfinished_run
+
+        resumed = None if new_run else find_unfinished_run(cfg, resolve_storage_options(cfg))
+        cfg = cfg.model_copy(update={"run": resumed or make_run_id()})
+        if resumed:
+            typer.echo(
+                f"resuming the unfinished run {resumed} of {cfg.name} (same config, its process "
+                "is gone); --new-run starts a new one"
+            )
     jobs = cfg.sae_jobs()
     # plain echo: the plan line must not be wrapped or styled
     typer.echo(_plan_line(cfg))
@@ -298,7 +369,9 @@ def dump(
     extra += [f"data.source={data}"] if data else []
     extra += [f"model.model_id={model}"] if model else []
     extra += [f"dump.layer={layer}"] if layer is not None else []
-    cfg = _secure(_load_cfg(config, preset, extra, storage, name, run_name))
+    with _flow_process():
+        cfg = _load_cfg(config, preset, extra, storage, name, run_name)
+    cfg = _secure(cfg)
     from integral_superposition.flows.steps import dump_flow
 
     state, fr_id = _run_flow(dump_flow, cfg=cfg, show_progress=sys.stderr.isatty())
@@ -321,7 +394,9 @@ def train(
     ] = None,
 ) -> None:
     """Train the config's SAEs (the base SAE and its sweep) in one pass over the store."""
-    cfg = _secure(_load_cfg(config, preset, overrides, storage, name, run_name))
+    with _flow_process():
+        cfg = _load_cfg(config, preset, overrides, storage, name, run_name)
+    cfg = _secure(cfg)
     from integral_superposition.flows.steps import train_flow
 
     state, fr_id = _run_flow(
@@ -378,7 +453,8 @@ def analyze(
     from integral_superposition.analysis.run import AnalysisParams
     from integral_superposition.flows.steps import analyze_flow
 
-    params = _params(AnalysisParams, param)
+    with _flow_process():
+        params = _params(AnalysisParams, param)
     state, fr_id = _run_flow(
         analyze_flow, sae_uri=sae, store_uri=store, params=params, model_id=model,
         run_root=run_root, **_storage_args(storage_option, storage_secret),
@@ -401,7 +477,8 @@ def merge(
     from integral_superposition.flows.steps import merge_flow
     from integral_superposition.merge.params import MergeParams
 
-    params = _params(MergeParams, param)
+    with _flow_process():
+        params = _params(MergeParams, param)
     state, fr_id = _run_flow(
         merge_flow, sae_uri=sae, store_uri=store, params=params, model_id=model,
         run_root=run_root, **_storage_args(storage_option, storage_secret),
@@ -424,7 +501,8 @@ def steer_eval(
     from integral_superposition.flows.steps import steer_eval_flow
     from integral_superposition.steering.evaluate import SteeringParams
 
-    params = _params(SteeringParams, param)
+    with _flow_process():
+        params = _params(SteeringParams, param)
     state, fr_id = _run_flow(
         steer_eval_flow,
         sae_uri=sae,
@@ -510,6 +588,8 @@ def report(
     """(Re)build the HTML report of a finished run from its run.json."""
     from integral_superposition.flows.steps import report_flow
 
+    with _flow_process():
+        pass
     state, fr_id = _run_flow(
         report_flow, run_root=run_root, **_storage_args(storage_option, storage_secret)
     )
@@ -545,7 +625,7 @@ def ls_runs(
     for r in runs:
         steps = r.get("steps", [])
         t.add_row(
-            r.get("experiment", ""), r.get("run", ""), r.get("finished") or "(unfinished)",
+            r.get("experiment", ""), r.get("run", ""), r.get("finished") or f"({r.get('state', 'unfinished')})",
             str(len(steps)), str(sum(s.get("state") == "Cached" for s in steps)), r.get("report_uri") or "",
         )  # fmt: skip
     con.print(t)
@@ -568,15 +648,30 @@ def server(
 
     It reads the same database as the temporary server that `isup run` starts when no
     PREFECT_API_URL is set, so earlier runs show up. Point later runs at it with
-    `prefect config set PREFECT_API_URL=http://HOST:PORT/api`.
+    `prefect config set PREFECT_API_URL=http://HOST:PORT/api`. The UI talks to this server
+    on any port (unless PREFECT_UI_API_URL says otherwise); analytics are off unless
+    PREFECT_SERVER_ANALYTICS_ENABLED=true.
     """
+    from integral_superposition.flows.process import server_defaults
+    from prefect.settings import get_current_settings
+
+    api = f"http://{host}:{port}/api"
+    env = {
+        **os.environ,
+        **server_defaults(),
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
+    # the UI's API URL defaults to PREFECT_API_URL, or else to port 4200
+    if "api_url" not in get_current_settings().server.ui.model_fields_set:
+        env["PREFECT_UI_API_URL"] = api
     typer.echo(
-        f"Prefect UI: http://{host}:{port}  (API http://{host}:{port}/api)\n"
-        f"for live runs: prefect config set PREFECT_API_URL=http://{host}:{port}/api"
+        f"Prefect UI: http://{host}:{port}  (API {api})\n"
+        f"for live runs: prefect config set PREFECT_API_URL={api}"
     )
     sys.stdout.flush()
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
-    os.execv(sys.executable, cmd)
+    os.execve(sys.executable, cmd, env)
 
 
 @app.command()
@@ -596,6 +691,10 @@ def schema(
 
 def main() -> None:
     """Console-script entry point."""
+    from integral_superposition.flows import process
+
+    global _SUPERVISE
+    _SUPERVISE = not process.supervised()
     app()
 
 

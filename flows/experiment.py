@@ -18,6 +18,7 @@ from typing import Any
 from integral_superposition import storage
 from integral_superposition.credentials import split_secret_options
 from integral_superposition.experiment import ExperimentConfig, SAEJob, make_run_id
+from integral_superposition.flows.process import record_process
 from integral_superposition.tasks.analyze import analyze_sae
 from integral_superposition.tasks.backends import model_stamp
 from integral_superposition.tasks.blocks import secure_config
@@ -33,6 +34,7 @@ from integral_superposition.tasks.index import (
     publish_run_outputs,
     write_run_config,
     write_run_index,
+    write_run_process,
 )
 from integral_superposition.tasks.merge import merge_sae
 from integral_superposition.tasks.policy import retry_options
@@ -217,6 +219,7 @@ def group_jobs(jobs: list[SAEJob]) -> list[list[SAEJob]]:
     flow_run_name=_flow_run_name,
     persist_result=False,  # the run's record is run.json; task results hold the cache
     log_prints=True,
+    on_running=[record_process],
 )
 def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> ExperimentResult:
     """Run one experiment end to end (see the module docstring); returns the run's record,
@@ -238,6 +241,7 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
     logger.info("run root: %s", loc.root)
     storage.ensure_bucket(loc.root, storage_options, create=cfg.storage_create_bucket)
     write_run_config(cfg, loc)
+    write_run_process(loc, str(runtime_flow_run.id) if runtime_flow_run.id else None)
     opts = task_options(cfg, storage_options)
 
     def T(task_obj):

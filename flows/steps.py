@@ -31,6 +31,7 @@ from integral_superposition.flows.experiment import (
     result_storage_at,
     task_options,
 )
+from integral_superposition.flows.process import record_process
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.steering.evaluate import SteeringParams
 from integral_superposition.tasks.analyze import analyze_sae
@@ -151,7 +152,7 @@ def _standalone_options(loc: RunLocation) -> dict[str, Any]:
     }
 
 
-@flow(name="dump", persist_result=False, log_prints=True)
+@flow(name="dump", persist_result=False, log_prints=True, on_running=[record_process])
 def dump_flow(cfg: ExperimentConfig, show_progress: bool = False) -> OutputRef:
     """Resolve the dataset of ``cfg`` and dump its activations (one store, or partitions
     combined into one); cached like the experiment's dump step."""
@@ -165,7 +166,7 @@ def dump_flow(cfg: ExperimentConfig, show_progress: bool = False) -> OutputRef:
     return store
 
 
-@flow(name="dump-partition", persist_result=False, log_prints=True)
+@flow(name="dump-partition", persist_result=False, log_prints=True, on_running=[record_process])
 def dump_partition_flow(cfg: ExperimentConfig, partition: int, run: str) -> OutputRef:
     """Dump partition ``partition`` of ``cfg.fanout.partitions`` into run ``run`` (one GPU
     worker each when the experiment fans out with ``fanout.mode: deployments``)."""
@@ -188,7 +189,7 @@ def dump_partition_flow(cfg: ExperimentConfig, partition: int, run: str) -> Outp
     return ref
 
 
-@flow(name="train", persist_result=False, log_prints=True)
+@flow(name="train", persist_result=False, log_prints=True, on_running=[record_process])
 def train_flow(
     cfg: ExperimentConfig, store_uri: str | None = None, show_progress: bool = False
 ) -> list[OutputRef]:
@@ -222,7 +223,7 @@ def train_flow(
     return saes
 
 
-@flow(name="analyze", persist_result=False, log_prints=True)
+@flow(name="analyze", persist_result=False, log_prints=True, on_running=[record_process])
 def analyze_flow(
     sae_uri: str,
     store_uri: str | None = None,
@@ -245,7 +246,7 @@ def analyze_flow(
     return ref
 
 
-@flow(name="merge", persist_result=False, log_prints=True)
+@flow(name="merge", persist_result=False, log_prints=True, on_running=[record_process])
 def merge_flow(
     sae_uri: str,
     store_uri: str | None = None,
@@ -302,7 +303,7 @@ def _model_ref(
     return ModelRef(spec=spec, stamp=model_stamp(spec))
 
 
-@flow(name="steer-eval", persist_result=False, log_prints=True)
+@flow(name="steer-eval", persist_result=False, log_prints=True, on_running=[record_process])
 def steer_eval_flow(
     sae_uri: str,
     store_uri: str | None = None,
@@ -325,7 +326,7 @@ def steer_eval_flow(
     return ref
 
 
-@flow(name="report", persist_result=False, log_prints=True)
+@flow(name="report", persist_result=False, log_prints=True, on_running=[record_process])
 def report_flow(
     run_root: str,
     options: ReportOptions | None = None,

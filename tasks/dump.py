@@ -12,7 +12,7 @@ from integral_superposition.experiment import DataSpec
 from integral_superposition.tasks.backends import using_backend
 from integral_superposition.tasks.policy import OUTPUT_CACHE, gpu_slot, retry_transient
 from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.ui import Progress, event, timed_step
+from integral_superposition.tasks.ui import Progress, event, library_logs, timed_step
 from prefect import task
 
 TASK_DEFAULTS: dict[str, Any] = {
@@ -75,7 +75,13 @@ def dump_activations(
     name = out if partition is None else partition_name(*partition)
     out_uri = loc.uri(out) if partition is None else loc.uri(out, name)
     progress = Progress(f"dump-{name}", f"dump {name}", unit="tok")
-    with gpu_slot(gpu_limit), using_backend(model.spec) as backend, progress, timed_step():
+    with (
+        gpu_slot(gpu_limit),
+        using_backend(model.spec) as backend,
+        progress,
+        timed_step(),
+        library_logs(),
+    ):
         store = dump_layer_activations(
             df,
             spec.text_col,

@@ -1,18 +1,24 @@
-"""The run's own records: ``config.yaml`` at its start, ``run.json`` (the index of every
-output the run produced or reused) at its end, and reading them back for ``isup ls``."""
+"""The run's own records: ``config.yaml`` and ``process.json`` (which process runs it) at
+its start, ``run.json`` (the index of every output the run produced or reused) at its end,
+and reading them back for ``isup ls`` and for resuming an unfinished run."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import yaml
 from integral_superposition import storage
 from integral_superposition.experiment import ExperimentConfig
 from integral_superposition.tasks.refs import OutputRef, RunLocation
 from pydantic import BaseModel, Field
 
 RUN_INDEX = "run.json"
+RUN_CONFIG = "config.yaml"
+RUN_PROCESS = "process.json"
 
 
 class StepRecord(BaseModel):
@@ -45,9 +51,104 @@ class ExperimentResult(BaseModel):
 
 def write_run_config(cfg: ExperimentConfig, loc: RunLocation) -> str:
     """Write the resolved config (without storage options) to ``{run}/config.yaml``."""
-    uri = loc.uri("config.yaml")
+    uri = loc.uri(RUN_CONFIG)
     storage.write_bytes(uri, cfg.to_yaml().encode("utf-8"), loc.storage_options)
     return uri
+
+
+def process_id(pid: int | None = None) -> str:
+    """``host:pid`` of a process (this one by default), as Prefect's runner records it."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def process_alive(process: str | None, since: _dt.datetime | None = None) -> bool | None:
+    """Whether the process ``host:pid`` still runs: None when it is on another host
+    (unknown); False when the pid is gone, a zombie, or a newer process that reused the pid
+    (started after ``since``)."""
+    import psutil
+
+    host, _, pid = (process or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        p = psutil.Process(int(pid))
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return since is None or p.create_time() <= since.timestamp() + 1.0
+    except psutil.Error:
+        return False
+
+
+def write_run_process(loc: RunLocation, flow_run_id: str | None = None) -> str:
+    """Write ``{run}/process.json``: the process running the run (``host:pid``), when it
+    started, and its flow run. A run with this record and no ``run.json`` whose process is
+    gone has crashed (and ``isup run`` resumes it)."""
+    uri = loc.uri(RUN_PROCESS)
+    doc = {
+        "process": process_id(),
+        "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "flow_run_id": flow_run_id,
+    }
+    storage.write_json(uri, doc, loc.storage_options)
+    return uri
+
+
+def run_state(
+    run_root: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The state of a run without ``run.json``: ``running`` (its process is alive),
+    ``crashed`` (its process on this host is gone) or ``unfinished`` (no record, or a
+    process on another host); and its ``process.json`` record."""
+    try:
+        rec = storage.read_json(storage.join(run_root, RUN_PROCESS), storage_options)
+    except (FileNotFoundError, NotADirectoryError, OSError, ValueError):
+        return "unfinished", {}
+    started = rec.get("started")
+    since = _dt.datetime.fromisoformat(started) if started else None
+    alive = process_alive(rec.get("process"), since)
+    return {True: "running", False: "crashed", None: "unfinished"}[alive], rec
+
+
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same: all but the run name and how storage is accessed."""
+    return {
+        k: v for k, v in config.items() if k not in ("run", "storage_options", "storage_secret")
+    }
+
+
+def find_unfinished_run(
+    cfg: ExperimentConfig, storage_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """The newest run of ``cfg``'s experiment that did not finish (no ``run.json``), whose
+    process is not running, and whose ``config.yaml`` equals ``cfg`` but for the run name:
+    the run a rerun of the same command continues. None if there is none."""
+    root = cfg.storage if "://" in cfg.storage else os.path.abspath(os.path.expanduser(cfg.storage))
+    exp_root = storage.join(root, cfg.name)
+    try:
+        names = storage.listdir(exp_root, storage_options)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    want = _comparable(yaml.safe_load(cfg.to_yaml()))
+    found: list[tuple[str, str]] = []
+    for run in names:
+        if run.startswith("."):
+            continue
+        root = storage.join(exp_root, run)
+        if storage.exists(storage.join(root, RUN_INDEX), storage_options):
+            continue
+        try:
+            recorded = yaml.safe_load(
+                storage.read_bytes(storage.join(root, RUN_CONFIG), storage_options)
+            )
+        except (FileNotFoundError, NotADirectoryError, OSError, yaml.YAMLError):
+            continue
+        if not isinstance(recorded, dict) or _comparable(recorded) != want:
+            continue
+        state, rec = run_state(root, storage_options)
+        if state == "running":
+            continue
+        found.append((rec.get("started") or "", run))
+    return max(found)[1] if found else None
 
 
 def write_run_index(result: ExperimentResult, cfg: ExperimentConfig, loc: RunLocation) -> str:
@@ -72,7 +173,8 @@ def list_runs(
     storage_options: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Every run under ``storage_root`` (or one experiment): ``experiment, run, finished,
-    report_uri, steps`` from its ``run.json``; runs without one are listed as unfinished."""
+    report_uri, steps`` from its ``run.json``; a run without one has ``finished: None`` and a
+    ``state`` (:func:`run_state`: running, crashed or unfinished)."""
     experiments: Sequence[str] = (
         [experiment] if experiment else storage.listdir(storage_root, storage_options)
     )
@@ -92,6 +194,7 @@ def list_runs(
                 if not storage.exists(storage.join(run_root, "config.yaml"), storage_options):
                     continue
                 doc = {"experiment": exp, "run": run, "finished": None, "steps": []}
+                doc["state"] = run_state(run_root, storage_options)[0]
             doc["run_root"] = run_root
             runs.append(doc)
     runs.sort(

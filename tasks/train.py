@@ -13,6 +13,7 @@ from integral_superposition.tasks.ui import (
     Progress,
     artifact_key,
     event,
+    library_logs,
     producer,
     run_logger,
     table,
@@ -69,7 +70,7 @@ def train_saes(
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
             logger.info("train step %d: %s", step, shown)
 
-    with gpu_slot(gpu_limit), progress, timed_step():
+    with gpu_slot(gpu_limit), progress, timed_step(), library_logs():
         results = _train(
             [store.uri],
             [j.cfg for j in jobs],

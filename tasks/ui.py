@@ -34,6 +34,35 @@ def run_logger():
         return log
 
 
+class _ToRunLogger(logging.Handler):
+    """Forwards the library's log records of one thread to a run logger."""
+
+    def __init__(self, target: Any, thread: int) -> None:
+        super().__init__(logging.INFO)
+        self.target, self.thread = target, thread
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.target.log(record.levelno, record.getMessage())
+
+
+@contextlib.contextmanager
+def library_logs() -> Iterator[None]:
+    """Show the library's INFO messages of this task (e.g. "resuming training from
+    checkpoint step 40") in the run's log; records of other threads are not taken."""
+    lib = logging.getLogger("integral_superposition")
+    handler = _ToRunLogger(run_logger(), threading.get_ident())
+    level = lib.level
+    if lib.getEffectiveLevel() > logging.INFO:
+        lib.setLevel(logging.INFO)
+    lib.addHandler(handler)
+    try:
+        yield
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(level)
+
+
 def _in_run() -> bool:
     from prefect.context import FlowRunContext, TaskRunContext
 

@@ -763,7 +763,7 @@ def _run(
             t.load_state(tt, tj)
         torch.set_rng_state(rng["torch_cpu"])
         start = int(js["step"])
-        log.info("resuming from checkpoint %s at step %d", ckpt.uri, start)
+        log.info("resuming training from checkpoint step %d (%s)", start, ckpt.uri)
     else:
         sample = source.sample(_INIT_TOKENS)
         for t in trainees:
