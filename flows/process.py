@@ -206,12 +206,12 @@ class TemporaryServer:
 def record_process(flow: Any, flow_run: Any, state: Any) -> None:
     """Flow ``on_running`` hook: record this process on the flow run (unless a worker did),
     so that the run can be marked Crashed if the process dies without a final state."""
-    if getattr(flow_run, "infrastructure_pid", None):
-        return
     from integral_superposition.tasks.index import process_id
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
+        if client.read_flow_run(flow_run.id).infrastructure_pid:
+            return  # a worker's record (a pod, a container) is what cancels the run
         client.update_flow_run(flow_run.id, infrastructure_pid=process_id())
 
 

@@ -120,8 +120,9 @@ def find_unfinished_run(
     cfg: ExperimentConfig, storage_options: Mapping[str, Any] | None = None
 ) -> str | None:
     """The newest run of ``cfg``'s experiment that did not finish (no ``run.json``), whose
-    process is not running, and whose ``config.yaml`` equals ``cfg`` but for the run name:
-    the run a rerun of the same command continues. None if there is none."""
+    process is gone (it crashed, or never recorded one), and whose ``config.yaml`` equals
+    ``cfg`` but for the run name and storage access: the run a rerun of the same command
+    continues. None if there is none."""
     root = cfg.storage if "://" in cfg.storage else os.path.abspath(os.path.expanduser(cfg.storage))
     exp_root = storage.join(root, cfg.name)
     try:
@@ -145,7 +146,7 @@ def find_unfinished_run(
         if not isinstance(recorded, dict) or _comparable(recorded) != want:
             continue
         state, rec = run_state(root, storage_options)
-        if state == "running":
+        if rec and state != "crashed":  # running, or on another host: it may be running
             continue
         found.append((rec.get("started") or "", run))
     return max(found)[1] if found else None

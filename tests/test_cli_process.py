@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import glob
 import json
 import os
@@ -283,3 +284,47 @@ def test_rerun_after_kill_9_resumes_the_run_and_ends_with_the_uninterrupted_weig
     b = load_sae(ref.uri).requires_grad_(False)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert float((getattr(a, name) - getattr(b, name)).abs().max()) <= 1e-6, name
+
+
+def test_find_unfinished_run_picks_the_newest_crashed_run_of_the_same_config(tmp_path):
+    from integral_superposition.experiment import resolve_config
+    from integral_superposition.tasks.index import find_unfinished_run, list_runs
+
+    cfg = resolve_config(None, "smoke", [f"storage={tmp_path}"])
+    exp = tmp_path / "smoke"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+
+    def make(run: str, started: str, pid: int | None, finished=False, **changes) -> None:
+        root = exp / run
+        root.mkdir(parents=True)
+        c = cfg.model_copy(update={"run": run, **changes})
+        (root / "config.yaml").write_text(c.to_yaml())
+        if pid is not None:
+            rec = {"process": f"{host}:{pid}", "started": started, "flow_run_id": None}
+            (root / "process.json").write_text(json.dumps(rec))
+        if finished:
+            (root / "run.json").write_text(json.dumps({"run": run, "finished": started}))
+
+    make("a-old-crash", "2026-01-01T00:00:00+00:00", dead.pid)
+    make("b-new-crash", "2026-01-02T00:00:00+00:00", dead.pid)
+    make("c-finished", "2026-01-03T00:00:00+00:00", dead.pid, finished=True)
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    make("d-running", now, os.getpid())  # this process, started before that record
+    make("e-other-config", "2026-01-05T00:00:00+00:00", dead.pid, name="smoke", gpu_limit="x")
+    make("f-other-host", "2026-01-06T00:00:00+00:00", None)
+    (exp / "f-other-host" / "process.json").write_text(
+        json.dumps({"process": "elsewhere:1", "started": "2026-01-06T00:00:00+00:00"})
+    )
+    assert find_unfinished_run(cfg) == "b-new-crash"
+    states = {r["run"]: r.get("state") for r in list_runs(str(tmp_path))}
+    assert states["b-new-crash"] == "crashed" and states["d-running"] == "running"
+    assert states["f-other-host"] == "unfinished" and states["c-finished"] is None
+    # with no process record (it died before writing one) a run is resumable too
+    (exp / "b-new-crash" / "process.json").unlink()
+    (exp / "a-old-crash" / "process.json").unlink()
+    assert find_unfinished_run(cfg) in ("a-old-crash", "b-new-crash")
+    (exp / "b-new-crash" / "run.json").write_text("{}")
+    (exp / "a-old-crash" / "run.json").write_text("{}")
+    assert find_unfinished_run(cfg) is None
