@@ -141,3 +141,23 @@ def test_auto_device_without_cuda_is_the_quick_check_and_the_budget_is_kept(gpu_
         ("train", "skipped"),
     ]
     assert "| dump | skipped |" in (tmp_path / "summary.md").read_text()
+
+
+def test_stand_in_model_has_the_architecture_and_decodes_every_id(gpu_check, tmp_path, monkeypatch):
+    from integral_superposition.backends import HFCausalLM
+
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "head_dim": 16}
+    small |= {"query_pre_attn_scalar": 16, "vocab_size": 4096}
+    small["layer_types"] = ["sliding_attention", "sliding_attention", "full_attention"]
+    monkeypatch.setattr(gpu_check, "GEMMA_270M", {**gpu_check.GEMMA_270M, **small})
+    folder = gpu_check.stand_in_model(tmp_path)
+    assert gpu_check.stand_in_model(tmp_path) == folder  # built once
+    backend = HFCausalLM.from_pretrained(str(folder), dtype="fp32")
+    cfg = backend.model.config
+    assert (backend.n_layers, backend.d_model, cfg.vocab_size) == (3, 64, 4096)
+    assert cfg.num_key_value_heads == 1 and cfg.sliding_window == 512
+    assert len(backend.tokenizer) == 4096
+    assert backend.tokenizer.decode([4095, 600]) == "<unused4095><unused600>"
+    enc = backend.tokenizer(["The market rose"], return_tensors="pt")
+    out = backend.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert backend.tokenizer.decode(out[0, enc["input_ids"].shape[1] :]).strip()
