@@ -59,10 +59,13 @@ class OutputRef(BaseModel):
             return False
         if manifest.get("content_hash") != self.content_hash:
             return False
-        # an activation dump is hashed in full: a same-size damaged shard is caught here and
-        # the dump step reruns (and recomputes it) instead of handing it downstream
-        deep = manifest.get("kind") == "activations"
-        return storage.verify_output(self.uri, storage_options, deep=deep)
+        if manifest.get("kind") == "activations":
+            # hashed in full: a same-size damaged shard is caught here and the dump step reruns
+            # (and recomputes it) instead of handing it downstream
+            from integral_superposition.dump.store import verify_dump
+
+            return verify_dump(self.uri, storage_options)
+        return storage.verify_output(self.uri, storage_options)
 
     def cache_identity(self) -> dict[str, str]:
         """What a downstream cache key sees: the content, not the location."""

@@ -536,3 +536,24 @@ def test_dump_refuses_to_store_non_finite_activations(tiny_backend, demo_df, tmp
             tmp_path / "fp16", progress=False,
         )  # fmt: skip
     assert not (tmp_path / "fp16" / "manifest.json").exists()
+
+
+def test_a_verified_dump_is_not_hashed_again_when_read(tmp_path, monkeypatch):
+    from integral_superposition.dump.store import verify_dump
+
+    _synthetic(tmp_path / "acts")
+    calls: list[str] = []
+    real = storage.sha256_file
+
+    def counting(uri, storage_options=None, chunk=8 << 20):
+        calls.append(Path(uri).name)
+        return real(uri, storage_options, chunk)
+
+    monkeypatch.setattr(storage, "sha256_file", counting)
+    assert verify_dump(str(tmp_path / "acts"))
+    hashed = len(calls)
+    assert sum(c.endswith(".safetensors") for c in calls) == 3
+    ActivationStore(str(tmp_path / "acts")).read(0, 600)
+    assert len(calls) == hashed
+    _overwrite_rows(tmp_path / "acts" / "shard-00001.safetensors", 0, 2, 16 * 4)
+    assert not verify_dump(str(tmp_path / "acts"))

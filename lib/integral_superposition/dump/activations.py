@@ -54,11 +54,17 @@ from integral_superposition.data.tokenize import (
     special_ids,
     tokenize_texts,
 )
-from integral_superposition.dump.shards import TORCH_DTYPES, write_shard
+from integral_superposition.dump.shards import (
+    TORCH_DTYPES,
+    CorruptShardError,
+    verify_file,
+    write_shard,
+)
 from integral_superposition.dump.store import (
     ActivationStore,
     NonFiniteActivationsError,
     first_non_finite,
+    verify_dump,
 )
 from integral_superposition.progress import ProgressFn, Reporter
 
@@ -380,7 +386,13 @@ def _intact(
     for name, entry in files.items():
         if listing.get(name) != entry["size"]:
             return False
-        if storage.sha256_file(storage.join(out_dir, name), storage_options) != entry["sha256"]:
+        uri = storage.join(out_dir, name)
+        if name.endswith(".safetensors"):  # remembered: the returned store does not hash it again
+            try:
+                verify_file(uri, entry["sha256"], int(entry["size"]), storage_options)
+            except CorruptShardError:
+                return False
+        elif storage.sha256_file(uri, storage_options) != entry["sha256"]:
             return False
     return True
 
@@ -491,7 +503,7 @@ def dump_layer_activations(
     if storage.MANIFEST_NAME in listing:
         existing = storage.read_manifest(out_dir, storage_options)
         if existing.get("identity") == identity:
-            if storage.verify_output(out_dir, storage_options, deep=True):
+            if verify_dump(out_dir, storage_options):
                 log.info("dump at %s is complete and verified; reusing it", out_dir)
                 return ActivationStore(out_dir, storage_options)
             log.warning("dump at %s is damaged; recomputing its damaged shards", out_dir)

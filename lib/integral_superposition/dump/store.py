@@ -32,6 +32,7 @@ from integral_superposition.dump.shards import (
     TORCH_DTYPES,
     CorruptShardError,
     ShardReader,
+    verify_file,
 )
 
 T = TypeVar("T")
@@ -93,6 +94,27 @@ def _doc_uniform(doc_ids: np.ndarray, seed: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def verify_dump(dir_uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True when a published dump's every file has the manifest's size and SHA-256.
+
+    Shards are checked as :class:`ActivationStore` checks them on first read (and remembered
+    for this process, so a store opened afterwards does not hash them again).
+    """
+    if not storage.verify_output(dir_uri, storage_options):
+        return False
+    manifest = storage.read_manifest(dir_uri, storage_options)
+    for name, entry in manifest.get("files", {}).items():
+        uri = storage.join(dir_uri, name)
+        if name.endswith(".safetensors"):
+            try:
+                verify_file(uri, entry["sha256"], int(entry["size"]), storage_options)
+            except CorruptShardError:
+                return False
+        elif storage.sha256_file(uri, storage_options) != entry["sha256"]:
+            return False
+    return True
 
 
 class ActivationStore:
