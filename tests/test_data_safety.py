@@ -557,3 +557,16 @@ def test_a_verified_dump_is_not_hashed_again_when_read(tmp_path, monkeypatch):
     assert len(calls) == hashed
     _overwrite_rows(tmp_path / "acts" / "shard-00001.safetensors", 0, 2, 16 * 4)
     assert not verify_dump(str(tmp_path / "acts"))
+
+
+def test_damaged_or_impossible_data_is_not_retried():
+    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.tasks.policy import is_transient
+
+    for exc in (
+        CorruptShardError("shard x is damaged"),
+        NonFiniteActivationsError("NaN"),
+        MemoryError("needs at least 10 GiB"),
+        FloatingPointError("the merge computation produced NaN"),
+    ):
+        assert not is_transient(exc), exc
