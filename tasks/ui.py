@@ -34,33 +34,60 @@ def run_logger():
         return log
 
 
-class _ToRunLogger(logging.Handler):
-    """Forwards the library's log records of one thread to a run logger."""
+class _LibraryLogs(logging.Handler):
+    """While tasks run, takes the library's log records: those of a task's thread go to
+    that task's run logger, the others on to the root logger's handlers as before."""
 
-    def __init__(self, target: Any, thread: int) -> None:
-        super().__init__(logging.INFO)
-        self.target, self.thread = target, thread
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lock = threading.Lock()
+        self.targets: dict[int, Any] = {}
+        self.saved = (logging.NOTSET, True)
+        self.passthrough = logging.WARNING
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.target.log(record.levelno, record.getMessage())
+        target = self.targets.get(record.thread)
+        if target is not None:
+            if record.levelno >= logging.INFO:
+                target.log(record.levelno, record.getMessage())
+        elif record.levelno >= self.passthrough:
+            logging.getLogger().handle(record)
+
+    @contextlib.contextmanager
+    def forward(self, target: Any) -> Iterator[None]:
+        lib = logging.getLogger("integral_superposition")
+        me = threading.get_ident()
+        with self.lock:
+            if not self.targets:
+                self.saved = (lib.level, lib.propagate)
+                self.passthrough = lib.getEffectiveLevel()
+                lib.addHandler(self)
+                lib.propagate = False
+                lib.setLevel(min(self.passthrough, logging.INFO))
+            self.targets[me] = target
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.targets.pop(me, None)
+                if not self.targets:
+                    lib.removeHandler(self)
+                    lib.setLevel(self.saved[0])
+                    lib.propagate = self.saved[1]
+
+
+_LIBRARY_LOGS = _LibraryLogs()
 
 
 @contextlib.contextmanager
 def library_logs() -> Iterator[None]:
     """Show the library's INFO messages of this task (e.g. "resuming training from
-    checkpoint step 40") in the run's log; records of other threads are not taken."""
-    lib = logging.getLogger("integral_superposition")
-    handler = _ToRunLogger(run_logger(), threading.get_ident())
-    level = lib.level
-    if lib.getEffectiveLevel() > logging.INFO:
-        lib.setLevel(logging.INFO)
-    lib.addHandler(handler)
-    try:
+    checkpoint step 40") in the run's log, once; other threads log as before."""
+    if not _in_run():  # outside a run the library logs as configured
         yield
-    finally:
-        lib.removeHandler(handler)
-        lib.setLevel(level)
+        return
+    with _LIBRARY_LOGS.forward(run_logger()):
+        yield
 
 
 def _in_run() -> bool:

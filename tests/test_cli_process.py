@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -328,3 +329,46 @@ def test_find_unfinished_run_picks_the_newest_crashed_run_of_the_same_config(tmp
     (exp / "b-new-crash" / "run.json").write_text("{}")
     (exp / "a-old-crash" / "run.json").write_text("{}")
     assert find_unfinished_run(cfg) is None
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.prefect
+def test_library_messages_of_a_task_reach_its_run_log_once(prefect_api):
+    from integral_superposition.tasks.ui import library_logs
+    from prefect import flow, task
+
+    lib = logging.getLogger("integral_superposition.sae.train")
+    with library_logs():  # outside a run: nothing to forward (and no loop back)
+        lib.info("outside a run")
+
+    @task
+    def step() -> None:
+        with library_logs():
+            lib.info("resuming training from checkpoint step 5 (here)")
+        lib.info("after the step")
+
+    @flow
+    def one_step() -> None:
+        step()
+
+    run_log, root_log = _Collect(), _Collect()
+    logging.getLogger("prefect.task_runs").addHandler(run_log)
+    logging.getLogger().addHandler(root_log)
+    try:
+        one_step()
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(run_log)
+        logging.getLogger().removeHandler(root_log)
+    said = [r.getMessage() for r in run_log.records]
+    assert said.count("resuming training from checkpoint step 5 (here)") == 1, said
+    assert not [r for r in root_log.records if r.name.startswith("integral_superposition")]
+    assert logging.getLogger("integral_superposition").propagate
+    assert not logging.getLogger("integral_superposition").handlers
