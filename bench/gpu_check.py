@@ -257,16 +257,18 @@ def plan(args, device: str, out: Path, model: str, data: str) -> list[Item]:
     """The items with their commands, sized for ``--quick`` or for the real GPU run."""
     py = sys.executable
     q = args.quick
+    tiny = model.startswith("tiny:")  # 4 layers
     bench = {
         "ISUP_BENCH_OUT": str(out / "cache"),
         "ISUP_BENCH_MODEL": model,
         "ISUP_AG_NEWS": data,
-        "ISUP_BENCH_LAYER": "2" if q else "9",
+        "ISUP_BENCH_LAYER": "2" if tiny else "9",
         "ISUP_BENCH_DTYPE": "fp32" if q else "bf16",
         "ISUP_BENCH_D_SAE": "256" if q else "4096",
     }
-    dump = "--skip-rss --skip-load --n-docs 64 --repeats 1 --chunk-docs 32 --layer 2"
-    dump_gpu = "--skip-rss --skip-load --n-docs 2048 --repeats 3 --chunk-docs 512 --layer 13"
+    layer = "--layer 2" if tiny else "--layer 13"  # the seed's quick-start layer
+    dump = f"--skip-rss --skip-load --n-docs 64 --repeats 1 --chunk-docs 32 {layer}"
+    dump_gpu = f"--skip-rss --skip-load --n-docs 2048 --repeats 3 --chunk-docs 512 {layer}"
     scan, steer = "--skip-run --skip-rss", "--skip-quality"
     train = "--steps 2 --warmup 1 --rounds 1 --batch 256 --cases topk --run-steps 0 --d-sae 256"
     train_gpu = (
@@ -327,7 +329,7 @@ def plan(args, device: str, out: Path, model: str, data: str) -> list[Item]:
     if q:
         run += ["--preset", "smoke", "--set", "data.source=demo:160", "--set", "steps.merge=false"]
     elif model != "gemma-3-270m":
-        run += ["--set", f"model.model_id={model}"]
+        run += ["--set", f"model.model_id={model}"] + (["--set", "dump.layer=2"] if tiny else [])
     env = {
         "PREFECT_HOME": str(out / "prefect-home"),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
