@@ -73,6 +73,10 @@ gpu-install:
 	@if [ -d "$(WHEELHOUSE)" ] && [ ! -x "$(PY)" ]; then \
 	  echo "installing from $(WHEELHOUSE) into $$(command -v $(GPU_PYTHON))"; \
 	  $(GPU_PYTHON) -m pip install -q --no-index --find-links "$(WHEELHOUSE)" -e .; \
+	elif [ ! -x "$(PY)" ] && ! command -v $(PYTHON) >/dev/null 2>&1; then \
+	  echo "gpu-install: no $(WHEELHOUSE)/ folder and no $(PYTHON) to build $(VENV) with;" \
+	    "run 'make gpu-wheels' where a package registry is reachable and bring" \
+	    "$(WHEELHOUSE)/ along, or set PYTHON=" >&2; exit 1; \
 	else \
 	  $(MAKE) --no-print-directory install; \
 	fi
