@@ -21,8 +21,9 @@ Items, each in its own process with its own time limit (a hung item cannot eat t
 The summary goes to ``--out`` (default ``bench/out/gpu-check/``): ``summary.md`` and
 ``summary.json`` (each item's status, seconds and key numbers; the device name, torch and CUDA
 versions, the CUDA capability), ``log.txt`` (every item's output) and ``cuda-tests.xml``.
-Every file is written atomically, the summary after each item, so a run cut short still
-leaves the items it finished. The exit status is 0 only when every item passed.
+The summary is rewritten (atomically) after each item and each item's output is appended to
+the log when it ends, so a run cut short still leaves the items it finished. The exit status
+is 0 only when every item passed. ``--device auto`` without a CUDA device runs ``--quick``.
 
 Data: the labelled news CSV from ``--data`` (default ``auto``: ``$ISUP_AG_NEWS``, else
 ``shared/data/ag_news_dev.csv`` in the repository or beside any folder above it), else the
