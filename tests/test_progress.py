@@ -110,3 +110,20 @@ def test_merge_reports_every_sweep_point_with_its_phase(demo_store, tmp_path):
     totals = {t for _, t, _ in seen}
     assert totals == {6 + 3 + 2 * 2}
     assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen) and seen[-1][0] == 13
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_a_bar_is_drawn_instead_of_lines():
+    term = _Terminal()
+    with Reporter("train", unit="steps", total=4, show=True, stream=term) as rep:
+        for step in range(1, 5):
+            time.sleep(0.12)  # tqdm redraws at most every 0.1 s
+            rep.postfix(loss="0.12")
+            rep.update(step, phase="train")
+    out = term.getvalue()
+    assert "4/4" in out and "loss=0.12" in out and "train [train]" in out
+    assert not any(LINE.match(line) for line in out.splitlines())

@@ -113,6 +113,7 @@ class Reporter:
                 desc=label,
                 unit=unit or "it",
                 leave=False,
+                file=self.stream,
             )
 
     # -- updates ----------------------------------------------------------------------------
