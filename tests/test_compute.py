@@ -207,3 +207,13 @@ def test_model_cache_identity_names_the_dtype_auto_picks(monkeypatch):
     monkeypatch.setenv(compute.CPU_BF16_ENV, "1")
     bf16 = ModelRef(spec=ModelSpec(model_id="tiny:gemma", dtype="bf16"), stamp="s")
     assert auto.cache_identity() == bf16.cache_identity() != fp32.cache_identity()
+
+
+def test_loading_a_model_in_bf16_on_a_cpu_without_it_warns(cpu, caplog):
+    from integral_superposition.backends import load_backend
+
+    cpu(AVX2, "AVX2", onednn=False, slowdown=60.0)
+    with caplog.at_level(logging.WARNING, logger="integral_superposition.compute"):
+        backend = load_backend("tiny:gemma", dtype="bf16")
+    assert backend.dtype == torch.bfloat16  # it runs, as asked
+    assert any("about 60x slower than float32" in r.getMessage() for r in caplog.records)

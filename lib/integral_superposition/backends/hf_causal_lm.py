@@ -47,8 +47,8 @@ def _load(
 
     source: ModelSource = resolve_model_source(model_id_or_path, gguf_file)
     torch_dtype = as_torch_dtype(dtype)
-    if torch_dtype is None and dtype is not None:  # "auto": by the hardware it will run on
-        torch_dtype = resolve_dtype("auto", _map_device(device_map))
+    if dtype is not None:  # "auto" picks by the hardware; bf16 on a CPU without it warns
+        torch_dtype = resolve_dtype(dtype, _map_device(device_map))
     load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **kwargs}
     if torch_dtype is not None:
         load_kwargs["dtype"] = torch_dtype
