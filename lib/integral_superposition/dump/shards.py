@@ -225,12 +225,10 @@ class ShardReader:
     ):
         self.uri = uri
         self.storage_options = storage_options
+        file_size, _ = _stat(uri, storage_options)
+        _check_size(uri, size, file_size)
         if verify and sha256:
             verify_file(uri, sha256, size, storage_options)
-            file_size = size
-        else:
-            file_size, _ = _stat(uri, storage_options)
-            _check_size(uri, size, file_size)
         self.spans = read_header(uri, storage_options, file_size)
         self._local = storage.is_local(uri)
         self._map: mmap.mmap | None = None
