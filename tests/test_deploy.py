@@ -360,3 +360,109 @@ def test_worker_image_requirements_resolve_against_the_base_images_torch(tmp_pat
     assert resolved["torch"] == base_torch, resolved.get("torch")
     for name in ("transformers", "accelerate", "datasets", "s3fs", "prefect"):
         assert name in resolved, name
+
+
+def _env_without_aws_credentials(api_url: str) -> dict[str, str]:
+    """This process's environment with no AWS variable and no AWS profile files."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "ISUP_S3_"))}
+    env.update(
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_CONFIG_FILE=os.devnull,
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
+    return env
+
+
+@pytest.mark.s3
+def test_a_triggered_analysis_reads_s3_with_credentials_from_a_secret_block(
+    prefect_api, s3_bucket, tmp_path
+):
+    """The train deployment on a worker with no AWS credentials in its environment, its S3
+    credentials in a Secret block: its ``isup.sae.trained`` event starts the analyze
+    deployment, which gets the Secret's name and the endpoint from the event and
+    analyses the SAE on S3."""
+    import s3fs
+    from integral_superposition.experiment import load_preset
+    from integral_superposition.tasks.blocks import save_secret_options
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.deployments import run_deployment
+
+    bucket, opts = s3_bucket
+    endpoint = opts["endpoint_url"]
+    save_secret_options("isup-deploy-s3", {"key": opts["key"], "secret": opts["secret"]})
+    env = _env_without_aws_credentials(prefect_api)
+    # the control: in that environment, S3 without the Secret's credentials is refused
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import s3fs; s3fs.S3FileSystem(endpoint_url={endpoint!r}).ls({bucket!r})"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert probe.returncode != 0 and "NoCredentialsError" in probe.stderr, probe.stderr[-2000:]
+
+    pool = "isup-test-secrets"
+    proc = prefect_cli(
+        ["work-pool", "create", pool, "--type", "process", "--overwrite"], prefect_api
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prefect_file = _process_pool_copy(tmp_path, pool)
+    doc = yaml.safe_load(prefect_file.read_text())
+    (analyze,) = [d for d in doc["deployments"] if d["name"] == "analyze-gpu"]
+    # the smoke preset's small analysis budget as the deployment's default parameters
+    analyze["parameters"] = {"params": load_preset("smoke").analysis.model_dump(mode="json")}
+    prefect_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = prefect_cli(
+        ["deploy", "--name", "train-gpu", "--name", "analyze-gpu", "--prefect-file", str(prefect_file)],
+        prefect_api,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    cfg = load_preset(
+        "smoke",
+        {
+            "storage": f"{bucket}/runs", "run": "trained", "storage_secret": "isup-deploy-s3",
+            "storage_options": {"endpoint_url": endpoint}, "fanout.partitions": 1,
+            "sae.epochs": 1,
+        },
+    )  # fmt: skip
+    train_run = run_deployment(
+        "train/train-gpu", parameters={"cfg": cfg.model_dump(mode="json")}, timeout=0
+    )
+    worker = subprocess.Popen(
+        [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "2"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    analyses: list = []
+    try:
+        deadline = time.time() + 480
+        with get_client(sync_client=True) as client:
+            while time.time() < deadline and worker.poll() is None:
+                train_state = client.read_flow_run(train_run.id).state
+                analyses = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["analyze-gpu"]))
+                )  # fmt: skip
+                ours = [a for a in analyses if a.parameters.get("sae_uri", "").startswith(bucket)]
+                if train_state.is_final() and not train_state.is_completed():
+                    break
+                if ours and all(a.state.is_final() for a in ours):
+                    analyses = ours
+                    break
+                time.sleep(3)
+    finally:
+        worker.terminate()
+        try:
+            log, _ = worker.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            log, _ = worker.communicate()
+    assert train_state.is_completed(), (train_state, log[-6000:])
+    assert analyses, ("no analyze run was triggered", log[-6000:])
+    assert all(a.state.is_completed() for a in analyses), ([a.state for a in analyses], log[-6000:])
+    params = analyses[0].parameters
+    assert params["storage_secret"] == "isup-deploy-s3"
+    assert params["storage_options"] == {"endpoint_url": endpoint}
+    sae = params["sae_uri"]
+    assert sae == f"{bucket}/runs/smoke/trained/sae/layer2-topk-k128"
+    fs = s3fs.S3FileSystem(**opts)
+    assert fs.exists(f"{bucket}/runs/smoke/trained/analysis/layer2-topk-k128/manifest.json")
