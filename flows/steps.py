@@ -6,6 +6,13 @@ Steps after training take plain URIs, so an automation can start them from an ev
 ``isup.sae.trained`` event arrives. Their outputs go next to the SAE's run folder: for an
 SAE at ``{storage}/{experiment}/{run}/sae/<name>``, the analysis is written to
 ``{storage}/{experiment}/{run}/analysis/<name>`` (or under ``run_root`` when given).
+
+Every step flow takes the storage settings: the flows on a config through its
+``storage_secret`` and ``storage_options``, the others through parameters of those names,
+which the event that starts them carries. ``storage_secret`` names the Prefect Secret block
+holding the credentials; ``storage_options`` holds only what is not a credential (an
+endpoint, a region): a credential there is refused, since Prefect stores parameters in
+clear text.
 """
 
 from __future__ import annotations

@@ -235,3 +235,37 @@ def test_inline_s3_credentials_never_reach_prefect(prefect_api, s3_bucket, tmp_p
     for f in files:
         data = fs.cat_file(f)
         assert secret.encode() not in data and token.encode() not in data, f
+
+
+@pytest.mark.prefect
+@pytest.mark.s3
+def test_a_flow_called_with_inline_credentials_stores_them_masked(prefect_api, s3_bucket):
+    """``dump_flow`` called from Python with credentials in its config: Prefect stores the
+    parameters masked, and the flow moves the credentials into a per-run Secret block."""
+    from integral_superposition.flows.steps import dump_flow
+    from integral_superposition.tasks.blocks import load_secret_options
+    from prefect.client.orchestration import get_client
+
+    bucket, opts = s3_bucket
+    secret = f"isup-secret-{uuid.uuid4().hex}"
+    cfg = load_preset(
+        "smoke",
+        {"storage": f"{bucket}/runs", "run": "direct", "fanout.partitions": 1,
+         "storage_options": {"endpoint_url": opts["endpoint_url"], "key": "AKIADIRECT",
+                             "secret": secret}},
+    )  # fmt: skip
+    state = dump_flow(cfg, return_state=True)
+    assert state.is_completed(), state
+    assert state.result().uri == f"{bucket}/runs/smoke/direct/acts"
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    stored = run.parameters["cfg"]["storage_options"]
+    assert stored == {"endpoint_url": opts["endpoint_url"], "key": MASK, "secret": MASK}
+    assert secret not in json.dumps(run.model_dump(mode="json"))
+    events = _wait_for_event(
+        "isup.activations.dumped", lambda e: e.payload.get("uri", "").startswith(bucket)
+    )
+    assert events, "no isup.activations.dumped event of the dump"
+    block = events[0].payload["storage_secret"]
+    assert block.startswith("isup-storage-smoke-direct-")
+    assert load_secret_options(block) == {"key": "AKIADIRECT", "secret": secret}
