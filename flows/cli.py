@@ -189,7 +189,9 @@ def _flow_process(enabled: bool = True) -> Iterator[None]:
             process.check_api(url)
     except process.PrefectUnavailable as e:
         _fail(str(e), 1)
-    process.mark_dead_runs_crashed()
+    crashed = process.mark_dead_runs_crashed()
+    if crashed:
+        typer.echo(f"marked Crashed (their process is gone): {', '.join(crashed)}", err=True)
     yield
 
 

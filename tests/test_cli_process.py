@@ -241,7 +241,7 @@ def test_rerun_after_kill_9_resumes_the_run_and_ends_with_the_uninterrupted_weig
     from integral_superposition.sae.train import train_saes
 
     storage = tmp_path / "runs"
-    budget = ["--set", "sae.epochs=30", "--set", "sae.checkpoint_every=20"]
+    budget = ["--set", "sae.epochs=20", "--set", "sae.checkpoint_every=20"]
     args = [ISUP, "run", *TRAIN_ONLY, *budget, "--storage", str(storage)]
     env = _env(prefect_api, OMP_NUM_THREADS="1")
     with open(tmp_path / "killed.txt", "w") as f:
@@ -270,6 +270,7 @@ def test_rerun_after_kill_9_resumes_the_run_and_ends_with_the_uninterrupted_weig
     assert m and int(m.group(1)) >= killed_at, again.stderr[-4000:]
     assert [p.name for p in (storage / "smoke").glob("2*")] == [killed_root.name]
     assert (killed_root / "run.json").exists()
+    assert f"marked Crashed (their process is gone): smoke/{killed_root.name}" in again.stderr
     states = sorted(
         fr.state.type.value for fr in _flow_runs(prefect_api, f"smoke/{killed_root.name}")
     )
