@@ -165,6 +165,9 @@ def test_shards_are_hashed_once_per_process_and_file_version(tmp_path, monkeypat
     shard.write_bytes(shard.read_bytes())
     ActivationStore(str(tmp_path / "acts")).read(0, 600)
     assert [Path(c).name for c in calls[3:]] == ["shard-00002.safetensors"]
+    monkeypatch.setenv("ISUP_VERIFY_SHARDS", "never")
+    with pytest.raises(ValueError, match=r"ISUP_VERIFY_SHARDS='never': expected one of"):
+        ActivationStore(str(tmp_path / "acts"))
     monkeypatch.setenv("ISUP_VERIFY_SHARDS", "off")
     shard.write_bytes(shard.read_bytes())
     store = ActivationStore(str(tmp_path / "acts"))

@@ -140,10 +140,11 @@ class ActivationStore:
         self.uris = [uris] if isinstance(uris, str) else list(uris)
         if not self.uris:
             raise ValueError("uris is empty: expected at least one activation dump")
+        arg = "verify"
         if verify is None:
-            verify = os.environ.get("ISUP_VERIFY_SHARDS") or "first-read"
+            arg, verify = "ISUP_VERIFY_SHARDS", os.environ.get("ISUP_VERIFY_SHARDS") or "first-read"
         if verify not in VERIFY_MODES:
-            raise ValueError(f"verify={verify!r}: expected one of {list(VERIFY_MODES)}")
+            raise ValueError(f"{arg}={verify!r}: expected one of {list(VERIFY_MODES)}")
         self.verify = verify
         self.storage_options = dict(storage_options or {})
         self.manifests = [
