@@ -466,3 +466,30 @@ def test_a_triggered_analysis_reads_s3_with_credentials_from_a_secret_block(
     assert sae == f"{bucket}/runs/smoke/trained/sae/layer2-topk-k128"
     fs = s3fs.S3FileSystem(**opts)
     assert fs.exists(f"{bucket}/runs/smoke/trained/analysis/layer2-topk-k128/manifest.json")
+
+
+@pytest.mark.prefect
+def test_the_zombie_run_automation_is_accepted_by_the_server(prefect_api):
+    """Workers send heartbeats, and the shipped automation (created with Prefect's own CLI
+    on a real server) marks a run Crashed 120 s after they stop."""
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    env = doc["definitions"]["work_pools"]["gpu_kubernetes"]["job_variables"]["env"]
+    assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30  # Prefect's minimum
+    path = REPO / "deployments" / "zombie-runs-automation.yaml"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("prefect")), "automation", "create", "--from-file",
+         str(path)], env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        (auto,) = client.read_automations_by_name("isup-crash-zombie-flow-runs")
+    trigger = auto.trigger
+    assert trigger.posture.value == "Proactive" and trigger.within.total_seconds() == 120
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed"} <= trigger.expect
+    assert trigger.for_each == {"prefect.resource.id"}
+    (action,) = auto.actions
+    assert action.type == "change-flow-run-state" and action.state.value == "CRASHED"
