@@ -269,3 +269,33 @@ def test_a_flow_called_with_inline_credentials_stores_them_masked(prefect_api, s
     block = events[0].payload["storage_secret"]
     assert block.startswith("isup-storage-smoke-direct-")
     assert load_secret_options(block) == {"key": "AKIADIRECT", "secret": secret}
+
+
+@pytest.mark.prefect
+def test_step_commands_pass_credentials_by_the_name_of_a_secret_block(prefect_api, tmp_path):
+    """``isup report --storage-option key=... --storage-option secret=...``: the flow run gets
+    a Secret block's name and the endpoint, never the credentials."""
+    from integral_superposition.flows.cli import app
+    from integral_superposition.tasks.blocks import load_secret_options
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from typer.testing import CliRunner
+
+    secret = f"isup-secret-{uuid.uuid4().hex}"
+    root = tmp_path / "e" / "no-such-run"
+    result = CliRunner().invoke(
+        app,
+        ["report", str(root), "--storage-option", "endpoint_url=http://127.0.0.1:9",
+         "--storage-option", "key=AKIACLI", "--storage-option", f"secret={secret}"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "run.json" in result.output, result.output[-3000:]
+    assert secret not in result.output
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["report"])))
+    ours = [r for r in runs if r.parameters.get("run_root") == str(root)]
+    assert len(ours) == 1
+    params = ours[0].parameters
+    assert params["storage_options"] == {"endpoint_url": "http://127.0.0.1:9"}
+    assert params["storage_secret"].startswith("isup-storage-cli-")
+    assert load_secret_options(params["storage_secret"]) == {"key": "AKIACLI", "secret": secret}
+    assert secret not in json.dumps(ours[0].model_dump(mode="json"))
