@@ -27,15 +27,17 @@ REFERENCE_GFLOPS = 75.0
 REFERENCE_S = {
     "start": 20.0,
     "load": 10.0,
-    "dump": 60.0,
-    "train": 50.0,
-    "analyze": 50.0,
-    "merge": 60.0,
-    "steer": 120.0,
-    "report": 10.0,
+    "dump": 25.0,
+    "train": 10.0,
+    "analyze": 30.0,
+    "merge": 115.0,
+    "steer": 115.0,
+    "report": 5.0,
 }
 """Seconds of each step of the default experiment on the reference machine; ``start`` is the
-imports and the temporary Prefect server, ``load`` the model load."""
+imports and the temporary Prefect server, ``load`` the model load. From one run under the
+AVX2 emulation on a shared machine, each step's wall time scaled by the run's CPU share
+(``bench/bench_orchestration.py --avx2``)."""
 
 _GPU_SPEEDUP_CAP = 12.0
 """The default steps are small: a GPU's matmul speed does not carry over to them in full."""
