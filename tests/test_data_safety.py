@@ -573,3 +573,12 @@ def test_damaged_or_impossible_data_is_not_retried():
         FloatingPointError("the merge computation produced NaN"),
     ):
         assert not is_transient(exc), exc
+
+
+def test_inf_in_a_store_stops_the_steering_classifier(inf_store):
+    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.steering.evaluate import mean_pooled_documents
+
+    _root, store = inf_store
+    with pytest.raises(NonFiniteActivationsError, match=WHERE):
+        mean_pooled_documents(store, chunk_tokens=128)
