@@ -98,8 +98,12 @@ class RunLocation(BaseModel):
         if self.storage_secret:
             from integral_superposition.tasks.blocks import load_secret_options
 
-            # what the Secret holds is read from it again where the step runs
-            held = load_secret_options(self.storage_secret)
+            # what the Secret holds is read from it again where the step runs (an event is
+            # best effort: a Secret that cannot be read now leaves its public options in)
+            try:
+                held = load_secret_options(self.storage_secret)
+            except Exception:
+                held = {}
             public = {k: v for k, v in public.items() if k not in held or held[k] != v}
         return {"storage_secret": self.storage_secret, "storage_options": public}
 

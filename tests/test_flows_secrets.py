@@ -299,3 +299,25 @@ def test_step_commands_pass_credentials_by_the_name_of_a_secret_block(prefect_ap
     assert params["storage_secret"].startswith("isup-storage-cli-")
     assert load_secret_options(params["storage_secret"]) == {"key": "AKIACLI", "secret": secret}
     assert secret not in json.dumps(ours[0].model_dump(mode="json"))
+
+
+@pytest.mark.prefect
+def test_storage_settings_of_a_run_name_the_secret_and_leave_credentials_out(prefect_api):
+    from integral_superposition.tasks.blocks import save_secret_options
+    from integral_superposition.tasks.refs import RunLocation
+
+    save_secret_options("isup-test-settings", {"secret": "s", "endpoint_url": "http://a"})
+    loc = RunLocation(
+        storage="s3://b", experiment="e", run="r", storage_secret="isup-test-settings",
+        storage_options={"secret": "s", "endpoint_url": "http://a", "region_name": "eu"},
+    )  # fmt: skip
+    assert loc.storage_settings() == {
+        "storage_secret": "isup-test-settings", "storage_options": {"region_name": "eu"},
+    }  # fmt: skip
+    assert loc.model_dump(mode="json")["storage_options"]["secret"] == MASK
+    # a Secret that cannot be read when the event is sent does not fail the step
+    gone = loc.model_copy(update={"storage_secret": "isup-test-no-such-block"})
+    assert gone.storage_settings() == {
+        "storage_secret": "isup-test-no-such-block",
+        "storage_options": {"endpoint_url": "http://a", "region_name": "eu"},
+    }
