@@ -217,3 +217,21 @@ def test_loading_a_model_in_bf16_on_a_cpu_without_it_warns(cpu, caplog):
         backend = load_backend("tiny:gemma", dtype="bf16")
     assert backend.dtype == torch.bfloat16  # it runs, as asked
     assert any("about 60x slower than float32" in r.getMessage() for r in caplog.records)
+
+
+def test_training_autocast_auto_is_on_for_a_bf16_gpu_only(monkeypatch):
+    from integral_superposition.config import SAEConfig
+    from integral_superposition.sae.train import autocast_enabled
+
+    cfg = SAEConfig()
+    assert cfg.autocast_bf16 is None
+    assert autocast_enabled(cfg, torch.device("cpu")) is False
+    assert autocast_enabled(SAEConfig(autocast_bf16=True), torch.device("cpu")) is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_enabled(cfg, torch.device("cuda:0")) is True
+    assert autocast_enabled(SAEConfig(autocast_bf16=False), torch.device("cuda:0")) is False
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert autocast_enabled(cfg, torch.device("cuda:0")) is False

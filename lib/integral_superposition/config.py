@@ -128,8 +128,8 @@ class SAEConfig(_Config):
     """Scale inputs to mean norm sqrt(d) in training; folded back into the weights when saved."""
     max_norm_factor: float | None = Field(10.0, gt=0)
     """Skip tokens whose norm exceeds this multiple of the median norm (None keeps all)."""
-    autocast_bf16: bool = False
-    """bf16 autocast over fp32 master weights (recommended on CUDA)."""
+    autocast_bf16: bool | None = None
+    """bf16 autocast over fp32 master weights; None (auto): on for a CUDA device with bf16, off elsewhere."""
     sparse_decode: bool | None = None
     """Decode and back-propagate only the active latents (relu/topk/batchtopk); None: automatic."""
     device: str = "auto"

@@ -373,9 +373,6 @@ def sae_on(sae: SparseAutoencoder, device: torch.device) -> SparseAutoencoder:
     return sae.eval()
 
 
-ENCODE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def encode_dtype_for(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """The encoder matmul dtype: float32 or bfloat16 (``"auto"`` picks by the hardware of
     ``device``, as :func:`integral_superposition.compute.resolve_dtype`; fp16 is not used).

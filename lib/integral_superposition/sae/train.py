@@ -393,6 +393,19 @@ def _open_source(obj: Any, cfgs: list[SAEConfig], storage_options=None):
 
 
 # -- one SAE in training -----------------------------------------------------------------------
+def autocast_enabled(cfg: SAEConfig, device: torch.device) -> bool:
+    """Whether training runs under bf16 autocast: ``cfg.autocast_bf16``, or when it is None
+    (auto), on a CUDA device whose dtype ``auto`` is bf16. CPU training stays float32 unless
+    asked: its small matmuls gain little there and would cost precision."""
+    if cfg.autocast_bf16 is not None:
+        return cfg.autocast_bf16
+    if device.type != "cuda":
+        return False
+    from integral_superposition.compute import resolve_dtype
+
+    return resolve_dtype("auto", device) == torch.bfloat16
+
+
 @dataclass
 class _Trainee:
     cfg: SAEConfig
@@ -408,6 +421,7 @@ class _Trainee:
     tokens_seen: int = 0
     acc: torch.Tensor = None  # type: ignore[assignment]
     acc_steps: int = 0
+    autocast: bool = False
 
     # accumulated log terms: loss, mse, fvu, l0, aux, sparsity, kept tokens
     _N_ACC = 7
@@ -423,6 +437,7 @@ class _Trainee:
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.fire_count = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.acc = torch.zeros(self._N_ACC, dtype=torch.float64, device=self.device)
+        self.autocast = autocast_enabled(self.cfg, self.device)
 
     @property
     def uses_auxk(self) -> bool:
@@ -448,7 +463,7 @@ class _Trainee:
             g["lr"] = lr
         coef = sparsity_coef_at(cfg, step, total)
         dead = self.dead_mask() if self.uses_auxk else None
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=cfg.autocast_bf16):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             out = sae(x, dead_mask=dead, sparse_decode=cfg.sparse_decode)
         d = sae.d_in
         loss = out.mse / d + coef * out.sparsity_loss
