@@ -464,3 +464,19 @@ def test_sparsify_groupmax_skip_sae_through_metrics_and_analysis(tmp_path):
     assert fired.sum() > 8
     assert np.allclose(scan.top.values[:, 0][fired.numpy()], best.values[fired].numpy(), rtol=1e-5)
     assert np.array_equal(scan.top.fire_count, (z > 0).sum(0).numpy())
+
+
+def test_merging_a_skip_connection_sae_is_refused():
+    from integral_superposition.merge.refit import build_merged_sae
+
+    sae = SparseAutoencoder(D, 16, architecture="topk", top_k=2, skip_connection=True)
+    labels = np.arange(16) // 2
+    with pytest.raises(ValueError, match="sae has a skip connection"):
+        build_merged_sae(sae, labels, np.arange(0, 16, 2))
+    merged = build_merged_sae(
+        SparseAutoencoder(D, 16, architecture="groupmax", top_k=4), labels, np.arange(0, 16, 2)
+    )
+    x = _x()
+    with torch.no_grad():  # a merged latent is the sum of its members' groupmax codes
+        z = SparseAutoencoder(D, 16, architecture="groupmax", top_k=4).encode(x)
+        assert torch.allclose(merged.encode(x), z.view(-1, 8, 2).sum(-1), atol=1e-6)
