@@ -216,11 +216,12 @@ def record_process(flow: Any, flow_run: Any, state: Any) -> None:
 
 
 def mark_dead_runs_crashed(
-    url: str | None = None, reason: str | None = None, limit: int = 200
+    url: str | None = None, reasons: dict[str, str] | None = None, limit: int = 200
 ) -> list[str]:
     """Mark Crashed every active flow run (and its active task runs) on the API at ``url``
     (default: ``PREFECT_API_URL``; none: nothing to do) whose recorded process on this host
-    is gone; returns their names. Best effort: an API error marks nothing more."""
+    is gone, with the message ``reasons[host:pid]`` if given; returns their names. Best
+    effort: an API error marks nothing more."""
     from integral_superposition.tasks.index import process_alive
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -253,7 +254,7 @@ def mark_dead_runs_crashed(
                 since = fr.start_time or fr.created
                 if process_alive(fr.infrastructure_pid, since) is not False:
                     continue
-                msg = reason or (
+                msg = (reasons or {}).get(fr.infrastructure_pid or "") or (
                     f"its process ({fr.infrastructure_pid}) ended without reporting a final state"
                 )
                 client.set_flow_run_state(fr.id, Crashed(message=msg), force=True)
@@ -266,7 +267,7 @@ def mark_dead_runs_crashed(
                 for tr in tasks:
                     client.set_task_run_state(tr.id, Crashed(message=msg), force=True)
                 marked.append(fr.name)
-    except Exception:  # the API may be gone (a Ctrl-C in the terminal also stops a server)
+    except Exception:  # the server may be unreachable: the next command tries again
         return marked
     return marked
 
@@ -343,7 +344,10 @@ class Supervisor:
                 if proc is not None:
                     _say(f"{name}: stopping the flow run")
                     _stop_group(proc)
-                    crashed = mark_dead_runs_crashed(self.url, f"stopped by {name}")
+                    from integral_superposition.tasks.index import process_id
+
+                    reasons = {process_id(proc.pid): f"stopped by {name}"}
+                    crashed = mark_dead_runs_crashed(self.url, reasons)
                     if crashed:
                         _say(f"marked Crashed: {', '.join(crashed)}")
                 return 128 + received[0]
