@@ -436,6 +436,13 @@ RootOpt = Annotated[
     str | None,
     typer.Option("--run-root", help="Run folder for the output (default: the SAE's run)."),
 ]
+OtherStoreOpt = Annotated[
+    bool,
+    typer.Option(
+        "--other-store",
+        help="Use --store even though the SAE was trained on other activations (e.g. held-out data).",
+    ),
+]
 ParamOpt = Annotated[
     list[str] | None, typer.Option("--param", help="A parameter: NAME=VALUE (repeatable).")
 ]
@@ -450,6 +457,7 @@ def analyze(
     param: ParamOpt = None,
     storage_option: StorageOptionOpt = None,
     storage_secret: SecretOpt = None,
+    other_store: OtherStoreOpt = False,
 ) -> None:
     """Analyse an SAE's latents: statistics, label enrichment, maps, dashboards."""
     from integral_superposition.analysis.run import AnalysisParams
@@ -460,6 +468,7 @@ def analyze(
     state, fr_id = _run_flow(
         analyze_flow, sae_uri=sae, store_uri=store, params=params, model_id=model,
         run_root=run_root, **_storage_args(storage_option, storage_secret),
+        allow_other_store=other_store,
     )  # fmt: skip
     ref = _finish(state, fr_id)
     _console().print(f"analysis: {ref.uri}")
@@ -474,6 +483,7 @@ def merge(
     param: ParamOpt = None,
     storage_option: StorageOptionOpt = None,
     storage_secret: SecretOpt = None,
+    other_store: OtherStoreOpt = False,
 ) -> None:
     """Merge redundant latents of an SAE into a smaller SAE, and evaluate what it costs."""
     from integral_superposition.flows.steps import merge_flow
@@ -484,6 +494,7 @@ def merge(
     state, fr_id = _run_flow(
         merge_flow, sae_uri=sae, store_uri=store, params=params, model_id=model,
         run_root=run_root, **_storage_args(storage_option, storage_secret),
+        allow_other_store=other_store,
     )  # fmt: skip
     ref = _finish(state, fr_id)
     typer.echo(f"merged SAE: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
@@ -498,6 +509,7 @@ def steer_eval(
     param: ParamOpt = None,
     storage_option: StorageOptionOpt = None,
     storage_secret: SecretOpt = None,
+    other_store: OtherStoreOpt = False,
 ) -> None:
     """Sweep steering strengths of the SAE's most label-enriched latents, with controls."""
     from integral_superposition.flows.steps import steer_eval_flow
@@ -513,6 +525,7 @@ def steer_eval(
         model_id=model,
         run_root=run_root,
         **_storage_args(storage_option, storage_secret),
+        allow_other_store=other_store,
     )
     ref = _finish(state, fr_id)
     _console().print(f"steering evaluation: {ref.uri}")

@@ -9,9 +9,10 @@ task Cached, and changing one SAE parameter reruns only training and what follow
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from integral_superposition import storage
 from integral_superposition.credentials import split_secret_options
 from integral_superposition.experiment import ExperimentConfig, SAEJob, make_run_id
 from integral_superposition.flows.process import record_process
+from integral_superposition.lease import RunLease
 from integral_superposition.tasks.analyze import analyze_sae
 from integral_superposition.tasks.backends import model_stamp
 from integral_superposition.tasks.blocks import secure_config
@@ -157,6 +159,26 @@ class _Steps:
         return out
 
 
+def lease_owner(kind: str) -> str:
+    """Who holds a lease: the flow run (name and id) or, outside Prefect, the process."""
+    if runtime_flow_run.id:
+        return f"{kind} flow run {runtime_flow_run.name} ({runtime_flow_run.id})"
+    return f"isup {kind} (pid {os.getpid()})"
+
+
+@contextlib.contextmanager
+def own_run_root(
+    cfg: ExperimentConfig, loc: RunLocation, step: str = "experiment"
+) -> Iterator[RunLease]:
+    """Hold the run root for one flow run: check its bucket, take its lease (a second
+    writer is refused, naming the holder), and record or check its config (a step whose
+    config differs from the run's is refused, naming the fields). Released on exit."""
+    storage.ensure_bucket(loc.root, loc.storage_options, create=cfg.storage_create_bucket)
+    with RunLease(loc.root, loc.storage_options, owner=lease_owner(step)) as lease:
+        write_run_config(cfg, loc, step)
+        yield lease
+
+
 def dump_store(
     cfg: ExperimentConfig,
     loc: RunLocation,
@@ -239,9 +261,17 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
         storage_secret=cfg.storage_secret,
     )
     logger.info("run root: %s", loc.root)
-    storage.ensure_bucket(loc.root, storage_options, create=cfg.storage_create_bucket)
-    write_run_config(cfg, loc)
-    write_run_process(loc, str(runtime_flow_run.id) if runtime_flow_run.id else None)
+    with own_run_root(cfg, loc, "experiment") as lease:
+        write_run_process(loc, str(runtime_flow_run.id) if runtime_flow_run.id else None)
+        return _experiment(cfg, loc, lease, t0, show_progress)
+
+
+def _experiment(
+    cfg: ExperimentConfig, loc: RunLocation, lease: RunLease, t0: float, show_progress: bool
+) -> ExperimentResult:
+    """The experiment's steps, run while ``lease`` holds the run root."""
+    logger = get_run_logger()
+    run, storage_options = loc.run, loc.storage_options
     opts = task_options(cfg, storage_options)
 
     def T(task_obj):
@@ -316,6 +346,7 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
         report_uri=report_uri,
         steps=steps.records(),
     )
+    lease.check()  # a run that lost its lease does not overwrite the new holder's index
     index = write_run_index(result, cfg, loc)
     publish_run_outputs(result, loc)
     n_cached = sum(s.state == "Cached" for s in result.steps)

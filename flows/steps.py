@@ -34,11 +34,14 @@ from integral_superposition.flows.experiment import (
     absolute_storage,
     dump_store,
     group_jobs,
+    lease_owner,
+    own_run_root,
     resolve_storage_options,
     result_storage_at,
     task_options,
 )
 from integral_superposition.flows.process import record_process
+from integral_superposition.lease import RunLease, check_delegate
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.steering.evaluate import SteeringParams
 from integral_superposition.tasks.analyze import analyze_sae
@@ -67,7 +70,6 @@ def _secured(cfg: ExperimentConfig, run: str | None = None) -> tuple[ExperimentC
         storage_options=resolve_storage_options(cfg),
         storage_secret=cfg.storage_secret,
     )
-    storage.ensure_bucket(loc.root, loc.storage_options, create=cfg.storage_create_bucket)
     return cfg, loc
 
 
@@ -149,6 +151,11 @@ def _refs(sae_uri: str, store_uri: str | None, opts: dict[str, Any]) -> tuple[Ou
     return sae, store
 
 
+def _other_store(allow: bool) -> dict[str, Any]:
+    # passed only when set, so a default call keeps the experiment's cache key
+    return {"allow_other_store": True} if allow else {}
+
+
 def _standalone_options(loc: RunLocation) -> dict[str, Any]:
     """Retries and result storage for a step run on its own: results with the outputs."""
     return {
@@ -166,7 +173,10 @@ def dump_flow(cfg: ExperimentConfig, show_progress: bool = False) -> OutputRef:
     cfg, loc = _secured(cfg)
     opts = task_options(cfg, loc.storage_options)
     model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
-    store = dump_store(cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress)
+    with own_run_root(cfg, loc, "dump"):
+        store = dump_store(
+            cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress
+        )
     get_run_logger().info(
         "activation store: %s (%s tokens)", store.uri, store.summary.get("n_tokens")
     )
@@ -174,9 +184,15 @@ def dump_flow(cfg: ExperimentConfig, show_progress: bool = False) -> OutputRef:
 
 
 @flow(name="dump-partition", persist_result=False, log_prints=True, on_running=[record_process])
-def dump_partition_flow(cfg: ExperimentConfig, partition: int, run: str) -> OutputRef:
+def dump_partition_flow(
+    cfg: ExperimentConfig, partition: int, run: str, lease_token: str | None = None
+) -> OutputRef:
     """Dump partition ``partition`` of ``cfg.fanout.partitions`` into run ``run`` (one GPU
-    worker each when the experiment fans out with ``fanout.mode: deployments``)."""
+    worker each when the experiment fans out with ``fanout.mode: deployments``).
+
+    Started by an experiment run, it gets that run's ``lease_token``: it writes as the
+    run's delegate (refused unless that run still holds the run root) and leases only its
+    own partition folder. Started alone, it takes the run root's lease itself."""
     from integral_superposition.tasks.dump import resolve_dataset
 
     n = cfg.fanout.partitions
@@ -184,14 +200,27 @@ def dump_partition_flow(cfg: ExperimentConfig, partition: int, run: str) -> Outp
         raise ValueError(f"partition={partition}: expected 0 <= partition < fanout.partitions={n}")
     cfg, loc = _secured(cfg, run)
     opts = task_options(cfg, loc.storage_options)
-    data = resolve_dataset.with_options(**opts)(cfg.data, cfg.data.stamp(loc.storage_options), loc)
-    model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
-    # not cached here: the orchestrating task caches the whole fan-out, and the part must
-    # land in this run's folder, where the orchestrator reads it
-    ref = dump_activations.with_options(**opts, cache_policy=NO_CACHE)(
-        data, model, cfg.dump, loc, out=cfg.paths.shards_dir, partition=(partition, n),
-        gpu_limit=cfg.gpu_limit,
-    )  # fmt: skip
+    if lease_token:
+        check_delegate(loc.root, lease_token, loc.storage_options)
+        guard: Any = RunLease(
+            loc.uri(cfg.paths.shards_dir, partition_name(partition, n)),
+            loc.storage_options,
+            owner=lease_owner("dump-partition"),
+            parent_token=lease_token,
+        )
+    else:
+        guard = own_run_root(cfg, loc, "dump")
+    with guard:
+        data = resolve_dataset.with_options(**opts)(
+            cfg.data, cfg.data.stamp(loc.storage_options), loc
+        )
+        model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+        # not cached here: the orchestrating task caches the whole fan-out, and the part
+        # must land in this run's folder, where the orchestrator reads it
+        ref = dump_activations.with_options(**opts, cache_policy=NO_CACHE)(
+            data, model, cfg.dump, loc, out=cfg.paths.shards_dir, partition=(partition, n),
+            gpu_limit=cfg.gpu_limit,
+        )  # fmt: skip
     get_run_logger().info("partition %s: %s", partition_name(partition, n), ref.uri)
     return ref
 
@@ -204,27 +233,31 @@ def train_flow(
     store of ``cfg``'s dump step (run first, cached)."""
     cfg, loc = _secured(cfg)
     opts = task_options(cfg, loc.storage_options)
-    if store_uri:
-        store = OutputRef.read(
-            "activations", _basename(store_uri), absolute_storage(store_uri), loc.storage_options
-        )
-    else:
-        model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
-        store = dump_store(
-            cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress
-        )
-    futs = [
-        train_saes.with_options(**opts).submit(
-            store,
-            jobs,
-            loc,
-            out=cfg.paths.sae_path,
-            gpu_limit=cfg.gpu_limit,
-            show_progress=show_progress,
-        )
-        for jobs in group_jobs(cfg.sae_jobs())
-    ]
-    saes = [r for f in futs for r in f.result()]
+    with own_run_root(cfg, loc, "train"):
+        if store_uri:
+            store = OutputRef.read(
+                "activations",
+                _basename(store_uri),
+                absolute_storage(store_uri),
+                loc.storage_options,
+            )
+        else:
+            model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+            store = dump_store(
+                cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress
+            )
+        futs = [
+            train_saes.with_options(**opts).submit(
+                store,
+                jobs,
+                loc,
+                out=cfg.paths.sae_path,
+                gpu_limit=cfg.gpu_limit,
+                show_progress=show_progress,
+            )
+            for jobs in group_jobs(cfg.sae_jobs())
+        ]
+        saes = [r for f in futs for r in f.result()]
     for s in saes:
         get_run_logger().info("SAE %s: %s", s.name, s.uri)
     return saes
@@ -239,16 +272,24 @@ def analyze_flow(
     run_root: str | None = None,
     storage_options: dict[str, Any] | None = None,
     storage_secret: str | None = None,
+    allow_other_store: bool = False,
 ) -> OutputRef:
     """Analyse the SAE at ``sae_uri`` on ``store_uri`` (default: the store recorded by the
-    SAE's run). ``model_id`` adds the logit lens. Output: ``{run_root}/analysis/<sae>``."""
+    SAE's run). ``model_id`` adds the logit lens. Output: ``{run_root}/analysis/<sae>``.
+    The store must be the one the SAE was trained on unless ``allow_other_store``."""
     opts = _open_storage(storage_options, storage_secret)
     sae, store = _refs(sae_uri, store_uri, opts)
     loc = location_of(run_root or _parent(sae.uri, 2), opts, storage_secret)
     model = _model_ref(model_id, store, opts) if model_id else None
-    ref = analyze_sae.with_options(**_standalone_options(loc))(
-        sae, store, params or AnalysisParams(), loc, model=model
-    )
+    with RunLease(loc.root, opts, owner=lease_owner("analyze")):
+        ref = analyze_sae.with_options(**_standalone_options(loc))(
+            sae,
+            store,
+            params or AnalysisParams(),
+            loc,
+            model=model,
+            **_other_store(allow_other_store),
+        )
     get_run_logger().info("analysis of %s: %s", sae.name, ref.uri)
     return ref
 
@@ -262,6 +303,7 @@ def merge_flow(
     run_root: str | None = None,
     storage_options: dict[str, Any] | None = None,
     storage_secret: str | None = None,
+    allow_other_store: bool = False,
 ) -> OutputRef:
     """Merge the latents of the SAE at ``sae_uri``; ``model_id`` enables the spliced CE / KL
     metrics. Output: ``{run_root}/merge/<sae>``."""
@@ -269,9 +311,15 @@ def merge_flow(
     sae, store = _refs(sae_uri, store_uri, opts)
     loc = location_of(run_root or _parent(sae.uri, 2), opts, storage_secret)
     model = _model_ref(model_id, store, opts) if model_id else None
-    ref = merge_sae.with_options(**_standalone_options(loc))(
-        sae, store, params or MergeParams(), loc, model=model
-    )
+    with RunLease(loc.root, opts, owner=lease_owner("merge")):
+        ref = merge_sae.with_options(**_standalone_options(loc))(
+            sae,
+            store,
+            params or MergeParams(),
+            loc,
+            model=model,
+            **_other_store(allow_other_store),
+        )
     get_run_logger().info("merged SAE of %s: %s", sae.name, ref.uri)
     return ref
 
@@ -319,6 +367,7 @@ def steer_eval_flow(
     run_root: str | None = None,
     storage_options: dict[str, Any] | None = None,
     storage_secret: str | None = None,
+    allow_other_store: bool = False,
 ) -> OutputRef:
     """Evaluate steering with the SAE at ``sae_uri`` inside ``model_id`` (default: the model
     the SAE was trained on). Output: ``{run_root}/steering/<sae>``."""
@@ -326,9 +375,15 @@ def steer_eval_flow(
     sae, store = _refs(sae_uri, store_uri, opts)
     loc = location_of(run_root or _parent(sae.uri, 2), opts, storage_secret)
     model = _model_ref(model_id or sae_model_id(sae.uri, opts), store, opts)
-    ref = evaluate_steering.with_options(**_standalone_options(loc))(
-        sae, store, params or SteeringParams(), loc, model=model
-    )
+    with RunLease(loc.root, opts, owner=lease_owner("steer-eval")):
+        ref = evaluate_steering.with_options(**_standalone_options(loc))(
+            sae,
+            store,
+            params or SteeringParams(),
+            loc,
+            model=model,
+            **_other_store(allow_other_store),
+        )
     get_run_logger().info("steering evaluation of %s: %s", sae.name, ref.uri)
     return ref
 
@@ -350,13 +405,14 @@ def report_flow(
             ref = OutputRef.model_validate(s["output"])
             by_kind.setdefault(ref.kind, []).append(ref)
     loc = location_of(root, opts, storage_secret)
-    ref = build_experiment_report.with_options(**_standalone_options(loc))(
-        doc.get("config", {}), by_kind.get("sae", []), by_kind.get("analysis", []),
-        by_kind.get("merge", []), by_kind.get("steering", []), options or ReportOptions(), loc,
-    )  # fmt: skip
-    publish_report_summary(
-        ref, by_kind.get("sae", []), by_kind.get("analysis", []), by_kind.get("merge", []),
-        by_kind.get("steering", []), options or ReportOptions(), loc,
-    )  # fmt: skip
+    with RunLease(loc.root, opts, owner=lease_owner("report")):
+        ref = build_experiment_report.with_options(**_standalone_options(loc))(
+            doc.get("config", {}), by_kind.get("sae", []), by_kind.get("analysis", []),
+            by_kind.get("merge", []), by_kind.get("steering", []), options or ReportOptions(), loc,
+        )  # fmt: skip
+        publish_report_summary(
+            ref, by_kind.get("sae", []), by_kind.get("analysis", []), by_kind.get("merge", []),
+            by_kind.get("steering", []), options or ReportOptions(), loc,
+        )  # fmt: skip
     get_run_logger().info("report: %s", ref.summary.get("page"))
     return ref

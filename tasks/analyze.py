@@ -19,6 +19,7 @@ def analyze_sae(
     model: ModelRef | None = None,
     out: str = "analysis",
     gpu_limit: str | None = "gpu",
+    allow_other_store: bool = False,
 ) -> OutputRef:
     """Analyse ``sae`` on ``store`` into ``{run}/{out}/{sae.name}``; ``model`` adds the logit
     lens. Cached on the SAE's and the store's content hashes and ``params``."""
@@ -27,8 +28,9 @@ def analyze_sae(
 
     out_uri = loc.uri(out, sae.name)
     manifest = run_sae_step(
-        run_analysis, "analyze", sae, store, params, loc, out_uri, model, gpu_limit
-    )
+        run_analysis, "analyze", sae, store, params, loc, out_uri, model, gpu_limit,
+        allow_other_store=allow_other_store,
+    )  # fmt: skip
     summary = manifest.get("summary", {})
     ref = OutputRef.from_manifest("analysis", sae.name, out_uri, manifest, **summary)
     tables = summary_tables(load_analysis(out_uri, loc.storage_options))

@@ -74,13 +74,15 @@ def run_sae_step(
     model: Any | None,
     gpu_limit: str | None,
     title: str | None = None,
+    allow_other_store: bool = False,
 ) -> dict[str, Any]:
     """Run one library step on an SAE and its store, and return its manifest.
 
     ``fn(sae_uri, store_uri, out_uri, params, backend=, storage_options=, on_progress=)`` is
     ``run_analysis``, ``run_merge`` or ``run_steering_eval``. It runs holding a GPU slot and
     the shared backend of ``model`` (a ``ModelRef``; None: no model), timed, with a progress
-    artifact keyed ``{key}-{sae.name}`` and titled ``{title or key} {sae.name}``.
+    artifact keyed ``{key}-{sae.name}`` and titled ``{title or key} {sae.name}``. The store
+    must be the SAE's training store unless ``allow_other_store``.
     """
     from integral_superposition.tasks.policy import gpu_slot
     from integral_superposition.tasks.ui import Progress, timed_step
@@ -96,6 +98,7 @@ def run_sae_step(
             backend=backend,
             storage_options=loc.storage_options,
             on_progress=progress,
+            allow_other_store=allow_other_store,
         )
     progress.finish()
     return manifest

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from integral_superposition.config import DumpConfig
 from integral_superposition.experiment import ExperimentConfig, FanoutConfig
+from integral_superposition.lease import held_lease
 from integral_superposition.tasks.dump import TASK_DEFAULTS, combine_partitions, partition_name
 from integral_superposition.tasks.policy import OutputCache
 from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
@@ -51,12 +52,16 @@ def dump_partitions_remote(
 
     logger = run_logger()
     n = fanout.partitions
+    # the partition runs write under this run's root as its delegates: they check that
+    # this run still holds the root's lease (by its token) and lease their own folders
+    lease = held_lease(loc.root)
+    token = lease.token if lease is not None else None
     params = cfg.model_dump(mode="json")
     params["run"] = loc.run
     runs = [
         run_deployment(
             fanout.deployment,
-            parameters={"cfg": params, "partition": i, "run": loc.run},
+            parameters={"cfg": params, "partition": i, "run": loc.run, "lease_token": token},
             flow_run_name=f"{loc.experiment}/{loc.run}/{partition_name(i, n)}",
             timeout=0,
             tags=["isup-partition"],

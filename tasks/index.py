@@ -49,10 +49,95 @@ class ExperimentResult(BaseModel):
         return [s.output for s in self.steps if s.output is not None and s.output.kind == kind]
 
 
-def write_run_config(cfg: ExperimentConfig, loc: RunLocation) -> str:
-    """Write the resolved config (without storage options) to ``{run}/config.yaml``."""
+class RunConfigMismatch(ValueError):
+    """A step's config differs from the config recorded in the run root it writes to."""
+
+
+_NOT_OUTPUT_FIELDS = (
+    "run",
+    "storage",
+    "storage_options",
+    "storage_secret",
+    "storage_create_bucket",
+    "result_storage",
+    "retries",
+    "gpu_limit",
+    "steps",
+    "fanout.mode",
+    "fanout.deployment",
+    "model.device",
+    "model.device_map",
+)
+"""Config fields that do not shape any output: they may differ between steps of one run."""
+
+STEP_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "dump": ("name", "data", "model", "dump", "fanout", "paths.shards_dir"),
+    "train": ("name", "data", "model", "dump", "fanout", "paths", "sae", "sweep"),
+    "experiment": None,
+}
+"""The config fields each step's outputs depend on (None: every field)."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def config_differences(
+    recorded: Mapping[str, Any], cfg: ExperimentConfig, step: str = "experiment"
+) -> list[tuple[str, Any, Any]]:
+    """``(field, recorded value, this value)`` for every field of ``step`` that differs
+    (fields the recorded config does not know, e.g. added by a later version, are skipped)."""
+    scope = STEP_FIELDS[step]
+    old, new = _flatten(dict(recorded)), _flatten(cfg.public_dict())
+
+    def relevant(key: str) -> bool:
+        if any(key == f or key.startswith(f + ".") for f in _NOT_OUTPUT_FIELDS):
+            return False
+        return scope is None or any(key == f or key.startswith(f + ".") for f in scope)
+
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if not relevant(key) or key not in old:
+            continue
+        if old.get(key) != new.get(key, "<absent>"):
+            diffs.append((key, old.get(key), new.get(key, "<absent>")))
+    return diffs
+
+
+def write_run_config(cfg: ExperimentConfig, loc: RunLocation, step: str = "experiment") -> str:
+    """Record the resolved config (without storage options) as ``{run}/config.yaml``, or
+    check it against the one already recorded there: a run root belongs to one config, and
+    a step whose config differs raises :class:`RunConfigMismatch` naming the fields."""
     uri = loc.uri(RUN_CONFIG)
-    storage.write_bytes(uri, cfg.to_yaml().encode("utf-8"), loc.storage_options)
+    try:
+        text = storage.read_bytes(uri, loc.storage_options).decode("utf-8")
+    except FileNotFoundError:
+        storage.write_bytes(uri, cfg.to_yaml().encode("utf-8"), loc.storage_options)
+        return uri
+    try:
+        recorded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        recorded = None
+    if not isinstance(recorded, Mapping):
+        raise RunConfigMismatch(
+            f"{uri!r} is not a config this project wrote; run root {loc.root!r} is not a run "
+            "of this experiment (choose another --run)"
+        )
+    diffs = config_differences(recorded, cfg, step)
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} recorded, {b!r} now" for k, a, b in diffs[:8])
+        more = f" (and {len(diffs) - 8} more)" if len(diffs) > 8 else ""
+        raise RunConfigMismatch(
+            f"run {loc.experiment}/{loc.run} was made with a different config ({uri}); its "
+            f"outputs belong to that config. Differing fields: {shown}{more}. Start a new run "
+            "(another --run, or none for a fresh one), or use the recorded config "
+            f"(--config {uri})"
+        )
     return uri
 
 

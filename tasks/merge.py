@@ -19,6 +19,7 @@ def merge_sae(
     model: ModelRef | None = None,
     out: str = "merge",
     gpu_limit: str | None = "gpu",
+    allow_other_store: bool = False,
 ) -> OutputRef:
     """Merge ``sae``'s latents into ``{run}/{out}/{sae.name}`` (a loadable SAE folder with its
     merge map and evaluation); ``model`` enables the spliced CE / KL metrics. Cached on the
@@ -26,7 +27,10 @@ def merge_sae(
     from integral_superposition.merge import run_merge
 
     out_uri = loc.uri(out, sae.name)
-    manifest = run_sae_step(run_merge, "merge", sae, store, params, loc, out_uri, model, gpu_limit)
+    manifest = run_sae_step(
+        run_merge, "merge", sae, store, params, loc, out_uri, model, gpu_limit,
+        allow_other_store=allow_other_store,
+    )  # fmt: skip
     info = manifest.get("merge", {})
     rows = [
         {"sae": "original", **info.get("original_metrics", {})},

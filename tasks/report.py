@@ -131,6 +131,34 @@ def _sections(
     return out_sections
 
 
+def _activation_hash(manifest: dict[str, Any]) -> str | None:
+    """The content hash of the activations an output was computed on (or trained on)."""
+    acts = manifest.get("activations")
+    if isinstance(acts, dict) and acts.get("content_hash"):
+        return str(acts["content_hash"])
+    found = manifest.get("activation_manifest_hash")
+    return str(found) if found else None
+
+
+def check_same_activations(
+    saes: Sequence[OutputRef], outputs: Sequence[OutputRef], storage_options: Any
+) -> None:
+    """Refuse to report outputs computed on other activations than their SAE was trained on
+    (a dump replaced under a trained SAE): a ``ValueError`` names the output and both hashes."""
+    by_name = {}
+    for s in saes:
+        by_name[s.name] = _activation_hash(storage.read_manifest(s.uri, storage_options))
+    for ref in outputs:
+        expected = by_name.get(ref.name)
+        got = _activation_hash(storage.read_manifest(ref.uri, storage_options))
+        if expected and got and got != expected:
+            raise ValueError(
+                f"the {ref.kind} output {ref.uri!r} was computed on activations {got[:16]}, but "
+                f"the SAE {ref.name!r} was trained on activations {expected[:16]}: the run mixes "
+                "outputs of different dumps; rerun that step on the SAE's store"
+            )
+
+
 @task(name="build-report", **TASK_DEFAULTS)
 def build_experiment_report(
     config: dict[str, Any],
@@ -151,6 +179,7 @@ def build_experiment_report(
 
     if not saes:
         raise ValueError("saes is empty: the report needs at least one trained SAE")
+    check_same_activations(saes, [*analyses, *merges, *steering], loc.storage_options)
     title = options.title or f"{loc.experiment} / {loc.run}"
     analysis_of, merge_of, steer_of = _by_name(analyses), _by_name(merges), _by_name(steering)
     report_dir = loc.uri(out)
@@ -211,6 +240,7 @@ def publish_report_summary(
 
     if not saes:
         return
+    check_same_activations(saes, [*analyses, *merges, *steering], loc.storage_options)
     title = options.title or f"{loc.experiment} / {loc.run}"
     primary = saes[0]
     analysis_of = _by_name(analyses)

@@ -24,6 +24,7 @@ def evaluate_steering(
     model: ModelRef,
     out: str = "steering",
     gpu_limit: str | None = "gpu",
+    allow_other_store: bool = False,
 ) -> OutputRef:
     """Evaluate steering with ``sae`` inside ``model`` into ``{run}/{out}/{sae.name}``.
     Cached on the SAE's and the store's content hashes, the model and ``params``."""
@@ -41,6 +42,7 @@ def evaluate_steering(
         model,
         gpu_limit,
         title="steering eval",
+        allow_other_store=allow_other_store,
     )
     summary = manifest.get("summary", {})
     ref = OutputRef.from_manifest("steering", sae.name, out_uri, manifest, **summary)

@@ -226,3 +226,247 @@ def test_isup_run_refuses_a_shards_dir_outside_the_run(tmp_path):
     assert result.exit_code == 2
     assert "paths.shards_dir" in result.output and "absolute path" in result.output
     assert _files_of(victim) == before and not (tmp_path / "runs").exists()
+
+
+# -- the run lease -----------------------------------------------------------------------------
+_HOLDER = """
+import json, sys, time
+from integral_superposition.lease import RunLease
+root, opts = sys.argv[1], json.loads(sys.argv[2])
+lease = RunLease(root, opts, owner="holder-A", ttl_s=float(sys.argv[3])).acquire()
+print("held", flush=True)
+sys.stdin.read()  # hold until the test closes stdin (or kills this process)
+lease.release()
+print("released", flush=True)
+"""
+
+
+def _start_holder(root: str, opts: dict, ttl_s: float = 30.0):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, root, json.dumps(opts), str(ttl_s)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.fixture(params=["local", "s3"])
+def lease_root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "exp" / "run"), {}
+    bucket, opts = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/exp/run", opts
+
+
+def test_a_second_writer_is_refused_naming_the_holder(lease_root):
+    from integral_superposition.lease import LeaseHeldError, RunLease, read_lease
+
+    root, opts = lease_root
+    proc = _start_holder(root, opts)
+    try:
+        with pytest.raises(LeaseHeldError, match=rf"holder-A on host .* \(pid {proc.pid}\)"):
+            RunLease(root, opts, owner="B").acquire()
+        assert read_lease(root, opts)["owner"] == "holder-A"
+        proc.stdin.close()  # the holder releases on exit
+        assert proc.stdout.readline().strip() == "released"
+        proc.wait(timeout=30)
+        assert read_lease(root, opts) is None
+        with RunLease(root, opts, owner="B") as lease:
+            assert read_lease(root, opts)["token"] == lease.token
+        assert read_lease(root, opts) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(lease_root):
+    from integral_superposition.lease import RunLease, read_lease
+
+    root, opts = lease_root
+    proc = _start_holder(root, opts, ttl_s=600.0)
+    proc.kill()  # kill -9: no release, the lease stays behind, far from expiry
+    proc.wait()
+    assert read_lease(root, opts)["pid"] == proc.pid
+    with RunLease(root, opts, owner="B") as lease:
+        assert read_lease(root, opts)["owner"] == "B" and lease.held
+
+
+def test_an_expired_lease_of_another_host_is_taken_over_and_its_holder_loses_it(lease_root):
+    import time
+
+    from integral_superposition.lease import LeaseHeldError, LeaseLostError, RunLease, read_lease
+
+    root, opts = lease_root
+    a = RunLease(root, opts, owner="A", ttl_s=0.6).acquire()
+    a._stop.set()  # A stops renewing (a paused or partitioned process elsewhere)
+    a._thread.join()
+    with pytest.raises(LeaseHeldError, match="A on host"):
+        RunLease(root, opts, owner="B").acquire()  # still within A's TTL
+    time.sleep(1.0)
+    b = RunLease(root, opts, owner="B", ttl_s=30).acquire()
+    try:
+        assert read_lease(root, opts)["owner"] == "B"
+        with pytest.raises(LeaseLostError, match="taken over"):
+            a.renew()
+        with pytest.raises(LeaseLostError):
+            a.check()
+        a.release()  # a lost lease is not deleted: B keeps it
+        assert read_lease(root, opts)["owner"] == "B"
+    finally:
+        b.release()
+
+
+def test_the_heartbeat_keeps_a_short_lease_alive(tmp_path):
+    import time
+
+    from integral_superposition.lease import LeaseHeldError, RunLease, read_lease
+
+    root = str(tmp_path / "run")
+    with RunLease(root, owner="A", ttl_s=0.4) as lease:
+        first = read_lease(root)["expires"]
+        time.sleep(1.0)  # over twice the TTL: only the heartbeat keeps it
+        with pytest.raises(LeaseHeldError):
+            RunLease(root, owner="B").acquire()
+        assert read_lease(root)["expires"] > first and lease.held
+
+
+def test_a_delegate_needs_the_holders_token(tmp_path):
+    from integral_superposition.lease import LeaseHeldError, RunLease, check_delegate
+
+    root = str(tmp_path / "run")
+    with RunLease(root, owner="parent") as lease:
+        assert check_delegate(root, lease.token)["owner"] == "parent"
+        with pytest.raises(LeaseHeldError, match="no longer holds"):
+            check_delegate(root, "not-the-token")
+    with pytest.raises(LeaseHeldError, match="held by nobody"):
+        check_delegate(root, lease.token)
+
+
+# -- a run root belongs to one config ----------------------------------------------------------
+def _loc_of(cfg):
+    from integral_superposition.tasks.refs import RunLocation
+
+    return RunLocation(storage=cfg.storage, experiment=cfg.name, run=cfg.run)
+
+
+def test_a_step_with_another_config_is_refused_naming_the_fields(tmp_path):
+    from integral_superposition.tasks.index import RunConfigMismatch, write_run_config
+
+    cfg = load_preset("smoke", {"storage": str(tmp_path), "run": "k1"})
+    uri = write_run_config(cfg, _loc_of(cfg))
+    recorded = Path(uri).read_text()
+    # same config, other operational settings: accepted, record kept
+    same = cfg.model_copy(update={"gpu_limit": None})
+    assert write_run_config(same, _loc_of(same), "experiment") == uri
+    other = load_preset("smoke", {"storage": str(tmp_path), "run": "k1", "dump.max_len": 16})
+    for step in ("dump", "train", "experiment"):
+        with pytest.raises(RunConfigMismatch, match=r"dump\.max_len: 24 recorded, 16 now"):
+            write_run_config(other, _loc_of(other), step)
+    assert Path(uri).read_text() == recorded
+    # a later step's fields do not concern an earlier step
+    sae_only = load_preset("smoke", {"storage": str(tmp_path), "run": "k1", "sae.lr": 0.01})
+    write_run_config(sae_only, _loc_of(sae_only), "dump")
+    with pytest.raises(RunConfigMismatch, match=r"sae\.lr"):
+        write_run_config(sae_only, _loc_of(sae_only), "train")
+
+
+@pytest.mark.prefect
+def test_isup_dump_on_a_run_of_another_config_changes_nothing(prefect_api, tmp_path):
+    from integral_superposition.flows.steps import dump_flow
+    from integral_superposition.tasks.index import RunConfigMismatch, write_run_config
+
+    cfg = load_preset("smoke", {"storage": str(tmp_path), "run": "k1"})
+    write_run_config(cfg, _loc_of(cfg))
+    other = load_preset("smoke", {"storage": str(tmp_path), "run": "k1", "dump.max_len": 16})
+    state = dump_flow(other, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RunConfigMismatch, match=r"dump\.max_len"):
+        state.result()
+    assert sorted(os.listdir(tmp_path / "smoke" / "k1")) == ["config.yaml"]  # no acts/, no lease
+
+
+@pytest.mark.prefect
+def test_a_second_experiment_on_a_held_run_root_is_refused(prefect_api, tmp_path):
+    from integral_superposition.flows.experiment import experiment_flow
+    from integral_superposition.lease import LeaseHeldError
+
+    cfg = load_preset("smoke", {"storage": str(tmp_path), "run": "busy"})
+    proc = _start_holder(cfg.run_root(), {})
+    try:
+        state = experiment_flow(cfg, return_state=True)
+        assert state.is_failed()
+        with pytest.raises(LeaseHeldError, match=rf"holder-A on host .* \(pid {proc.pid}\)"):
+            state.result()
+        assert sorted(os.listdir(cfg.run_root())) == [".lease.json"]  # nothing else written
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- an SAE is used with the activations it was trained on --------------------------------------
+@pytest.fixture
+def sae_of_another_store(demo_store, tmp_path):
+    from integral_superposition.sae import SparseAutoencoder, save_sae
+
+    sae = SparseAutoencoder(demo_store.d_model, 16, seed=0)
+    other_hash = "f" * 64  # the hash of a store that was replaced since training
+    return save_sae(sae, str(tmp_path / "sae"), activation_manifest_hash=other_hash)
+
+
+def test_analysis_merge_and_steering_refuse_a_store_the_sae_was_not_trained_on(
+    demo_store, sae_of_another_store, tiny_backend, tmp_path
+):
+    from integral_superposition.analysis.run import run_analysis
+    from integral_superposition.merge.pipeline import run_merge
+    from integral_superposition.steering.evaluate import run_steering_eval
+
+    sae, store = sae_of_another_store, demo_store.uris[0]
+    match = rf"trained on activations ffffffffffffffff, but the store .* holds activations {demo_store.content_hash[:16]}"
+    for fn, kw in (
+        (run_analysis, {}),
+        (run_merge, {}),
+        (run_steering_eval, {"backend": tiny_backend}),
+    ):
+        out = tmp_path / fn.__name__
+        with pytest.raises(ValueError, match=match):
+            fn(sae, store, str(out), **kw)
+        assert not out.exists()  # refused before anything was written
+
+
+def test_an_sae_of_this_store_passes_the_check(demo_store, tmp_path):
+    from integral_superposition.sae import SparseAutoencoder, check_training_store, save_sae
+
+    sae = SparseAutoencoder(demo_store.d_model, 16, seed=0)
+    mine = save_sae(sae, str(tmp_path / "mine"), activation_manifest_hash=demo_store.content_hash)
+    check_training_store(mine, demo_store)
+    other = save_sae(sae, str(tmp_path / "other"), activation_manifest_hash="0" * 64)
+    with pytest.raises(ValueError, match="allow_other_store=True"):
+        check_training_store(other, demo_store)
+    check_training_store(other, demo_store, allow_other_store=True)  # on purpose
+
+
+def test_the_report_refuses_outputs_of_other_activations(tmp_path):
+    from integral_superposition.tasks.refs import OutputRef
+    from integral_superposition.tasks.report import check_same_activations
+
+    sae_m = storage.write_manifest(
+        str(tmp_path / "sae" / "s"), "sae", {}, {}, activation_manifest_hash="a" * 64
+    )
+    same = storage.write_manifest(
+        str(tmp_path / "analysis" / "s"), "analysis", {}, {}, activations={"content_hash": "a" * 64}
+    )
+    other = storage.write_manifest(
+        str(tmp_path / "steering" / "s"), "steering", {}, {}, activations={"content_hash": "b" * 64}
+    )
+    sae = OutputRef.from_manifest("sae", "s", str(tmp_path / "sae" / "s"), sae_m)
+    ok = OutputRef.from_manifest("analysis", "s", str(tmp_path / "analysis" / "s"), same)
+    bad = OutputRef.from_manifest("steering", "s", str(tmp_path / "steering" / "s"), other)
+    check_same_activations([sae], [ok], None)
+    with pytest.raises(ValueError, match=r"steering output .* on activations bbbbbbbbbbbbbbbb"):
+        check_same_activations([sae], [ok, bad], None)

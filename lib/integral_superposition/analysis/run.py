@@ -249,9 +249,14 @@ class _Progress:
         self.set(self.done + n, later[0] if later else "publish")
 
 
-def _load_inputs(sae_uri: Any, store_uri: Any, storage_options):
+def _load_inputs(sae_uri: Any, store_uri: Any, storage_options, allow_other_store: bool = False):
     from integral_superposition.dump.store import ActivationStore
-    from integral_superposition.sae import SparseAutoencoder, load_sae, read_sae_manifest
+    from integral_superposition.sae import (
+        SparseAutoencoder,
+        check_training_store,
+        load_sae,
+        read_sae_manifest,
+    )
 
     if isinstance(sae_uri, SparseAutoencoder):
         sae, sae_info = sae_uri, {"uri": None, "content_hash": None}
@@ -272,6 +277,7 @@ def _load_inputs(sae_uri: Any, store_uri: Any, storage_options):
             f"sae.d_in={sae.d_in} does not match the store's d_model={store.d_model} ({store.uris}): "
             "the SAE was trained on another model or hook point"
         )
+    check_training_store(sae_uri, store, storage_options, allow_other_store)
     return sae, sae_info, store
 
 
@@ -300,9 +306,13 @@ def run_analysis(
     clusters: np.ndarray | None = None,
     storage_options: Mapping[str, Any] | None = None,
     on_progress: ProgressFn | None = None,
+    allow_other_store: bool = False,
 ) -> dict[str, Any]:
     """Analyse the latents of the SAE at ``sae_uri`` on the activations at ``store_uri`` and
     publish tables, figures and dashboards to ``out_uri``; returns the manifest.
+
+    The store must be the one the SAE was trained on (the activation hash in the SAE's
+    manifest), unless ``allow_other_store=True``.
 
     ``backend`` (optional) adds the logit lens and the tokenizer (else the tokenizer named in
     the store manifest is loaded). ``labels`` overrides the store's labels (one per token, or
@@ -313,7 +323,7 @@ def run_analysis(
     from integral_superposition import viz
 
     p = params if isinstance(params, AnalysisParams) else AnalysisParams(**dict(params or {}))
-    sae, sae_info, store = _load_inputs(sae_uri, store_uri, storage_options)
+    sae, sae_info, store = _load_inputs(sae_uri, store_uri, storage_options, allow_other_store)
     K = sae.d_sae
     mask = None if p.split == "all" else store.split_mask(p.split, p.test_fraction, p.seed)
     n_rows = store.n_tokens if mask is None else int(mask.sum())

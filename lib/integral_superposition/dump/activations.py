@@ -298,6 +298,7 @@ _OWN_TMP_RE = re.compile(
     r"^\.tmp-(manifest\.json|docs\.parquet|shard-\d{5}\.(json|safetensors|parquet))-"
 )
 _PART_DIR_RE = re.compile(r"^part-\d{3}-of-\d{3}$")
+_LEASE_RE = re.compile(r"^(\.tmp-)?\.lease\.json")
 
 
 def _listing(out_dir: str, storage_options) -> tuple[dict[str, int], set[str]]:
@@ -330,6 +331,8 @@ def _own_listing(out_dir: str, storage_options, part_dirs: Sequence[str] = ()) -
         if os.path.exists(path) and not os.path.isdir(path):
             raise FileExistsError(f"out_dir={out_dir!r} is a file: expected a directory")
     files, dirs = _listing(out_dir, storage_options)
+    # the lease of a partition writer (lease.py) sits next to its shards while it writes
+    files = {n: v for n, v in files.items() if not _LEASE_RE.match(n)}
     foreign = sorted(n for n in files if not (_OWN_NAME_RE.match(n) or _OWN_TMP_RE.match(n)))
     foreign += sorted(f"{d}/" for d in dirs if not (_PART_DIR_RE.match(d) or d in part_dirs))
     if not foreign and storage.MANIFEST_NAME in files:

@@ -25,7 +25,12 @@ from integral_superposition.merge.cluster import build_tree
 from integral_superposition.merge.medoid import merge_map_table
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.progress import ProgressFn, Reporter
-from integral_superposition.sae.load import load_sae, read_sae_manifest, save_sae
+from integral_superposition.sae.load import (
+    check_training_store,
+    load_sae,
+    read_sae_manifest,
+    save_sae,
+)
 
 
 def _parquet(df: pd.DataFrame) -> bytes:
@@ -86,9 +91,11 @@ def run_merge(
     backend=None,
     storage_options: Mapping[str, Any] | None = None,
     on_progress: ProgressFn | None = None,
+    allow_other_store: bool = False,
 ) -> dict[str, Any]:
     """Cluster, merge, refit and evaluate the SAE at ``sae_uri`` on the store at ``store_uri``;
-    publish the merged SAE at ``out_uri`` and return its manifest.
+    publish the merged SAE at ``out_uri`` and return its manifest. The store must be the one
+    the SAE was trained on (``check_training_store``), unless ``allow_other_store=True``.
 
     ``backend`` (optional) enables the spliced CE / KL metrics. Every argument is checked
     before anything is written; the manifest is written last. NaN or inf stops the merge
@@ -114,6 +121,7 @@ def run_merge(
         raise ValueError(
             f"the SAE at {sae_uri!r} has d_in={sae.d_in}, but the store has d_model={store.d_model}"
         )
+    check_training_store(sae_uri, store, storage_options, allow_other_store)
     k = sae.d_sae
     ev.check_params_for(sae, params)
     target = params.target_clusters(k)

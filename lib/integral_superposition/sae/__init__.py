@@ -2,6 +2,7 @@
 
 from integral_superposition.sae import metrics
 from integral_superposition.sae.load import (
+    check_training_store,
     load_sae,
     load_sparsity,
     read_sae_manifest,
@@ -23,6 +24,7 @@ __all__ = [
     "SAEOutput",
     "SparseAutoencoder",
     "TrainResult",
+    "check_training_store",
     "evaluate_sae",
     "explained_variance",
     "load_sae",

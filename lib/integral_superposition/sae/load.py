@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -524,6 +525,36 @@ def read_sae_manifest(
 ) -> dict[str, Any]:
     """The manifest of a saved SAE (metrics, training config, activation hash)."""
     return storage.read_manifest(str(path), storage_options, kind="sae")
+
+
+def check_training_store(
+    sae_uri: Any,
+    store: Any,
+    storage_options: Mapping[str, Any] | None = None,
+    allow_other_store: bool = False,
+) -> None:
+    """Refuse to use an SAE with a store other than the one it was trained on.
+
+    The SAE's manifest records the content hash of its training activations
+    (``activation_manifest_hash``); ``store`` (an ``ActivationStore``) must hold the same
+    content, else a ``ValueError`` names both (a dump replaced under a trained SAE must not
+    be analysed silently). SAEs without our manifest (SAELens, sparsify) record nothing and
+    pass; ``allow_other_store=True`` uses another store on purpose (e.g. held-out data).
+    """
+    if allow_other_store or not isinstance(sae_uri, str | os.PathLike):
+        return
+    try:
+        manifest = read_sae_manifest(str(sae_uri), storage_options)
+    except (FileNotFoundError, ValueError):
+        return
+    recorded = manifest.get("activation_manifest_hash")
+    if recorded and recorded != store.content_hash:
+        raise ValueError(
+            f"sae_uri={str(sae_uri)!r} was trained on activations {recorded[:16]}, but the store "
+            f"{list(store.uris)} holds activations {store.content_hash[:16]}: the store was "
+            "replaced or is another dump. Use the store the SAE was trained on, or pass "
+            "allow_other_store=True (isup: --other-store) to use this one on purpose"
+        )
 
 
 def load_sparsity(

@@ -876,9 +876,12 @@ def run_steering_eval(
     backend,
     storage_options: Mapping[str, Any] | None = None,
     on_progress: ProgressFn | None = None,
+    allow_other_store: bool = False,
 ) -> dict[str, Any]:
     """Evaluate steering of the SAE at ``sae_uri`` (trained on the store at ``store_uri``)
-    and publish the sweep to ``out_uri``; returns the manifest (``kind="steering"``).
+    and publish the sweep to ``out_uri``; returns the manifest (``kind="steering"``). The
+    store must be the SAE's training store (``check_training_store``), unless
+    ``allow_other_store=True``.
 
     Files: ``sweep.parquet``, ``generations.parquet``, ``latents.parquet``,
     ``vocabulary.parquet``, ``sweep.png``, ``sweep.svg``, ``summary.json``; the manifest is
@@ -886,7 +889,12 @@ def run_steering_eval(
     checked before anything is written; on failure the files written so far are removed.
     """
     from integral_superposition.dump.store import ActivationStore
-    from integral_superposition.sae import SparseAutoencoder, load_sae, read_sae_manifest
+    from integral_superposition.sae import (
+        SparseAutoencoder,
+        check_training_store,
+        load_sae,
+        read_sae_manifest,
+    )
     from integral_superposition.viz.figures import close_figure, figure_bytes
 
     p = (
@@ -914,6 +922,8 @@ def run_steering_eval(
         if isinstance(store_uri, ActivationStore)
         else ActivationStore(store_uri, storage_options)
     )
+    if not isinstance(sae_uri, SparseAutoencoder):
+        check_training_store(sae_uri, store, storage_options, allow_other_store)
     if str(out_uri).rstrip("/") in {
         str(sae_info["uri"] or "").rstrip("/"),
         *[u.rstrip("/") for u in store.uris],
