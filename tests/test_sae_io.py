@@ -480,3 +480,33 @@ def test_merging_a_skip_connection_sae_is_refused():
     with torch.no_grad():  # a merged latent is the sum of its members' groupmax codes
         z = SparseAutoencoder(D, 16, architecture="groupmax", top_k=4).encode(x)
         assert torch.allclose(merged.encode(x), z.view(-1, 8, 2).sum(-1), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk"])
+def test_saelens_pre_6_flat_configs_read_as_saelens_migrates_them(tmp_path, arch):
+    """A SAELens folder whose cfg.json is rewritten in the pre-6.0 flat form (the old runner's
+    whole configuration, no metadata block) loads as SAELens's own migration reads it."""
+    from sae_lens import SAE
+
+    _saelens_archs()
+    sae = _saelens_sae(arch, False, apply_b_dec_to_input=False)
+    sae.save_model(str(tmp_path / "sae"))
+    legacy = {
+        "d_in": D, "d_sae": 64, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": False, "normalize_activations": False,
+        "finetuning_scaling_factor": False, "hook_point": "blocks.3.hook_resid_pre",
+        "model_name": "gpt2", "context_size": 128, "lr": 3e-4, "l1_coefficient": 5.0,
+        "activation_fn_str": "topk" if arch == "topk" else "relu",
+    }  # fmt: skip
+    if arch == "topk":
+        legacy["activation_fn_kwargs"] = {"k": 5}
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(legacy))
+    ours, theirs = load_sae(str(tmp_path / "sae")), SAE.load_from_disk(str(tmp_path / "sae"))
+    assert theirs.cfg.architecture() == arch
+    _matches_saelens(ours, theirs, _x())
+    assert ours.metadata["model_name"] == "gpt2"
+    (tmp_path / "sae" / "cfg.json").write_text(
+        json.dumps({**legacy, "finetuning_scaling_factor": True})
+    )
+    with pytest.raises(ValueError, match="finetuning_scaling_factor=True"):
+        load_sae(str(tmp_path / "sae"))
