@@ -89,17 +89,22 @@ def run_sae_step(
 
     progress = Progress(f"{key}-{sae.name}", f"{title or key} {sae.name}", unit="steps")
     spec = model.spec if model is not None else None
-    with gpu_slot(gpu_limit), using_backend(spec) as backend, progress, timed_step():
-        manifest = fn(
-            sae.uri,
-            store.uri,
-            out_uri,
-            params,
-            backend=backend,
-            storage_options=loc.storage_options,
-            on_progress=progress,
-            allow_other_store=allow_other_store,
-        )
+    with progress:
+        # the heartbeat says what it waits for while another step holds the GPU or the model
+        progress.set_phase("waiting for a GPU slot and the shared model")
+        with gpu_slot(gpu_limit), using_backend(spec) as backend, timed_step():
+            progress.restart_clock()
+            progress.set_phase("starting")
+            manifest = fn(
+                sae.uri,
+                store.uri,
+                out_uri,
+                params,
+                backend=backend,
+                storage_options=loc.storage_options,
+                on_progress=progress,
+                allow_other_store=allow_other_store,
+            )
     progress.finish()
     return manifest
 

@@ -127,3 +127,42 @@ def test_on_a_terminal_a_bar_is_drawn_instead_of_lines():
     out = term.getvalue()
     assert "4/4" in out and "loss=0.12" in out and "train [train]" in out
     assert not any(LINE.match(line) for line in out.splitlines())
+
+
+def test_a_step_waiting_for_the_shared_model_says_so(monkeypatch, caplog):
+    """While another step holds the model, the waiting step's heartbeat names the wait; once
+    it runs, its lines come from the work."""
+    import functools
+    import logging
+    import threading
+    from types import SimpleNamespace
+
+    from integral_superposition.experiment import ModelSpec
+    from integral_superposition.tasks import backends, ui
+
+    fast = functools.partialmethod(ui.Progress.__init__, line_every_s=0.1, interval_s=0.3)
+    monkeypatch.setattr(ui.Progress, "__init__", fast)
+    spec = ModelSpec(model_id="tiny:gemma", dtype="fp32")
+    _backend, lock = backends.load_backend(spec)
+
+    def step(sae_uri, store_uri, out_uri, params, backend, storage_options, on_progress, **kw):
+        for i in range(1, 4):
+            on_progress(i, 3, phase=f"part {i}")
+        return {"kind": "analysis"}
+
+    sae = SimpleNamespace(name="sae-a", uri="mem://sae")
+    loc = SimpleNamespace(storage_options={})
+    out: list[dict] = []
+    with caplog.at_level(logging.INFO):
+        with lock:  # another step holds the model
+            args = (step, "analysis", sae, SimpleNamespace(uri="mem://acts"), None, loc)
+            rest = ("mem://out", SimpleNamespace(spec=spec), None)
+            t = threading.Thread(target=lambda: out.append(backends.run_sae_step(*args, *rest)))
+            t.start()
+            time.sleep(1.0)
+        t.join(timeout=30)
+    assert out == [{"kind": "analysis"}]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("analysis sae-a")]
+    waiting = [x for x in lines if "waiting for a GPU slot and the shared model" in x]
+    assert any("still running, last update" in x for x in waiting), lines
+    assert any(x.startswith("analysis sae-a 3/3 steps (100%)") for x in lines), lines

@@ -161,6 +161,11 @@ class Reporter:
             if self._bar is not None:
                 self._bar.set_postfix(values, refresh=False)
 
+    def restart_clock(self) -> None:
+        """Measure the rate from now on (after a wait that was not work, e.g. for a lock)."""
+        with self._lock:
+            self._rate_t0, self._rate_done = time.monotonic(), self.done
+
     def set_phase(self, phase: str) -> None:
         """Name what runs now (shown in every line) without counting a unit."""
         self.update(self.done, None, phase)
