@@ -21,7 +21,11 @@ def main() -> None:
     p.add_argument(
         "--model", default="gemma-3-270m", help="hub id, local dir, .gguf file or gemma-3-270m"
     )
-    p.add_argument("--dtype", default="bf16", help="model dtype: bf16 (fast on CPU), fp16 or fp32")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="model dtype: auto (bf16 where the hardware runs it natively, else fp32), bf16, fp16 or fp32",
+    )
     p.add_argument("--csv", help="a CSV/TSV/Parquet/JSONL file or URI (default: the demo corpus)")
     p.add_argument("--text-col", default="title")
     p.add_argument("--label-col", default="topic")

@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--no-ce", action="store_true", help="skip the spliced-forward CE metrics")
     args = p.parse_args()
 
-    backend = backends.HFCausalLM.from_pretrained(args.model, dtype="bf16")
+    backend = backends.HFCausalLM.from_pretrained(args.model, dtype="auto")
     if not storage.verify_output(args.store):
         cfg = DumpConfig(layer=args.layer, max_len=32, batch_size=64)
         dump.dump_layer_activations(

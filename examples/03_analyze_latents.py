@@ -54,7 +54,7 @@ def prepare(args) -> tuple[str, str, object]:
     """``(sae uri, store uri, backend or None)``, building the demo inputs when not given."""
     backend = None
     if not args.no_backend or args.store is None:
-        backend = backends.HFCausalLM.from_pretrained(args.model, dtype="bf16")
+        backend = backends.HFCausalLM.from_pretrained(args.model, dtype="auto")
     store_uri = args.store
     if store_uri is None:
         store_uri = demo_store(backend, args.work, args.n_docs, args.layer).uris[0]

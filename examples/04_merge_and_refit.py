@@ -93,7 +93,7 @@ def main() -> None:
 
     backend = None
     if not args.no_ce or args.store is None:
-        backend = backends.HFCausalLM.from_pretrained(args.model, dtype="bf16")
+        backend = backends.HFCausalLM.from_pretrained(args.model, dtype="auto")
     store_uri = args.store or demo_store(backend, args.work, args.n_docs, args.layer).uris[0]
     store = dump.ActivationStore(store_uri)
     sae_uri = args.sae or train_quick_sae(store, args.work, args.k)

@@ -105,7 +105,7 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    backend = backends.HFCausalLM.from_pretrained(args.model, dtype="bf16")
+    backend = backends.HFCausalLM.from_pretrained(args.model, dtype="auto")
     store = (
         dump.ActivationStore(args.store)
         if args.store
