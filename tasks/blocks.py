@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -29,6 +30,9 @@ from integral_superposition.experiment import ExperimentConfig
 from prefect.filesystems import RemoteFileSystem
 from pydantic import Field
 
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
 
 def load_secret_options(name: str) -> dict[str, Any]:
     """The storage options stored in the Prefect Secret block ``name``: a JSON object, saved
@@ -37,14 +41,27 @@ def load_secret_options(name: str) -> dict[str, Any]:
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(name).get()
+        block = Secret.load(name)
     except ValueError as e:
         raise ValueError(f"storage_secret={name!r}: no such Secret block ({e})") from None
-    if isinstance(value, str):
+    raw = (
+        block.value.get_secret_value() if hasattr(block.value, "get_secret_value") else block.value
+    )
+    value: Any = raw
+    if isinstance(raw, str):
         try:
-            value = json.loads(value)
+            value = json.loads(raw)
         except ValueError:
             value = None
+    elif isinstance(raw, Mapping) and name not in _WARNED:
+        _WARNED.add(name)
+        log.warning(
+            "Secret block %r holds a mapping, which Prefect shows in clear to anyone who can "
+            "read blocks (UI, API); save it as a JSON string instead: "
+            "Secret(value=json.dumps({...})).save(%r, overwrite=True)",
+            name,
+            name,
+        )
     if not isinstance(value, Mapping):
         raise ValueError(
             f"storage_secret={name!r}: expected a JSON object of fsspec storage options "

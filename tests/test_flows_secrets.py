@@ -321,3 +321,20 @@ def test_storage_settings_of_a_run_name_the_secret_and_leave_credentials_out(pre
         "storage_secret": "isup-test-no-such-block",
         "storage_options": {"endpoint_url": "http://a", "region_name": "eu"},
     }
+
+
+@pytest.mark.prefect
+def test_a_secret_block_saved_as_a_mapping_is_read_with_a_warning(prefect_api, caplog):
+    from integral_superposition.tasks.blocks import load_secret_options, save_secret_options
+    from prefect.blocks.system import Secret
+
+    Secret(value={"secret": "m"}).save("isup-test-mapping", overwrite=True)
+    save_secret_options("isup-test-string", {"secret": "s"})
+    with caplog.at_level("WARNING", logger="integral_superposition.tasks.blocks"):
+        assert load_secret_options("isup-test-string") == {"secret": "s"}
+        assert not caplog.records
+        assert load_secret_options("isup-test-mapping") == {"secret": "m"}
+        assert load_secret_options("isup-test-mapping") == {"secret": "m"}
+    (warning,) = caplog.records  # once per block
+    assert "'isup-test-mapping' holds a mapping" in warning.getMessage()
+    assert "json.dumps" in warning.getMessage()
