@@ -29,6 +29,17 @@ def test_estimate_scales_with_work_and_speed():
     assert "merge" not in skipped.steps
 
 
+def test_a_slow_model_dtype_slows_the_model_steps_only():
+    bf16 = ComputeChoice(torch.device("cpu"), torch.bfloat16, "slow", "bf16")
+    fine = estimate_run(load_preset("default"), bf16, gflops=75.0, sae_gflops=75.0)
+    slow = estimate_run(load_preset("default"), bf16, gflops=0.75, sae_gflops=75.0)
+    assert slow.steps["dump"] == 100 * fine.steps["dump"]
+    assert slow.steps["steer"] == 100 * fine.steps["steer"]
+    assert slow.steps["train"] == fine.steps["train"]
+    assert slow.steps["analyze"] == fine.steps["analyze"]
+    assert fine.steps["merge"] < slow.steps["merge"] < 100 * fine.steps["merge"]
+
+
 def test_describe_and_probe():
     e = estimate_run(load_preset("default"), CPU32, gflops=REFERENCE_GFLOPS)
     assert e.describe() == f"about {round(e.total_s / 60)} min"

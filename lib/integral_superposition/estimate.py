@@ -104,18 +104,30 @@ def _model_factor(model_id: str) -> float:
 
 
 def estimate_run(
-    cfg, choice: ComputeChoice | None = None, probe_s: float = 0.1, gflops: float | None = None
+    cfg,
+    choice: ComputeChoice | None = None,
+    probe_s: float = 0.1,
+    gflops: float | None = None,
+    sae_gflops: float | None = None,
 ) -> Estimate:
     """Rough seconds per step of ``cfg`` (an ``ExperimentConfig``) on this machine (or on one
-    whose matmul runs at ``gflops``: ``REFERENCE_GFLOPS`` gives the reference machine's)."""
+    whose matmul runs at ``gflops`` in the model's dtype and ``sae_gflops`` in float32, the
+    SAE's; ``REFERENCE_GFLOPS`` gives the reference machine's)."""
     if choice is None:
         choice = resolve_compute(cfg.model.dtype, cfg.model.device)
     if gflops is None:
         gflops = matmul_gflops(choice.device, choice.dtype, probe_s)
-    speed = gflops / REFERENCE_GFLOPS
-    if choice.device.type == "cuda":
-        speed = min(speed, _GPU_SPEEDUP_CAP)
-    speed = max(speed, 1e-3)
+    if sae_gflops is None:
+        same = choice.dtype == torch.float32 or not probe_s
+        sae_gflops = gflops if same else matmul_gflops(choice.device, torch.float32, probe_s)
+
+    def relative(g: float) -> float:
+        s = g / REFERENCE_GFLOPS
+        return max(min(s, _GPU_SPEEDUP_CAP) if choice.device.type == "cuda" else s, 1e-3)
+
+    # the model computes in its dtype; SAE training and encoding in float32 (or bf16 where
+    # that is native, i.e. no slower)
+    speed, sae_speed = relative(gflops), relative(sae_gflops)
     model = _model_factor(cfg.model.model_id)
     docs = _n_docs(cfg.data.source, cfg.data.max_rows) or 4000
     d_ratio = docs / 4000 * min(cfg.dump.max_len, 32) / 32
@@ -130,15 +142,17 @@ def estimate_run(
         "start": REFERENCE_S["start"],
         "load": REFERENCE_S["load"] * (0.1 if model < 1 else 1.0),
         "dump": REFERENCE_S["dump"] * d_ratio * depth * model / speed,
-        "train": REFERENCE_S["train"] * d_ratio * train / speed,
+        "train": REFERENCE_S["train"] * d_ratio * train / sae_speed,
     }
     if cfg.steps.analyze:
-        steps["analyze"] = REFERENCE_S["analyze"] * d_ratio * lat / speed
+        steps["analyze"] = REFERENCE_S["analyze"] * d_ratio * lat / sae_speed
     if cfg.steps.merge:
         m = cfg.merge
         merges = 2 + (2 * len(m.sweep_fractions) if m.sweep else 0)
         ce = m.ce_docs / 32
-        steps["merge"] = REFERENCE_S["merge"] * lat * (merges / 6) * (0.5 + 0.5 * ce) / speed
+        # about half of it is the spliced CE through the model
+        per_merge = REFERENCE_S["merge"] / 6 * lat
+        steps["merge"] = merges * per_merge * (0.5 / sae_speed + 0.5 * ce / speed)
     if cfg.steps.steer_eval:
         s = cfg.steering
         n_prompts = len(s.prompts) if s.prompts is not None else 12
