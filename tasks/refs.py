@@ -16,6 +16,7 @@ from typing import Any
 from integral_superposition import storage
 from integral_superposition.credentials import masked_options, split_secret_options
 from integral_superposition.experiment import DataSpec, ModelSpec
+from integral_superposition.lease import check_writer
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 
@@ -117,7 +118,10 @@ class RunLocation(BaseModel):
 
     def uri(self, *parts: str) -> str:
         """A location inside the run root; a part that would leave it (absolute, a URI,
-        ``..``) is refused, so no step writes outside ``{storage}/{experiment}/{run}``."""
+        ``..``) is refused, so no step writes outside ``{storage}/{experiment}/{run}``; and
+        once this process has lost the run root's lease, every step stops here
+        (:class:`~integral_superposition.lease.LeaseLostError`)."""
+        check_writer(self.root)
         for part in parts:
             pieces = str(part).replace("\\", "/").split("/")
             if (

@@ -470,3 +470,30 @@ def test_the_report_refuses_outputs_of_other_activations(tmp_path):
     check_same_activations([sae], [ok], None)
     with pytest.raises(ValueError, match=r"steering output .* on activations bbbbbbbbbbbbbbbb"):
         check_same_activations([sae], [ok, bad], None)
+
+
+def test_a_writer_that_lost_its_lease_stops_at_its_next_output(tmp_path):
+    import time
+
+    from integral_superposition.lease import LeaseLostError, RunLease
+    from integral_superposition.tasks.refs import RunLocation
+
+    loc = RunLocation(storage=str(tmp_path), experiment="e", run="r")
+    a = RunLease(loc.root, owner="A", ttl_s=0.5).acquire()
+    try:
+        assert loc.uri("acts").endswith("acts")  # held: steps write as usual
+        a._stop.set()  # A stalls past its TTL ...
+        a._thread.join()
+        time.sleep(0.8)
+        proc = _start_holder(loc.root, {})  # ... and another process takes the root over
+        try:
+            with pytest.raises(LeaseLostError):
+                a.renew()
+            with pytest.raises(LeaseLostError, match="taken over"):
+                loc.uri("acts")
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        a.release()
+    assert loc.uri("acts").endswith("acts")  # released: nothing is held here any more

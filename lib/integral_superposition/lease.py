@@ -431,6 +431,14 @@ def held_lease(root_uri: str) -> RunLease | None:
         return _HELD.get(str(root_uri).rstrip("/"))
 
 
+def check_writer(root_uri: str) -> None:
+    """Raise :class:`LeaseLostError` when this process holds ``root_uri``'s lease and lost it
+    to another writer (a step then stops instead of writing into the other run's outputs)."""
+    lease = held_lease(root_uri)
+    if lease is not None:
+        lease.check()
+
+
 def check_delegate(
     root_uri: str, token: str, storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
