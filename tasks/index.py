@@ -181,9 +181,12 @@ def write_run_process(loc: RunLocation, flow_run_id: str | None = None) -> str:
 def run_state(
     run_root: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[str, dict[str, Any]]:
-    """The state of a run without ``run.json``: ``running`` (its process is alive),
-    ``crashed`` (its process on this host is gone) or ``unfinished`` (no record, or a
-    process on another host); and its ``process.json`` record."""
+    """The state of a run without ``run.json``: ``running`` (its process is alive, or on
+    another host its lease is renewed), ``crashed`` (its process on this host is gone, or
+    its lease expired), ``stopped`` (a process on another host released its lease without
+    finishing) or ``unfinished`` (no record, or unknown); and its ``process.json`` record."""
+    from integral_superposition.lease import read_lease, stale_reason
+
     try:
         rec = storage.read_json(storage.join(run_root, RUN_PROCESS), storage_options)
     except (FileNotFoundError, NotADirectoryError, OSError, ValueError):
@@ -191,7 +194,15 @@ def run_state(
     started = rec.get("started")
     since = _dt.datetime.fromisoformat(started) if started else None
     alive = process_alive(rec.get("process"), since)
-    return {True: "running", False: "crashed", None: "unfinished"}[alive], rec
+    if alive is None:  # another host: its lease tells whether it still writes
+        try:
+            lease = read_lease(run_root, storage_options)
+        except (OSError, ValueError):
+            return "unfinished", rec
+        if lease is None:
+            return "stopped", rec
+        return ("crashed" if stale_reason(lease) else "running"), rec
+    return ("running" if alive else "crashed"), rec
 
 
 def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -207,7 +218,8 @@ def find_unfinished_run(
     """The newest run of ``cfg``'s experiment that did not finish (no ``run.json``), whose
     process is gone (it crashed, or never recorded one), and whose ``config.yaml`` equals
     ``cfg`` but for the run name and storage access: the run a rerun of the same command
-    continues. None if there is none."""
+    continues. None if there is none. A run of another host counts as gone when its lease
+    expired or was released (:func:`run_state`)."""
     root = cfg.storage if "://" in cfg.storage else os.path.abspath(os.path.expanduser(cfg.storage))
     exp_root = storage.join(root, cfg.name)
     try:
@@ -231,7 +243,7 @@ def find_unfinished_run(
         if not isinstance(recorded, dict) or _comparable(recorded) != want:
             continue
         state, rec = run_state(root, storage_options)
-        if rec and state != "crashed":  # running, or on another host: it may be running
+        if state == "running" or (rec and state == "unfinished"):  # it may still be running
             continue
         found.append((rec.get("started") or "", run))
     return max(found)[1] if found else None
@@ -260,7 +272,7 @@ def list_runs(
 ) -> list[dict[str, Any]]:
     """Every run under ``storage_root`` (or one experiment): ``experiment, run, finished,
     report_uri, steps`` from its ``run.json``; a run without one has ``finished: None`` and a
-    ``state`` (:func:`run_state`: running, crashed or unfinished)."""
+    ``state`` (:func:`run_state`: running, crashed, stopped or unfinished)."""
     experiments: Sequence[str] = (
         [experiment] if experiment else storage.listdir(storage_root, storage_options)
     )

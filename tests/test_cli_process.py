@@ -317,14 +317,24 @@ def test_find_unfinished_run_picks_the_newest_crashed_run_of_the_same_config(tmp
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     make("d-running", now, os.getpid())  # this process, started before that record
     make("e-other-config", "2026-01-05T00:00:00+00:00", dead.pid, name="smoke", gpu_limit="x")
+    # a run of another host whose lease is renewed: it is running there
     make("f-other-host", "2026-01-06T00:00:00+00:00", None)
     (exp / "f-other-host" / "process.json").write_text(
         json.dumps({"process": "elsewhere:1", "started": "2026-01-06T00:00:00+00:00"})
     )
+    lease = {"host": "elsewhere", "pid": 1, "heartbeat": time.time(), "expires": time.time() + 99}
+    (exp / "f-other-host" / ".lease.json").write_text(json.dumps(lease))
     assert find_unfinished_run(cfg) == "b-new-crash"
     states = {r["run"]: r.get("state") for r in list_runs(str(tmp_path))}
     assert states["b-new-crash"] == "crashed" and states["d-running"] == "running"
-    assert states["f-other-host"] == "unfinished" and states["c-finished"] is None
+    assert states["f-other-host"] == "running" and states["c-finished"] is None
+    # once its lease expired it has crashed there, and a rerun here continues it
+    lease["expires"] = time.time() - 1
+    (exp / "f-other-host" / ".lease.json").write_text(json.dumps(lease))
+    assert find_unfinished_run(cfg) == "f-other-host"
+    assert {r["run"]: r.get("state") for r in list_runs(str(tmp_path))}["f-other-host"] == "crashed"
+    (exp / "f-other-host" / "run.json").write_text("{}")
+    assert find_unfinished_run(cfg) == "b-new-crash"
     # with no process record (it died before writing one) a run is resumable too
     (exp / "b-new-crash" / "process.json").unlink()
     (exp / "a-old-crash" / "process.json").unlink()
