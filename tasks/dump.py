@@ -122,13 +122,13 @@ def _copy_output(src: str, dst: str, storage_options: Any) -> None:
 def combine_partitions(parts: list[OutputRef], loc: RunLocation, out: str = "acts") -> OutputRef:
     """Publish one store over the partition dumps (their shards are referenced, not copied).
 
-    Parts normally sit side by side under one folder. When some were reused from an earlier
-    run and others recomputed in this one, the earlier ones are copied next to the new ones.
+    The store is published in this run's folder ``{run}/{out}``, where this run's parts sit.
+    Parts reused from an earlier run are copied next to them: that run's folder is its own to
+    write (under its own lease), never this run's.
     """
     from integral_superposition.dump import combine_dumps
 
-    parents = {posixpath.dirname(p.uri.rstrip("/")) for p in parts}
-    target = parents.pop() if len(parents) == 1 else loc.uri(out)
+    target = loc.uri(out)
     part_uris = []
     for p in parts:
         if posixpath.dirname(p.uri.rstrip("/")) != target.rstrip("/"):

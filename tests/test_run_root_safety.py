@@ -497,3 +497,30 @@ def test_a_writer_that_lost_its_lease_stops_at_its_next_output(tmp_path):
     finally:
         a.release()
     assert loc.uri("acts").endswith("acts")  # released: nothing is held here any more
+
+
+@pytest.mark.prefect
+def test_combining_reused_parts_never_writes_into_the_earlier_run(
+    prefect_api, tiny_backend, tmp_path
+):
+    from integral_superposition import DumpConfig
+    from integral_superposition.data import demo_corpus
+    from integral_superposition.dump import dump_layer_activations
+    from integral_superposition.tasks.dump import combine_partitions
+    from integral_superposition.tasks.refs import OutputRef, RunLocation
+
+    earlier = RunLocation(storage=str(tmp_path), experiment="e", run="earlier")
+    df = demo_corpus(30)
+    parts = []
+    for i in range(2):
+        uri = earlier.uri("acts", f"part-00{i}-of-002")
+        st = dump_layer_activations(
+            df, "title", "topic", tiny_backend, DumpConfig(**SMALL_DUMP), uri,
+            partition=(i, 2), progress=False,
+        )  # fmt: skip
+        parts.append(OutputRef.from_manifest("activations", f"part-00{i}-of-002", uri, st.manifest))
+    before = _files_of(tmp_path / "e" / "earlier")
+    now = RunLocation(storage=str(tmp_path), experiment="e", run="now")
+    ref = combine_partitions.fn(parts, now, out="acts")
+    assert ref.uri == now.uri("acts") and storage.verify_output(ref.uri, deep=True)
+    assert _files_of(tmp_path / "e" / "earlier") == before  # the earlier run is untouched
