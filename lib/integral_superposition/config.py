@@ -69,6 +69,32 @@ MAX_LATENTS = 1 << 28
 SAEs; whether a width fits this machine is checked against its memory when training starts."""
 
 
+DEAD_WINDOW_MAX = 10_000_000
+"""Largest automatic dead-latent window, in tokens."""
+DEAD_WINDOW_MIN_BATCHES = 4
+"""Smallest automatic dead-latent window, in batches."""
+DEAD_WINDOW_FRACTION = 0.1
+"""Automatic dead-latent window as a fraction of the run's training tokens."""
+DEAD_WINDOW_UNKNOWN = 1_000_000
+"""Automatic dead-latent window when the run's length is unknown (a one-shot iterator)."""
+
+
+def dead_window(cfg: SAEConfig, total_steps: int | None) -> int:
+    """Training tokens without a firing after which a latent counts as dead.
+
+    ``cfg.dead_tokens`` when set; else ``min(10M, max(4 * batch_size, total_tokens / 10))``
+    with ``total_tokens = total_steps * batch_size``, so that AuxK engages within short runs
+    too; 1M (capped likewise) when ``total_steps`` is None.
+    """
+    if cfg.dead_tokens is not None:
+        return int(cfg.dead_tokens)
+    floor = DEAD_WINDOW_MIN_BATCHES * cfg.batch_size
+    if total_steps is None:
+        return max(floor, DEAD_WINDOW_UNKNOWN)
+    run_tokens = int(total_steps) * cfg.batch_size
+    return max(1, min(DEAD_WINDOW_MAX, max(floor, int(DEAD_WINDOW_FRACTION * run_tokens))))
+
+
 class SAEConfig(_Config):
     """Sparse autoencoder hyperparameters and training schedule.
 
@@ -108,8 +134,10 @@ class SAEConfig(_Config):
     """AuxK loss coefficient for dead latents (TopK family)."""
     aux_k: int = Field(512, ge=1)
     """Dead latents used by AuxK per token."""
-    dead_tokens: int = Field(1_000_000, ge=1)
-    """A latent is dead in training when it has not fired for this many tokens."""
+    dead_tokens: int | None = Field(None, ge=1)
+    """A latent is dead in training when it has not fired for this many tokens. None (auto):
+    a tenth of the run's training tokens, at least 4 batches and at most 10,000,000
+    (``dead_window``)."""
     jumprelu_bandwidth: float = Field(0.001, gt=0)
     """Straight-through bandwidth of JumpReLU's step function."""
     jumprelu_init_threshold: float = Field(0.001, gt=0)

@@ -41,7 +41,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from integral_superposition import storage
-from integral_superposition.config import SAEConfig
+from integral_superposition.config import SAEConfig, dead_window
 from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.load import save_sae
@@ -422,6 +422,7 @@ class _Trainee:
     acc: torch.Tensor = None  # type: ignore[assignment]
     acc_steps: int = 0
     autocast: bool = False
+    dead_tokens: int = 0  # the dead-latent window in tokens (``config.dead_window``)
 
     # accumulated log terms: loss, mse, fvu, l0, aux, sparsity, kept tokens
     _N_ACC = 7
@@ -444,7 +445,7 @@ class _Trainee:
         return self.sae.architecture in ("topk", "batchtopk") and self.cfg.auxk_coef > 0
 
     def dead_mask(self) -> torch.Tensor:
-        return self.since_fired >= self.cfg.dead_tokens
+        return self.since_fired >= self.dead_tokens
 
     def step(self, x_raw: torch.Tensor, step: int, total: int | None) -> None:
         """One optimiser step on raw activations ``x_raw [B, d]``."""
@@ -519,7 +520,9 @@ class _Trainee:
             "aux_loss": a[4]
             / (self.scale if self.sae.architecture == "jumprelu" else self.scale**2),
             "sparsity_loss": a[5],
+            # latents that did not fire on the last ``dead_tokens`` training tokens
             "dead_frac": float(self.dead_mask().float().mean()),
+            "dead_tokens": float(self.dead_tokens),
             "tokens_per_step": a[6],  # after the outlier filter
             "lr": lr_at(self.cfg, max(0, step - 1), total),
             "sparsity_coef": sparsity_coef_at(self.cfg, max(0, step - 1), total),
@@ -763,6 +766,8 @@ def _run(
 ) -> tuple[int, int]:
     """Train every trainee on one pass of ``source``; returns ``(steps, resumed_from)``."""
     total = source.total
+    for t in trainees:
+        t.dead_tokens = dead_window(t.cfg, total)
     start = 0
     wrote_ckpt = False
     state = ckpt.read() if (ckpt is not None and resume) else None
