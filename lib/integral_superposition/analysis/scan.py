@@ -552,6 +552,8 @@ class LatentScan:
     """float64 ``[K]`` maximum activation."""
     doc_pairs: np.ndarray | None = None
     """int64 ``[P, 2]`` distinct ``(doc_id, latent)`` with the latent's document max above the threshold."""
+    doc_max: np.ndarray | None = None
+    """float32 ``[P]``: the latent's maximum over the document, aligned with ``doc_pairs``."""
     doc_threshold: float | None = None
     firing_rows: np.ndarray | None = None
     """int64 ``[F]`` rows of the sampled token firing matrix."""
@@ -565,6 +567,17 @@ class LatentScan:
     timings: dict[str, float] | None = None
     """Seconds spent reading, encoding, selecting (folding into the buffers), on metrics,
     handing freed heap pages back to the OS (``heap``, CPU scans), and finishing."""
+
+
+def _max_per_key(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct ``key [E]`` and the maximum of ``values [E]`` for each."""
+    if key.size == 0:
+        return key.astype(np.int64), values.astype(np.float32)
+    order = np.lexsort((values, key))
+    k = key[order]
+    last = np.ones(k.size, dtype=bool)
+    last[:-1] = k[1:] != k[:-1]
+    return k[last].astype(np.int64), values[order][last].astype(np.float32)
 
 
 class _Accumulator:
@@ -617,6 +630,7 @@ class _Accumulator:
             self.label_counts = np.zeros(n_labels, dtype=np.int64)
         self.doc_ids, self.doc_thr = doc_ids, doc_threshold
         self.doc_parts: list[np.ndarray] = []
+        self.doc_max_parts: list[np.ndarray] = []
         self.budget = firing_budget
         self.rate = 1.0
         self.f_rows: list[np.ndarray] = []
@@ -685,8 +699,9 @@ class _Accumulator:
             # a latent's max over a document exceeds the threshold iff one of its entries does
             above = v > self.doc_thr
             d = np.asarray(self.doc_ids[rows], dtype=np.int64)
-            key = np.unique(d[t[above]] * K + j[above])
+            key, mx = _max_per_key(d[t[above]] * K + j[above], v[above])
             self.doc_parts.append(np.stack([key // K, key % K], 1))
+            self.doc_max_parts.append(mx)
 
         if self.budget:
             sel = u[t] < self.rate
@@ -752,7 +767,14 @@ class _Accumulator:
         )
         if self.doc_thr is not None and self.doc_ids is not None:
             pairs = np.concatenate(self.doc_parts) if self.doc_parts else np.zeros((0, 2), np.int64)
-            scan.doc_pairs = np.unique(pairs, axis=0)
+            vals = (
+                np.concatenate(self.doc_max_parts)
+                if self.doc_max_parts
+                else np.zeros(0, np.float32)
+            )
+            key, mx = _max_per_key(pairs[:, 0] * self.K + pairs[:, 1], vals)
+            scan.doc_pairs = np.stack([key // self.K, key % self.K], 1)
+            scan.doc_max = mx
             scan.doc_threshold = self.doc_thr
         if self.budget:
             scan.firing_rows = np.concatenate(self.f_rows) if self.f_rows else np.zeros(0, np.int64)

@@ -1,0 +1,110 @@
+"""Sparse probing and generic-latent flagging on planted synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from integral_superposition.analysis.generic import generic_latents
+from integral_superposition.analysis.probe import doc_latent_matrix, sparse_probe
+from integral_superposition.analysis.scan import ArraySource, scan_latents
+from integral_superposition.sae import SparseAutoencoder
+
+ARTEFACT = 500  # a token present in every document of every label (like "(AP)")
+
+
+def _planted(seed=0, n_docs=240, doc_len=16, C=3, K=32, d=16):
+    """Latent 5 fires on label-1 documents; latent 9 fires on the artefact token, which every
+    document has, with larger activations than latent 5 (it wins a naive best-latent pick)."""
+    rng = np.random.default_rng(seed)
+    doc_label = np.arange(n_docs) % C
+    doc = np.repeat(np.arange(n_docs), doc_len)
+    lab = doc_label[doc]
+    N = doc.size
+    pos = np.tile(np.arange(doc_len), n_docs)
+    tok = rng.integers(0, 400, N)
+    tok[pos == 3] = ARTEFACT
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    x = 0.2 * rng.normal(size=(N, d))
+    x[(lab == 1) & (rng.random(N) < 0.4)] += 3.0 * basis[0]
+    art = pos == 3
+    x[art] += (5.0 + 2.0 * (lab[art] == 2))[:, None] * basis[
+        1
+    ]  # skewed: top contexts mostly label 2
+    sae = SparseAutoencoder(d, K, seed=seed + 1)
+    with torch.no_grad():
+        W = torch.tensor(rng.normal(size=(K, d)), dtype=torch.float32)
+        B = torch.tensor(basis[:2], dtype=torch.float32)
+        W -= (W @ B.T) @ B  # the other latents ignore both planted directions
+        W /= W.norm(dim=1, keepdim=True)
+        W[5] = torch.tensor(basis[0], dtype=torch.float32)
+        W[9] = torch.tensor(basis[1], dtype=torch.float32)
+        sae.W_enc.copy_(W.T)
+        sae.W_dec.copy_(W)
+        sae.b_enc.fill_(-0.3)
+        sae.b_enc[5] = -1.5
+        sae.b_enc[9] = -2.0
+    src = ArraySource(
+        [x.astype(np.float32)],
+        doc_ids=doc,
+        token_ids=tok,
+        positions=pos,
+        labels=lab,
+        label_names=[f"topic{i}" for i in range(C)],
+    )
+    return src, sae, doc_label, x
+
+
+def test_generic_latent_is_flagged_and_topical_one_is_not():
+    src, sae, _, _ = _planted()
+    scan = scan_latents(sae, src, n_top=20, doc_threshold=0.0)
+    g = generic_latents(scan.top.token_ids, src.token_ids, src.doc_ids, src.labels, 3)
+    assert bool(g.loc[9, "generic"]) and g.loc[9, "generic_token_id"] == ARTEFACT
+    assert g.loc[9, "generic_token_share"] == 1.0 and g.loc[9, "generic_min_label_fraction"] == 1.0
+    assert not g.loc[5, "generic"]
+    assert set(g.index[g["generic"]]) == {9}
+    # the same dominant token confined to one label is topical, not generic
+    only1 = np.where((src.labels == 1) & (src.positions == 0), 7, 401)
+    top = np.full((2, 4), 7)
+    g2 = generic_latents(top, only1, src.doc_ids, src.labels, 3)
+    assert not g2["generic"].any() and (g2["generic_min_label_fraction"] == 0).all()
+    with pytest.raises(ValueError, match="token_share"):
+        generic_latents(top, only1, src.doc_ids, src.labels, 3, token_share=0)
+    # frequent in two labels, rare (2 of 80 documents) in the third: still topical
+    rare = only1.copy()
+    rare[(src.labels == 0) & (src.positions == 0)] = 7
+    rare[(src.labels == 2) & (src.positions == 0) & (src.doc_ids < 12)] = 7
+    g3 = generic_latents(top, rare, src.doc_ids, src.labels, 3)
+    assert not g3["generic"].any() and g3.loc[0, "generic_min_label_fraction"] == 4 / 80
+
+
+def test_sparse_probe_finds_planted_latent_and_random_is_near_chance():
+    src, sae, doc_label, x = _planted()
+    scan = scan_latents(sae, src, n_top=4, doc_threshold=0.0)
+    docs = np.arange(doc_label.size)
+    F = doc_latent_matrix(scan.doc_pairs, scan.doc_max, docs, sae.d_sae)
+    with torch.no_grad():
+        z = sae.encode(torch.from_numpy(x.astype(np.float32))).numpy()
+    exact = np.stack([z[src.doc_ids == i].max(0) for i in docs])
+    np.testing.assert_allclose(F.toarray(), exact, rtol=1e-5, atol=1e-6)
+    assert F[:, 9].min() > 2.0
+    train = np.random.default_rng(1).random(docs.size) < 0.6
+    dense = np.stack([x[src.doc_ids == i].mean(0) for i in docs])
+    t = sparse_probe(F, doc_label, train, ["topic0", "topic1", "topic2"], ks=(1, 5), dense=dense)
+    one = t[(t.label == "topic1") & (t.method == "sae") & (t.k == 1)].iloc[0]
+    assert one.latents == [5] and one.accuracy > 0.97 and one.f1 > 0.95
+    rnd = t[(t.label == "topic1") & (t.method == "random")]
+    assert len(rnd) == 2 and (rnd.balanced_accuracy < 0.7).all()
+    assert 5 not in rnd.latents.iloc[0]
+    assert set(t.label) == {"topic0", "topic1", "topic2"}
+    d1 = t[(t.label == "topic1") & (t.method == "dense")].iloc[0]
+    assert d1.k == x.shape[1] and d1.accuracy > 0.9
+    assert (t.n_test == int((~train).sum())).all()
+    with pytest.raises(ValueError, match="doc_labels"):
+        sparse_probe(F, doc_label[:-1], train, ["a", "b", "c"])
+
+
+def test_doc_latent_matrix_rows_follow_doc_ids_and_drop_other_documents():
+    pairs = np.array([[3, 0], [3, 2], [7, 2], [9, 1]])
+    F = doc_latent_matrix(pairs, np.array([1.0, 2.0, 3.0, 4.0]), np.array([3, 7]), 3).toarray()
+    np.testing.assert_array_equal(F, [[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
