@@ -200,6 +200,8 @@ def table(key: str, rows: Sequence[Mapping[str, Any]] | Any, description: str) -
 
         df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
         records = json.loads(df.to_json(orient="records"))
+        # a missing, None or NaN value shows as "-", as in the HTML report
+        records = [{k: "-" if v is None else v for k, v in r.items()} for r in records]
         create_table_artifact(table=records, key=artifact_key(key), description=description)
     except Exception as e:
         run_logger().warning("table artifact %s not created: %s", key, e)

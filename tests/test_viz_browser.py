@@ -136,7 +136,7 @@ def test_index_lists_every_latent_and_filters(hostile_run, browser):
         "document.querySelector('[data-k=q]').click();"
         "return Array.from(document.querySelectorAll('#rows > .r')).map(r=>r.children[2].textContent);})()"
     )
-    qs = [float(v) for v in order if v != "–"]
+    qs = [float(v) for v in order if v != "-"]
     assert qs == sorted(qs) and len(qs) >= 39
 
 

@@ -137,3 +137,42 @@ def test_markdown_summary_and_tables(analysis_dir):
 
     for b64 in pngs:
         assert Image.open(io.BytesIO(base64.b64decode(b64))).width <= 200
+
+
+class _Cells(html.parser.HTMLParser):
+    """The text of every table row: ``[[cell, ...], ...]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[list[str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th") and self.rows:
+            self.rows[-1].append("")
+
+    def handle_data(self, data):
+        if self.rows and self.rows[-1]:
+            self.rows[-1][-1] += data
+
+
+def test_missing_metrics_show_a_dash(demo_store, analysis_dir, tmp_path):
+    """With the reconstruction metrics off, cos_sim, norm_ratio and EV are missing: the HTML
+    report and the markdown summary show "-", never 0."""
+    _, sae_dir = analysis_dir
+    out = str(tmp_path / "analysis")
+    run_analysis(
+        sae_dir, demo_store, out,
+        {"reducer": "pca", "n_top": 6, "n_bands": 0, "metrics": False, "enrichment": False},
+    )  # fmt: skip
+    uri = build_report(str(tmp_path / "report"), analysis=out)
+    cells = _Cells()
+    cells.feed(storage.read_bytes(uri).decode())
+    shown = {r[0].strip(): r[1].strip() for r in cells.rows if len(r) == 2}
+    for name in ("cos_sim", "norm_ratio", "explained_variance", "fvu"):
+        assert shown[name] == "-", (name, shown[name])
+    assert float(shown["l0"]) > 0  # present metrics keep their values
+    md = markdown_summary(out)
+    for name in ("cos_sim", "norm_ratio", "explained_variance"):
+        assert f"| {name.replace('_', chr(92) + '_')} | - |" in md, name

@@ -106,9 +106,11 @@ class LatentStats:
         )
 
     def summary(self) -> dict[str, float]:
-        """Scalar metrics: L0, EV, FVU, dead/dense fractions, cosine and norm ratio."""
+        """Scalar metrics: L0, EV, FVU, dead/dense fractions, cosine and norm ratio (the
+        reconstruction terms NaN when only latents were counted)."""
         dens = self.density
         ev = self.explained_variance
+        recon = self.sum_x is not None and self.n_tokens > 0
         return {
             "n_tokens": int(self.n_tokens),
             "l0": self.l0,
@@ -117,8 +119,9 @@ class LatentStats:
             "dead_frac": float((self.fire_count == 0).mean()),
             "dense_frac": float((dens > DENSE_THRESHOLD).mean()),
             "dense_frac_001": float((dens > DENSE_THRESHOLD_LOOSE).mean()),
-            "cos_sim": self.cos_sum / max(1, self.n_tokens),
-            "norm_ratio": self.norm_ratio_sum / max(1, self.n_tokens),
+            # NaN (shown as "-") when no reconstruction was accumulated
+            "cos_sim": self.cos_sum / self.n_tokens if recon else float("nan"),
+            "norm_ratio": self.norm_ratio_sum / self.n_tokens if recon else float("nan"),
         }
 
     def log10_density_hist(

@@ -156,12 +156,16 @@ def _csp(script: str | None) -> str:
     )
 
 
+MISSING = "-"
+"""How every page and table shows a missing, None or NaN value."""
+
+
 def _fmt(v: Any, spec: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
+        return MISSING
     try:
         if pd.isna(v):
-            return "–"
+            return MISSING
     except (TypeError, ValueError):
         pass
     return format(v, spec)

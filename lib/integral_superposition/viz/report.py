@@ -38,6 +38,7 @@ from integral_superposition.viz.figures import figure_bytes, png_data_uri
 from integral_superposition.viz.panels import (
     CSS,
     MAX_TOKEN_CHARS,
+    MISSING,
     _csp,
     display_token,
     esc,
@@ -161,7 +162,7 @@ def _table_html(df: pd.DataFrame, caption: str = "", max_rows: int = 200) -> str
     )
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
     html_table = shown.to_html(
-        index=False, escape=True, border=0, na_rep="–", float_format=lambda v: f"{v:.4g}"
+        index=False, escape=True, border=0, na_rep=MISSING, float_format=lambda v: f"{v:.4g}"
     )
     return (
         html_table.replace('<table class="dataframe">', f'<table class="dataframe">{cap}', 1) + more
@@ -183,8 +184,10 @@ def markdown_table(df: pd.DataFrame, max_rows: int = 20) -> str:
 
     def cell(v: Any) -> str:
         if isinstance(v, float | np.floating):
-            return "–" if not np.isfinite(v) else f"{v:.4g}"
-        return _md_escape("–" if v is None else display_token(str(v)) if isinstance(v, str) else v)
+            return MISSING if not np.isfinite(v) else f"{v:.4g}"
+        if v is None or (np.isscalar(v) and pd.isna(v)):
+            return MISSING
+        return _md_escape(display_token(str(v)) if isinstance(v, str) else v)
 
     head = "| " + " | ".join(_md_escape(c) for c in shown.columns) + " |"
     sep = "| " + " | ".join("---" for _ in shown.columns) + " |"
@@ -313,7 +316,7 @@ def analysis_sections(
             latent = f'<a href="{esc(href)}">L{int(r.latent)}</a>' if href else f"L{int(r.latent)}"
             rows.append(
                 f"<tr><td>{esc(r.label)}</td><td>{latent}</td><td class=n>{r.q:.2e}</td><td class=n>{r.log_odds:.2f}</td>"
-                f"<td class=n>{r.frac_in_set:.2f}</td><td class=n>{'–' if pd.isna(r.auroc) else f'{r.auroc:.3f}'}</td>"
+                f"<td class=n>{r.frac_in_set:.2f}</td><td class=n>{MISSING if pd.isna(r.auroc) else f'{r.auroc:.3f}'}</td>"
                 f"<td class=n>{r.density:.2e}</td><td class=tok>{esc_cut(display_token(str(r.top_tokens)), 4 * MAX_TOKEN_CHARS)}</td></tr>"
             )
         head = "<tr><th>label</th><th>latent</th><th>q</th><th>log odds</th><th>in top set</th><th>AUROC</th><th>density</th><th>top tokens</th></tr>"
