@@ -23,7 +23,8 @@ def analyze_sae(
 ) -> OutputRef:
     """Analyse ``sae`` on ``store`` into ``{run}/{out}/{sae.name}``; ``model`` adds the logit
     lens. Cached on the SAE's and the store's content hashes and ``params``."""
-    from integral_superposition.analysis.run import load_analysis, run_analysis
+    from integral_superposition.analysis.result import load_analysis
+    from integral_superposition.analysis.run import run_analysis
     from integral_superposition.viz.report import summary_tables
 
     out_uri = loc.uri(out, sae.name)

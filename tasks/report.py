@@ -98,7 +98,7 @@ def _write_summary_table(
 ) -> str | None:
     """The enrichment tables of every analysis, one ``sae`` column added, as CSV + Parquet."""
     import pandas as pd
-    from integral_superposition.analysis.run import load_analysis
+    from integral_superposition.analysis.result import load_analysis
 
     frames = []
     for a in analyses:

@@ -7,7 +7,9 @@ and the CLI help.
 from __future__ import annotations
 
 import itertools
+import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -228,6 +230,12 @@ def check_run_path(value: Any, field: str) -> str:
             "such as 'acts' or 'outputs/acts' (outputs never leave {storage}/{name}/{run})"
         )
     return text.rstrip("/")
+
+
+def cache_root() -> Path:
+    """The local cache of converted and generated models: ``$ISUP_CACHE``, by default
+    ``~/.cache/integral_superposition``."""
+    return Path(os.environ.get("ISUP_CACHE", Path.home() / ".cache" / "integral_superposition"))
 
 
 class Paths(_Config):

@@ -14,12 +14,8 @@ from integral_superposition.analysis.enrichment import (
     document_enrichment,
     fisher_enrichment,
 )
-from integral_superposition.analysis.run import (
-    AnalysisParams,
-    AnalysisResult,
-    load_analysis,
-    run_analysis,
-)
+from integral_superposition.analysis.result import AnalysisResult, load_analysis
+from integral_superposition.analysis.run import AnalysisParams, run_analysis
 from integral_superposition.analysis.scan import LatentScan, TopKSets, scan_latents
 from integral_superposition.analysis.top_tokens import topk_sets_per_latent
 

@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from integral_superposition.config import cache_root
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -51,10 +53,6 @@ class ModelSource:
     model_id: str
     gguf_file: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ISUP_CACHE", Path.home() / ".cache" / "integral_superposition"))
 
 
 def embedded_gguf_path(name: str) -> ModelSource:

@@ -165,7 +165,7 @@ def tiny_model_dir(
     """Build (once) and return the directory of a tiny random model of ``family``."""
     if family not in FAMILIES:
         raise ValueError(f"family={family!r}: expected one of {FAMILIES}")
-    from integral_superposition.backends.sources import cache_root
+    from integral_superposition.config import cache_root
 
     key = hashlib.sha256(
         json.dumps([_VERSION, family, d_model, n_layers, vocab, seed]).encode()

@@ -226,7 +226,7 @@ def _relative_link(from_dir: str, target: str) -> str:
 
 # -- sections from published outputs -----------------------------------------------------------
 def _as_analysis(analysis: Any, storage_options):
-    from integral_superposition.analysis.run import AnalysisResult, load_analysis
+    from integral_superposition.analysis.result import AnalysisResult, load_analysis
 
     if analysis is None or isinstance(analysis, AnalysisResult):
         return analysis
