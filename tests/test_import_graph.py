@@ -5,10 +5,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import integral_superposition
 import networkx as nx
 import pytest
-
-import integral_superposition
 from integral_superposition.module_graph import closure, import_graph, package_modules
 
 LIB = Path(integral_superposition.__file__).resolve().parent
@@ -80,5 +79,5 @@ def test_cycle_through_a_deferred_import_is_found(tmp_path):
 
 
 def test_closure_of_an_unknown_module_names_it():
-    with pytest.raises(KeyError, match="pkg.nope"):
+    with pytest.raises(KeyError, match=r"pkg\.nope"):
         closure({"pkg.a": set()}, ["pkg.nope"])
