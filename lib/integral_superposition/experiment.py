@@ -102,7 +102,10 @@ class DataSpec(_Section):
     source: str = "demo:4000"
     """``demo`` / ``demo:N`` (the built-in synthetic headlines), a CSV/TSV/Parquet/JSONL path or URI, ``kaggle:owner/name`` or ``hf:name``."""
     text_col: str = "title"
-    """Column holding the texts."""
+    """Column holding the texts (built from ``text`` when that is set)."""
+    text: str | list[str] | None = None
+    """Build the texts from other columns: a template such as ``"{title}. {description}"`` or
+    a list of columns joined with a space (None: ``text_col`` as it is)."""
     label_col: str | None = "topic"
     """Column holding the labels (None: an unlabelled dataset; enrichment is then skipped)."""
     filename: str | None = None
@@ -130,6 +133,15 @@ class DataSpec(_Section):
                 )
         return v
 
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v is not None:
+            from integral_superposition.data.datasets import text_columns
+
+            text_columns(v)
+        return v
+
     def is_file(self) -> bool:
         """True when ``source`` names a file (a local path or a URI) rather than a dataset id."""
         s = self.source
@@ -146,6 +158,8 @@ class DataSpec(_Section):
             "seed": self.seed,
             "max_rows": self.max_rows,
         }
+        if self.text is not None:
+            kwargs["text"] = self.text
         if self.is_file():
             kwargs["storage_options"] = dict(storage_options or {})
         return load_dataset_auto(

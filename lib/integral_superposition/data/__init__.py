@@ -2,6 +2,7 @@
 
 from integral_superposition.data.datasets import (
     balance_labels,
+    compose_text,
     dataset_fingerprint,
     encode_labels,
     label_mapping,
@@ -18,6 +19,7 @@ from integral_superposition.data.tokenize import pad_batch, tokenize_texts
 
 __all__ = [
     "balance_labels",
+    "compose_text",
     "dataset_fingerprint",
     "demo_corpus",
     "encode_labels",

@@ -14,6 +14,7 @@ import hashlib
 import io
 import lzma
 import os
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,79 @@ _TEXT_SUFFIXES = {
     ".json": "jsonl",
     ".ndjson": "jsonl",
 }
+
+
+TextSpec = str | Sequence[str]
+"""A text template over columns (``"{title}. {description}"``) or a list of columns joined."""
+
+TEXT_JOIN = " "
+"""Separator of the columns of a list ``text`` spec."""
+
+
+def text_columns(text: TextSpec) -> list[str]:
+    """The columns a ``text`` spec reads: the fields of a template or the listed columns.
+
+    Raises ``ValueError``/``TypeError`` naming the spec for an unusable one (no fields,
+    positional or malformed fields, an empty list, non-string entries).
+    """
+    if isinstance(text, str):
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"text={text!r}: not a valid template ({e})") from None
+        bad = [f for f in fields if not f or f.isdigit() or any(c in f for c in ".[!:")]
+        if bad:
+            raise ValueError(
+                f"text={text!r}: field {{{bad[0]}}} is not a column name; expected named "
+                "fields such as '{title}. {description}' (no positions, conversions or formats)"
+            )
+        if not fields:
+            raise ValueError(
+                f"text={text!r}: the template names no column; expected e.g. '{{title}}. {{description}}'"
+            )
+        return list(dict.fromkeys(fields))
+    if isinstance(text, Sequence) and not isinstance(text, bytes):
+        cols = list(text)
+        if not cols:
+            raise ValueError("text=[]: expected a template string or a non-empty list of columns")
+        if not all(isinstance(c, str) and c for c in cols):
+            raise TypeError(f"text={cols!r}: expected column names (non-empty strings)")
+        return list(dict.fromkeys(cols))
+    raise TypeError(
+        f"text={text!r}: expected a template string such as '{{title}}. {{description}}' "
+        "or a list of column names"
+    )
+
+
+def compose_text(df: pd.DataFrame, text: TextSpec, text_col: str) -> pd.DataFrame:
+    """A copy of ``df`` whose ``text_col`` (created or replaced) is built from other columns.
+
+    ``text``: a template over columns (``"{title}. {description}"``; a missing cell counts as
+    empty) or a list of columns joined with a space (missing or empty cells skipped). A
+    referenced column that does not exist raises ``ValueError`` naming it and the available
+    columns. Rows whose composed text is empty are left for :func:`validate_frame` to report.
+    """
+    cols = text_columns(text)
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"text={text!r}: no column {missing[0]!r}; available columns: {list(map(str, df.columns))}"
+        )
+    parts = {
+        c: df[c].map(lambda v: "" if v is None or (np.isscalar(v) and pd.isna(v)) else str(v))
+        for c in cols
+    }
+    if isinstance(text, str):
+        rows = [dict(zip(cols, vals, strict=True)) for vals in zip(*parts.values(), strict=True)]
+        composed = [text.format_map(r) for r in rows]
+    else:
+        composed = [
+            TEXT_JOIN.join(v.strip() for v in vals if v.strip())
+            for vals in zip(*(parts[c] for c in cols), strict=True)
+        ]
+    out = df.copy()
+    out[text_col] = pd.Series(composed, index=df.index, dtype=object)
+    return out
 
 
 def validate_frame(df: Any, text_col: str, label_col: str | None) -> pd.DataFrame:
@@ -264,7 +338,10 @@ def _finish(
     balance: bool,
     seed: int,
     max_rows: int | None,
+    text: TextSpec | None = None,
 ) -> pd.DataFrame:
+    if text is not None:
+        df = compose_text(df, text, text_col)
     validate_frame(df, text_col, label_col)
     if balance:
         if label_col is None:
@@ -287,16 +364,20 @@ def load_titles_csv(
     seed: int = 0,
     max_rows: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    text: TextSpec | None = None,
 ) -> pd.DataFrame:
     """Load a labelled table (CSV/TSV with sniffed separator, Parquet or JSONL) from any URI.
 
     Rows keep their order; labels stay multi-class strings. ``balance=True`` down-samples
-    every label to the rarest one's count. Returns a validated DataFrame.
+    every label to the rarest one's count. ``text`` (optional) builds the ``text_col`` column
+    from others: a template such as ``"{title}. {description}"`` or a list of columns joined
+    with a space (:func:`compose_text`). Returns a validated DataFrame.
     """
+    sources = [text_col] if text is None else text_columns(text)
     df = read_table(
-        path, storage_options, sep=sep, columns=[text_col, label_col], text_columns=[text_col]
+        path, storage_options, sep=sep, columns=[*sources, label_col], text_columns=sources
     )
-    return _finish(df, text_col, label_col, balance, seed, max_rows)
+    return _finish(df, text_col, label_col, balance, seed, max_rows, text)
 
 
 def load_hf_dataset(
@@ -309,11 +390,15 @@ def load_hf_dataset(
     balance: bool = False,
     seed: int = 0,
     max_rows: int | None = None,
+    text: TextSpec | None = None,
 ) -> pd.DataFrame:
     """Load a HuggingFace dataset by name (needs the ``hf`` extra and a reachable hub or cache).
 
-    Integer class labels are mapped to their names when the dataset declares them.
+    Integer class labels are mapped to their names when the dataset declares them. ``text``
+    builds ``text_col`` from other columns, as in :func:`load_titles_csv`.
     """
+    if text is not None:
+        text_columns(text)
     try:
         import datasets
     except ImportError as e:
@@ -330,7 +415,7 @@ def load_hf_dataset(
     feature = ds.features.get(label_col) if label_col else None
     if feature is not None and hasattr(feature, "names"):
         df[label_col] = np.asarray(feature.names, dtype=object)[df[label_col].to_numpy()]
-    return _finish(df, text_col, label_col, balance, seed, max_rows)
+    return _finish(df, text_col, label_col, balance, seed, max_rows, text)
 
 
 def _pick_table(root: str, dataset_id: str) -> str:
@@ -357,9 +442,13 @@ def load_kaggle_dataset(
     balance: bool = False,
     seed: int = 0,
     max_rows: int | None = None,
+    text: TextSpec | None = None,
 ) -> pd.DataFrame:
     """Download a Kaggle dataset with kagglehub (``kaggle`` extra) and load ``filename`` from it
-    (default: its only table file). Needs network access and Kaggle credentials."""
+    (default: its only table file). Needs network access and Kaggle credentials. ``text``
+    builds ``text_col`` from other columns, as in :func:`load_titles_csv`."""
+    if text is not None:
+        text_columns(text)
     if not isinstance(dataset_id, str) or dataset_id.count("/") != 1:
         raise ValueError(f"dataset_id={dataset_id!r}: expected 'owner/dataset-name'")
     try:
@@ -383,6 +472,7 @@ def load_kaggle_dataset(
         balance=balance,
         seed=seed,
         max_rows=max_rows,
+        text=text,
     )
 
 
@@ -414,7 +504,8 @@ def load_dataset_auto(
     - ``"hf:name"``: a HuggingFace dataset;
     - a bare ``"owner/name"``: Kaggle (as the original notebook), then the HF hub.
 
-    ``kwargs`` go to the loader (``balance``, ``seed``, ``max_rows``, ``split`` for HF, ...).
+    ``kwargs`` go to the loader (``balance``, ``seed``, ``max_rows``, ``text``, ``split`` for
+    HF, ...).
     """
     if not isinstance(source, str) or not source.strip():
         raise ValueError(f"source={source!r}: expected 'demo', a file path/URI or a dataset id")
@@ -428,7 +519,8 @@ def load_dataset_auto(
             df = demo_corpus(int(arg), seed=kwargs.get("seed", 0))
         except ValueError as e:
             raise ValueError(f"source={source!r}: {e}") from None
-        renames = {"title": text_col}
+        text = kwargs.get("text")
+        renames = {} if text is not None else {"title": text_col}
         if label_col is not None:
             renames["topic"] = label_col
         return _finish(
@@ -438,6 +530,7 @@ def load_dataset_auto(
             kwargs.get("balance", False),
             kwargs.get("seed", 0),
             kwargs.get("max_rows"),
+            text,
         )
     if source.startswith("kaggle:"):
         return load_kaggle_dataset(source[7:], filename, text_col, label_col, **kwargs)
