@@ -129,8 +129,41 @@ class AnalysisParams(BaseModel):
     """Encoder matmul precision of the scan: ``bfloat16`` is several times faster on CPUs with
     AVX512-BF16/AMX and on GPUs (near-equal activations can swap ranks) and many times slower
     on other CPUs; ``auto`` picks bf16 only where it is native."""
+    dead_min_tokens: int = Field(100_000, ge=1)
+    """A latent is dead when it never fires on at least this many tokens (all of the store's
+    when it has fewer): when the analysed split is smaller, rows from the rest of the store
+    are added to the count."""
     seed: int = 0
     """Seed of the reservoir sampling, the firing sample and the 2-D map."""
+
+
+# -- dead latents ------------------------------------------------------------------------------
+def dead_count(
+    sae,
+    store,
+    mask: np.ndarray | None,
+    fire_count: np.ndarray,
+    min_tokens: int,
+    **scan_kw: Any,
+) -> tuple[np.ndarray, int]:
+    """Firing counts ``int64[K]`` over at least ``min_tokens`` tokens (all of the store's
+    when it has fewer), and how many tokens they cover.
+
+    ``fire_count`` comes from a scan of the ``mask`` rows (None: the whole store). When those
+    are fewer than the target, rows outside the mask, evenly spaced over the store, are
+    scanned too (``scan_kw`` go to ``scan_latents``)."""
+    n_scanned = store.n_tokens if mask is None else int(mask.sum())
+    target = min(int(min_tokens), store.n_tokens)
+    fires = np.asarray(fire_count, dtype=np.int64)
+    if mask is None or n_scanned >= target:
+        return fires, n_scanned
+    rest = np.flatnonzero(~mask)
+    need = target - n_scanned
+    pick = rest[np.unique(np.linspace(0, rest.size - 1, need).round().astype(np.int64))]
+    extra = np.zeros(store.n_tokens, dtype=bool)
+    extra[pick] = True
+    more = scan_latents(sae, store, n_top=1, stats=False, mask=extra, **scan_kw)
+    return fires + np.asarray(more.top.fire_count, dtype=np.int64), n_scanned + int(pick.size)
 
 
 # -- labels ------------------------------------------------------------------------------------
@@ -413,13 +446,21 @@ def _run(
 
     stats = stats_from_scan(scan)
     table = latent_table(stats, sae.W_dec)
+    fires, dead_tokens = dead_count(
+        sae, store, mask, top.fire_count, p.dead_min_tokens,
+        chunk_tokens=chunk, device=p.device, encode_dtype=p.encode_dtype,
+    )  # fmt: skip
+    table["dead"] = fires == 0
+    metrics = stats.summary()
+    metrics["dead_frac"] = float(table["dead"].mean())
     summary: dict[str, Any] = {
         "n_latents": K,
         "n_tokens": int(top.n_tokens),
         "split": p.split,
-        "metrics": stats.summary(),
+        "metrics": metrics,
         "l0": l0_distribution(scan.l0_counts),
         "n_dead": int(table["dead"].sum()),
+        "dead_tokens": dead_tokens,
         "dead_latents": table.loc[table["dead"], "latent"].tolist(),
         "labels": label_names,
         "tokenizer": None if tokenizer is None else type(tokenizer).__name__,
@@ -644,7 +685,9 @@ def _run(
         },
         model=store.model_info,
         summary={
-            k: summary[k] for k in ("n_latents", "n_tokens", "n_dead", "metrics") if k in summary
+            k: summary[k]
+            for k in ("n_latents", "n_tokens", "n_dead", "dead_tokens", "metrics")
+            if k in summary
         },
     )
     return manifest

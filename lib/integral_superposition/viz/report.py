@@ -245,6 +245,7 @@ def summary_tables(
         {
             "latents": s.get("n_latents"),
             "dead latents": s.get("n_dead"),
+            "tokens for the dead count": s.get("dead_tokens"),
             "latents enriched (q<alpha)": s.get("n_significant_latents"),
             "median L0": (s.get("l0") or {}).get("median"),
             "tokens analysed": s.get("n_tokens"),
