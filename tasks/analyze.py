@@ -5,12 +5,24 @@ from __future__ import annotations
 from integral_superposition.analysis.run import AnalysisParams
 from integral_superposition.tasks.backends import run_sae_step
 from integral_superposition.tasks.dump import TASK_DEFAULTS
+from integral_superposition.tasks.policy import output_cache
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.ui import event, table
 from prefect import task
 
 
-@task(name="analyze-sae", **TASK_DEFAULTS)
+@task(
+    name="analyze-sae",
+    **{
+        **TASK_DEFAULTS,
+        "cache_policy": output_cache(
+            "integral_superposition.analysis.run",
+            "integral_superposition.analysis.result",
+            "integral_superposition.viz.report",
+            "integral_superposition.backends",
+        ),
+    },
+)
 def analyze_sae(
     sae: OutputRef,
     store: OutputRef,

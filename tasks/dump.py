@@ -10,7 +10,13 @@ from integral_superposition import storage
 from integral_superposition.config import DumpConfig
 from integral_superposition.experiment import DataSpec
 from integral_superposition.tasks.backends import using_backend
-from integral_superposition.tasks.policy import OUTPUT_CACHE, gpu_slot, retry_transient
+from integral_superposition.tasks.policy import (
+    DUMP_MODULES,
+    OUTPUT_CACHE,
+    gpu_slot,
+    output_cache,
+    retry_transient,
+)
 from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.ui import Progress, event, library_logs, timed_step
 from prefect import task
@@ -25,14 +31,18 @@ TASK_DEFAULTS: dict[str, Any] = {
     "retry_condition_fn": retry_transient,
     "tags": ["isup"],
 }
-"""Options every step task starts from (the flow overrides retries and result storage)."""
+"""Options every step task starts from (the flow overrides retries and result storage); each
+step replaces ``cache_policy`` by one keyed on the library modules it runs."""
 
 
 def partition_name(index: int, count: int) -> str:
     return f"part-{index:03d}-of-{count:03d}"
 
 
-@task(name="resolve-dataset", **TASK_DEFAULTS)
+@task(
+    name="resolve-dataset",
+    **{**TASK_DEFAULTS, "cache_policy": output_cache("integral_superposition.data")},
+)
 def resolve_dataset(spec: DataSpec, stamp: str, loc: RunLocation) -> DataRef:
     """Load the dataset once to fingerprint it. Cached on the spec and the source's
     ``stamp`` (size and mtime or ETag), so an unchanged file is not read again."""
@@ -49,7 +59,7 @@ def resolve_dataset(spec: DataSpec, stamp: str, loc: RunLocation) -> DataRef:
     )
 
 
-@task(name="dump-activations", **TASK_DEFAULTS)
+@task(name="dump-activations", **{**TASK_DEFAULTS, "cache_policy": output_cache(*DUMP_MODULES)})
 def dump_activations(
     data: DataRef,
     model: ModelRef,
@@ -118,7 +128,10 @@ def _copy_output(src: str, dst: str, storage_options: Any) -> None:
     storage.write_json(storage.join(dst, storage.MANIFEST_NAME), manifest, storage_options)
 
 
-@task(name="combine-partitions", **TASK_DEFAULTS)
+@task(
+    name="combine-partitions",
+    **{**TASK_DEFAULTS, "cache_policy": output_cache("integral_superposition.dump")},
+)
 def combine_partitions(parts: list[OutputRef], loc: RunLocation, out: str = "acts") -> OutputRef:
     """Publish one store over the partition dumps (their shards are referenced, not copied).
 

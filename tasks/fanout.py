@@ -17,7 +17,7 @@ from integral_superposition.config import DumpConfig
 from integral_superposition.experiment import ExperimentConfig, FanoutConfig
 from integral_superposition.lease import held_lease
 from integral_superposition.tasks.dump import TASK_DEFAULTS, combine_partitions, partition_name
-from integral_superposition.tasks.policy import OutputCache
+from integral_superposition.tasks.policy import DUMP_MODULES, OutputCache
 from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.ui import Progress, run_logger
 from prefect import task
@@ -35,7 +35,10 @@ class PartitionRunsFailed(RuntimeError):
     """Some partition runs did not complete."""
 
 
-@task(name="dump-partitions-remote", **{**TASK_DEFAULTS, "cache_policy": _FanoutCache()})
+@task(
+    name="dump-partitions-remote",
+    **{**TASK_DEFAULTS, "cache_policy": _FanoutCache(entry_points=DUMP_MODULES)},
+)
 def dump_partitions_remote(
     data: DataRef,
     model: ModelRef,

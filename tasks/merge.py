@@ -5,12 +5,21 @@ from __future__ import annotations
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.tasks.backends import run_sae_step
 from integral_superposition.tasks.dump import TASK_DEFAULTS
+from integral_superposition.tasks.policy import output_cache
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.ui import event, table
 from prefect import task
 
 
-@task(name="merge-sae", **TASK_DEFAULTS)
+@task(
+    name="merge-sae",
+    **{
+        **TASK_DEFAULTS,
+        "cache_policy": output_cache(
+            "integral_superposition.merge", "integral_superposition.backends"
+        ),
+    },
+)
 def merge_sae(
     sae: OutputRef,
     store: OutputRef,

@@ -1,7 +1,8 @@
 """How every task of the project caches, retries and shares GPUs.
 
-- :class:`OutputCache`: the cache key is the task's source, the package's code version
-  (version + hash of ``lib/``) and the task's inputs, where a published input counts by its
+- :class:`OutputCache`: the cache key is the task's source, the step's code version (the
+  package version + a hash of the library modules the step runs: the transitive imports of
+  its ``entry_points``, or all of ``lib/`` when it names none) and the task's inputs, where a published input counts by its
   content hash, the run location by its experiment root, and storage options not at all.
   A cached result is reused only while the outputs it names are still there with the same
   content (``storage.verify_output`` plus the manifest hash); otherwise the task reruns.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from integral_superposition.tasks.refs import RunLocation, collect_refs
-from integral_superposition.version import code_version
+from integral_superposition.version import code_version, step_modules
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel
@@ -60,18 +61,33 @@ def _storage_options(inputs: Mapping[str, Any]) -> dict[str, Any] | None:
 
 @dataclass
 class OutputCache(CachePolicy):
-    """Cache on content: inputs' content hashes, the config, the code version; verified."""
+    """Cache on content: inputs' content hashes, the config, the step's code version; verified.
+
+    ``entry_points``: the library modules the step runs (e.g. ``integral_superposition.dump``);
+    its key holds the hash of them and everything they import, so an edit elsewhere in the
+    library keeps it. Empty: the whole library counts."""
 
     exclude: list[str] = field(
         default_factory=lambda: ["storage_options", "gpu_limit", "show_progress"]
     )
+    entry_points: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.entry_points, str):
+            raise TypeError(f"entry_points={self.entry_points!r}: expected a tuple of module names")
+        self.entry_points = tuple(self.entry_points)
+        step_modules(*self.entry_points)  # a misspelt module fails here, at import
+
+    def code_version(self) -> str:
+        """The version of the code this step runs (see :func:`version.code_version`)."""
+        return code_version(*self.entry_points)
 
     def base_key(self, task_ctx, inputs: Mapping[str, Any], flow_parameters) -> str:
         source = TASK_SOURCE.compute_key(task_ctx, dict(inputs), flow_parameters)
         payload = {
             "task": task_ctx.task.name,
             "source": source,
-            "code_version": code_version(),
+            "code_version": self.code_version(),
             "inputs": {k: _stable(v) for k, v in sorted(inputs.items()) if k not in self.exclude},
         }
         key = hash_objects(payload, raise_on_failure=True)
@@ -107,6 +123,19 @@ class OutputCache(CachePolicy):
 
 
 OUTPUT_CACHE = OutputCache()
+"""The policy of a step that names no entry points: every library edit invalidates it."""
+
+DUMP_MODULES = (
+    "integral_superposition.dump",
+    "integral_superposition.backends",
+    "integral_superposition.data",
+)
+"""What a dump runs: the store writer, the model backends, the dataset loaders."""
+
+
+def output_cache(*entry_points: str) -> OutputCache:
+    """:class:`OutputCache` keyed on the code of ``entry_points`` and what they import."""
+    return OutputCache(entry_points=entry_points)
 
 
 # -- retries -----------------------------------------------------------------------------------

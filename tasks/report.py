@@ -11,6 +11,7 @@ from typing import Any
 from integral_superposition import storage
 from integral_superposition.experiment import ReportOptions
 from integral_superposition.tasks.dump import TASK_DEFAULTS
+from integral_superposition.tasks.policy import output_cache
 from integral_superposition.tasks.refs import OutputRef, RunLocation
 from integral_superposition.tasks.ui import (
     browser_url,
@@ -159,7 +160,17 @@ def check_same_activations(
             )
 
 
-@task(name="build-report", **TASK_DEFAULTS)
+@task(
+    name="build-report",
+    **{
+        **TASK_DEFAULTS,
+        "cache_policy": output_cache(
+            "integral_superposition.viz.report",
+            "integral_superposition.analysis.result",
+            "integral_superposition.steering.evaluate",
+        ),
+    },
+)
 def build_experiment_report(
     config: dict[str, Any],
     saes: list[OutputRef],

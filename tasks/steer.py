@@ -10,12 +10,21 @@ from typing import Any
 from integral_superposition.steering.evaluate import SteeringParams
 from integral_superposition.tasks.backends import run_sae_step
 from integral_superposition.tasks.dump import TASK_DEFAULTS
+from integral_superposition.tasks.policy import output_cache
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.ui import event, table
 from prefect import task
 
 
-@task(name="steer-eval", **TASK_DEFAULTS)
+@task(
+    name="steer-eval",
+    **{
+        **TASK_DEFAULTS,
+        "cache_policy": output_cache(
+            "integral_superposition.steering", "integral_superposition.backends"
+        ),
+    },
+)
 def evaluate_steering(
     sae: OutputRef,
     store: OutputRef,

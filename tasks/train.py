@@ -7,7 +7,7 @@ import time
 from integral_superposition import storage
 from integral_superposition.experiment import SAEJob
 from integral_superposition.tasks.dump import TASK_DEFAULTS
-from integral_superposition.tasks.policy import gpu_slot
+from integral_superposition.tasks.policy import gpu_slot, output_cache
 from integral_superposition.tasks.refs import OutputRef, RunLocation
 from integral_superposition.tasks.ui import (
     Progress,
@@ -19,8 +19,9 @@ from integral_superposition.tasks.ui import (
     table,
     timed_step,
 )
-from integral_superposition.version import code_version
 from prefect import task
+
+TRAIN_CACHE = output_cache("integral_superposition.sae")
 
 
 def checkpoint_key(store: OutputRef, jobs: list[SAEJob]) -> str:
@@ -30,13 +31,13 @@ def checkpoint_key(store: OutputRef, jobs: list[SAEJob]) -> str:
         {
             "store": store.content_hash,
             "jobs": [j.model_dump(mode="json") for j in jobs],
-            "code": code_version(),
+            "code": TRAIN_CACHE.code_version(),
         }
     )
     return storage.sha256_bytes(ident.encode())[:16]
 
 
-@task(name="train-saes", **TASK_DEFAULTS)
+@task(name="train-saes", **{**TASK_DEFAULTS, "cache_policy": TRAIN_CACHE})
 def train_saes(
     store: OutputRef,
     jobs: list[SAEJob],

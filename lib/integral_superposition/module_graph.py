@@ -12,7 +12,6 @@ the given roots are nodes; third-party imports are dropped.
 from __future__ import annotations
 
 import ast
-import hashlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -97,14 +96,3 @@ def closure(graph: Mapping[str, set[str]], start: Iterable[str]) -> set[str]:
         seen.add(module)
         todo.extend(graph[module] - seen)
     return seen
-
-
-def modules_hash(files: Mapping[str, Path], modules: Iterable[str]) -> str:
-    """SHA-256 over ``modules``' names and sources, in sorted order."""
-    h = hashlib.sha256()
-    for module in sorted(set(modules)):
-        h.update(module.encode())
-        h.update(b"\0")
-        h.update(Path(files[module]).read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()

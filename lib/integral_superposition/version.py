@@ -1,31 +1,82 @@
-"""Package version and code version (version plus a hash of the library's source)."""
+"""Package version and code versions: the version plus a hash of the library's source, whole
+or of the modules one step runs."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+
+from integral_superposition.module_graph import closure, import_graph, package_modules
 
 try:
     __version__ = metadata.version("integral-superposition")
 except metadata.PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+source"
 
+LIBRARY = "integral_superposition"
+LIBRARY_ROOT = Path(__file__).resolve().parent
+
+read_source: Callable[[Path], bytes] = Path.read_bytes
+"""How the hashes read a module's source (one place, so a test can show an edit)."""
+
 
 @functools.cache
 def library_source_hash() -> str:
     """SHA-256 over the library's ``.py`` files (path and content), in sorted order."""
-    root = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode())
+    for path in sorted(LIBRARY_ROOT.rglob("*.py")):
+        h.update(path.relative_to(LIBRARY_ROOT).as_posix().encode())
         h.update(b"\0")
-        h.update(path.read_bytes())
+        h.update(read_source(path))
         h.update(b"\0")
     return h.hexdigest()
 
 
-def code_version() -> str:
-    """``"<version>+<first 12 hex of the library hash>"``: changes whenever ``lib/`` changes."""
-    return f"{__version__}+{library_source_hash()[:12]}"
+@functools.cache
+def library_graph() -> dict[str, set[str]]:
+    """The library's import graph (see :mod:`integral_superposition.module_graph`)."""
+    return import_graph({LIBRARY: LIBRARY_ROOT})
+
+
+def step_modules(*entry_points: str) -> set[str]:
+    """The library modules that ``entry_points`` (module names) import, transitively,
+    themselves included. Raises ValueError for a name that is not a library module."""
+    graph = library_graph()
+    unknown = [m for m in entry_points if m not in graph]
+    if unknown:
+        raise ValueError(
+            f"entry_points={unknown!r}: not modules of {LIBRARY}; expected names such as "
+            f"'{LIBRARY}.dump' or '{LIBRARY}.sae.train'"
+        )
+    return closure(graph, entry_points)
+
+
+@functools.cache
+def _modules_hash(modules: frozenset[str]) -> str:
+    files = package_modules(LIBRARY, LIBRARY_ROOT)
+    h = hashlib.sha256()
+    for module in sorted(modules):
+        h.update(module.encode())
+        h.update(b"\0")
+        h.update(read_source(files[module]))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def code_version(*entry_points: str) -> str:
+    """``"<version>+<12 hex>"``. Without arguments the hash covers every file of ``lib/``;
+    with ``entry_points`` (library module names) it covers only the modules they import,
+    transitively (:func:`step_modules`), so an edit elsewhere leaves it unchanged."""
+    if not entry_points:
+        return f"{__version__}+{library_source_hash()[:12]}"
+    return f"{__version__}+{_modules_hash(frozenset(step_modules(*entry_points)))[:12]}"
+
+
+def clear_caches() -> None:
+    """Forget the hashes and the graph read so far (after the source changed in-process)."""
+    library_source_hash.cache_clear()
+    library_graph.cache_clear()
+    _modules_hash.cache_clear()
