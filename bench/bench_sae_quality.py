@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from common import OUT, ag_news_store, gemma, machine, peak_rss_mb
 from integral_superposition import SAEConfig
+from integral_superposition.config import dead_window
 from integral_superposition.sae import evaluate_sae, load_sae
 from integral_superposition.sae.train import geometric_median, train_saes
 
@@ -117,7 +118,7 @@ def train_saelens(
         lr_warm_up_steps=cfg.lr_warmup_steps,
         lr_decay_steps=round(cfg.lr_decay_frac * total),
         device="cpu",
-        dead_feature_window=max(1, cfg.dead_tokens // cfg.batch_size),
+        dead_feature_window=max(1, dead_window(cfg, total) // cfg.batch_size),
         n_batches_for_norm_estimate=n_norm,
     )
     # the norm estimate reads n_norm batches first (the start of the stream again)

@@ -768,6 +768,11 @@ def _run(
     total = source.total
     for t in trainees:
         t.dead_tokens = dead_window(t.cfg, total)
+        log.info(
+            "dead-latent window: %d tokens (%s)",
+            t.dead_tokens,
+            "set by dead_tokens" if t.cfg.dead_tokens is not None else "automatic: scaled to the run",
+        )
     start = 0
     wrote_ckpt = False
     state = ckpt.read() if (ckpt is not None and resume) else None
