@@ -771,7 +771,9 @@ def _run(
         log.info(
             "dead-latent window: %d tokens (%s)",
             t.dead_tokens,
-            "set by dead_tokens" if t.cfg.dead_tokens is not None else "automatic: scaled to the run",
+            "set by dead_tokens"
+            if t.cfg.dead_tokens is not None
+            else "automatic: scaled to the run",
         )
     start = 0
     wrote_ckpt = False
