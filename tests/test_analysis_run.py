@@ -53,6 +53,15 @@ def test_run_analysis_publishes_everything(demo_store, sae_dir, tiny_backend, tm
     assert (ex.groupby("latent").size() <= 8 + 2 * 2).all() and 7 not in set(ex["latent"])
     assert a.summary["metrics"]["n_tokens"] == demo_store.n_tokens
     assert a.figure("latent_map")[:8] == b"\x89PNG\r\n\x1a\n"
+    probe = a.table("probe")
+    assert "tables/probe.parquet" in files and set(probe["method"]) == {"sae", "random", "dense"}
+    assert set(probe.loc[probe.method == "sae", "k"]) == {1, 2, 5, 10, 20}
+    assert probe["accuracy"].between(0, 1).all() and (probe["n_test"] > 0).all()
+    assert a.summary["probe"]["n_test_docs"] == probe["n_test"].iloc[0]
+    best = a.summary["best_latents"]
+    assert lat["generic"].dtype == bool and set(best) == set(a.summary["labels"])
+    assert not any(lat.loc[j, "generic"] for j in best.values() if j is not None)
+    assert a.summary["generic_latents"] == lat.index[lat["generic"]].tolist()
     assert a.dashboard_uri(3).endswith("dashboards/latents/00003.html")
     with open(os.path.join(out, "dashboards/latents/00003.html"), encoding="utf-8") as f:
         html = f.read()

@@ -79,7 +79,9 @@ def rank_latents(F: sparse.csr_matrix, positive: np.ndarray) -> np.ndarray:
 def _fit_score(Xtr, ytr, Xte, yte, seed: int) -> dict[str, float]:
     clf = make_pipeline(
         StandardScaler(),
-        LogisticRegression(class_weight="balanced", max_iter=2000, random_state=seed),
+        LogisticRegression(
+            class_weight="balanced", solver="liblinear", max_iter=1000, random_state=seed
+        ),
     )
     clf.fit(Xtr, ytr)
     pred = clf.predict(Xte)

@@ -7,6 +7,7 @@ Layout of ``out_uri``::
     summary.json                  scalar metrics, L0 distribution, counts, timings
     tables/latents.parquet        one row per latent: statistics, best label, 2-D map, cluster
     tables/enrichment.parquet     tidy (latent, label, level) enrichment tests
+    tables/probe.parquet          sparse probes per label: top-k latents, random, dense
     tables/examples.parquet       top and quantile examples with context windows
     tables/neighbours.parquet     co-activation Jaccard neighbours
     tables/activation_hist.parquet  non-zero (latent, label, log10 bin) activation counts
@@ -29,16 +30,22 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from integral_superposition import storage
 from integral_superposition.analysis import enrichment as enr
+from integral_superposition.analysis.generic import generic_latents
 from integral_superposition.analysis.jaccard_sparse import (
     firing_matrix,
     jaccard_dense,
     jaccard_neighbours,
 )
 from integral_superposition.analysis.logit_lens import logit_lens_for_backend
+from integral_superposition.analysis.probe import (
+    doc_latent_matrix,
+    doc_mean_activations,
+    sparse_probe,
+)
 from integral_superposition.analysis.reducer import decoder_directions, reduce_2d
 from integral_superposition.analysis.result import AnalysisResult as AnalysisResult
 from integral_superposition.analysis.result import load_analysis as load_analysis
@@ -60,6 +67,7 @@ log = logging.getLogger(__name__)
 _STAGES = (
     "contexts",
     "enrichment",
+    "probe",
     "neighbours",
     "map",
     "logit_lens",
@@ -119,6 +127,16 @@ class AnalysisParams(BaseModel):
     """Latents (the most frequently firing of the heatmap's) in the co-activation heatmap."""
     enrichment: bool = True
     """Run the label enrichment (needs at least two labels)."""
+    generic_token_share: float = Field(0.5, gt=0, le=1)
+    """A latent is generic when one token makes up at least this share of its top contexts..."""
+    generic_label_fraction: float = Field(0.1, ge=0, le=1)
+    """...and that token occurs in at least this fraction of the documents of every label.
+    Generic latents are listed apart and never chosen as a label's best latent."""
+    probe: bool = True
+    """Sparse probing: per label, logistic probes on the top-k enriched latents of held-out
+    documents (the store's ``test`` split), with dense and random-latent baselines."""
+    probe_ks: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 5, 10, 20], min_length=1)
+    """Probe sizes k (latents per probe)."""
     metrics: bool = True
     """Also compute reconstruction metrics (EV, FVU, cosine) in the same pass (one decode per chunk)."""
     chunk_tokens: int | None = Field(None, ge=1)
@@ -329,6 +347,52 @@ def _top_tokens_text(examples, token_text: Mapping[int, str], K: int, n: int = 3
     return [" | ".join(p) for p in parts]
 
 
+def _best_latents(tok_table: pd.DataFrame, generic: np.ndarray) -> dict[str, int | None]:
+    """Per label, the most significant positively enriched latent that is not generic."""
+    t = tok_table[tok_table["significant"] & (tok_table["log_odds"] > 0)]
+    t = t[~generic[t["latent"].to_numpy()]]
+    t = t.sort_values(["q", "log_odds"], ascending=[True, False])
+    first = t.drop_duplicates("label", keep="first").set_index("label")["latent"]
+    labels = tok_table["label"].astype(str).unique().tolist()
+    return {c: (int(first[c]) if c in first.index else None) for c in labels}
+
+
+def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
+    """Sparse probes on the analysed documents: train on the store's ``train`` split, score on
+    its ``test`` split. Returns the table (None when skipped) and its summary."""
+    if scan.doc_pairs is None or scan.doc_max is None or doc_labels is None:
+        return None, {"skipped": "labels vary inside documents"}
+    row_doc = np.asarray(store.doc_ids, dtype=np.int64)
+    analysed = row_doc if mask is None else row_doc[mask]
+    docs = np.unique(analysed)
+    test_rows = store.split_mask("test", p.test_fraction, p.seed)
+    test_docs = np.unique(row_doc[test_rows])
+    train = ~np.isin(docs, test_docs)
+    if train.all() or not train.any():
+        why = f"the {p.split!r} split has no {'test' if train.all() else 'train'} documents"
+        log.info("sparse probing skipped: %s", why)
+        return None, {"skipped": why}
+    t0 = time.perf_counter()
+    labels_by_doc = doc_labels.set_index("doc_id")["label"]
+    y = labels_by_doc.reindex(docs).to_numpy(dtype=np.int64)
+    F = doc_latent_matrix(scan.doc_pairs, scan.doc_max, docs, scan.top.n_latents)
+    dense = doc_mean_activations(store, docs, mask, chunk_tokens=min(chunk, 65536))
+    table = sparse_probe(F, y, train, label_names, ks=p.probe_ks, dense=dense, seed=p.seed)
+    summary: dict[str, Any] = {
+        "n_train_docs": int(train.sum()),
+        "n_test_docs": int((~train).sum()),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "pool": {"latents": "max", "dense": "mean"},
+    }
+    if len(table):
+        mean = table.groupby(["method", "k"])[["accuracy", "balanced_accuracy", "f1"]].mean()
+        summary["mean_over_labels"] = [
+            {"method": m, "k": int(k), **{c: float(v) for c, v in r.items()}}
+            for (m, k), r in mean.iterrows()
+        ]
+    return table, summary
+
+
 def run_analysis(
     sae_uri: Any,
     store_uri: Any,
@@ -502,6 +566,19 @@ def _run(
                 on="latent",
                 how="left",
             )
+        rows = np.arange(store.n_tokens) if mask is None else np.flatnonzero(mask)
+        generic = generic_latents(
+            top.token_ids if top.token_ids is not None else np.full(top.values.shape, -1),
+            np.asarray(store.token_ids)[rows],
+            np.asarray(store.doc_ids)[rows],
+            token_labels[rows],
+            len(label_names),
+            token_share=p.generic_token_share,
+            label_doc_fraction=p.generic_label_fraction,
+        )
+        table = table.merge(generic, on="latent", how="left")
+        summary["generic_latents"] = table.loc[table["generic"], "latent"].tolist()
+        summary["best_latents"] = _best_latents(tok_table, table["generic"].to_numpy())
         sig = tok_table[tok_table["significant"]]
         summary["significant_latents_per_label"] = {
             str(k): int(v)
@@ -510,6 +587,11 @@ def _run(
         summary["n_significant_latents"] = int(sig["latent"].nunique())
     enrichment_table = pd.concat(enrich_frames, ignore_index=True) if enrich_frames else None
     prog.step("enrichment")
+
+    probe = None
+    if p.probe and p.enrichment:
+        probe, summary["probe"] = _probe(p, store, scan, doc_labels, label_names, mask, chunk)
+    prog.step("probe")
 
     neighbours = None
     if p.firing_budget and scan.firing_rows is not None and scan.firing_rows.size:
@@ -555,6 +637,8 @@ def _run(
     pub.parquet("tables/latents.parquet", table)
     if enrichment_table is not None:
         pub.parquet("tables/enrichment.parquet", enrichment_table)
+    if probe is not None:
+        pub.parquet("tables/probe.parquet", probe)
     doc_of = np.asarray(store.doc_ids)
     pos_of = np.asarray(store.positions)
     pub.parquet(
