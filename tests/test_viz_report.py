@@ -176,3 +176,13 @@ def test_missing_metrics_show_a_dash(demo_store, analysis_dir, tmp_path):
     md = markdown_summary(out)
     for name in ("cos_sim", "norm_ratio", "explained_variance"):
         assert f"| {name.replace('_', chr(92) + '_')} | - |" in md, name
+
+
+def test_missing_sae_metrics_show_a_dash(tmp_path):
+    sae = SparseAutoencoder(8, 16, seed=0)
+    sae_dir = save_sae(
+        sae, str(tmp_path / "sae"), metrics={"fvu": 0.25, "cos_sim": float("nan"), "l0": None}
+    )
+    page = storage.read_bytes(build_report(str(tmp_path / "report"), sae=sae_dir)).decode()
+    assert "&quot;cos_sim&quot;: &quot;-&quot;" in page and "&quot;l0&quot;: &quot;-&quot;" in page
+    assert "&quot;fvu&quot;: 0.25" in page and "NaN" not in page

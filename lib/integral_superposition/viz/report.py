@@ -358,7 +358,10 @@ def _sae_sections(
         if m is not None:
             blocks["training config"] = m.get("config")
             if m.get("metrics"):
-                blocks["training metrics"] = m.get("metrics")
+                blocks["training metrics"] = {
+                    k: MISSING if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
+                    for k, v in m["metrics"].items()
+                }
         out.append(ReportSection("SAE", html_text=_json_blocks(blocks), anchor="sae"))
     if history is None and m is not None:
         history = _find_history(sae_uri, m, storage_options)
