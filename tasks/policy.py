@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from integral_superposition.tasks.refs import RunLocation, collect_refs
-from integral_superposition.version import code_version, step_modules
+from integral_superposition.version import check_entry_points, code_version
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 from pydantic import BaseModel
@@ -76,7 +76,7 @@ class OutputCache(CachePolicy):
         if isinstance(self.entry_points, str):
             raise TypeError(f"entry_points={self.entry_points!r}: expected a tuple of module names")
         self.entry_points = tuple(self.entry_points)
-        step_modules(*self.entry_points)  # a misspelt module fails here, at import
+        check_entry_points(*self.entry_points)  # a misspelt module fails here, at import
 
     def code_version(self) -> str:
         """The version of the code this step runs (see :func:`version.code_version`)."""

@@ -36,6 +36,22 @@ def library_source_hash() -> str:
 
 
 @functools.cache
+def library_files() -> dict[str, Path]:
+    """``{module name: file}`` of every library module."""
+    return package_modules(LIBRARY, LIBRARY_ROOT)
+
+
+def check_entry_points(*entry_points: str) -> None:
+    """Raise ValueError for a name that is not a library module (no source is parsed)."""
+    unknown = [m for m in entry_points if m not in library_files()]
+    if unknown:
+        raise ValueError(
+            f"entry_points={unknown!r}: not modules of {LIBRARY}; expected names such as "
+            f"'{LIBRARY}.dump' or '{LIBRARY}.sae.train'"
+        )
+
+
+@functools.cache
 def library_graph() -> dict[str, set[str]]:
     """The library's import graph (see :mod:`integral_superposition.module_graph`)."""
     return import_graph({LIBRARY: LIBRARY_ROOT})
@@ -44,19 +60,13 @@ def library_graph() -> dict[str, set[str]]:
 def step_modules(*entry_points: str) -> set[str]:
     """The library modules that ``entry_points`` (module names) import, transitively,
     themselves included. Raises ValueError for a name that is not a library module."""
-    graph = library_graph()
-    unknown = [m for m in entry_points if m not in graph]
-    if unknown:
-        raise ValueError(
-            f"entry_points={unknown!r}: not modules of {LIBRARY}; expected names such as "
-            f"'{LIBRARY}.dump' or '{LIBRARY}.sae.train'"
-        )
-    return closure(graph, entry_points)
+    check_entry_points(*entry_points)
+    return closure(library_graph(), entry_points)
 
 
 @functools.cache
 def _modules_hash(modules: frozenset[str]) -> str:
-    files = package_modules(LIBRARY, LIBRARY_ROOT)
+    files = library_files()
     h = hashlib.sha256()
     for module in sorted(modules):
         h.update(module.encode())
@@ -78,5 +88,6 @@ def code_version(*entry_points: str) -> str:
 def clear_caches() -> None:
     """Forget the hashes and the graph read so far (after the source changed in-process)."""
     library_source_hash.cache_clear()
+    library_files.cache_clear()
     library_graph.cache_clear()
     _modules_hash.cache_clear()
