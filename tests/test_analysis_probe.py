@@ -108,3 +108,43 @@ def test_doc_latent_matrix_rows_follow_doc_ids_and_drop_other_documents():
     pairs = np.array([[3, 0], [3, 2], [7, 2], [9, 1]])
     F = doc_latent_matrix(pairs, np.array([1.0, 2.0, 3.0, 4.0]), np.array([3, 7]), 3).toarray()
     np.testing.assert_array_equal(F, [[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
+
+
+def test_analysis_run_lists_generic_latents_apart_and_publishes_probes(tmp_path):
+    """End to end on a store: the artefact latent is flagged, never a label's best latent, and
+    the report shows it apart next to the sparse-probing table."""
+    from integral_superposition.analysis import load_analysis, run_analysis
+    from integral_superposition.dump.synthetic import write_activation_store
+    from integral_superposition.viz.report import analysis_sections, summary_tables
+
+    src, sae, _, x = _planted(n_docs=300)
+    store = write_activation_store(
+        torch.from_numpy(x.astype(np.float32)),
+        str(tmp_path / "acts"),
+        doc_ids=src.doc_ids,
+        token_ids=src.token_ids,
+        labels=src.labels,
+        label_names=src.label_names,
+    )
+    out = str(tmp_path / "analysis")
+    params = {"reducer": "pca", "n_top": 20, "n_bands": 0, "dashboards": "none", "hist_bins": 16,
+              "test_fraction": 0.3, "probe_ks": [1, 10]}  # fmt: skip
+    run_analysis(sae, store, out, params, allow_other_store=True)
+    a = load_analysis(out)
+    lat = a.latents
+    assert lat.loc[9, "generic"] and lat["generic"].sum() == 1
+    assert lat.loc[9, "best_label"] == "topic2"  # the naive pick: the artefact is strongest there
+    assert a.summary["generic_latents"] == [9] and a.summary["best_latents"]["topic2"] != 9
+    assert a.summary["best_latents"]["topic1"] == 5
+    probe = a.table("probe")
+    one = probe[(probe.label == "topic1") & (probe.method == "sae") & (probe.k == 1)].iloc[0]
+    assert one.latents.tolist() == [5] and one.accuracy > 0.95
+    tables = summary_tables(a)
+    assert 9 not in set(tables["top_latents"]["latent"])
+    assert tables["generic_latents"]["latent"].tolist() == [9]
+    assert tables["generic_latents"]["generic_token"].tolist() == ["<500>"]
+    pt = tables["probe"].set_index("label")
+    assert pt.loc["topic1", "k=1 acc"] > 0.95 and np.isfinite(pt.loc["topic1", "random k=10 acc"])
+    assert {"k=10 acc", "dense acc", "dense F1"} <= set(pt.columns) and "mean" in pt.index
+    titles = [s.title for s in analysis_sections(a)]
+    assert "Sparse probing" in titles and "Generic latents" in titles

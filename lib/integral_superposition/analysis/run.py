@@ -627,6 +627,11 @@ def _run(
         ids += [lens.promoted_ids.ravel(), lens.suppressed_ids.ravel()]
     token_text = decode_tokens(tokenizer, np.concatenate(ids))
     table["top_tokens"] = _top_tokens_text(examples, token_text, K)
+    if "generic" in table:
+        table["generic_token"] = [
+            token_text.get(int(t), f"<{int(t)}>") if g else ""
+            for t, g in zip(table["generic_token_id"], table["generic"], strict=True)
+        ]
     if lens is not None:
         lens_frame = lens.to_frame(token_text)
         table["promoted_tokens"] = [

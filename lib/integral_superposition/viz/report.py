@@ -255,8 +255,21 @@ def summary_tables(
     out = {"metrics": mt}
     enr = a.enrichment
     lat = a.latents
+    generic = lat["generic"].to_numpy(dtype=bool) if "generic" in lat else None
+    if generic is not None and generic.any():
+        g = lat.loc[generic]
+        cols = ["latent", "generic_token", "generic_token_share", "generic_min_label_fraction"]
+        cols = [c for c in cols if c in g] + [
+            c for c in ("best_label", "density", "top_tokens") if c in g
+        ]
+        out["generic_latents"] = g[cols].reset_index(drop=True)
+    probe = probe_table(a)
+    if probe is not None:
+        out["probe"] = probe
     if enr is not None and len(enr):
         tok = enr[(enr["level"] == "token") & enr["significant"] & (enr["log_odds"] > 0)]
+        if generic is not None:  # a label's best latents are topical ones
+            tok = tok[~generic[tok["latent"].to_numpy()]]
         tok = tok.sort_values(["label_id", "q", "log_odds"], ascending=[True, True, False])
         top = tok.groupby("label_id", observed=True).head(top_per_label)
         cols = ["latent", "top_tokens", "density"] + (
@@ -268,6 +281,30 @@ def summary_tables(
             + (["promoted_tokens"] if "promoted_tokens" in top else [])
         ].reset_index(drop=True)
     return out
+
+
+def probe_table(analysis: Any, ks: tuple[int, int] = (1, 10)) -> pd.DataFrame | None:
+    """Per label, held-out accuracy and F1 of the sparse probes on the top ``ks`` latents, of
+    the probe on ``ks[-1]`` random live latents and of the dense probe, with a mean row
+    (None when the analysis has no probe table)."""
+    t = analysis.table("probe")
+    if t is None or not len(t):
+        return None
+    cols: dict[str, pd.Series] = {}
+    by = t.set_index("label")
+    picks = [("sae", k, f"k={k}") for k in ks] + [("random", ks[-1], f"random k={ks[-1]}")]
+    for method, k, name in picks:
+        r = by[(by["method"] == method) & (by["k"] == k)]
+        cols[f"{name} acc"] = r["accuracy"]
+        cols[f"{name} F1"] = r["f1"]
+    d = by[by["method"] == "dense"]
+    cols["dense acc"], cols["dense F1"] = d["accuracy"], d["f1"]
+    n = by.groupby(level=0)["n_test"].first()
+    out = pd.DataFrame(cols).reindex(n.index)
+    out.insert(0, "test docs", n)
+    out.loc["mean"] = out.mean(numeric_only=True)
+    out.loc["mean", "test docs"] = float(n.iloc[0]) if n.nunique() == 1 else None
+    return out.reset_index(names="label")
 
 
 def _scalar(v: Any) -> Any:
@@ -308,6 +345,33 @@ def analysis_sections(
         )
     ]
     sections.append(ReportSection("Latent map", figures=[(c, f) for c, f in maps if f is not None]))
+    if "probe" in tables:
+        sections.append(
+            ReportSection(
+                "Sparse probing",
+                text=(
+                    "Held-out document classification per label (one vs rest): logistic probes "
+                    "on the k most enriched latents (each latent's maximum over the document), "
+                    "on k random live latents, and on the raw activations (mean over the "
+                    "document). Accuracy on the store's test split, F1 of the label."
+                ),
+                tables=[tables["probe"]],
+                anchor="sparse-probing",
+            )
+        )
+    if "generic_latents" in tables:
+        sections.append(
+            ReportSection(
+                "Generic latents",
+                text=(
+                    "Latents whose top contexts are dominated by one token that is frequent "
+                    "in every label (formatting or dataset artefacts); they are left out of "
+                    "the top latents per label."
+                ),
+                tables=[tables["generic_latents"]],
+                anchor="generic-latents",
+            )
+        )
     if "top_latents" in tables:
         top = tables["top_latents"]
         rows = []
@@ -516,6 +580,12 @@ def markdown_summary(
         if "top_latents" in t:
             parts.append(
                 "## Top latents per label\n\n" + markdown_table(t["top_latents"], max_rows=max_rows)
+            )
+        if "probe" in t:
+            parts.append("## Sparse probing\n\n" + markdown_table(t["probe"], max_rows=max_rows))
+        if "generic_latents" in t:
+            parts.append(
+                "## Generic latents\n\n" + markdown_table(t["generic_latents"], max_rows=max_rows)
             )
         for name in figures:
             png = a.figure(name)
