@@ -60,3 +60,22 @@ def test_analysis_reports_the_dead_count_tokens(demo_store, tmp_path):
     assert summary["metrics"]["dead_frac"] == summary["n_dead"] / 32
     metrics = summary_tables(out)["metrics"].set_index("metric")["value"]
     assert metrics["tokens for the dead count"] == demo_store.n_tokens
+
+
+def test_evaluate_sae_counts_dead_latents_beyond_the_held_out_split(tmp_path):
+    from integral_superposition.sae import evaluate_sae
+
+    n, d = 5000, 4
+    first = write_activation_store(torch.zeros(n, d), str(tmp_path / "shape"))
+    test = first.split_mask("test", 0.05, 0)
+    x = torch.zeros(n, d)
+    x[:, 0] = 1.0
+    x[torch.from_numpy(~test), 3] = 1.0  # latent 3 never fires on held-out tokens
+    store = write_activation_store(x, str(tmp_path / "acts"))
+    assert np.array_equal(store.split_mask("test", 0.05, 0), test)
+    sae = _identity_sae(d)
+    ev = evaluate_sae(sae, store, device="cpu")
+    assert ev["n_tokens"] == int(test.sum()) < n
+    assert ev["dead_tokens"] == n and ev["dead_frac"] == 0.5  # latents 1 and 2
+    ev = evaluate_sae(sae, store, device="cpu", dead_min_tokens=10)
+    assert ev["dead_tokens"] == int(test.sum()) and ev["dead_frac"] == 0.75

@@ -170,18 +170,15 @@ def dead_count(
     ``fire_count`` comes from a scan of the ``mask`` rows (None: the whole store). When those
     are fewer than the target, rows outside the mask, evenly spaced over the store, are
     scanned too (``scan_kw`` go to ``scan_latents``)."""
+    from integral_superposition.sae.metrics import dead_count_rows
+
     n_scanned = store.n_tokens if mask is None else int(mask.sum())
-    target = min(int(min_tokens), store.n_tokens)
     fires = np.asarray(fire_count, dtype=np.int64)
-    if mask is None or n_scanned >= target:
+    extra = None if mask is None else dead_count_rows(mask, min_tokens)
+    if extra is None:
         return fires, n_scanned
-    rest = np.flatnonzero(~mask)
-    need = target - n_scanned
-    pick = rest[np.unique(np.linspace(0, rest.size - 1, need).round().astype(np.int64))]
-    extra = np.zeros(store.n_tokens, dtype=bool)
-    extra[pick] = True
     more = scan_latents(sae, store, n_top=1, stats=False, mask=extra, **scan_kw)
-    return fires + np.asarray(more.top.fire_count, dtype=np.int64), n_scanned + int(pick.size)
+    return fires + np.asarray(more.top.fire_count, dtype=np.int64), n_scanned + int(extra.sum())
 
 
 # -- labels ------------------------------------------------------------------------------------

@@ -17,6 +17,24 @@ from integral_superposition.sae.model import SparseAutoencoder
 
 DENSE_THRESHOLD = 0.1
 DENSE_THRESHOLD_LOOSE = 0.01
+DEAD_MIN_TOKENS = 100_000
+"""Fewest tokens a latent must never fire on to count as dead (all tokens when fewer)."""
+
+
+def dead_count_rows(mask: np.ndarray, min_tokens: int = DEAD_MIN_TOKENS) -> np.ndarray | None:
+    """Rows to add to the ``mask`` rows (``bool[N]``) so that a dead count covers at least
+    ``min_tokens`` tokens, or all ``N`` when there are fewer: ``bool[N]`` rows outside the
+    mask, evenly spaced over the store, or None when the mask has enough."""
+    mask = np.asarray(mask, dtype=bool)
+    target = min(int(min_tokens), mask.size)
+    n = int(mask.sum())
+    if n >= target:
+        return None
+    rest = np.flatnonzero(~mask)
+    pick = rest[np.unique(np.linspace(0, rest.size - 1, target - n).round().astype(np.int64))]
+    extra = np.zeros(mask.size, dtype=bool)
+    extra[pick] = True
+    return extra
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -287,11 +305,14 @@ def evaluate_sae(
     n_ce_docs: int = 64,
     ce_batch_size: int = 8,
     hist_bins: int = 50,
+    dead_min_tokens: int = DEAD_MIN_TOKENS,
 ) -> dict[str, Any]:
     """Evaluate ``sae`` on a split of ``store`` (the held-out ``test`` split by default).
 
     Returns scalars - ``n_tokens``, ``l0``, ``explained_variance`` (about the mean), ``fvu``,
-    ``mse`` (per token, summed over d), ``dead_frac`` (never fires on the split),
+    ``mse`` (per token, summed over d), ``dead_frac`` (never fires on ``dead_tokens``
+    tokens: the split, plus rows outside it when the split has fewer than
+    ``dead_min_tokens``; all of the store's when it has fewer),
     ``dense_frac`` (> 0.1), ``dense_frac_001`` (> 0.01), ``cos_sim``, ``norm_ratio`` - plus
     ``density_hist`` (counts and edges of ``log10(density + 1e-10)``) and ``density``
     (``[d_sae]`` firing frequencies, a list). With a causal LM ``backend``, also the
@@ -312,6 +333,14 @@ def evaluate_sae(
         raise ValueError(f"split={split!r}: the store has no tokens in it")
     stats = latent_stats(sae, store, mask, chunk_tokens, device, hook_point=hook_point)
     out: dict[str, Any] = stats.summary()
+    # a latent is dead when it never fires on at least dead_min_tokens tokens (or all)
+    fires, out["dead_tokens"] = stats.fire_count, stats.n_tokens
+    extra = dead_count_rows(mask, dead_min_tokens)
+    if extra is not None:
+        more = latent_stats(sae, store, extra, chunk_tokens, device, hook_point=hook_point)
+        fires = fires + more.fire_count
+        out["dead_tokens"] = stats.n_tokens + more.n_tokens
+    out["dead_frac"] = float((fires == 0).mean())
     out["mse"] = stats.sse / max(1, stats.n_tokens)
     counts, edges = stats.log10_density_hist(hist_bins)
     out["density_hist"] = {"counts": counts.tolist(), "edges": edges.tolist()}
