@@ -101,19 +101,29 @@ def _write_summary_table(
     import pandas as pd
     from integral_superposition.analysis.result import load_analysis
 
-    frames = []
+    frames, probes = [], []
     for a in analyses:
-        enr = load_analysis(a.uri, loc.storage_options).enrichment
+        result = load_analysis(a.uri, loc.storage_options)
+        enr = result.enrichment
         if enr is not None and len(enr):
             frames.append(enr.assign(sae=a.name))
+        probe = result.table("probe")
+        if probe is not None and len(probe):
+            probes.append(probe.assign(sae=a.name))
+    stem = csv_path[: -len(".csv")] if csv_path.endswith(".csv") else csv_path
+    if probes:  # the sparse probes of every SAE, side by side (e.g. results_probe.csv)
+        _write_csv_parquet(pd.concat(probes, ignore_index=True), loc, stem + "_probe")
     if not frames:
         return None
-    df = pd.concat(frames, ignore_index=True)
-    csv_uri = loc.uri(csv_path)
+    return _write_csv_parquet(pd.concat(frames, ignore_index=True), loc, stem)
+
+
+def _write_csv_parquet(df, loc: RunLocation, stem: str) -> str:
+    """``stem.csv`` and ``stem.parquet`` under the run root; returns the CSV's URI."""
+    csv_uri = loc.uri(stem + ".csv")
     storage.write_bytes(csv_uri, df.to_csv(index=False).encode("utf-8"), loc.storage_options)
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    stem = csv_path[: -len(".csv")] if csv_path.endswith(".csv") else csv_path
     storage.write_bytes(loc.uri(stem + ".parquet"), buf.getvalue(), loc.storage_options)
     return csv_uri
 

@@ -110,6 +110,9 @@ def test_smoke_experiment_runs_end_to_end(first_run):
     index = storage.read_json(storage.join(root, "run.json"))
     assert [s["step"] for s in index["steps"]] == steps
     assert storage.exists(storage.join(root, "results.csv"))
+    probe = pd.read_parquet(storage.join(root, "results_probe.parquet"))
+    assert set(probe["sae"]) == {"layer2-topk-k128"} and "dense" in set(probe["method"])
+    assert "Sparse probing" in html
 
 
 def test_the_prefect_ui_gets_progress_tables_a_summary_and_events(first_run):

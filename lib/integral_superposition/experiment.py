@@ -14,6 +14,7 @@ output goes under the run root ``{storage}/{name}/{run}/``::
     steering/<sae name>/  the steering evaluation
     report/report.html    the experiment report
     results.csv           the enrichment summary of every SAE (Parquet next to it)
+    results_probe.csv     the sparse probes of every SAE (Parquet next to it)
     run.json              the index of the run's outputs, written last
 
 Configs load from YAML (:func:`load_config`), from a named preset (:func:`load_preset`,
