@@ -3,8 +3,10 @@
 
 from integral_superposition.analysis import (
     enrichment,
+    generic,
     jaccard_sparse,
     logit_lens,
+    probe,
     reducer,
     scan,
     stats,
@@ -14,6 +16,8 @@ from integral_superposition.analysis.enrichment import (
     document_enrichment,
     fisher_enrichment,
 )
+from integral_superposition.analysis.generic import generic_latents
+from integral_superposition.analysis.probe import sparse_probe
 from integral_superposition.analysis.result import AnalysisResult, load_analysis
 from integral_superposition.analysis.run import AnalysisParams, run_analysis
 from integral_superposition.analysis.scan import LatentScan, TopKSets, scan_latents
@@ -27,13 +31,17 @@ __all__ = [
     "document_enrichment",
     "enrichment",
     "fisher_enrichment",
+    "generic",
+    "generic_latents",
     "jaccard_sparse",
     "load_analysis",
     "logit_lens",
+    "probe",
     "reducer",
     "run_analysis",
     "scan",
     "scan_latents",
+    "sparse_probe",
     "stats",
     "top_tokens",
     "topk_sets_per_latent",
