@@ -113,6 +113,7 @@ def test_doc_latent_matrix_rows_follow_doc_ids_and_drop_other_documents():
 def test_analysis_run_lists_generic_latents_apart_and_publishes_probes(tmp_path):
     """End to end on a store: the artefact latent is flagged, never a label's best latent, and
     the report shows it apart next to the sparse-probing table."""
+    from integral_superposition import storage
     from integral_superposition.analysis import load_analysis, run_analysis
     from integral_superposition.dump.synthetic import write_activation_store
     from integral_superposition.viz.report import analysis_sections, summary_tables
@@ -127,7 +128,7 @@ def test_analysis_run_lists_generic_latents_apart_and_publishes_probes(tmp_path)
         label_names=src.label_names,
     )
     out = str(tmp_path / "analysis")
-    params = {"reducer": "pca", "n_top": 20, "n_bands": 0, "dashboards": "none", "hist_bins": 16,
+    params = {"reducer": "pca", "n_top": 20, "n_bands": 0, "dashboards": "all", "hist_bins": 16,
               "test_fraction": 0.3, "probe_ks": [1, 10]}  # fmt: skip
     run_analysis(sae, store, out, params, allow_other_store=True)
     a = load_analysis(out)
@@ -146,5 +147,8 @@ def test_analysis_run_lists_generic_latents_apart_and_publishes_probes(tmp_path)
     pt = tables["probe"].set_index("label")
     assert pt.loc["topic1", "k=1 acc"] > 0.95 and np.isfinite(pt.loc["topic1", "random k=10 acc"])
     assert {"k=10 acc", "dense acc", "dense F1"} <= set(pt.columns) and "mean" in pt.index
+    pages = [storage.read_bytes(a.dashboard_uri(j)).decode() for j in (5, 9)]
+    assert "generic (artefact)" not in pages[0]
+    assert "generic (artefact)</b>&lt;500&gt; in 100% of top contexts" in pages[1]
     titles = [s.title for s in analysis_sections(a)]
     assert "Sparse probing" in titles and "Generic latents" in titles

@@ -469,6 +469,15 @@ def render_latent_page(
                 f"{esc(row['doc_best_label'])} (q {_fmt(float(row['doc_q']), '.2e')})",
             )
         )
+    if bool(row.get("generic", False)):
+        token = display_token(str(row.get("generic_token", "")))
+        share = float(row.get("generic_token_share", float("nan")))
+        kv.append(
+            (
+                "generic (artefact)",
+                f"{esc(token)} in {_fmt(100 * share, '.0f')}% of top contexts, in every label",
+            )
+        )
     if "decoder_norm" in row:
         kv.append(("decoder norm", _fmt(float(row["decoder_norm"]), ".3f")))
     if "max_decoder_cos" in row:
