@@ -56,8 +56,7 @@ from integral_superposition.data.tokenize import (
 )
 from integral_superposition.dump.shards import (
     TORCH_DTYPES,
-    CorruptShardError,
-    verify_file,
+    files_intact,
     write_shard,
 )
 from integral_superposition.dump.store import (
@@ -386,18 +385,9 @@ def _intact(
     storage_options,
 ) -> bool:
     """True when every file of a shard record is there with its size and SHA-256."""
-    for name, entry in files.items():
-        if listing.get(name) != entry["size"]:
-            return False
-        uri = storage.join(out_dir, name)
-        if name.endswith(".safetensors"):  # remembered: the returned store does not hash it again
-            try:
-                verify_file(uri, entry["sha256"], int(entry["size"]), storage_options)
-            except CorruptShardError:
-                return False
-        elif storage.sha256_file(uri, storage_options) != entry["sha256"]:
-            return False
-    return True
+    if any(listing.get(name) != entry["size"] for name, entry in files.items()):
+        return False
+    return files_intact(out_dir, files, storage_options)
 
 
 def dump_layer_activations(

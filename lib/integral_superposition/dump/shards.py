@@ -206,6 +206,26 @@ def verify_file(
         _verified.add(key)
 
 
+def files_intact(
+    dir_uri: str,
+    files: Mapping[str, Mapping[str, Any]],
+    storage_options: Mapping[str, Any] | None = None,
+) -> bool:
+    """True when every manifest entry ``{name: {"size", "sha256"}}`` under ``dir_uri`` hashes to
+    its SHA-256. Shards go through :func:`verify_file`, which remembers them, so a store opened
+    on them afterwards does not hash them again."""
+    for name, entry in files.items():
+        uri = storage.join(dir_uri, name)
+        if name.endswith(".safetensors"):
+            try:
+                verify_file(uri, entry["sha256"], int(entry["size"]), storage_options)
+            except CorruptShardError:
+                return False
+        elif storage.sha256_file(uri, storage_options) != entry["sha256"]:
+            return False
+    return True
+
+
 class ShardReader:
     """Row-range reads from one shard: ``np.memmap`` locally, byte ranges remotely.
 

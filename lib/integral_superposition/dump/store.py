@@ -32,7 +32,7 @@ from integral_superposition.dump.shards import (
     TORCH_DTYPES,
     CorruptShardError,
     ShardReader,
-    verify_file,
+    files_intact,
 )
 
 T = TypeVar("T")
@@ -105,16 +105,7 @@ def verify_dump(dir_uri: str, storage_options: Mapping[str, Any] | None = None) 
     if not storage.verify_output(dir_uri, storage_options):
         return False
     manifest = storage.read_manifest(dir_uri, storage_options)
-    for name, entry in manifest.get("files", {}).items():
-        uri = storage.join(dir_uri, name)
-        if name.endswith(".safetensors"):
-            try:
-                verify_file(uri, entry["sha256"], int(entry["size"]), storage_options)
-            except CorruptShardError:
-                return False
-        elif storage.sha256_file(uri, storage_options) != entry["sha256"]:
-            return False
-    return True
+    return files_intact(dir_uri, manifest.get("files", {}), storage_options)
 
 
 class ActivationStore:
