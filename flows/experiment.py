@@ -236,6 +236,31 @@ def group_jobs(jobs: list[SAEJob]) -> list[list[SAEJob]]:
     return list(groups.values())
 
 
+def submit_training(
+    cfg: ExperimentConfig,
+    store: OutputRef,
+    loc: RunLocation,
+    T: Callable[[Any], Any],
+    show_progress: bool,
+) -> list[tuple[list[SAEJob], PrefectFuture]]:
+    """Submit one training task per hook point (``T`` applies the task options); returns each
+    group of SAE jobs with its future."""
+    return [
+        (
+            jobs,
+            T(train_saes).submit(
+                store,
+                jobs,
+                loc,
+                out=cfg.paths.sae_path,
+                gpu_limit=cfg.gpu_limit,
+                show_progress=show_progress,
+            ),
+        )
+        for jobs in group_jobs(cfg.sae_jobs())
+    ]
+
+
 @flow(
     name="experiment",
     flow_run_name=_flow_run_name,
@@ -282,19 +307,8 @@ def _experiment(
     store = dump_store(cfg, loc, model, T, steps, show_progress)
 
     train_futs = [
-        steps.add(
-            "train",
-            jobs[0].name,
-            T(train_saes).submit(
-                store,
-                jobs,
-                loc,
-                out=cfg.paths.sae_path,
-                gpu_limit=cfg.gpu_limit,
-                show_progress=show_progress,
-            ),
-        )
-        for jobs in group_jobs(cfg.sae_jobs())
+        steps.add("train", jobs[0].name, fut)
+        for jobs, fut in submit_training(cfg, store, loc, T, show_progress)
     ]
     saes = [ref for f in train_futs for ref in f.result()]
 

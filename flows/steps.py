@@ -33,11 +33,11 @@ from integral_superposition.flows.experiment import (
     _Steps,
     absolute_storage,
     dump_store,
-    group_jobs,
     lease_owner,
     own_run_root,
     resolve_storage_options,
     result_storage_at,
+    submit_training,
     task_options,
 )
 from integral_superposition.flows.process import record_process
@@ -54,7 +54,6 @@ from integral_superposition.tasks.policy import retry_options
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.report import build_experiment_report, publish_report_summary
 from integral_superposition.tasks.steer import evaluate_steering
-from integral_superposition.tasks.train import train_saes
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
@@ -247,15 +246,10 @@ def train_flow(
                 cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress
             )
         futs = [
-            train_saes.with_options(**opts).submit(
-                store,
-                jobs,
-                loc,
-                out=cfg.paths.sae_path,
-                gpu_limit=cfg.gpu_limit,
-                show_progress=show_progress,
+            fut
+            for _, fut in submit_training(
+                cfg, store, loc, lambda t: t.with_options(**opts), show_progress
             )
-            for jobs in group_jobs(cfg.sae_jobs())
         ]
         saes = [r for f in futs for r in f.result()]
     for s in saes:
