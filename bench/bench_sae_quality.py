@@ -46,7 +46,8 @@ from common import OUT, ag_news_store, gemma, machine, peak_rss_mb
 from integral_superposition import SAEConfig
 from integral_superposition.config import dead_window
 from integral_superposition.sae import evaluate_sae, load_sae
-from integral_superposition.sae.train import geometric_median, train_saes
+from integral_superposition.sae.train import train_saes
+from integral_superposition.sae.trainee import geometric_median
 
 D_SAE, TOP_K = 4096, 32
 
@@ -76,7 +77,7 @@ def our_configs(args) -> dict[str, SAEConfig]:
 
 
 def same_batches(store, cfg: SAEConfig, total: int):
-    """The batches our trainer reads, in its order (``_StoreSource.batches``)."""
+    """The batches our trainer reads, in its order (``StoreSource.batches``)."""
     it = store.iter_batches(
         cfg.batch_size, split="train", test_fraction=cfg.test_fraction, split_seed=0,
         seed=cfg.seed, n_batches=total, buffer_tokens=max(cfg.shuffle_buffer_tokens, cfg.batch_size),

@@ -221,7 +221,7 @@ def test_loading_a_model_in_bf16_on_a_cpu_without_it_warns(cpu, caplog):
 
 def test_training_autocast_auto_is_on_for_a_bf16_gpu_only(monkeypatch):
     from integral_superposition.config import SAEConfig
-    from integral_superposition.sae.train import autocast_enabled
+    from integral_superposition.sae.trainee import autocast_enabled
 
     cfg = SAEConfig()
     assert cfg.autocast_bf16 is None

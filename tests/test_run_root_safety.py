@@ -174,7 +174,7 @@ def test_overwrite_replaces_only_our_own_earlier_dump(tiny_backend, tmp_path):
 
 
 def test_a_tampered_checkpoint_pointer_removes_nothing_outside(tmp_path):
-    from integral_superposition.sae.train import _Checkpoints
+    from integral_superposition.sae.checkpoint import Checkpoints
 
     ckpt = tmp_path / "ckpt"
     victim = tmp_path / "victim"
@@ -183,7 +183,7 @@ def test_a_tampered_checkpoint_pointer_removes_nothing_outside(tmp_path):
     (ckpt / "step-000000001" / "state.json").write_text("{}")
     (ckpt / "user-notes.txt").write_text("keep")
     (ckpt / "latest.json").write_text('{"step": 1, "dir": "../victim"}')
-    c = _Checkpoints(str(ckpt))
+    c = Checkpoints(str(ckpt))
     c._remove_step("../victim")
     c.remove()
     assert _files_of(victim) == before

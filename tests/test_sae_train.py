@@ -13,13 +13,8 @@ from integral_superposition.dump.synthetic import (
     write_activation_store,
 )
 from integral_superposition.sae import SparseAutoencoder, load_sae, load_sparsity, read_sae_manifest
-from integral_superposition.sae.train import (
-    TrainResult,
-    lr_at,
-    sparsity_coef_at,
-    train_sae,
-    train_saes,
-)
+from integral_superposition.sae.schedule import lr_at, lr_scheduler, sparsity_coef_at
+from integral_superposition.sae.train import TrainResult, train_sae, train_saes
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 D, N_FEATURES, D_SAE = 32, 48, 64
@@ -142,6 +137,25 @@ def test_schedules():
     assert sparsity_coef_at(cfg, 0, 100) == pytest.approx(0.2)
     assert sparsity_coef_at(cfg, 50, 100) == 2.0
     assert lr_at(cfg, 500, None) == 1.0  # unknown length: no decay
+
+
+def test_lr_scheduler_follows_the_schedule_and_resumes_mid_run():
+    """The optimiser's LR at each step is ``lr_at`` of that step, also after a resume."""
+    cfg = SAEConfig(lr=0.5, lr_warmup_steps=7, lr_decay_frac=0.3)
+    total = 40
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=123.0)
+    sched = lr_scheduler(opt, cfg, total)
+    seen = []
+    for _ in range(total):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([lr_at(cfg, s, total) for s in range(total)])
+    assert seen[-1] > 0 and lr_at(cfg, total, total) == 0.0
+    opt2 = torch.optim.SGD([p], lr=123.0)
+    lr_scheduler(opt2, cfg, total, start=25)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(seen[25])
 
 
 def test_seed_api_trains_in_place_on_tensors(dictionary_store):

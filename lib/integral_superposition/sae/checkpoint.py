@@ -1,0 +1,153 @@
+"""Training checkpoints: atomic step directories, and the run fingerprint a resume must match.
+
+``{uri}/step-NNNNNNNNN/`` holds one safetensors file per SAE in training (weights, Adam
+moments, dead-latent counters: whatever the trainee's ``state_tensors()`` returns),
+``rng.safetensors`` and ``state.json`` (step, the trainees' ``state_json()``, the run
+fingerprint); ``latest.json`` is replaced last, so a crash at any point leaves the previous
+checkpoint readable. A resume compares the stored fingerprint with the new run's and refuses
+a different run, naming the first field that differs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from integral_superposition import storage
+from integral_superposition.config import SAEConfig
+
+CHECKPOINT_FORMAT = 1
+
+
+class Checkpointable(Protocol):
+    """One SAE in training, as a checkpoint sees it."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def state_json(self) -> dict[str, Any]: ...
+
+
+_STEP_DIR_RE = re.compile(r"^step-\d{9}$")
+_STEP_FILE_RE = re.compile(r"^(\.tmp-)?(state\.json|rng\.safetensors|sae-\d{2}\.safetensors)")
+
+
+class Checkpoints:
+    """Atomic step directories under ``uri`` with ``latest.json`` published last.
+
+    Only files a checkpoint writes are ever removed, by name: a step directory's files
+    (``step-NNNNNNNNN/{state.json, rng.safetensors, sae-NN.safetensors}``) and ``latest.json``;
+    folders (step directories and ``uri``) are removed only when nothing else is left in them.
+    """
+
+    def __init__(self, uri: str, storage_options=None):
+        self.uri = str(uri).rstrip("/")
+        self.so = storage_options
+
+    def _remove_step(self, name: str) -> None:
+        if not _STEP_DIR_RE.match(str(name)):
+            return  # not a name we write (e.g. a tampered latest.json): leave it alone
+        d = storage.join(self.uri, name)
+        for f in storage.listdir(d, self.so):
+            if _STEP_FILE_RE.match(f):
+                storage.remove(storage.join(d, f), self.so)
+        storage.remove_empty_dir(d, self.so)
+
+    def latest(self) -> dict[str, Any] | None:
+        p = storage.join(self.uri, "latest.json")
+        return storage.read_json(p, self.so) if storage.exists(p, self.so) else None
+
+    def write(
+        self,
+        step: int,
+        fingerprint: dict,
+        trainees: Sequence[Checkpointable],
+        extra: dict[str, Any],
+    ) -> None:
+        name = f"step-{step:09d}"
+        d = storage.join(self.uri, name)
+        files = {}
+        for i, t in enumerate(trainees):
+            data = st_save(t.state_tensors())
+            storage.write_bytes(storage.join(d, f"sae-{i:02d}.safetensors"), data, self.so)
+            files[f"sae-{i:02d}.safetensors"] = storage.file_entry("", data)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng.update({f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        data = st_save(rng)
+        storage.write_bytes(storage.join(d, "rng.safetensors"), data, self.so)
+        files["rng.safetensors"] = storage.file_entry("", data)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "fingerprint": fingerprint,
+            "trainees": [t.state_json() for t in trainees],
+            "files": files,
+            **extra,
+        }
+        storage.write_json(storage.join(d, "state.json"), state, self.so)
+        previous = self.latest()
+        storage.write_json(
+            storage.join(self.uri, "latest.json"), {"step": step, "dir": name}, self.so
+        )
+        if previous and previous.get("dir") != name:
+            self._remove_step(str(previous.get("dir")))
+
+    def read(
+        self,
+    ) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+        latest = self.latest()
+        if latest is None:
+            return None
+        d = storage.join(self.uri, latest["dir"])
+        state = storage.read_json(storage.join(d, "state.json"), self.so)
+        tensors = [
+            st_load(storage.read_bytes(storage.join(d, f"sae-{i:02d}.safetensors"), self.so))
+            for i in range(len(state["trainees"]))
+        ]
+        rng = st_load(storage.read_bytes(storage.join(d, "rng.safetensors"), self.so))
+        return state, tensors, rng
+
+    def remove(self) -> None:
+        # latest.json first: a crash half-way leaves no pointer to a half-removed step
+        storage.remove(storage.join(self.uri, "latest.json"), self.so)
+        for name in storage.listdir(self.uri, self.so):
+            self._remove_step(name)
+        storage.remove_empty_dir(self.uri, self.so)  # only when nothing else is left in it
+
+
+def run_fingerprint(
+    cfgs: Sequence[SAEConfig], source_desc: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint: configs (less the cadence and the
+    device), the data source and ``extra`` (e.g. the step total)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "cfgs": [
+            c.model_dump(mode="json", exclude={"checkpoint_every", "log_every", "device"})
+            for c in cfgs
+        ],
+        "source": source_desc,
+        **extra,
+    }
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """First differing path between two JSON-like values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            r = first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+            if r:
+                return r
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            r = first_difference(x, y, f"{path}[{i}]")
+            if r:
+                return r
+        return None
+    return None if a == b else f"{path}: checkpoint has {a!r}, this run has {b!r}"
