@@ -40,7 +40,7 @@ from integral_superposition import steering
 from integral_superposition.data import neutral_prompts
 from integral_superposition.data.tokenize import pad_batch, pad_token_id
 from integral_superposition.sae import load_sae, read_sae_manifest
-from integral_superposition.steering import evaluate as ev
+from integral_superposition.steering import picks, sweep
 from integral_superposition.steering.generation import encode_prompts
 
 OUT = common.OUT / "steering"
@@ -54,7 +54,7 @@ def enrichment(sae, sae_uri: str, store):
     if all(f.exists() for f in files):
         return pd.read_parquet(files[0]), pd.read_parquet(files[1]), np.load(files[2])
     t = time.time()
-    tok, doc, scan = ev.enrichment_tables(sae, store, 20)
+    tok, doc, scan = picks.enrichment_tables(sae, store, 20)
     folder.mkdir(parents=True, exist_ok=True)
     tok.to_parquet(files[0])
     doc.to_parquet(files[1])
@@ -202,7 +202,7 @@ def main() -> None:
             batch_size=args.batch_size,
         )  # fmt: skip
         t = time.time()
-        result = ev.evaluate_steering(
+        result = sweep.evaluate_steering(
             backend, sae, store, params, enrichment=(tok, doc), max_acts=mx,
             on_progress=lambda d, n: print(f"  [{d}/{n}] {time.time() - t:.0f}s", flush=True),
         )  # fmt: skip

@@ -117,7 +117,7 @@ def main() -> None:
 
     # Which latent? The one most enriched for the label (Fisher tests on the store), and its
     # largest activation in the data (for clamp-to-max).
-    tok_table, doc_table, scan = steering.evaluate.enrichment_tables(model, store)
+    tok_table, doc_table, scan = steering.picks.enrichment_tables(model, store)
     picks = steering.pick_latents(tok_table, doc_table, labels=[args.label], q_max=1e-3)
     if args.latent is None and picks.empty:
         raise SystemExit(f"no latent is enriched for {args.label!r} at q < 1e-3; pass --latent")

@@ -513,7 +513,7 @@ def steer_eval(
 ) -> None:
     """Sweep steering strengths of the SAE's most label-enriched latents, with controls."""
     from integral_superposition.flows.steps import steer_eval_flow
-    from integral_superposition.steering.evaluate import SteeringParams
+    from integral_superposition.steering.sweep import SteeringParams
 
     with _flow_process():
         params = _params(SteeringParams, param)

@@ -43,7 +43,7 @@ from integral_superposition.flows.experiment import (
 from integral_superposition.flows.process import record_process
 from integral_superposition.lease import RunLease, check_delegate
 from integral_superposition.merge.params import MergeParams
-from integral_superposition.steering.evaluate import SteeringParams
+from integral_superposition.steering.sweep import SteeringParams
 from integral_superposition.tasks.analyze import analyze_sae
 from integral_superposition.tasks.backends import model_stamp
 from integral_superposition.tasks.blocks import refuse_credentials, resolve_storage, secure_config

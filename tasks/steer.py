@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from integral_superposition.steering.evaluate import SteeringParams
+from integral_superposition.steering.sweep import SteeringParams
 from integral_superposition.tasks.backends import run_sae_step
 from integral_superposition.tasks.dump import TASK_DEFAULTS
 from integral_superposition.tasks.policy import output_cache

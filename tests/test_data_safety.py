@@ -25,7 +25,7 @@ from integral_superposition.dump import shards as shards_mod
 from integral_superposition.dump.shards import ShardReader
 from integral_superposition.dump.synthetic import write_activation_store
 from integral_superposition.merge.params import MergeParams
-from integral_superposition.steering.evaluate import SteeringParams
+from integral_superposition.steering.sweep import SteeringParams
 from pydantic import ValidationError
 
 FRAME = pd.DataFrame(
@@ -577,7 +577,7 @@ def test_damaged_or_impossible_data_is_not_retried():
 
 def test_inf_in_a_store_stops_the_steering_classifier(inf_store):
     from integral_superposition.dump.store import NonFiniteActivationsError
-    from integral_superposition.steering.evaluate import mean_pooled_documents
+    from integral_superposition.steering.classifier import mean_pooled_documents
 
     _root, store = inf_store
     with pytest.raises(NonFiniteActivationsError, match=WHERE):

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from integral_superposition import steering, storage
 from integral_superposition.sae import SparseAutoencoder, save_sae
-from integral_superposition.steering import evaluate as ev
+from integral_superposition.steering import classifier, sweep
+from integral_superposition.steering import picks as picking
 from matplotlib.figure import Figure
 
 
@@ -56,7 +57,7 @@ def test_label_classifier_reads_texts_like_the_dump(demo_store, tiny_backend):
     """Features of a document's text through the backend equal the store's mean-pooled rows."""
     clf = steering.LabelClassifier.fit(demo_store, test_fraction=0.25, seed=0)
     assert 0.0 <= clf.accuracy <= 1.0 and clf.hook_point == "layer.2"
-    doc_ids, pooled = ev.mean_pooled_documents(demo_store)
+    doc_ids, pooled = classifier.mean_pooled_documents(demo_store)
     docs = demo_store.docs.set_index("doc_id").loc[doc_ids[:12]]
     X, valid = clf.features(tiny_backend, [*docs["text"].tolist(), "", "   "])
     assert valid.tolist() == [True] * 12 + [False, False]
@@ -182,10 +183,10 @@ def test_run_steering_eval_rejects_bad_input_before_writing(demo_store, tiny_bac
 
 
 def test_edit_for_matches_decoder_norms():
-    assert ev._edit_for("clamp_max", 3, 2.0, 5.0) == steering.clamp(3, 10.0)
-    assert ev._edit_for("clamp_max", 4, 2.0, 5.0, ratio=0.5) == steering.clamp(4, 5.0)
-    assert ev._edit_for("add", 4, 2.0, 5.0, ratio=3.0) == steering.add(4, 6.0)
-    assert ev._edit_for("scale", 4, 2.0, 5.0, ratio=3.0) == steering.scale(4, 2.0)
+    assert sweep._edit_for("clamp_max", 3, 2.0, 5.0) == steering.clamp(3, 10.0)
+    assert sweep._edit_for("clamp_max", 4, 2.0, 5.0, ratio=0.5) == steering.clamp(4, 5.0)
+    assert sweep._edit_for("add", 4, 2.0, 5.0, ratio=3.0) == steering.add(4, 6.0)
+    assert sweep._edit_for("scale", 4, 2.0, 5.0, ratio=3.0) == steering.scale(4, 2.0)
 
 
 def test_random_control_is_a_topic_neutral_live_latent_with_matched_norm():
@@ -206,12 +207,12 @@ def test_random_control_is_a_topic_neutral_live_latent_with_matched_norm():
     picks = pd.DataFrame({"label": ["a"], "latent": [0]})
     seen = set()
     for seed in range(20):
-        out = ev._random_controls(picks, tok, norms, 1e-3, seed)
+        out = picking.random_controls(picks, tok, norms, 1e-3, seed)
         r = int(out["random_latent"].iloc[0])
         seen.add(r)
         assert out["random_ratio"].iloc[0] == pytest.approx(norms[0] / norms[r])
     assert seen == {4, 5}
     # no neutral latent left: fall back to latents not enriched for the target label
     only = tok[tok["latent"].isin([0, 1, 2])]
-    out = ev._random_controls(picks, only, norms, 1e-3, 0)
+    out = picking.random_controls(picks, only, norms, 1e-3, 0)
     assert int(out["random_latent"].iloc[0]) == 1

@@ -56,7 +56,7 @@ from integral_superposition.credentials import (
     split_secret_options,
 )
 from integral_superposition.merge.params import MergeParams
-from integral_superposition.steering.evaluate import SteeringParams
+from integral_superposition.steering.sweep import SteeringParams
 
 __all__ = [
     "PRESETS",

@@ -7,11 +7,26 @@
 - Edits: :func:`clamp`, :func:`clamp_to_max`, :func:`scale`, :func:`add`, :func:`ablate`,
   the seed's :func:`set_or_scale_latent`, and :func:`parse_edit` (``"42=100"``).
 - :func:`compare_generations`: unsteered and steered continuations side by side.
-- :mod:`~integral_superposition.steering.evaluate`: strength sweeps with a label classifier,
-  target-vocabulary mass, perplexity and controls; :func:`run_steering_eval` publishes them.
+- :mod:`~integral_superposition.steering.sweep`: strength sweeps scored by the label classifier
+  (:mod:`~integral_superposition.steering.classifier`), target-vocabulary mass and perplexity,
+  with controls (latents from :mod:`~integral_superposition.steering.picks`, the figure from
+  :mod:`~integral_superposition.steering.plot`); :func:`run_steering_eval` publishes them.
+- :mod:`~integral_superposition.steering.positions`: which tokens a hook edits under the KV
+  cache.
 """
 
-from integral_superposition.steering import edits, evaluate, generation, hooks
+from integral_superposition.steering import (
+    classifier,
+    edits,
+    evaluate,
+    generation,
+    hooks,
+    picks,
+    plot,
+    positions,
+    sweep,
+)
+from integral_superposition.steering.classifier import LabelClassifier, label_vocabulary
 from integral_superposition.steering.edits import (
     Edit,
     ablate,
@@ -24,15 +39,8 @@ from integral_superposition.steering.edits import (
     set_or_scale_latent,
 )
 from integral_superposition.steering.evaluate import (
-    LabelClassifier,
-    SteeringEval,
-    SteeringParams,
     SteeringResult,
-    evaluate_steering,
-    label_vocabulary,
     load_steering,
-    pick_latents,
-    plot_sweep,
     run_steering_eval,
     side_by_side,
     steering_section,
@@ -44,15 +52,17 @@ from integral_superposition.steering.generation import (
     generate_continuations,
 )
 from integral_superposition.steering.hooks import (
-    POSITION_SETS,
     LatentEditor,
     SteeringHandle,
-    column_mask,
     register_prehook_last_row,
     register_steering,
     resolve_sae_hook_point,
     steer,
 )
+from integral_superposition.steering.picks import pick_latents
+from integral_superposition.steering.plot import plot_sweep
+from integral_superposition.steering.positions import POSITION_SETS, column_mask
+from integral_superposition.steering.sweep import SteeringEval, SteeringParams, evaluate_steering
 
 __all__ = [
     "POSITION_SETS",
@@ -68,6 +78,7 @@ __all__ = [
     "add",
     "clamp",
     "clamp_to_max",
+    "classifier",
     "column_mask",
     "compare_generations",
     "continuation_nll",
@@ -82,7 +93,10 @@ __all__ = [
     "max_activations",
     "parse_edit",
     "pick_latents",
+    "picks",
+    "plot",
     "plot_sweep",
+    "positions",
     "register_prehook_last_row",
     "register_steering",
     "resolve_sae_hook_point",
@@ -92,4 +106,5 @@ __all__ = [
     "side_by_side",
     "steer",
     "steering_section",
+    "sweep",
 ]

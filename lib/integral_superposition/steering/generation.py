@@ -48,7 +48,7 @@ def check_steerable_prompts(
     """Token ids of each prompt (:func:`encode_prompts`), after checking that each prompt has a
     token steering can edit: special tokens (BOS, EOS, pad, ...) are never steered, so an empty
     prompt or one of only special tokens is refused, naming the prompt."""
-    from integral_superposition.steering.hooks import steerable_token_mask
+    from integral_superposition.steering.positions import steerable_token_mask
 
     enc = encode_prompts(tokenizer, prompts)
     for i, (prompt, ids) in enumerate(zip(prompts, enc, strict=True)):

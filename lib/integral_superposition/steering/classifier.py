@@ -1,0 +1,199 @@
+"""The label classifier that judges steered generations, and the labels' target vocabularies.
+
+- :func:`label_vocabulary`: each label's most enriched token ids in an activation store (a
+  one-sided Fisher test per token and label);
+- :class:`LabelClassifier`: scikit-learn logistic regression on mean-pooled activations of a
+  store's labelled documents at the store's hook point; it reads any text through a backend
+  the same way the store was dumped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from integral_superposition.data.tokenize import pad_batch, pad_token_id, special_ids
+
+__all__ = ["LabelClassifier", "label_vocabulary", "mean_pooled_documents"]
+
+
+# -- target vocabularies --------------------------------------------------------------------------
+def label_vocabulary(
+    store,
+    per_label: int = 50,
+    q_max: float = 1e-3,
+    min_count: int = 5,
+    tokenizer=None,
+    words_only: bool = True,
+) -> pd.DataFrame:
+    """The most label-enriched token ids of ``store`` (one-sided Fisher test per token and
+    label, BH q-values over all pairs).
+
+    Returns one row per selected (label, token): ``label, label_id, token_id, token, count,
+    in_label, frac_in_label, log_odds, q``, at most ``per_label`` per label, by log odds.
+    With a ``tokenizer`` and ``words_only``, only tokens that read as words (three or more
+    letters once stripped) are kept, which drops markup and URL debris from the vocabulary.
+    """
+    from integral_superposition.analysis.enrichment import fisher_table
+
+    token_ids = np.asarray(store.token_ids, dtype=np.int64)
+    labels = np.asarray(store.labels, dtype=np.int64)
+    names = list(store.label_names)
+    C = len(names)
+    vocab, inv = np.unique(token_ids, return_inverse=True)
+    in_set = np.bincount(inv * C + labels, minlength=vocab.size * C).reshape(vocab.size, C)
+    table = fisher_table(in_set, in_set.sum(1), np.bincount(labels, minlength=C), names)
+    keep = (table["q"] < q_max) & (table["set_size"] >= min_count) & (table["log_odds"] > 0)
+    t = table[keep].sort_values(["label_id", "log_odds"], ascending=[True, False])
+    text = None
+    if tokenizer is not None:
+        text = np.array([tokenizer.decode([int(vocab[i])]) for i in t["latent"]], dtype=object)
+        if words_only:
+            word = np.array([len(w.strip()) >= 3 and w.strip().isalpha() for w in text], bool)
+            t, text = t[word], text[word]
+    head = t.groupby("label_id", observed=True).cumcount().to_numpy() < per_label
+    t = t[head]
+    out = pd.DataFrame(
+        {
+            "label": t["label"].astype(str).to_numpy(),
+            "label_id": t["label_id"].to_numpy(),
+            "token_id": vocab[t["latent"].to_numpy()],
+            "count": t["set_size"].to_numpy(),
+            "in_label": t["in_set"].to_numpy(),
+            "frac_in_label": t["frac_in_set"].to_numpy(),
+            "log_odds": t["log_odds"].to_numpy(),
+            "q": t["q"].to_numpy(),
+        }
+    )
+    if text is not None:
+        out.insert(3, "token", text[head])
+    return out.reset_index(drop=True)
+
+
+# -- the label classifier ---------------------------------------------------------------------------
+def _doc_index(doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    uniq, inv = np.unique(doc_ids, return_inverse=True)
+    return uniq, inv
+
+
+def mean_pooled_documents(store, chunk_tokens: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Mean activation of every document of ``store``: ``(doc_ids [n_docs], X [n_docs, d])``."""
+    docs, inv = _doc_index(np.asarray(store.doc_ids))
+    sums = torch.zeros(docs.size, store.d_model, dtype=torch.float64)
+    counts = np.bincount(inv, minlength=docs.size)
+    for rows, x in store.iter_chunks(chunk_tokens):
+        sums.index_add_(0, torch.from_numpy(inv[rows]), x.double())
+    return docs, (sums / torch.from_numpy(np.maximum(counts, 1))[:, None]).float().numpy()
+
+
+@dataclass
+class LabelClassifier:
+    """Logistic regression on mean-pooled activations at ``hook_point``, fitted on a store's
+    labelled documents; scores texts read by a backend the same way the store was dumped."""
+
+    model: Any
+    """The fitted scikit-learn pipeline (standardise, then logistic regression)."""
+    label_names: list[str]
+    hook_point: str
+    max_len: int
+    prepend_bos: bool
+    accuracy: float
+    """Accuracy on the held-out documents."""
+    n_train: int
+    n_test: int
+    test_doc_ids: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
+
+    @classmethod
+    def fit(
+        cls,
+        store,
+        *,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        C: float = 1.0,
+        chunk_tokens: int = 65536,
+    ) -> LabelClassifier:
+        """Fit on the store's documents; a seeded document-level split holds out ``test_fraction``."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        docs_table = store.docs.set_index("doc_id")
+        doc_ids, X = mean_pooled_documents(store, chunk_tokens)
+        y = docs_table.loc[doc_ids, "label"].to_numpy(dtype=np.int64)
+        if np.unique(y).size < 2:
+            raise ValueError(
+                f"the store's documents have a single label ({store.label_names}): a label classifier needs two or more"
+            )
+        rng = np.random.default_rng(seed)
+        test = rng.random(doc_ids.size) < test_fraction
+        if test.all() or not test.any():
+            test = np.zeros(doc_ids.size, dtype=bool)
+            test[rng.permutation(doc_ids.size)[: max(1, round(test_fraction * doc_ids.size))]] = (
+                True
+            )
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+        model.fit(X[~test], y[~test])
+        acc = float((model.predict(X[test]) == y[test]).mean())
+        cfg = store.manifest.get("config", {})
+        return cls(
+            model=model,
+            label_names=list(store.label_names),
+            hook_point=store.hook_point,
+            max_len=int(cfg.get("max_len", 64)),
+            prepend_bos=bool(cfg.get("prepend_bos", True)),
+            accuracy=acc,
+            n_train=int((~test).sum()),
+            n_test=int(test.sum()),
+            test_doc_ids=doc_ids[test],
+        )
+
+    @torch.inference_mode()
+    def features(
+        self, backend, texts: Sequence[str], batch_size: int = 16
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean-pooled activations of ``texts``: ``(X [n, d], valid bool [n])``; a text with no
+        token left after dropping BOS/special tokens is not valid (its row is zero)."""
+        from integral_superposition.data.tokenize import tokenize_texts
+
+        tok = backend.tokenizer
+        hp = backend.hook_point(self.hook_point)
+        drop = torch.tensor(sorted(special_ids(tok)) or [-1], dtype=torch.long)
+        X = np.zeros((len(texts), backend.d_model), dtype=np.float32)
+        valid = np.zeros(len(texts), dtype=bool)
+        nonempty = [i for i, t in enumerate(texts) if t.strip()]
+        enc = tokenize_texts(tok, [texts[i] for i in nonempty], self.max_len, self.prepend_bos)
+        pad = pad_token_id(tok)
+        for a in range(0, len(nonempty), batch_size):
+            idx = nonempty[a : a + batch_size]
+            batch = pad_batch(enc[a : a + batch_size], pad, "right")
+            acts = backend.capture(batch.input_ids, batch.attention_mask, [hp])[hp.name].float()
+            keep = batch.attention_mask.bool() & ~torch.isin(batch.input_ids, drop)
+            keep = keep.to(acts.device)
+            n = keep.sum(1)
+            pooled = (acts * keep[..., None]).sum(1) / n.clamp_min(1)[:, None]
+            X[idx] = pooled.cpu().numpy()
+            valid[idx] = (n > 0).cpu().numpy()
+        return X, valid
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """``[n, C]`` label probabilities (columns in ``label_names`` order)."""
+        proba = self.model.predict_proba(X)
+        out = np.zeros((X.shape[0], len(self.label_names)))
+        out[:, self.model.classes_] = proba
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "logistic regression on mean-pooled activations",
+            "hook_point": self.hook_point,
+            "held_out_accuracy": self.accuracy,
+            "n_train_docs": self.n_train,
+            "n_test_docs": self.n_test,
+            "chance": 1.0 / len(self.label_names),
+        }

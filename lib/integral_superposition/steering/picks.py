@@ -1,0 +1,152 @@
+"""Which latents to steer: the most label-enriched latents, and a topic-neutral random
+latent of matched decoder norm as the control of each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = ["enrichment_tables", "pick_latents", "random_controls", "target_latents"]
+
+
+# -- picking latents --------------------------------------------------------------------------------
+def resolve_scan_device(device: str, backend) -> torch.device:
+    """``auto``: where the model runs (it generates the steered texts), else CUDA or CPU."""
+    from integral_superposition.compute import resolve_device
+
+    return resolve_device(device, default=backend.device if backend is not None else None)
+
+
+def enrichment_tables(sae, store, n_top: int = 20, device=None, chunk_tokens: int | None = None):
+    """One scan of ``sae`` over ``store``: ``(token table, document table, scan)`` with the
+    enrichment tables of :mod:`integral_superposition.analysis.enrichment`."""
+    from integral_superposition.analysis.enrichment import document_enrichment, fisher_enrichment
+    from integral_superposition.analysis.scan import scan_latents
+
+    labels = np.asarray(store.labels, dtype=np.int64)
+    scan = scan_latents(
+        sae, store, n_top=n_top, labels=labels, label_names=store.label_names,
+        doc_threshold=0.0, stats=True, device=device, chunk_tokens=chunk_tokens,
+    )  # fmt: skip
+    tok = fisher_enrichment(scan.top, labels, label_names=store.label_names)
+    doc = None
+    if scan.doc_pairs is not None:
+        docs = store.docs
+        doc = document_enrichment(
+            scan.doc_pairs,
+            pd.DataFrame({"doc_id": docs["doc_id"], "label": docs["label"]}),
+            sae.d_sae,
+            label_names=store.label_names,
+        )
+    return tok, doc, scan
+
+
+def pick_latents(
+    token_table: pd.DataFrame,
+    doc_table: pd.DataFrame | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    per_label: int = 1,
+    q_max: float = 1e-3,
+    rank_by: str = "doc_q",
+) -> pd.DataFrame:
+    """The most enriched latents of each label: ``label, latent, q, log_odds, frac_in_set,
+    doc_q, doc_log_odds`` (``per_label`` rows per label at most; a label with no latent at
+    ``q < q_max`` has none).
+
+    ``token_table``/``doc_table``: tidy enrichment tables (``analysis.fisher_enrichment`` /
+    ``document_enrichment``, or a published analysis's ``enrichment`` table split by level).
+    """
+    if rank_by not in ("doc_q", "token_q", "log_odds"):
+        raise ValueError(f"rank_by={rank_by!r}: expected 'doc_q', 'token_q' or 'log_odds'")
+    names = [str(x) for x in token_table["label"].astype(str).unique()]
+    if labels is not None:
+        unknown = [lb for lb in labels if lb not in names]
+        if unknown:
+            raise ValueError(
+                f"labels={list(labels)}: {unknown} not among the store's labels {names}"
+            )
+    t = token_table.copy()
+    t["label"] = t["label"].astype(str)
+    t = t[(t["q"] < q_max) & (t["log_odds"] > 0)]
+    if labels is not None:
+        t = t[t["label"].isin(list(labels))]
+    if doc_table is not None:
+        d = doc_table[["latent", "label", "q", "log_odds"]].copy()
+        d["label"] = d["label"].astype(str)
+        t = t.merge(
+            d.rename(columns={"q": "doc_q", "log_odds": "doc_log_odds"}),
+            on=["latent", "label"],
+            how="left",
+        )
+    else:
+        t["doc_q"], t["doc_log_odds"] = np.nan, np.nan
+    if rank_by == "doc_q" and doc_table is not None:
+        order = (["doc_q", "doc_log_odds", "q"], [True, False, True])
+    elif rank_by == "log_odds":
+        order = (["log_odds", "q"], [False, True])
+    else:
+        order = (["q", "log_odds"], [True, False])
+    t = t.sort_values(order[0], ascending=order[1], kind="stable")
+    t = t.groupby("label", sort=False).head(per_label)
+    cols = ["label", "latent", "q", "log_odds", "frac_in_set", "doc_q", "doc_log_odds"]
+    wanted = list(labels) if labels is not None else names
+    t = t.assign(_o=t["label"].map({n: i for i, n in enumerate(wanted)})).sort_values(
+        ["_o"], kind="stable"
+    )
+    return t[cols].reset_index(drop=True)
+
+
+def target_latents(
+    p, tok_table: pd.DataFrame, doc_table: pd.DataFrame | None, names: list[str]
+) -> pd.DataFrame:
+    """The latents to steer with their target label: picked by enrichment (``auto``) or given
+    (target label: given, else the latent's most significant label)."""
+    if p.latents == "auto":
+        picks = pick_latents(
+            tok_table, doc_table, labels=p.labels, per_label=p.per_label, q_max=p.q_max,
+            rank_by=p.rank_by,
+        )  # fmt: skip
+        if picks.empty:
+            raise ValueError(
+                f"no latent is enriched for any of the labels {p.labels or names} at q < {p.q_max}"
+            )
+        return picks
+    t = tok_table.assign(label=tok_table["label"].astype(str))
+    t = t[t["latent"].isin(p.latents)].sort_values(["q", "log_odds"], ascending=[True, False])
+    best = t.drop_duplicates("latent").set_index("latent")["label"]
+    labels = p.labels if p.labels is not None else [best[j] for j in p.latents]
+    pairs = pd.DataFrame({"latent": p.latents, "label": labels})
+    cols = ["latent", "label", "q", "log_odds", "frac_in_set"]
+    return pairs.merge(t[cols], on=["latent", "label"], how="left")[["label", *cols[:1], *cols[2:]]]
+
+
+def random_controls(
+    picks: pd.DataFrame, tok_table: pd.DataFrame, norms: np.ndarray, q_max: float, seed: int
+) -> pd.DataFrame:
+    """For each steered latent, a random latent that fired in the data and is enriched for no
+    label (a topic-neutral perturbation; if there is none, one not enriched for the target
+    label), and the decoder-norm ratio that matches the injected vectors."""
+    t = tok_table.assign(label=tok_table["label"].astype(str))
+    fired = np.zeros(norms.shape[0], dtype=bool)
+    fired[t.loc[t["fires"], "latent"].to_numpy()] = True
+    enriched = (t["q"] < q_max) & (t["log_odds"] > 0)
+    neutral = fired.copy()
+    neutral[t.loc[enriched, "latent"].to_numpy()] = False
+    rng = np.random.default_rng(seed)
+    randoms = []
+    for label, j in zip(picks["label"], picks["latent"], strict=True):
+        ok = neutral.copy()
+        ok[int(j)] = False
+        if not ok.any():
+            ok = fired.copy()
+            ok[t.loc[enriched & (t["label"] == label), "latent"].to_numpy()] = False
+            ok[int(j)] = False
+        cands = np.flatnonzero(ok)
+        randoms.append(int(rng.choice(cands)) if cands.size else -1)
+    r = np.asarray(randoms)
+    ratio = np.where(r >= 0, norms[picks["latent"].to_numpy()] / norms[np.maximum(r, 0)], np.nan)
+    return picks.assign(random_latent=r, random_ratio=ratio)
