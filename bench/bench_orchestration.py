@@ -151,7 +151,7 @@ def flow_steps(result) -> dict[str, float]:
 def overhead(repeats: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from integral_superposition.experiment import load_preset
+    from integral_superposition.flows.config import load_preset
     from integral_superposition.flows.experiment import experiment_flow
     from integral_superposition.tasks import backends as task_backends
     from prefect.testing.utilities import prefect_test_harness

@@ -80,7 +80,8 @@ def _load_cfg(
     run: str | None = None,
     new_run: bool = True,
 ):
-    from integral_superposition.experiment import ConfigError, make_run_id, resolve_config
+    from integral_superposition.experiment import ConfigError, make_run_id
+    from integral_superposition.flows.config import resolve_config
 
     extra = list(overrides or [])
     if storage:
@@ -696,7 +697,7 @@ def schema(
     ] = None,
 ) -> None:
     """Print the JSON schema of the experiment config (also shipped as schemas/experiment.schema.json)."""
-    from integral_superposition.experiment import json_schema, write_schema
+    from integral_superposition.flows.config import json_schema, write_schema
 
     if out:
         typer.echo(str(write_schema(out)))

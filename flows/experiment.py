@@ -18,7 +18,8 @@ from typing import Any
 
 from integral_superposition import storage
 from integral_superposition.credentials import split_secret_options
-from integral_superposition.experiment import ExperimentConfig, SAEJob, make_run_id
+from integral_superposition.experiment import SAEJob, make_run_id
+from integral_superposition.flows.config import FlowExperimentConfig
 from integral_superposition.flows.process import record_process
 from integral_superposition.lease import RunLease
 from integral_superposition.tasks.analyze import analyze_sae
@@ -77,14 +78,16 @@ def result_storage_at(
     return block
 
 
-def resolve_storage_options(cfg: ExperimentConfig) -> dict[str, Any]:
+def resolve_storage_options(cfg: FlowExperimentConfig) -> dict[str, Any]:
     """``cfg.storage_options`` over those of its ``storage_secret`` block (config wins)."""
     from integral_superposition.tasks.blocks import resolve_storage
 
     return resolve_storage(cfg.storage_options, cfg.storage_secret)
 
 
-def result_storage_for(cfg: ExperimentConfig, storage_options: dict[str, Any] | None = None) -> Any:
+def result_storage_for(
+    cfg: FlowExperimentConfig, storage_options: dict[str, Any] | None = None
+) -> Any:
     """Where task results (the cache records that let a rerun skip finished steps) live:
     ``auto`` keeps them with the outputs (:func:`result_storage_at`), a block slug is used
     as given, None leaves Prefect's default."""
@@ -102,7 +105,7 @@ def absolute_storage(uri: str) -> str:
 
 
 def task_options(
-    cfg: ExperimentConfig, storage_options: dict[str, Any] | None = None
+    cfg: FlowExperimentConfig, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Per-experiment task options: retries and result storage."""
     opts = retry_options(cfg.retries.retries, cfg.retries.delay_s, cfg.retries.jitter)
@@ -168,7 +171,7 @@ def lease_owner(kind: str) -> str:
 
 @contextlib.contextmanager
 def own_run_root(
-    cfg: ExperimentConfig, loc: RunLocation, step: str = "experiment"
+    cfg: FlowExperimentConfig, loc: RunLocation, step: str = "experiment"
 ) -> Iterator[RunLease]:
     """Hold the run root for one flow run: check its bucket, take its lease (a second
     writer is refused, naming the holder), and record or check its config (a step whose
@@ -180,7 +183,7 @@ def own_run_root(
 
 
 def dump_store(
-    cfg: ExperimentConfig,
+    cfg: FlowExperimentConfig,
     loc: RunLocation,
     model: ModelRef,
     T: Callable,
@@ -220,7 +223,7 @@ def dump_store(
     return steps.add("combine", out, T(combine_partitions).submit(refs, loc, out=out)).result()
 
 
-def report_config(cfg: ExperimentConfig) -> dict[str, Any]:
+def report_config(cfg: FlowExperimentConfig) -> dict[str, Any]:
     """The config the report shows (and its cache key holds): all but the run name, so
     a rerun of an unchanged experiment reuses the report."""
     shown = cfg.public_dict()
@@ -237,7 +240,7 @@ def group_jobs(jobs: list[SAEJob]) -> list[list[SAEJob]]:
 
 
 def submit_training(
-    cfg: ExperimentConfig,
+    cfg: FlowExperimentConfig,
     store: OutputRef,
     loc: RunLocation,
     T: Callable[[Any], Any],
@@ -268,7 +271,7 @@ def submit_training(
     log_prints=True,
     on_running=[record_process],
 )
-def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> ExperimentResult:
+def experiment_flow(cfg: FlowExperimentConfig, show_progress: bool = False) -> ExperimentResult:
     """Run one experiment end to end (see the module docstring); returns the run's record,
     also written to ``{storage}/{name}/{run}/run.json``."""
     logger = get_run_logger()
@@ -292,7 +295,7 @@ def experiment_flow(cfg: ExperimentConfig, show_progress: bool = False) -> Exper
 
 
 def _experiment(
-    cfg: ExperimentConfig, loc: RunLocation, lease: RunLease, t0: float, show_progress: bool
+    cfg: FlowExperimentConfig, loc: RunLocation, lease: RunLease, t0: float, show_progress: bool
 ) -> ExperimentResult:
     """The experiment's steps, run while ``lease`` holds the run root."""
     logger = get_run_logger()

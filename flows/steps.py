@@ -23,12 +23,8 @@ from typing import Any
 from integral_superposition import storage
 from integral_superposition.analysis.run import AnalysisParams
 from integral_superposition.compute import DTYPE_NAMES, short_name
-from integral_superposition.experiment import (
-    ExperimentConfig,
-    ModelSpec,
-    ReportOptions,
-    make_run_id,
-)
+from integral_superposition.experiment import ModelSpec, ReportOptions, make_run_id
+from integral_superposition.flows.config import FlowExperimentConfig
 from integral_superposition.flows.experiment import (
     _Steps,
     absolute_storage,
@@ -58,7 +54,9 @@ from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
 
-def _secured(cfg: ExperimentConfig, run: str | None = None) -> tuple[ExperimentConfig, RunLocation]:
+def _secured(
+    cfg: FlowExperimentConfig, run: str | None = None
+) -> tuple[FlowExperimentConfig, RunLocation]:
     """``cfg`` with inline credentials moved into a per-run Secret block, and where it writes."""
     run = run or cfg.run or make_run_id()
     cfg = secure_config(cfg, run)
@@ -166,7 +164,7 @@ def _standalone_options(loc: RunLocation) -> dict[str, Any]:
 
 
 @flow(name="dump", persist_result=False, log_prints=True, on_running=[record_process])
-def dump_flow(cfg: ExperimentConfig, show_progress: bool = False) -> OutputRef:
+def dump_flow(cfg: FlowExperimentConfig, show_progress: bool = False) -> OutputRef:
     """Resolve the dataset of ``cfg`` and dump its activations (one store, or partitions
     combined into one); cached like the experiment's dump step."""
     cfg, loc = _secured(cfg)
@@ -184,7 +182,7 @@ def dump_flow(cfg: ExperimentConfig, show_progress: bool = False) -> OutputRef:
 
 @flow(name="dump-partition", persist_result=False, log_prints=True, on_running=[record_process])
 def dump_partition_flow(
-    cfg: ExperimentConfig, partition: int, run: str, lease_token: str | None = None
+    cfg: FlowExperimentConfig, partition: int, run: str, lease_token: str | None = None
 ) -> OutputRef:
     """Dump partition ``partition`` of ``cfg.fanout.partitions`` into run ``run`` (one GPU
     worker each when the experiment fans out with ``fanout.mode: deployments``).
@@ -226,7 +224,7 @@ def dump_partition_flow(
 
 @flow(name="train", persist_result=False, log_prints=True, on_running=[record_process])
 def train_flow(
-    cfg: ExperimentConfig, store_uri: str | None = None, show_progress: bool = False
+    cfg: FlowExperimentConfig, store_uri: str | None = None, show_progress: bool = False
 ) -> list[OutputRef]:
     """Train the SAEs of ``cfg`` (the base SAE and its sweep) on ``store_uri``, or on the
     store of ``cfg``'s dump step (run first, cached)."""

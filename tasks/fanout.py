@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from integral_superposition.config import DumpConfig
-from integral_superposition.experiment import ExperimentConfig, FanoutConfig
+from integral_superposition.flows.config import FanoutPlan, FlowExperimentConfig
 from integral_superposition.lease import held_lease
 from integral_superposition.tasks.dump import TASK_DEFAULTS, combine_partitions, partition_name
 from integral_superposition.tasks.policy import DUMP_MODULES, OutputCache
@@ -43,9 +43,9 @@ def dump_partitions_remote(
     data: DataRef,
     model: ModelRef,
     dump: DumpConfig,
-    fanout: FanoutConfig,
+    fanout: FanoutPlan,
     loc: RunLocation,
-    cfg: ExperimentConfig,
+    cfg: FlowExperimentConfig,
     poll_s: float = 5.0,
 ) -> OutputRef:
     """Run one ``fanout.deployment`` flow run per partition, wait for all, and combine their

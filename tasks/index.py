@@ -65,6 +65,9 @@ _NOT_OUTPUT_FIELDS = (
     "steps",
     "fanout.mode",
     "fanout.deployment",
+    "fanout.train",
+    "fanout.train_deployment",
+    "fanout.gpus_per_run",
     "model.device",
     "model.device_map",
 )

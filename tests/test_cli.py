@@ -63,7 +63,7 @@ def test_run_with_a_bad_config_fails_naming_the_field(tmp_path):
 
 
 def test_schema_command_prints_the_schema():
-    from integral_superposition.experiment import json_schema
+    from integral_superposition.flows.config import json_schema
 
     assert json.loads(invoke("schema").output) == json_schema()
 

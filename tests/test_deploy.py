@@ -127,7 +127,7 @@ def _process_pool_copy(tmp_path: Path, pool: str) -> Path:
 
 
 def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tmp_path):
-    from integral_superposition.experiment import load_preset
+    from integral_superposition.flows.config import load_preset
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.deployments import run_deployment
@@ -384,7 +384,7 @@ def test_a_triggered_analysis_reads_s3_with_credentials_from_a_secret_block(
     deployment, which gets the Secret's name and the endpoint from the event and
     analyses the SAE on S3."""
     import s3fs
-    from integral_superposition.experiment import load_preset
+    from integral_superposition.flows.config import load_preset
     from integral_superposition.tasks.blocks import save_secret_options
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName

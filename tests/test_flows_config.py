@@ -1,9 +1,10 @@
 """ExperimentConfig: presets, YAML loading, overrides, the sweep, errors that name the field,
-and the published JSON schema."""
+the published JSON schema, and the flows' orchestration sections kept out of the library."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from integral_superposition.experiment import (
@@ -33,11 +34,89 @@ def test_smoke_preset_is_small():
 
 
 def test_published_schema_is_current():
+    from integral_superposition.flows import config as flows_config
+
     published = json.loads(schema_path().read_text())
-    assert published == json_schema(), (
-        "schemas/experiment.schema.json is stale: run `python -m integral_superposition.experiment`"
+    assert published == flows_config.json_schema(), (
+        "schemas/experiment.schema.json is stale: run `python -m integral_superposition.flows.config`"
     )
     assert published["properties"]["sae"]["$ref"].endswith("SAEConfig")
+    # experiment files carry the orchestration sections; the library's model does not
+    assert {"retries", "gpu_limit", "result_storage", "storage_secret"} <= set(
+        published["properties"]
+    )
+    assert not {"retries", "gpu_limit", "result_storage", "storage_secret"} & set(
+        json_schema()["properties"]
+    )
+    assert "train" in published["$defs"]["FanoutPlan"]["properties"]
+
+
+ORCHESTRATION = {
+    "retries.retries": 0,
+    "retries.delay_s": 0.5,
+    "gpu_limit": "gpus",
+    "result_storage": "null",
+    "storage_secret": "isup-s3",
+    "fanout.mode": "deployments",
+    "fanout.deployment": "dump-partition/other",
+    "fanout.train": "per_hook_point",
+    "fanout.gpus_per_run": 2,
+}
+
+
+def test_library_config_holds_no_orchestration_settings():
+    lib_fields = set(ExperimentConfig.model_fields)
+    assert not {"retries", "gpu_limit", "result_storage", "storage_secret"} & lib_fields
+    assert set(ExperimentConfig.model_fields["fanout"].annotation.model_fields) == {"partitions"}
+    for key, value in ORCHESTRATION.items():
+        unknown = key if key.startswith("fanout.") else key.split(".")[0]
+        with pytest.raises(ConfigError, match=re.escape(unknown) + ": unknown field"):
+            load_preset("smoke", {key: value})
+
+
+def test_flows_config_reads_every_orchestration_key_from_overrides_and_files(tmp_path):
+    from integral_superposition.flows.config import FlowExperimentConfig
+    from integral_superposition.flows.config import load_config as flow_load_config
+    from integral_superposition.flows.config import load_preset as flow_load_preset
+
+    cfg = flow_load_preset("smoke", [f"{k}={v}" for k, v in ORCHESTRATION.items()] + ["sae.k=64"])
+    assert isinstance(cfg, FlowExperimentConfig) and cfg.sae.k == 64
+    assert (cfg.retries.retries, cfg.retries.delay_s, cfg.gpu_limit) == (0, 0.5, "gpus")
+    assert (cfg.result_storage, cfg.storage_secret) == (None, "isup-s3")  # YAML null
+    assert (cfg.fanout.mode, cfg.fanout.train, cfg.fanout.gpus_per_run) == (
+        "deployments", "per_hook_point", 2,
+    )  # fmt: skip
+    assert cfg.fanout.partitions == 4  # the library's part of the section, from the preset
+    # the smoke preset's own orchestration settings still apply, under a file's keys
+    path = tmp_path / "exp.yaml"
+    path.write_text("preset: smoke\nretries:\n  delay_s: 3\nfanout:\n  train: per_sae\n")
+    from_file = flow_load_config(path)
+    assert (from_file.retries.retries, from_file.retries.delay_s) == (2, 3.0)
+    assert (from_file.fanout.partitions, from_file.fanout.train) == (4, "per_sae")
+    # the library view drops them and keeps everything that shapes the outputs
+    lib = from_file.library_config()
+    assert type(lib) is ExperimentConfig and lib.fanout.partitions == 4
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("preset: smoke\n")
+    assert lib == load_config(plain)
+    # a library config given to the flows takes the orchestration defaults
+    assert FlowExperimentConfig.model_validate(lib).retries.retries == 3
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field"),
+    [
+        ("fanout.train", "per_layer", r"fanout\.train"),
+        ("fanout.gpus_per_run", 0, r"fanout\.gpus_per_run"),
+        ("retries.retries", -1, r"retries\.retries"),
+        ("fanout.mode", "pods", r"fanout\.mode"),
+    ],
+)
+def test_bad_orchestration_values_name_the_field(key, value, field):
+    from integral_superposition.flows.config import load_preset as flow_load_preset
+
+    with pytest.raises(ConfigError, match=field):
+        flow_load_preset("smoke", {key: value})
 
 
 def test_yaml_with_preset_and_overrides(tmp_path):

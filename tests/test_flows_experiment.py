@@ -11,7 +11,8 @@ import time
 
 import pytest
 from integral_superposition import storage
-from integral_superposition.experiment import ConfigError, load_preset
+from integral_superposition.experiment import ConfigError
+from integral_superposition.flows.config import load_preset
 
 pytestmark = pytest.mark.prefect
 

@@ -18,7 +18,8 @@ from integral_superposition.credentials import (
     merge_options,
     split_secret_options,
 )
-from integral_superposition.experiment import ConfigError, load_preset
+from integral_superposition.experiment import ConfigError
+from integral_superposition.flows.config import load_preset
 
 
 def test_split_secret_options_finds_credentials_at_any_depth():

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import s3fs
 from integral_superposition import storage
-from integral_superposition.experiment import ConfigError, load_preset
+from integral_superposition.experiment import ConfigError
 from integral_superposition.flows.cli import app
+from integral_superposition.flows.config import load_preset
 from typer.testing import CliRunner
 
 

@@ -20,7 +20,10 @@ output goes under the run root ``{storage}/{name}/{run}/``::
 Configs load from YAML (:func:`load_config`), from a named preset (:func:`load_preset`,
 ``default`` and ``smoke``), and take dotted overrides (``sae.k=4096``). A bad value raises
 :class:`ConfigError` naming the field, the value and what was expected. This module is
-plain pydantic: it never imports Prefect.
+plain pydantic: it never imports Prefect, and it holds only what shapes the outputs. Where
+and how the steps run (Prefect retries, result storage, secret blocks, concurrency limits,
+deployment fan-out) is ``integral_superposition.flows.config.FlowExperimentConfig``, a
+subclass that adds those sections; the loaders here take it as ``model=``.
 """
 
 from __future__ import annotations
@@ -66,7 +69,6 @@ __all__ = [
     "FanoutConfig",
     "ModelSpec",
     "ReportOptions",
-    "RetryConfig",
     "SAEJob",
     "StepsConfig",
     "apply_overrides",
@@ -218,15 +220,13 @@ class ModelSpec(_Section):
 
 
 class FanoutConfig(_Section):
-    """How the dump of a large corpus is spread: documents ``id % partitions == i`` go to
-    partition ``i``; the parts are combined into one store that training reads."""
+    """How the documents of a large corpus are split for dumping: documents
+    ``id % partitions == i`` go to partition ``i``; the parts are combined into one store
+    that training reads. (Where the partitions run is the flows' business:
+    ``integral_superposition.flows.config.FanoutPlan`` adds it.)"""
 
     partitions: int = Field(1, ge=1, le=4096)
     """Number of partition dumps (1: a single dump)."""
-    mode: Literal["tasks", "deployments"] = "tasks"
-    """``tasks``: partitions run as tasks of the experiment flow; ``deployments``: each partition is a run of ``deployment`` on a worker (e.g. one GPU pod each)."""
-    deployment: str = "dump-partition/dump-partition-gpu"
-    """The ``flow-name/deployment-name`` that dumps one partition (``mode: deployments``)."""
 
 
 class StepsConfig(_Section):
@@ -251,18 +251,6 @@ class ReportOptions(_Section):
     """Most enriched latents listed per label."""
     figure_width: int = Field(480, ge=64)
     """Width in pixels of the PNGs embedded in the Prefect markdown summary."""
-
-
-class RetryConfig(_Section):
-    """Retries of transient failures (network and S3 errors, connection resets, CUDA errors a
-    restart fixes). Bad configs, shape mismatches, NaNs and out-of-memory errors never retry."""
-
-    retries: int = Field(3, ge=0)
-    """Retries per task."""
-    delay_s: float = Field(10.0, ge=0)
-    """Delay before the first retry; doubles with each further retry."""
-    jitter: float = Field(0.2, ge=0)
-    """Random jitter of the delays, as a fraction."""
 
 
 class SAEJob(BaseModel):
@@ -294,13 +282,9 @@ class ExperimentConfig(_Section):
     storage: str = "runs"
     """Root of all outputs: a local directory or an fsspec URI such as ``s3://bucket/prefix``."""
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    """fsspec options for ``storage`` (e.g. ``endpoint_url``). Credentials belong in the environment (AWS_* variables, a profile) or in the Secret block named by ``storage_secret``: ``isup`` moves a key, secret, token or password given here into a per-run Secret block before the run starts, and JSON dumps of the config mask them as ``***``."""
+    """fsspec options for ``storage`` (e.g. ``endpoint_url``). Credentials belong in the environment (AWS_* variables, a profile); the flows also read them from a secret block (``storage_secret``) and move a key, secret, token or password given here into one before a run starts. JSON dumps of the config mask them as ``***``."""
     storage_create_bucket: bool = False
     """Create the bucket of an object-store ``storage`` when it does not exist (default: a missing bucket is an error, so a misspelled name never becomes a new bucket)."""
-    storage_secret: str | None = None
-    """Name of a Prefect Secret block holding a JSON object of storage options (S3 credentials, endpoint); merged under ``storage_options`` at run time and never written anywhere."""
-    result_storage: str | None = "auto"
-    """Where Prefect keeps task results, the cache records that let a rerun skip finished steps: ``auto`` (``{storage}/{name}/.prefect-results`` for remote storage, Prefect's local default otherwise), a saved block slug such as ``remote-file-system/isup-results``, or None (Prefect's default)."""
     data: DataSpec = Field(default_factory=DataSpec)
     """The dataset."""
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -351,10 +335,6 @@ class ExperimentConfig(_Section):
     ``thorough`` preset sweeps four strengths over every label)."""
     report: ReportOptions = Field(default_factory=ReportOptions)
     """Report options."""
-    retries: RetryConfig = Field(default_factory=RetryConfig)
-    """Retries of transient failures."""
-    gpu_limit: str | None = "gpu"
-    """Global concurrency limit taken by every GPU step (a slot each); skipped when no limit of that name exists."""
 
     @field_validator("storage", mode="before")
     @classmethod
@@ -370,8 +350,8 @@ class ExperimentConfig(_Section):
         if masked:
             raise ValueError(
                 f"{', '.join(masked)}={MASK!r}: expected a credential, got the mask that stands "
-                "for one in a config dumped to JSON; give credentials through storage_secret "
-                "(a Prefect Secret block) or the worker's environment"
+                "for one in a config dumped to JSON; give credentials through the environment "
+                "(AWS_* variables, a profile) or, in the flows, a secret block (storage_secret)"
             )
         return v
 
@@ -454,6 +434,12 @@ class ExperimentConfig(_Section):
             raise ValueError("run: no run name (set `run`, or let the flow make one)")
         return storage.join(self.storage, self.name, run)
 
+    @classmethod
+    def preset_defaults(cls, preset: str) -> dict[str, Any]:
+        """Settings of a subclass's own sections for the shipped preset ``preset``, laid under
+        the preset file (none here)."""
+        return {}
+
     def inline_credentials(self) -> dict[str, Any]:
         """The credentials given in ``storage_options`` itself (``key``, ``secret``, ``token``,
         ``client_kwargs.aws_secret_access_key``, ...), nested as there; empty when none."""
@@ -498,9 +484,11 @@ def _describe_errors(e: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
-def _validate(data: Mapping[str, Any], source: str) -> ExperimentConfig:
+def _validate(
+    data: Mapping[str, Any], source: str, model: type[ExperimentConfig] = ExperimentConfig
+) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(dict(data))
+        return model.model_validate(dict(data))
     except ValidationError as e:
         raise ConfigError(f"{source}: invalid experiment config: {_describe_errors(e)}") from None
 
@@ -532,18 +520,28 @@ def preset_data(name: str) -> dict[str, Any]:
     return _read_yaml(text, f"preset {name!r}")
 
 
-def load_preset(name: str, overrides: Sequence[str] | Mapping[str, Any] = ()) -> ExperimentConfig:
+def load_preset(
+    name: str,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    model: type[ExperimentConfig] = ExperimentConfig,
+) -> ExperimentConfig:
     """A shipped preset (``default``: demo corpus + gemma-3-270m, minutes on a CPU; ``smoke``:
     a tiny model, under a minute; ``thorough``: the default with full-size analysis, merge
-    sweep and steering evaluation), with optional dotted overrides."""
-    return _validate(apply_overrides(preset_data(name), overrides), f"preset {name!r}")
+    sweep and steering evaluation), with optional dotted overrides, validated as ``model``
+    (a subclass adds its own sections, e.g. the flows' orchestration settings)."""
+    data = _deep_merge(model.preset_defaults(name), preset_data(name))
+    return _validate(apply_overrides(data, overrides), f"preset {name!r}", model)
 
 
 def load_config(
-    path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()
+    path: str | os.PathLike,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    model: type[ExperimentConfig] = ExperimentConfig,
 ) -> ExperimentConfig:
     """Load an experiment config from a YAML file (local path or fsspec URI). The file may
-    start from a preset with ``preset: smoke``; its other keys override the preset's."""
+    start from a preset with ``preset: smoke``; its other keys override the preset's. A file
+    with orchestration sections (``retries``, ``fanout.mode``, ...) loads with the flows'
+    model (``integral_superposition.flows.config.load_config``)."""
     from integral_superposition import storage
 
     source = os.fspath(path)
@@ -554,22 +552,24 @@ def load_config(
     data = _read_yaml(text, source)
     base: dict[str, Any] = {}
     if "preset" in data:
-        base = preset_data(str(data.pop("preset")))
+        name = str(data.pop("preset"))
+        base = _deep_merge(model.preset_defaults(name), preset_data(name))
     merged = _deep_merge(base, data)
-    return _validate(apply_overrides(merged, overrides), source)
+    return _validate(apply_overrides(merged, overrides), source, model)
 
 
 def resolve_config(
     config: str | os.PathLike | None = None,
     preset: str | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
+    model: type[ExperimentConfig] = ExperimentConfig,
 ) -> ExperimentConfig:
     """The CLI's rule: a YAML file, else a preset, else ``default``; then the overrides."""
     if config is not None and preset is not None:
         raise ConfigError("give a config file or a preset, not both")
     if config is not None:
-        return load_config(config, overrides)
-    return load_preset(preset or "default", overrides)
+        return load_config(config, overrides, model)
+    return load_preset(preset or "default", overrides, model)
 
 
 def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -624,9 +624,10 @@ def make_run_id(now: _dt.datetime | None = None) -> str:
 
 
 # -- JSON schema -------------------------------------------------------------------------------
-def json_schema() -> dict[str, Any]:
-    """The JSON schema of :class:`ExperimentConfig` (what ``schemas/experiment.schema.json`` holds)."""
-    schema = ExperimentConfig.model_json_schema()
+def json_schema(model: type[ExperimentConfig] = ExperimentConfig) -> dict[str, Any]:
+    """The JSON schema of ``model``. ``schemas/experiment.schema.json`` holds the schema of the
+    experiment files ``isup`` reads: the flows' model, with the orchestration sections."""
+    schema = model.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://integral-superposition.dev/schemas/experiment.schema.json"
     return schema
@@ -637,13 +638,15 @@ def schema_path() -> Path:
     return Path(__file__).resolve().parent / "schemas" / "experiment.schema.json"
 
 
-def write_schema(path: str | os.PathLike | None = None) -> Path:
-    """(Re)write the published schema file."""
+def write_schema(
+    path: str | os.PathLike | None = None, model: type[ExperimentConfig] = ExperimentConfig
+) -> Path:
+    """(Re)write a schema file (the published one: ``python -m
+    integral_superposition.flows.config``, with the flows' model)."""
     target = Path(path) if path is not None else schema_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(json_schema(), indent=2, sort_keys=False) + "\n", "utf-8")
+    text = json.dumps(json_schema(model), indent=2, sort_keys=False) + "\n"
+    from integral_superposition import storage
+
+    storage.write_bytes(str(target), text.encode("utf-8"))
     return target
-
-
-if __name__ == "__main__":  # python -m integral_superposition.experiment: refresh the schema
-    print(write_schema())
