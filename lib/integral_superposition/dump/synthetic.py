@@ -18,9 +18,9 @@ import pyarrow as pa
 import torch
 
 from integral_superposition import storage
-from integral_superposition.dump.activations import _norm_stats, _parquet_bytes, _write_shard
 from integral_superposition.dump.shards import TORCH_DTYPES
 from integral_superposition.dump.store import ActivationStore
+from integral_superposition.dump.writer import _norm_stats, _parquet_bytes, _write_shard
 
 
 def write_activation_store(
