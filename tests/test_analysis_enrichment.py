@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from integral_superposition.activations import ArraySource
 from integral_superposition.analysis.enrichment import (
     auroc_from_hist,
     best_labels,
@@ -13,7 +14,7 @@ from integral_superposition.analysis.enrichment import (
     fisher_enrichment,
     fisher_table,
 )
-from integral_superposition.analysis.scan import ArraySource, scan_latents
+from integral_superposition.analysis.scan import scan_latents
 from integral_superposition.sae import SparseAutoencoder
 from scipy.stats import false_discovery_control, fisher_exact
 from sklearn.metrics import roc_auc_score

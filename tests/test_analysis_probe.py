@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from integral_superposition.activations import ArraySource
 from integral_superposition.analysis.generic import generic_latents
 from integral_superposition.analysis.probe import doc_latent_matrix, sparse_probe
-from integral_superposition.analysis.scan import ArraySource, scan_latents
+from integral_superposition.analysis.scan import scan_latents
 from integral_superposition.sae import SparseAutoencoder
 
 ARTEFACT = 500  # a token present in every document of every label (like "(AP)")

@@ -47,7 +47,7 @@ def test_latent_table_from_scan_matches_brute_force_and_metrics():
     assert bool(t.loc[4, "dead"]) and t["dead"].sum() == 1
     assert len(t) == sae.d_sae
     # the same counts as sae.metrics.latent_stats, the SAE's own one-pass metrics
-    from integral_superposition.analysis.scan import ArraySource
+    from integral_superposition.activations import ArraySource
 
     ref = latent_stats(sae, ArraySource([x]))
     np.testing.assert_array_equal(stats_from_scan(scan).fire_count, ref.fire_count)
@@ -79,7 +79,7 @@ def test_decoder_geometry_and_distributions():
 
 
 def test_document_codes_pool_each_document():
-    from integral_superposition.analysis.scan import ArraySource
+    from integral_superposition.activations import ArraySource
     from integral_superposition.analysis.stats import document_codes
 
     rng = np.random.default_rng(0)

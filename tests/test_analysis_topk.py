@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from integral_superposition.analysis.scan import ArraySource, scan_latents
+from integral_superposition.activations import ArraySource
+from integral_superposition.analysis.scan import scan_latents
 from integral_superposition.analysis.top_tokens import (
     collect_examples,
     context_windows,
@@ -191,7 +192,7 @@ def _merged_sae(d=16, k=40):
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu", "batchtopk", "jumprelu<0", "merged"])
 def test_sparse_encoder_matches_dense_encode(arch):
-    from integral_superposition.analysis.scan import SparseEncoder
+    from integral_superposition.sae.encode import SparseEncoder
 
     torch.manual_seed(0)
     x = torch.randn(300, 16)
@@ -221,16 +222,16 @@ def test_select_buffer_with_many_merges_matches_sorting(largest, K, per_chunk, b
     With 2^19 latents the packed keys leave 14 spare bits, so merges past 16,384 entries take
     the argsort path and smaller ones the packed sort. The torch buffer (the one a scan keeps
     on an accelerator) runs here on the CPU."""
-    from integral_superposition.analysis.scan import _SelectBuffer, _TorchSelectBuffer
+    from integral_superposition.analysis.select import SelectBuffer, TorchSelectBuffer
 
     rng = np.random.default_rng(3)
     n = 5
     used = np.arange(K - 1) if K < 100 else np.arange(3000) * 174  # latent K-1 never fires
     if backend == "torch":
-        buf = _TorchSelectBuffer(K, n, largest, [np.int64], limit=3, device="cpu")
+        buf = TorchSelectBuffer(K, n, largest, [np.int64], limit=3, device="cpu")
         arr = torch.from_numpy
     else:
-        buf, arr = _SelectBuffer(K, n, largest, [np.int64], limit=3), np.asarray
+        buf, arr = SelectBuffer(K, n, largest, [np.int64], limit=3), np.asarray
     js, keys, rows = [], [], []
     for c in range(12):
         j = used[rng.integers(0, used.size, per_chunk)]
@@ -277,7 +278,7 @@ def test_device_resident_selection_matches_the_host_selection(
     if stats:
         kw.update(n_bands=3, per_band=2, labels=np.arange(n_rows) % 4, hist_bins=8)
     host = scan_latents(sae, x, **kw)
-    monkeypatch.setattr(scan_mod, "_on_accelerator", lambda device: True)
+    monkeypatch.setattr(scan_mod, "on_accelerator", lambda device: True)
     dev = scan_latents(sae, x, **kw)
     assert dev.top.values.any()
     for name in ("values", "rows", "fire_count", "quantile_values", "quantile_rows"):

@@ -135,12 +135,14 @@ def test_gpu_branches(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert compute.resolve_dtype("auto", "cuda") == torch.float16
     assert compute.resolve_dtype("fp32", "cuda") == torch.float32
-    # the SAE encode never runs in fp16: auto falls back to float32 there
-    from integral_superposition.analysis.scan import encode_dtype_for
 
-    assert encode_dtype_for("auto", "cuda") == torch.float32
+    # the SAE encode never runs in fp16: auto falls back to float32 there
+    def encode_dtype(dtype):
+        return compute.resolve_dtype(dtype, "cuda", arg="encode_dtype", fp16=False)
+
+    assert encode_dtype("auto") == torch.float32
     with pytest.raises(ValueError, match="encode_dtype='fp16'"):
-        encode_dtype_for("fp16", "cuda")
+        encode_dtype("fp16")
 
 
 def test_resolve_device_errors_and_default():
@@ -156,8 +158,8 @@ def test_resolve_device_errors_and_default():
 
 def test_config_defaults_are_auto(cpu, monkeypatch):
     from integral_superposition.analysis.run import AnalysisParams
-    from integral_superposition.analysis.scan import SparseEncoder
     from integral_superposition.experiment import ModelSpec, load_preset
+    from integral_superposition.sae.encode import SparseEncoder
     from integral_superposition.sae.model import SparseAutoencoder
 
     assert ModelSpec().dtype == "auto" and load_preset("default").model.dtype == "auto"

@@ -103,7 +103,7 @@ def test_scan_selection_on_the_device_matches_the_host_selection(device, monkeyp
         sae.b_enc.fill_(-0.5)  # sparse, so that some latents fire fewer times than n_top
     host = scan_mod.scan_latents(sae, x, n_top=40, chunk_tokens=1024, device="cpu")
     if device.type == "cpu":  # take the accelerator path (torch buffers, device filter)
-        monkeypatch.setattr(scan_mod, "_on_accelerator", lambda dev: True)
+        monkeypatch.setattr(scan_mod, "on_accelerator", lambda dev: True)
     dev = scan_mod.scan_latents(sae, x, n_top=40, chunk_tokens=1024, device=device)
     np.testing.assert_array_equal(dev.top.fire_count, host.top.fire_count)
     np.testing.assert_array_equal(dev.top.rows, host.top.rows)

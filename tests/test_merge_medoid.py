@@ -78,18 +78,18 @@ def test_reconstruction_distance_is_the_cost_of_merging_a_pair():
     assert got[0, 1] > 0
 
 
-def test_firing_matrix_streams_the_sae():
-    from integral_superposition.analysis.scan import ArraySource
+def test_latent_firing_streams_the_sae():
+    from integral_superposition.activations import ArraySource
 
     sae, _ = random_setup()
     x = torch.randn(500, 10)
-    f = merge.similarity.firing_matrix(sae, ArraySource([x]), chunk_tokens=64)
+    f = merge.similarity.latent_firing(sae, ArraySource([x]), chunk_tokens=64)
     assert f.shape == (500, 40)
     with torch.no_grad():
         np.testing.assert_array_equal(f.toarray() > 0, (sae.encode(x) > 0).numpy())
     mask = np.zeros(500, bool)
     mask[::3] = True
-    f = merge.similarity.firing_matrix(sae, ArraySource([x]), mask=mask, chunk_tokens=64)
+    f = merge.similarity.latent_firing(sae, ArraySource([x]), mask=mask, chunk_tokens=64)
     with torch.no_grad():
         np.testing.assert_array_equal(f.toarray() > 0, (sae.encode(x[mask]) > 0).numpy())
 
@@ -109,7 +109,7 @@ def test_document_level_firing():
 
     sae, _ = random_setup()
     x = torch.randn(100, 10)
-    f = merge.similarity.firing_matrix(sae, Docs(x), chunk_tokens=7, level="document")
+    f = merge.similarity.latent_firing(sae, Docs(x), chunk_tokens=7, level="document")
     with torch.no_grad():
         fires = (sae.encode(x) > 0).numpy().reshape(5, 20, 40).any(1)
     np.testing.assert_array_equal(f.toarray() > 0, fires)

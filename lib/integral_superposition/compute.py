@@ -17,10 +17,14 @@ activation shards, of saved SAEs) are not decided here: only compute changes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -232,20 +236,27 @@ def resolve_compute(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
     arg: str = "dtype",
+    fp16: bool = True,
 ) -> ComputeChoice:
     """The device and compute dtype to use, with the reason (see the module docstring).
 
     ``dtype="auto"`` (or None) picks by hardware and logs the choice once; an explicit bf16
     (or fp16) on a CPU without native kernels is honoured with a warning that says how much
-    slower it will run.
+    slower it will run. ``fp16=False`` (a computation whose values can exceed fp16's range,
+    such as SAE pre-activations) refuses an explicit fp16 and makes ``auto`` pick float32
+    where it would pick fp16.
     """
     dev = resolve_device(device)
     requested = "auto" if dtype is None or str(dtype).lower() == "auto" else str(dtype)
     explicit = parse_dtype(dtype, arg)
+    if explicit == torch.float16 and not fp16:
+        raise ValueError(f"{arg}={dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
     if dev.type == "cuda":
         if explicit is not None:
             return ComputeChoice(dev, explicit, "", requested)
         dt, why = _gpu_choice(dev)
+        if dt == torch.float16 and not fp16:
+            dt, why = torch.float32, f"{why}; fp16 is not used for {arg}"
         _log_once(logging.INFO, dev, requested, f"dtype auto -> {dtype_name(dt)}: {why}")
         return ComputeChoice(dev, dt, why, requested)
     if dev.type != "cpu":
@@ -277,10 +288,11 @@ def resolve_dtype(
     dtype: str | torch.dtype | None = "auto",
     device: str | torch.device | None = "auto",
     arg: str = "dtype",
+    fp16: bool = True,
 ) -> torch.dtype:
     """``"auto"``/``"fp32"``/``"bf16"``/``"fp16"`` (long names and ``torch.dtype`` too) on
     ``device`` -> the ``torch.dtype`` to compute in. See :func:`resolve_compute`."""
-    return resolve_compute(dtype, device, arg).dtype
+    return resolve_compute(dtype, device, arg, fp16).dtype
 
 
 def short_name(dtype: torch.dtype) -> str:
@@ -316,3 +328,25 @@ def check_memory(nbytes: float, device: str | torch.device | None, what: str) ->
         raise MemoryError(
             f"{what}: needs at least {_gib(nbytes)} on {dev}, but only {_gib(free)} is available"
         )
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` with another C library."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS.
+
+    glibc serves blocks below its mmap threshold from the heap, and the threshold grows to the
+    largest block freed so far (up to 32 MiB), so a CPU pass's chunk-sized temporaries and
+    selection pools end up there. Their freed pages stay resident, more of them the more chunks
+    a pass runs. Trimming once per chunk (about 2 ms) keeps the peak flat in the token count.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -49,7 +49,7 @@ from integral_superposition.analysis.probe import (
 from integral_superposition.analysis.reducer import decoder_directions, reduce_2d
 from integral_superposition.analysis.result import AnalysisResult as AnalysisResult
 from integral_superposition.analysis.result import load_analysis as load_analysis
-from integral_superposition.analysis.scan import default_chunk_tokens, scan_latents
+from integral_superposition.analysis.scan import scan_latents
 from integral_superposition.analysis.stats import (
     l0_distribution,
     latent_table,
@@ -61,6 +61,7 @@ from integral_superposition.analysis.top_tokens import (
     tokenizer_for,
 )
 from integral_superposition.progress import ProgressFn, Reporter
+from integral_superposition.sae.encode import default_chunk_tokens
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,10 @@
 """One streaming pass of an SAE over stored activations, collecting everything the analysis needs.
 
-For every chunk ``x [B, d]`` the SAE is run once (:class:`SparseEncoder`: only the active
-entries of ``z = sae.encode(x)`` ``[B, K]``, as ``(row, latent, value)``) and those entries are
-folded into fixed-size per-latent buffers, so memory is O(K x n) whatever the number of tokens:
+For every chunk ``x [B, d]`` the SAE is run once (:func:`integral_superposition.sae.encode.encode_chunks`
+with sparse codes: only the active entries of ``z = sae.encode(x)`` ``[B, K]``, as
+``(row, latent, value)``) and those entries are folded into fixed-size per-latent buffers
+(:mod:`integral_superposition.analysis.select`), so memory is O(K x n) whatever the number of
+tokens:
 
 - the top-``n`` activations per latent with their row ids (entries above each latent's
   running ``n``-th best value, merged into the buffer in rare batched sorts);
@@ -15,20 +17,13 @@ folded into fixed-size per-latent buffers, so memory is O(K x n) whatever the nu
   (document-level enrichment), a bounded sample of the token firing matrix (co-activation
   Jaccard), and the SAE metrics of :class:`integral_superposition.sae.metrics.LatentStats`.
 
-Sources: an :class:`~integral_superposition.dump.ActivationStore`, a store URI or list of
-URIs, ``.npy`` or ``.safetensors`` files (the seed's shards, or a dump's own shard files), or
-an in-memory ``[N, d]`` array.
+Sources: anything :func:`integral_superposition.activations.as_activation_source` opens.
 """
 
 from __future__ import annotations
 
-import copy
-import ctypes
-import ctypes.util
-import functools
-import io
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,442 +31,33 @@ import numpy as np
 import torch
 
 from integral_superposition import compute
-from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
+from integral_superposition.activations import as_activation_source
+from integral_superposition.analysis.select import (
+    SelectBuffer,
+    TorchSelectBuffer,
+    max_per_key,
+    on_accelerator,
+    quantile_samples,
+    row_uniform,
+)
 from integral_superposition.progress import ProgressFn
+from integral_superposition.sae.encode import (
+    Codes,
+    check_sae_source,
+    default_chunk_tokens,
+    encode_chunks,
+    encode_device,
+    sync_clock,
+)
 from integral_superposition.sae.metrics import LatentStats
 from integral_superposition.sae.model import SparseAutoencoder
+
+__all__ = ["HIST_LOG10_RANGE", "LatentScan", "TopKSets", "scan_latents"]
 
 HIST_LOG10_RANGE = (-4.0, 4.0)
 """Range of the log10 activation histogram; values outside fall into the edge bins."""
 
-CHUNK_ELEMENTS = 1 << 24
-"""Default chunk size in latent activations (``B x K``): 64 MiB of float32 per chunk."""
 
-
-# -- activation sources ------------------------------------------------------------------------
-class ArraySource:
-    """Activations ``[N, d]`` held in memory or in ``.npy`` files.
-
-    It offers the part of the :class:`ActivationStore` interface the analysis reads
-    (``n_tokens``, ``d_model``, ``iter_chunks``, ``gather`` and the per-row metadata
-    ``token_ids``, ``doc_ids``, ``positions``, ``labels``, each ``[N]`` or ``None``).
-    Documents must be runs of consecutive rows, as in a dump.
-    """
-
-    uris: list[str]
-
-    def __init__(
-        self,
-        parts: Sequence[np.ndarray | torch.Tensor],
-        uris: Sequence[str] = (),
-        *,
-        token_ids: np.ndarray | None = None,
-        doc_ids: np.ndarray | None = None,
-        positions: np.ndarray | None = None,
-        labels: np.ndarray | None = None,
-        label_names: Sequence[str] | None = None,
-    ):
-        self.parts = []
-        for i, p in enumerate(parts):
-            if p.ndim != 2:
-                raise ValueError(
-                    f"activations part {i} has shape {tuple(p.shape)}: expected [n, d]"
-                )
-            self.parts.append(p)
-        if not self.parts:
-            raise ValueError("no activations given: expected at least one [n, d] array")
-        dims = {int(p.shape[1]) for p in self.parts}
-        if len(dims) != 1:
-            raise ValueError(f"activation parts have different widths {sorted(dims)}")
-        self.d_model = dims.pop()
-        sizes = [int(p.shape[0]) for p in self.parts]
-        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.n_tokens = int(self._starts[-1])
-        self.uris = list(uris) or ["<memory>"]
-        self.content_hash = None
-        for name, meta in (
-            ("token_ids", token_ids),
-            ("doc_ids", doc_ids),
-            ("positions", positions),
-            ("labels", labels),
-        ):
-            if meta is not None:
-                meta = np.asarray(meta)
-                if meta.shape != (self.n_tokens,):
-                    raise ValueError(
-                        f"{name} has shape {meta.shape}: expected ({self.n_tokens},), one per row"
-                    )
-            setattr(self, name, meta)
-        self.label_names = list(label_names) if label_names is not None else None
-
-    @staticmethod
-    def _tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
-        if isinstance(a, torch.Tensor):
-            return a.float()
-        return torch.from_numpy(np.array(a, dtype=np.float32))  # a copy: memmaps are read-only
-
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` as float32 ``[stop - start, d]``."""
-        out = []
-        i = int(np.searchsorted(self._starts, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            a = pos - self._starts[i]
-            b = min(stop, self._starts[i + 1]) - self._starts[i]
-            out.append(self._tensor(self.parts[i][a:b]))
-            pos = int(self._starts[i] + b)
-            i += 1
-        return torch.cat(out) if len(out) != 1 else out[0]
-
-    def gather(self, indices: np.ndarray) -> torch.Tensor:
-        """Rows at ``indices`` as float32 ``[len(indices), d]``."""
-        idx = np.asarray(indices, dtype=np.int64)
-        out = torch.empty((idx.size, self.d_model), dtype=torch.float32)
-        part = np.searchsorted(self._starts, idx, side="right") - 1
-        for i in np.unique(part):
-            sel = np.flatnonzero(part == i)
-            # sorted unique reads keep memory-mapped parts sequential
-            uniq, inv = np.unique(idx[sel] - self._starts[i], return_inverse=True)
-            out[torch.from_numpy(sel)] = self._tensor(self.parts[int(i)][uniq])[
-                torch.from_numpy(inv)
-            ]
-        self.check_finite(idx, out)
-        return out
-
-    def locate(self, row: int) -> str:
-        """``part, row`` of a global row, for error messages."""
-        i = int(np.searchsorted(self._starts, row, side="right")) - 1
-        name = self.uris[i] if len(self.uris) == len(self.parts) else f"part {i}"
-        return f"{name} row {row - int(self._starts[i])} (row {row})"
-
-    def check_finite(self, rows: np.ndarray, x: torch.Tensor) -> None:
-        """:class:`NonFiniteActivationsError` naming the part and row of the first NaN/inf."""
-        bad = first_non_finite(x)
-        if bad is not None:
-            r, c = bad
-            raise NonFiniteActivationsError(
-                f"activations contain NaN or inf values: first at {self.locate(int(rows[r]))} "
-                f"(value {float(x[r, c])} in column {c})"
-            )
-
-    def iter_chunks(
-        self,
-        chunk_tokens: int,
-        mask: np.ndarray | None = None,
-        check_finite: bool = True,
-        **_: Any,
-    ):
-        for a in range(0, self.n_tokens, chunk_tokens):
-            b = min(self.n_tokens, a + chunk_tokens)
-            rows = np.arange(a, b)
-            x = self.read(a, b)
-            if mask is not None:
-                keep = mask[a:b]
-                if not keep.any():
-                    continue
-                x, rows = x[torch.from_numpy(keep)], rows[keep]
-            if check_finite:
-                self.check_finite(rows, x)
-            yield rows, x
-
-
-def _load_npy(uri: str, storage_options: Mapping[str, Any] | None) -> np.ndarray:
-    from integral_superposition import storage
-
-    if storage.is_local(uri):
-        return np.load(storage.get_fs(uri)[1], mmap_mode="r")
-    return np.load(io.BytesIO(storage.read_bytes(uri, storage_options)))
-
-
-class _StoreRows:
-    """Rows ``[start, stop)`` of a store as a lazy ``[n, d]`` array part of an
-    :class:`ArraySource` (slices and index arrays are read through the store, checked)."""
-
-    ndim = 2
-
-    def __init__(self, store, start: int, stop: int):
-        self.store, self.start, self.stop = store, start, stop
-        self.shape = (stop - start, store.d_model)
-
-    def __getitem__(self, key: Any) -> torch.Tensor:
-        if isinstance(key, slice):
-            a, b, _ = key.indices(self.shape[0])
-            return self.store.read(self.start + a, self.start + b)
-        return self.store.gather(self.start + np.asarray(key, dtype=np.int64))
-
-
-class _SafetensorsPart:
-    """The one 2-D tensor of a standalone ``.safetensors`` file as a lazy ``[n, d]`` part."""
-
-    ndim = 2
-
-    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None):
-        from safetensors import safe_open
-        from safetensors.torch import load as st_load
-
-        from integral_superposition import storage
-
-        if storage.is_local(uri):
-            handle = safe_open(storage.get_fs(uri)[1], framework="pt")
-            names = list(handle.keys())
-            self._get = lambda name: handle.get_slice(name)
-            shapes = {n: tuple(handle.get_slice(n).get_shape()) for n in names}
-        else:
-            tensors = st_load(storage.read_bytes(uri, storage_options))
-            names = list(tensors)
-            self._get = tensors.__getitem__
-            shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-        two_d = [n for n in names if len(shapes[n]) == 2]
-        if len(two_d) != 1:
-            raise ValueError(
-                f"act_files: {uri!r} holds tensors {shapes}; expected exactly one [n_tokens, "
-                f"d_model] tensor (or a shard of an activation dump, next to its manifest.json)"
-            )
-        self.name = two_d[0]
-        self.shape = shapes[self.name]
-
-    def __getitem__(self, key: Any) -> torch.Tensor:
-        part = self._get(self.name)
-        if isinstance(key, slice):
-            start, stop, _ = key.indices(self.shape[0])
-            return part[start:stop]
-        idx = np.asarray(key, dtype=np.int64)
-        if idx.size == 0:
-            return torch.empty(0, self.shape[1])
-        lo, hi = int(idx.min()), int(idx.max()) + 1  # one contiguous read, then pick rows
-        return part[lo:hi][torch.from_numpy(idx - lo)]
-
-
-def _dump_of_shard(uri: str, storage_options: Mapping[str, Any] | None):
-    """``(dump root, shard index)`` when ``uri`` is a tensor shard of an activation dump."""
-    from integral_superposition import storage
-
-    root, _, name = uri.rstrip("/").rpartition("/")
-    if not root or not storage.exists(storage.join(root, "manifest.json"), storage_options):
-        return None
-    manifest = storage.read_json(storage.join(root, "manifest.json"), storage_options)
-    if manifest.get("kind") != "activations":
-        return None
-    names = [s["tensors"] for s in manifest.get("shards", [])]
-    return (root, names.index(name)) if name in names else None
-
-
-def open_activation_files(
-    uris: Sequence[str], storage_options: Mapping[str, Any] | None = None
-) -> Any:
-    """The seed's ``act_files``: a list of ``.npy`` or ``.safetensors`` files (local or remote).
-
-    The shard files of one dump, all of them in order, open as that dump's
-    :class:`ActivationStore` (token ids, documents, labels, shuffled training batches). Shards
-    of dumps chosen otherwise (a subset, several dumps) read their rows through those stores,
-    with the per-row token ids, documents, positions and labels. Other files (``.npy`` arrays,
-    a ``.safetensors`` file holding one ``[n, d]`` tensor) become an :class:`ArraySource`.
-    """
-    from integral_superposition.dump.store import ActivationStore
-
-    uris = [str(u) for u in uris]
-    bad = [u for u in uris if not u.endswith((".npy", ".safetensors"))]
-    if bad:
-        raise ValueError(
-            f"act_files={bad[:3]!r}: expected .npy or .safetensors files (or only dump "
-            f"directories, not a mix)"
-        )
-    shards = [
-        _dump_of_shard(u, storage_options) if u.endswith(".safetensors") else None for u in uris
-    ]
-    if shards and all(s is not None for s in shards):
-        roots = list(dict.fromkeys(s[0] for s in shards))
-        stores = {r: ActivationStore(r, storage_options) for r in roots}
-        only = stores[roots[0]]
-        if len(roots) == 1 and [s[1] for s in shards] == list(range(len(only.shards))):
-            return only
-        parts, meta = [], {"token_ids": [], "doc_ids": [], "positions": [], "labels": []}
-        label_names = only.label_names
-        for root, i in shards:
-            store, ref = stores[root], stores[root].shards[i]
-            if store.label_names != label_names:
-                raise ValueError(
-                    f"act_files: the dumps {roots} have different labels; pass their "
-                    f"directories as one ActivationStore instead"
-                )
-            rows = slice(ref.offset, ref.offset + ref.n_tokens)
-            parts.append(_StoreRows(store, rows.start, rows.stop))
-            for k in meta:
-                meta[k].append(np.asarray(getattr(store, k))[rows])
-        doc_ids = meta.pop("doc_ids")
-        # documents stay distinct across dumps: offset each dump's ids past the previous ones
-        offset, base = 0, {}
-        for r in roots:
-            base[r] = offset
-            offset += int(np.asarray(stores[r].doc_ids).max(initial=-1)) + 1
-        docs = np.concatenate(
-            [d + base[root] for d, (root, _) in zip(doc_ids, shards, strict=True)]
-        )
-        return ArraySource(
-            parts,
-            uris,
-            doc_ids=docs,
-            label_names=label_names,
-            **{k: np.concatenate(v) for k, v in meta.items()},
-        )
-    parts = [
-        _load_npy(u, storage_options)
-        if u.endswith(".npy")
-        else _SafetensorsPart(u, storage_options)
-        for u in uris
-    ]
-    return ArraySource(parts, uris)
-
-
-def as_activation_source(obj: Any, storage_options: Mapping[str, Any] | None = None):
-    """An :class:`ActivationStore`, a store URI (or list), ``.npy`` / ``.safetensors`` paths
-    (:func:`open_activation_files`), or an ``[N, d]`` array -> an object with ``n_tokens``,
-    ``d_model``, ``iter_chunks`` and ``gather``."""
-    import os
-
-    from integral_superposition.dump.store import ActivationStore
-
-    if isinstance(obj, ActivationStore | ArraySource):
-        return obj
-    if isinstance(obj, np.ndarray | torch.Tensor):
-        return ArraySource([obj])
-    if isinstance(obj, str | os.PathLike):
-        obj = [obj]
-    if isinstance(obj, Sequence) and obj and all(isinstance(u, str | os.PathLike) for u in obj):
-        uris = [os.fspath(u) for u in obj]
-        if any(u.endswith((".npy", ".safetensors")) for u in uris):
-            return open_activation_files(uris, storage_options)
-        return ActivationStore(uris, storage_options=storage_options)
-    raise TypeError(
-        f"act_files={type(obj).__name__}: expected an ActivationStore, a store URI or list of URIs, "
-        ".npy or .safetensors shard paths, or an [n_tokens, d_model] array"
-    )
-
-
-def row_uniform(rows: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A deterministic pseudo-uniform number in [0, 1) per row id (splitmix64), ``float64[n]``."""
-    with np.errstate(over="ignore"):  # modular uint64 arithmetic is the point
-        z = rows.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 7)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def resolve_device(device: str | torch.device | None, sae: SparseAutoencoder) -> torch.device:
-    """``None`` -> the SAE's device; ``"auto"`` -> CUDA when available, else CPU
-    (:func:`integral_superposition.compute.resolve_device`)."""
-    if device is None:
-        return sae.W_enc.device
-    return compute.resolve_device(device)
-
-
-def sae_on(sae: SparseAutoencoder, device: torch.device) -> SparseAutoencoder:
-    """The SAE on ``device`` in eval mode (a copy when it lives elsewhere; the caller's is untouched)."""
-    if sae.W_enc.device != device:
-        sae = copy.deepcopy(sae).to(device)
-    return sae.eval()
-
-
-def encode_dtype_for(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """The encoder matmul dtype: float32 or bfloat16 (``"auto"`` picks by the hardware of
-    ``device``, as :func:`integral_superposition.compute.resolve_dtype`; fp16 is not used).
-
-    Raises ``ValueError`` naming ``encode_dtype`` for anything else.
-    """
-    if compute.parse_dtype(dtype, "encode_dtype") == torch.float16:
-        raise ValueError(f"encode_dtype={dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
-    dt = compute.resolve_dtype(dtype, device, arg="encode_dtype")
-    # auto on a GPU without bf16 gives fp16, whose range the pre-activations can exceed
-    return torch.float32 if dt == torch.float16 else dt
-
-
-@dataclass
-class Codes:
-    """The active entries of one chunk's latents ``z [B, K]`` in coordinate form."""
-
-    n_rows: int
-    """``B``, the chunk's rows."""
-    t: torch.Tensor
-    """int64 ``[E]`` row of each entry (0..B-1)."""
-    j: torch.Tensor
-    """int64 ``[E]`` latent of each entry."""
-    v: torch.Tensor
-    """float32 ``[E]`` its activation (> 0)."""
-    x_hat: torch.Tensor | None = None
-    """float32 ``[B, d]`` reconstruction, when asked for."""
-
-
-class SparseEncoder:
-    """``x [B, d] -> Codes``: the SAE's inference-time encode, returning only active entries.
-
-    TopK codes come straight from the per-row ``topk`` (no dense ``[B, K]`` code is built);
-    ReLU/JumpReLU/BatchTopK entries from one mask over the pre-activations. ``dtype="bfloat16"``
-    runs the encoder matmul on bf16 copies of ``x`` and ``W_enc`` (fp32 bias and activation):
-    several times faster on CPUs with AVX512-BF16 or AMX and on GPUs, at bf16 precision of
-    the pre-activations (ranks can swap between near-equal activations).
-    """
-
-    def __init__(self, sae: SparseAutoencoder, dtype: str | torch.dtype = "float32"):
-        dtype = encode_dtype_for(dtype, sae.W_enc.device)
-        self.sae, self.dtype = sae, dtype
-        self.W = sae.W_enc.detach().to(dtype).contiguous()
-        self.b_enc = sae.b_enc.detach().float()
-        self.b_dec = sae.b_dec.detach().float()
-        # merged SAEs aggregate member codes: their latents only exist after a dense encode;
-        # groupmax ranks within groups and a skip connection decodes from x as well
-        self.dense_only = (
-            sae.merge_index is not None or sae.architecture == "groupmax" or sae.W_skip is not None
-        )
-
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - b_dec) @ W_enc + b_enc`` in float32 ``[B, d_pre]`` (matmul in ``self.dtype``)."""
-        # any float input: the subtraction promotes to float32 in one pass (no separate copy)
-        xc = torch.sub(x, self.b_dec).to(self.dtype)
-        # matmul, then the bias: the same rounding as SparseAutoencoder.encode
-        return (xc @ self.W).float().add_(self.b_enc)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, reconstruct: bool = False) -> Codes:
-        sae, B = self.sae, x.shape[0]
-        if self.dense_only:
-            z = sae.encode(x.float()).float()
-            t, j = (z > 0).nonzero(as_tuple=True)
-            x_hat = sae.decode(z, x.float()).float() if reconstruct else None
-            return Codes(B, t, j, z[t, j], x_hat)
-        pre = self.pre_activations(x)
-        if sae.architecture == "topk":
-            top = pre.topk(sae.top_k, dim=-1, sorted=False)
-            vals = top.values.relu_()
-            x_hat = sae.decode_sparse(vals, top.indices).float() if reconstruct else None
-            keep = (vals > 0).view(-1).nonzero().squeeze(1)
-            t = torch.arange(B, device=x.device).repeat_interleave(sae.top_k)[keep]
-            return Codes(B, t, top.indices.view(-1)[keep], vals.view(-1)[keep], x_hat)
-        thr = 0.0 if sae.architecture == "relu" else sae.threshold.detach().float()
-        x_hat = None
-        if reconstruct:
-            z = pre * (pre > thr).to(pre.dtype)
-            x_hat = sae.decode(z).float()
-        # z > 0 exactly where pre exceeds both the threshold and 0
-        t, j = (pre > (thr.clamp_min(0.0) if torch.is_tensor(thr) else thr)).nonzero(as_tuple=True)
-        return Codes(B, t, j, pre[t, j], x_hat)
-
-
-def check_sae_source(sae: SparseAutoencoder, source) -> None:
-    if not isinstance(sae, SparseAutoencoder):
-        raise TypeError(f"sae: expected a SparseAutoencoder, got {type(sae).__name__}")
-    if int(source.d_model) != int(sae.d_in):
-        raise ValueError(
-            f"sae.d_in={sae.d_in} does not match the activations' d_model={source.d_model} "
-            f"({getattr(source, 'uris', '')}): the SAE was trained on another model or hook point"
-        )
-
-
-def default_chunk_tokens(d_sae: int) -> int:
-    return int(max(256, min(65536, CHUNK_ELEMENTS // max(1, d_sae))))
-
-
-# -- results -----------------------------------------------------------------------------------
 @dataclass
 class TopKSets:
     """The top-``n`` activating tokens of every latent (and quantile samples below them).
@@ -569,17 +155,6 @@ class LatentScan:
     handing freed heap pages back to the OS (``heap``, CPU scans), and finishing."""
 
 
-def _max_per_key(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct ``key [E]`` and the maximum of ``values [E]`` for each."""
-    if key.size == 0:
-        return key.astype(np.int64), values.astype(np.float32)
-    order = np.lexsort((values, key))
-    k = key[order]
-    last = np.ones(k.size, dtype=bool)
-    last[:-1] = k[1:] != k[:-1]
-    return k[last].astype(np.int64), values[order][last].astype(np.float32)
-
-
 class _Accumulator:
     """Per-chunk folding of a chunk's active entries into the bounded buffers of
     :class:`LatentScan`.
@@ -612,14 +187,14 @@ class _Accumulator:
         self.stats, self.keep_rows = stats, keep_rows
         self.K, self.n, self.seed = K, n, seed
         device = torch.device(device or "cpu")
-        self.top: _SelectBuffer = (
-            _TorchSelectBuffer(K, n, True, [np.int64], device=device)
-            if _on_accelerator(device)
-            else _SelectBuffer(K, n, True, [np.int64])
+        self.top: SelectBuffer = (
+            TorchSelectBuffer(K, n, True, [np.int64], device=device)
+            if on_accelerator(device)
+            else SelectBuffer(K, n, True, [np.int64])
         )
         self.R = reservoir
         if reservoir:
-            self.res = _SelectBuffer(K, reservoir, False, [np.float32, np.int64])
+            self.res = SelectBuffer(K, reservoir, False, [np.float32, np.int64])
         self.fire: torch.Tensor | None = None  # int64 [K] on the encoding device
         self.act_sum = np.zeros(K, dtype=np.float64)
         self.act_max = np.zeros(K, dtype=np.float32)
@@ -658,7 +233,7 @@ class _Accumulator:
         self.fire += torch.bincount(jd, minlength=K)
         # the buffer lives where the codes are: a device buffer's thresholds are on the device,
         # a host buffer's numpy thresholds are shared (merges update them in place)
-        if isinstance(self.top, _TorchSelectBuffer):
+        if isinstance(self.top, TorchSelectBuffer):
             keep = (vd > self.top.thr[jd]).nonzero().squeeze(1)
             rows_d = torch.from_numpy(rows).to(jd.device)
             self.top.add(jd[keep], vd[keep], [rows_d[codes.t[keep]]])
@@ -699,7 +274,7 @@ class _Accumulator:
             # a latent's max over a document exceeds the threshold iff one of its entries does
             above = v > self.doc_thr
             d = np.asarray(self.doc_ids[rows], dtype=np.int64)
-            key, mx = _max_per_key(d[t[above]] * K + j[above], v[above])
+            key, mx = max_per_key(d[t[above]] * K + j[above], v[above])
             self.doc_parts.append(np.stack([key // K, key % K], 1))
             self.doc_max_parts.append(mx)
 
@@ -746,9 +321,7 @@ class _Accumulator:
                 setattr(top, name, vals)
         if self.R and n_bands and per_band:
             res_k, (res_v, res_r) = self.res.result(2.0, [0.0, -1])
-            qv, qr, qe = _quantile_samples(
-                res_v, res_r, res_k < 2.0, top_v[:, 0], n_bands, per_band
-            )
+            qv, qr, qe = quantile_samples(res_v, res_r, res_k < 2.0, top_v[:, 0], n_bands, per_band)
             top.quantile_values, top.quantile_rows, top.quantile_edges = qv, qr, qe
         if self.labels is not None and self.nb:
             top.label_hist = self.hist.reshape(self.K, self.C, self.nb)
@@ -772,7 +345,7 @@ class _Accumulator:
                 if self.doc_max_parts
                 else np.zeros(0, np.float32)
             )
-            key, mx = _max_per_key(pairs[:, 0] * self.K + pairs[:, 1], vals)
+            key, mx = max_per_key(pairs[:, 0] * self.K + pairs[:, 1], vals)
             scan.doc_pairs = np.stack([key // self.K, key % self.K], 1)
             scan.doc_max = mx
             scan.doc_threshold = self.doc_thr
@@ -783,233 +356,6 @@ class _Accumulator:
             )
             scan.firing_rate = self.rate
         return scan
-
-
-class _SelectBuffer:
-    """Per-latent selection of the ``n`` largest (or smallest) keys among streamed entries,
-    with payloads; memory O(K x n + pool).
-
-    Entries are filtered against each latent's current ``n``-th best key (a gather and a
-    compare), survivors wait in a pool, and the pool is merged only when it holds more than
-    ``limit`` entries: one sort of ``(latent, key)`` packed into an int64, then each
-    latent's first ``n``. Once the buffers are full few entries pass the filter (about
-    ``n x B / tokens seen`` per latent and chunk), so merges are rare and most chunks cost
-    only the filter. This class keeps its arrays in host numpy (its sort of packed keys is
-    the fastest on a CPU); :class:`_TorchSelectBuffer` keeps them on a torch device.
-    """
-
-    def __init__(
-        self, K: int, n: int, largest: bool, payload_dtypes: Sequence[Any], limit: int | None = None
-    ):
-        self.K, self.n, self.largest = K, n, largest
-        self.limit = int(limit or max(K * n, 1 << 20))
-        # keys are > 0 (activations, largest) or in [0, 1) (row hashes, smallest)
-        self.thr = self._full(K, 0.0 if largest else 2.0, np.float32)
-        self.packed = self._full(0, 0, np.int64)  # sorted (latent, key) of the kept entries
-        self.pay = [self._full(0, 0, dt) for dt in payload_dtypes]
-        self.pool: list[tuple[Any, Any, list[Any]]] = []
-        self.pool_size = 0
-
-    # -- the array operations (overridden by _TorchSelectBuffer) --------------------------------
-    def _full(self, shape: Any, value: float, dtype: Any) -> np.ndarray:
-        return np.full(shape, value, dtype=dtype)
-
-    def _cat(self, parts: list) -> np.ndarray:
-        return np.concatenate(parts)
-
-    def _arange(self, n: int) -> np.ndarray:
-        return np.arange(n)
-
-    def _bincount(self, j: np.ndarray) -> np.ndarray:
-        return np.bincount(j, minlength=self.K)
-
-    def _float_bits(self, key: np.ndarray) -> np.ndarray:
-        """int64 bit patterns of float32 ``key``."""
-        return key.astype(np.float32, copy=False).view(np.int32).astype(np.int64)
-
-    def _bits_float(self, bits: np.ndarray) -> np.ndarray:
-        """float32 values of int64 bit patterns (the inverse of :meth:`_float_bits`)."""
-        return bits.astype(np.int32).view(np.float32)
-
-    def _stable_sort(self, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(sorted packed, permutation)``; ties keep their positions."""
-        spare = self._spare_bits()
-        if packed.size >= 1 << spare:
-            order = np.argsort(packed, kind="stable")
-            return packed[order], order
-        # positions in the spare low bits make the keys unique: a plain sort of one uint64
-        # array is several times faster than an argsort
-        s = np.sort(
-            (packed.astype(np.uint64) << np.uint64(spare)) | np.arange(packed.size, dtype=np.uint64)
-        )
-        order = (s & np.uint64((1 << spare) - 1)).astype(np.int64)
-        return packed[order], order
-
-    def _host(self, a: Any) -> np.ndarray:
-        return a
-
-    # -- selection ----------------------------------------------------------------------------
-    def candidates(self, j, key):
-        """Mask ``bool [E]`` of the entries ``(j [E], key [E])`` that can enter a buffer."""
-        return key > self.thr[j] if self.largest else key < self.thr[j]
-
-    def add(self, j, key, payloads: Sequence[Any]) -> None:
-        if len(j):
-            self.pool.append((j, key, list(payloads)))
-            self.pool_size += len(j)
-            if self.pool_size > self.limit:
-                self.merge()
-
-    def _packed(self, j, key):
-        """int64 ``(latent, key)`` sort keys: non-negative float32 keys order like their bits."""
-        bits = self._float_bits(key)
-        if self.largest:
-            bits = 0x7FFFFFFF - bits
-        return (j << 31) | bits
-
-    def _unpacked(self, packed):
-        """``(latent int64, key float32)`` of packed sort keys (the inverse of :meth:`_packed`)."""
-        bits = packed & 0x7FFFFFFF
-        if self.largest:
-            bits = 0x7FFFFFFF - bits
-        return packed >> 31, self._bits_float(bits)
-
-    def _first_n(self, packed_sorted):
-        """Mask of the first ``n`` entries of each latent in a ``(latent, key)``-sorted array."""
-        j = packed_sorted >> 31
-        counts = self._bincount(j)
-        return (self._arange(len(j)) - (counts.cumsum(0) - counts)[j]) < self.n
-
-    def _spare_bits(self) -> int:
-        """Low bits left in a packed key (31 key bits above, the latent above them)."""
-        return 64 - 31 - max(1, int(self.K - 1).bit_length())
-
-    def merge(self) -> None:
-        """Fold the pool into the kept entries, in groups small enough for the fast sort."""
-        room = max(1, (1 << self._spare_bits()) - self.K * self.n)
-        while self.pool:
-            size, take = 0, 0
-            while take < len(self.pool) and (take == 0 or size + len(self.pool[take][0]) <= room):
-                size += len(self.pool[take][0])
-                take += 1
-            group, self.pool = self.pool[:take], self.pool[take:]
-            self._merge(group)
-        self.pool_size = 0
-
-    def _merge(self, group: list) -> None:
-        # the kept entries first, so that ties keep the earlier rows, then the group in order
-        packed = self._cat([self.packed] + [self._packed(p[0], p[1]) for p in group])
-        pay = [self._cat([b] + [p[2][i] for p in group]) for i, b in enumerate(self.pay)]
-        packed, order = self._stable_sort(packed)
-        keep = self._first_n(packed)
-        order = order[keep]
-        self.packed = packed[keep]
-        self.pay = [p[order] for p in pay]
-        j, key = self._unpacked(self.packed)
-        counts = self._bincount(j)
-        full = counts >= self.n
-        last = counts.cumsum(0) - 1
-        self.thr[full] = key[last[full]]
-
-    def result(self, fill_key: float, fills: Sequence[float]) -> tuple[np.ndarray, list]:
-        """``(keys [K, n], payloads [K, n])`` as numpy, best first; empty slots hold the fills."""
-        self.merge()
-        j, key = self._unpacked(self.packed)
-        counts = self._bincount(j)
-        rank = self._arange(len(j)) - (counts.cumsum(0) - counts)[j]
-        keys = self._full((self.K, self.n), fill_key, np.float32)
-        keys[j, rank] = key
-        out = []
-        for p, f in zip(self.pay, fills, strict=True):
-            block = self._full((self.K, self.n), f, p.dtype)
-            block[j, rank] = p
-            out.append(self._host(block))
-        return self._host(keys), out
-
-
-_TORCH_DTYPES = {
-    np.dtype(np.float32): torch.float32,
-    np.dtype(np.int64): torch.int64,
-    np.dtype(np.int32): torch.int32,
-}
-
-
-def _on_accelerator(device: torch.device) -> bool:
-    """Whether a scan encoding on ``device`` keeps its top-n selection there and reads chunks
-    ahead in a thread (accelerators: yes; on a CPU the numpy buffer's sorts are faster than
-    torch's, and the encode already uses every core)."""
-    return device.type != "cpu"
-
-
-class _TorchSelectBuffer(_SelectBuffer):
-    """:class:`_SelectBuffer` with its arrays, pool and merges on a torch ``device``: on a GPU
-    the filter, the sorts and the thresholds never leave it, and only the result comes back."""
-
-    def __init__(self, K, n, largest, payload_dtypes, limit=None, device="cpu"):
-        self.device = torch.device(device)
-        super().__init__(K, n, largest, payload_dtypes, limit)
-
-    def _full(self, shape, value, dtype):
-        if not isinstance(dtype, torch.dtype):
-            dtype = _TORCH_DTYPES[np.dtype(dtype)]
-        return torch.full(
-            shape if isinstance(shape, tuple) else (shape,), value, dtype=dtype, device=self.device
-        )
-
-    def _cat(self, parts):
-        return torch.cat(parts)
-
-    def _arange(self, n):
-        return torch.arange(n, device=self.device)
-
-    def _bincount(self, j):
-        return torch.bincount(j, minlength=self.K)
-
-    def _float_bits(self, key):
-        return key.float().view(torch.int32).to(torch.int64)
-
-    def _bits_float(self, bits):
-        return bits.to(torch.int32).view(torch.float32)
-
-    def _stable_sort(self, packed):
-        return torch.sort(packed, stable=True)
-
-    def _host(self, a):
-        return a.cpu().numpy()
-
-
-def _quantile_samples(
-    res_v: np.ndarray,
-    res_r: np.ndarray,
-    valid: np.ndarray,
-    vmax: np.ndarray,
-    n_bands: int,
-    per_band: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split each latent's reservoir ``[K, R]`` into ``n_bands`` equal-count bands of its sorted
-    values and take ``per_band`` evenly spaced samples from each (lowest band first)."""
-    K = res_v.shape[0]
-    v = np.where(valid, res_v, np.inf)
-    order = np.argsort(v, axis=1, kind="stable")
-    v = np.take_along_axis(v, order, 1)
-    r = np.take_along_axis(np.where(valid, res_r, -1), order, 1)
-    c = valid.sum(1)  # [K]
-    b = np.arange(n_bands + 1)
-    bounds = (b[None, :] * c[:, None]) // n_bands  # [K, n_bands + 1]
-    lo, hi = bounds[:, :-1, None], bounds[:, 1:, None]  # [K, nb, 1]
-    width = hi - lo
-    i = np.arange(per_band)[None, None, :]
-    pos = np.where(width >= per_band, lo + (i * width) // per_band, lo + i)
-    ok = i < width
-    pos = np.minimum(pos, max(0, v.shape[1] - 1))
-    kk = np.arange(K)[:, None, None]
-    qv = np.where(ok, v[kk, pos], 0.0).astype(np.float32)
-    qr = np.where(ok, r[kk, pos], -1).astype(np.int64)
-    edge_pos = np.minimum(bounds, np.maximum(c[:, None] - 1, 0))
-    edges = v[np.arange(K)[:, None], edge_pos]
-    edges[:, -1] = vmax
-    edges = np.where(c[:, None] > 0, edges, 0.0).astype(np.float32)
-    return qv, qr, edges
 
 
 @torch.no_grad()
@@ -1087,8 +433,7 @@ def scan_latents(
             label_names = getattr(src, "label_names", None) or [str(c) for c in range(C)]
         C = max(C, len(label_names))
     doc_ids = getattr(src, "doc_ids", None) if doc_threshold is not None else None
-    dev = resolve_device(device, sae)
-    model = sae_on(sae, dev)
+    dev = encode_device(sae, device)
     if reservoir is None:
         reservoir = max(64, 4 * n_bands * per_band) if n_bands else 0
     acc = _Accumulator(
@@ -1107,7 +452,6 @@ def scan_latents(
         device=dev,
     )
     stats = LatentStats(sae.d_sae) if metrics else None
-    encoder = SparseEncoder(model, encode_dtype)
     chunk = int(chunk_tokens or default_chunk_tokens(sae.d_sae))
     if chunk < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number of tokens")
@@ -1121,40 +465,34 @@ def scan_latents(
     )
     total = -(-src.n_tokens // chunk)
     timings = {"read": 0.0, "encode": 0.0, "select": 0.0, "metrics": 0.0, "heap": 0.0}
-    clock = time.perf_counter()
-    # chunks arrive in the storage dtype (the encoder converts them on the device); while an
-    # accelerator encodes one chunk, a thread reads the next
-    ahead = 2 if _on_accelerator(dev) else 0
-    trim_skip = 0
-    for rows, x in src.iter_chunks(chunk, mask=mask, dtype=None, prefetch=ahead):
-        x = x.to(dev, non_blocking=True)
-        t0 = _sync(dev)
-        codes = encoder(x, reconstruct=stats is not None)
-        t1 = _sync(dev)
+    trim_skip, t_last = 0, time.perf_counter()
+    # while an accelerator encodes one chunk, a thread reads the next
+    for rows, x, codes, x_hat in encode_chunks(
+        sae, src, dev, encode_dtype, chunk_tokens=chunk, mask=mask, sparse=True,
+        reconstruct=stats is not None, prefetch=2 if on_accelerator(dev) else 0,
+        timings=timings,
+    ):  # fmt: skip
+        t1 = time.perf_counter()
         acc.update(rows, codes)
-        t2 = _sync(dev)
+        t2 = sync_clock(dev)
         if stats is not None:
-            stats.update_reconstruction(x, codes.x_hat)
-        t3 = _sync(dev)
-        del codes, x
-        if not _on_accelerator(dev):
+            stats.update_reconstruction(x, x_hat)
+        t3 = sync_clock(dev)
+        del codes, x, x_hat
+        if not on_accelerator(dev):
             if trim_skip > 0:
                 trim_skip -= 1
             else:
-                _release_free_heap()
+                compute.release_free_heap()
                 # at most ~2% of the chunk's work: a slow trim (a big heap) spaces out the next
-                trim_skip = int((time.perf_counter() - t3) / max(0.02 * (t3 - t0), 1e-6))
+                trim_skip = int((time.perf_counter() - t3) / max(0.02 * (t3 - t_last), 1e-6))
         t4 = time.perf_counter()
-        timings["read"] += t0 - clock
-        timings["encode"] += t1 - t0
         timings["select"] += t2 - t1
         timings["metrics"] += t3 - t2
         timings["heap"] += t4 - t3
-        clock = t4
-        done = min(total, int(rows[-1]) // chunk + 1)
         if on_progress is not None:
-            on_progress(done, total)
-        clock += time.perf_counter() - t4  # the callback's time is not the scan's
+            on_progress(min(total, int(rows[-1]) // chunk + 1), total)
+        t_last = time.perf_counter()
     if acc.n_tokens == 0:
         raise ValueError("the selected token set is empty: nothing to scan")
     t0 = time.perf_counter()
@@ -1168,31 +506,3 @@ def scan_latents(
     scan.metrics = stats
     scan.timings = timings
     return scan
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or ``None`` with another C library."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def _release_free_heap() -> None:
-    """Hand the C heap's free pages back to the OS.
-
-    glibc serves blocks below its mmap threshold from the heap, and the threshold grows to the
-    largest block freed so far (up to 32 MiB), so a CPU scan's chunk-sized temporaries and
-    selection pools end up there. Their freed pages stay resident, more of them the more chunks
-    a scan runs. Trimming once per chunk (about 2 ms) keeps the peak flat in the token count.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _sync(dev: torch.device) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter()

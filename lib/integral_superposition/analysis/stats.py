@@ -166,13 +166,8 @@ def document_codes(
     ``reduce`` is ``"mean"`` (the seed's title-level codes) or ``"max"``. One streaming pass;
     memory is the ``[D, K]`` result.
     """
-    from integral_superposition.analysis.scan import (
-        as_activation_source,
-        check_sae_source,
-        default_chunk_tokens,
-        resolve_device,
-        sae_on,
-    )
+    from integral_superposition.activations import as_activation_source
+    from integral_superposition.sae.encode import check_sae_source, encode_chunks, encode_device
 
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce={reduce!r}: expected 'mean' or 'max'")
@@ -185,11 +180,9 @@ def document_codes(
     docs, inv_all = np.unique(rows_used, return_inverse=True)
     slot = np.full(src.n_tokens, -1, dtype=np.int64)
     slot[np.flatnonzero(mask) if mask is not None else np.arange(src.n_tokens)] = inv_all
-    dev = resolve_device(device, sae)
-    model = sae_on(sae, dev)
+    dev = encode_device(sae, device)
     out = torch.zeros((docs.size, sae.d_sae), device=dev)
-    for rows, x in src.iter_chunks(chunk_tokens or default_chunk_tokens(sae.d_sae), mask=mask):
-        z = model.encode(x.to(dev)).float()
+    for rows, _x, z, _ in encode_chunks(sae, src, dev, chunk_tokens=chunk_tokens, mask=mask):
         idx = torch.from_numpy(slot[rows]).to(dev)
         if reduce == "mean":
             out.index_add_(0, idx, z)

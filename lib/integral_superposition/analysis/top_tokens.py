@@ -4,7 +4,7 @@
 an :class:`~integral_superposition.dump.ActivationStore`, a store URI (or list), the seed's
 ``.npy`` shards or an ``[N, d]`` array. One pass keeps a running ``[K, n]`` buffer per latent
 (memory O(K x n)): only entries above a latent's current ``n``-th best value are merged in,
-see :mod:`integral_superposition.analysis.scan`.
+see :mod:`integral_superposition.analysis.select`.
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from integral_superposition.analysis.scan import (
+from integral_superposition import compute
+from integral_superposition.activations import _load_npy, as_activation_source
+from integral_superposition.analysis.scan import TopKSets, scan_latents
+from integral_superposition.progress import ProgressFn
+from integral_superposition.sae.encode import (
     Codes,
-    ProgressFn,
-    SparseEncoder,
-    TopKSets,
-    _load_npy,
-    as_activation_source,
     check_sae_source,
     default_chunk_tokens,
-    encode_dtype_for,
-    resolve_device,
+    encode_chunks,
+    encode_device,
     sae_on,
-    scan_latents,
 )
 from integral_superposition.sae.model import SparseAutoencoder
 
@@ -105,8 +103,7 @@ def top1_tokens_for_latents(
     src = as_activation_source(act_files)
     check_sae_source(sae, src)
     lat = np.asarray(medoids, dtype=np.int64)
-    dev = resolve_device(device, sae)
-    model = sae_on(sae, dev)
+    dev = encode_device(sae, device)
     token_ids = src.token_ids
     if token_ids is None:
         if tok_files is None:
@@ -120,9 +117,8 @@ def top1_tokens_for_latents(
     best_v = torch.zeros(lat.size, device=dev)
     best_r = torch.full((lat.size,), -1, dtype=torch.long, device=dev)
     lat_t = torch.from_numpy(lat).to(dev)
-    for rows, x in src.iter_chunks(batch or default_chunk_tokens(sae.d_sae)):
-        z = model.encode(x.to(dev))[:, lat_t]
-        v, i = z.max(0)
+    for rows, _x, z, _ in encode_chunks(sae, src, dev, chunk_tokens=batch):
+        v, i = z[:, lat_t].max(0)
         better = v > best_v
         best_v = torch.where(better, v, best_v)
         best_r = torch.where(better, torch.from_numpy(rows).to(dev)[i], best_r)
@@ -180,25 +176,32 @@ def window_activations(
     order = np.argsort(inv, kind="stable")
     inv_sorted = inv[order]
     vals = np.empty(r.size, dtype=np.float32)
-    dev = resolve_device(device, sae)
-    model = sae_on(sae, dev)
+    dev = encode_device(sae, device)
     chunk = int(chunk_tokens or default_chunk_tokens(sae.d_sae))
+
+    def gathered():
+        for a in range(0, uniq.size, chunk):
+            b = min(uniq.size, a + chunk)
+            yield np.arange(a, b), src.gather(uniq[a:b])
+
+    def place(a: int, b: int) -> np.ndarray:
+        p0, p1 = np.searchsorted(inv_sorted, [a, b])
+        return order[p0:p1]
+
     # A pair costs a gathered d-vector (memory-bound), a distinct row a full [K] encode
     # (compute-bound); measured on CPU the break-even is near pairs * 256 == rows * K.
-    exact = encode_dtype_for(encode_dtype, dev) == torch.float32
-    pairwise = r.size * 256 < uniq.size * sae.d_sae and exact
-    encoder = None if pairwise else SparseEncoder(model, encode_dtype)
-    for a in range(0, uniq.size, chunk):
-        b = min(uniq.size, a + chunk)
-        x = src.gather(uniq[a:b]).float().to(dev)
-        p0, p1 = np.searchsorted(inv_sorted, [a, b])
-        sel = order[p0:p1]
-        zi = torch.from_numpy(inv[sel] - a).to(dev)
-        zj = torch.from_numpy(j[sel]).to(dev)
-        if pairwise:
-            vals[sel] = _pair_activations(model, x, zi, zj).float().cpu().numpy()
-        else:
-            vals[sel] = _lookup(encoder(x), model.d_sae, inv[sel] - a, j[sel])
+    exact = compute.resolve_dtype(encode_dtype, dev, "encode_dtype", fp16=False) == torch.float32
+    if r.size * 256 < uniq.size * sae.d_sae and exact:
+        model = sae_on(sae, dev)
+        for rows, x in gathered():
+            sel = place(int(rows[0]), int(rows[-1]) + 1)
+            zi = torch.from_numpy(inv[sel] - rows[0]).to(dev)
+            zj = torch.from_numpy(j[sel]).to(dev)
+            vals[sel] = _pair_activations(model, x.float().to(dev), zi, zj).float().cpu().numpy()
+    else:
+        for rows, _x, codes, _ in encode_chunks(sae, gathered(), dev, encode_dtype, sparse=True):
+            sel = place(int(rows[0]), int(rows[-1]) + 1)
+            vals[sel] = _lookup(codes, sae.d_sae, inv[sel] - rows[0], j[sel])
     out[ok] = vals
     return out
 

@@ -33,7 +33,7 @@ from integral_superposition.merge.refit import (
     merge_and_refit_decoder,
     refit_decoder,
 )
-from integral_superposition.merge.similarity import LatentSimilarity, firing_matrix
+from integral_superposition.merge.similarity import LatentSimilarity, latent_firing
 
 __all__ = [
     "LatentSimilarity",
@@ -47,7 +47,7 @@ __all__ = [
     "compare",
     "cosine_dist_from_decoder",
     "evaluate",
-    "firing_matrix",
+    "latent_firing",
     "medoid",
     "medoids_from_labels",
     "merge_and_refit_decoder",

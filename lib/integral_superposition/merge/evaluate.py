@@ -36,7 +36,7 @@ from integral_superposition.merge.refit import (
     build_merged_sae,
     refit_decoder,
 )
-from integral_superposition.merge.similarity import LatentSimilarity, firing_matrix
+from integral_superposition.merge.similarity import LatentSimilarity, latent_firing
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.model import SparseAutoencoder
 
@@ -196,7 +196,7 @@ def similarity_for(
     ``stats`` of the original codes for ``reconstruction``)."""
     firing = None
     if params.similarity.get("coactivation", 0) > 0:
-        firing = firing_matrix(
+        firing = latent_firing(
             sae,
             store,
             _split(store, params.fit_split, params),

@@ -21,7 +21,7 @@ Changing ``b_dec`` would shift the encoder input ``x - b_dec``; the refit compen
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,7 @@ from integral_superposition.merge.medoid import (
     check_medoids,
     labels_from_merge_matrix,
 )
+from integral_superposition.sae.encode import encode_chunks
 from integral_superposition.sae.model import MERGE_MODES, SparseAutoencoder
 
 SPARSE_DENSITY = 0.05
@@ -209,24 +210,6 @@ class RefitResult:
     fit_fvu: float
 
 
-def _iter_activations(data) -> Iterable[torch.Tensor]:
-    """Activations ``[n, d]`` from an ``ActivationStore`` (its ``train`` split), tensors,
-    ``(rows, x)`` pairs (``iter_chunks``) or ``Batch`` objects."""
-    if hasattr(data, "iter_chunks") and hasattr(data, "split_mask"):
-        for _rows, x in data.iter_chunks(16384, mask=data.split_mask("train")):
-            yield x
-        return
-    for item in data:
-        if isinstance(item, torch.Tensor):
-            yield item
-        elif hasattr(item, "acts"):
-            yield item.acts
-        elif isinstance(item, tuple | list) and len(item) == 2:
-            yield torch.as_tensor(item[1])
-        else:
-            yield torch.as_tensor(item)
-
-
 @torch.no_grad()
 def accumulate_stats(
     sae: SparseAutoencoder,
@@ -238,17 +221,19 @@ def accumulate_stats(
     """One pass: ridge statistics of ``sae.encode(x)`` (``[n, d_sae]``) against ``x`` ``[n, d]``.
 
     ``data``: an ``ActivationStore`` (its ``train`` split) or an iterable of activation
-    chunks (see :func:`_iter_activations`).
+    chunks: ``[n, d]`` tensors, ``(rows, x)`` pairs or ``Batch`` objects
+    (:func:`integral_superposition.sae.encode.encode_chunks`).
     """
     stats = RidgeStats.empty(sae.d_sae, sae.d_in)
-    device = sae.W_enc.device
-    for x in _iter_activations(data):
-        x = x.to(device=device, dtype=torch.float32)
-        if x.dim() != 2 or x.shape[1] != sae.d_in:
-            raise ValueError(
-                f"activation chunk has shape {tuple(x.shape)}: expected [n, {sae.d_in}]"
-            )
-        stats.update(sae.encode(x), x)
+    store = hasattr(data, "iter_chunks") and hasattr(data, "split_mask")
+    chunks = encode_chunks(
+        sae,
+        data,
+        chunk_tokens=16384 if store else None,
+        mask=data.split_mask("train") if store else None,
+    )
+    for _rows, x, z, _ in chunks:
+        stats.update(z, x)
         if on_progress is not None:
             on_progress(stats.n, total or stats.n)
     if stats.n == 0:

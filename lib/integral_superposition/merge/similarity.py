@@ -7,7 +7,7 @@ that neither mode needs more than ``block_rows x K`` values at once:
 - ``decoder``: ``1 - cos(W_dec[i], W_dec[j])`` (decoder rows, ``W_dec`` is ``[K, d]``);
 - ``encoder``: ``1 - cos(W_enc[:, i], W_enc[:, j])`` (encoder columns, ``W_enc`` is ``[d, K]``);
 - ``coactivation``: ``1 - Jaccard(F_i, F_j)`` where ``F_i`` is the set of tokens (or
-  documents, see :func:`firing_matrix`) on which latent ``i`` fires, or ``1 - phi(F_i, F_j)``
+  documents, see :func:`latent_firing`) on which latent ``i`` fires, or ``1 - phi(F_i, F_j)``
   (the Pearson correlation of the firing indicators) with ``coactivation="correlation"``;
 - ``reconstruction``: what merging the pair costs. With the original codes' Gram matrix
   ``G = Z^T Z`` and decoder rows ``w``, replacing ``z_i w_i + z_j w_j`` by ``(z_i + z_j) w`` with
@@ -32,6 +32,7 @@ import scipy.sparse as sp
 import torch
 
 from integral_superposition.analysis import jaccard_sparse
+from integral_superposition.sae.encode import encode_chunks
 from integral_superposition.sae.model import SparseAutoencoder
 
 SIMILARITIES = ("decoder", "encoder", "coactivation", "reconstruction")
@@ -71,7 +72,7 @@ def _unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def firing_matrix(
+def latent_firing(
     sae: SparseAutoencoder,
     store,
     mask: np.ndarray | None = None,
@@ -83,24 +84,23 @@ def firing_matrix(
 
     ``level="token"``: one row per token; ``"document"``: one row per document, a latent
     firing in a document when it fires on any of its tokens. Memory is ``O(nnz)``; the
-    latents are those of ``sae.encode``.
+    latents are those of ``sae.encode`` (:func:`integral_superposition.sae.encode.encode_chunks`).
     """
     if level not in COACTIVATION_LEVELS:
         raise ValueError(f"level={level!r}: expected one of {COACTIVATION_LEVELS}")
-    if store.d_model != sae.d_in:
-        raise ValueError(f"sae.d_in={sae.d_in} does not match the store's d_model={store.d_model}")
     rows, cols = [], []
     n = 0
     total = int(mask.sum()) if mask is not None else store.n_tokens
-    for ids, x in store.iter_chunks(chunk_tokens, mask=mask):
-        nz = (sae.encode(x.to(sae.W_enc.device)) > 0).nonzero().cpu().numpy()
-        rows.append(ids[nz[:, 0]].astype(np.int64))
-        cols.append(nz[:, 1].astype(np.int32))
-        n += x.shape[0]
+    for ids, _x, codes, _ in encode_chunks(
+        sae, store, chunk_tokens=chunk_tokens, mask=mask, sparse=True
+    ):
+        rows.append(ids[codes.t.cpu().numpy()])
+        cols.append(codes.j.cpu().numpy().astype(np.int32))
+        n += codes.n_rows
         if on_progress is not None:
             on_progress(n, total)
     if n == 0:
-        raise ValueError("firing_matrix: the selected token set is empty")
+        raise ValueError("latent_firing: the selected token set is empty")
     r = np.concatenate(rows)
     selected = np.flatnonzero(mask) if mask is not None else np.arange(store.n_tokens)
     if level == "document":
@@ -134,7 +134,7 @@ class LatentSimilarity:
 
     ``weights``: a similarity name or a mapping name -> weight (see module docstring).
     ``firing``: boolean ``[n_tokens, K]`` (scipy sparse) firing matrix, required when
-    ``coactivation`` has a weight (build it with :func:`firing_matrix`).
+    ``coactivation`` has a weight (build it with :func:`latent_firing`).
     ``stats``: ridge statistics of the original codes (``merge.refit.RidgeStats``, its dense
     ``gram`` ``[K, K]``), required when ``reconstruction`` has a weight.
     ``dtype``: float dtype of the cosine computations (float64 for exact small problems).
@@ -194,7 +194,7 @@ class LatentSimilarity:
         if "coactivation" in self.weights:
             if firing is None:
                 raise ValueError(
-                    "coactivation similarity needs firing= (a [n_tokens, K] sparse matrix from merge.similarity.firing_matrix)"
+                    "coactivation similarity needs firing= (a [n_tokens, K] sparse matrix from merge.similarity.latent_firing)"
                 )
             f = sp.csr_array(firing).astype(np.float32)
             self.n_tokens = int(f.shape[0])

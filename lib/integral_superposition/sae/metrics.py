@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from integral_superposition.sae.encode import encode_chunks
 from integral_superposition.sae.model import SparseAutoencoder
 
 DENSE_THRESHOLD = 0.1
@@ -165,16 +166,12 @@ def latent_stats(
     Memory is O(d_sae + chunk_tokens * d_sae), independent of the number of tokens.
     ``hook_point`` picks the store's hook point (default: the store's own).
     """
-    if store.d_model != sae.d_in:
-        raise ValueError(
-            f"sae.d_in={sae.d_in} does not match the store's d_model={store.d_model} ({store.uris})"
-        )
-    device = torch.device(device) if device is not None else sae.W_enc.device
     stats = LatentStats(sae.d_sae)
-    for _rows, x in store.iter_chunks(chunk_tokens, hook_point=hook_point, mask=mask):
-        x = x.to(device)
-        z = sae.encode(x)
-        stats.update(x, z, sae.decode(z, x))
+    for _rows, x, z, x_hat in encode_chunks(
+        sae, store, device, chunk_tokens=chunk_tokens, mask=mask, hook_point=hook_point,
+        reconstruct=True,
+    ):  # fmt: skip
+        stats.update(x, z, x_hat)
     if stats.n_tokens == 0:
         raise ValueError("latent_stats: the selected token set is empty")
     return stats

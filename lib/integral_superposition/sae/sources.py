@@ -292,7 +292,7 @@ def open_source(obj: Any, cfgs: list[SAEConfig], storage_options=None):
     elif isinstance(obj, str | os.PathLike) or (
         isinstance(obj, Sequence) and obj and all(isinstance(u, str | os.PathLike) for u in obj)
     ):
-        from integral_superposition.analysis.scan import as_activation_source
+        from integral_superposition.activations import as_activation_source
 
         # dump URIs, or the seed's .npy / .safetensors shard files
         src = as_activation_source(obj, storage_options)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from integral_superposition import storage
+from integral_superposition import compute, storage
 from integral_superposition.config import SAEConfig, dead_window
 from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
 from integral_superposition.progress import ProgressFn, Reporter
@@ -103,12 +103,6 @@ def _check_cfgs(cfgs: Any, store_like: bool) -> list[SAEConfig]:
                 f"pass share one stream of batches, so {', '.join(fields)} must be equal"
             )
     return out
-
-
-def _resolve_device(device: Any, cfg: SAEConfig) -> torch.device:
-    from integral_superposition.compute import resolve_device
-
-    return resolve_device(device if device is not None else cfg.device)
 
 
 # -- the training loop -------------------------------------------------------------------------
@@ -283,7 +277,7 @@ def train_saes(
         )
     if len(set(out_uris)) != len(out_uris):
         raise ValueError(f"out_uris={out_uris!r}: every SAE needs its own output URI")
-    dev = _resolve_device(device, cfg_list[0])
+    dev = compute.resolve_device(device if device is not None else cfg_list[0].device)
     source = open_source(stores, cfg_list, storage_options)
     _check_training_memory(cfg_list, source.d_model, dev)
     source.check_finite()
@@ -462,7 +456,7 @@ def train_sae(
         raise ValueError(
             f"model.d_model={model.d_in} does not match the activations' d_model={source.d_model}"
         )
-    dev = _resolve_device(device, cfg)
+    dev = compute.resolve_device(device if device is not None else cfg.device)
     on_dev = model.W_enc.device == dev
     _check_training_memory(
         [cfg], model.d_in, dev, sum(p.numel() * 4 for p in model.parameters()) if on_dev else 0

@@ -793,13 +793,9 @@ def top_activations_panel(
 
     ``act_files``: an :class:`~integral_superposition.dump.ActivationStore` or store URI(s).
     """
-    from integral_superposition.analysis.scan import (
-        as_activation_source,
-        check_sae_source,
-        resolve_device,
-        sae_on,
-    )
+    from integral_superposition.activations import as_activation_source
     from integral_superposition.analysis.top_tokens import decode_tokens, tokenizer_for
+    from integral_superposition.sae.encode import check_sae_source, encode_chunks
 
     src = as_activation_source(act_files)
     check_sae_source(sae, src)
@@ -807,11 +803,9 @@ def top_activations_panel(
         raise ValueError(f"latent_j={latent_j}: expected 0..{sae.d_sae - 1}")
     if src.doc_ids is None or src.token_ids is None:
         raise ValueError("act_files: the panel needs token and document ids (an ActivationStore)")
-    dev = resolve_device(device, sae)
-    model = sae_on(sae, dev)
     z = np.zeros(src.n_tokens, dtype=np.float32)
-    for rows, x in src.iter_chunks(8192):
-        z[rows] = model.encode(x.to(dev))[:, latent_j].float().cpu().numpy()
+    for rows, _x, codes, _ in encode_chunks(sae, src, device, chunk_tokens=8192):
+        z[rows] = codes[:, latent_j].cpu().numpy()
     doc = np.asarray(src.doc_ids)
     uniq, inv = np.unique(doc, return_inverse=True)
     dmax = np.full(uniq.size, -np.inf)
