@@ -11,7 +11,7 @@ a different run, naming the first field that differs.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -68,13 +68,34 @@ class Checkpoints:
         trainees: Sequence[Checkpointable],
         extra: dict[str, Any],
     ) -> None:
-        name = f"step-{step:09d}"
-        d = storage.join(self.uri, name)
+        """Write every trainee's state, then commit the step (one process holding all SAEs)."""
+        files = self.write_trainees(step, dict(enumerate(trainees)))
+        self.commit(step, fingerprint, [t.state_json() for t in trainees], files, extra)
+
+    def write_trainees(self, step: int, trainees: Mapping[int, Checkpointable]) -> dict[str, Any]:
+        """Write ``sae-NN.safetensors`` of step ``step`` for ``{NN: trainee}``; returns their
+        file entries. Module-parallel ranks each write their own SAEs, then rank 0 commits."""
+        d = storage.join(self.uri, f"step-{step:09d}")
         files = {}
-        for i, t in enumerate(trainees):
+        for i, t in trainees.items():
             data = st_save(t.state_tensors())
             storage.write_bytes(storage.join(d, f"sae-{i:02d}.safetensors"), data, self.so)
             files[f"sae-{i:02d}.safetensors"] = storage.file_entry("", data)
+        return files
+
+    def commit(
+        self,
+        step: int,
+        fingerprint: dict,
+        trainee_json: Sequence[dict[str, Any]],
+        files: Mapping[str, Any],
+        extra: dict[str, Any],
+    ) -> None:
+        """Write ``rng.safetensors`` and ``state.json`` of step ``step`` (whose SAE files are
+        written), publish it in ``latest.json`` and remove the previous step."""
+        name = f"step-{step:09d}"
+        d = storage.join(self.uri, name)
+        files = dict(files)
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng.update({f"torch_cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -85,7 +106,7 @@ class Checkpoints:
             "format": CHECKPOINT_FORMAT,
             "step": step,
             "fingerprint": fingerprint,
-            "trainees": [t.state_json() for t in trainees],
+            "trainees": list(trainee_json),
             "files": files,
             **extra,
         }
@@ -98,16 +119,19 @@ class Checkpoints:
             self._remove_step(str(previous.get("dir")))
 
     def read(
-        self,
+        self, indices: Sequence[int] | None = None
     ) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+        """``(state.json, SAE tensors, RNG states)`` of the latest step, or None. ``indices``:
+        read only these SAEs' files (in that order; default all)."""
         latest = self.latest()
         if latest is None:
             return None
         d = storage.join(self.uri, latest["dir"])
         state = storage.read_json(storage.join(d, "state.json"), self.so)
+        which = range(len(state["trainees"])) if indices is None else indices
         tensors = [
             st_load(storage.read_bytes(storage.join(d, f"sae-{i:02d}.safetensors"), self.so))
-            for i in range(len(state["trainees"]))
+            for i in which
         ]
         rng = st_load(storage.read_bytes(storage.join(d, "rng.safetensors"), self.so))
         return state, tensors, rng

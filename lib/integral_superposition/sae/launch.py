@@ -173,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--out: required (the SAE {n or 'config'!r} has no 'out' of its own)")
         out_uris.append(own or (storage.join(args.out, n) if n else args.out))
     metadata = json.loads(args.metadata) if args.metadata else None
-    stores = args.store if len(args.store) > 1 else args.store[0]
+    from integral_superposition.dump.store import ActivationStore
+
+    stores = ActivationStore(args.store if len(args.store) > 1 else args.store[0], opts)
     info = distributed.init(args.device)
     try:
         results = train_saes(
@@ -221,6 +223,7 @@ def launch_train_saes(
     metadata: Mapping[str, Any] | None = None,
     max_restarts: int = 0,
     on_line: Callable[[str], None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> list[Any]:
     """Train ``cfgs`` on ``nproc`` processes (one per GPU on a GPU machine) under torchrun and
     return their :class:`~integral_superposition.sae.train.TrainResult` list.
@@ -229,7 +232,7 @@ def launch_train_saes(
     Storage options reach the workers through the environment, not the command line.
     ``max_restarts``: torchrun restarts all workers after a failure this many times (each
     restart resumes from the last checkpoint; give ``checkpoint_uri``). ``on_line`` receives
-    the workers' output lines.
+    the workers' output lines; ``env`` adds environment variables to theirs.
     """
     from integral_superposition.sae.train import TrainResult
 
@@ -266,9 +269,11 @@ def launch_train_saes(
             args.append("--no-evaluate")
         if metadata:
             args += ["--metadata", json.dumps(dict(metadata))]
-        env = {STORAGE_OPTIONS_ENV: json.dumps(dict(storage_options))} if storage_options else {}
+        extra = dict(env or {})
+        if storage_options:
+            extra[STORAGE_OPTIONS_ENV] = json.dumps(dict(storage_options))
         distributed.run_torchrun(
-            nproc, __name__, args, env=env, on_line=on_line, max_restarts=max_restarts
+            nproc, __name__, args, env=extra, on_line=on_line, max_restarts=max_restarts
         )
         with open(results_path) as f:
             rows = json.load(f)

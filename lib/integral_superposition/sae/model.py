@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -278,6 +279,12 @@ class SparseAutoencoder(nn.Module):
         self.jumprelu_pre_act = False
         """Compute Anthropic's pre-activation loss (it pulls latents that do not fire towards
         their threshold) into ``SAEOutput.aux_loss`` (set by the trainer)."""
+        self.batch_topk_select: (
+            Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]] | None
+        ) = None
+        """BatchTopK's training selection over a batch split across ranks (set by the
+        data-parallel trainer): ``(flat scores, rows, top_k) -> (values, indices)`` keeping
+        this rank's share of the ``top_k * all rows`` largest scores of the whole batch."""
         self.metadata: dict[str, Any] = {}
         check_sae_memory(d_model, d_pre, k, dtype, device)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -489,9 +496,8 @@ class SparseAutoencoder(nn.Module):
             acts = F.relu(pre)
             if self.training:
                 flat = acts.flatten()
-                n = min(flat.numel(), self.top_k * acts.shape[0])
-                top = flat.topk(n, sorted=False)
-                z = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(acts)
+                top_v, top_ix = self._batch_topk(flat, acts.shape[0])
+                z = torch.zeros_like(flat).scatter(0, top_ix, top_v).view_as(acts)
             else:
                 z = pre * (pre > self.threshold).to(pre.dtype)
         else:  # jumprelu
@@ -531,6 +537,14 @@ class SparseAutoencoder(nn.Module):
         l0 = torch.count_nonzero(z).float() / max(1, z.numel() // z.shape[-1])
         return SAEOutput(x_hat, z, top_i, top_v, fvu, mse, sparsity, aux, l0)
 
+    def _batch_topk(self, flat: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BatchTopK's training selection: ``(values, indices)`` of the ``top_k * rows`` largest
+        of ``flat [rows * d_sae]`` (or of the whole batch across ranks, ``batch_topk_select``)."""
+        if self.batch_topk_select is not None:
+            return self.batch_topk_select(flat, rows, self.top_k)
+        top = flat.topk(min(flat.numel(), self.top_k * rows), sorted=False)
+        return top.values, top.indices
+
     def _forward_sparse(
         self, x: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor | None
     ) -> SAEOutput:
@@ -547,8 +561,8 @@ class SparseAutoencoder(nn.Module):
             rows = torch.arange(B, device=dev).repeat_interleave(self.top_k)
         elif self.architecture == "batchtopk":
             flat = pre.reshape(-1)
-            top = flat.topk(min(flat.numel(), self.top_k * B), sorted=False)
-            sel = top.indices[top.values > 0].sort().values  # row-major order for the bags
+            top_v, top_ix = self._batch_topk(flat, B)
+            sel = top_ix[top_v > 0].sort().values  # row-major order for the bags
             rows, cols = sel // self.d_sae, sel % self.d_sae
         else:
             rows, cols = (pre > 0).nonzero(as_tuple=True)

@@ -318,3 +318,44 @@ def open_source(obj: Any, cfgs: list[SAEConfig], storage_options=None):
     if any(c.hook_point for c in cfgs if c.hook_point not in (None, "input")):
         raise ValueError("cfg.hook_point: tensors carry no hook points; leave hook_point unset")
     return IterableSource(obj, "input", cfgs[0])
+
+
+class RankSlice:
+    """Rank ``rank``'s contiguous part of every batch of ``source`` (data-parallel training).
+
+    The global batches, and so the data order, are the wrapped source's whatever the number
+    of ranks: batch ``n`` is cut by :func:`~integral_superposition.distributed.shard_range`,
+    and the ranks' parts concatenated in rank order give back a single process's batch. A
+    checkpoint therefore resumes under any world size. ``sample`` (initialisation) is the
+    whole source's, identical on every rank.
+    """
+
+    def __init__(self, source: TrainingSource, rank: int, world_size: int):
+        from integral_superposition.distributed import shard_range
+
+        shard_range(0, rank, world_size)  # checks rank and world_size
+        self.source, self.rank, self.world_size = source, rank, world_size
+        self.hooks = source.hooks
+        self.d_model = source.d_model
+        self.total = source.total
+        self.resumable = source.resumable
+
+    def describe(self) -> dict[str, Any]:
+        return self.source.describe()  # the data, not its partition: any world size resumes
+
+    def locate(self, row: int) -> str:
+        return self.source.locate(row)
+
+    def check_finite(self) -> None:
+        self.source.check_finite()
+
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        return self.source.sample(n)
+
+    def batches(self, start: int) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
+        from integral_superposition.distributed import shard_range
+
+        for acts, index in self.source.batches(start):
+            n = next(iter(acts.values())).shape[0]
+            a, b = shard_range(n, self.rank, self.world_size)
+            yield {h: x[a:b] for h, x in acts.items()}, (None if index is None else index[a:b])

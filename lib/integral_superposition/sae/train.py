@@ -37,14 +37,19 @@ from typing import Any
 
 import torch
 
-from integral_superposition import compute, storage
+from integral_superposition import compute, distributed, storage
 from integral_superposition.config import SAEConfig, dead_window
 from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.checkpoint import Checkpoints, first_difference, run_fingerprint
 from integral_superposition.sae.load import save_sae
 from integral_superposition.sae.model import SparseAutoencoder, sae_parameter_count
-from integral_superposition.sae.sources import StoreSource, TrainingSource, open_source
+from integral_superposition.sae.sources import (
+    RankSlice,
+    StoreSource,
+    TrainingSource,
+    open_source,
+)
 from integral_superposition.sae.trainee import (
     Trainee,
     calibrate_threshold,
@@ -105,6 +110,92 @@ def _check_cfgs(cfgs: Any, store_like: bool) -> list[SAEConfig]:
     return out
 
 
+# -- several processes -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """How this process takes part in training.
+
+    ``single``: one process holds every SAE. ``data``: every rank holds every SAE and steps on
+    its part of each batch; gradients and statistics are summed over ranks, rank 0 writes.
+    ``modules``: every rank holds its own SAEs (``indices``) and reads whole batches of their
+    hook points; each rank writes its SAEs' checkpoint files and outputs, rank 0 the rest.
+    """
+
+    mode: str = "single"
+    indices: tuple[int, ...] = (0,)
+    """Positions (in the caller's config list) of the SAEs this process trains."""
+    n_saes: int = 1
+    is_main: bool = True
+
+
+def _layout(
+    info: distributed.DistInfo, n_saes: int, costs: Sequence[float], modules: bool
+) -> _Layout:
+    if not info.enabled:
+        return _Layout("single", tuple(range(n_saes)), n_saes, True)
+    if not modules:
+        return _Layout("data", tuple(range(n_saes)), n_saes, info.is_main)
+    if n_saes < info.world_size:
+        raise ValueError(
+            f"distribute_modules=True with {info.world_size} processes for {n_saes} SAE(s): every "
+            "process needs at least one SAE; start at most as many processes as SAEs, or train "
+            "data-parallel"
+        )
+    owner = distributed.assign_modules(costs, info.world_size)
+    mine = tuple(i for i, o in enumerate(owner) if o == info.rank)
+    log.info("module-parallel: rank %d trains SAE(s) %s", info.rank, list(mine))
+    return _Layout("modules", mine, n_saes, info.is_main)
+
+
+def _join(device: Any, cfg: SAEConfig) -> distributed.DistInfo:
+    """The process group when torchrun started this process (joined on first use), else a
+    single process on the resolved device."""
+    if distributed.launched():
+        return distributed.init(device if device is not None else cfg.device)
+    return distributed.DistInfo(
+        device=compute.resolve_device(device if device is not None else cfg.device)
+    )
+
+
+@torch.no_grad()
+def _sync_from_main(t: Trainee) -> None:
+    """Rank 0's initialised weights and scales on every rank (the data-dependent
+    initialisation must not differ by a rounding between ranks)."""
+    for p in t.sae.parameters():
+        distributed.broadcast_(p.data)
+    for b in t.sae.buffers():
+        distributed.broadcast_(b)
+    t.scale, t.max_norm = distributed.broadcast_object((t.scale, t.max_norm))
+
+
+def _write_checkpoint(
+    ckpt: Checkpoints,
+    layout: _Layout,
+    step: int,
+    fingerprint: dict[str, Any],
+    trainees: list[Trainee],
+    extra: dict[str, Any],
+) -> None:
+    """One checkpoint in the same format whatever the layout, so any layout resumes it."""
+    if layout.mode == "single":
+        ckpt.write(step, fingerprint, trainees, extra)
+    elif layout.mode == "data":
+        if layout.is_main:  # every rank holds the same state
+            ckpt.write(step, fingerprint, trainees, extra)
+    else:
+        files = ckpt.write_trainees(step, dict(zip(layout.indices, trainees, strict=True)))
+        own = {i: t.state_json() for i, t in zip(layout.indices, trainees, strict=True)}
+        parts = distributed.gather_objects((files, own))  # also: every rank's files are written
+        if layout.is_main:
+            all_files: dict[str, Any] = {}
+            js: dict[int, dict[str, Any]] = {}
+            for f, j in parts:
+                all_files.update(f)
+                js.update(j)
+            ordered = {k: all_files[k] for k in sorted(all_files)}
+            ckpt.commit(step, fingerprint, [js[i] for i in range(layout.n_saes)], ordered, extra)
+
+
 # -- the training loop -------------------------------------------------------------------------
 @torch.enable_grad()  # training works even when the caller sits inside no_grad/inference code
 def _run(
@@ -119,8 +210,10 @@ def _run(
     on_progress: ProgressFn | None,
     on_log: LogFn | None,
     progress: bool,
+    layout: _Layout | None = None,
 ) -> tuple[int, int]:
     """Train every trainee on one pass of ``source``; returns ``(steps, resumed_from)``."""
+    layout = layout or _Layout("single", tuple(range(len(trainees))), len(trainees), True)
     total = source.total
     for t in trainees:
         t.dead_tokens = dead_window(t.cfg, total)
@@ -133,7 +226,8 @@ def _run(
         )
     start = 0
     wrote_ckpt = False
-    state = ckpt.read() if (ckpt is not None and resume) else None
+    indices = list(layout.indices) if layout.mode == "modules" else None
+    state = ckpt.read(indices) if (ckpt is not None and resume) else None
     if state is not None:
         js, tensors, rng = state
         diff = first_difference(js["fingerprint"], fingerprint)
@@ -142,7 +236,8 @@ def _run(
                 f"checkpoint_uri={ckpt.uri!r} holds a checkpoint of a different run ({diff}); "
                 "use another checkpoint_uri or resume=False to start over"
             )
-        for t, tt, tj in zip(trainees, tensors, js["trainees"], strict=True):
+        jsons = [js["trainees"][i] for i in indices] if indices is not None else js["trainees"]
+        for t, tt, tj in zip(trainees, tensors, jsons, strict=True):
             t.load_state(tt, tj)
         torch.set_rng_state(rng["torch_cpu"])
         start = int(js["step"])
@@ -151,17 +246,19 @@ def _run(
         sample = source.sample(_INIT_TOKENS)
         for t in trainees:
             init_trainee(t, sample[t.hook], init_b_dec)
+            if layout.mode == "data":
+                _sync_from_main(t)
     for t in trainees:
         t.start(total, start)
     every_ckpt = min(c.checkpoint_every for c in cfgs)
     every_log = min(c.log_every for c in cfgs)
     bar = Reporter(
         f"train {len(trainees)} SAE{'s' if len(trainees) > 1 else ''}",
-        on_progress,
+        on_progress if layout.is_main else None,
         unit="steps",
         total=total or 0,
         initial=start,
-        show=progress,
+        show=progress and layout.is_main,
     ).__enter__()  # left in the finally below
     step = start
     try:
@@ -187,18 +284,20 @@ def _run(
                     fvu=f"{entries[0]['fvu']:.3f}",
                     dead=f"{entries[0]['dead_frac']:.3f}",
                 )
-                for i, e in enumerate(entries):
-                    log.info("step %d sae %d: %s", step, i, e)
-                    if on_log is not None:
-                        on_log(step, e if len(entries) == 1 else {**e, "sae": i})
+                # data-parallel ranks hold the same (summed) log: rank 0 reports it
+                if layout.mode != "data" or layout.is_main:
+                    for i, e in zip(layout.indices, entries, strict=True):
+                        log.info("step %d sae %d: %s", step, i, e)
+                        if on_log is not None:
+                            on_log(step, e if layout.n_saes == 1 else {**e, "sae": i})
             if ckpt is not None and (step % every_ckpt == 0 or step == total):
-                ckpt.write(step, fingerprint, trainees, {"total": total})
+                _write_checkpoint(ckpt, layout, step, fingerprint, trainees, {"total": total})
                 wrote_ckpt = True
             # after the checkpoint: a reported step is durable
             bar.update(step, total if total is not None else step)
     except NonFiniteActivationsError:
         # bad data found mid-run: a fresh run leaves no checkpoint behind
-        if ckpt is not None and wrote_ckpt and start == 0:
+        if ckpt is not None and wrote_ckpt and start == 0 and layout.is_main:
             ckpt.remove()
         raise
     finally:
@@ -250,6 +349,7 @@ def train_saes(
     progress: bool = True,
     metadata: Mapping[str, Any] | None = None,
     evaluate: bool = True,
+    distribute_modules: bool = False,
 ) -> list[TrainResult]:
     """Train one SAE per config on one pass over ``stores`` and publish each to ``out_uris``.
 
@@ -259,6 +359,12 @@ def train_saes(
     ``checkpoint_uri``: directory for atomic checkpoints (resumed when ``resume``; removed after
     the SAEs are published). ``on_progress(step, total)`` after each step and
     ``on_log(step, metrics)`` every ``log_every`` steps. Returns one :class:`TrainResult` each.
+
+    Under torchrun (``torchrun --nproc_per_node N``) the same call trains on N processes:
+    data-parallel by default (every rank steps on its part of each batch, the result equals a
+    single process's), or each rank trains its own SAEs with ``distribute_modules``. Rank 0
+    writes checkpoints and outputs (with ``distribute_modules``, each SAE's rank publishes
+    it); every rank returns the same results. See docs/sae.md, "Several processes".
     """
     from integral_superposition.dump.store import ActivationStore
 
@@ -277,9 +383,19 @@ def train_saes(
         )
     if len(set(out_uris)) != len(out_uris):
         raise ValueError(f"out_uris={out_uris!r}: every SAE needs its own output URI")
-    dev = compute.resolve_device(device if device is not None else cfg_list[0].device)
+    info = _join(device, cfg_list[0])
+    dev = info.device
     source = open_source(stores, cfg_list, storage_options)
-    _check_training_memory(cfg_list, source.d_model, dev)
+    # the run's identity does not depend on the layout: any world size resumes a checkpoint
+    fingerprint = run_fingerprint(cfg_list, source.describe(), {"total": source.total})
+    costs = [float(sae_parameter_count(source.d_model, c.k)) for c in cfg_list]
+    layout = _layout(info, len(cfg_list), costs, distribute_modules)
+    mine = [cfg_list[i] for i in layout.indices]
+    if layout.mode == "modules" and isinstance(source, StoreSource):
+        source = open_source(source.store, mine, storage_options)  # only this rank's hook points
+    elif layout.mode == "data":
+        source = RankSlice(source, info.rank, info.world_size)
+    _check_training_memory(mine, source.d_model, dev)
     source.check_finite()
     if checkpoint_uri is not None and not source.resumable:
         raise ValueError(
@@ -287,7 +403,7 @@ def train_saes(
             "a dump URI or a re-iterable of tensors"
         )
     trainees = []
-    for c in cfg_list:
+    for c in mine:
         hook = c.hook_point if c.hook_point and c.hook_point != "input" else source.hooks[0]
         sae = SparseAutoencoder(
             source.d_model,
@@ -298,14 +414,13 @@ def train_saes(
             jumprelu_init_threshold=c.jumprelu_init_threshold,
             seed=c.seed,
         ).to(dev)
-        trainees.append(Trainee(c, sae, hook, dev))
+        trainees.append(Trainee(c, sae, hook, dev, data_parallel=layout.mode == "data"))
     ckpt = Checkpoints(checkpoint_uri, storage_options) if checkpoint_uri else None
-    fingerprint = run_fingerprint(cfg_list, source.describe(), {"total": source.total})
     t0 = time.perf_counter()
     steps, resumed = _run(
         source,
         trainees,
-        cfg_list,
+        mine,
         ckpt=ckpt,
         fingerprint=fingerprint,
         resume=resume,
@@ -313,16 +428,23 @@ def train_saes(
         on_progress=on_progress,
         on_log=on_log,
         progress=progress,
+        layout=layout,
     )
     elapsed = time.perf_counter() - t0
-    results = []
-    for t, uri in zip(trainees, out_uris, strict=True):
-        results.append(
-            _publish(t, uri, source, steps, resumed, elapsed, storage_options, metadata, evaluate)
-        )
-    if ckpt is not None:
+    base = source.source if isinstance(source, RankSlice) else source
+    own: dict[int, TrainResult] = {}
+    if layout.mode != "data" or layout.is_main:
+        for i, t in zip(layout.indices, trainees, strict=True):
+            own[i] = _publish(
+                t, out_uris[i], base, steps, resumed, elapsed, storage_options, metadata, evaluate
+            )
+    published: dict[int, TrainResult] = {}
+    for part in distributed.gather_objects(own):  # also waits until every SAE is published
+        published.update(part)
+    if ckpt is not None and layout.is_main:
         ckpt.remove()
-    return results
+    distributed.barrier()  # nobody returns while rank 0 still removes the checkpoint
+    return [published[i] for i in range(len(cfg_list))]
 
 
 def _store_metadata(store, hook: str) -> dict[str, Any]:
@@ -428,7 +550,8 @@ def train_sae(
     or an iterable of ``[n, d]`` tensors. The model fixes the architecture and widths; ``cfg``
     gives the schedule (``cfg.k``/``cfg.architecture`` must agree with the model). A model whose
     ``b_dec`` is all zeros (freshly built) gets the data-dependent initialisation. The trained
-    model takes raw activations (the training scale is folded into its weights).
+    model takes raw activations (the training scale is folded into its weights). Under
+    torchrun it trains data-parallel and every rank ends with the same weights.
     """
     if not isinstance(model, SparseAutoencoder):
         raise TypeError(f"model: expected a SparseAutoencoder, got {type(model).__name__}")
@@ -456,7 +579,8 @@ def train_sae(
         raise ValueError(
             f"model.d_model={model.d_in} does not match the activations' d_model={source.d_model}"
         )
-    dev = compute.resolve_device(device if device is not None else cfg.device)
+    info = _join(device, cfg)
+    dev = info.device
     on_dev = model.W_enc.device == dev
     _check_training_memory(
         [cfg], model.d_in, dev, sum(p.numel() * 4 for p in model.parameters()) if on_dev else 0
@@ -466,11 +590,14 @@ def train_sae(
         raise ValueError("checkpoint_uri: a one-shot iterator cannot be resumed")
     model.to(dev)
     hook = cfg.hook_point if cfg.hook_point and cfg.hook_point != "input" else source.hooks[0]
-    t = Trainee(cfg, model, hook, dev)
-    ckpt = Checkpoints(checkpoint_uri, storage_options) if checkpoint_uri else None
     fingerprint = run_fingerprint(
         [cfg], source.describe(), {"total": source.total, "d_model": model.d_in}
     )
+    layout = _layout(info, 1, [1.0], modules=False)
+    if layout.mode == "data":
+        source = RankSlice(source, info.rank, info.world_size)
+    t = Trainee(cfg, model, hook, dev, data_parallel=layout.mode == "data")
+    ckpt = Checkpoints(checkpoint_uri, storage_options) if checkpoint_uri else None
     init_b_dec = bool((model.b_dec == 0).all())
     t0 = time.perf_counter()
     steps, resumed = _run(
@@ -484,11 +611,14 @@ def train_sae(
         on_progress=on_progress,
         on_log=on_log,
         progress=progress,
+        layout=layout,
     )
     finish(t)
-    if isinstance(source, StoreSource):
-        model.metadata.update(_store_metadata(source.store, hook))
-    if ckpt is not None:
+    base = source.source if isinstance(source, RankSlice) else source
+    if isinstance(base, StoreSource):
+        model.metadata.update(_store_metadata(base.store, hook))
+    distributed.barrier()
+    if ckpt is not None and layout.is_main:
         ckpt.remove()
     metrics = {k: v for k, v in (t.curve[-1] if t.curve else {}).items()}
     metrics["train_seconds"] = time.perf_counter() - t0

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LRScheduler
 
+from integral_superposition import distributed
 from integral_superposition.config import SAEConfig
 from integral_superposition.sae.model import SparseAutoencoder
 from integral_superposition.sae.schedule import lr_at, lr_scheduler, sparsity_coef_at
@@ -67,6 +68,118 @@ def autocast_enabled(cfg: SAEConfig, device: torch.device) -> bool:
     return resolve_dtype("auto", device) == torch.bfloat16
 
 
+def _all_reduce_grads(sae: SparseAutoencoder, n: int) -> int:
+    """Turn every rank's gradients of its mean loss over ``n`` kept tokens into the gradient of
+    the mean loss over all ranks' tokens (``sum_r n_r g_r / N``), identical on every rank.
+    Returns ``N``. A parameter no rank computed a gradient for keeps ``grad = None`` (Adam
+    then leaves it alone, as in a single process)."""
+    params = list(sae.parameters())
+    dev = params[0].device
+    parts = []
+    for p in params:
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        parts.append(g.reshape(-1) * float(n))
+    has = [1.0 if p.grad is not None else 0.0 for p in params]
+    flat = torch.cat([*parts, torch.tensor([*has, float(n)], dtype=parts[0].dtype, device=dev)])
+    distributed.all_reduce_(flat)
+    total = round(float(flat[-1]))
+    if total == 0:
+        return 0
+    flags = flat[flat.numel() - 1 - len(params) : -1]
+    offset = 0
+    for p, flag in zip(params, flags.tolist(), strict=True):
+        k = p.numel()
+        p.grad = (flat[offset : offset + k].view_as(p) / total).to(p.dtype) if flag > 0 else None
+        offset += k
+    return total
+
+
+_PROBES = 15  # thresholds tried per round of the distributed search (4 bits per round)
+
+
+@torch.no_grad()
+def global_batch_topk(
+    flat: torch.Tensor, rows: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK over a batch split across ranks: ``(values, indices)`` of this rank's entries
+    of ``flat [rows * d_sae]`` among the ``top_k * N`` largest of all ranks (``N``: all rows).
+
+    Each rank takes its local top ``top_k * N`` candidates (the global winners can all sit on
+    one rank), then the ranks search the float32 bit pattern of the ``top_k * N``-th largest
+    non-negative candidate together: 15 thresholds per all-reduce of counts, 8 rounds for 31
+    bits. Only non-negative scores matter (BatchTopK keeps positive activations). With ties at
+    the threshold every tied entry is kept, where a single process keeps an arbitrary subset.
+    """
+    dev = flat.device
+    sizes = torch.tensor([rows, flat.numel()], dtype=torch.int64, device=dev)
+    distributed.all_reduce_(sizes)
+    n_rows, n_all = int(sizes[0]), int(sizes[1])
+    want = top_k * n_rows
+    top = flat.topk(min(flat.numel(), want), sorted=False)
+    if n_all <= want:  # every entry is kept
+        return top.values, top.indices
+    keys = top.values.detach().float().clamp_min(0.0).view(torch.int32)
+    lo, hi = 0, 0x7F800000  # 0.0 and +inf: non-negative float32 bits order like the floats
+    while lo < hi:
+        step = max(1, (hi - lo) // (_PROBES + 1))
+        probes = torch.arange(lo + step, hi + 1, step, dtype=torch.int64, device=dev)[:_PROBES]
+        counts = (keys.to(torch.int64)[None, :] >= probes[:, None]).sum(1)
+        distributed.all_reduce_(counts)
+        ok = (counts >= want).nonzero()
+        if ok.numel() == 0:
+            hi = int(probes[0]) - 1
+        else:
+            i = int(ok[-1])
+            lo = int(probes[i])
+            if i + 1 < probes.numel():
+                hi = int(probes[i + 1]) - 1
+    keep = keys >= lo
+    return top.values[keep], top.indices[keep]
+
+
+def _reduce_stats(
+    x: torch.Tensor,
+    fires: torch.Tensor,
+    pos: torch.Tensor | None,
+    terms: torch.Tensor,
+    n_in: int,
+    want_min: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int, int]:
+    """One step's statistics over all ranks: firings per latent ``[d_sae]``, the smallest kept
+    activation (BatchTopK), the log terms as a single process would compute them on the whole
+    batch (means weighted by kept tokens; FVU from the global variance), kept and input
+    token counts."""
+    n = x.shape[0]
+    d_sae = fires.shape[0]
+    xd = x.double()
+    head = torch.cat(
+        [
+            terms * n,  # loss, mse, fvu (replaced below), l0, aux, sparsity
+            torch.tensor([float(n), float(n_in)], dtype=torch.float64, device=x.device),
+            xd.pow(2).sum().reshape(1),
+            xd.sum(0),
+            fires.double(),
+        ]
+    )
+    distributed.all_reduce_(head)
+    total_n = float(head[6])
+    out = head[:6] / max(total_n, 1.0)
+    sum_sq, sum_x = float(head[8]), head[9 : 9 + x.shape[1]]
+    var = (sum_sq - float(sum_x.pow(2).sum()) / max(total_n, 1.0)) / max(total_n, 1.0)
+    out[2] = out[1] / max(var, 1e-12)  # fvu = mse / var of the whole batch
+    fires_all = head[9 + x.shape[1] : 9 + x.shape[1] + d_sae].round().to(torch.int64)
+    pos_min = None
+    if want_min:  # every rank joins, whether or not its part kept a value
+        m = (
+            pos.min().float().reshape(1)
+            if pos is not None and pos.numel()
+            else torch.full((1,), float("inf"), device=x.device)
+        )
+        distributed.all_reduce_(m, "min")
+        pos_min = m[0] if torch.isfinite(m[0]) else None
+    return fires_all, pos_min, out, int(total_n), round(float(head[7]))
+
+
 @dataclass
 class Trainee:
     cfg: SAEConfig
@@ -85,6 +198,8 @@ class Trainee:
     autocast: bool = False
     dead_tokens: int = 0  # the dead-latent window in tokens (``config.dead_window``)
     sched: LRScheduler | None = None  # set by ``start`` once the run's length is known
+    data_parallel: bool = False
+    """Each rank steps on its part of the batch; gradients and statistics are summed over ranks."""
 
     # accumulated log terms: loss, mse, fvu, l0, aux, sparsity, kept tokens
     _N_ACC = 7
@@ -101,6 +216,8 @@ class Trainee:
         self.fire_count = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
         self.acc = torch.zeros(self._N_ACC, dtype=torch.float64, device=self.device)
         self.autocast = autocast_enabled(self.cfg, self.device)
+        if self.data_parallel and self.sae.architecture == "batchtopk":
+            self.sae.batch_topk_select = global_batch_topk
 
     def start(self, total: int | None, step: int) -> None:
         """Attach the LR schedule of a ``total``-step run whose next step is ``step``."""
@@ -114,7 +231,8 @@ class Trainee:
         return self.since_fired >= self.dead_tokens
 
     def step(self, x_raw: torch.Tensor, step: int, total: int | None) -> None:
-        """One optimiser step on raw activations ``x_raw [B, d]``."""
+        """One optimiser step on raw activations ``x_raw [B, d]`` (with ``data_parallel``: this
+        rank's part of the global batch; the step then equals one on the whole batch)."""
         cfg, sae = self.cfg, self.sae
         x = x_raw.to(self.device, torch.float32, non_blocking=True)
         n_in = x.shape[0]
@@ -122,22 +240,29 @@ class Trainee:
             keep = x.norm(dim=1) <= self.max_norm
             if not bool(keep.all()):
                 x = x[keep]
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 and not self.data_parallel:
             self.sched.step()  # type: ignore[union-attr]  # the schedule follows the step index
             return
         x = x * self.scale
         coef = sparsity_coef_at(cfg, step, total)
         dead = self.dead_mask() if self.uses_auxk else None
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            out = sae(x, dead_mask=dead, sparse_decode=cfg.sparse_decode)
-        d = sae.d_in
-        loss = out.mse / d + coef * out.sparsity_loss
-        if dead is not None:
-            loss = loss + cfg.auxk_coef * out.aux_loss / d
-        elif sae.architecture == "jumprelu" and cfg.jumprelu_pre_act_coef > 0:
-            loss = loss + cfg.jumprelu_pre_act_coef * out.aux_loss
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out = loss = None
+        if x.shape[0]:  # a data-parallel rank whose part was all outliers only joins the sums
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+                out = sae(x, dead_mask=dead, sparse_decode=cfg.sparse_decode)
+            d = sae.d_in
+            loss = out.mse / d + coef * out.sparsity_loss
+            if dead is not None:
+                loss = loss + cfg.auxk_coef * out.aux_loss / d
+            elif sae.architecture == "jumprelu" and cfg.jumprelu_pre_act_coef > 0:
+                loss = loss + cfg.jumprelu_pre_act_coef * out.aux_loss
+            loss.backward()
+        elif sae.batch_topk_select is not None:  # join the batch-wide selection of the others
+            sae.batch_topk_select(x.new_empty(0), 0, sae.top_k)
+        if self.data_parallel and _all_reduce_grads(sae, x.shape[0]) == 0:
+            self.sched.step()  # type: ignore[union-attr]  # no rank kept a token
+            return
         sae.remove_gradient_parallel_to_decoder_directions()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -147,27 +272,39 @@ class Trainee:
             sae.set_decoder_norm_to_unit_norm()
             if sae.architecture == "jumprelu":
                 sae.threshold.clamp_(min=0.0)
-            fires, pos = _active(out, sae.d_sae, values=sae.architecture == "batchtopk")
-            if pos is not None and pos.numel():
-                # inference threshold: EMA of the smallest activation the batch kept
-                thr = sae.threshold
-                m = pos.min().to(thr.dtype)
-                thr.copy_(torch.where(thr > 0, 0.99 * thr + 0.01 * m, m))
-            self.since_fired += x.shape[0]
-            self.since_fired[fires > 0] = 0
-            self.fire_count += fires
-            self.tokens_seen += n_in
-            self.acc += torch.stack(
-                [
+            if out is not None:
+                fires, pos = _active(out, sae.d_sae, values=sae.architecture == "batchtopk")
+                terms = [
                     loss.detach().double(),
                     out.mse.detach().double(),
                     out.fvu.detach().double(),
                     out.l0.detach().double(),
                     out.aux_loss.detach().double(),
                     out.sparsity_loss.detach().double(),
-                    torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.device),
                 ]
-            )
+                terms = torch.stack(terms)
+            else:
+                fires = torch.zeros(sae.d_sae, dtype=torch.int64, device=self.device)
+                pos = None
+                terms = torch.zeros(6, dtype=torch.float64, device=self.device)
+            n_kept = x.shape[0]
+            if self.data_parallel:
+                fires, pos_min, terms, n_kept, n_in = _reduce_stats(
+                    x, fires, pos, terms, n_in, sae.architecture == "batchtopk"
+                )
+            else:
+                pos_min = pos.min() if pos is not None and pos.numel() else None
+            if pos_min is not None:
+                # inference threshold: EMA of the smallest activation the batch kept
+                thr = sae.threshold
+                m = pos_min.to(thr.dtype)
+                thr.copy_(torch.where(thr > 0, 0.99 * thr + 0.01 * m, m))
+            self.since_fired += n_kept
+            self.since_fired[fires > 0] = 0
+            self.fire_count += fires
+            self.tokens_seen += n_in
+            n_t = torch.tensor([float(n_kept)], dtype=torch.float64, device=self.device)
+            self.acc += torch.cat([terms, n_t])
             self.acc_steps += 1
 
     def flush_log(self, step: int, total: int | None) -> dict[str, float]:
@@ -296,6 +433,7 @@ def finish(t: Trainee) -> SparseAutoencoder:
     """Fold the training scale into the weights; the SAE then takes raw activations."""
     sae = t.sae
     sae.eval()
+    sae.batch_topk_select = None
     with torch.no_grad():
         sae.fold_activation_scale(t.scale)
     t.scale = 1.0
