@@ -19,7 +19,7 @@ import torch
 
 from integral_superposition.data.tokenize import pad_batch, pad_token_id, special_ids
 
-__all__ = ["LabelClassifier", "label_vocabulary", "mean_pooled_documents"]
+__all__ = ["LabelClassifier", "label_prompts", "label_vocabulary", "mean_pooled_documents"]
 
 
 # -- target vocabularies --------------------------------------------------------------------------
@@ -107,18 +107,27 @@ class LabelClassifier:
     n_train: int
     n_test: int
     test_doc_ids: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
+    """The held-out documents: those of the store's ``split_mask("test", test_fraction, seed)``."""
+    test_fraction: float = 0.05
+    split_seed: int = 0
+    test_recall: list[float] = field(default_factory=list)
+    """Per label: the fraction of its held-out documents predicted as it (nan: none held out)."""
+    test_docs: list[int] = field(default_factory=list)
+    """Per label: held-out documents."""
 
     @classmethod
     def fit(
         cls,
         store,
         *,
-        test_fraction: float = 0.2,
+        test_fraction: float = 0.05,
         seed: int = 0,
         C: float = 1.0,
         chunk_tokens: int = 65536,
     ) -> LabelClassifier:
-        """Fit on the store's documents; a seeded document-level split holds out ``test_fraction``."""
+        """Fit on the training documents of the store's own document-level split
+        (``store.split_mask("train", test_fraction, seed)``, the split SAE training and
+        evaluation use) and measure accuracy on its held-out documents."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
@@ -130,16 +139,26 @@ class LabelClassifier:
             raise ValueError(
                 f"the store's documents have a single label ({store.label_names}): a label classifier needs two or more"
             )
-        rng = np.random.default_rng(seed)
-        test = rng.random(doc_ids.size) < test_fraction
-        if test.all() or not test.any():
-            test = np.zeros(doc_ids.size, dtype=bool)
-            test[rng.permutation(doc_ids.size)[: max(1, round(test_fraction * doc_ids.size))]] = (
-                True
+        rows = store.split_mask("test", test_fraction=test_fraction, seed=seed)
+        test = np.isin(doc_ids, np.asarray(store.doc_ids)[rows])
+        if not test.any() or test.all():
+            raise ValueError(
+                f"test_fraction={test_fraction} (seed {seed}) holds out {int(test.sum())} of the "
+                f"store's {doc_ids.size} documents: expected a split with documents on both sides"
+            )
+        if np.unique(y[~test]).size < 2:
+            raise ValueError(
+                f"test_fraction={test_fraction} (seed {seed}) leaves training documents of a single "
+                "label: expected two or more labels to fit the classifier on"
             )
         model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
         model.fit(X[~test], y[~test])
-        acc = float((model.predict(X[test]) == y[test]).mean())
+        pred = model.predict(X[test])
+        acc = float((pred == y[test]).mean())
+        n_labels = len(store.label_names)
+        docs = np.bincount(y[test], minlength=n_labels)
+        hits = np.bincount(y[test][pred == y[test]], minlength=n_labels)
+        recall = np.where(docs > 0, hits / np.maximum(docs, 1), np.nan)
         cfg = store.manifest.get("config", {})
         return cls(
             model=model,
@@ -151,6 +170,10 @@ class LabelClassifier:
             n_train=int((~test).sum()),
             n_test=int(test.sum()),
             test_doc_ids=doc_ids[test],
+            test_fraction=float(test_fraction),
+            split_seed=int(seed),
+            test_recall=[float(r) for r in recall],
+            test_docs=[int(d) for d in docs],
         )
 
     @torch.inference_mode()
@@ -195,5 +218,19 @@ class LabelClassifier:
             "held_out_accuracy": self.accuracy,
             "n_train_docs": self.n_train,
             "n_test_docs": self.n_test,
+            "split": f"store.split_mask('test', {self.test_fraction:g}, seed={self.split_seed})",
             "chance": 1.0 / len(self.label_names),
         }
+
+
+def label_prompts(
+    store, label_id: int, test_docs: np.ndarray, n: int, words: int, seed: int
+) -> list[str]:
+    """Up to ``n`` prompts of label ``label_id``: the first ``words`` words of held-out
+    documents (``test_docs``; all the label's documents when too few are held out)."""
+    docs = store.docs
+    pool = docs[(docs["label"] == label_id) & docs["doc_id"].isin(test_docs)]
+    if len(pool) < n:
+        pool = docs[docs["label"] == label_id]
+    pool = pool.sample(n=min(n, len(pool)), random_state=seed) if len(pool) else pool
+    return [" ".join(str(t).split()[:words]) for t in pool["text"]]

@@ -55,7 +55,8 @@ def run_steering_eval(
     ``allow_other_store=True``.
 
     Files: ``sweep.parquet``, ``generations.parquet``, ``latents.parquet``,
-    ``vocabulary.parquet``, ``sweep.png``, ``sweep.svg``, ``summary.json``; the manifest is
+    ``vocabulary.parquet``, ``classifier_check.parquet``, ``check_generations.parquet``,
+    ``sweep.png``, ``sweep.svg``, ``summary.json``; the manifest is
     written last. ``sae_uri``/``store_uri`` may also be a loaded SAE / store. Inputs are
     checked before anything is written; on failure the files written so far are removed.
     """
@@ -112,6 +113,8 @@ def run_steering_eval(
                 "generations.parquet": _parquet(ev.generations),
                 "latents.parquet": _parquet(ev.picks),
                 "vocabulary.parquet": _parquet(ev.vocabulary),
+                "classifier_check.parquet": _parquet(ev.check),
+                "check_generations.parquet": _parquet(ev.check_generations),
                 "sweep.png": figure_bytes(fig, "png"),
                 "sweep.svg": figure_bytes(fig, "svg"),
                 "summary.json": storage.canonical_json(_json_safe(ev.summary), indent=2).encode(),
@@ -151,7 +154,8 @@ def _json_safe(obj: Any) -> Any:
 
 class SteeringResult:
     """A published steering evaluation, read lazily: ``manifest``, ``summary`` and the tables
-    ``sweep``, ``generations``, ``picks``, ``vocabulary`` as DataFrames."""
+    ``sweep``, ``generations``, ``picks``, ``vocabulary``, ``check`` (the classifier on
+    unsteered generations), ``check_generations`` and ``headline`` as DataFrames."""
 
     def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
         self.uri = uri
@@ -186,6 +190,24 @@ class SteeringResult:
     @property
     def vocabulary(self) -> pd.DataFrame:
         return self._table("vocabulary.parquet")
+
+    @property
+    def check(self) -> pd.DataFrame:
+        """The classifier on unsteered continuations of each label's own prompts, beside its
+        recall on held-out documents (one row per label)."""
+        return self._table("classifier_check.parquet")
+
+    @property
+    def check_generations(self) -> pd.DataFrame:
+        return self._table("check_generations.parquet")
+
+    @property
+    def headline(self) -> pd.DataFrame:
+        """One row per steered latent (``summary["latents"]``): ``latent, label, n,
+        baseline_share(_lo, _hi), best_strength, best_share(_lo, _hi), best_ppl_ratio,
+        random_latent, random_share_at_best(_lo, _hi), classifier_valid, classifier_note``
+        (``best_*`` and ``random_*`` are None when no strength stays fluent)."""
+        return pd.DataFrame(self.summary.get("latents", []))
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -258,6 +280,40 @@ def side_by_side(
     )
 
 
+def _ci(lat: Mapping[str, Any], key: str) -> str:
+    lo, hi = lat.get(f"{key}_lo"), lat.get(f"{key}_hi")
+    return f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+
+
+def _latent_line(lat: Mapping[str, Any]) -> str:
+    """One sentence per steered latent: unsteered share, the best fluent share and the
+    random control at that strength, each with its 95% interval."""
+    best = lat.get("best_strength")
+    line = (
+        f"Latent {lat['latent']} ({lat['label']}): share {lat['baseline_share']:.2f}"
+        f"{_ci(lat, 'baseline_share')} unsteered"
+    )
+    if best is not None:
+        line += (
+            f", {lat['best_share']:.2f}{_ci(lat, 'best_share')} at strength {best:g} "
+            f"(perplexity x{lat['best_ppl_ratio']:.2f})"
+        )
+        if lat.get("random_share_at_best") is not None:
+            line += (
+                f"; random latent {lat['random_latent']} at that strength: "
+                f"{lat['random_share_at_best']:.2f}{_ci(lat, 'random_share_at_best')}"
+            )
+    else:
+        line += ", no strength within the fluency bound"
+    line += "."
+    if lat.get("classifier_valid") is False:
+        line += (
+            " Not evidence: the classifier cannot judge generations toward this label ("
+            f"{lat.get('classifier_note') or 'see the classifier check'})."
+        )
+    return line
+
+
 def steering_section(
     result: SteeringEval | SteeringResult | str, storage_options: Mapping[str, Any] | None = None
 ):
@@ -269,39 +325,47 @@ def steering_section(
         result = load_steering(result, storage_options)
     s = result.summary
     clf = s.get("classifier", {})
+    check = clf.get("generations") or {}
     lines = [
         f"Steering at {s.get('hook_point')} ({s.get('mode')}, positions {s.get('positions')}) over "
-        f"{s.get('n_prompts')} neutral prompts. Label classifier: held-out accuracy "
-        f"{clf.get('held_out_accuracy', float('nan')):.3f} (chance {clf.get('chance', float('nan')):.2f})."
+        f"{s.get('n_prompts')} neutral prompts x {s.get('samples_per_prompt', 1)} samples. "
+        f"Shares are the fraction of continuations the label classifier assigns to the target "
+        f"label, with 95% Wilson intervals. Label classifier: held-out accuracy "
+        f"{clf.get('held_out_accuracy', float('nan')):.3f} on {clf.get('n_test_docs')} documents "
+        f"(chance {clf.get('chance', float('nan')):.2f})."
     ]
-    for lat in s.get("latents", []):
-        best = lat.get("best_strength")
+    if check:
+        recall = ", ".join(f"{k} {v:.2f}" for k, v in (check.get("recall") or {}).items())
         lines.append(
-            f"Latent {lat['latent']} ({lat['label']}): classifier share {lat['baseline_share']:.2f} unsteered"
+            "On unsteered continuations of each label's own prompts it predicts the prompt's "
+            f"label for: {recall} (judged when at least chance + {check.get('margin', 0):.2f})."
             + (
-                f", {lat['best_share']:.2f} at strength {best:g} (perplexity x{lat['best_ppl_ratio']:.2f})"
-                if best is not None
-                else ", no strength within the fluency bound"
-            )
-            + (
-                f"; random latent {lat['random_latent']} moves it by at most {lat['random_max_shift']:.2f}."
-                if lat.get("random_max_shift") is not None
-                else "."
+                f" It predicts {check['dominant_label']} for most continuations whatever the "
+                "prompt: it cannot judge generations."
+                if check.get("dominant_label")
+                else ""
             )
         )
+    for lat in s.get("latents", []):
+        lines.append(_latent_line(lat))
     cols = [
-        "latent",
-        "label",
-        "control",
-        "strength",
-        "share",
-        "vocab_mass",
-        "perplexity",
-        "ppl_ratio",
-        "distinct2",
-        "classifier_accuracy",
-    ]
-    table = result.table[cols].round(4)
+        "latent", "label", "control", "strength", "n", "share", "share_lo", "share_hi",
+        "vocab_mass", "perplexity", "ppl_ratio", "distinct2", "classifier_valid",
+    ]  # fmt: skip
+    table = result.table[[c for c in cols if c in result.table.columns]].round(4)
+    tables = [("Strength sweep with controls (share: 95% interval share_lo..share_hi)", table)]
+    try:
+        check_table = result.check
+    except FileNotFoundError:  # published before the classifier check existed
+        check_table = None
+    if check_table is not None and len(check_table):
+        tables.append(
+            (
+                "Label classifier on unsteered continuations of each label's own prompts "
+                "(to_*: share predicted as each label) beside its recall on held-out documents",
+                check_table.round(3),
+            )
+        )
     gens = []
     for lat in s.get("latents", []):
         try:
@@ -317,7 +381,7 @@ def steering_section(
     return ReportSection(
         "Steering",
         text="\n\n".join(lines),
-        tables=[("Strength sweep with controls", table)],
+        tables=tables,
         figures=[("Effect against perplexity", result.figure())],
         generations=frame,
         anchor="steering",

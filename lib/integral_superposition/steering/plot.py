@@ -16,7 +16,8 @@ def plot_sweep(table: pd.DataFrame, ppl_ratio_max: float | None = 2.0) -> Figure
     """Effect against perplexity: classifier share (left) and target-vocabulary mass (right)
     against perplexity under the unsteered model, one line per latent and per control
     (strengths annotated; each line starts at its unsteered point, a black star). The dashed
-    line marks ``ppl_ratio_max`` x the unsteered perplexity of the neutral prompts."""
+    line marks ``ppl_ratio_max`` x the unsteered perplexity of the neutral prompts; error bars
+    are the shares' 95% Wilson intervals."""
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     from integral_superposition.viz.figures import label_color, new_figure
@@ -35,6 +36,8 @@ def plot_sweep(table: pd.DataFrame, ppl_ratio_max: float | None = 2.0) -> Figure
             & (sub["prompts"] == g["prompts"].iloc[0])
         ]
         g = g[g["strength"].notna()].sort_values("strength")
+        if g.empty:  # a control that never ran steered (no fluent strength)
+            continue
         pts = g if control == "alpha0" else pd.concat([start, g])
         label = str(g["label"].iloc[0])
         name = f"{lat} ({label})" + ("" if control == "steer" else f" {control}")
@@ -45,6 +48,12 @@ def plot_sweep(table: pd.DataFrame, ppl_ratio_max: float | None = 2.0) -> Figure
         )  # fmt: skip
         for ax, col in zip(axes, cols, strict=True):
             ax.plot(pts["perplexity"], pts[col], **style)
+            if col == "share" and {"share_lo", "share_hi"} <= set(pts.columns):
+                ax.errorbar(
+                    pts["perplexity"], pts["share"],
+                    yerr=[pts["share"] - pts["share_lo"], pts["share_hi"] - pts["share"]],
+                    fmt="none", ecolor=style["color"], elinewidth=0.8, capsize=2, alpha=0.6,
+                )  # fmt: skip
             if control == "steer":
                 for x, y, s in zip(g["perplexity"], g[col], g["strength"], strict=True):
                     ax.annotate(
@@ -52,6 +61,12 @@ def plot_sweep(table: pd.DataFrame, ppl_ratio_max: float | None = 2.0) -> Figure
                     )
     base = table[table["control"] == "unsteered"]
     for ax, col in zip(axes, cols, strict=True):
+        if col == "share" and {"share_lo", "share_hi"} <= set(base.columns) and len(base):
+            ax.errorbar(
+                base["perplexity"], base["share"],
+                yerr=[base["share"] - base["share_lo"], base["share_hi"] - base["share"]],
+                fmt="none", ecolor="black", elinewidth=0.8, capsize=2,
+            )  # fmt: skip
         ax.plot(
             base["perplexity"],
             base[col],
@@ -83,7 +98,7 @@ def plot_sweep(table: pd.DataFrame, ppl_ratio_max: float | None = 2.0) -> Figure
         fontsize=7,
         frameon=False,
     )
-    title = "Steering sweep (star: unsteered; numbers: strength"
+    title = "Steering sweep (star: unsteered; numbers: strength; bars: 95% intervals"
     title += f"; dashed: {ppl_ratio_max:g}x unsteered perplexity)" if ppl_ratio_max else ")"
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(bottom=0.18 + 0.03 * ((len(uniq) - 1) // 4), wspace=0.25)

@@ -26,11 +26,10 @@ held-out documents of its own label).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,7 +39,11 @@ from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from integral_superposition.progress import ProgressFn, Reporter
-from integral_superposition.steering.classifier import LabelClassifier, label_vocabulary
+from integral_superposition.steering.classifier import (
+    LabelClassifier,
+    label_prompts,
+    label_vocabulary,
+)
 from integral_superposition.steering.edits import Edit
 from integral_superposition.steering.generation import (
     Generations,
@@ -57,6 +60,11 @@ from integral_superposition.steering.picks import (
     target_latents,
 )
 from integral_superposition.steering.plot import plot_sweep
+from integral_superposition.steering.scores import (
+    judge_generations,
+    pick_best_strength,
+    set_metrics,
+)
 
 Mode = Literal["clamp_max", "clamp", "add", "scale"]
 Control = Literal["alpha0", "random", "own_label"]
@@ -90,8 +98,8 @@ class SteeringParams(BaseModel):
     """Top activating tokens per latent in the token-level enrichment test."""
     mode: Mode = "clamp_max"
     """Edit swept: ``clamp_max`` (clamp to strength x the latent's max activation in the store), ``clamp`` (to strength), ``add`` (strength x decoder row), ``scale``."""
-    strengths: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
-    """Strengths of the sweep."""
+    strengths: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
+    """Strengths of the sweep, run in increasing order (``clamp_max``: fractions of the latent's max activation, a log grid over the useful range)."""
     positions: str | list[str] = "all"
     """Steered positions: ``last_prompt``, ``prompt``, ``generated``, ``all`` (or a list of them)."""
     prompts: list[str] | None = None
@@ -104,18 +112,22 @@ class SteeringParams(BaseModel):
     """Sampling temperature."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass."""
-    samples_per_prompt: int = Field(2, ge=1)
-    """Continuations per prompt (with sampling)."""
+    samples_per_prompt: int = Field(4, ge=1)
+    """Continuations per prompt (with sampling): 12 neutral prompts x 4 = 48 per set, enough for a 95% interval of at most +/- 0.15 on a share."""
     seed: int = 0
-    """Seed of sampling, the random control latent and the classifier split."""
-    batch_size: int = Field(16, ge=1)
-    """Prompts per generate call."""
+    """Seed of sampling and of the random control latent."""
+    batch_size: int = Field(64, ge=1)
+    """Continuations per generate call (a set of generations is one call when it fits)."""
     keep_error: bool = True
     """Keep the SAE error term (``x + dec(z') - dec(z)``); False replaces ``x`` by ``dec(z')``."""
     controls: list[Control] = Field(default_factory=lambda: ["alpha0", "random", "own_label"])
     """Control rows to add."""
+    control_strengths: Literal["best", "all"] = "best"
+    """Strengths of the ``random`` and ``own_label`` controls: the target's best strength within the fluency bound (``best``), or every strength the target ran (``all``)."""
+    stop_above_ppl: bool = True
+    """Stop a latent's sweep after the first strength whose perplexity exceeds ``ppl_ratio_max`` x unsteered (stronger edits only get less fluent)."""
     own_label_prompts: int = Field(12, ge=1)
-    """``own_label`` control: prompts cut from held-out documents of the latent's label."""
+    """Prompts cut from held-out documents of each label: the ``own_label`` control and the classifier check."""
     own_prompt_words: int = Field(5, ge=1)
     """``own_label`` control: words kept from each document as its prompt."""
     vocab_per_label: int = Field(50, ge=1)
@@ -124,8 +136,14 @@ class SteeringParams(BaseModel):
     """Target vocabulary: a token must occur at least this often in the store."""
     vocab_words_only: bool = True
     """Target vocabulary: keep only tokens that read as words (three or more letters)."""
-    classifier_test_fraction: float = Field(0.2, gt=0, lt=1)
-    """Held-out documents for the classifier's accuracy."""
+    classifier_test_fraction: float = Field(0.05, gt=0, lt=1)
+    """The classifier is fitted on the store's training documents and scored on its held-out ones: ``store.split_mask('test', classifier_test_fraction, split_seed)``, the split SAE training uses."""
+    split_seed: int = 0
+    """Seed of the store's document-level split (0: the split SAE training and evaluation use)."""
+    check_labels: Literal["all", "targets"] = "all"
+    """Labels whose own prompts check the classifier on unsteered generations: every label (also detects a classifier that predicts one label whatever the text), or only the target labels."""
+    judge_margin: float = Field(0.2, ge=0, lt=1)
+    """The classifier can judge generations toward a label when it predicts that label for at least chance + this margin of the unsteered continuations of the label's own prompts."""
     classifier_c: float = Field(1.0, gt=0)
     """Inverse regularisation strength of the logistic regression."""
     ppl_ratio_max: float = Field(2.0, gt=1)
@@ -142,7 +160,9 @@ class SteeringParams(BaseModel):
             raise ValueError("strengths is empty: expected at least one strength")
         if any(not math.isfinite(s) for s in v):
             raise ValueError(f"strengths={v}: expected finite numbers")
-        return v
+        if len(set(v)) != len(v):
+            raise ValueError(f"strengths={v}: expected distinct strengths")
+        return sorted(v)
 
     @field_validator("prompts")
     @classmethod
@@ -180,29 +200,16 @@ class _Scored:
     nll: np.ndarray  # [n]
     n_tok: np.ndarray  # [n]
 
+    @property
+    def predicted(self) -> np.ndarray:
+        """``[n]`` the classifier's label of each continuation (-1: nothing to classify)."""
+        return np.where(self.valid, self.proba.argmax(1), -1)
 
-def _distinct2(token_ids: Sequence[Sequence[int]]) -> float:
-    pairs = [(a, b) for ids in token_ids for a, b in itertools.pairwise(ids)]
-    return len(set(pairs)) / len(pairs) if pairs else float("nan")
-
-
-def _metrics(s: _Scored, c: int, base_ppl: float | None) -> dict[str, Any]:
-    pred = np.where(s.valid, s.proba.argmax(1), -1)
-    total = s.n_tok.sum()
-    ppl = float(math.exp(s.nll.sum() / total)) if total > 0 else float("nan")
-    return {
-        "n": len(s.gens),
-        "share": float((pred == c).mean()),
-        "prob": float(s.proba[s.valid, c].mean()) if s.valid.any() else float("nan"),
-        "vocab_mass": float(s.gens.vocab_mass[:, c].mean())
-        if s.gens.vocab_mass is not None
-        else float("nan"),
-        "perplexity": ppl,
-        "ppl_ratio": ppl / base_ppl if base_ppl else float("nan"),
-        "distinct2": _distinct2(s.gens.token_ids),
-        "mean_tokens": float(s.n_tok.mean()),
-        "empty": int((~s.valid).sum()),
-    }
+    def metrics(self, label: int, base_ppl: float | None) -> dict[str, Any]:
+        return set_metrics(
+            self.predicted, self.proba, self.nll, self.n_tok, self.gens.token_ids, label,
+            base_ppl, self.gens.vocab_mass,
+        )  # fmt: skip
 
 
 def _edit_for(mode: str, latent: int, strength: float, max_act: float, ratio: float = 1.0) -> Edit:
@@ -231,39 +238,68 @@ class SteeringEval:
     """The target vocabularies."""
     classifier: dict[str, Any]
     summary: dict[str, Any]
+    check: pd.DataFrame | None = None
+    """The classifier on unsteered continuations of each label's own prompts
+    (:class:`~integral_superposition.steering.scores.GenerationCheck` ``.table``)."""
+    check_generations: pd.DataFrame | None = None
+    """Those continuations: ``prompt_label, prompt, text, predicted``."""
 
     def figure(self) -> Figure:
         return plot_sweep(self.table, self.summary.get("ppl_ratio_max"))
 
 
-def _own_label_prompts(
-    store, label_id: int, test_docs: np.ndarray, n: int, words: int, seed: int
-) -> list[str]:
-    docs = store.docs
-    pool = docs[(docs["label"] == label_id) & docs["doc_id"].isin(test_docs)]
-    if len(pool) < n:
-        pool = docs[docs["label"] == label_id]
-    pool = pool.sample(n=min(n, len(pool)), random_state=seed) if len(pool) else pool
-    return [" ".join(str(t).split()[:words]) for t in pool["text"]]
-
-
 def _latent_summary(j, label, base_m, steer_ms, rand_ms, r, ppl_ratio_max) -> dict[str, Any]:
-    """The strongest share within the fluency bound, and how far the random control moved."""
-    fluent = [(s, m) for s, m in steer_ms if m["ppl_ratio"] <= ppl_ratio_max]
-    best = max(fluent, key=lambda sm: (sm[1]["share"], -sm[0])) if fluent else None
+    """The strength that moves the share most within the fluency bound, with 95% intervals,
+    and the random control at that strength."""
+    tab = pd.DataFrame([{"strength": st, **m} for st, m in steer_ms])
+    best = pick_best_strength(tab, ppl_ratio_max)
     rand_at = dict(rand_ms)
+    rb = rand_at.get(float(best["strength"])) if best is not None else None
     return {
-        "latent": j, "label": label, "baseline_share": base_m["share"],
+        "latent": j, "label": label, "n": base_m["n"], "baseline_share": base_m["share"],
+        "baseline_share_lo": base_m["share_lo"], "baseline_share_hi": base_m["share_hi"],
         "baseline_vocab_mass": base_m["vocab_mass"], "baseline_perplexity": base_m["perplexity"],
-        "best_strength": best[0] if best else None,
-        "best_share": best[1]["share"] if best else None,
-        "best_vocab_mass": best[1]["vocab_mass"] if best else None,
-        "best_ppl_ratio": best[1]["ppl_ratio"] if best else None,
-        "max_share": max(m["share"] for _, m in steer_ms),
+        "best_strength": float(best["strength"]) if best is not None else None,
+        "best_share": float(best["share"]) if best is not None else None,
+        "best_share_lo": float(best["share_lo"]) if best is not None else None,
+        "best_share_hi": float(best["share_hi"]) if best is not None else None,
+        "best_vocab_mass": float(best["vocab_mass"]) if best is not None else None,
+        "best_ppl_ratio": float(best["ppl_ratio"]) if best is not None else None,
+        "max_share": float(tab["share"].max()),
+        "strengths_run": [float(x) for x in tab["strength"]],
         "random_latent": r,
-        "random_share_at_best": rand_at[best[0]]["share"] if best and best[0] in rand_at else None,
+        "random_share_at_best": rb["share"] if rb else None,
+        "random_share_at_best_lo": rb["share_lo"] if rb else None,
+        "random_share_at_best_hi": rb["share_hi"] if rb else None,
         "random_max_shift": max((abs(m["share"] - base_m["share"]) for _, m in rand_ms), default=None),
     }  # fmt: skip
+
+
+def _check_inputs(p: SteeringParams, backend, sae, store) -> tuple[list[str], Any]:
+    from integral_superposition.data import neutral_prompts
+
+    prompts = check_prompts(p.prompts if p.prompts is not None else neutral_prompts())
+    check_steerable_prompts(backend.tokenizer, prompts)
+    hp = resolve_sae_hook_point(backend, sae, p.hook_point or store.hook_point)
+    if store.d_model != sae.d_in:
+        raise ValueError(f"sae.d_in={sae.d_in} does not match the store's d_model={store.d_model}")
+    if isinstance(p.latents, list):
+        bad = [j for j in p.latents if not 0 <= j < sae.d_sae]
+        if bad:
+            raise ValueError(
+                f"latents={p.latents}: {bad} out of range for an SAE with d_sae={sae.d_sae} (0..{sae.d_sae - 1})"
+            )
+        if p.labels is not None and len(p.labels) != len(p.latents):
+            raise ValueError(
+                f"labels={p.labels}: expected one target label per latent ({len(p.latents)})"
+            )
+    if p.labels is not None:
+        unknown = [lb for lb in p.labels if lb not in store.label_names]
+        if unknown:
+            raise ValueError(
+                f"labels={p.labels}: {unknown} not among the store's labels {store.label_names}"
+            )
+    return prompts, hp
 
 
 def evaluate_steering(
@@ -283,8 +319,12 @@ def evaluate_steering(
     ``enrichment``: ``(token table, document table)`` to reuse (else one SAE scan of the
     store computes them and the max activations). ``max_acts``: per-latent max activations
     for ``clamp_max`` (default: from that scan). Every input is checked before generating.
+
+    Before any steering, the classifier is checked on unsteered continuations of each
+    label's own prompts (:func:`~integral_superposition.steering.scores.judge_generations`);
+    a latent whose target label it cannot judge keeps its shares, flagged
+    ``classifier_valid=False``.
     """
-    from integral_superposition.data import neutral_prompts
     from integral_superposition.steering.edits import max_activations
 
     p = (
@@ -292,28 +332,7 @@ def evaluate_steering(
         if isinstance(params, SteeringParams)
         else SteeringParams.model_validate(dict(params or {}))
     )
-    prompts = check_prompts(p.prompts if p.prompts is not None else neutral_prompts())
-    check_steerable_prompts(backend.tokenizer, prompts)
-    hook = p.hook_point or store.hook_point
-    hp = resolve_sae_hook_point(backend, sae, hook)
-    if store.d_model != sae.d_in:
-        raise ValueError(f"sae.d_in={sae.d_in} does not match the store's d_model={store.d_model}")
-    if isinstance(p.latents, list):
-        bad = [j for j in p.latents if not 0 <= j < sae.d_sae]
-        if bad:
-            raise ValueError(
-                f"latents={p.latents}: {bad} out of range for an SAE with d_sae={sae.d_sae} (0..{sae.d_sae - 1})"
-            )
-        if p.labels is not None and len(p.labels) != len(p.latents):
-            raise ValueError(
-                f"labels={p.labels}: expected one target label per latent ({len(p.latents)})"
-            )
-    if p.labels is not None:
-        unknown = [lb for lb in p.labels if lb not in store.label_names]
-        if unknown:
-            raise ValueError(
-                f"labels={p.labels}: {unknown} not among the store's labels {store.label_names}"
-            )
+    prompts, hp = _check_inputs(p, backend, sae, store)
     t0 = time.perf_counter()
     names = list(store.label_names)
     scan = None
@@ -341,7 +360,7 @@ def evaluate_steering(
 
     rep.set_phase("label classifier")
     classifier = classifier or LabelClassifier.fit(
-        store, test_fraction=p.classifier_test_fraction, seed=p.seed, C=p.classifier_c
+        store, test_fraction=p.classifier_test_fraction, seed=p.split_seed, C=p.classifier_c
     )
     vocab = label_vocabulary(
         store, p.vocab_per_label, p.q_max, p.vocab_min_count, backend.tokenizer, p.vocab_words_only
@@ -353,11 +372,15 @@ def evaluate_steering(
         samples_per_prompt=p.samples_per_prompt, seed=p.seed, batch_size=p.batch_size,
         vocab_sets=vocab_sets,
     )  # fmt: skip
-    own = "own_label" in p.controls
-    n_sets = 1 + len(picks) * (
-        len(p.strengths) * (1 + ("random" in p.controls) + own) + ("alpha0" in p.controls) + own
+    targets = sorted({names.index(lb) for lb in picks["label"]})
+    checked = list(range(len(names))) if p.check_labels == "all" else targets
+    n_ctrl = 1 if p.control_strengths == "best" else len(p.strengths)
+    per_latent = (
+        len(p.strengths)
+        + ("alpha0" in p.controls)
+        + n_ctrl * (("random" in p.controls) + ("own_label" in p.controls))
     )
-    rep.update(0, n_sets)
+    rep.update(0, 1 + len(checked) + len(picks) * per_latent)
 
     def run(prompt_list: list[str], edits: list[Edit] | None, what: str) -> _Scored:
         rep.set_phase(what)
@@ -371,80 +394,131 @@ def evaluate_steering(
         rep.advance()
         return _Scored(g, classifier.predict_proba(X), valid, nll, n_tok)
 
+    def skip(n_sets: int) -> None:
+        """Sets planned but not run (a sweep stopped early): the total shrinks."""
+        if n_sets > 0:
+            rep.update(rep.done, rep.total - n_sets)
+
+    base = run(prompts, None, "unsteered")
+
+    # the classifier on unsteered continuations of each label's own prompts
+    own_sets: dict[int, tuple[list[str], _Scored]] = {}
+    for c in checked:
+        own = label_prompts(
+            store, c, classifier.test_doc_ids, p.own_label_prompts, p.own_prompt_words, p.seed
+        )
+        if own:
+            own_sets[c] = (own, run(own, None, f"classifier check: {names[c]} prompts"))
+        else:
+            skip(1)
+    check = judge_generations(
+        np.concatenate([np.full(len(s.gens), c) for c, (_, s) in own_sets.items()] or [[]]),
+        np.concatenate([s.predicted for _, s in own_sets.values()] or [[]]),
+        names, margin=p.judge_margin, heldout_recall=classifier.test_recall or None,
+        heldout_docs=classifier.test_docs or None,
+    )  # fmt: skip
+    check_gens = pd.DataFrame({
+        "prompt_label": [names[c] for c, (_, s) in own_sets.items() for _ in range(len(s.gens))],
+        "prompt": [t for _, s in own_sets.values() for t in s.gens.prompts],
+        "text": [t for _, s in own_sets.values() for t in s.gens.texts],
+        "predicted": [names[i] if i >= 0 else None for _, s in own_sets.values() for i in s.predicted],
+    })  # fmt: skip
+
     rows: list[dict[str, Any]] = []
     gen_frames: list[pd.DataFrame] = []
 
     def record(s: _Scored, pick, control: str, prompt_set: str, base_ppl: float | None,
                strength: float = float("nan"), edit: Edit | None = None) -> dict[str, Any]:  # fmt: skip
         c = names.index(pick["label"])
-        m = _metrics(s, c, base_ppl)
+        m = s.metrics(c, base_ppl)
         rows.append({
             "latent": int(pick["latent"]), "label": pick["label"], "control": control,
             "strength": strength, "steered_latent": edit.latent if edit else -1,
             "edit_value": edit.value if edit else float("nan"), "mode": p.mode,
             "prompts": prompt_set, **m, "classifier_accuracy": classifier.accuracy,
+            "classifier_valid": check.judged.get(pick["label"], False),
         })  # fmt: skip
-        pred = np.where(s.valid, s.proba.argmax(1), -1)
         gen_frames.append(pd.DataFrame({
             "set": len(rows) - 1, "latent": int(pick["latent"]), "label": pick["label"],
             "control": control, "strength": strength, "prompts": prompt_set,
             "prompt": s.gens.prompts, "text": s.gens.texts,
-            "predicted": [names[i] if i >= 0 else None for i in pred],
+            "predicted": [names[i] if i >= 0 else None for i in s.predicted],
             "target_prob": s.proba[:, c], "n_tokens": s.n_tok, "nll": s.nll,
         }))  # fmt: skip
         return m
 
-    def sweep(pick, control: str, latent: int, ratio: float, prompt_list, prompt_set, base_ppl):
-        """One steered set per strength; returns ``[(strength, metrics)]``."""
+    def sweep(pick, control, latent, ratio, prompt_list, prompt_set, base_ppl, strengths, stop):
+        """One steered set per strength (increasing); returns ``[(strength, metrics)]``.
+        ``stop``: end after the first strength above the fluency bound."""
         max_act = float(pick["max_act"]) if np.isfinite(pick["max_act"]) else 1.0
         out = []
-        for s in p.strengths:
-            e = _edit_for(p.mode, latent, s, max_act, ratio)
-            what = f"{pick['label']}: {control} latent {latent}, strength {s:g}"
+        for i, st in enumerate(strengths):
+            e = _edit_for(p.mode, latent, st, max_act, ratio)
+            what = f"{pick['label']}: {control} latent {latent}, strength {st:g}"
             scored = run(prompt_list, [e], what)
-            out.append((s, record(scored, pick, control, prompt_set, base_ppl, s, e)))
+            m = record(scored, pick, control, prompt_set, base_ppl, st, e)
+            out.append((st, m))
+            if stop and not m["ppl_ratio"] <= p.ppl_ratio_max:
+                skip(len(strengths) - i - 1)
+                break
         return out
 
-    base = run(prompts, None, "unsteered")
     summary_latents = []
     for _, pick in picks.iterrows():
         j, c = int(pick["latent"]), names.index(pick["label"])
-        base_ppl = _metrics(base, c, None)["perplexity"]
+        base_ppl = base.metrics(c, None)["perplexity"]
         base_m = record(base, pick, "unsteered", "neutral", base_ppl)
         if "alpha0" in p.controls:
             identity = Edit(j, "add", 0.0)
             scored = run(prompts, [identity], f"{pick['label']}: alpha0 control latent {j}")
             record(scored, pick, "alpha0", "neutral", base_ppl, 0.0, identity)
-        steer_ms = sweep(pick, "steer", j, 1.0, prompts, "neutral", base_ppl)
+        steer_ms = sweep(
+            pick, "steer", j, 1.0, prompts, "neutral", base_ppl, p.strengths, p.stop_above_ppl
+        )
+        ran = [st for st, _ in steer_ms]
+        best = pick_best_strength(
+            pd.DataFrame([{"strength": st, **m} for st, m in steer_ms]), p.ppl_ratio_max
+        )
+        if p.control_strengths == "best":
+            ctrl = [float(best["strength"])] if best is not None else []
+        else:
+            ctrl = ran
         r = int(pick["random_latent"])
         rand_ms = []
-        if "random" in p.controls and r >= 0:
-            rand_ms = sweep(
-                pick, "random", r, float(pick["random_ratio"]), prompts, "neutral", base_ppl
-            )
-        if own:
-            own_prompts = _own_label_prompts(
-                store, c, classifier.test_doc_ids, p.own_label_prompts, p.own_prompt_words, p.seed
-            )
-            if own_prompts:
-                own_base = run(own_prompts, None, f"{pick['label']}: own-label prompts")
-                own_ppl = _metrics(own_base, c, None)["perplexity"]
+        if "random" in p.controls:
+            if r >= 0:
+                rand_ms = sweep(
+                    pick, "random", r, float(pick["random_ratio"]), prompts, "neutral",
+                    base_ppl, ctrl, False,
+                )  # fmt: skip
+            skip(n_ctrl - (len(ctrl) if r >= 0 else 0))
+        if "own_label" in p.controls:
+            if c in own_sets:
+                own, own_base = own_sets[c]
+                own_ppl = own_base.metrics(c, None)["perplexity"]
                 record(own_base, pick, "own_label", "own_label", own_ppl)
-                sweep(pick, "own_label", j, 1.0, own_prompts, "own_label", own_ppl)
-        summary_latents.append(
-            _latent_summary(j, pick["label"], base_m, steer_ms, rand_ms, r, p.ppl_ratio_max)
-        )
+                sweep(pick, "own_label", j, 1.0, own, "own_label", own_ppl, ctrl, False)
+            skip(n_ctrl - (len(ctrl) if c in own_sets else 0))
+        lat = _latent_summary(j, pick["label"], base_m, steer_ms, rand_ms, r, p.ppl_ratio_max)
+        lat["classifier_valid"] = check.judged.get(pick["label"], False)
+        lat["classifier_note"] = check.reason(pick["label"])
+        summary_latents.append(lat)
     table = pd.DataFrame(rows)
     generations = pd.concat(gen_frames, ignore_index=True)
+    clf = {**classifier.describe(), "generations": check.describe()}
     summary = {
         "hook_point": hp.name,
         "mode": p.mode,
         "positions": p.positions,
         "strengths": list(p.strengths),
         "n_prompts": len(prompts),
+        "samples_per_prompt": p.samples_per_prompt,
         "ppl_ratio_max": p.ppl_ratio_max,
-        "classifier": classifier.describe(),
+        "classifier": clf,
         "latents": summary_latents,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    return SteeringEval(table, generations, picks, vocab, classifier.describe(), summary)
+    return SteeringEval(
+        table, generations, picks, vocab, clf, summary, check=check.table,
+        check_generations=check_gens,
+    )  # fmt: skip

@@ -1,0 +1,209 @@
+"""Scores of a steering sweep, computed from predictions and likelihoods alone (no model).
+
+- :func:`wilson_interval`: the 95% Wilson score interval of a share ``k / n`` (scipy);
+- :func:`set_metrics`: the metrics of one set of generations (share with its interval,
+  classifier probability, vocabulary mass, perplexity and its ratio, distinct bigrams);
+- :func:`pick_best_strength`: the strength that moves the share most within the fluency bound;
+- :func:`judge_generations`: can the label classifier judge free-text generations at all?
+  Decided on unsteered continuations of each label's own prompts (see the function).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "GenerationCheck",
+    "judge_generations",
+    "pick_best_strength",
+    "set_metrics",
+    "wilson_interval",
+]
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of the proportion ``k / n`` (``(nan, nan)`` when ``n == 0``).
+
+    The Wilson interval keeps its coverage near the nominal level for small ``n`` and shares
+    near 0 or 1, where the normal approximation collapses to a zero-width interval.
+    """
+    from scipy.stats import binomtest
+
+    if n < 0 or not 0 <= k <= max(n, 0):
+        raise ValueError(f"k={k}, n={n}: expected 0 <= k <= n")
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _distinct2(token_ids: Sequence[Sequence[int]]) -> float:
+    pairs = [(a, b) for ids in token_ids for a, b in itertools.pairwise(ids)]
+    return len(set(pairs)) / len(pairs) if pairs else float("nan")
+
+
+def set_metrics(
+    predicted: np.ndarray,
+    proba: np.ndarray,
+    nll: np.ndarray,
+    n_tokens: np.ndarray,
+    token_ids: Sequence[Sequence[int]],
+    label: int,
+    base_ppl: float | None,
+    vocab_mass: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Metrics of one set of ``n`` generations scored for target label ``label``.
+
+    ``predicted [n]``: the classifier's label per generation (-1: nothing to classify, which
+    counts as not the target); ``proba [n, C]``; ``nll [n]`` / ``n_tokens [n]``: summed
+    negative log-likelihood and token count of each continuation under the unsteered model;
+    ``vocab_mass [n, C]`` (optional). ``share`` is ``hits / n`` with its 95% Wilson interval
+    ``share_lo``..``share_hi``.
+    """
+    n = int(predicted.shape[0])
+    valid = predicted >= 0
+    hits = int((predicted == label).sum())
+    lo, hi = wilson_interval(hits, n)
+    total = float(n_tokens.sum())
+    ppl = float(math.exp(nll.sum() / total)) if total > 0 else float("nan")
+    return {
+        "n": n,
+        "hits": hits,
+        "share": hits / n if n else float("nan"),
+        "share_lo": lo,
+        "share_hi": hi,
+        "prob": float(proba[valid, label].mean()) if valid.any() else float("nan"),
+        "vocab_mass": float(vocab_mass[:, label].mean())
+        if vocab_mass is not None
+        else float("nan"),
+        "perplexity": ppl,
+        "ppl_ratio": ppl / base_ppl if base_ppl else float("nan"),
+        "distinct2": _distinct2(token_ids),
+        "mean_tokens": float(n_tokens.mean()) if n else float("nan"),
+        "empty": int((~valid).sum()),
+    }
+
+
+def pick_best_strength(sweep: pd.DataFrame, ppl_ratio_max: float) -> pd.Series | None:
+    """The row of ``sweep`` (one target latent's steered sets: ``strength, share,
+    ppl_ratio``) with the highest share among those whose perplexity stays within
+    ``ppl_ratio_max`` x unsteered; ties go to the smaller strength. None when no strength is
+    fluent enough."""
+    fluent = sweep[np.isfinite(sweep["ppl_ratio"]) & (sweep["ppl_ratio"] <= ppl_ratio_max)]
+    if fluent.empty:
+        return None
+    order = fluent.sort_values(["share", "strength"], ascending=[False, True], kind="stable")
+    return order.iloc[0]
+
+
+@dataclass
+class GenerationCheck:
+    """The label classifier on unsteered continuations of each label's own prompts."""
+
+    table: pd.DataFrame
+    """One row per prompt label: ``label, n, recall, recall_lo, recall_hi,
+    heldout_docs, heldout_recall`` and ``to_<label>`` (share of the continuations predicted
+    as each label)."""
+    chance: float
+    margin: float
+    dominant_label: str | None
+    """A label that takes most predictions on the prompts of every label (the classifier
+    then cannot tell generations apart), else None."""
+    judged: dict[str, bool]
+    """Per label: True when the classifier can judge generations toward it."""
+
+    @property
+    def can_judge(self) -> bool:
+        """True when every checked label can be judged."""
+        return bool(self.judged) and all(self.judged.values())
+
+    def reason(self, label: str) -> str | None:
+        """Why generations toward ``label`` cannot be judged (None when they can)."""
+        if self.judged.get(label, False):
+            return None
+        if self.dominant_label is not None:
+            return (
+                f"the classifier predicts {self.dominant_label} for most continuations "
+                "whatever the prompt's label"
+            )
+        row = (
+            self.table.set_index("label").loc[label] if label in set(self.table["label"]) else None
+        )
+        if row is None:
+            return f"no continuation of a {label} prompt was checked"
+        return (
+            f"on unsteered continuations of {label} prompts it predicts {label} for "
+            f"{row['recall']:.2f} of them (n={int(row['n'])}), not above chance "
+            f"{self.chance:.2f} + margin {self.margin:.2f}"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "chance": self.chance,
+            "margin": self.margin,
+            "dominant_label": self.dominant_label,
+            "judged": dict(self.judged),
+            "can_judge": self.can_judge,
+            "recall": dict(zip(self.table["label"], self.table["recall"], strict=True)),
+        }
+
+
+def judge_generations(
+    prompt_labels: Sequence[int],
+    predicted: Sequence[int],
+    label_names: Sequence[str],
+    *,
+    margin: float = 0.2,
+    heldout_recall: Sequence[float] | None = None,
+    heldout_docs: Sequence[int] | None = None,
+) -> GenerationCheck:
+    """Can the classifier judge generations? ``prompt_labels [n]``: the label of the prompt
+    each unsteered continuation was generated from; ``predicted [n]``: the classifier's label
+    for it (-1: nothing to classify).
+
+    A label ``L`` can be judged when, on continuations of ``L``'s own prompts, the classifier
+    predicts ``L`` at least ``chance + margin`` of the time (``chance = 1 / C``), and no label
+    takes most predictions (over half) on the prompts of every checked label: a classifier
+    that predicts one label whatever the text measures nothing. ``heldout_recall`` /
+    ``heldout_docs``: per-label recall on held-out documents, shown beside it.
+    """
+    names = list(label_names)
+    C = len(names)
+    if C < 2:
+        raise ValueError(f"label_names={names}: expected two or more labels")
+    pl = np.asarray(prompt_labels, dtype=np.int64)
+    pr = np.asarray(predicted, dtype=np.int64)
+    if pl.shape != pr.shape:
+        raise ValueError(
+            f"prompt_labels has {pl.size} entries but predicted has {pr.size}: expected one each"
+        )
+    chance = 1.0 / C
+    rows = []
+    majority: list[int] = []
+    for c in sorted(set(pl.tolist())):
+        p = pr[pl == c]
+        n = int(p.size)
+        hits = int((p == c).sum())
+        lo, hi = wilson_interval(hits, n)
+        shares = {f"to_{names[j]}": float((p == j).mean()) for j in range(C)}
+        counts = np.bincount(p[p >= 0], minlength=C)
+        majority.append(int(counts.argmax()) if counts.max() * 2 > n else -1)
+        rows.append({
+            "label": names[c], "n": n, "recall": hits / n, "recall_lo": lo, "recall_hi": hi,
+            "heldout_docs": int(heldout_docs[c]) if heldout_docs is not None else -1,
+            "heldout_recall": float(heldout_recall[c]) if heldout_recall is not None else float("nan"),
+            **shares,
+        })  # fmt: skip
+    table = pd.DataFrame(rows)
+    dominant = None
+    if len(majority) >= 2 and majority[0] >= 0 and len(set(majority)) == 1:
+        dominant = names[majority[0]]
+    judged = {r["label"]: bool(dominant is None and r["recall"] >= chance + margin) for r in rows}
+    return GenerationCheck(table, chance, margin, dominant, judged)
