@@ -92,7 +92,7 @@ def test_report_from_analysis_and_generic_sections(analysis_dir, tmp_path):
     p = _Collect()
     p.feed(page)
     text = "".join(p.text)
-    for heading in ("Configuration", "SAE", "Training curves", "Metrics", "Latent statistics", "Label enrichment",
+    for heading in ("Configuration", "SAE", "Training curve", "Metrics", "Latent statistics", "Label enrichment",
                     "Latent map", "Top latents per label", "Merge results", "Steering"):  # fmt: skip
         assert heading in text, heading
     assert "script" not in p.tags  # the generation is text, not markup
@@ -152,6 +152,10 @@ class _Cells(html.parser.HTMLParser):
         elif tag in ("td", "th") and self.rows:
             self.rows[-1].append("")
 
+    def handle_endtag(self, tag):
+        if tag == "tr" and self.rows:
+            self.rows.append([])  # text after the row belongs to no cell
+
     def handle_data(self, data):
         if self.rows and self.rows[-1]:
             self.rows[-1][-1] += data
@@ -184,5 +188,12 @@ def test_missing_sae_metrics_show_a_dash(tmp_path):
         sae, str(tmp_path / "sae"), metrics={"fvu": 0.25, "cos_sim": float("nan"), "l0": None}
     )
     page = storage.read_bytes(build_report(str(tmp_path / "report"), sae=sae_dir)).decode()
-    assert "&quot;cos_sim&quot;: &quot;-&quot;" in page and "&quot;l0&quot;: &quot;-&quot;" in page
-    assert "&quot;fvu&quot;: 0.25" in page and "NaN" not in page
+    cells = _Cells()
+    cells.feed(page)
+    shown = {r[0].strip(): r[1].strip() for r in cells.rows if len(r) >= 2}
+    assert shown["cos_sim"] == "-" and shown["l0"] == "-" and shown["fvu"] == "0.25"
+    # the headline: FVU from the SAE's evaluation, every absent number a dash
+    assert shown["FVU"] == "0.2500"
+    for name in ("L0 (active latents per token)", "CE loss recovered", "dead latents"):
+        assert shown[name] == "-", name
+    assert "NaN" not in page and "None" not in page

@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from markupsafe import escape
 
 from integral_superposition import storage
 from integral_superposition.analysis.jaccard_sparse import Neighbours
@@ -47,8 +46,19 @@ from integral_superposition.analysis.logit_lens import LogitLens
 from integral_superposition.analysis.scan import TopKSets
 from integral_superposition.analysis.top_tokens import Examples
 from integral_superposition.viz.figures import label_color
+from integral_superposition.viz.templates import (
+    MAX_TOKEN_CHARS,
+    MISSING,
+    cut_markup,
+    display_token,
+    fmt,
+    token_markup,
+    visible_text,
+)
 
 __all__ = [
+    "MAX_TOKEN_CHARS",
+    "MISSING",
     "DashboardData",
     "display_token",
     "esc",
@@ -59,6 +69,7 @@ __all__ = [
     "render_latent_page",
     "token_html",
     "top_activations_panel",
+    "visible_text",
     "write_dashboards",
 ]
 
@@ -71,55 +82,24 @@ def latent_page_name(latent: int) -> str:
 
 
 # -- escaping ----------------------------------------------------------------------------------
-_VISIBLE = {"\n": "↵", "\r": "␍", "\t": "⇥"}
-# control, format (bidi marks and overrides, zero-width), line and paragraph separators,
-# surrogates and private use: characters that would reorder, hide or break the page's text
-_INVISIBLE = ("Cc", "Cf", "Zl", "Zp", "Cs", "Co")
-MAX_TOKEN_CHARS = 40
-"""Tokens longer than this are cut on the pages, the whole token in a tooltip."""
-
-
-def visible_text(text: str, keep: str = "\n\t") -> str:
-    """``text`` with every invisible or reordering character (control, format, separator,
-    surrogate, private use) written as a visible ``⟨U+XXXX⟩`` mark; characters in ``keep``
-    stay as they are."""
-    return "".join(
-        f"⟨U+{ord(ch):04X}⟩" if ch not in keep and unicodedata.category(ch) in _INVISIBLE else ch
-        for ch in text
-    )
-
-
-def display_token(text: str) -> str:
-    """A token as it should read on a page: newlines/tabs as arrows, control, format and
-    separator characters (bidi marks, zero-width, U+2028/9) as visible ``⟨U+XXXX⟩``."""
-    if text == "":
-        return "∅"
-    return visible_text("".join(_VISIBLE.get(ch, ch) for ch in text), keep="")
-
-
 def esc(text: Any) -> str:
     """The one escaping of every user-provided string shown in HTML (labels, experiment and
     run names, titles, texts, tokens), for text and attribute context: HTML-escaped, with
-    invisible and bidi characters as visible ``⟨U+XXXX⟩`` marks (newlines and tabs kept)."""
-    return html.escape(visible_text(str(text)), quote=True)
+    invisible and bidi characters as visible ``⟨U+XXXX⟩`` marks (newlines and tabs kept).
+    The same as printing ``text`` in a template."""
+    return str(escape(visible_text(str(text))))
 
 
 def esc_cut(text: Any, max_chars: int) -> str:
     """:func:`esc` of ``text`` cut to ``max_chars`` characters plus ``…``, with the whole
     (escaped) text in a ``title`` tooltip; short texts are :func:`esc` alone."""
-    text = str(text)
-    if len(text) <= max_chars:
-        return esc(text)
-    return f'<span class=cut title="{esc(text)}">{esc(text[:max_chars])}…</span>'
+    return str(cut_markup(text, max_chars))
 
 
 def token_html(token: str, max_chars: int = MAX_TOKEN_CHARS) -> str:
     """A token for a page (:func:`display_token`), cut after ``max_chars`` characters of the
-    token with the whole token in a tooltip."""
-    if len(token) <= max_chars:
-        return esc(display_token(token))
-    shown = html.escape(display_token(token[:max_chars]), quote=True)
-    return f'<span class=cut title="{esc(display_token(token))}">{shown}…</span>'
+    token with the whole token in a tooltip (the templates' ``token`` filter)."""
+    return str(token_markup(token, max_chars))
 
 
 def json_for_script(obj: Any) -> str:
@@ -156,19 +136,8 @@ def _csp(script: str | None) -> str:
     )
 
 
-MISSING = "-"
-"""How every page and table shows a missing, None or NaN value."""
-
-
 def _fmt(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return MISSING
-    try:
-        if pd.isna(v):
-            return MISSING
-    except (TypeError, ValueError):
-        pass
-    return format(v, spec)
+    return fmt(v, spec)
 
 
 CSS = (

@@ -31,22 +31,25 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
 from matplotlib.figure import Figure
 
 from integral_superposition import storage
 from integral_superposition.viz.figures import figure_bytes, png_data_uri
-from integral_superposition.viz.panels import (
-    CSS,
+from integral_superposition.viz.headline import headline_rows, split_mark
+from integral_superposition.viz.panels import CSS, _csp
+from integral_superposition.viz.templates import (
     MAX_TOKEN_CHARS,
     MISSING,
-    _csp,
+    cut_markup,
     display_token,
-    esc,
-    esc_cut,
+    fmt,
+    render,
     visible_text,
 )
 
 __all__ = [
+    "REPORT_CSS",
     "ReportSection",
     "analysis_sections",
     "build_report",
@@ -69,6 +72,9 @@ class ReportSection:
       Texts are escaped and shown in aligned columns.
     - ``html_text``: a trusted HTML fragment inserted as is (the page's Content-Security-Policy
       still blocks scripts and network loads). Use ``text`` for anything a model generated.
+    - ``links``: ``(text, href)`` pairs shown above the tables.
+    - ``split``: which tokens the section's numbers were measured on (``held-out``,
+      ``training``, ``all tokens``), shown beside its title.
     """
 
     title: str
@@ -78,6 +84,8 @@ class ReportSection:
     generations: pd.DataFrame | Sequence[Mapping[str, Any]] | None = None
     html_text: str | None = None
     anchor: str | None = None
+    links: Sequence[tuple[str, str]] = ()
+    split: str | None = None
 
     def _pairs(self, items) -> list[tuple[str, Any]]:
         return [it if isinstance(it, tuple) else ("", it) for it in items]
@@ -105,31 +113,35 @@ class ReportSection:
     def slug(self) -> str:
         return self.anchor or re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-") or "section"
 
-    def to_html(self) -> str:
-        parts = [f'<section id="{esc(self.slug())}"><h2>{esc(self.title)}</h2>']
-        for para in [p for p in re.split(r"\n\s*\n", self.text or "") if p.strip()]:
-            parts.append(f"<p>{esc(para.strip())}</p>")
-        if self.html_text:
-            parts.append(f"<div>{self.html_text}</div>")
-        for caption, df in self._pairs(self.tables):
-            parts.append(_table_html(df, caption))
-        for caption, fig in self._pairs(self.figures):
-            cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-            parts.append(
-                f'<figure><img alt="{esc(caption or self.title)}" src="{png_data_uri(self._png(fig))}">{cap}</figure>'
-            )
+    def view(self) -> dict[str, Any]:
+        """What the ``section`` template shows (tables formatted, figures as ``data:`` PNGs)."""
         g = self._generations_frame()
-        if g is not None and len(g):
-            head = "".join(f"<th>{esc(c)}</th>" for c in g.columns)
-            body = "".join(
-                "<tr>" + "".join(f'<td class="gen">{esc(v)}</td>' for v in row) + "</tr>"
-                for row in g.itertuples(index=False)
-            )
-            parts.append(
-                f'<table class="gens"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-            )
-        parts.append("</section>")
-        return "".join(parts)
+        return {
+            "anchor": self.slug(),
+            "title": self.title,
+            "split": self.split,
+            "paragraphs": [p.strip() for p in re.split(r"\n\s*\n", self.text or "") if p.strip()],
+            "html_text": None if self.html_text is None else Markup(self.html_text),
+            "links": list(self.links),
+            "tables": [table_view(df, caption) for caption, df in self._pairs(self.tables)],
+            "figures": [
+                {
+                    "alt": caption or self.title,
+                    "src": png_data_uri(self._png(fig)),
+                    "caption": caption,
+                }
+                for caption, fig in self._pairs(self.figures)
+            ],
+            "generations": None
+            if g is None or not len(g)
+            else {
+                "columns": [str(c) for c in g.columns],
+                "rows": [list(r) for r in g.itertuples(index=False)],
+            },
+        }
+
+    def to_html(self) -> str:
+        return render("section.html.j2", s=self.view())
 
     def to_markdown(self, max_rows: int = 20, figure_width: int = 480) -> str:
         parts = [f"## {_md_escape(self.title)}"]
@@ -149,24 +161,35 @@ class ReportSection:
 
 
 # -- small helpers -----------------------------------------------------------------------------
-def _table_html(df: pd.DataFrame, caption: str = "", max_rows: int = 200) -> str:
+def _cell(v: Any) -> Any:
+    """A table cell for the template: floats to 4 significant digits, missing as None."""
+    if hasattr(v, "__html__"):
+        return v
+    if isinstance(v, bool | np.bool_):
+        return str(bool(v))
+    if isinstance(v, float | np.floating):
+        return fmt(float(v), ".4g")
+    if v is None or (np.isscalar(v) and pd.isna(v)):
+        return None
+    return v
+
+
+def table_view(df: pd.DataFrame, caption: str = "", max_rows: int = 200) -> dict[str, Any]:
+    """A DataFrame as the ``table`` macro shows it: the first ``max_rows`` rows, cells
+    formatted (values stay text: the template escapes them)."""
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"tables: expected pandas DataFrames, got {type(df).__name__}")
-    # pandas escapes HTML metacharacters; invisible and bidi characters become visible marks
-    shown = df.head(max_rows).map(lambda v: visible_text(v) if isinstance(v, str) else v)
-    shown.columns = [visible_text(c) if isinstance(c, str) else c for c in shown.columns]
-    more = (
-        f'<div class="mut">{len(df) - max_rows} more rows not shown</div>'
-        if len(df) > max_rows
-        else ""
-    )
-    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    html_table = shown.to_html(
-        index=False, escape=True, border=0, na_rep=MISSING, float_format=lambda v: f"{v:.4g}"
-    )
-    return (
-        html_table.replace('<table class="dataframe">', f'<table class="dataframe">{cap}', 1) + more
-    )
+    shown = df.head(max_rows)
+    return {
+        "caption": caption,
+        "columns": [str(c) for c in shown.columns],
+        "numeric": [
+            pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t)
+            for t in shown.dtypes
+        ],
+        "rows": [[_cell(v) for v in r] for r in shown.itertuples(index=False)],
+        "more": max(0, len(df) - max_rows),
+    }
 
 
 def _md_escape(text: str) -> str:
@@ -320,7 +343,8 @@ def analysis_sections(
     2-D map and the top latents per label (linked to their dashboards from ``report_dir``)."""
     a = _as_analysis(analysis, storage_options)
     tables = summary_tables(a, top_per_label)
-    sections = [ReportSection("Metrics", tables=[tables["metrics"]], anchor="metrics")]
+    split = split_mark(a.summary.get("split"))
+    sections = []
     figs = [(cap, a.figure(name)) for cap, name in (
         ("Latent density (log10)", "density_hist"), ("Active latents per token", "l0_hist"),
         ("Decoder geometry", "decoder_geometry"))]  # fmt: skip
@@ -345,6 +369,15 @@ def analysis_sections(
         )
     ]
     sections.append(ReportSection("Latent map", figures=[(c, f) for c, f in maps if f is not None]))
+    sections.append(
+        ReportSection(
+            "Metrics",
+            text="Every metric of the analysis, on the analysed tokens.",
+            tables=[tables["metrics"]],
+            anchor="metrics",
+            split=split,
+        )
+    )
     if "probe" in tables:
         sections.append(
             ReportSection(
@@ -357,6 +390,7 @@ def analysis_sections(
                 ),
                 tables=[tables["probe"]],
                 anchor="sparse-probing",
+                split="held-out",
             )
         )
     if "generic_latents" in tables:
@@ -374,39 +408,56 @@ def analysis_sections(
         )
     if "top_latents" in tables:
         top = tables["top_latents"]
-        rows = []
-        for r in top.itertuples(index=False):
-            page = a.dashboard_uri(int(r.latent))
+        latent_cells = []
+        for j in top["latent"].astype(int):
+            page = a.dashboard_uri(int(j))
             href = _relative_link(report_dir, page) if page and report_dir else page
-            latent = f'<a href="{esc(href)}">L{int(r.latent)}</a>' if href else f"L{int(r.latent)}"
-            rows.append(
-                f"<tr><td>{esc(r.label)}</td><td>{latent}</td><td class=n>{r.q:.2e}</td><td class=n>{r.log_odds:.2f}</td>"
-                f"<td class=n>{r.frac_in_set:.2f}</td><td class=n>{MISSING if pd.isna(r.auroc) else f'{r.auroc:.3f}'}</td>"
-                f"<td class=n>{r.density:.2e}</td><td class=tok>{esc_cut(display_token(str(r.top_tokens)), 4 * MAX_TOKEN_CHARS)}</td></tr>"
-            )
-        head = "<tr><th>label</th><th>latent</th><th>q</th><th>log odds</th><th>in top set</th><th>AUROC</th><th>density</th><th>top tokens</th></tr>"
+            latent_cells.append(Markup('<a href="{}">L{}</a>').format(href, j) if href else f"L{j}")
+        shown = pd.DataFrame(
+            {
+                "label": top["label"].astype(str),
+                "latent": latent_cells,
+                "q": [fmt(v, ".2e") for v in top["q"]],
+                "log odds": [fmt(v, ".2f") for v in top["log_odds"]],
+                "in top set": [fmt(v, ".2f") for v in top["frac_in_set"]],
+                "AUROC": [fmt(v, ".3f") for v in top["auroc"]],
+                "density": [fmt(v, ".2e") for v in top["density"]],
+                "top tokens": [
+                    Markup('<span class="tok">{}</span>').format(
+                        cut_markup(display_token(str(t)), 4 * MAX_TOKEN_CHARS)
+                    )
+                    for t in top["top_tokens"]
+                ],
+            }
+        )
         index = a.dashboard_uri()
-        link = (
-            f'<p><a href="{esc(_relative_link(report_dir, index) if report_dir else index)}">all latents (dashboard index)</a></p>'
+        links = (
+            [
+                (
+                    "all latents (dashboard index)",
+                    _relative_link(report_dir, index) if report_dir else index,
+                )
+            ]
             if index
-            else ""
+            else []
         )
         sections.append(
             ReportSection(
                 "Top latents per label",
-                html_text=f"{link}<table>{head}{''.join(rows)}</table>",
+                text="Per label, the most significant non-generic latents (token-level enrichment).",
+                tables=[shown],
+                links=links,
                 anchor="top-latents",
+                split=split,
             )
         )
     return sections
 
 
-def _sae_sections(
-    sae_uri: str, history: pd.DataFrame | None, storage_options
-) -> list[ReportSection]:
+def _sae_manifest(sae_uri: str, storage_options) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The SAE's manifest (None for a folder without ours) and its SAELens ``cfg.json``."""
     from integral_superposition.sae import read_sae_manifest
 
-    out = []
     try:
         m = read_sae_manifest(sae_uri, storage_options)
     except (FileNotFoundError, ValueError):
@@ -417,34 +468,76 @@ def _sae_sections(
         if storage.exists(cfg_uri, storage_options)
         else {}
     )
-    if m is not None or cfg:
-        blocks = {"SAE (cfg.json)": cfg}
-        if m is not None:
-            blocks["training config"] = m.get("config")
-            if m.get("metrics"):
-                blocks["training metrics"] = {
-                    k: MISSING if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
-                    for k, v in m["metrics"].items()
-                }
-        out.append(ReportSection("SAE", html_text=_json_blocks(blocks), anchor="sae"))
-    if history is None and m is not None:
-        history = _find_history(sae_uri, m, storage_options)
-    if history is not None and len(history):
-        from integral_superposition.viz.distributions import training_curves
+    return m, cfg
 
+
+def _sae_sections(
+    sae_uri: str, manifest: Mapping[str, Any] | None, history: pd.DataFrame | None, storage_options
+) -> list[ReportSection]:
+    """The training curve (with the converged flag) and the SAE's full evaluation table."""
+    out = []
+    if history is None and manifest is not None:
+        history = _find_history(sae_uri, manifest, storage_options)
+    if history is not None and len(history):
+        out.append(_training_section(history, manifest))
+    metrics = (manifest or {}).get("metrics") or {}
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict | list) and k != "split"}
+    if scalars:
+        split = split_mark(metrics.get("split")) if "fvu" in metrics else "training"
         out.append(
-            ReportSection("Training curves", figures=[training_curves(history)], anchor="training")
+            ReportSection(
+                "SAE evaluation",
+                text="Every metric the SAE was published with (train_* on training batches).",
+                tables=[
+                    pd.DataFrame(
+                        {"metric": list(scalars), "value": [_text(v) for v in scalars.values()]}
+                    )
+                ],
+                anchor="sae-metrics",
+                split=split,
+            )
         )
     return out
+
+
+def _text(v: Any) -> str:
+    """A metric value as text: numbers to 6 significant digits, missing as ``-``."""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int | np.integer):
+        return str(int(v))
+    if isinstance(v, float | np.floating):
+        return fmt(float(v), ".6g")
+    return MISSING if v is None else str(v)
+
+
+def _training_section(history: pd.DataFrame, manifest: Mapping[str, Any] | None) -> ReportSection:
+    from integral_superposition.viz.distributions import training_curves
+
+    m = manifest or {}
+    converged = m.get("converged", (m.get("metrics") or {}).get("converged"))
+    flag = (
+        "convergence not recorded"
+        if converged is None
+        else ("converged" if bool(converged) else "not converged")
+    )
+    return ReportSection(
+        f"Training curve ({flag})",
+        text=f"Training: {flag}.",
+        figures=[(f"training curve ({flag})", training_curves(history))],
+        anchor="training",
+        split="training",
+    )
 
 
 def _find_history(
     sae_uri: str, manifest: Mapping[str, Any], storage_options
 ) -> pd.DataFrame | None:
-    """A training history table published with the SAE (``*history*``/``*log*`` as
-    Parquet, CSV or JSON lines), or a ``history`` list in its manifest."""
-    if isinstance(manifest.get("history"), list) and manifest["history"]:
-        return pd.DataFrame(manifest["history"])
+    """A training history table published with the SAE (``*history*``/``*log*``/``*curve*``
+    as Parquet, CSV or JSON lines), or a ``history``/``training_curve`` list in its manifest."""
+    for key in ("history", "training_curve"):
+        if isinstance(manifest.get(key), list) and manifest[key]:
+            return pd.DataFrame(manifest[key])
     for name in sorted(manifest.get("files", {})):
         base = posixpath.basename(name).lower()
         if not re.search(r"(history|log|curve)", base):
@@ -459,12 +552,26 @@ def _find_history(
     return None
 
 
-def _json_blocks(blocks: Mapping[str, Any]) -> str:
-    return "".join(
-        f"<h3>{esc(k)}</h3><pre>{esc(json.dumps(v, indent=2, sort_keys=True, default=str))}</pre>"
-        for k, v in blocks.items()
-        if v
-    )
+def _json_text(v: Any) -> str:
+    return json.dumps(v, indent=2, sort_keys=True, default=str)
+
+
+REPORT_CSS = CSS + (
+    "figure{margin:10px 12px 10px 0;display:inline-block;vertical-align:top;max-width:49%}"
+    "figure img{max-width:100%;border:1px solid var(--line)}"
+    "figcaption{font-size:12px;color:var(--mut)}"
+    "pre{background:#f6f7f9;padding:8px;font-size:12px;overflow:auto;max-height:360px}"
+    ".gens td.gen{white-space:pre-wrap;max-width:420px;font-family:ui-monospace,Menlo,monospace;font-size:12px;unicode-bidi:isolate}"
+    "table.dataframe td{font-variant-numeric:tabular-nums}caption{text-align:left;font-weight:600;padding:4px 0}"
+    "table.headline{min-width:70%}table.headline tr.group th{background:#eef1f5;font-size:12px;text-transform:uppercase;letter-spacing:.04em}"
+    "table.headline td.n{white-space:nowrap}table.headline .kv{margin-left:8px;font-variant-numeric:tabular-nums}"
+    "table.headline .tok{color:var(--mut);font-size:12px}"
+    ".mark{display:inline-block;font-size:11px;padding:0 6px;border-radius:8px;font-weight:500;vertical-align:1px}"
+    ".mark.held{background:#dcfce7;color:#166534}.mark.train{background:#fef3c7;color:#92400e}"
+    "nav ul{display:flex;flex-wrap:wrap;gap:2px 16px;list-style:none;padding:0;margin:6px 0 10px;font-size:13px}"
+    "details{margin-top:24px;border-top:1px solid var(--line);padding-top:8px}summary{cursor:pointer;font-weight:600}"
+)
+"""The report's style sheet: the dashboards' plus figures, marks and the headline table."""
 
 
 def build_report(
@@ -475,6 +582,8 @@ def build_report(
     sae: str | None = None,
     config: Mapping[str, Any] | None = None,
     history: pd.DataFrame | None = None,
+    merge: str | None = None,
+    steering: str | None = None,
     top_per_label: int = 10,
     storage_options: Mapping[str, Any] | None = None,
     filename: str = "report.html",
@@ -482,13 +591,20 @@ def build_report(
     """Write the experiment report to ``out_uri/filename`` (plus a ``report`` manifest) and
     return the page's URI.
 
-    ``analysis``: a published analysis (URI or :func:`~integral_superposition.analysis.load_analysis`
-    result); ``sae``: the SAE folder (config, training metrics and history); ``config``: the
-    run configuration; ``sections``: further :class:`ReportSection` (merge, steering, ...).
+    The page leads with the headline table (:func:`~integral_superposition.viz.headline.headline_rows`),
+    then the figures and detail tables, then ``sections``; the configurations come last,
+    folded. ``analysis``: a published analysis (URI or
+    :func:`~integral_superposition.analysis.load_analysis` result); ``sae``: the SAE folder
+    (metrics, training curve, config); ``config``: the run configuration; ``merge`` /
+    ``steering``: published merge and steering outputs for the headline's comparisons with
+    their controls; ``sections``: further :class:`ReportSection` (merge, steering, ...).
     """
     for s in sections:
         if not isinstance(s, ReportSection):
             raise TypeError(f"sections: expected ReportSection objects, got {type(s).__name__}")
+    for name, value in (("merge", merge), ("steering", steering), ("sae", sae)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name}={value!r}: expected the URI of a published output (a str)")
     if storage.exists(storage.join(out_uri, storage.MANIFEST_NAME), storage_options):
         kind = storage.read_json(storage.join(out_uri, storage.MANIFEST_NAME), storage_options).get(
             "kind"
@@ -498,50 +614,56 @@ def build_report(
                 f"out_uri={out_uri!r} holds a published {kind!r} output: write the report to its own folder"
             )
     a = _as_analysis(analysis, storage_options)
-    std: list[ReportSection] = []
-    run_blocks: dict[str, Any] = {}
+    configs: list[tuple[str, str]] = []
     if config:
-        run_blocks["run configuration"] = dict(config)
+        configs.append(("run configuration", _json_text(dict(config))))
     if a is not None:
         act = a.manifest.get("activations", {})
         model = a.manifest.get("model", {})
-        run_blocks["activations"] = {
+        configs.append(("activations", _json_text({
             "uris": act.get("uris"), "hook_point": act.get("hook_point"), "content_hash": act.get("content_hash"),
             "model": model.get("model_id"), "tokens analysed": a.summary.get("n_tokens"),
             "labels": a.summary.get("labels"),
-        }  # fmt: skip
-        run_blocks["analysis parameters"] = a.manifest.get("config")
-    if run_blocks:
-        std.append(
-            ReportSection("Configuration", html_text=_json_blocks(run_blocks), anchor="config")
-        )
+        })))  # fmt: skip
+        if a.manifest.get("config"):
+            configs.append(("analysis parameters", _json_text(a.manifest.get("config"))))
     sae_uri = sae or (a.manifest.get("sae", {}).get("uri") if a is not None else None)
+    std: list[ReportSection] = []
+    sae_manifest = None
     if sae_uri:
-        std += _sae_sections(str(sae_uri), history, storage_options)
+        sae_manifest, cfg = _sae_manifest(str(sae_uri), storage_options)
+        if cfg:
+            configs.append(("SAE (cfg.json)", _json_text(cfg)))
+        if sae_manifest is not None and sae_manifest.get("config"):
+            configs.append(("SAE training config", _json_text(sae_manifest.get("config"))))
+        std += _sae_sections(str(sae_uri), sae_manifest, history, storage_options)
     elif history is not None:
-        from integral_superposition.viz.distributions import training_curves
-
-        std.append(
-            ReportSection("Training curves", figures=[training_curves(history)], anchor="training")
-        )
+        std.append(_training_section(history, None))
     if a is not None:
         std += analysis_sections(a, out_uri, top_per_label)
     all_sections = std + list(sections)
-    if not all_sections:
+    if not all_sections and not configs and sae_manifest is None:
         raise ValueError("nothing to report: give an analysis, an SAE, a config or sections")
+    rows = headline_rows(sae_manifest, a, merge, steering, storage_options)
+    for r in rows:
+        if r.latent is not None and r.group == "Latents" and a is not None:
+            page = a.dashboard_uri(r.latent)
+            r.href = _relative_link(out_uri, page) if page else None
+    groups: dict[str, list] = {}
+    for r in rows:
+        groups.setdefault(r.group, []).append(r)
     page_title = title or "Integral Superposition experiment report"
-    toc = "".join(f'<li><a href="#{esc(s.slug())}">{esc(s.title)}</a></li>' for s in all_sections)
-    style = (
-        CSS
-        + "figure{margin:10px 12px 10px 0;display:inline-block;vertical-align:top;max-width:49%}figure img{max-width:100%;border:1px solid var(--line)}figcaption{font-size:12px;color:var(--mut)}pre{background:#f6f7f9;padding:8px;font-size:12px;overflow:auto;max-height:360px}.gens td.gen{white-space:pre-wrap;max-width:420px;font-family:ui-monospace,Menlo,monospace;font-size:12px;unicode-bidi:isolate}table.dataframe td{font-variant-numeric:tabular-nums}"
-    )
-    body = f"<h1>{esc(page_title)}</h1><nav><ul>{toc}</ul></nav>" + "".join(
-        s.to_html() for s in all_sections
-    )
-    page = (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_csp(None)}">'
-        f"<title>{esc(page_title)}</title><style>{style}</style></head><body>{body}</body></html>"
+    page = render(
+        "report.html.j2",
+        title=page_title,
+        csp=Markup(_csp(None)),
+        css=Markup(REPORT_CSS),
+        script=None,
+        data_json=None,
+        groups=[{"name": k, "rows": v} for k, v in groups.items()],
+        sections=[s.view() for s in all_sections],
+        configs=configs,
+        tokens_chars=4 * MAX_TOKEN_CHARS,
     ).encode()
     uri = storage.join(out_uri, filename)
     storage.write_bytes(uri, page, storage_options)
@@ -555,6 +677,8 @@ def build_report(
         if a is None
         else {"uri": a.uri, "content_hash": a.manifest.get("content_hash")},
         sae=sae_uri,
+        merge=merge,
+        steering=steering,
     )
     return uri
 

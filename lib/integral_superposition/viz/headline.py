@@ -1,0 +1,374 @@
+"""The report's answer: one table of the numbers a reader looks for first, each marked with
+the tokens it was measured on.
+
+:func:`headline_rows` gathers, from whatever was published (an absent number shows ``-``):
+
+- the SAE: FVU, L0, dead latents (with the tokens they never fired on), CE recovered,
+  delta CE and KL - from the SAE's own held-out evaluation, else the analysis, else the
+  merge's evaluation of the original SAE;
+- per label, the best non-generic latent: q, purity, document AUROC and top tokens;
+- sparse probing: mean held-out accuracy at k = 1 and k = 10 against the dense probe;
+- merge: FVU, CE recovered and enrichment retention of the merged SAE against its
+  random-partition control;
+- steering: per steered latent, the best classifier share within the perplexity bound (with
+  its 95% interval when published) against the random-latent control.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from integral_superposition import storage
+from integral_superposition.viz.templates import MISSING, fmt
+
+__all__ = ["HeadlineRow", "headline_rows", "split_mark"]
+
+HELD_OUT, TRAINING, ALL = "held-out", "training", "all tokens"
+
+
+def split_mark(split: str | None) -> str | None:
+    """How a store split reads on the page: ``test`` -> held-out, ``train`` -> training,
+    ``all`` -> all tokens (training included)."""
+    return {"test": HELD_OUT, "train": TRAINING, "all": ALL}.get(str(split))
+
+
+@dataclass
+class HeadlineRow:
+    """One number of the headline table."""
+
+    group: str
+    """The row group: ``SAE``, ``Latents``, ``Sparse probing``, ``Merge``, ``Steering``."""
+    result: str
+    value: Any = None
+    """A number (formatted with ``spec``), a string, or None (shown as ``-``)."""
+    spec: str = ".4g"
+    control: Any = None
+    """The number it is compared with (a control or a reference), None when there is none."""
+    control_name: str = ""
+    split: str | None = None
+    """``held-out``, ``training`` or ``all tokens`` (None: not known)."""
+    detail: str = ""
+    """What the number was measured on (token or document counts, the prompt set)."""
+    interval: tuple[float, float] | None = None
+    """A 95% interval of ``value``."""
+    latent: int | None = None
+    """The latent the row is about (linked to its dashboard)."""
+    href: str | None = None
+    """The link to the latent's dashboard."""
+    tokens: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shown(self) -> str:
+        """The value as text (``-`` when missing), with its interval."""
+        if isinstance(self.value, str):
+            return self.value
+        text = fmt(self.value, self.spec)
+        if self.interval is not None and text != MISSING:
+            lo, hi = (fmt(v, self.spec) for v in self.interval)
+            text += f" [{lo}, {hi}]"
+        return text
+
+    @property
+    def control_shown(self) -> str:
+        if self.control is None and not self.control_name:
+            return MISSING
+        value = self.control if isinstance(self.control, str) else fmt(self.control, self.spec)
+        return f"{self.control_name}: {value}" if self.control_name else value
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _sae_metrics(
+    sae_manifest: Mapping[str, Any] | None, analysis, merge_eval: pd.DataFrame | None
+) -> list[HeadlineRow]:
+    m = dict((sae_manifest or {}).get("metrics") or {})
+    evaluated = "fvu" in m or "l0" in m
+    split = split_mark(m.get("split", "test")) if evaluated else TRAINING
+    key = "" if evaluated else "train_"
+    tokens = m.get("n_tokens") if evaluated else m.get("train_tokens")
+    a_sum = analysis.summary if analysis is not None else {}
+    a_met = a_sum.get("metrics") or {}
+    a_split = split_mark(a_sum.get("split"))
+    orig = None
+    if merge_eval is not None and "sae" in merge_eval and (merge_eval["sae"] == "original").any():
+        orig = merge_eval[merge_eval["sae"] == "original"].iloc[0].to_dict()
+
+    def pick(name: str) -> tuple[float | None, str | None, str]:
+        """The first of: the SAE's evaluation, the analysis, the merge's reference row."""
+        v = _num(m.get(key + name))
+        if v is not None:
+            return v, split, _tokens(tokens)
+        v = _num(a_met.get(name))
+        if v is not None:
+            return v, a_split, _tokens(a_sum.get("n_tokens"))
+        v = _num(orig.get(name)) if orig is not None else None
+        if v is not None:
+            return v, HELD_OUT, "merge evaluation" + _tokens(orig.get("n_tokens"), ", ")
+        return None, split if m else a_split, ""
+
+    rows = []
+    for name, label, spec in (
+        ("fvu", "FVU", ".4f"),
+        ("l0", "L0 (active latents per token)", ".1f"),
+    ):
+        v, s, d = pick(name)
+        rows.append(HeadlineRow("SAE", label, v, spec, split=s, detail=d))
+    dead, dead_tokens, dead_split = None, None, split
+    if _num(m.get("dead_frac")) is not None:
+        dead, dead_tokens = _num(m["dead_frac"]), m.get("dead_tokens")
+        if (_num(dead_tokens) or 0) > (_num(m.get("n_tokens")) or float("inf")):
+            dead_split = ALL  # a small split is topped up with rows outside it
+    elif a_sum.get("n_dead") is not None and a_sum.get("n_latents"):
+        dead = a_sum["n_dead"] / a_sum["n_latents"]
+        dead_tokens, dead_split = a_sum.get("dead_tokens"), a_split
+    elif orig is not None and _num(orig.get("dead_frac")) is not None:
+        dead, dead_tokens, dead_split = _num(orig["dead_frac"]), orig.get("dead_tokens"), HELD_OUT
+    rows.append(
+        HeadlineRow(
+            "SAE",
+            "dead latents",
+            None if dead is None else f"{100 * dead:.2f}%",
+            split=dead_split,
+            detail="" if dead_tokens is None else f"never fired on {int(dead_tokens):,} tokens",
+        )
+    )
+    for name, label in (
+        ("ce_recovered", "CE loss recovered"),
+        ("delta_ce", "delta CE (nats per token)"),
+        ("kl", "KL to the clean model (nats per token)"),
+    ):
+        v, s, d = pick(name)
+        rows.append(HeadlineRow("SAE", label, v, ".4f", split=s, detail=d))
+    converged = (sae_manifest or {}).get("converged", m.get("converged"))
+    if converged is not None:
+        rows.append(
+            HeadlineRow(
+                "SAE",
+                "training",
+                "converged" if bool(converged) else "not converged",
+                split=TRAINING,
+                detail=_tokens(m.get("train_tokens")),
+            )
+        )
+    return rows
+
+
+def _tokens(n: Any, prefix: str = "") -> str:
+    v = _num(n)
+    return "" if v is None else f"{prefix}{int(v):,} tokens"
+
+
+def _best_latents(analysis) -> list[HeadlineRow]:
+    if analysis is None:
+        return []
+    s = analysis.summary
+    best = s.get("best_latents") or {}
+    enr = analysis.enrichment
+    if not best or enr is None or not len(enr):
+        return []
+    lat = analysis.latents.set_index("latent")
+    tok = enr[enr["level"] == "token"].set_index(["latent", "label"])
+    doc = enr[enr["level"] == "document"].set_index(["latent", "label"])
+    split = split_mark(s.get("split"))
+    rows = []
+    for label, j in best.items():
+        if j is None:
+            rows.append(
+                HeadlineRow(
+                    "Latents",
+                    f"best latent: {label}",
+                    "no significant non-generic latent",
+                    split=split,
+                )
+            )
+            continue
+        j = int(j)
+        t = tok.loc[(j, label)] if (j, label) in tok.index else None
+        d = doc.loc[(j, label)] if (j, label) in doc.index else None
+        rows.append(
+            HeadlineRow(
+                "Latents",
+                f"best latent: {label}",
+                latent=j,
+                split=split,
+                tokens=str(lat.at[j, "top_tokens"]) if "top_tokens" in lat else "",
+                extra={
+                    "q": None if t is None else _num(t["q"]),
+                    "purity": None if t is None else _num(t["purity"]),
+                    "doc AUROC": None if d is None else _num(d["auroc"]),
+                },
+                detail=_tokens(s.get("n_tokens")),
+            )
+        )
+    return rows
+
+
+def _probe(analysis) -> list[HeadlineRow]:
+    if analysis is None:
+        return []
+    t = analysis.table("probe")
+    rows = []
+    for k in (1, 10):
+        value = dense = None
+        detail = ""
+        if t is not None and len(t):
+            sel = t[(t["method"] == "sae") & (t["k"] == k)]
+            den = t[t["method"] == "dense"]
+            value = _num(sel["accuracy"].mean()) if len(sel) else None
+            dense = _num(den["accuracy"].mean()) if len(den) else None
+            if "n_test" in t and len(sel):
+                detail = f"{int(sel['n_test'].iloc[0]):,} held-out documents, mean over labels"
+        rows.append(
+            HeadlineRow(
+                "Sparse probing",
+                f"accuracy, top {k} latent{'s' if k > 1 else ''}",
+                value,
+                ".3f",
+                control=dense,
+                control_name="dense probe",
+                split=HELD_OUT if t is not None else None,
+                detail=detail,
+            )
+        )
+    return rows
+
+
+def _read_table(uri: str, name: str, storage_options) -> pd.DataFrame | None:
+    path = storage.join(uri, name)
+    if not storage.exists(path, storage_options):
+        return None
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(path, storage_options)))
+
+
+def read_merge_tables(
+    merge_uri: str | None, storage_options=None
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None, dict[str, Any]]:
+    """The merge's ``merge_eval`` and ``merge_sweep`` tables and its manifest (None, None, {}
+    without a merge)."""
+    if not merge_uri:
+        return None, None, {}
+    manifest = storage.read_manifest(merge_uri, storage_options)
+    return (
+        _read_table(merge_uri, "merge_eval.parquet", storage_options),
+        _read_table(merge_uri, "merge_sweep.parquet", storage_options),
+        manifest,
+    )
+
+
+def _merge(ev: pd.DataFrame | None, sweep: pd.DataFrame | None, manifest) -> list[HeadlineRow]:
+    if ev is None or "sae" not in ev or not (ev["sae"] == "merged").any():
+        return []
+    merged = ev[ev["sae"] == "merged"].iloc[0]
+    k_after = int(merged["n_latents"]) if _num(merged.get("n_latents")) is not None else None
+    orig = ev[ev["sae"] == "original"]
+    k_before = int(orig["n_latents"].iloc[0]) if len(orig) and "n_latents" in orig else None
+    rand, at = None, None
+    if sweep is not None and "partition" in sweep and k_after is not None:
+        r = sweep[sweep["partition"] == "random"]
+        if len(r):
+            i = int(np.argmin(np.abs(r["k_prime"].to_numpy() - k_after)))
+            rand, at = r.iloc[i], int(r["k_prime"].iloc[i])
+    split = split_mark((manifest.get("config") or {}).get("eval_split", "test"))
+    name = "random partition" + ("" if at is None or at == k_after else f" at K'={at}")
+    detail = f"{k_before} -> {k_after} latents" if k_before and k_after else ""
+    rows = []
+    for col, label in (
+        ("fvu", "merged FVU"),
+        ("ce_recovered", "merged CE loss recovered"),
+        ("enrichment_retention", "enrichment retained"),
+    ):
+        rows.append(
+            HeadlineRow(
+                "Merge",
+                label,
+                _num(merged.get(col)),
+                ".4f",
+                control=None if rand is None else _num(rand.get(col)),
+                control_name="random partition" if rand is None else name,
+                split=split,
+                detail=detail,
+            )
+        )
+    return rows
+
+
+def _interval(lat: Mapping[str, Any], name: str) -> tuple[float, float] | None:
+    for lo_key, hi_key in ((f"{name}_ci_low", f"{name}_ci_high"), (f"{name}_lo", f"{name}_hi")):
+        lo, hi = _num(lat.get(lo_key)), _num(lat.get(hi_key))
+        if lo is not None and hi is not None:
+            return lo, hi
+    ci = lat.get(f"{name}_ci")
+    if isinstance(ci, list | tuple) and len(ci) == 2 and None not in ci:
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
+    if not summary:
+        return []
+    bound = _num(summary.get("ppl_ratio_max")) or 2.0
+    rows = []
+    for lat in summary.get("latents") or []:
+        rows.append(
+            HeadlineRow(
+                "Steering",
+                f"share of '{lat.get('label')}' steering L{lat.get('latent')}"
+                f" at <= {bound:g}x perplexity",
+                _num(lat.get("best_share")),
+                ".2f",
+                interval=_interval(lat, "best_share"),
+                control=_num(lat.get("random_share_at_best")),
+                control_name=f"random latent {lat.get('random_latent', '')}".strip(),
+                latent=None if lat.get("latent") is None else int(lat["latent"]),
+                split=HELD_OUT,
+                detail=(
+                    f"generations from {summary['n_prompts']} neutral prompts"
+                    if summary.get("n_prompts")
+                    else "generations from neutral prompts"
+                ),
+            )
+        )
+    return rows
+
+
+def read_steering_summary(steering_uri: str | None, storage_options=None) -> dict[str, Any]:
+    """The steering output's ``summary.json`` (its manifest's summary when absent)."""
+    if not steering_uri:
+        return {}
+    path = storage.join(steering_uri, "summary.json")
+    if storage.exists(path, storage_options):
+        return dict(storage.read_json(path, storage_options))
+    return dict(storage.read_manifest(steering_uri, storage_options).get("summary") or {})
+
+
+def headline_rows(
+    sae_manifest: Mapping[str, Any] | None = None,
+    analysis=None,
+    merge: str | None = None,
+    steering: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[HeadlineRow]:
+    """The headline table's rows, group by group (see the module docstring). ``analysis``: a
+    loaded :class:`~integral_superposition.analysis.result.AnalysisResult`; ``merge`` and
+    ``steering``: URIs of published merge and steering outputs."""
+    ev, sweep, merge_manifest = read_merge_tables(merge, storage_options)
+    rows = _sae_metrics(sae_manifest, analysis, ev)
+    rows += _best_latents(analysis)
+    rows += _probe(analysis)
+    rows += _merge(ev, sweep, merge_manifest)
+    rows += _steering(read_steering_summary(steering, storage_options))
+    return rows
