@@ -395,8 +395,26 @@ def train(
         str | None,
         typer.Option(help="Train on this activation store (default: dump per the config first)."),
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes per training (one per GPU) under torchrun, data-parallel "
+            "(sets fanout.gpus_per_run).",
+        ),
+    ] = None,
+    distribute_modules: Annotated[
+        bool,
+        typer.Option(
+            "--distribute-modules",
+            help="With --nproc: each process trains its own SAEs instead of a slice of every batch.",
+        ),
+    ] = False,
 ) -> None:
     """Train the config's SAEs (the base SAE and its sweep) in one pass over the store."""
+    overrides = list(overrides or [])
+    overrides += [f"fanout.gpus_per_run={nproc}"] if nproc is not None else []
+    overrides += ["fanout.distribute_modules=true"] if distribute_modules else []
     with _flow_process():
         cfg = _load_cfg(config, preset, overrides, storage, name, run_name)
     cfg = _secure(cfg)

@@ -83,6 +83,8 @@ class FanoutPlan(FanoutConfig):
     """The ``flow-name/deployment-name`` that trains one group of SAEs (``train`` other than ``in_process``)."""
     gpus_per_run: int = Field(1, ge=1, le=64)
     """GPUs of one training: above 1, training runs data-parallel under torchrun with one process per GPU (a deployment run gets the job variable of the same name, which requests the GPUs of its pod or container)."""
+    distribute_modules: bool = False
+    """With ``gpus_per_run`` above 1: each process trains its own SAEs of the group (sparsify's ``--distribute_modules``; at least one SAE per process) instead of a slice of every batch."""
 
 
 class FlowExperimentConfig(ExperimentConfig):

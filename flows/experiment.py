@@ -258,6 +258,8 @@ def submit_training(
                 out=cfg.paths.sae_path,
                 gpu_limit=cfg.gpu_limit,
                 show_progress=show_progress,
+                nproc=cfg.fanout.gpus_per_run,
+                distribute_modules=cfg.fanout.distribute_modules,
             ),
         )
         for jobs in group_jobs(cfg.sae_jobs())

@@ -432,10 +432,12 @@ def _limit_exists(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def gpu_slot(name: str | None = "gpu", timeout_s: float | None = None) -> Iterator[bool]:
-    """Hold one slot of the global concurrency limit ``name`` (yields True), or do nothing
-    (yields False) when ``name`` is None, no such active limit exists, or no Prefect run is
-    active. ``timeout_s`` bounds the wait for a slot (None: wait as long as it takes)."""
+def gpu_slot(
+    name: str | None = "gpu", timeout_s: float | None = None, occupy: int = 1
+) -> Iterator[bool]:
+    """Hold ``occupy`` slots (GPUs) of the global concurrency limit ``name`` (yields True), or
+    do nothing (yields False) when ``name`` is None, no such active limit exists, or no Prefect
+    run is active. ``timeout_s`` bounds the wait for a slot (None: wait as long as it takes)."""
     from prefect.context import FlowRunContext, TaskRunContext
 
     if not name or (TaskRunContext.get() is None and FlowRunContext.get() is None):
@@ -447,5 +449,5 @@ def gpu_slot(name: str | None = "gpu", timeout_s: float | None = None) -> Iterat
         return
     from prefect.concurrency.sync import concurrency
 
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+    with concurrency(name, occupy=occupy, timeout_seconds=timeout_s, strict=True):
         yield True

@@ -7,7 +7,7 @@ import time
 from integral_superposition import storage
 from integral_superposition.experiment import SAEJob
 from integral_superposition.tasks.dump import TASK_DEFAULTS
-from integral_superposition.tasks.policy import gpu_slot, output_cache
+from integral_superposition.tasks.policy import OutputCache, gpu_slot
 from integral_superposition.tasks.refs import OutputRef, RunLocation
 from integral_superposition.tasks.ui import (
     Progress,
@@ -21,7 +21,12 @@ from integral_superposition.tasks.ui import (
 )
 from prefect import task
 
-TRAIN_CACHE = output_cache("integral_superposition.sae")
+TRAIN_CACHE = OutputCache(
+    entry_points=("integral_superposition.sae",),
+    # the number of processes does not change what is trained (a data-parallel SAE equals the
+    # single-process one within float rounding; a module-parallel one exactly)
+    exclude=["storage_options", "gpu_limit", "show_progress", "nproc", "distribute_modules"],
+)
 
 
 def checkpoint_key(store: OutputRef, jobs: list[SAEJob]) -> str:
@@ -37,6 +42,22 @@ def checkpoint_key(store: OutputRef, jobs: list[SAEJob]) -> str:
     return storage.sha256_bytes(ident.encode())[:16]
 
 
+def _worker_line(logger):
+    """Forward the training workers' output to the run log: warnings and errors always, other
+    lines at most one every 15 s (the progress artifact shows the steps)."""
+    last = [0.0]
+
+    def on_line(line: str) -> None:
+        now = time.monotonic()
+        if any(w in line for w in ("WARNING", "ERROR", "Traceback", "Error")):
+            logger.warning("%s", line)
+        elif now - last[0] >= 15.0:
+            last[0] = now
+            logger.info("%s", line)
+
+    return on_line
+
+
 @task(name="train-saes", **{**TASK_DEFAULTS, "cache_policy": TRAIN_CACHE})
 def train_saes(
     store: OutputRef,
@@ -45,8 +66,15 @@ def train_saes(
     out: str = "sae",
     gpu_limit: str | None = "gpu",
     show_progress: bool = False,
+    nproc: int = 1,
+    distribute_modules: bool = False,
 ) -> list[OutputRef]:
     """Train ``jobs`` (SAEs on the same store, read once) into ``{run}/{out}/{job.name}``.
+
+    ``nproc > 1`` trains on that many processes under torchrun (one per GPU, holding as many
+    slots of ``gpu_limit``): data-parallel, or each process its own SAEs with
+    ``distribute_modules``. The result and the checkpoints are the same as on one process, so
+    a retry may use another ``nproc``.
 
     Checkpoints go to ``{run}/checkpoints/<key>/``; a retry resumes from the last one
     instead of step 0. Cached on the store's content hash, the SAE configs and the code
@@ -71,18 +99,36 @@ def train_saes(
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
             logger.info("train step %d: %s", step, shown)
 
-    with gpu_slot(gpu_limit), progress, timed_step(), library_logs():
-        results = _train(
-            [store.uri],
-            [j.cfg for j in jobs],
-            out_uris,
-            checkpoint_uri=ckpt,
-            storage_options=loc.storage_options,
-            on_progress=progress,
-            on_log=on_log,
-            resume=True,
-            progress=show_progress,
-        )
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"nproc={nproc!r}: expected a positive number of processes")
+    with gpu_slot(gpu_limit, occupy=nproc), progress, timed_step(), library_logs():
+        if nproc == 1:
+            results = _train(
+                [store.uri],
+                [j.cfg for j in jobs],
+                out_uris,
+                checkpoint_uri=ckpt,
+                storage_options=loc.storage_options,
+                on_progress=progress,
+                on_log=on_log,
+                resume=True,
+                progress=show_progress,
+                distribute_modules=distribute_modules,
+            )
+        else:
+            from integral_superposition.sae.launch import launch_train_saes
+
+            results = launch_train_saes(
+                store.uri,
+                [j.cfg for j in jobs],
+                out_uris,
+                nproc=nproc,
+                checkpoint_uri=ckpt,
+                storage_options=loc.storage_options,
+                distribute_modules=distribute_modules,
+                on_progress=progress,
+                on_line=_worker_line(logger),
+            )
     progress.finish()
     refs = []
     for job, uri, res in zip(jobs, out_uris, results, strict=True):

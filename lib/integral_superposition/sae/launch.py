@@ -28,8 +28,10 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -87,8 +89,12 @@ def read_sae_configs(
         try:
             out[name] = (SAEConfig.model_validate(fields), None if uri is None else str(uri))
         except ValidationError as e:
-            where = f"saes.{name}" if name else "the SAE config"
-            raise ValueError(f"config={path!r}: invalid {where}: {e}") from None
+            from integral_superposition.experiment import _describe_errors
+
+            where = f"saes.{name}" if name else ""
+            raise ValueError(
+                f"config={path!r}: invalid SAE config: {_describe_errors(e, prefix=where)}"
+            ) from None
     return out
 
 
@@ -156,6 +162,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+PROGRESS_PREFIX = "isup-progress"
+"""Rank 0 prints ``isup-progress STEP TOTAL`` lines (at most one a second, and the last step);
+:func:`launch_train_saes` turns them back into ``on_progress(step, total)`` calls."""
+
+
+def _print_progress() -> Callable[[int, int], None]:
+    last = [0.0]
+
+    def on_progress(step: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or step >= total:
+            last[0] = now
+            print(f"{PROGRESS_PREFIX} {step} {total}", flush=True)
+
+    return on_progress
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, train, publish (rank 0) and write ``--results``; returns the exit code."""
     from integral_superposition.sae.train import train_saes
@@ -187,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume=not args.no_resume,
             device=info.device,
             progress=sys.stderr.isatty() and info.is_main,
+            on_progress=_print_progress() if info.is_main else None,
             metadata=metadata,
             evaluate=not args.no_evaluate,
             distribute_modules=args.distribute_modules,
@@ -222,6 +246,7 @@ def launch_train_saes(
     evaluate: bool = True,
     metadata: Mapping[str, Any] | None = None,
     max_restarts: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
     on_line: Callable[[str], None] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> list[Any]:
@@ -231,8 +256,9 @@ def launch_train_saes(
     The arguments mean what they mean for :func:`~integral_superposition.sae.train.train_saes`.
     Storage options reach the workers through the environment, not the command line.
     ``max_restarts``: torchrun restarts all workers after a failure this many times (each
-    restart resumes from the last checkpoint; give ``checkpoint_uri``). ``on_line`` receives
-    the workers' output lines; ``env`` adds environment variables to theirs.
+    restart resumes from the last checkpoint; give ``checkpoint_uri``). ``on_progress(step,
+    total)`` follows rank 0's steps (about once a second); ``on_line`` receives the workers'
+    other output lines (default: this process's stderr); ``env`` adds environment variables.
     """
     from integral_superposition.sae.train import TrainResult
 
@@ -272,8 +298,20 @@ def launch_train_saes(
         extra = dict(env or {})
         if storage_options:
             extra[STORAGE_OPTIONS_ENV] = json.dumps(dict(storage_options))
+        pattern = re.compile(rf"{PROGRESS_PREFIX} (\d+) (\d+)")
+
+        def route(line: str) -> None:
+            m = pattern.search(line)
+            if m is None:
+                if on_line is not None:
+                    on_line(line)
+                else:
+                    print(line, file=sys.stderr, flush=True)
+            elif on_progress is not None:
+                on_progress(int(m.group(1)), int(m.group(2)))
+
         distributed.run_torchrun(
-            nproc, __name__, args, env=extra, on_line=on_line, max_restarts=max_restarts
+            nproc, __name__, args, env=extra, on_line=route, max_restarts=max_restarts
         )
         with open(results_path) as f:
             rows = json.load(f)
