@@ -10,7 +10,9 @@
 - :mod:`~integral_superposition.steering.sweep`: strength sweeps scored by the label classifier
   (:mod:`~integral_superposition.steering.classifier`), target-vocabulary mass and perplexity,
   with controls (latents from :mod:`~integral_superposition.steering.picks`, the figure from
-  :mod:`~integral_superposition.steering.plot`); :func:`run_steering_eval` publishes them.
+  :mod:`~integral_superposition.steering.plot`; shares with 95% Wilson intervals, the best
+  fluent strength and the classifier's check on generations in
+  :mod:`~integral_superposition.steering.scores`); :func:`run_steering_eval` publishes them.
 - :mod:`~integral_superposition.steering.positions`: which tokens a hook edits under the KV
   cache.
 """
@@ -24,6 +26,7 @@ from integral_superposition.steering import (
     picks,
     plot,
     positions,
+    scores,
     sweep,
 )
 from integral_superposition.steering.classifier import LabelClassifier, label_vocabulary
@@ -62,11 +65,18 @@ from integral_superposition.steering.hooks import (
 from integral_superposition.steering.picks import pick_latents
 from integral_superposition.steering.plot import plot_sweep
 from integral_superposition.steering.positions import POSITION_SETS, column_mask
+from integral_superposition.steering.scores import (
+    GenerationCheck,
+    judge_generations,
+    pick_best_strength,
+    wilson_interval,
+)
 from integral_superposition.steering.sweep import SteeringEval, SteeringParams, evaluate_steering
 
 __all__ = [
     "POSITION_SETS",
     "Edit",
+    "GenerationCheck",
     "Generations",
     "LabelClassifier",
     "LatentEditor",
@@ -88,10 +98,12 @@ __all__ = [
     "generate_continuations",
     "generation",
     "hooks",
+    "judge_generations",
     "label_vocabulary",
     "load_steering",
     "max_activations",
     "parse_edit",
+    "pick_best_strength",
     "pick_latents",
     "picks",
     "plot",
@@ -102,9 +114,11 @@ __all__ = [
     "resolve_sae_hook_point",
     "run_steering_eval",
     "scale",
+    "scores",
     "set_or_scale_latent",
     "side_by_side",
     "steer",
     "steering_section",
     "sweep",
+    "wilson_interval",
 ]

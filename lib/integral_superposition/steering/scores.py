@@ -4,6 +4,7 @@
 - :func:`set_metrics`: the metrics of one set of generations (share with its interval,
   classifier probability, vocabulary mass, perplexity and its ratio, distinct bigrams);
 - :func:`pick_best_strength`: the strength that moves the share most within the fluency bound;
+  :func:`latent_summary` reports it per steered latent with the random control beside it;
 - :func:`judge_generations`: can the label classifier judge free-text generations at all?
   Decided on unsteered continuations of each label's own prompts (see the function).
 """
@@ -22,6 +23,7 @@ import pandas as pd
 __all__ = [
     "GenerationCheck",
     "judge_generations",
+    "latent_summary",
     "pick_best_strength",
     "set_metrics",
     "wilson_interval",
@@ -207,3 +209,39 @@ def judge_generations(
         dominant = names[majority[0]]
     judged = {r["label"]: bool(dominant is None and r["recall"] >= chance + margin) for r in rows}
     return GenerationCheck(table, chance, margin, dominant, judged)
+
+
+def latent_summary(
+    j: int,
+    label: str,
+    base_m: dict[str, Any],
+    steer_ms: Sequence[tuple[float, dict[str, Any]]],
+    rand_ms: Sequence[tuple[float, dict[str, Any]]],
+    r: int,
+    ppl_ratio_max: float,
+) -> dict[str, Any]:
+    """Summary of steered latent ``j``: the unsteered metrics ``base_m``, the strength that
+    moves the share most within the fluency bound among ``steer_ms`` (``[(strength,
+    metrics)]``), with 95% intervals, and random latent ``r``'s share at that strength."""
+    tab = pd.DataFrame([{"strength": st, **m} for st, m in steer_ms])
+    best = pick_best_strength(tab, ppl_ratio_max)
+    rand_at = dict(rand_ms)
+    rb = rand_at.get(float(best["strength"])) if best is not None else None
+    return {
+        "latent": j, "label": label, "n": base_m["n"], "baseline_share": base_m["share"],
+        "baseline_share_lo": base_m["share_lo"], "baseline_share_hi": base_m["share_hi"],
+        "baseline_vocab_mass": base_m["vocab_mass"], "baseline_perplexity": base_m["perplexity"],
+        "best_strength": float(best["strength"]) if best is not None else None,
+        "best_share": float(best["share"]) if best is not None else None,
+        "best_share_lo": float(best["share_lo"]) if best is not None else None,
+        "best_share_hi": float(best["share_hi"]) if best is not None else None,
+        "best_vocab_mass": float(best["vocab_mass"]) if best is not None else None,
+        "best_ppl_ratio": float(best["ppl_ratio"]) if best is not None else None,
+        "max_share": float(tab["share"].max()),
+        "strengths_run": [float(x) for x in tab["strength"]],
+        "random_latent": r,
+        "random_share_at_best": rb["share"] if rb else None,
+        "random_share_at_best_lo": rb["share_lo"] if rb else None,
+        "random_share_at_best_hi": rb["share_hi"] if rb else None,
+        "random_max_shift": max((abs(m["share"] - base_m["share"]) for _, m in rand_ms), default=None),
+    }  # fmt: skip

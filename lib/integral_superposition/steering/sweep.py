@@ -62,6 +62,7 @@ from integral_superposition.steering.picks import (
 from integral_superposition.steering.plot import plot_sweep
 from integral_superposition.steering.scores import (
     judge_generations,
+    latent_summary,
     pick_best_strength,
     set_metrics,
 )
@@ -246,33 +247,6 @@ class SteeringEval:
 
     def figure(self) -> Figure:
         return plot_sweep(self.table, self.summary.get("ppl_ratio_max"))
-
-
-def _latent_summary(j, label, base_m, steer_ms, rand_ms, r, ppl_ratio_max) -> dict[str, Any]:
-    """The strength that moves the share most within the fluency bound, with 95% intervals,
-    and the random control at that strength."""
-    tab = pd.DataFrame([{"strength": st, **m} for st, m in steer_ms])
-    best = pick_best_strength(tab, ppl_ratio_max)
-    rand_at = dict(rand_ms)
-    rb = rand_at.get(float(best["strength"])) if best is not None else None
-    return {
-        "latent": j, "label": label, "n": base_m["n"], "baseline_share": base_m["share"],
-        "baseline_share_lo": base_m["share_lo"], "baseline_share_hi": base_m["share_hi"],
-        "baseline_vocab_mass": base_m["vocab_mass"], "baseline_perplexity": base_m["perplexity"],
-        "best_strength": float(best["strength"]) if best is not None else None,
-        "best_share": float(best["share"]) if best is not None else None,
-        "best_share_lo": float(best["share_lo"]) if best is not None else None,
-        "best_share_hi": float(best["share_hi"]) if best is not None else None,
-        "best_vocab_mass": float(best["vocab_mass"]) if best is not None else None,
-        "best_ppl_ratio": float(best["ppl_ratio"]) if best is not None else None,
-        "max_share": float(tab["share"].max()),
-        "strengths_run": [float(x) for x in tab["strength"]],
-        "random_latent": r,
-        "random_share_at_best": rb["share"] if rb else None,
-        "random_share_at_best_lo": rb["share_lo"] if rb else None,
-        "random_share_at_best_hi": rb["share_hi"] if rb else None,
-        "random_max_shift": max((abs(m["share"] - base_m["share"]) for _, m in rand_ms), default=None),
-    }  # fmt: skip
 
 
 def _check_inputs(p: SteeringParams, backend, sae, store) -> tuple[list[str], Any]:
@@ -499,7 +473,7 @@ def evaluate_steering(
                 record(own_base, pick, "own_label", "own_label", own_ppl)
                 sweep(pick, "own_label", j, 1.0, own, "own_label", own_ppl, ctrl, False)
             skip(n_ctrl - (len(ctrl) if c in own_sets else 0))
-        lat = _latent_summary(j, pick["label"], base_m, steer_ms, rand_ms, r, p.ppl_ratio_max)
+        lat = latent_summary(j, pick["label"], base_m, steer_ms, rand_ms, r, p.ppl_ratio_max)
         lat["classifier_valid"] = check.judged.get(pick["label"], False)
         lat["classifier_note"] = check.reason(pick["label"])
         summary_latents.append(lat)
