@@ -65,6 +65,7 @@ def test_round_trip_local(trained, tmp_path, arch):
     sae = load_sae(uris[arch])
     assert sorted(os.listdir(uris[arch])) == [
         "cfg.json", "manifest.json", "sae_weights.safetensors", "sparsity.safetensors",
+        "training_curve.parquet",
     ]  # fmt: skip
     out = save_sae(sae, str(tmp_path / "copy"), metadata={"model_name": "m"})
     back = load_sae(out)

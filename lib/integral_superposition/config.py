@@ -172,6 +172,10 @@ class SAEConfig(_Config):
     """Fraction of documents held out for evaluation."""
     shuffle_buffer_tokens: int = Field(65536, ge=1)
     """Rows shuffled together when streaming from a store (bounds the reader's memory)."""
+    refit_decoder: bool = True
+    """After training, refit the decoder in closed form (ridge) on the final encoder's codes of
+    the training tokens, kept only when it lowers the held-out FVU (docs/sae.md); False keeps
+    the pure SGD result."""
 
     @model_validator(mode="after")
     def _check_topk(self) -> SAEConfig:

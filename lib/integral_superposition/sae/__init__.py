@@ -1,6 +1,7 @@
 """Sparse autoencoders: the model (four architectures), training, metrics, saving and loading."""
 
 from integral_superposition.sae import metrics
+from integral_superposition.sae.curve import load_training_curve
 from integral_superposition.sae.load import (
     check_training_store,
     load_sae,
@@ -29,6 +30,7 @@ __all__ = [
     "explained_variance",
     "load_sae",
     "load_sparsity",
+    "load_training_curve",
     "metrics",
     "read_sae_manifest",
     "saelens_config",

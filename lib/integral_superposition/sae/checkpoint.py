@@ -22,6 +22,8 @@ from integral_superposition import storage
 from integral_superposition.config import SAEConfig
 
 CHECKPOINT_FORMAT = 1
+_NOT_FINGERPRINTED = {"checkpoint_every", "log_every", "device", "refit_decoder"}
+"""Config fields a resume may change: they leave the training state as it is."""
 
 
 class Checkpointable(Protocol):
@@ -151,10 +153,7 @@ def run_fingerprint(
     device), the data source and ``extra`` (e.g. the step total)."""
     return {
         "format": CHECKPOINT_FORMAT,
-        "cfgs": [
-            c.model_dump(mode="json", exclude={"checkpoint_every", "log_every", "device"})
-            for c in cfgs
-        ],
+        "cfgs": [c.model_dump(mode="json", exclude=_NOT_FINGERPRINTED) for c in cfgs],
         "source": source_desc,
         **extra,
     }

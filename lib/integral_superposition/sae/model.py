@@ -658,6 +658,26 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.grad.sub_(parallel * w)
 
     @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """Make every decoder row unit-norm without changing any reconstruction: latent ``i``'s
+        encoder column, ``b_enc[i]`` and ``threshold[i]`` are multiplied by ``||W_dec[i]||``.
+
+        Exact where each latent gates on its own pre-activation (``relu``, ``jumprelu``,
+        ``batchtopk`` at inference); ``topk`` ranks latents against each other, so rescaling
+        would change which fire: ``ValueError``.
+        """
+        if self.architecture not in ("relu", "jumprelu", "batchtopk") or self.is_merged:
+            raise ValueError(
+                f"architecture={self.architecture!r}: folding decoder norms into the encoder is "
+                "exact only for relu, jumprelu and batchtopk SAEs (not merged)"
+            )
+        n = self.W_dec.norm(dim=1).clamp_min(1e-8)
+        self.W_enc.mul_(n)
+        self.b_enc.mul_(n)
+        self.threshold.mul_(n.to(self.threshold))
+        self.W_dec.div_(n[:, None])
+
+    @torch.no_grad()
     def fold_activation_scale(self, scale: float) -> None:
         """Make an SAE trained on ``x * scale`` take raw ``x``.
 

@@ -20,16 +20,23 @@ from torch.optim.lr_scheduler import LambdaLR
 from integral_superposition.config import SAEConfig
 
 
+def decay_start(cfg: SAEConfig, total: int | None) -> int | None:
+    """The first step of the LR decay of a ``total``-step run (None: no decay)."""
+    if not total or cfg.lr_decay_frac <= 0:
+        return None
+    return total - max(1, round(cfg.lr_decay_frac * total))
+
+
 def lr_factor(cfg: SAEConfig, total: int | None) -> Callable[[int], float]:
     """``f(step)``: the multiple of ``cfg.lr`` used at 0-based ``step`` of a ``total``-step run."""
     warmup = cfg.lr_warmup_steps
-    n_decay = max(1, round(cfg.lr_decay_frac * total)) if total and cfg.lr_decay_frac > 0 else 0
-    decay_start = (total or 0) - n_decay
+    start = decay_start(cfg, total)
+    n_decay = 0 if start is None else total - start  # type: ignore[operator]
 
     def f(step: int) -> float:
         warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
         decay = 1.0
-        if n_decay and step >= decay_start:
+        if start is not None and step >= start:
             decay = max(0.0, (total - step) / n_decay)  # type: ignore[operator]
         return warm * decay
 

@@ -42,8 +42,16 @@ from integral_superposition.config import SAEConfig, dead_window
 from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.checkpoint import Checkpoints, first_difference, run_fingerprint
+from integral_superposition.sae.curve import (
+    CONVERGED_RULE,
+    CURVE_FILE,
+    convergence,
+    curve_parquet,
+)
 from integral_superposition.sae.load import save_sae
 from integral_superposition.sae.model import SparseAutoencoder, sae_parameter_count
+from integral_superposition.sae.refit import refit_decoders
+from integral_superposition.sae.schedule import decay_start
 from integral_superposition.sae.sources import (
     RankSlice,
     StoreSource,
@@ -430,13 +438,25 @@ def train_saes(
         progress=progress,
         layout=layout,
     )
+    for t in trainees:
+        finish(t)
     elapsed = time.perf_counter() - t0
     base = source.source if isinstance(source, RankSlice) else source
     own: dict[int, TrainResult] = {}
     if layout.mode != "data" or layout.is_main:
-        for i, t in zip(layout.indices, trainees, strict=True):
+        refits = refit_decoders(base, trainees)  # data-parallel: one replica, the main rank's
+        for i, t, refit in zip(layout.indices, trainees, refits, strict=True):
             own[i] = _publish(
-                t, out_uris[i], base, steps, resumed, elapsed, storage_options, metadata, evaluate
+                t,
+                out_uris[i],
+                base,
+                steps,
+                resumed,
+                elapsed,
+                storage_options,
+                metadata,
+                evaluate,
+                {**refit, **_convergence(t, base, steps)},
             )
     published: dict[int, TrainResult] = {}
     for part in distributed.gather_objects(own):  # also waits until every SAE is published
@@ -445,6 +465,11 @@ def train_saes(
         ckpt.remove()
     distributed.barrier()  # nobody returns while rank 0 still removes the checkpoint
     return [published[i] for i in range(len(cfg_list))]
+
+
+def _convergence(t: Trainee, source: TrainingSource, steps: int) -> dict[str, Any]:
+    total = source.total or steps
+    return convergence(t.curve, total, decay_start(t.cfg, total))
 
 
 def _store_metadata(store, hook: str) -> dict[str, Any]:
@@ -478,8 +503,10 @@ def _publish(
     storage_options,
     metadata: Mapping[str, Any] | None,
     evaluate: bool,
+    quality: Mapping[str, Any],
 ) -> TrainResult:
-    sae = finish(t)
+    """Evaluate and save one trained SAE (``quality``: refit and convergence metrics)."""
+    sae = t.sae
     cfg = t.cfg
     metrics: dict[str, Any]
     sparsity = None
@@ -507,6 +534,7 @@ def _publish(
         metrics.update({f"train_{k}": v for k, v in last.items() if k not in ("step", "tokens")})
     if sparsity is None and t.tokens_seen:
         sparsity = torch.log10(t.fire_count.double().cpu() / max(1, t.tokens_seen) + 1e-10).float()
+    metrics.update(quality)
     metrics["train_tokens"] = t.tokens_seen
     metrics["train_steps"] = steps
     metrics["train_seconds"] = elapsed
@@ -521,6 +549,8 @@ def _publish(
         activation_manifest_hash=act_hash,
         storage_options=storage_options,
         training_curve=t.curve,
+        converged_rule=CONVERGED_RULE,
+        extra_files={CURVE_FILE: curve_parquet(t.curve)},
         density_hist=metrics.get("density_hist"),
         activation_scale=None,
         hook_point=t.hook,
@@ -615,11 +645,14 @@ def train_sae(
     )
     finish(t)
     base = source.source if isinstance(source, RankSlice) else source
+    (refit,) = refit_decoders(base, [t])  # every replica alike: the same data, the same solve
     if isinstance(base, StoreSource):
         model.metadata.update(_store_metadata(base.store, hook))
     distributed.barrier()
     if ckpt is not None and layout.is_main:
         ckpt.remove()
     metrics = {k: v for k, v in (t.curve[-1] if t.curve else {}).items()}
+    metrics.update(refit)
+    metrics.update(_convergence(t, base, steps))
     metrics["train_seconds"] = time.perf_counter() - t0
     return TrainResult(None, None, metrics, steps, t.tokens_seen, resumed, cfg)
