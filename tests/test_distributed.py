@@ -79,6 +79,8 @@ def test_torchrun_command():
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "2"
     assert cmd[-4:] == ["-m", "pkg.mod", "--x", "1"]
+    script = distributed.torchrun_command(1, "bench/run.py", ["--y"])
+    assert script[-2:] == ["bench/run.py", "--y"] and "-m" not in script[3:]
     multi = distributed.torchrun_command(
         4, "m", nnodes=2, rdzv_endpoint="head:29400", rdzv_id="job7", max_restarts=3
     )

@@ -275,7 +275,8 @@ def torchrun_command(
     max_restarts: int = 0,
     python: str | None = None,
 ) -> list[str]:
-    """The command line that starts ``nproc`` processes of ``python -m module args`` per node.
+    """The command line that starts ``nproc`` processes of ``python -m module args`` per node
+    (``python module args`` when ``module`` is a ``.py`` file).
 
     One node (``nnodes=1``, the default): torchrun's standalone rendezvous on a free local port.
     Several nodes: ``rdzv_endpoint`` (``host:port``) and ``rdzv_id`` are required, and every
@@ -301,8 +302,9 @@ def torchrun_command(
         if node_rank is not None:
             cmd += ["--node-rank", str(node_rank)]
     cmd += ["--nproc-per-node", str(nproc), "--max-restarts", str(int(max_restarts))]
-    cmd += ["-m", module, *map(str, args)]
-    return cmd
+    # a script path runs as a file (torchrun's default), anything else as a module
+    cmd += [module] if module.endswith(".py") else ["-m", module]
+    return [*cmd, *map(str, args)]
 
 
 def run_torchrun(
