@@ -32,9 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 from integral_superposition.activations import ArraySource
-from integral_superposition.analysis import enrichment, run_analysis
+from integral_superposition.analysis import enrichment
 from integral_superposition.analysis.scan import TopKSets, scan_latents
 from integral_superposition.dump import ActivationStore
+from integral_superposition.pipelines import run_analysis
 from integral_superposition.sae import SparseAutoencoder, load_sae, save_sae
 
 OUT = common.OUT / "analysis"

@@ -43,11 +43,11 @@ from common import OUT, machine
 def direct(cfg, root: Path) -> dict[str, float]:
     """The library calls ``experiment_flow`` makes for ``cfg``, without Prefect."""
     from integral_superposition import storage
-    from integral_superposition.analysis.run import run_analysis
     from integral_superposition.backends import load_backend
     from integral_superposition.data.datasets import dataset_fingerprint, label_mapping
     from integral_superposition.dump import combine_dumps, dump_layer_activations
-    from integral_superposition.merge import run_merge
+    from integral_superposition.pipelines.analyze import run_analysis
+    from integral_superposition.pipelines.merge import run_merge
     from integral_superposition.sae.train import train_saes
     from integral_superposition.steering.evaluate import run_steering_eval, steering_section
     from integral_superposition.tasks.dump import partition_name

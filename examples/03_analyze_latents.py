@@ -23,6 +23,7 @@ from integral_superposition import (
     backends,
     data,
     dump,
+    pipelines,
     storage,
     viz,
 )
@@ -92,7 +93,7 @@ def main() -> None:
         bar.n = done
         bar.refresh()
 
-    analysis.run_analysis(sae_uri, store_uri, out, params, backend=backend, on_progress=progress)
+    pipelines.run_analysis(sae_uri, store_uri, out, params, backend=backend, on_progress=progress)
     bar.close()
 
     result = analysis.load_analysis(out)

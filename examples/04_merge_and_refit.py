@@ -20,7 +20,16 @@ import os
 
 import pandas as pd
 import torch
-from integral_superposition import DumpConfig, SAEConfig, backends, data, dump, merge, sae
+from integral_superposition import (
+    DumpConfig,
+    SAEConfig,
+    backends,
+    data,
+    dump,
+    merge,
+    pipelines,
+    sae,
+)
 from integral_superposition.sae.train import train_sae
 
 
@@ -108,7 +117,7 @@ def main() -> None:
         sweep=not args.no_sweep,
         ce_docs=0 if args.no_ce else args.ce_docs,
     )
-    manifest = merge.run_merge(
+    manifest = pipelines.run_merge(
         sae_uri, store_uri, out, params, backend=None if args.no_ce else backend
     )
 

@@ -16,7 +16,7 @@ import importlib.util
 import os
 
 import numpy as np
-from integral_superposition import analysis, sae, viz
+from integral_superposition import analysis, pipelines, sae, viz
 from integral_superposition.analysis import reducer
 from integral_superposition.dump import ActivationStore
 
@@ -38,7 +38,7 @@ def ensure_analysis(args) -> str:
     if not os.path.exists(os.path.join(out, "manifest.json")):
         ex_args = ex.parser().parse_args(["--work", args.work, "--no-backend"])
         sae_uri, store_uri, _ = ex.prepare(ex_args)
-        analysis.run_analysis(sae_uri, store_uri, out, analysis.AnalysisParams(reducer="pca"))
+        pipelines.run_analysis(sae_uri, store_uri, out, analysis.AnalysisParams(reducer="pca"))
     return out
 
 

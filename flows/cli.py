@@ -479,7 +479,7 @@ def analyze(
     other_store: OtherStoreOpt = False,
 ) -> None:
     """Analyse an SAE's latents: statistics, label enrichment, maps, dashboards."""
-    from integral_superposition.analysis.run import AnalysisParams
+    from integral_superposition.analysis.params import AnalysisParams
     from integral_superposition.flows.steps import analyze_flow
 
     with _flow_process():

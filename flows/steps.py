@@ -21,7 +21,7 @@ import posixpath
 from typing import Any
 
 from integral_superposition import storage
-from integral_superposition.analysis.run import AnalysisParams
+from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.compute import DTYPE_NAMES, short_name
 from integral_superposition.experiment import ModelSpec, ReportOptions, make_run_id
 from integral_superposition.flows.config import FlowExperimentConfig

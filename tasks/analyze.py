@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from integral_superposition.analysis.run import AnalysisParams
+from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.tasks.backends import run_sae_step
 from integral_superposition.tasks.dump import TASK_DEFAULTS
 from integral_superposition.tasks.policy import output_cache
@@ -16,7 +16,7 @@ from prefect import task
     **{
         **TASK_DEFAULTS,
         "cache_policy": output_cache(
-            "integral_superposition.analysis.run",
+            "integral_superposition.pipelines.analyze",
             "integral_superposition.analysis.result",
             "integral_superposition.viz.report",
             "integral_superposition.backends",
@@ -36,7 +36,7 @@ def analyze_sae(
     """Analyse ``sae`` on ``store`` into ``{run}/{out}/{sae.name}``; ``model`` adds the logit
     lens. Cached on the SAE's and the store's content hashes and ``params``."""
     from integral_superposition.analysis.result import load_analysis
-    from integral_superposition.analysis.run import run_analysis
+    from integral_superposition.pipelines.analyze import run_analysis
     from integral_superposition.viz.report import summary_tables
 
     out_uri = loc.uri(out, sae.name)

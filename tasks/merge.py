@@ -16,7 +16,7 @@ from prefect import task
     **{
         **TASK_DEFAULTS,
         "cache_policy": output_cache(
-            "integral_superposition.merge", "integral_superposition.backends"
+            "integral_superposition.pipelines.merge", "integral_superposition.backends"
         ),
     },
 )
@@ -33,7 +33,7 @@ def merge_sae(
     """Merge ``sae``'s latents into ``{run}/{out}/{sae.name}`` (a loadable SAE folder with its
     merge map and evaluation); ``model`` enables the spliced CE / KL metrics. Cached on the
     SAE's and the store's content hashes and ``params``."""
-    from integral_superposition.merge import run_merge
+    from integral_superposition.pipelines.merge import run_merge
 
     out_uri = loc.uri(out, sae.name)
     manifest = run_sae_step(

@@ -115,8 +115,9 @@ def test_analysis_run_lists_generic_latents_apart_and_publishes_probes(tmp_path)
     """End to end on a store: the artefact latent is flagged, never a label's best latent, and
     the report shows it apart next to the sparse-probing table."""
     from integral_superposition import storage
-    from integral_superposition.analysis import load_analysis, run_analysis
+    from integral_superposition.analysis import load_analysis
     from integral_superposition.dump.synthetic import write_activation_store
+    from integral_superposition.pipelines import run_analysis
     from integral_superposition.viz.report import analysis_sections, summary_tables
 
     src, sae, _, x = _planted(n_docs=300)

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 from integral_superposition import storage
-from integral_superposition.analysis import AnalysisParams, load_analysis, run_analysis
+from integral_superposition.analysis import AnalysisParams, load_analysis
+from integral_superposition.pipelines import run_analysis
 from integral_superposition.sae import SparseAutoencoder, save_sae
 
 FAST = {"reducer": "pca", "n_top": 8, "n_bands": 2, "per_band": 2, "hist_bins": 32}

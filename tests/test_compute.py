@@ -157,7 +157,7 @@ def test_resolve_device_errors_and_default():
 
 
 def test_config_defaults_are_auto(cpu, monkeypatch):
-    from integral_superposition.analysis.run import AnalysisParams
+    from integral_superposition.analysis.params import AnalysisParams
     from integral_superposition.experiment import ModelSpec, load_preset
     from integral_superposition.sae.encode import SparseEncoder
     from integral_superposition.sae.model import SparseAutoencoder

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from integral_superposition import storage
-from integral_superposition.analysis.run import AnalysisParams
+from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.config import DumpConfig, SAEConfig
 from integral_superposition.data import load_dataset_auto, load_titles_csv
 from integral_superposition.dump import (
@@ -323,8 +323,8 @@ def test_inf_in_a_store_stops_reads_with_the_shard_and_row(inf_store):
 
 
 def test_inf_in_a_store_stops_analysis_before_publishing(inf_store, tmp_path):
-    from integral_superposition.analysis.run import run_analysis
     from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.pipelines.analyze import run_analysis
 
     root, _store = inf_store
     out = tmp_path / "analysis"
@@ -344,7 +344,7 @@ def test_inf_in_a_store_stops_metrics(inf_store):
 
 
 def test_run_merge_says_where_non_finite_values_come_from(inf_store, tmp_path, monkeypatch):
-    from integral_superposition import merge
+    from integral_superposition import pipelines
     from integral_superposition.dump.store import NonFiniteActivationsError
     from integral_superposition.merge import evaluate as ev
     from integral_superposition.sae import SparseAutoencoder, load_sae
@@ -354,7 +354,7 @@ def test_run_merge_says_where_non_finite_values_come_from(inf_store, tmp_path, m
     out = tmp_path / "merged"
     # 1. a store row
     with pytest.raises(NonFiniteActivationsError, match=WHERE):
-        merge.run_merge(str(root / "sae"), str(root / "acts"), str(out), params)
+        pipelines.run_merge(str(root / "sae"), str(root / "acts"), str(out), params)
     assert not out.exists()
 
     clean = torch.randn(600, 16, generator=torch.Generator().manual_seed(4))
@@ -366,13 +366,13 @@ def test_run_merge_says_where_non_finite_values_come_from(inf_store, tmp_path, m
     with torch.no_grad():
         bad.W_dec[3, 2] = float("nan")
     monkeypatch.setattr(
-        "integral_superposition.merge.pipeline.load_sae", lambda *a, **k: bad.eval()
+        "integral_superposition.pipelines.merge.load_sae", lambda *a, **k: bad.eval()
     )
     with pytest.raises(
         ValueError,
         match=r"SAE's weights hold NaN or inf values \(W_dec has 1, first at index \[3, 2\]\)",
     ):
-        merge.run_merge(str(root / "sae"), str(tmp_path / "clean"), str(out), params)
+        pipelines.run_merge(str(root / "sae"), str(tmp_path / "clean"), str(out), params)
     assert not out.exists()
     monkeypatch.undo()
     # 3. the computation
@@ -389,7 +389,7 @@ def test_run_merge_says_where_non_finite_values_come_from(inf_store, tmp_path, m
         FloatingPointError,
         match=r"merge computation produced NaN or inf values in the merged SAE \(W_dec",
     ):
-        merge.run_merge(str(root / "sae"), str(tmp_path / "clean"), str(out), params)
+        pipelines.run_merge(str(root / "sae"), str(tmp_path / "clean"), str(out), params)
     assert not out.exists()
 
 

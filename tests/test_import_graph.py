@@ -81,3 +81,16 @@ def test_cycle_through_a_deferred_import_is_found(tmp_path):
 def test_closure_of_an_unknown_module_names_it():
     with pytest.raises(KeyError, match=r"pkg\.nope"):
         closure({"pkg.a": set()}, ["pkg.nope"])
+
+
+@pytest.mark.parametrize("step", ["analysis", "merge", "steering", "viz"])
+def test_step_libraries_never_import_the_pipelines(step):
+    graph = import_graph({"integral_superposition": LIB})
+    start = [
+        m
+        for m in graph
+        if m == f"integral_superposition.{step}" or m.startswith(f"integral_superposition.{step}.")
+    ]
+    reached = closure(graph, start)
+    assert start
+    assert sorted(m for m in reached if m.startswith("integral_superposition.pipelines")) == []

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from integral_superposition import DumpConfig, merge, steering, storage
+from integral_superposition import DumpConfig, merge, pipelines, steering, storage
 from integral_superposition.data import demo_corpus
 from integral_superposition.dump import ActivationStore, dump_layer_activations
 from integral_superposition.merge import MergeParams
@@ -51,7 +51,7 @@ def test_run_merge_publishes_a_loadable_merged_sae(setup, tiny_backend):
     root, store, sae = setup
     out = str(root / "merged")
     seen = []
-    manifest = merge.run_merge(
+    manifest = pipelines.run_merge(
         str(root / "sae"),
         str(root / "acts"),
         out,
@@ -99,12 +99,14 @@ def test_large_k_path_without_a_dense_gram(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(merge.evaluate, "DENSE_MAX_LATENTS", 32)
     monkeypatch.setattr(merge.cluster, "DENSE_MAX_LATENTS", 32)
     with pytest.raises(ValueError, match="reconstruction"):
-        merge.run_merge(str(root / "sae"), str(root / "acts"), str(tmp_path / "x"), fast_params())
+        pipelines.run_merge(
+            str(root / "sae"), str(root / "acts"), str(tmp_path / "x"), fast_params()
+        )
     assert not (tmp_path / "x").exists()
     called = []
     monkeypatch.setattr(merge.evaluate, "original_stats", lambda *a, **k: called.append(1) or None)
     out = str(tmp_path / "knn")
-    merge.run_merge(
+    pipelines.run_merge(
         str(root / "sae"),
         str(root / "acts"),
         out,
@@ -121,7 +123,7 @@ def test_merged_sae_works_with_analysis_and_steers(setup, tiny_backend, tmp_path
     root, store, _sae = setup
     merged_dir = root / "merged"
     if not (merged_dir / "manifest.json").exists():
-        merge.run_merge(
+        pipelines.run_merge(
             str(root / "sae"), str(root / "acts"), str(merged_dir), fast_params(sweep=False)
         )
     merged = load_sae(str(merged_dir))
@@ -162,21 +164,21 @@ def test_bad_input_writes_nothing(setup, tmp_path):
         ({"similarity": {"decoder": 1, "bogus": 1}}, "unknown name"),
     ):
         with pytest.raises(ValueError, match=match):
-            merge.run_merge(str(root / "sae"), str(root / "acts"), str(out), params)
+            pipelines.run_merge(str(root / "sae"), str(root / "acts"), str(out), params)
         assert not out.exists()
     with pytest.raises(ValueError, match="source SAE's folder"):
-        merge.run_merge(str(root / "sae"), str(root / "acts"), str(root / "sae"), fast_params())
+        pipelines.run_merge(str(root / "sae"), str(root / "acts"), str(root / "sae"), fast_params())
     other = SparseAutoencoder(8, 16)
     save_sae(other, str(tmp_path / "small"))
     with pytest.raises(ValueError, match="d_model"):
-        merge.run_merge(str(tmp_path / "small"), str(root / "acts"), str(out), fast_params())
+        pipelines.run_merge(str(tmp_path / "small"), str(root / "acts"), str(out), fast_params())
     assert not out.exists()
 
 
 def test_max_aggregation_and_distance_threshold(setup, tmp_path):
     root, _store, sae = setup
     out = str(tmp_path / "m")
-    manifest = merge.run_merge(
+    manifest = pipelines.run_merge(
         str(root / "sae"),
         str(root / "acts"),
         out,

@@ -91,7 +91,7 @@ def test_dump_prints_progress_lines_with_phase_off_a_terminal(tiny_backend, tmp_
 
 
 def test_merge_reports_every_sweep_point_with_its_phase(demo_store, tmp_path):
-    from integral_superposition.merge import run_merge
+    from integral_superposition.pipelines.merge import run_merge
     from integral_superposition.sae import SparseAutoencoder, save_sae
 
     sae = SparseAutoencoder(demo_store.d_model, 32, architecture="topk", top_k=4)

@@ -192,15 +192,19 @@ def test_a_tampered_checkpoint_pointer_removes_nothing_outside(tmp_path):
 
 
 def test_dashboards_never_replace_a_users_folder(tmp_path):
-    from integral_superposition.viz.panels import _publish_folder
+    from integral_superposition.outputs import publish_folder
+    from integral_superposition.viz.panels import _DASHBOARD_FILE_RE
+
+    def _publish_folder(uri, files):
+        return publish_folder(uri, files, None, _DASHBOARD_FILE_RE)
 
     victim = tmp_path / "victim"
     before = _victim(victim)
-    with pytest.raises(FileExistsError, match="not dashboard pages"):
-        _publish_folder(str(victim), {"index.html": b"<html></html>"}, None)
+    with pytest.raises(FileExistsError, match="not ours to replace"):
+        _publish_folder(str(victim), {"index.html": b"<html></html>"})
     assert _files_of(victim) == before
-    _publish_folder(str(tmp_path / "dash"), {"index.html": b"a", "latents/00001.html": b"b"}, None)
-    _publish_folder(str(tmp_path / "dash"), {"index.html": b"c"}, None)  # our own: replaced
+    _publish_folder(str(tmp_path / "dash"), {"index.html": b"a", "latents/00001.html": b"b"})
+    _publish_folder(str(tmp_path / "dash"), {"index.html": b"c"})  # our own: replaced
     assert _files_of(tmp_path / "dash") == {Path("index.html"): b"c"}
 
 
@@ -423,8 +427,8 @@ def sae_of_another_store(demo_store, tmp_path):
 def test_analysis_merge_and_steering_refuse_a_store_the_sae_was_not_trained_on(
     demo_store, sae_of_another_store, tiny_backend, tmp_path
 ):
-    from integral_superposition.analysis.run import run_analysis
-    from integral_superposition.merge.pipeline import run_merge
+    from integral_superposition.pipelines.analyze import run_analysis
+    from integral_superposition.pipelines.merge import run_merge
     from integral_superposition.steering.evaluate import run_steering_eval
 
     sae, store = sae_of_another_store, demo_store.uris[0]

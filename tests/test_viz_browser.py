@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from integral_superposition.analysis import run_analysis
+from integral_superposition.pipelines import run_analysis
 from integral_superposition.sae import SparseAutoencoder, save_sae
 from integral_superposition.viz import ReportSection, build_report
 from integral_superposition.viz.browser import HeadlessChromium, find_chromium

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from integral_superposition import storage
-from integral_superposition.analysis import run_analysis
+from integral_superposition.pipelines import run_analysis
 from integral_superposition.sae import SparseAutoencoder, save_sae
 from integral_superposition.viz import ReportSection, build_report, markdown_summary
 from integral_superposition.viz.figures import new_figure

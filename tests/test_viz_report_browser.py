@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from integral_superposition import storage
-from integral_superposition.analysis import run_analysis
+from integral_superposition.pipelines import run_analysis
 from integral_superposition.sae import SparseAutoencoder, evaluate_sae, save_sae
 from integral_superposition.viz import build_report
 from integral_superposition.viz.browser import HeadlessChromium, find_chromium

@@ -12,7 +12,19 @@ from typing import TYPE_CHECKING, Any
 from integral_superposition.config import DumpConfig, Paths, SAEConfig
 from integral_superposition.version import __version__, code_version
 
-_SUBMODULES = {"analysis", "backends", "data", "dump", "merge", "sae", "steering", "storage", "viz"}
+_SUBMODULES = {
+    "analysis",
+    "backends",
+    "data",
+    "dump",
+    "merge",
+    "outputs",
+    "pipelines",
+    "sae",
+    "steering",
+    "storage",
+    "viz",
+}
 
 if TYPE_CHECKING:  # pragma: no cover
     from integral_superposition import (
@@ -21,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
         data,
         dump,
         merge,
+        outputs,
+        pipelines,
         sae,
         steering,
         storage,
@@ -52,6 +66,8 @@ __all__ = [
     "data",
     "dump",
     "merge",
+    "outputs",
+    "pipelines",
     "sae",
     "steering",
     "storage",

@@ -50,7 +50,7 @@ from pydantic import (
     model_validator,
 )
 
-from integral_superposition.analysis.run import AnalysisParams
+from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.config import DumpConfig, Paths, SAEConfig
 from integral_superposition.credentials import (
     MASK,

@@ -1,11 +1,12 @@
 """Latent analysis: top activating tokens, label enrichment, co-activation, statistics,
-2-D maps, the logit lens, and :func:`run_analysis`, which publishes all of them."""
+2-D maps and the logit lens (``pipelines.run_analysis`` publishes all of them)."""
 
 from integral_superposition.analysis import (
     enrichment,
     generic,
     jaccard_sparse,
     logit_lens,
+    params,
     probe,
     reducer,
     scan,
@@ -17,9 +18,9 @@ from integral_superposition.analysis.enrichment import (
     fisher_enrichment,
 )
 from integral_superposition.analysis.generic import generic_latents
+from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.analysis.probe import sparse_probe
 from integral_superposition.analysis.result import AnalysisResult, load_analysis
-from integral_superposition.analysis.run import AnalysisParams, run_analysis
 from integral_superposition.analysis.scan import LatentScan, TopKSets, scan_latents
 from integral_superposition.analysis.top_tokens import topk_sets_per_latent
 
@@ -36,9 +37,9 @@ __all__ = [
     "jaccard_sparse",
     "load_analysis",
     "logit_lens",
+    "params",
     "probe",
     "reducer",
-    "run_analysis",
     "scan",
     "scan_latents",
     "sparse_probe",

@@ -1,50 +1,31 @@
-"""Reading a published analysis (see :mod:`integral_superposition.analysis.run` for its layout)."""
+"""Reading a published analysis (see :mod:`integral_superposition.pipelines.analyze` for its
+layout)."""
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 
 from integral_superposition import storage
+from integral_superposition.outputs import Output
 
 
-class AnalysisResult:
+class AnalysisResult(Output):
     """A published analysis, read lazily: ``manifest``, ``summary``, the tables as DataFrames,
     and figure bytes."""
 
-    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
-        self.uri = uri
-        self.storage_options = storage_options
-        self.manifest = storage.read_manifest(uri, storage_options, kind="analysis")
-        self._cache: dict[str, Any] = {}
-
-    def has(self, name: str) -> bool:
-        return name in self.manifest["files"]
-
-    def read(self, name: str) -> bytes:
-        if not self.has(name):
-            raise FileNotFoundError(f"{self.uri!r} has no {name!r}")
-        return storage.read_bytes(storage.join(self.uri, name), self.storage_options)
+    kind = "analysis"
 
     def table(self, name: str) -> pd.DataFrame | None:
         """``latents``, ``enrichment``, ``examples``, ``neighbours``, ``activation_hist`` or
         ``logit_lens`` (None when this run did not produce it)."""
-        key = f"tables/{name}.parquet"
-        if key not in self._cache:
-            self._cache[key] = (
-                pd.read_parquet(io.BytesIO(self.read(key))) if self.has(key) else None
-            )
-        return self._cache[key]
+        return self.parquet(f"tables/{name}.parquet")
 
     @property
     def summary(self) -> dict[str, Any]:
-        if "summary" not in self._cache:
-            self._cache["summary"] = json.loads(self.read("summary.json"))
-        return self._cache["summary"]
+        return self.json("summary.json")
 
     @property
     def latents(self) -> pd.DataFrame:

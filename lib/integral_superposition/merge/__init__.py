@@ -9,7 +9,7 @@ The seed's recipe, kept::
     M = merge.medoid.merge_matrix_from_labels(labels, medoids)                    # [K, K']
     W_new = merge.refit.merge_and_refit_decoder(data_iter, model, M)              # [d, K']
 
-and the full pipeline: ``merge.run_merge(sae_uri, store_uri, out_uri, MergeParams(...))``.
+and the full pipeline: ``pipelines.run_merge(sae_uri, store_uri, out_uri, MergeParams(...))``.
 """
 
 from integral_superposition.merge import cluster, evaluate, medoid, refit, similarity
@@ -26,7 +26,6 @@ from integral_superposition.merge.medoid import (
     merge_matrix_from_labels,
 )
 from integral_superposition.merge.params import MergeParams
-from integral_superposition.merge.pipeline import run_merge
 from integral_superposition.merge.refit import (
     RidgeStats,
     build_merged_sae,
@@ -55,7 +54,6 @@ __all__ = [
     "merge_matrix_from_labels",
     "refit",
     "refit_decoder",
-    "run_merge",
     "similarity",
     "sweep",
 ]

@@ -4,10 +4,7 @@
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +12,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from integral_superposition import storage
+from integral_superposition.outputs import Output, OutputWriter
 from integral_superposition.progress import ProgressFn
 from integral_superposition.steering.plot import plot_sweep
 from integral_superposition.steering.sweep import SteeringEval, SteeringParams, evaluate_steering
@@ -32,12 +29,6 @@ __all__ = [
 
 
 # -- publishing and reading -------------------------------------------------------------------------
-def _parquet(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
-
-
 def run_steering_eval(
     sae_uri: Any,
     store_uri: Any,
@@ -67,7 +58,6 @@ def run_steering_eval(
         load_sae,
         read_sae_manifest,
     )
-    from integral_superposition.viz.figures import close_figure, figure_bytes
 
     p = (
         params
@@ -101,95 +91,50 @@ def run_steering_eval(
         *[u.rstrip("/") for u in store.uris],
     }:
         raise ValueError(f"out_uri={out_uri!r} is an input folder: expected a new location")
-    storage.unpublish(out_uri, "steering", storage_options)
-
-    ev = evaluate_steering(backend, sae, store, p, on_progress=on_progress)
-    written: dict[str, dict[str, Any]] = {}
-    try:
-        fig = ev.figure()
-        try:
-            payloads = {
-                "sweep.parquet": _parquet(ev.table),
-                "generations.parquet": _parquet(ev.generations),
-                "latents.parquet": _parquet(ev.picks),
-                "vocabulary.parquet": _parquet(ev.vocabulary),
-                "classifier_check.parquet": _parquet(ev.check),
-                "check_generations.parquet": _parquet(ev.check_generations),
-                "sweep.png": figure_bytes(fig, "png"),
-                "sweep.svg": figure_bytes(fig, "svg"),
-                "summary.json": storage.canonical_json(_json_safe(ev.summary), indent=2).encode(),
-            }
-        finally:
-            close_figure(fig)
-        for name, data in payloads.items():
-            storage.write_bytes(storage.join(out_uri, name), data, storage_options)
-            written[name] = storage.file_entry("", data)
-        return storage.write_manifest(
-            out_uri, "steering", p, written, storage_options,
+    # entering unpublishes an earlier evaluation there; a failure removes what was written
+    with OutputWriter(out_uri, "steering", storage_options) as out:
+        ev = evaluate_steering(backend, sae, store, p, on_progress=on_progress)
+        out.parquet("sweep.parquet", ev.table)
+        out.parquet("generations.parquet", ev.generations)
+        out.parquet("latents.parquet", ev.picks)
+        out.parquet("vocabulary.parquet", ev.vocabulary)
+        out.parquet("classifier_check.parquet", ev.check)
+        out.parquet("check_generations.parquet", ev.check_generations)
+        out.figure("sweep", ev.figure())
+        out.json("summary.json", ev.summary)
+        return out.publish(
+            p,
             sae=sae_info,
             activations={"uris": list(store.uris), "content_hash": store.content_hash, "hook_point": store.hook_point},
             model=backend.describe() if hasattr(backend, "describe") else None,
-            summary=_json_safe({k: ev.summary[k] for k in ("hook_point", "classifier", "latents")}),
+            summary={k: ev.summary[k] for k in ("hook_point", "classifier", "latents")},
         )  # fmt: skip
-    except BaseException:
-        for name in written:
-            try:
-                storage.remove(storage.join(out_uri, name), storage_options, recursive=False)
-            except Exception as e:  # best effort: no manifest was written
-                log.warning("could not remove %s after a failed steering evaluation: %s", name, e)
-        raise
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-class SteeringResult:
+class SteeringResult(Output):
     """A published steering evaluation, read lazily: ``manifest``, ``summary`` and the tables
     ``sweep``, ``generations``, ``picks``, ``vocabulary``, ``check`` (the classifier on
     unsteered generations), ``check_generations`` and ``headline`` as DataFrames."""
 
-    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None):
-        self.uri = uri
-        self.storage_options = storage_options
-        self.manifest = storage.read_manifest(uri, storage_options, kind="steering")
-        self._cache: dict[str, Any] = {}
-
-    def read(self, name: str) -> bytes:
-        if name not in self.manifest["files"]:
-            raise FileNotFoundError(f"{self.uri!r} has no {name!r}")
-        return storage.read_bytes(storage.join(self.uri, name), self.storage_options)
-
-    def _table(self, name: str) -> pd.DataFrame:
-        if name not in self._cache:
-            self._cache[name] = pd.read_parquet(io.BytesIO(self.read(name)))
-        return self._cache[name]
+    kind = "steering"
 
     @property
     def sweep(self) -> pd.DataFrame:
-        return self._table("sweep.parquet")
+        return self.parquet("sweep.parquet")
 
     table = sweep
 
     @property
     def generations(self) -> pd.DataFrame:
-        return self._table("generations.parquet")
+        return self.parquet("generations.parquet")
 
     @property
     def picks(self) -> pd.DataFrame:
-        return self._table("latents.parquet")
+        return self.parquet("latents.parquet")
 
     @property
     def vocabulary(self) -> pd.DataFrame:
-        return self._table("vocabulary.parquet")
+        return self.parquet("vocabulary.parquet")
 
     @property
     def check(self) -> pd.DataFrame:
@@ -211,9 +156,7 @@ class SteeringResult:
 
     @property
     def summary(self) -> dict[str, Any]:
-        if "summary" not in self._cache:
-            self._cache["summary"] = json.loads(self.read("summary.json"))
-        return self._cache["summary"]
+        return self.json("summary.json")
 
     def figure(self) -> Figure:
         """The sweep plot, redrawn from the table (the PNG/SVG are ``read('sweep.png')``)."""

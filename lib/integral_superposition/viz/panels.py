@@ -27,10 +27,7 @@ import base64
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,11 +37,11 @@ import pandas as pd
 import torch
 from markupsafe import escape
 
-from integral_superposition import storage
 from integral_superposition.analysis.jaccard_sparse import Neighbours
 from integral_superposition.analysis.logit_lens import LogitLens
 from integral_superposition.analysis.scan import TopKSets
 from integral_superposition.analysis.top_tokens import Examples
+from integral_superposition.outputs import publish_folder
 from integral_superposition.viz.figures import label_color
 from integral_superposition.viz.templates import (
     MAX_TOKEN_CHARS,
@@ -677,65 +674,10 @@ def write_dashboards(
     files: dict[str, bytes] = {"index.html": render_index(data, has_page, links).encode("utf-8")}
     for j in pages.tolist():
         files[latent_page_name(j)] = render_latent_page(prep, j, has_page).encode("utf-8")
-    return _publish_folder(out_uri, files, storage_options)
+    return publish_folder(out_uri, files, storage_options, _DASHBOARD_FILE_RE)
 
 
 _DASHBOARD_FILE_RE = re.compile(r"^(index\.html|latents/\d{5,}\.html)$")
-
-
-def _check_dashboards_folder(out_uri: str, fs, path: str) -> None:
-    """Refuse to replace a folder that holds anything but dashboard pages."""
-    if not fs.exists(path):
-        return
-    if not fs.isdir(path):
-        raise FileExistsError(f"out_uri={out_uri!r} is a file: expected a dashboards folder")
-    root = path.rstrip("/") + "/"
-    names = [p[len(root) :] if p.startswith(root) else p for p in fs.find(path)]
-    foreign = sorted(n for n in names if not _DASHBOARD_FILE_RE.match(n.replace(os.sep, "/")))
-    if foreign:
-        raise FileExistsError(
-            f"out_uri={out_uri!r} holds files that are not dashboard pages ({', '.join(foreign[:3])}); "
-            "choose a new folder (nothing was changed)"
-        )
-
-
-def _publish_folder(
-    out_uri: str, files: Mapping[str, bytes], storage_options
-) -> dict[str, dict[str, Any]]:
-    """Write ``files`` into a local staging folder, then put it in place at ``out_uri`` in one
-    step (local: rename; object stores: one recursive upload)."""
-    entries = {name: storage.file_entry("", data) for name, data in files.items()}
-    fs, path = storage.get_fs(out_uri, storage_options)
-    _check_dashboards_folder(out_uri, fs, path)
-    local = storage.is_local(out_uri)
-    parent = os.path.dirname(os.path.abspath(path)) if local else None
-    if local:
-        os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tmp-dashboards-", dir=parent)
-    os.chmod(
-        staging, storage.dir_mode()
-    )  # mkdtemp makes 0700; the published folder follows the umask
-    try:
-        for name, data in files.items():
-            target = os.path.join(staging, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(data)
-        if local:
-            old = None
-            if os.path.exists(path):
-                old = tempfile.mkdtemp(prefix=".old-dashboards-", dir=parent)
-                os.replace(path, os.path.join(old, "d"))
-            os.replace(staging, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-            fs.put(staging.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return entries
 
 
 # -- the seed's panel --------------------------------------------------------------------------

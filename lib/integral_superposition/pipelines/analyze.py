@@ -21,18 +21,15 @@ It needs only the saved SAE and the stored activations (and, for the logit lens,
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-from integral_superposition import storage
 from integral_superposition.analysis import enrichment as enr
 from integral_superposition.analysis.generic import generic_latents
 from integral_superposition.analysis.jaccard_sparse import (
@@ -41,14 +38,13 @@ from integral_superposition.analysis.jaccard_sparse import (
     jaccard_neighbours,
 )
 from integral_superposition.analysis.logit_lens import logit_lens_for_backend
+from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.analysis.probe import (
     doc_latent_matrix,
     doc_mean_activations,
     sparse_probe,
 )
 from integral_superposition.analysis.reducer import decoder_directions, reduce_2d
-from integral_superposition.analysis.result import AnalysisResult as AnalysisResult
-from integral_superposition.analysis.result import load_analysis as load_analysis
 from integral_superposition.analysis.scan import scan_latents
 from integral_superposition.analysis.stats import (
     l0_distribution,
@@ -60,6 +56,7 @@ from integral_superposition.analysis.top_tokens import (
     decode_tokens,
     tokenizer_for,
 )
+from integral_superposition.outputs import OutputWriter
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.encode import default_chunk_tokens
 
@@ -77,83 +74,7 @@ _STAGES = (
     "dashboards",
 )
 
-__all__ = ["AnalysisParams", "AnalysisResult", "load_analysis", "resolve_labels", "run_analysis"]
-
-
-class AnalysisParams(BaseModel):
-    """What :func:`run_analysis` computes and how much of it."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        use_attribute_docstrings=True,
-        validate_assignment=True,
-        allow_inf_nan=False,
-    )
-
-    n_top: int = Field(20, ge=1)
-    """Top activating examples kept per latent (the top set of the token-level enrichment)."""
-    n_bands: int = Field(4, ge=0)
-    """Quantile bands of each latent's firing activations sampled below the top (0: none)."""
-    per_band: int = Field(5, ge=1)
-    """Examples sampled per quantile band."""
-    context_left: int = Field(8, ge=0)
-    """Tokens shown before each example token."""
-    context_right: int = Field(4, ge=0)
-    """Tokens shown after each example token."""
-    split: Literal["all", "train", "test"] = "all"
-    """Which rows of the store to analyse (the store's shared document-level split)."""
-    test_fraction: float = Field(0.05, gt=0, lt=1)
-    """Test fraction of that split (must match the one used in training to mean 'held out')."""
-    alpha: float = Field(0.05, gt=0, lt=1)
-    """Significance level for Benjamini-Hochberg q-values."""
-    doc_threshold: float = Field(0.0, ge=0)
-    """A latent fires in a document when its maximum over the document exceeds this."""
-    hist_bins: int = Field(96, ge=8)
-    """log10 activation bins (range 1e-4..1e4) for the AUROC and the dashboards' histograms."""
-    n_neighbours: int = Field(10, ge=1)
-    """Co-activation (Jaccard) neighbours listed per latent."""
-    firing_budget: int = Field(4_000_000, ge=0)
-    """Most non-zeros kept in the token firing sample for Jaccard (0: skip neighbours)."""
-    reducer: Literal["auto", "pca", "umap"] = "auto"
-    """2-D map method; ``auto`` is UMAP when umap-learn is installed, else PCA."""
-    map_input: Literal["decoder", "profiles"] = "decoder"
-    """Map decoder directions, or per-label log-odds profiles."""
-    logit_top: int = Field(10, ge=1)
-    """Promoted / suppressed tokens per latent in the logit lens (needs a backend)."""
-    dashboards: Literal["all", "alive", "none"] = "all"
-    """Which latents get a dashboard page (the index always lists every latent)."""
-    heatmap_per_label: int = Field(5, ge=1)
-    """Most enriched latents per label shown in the enrichment heatmap."""
-    coactivation_latents: int = Field(40, ge=2)
-    """Latents (the most frequently firing of the heatmap's) in the co-activation heatmap."""
-    enrichment: bool = True
-    """Run the label enrichment (needs at least two labels)."""
-    generic_token_share: float = Field(0.5, gt=0, le=1)
-    """A latent is generic when one token makes up at least this share of its top contexts..."""
-    generic_label_fraction: float = Field(0.1, ge=0, le=1)
-    """...and that token occurs in at least this fraction of the documents of every label.
-    Generic latents are listed apart and never chosen as a label's best latent."""
-    probe: bool = True
-    """Sparse probing: per label, logistic probes on the top-k enriched latents of held-out
-    documents (the store's ``test`` split), with dense and random-latent baselines."""
-    probe_ks: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 5, 10, 20], min_length=1)
-    """Probe sizes k (latents per probe)."""
-    metrics: bool = True
-    """Also compute reconstruction metrics (EV, FVU, cosine) in the same pass (one decode per chunk)."""
-    chunk_tokens: int | None = Field(None, ge=1)
-    """Tokens per chunk (default: about 64 MiB of latent activations)."""
-    device: str = "auto"
-    """Torch device for the SAE: ``auto`` (CUDA when available), ``cpu``, ``cuda:0``, ..."""
-    encode_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Encoder matmul precision of the scan: ``bfloat16`` is several times faster on CPUs with
-    AVX512-BF16/AMX and on GPUs (near-equal activations can swap ranks) and many times slower
-    on other CPUs; ``auto`` picks bf16 only where it is native."""
-    dead_min_tokens: int = Field(100_000, ge=1)
-    """A latent is dead when it never fires on at least this many tokens (all of the store's
-    when it has fewer): when the analysed split is smaller, rows from the rest of the store
-    are added to the count."""
-    seed: int = 0
-    """Seed of the reservoir sampling, the firing sample and the 2-D map."""
+__all__ = ["dead_count", "resolve_labels", "run_analysis"]
 
 
 # -- dead latents ------------------------------------------------------------------------------
@@ -233,46 +154,6 @@ def resolve_labels(store, labels: Any = None) -> tuple[np.ndarray, pd.DataFrame 
     else:
         log.info("labels vary inside documents: skipping the document-level enrichment")
     return ids, docs, names
-
-
-# -- writing -----------------------------------------------------------------------------------
-class _Publisher:
-    """Writes data files under ``out_uri`` (atomically each), remembers them for the manifest,
-    and removes them again if the run fails."""
-
-    def __init__(self, out_uri: str, storage_options: Mapping[str, Any] | None):
-        self.out, self.opts = out_uri, storage_options
-        self.files: dict[str, dict[str, Any]] = {}
-
-    def write(self, name: str, data: bytes) -> str:
-        uri = storage.join(self.out, name)
-        storage.write_bytes(uri, data, self.opts)
-        self.files[name] = storage.file_entry(uri, data)
-        return uri
-
-    def parquet(self, name: str, df: pd.DataFrame) -> str:
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        return self.write(name, buf.getvalue())
-
-    def json(self, name: str, obj: Any) -> str:
-        return self.write(name, storage.canonical_json(obj, indent=2).encode())
-
-    def figure(self, name: str, fig) -> None:
-        from integral_superposition.viz.figures import close_figure, figure_bytes
-
-        try:
-            for fmt in ("png", "svg"):
-                self.write(f"{name}.{fmt}", figure_bytes(fig, fmt))
-        finally:
-            close_figure(fig)
-
-    def rollback(self) -> None:
-        for name in self.files:
-            try:
-                storage.remove(storage.join(self.out, name), self.opts, recursive=False)
-            except Exception as e:  # best effort: the manifest was never written
-                log.warning("could not remove %s after a failed analysis: %s", name, e)
 
 
 @dataclass
@@ -443,29 +324,21 @@ def run_analysis(
             raise ValueError(
                 f"clusters has shape {clusters.shape}: expected ({K},), one per latent"
             )
-    # readers must never see the old manifest next to new files
-    storage.unpublish(out_uri, "analysis", storage_options)
-
     chunk = p.chunk_tokens or default_chunk_tokens(K)
     n_chunks = -(-store.n_tokens // chunk)
-    pub = _Publisher(out_uri, storage_options)
     rep = Reporter("analysis", on_progress, unit="steps", total=n_chunks + len(_STAGES))
-    try:
-        with rep:
-            prog = _Progress(rep, n_chunks + len(_STAGES))
-            manifest = _run(
-                p, sae, sae_info, store, out_uri, backend, token_labels, doc_labels, label_names,
-                clusters, mask, chunk, prog, pub, storage_options, viz,
-            )  # fmt: skip
-    except BaseException:
-        pub.rollback()
-        raise
-    return manifest
+    # entering unpublishes an earlier analysis there; a failure removes what was written
+    with OutputWriter(out_uri, "analysis", storage_options) as pub, rep:
+        prog = _Progress(rep, n_chunks + len(_STAGES))
+        return _run(
+            p, sae, sae_info, store, backend, token_labels, doc_labels, label_names,
+            clusters, mask, chunk, prog, pub, viz,
+        )  # fmt: skip
 
 
 def _run(
-    p, sae, sae_info, store, out_uri, backend, token_labels, doc_labels, label_names,
-    clusters, mask, chunk, prog, pub, storage_options, viz,
+    p, sae, sae_info, store, backend, token_labels, doc_labels, label_names,
+    clusters, mask, chunk, prog, pub: OutputWriter, viz,
 ) -> dict[str, Any]:  # fmt: skip
     K = sae.d_sae
     t_start = time.perf_counter()
@@ -745,25 +618,17 @@ def _run(
         )
         latents = None if p.dashboards == "all" else table.loc[~table["dead"], "latent"].to_numpy()
         files = viz.panels.write_dashboards(
-            storage.join(out_uri, "dashboards"),
-            data,
-            latents=latents,
-            storage_options=storage_options,
+            pub.uri("dashboards"), data, latents=latents, storage_options=pub.opts
         )
-        for name, entry in files.items():
-            pub.files[f"dashboards/{name}"] = entry
+        pub.add("dashboards", files)
     prog.step("dashboards")
 
     summary["timings_s"] = dict(prog.timings)
     summary["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
     summary["scan_stages_s"] = {k: round(v, 3) for k, v in (scan.timings or {}).items()}
     pub.json("summary.json", summary)
-    manifest = storage.write_manifest(
-        out_uri,
-        "analysis",
+    return pub.publish(
         p,
-        pub.files,
-        storage_options,
         sae=sae_info,
         activations={
             "uris": list(store.uris),
@@ -777,4 +642,3 @@ def _run(
             if k in summary
         },
     )
-    return manifest

@@ -10,20 +10,18 @@ The output folder is a regular SAE folder (``save_sae``: ``cfg.json``,
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
 from integral_superposition.merge import evaluate as ev
 from integral_superposition.merge.cluster import build_tree
 from integral_superposition.merge.medoid import merge_map_table
 from integral_superposition.merge.params import MergeParams
+from integral_superposition.outputs import figure_bytes, jsonable, parquet_bytes
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.load import (
     check_training_store,
@@ -31,28 +29,6 @@ from integral_superposition.sae.load import (
     read_sae_manifest,
     save_sae,
 )
-
-
-def _parquet(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
-
-
-def _figure(fig: Figure, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=110)
-    return buf.getvalue()
-
-
-def _json_safe(d: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, np.generic):
-            v = v.item()
-        out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
-    return out
-
 
 _CORE_METRICS = ("fvu", "explained_variance", "l0", "mse")
 """Metrics that are finite whenever their inputs are (CE/KL are NaN without a backend)."""
@@ -188,9 +164,9 @@ def _run_merge(
         )
         _check_computation(sweep_table, "sweep")
         rep.set_phase("evaluate")
-        files["merge_sweep.parquet"] = _parquet(sweep_table)
-        files["merge_sweep.png"] = _figure(fig, "png")
-        files["merge_sweep.svg"] = _figure(fig, "svg")
+        files["merge_sweep.parquet"] = parquet_bytes(sweep_table)
+        files["merge_sweep.png"] = figure_bytes(fig, "png", dpi=110)
+        files["merge_sweep.svg"] = figure_bytes(fig, "svg", dpi=110)
     same = (
         sweep_table[
             (sweep_table["partition"] == "cluster") & (sweep_table["k_prime"] == merged.d_sae)
@@ -213,17 +189,17 @@ def _run_merge(
         for key, value in extra.items():
             eval_table.loc[eval_table["sae"] == "merged", key] = value
     _check_computation(eval_table, "evaluation")
-    files["merge_map.parquet"] = _parquet(merge_map_table(labels, medoids, dist))
-    files["merge_eval.parquet"] = _parquet(eval_table)
+    files["merge_map.parquet"] = parquet_bytes(merge_map_table(labels, medoids, dist))
+    files["merge_eval.parquet"] = parquet_bytes(eval_table)
     sweep_records = (
-        [_json_safe(r) for r in sweep_table.to_dict("records")] if sweep_table is not None else None
+        [jsonable(r) for r in sweep_table.to_dict("records")] if sweep_table is not None else None
     )
     tick()
     try:
         source_hash = read_sae_manifest(sae_uri, storage_options).get("content_hash")
     except (FileNotFoundError, ValueError):
         source_hash = None
-    rows = {r["sae"]: _json_safe(r) for r in eval_table.to_dict("records")}
+    rows = {r["sae"]: jsonable(r) for r in eval_table.to_dict("records")}
     tick()
     save_sae(
         merged,
@@ -240,7 +216,7 @@ def _run_merge(
             "n_latents_before": k,
             "n_latents_after": merged.d_sae,
             "aggregation": params.aggregation,
-            "refit": _json_safe(refit_info),
+            "refit": jsonable(refit_info),
             "original_metrics": rows["original"],
             "merged_metrics": rows["merged"],
             "sweep": sweep_records,

@@ -1,0 +1,15 @@
+"""End-to-end runners: each loads a step's inputs, calls the step libraries (``analysis``,
+``merge``, ``steering``, ``viz``) and publishes one output folder through
+:mod:`integral_superposition.outputs`. The step libraries never import this package.
+
+- :func:`run_analysis` (``pipelines.analyze``): tables, figures and dashboards of an SAE's
+  latents;
+- :func:`run_merge` (``pipelines.merge``): a merged, refitted and evaluated SAE.
+"""
+
+from integral_superposition.analysis.params import AnalysisParams
+from integral_superposition.merge.params import MergeParams
+from integral_superposition.pipelines.analyze import run_analysis
+from integral_superposition.pipelines.merge import run_merge
+
+__all__ = ["AnalysisParams", "MergeParams", "run_analysis", "run_merge"]

@@ -1,0 +1,115 @@
+"""The outputs module: one writer publishes a step's files and manifest (last), removes them on
+failure, and reads them back; locally and on S3 (moto server through s3fs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from integral_superposition import storage
+from integral_superposition.outputs import (
+    Output,
+    OutputWriter,
+    jsonable,
+    publish_folder,
+    read_output,
+)
+from integral_superposition.viz.figures import new_figure
+
+
+def _write_some(out: OutputWriter) -> pd.DataFrame:
+    df = pd.DataFrame({"latent": np.arange(4), "value": np.linspace(0, 1, 4)})
+    out.parquet("tables/t.parquet", df)
+    out.json("summary.json", {"n": np.int64(4), "fvu": np.float32(0.25), "ce": float("nan")})
+    fig = new_figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    out.figure("figures/line", fig)
+    return df
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_writer_publishes_files_then_manifest_and_reads_back(where, tmp_path, request):
+    if where == "s3":
+        bucket, opts = request.getfixturevalue("s3_bucket")
+        uri = f"{bucket}/run/analysis"
+    else:
+        uri, opts = str(tmp_path / "analysis"), None
+    with OutputWriter(uri, "analysis", opts) as out:
+        df = _write_some(out)
+        assert not storage.exists(storage.join(uri, "manifest.json"), opts)  # manifest last
+        manifest = out.publish({"n_top": 3}, model={"id": np.str_("m")}, score=np.float64(0.5))
+    assert sorted(manifest["files"]) == [
+        "figures/line.png",
+        "figures/line.svg",
+        "summary.json",
+        "tables/t.parquet",
+    ]
+    assert manifest["config"] == {"n_top": 3} and manifest["score"] == 0.5
+    assert storage.verify_output(uri, opts, deep=True)
+    back = read_output(uri, opts, kind="analysis")
+    pd.testing.assert_frame_equal(back.parquet("tables/t.parquet"), df)
+    assert back.parquet("tables/missing.parquet") is None
+    assert back.json("summary.json") == {"ce": None, "fvu": 0.25, "n": 4}
+    assert back.read("figures/line.png")[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="expected 'steering'"):
+        read_output(uri, opts, kind="steering")
+    with pytest.raises(FileNotFoundError, match=r"no 'nope\.json'"):
+        back.read("nope.json")
+
+
+def test_a_failure_inside_the_writer_removes_what_it_wrote(tmp_path):
+    uri = str(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="boom"), OutputWriter(uri, "analysis") as out:
+        _write_some(out)
+        raise RuntimeError("boom")
+    left = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert left == []
+    with pytest.raises(FileNotFoundError, match="not a published output"):
+        Output(uri)
+
+
+def test_rewriting_unpublishes_first_and_another_kind_is_refused(tmp_path):
+    uri = str(tmp_path / "out")
+    with OutputWriter(uri, "analysis") as out:
+        out.json("summary.json", {"a": 1})
+        out.publish(None)
+    # a rerun: the old manifest goes before any new file is written
+    with pytest.raises(RuntimeError), OutputWriter(uri, "analysis") as out:
+        assert not (tmp_path / "out" / "manifest.json").exists()
+        raise RuntimeError("stop")
+    storage.write_manifest(str(tmp_path / "sae"), "sae", {}, {})
+    with pytest.raises(FileExistsError, match="holds a 'sae' output"):
+        OutputWriter(str(tmp_path / "sae"), "analysis").__enter__()
+    assert storage.read_manifest(str(tmp_path / "sae"))["kind"] == "sae"
+
+
+def test_writer_checks_its_folder_argument():
+    with pytest.raises(TypeError, match=r"out_uri=None: expected a non-empty folder URI"):
+        OutputWriter(None, "analysis")  # type: ignore[arg-type]
+
+
+def test_jsonable_numpy_and_non_finite():
+    got = jsonable(
+        {1: np.float32(1.5), "a": np.arange(3), "b": (np.bool_(True), math.inf), "c": -math.inf}
+    )
+    assert got == {"1": 1.5, "a": [0, 1, 2], "b": [True, None], "c": None}
+    json.dumps(got, allow_nan=False)  # strict JSON
+
+
+def test_publish_folder_replaces_only_its_own_folder_on_s3(s3_bucket):
+    bucket, opts = s3_bucket
+    allowed = re.compile(r"^(index\.html|pages/\d+\.html)$")
+    uri = f"{bucket}/dash"
+    publish_folder(uri, {"index.html": b"a", "pages/1.html": b"b"}, opts, allowed)
+    entries = publish_folder(uri, {"index.html": b"c"}, opts, allowed)
+    assert entries == {"index.html": storage.file_entry("", b"c")}
+    assert storage.read_bytes(f"{uri}/index.html", opts) == b"c"
+    assert not storage.exists(f"{uri}/pages/1.html", opts)  # the old folder went as a whole
+    storage.write_bytes(f"{bucket}/mine/notes.txt", b"keep", opts)
+    with pytest.raises(FileExistsError, match="not ours to replace"):
+        publish_folder(f"{bucket}/mine", {"index.html": b"x"}, opts, allowed)
+    assert storage.read_bytes(f"{bucket}/mine/notes.txt", opts) == b"keep"
