@@ -63,6 +63,19 @@ def test_run_analysis_publishes_everything(demo_store, sae_dir, tiny_backend, tm
     assert lat["generic"].dtype == bool and set(best) == set(a.summary["labels"])
     assert not any(lat.loc[j, "generic"] for j in best.values() if j is not None)
     assert a.summary["generic_latents"] == lat.index[lat["generic"]].tolist()
+    ctrl = a.control
+    assert set(ctrl["level"]) == {"token", "document"} and set(ctrl["seed"]) == {0, 1, 2}
+    doc_ctrl = a.summary["enrichment_control"]["document"]
+    assert (
+        doc_ctrl["n_significant"] == ctrl.loc[ctrl["level"] == "document", "n_significant"].tolist()
+    )
+    lead = a.summary["lead_level"]
+    assert lead == ("document" if a.summary["median_doc_tokens"] <= 64 else "token")
+    top = a.top_latents
+    assert (top["unit"] == lead).all() and (top["group_size"] == top["members"].map(len)).all()
+    assert not lat.loc[top["latent"], "generic"].any()
+    one = a.top_latents_grouped_by(np.zeros(48, int))  # one cluster: one row per label
+    assert (one.groupby("label").size() == 1).all() and (one["grouping"] == "merge").all()
     assert a.dashboard_uri(3).endswith("dashboards/latents/00003.html")
     with open(os.path.join(out, "dashboards/latents/00003.html"), encoding="utf-8") as f:
         html = f.read()

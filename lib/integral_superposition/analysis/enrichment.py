@@ -34,13 +34,17 @@ from scipy.stats import false_discovery_control, hypergeom
 from integral_superposition.analysis.scan import TopKSets
 
 __all__ = [
+    "align_documents",
     "auroc_from_hist",
     "best_labels",
     "document_enrichment",
     "encode_label_array",
     "enrichment_matrix",
     "fisher_enrichment",
+    "fisher_pq",
     "fisher_table",
+    "lead_level",
+    "max_auroc",
 ]
 
 
@@ -110,6 +114,25 @@ def auroc_from_hist(
     return out
 
 
+def fisher_pq(
+    in_set: np.ndarray, set_size: np.ndarray, label_counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One-sided Fisher p-values and BH q-values ``[K, C]`` of the 2x2 tables given by
+    ``in_set [K, C]``, ``set_size [K]`` and ``label_counts [C]``; latents with an empty set
+    get p = q = 1 and are not counted as tests."""
+    a = np.asarray(in_set, dtype=np.int64)
+    n = np.asarray(set_size, dtype=np.int64)[:, None]
+    Nc = np.asarray(label_counts, dtype=np.int64)[None, :]
+    N = int(Nc.sum())
+    p = hypergeom.sf(a - 1, N, Nc, n)
+    p = np.clip(np.where(n > 0, p, 1.0), 0.0, 1.0)
+    testable = np.broadcast_to(n > 0, a.shape)
+    q = np.ones(a.shape)
+    if testable.any():
+        q[testable] = false_discovery_control(p[testable], method="bh")
+    return p, q
+
+
 def fisher_table(
     in_set: np.ndarray,
     set_size: np.ndarray,
@@ -127,12 +150,7 @@ def fisher_table(
     n = np.asarray(set_size, dtype=np.int64)[:, None]
     Nc = np.asarray(label_counts, dtype=np.int64)[None, :]
     N = int(label_counts.sum())
-    p = hypergeom.sf(a - 1, N, Nc, n)
-    p = np.clip(np.where(n > 0, p, 1.0), 0.0, 1.0)
-    testable = np.broadcast_to(n > 0, (K, C))
-    q = np.ones((K, C))
-    if testable.any():
-        q[testable] = false_discovery_control(p[testable], method="bh")
+    p, q = fisher_pq(a, n[:, 0], Nc[0])
     b = n - a
     c = Nc - a
     d = N - Nc - b
@@ -268,21 +286,16 @@ def fisher_enrichment(
     return fisher_table(in_set, set_size, counts, names, level="token", auroc=auroc, alpha=alpha)
 
 
-def document_enrichment(
+def align_documents(
     doc_pairs: np.ndarray,
     doc_labels: Any,
     n_latents: int,
-    *,
     label_names: Sequence[str] | None = None,
-    alpha: float = 0.05,
-) -> pd.DataFrame:
-    """Document-level enrichment: latent ``j``'s set is the documents where it fires.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Check and align document pairs with document labels.
 
-    ``doc_pairs``: int ``[P, 2]`` distinct ``(doc_id, latent)`` pairs (from
-    :func:`~integral_superposition.analysis.scan.scan_latents` with ``doc_threshold``);
-    ``doc_labels``: the documents and their labels - a DataFrame with ``doc_id`` and
-    ``label`` (or ``label_name``) columns, or a Series indexed by doc id. The population is
-    every document in ``doc_labels``. The AUROC column is that of the firing indicator.
+    Returns ``(pairs int64 [P, 2], index of each pair's document in doc_labels [P],
+    label ids of the documents [D], label names [C])``; see :func:`document_enrichment`.
     """
     if isinstance(doc_labels, pd.DataFrame):
         if "doc_id" not in doc_labels:
@@ -303,9 +316,6 @@ def document_enrichment(
     if np.unique(doc_index).size != doc_index.size:
         raise ValueError("doc_labels: doc_id values must be unique (one label per document)")
     ids, names = encode_label_array(values, label_names, name="doc_labels")
-    C = len(names)
-    counts = np.bincount(ids, minlength=C)
-    _check_two_classes(counts, names, "doc_labels")
     pairs = np.asarray(doc_pairs, dtype=np.int64).reshape(-1, 2)
     order = np.argsort(doc_index)
     sorted_docs = doc_index[order]
@@ -321,15 +331,106 @@ def document_enrichment(
         )
     if pairs.size and (pairs[:, 1].min() < 0 or pairs[:, 1].max() >= n_latents):
         raise ValueError(f"doc_pairs: latent ids must lie in [0, {n_latents})")
-    lab = ids[order][pos]
+    return pairs, order[pos], ids, names
+
+
+def document_enrichment(
+    doc_pairs: np.ndarray,
+    doc_labels: Any,
+    n_latents: int,
+    *,
+    doc_max: np.ndarray | None = None,
+    label_names: Sequence[str] | None = None,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Document-level enrichment: latent ``j``'s set is the documents where it fires.
+
+    ``doc_pairs``: int ``[P, 2]`` distinct ``(doc_id, latent)`` pairs (from
+    :func:`~integral_superposition.analysis.scan.scan_latents` with ``doc_threshold``);
+    ``doc_labels``: the documents and their labels - a DataFrame with ``doc_id`` and
+    ``label`` (or ``label_name``) columns, or a Series indexed by doc id. The population is
+    every document in ``doc_labels``. The AUROC column scores each document by the latent's
+    maximum over it (``doc_max [P]``, aligned with ``doc_pairs``; 0 for documents outside
+    the pairs); without ``doc_max`` it is the AUROC of the firing indicator.
+    """
+    pairs, doc_of_pair, ids, names = align_documents(doc_pairs, doc_labels, n_latents, label_names)
+    C = len(names)
+    counts = np.bincount(ids, minlength=C)
+    _check_two_classes(counts, names, "doc_labels")
+    lab = ids[doc_of_pair]
     in_set = np.bincount(pairs[:, 1] * C + lab, minlength=n_latents * C).reshape(n_latents, C)
     set_size = in_set.sum(1)
-    N = counts.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpr = in_set / counts[None, :]
-        fpr = (set_size[:, None] - in_set) / (N - counts)[None, :]
-    auroc = 0.5 * (1 + tpr - fpr)
+    if doc_max is not None:
+        doc_max = np.asarray(doc_max, dtype=np.float64).ravel()
+        if doc_max.shape != (pairs.shape[0],):
+            raise ValueError(
+                f"doc_max has shape {doc_max.shape}: expected ({pairs.shape[0]},), one value "
+                "per (doc_id, latent) pair"
+            )
+        auroc = max_auroc(pairs[:, 1], lab, doc_max, counts, n_latents)
+    else:
+        N = counts.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpr = in_set / counts[None, :]
+            fpr = (set_size[:, None] - in_set) / (N - counts)[None, :]
+        auroc = 0.5 * (1 + tpr - fpr)
     return fisher_table(in_set, set_size, counts, names, level="document", auroc=auroc, alpha=alpha)
+
+
+def max_auroc(
+    latents: np.ndarray,
+    labels: np.ndarray,
+    values: np.ndarray,
+    label_counts: np.ndarray,
+    n_latents: int,
+) -> np.ndarray:
+    """AUROC ``float64 [K, C]`` of each latent's per-document score for each label, from the
+    documents where it is non-zero: ``latents``, ``labels``, ``values`` ``[P]`` (distinct
+    (document, latent) pairs); every other document scores 0 (ties counted half).
+
+    Mann-Whitney through ranks: the zeros of latent ``j`` share the average rank of the
+    ``N - n_j`` lowest places, its ``n_j`` non-zero documents rank above them.
+    """
+    counts = np.asarray(label_counts, dtype=np.int64)
+    C, N = counts.size, int(counts.sum())
+    lat = np.asarray(latents, dtype=np.int64)
+    lab = np.asarray(labels, dtype=np.int64)
+    v = np.asarray(values, dtype=np.float64)
+    order = np.lexsort((v, lat))
+    lat, lab, v = lat[order], lab[order], v[order]
+    n_j = np.bincount(lat, minlength=n_latents)
+    start = np.concatenate([[0], np.cumsum(n_j)[:-1]])
+    # average rank (1-based) of each pair among its latent's non-zero documents, ties averaged
+    new = np.ones(lat.size, dtype=bool)
+    new[1:] = (lat[1:] != lat[:-1]) | (v[1:] != v[:-1])
+    grp = np.cumsum(new) - 1
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], lat.size) - 1
+    avg = 0.5 * (first[grp] + last[grp]) - start[lat] + 1
+    rank = (N - n_j[lat]) + avg
+    rank_sum = np.bincount(lat * C + lab, weights=rank, minlength=n_latents * C).astype(float)
+    rank_sum = rank_sum.reshape(-1, C)
+    fired = np.bincount(lat * C + lab, minlength=n_latents * C).reshape(-1, C)
+    zeros = counts[None, :] - fired  # documents of label c where latent j is 0
+    rank_sum += zeros * (0.5 * (N - n_j + 1))[:, None]
+    u = rank_sum - counts * (counts + 1) / 2
+    denom = counts * (N - counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, u / denom, np.nan)
+
+
+def lead_level(doc_lengths: np.ndarray, max_median_tokens: int = 64) -> str:
+    """The unit an analysis leads with: ``"document"`` when the median document (length in
+    tokens, ``doc_lengths [D]``) has at most ``max_median_tokens`` tokens, else ``"token"``.
+
+    In short documents (headlines, titles) a latent's top tokens say little about the
+    document's label while whether it fires anywhere in the document says more; in long ones
+    the token level is the finer and better-powered view.
+    """
+    lengths = np.asarray(doc_lengths)
+    if lengths.size == 0:
+        return "token"
+    return "document" if float(np.median(lengths)) <= max_median_tokens else "token"
 
 
 def enrichment_matrix(table: pd.DataFrame, value: str = "log_odds") -> pd.DataFrame:
@@ -340,13 +441,14 @@ def enrichment_matrix(table: pd.DataFrame, value: str = "log_odds") -> pd.DataFr
 def best_labels(table: pd.DataFrame) -> pd.DataFrame:
     """Per latent, the label with the smallest q (ties: largest log odds).
 
-    Columns: ``latent, best_label, best_label_id, q, p, log_odds, frac_in_set, purity,
-    auroc, set_size, significant``. Latents with an empty set get ``best_label`` NaN.
+    Columns: ``latent, level, best_label, best_label_id, q, p, log_odds, frac_in_set, purity,
+    auroc, set_size, significant`` (``level``: the unit, ``token`` or ``document``). Latents with an empty set get ``best_label`` NaN.
     """
     t = table.sort_values(["latent", "q", "log_odds"], ascending=[True, True, False])
     best = t.drop_duplicates("latent", keep="first").set_index("latent")
     out = pd.DataFrame(
         {
+            "level": best["level"].astype(str),
             "best_label": best["label"].astype(object).where(best["fires"], None),
             "best_label_id": best["label_id"].where(best["fires"], -1),
             "q": best["q"],

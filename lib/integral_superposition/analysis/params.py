@@ -57,6 +57,18 @@ class AnalysisParams(BaseModel):
     """Latents (the most frequently firing of the heatmap's) in the co-activation heatmap."""
     enrichment: bool = True
     """Run the label enrichment (needs at least two labels)."""
+    control_seeds: int = Field(3, ge=0)
+    """Shuffled-label control: the enrichment rerun with document labels permuted, once per
+    seed (0: skip); published as ``tables/enrichment_control.parquet``."""
+    lead_doc_tokens: int = Field(64, ge=1)
+    """The analysis leads with the document level (best latents, top-latents table) when the
+    median analysed document has at most this many tokens, else with the token level."""
+    redundancy_cosine: float = Field(0.7, ge=-1, le=1)
+    """Top latents whose decoder directions have at least this cosine are grouped..."""
+    redundancy_jaccard: float = Field(0.5, gt=0, le=1)
+    """...and so are those whose co-firing Jaccard (at the lead unit) is at least this."""
+    top_per_label: int = Field(10, ge=1)
+    """Rows (groups of near-duplicate latents) per label in ``tables/top_latents.parquet``."""
     generic_token_share: float = Field(0.5, gt=0, le=1)
     """A latent is generic when one token makes up at least this share of its top contexts..."""
     generic_label_fraction: float = Field(0.1, ge=0, le=1)

@@ -6,7 +6,9 @@ Layout of ``out_uri``::
     manifest.json                 kind "analysis": params, SAE and activation hashes, files
     summary.json                  scalar metrics, L0 distribution, counts, timings
     tables/latents.parquet        one row per latent: statistics, best label, 2-D map, cluster
-    tables/enrichment.parquet     tidy (latent, label, level) enrichment tests
+    tables/enrichment.parquet     tidy (latent, label, level) enrichment tests; level = unit
+    tables/enrichment_control.parquet  shuffled-label control: (level, seed) tests at q < alpha
+    tables/top_latents.parquet    best latents per label at the lead unit, near-duplicates grouped
     tables/probe.parquet          sparse probes per label: top-k latents, random, dense
     tables/examples.parquet       top and quantile examples with context windows
     tables/neighbours.parquet     co-activation Jaccard neighbours
@@ -37,6 +39,7 @@ from integral_superposition.analysis.jaccard_sparse import (
     jaccard_dense,
     jaccard_neighbours,
 )
+from integral_superposition.analysis.labels import label_enrichment
 from integral_superposition.analysis.logit_lens import logit_lens_for_backend
 from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.analysis.probe import (
@@ -226,16 +229,6 @@ def _top_tokens_text(examples, token_text: Mapping[int, str], K: int, n: int = 3
     return [" | ".join(p) for p in parts]
 
 
-def _best_latents(tok_table: pd.DataFrame, generic: np.ndarray) -> dict[str, int | None]:
-    """Per label, the most significant positively enriched latent that is not generic."""
-    t = tok_table[tok_table["significant"] & (tok_table["log_odds"] > 0)]
-    t = t[~generic[t["latent"].to_numpy()]]
-    t = t.sort_values(["q", "log_odds"], ascending=[True, False])
-    first = t.drop_duplicates("label", keep="first").set_index("label")["latent"]
-    labels = tok_table["label"].astype(str).unique().tolist()
-    return {c: (int(first[c]) if c in first.index else None) for c in labels}
-
-
 def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
     """Sparse probes on the analysed documents: train on the store's ``train`` split, score on
     its ``test`` split. Returns the table (None when skipped) and its summary."""
@@ -400,43 +393,8 @@ def _run(
         "labels": label_names,
         "tokenizer": None if tokenizer is None else type(tokenizer).__name__,
     }
-    enrich_frames = []
+    enrichment_table = control = top_latents = None
     if p.enrichment:
-        tok_table = enr.fisher_enrichment(top, token_labels, label_names=label_names, alpha=p.alpha)
-        enrich_frames.append(tok_table)
-        best = enr.best_labels(tok_table)
-        table = table.merge(
-            best[["latent", "best_label", "q", "log_odds", "purity", "auroc", "significant"]],
-            on="latent",
-            how="left",
-        )
-        if scan.doc_pairs is not None and doc_labels is not None:
-            scanned_docs = (
-                np.unique(np.asarray(store.doc_ids)[top.row_index])
-                if top.row_index is not None
-                else None
-            )
-            dl = (
-                doc_labels
-                if scanned_docs is None
-                else doc_labels[doc_labels["doc_id"].isin(scanned_docs)]
-            )
-            doc_table = enr.document_enrichment(
-                scan.doc_pairs, dl, K, label_names=label_names, alpha=p.alpha
-            )
-            enrich_frames.append(doc_table)
-            dbest = enr.best_labels(doc_table)[["latent", "best_label", "q", "log_odds"]]
-            table = table.merge(
-                dbest.rename(
-                    columns={
-                        "best_label": "doc_best_label",
-                        "q": "doc_q",
-                        "log_odds": "doc_log_odds",
-                    }
-                ),
-                on="latent",
-                how="left",
-            )
         rows = np.arange(store.n_tokens) if mask is None else np.flatnonzero(mask)
         generic = generic_latents(
             top.token_ids if top.token_ids is not None else np.full(top.values.shape, -1),
@@ -447,16 +405,19 @@ def _run(
             token_share=p.generic_token_share,
             label_doc_fraction=p.generic_label_fraction,
         )
+        labelled = label_enrichment(
+            scan, token_labels, label_names, W_dec=sae.W_dec,
+            generic=generic["generic"].to_numpy(), doc_labels=doc_labels,
+            row_doc=np.asarray(store.doc_ids), alpha=p.alpha, control_seeds=p.control_seeds,
+            lead_doc_tokens=p.lead_doc_tokens, redundancy_cosine=p.redundancy_cosine,
+            redundancy_jaccard=p.redundancy_jaccard, top_per_label=p.top_per_label,
+        )  # fmt: skip
+        table = table.merge(labelled.latents, on="latent", how="left")
         table = table.merge(generic, on="latent", how="left")
         summary["generic_latents"] = table.loc[table["generic"], "latent"].tolist()
-        summary["best_latents"] = _best_latents(tok_table, table["generic"].to_numpy())
-        sig = tok_table[tok_table["significant"]]
-        summary["significant_latents_per_label"] = {
-            str(k): int(v)
-            for k, v in sig.groupby("label", observed=False)["latent"].nunique().items()
-        }
-        summary["n_significant_latents"] = int(sig["latent"].nunique())
-    enrichment_table = pd.concat(enrich_frames, ignore_index=True) if enrich_frames else None
+        summary.update(labelled.summary)
+        enrichment_table, control = labelled.table, labelled.control
+        top_latents = labelled.top_latents
     prog.step("enrichment")
 
     probe = None
@@ -513,6 +474,9 @@ def _run(
     pub.parquet("tables/latents.parquet", table)
     if enrichment_table is not None:
         pub.parquet("tables/enrichment.parquet", enrichment_table)
+        pub.parquet("tables/top_latents.parquet", top_latents)
+    if control is not None:
+        pub.parquet("tables/enrichment_control.parquet", control)
     if probe is not None:
         pub.parquet("tables/probe.parquet", probe)
     doc_of = np.asarray(store.doc_ids)
