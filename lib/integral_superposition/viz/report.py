@@ -416,18 +416,22 @@ def analysis_sections(
         shown = pd.DataFrame(
             {
                 "label": top["label"].astype(str),
-                "latent": latent_cells,
+                # object columns: pandas would turn the Markup cells into plain (escaped) str
+                "latent": pd.Series(latent_cells, dtype=object),
                 "q": [fmt(v, ".2e") for v in top["q"]],
                 "log odds": [fmt(v, ".2f") for v in top["log_odds"]],
                 "in top set": [fmt(v, ".2f") for v in top["frac_in_set"]],
                 "AUROC": [fmt(v, ".3f") for v in top["auroc"]],
                 "density": [fmt(v, ".2e") for v in top["density"]],
-                "top tokens": [
-                    Markup('<span class="tok">{}</span>').format(
-                        cut_markup(display_token(str(t)), 4 * MAX_TOKEN_CHARS)
-                    )
-                    for t in top["top_tokens"]
-                ],
+                "top tokens": pd.Series(
+                    [
+                        Markup('<span class="tok">{}</span>').format(
+                            cut_markup(display_token(str(t)), 4 * MAX_TOKEN_CHARS)
+                        )
+                        for t in top["top_tokens"]
+                    ],
+                    dtype=object,
+                ),
             }
         )
         index = a.dashboard_uri()
