@@ -113,3 +113,26 @@ def test_publish_folder_replaces_only_its_own_folder_on_s3(s3_bucket):
     with pytest.raises(FileExistsError, match="not ours to replace"):
         publish_folder(f"{bucket}/mine", {"index.html": b"x"}, opts, allowed)
     assert storage.read_bytes(f"{bucket}/mine/notes.txt", opts) == b"keep"
+
+
+def test_a_published_steering_evaluation_reads_back_every_table(tmp_path):
+    from integral_superposition.steering.evaluate import load_steering
+
+    names = {
+        "sweep": "sweep.parquet",
+        "generations": "generations.parquet",
+        "picks": "latents.parquet",
+        "vocabulary": "vocabulary.parquet",
+        "check": "classifier_check.parquet",
+        "check_generations": "check_generations.parquet",
+    }
+    uri = str(tmp_path / "steering")
+    with OutputWriter(uri, "steering") as out:
+        for i, name in enumerate(names.values()):
+            out.parquet(name, pd.DataFrame({"i": [i]}))
+        out.json("summary.json", {"latents": []})
+        out.publish(None)
+    result = load_steering(uri)
+    for i, attr in enumerate(names):
+        assert getattr(result, attr)["i"].tolist() == [i], attr
+    assert result.summary == {"latents": []}

@@ -140,11 +140,11 @@ class SteeringResult(Output):
     def check(self) -> pd.DataFrame:
         """The classifier on unsteered continuations of each label's own prompts, beside its
         recall on held-out documents (one row per label)."""
-        return self._table("classifier_check.parquet")
+        return self.parquet("classifier_check.parquet")
 
     @property
     def check_generations(self) -> pd.DataFrame:
-        return self._table("check_generations.parquet")
+        return self.parquet("check_generations.parquet")
 
     @property
     def headline(self) -> pd.DataFrame:
