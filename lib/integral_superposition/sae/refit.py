@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from integral_superposition.sae.encode import encode_chunks
 from integral_superposition.sae.model import SparseAutoencoder
 from integral_superposition.sae.sources import StoreSource
 from integral_superposition.sae.trainee import Trainee
@@ -91,8 +92,9 @@ def refit_decoders(
                 x = x_all.to(t.device, torch.float32)
                 if t.max_norm is not None:  # the outliers training skipped
                     x = x[x.norm(dim=1) <= t.max_norm]
-                if x.shape[0]:
-                    stats[i].update(t.sae.encode(x), x)
+                # the chunk is read once for every trainee; each encodes it its own way
+                for _r, xc, z, _ in encode_chunks(t.sae, [x] if x.shape[0] else []):
+                    stats[i].update(z, xc)
         for i in idx:
             t, sae = trainees[i], trainees[i].sae
             if stats[i].n == 0:
