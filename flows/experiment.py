@@ -231,8 +231,11 @@ def report_config(cfg: FlowExperimentConfig) -> dict[str, Any]:
     return shown
 
 
-def group_jobs(jobs: list[SAEJob]) -> list[list[SAEJob]]:
-    """SAEs on the same hook point train together (one pass over the store)."""
+def group_jobs(jobs: list[SAEJob], fanout: str = "in_process") -> list[list[SAEJob]]:
+    """The SAEs that train together: a hook point's SAEs share one pass over the store
+    (``in_process``, ``per_hook_point``); ``per_sae`` trains every SAE on its own."""
+    if fanout == "per_sae":
+        return [[j] for j in jobs]
     groups: dict[str, list[SAEJob]] = {}
     for j in jobs:
         groups.setdefault(j.hook_point, []).append(j)
@@ -246,23 +249,43 @@ def submit_training(
     T: Callable[[Any], Any],
     show_progress: bool,
 ) -> list[tuple[list[SAEJob], PrefectFuture]]:
-    """Submit one training task per hook point (``T`` applies the task options); returns each
-    group of SAE jobs with its future."""
+    """Submit one training task per group of SAEs (``T`` applies the task options): in this
+    flow run (``fanout.train: in_process``), or each group as a run of
+    ``fanout.train_deployment``; returns each group with its future."""
+    groups = group_jobs(cfg.sae_jobs(), cfg.fanout.train)
+    if cfg.fanout.train == "in_process":
+        return [
+            (
+                jobs,
+                T(train_saes).submit(
+                    store,
+                    jobs,
+                    loc,
+                    out=cfg.paths.sae_path,
+                    gpu_limit=cfg.gpu_limit,
+                    show_progress=show_progress,
+                    nproc=cfg.fanout.gpus_per_run,
+                    distribute_modules=cfg.fanout.distribute_modules,
+                ),
+            )
+            for jobs in groups
+        ]
+    from integral_superposition.tasks.fanout import train_saes_remote
+
     return [
         (
             jobs,
-            T(train_saes).submit(
+            T(train_saes_remote).submit(
                 store,
                 jobs,
                 loc,
+                cfg.fanout.train_deployment,
+                cfg,
                 out=cfg.paths.sae_path,
-                gpu_limit=cfg.gpu_limit,
-                show_progress=show_progress,
-                nproc=cfg.fanout.gpus_per_run,
-                distribute_modules=cfg.fanout.distribute_modules,
+                gpus_per_run=cfg.fanout.gpus_per_run,
             ),
         )
-        for jobs in group_jobs(cfg.sae_jobs())
+        for jobs in groups
     ]
 
 

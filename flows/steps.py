@@ -255,6 +255,74 @@ def train_flow(
     return saes
 
 
+@flow(name="train-part", persist_result=False, log_prints=True, on_running=[record_process])
+def train_part_flow(
+    cfg: FlowExperimentConfig,
+    run: str,
+    sae_names: list[str],
+    store_uri: str,
+    lease_token: str | None = None,
+) -> list[OutputRef]:
+    """Train the SAEs ``sae_names`` of ``cfg`` (one hook point's) on ``store_uri`` into run
+    ``run``, on ``cfg.fanout.gpus_per_run`` GPUs (one GPU pod each when the experiment fans
+    training out with ``fanout.train: per_hook_point`` or ``per_sae``).
+
+    Started by an experiment run, it gets that run's ``lease_token``: it writes as the run's
+    delegate (refused unless that run still holds the run root) and leases only its SAEs'
+    folders. Started alone, it takes the run root's lease itself."""
+    import contextlib
+
+    from integral_superposition.tasks.train import train_saes
+
+    by_name = {j.name: j for j in cfg.sae_jobs()}
+    unknown = [n for n in sae_names if n not in by_name]
+    if unknown or not sae_names:
+        raise ValueError(
+            f"sae_names={sae_names!r}: expected a non-empty list of this config's SAEs "
+            f"({sorted(by_name)})"
+        )
+    jobs = [by_name[n] for n in sae_names]
+    if len({j.hook_point for j in jobs}) != 1:
+        raise ValueError(
+            f"sae_names={sae_names!r}: expected SAEs of one hook point, got "
+            f"{sorted({j.hook_point for j in jobs})}"
+        )
+    cfg, loc = _secured(cfg, run)
+    opts = task_options(cfg, loc.storage_options)
+    out = cfg.paths.sae_path
+    with contextlib.ExitStack() as guard:
+        if lease_token:
+            check_delegate(loc.root, lease_token, loc.storage_options)
+            for j in jobs:
+                guard.enter_context(
+                    RunLease(
+                        loc.uri(out, j.name),
+                        loc.storage_options,
+                        owner=lease_owner("train-part"),
+                        parent_token=lease_token,
+                    )
+                )
+        else:
+            guard.enter_context(own_run_root(cfg, loc, "train"))
+        store = OutputRef.read(
+            "activations", _basename(store_uri), absolute_storage(store_uri), loc.storage_options
+        )
+        # not cached here: the orchestrating task caches the training, and the SAEs must
+        # land in this run's folder, where the orchestrator reads them
+        refs = train_saes.with_options(**opts, cache_policy=NO_CACHE)(
+            store,
+            jobs,
+            loc,
+            out=out,
+            gpu_limit=cfg.gpu_limit,
+            nproc=cfg.fanout.gpus_per_run,
+            distribute_modules=cfg.fanout.distribute_modules,
+        )
+    for r in refs:
+        get_run_logger().info("SAE %s: %s", r.name, r.uri)
+    return refs
+
+
 @flow(name="analyze", persist_result=False, log_prints=True, on_running=[record_process])
 def analyze_flow(
     sae_uri: str,

@@ -1,26 +1,90 @@
-"""Dumping a large corpus on N workers: one deployment run per partition, combined into one
-store.
+"""Work spread over deployment runs: dump partitions and SAE trainings, one run (one GPU pod)
+each.
 
 With ``fanout.mode: deployments`` the experiment flow starts ``fanout.partitions`` runs of the
 ``dump-partition`` deployment (``flows/steps.py:dump_partition_flow``), each on its own
-worker (one GPU pod each on Kubernetes), waits for them, and publishes one store over their
-outputs. The parts are written to ``{run}/acts/part-III-of-NNN``, so every worker must see
-the same storage (S3, or a shared volume).
+worker, waits for them, and publishes one store over their outputs. The parts are written to
+``{run}/acts/part-III-of-NNN``. With ``fanout.train: per_hook_point`` (or ``per_sae``) each
+hook point's SAEs (or each SAE) train as one run of the ``train-part`` deployment
+(``flows/steps.py:train_part_flow``) into ``{run}/sae/<name>``, with ``fanout.gpus_per_run``
+GPUs each (the job variable of that name). Every worker must see the same storage (S3, or a
+shared volume). The child runs write as delegates of the experiment run's lease.
 """
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from integral_superposition.config import DumpConfig
+from integral_superposition.experiment import SAEJob
 from integral_superposition.flows.config import FanoutPlan, FlowExperimentConfig
 from integral_superposition.lease import held_lease
 from integral_superposition.tasks.dump import TASK_DEFAULTS, combine_partitions, partition_name
 from integral_superposition.tasks.policy import DUMP_MODULES, OutputCache
 from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
+from integral_superposition.tasks.train import TRAIN_MODULES, sae_ref
 from integral_superposition.tasks.ui import Progress, run_logger
 from prefect import task
+
+
+class DeploymentRunsFailed(RuntimeError):
+    """Some deployment runs started by a task did not complete."""
+
+
+class PartitionRunsFailed(DeploymentRunsFailed):
+    """Some partition runs did not complete."""
+
+
+class TrainRunsFailed(DeploymentRunsFailed):
+    """Some training runs did not complete."""
+
+
+def _parent_params(
+    cfg: FlowExperimentConfig, loc: RunLocation
+) -> tuple[dict[str, Any], str | None]:
+    """The config a child run gets (this run's name set) and this run's lease token: the
+    children write under this run's root as its delegates, checking that this run still
+    holds the root's lease (by its token) and leasing their own folders."""
+    lease = held_lease(loc.root)
+    params = cfg.model_dump(mode="json")
+    params["run"] = loc.run
+    return params, (lease.token if lease is not None else None)
+
+
+def wait_for_runs(
+    runs: Sequence[Any],
+    what: str,
+    error: type[DeploymentRunsFailed] = DeploymentRunsFailed,
+    poll_s: float = 5.0,
+    progress_key: str | None = None,
+) -> None:
+    """Wait until every flow run in ``runs`` is final; raise ``error`` naming each run that did
+    not complete, with its state and message."""
+    from prefect.client.orchestration import get_client
+
+    progress = Progress(progress_key or f"{what}-runs", f"{what} runs", unit="runs")
+    pending = {r.id: r for r in runs}
+    failed: list[str] = []
+    with get_client(sync_client=True) as client:
+        while pending:
+            for fr_id, r in list(pending.items()):
+                state = client.read_flow_run(fr_id).state
+                if state is not None and state.is_final():
+                    pending.pop(fr_id)
+                    if not state.is_completed():
+                        failed.append(f"{r.name} ({fr_id}) {state.name}: {state.message}")
+            progress(len(runs) - len(pending), len(runs))
+            if pending:
+                time.sleep(poll_s)
+    if failed:
+        raise error(
+            f"{len(failed)} of {len(runs)} {what} runs did not complete: "
+            + "; ".join(sorted(failed))
+        )
 
 
 @dataclass
@@ -29,10 +93,6 @@ class _FanoutCache(OutputCache):
     exclude: list[str] = field(
         default_factory=lambda: ["storage_options", "gpu_limit", "show_progress", "cfg", "poll_s"]
     )
-
-
-class PartitionRunsFailed(RuntimeError):
-    """Some partition runs did not complete."""
 
 
 @task(
@@ -50,17 +110,11 @@ def dump_partitions_remote(
 ) -> OutputRef:
     """Run one ``fanout.deployment`` flow run per partition, wait for all, and combine their
     dumps. Cached on the dataset fingerprint, the model, the dump config and the fan-out."""
-    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     logger = run_logger()
     n = fanout.partitions
-    # the partition runs write under this run's root as its delegates: they check that
-    # this run still holds the root's lease (by its token) and lease their own folders
-    lease = held_lease(loc.root)
-    token = lease.token if lease is not None else None
-    params = cfg.model_dump(mode="json")
-    params["run"] = loc.run
+    params, token = _parent_params(cfg, loc)
     runs = [
         run_deployment(
             fanout.deployment,
@@ -72,25 +126,7 @@ def dump_partitions_remote(
         for i in range(n)
     ]
     logger.info("started %d partition runs of %s", n, fanout.deployment)
-    progress = Progress(f"dump-partitions-{loc.run}", "partition runs", unit="runs")
-    pending = {r.id: i for i, r in enumerate(runs)}
-    failed: dict[int, str] = {}
-    with get_client(sync_client=True) as client:
-        while pending:
-            for fr_id, i in list(pending.items()):
-                state = client.read_flow_run(fr_id).state
-                if state is not None and state.is_final():
-                    pending.pop(fr_id)
-                    if not state.is_completed():
-                        failed[i] = f"{state.name}: {state.message}"
-            progress(n - len(pending), n)
-            if pending:
-                time.sleep(poll_s)
-    if failed:
-        raise PartitionRunsFailed(
-            f"{len(failed)} of {n} partition runs did not complete: "
-            + "; ".join(f"{partition_name(i, n)} {msg}" for i, msg in sorted(failed.items()))
-        )
+    wait_for_runs(runs, "partition", PartitionRunsFailed, poll_s, f"dump-partitions-{loc.run}")
     out = cfg.paths.shards_dir
     parts = [
         OutputRef.read(
@@ -102,3 +138,88 @@ def dump_partitions_remote(
         for i in range(n)
     ]
     return combine_partitions.fn(parts, loc, out=out)
+
+
+@dataclass
+class _RemoteTrainCache(OutputCache):
+    # keyed like in-process training (the store, the SAE configs, the code); where the run
+    # goes and how many GPUs it gets shape no output
+    exclude: list[str] = field(
+        default_factory=lambda: [
+            "storage_options",
+            "gpu_limit",
+            "show_progress",
+            "cfg",
+            "poll_s",
+            "deployment",
+            "gpus_per_run",
+        ]
+    )
+
+
+def train_run_name(jobs: Sequence[SAEJob]) -> str:
+    """The name of the training run of ``jobs``: the SAE's name for one SAE, else
+    ``train-<hook point>`` for a hook point's SAEs."""
+    if len(jobs) == 1:
+        return jobs[0].name
+    return "train-" + re.sub(r"[^A-Za-z0-9]+", "", jobs[0].hook_point)
+
+
+def train_run_request(
+    store: OutputRef,
+    jobs: Sequence[SAEJob],
+    loc: RunLocation,
+    cfg: FlowExperimentConfig,
+    gpus_per_run: int = 1,
+) -> dict[str, Any]:
+    """The ``run_deployment`` arguments of the training run of ``jobs`` (one hook point's
+    SAEs): parameters, run name, tags, and the ``gpus_per_run`` job variable when it asks for
+    more than the deployment's default, which the pool's job template turns into the pod's
+    ``nvidia.com/gpu`` limit (or Docker's device request count)."""
+    hooks = {j.hook_point for j in jobs}
+    if len(hooks) != 1:
+        raise ValueError(f"jobs: expected SAEs of one hook point, got {sorted(hooks)}")
+    if not isinstance(gpus_per_run, int) or gpus_per_run < 1:
+        raise ValueError(f"gpus_per_run={gpus_per_run!r}: expected a positive number of GPUs")
+    params, token = _parent_params(cfg, loc)
+    return {
+        "parameters": {
+            "cfg": params,
+            "run": loc.run,
+            "sae_names": [j.name for j in jobs],
+            "store_uri": store.uri,
+            "lease_token": token,
+        },
+        "flow_run_name": f"{loc.experiment}/{loc.run}/{train_run_name(jobs)}",
+        "timeout": 0,
+        "tags": ["isup-train-part"],
+        "job_variables": {"gpus_per_run": gpus_per_run} if gpus_per_run > 1 else None,
+    }
+
+
+@task(
+    name="train-saes-remote",
+    **{**TASK_DEFAULTS, "cache_policy": _RemoteTrainCache(entry_points=TRAIN_MODULES)},
+)
+def train_saes_remote(
+    store: OutputRef,
+    jobs: list[SAEJob],
+    loc: RunLocation,
+    deployment: str,
+    cfg: FlowExperimentConfig,
+    out: str = "sae",
+    gpus_per_run: int = 1,
+    poll_s: float = 5.0,
+) -> list[OutputRef]:
+    """Train ``jobs`` as one run of ``deployment`` (e.g. one GPU pod with ``gpus_per_run``
+    GPUs), wait for it, and return references to the SAEs it published under
+    ``{run}/{out}/<name>``. Cached like the in-process training task."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, **train_run_request(store, jobs, loc, cfg, gpus_per_run))
+    label = train_run_name(jobs)
+    run_logger().info("started training run %s of %s for %s", run.name, deployment, label)
+    wait_for_runs([run], "training", TrainRunsFailed, poll_s, f"train-run-{label}")
+    return [
+        sae_ref(j, loc.uri(out, j.name), loc.storage_options, trained_by=run.name) for j in jobs
+    ]

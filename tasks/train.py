@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from integral_superposition import storage
 from integral_superposition.experiment import SAEJob
@@ -21,12 +22,28 @@ from integral_superposition.tasks.ui import (
 )
 from prefect import task
 
+TRAIN_MODULES = ("integral_superposition.sae",)
+"""What training runs: the SAE package (the trainer, its sources and the SAE itself)."""
 TRAIN_CACHE = OutputCache(
-    entry_points=("integral_superposition.sae",),
+    entry_points=TRAIN_MODULES,
     # the number of processes does not change what is trained (a data-parallel SAE equals the
     # single-process one within float rounding; a module-parallel one exactly)
     exclude=["storage_options", "gpu_limit", "show_progress", "nproc", "distribute_modules"],
 )
+
+
+def sae_ref(
+    job: SAEJob, uri: str, storage_options: dict[str, Any] | None = None, **summary: Any
+) -> OutputRef:
+    """The reference of ``job``'s SAE published at ``uri``, from its manifest: the same
+    whether the SAE trained in this process or in a deployment run."""
+    manifest = storage.read_manifest(uri, storage_options)
+    metrics = dict(manifest.get("metrics") or {})
+    return OutputRef.from_manifest(
+        "sae", job.name, uri, manifest, hook_point=job.hook_point,
+        architecture=job.cfg.architecture, d_sae=job.cfg.k, metrics=metrics,
+        steps=metrics.get("train_steps"), **summary,
+    )  # fmt: skip
 
 
 def checkpoint_key(store: OutputRef, jobs: list[SAEJob]) -> str:
@@ -132,13 +149,8 @@ def train_saes(
     progress.finish()
     refs = []
     for job, uri, res in zip(jobs, out_uris, results, strict=True):
-        metrics = dict(res.metrics or {})
-        manifest = storage.read_manifest(uri, loc.storage_options)
-        ref = OutputRef.from_manifest(
-            "sae", job.name, uri, manifest, hook_point=job.hook_point,
-            architecture=job.cfg.architecture, d_sae=job.cfg.k, metrics=metrics,
-            steps=res.steps, resumed_from_step=res.resumed_from_step,
-        )  # fmt: skip
+        ref = sae_ref(job, uri, loc.storage_options, resumed_from_step=res.resumed_from_step)
+        metrics = ref.summary["metrics"]
         refs.append(ref)
         table(
             artifact_key("sae-metrics", job.name),

@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 pytestmark = pytest.mark.prefect
@@ -39,13 +40,14 @@ def test_prefect_yaml_declares_the_deployments():
     assert "&experiment" in text and "*experiment" in text  # shared settings are anchors
     deps = {d["name"]: d for d in doc["deployments"]}
     assert deps["experiment-gpu"]["entrypoint"] == "flows/experiment.py:experiment_flow"
-    assert deps["experiment-gpu"]["work_pool"]["job_variables"]["gpu_limit"] == 1
+    assert deps["experiment-gpu"]["work_pool"]["job_variables"]["gpus_per_run"] == 1
     assert deps["experiment-gpu"]["schedules"][0]["cron"] == "0 2 * * *"
     docker = deps["experiment-docker-gpu"]["work_pool"]["job_variables"]
-    assert docker["container_create_kwargs"]["device_requests"][0]["capabilities"] == [["gpu"]]
+    assert docker["gpus_per_run"] == -1  # every GPU of the host
     for name, entry in (
         ("dump-gpu", "flows/steps.py:dump_flow"),
         ("train-gpu", "flows/steps.py:train_flow"),
+        ("train-part-gpu", "flows/steps.py:train_part_flow"),
         ("analyze-gpu", "flows/steps.py:analyze_flow"),
     ):
         assert deps[name]["entrypoint"] == entry
@@ -95,11 +97,12 @@ def test_pool_templates_pass_prefect_validation(prefect_api, tmp_path, kind, tem
         container = tpl["job_configuration"]["job_manifest"]["spec"]["template"]["spec"][
             "containers"
         ][0]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_limit }}"
-        assert tpl["variables"]["properties"]["gpu_limit"]["type"] == "integer"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus_per_run }}"
+        assert tpl["variables"]["properties"]["gpus_per_run"]["type"] == "integer"
     else:
-        default = tpl["variables"]["properties"]["container_create_kwargs"]["default"]
-        assert default["device_requests"][0]["driver"] == "nvidia"
+        kwargs = tpl["job_configuration"]["container_create_kwargs"]
+        assert kwargs["device_requests"][0]["driver"] == "nvidia"
+        assert kwargs["device_requests"][0]["count"] == "{{ gpus_per_run }}"
 
     # the control: Prefect rejects a template whose placeholder names no variable
     broken = json.loads(path.read_text())
@@ -152,13 +155,15 @@ def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tm
     assert any(n.startswith("analyze-gpu") for n in triggers), triggers
     assert any(n.startswith("experiment-on-new-data") for n in triggers), triggers
 
-    # The smoke experiment, its dump fanned out over two partition deployment runs: the
-    # worker runs the experiment and the partitions, as N GPU workers would.
+    # The smoke experiment on two hook points, its dump fanned out over two partition
+    # deployment runs and its training over one deployment run per hook point: the worker
+    # runs the experiment, the partitions and the trainings, as GPU pods would.
     cfg = load_preset(
         "smoke",
         {
             "storage": str(tmp_path / "runs"), "run": "deployed",
-            "fanout": {"partitions": 2, "mode": "deployments", "deployment": "dump-partition/dump-partition-gpu"},
+            "fanout": {"partitions": 2, "mode": "deployments", "train": "per_hook_point"},
+            "dump.hook_points": ["layer.1", "layer.2"], "sweep": {"layer": [1, 2]},
             "steps.merge": False, "steps.steer_eval": False,
         },
     )  # fmt: skip
@@ -184,6 +189,9 @@ def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tm
             children = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["isup-partition"]))
             )
+            trainings = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["isup-train-part"]))
+            )
     finally:
         worker.terminate()
         try:
@@ -203,6 +211,35 @@ def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tm
     assert index["flow_run_id"] == str(flow_run.id)
     dump = [s for s in index["steps"] if s["step"] == "dump"]
     assert dump[0]["output"]["summary"]["partitions"] == 2
+
+    # one training run per hook point, each publishing its SAE under the parent's run root
+    assert sorted(c.name for c in trainings) == [
+        "smoke/deployed/layer1-topk-k128", "smoke/deployed/layer2-topk-k128",
+    ]  # fmt: skip
+    assert all(c.state.is_completed() for c in trainings)
+    trained = {s["name"]: s for s in index["steps"] if s["step"] == "train"}
+    assert set(trained) == {"layer1-topk-k128", "layer2-topk-k128"}
+    assert {s["output"]["summary"]["trained_by"] for s in trained.values()} == {
+        c.name for c in trainings
+    }
+    analysed = {s["name"] for s in index["steps"] if s["step"] == "analyze"}
+    assert analysed == set(trained)
+    assert not list(run.rglob(".lease.json"))  # every lease, the children's too, released
+
+    # the same SAEs as training in this process on the same store (the in-process path)
+    from integral_superposition.sae.train import train_saes
+    from safetensors.torch import load_file
+
+    jobs = cfg.sae_jobs()
+    local = [str(tmp_path / "in-process" / j.name) for j in jobs]
+    train_saes([dump[0]["output"]["uri"]], [j.cfg for j in jobs[:1]], local[:1], progress=False)
+    train_saes([dump[0]["output"]["uri"]], [j.cfg for j in jobs[1:]], local[1:], progress=False)
+    for job, here in zip(jobs, local, strict=True):
+        remote = load_file(run / "sae" / job.name / "sae_weights.safetensors")
+        mine = load_file(Path(here) / "sae_weights.safetensors")
+        assert remote.keys() == mine.keys()
+        for key in remote:
+            assert torch.equal(remote[key], mine[key]), (job.name, key)
 
 
 class _KubernetesJob:
@@ -297,6 +334,62 @@ def test_kubernetes_template_takes_secrets_service_account_registry_and_pull_sec
     assert pod["containers"][0]["image"] == f"ghcr.io/acme/integral-superposition-worker:{version}"
     assert pod["containers"][0]["envFrom"] == [] and pod["imagePullSecrets"] == []
     assert "serviceAccountName" not in pod
+
+
+def test_a_two_gpu_training_run_gets_a_two_gpu_pod_that_runs_torchrun(prefect_api):
+    """fanout.gpus_per_run: 2 -> the training run's job variable -> the pod's
+    ``nvidia.com/gpu: 2`` (and Docker's device request count) -> torchrun with one process
+    per GPU and the standalone rendezvous inside the pod."""
+    from integral_superposition.distributed import torchrun_command
+    from integral_superposition.flows.config import load_preset
+    from integral_superposition.tasks.fanout import train_run_request
+    from integral_superposition.tasks.refs import OutputRef, RunLocation
+    from prefect.utilities.templating import apply_values
+
+    cfg = load_preset(
+        "smoke",
+        {"fanout.train": "per_hook_point", "fanout.gpus_per_run": 2, "sweep": {"k": [64, 128]}},
+    )
+    jobs = cfg.sae_jobs()
+    store = OutputRef(kind="activations", name="acts", uri="s3://b/smoke/r/acts", content_hash="h")
+    loc = RunLocation(storage="s3://b", experiment="smoke", run="r")
+    req = train_run_request(store, jobs, loc, cfg, cfg.fanout.gpus_per_run)
+    assert req["job_variables"] == {"gpus_per_run": 2}
+    assert req["flow_run_name"] == "smoke/r/train-layer2"
+    assert req["parameters"]["sae_names"] == [j.name for j in jobs]
+    assert req["parameters"]["cfg"]["fanout"]["gpus_per_run"] == 2
+
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (part,) = [d for d in doc["deployments"] if d["name"] == "train-part-gpu"]
+    deployment_vars = part["work_pool"]["job_variables"]
+    k8s = json.loads((REPO / "deployments" / "kubernetes-gpu-job-template.json").read_text())
+    pod = _KubernetesJob.render(k8s, {**deployment_vars, **req["job_variables"]})
+    (container,) = pod["job_manifest"]["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    # one GPU: no override, the deployment's default of one GPU
+    single = train_run_request(store, jobs, loc, cfg, 1)
+    assert single["job_variables"] is None
+    pod = _KubernetesJob.render(k8s, deployment_vars)
+    (container,) = pod["job_manifest"]["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+    docker = json.loads((REPO / "deployments" / "docker-gpu-job-template.json").read_text())
+    defaults = {k: v.get("default") for k, v in docker["variables"]["properties"].items()}
+    rendered = apply_values(docker["job_configuration"], {**defaults, **req["job_variables"]})
+    assert rendered["container_create_kwargs"]["device_requests"][0]["count"] == 2
+    assert (
+        apply_values(docker["job_configuration"], defaults)["container_create_kwargs"][
+            "device_requests"
+        ][0]["count"]
+        == -1
+    )  # the Docker default: every GPU of the host
+
+    # inside the pod the train task starts torchrun: one pod, standalone rendezvous
+    cmd = torchrun_command(cfg.fanout.gpus_per_run, "integral_superposition.sae.launch")
+    assert "--standalone" in cmd
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    with pytest.raises(ValueError, match="gpus_per_run=0"):
+        train_run_request(store, jobs, loc, cfg, 0)
 
 
 def _registry_reachable(index: str) -> str | None:
