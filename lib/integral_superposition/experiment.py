@@ -650,3 +650,9 @@ def write_schema(
 
     storage.write_bytes(str(target), text.encode("utf-8"))
     return target
+
+
+if __name__ == "__main__":  # the published schema is the flows' model's (orchestration included)
+    raise SystemExit(
+        "schemas/experiment.schema.json is written by `python -m integral_superposition.flows.config`"
+    )
