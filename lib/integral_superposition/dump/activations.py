@@ -120,6 +120,22 @@ def _check_inputs(
         )
 
 
+def _check_documents(documents: Any, n_rows: int) -> np.ndarray:
+    """``documents`` as sorted distinct row numbers ``int64[n]``; ``ValueError`` when one is
+    out of range or the selection is empty."""
+    ids = np.asarray(documents)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(
+            f"documents={documents!r}: expected a non-empty list of row numbers (integers)"
+        )
+    if ids.min() < 0 or ids.max() >= n_rows:
+        raise ValueError(
+            f"documents: row {int(ids.max() if ids.max() >= n_rows else ids.min())} is out of "
+            f"range; the dataset has {n_rows} rows"
+        )
+    return np.unique(ids.astype(np.int64))
+
+
 def resolve_labels(
     df: pd.DataFrame, label_col: str | None, label_names: Sequence[str] | None
 ) -> tuple[list[str], np.ndarray]:
@@ -221,6 +237,7 @@ def dump_layer_activations(
     overwrite: bool = False,
     progress: bool = True,
     on_progress: ProgressFn | None = None,
+    documents: Sequence[int] | np.ndarray | None = None,
 ) -> ActivationStore:
     """Dump activations of ``df[text_col]`` at ``cfg``'s hook points into ``out_dir``.
 
@@ -228,8 +245,9 @@ def dump_layer_activations(
     otherwise): ``cfg.dtype`` activations ``[n_tokens, d_model]`` per hook point, and token
     metadata aligned row by row. ``label_names`` fixes the label mapping (default: the sorted
     distinct labels). ``partition=(i, n)`` dumps only documents whose id ``% n == i``; combine
-    the parts with :func:`combine_dumps`. ``on_progress(done_tokens, total_tokens)`` is called
-    after every batch.
+    the parts with :func:`combine_dumps`. ``documents`` (row numbers of ``df``) dumps only
+    those rows, keeping their ids (e.g. a bounded sample). ``on_progress(done_tokens,
+    total_tokens)`` is called after every batch.
 
     Rerunning the same dump into the same ``out_dir`` resumes it (only missing or damaged
     shards are computed) or, when it is complete, returns it; what it keeps is verified first
@@ -245,9 +263,18 @@ def dump_layer_activations(
     labels = resolve_labels(df, label_col, label_names)
     hook_points = resolve_hook_points(backend, cfg)
     out_dir = os.fspath(out_dir)
-    info = describe_dump(df, text_col, label_col, backend, cfg, hook_points, labels, partition)
-    bytes_per_token = info.d_model * TORCH_DTYPES[cfg.dtype].itemsize * len(hook_points)
     doc_ids = select_documents(len(df), partition)
+    extra = None
+    if documents is not None:
+        chosen = _check_documents(documents, len(df))
+        doc_ids = doc_ids[np.isin(doc_ids, chosen)]
+        if doc_ids.size == 0:
+            raise ValueError(f"documents: selects no document of partition={partition!r}")
+        extra = {"documents": storage.sha256_bytes(doc_ids.tobytes())}
+    info = describe_dump(
+        df, text_col, label_col, backend, cfg, hook_points, labels, partition, extra
+    )
+    bytes_per_token = info.d_model * TORCH_DTYPES[cfg.dtype].itemsize * len(hook_points)
     plan = plan_documents(df, text_col, backend.tokenizer, info.mask, cfg, doc_ids, bytes_per_token)
     biggest = max(plan.shard_tokens(s) for s in range(len(plan.shards)))
     # two shards in memory (one computed, one being written), each with its float64 norms

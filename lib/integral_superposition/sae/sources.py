@@ -285,8 +285,11 @@ def as_rows(item: Any) -> torch.Tensor:
 def open_source(obj: Any, cfgs: list[SAEConfig], storage_options=None):
     """A data source over a store, dump URI(s) or tensors, for the hook points of ``cfgs``."""
     from integral_superposition.dump.store import ActivationStore
+    from integral_superposition.sae.online import OnlineActivations, OnlineSource
 
     store = None
+    if isinstance(obj, OnlineActivations):
+        return OnlineSource(obj, cfgs)
     if isinstance(obj, ActivationStore):
         store = obj
     elif isinstance(obj, str | os.PathLike) or (

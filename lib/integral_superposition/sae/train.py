@@ -50,6 +50,7 @@ from integral_superposition.sae.curve import (
 )
 from integral_superposition.sae.load import save_sae
 from integral_superposition.sae.model import SparseAutoencoder, sae_parameter_count
+from integral_superposition.sae.online import OnlineActivations, OnlineSource
 from integral_superposition.sae.refit import refit_decoders
 from integral_superposition.sae.schedule import decay_start
 from integral_superposition.sae.sources import (
@@ -256,6 +257,7 @@ def _run(
             init_trainee(t, sample[t.hook], init_b_dec)
             if layout.mode == "data":
                 _sync_from_main(t)
+        del sample  # not held while training: memory stays one buffer
     for t in trainees:
         t.start(total, start)
     every_ckpt = min(c.checkpoint_every for c in cfgs)
@@ -376,7 +378,7 @@ def train_saes(
     """
     from integral_superposition.dump.store import ActivationStore
 
-    store_like = isinstance(stores, ActivationStore | str) or (
+    store_like = isinstance(stores, ActivationStore | str | OnlineActivations) or (
         isinstance(stores, Sequence)
         and bool(stores)
         and all(isinstance(s, ActivationStore | str) for s in stores)
@@ -512,12 +514,17 @@ def _publish(
     sparsity = None
     meta: dict[str, Any] = {}
     act_hash = None
-    if isinstance(source, StoreSource):
+    store = source.store if isinstance(source, StoreSource) else None
+    online = source.source if isinstance(source, RankSlice) else source
+    if isinstance(online, OnlineSource):
+        # the store it wrote, or the bounded sample of held-out documents
+        store = online.evaluation_store()
+        meta = online.saelens_metadata(t.hook)
+    if store is not None:
         from integral_superposition.sae.metrics import evaluate_sae
 
-        store = source.store
         act_hash = store.content_hash
-        meta = _store_metadata(store, t.hook)
+        meta = {**_store_metadata(store, t.hook), **meta}
         if evaluate:
             ev = evaluate_sae(
                 sae, store, split="test", test_fraction=cfg.test_fraction, hook_point=t.hook
