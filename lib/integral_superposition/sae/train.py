@@ -446,7 +446,11 @@ def train_saes(
     base = source.source if isinstance(source, RankSlice) else source
     own: dict[int, TrainResult] = {}
     if layout.mode != "data" or layout.is_main:
-        refits = refit_decoders(base, trainees)  # data-parallel: one replica, the main rank's
+        refit_from = base
+        if isinstance(base, OnlineSource) and base.spec.write_store:
+            # the store written while training holds the train split the refit reads
+            refit_from = StoreSource(base.evaluation_store(), base.hooks, base.cfg)
+        refits = refit_decoders(refit_from, trainees)  # data-parallel: the main rank's replica
         for i, t, refit in zip(layout.indices, trainees, refits, strict=True):
             own[i] = _publish(
                 t,
