@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import sys
 
+import numpy as np
 import pytest
 import torch
 from integral_superposition import distributed
@@ -91,3 +92,32 @@ def test_torchrun_command():
         distributed.torchrun_command(0, "m")
     with pytest.raises(ValueError, match=r"nnodes=2: a multi-node run needs rdzv_endpoint"):
         distributed.torchrun_command(1, "m", nnodes=2)
+
+
+def test_store_parts_of_every_batch_concatenate_to_the_whole_batch(tmp_path):
+    from integral_superposition.dump.synthetic import write_activation_store
+
+    x = torch.randn(1000, 6)
+    store = write_activation_store({"a": x, "b": -x}, str(tmp_path / "acts"))
+    kw = dict(hook_points=["a", "b"], seed=3, n_batches=9, buffer_tokens=256, block_tokens=64)
+    whole = list(store.iter_batches(50, **kw))
+    world = 3
+    parts = [
+        list(store.iter_batches(50, part=distributed.shard_range(50, r, world), **kw))
+        for r in range(world)
+    ]
+    assert len(whole) == 9 and all(len(p) == 9 for p in parts)
+    for i, b in enumerate(whole):
+        for h in ("a", "b"):
+            got = torch.cat([p[i].acts[h] for p in parts])
+            assert torch.equal(got, b.acts[h])
+        assert (np.concatenate([p[i].index for p in parts]) == b.index).all()
+    # resuming at a batch gives the same parts; an empty part yields empty batches
+    late = list(store.iter_batches(50, part=(17, 34), start_batch=5, **kw))
+    assert all(
+        torch.equal(q.acts["a"], p.acts["a"]) for q, p in zip(late, parts[1][5:], strict=True)
+    )
+    empty = list(store.iter_batches(50, part=(20, 20), **kw))
+    assert len(empty) == 9 and empty[0].acts["a"].shape == (0, 6)
+    with pytest.raises(ValueError, match=r"part=\(3, 60\)"):
+        next(store.iter_batches(50, part=(3, 60), **kw))

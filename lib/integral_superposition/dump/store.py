@@ -508,6 +508,7 @@ class ActivationStore:
         prefetch: int = 2,
         dtype: torch.dtype = torch.float32,
         row_filter=None,
+        part: tuple[int, int] | None = None,
     ) -> Iterator[Batch]:
         """Shuffled batches of ``batch_size`` rows, resumable at ``start_batch``.
 
@@ -518,9 +519,25 @@ class ActivationStore:
         the seeds and the metadata, so batch ``n`` is the same whether the run started at 0
         or resumed at ``n``. ``row_filter(rows [n], acts [n, d]) -> bool[n]`` drops rows
         (e.g. outliers) before batching; it must be deterministic.
+
+        ``part=(start, stop)``: only rows ``start:stop`` of every batch (one data-parallel
+        rank's part), and only those are copied out of the shards into the buffer: the batches
+        are the same whatever the partition, and the buffer holds ``stop - start`` rows per
+        batch instead of ``batch_size``.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected a positive number of rows")
+        if part is not None:
+            if not (
+                isinstance(part, tuple) and len(part) == 2 and 0 <= part[0] <= part[1] <= batch_size
+            ):
+                raise ValueError(
+                    f"part={part!r}: expected (start, stop) with 0 <= start <= stop <= batch_size={batch_size}"
+                )
+            if row_filter is not None:
+                raise ValueError(
+                    "part: cannot be combined with row_filter (batches depend on the filter)"
+                )
         names = [self._check_hook(h) for h in (hook_points or [self.hook_point])]
         plan = _BatchPlan(
             self,
@@ -532,6 +549,7 @@ class ActivationStore:
             block_tokens,
             seed,
             shuffle,
+            part,
         )
         per_epoch = (
             sum(plan.batches_in(0, b) for b in range(plan.n_buffers))
@@ -571,10 +589,14 @@ class _BatchPlan:
         block_tokens: int,
         seed: int,
         shuffle: bool = True,
+        part: tuple[int, int] | None = None,
     ):
         if block_tokens < 1 or buffer_tokens < 1:
             raise ValueError("block_tokens and buffer_tokens must be positive")
         self.store, self.batch_size, self.seed, self.shuffle = store, batch_size, seed, shuffle
+        self.part = part
+        """Rows ``start:stop`` of every batch only (None: whole batches)."""
+        self.part_rows = batch_size if part is None else part[1] - part[0]
         self.mask = store.split_mask(split, test_fraction, split_seed)
         n = store.n_tokens
         self.block_starts = np.arange(0, n, block_tokens, dtype=np.int64)
@@ -624,7 +646,16 @@ class _BatchPlan:
         dest = np.arange(rows.size)  # where each row of the unshuffled buffer goes
         if perm is not None:
             dest[perm] = dest.copy()
-        acts = {n: torch.empty((rows.size, self.store.d_model), dtype=dtype) for n in names}
+        wanted = None  # with ``part``: the unshuffled rows that land in this rank's part
+        n_out = rows.size
+        if self.part is not None:
+            lo, hi = self.part
+            nb = rows.size // self.batch_size
+            batch, offset = np.divmod(dest, self.batch_size)
+            wanted = (batch < nb) & (offset >= lo) & (offset < hi)
+            dest = batch * (hi - lo) + (offset - lo)  # position among the part's rows
+            n_out = nb * (hi - lo)
+        acts = {n: torch.empty((n_out, self.store.d_model), dtype=dtype) for n in names}
         width = int((self.block_ends - self.block_starts).max()) if blocks.size else 0
         scratch = torch.empty((width, self.store.d_model), dtype=dtype)
         picked = torch.empty((width, self.store.d_model), dtype=dtype)
@@ -633,16 +664,26 @@ class _BatchPlan:
             if not part.size:
                 continue
             a, e = int(self.block_starts[b]), int(self.block_ends[b])
-            to = torch.from_numpy(dest[pos : pos + part.size])
-            keep = None if part.size == e - a else torch.from_numpy(part - a)
+            idx, to_np = part - a, dest[pos : pos + part.size]
+            if wanted is not None:
+                w = wanted[pos : pos + part.size]
+                idx, to_np = idx[w], to_np[w]
+            pos += part.size
+            if not idx.size:
+                continue  # none of this block's rows is in the part: not read
+            to = torch.from_numpy(to_np)
+            keep = None if idx.size == e - a else torch.from_numpy(idx)
             for n in names:
                 self.store.read_into(a, e, scratch[: e - a], n)
                 src = scratch[: e - a]
                 if keep is not None:
-                    src = torch.index_select(src, 0, keep, out=picked[: part.size])
+                    src = torch.index_select(src, 0, keep, out=picked[: idx.size])
                 acts[n].index_copy_(0, to, src)
-            pos += part.size
         rows = rows[perm] if perm is not None else rows
+        if self.part is not None:
+            lo, hi = self.part
+            nb = rows.size // self.batch_size
+            rows = rows[: nb * self.batch_size].reshape(nb, self.batch_size)[:, lo:hi].reshape(-1)
         if row_filter is not None:
             keep_rows = np.asarray(row_filter(rows, acts[names[0]]), dtype=bool)
             rows = rows[keep_rows]
@@ -743,23 +784,26 @@ class _PrefetchIterator:
         skip_left = self.start_batch if self.row_filter is not None else 0
         for epoch, buf, skip in self._schedule():
             rows, acts = self.plan.load(epoch, buf, self.names, self.dtype, self.row_filter)
-            if skip_left:
+            if self.plan.part is not None:  # no row filter: the plan knows the count
+                nb = self.plan.batches_in(epoch, buf)
+            else:
                 nb = rows.size // self.plan.batch_size
+            if skip_left:
                 if skip_left >= nb:
                     skip_left -= nb
                     continue
                 skip, skip_left = skip_left, 0
-            yield rows, acts, skip
+            yield rows, acts, skip, nb
 
     def __iter__(self) -> Iterator[Batch]:
         if self.n_batches <= self.start_batch:
             return
         emitted = self.start_batch
-        bs = self.plan.batch_size
+        bs = self.plan.part_rows  # rows per batch (of the part)
         buffers = read_ahead(self._buffers, self.prefetch)
         try:
-            for rows, acts, skip in buffers:
-                for j in range(skip, rows.size // bs):
+            for rows, acts, skip, nb in buffers:
+                for j in range(skip, nb):
                     sl = slice(j * bs, (j + 1) * bs)
                     a = {n: t[sl] for n, t in acts.items()}
                     yield Batch(a[self.names[0]] if len(self.names) == 1 else a, rows[sl])

@@ -123,7 +123,11 @@ class StoreSource:
             rows = rows[np.linspace(0, rows.size - 1, n).round().astype(np.int64)]
         return {h: self.store.gather(rows, h).float() for h in self.hooks}
 
-    def batches(self, start: int) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
+    def batches(
+        self, start: int, part: tuple[int, int] | None = None
+    ) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
+        """Batches from step ``start``; ``part=(start, stop)``: only those rows of each batch,
+        the only rows then read from the store (a data-parallel rank's part)."""
         it = self.store.iter_batches(
             self.cfg.batch_size,
             hook_points=self.hooks,
@@ -135,6 +139,7 @@ class StoreSource:
             start_batch=start,
             buffer_tokens=self._buffer(),
             block_tokens=BLOCK_TOKENS,
+            part=part,
         )
         for b in it:
             acts = b.acts if isinstance(b.acts, dict) else {self.hooks[0]: b.acts}
@@ -329,7 +334,8 @@ class RankSlice:
     The global batches, and so the data order, are the wrapped source's whatever the number
     of ranks: batch ``n`` is cut by :func:`~integral_superposition.distributed.shard_range`,
     and the ranks' parts concatenated in rank order give back a single process's batch. A
-    checkpoint therefore resumes under any world size. ``sample`` (initialisation) is the
+    checkpoint therefore resumes under any world size. A store source copies only the rank's
+    rows out of the shards; other sources yield whole batches, cut here. ``sample`` (initialisation) is the
     whole source's, identical on every rank.
     """
 
@@ -358,6 +364,10 @@ class RankSlice:
     def batches(self, start: int) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
         from integral_superposition.distributed import shard_range
 
+        if isinstance(self.source, StoreSource):  # the store reads this rank's rows only
+            part = shard_range(self.source.cfg.batch_size, self.rank, self.world_size)
+            yield from self.source.batches(start, part)
+            return
         for acts, index in self.source.batches(start):
             n = next(iter(acts.values())).shape[0]
             a, b = shard_range(n, self.rank, self.world_size)
