@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from integral_superposition import steering
 from integral_superposition.sae import SparseAutoencoder
 from integral_superposition.steering.generation import generate_continuations
@@ -162,3 +163,20 @@ def test_steering_flags_shares_a_one_label_classifier_cannot_judge(demo_store, t
     assert set(good.check["label"]) == {target}
     valid = good.summary["latents"][0]["classifier_valid"]
     assert ("Not evidence" in steering.steering_section(good).text) == (not valid)
+
+
+def test_continuation_nll_equals_a_full_forward_per_row(tiny_backend):
+    from integral_superposition.steering.generation import continuation_nll, encode_prompts
+
+    prompts = encode_prompts(tiny_backend.tokenizer, ["The market", "Breaking news: the team", "A"])
+    conts = [[5, 9, 11], [], [7, 8, 9, 10, 12]]
+    nll, n = continuation_nll(tiny_backend, prompts, conts, batch_size=3)
+    assert n.tolist() == [3, 0, 5] and nll[1] == 0.0
+    for p, c, got in zip(prompts, conts, nll, strict=True):
+        if not c:
+            continue
+        with torch.inference_mode():
+            logits = tiny_backend.model(input_ids=torch.tensor([p + c])).logits[0]
+        lp = torch.log_softmax(logits[len(p) - 1 : -1].float(), dim=-1)
+        want = -lp.gather(1, torch.tensor(c)[:, None]).sum().item()
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)

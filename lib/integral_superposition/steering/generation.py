@@ -217,12 +217,14 @@ def continuation_nll(
     backend,
     prompt_ids: Sequence[Sequence[int]],
     cont_ids: Sequence[Sequence[int]],
-    batch_size: int = 4,
+    batch_size: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Negative log-likelihood of each continuation given its prompt under ``backend`` as it
     is (call it outside any steering block to score with the unsteered model).
 
     Returns ``(nll_sum [n], n_tokens [n])``; rows with an empty continuation get ``(0, 0)``.
+    Rows are right-padded and the LM head runs only from the shortest prompt's last token on
+    (``logits_to_keep``): with a 262k vocabulary the head costs more than the blocks.
     """
     if len(prompt_ids) != len(cont_ids):
         raise ValueError(
@@ -237,15 +239,18 @@ def continuation_nll(
         idx = todo[a : a + batch_size]
         seqs = [list(prompt_ids[i]) + list(cont_ids[i]) for i in idx]
         batch = pad_batch(seqs, pad, "right")
+        T = batch.input_ids.shape[1]
+        first = min(len(prompt_ids[i]) for i in idx) - 1  # first position whose logits count
         out = backend.model(
             input_ids=batch.input_ids.to(backend.device),
             attention_mask=batch.attention_mask.to(backend.device),
             use_cache=False,
+            logits_to_keep=T - first,
         )
-        logits = out.logits
+        logits = out.logits  # [B, T - first, V]: positions first..T-1
         for r, i in enumerate(idx):
             p, c = len(prompt_ids[i]), len(cont_ids[i])
-            lp = torch.log_softmax(logits[r, p - 1 : p + c - 1].float(), dim=-1)
+            lp = torch.log_softmax(logits[r, p - 1 - first : p + c - 1 - first].float(), dim=-1)
             target = torch.tensor(cont_ids[i], device=lp.device)
             nll[i] = float(-lp.gather(1, target[:, None]).sum())
             count[i] = c
