@@ -157,9 +157,13 @@ def estimate_run(
         s = cfg.steering
         n_prompts = len(s.prompts) if s.prompts is not None else 12
         n_labels = len(s.labels) if s.labels is not None else 8
-        sets = n_labels * s.per_label * (len(s.strengths) * 3 + 3)
-        gens = sets * n_prompts * s.samples_per_prompt * s.max_new_tokens
-        ref_gens = 2 * (2 * 3 + 3) * 12 * 1 * 12
+        n_ctrl = 1 if s.control_strengths == "best" else len(s.strengths)
+        controls = n_ctrl * (("random" in s.controls) + ("own_label" in s.controls))
+        sets = n_labels * s.per_label * (len(s.strengths) + ("alpha0" in s.controls) + controls)
+        checks = (n_labels if s.check_labels == "targets" else 8) * s.own_label_prompts
+        rows = (1 + sets) * n_prompts + checks  # prompts; every one sampled alike
+        gens = rows * s.samples_per_prompt * s.max_new_tokens
+        ref_gens = ((1 + 2 * (5 + 2)) * 12 + 2 * 12) * 4 * 12  # the default sweep, all run
         steps["steer"] = REFERENCE_S["steer"] * gens / ref_gens * model / speed
     if cfg.steps.report:
         steps["report"] = REFERENCE_S["report"]
