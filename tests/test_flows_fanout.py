@@ -1,0 +1,81 @@
+"""Training fanned out over deployment runs: a failed child run is named with its state,
+the train-part flow refuses SAEs that are not the config's and writes nothing without its
+parent's lease. (The end-to-end fan-out on a process work pool is in tests/test_deploy.py.)"""
+
+from __future__ import annotations
+
+import pytest
+from integral_superposition.flows.config import load_preset
+from integral_superposition.lease import LeaseHeldError, RunLease
+
+
+def _cfg(tmp_path, **overrides):
+    return load_preset(
+        "smoke",
+        {
+            "storage": str(tmp_path / "runs"),
+            "run": "r1",
+            "dump.hook_points": ["layer.1", "layer.2"],
+            "sweep": {"layer": [1, 2]},
+            "fanout.train": "per_hook_point",
+            **overrides,
+        },
+    )
+
+
+@pytest.mark.prefect
+def test_a_failed_child_run_is_named_with_its_state(prefect_api):
+    from integral_superposition.tasks.fanout import TrainRunsFailed, wait_for_runs
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Failed
+
+    @flow(name="isup-child-probe")
+    def child() -> None:
+        return None
+
+    with get_client(sync_client=True) as client:
+        ok = client.create_flow_run(child, name="e/r/layer1-topk-k128")
+        bad = client.create_flow_run(child, name="e/r/layer2-topk-k128")
+        client.set_flow_run_state(ok.id, Completed(), force=True)
+        client.set_flow_run_state(bad.id, Failed(message="CUDA out of memory"), force=True)
+    with pytest.raises(TrainRunsFailed) as err:
+        wait_for_runs([ok, bad], "training", TrainRunsFailed, poll_s=0.1)
+    msg = str(err.value)
+    assert msg.startswith("1 of 2 training runs did not complete")
+    assert f"e/r/layer2-topk-k128 ({bad.id}) Failed: CUDA out of memory" in msg
+    assert "layer1" not in msg
+    # every run completed: no error
+    wait_for_runs([ok], "training", TrainRunsFailed, poll_s=0.1)
+
+
+def test_train_part_refuses_sae_names_that_are_not_the_configs(tmp_path):
+    from integral_superposition.flows.steps import train_part_flow
+
+    cfg = _cfg(tmp_path)
+    store = str(tmp_path / "runs" / "smoke" / "r1" / "acts")
+    for names, expected in (
+        (["layer9-topk-k128"], r"sae_names=\['layer9-topk-k128'\]: expected a non-empty list"),
+        ([], r"sae_names=\[\]: expected a non-empty list"),
+        (["layer1-topk-k128", "layer2-topk-k128"], "expected SAEs of one hook point"),
+    ):
+        with pytest.raises(ValueError, match=expected):
+            train_part_flow.fn(cfg, "r1", names, store)
+    assert not (tmp_path / "runs").exists()  # refused before anything is written
+
+
+def test_train_part_writes_nothing_without_its_parents_lease(tmp_path):
+    from integral_superposition.flows.steps import train_part_flow
+
+    cfg = _cfg(tmp_path)
+    root = tmp_path / "runs" / "smoke" / "r1"
+    root.mkdir(parents=True)
+    store = str(root / "acts")
+    # no lease on the run root: the run that started the part is gone
+    with pytest.raises(LeaseHeldError, match="no longer holds its lease"):
+        train_part_flow.fn(cfg, "r1", ["layer1-topk-k128"], store, lease_token="parent-token")
+    # a lease held by another run: refused as well
+    with RunLease(str(root), owner="another experiment run"):
+        with pytest.raises(LeaseHeldError, match="held by"):
+            train_part_flow.fn(cfg, "r1", ["layer1-topk-k128"], store, lease_token="parent-token")
+    assert sorted(p.name for p in root.iterdir()) == []
