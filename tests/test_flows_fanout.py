@@ -75,7 +75,9 @@ def test_train_part_writes_nothing_without_its_parents_lease(tmp_path):
     with pytest.raises(LeaseHeldError, match="no longer holds its lease"):
         train_part_flow.fn(cfg, "r1", ["layer1-topk-k128"], store, lease_token="parent-token")
     # a lease held by another run: refused as well
-    with RunLease(str(root), owner="another experiment run"):
-        with pytest.raises(LeaseHeldError, match="held by"):
-            train_part_flow.fn(cfg, "r1", ["layer1-topk-k128"], store, lease_token="parent-token")
+    with (
+        RunLease(str(root), owner="another experiment run"),
+        pytest.raises(LeaseHeldError, match="held by"),
+    ):
+        train_part_flow.fn(cfg, "r1", ["layer1-topk-k128"], store, lease_token="parent-token")
     assert sorted(p.name for p in root.iterdir()) == []
