@@ -2,8 +2,9 @@
 
 ``python -m torch.distributed.run --nproc-per-node 2 -m _ddp_worker MODE STORE OUT`` with
 this folder on ``PYTHONPATH``. MODE ``parallel``: the data-parallel SAEs, then the
-module-parallel ones; ``slow``: a checkpointed run (``OUT/ckpt``) that pauses after step ``PAUSE_STEP`` to be killed;
-``all``: both, one process group.
+module-parallel ones; ``online``: module-parallel online training (rank 0 writes the store);
+``slow``: a checkpointed run (``OUT/ckpt``) that pauses after step ``PAUSE_STEP`` to be
+killed; ``all``: all three, one process group.
 """
 
 from __future__ import annotations
@@ -43,6 +44,30 @@ def mp_cfgs() -> list[SAEConfig]:
     ]
 
 
+ONLINE_HOOKS = ["layer.1", "layer.2"]
+
+
+def online_spec(backend, store_uri: str):
+    """Online training on a tiny model at two hook points, writing the store as it goes."""
+    from integral_superposition import DumpConfig
+    from integral_superposition.data import demo_corpus
+    from integral_superposition.sae.online import OnlineActivations
+
+    dump = DumpConfig(hook_points=ONLINE_HOOKS, max_len=24, batch_size=32, dtype="fp32")
+    return OnlineActivations(
+        demo_corpus(120), "title", "topic", backend, dump, store_uri=store_uri, write_store=True
+    )
+
+
+def online_cfgs() -> list[SAEConfig]:
+    return [
+        SAEConfig(
+            k=32, architecture="topk", top_k=4, hook_point=h, shuffle_buffer_tokens=512, **_BASE
+        )
+        for h in ONLINE_HOOKS
+    ]
+
+
 def slow_cfgs() -> list[SAEConfig]:
     return [
         SAEConfig(k=32, architecture="topk", top_k=4, dead_tokens=256, checkpoint_every=3, **_BASE)
@@ -74,6 +99,16 @@ def main() -> None:
             [f"{out}/mp-a", f"{out}/mp-b"],
             progress=False,
             evaluate=False,
+            distribute_modules=True,
+        )
+    if mode in ("online", "all"):
+        from integral_superposition.backends import load_backend
+
+        train_saes(
+            online_spec(load_backend("tiny:gemma"), f"{out}/online-acts"),
+            online_cfgs(),
+            [f"{out}/on-1", f"{out}/on-2"],
+            progress=False,
             distribute_modules=True,
         )
     if mode in ("slow", "all"):

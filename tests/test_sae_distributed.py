@@ -1,8 +1,8 @@
 """Training on two processes under torchrun (gloo, CPU): data-parallel and module-parallel SAEs
 equal their single-process twins, and a run killed mid-way resumes under another world size.
 
-One torchrun launch trains the data-parallel SAEs, then the module-parallel ones, then starts
-a checkpointed run that the test kills (``kill -9`` of rank 1). The checkpoint is resumed on one
+One torchrun launch trains the data-parallel SAEs, then the module-parallel ones (from a store,
+then online from a tiny model's forward passes), then starts a checkpointed run that the test kills (``kill -9`` of rank 1). The checkpoint is resumed on one
 process (stopped part-way) and then on two through the launcher; the result equals an
 uninterrupted single-process run.
 """
@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from _ddp_worker import PAUSE_STEP, dp_cfgs, mp_cfgs, slow_cfgs
+from _ddp_worker import PAUSE_STEP, dp_cfgs, mp_cfgs, online_cfgs, online_spec, slow_cfgs
 from integral_superposition import distributed, storage
 from integral_superposition.dump.synthetic import (
     sparse_dictionary_activations,
@@ -71,7 +71,7 @@ def _curve(uri: str) -> list[dict]:
     return storage.read_json(storage.join(uri, "manifest.json"))["training_curve"]
 
 
-def test_two_ranks_equal_one_and_resume_after_kill(store, tmp_path, one_thread):
+def test_two_ranks_equal_one_and_resume_after_kill(store, tmp_path, one_thread, tiny_backend):
     out = str(tmp_path / "ranks")
     os.makedirs(out)
     cmd = distributed.torchrun_command(2, "_ddp_worker", ["all", store.uris[0], out])
@@ -84,9 +84,15 @@ def test_two_ranks_equal_one_and_resume_after_kill(store, tmp_path, one_thread):
             store, dp_cfgs(), [f"{ref}/{n}" for n in DP_NAMES], progress=False, evaluate=False
         )
         train_saes(store, mp_cfgs(), [f"{ref}/mp-a", f"{ref}/mp-b"], progress=False, evaluate=False)
-        slow_ref = train_saes(store, slow_cfgs(), [f"{ref}/slow"], progress=False, evaluate=False)[
-            0
-        ]
+        (slow_ref,) = train_saes(
+            store, slow_cfgs(), [f"{ref}/slow"], progress=False, evaluate=False
+        )
+        train_saes(
+            online_spec(tiny_backend, f"{ref}/online-acts"),
+            online_cfgs(),
+            [f"{ref}/on-1", f"{ref}/on-2"],
+            progress=False,
+        )
         deadline = time.time() + 300
         while _latest_step(ckpt) < PAUSE_STEP:
             assert proc.poll() is None, "torchrun ended before its slow run could be killed"
@@ -117,6 +123,14 @@ def test_two_ranks_equal_one_and_resume_after_kill(store, tmp_path, one_thread):
     # (c) module-parallel: each SAE on its own rank equals its single-process twin
     for n in ("mp-a", "mp-b"):
         assert max(_max_diff(f"{out}/{n}", f"{ref}/{n}").values()) == 0.0, n
+
+    # online, module-parallel: each rank ran its own forwards; rank 0 wrote the store and
+    # rank 1 evaluated its SAE on it
+    assert storage.read_manifest(f"{out}/online-acts")["kind"] == "activations"
+    for n in ("on-1", "on-2"):
+        assert max(_max_diff(f"{out}/{n}", f"{ref}/{n}").values()) <= 1e-6, n
+        got = storage.read_manifest(f"{out}/{n}")["metrics"]
+        assert got["fvu"] == pytest.approx(storage.read_manifest(f"{ref}/{n}")["metrics"]["fvu"])
 
     # (b) resume on one process, stop part-way, then finish on two through the launcher
     stop = killed_at + 6

@@ -390,6 +390,11 @@ class OnlineSource:
         self._store = ActivationStore(uri, spec.storage_options)
         return self._store
 
+    def use_store(self, store: ActivationStore) -> None:
+        """Evaluate on ``store``, left by another process (rank 0 of a distributed run writes
+        the store or the sample once; the other ranks read it)."""
+        self._store = store
+
     def saelens_metadata(self, hook: str) -> dict[str, Any]:
         """SAELens ``metadata`` of an SAE trained online (no store to point at)."""
         from integral_superposition.backends.sources import weights_source

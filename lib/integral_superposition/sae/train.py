@@ -28,7 +28,9 @@ initialisation and log), ``schedule`` (LR and sparsity coefficient), ``checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -395,6 +397,11 @@ def train_saes(
         raise ValueError(f"out_uris={out_uris!r}: every SAE needs its own output URI")
     info = _join(device, cfg_list[0])
     dev = info.device
+    leaves_store = isinstance(stores, OnlineActivations) and stores.store_uri is not None
+    writes_store = isinstance(stores, OnlineActivations) and stores.write_store
+    if leaves_store and info.enabled and not info.is_main:
+        # rank 0 alone writes the store (or the sample) an online run leaves behind
+        stores = dataclasses.replace(stores, write_store=False, store_uri=None)
     source = open_source(stores, cfg_list, storage_options)
     # the run's identity does not depend on the layout: any world size resumes a checkpoint
     fingerprint = run_fingerprint(cfg_list, source.describe(), {"total": source.total})
@@ -403,6 +410,10 @@ def train_saes(
     mine = [cfg_list[i] for i in layout.indices]
     if layout.mode == "modules" and isinstance(source, StoreSource):
         source = open_source(source.store, mine, storage_options)  # only this rank's hook points
+    elif layout.mode == "modules" and isinstance(source, OnlineSource):
+        # the forward passes stop after this rank's last hook point (or capture every hook
+        # point on rank 0 when it writes the store)
+        source = open_source(stores, mine, storage_options)
     elif layout.mode == "data":
         source = RankSlice(source, info.rank, info.world_size)
     _check_training_memory(mine, source.d_model, dev)
@@ -444,10 +455,18 @@ def train_saes(
         finish(t)
     elapsed = time.perf_counter() - t0
     base = source.source if isinstance(source, RankSlice) else source
+    if leaves_store and info.enabled:
+        spec = stores if info.is_main else None
+        if info.is_main:
+            base.evaluation_store()  # completed and published once, by rank 0
+        distributed.barrier()
+        uri = distributed.broadcast_object(os.fspath(spec.store_uri) if spec else None)
+        if not info.is_main:
+            base.use_store(ActivationStore(uri, stores.storage_options))
     own: dict[int, TrainResult] = {}
     if layout.mode != "data" or layout.is_main:
         refit_from = base
-        if isinstance(base, OnlineSource) and base.spec.write_store:
+        if isinstance(base, OnlineSource) and writes_store:
             # the store written while training holds the train split the refit reads
             refit_from = StoreSource(base.evaluation_store(), base.hooks, base.cfg)
         refits = refit_decoders(refit_from, trainees)  # data-parallel: the main rank's replica
