@@ -48,11 +48,11 @@ def direct(cfg, root: Path) -> dict[str, float]:
     from integral_superposition.dump import combine_dumps, dump_layer_activations
     from integral_superposition.pipelines.analyze import run_analysis
     from integral_superposition.pipelines.merge import run_merge
+    from integral_superposition.pipelines.report import merge_section, write_summary_tables
     from integral_superposition.sae.train import train_saes
     from integral_superposition.steering.evaluate import run_steering_eval, steering_section
     from integral_superposition.tasks.dump import partition_name
     from integral_superposition.tasks.refs import OutputRef, RunLocation
-    from integral_superposition.tasks.report import _merge_section, _write_summary_table
     from integral_superposition.viz.report import build_report, markdown_summary
 
     t: dict[str, float] = {}
@@ -122,7 +122,7 @@ def direct(cfg, root: Path) -> dict[str, float]:
             run_steering_eval(sae, acts, out, cfg.steering, backend=backend)
             steers.append(out)
             t0 = lap("steer_eval", t0)
-    sections = [_merge_section(r, None) for r in merges[:1]] + [
+    sections = [merge_section(r, None) for r in merges[:1]] + [
         steering_section(s) for s in steers[:1]
     ]
     build_report(
@@ -132,7 +132,7 @@ def direct(cfg, root: Path) -> dict[str, float]:
         sae=saes[0],
         config=cfg.public_dict(),
     )
-    _write_summary_table(analyses, loc, cfg.paths.summary_csv)
+    write_summary_tables(analyses, loc.uri(cfg.paths.summary_csv.removesuffix(".csv")), None)
     markdown_summary(analyses[0].uri, *sections, figure_width=cfg.report.figure_width)
     storage.write_json(str(run / "run.json"), {"done": True})
     lap("report", t0)

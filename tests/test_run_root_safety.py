@@ -457,8 +457,8 @@ def test_an_sae_of_this_store_passes_the_check(demo_store, tmp_path):
 
 
 def test_the_report_refuses_outputs_of_other_activations(tmp_path):
+    from integral_superposition.pipelines.report import check_same_activations
     from integral_superposition.tasks.refs import OutputRef
-    from integral_superposition.tasks.report import check_same_activations
 
     sae_m = storage.write_manifest(
         str(tmp_path / "sae" / "s"), "sae", {}, {}, activation_manifest_hash="a" * 64

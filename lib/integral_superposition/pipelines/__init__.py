@@ -4,12 +4,21 @@
 
 - :func:`run_analysis` (``pipelines.analyze``): tables, figures and dashboards of an SAE's
   latents;
-- :func:`run_merge` (``pipelines.merge``): a merged, refitted and evaluated SAE.
+- :func:`run_merge` (``pipelines.merge``): a merged, refitted and evaluated SAE;
+- :func:`build_experiment_report` (``pipelines.report``): the run's HTML report pages and
+  summary tables from its published outputs.
 """
 
 from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.pipelines.analyze import run_analysis
 from integral_superposition.pipelines.merge import run_merge
+from integral_superposition.pipelines.report import build_experiment_report
 
-__all__ = ["AnalysisParams", "MergeParams", "run_analysis", "run_merge"]
+__all__ = [
+    "AnalysisParams",
+    "MergeParams",
+    "build_experiment_report",
+    "run_analysis",
+    "run_merge",
+]

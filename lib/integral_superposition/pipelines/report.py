@@ -1,0 +1,260 @@
+"""The experiment report of a run: one page per SAE (the first with every SAE's metrics),
+the merge and steering sections, and the enrichment / probe summary tables.
+
+Its inputs are references to published outputs: anything with ``kind``, ``name`` (the SAE
+an output belongs to), ``uri`` and a ``summary`` dict (the flows pass their ``OutputRef``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import pandas as pd
+
+from integral_superposition import storage
+from integral_superposition.outputs import parquet_bytes, read_output
+from integral_superposition.viz.report import ReportSection
+
+__all__ = [
+    "Published",
+    "build_experiment_report",
+    "check_same_activations",
+    "merge_section",
+    "report_sections",
+    "report_summary",
+    "saes_section",
+    "write_summary_tables",
+]
+
+
+class Published(Protocol):
+    """A reference to a published output folder."""
+
+    kind: str
+    name: str
+    uri: str
+    summary: dict[str, Any]
+
+
+def _by_name(refs: Sequence[Published] | None) -> dict[str, Published]:
+    return {r.name: r for r in refs or []}
+
+
+def saes_section(saes: Sequence[Published], links: Mapping[str, str]) -> ReportSection:
+    """Every SAE of a sweep side by side (held-out metrics), with links to their pages."""
+    rows = []
+    for s in saes:
+        row: dict[str, Any] = {
+            "sae": s.name,
+            "hook point": s.summary.get("hook_point"),
+            "architecture": s.summary.get("architecture"),
+            "latents": s.summary.get("d_sae"),
+        }
+        row.update(
+            {
+                k: v
+                for k, v in (s.summary.get("metrics") or {}).items()
+                if not isinstance(v, dict | list)
+            }
+        )
+        rows.append(row)
+    text = ""
+    if links:
+        text = "Each SAE of the sweep has its own report: " + ", ".join(
+            f"{name}: {href}" for name, href in links.items()
+        )
+    return ReportSection(
+        "SAEs", text=text, tables=[("held-out metrics", pd.DataFrame(rows))], anchor="saes"
+    )
+
+
+def merge_section(ref: Published, storage_options: Mapping[str, Any] | None) -> ReportSection:
+    """The evaluation (original vs merged), the K' sweep and its figure of a published merge."""
+    out = read_output(ref.uri, storage_options)
+    tables = []
+    if out.has("merge_eval.parquet"):
+        tables.append(
+            ("original vs merged SAE (held-out tokens)", out.parquet("merge_eval.parquet"))
+        )
+    if out.has("merge_sweep.parquet"):
+        tables.append(
+            ("sweep over K' with a random-partition control", out.parquet("merge_sweep.parquet"))
+        )
+    figures = []
+    if out.has("merge_sweep.png"):
+        figures.append(("FVU and CE recovered against K'", out.read("merge_sweep.png")))
+    before, after = ref.summary.get("n_latents_before"), ref.summary.get("n_latents_after")
+    return ReportSection(
+        f"Merge ({ref.name})",
+        text=f"{before} latents merged into {after}; the merged SAE is at {ref.uri}.",
+        tables=tables,
+        figures=figures,
+        anchor=f"merge-{ref.name}",
+    )
+
+
+def report_sections(
+    name: str,
+    merges: Sequence[Published],
+    steering: Sequence[Published],
+    storage_options: Mapping[str, Any] | None,
+) -> list[ReportSection]:
+    """The merge and steering sections of SAE ``name``'s report."""
+    from integral_superposition.steering.evaluate import steering_section
+
+    sections = []
+    merge_of, steer_of = _by_name(merges), _by_name(steering)
+    if name in merge_of:
+        sections.append(merge_section(merge_of[name], storage_options))
+    if name in steer_of:
+        sections.append(steering_section(steer_of[name].uri, storage_options))
+    return sections
+
+
+def write_summary_tables(
+    analyses: Sequence[Published], stem_uri: str, storage_options: Mapping[str, Any] | None
+) -> str | None:
+    """The enrichment tables of every analysis, one ``sae`` column added, as ``stem.csv`` and
+    ``stem.parquet`` (and the sparse probes as ``stem_probe.*``); returns the CSV's URI (None
+    when no analysis has an enrichment table)."""
+    from integral_superposition.analysis.result import load_analysis
+
+    frames, probes = [], []
+    for a in analyses:
+        result = load_analysis(a.uri, storage_options)
+        enr = result.enrichment
+        if enr is not None and len(enr):
+            frames.append(enr.assign(sae=a.name))
+        probe = result.table("probe")
+        if probe is not None and len(probe):
+            probes.append(probe.assign(sae=a.name))
+    if probes:  # the sparse probes of every SAE, side by side (e.g. results_probe.csv)
+        _write_csv_parquet(
+            pd.concat(probes, ignore_index=True), stem_uri + "_probe", storage_options
+        )
+    if not frames:
+        return None
+    return _write_csv_parquet(pd.concat(frames, ignore_index=True), stem_uri, storage_options)
+
+
+def _write_csv_parquet(df: pd.DataFrame, stem_uri: str, storage_options) -> str:
+    csv_uri = stem_uri + ".csv"
+    storage.write_bytes(csv_uri, df.to_csv(index=False).encode("utf-8"), storage_options)
+    storage.write_bytes(stem_uri + ".parquet", parquet_bytes(df), storage_options)
+    return csv_uri
+
+
+def _activation_hash(manifest: Mapping[str, Any]) -> str | None:
+    """The content hash of the activations an output was computed on (or trained on)."""
+    acts = manifest.get("activations")
+    if isinstance(acts, dict) and acts.get("content_hash"):
+        return str(acts["content_hash"])
+    found = manifest.get("activation_manifest_hash")
+    return str(found) if found else None
+
+
+def check_same_activations(
+    saes: Sequence[Published],
+    outputs: Sequence[Published],
+    storage_options: Mapping[str, Any] | None,
+) -> None:
+    """Refuse to report outputs computed on other activations than their SAE was trained on
+    (a dump replaced under a trained SAE): a ``ValueError`` names the output and both hashes."""
+    by_name = {}
+    for s in saes:
+        by_name[s.name] = _activation_hash(storage.read_manifest(s.uri, storage_options))
+    for ref in outputs:
+        expected = by_name.get(ref.name)
+        got = _activation_hash(storage.read_manifest(ref.uri, storage_options))
+        if expected and got and got != expected:
+            raise ValueError(
+                f"the {ref.kind} output {ref.uri!r} was computed on activations {got[:16]}, but "
+                f"the SAE {ref.name!r} was trained on activations {expected[:16]}: the run mixes "
+                "outputs of different dumps; rerun that step on the SAE's store"
+            )
+
+
+def build_experiment_report(
+    report_dir: str,
+    saes: Sequence[Published],
+    analyses: Sequence[Published] = (),
+    merges: Sequence[Published] = (),
+    steering: Sequence[Published] = (),
+    *,
+    title: str,
+    config: Mapping[str, Any] | None = None,
+    top_per_label: int = 10,
+    summary_stem: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``report_dir/report.html`` for the first SAE (with every SAE's metrics, its merge
+    and steering sections) and, for a sweep, one report per further SAE under
+    ``report_dir/saes/<name>/``; with ``summary_stem``, the summary tables
+    (:func:`write_summary_tables`). Returns ``{"page", "pages": {sae: page}, "summary_csv"}``.
+
+    Outputs computed on other activations than their SAE was trained on are refused before
+    anything is written (:func:`check_same_activations`)."""
+    from integral_superposition.viz.report import build_report
+
+    if not saes:
+        raise ValueError("saes is empty: the report needs at least one trained SAE")
+    check_same_activations(saes, [*analyses, *merges, *steering], storage_options)
+    analysis_of = _by_name(analyses)
+    extra_dirs = {s.name: storage.join(report_dir, "saes", s.name) for s in saes[1:]}
+    links = {name: f"saes/{name}/report.html" for name in extra_dirs}
+    pages = {}
+    for i, sae in enumerate(saes):
+        sections = report_sections(sae.name, merges, steering, storage_options)
+        if i == 0 and len(saes) > 1:
+            sections.insert(0, saes_section(saes, links))
+        pages[sae.name] = build_report(
+            report_dir if i == 0 else extra_dirs[sae.name],
+            *sections,
+            title=title if i == 0 else f"{title}: {sae.name}",
+            analysis=analysis_of[sae.name].uri if sae.name in analysis_of else None,
+            sae=sae.uri,
+            config=config,
+            top_per_label=top_per_label,
+            storage_options=storage_options,
+        )
+    csv_uri = (
+        write_summary_tables(analyses, summary_stem, storage_options)
+        if analyses and summary_stem
+        else None
+    )
+    return {"page": pages[saes[0].name], "pages": pages, "summary_csv": csv_uri}
+
+
+def report_summary(
+    saes: Sequence[Published],
+    analyses: Sequence[Published] = (),
+    merges: Sequence[Published] = (),
+    steering: Sequence[Published] = (),
+    *,
+    title: str,
+    top_per_label: int = 5,
+    figure_width: int = 480,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[str, pd.DataFrame | None]:
+    """The markdown summary of the first SAE's report (small PNGs, top latents, merge and
+    steering sections) and its metrics table (None without an analysis)."""
+    from integral_superposition.viz.report import markdown_summary, summary_tables
+
+    primary = saes[0]
+    analysis_of = _by_name(analyses)
+    analysis = analysis_of[primary.name].uri if primary.name in analysis_of else None
+    md = markdown_summary(
+        analysis,
+        *report_sections(primary.name, merges, steering, storage_options),
+        title=title,
+        top_per_label=top_per_label,
+        figure_width=figure_width,
+        storage_options=storage_options,
+    )
+    metrics = (
+        summary_tables(analysis, storage_options=storage_options)["metrics"]
+        if analysis is not None
+        else None
+    )
+    return md, metrics
