@@ -5,6 +5,10 @@ outputs (URI + content hash), never tensors or DataFrames. Every task is cached 
 inputs' content hashes, its config and the code version, with results kept in the
 experiment's storage, so a rerun of an unchanged experiment finishes in seconds with every
 task Cached, and changing one SAE parameter reruns only training and what follows it.
+
+With ``online.enabled`` there is no dump step: one task trains every SAE straight from the
+model's forward passes and leaves the store the later steps read (a bounded sample of
+``online.sample_tokens``, or the full store with ``online.write_store``).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from integral_superposition.tasks.policy import retry_options
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.report import build_experiment_report, publish_report_summary
 from integral_superposition.tasks.steer import evaluate_steering
-from integral_superposition.tasks.train import train_saes
+from integral_superposition.tasks.train import train_saes, train_saes_online
 from integral_superposition.tasks.ui import event, step_seconds
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
@@ -182,6 +186,32 @@ def own_run_root(
         yield lease
 
 
+def resolve_data(cfg: FlowExperimentConfig, loc: RunLocation, T: Callable, steps: _Steps):
+    """The dataset's reference (loaded once to fingerprint it)."""
+    fut = T(resolve_dataset).submit(cfg.data, cfg.data.stamp(loc.storage_options), loc)
+    return steps.add("data", cfg.data.source, fut).result()
+
+
+def train_online(
+    cfg: FlowExperimentConfig,
+    loc: RunLocation,
+    model: ModelRef,
+    T: Callable,
+    steps: _Steps,
+    show_progress: bool = False,
+) -> tuple[list[OutputRef], OutputRef]:
+    """Resolve the dataset and train every SAE online in one task, on one stream of forward
+    passes (no dump step); returns the SAEs and the store the later steps read: the full
+    store with ``online.write_store``, else the bounded sample."""
+    data = resolve_data(cfg, loc, T, steps)
+    fut = T(train_saes_online).submit(
+        data, model, cfg.dump, cfg.online, cfg.sae_jobs(), loc, out=cfg.paths.sae_path,
+        store_out=cfg.paths.shards_dir, gpu_limit=cfg.gpu_limit, show_progress=show_progress,
+    )  # fmt: skip
+    refs = steps.add("train", "online", fut).result()
+    return refs[:-1], refs[-1]
+
+
 def dump_store(
     cfg: FlowExperimentConfig,
     loc: RunLocation,
@@ -192,12 +222,7 @@ def dump_store(
 ) -> OutputRef:
     """Resolve the dataset and dump it, as one task or as ``cfg.fanout.partitions`` partition
     tasks (or deployment runs) combined into one store."""
-    data_f = steps.add(
-        "data",
-        cfg.data.source,
-        T(resolve_dataset).submit(cfg.data, cfg.data.stamp(loc.storage_options), loc),
-    )
-    data = data_f.result()
+    data = resolve_data(cfg, loc, T, steps)
     n = cfg.fanout.partitions
     out = cfg.paths.shards_dir
     common = {"gpu_limit": cfg.gpu_limit, "show_progress": show_progress}
@@ -332,13 +357,15 @@ def _experiment(
 
     steps = _Steps()
     model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
-    store = dump_store(cfg, loc, model, T, steps, show_progress)
-
-    train_futs = [
-        steps.add("train", jobs[0].name, fut)
-        for jobs, fut in submit_training(cfg, store, loc, T, show_progress)
-    ]
-    saes = [ref for f in train_futs for ref in f.result()]
+    if cfg.online.enabled:
+        saes, store = train_online(cfg, loc, model, T, steps, show_progress)
+    else:
+        store = dump_store(cfg, loc, model, T, steps, show_progress)
+        train_futs = [
+            steps.add("train", jobs[0].name, fut)
+            for jobs, fut in submit_training(cfg, store, loc, T, show_progress)
+        ]
+        saes = [ref for f in train_futs for ref in f.result()]
 
     def per_sae(step: str, task_obj, *args, **kwargs) -> list[PrefectFuture]:
         return [

@@ -6,10 +6,12 @@ import time
 from typing import Any
 
 from integral_superposition import storage
-from integral_superposition.experiment import SAEJob
+from integral_superposition.config import DumpConfig
+from integral_superposition.experiment import OnlineConfig, SAEJob
+from integral_superposition.tasks.backends import using_backend
 from integral_superposition.tasks.dump import TASK_DEFAULTS
 from integral_superposition.tasks.policy import OutputCache, gpu_slot
-from integral_superposition.tasks.refs import OutputRef, RunLocation
+from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.ui import (
     Progress,
     artifact_key,
@@ -179,3 +181,81 @@ def train_saes(
             },
         )
     return refs
+
+
+@task(name="train-saes-online", **{**TASK_DEFAULTS, "cache_policy": TRAIN_CACHE})
+def train_saes_online(
+    data: DataRef,
+    model: ModelRef,
+    dump: DumpConfig,
+    online: OnlineConfig,
+    jobs: list[SAEJob],
+    loc: RunLocation,
+    out: str = "sae",
+    store_out: str = "acts",
+    gpu_limit: str | None = "gpu",
+    show_progress: bool = False,
+) -> list[OutputRef]:
+    """Train ``jobs`` (every SAE, on any of ``dump``'s hook points) online: straight from
+    ``model``'s forward passes over ``data``, through a shuffle buffer, no dump first.
+
+    ``{run}/{store_out}`` receives the full store (``online.write_store``) or a bounded sample
+    of ``online.sample_tokens`` (held-out documents first) that the later steps read.
+    Checkpoints go to ``{run}/checkpoints/<key>/``; a retry resumes from the last one and
+    skips the documents consumed before it. Returns the SAEs' references, then the store's.
+    """
+    from integral_superposition.data.datasets import dataset_fingerprint
+    from integral_superposition.sae.online import OnlineActivations
+    from integral_superposition.sae.train import train_saes as _train
+
+    df = data.spec.load(loc.storage_options)
+    spec = data.spec
+    if dataset_fingerprint(df, spec.text_col, spec.label_col) != data.fingerprint:
+        raise RuntimeError(
+            f"dataset {spec.source!r} changed since it was resolved in this run; run again"
+        )
+    out_uris = [loc.uri(out, j.name) for j in jobs]
+    key = storage.canonical_json(
+        {
+            "data": data.fingerprint,
+            "model": model.model_dump(mode="json"),
+            "dump": dump.model_dump(mode="json"),
+            "online": online.model_dump(mode="json"),
+            "jobs": [j.model_dump(mode="json") for j in jobs],
+            "code": TRAIN_CACHE.code_version(),
+        }
+    )
+    ckpt = loc.uri("checkpoints", "online-" + storage.sha256_bytes(key.encode())[:16])
+    label = ", ".join(j.name for j in jobs)
+    progress = Progress("train-online", f"train online {label}", unit="steps")
+    with (
+        gpu_slot(gpu_limit),
+        using_backend(model.spec) as backend,
+        progress,
+        timed_step(),
+        library_logs(),
+    ):
+        source = OnlineActivations(
+            df, spec.text_col, spec.label_col, backend, dump, store_uri=loc.uri(store_out),
+            write_store=online.write_store, sample_tokens=online.sample_tokens,
+            label_names=data.labels or None, storage_options=loc.storage_options,
+        )  # fmt: skip
+        results = _train(
+            source, [j.cfg for j in jobs], out_uris, checkpoint_uri=ckpt,
+            storage_options=loc.storage_options, on_progress=progress, resume=True,
+            progress=show_progress,
+        )  # fmt: skip
+    progress.finish()
+    refs = [
+        sae_ref(job, uri, loc.storage_options, resumed_from_step=res.resumed_from_step)
+        for job, uri, res in zip(jobs, out_uris, results, strict=True)
+    ]
+    m = storage.read_manifest(loc.uri(store_out), loc.storage_options, kind="activations")
+    store = OutputRef.from_manifest(
+        "activations", store_out, loc.uri(store_out), m,
+        n_tokens=m["n_tokens"], n_docs=m["n_docs"], d_model=m["d_model"],
+        hook_points=[h["name"] for h in m["hook_points"]], labels=m["labels"]["names"],
+        model=m["model"].get("model_id"), online=True,
+        sample=not online.write_store,
+    )  # fmt: skip
+    return [*refs, store]

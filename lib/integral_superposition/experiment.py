@@ -68,6 +68,7 @@ __all__ = [
     "ExperimentConfig",
     "FanoutConfig",
     "ModelSpec",
+    "OnlineConfig",
     "ReportOptions",
     "SAEJob",
     "StepsConfig",
@@ -229,6 +230,18 @@ class FanoutConfig(_Section):
     """Number of partition dumps (1: a single dump)."""
 
 
+class OnlineConfig(_Section):
+    """Online training: SAEs train straight from the model's forward passes through an
+    in-memory shuffle buffer (``sae.shuffle_buffer_tokens``), with no activation store first."""
+
+    enabled: bool = False
+    """Train online: no dump step; every SAE of the experiment trains on one stream of forward passes."""
+    write_store: bool = False
+    """Also write every activation to the store at ``paths.shards_dir`` while training (a full store, as a dump writes; analysis then reads all of it)."""
+    sample_tokens: int = Field(65536, ge=1)
+    """Without ``write_store``: stored tokens of the bounded sample (held-out documents first) dumped to ``paths.shards_dir`` for evaluation, analysis, merging and steering."""
+
+
 class StepsConfig(_Section):
     """Which steps after training run."""
 
@@ -313,6 +326,8 @@ class ExperimentConfig(_Section):
     """Train one SAE per combination: SAEConfig field -> values (e.g. ``k: [1024, 4096]``), plus ``layer: [..]`` for dumped layers."""
     paths: Paths = Field(default_factory=Paths)
     """Folder names under the run root."""
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
+    """Online training (no activation store; a bounded sample for the later steps)."""
     steps: StepsConfig = Field(default_factory=StepsConfig)
     """Which steps after training run."""
     analysis: AnalysisParams = Field(default_factory=lambda: AnalysisParams(dashboards="alive"))
