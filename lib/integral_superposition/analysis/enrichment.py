@@ -124,8 +124,16 @@ def fisher_pq(
     n = np.asarray(set_size, dtype=np.int64)[:, None]
     Nc = np.asarray(label_counts, dtype=np.int64)[None, :]
     N = int(Nc.sum())
-    p = hypergeom.sf(a - 1, N, Nc, n)
-    p = np.clip(np.where(n > 0, p, 1.0), 0.0, 1.0)
+    p = np.ones(a.shape)
+    need = (a > 0) & (n > 0)  # P(X >= 0) = 1
+    if need.any():
+        # tables repeat (top sets share one size; labels few): each distinct (a, n, N_c) once
+        triples = np.stack(
+            [a[need], np.broadcast_to(n, a.shape)[need], np.broadcast_to(Nc, a.shape)[need]], 1
+        )
+        uniq, inv = np.unique(triples, axis=0, return_inverse=True)
+        p[need] = hypergeom.sf(uniq[:, 0] - 1, N, uniq[:, 2], uniq[:, 1])[inv.ravel()]
+    p = np.clip(p, 0.0, 1.0)
     testable = np.broadcast_to(n > 0, a.shape)
     q = np.ones(a.shape)
     if testable.any():
