@@ -173,6 +173,34 @@ def lease_owner(kind: str) -> str:
     return f"isup {kind} (pid {os.getpid()})"
 
 
+def check_deployments(
+    cfg: FlowExperimentConfig, steps: tuple[str, ...] = ("dump", "train")
+) -> None:
+    """Before anything is written: every deployment the fan-out of ``steps`` will start
+    exists on the Prefect server (else a ``ValueError`` names the field and the fix)."""
+    needed = []
+    if "dump" in steps and cfg.fanout.mode == "deployments" and cfg.fanout.partitions > 1:
+        needed.append(("fanout.deployment", cfg.fanout.deployment, "dump-partition-gpu"))
+    if "train" in steps and cfg.fanout.train != "in_process":
+        needed.append(("fanout.train_deployment", cfg.fanout.train_deployment, "train-part-gpu"))
+    if not needed:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for field, name, entry in needed:
+            try:
+                client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                raise ValueError(
+                    f"{field}={name!r}: no such deployment on the Prefect server at "
+                    f"{client.api_url}; deploy prefect.yaml's {entry} (`prefect deploy --all`) "
+                    "and start a worker on its pool, or run the step in this flow "
+                    "(fanout.mode: tasks, fanout.train: in_process)"
+                ) from None
+
+
 @contextlib.contextmanager
 def own_run_root(
     cfg: FlowExperimentConfig, loc: RunLocation, step: str = "experiment"
@@ -339,6 +367,7 @@ def experiment_flow(cfg: FlowExperimentConfig, show_progress: bool = False) -> E
         storage_secret=cfg.storage_secret,
     )
     logger.info("run root: %s", loc.root)
+    check_deployments(cfg)
     with own_run_root(cfg, loc, "experiment") as lease:
         write_run_process(loc, str(runtime_flow_run.id) if runtime_flow_run.id else None)
         return _experiment(cfg, loc, lease, t0, show_progress)

@@ -28,6 +28,7 @@ from integral_superposition.flows.config import FlowExperimentConfig
 from integral_superposition.flows.experiment import (
     _Steps,
     absolute_storage,
+    check_deployments,
     dump_store,
     lease_owner,
     own_run_root,
@@ -170,6 +171,7 @@ def dump_flow(cfg: FlowExperimentConfig, show_progress: bool = False) -> OutputR
     cfg, loc = _secured(cfg)
     opts = task_options(cfg, loc.storage_options)
     model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+    check_deployments(cfg, ("dump",))
     with own_run_root(cfg, loc, "dump"):
         store = dump_store(
             cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress
@@ -230,6 +232,7 @@ def train_flow(
     store of ``cfg``'s dump step (run first, cached)."""
     cfg, loc = _secured(cfg)
     opts = task_options(cfg, loc.storage_options)
+    check_deployments(cfg, ("train",) if store_uri else ("dump", "train"))
     with own_run_root(cfg, loc, "train"):
         if store_uri:
             store = OutputRef.read(

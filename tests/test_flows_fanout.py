@@ -81,3 +81,31 @@ def test_train_part_writes_nothing_without_its_parents_lease(tmp_path):
     ):
         train_part_flow.fn(cfg, "r1", ["layer1-topk-k128"], store, lease_token="parent-token")
     assert sorted(p.name for p in root.iterdir()) == []
+
+
+@pytest.mark.prefect
+def test_a_missing_train_deployment_is_named_before_anything_is_written(prefect_api, tmp_path):
+    from integral_superposition.flows.experiment import check_deployments, experiment_flow
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    cfg = _cfg(tmp_path, **{"fanout.train_deployment": "train-part/not-deployed"})
+    with pytest.raises(ValueError, match=r"fanout\.train_deployment='train-part/not-deployed'"):
+        experiment_flow(cfg)
+    assert not (tmp_path / "runs").exists()
+
+    @flow(name="isup-train-part-probe")
+    def probe() -> None:
+        return None
+
+    with get_client(sync_client=True) as client:
+        client.create_deployment(flow_id=client.create_flow(probe), name="here")
+    check_deployments(cfg.model_copy(update={"fanout": cfg.fanout.model_copy(
+        update={"train_deployment": "isup-train-part-probe/here"})}))  # fmt: skip
+    # the dump's deployment is checked only when partitions run as deployments
+    with pytest.raises(ValueError, match=r"fanout\.deployment='dump-partition/absent'"):
+        check_deployments(
+            _cfg(tmp_path, **{"fanout.mode": "deployments", "fanout.deployment":
+                              "dump-partition/absent", "fanout.train": "in_process"})
+        )  # fmt: skip
+    check_deployments(_cfg(tmp_path, **{"fanout.train": "in_process"}))
