@@ -9,7 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from integral_superposition.config import DumpConfig, Paths, SAEConfig
+from integral_superposition.config import (
+    DumpConfig,
+    Paths,
+    SAEArchitectureConfig,
+    SAEConfig,
+    TrainSchedule,
+)
 from integral_superposition.version import __version__, code_version
 
 _SUBMODULES = {
@@ -58,7 +64,9 @@ __all__ = [
     "ActivationStore",
     "DumpConfig",
     "Paths",
+    "SAEArchitectureConfig",
     "SAEConfig",
+    "TrainSchedule",
     "__version__",
     "analysis",
     "backends",

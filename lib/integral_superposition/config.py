@@ -81,7 +81,7 @@ DEAD_WINDOW_UNKNOWN = 1_000_000
 """Automatic dead-latent window when the run's length is unknown (a one-shot iterator)."""
 
 
-def dead_window(cfg: SAEConfig, total_steps: int | None) -> int:
+def dead_window(cfg: TrainSchedule, total_steps: int | None) -> int:
     """Training tokens without a firing after which a latent counts as dead.
 
     ``cfg.dead_tokens`` when set; else ``min(10M, max(4 * batch_size, total_tokens / 10))``
@@ -97,11 +97,13 @@ def dead_window(cfg: SAEConfig, total_steps: int | None) -> int:
     return max(1, min(DEAD_WINDOW_MAX, max(floor, int(DEAD_WINDOW_FRACTION * run_tokens))))
 
 
-class SAEConfig(_Config):
-    """Sparse autoencoder hyperparameters and training schedule.
+class SAEArchitectureConfig(_Config):
+    """What an SAE is: its width, architecture and the constructor's shape parameters.
 
-    ``k`` is the dictionary size (number of latents), as in the seed; the number of active
-    latents of the TopK family is ``top_k``.
+    The model (``SparseAutoencoder.from_config``) and the saved ``cfg.json`` depend on this
+    part only. ``k`` is the dictionary size (number of latents), as in the seed; the number of
+    active latents of the TopK family is ``top_k``. This is where ``k`` and ``top_k`` are
+    checked for every config (``SAEConfig`` is one).
     """
 
     k: int = Field(2048, ge=1, le=MAX_LATENTS)
@@ -110,6 +112,32 @@ class SAEConfig(_Config):
     """``relu`` (ReLU + decoder-norm-weighted L1, the seed's), ``topk``, ``batchtopk`` or ``jumprelu``."""
     top_k: int = Field(32, ge=1)
     """Active latents per token for ``topk``/``batchtopk``."""
+    jumprelu_bandwidth: float = Field(0.001, gt=0)
+    """Straight-through bandwidth of JumpReLU's step function."""
+    jumprelu_init_threshold: float = Field(0.001, gt=0)
+    """Initial JumpReLU threshold."""
+
+    @model_validator(mode="after")
+    def _check_topk(self) -> SAEArchitectureConfig:
+        if self.architecture in ("topk", "batchtopk") and self.top_k > self.k:
+            raise ValueError(
+                f"top_k={self.top_k}: expected top_k <= k (the number of latents, {self.k})"
+            )
+        return self
+
+    @property
+    def d_sae(self) -> int:
+        """``k`` under the name SAELens and the model use."""
+        return self.k
+
+
+class TrainSchedule(_Config):
+    """How an SAE is trained: budget, optimiser schedule, losses, data stream and execution.
+
+    None of it changes what the trained SAE is (its ``cfg.json``); inputs scaled in training
+    (``normalize_activations``) are folded back, so a saved SAE always takes raw activations.
+    """
+
     lr: float = Field(3e-4, gt=0)
     """Peak Adam learning rate."""
     l1: float = Field(1e-3, ge=0)
@@ -140,10 +168,6 @@ class SAEConfig(_Config):
     """A latent is dead in training when it has not fired for this many tokens. None (auto):
     a tenth of the run's training tokens, at least 4 batches and at most 10,000,000
     (``dead_window``)."""
-    jumprelu_bandwidth: float = Field(0.001, gt=0)
-    """Straight-through bandwidth of JumpReLU's step function."""
-    jumprelu_init_threshold: float = Field(0.001, gt=0)
-    """Initial JumpReLU threshold."""
     jumprelu_sparsity: Literal["step", "tanh"] = "step"
     """JumpReLU penalty: ``step`` (L0 through the threshold's straight-through estimator,
     DeepMind's) or ``tanh`` (``sum tanh(jumprelu_tanh_scale * z * ||W_dec||)``, Anthropic's)."""
@@ -177,17 +201,43 @@ class SAEConfig(_Config):
     the training tokens, kept only when it lowers the held-out FVU (docs/sae.md); False keeps
     the pure SGD result."""
 
-    @model_validator(mode="after")
-    def _check_topk(self) -> SAEConfig:
-        if self.architecture in ("topk", "batchtopk") and self.top_k > self.k:
-            raise ValueError(
-                f"top_k={self.top_k}: expected top_k <= k (the number of latents, {self.k})"
-            )
-        return self
 
-    @property
-    def d_sae(self) -> int:
-        return self.k
+class SAEConfig(TrainSchedule, SAEArchitectureConfig):
+    """Sparse autoencoder hyperparameters and training schedule, as one flat config.
+
+    The fields are those of :class:`SAEArchitectureConfig` (what the SAE is) and
+    :class:`TrainSchedule` (how it is trained), in that order; ``architecture_config()`` and
+    ``schedule()`` give the two parts and ``SAEConfig.from_parts(arch, schedule)`` joins
+    them. ``SAEConfig(k=..., lr=..., l1=..., epochs=...)`` is the seed's call.
+    """
+
+    def architecture_config(self) -> SAEArchitectureConfig:
+        """The architecture part (what the model and its ``cfg.json`` depend on)."""
+        return SAEArchitectureConfig.model_construct(
+            **{f: getattr(self, f) for f in SAEArchitectureConfig.model_fields}
+        )
+
+    def schedule(self) -> TrainSchedule:
+        """The training part: budget, optimiser schedule, losses, data stream, execution."""
+        return TrainSchedule.model_construct(
+            **{f: getattr(self, f) for f in TrainSchedule.model_fields}
+        )
+
+    @classmethod
+    def from_parts(
+        cls, architecture: SAEArchitectureConfig, schedule: TrainSchedule | None = None
+    ) -> SAEConfig:
+        """Join an architecture and a schedule (default: the default schedule)."""
+        if not isinstance(architecture, SAEArchitectureConfig):
+            raise TypeError(
+                f"architecture: expected an SAEArchitectureConfig, got {type(architecture).__name__}"
+            )
+        if schedule is not None and not isinstance(schedule, TrainSchedule):
+            raise TypeError(f"schedule: expected a TrainSchedule, got {type(schedule).__name__}")
+        parts = [(SAEArchitectureConfig, architecture)]
+        if schedule is not None:
+            parts.append((TrainSchedule, schedule))
+        return cls(**{f: getattr(obj, f) for part, obj in parts for f in part.model_fields})
 
 
 RUN_ROOT_RESERVED = frozenset(

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from integral_superposition.config import SAEArchitectureConfig
+
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 """The architectures the trainer trains."""
 LOADED_ARCHITECTURES = ("groupmax",)
@@ -313,6 +315,51 @@ class SparseAutoencoder(nn.Module):
             self.merge_index = None
 
     # -- seed compatibility -----------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        d_model: int,
+        arch: SAEArchitectureConfig,
+        *,
+        seed: int | None = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> SparseAutoencoder:
+        """A fresh SAE of the architecture ``arch`` (an ``SAEArchitectureConfig``, or an
+        ``SAEConfig``, which is one) on ``[n, d_model]`` activations."""
+        if not isinstance(arch, SAEArchitectureConfig):
+            raise TypeError(f"arch: expected an SAEArchitectureConfig, got {type(arch).__name__}")
+        return cls(
+            d_model,
+            arch.k,
+            architecture=arch.architecture,
+            top_k=arch.top_k,
+            jumprelu_bandwidth=arch.jumprelu_bandwidth,
+            jumprelu_init_threshold=arch.jumprelu_init_threshold,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+
+    def architecture_config(self) -> SAEArchitectureConfig:
+        """This SAE's ``SAEArchitectureConfig`` (``k`` is ``d_sae``; the JumpReLU initial
+        threshold is the config default, as a trained SAE has moved away from it)."""
+        if self.is_merged or self.architecture not in ARCHITECTURES or self.W_skip is not None:
+            raise ValueError(
+                f"architecture={self.architecture!r}{' (merged)' if self.is_merged else ''}: "
+                f"only an unmerged {', '.join(ARCHITECTURES)} SAE without a skip connection "
+                "has an SAEArchitectureConfig"
+            )
+        return SAEArchitectureConfig.model_construct(
+            k=self.d_sae,
+            architecture=self.architecture,
+            top_k=self.top_k,
+            jumprelu_bandwidth=self.bandwidth,
+            jumprelu_init_threshold=SAEArchitectureConfig.model_fields[
+                "jumprelu_init_threshold"
+            ].default,
+        )
+
     @property
     def k(self) -> int:
         """Number of latents (the seed's name for d_sae)."""

@@ -426,14 +426,8 @@ def train_saes(
     trainees = []
     for c in mine:
         hook = c.hook_point if c.hook_point and c.hook_point != "input" else source.hooks[0]
-        sae = SparseAutoencoder(
-            source.d_model,
-            c.k,
-            architecture=c.architecture,
-            top_k=c.top_k,
-            jumprelu_bandwidth=c.jumprelu_bandwidth,
-            jumprelu_init_threshold=c.jumprelu_init_threshold,
-            seed=c.seed,
+        sae = SparseAutoencoder.from_config(
+            source.d_model, c.architecture_config(), seed=c.seed
         ).to(dev)
         trainees.append(Trainee(c, sae, hook, dev, data_parallel=layout.mode == "data"))
     ckpt = Checkpoints(checkpoint_uri, storage_options) if checkpoint_uri else None
@@ -617,7 +611,8 @@ def train_sae(
         raise TypeError(f"model: expected a SparseAutoencoder, got {type(model).__name__}")
     if model.is_merged:
         raise ValueError("model: a merged SAE cannot be trained (its latents are fixed aggregates)")
-    cfg = cfg if cfg is not None else SAEConfig(k=model.d_sae, architecture=model.architecture)
+    if cfg is None:
+        cfg = SAEConfig.from_parts(model.architecture_config())
     if cfg.k != model.d_sae:
         raise ValueError(f"cfg.k={cfg.k} but the model has k={model.d_sae} latents")
     if cfg.architecture != model.architecture:
