@@ -127,12 +127,15 @@ def fisher_pq(
     p = np.ones(a.shape)
     need = (a > 0) & (n > 0)  # P(X >= 0) = 1
     if need.any():
-        # tables repeat (top sets share one size; labels few): each distinct (a, n, N_c) once
-        triples = np.stack(
-            [a[need], np.broadcast_to(n, a.shape)[need], np.broadcast_to(Nc, a.shape)[need]], 1
-        )
-        uniq, inv = np.unique(triples, axis=0, return_inverse=True)
-        p[need] = hypergeom.sf(uniq[:, 0] - 1, N, uniq[:, 2], uniq[:, 1])[inv.ravel()]
+        # tables repeat (top sets share one size; labels few): each distinct (a, n, c) once,
+        # found through one int64 key per table
+        aa, nn = a[need], np.broadcast_to(n, a.shape)[need]
+        cc = np.broadcast_to(np.arange(Nc.shape[1]), a.shape)[need]
+        base = int(nn.max()) + 1
+        key = (aa * base + nn) * Nc.shape[1] + cc
+        _, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        sf = hypergeom.sf(aa[first] - 1, N, Nc[0, cc[first]], nn[first])
+        p[need] = sf[inv.ravel()]
     p = np.clip(p, 0.0, 1.0)
     testable = np.broadcast_to(n > 0, a.shape)
     q = np.ones(a.shape)
