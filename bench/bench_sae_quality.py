@@ -56,6 +56,7 @@ def our_configs(args) -> dict[str, SAEConfig]:
     common = dict(
         k=D_SAE, batch_size=args.batch, epochs=args.epochs, lr=args.lr, lr_warmup_steps=50,
         dead_tokens=args.dead_tokens, auxk_coef=args.auxk_coef, log_every=50, seed=0,
+        refit_decoder=False,  # SAELens has no decoder refit: compare the SGD results
     )  # fmt: skip
     jump = dict(jumprelu_bandwidth=args.bandwidth, jumprelu_init_threshold=args.init_threshold)
     return {
