@@ -6,8 +6,10 @@ activations, once on 1 process and once on N (torchrun; gloo on the CPU, one pro
 with NCCL), with the same global batch and seed. Reported per run: tokens/s over the steps
 after ``--warmup``, the seconds per step, and the share of each step spent in the all-reduces
 (gradients, statistics, BatchTopK's joint threshold search when used) as measured on rank 0;
-then the largest weight difference between the two results (the correctness check: float
-rounding only).
+then the largest weight difference between the two results, beside the difference between
+the single process on its threads and on one thread: float rounding alone (a TopK selection
+flips on a near-tie and Adam amplifies the flipped rows over the steps). The parallel run is
+correct when its difference is of that size.
 
 On a CPU the processes share the cores (2 cores cannot show a speed-up: 1 process uses both
 through its threads, 2 processes one each), so the CPU numbers measure the overhead of the
@@ -106,16 +108,20 @@ def _store(path: str, n_tokens: int) -> str:
     return path
 
 
-def _run(nproc: int, args: argparse.Namespace, store: str, tmp: str) -> dict:
+def _run(
+    nproc: int, args: argparse.Namespace, store: str, tmp: str, threads: int | None = None
+) -> dict:
     from integral_superposition.distributed import run_torchrun
 
-    out = os.path.join(tmp, f"sae-{nproc}")
-    timings = os.path.join(tmp, f"timings-{nproc}.json")
+    tag = f"{nproc}-{threads or 'auto'}"
+    out = os.path.join(tmp, f"sae-{tag}")
+    timings = os.path.join(tmp, f"timings-{tag}.json")
     flags = ["--worker", "--store", store, "--out", out, "--timings", timings]
     flags += ["--steps", args.steps, "--warmup", args.warmup, "--batch", args.batch]
     flags += ["--d-sae", args.d_sae, "--architecture", args.architecture, "--device", args.device]
     lines: list[str] = []
-    run_torchrun(nproc, str(HERE), [str(f) for f in flags], on_line=lines.append)
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    run_torchrun(nproc, str(HERE), [str(f) for f in flags], env=env, on_line=lines.append)
     with open(timings) as f:
         row = json.load(f)
     row["out"] = out
@@ -158,11 +164,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         store = _store(os.path.join(tmp, "acts"), args.tokens)
         rows = [_run(1, args, store, tmp), _run(nproc, args, store, tmp)]
-        a, b = load_sae(rows[0]["out"]), load_sae(rows[1]["out"])
-        diff = max(
-            float((getattr(a, k) - getattr(b, k)).detach().abs().max())
-            for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-        )
+        # the same single process on one thread: how far float rounding alone moves the
+        # result (TopK selections flip on near-ties, and Adam amplifies the flipped rows)
+        rows.append(_run(1, args, store, tmp, threads=1))
+
+        def diff(x: dict, y: dict) -> float:
+            a, b = load_sae(x["out"]), load_sae(y["out"])
+            return max(
+                float((getattr(a, k) - getattr(b, k)).detach().abs().max())
+                for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+            )
+
+        d_par, d_threads = diff(rows[0], rows[1]), diff(rows[0], rows[2])
     print(
         f"\n{args.architecture} SAE d_in {D_IN}, d_sae {args.d_sae}, batch {args.batch}, "
         f"{args.steps} steps ({args.warmup} warm-up), device {args.device}"
@@ -177,7 +190,11 @@ def main() -> None:
             f"{r['all_reduce_s_per_step']:>18.4f} {share:>6.1%}"
         )
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    print(f"\n{nproc} vs 1 process: x{ratio:.2f} tokens/s; max |weight difference| {diff:.2e}")
+    print(f"\n{nproc} vs 1 process: x{ratio:.2f} tokens/s")
+    print(
+        f"max |weight difference|: {nproc} processes vs 1: {d_par:.2e}; "
+        f"1 process on 1 thread vs {rows[0]['threads']} (rounding alone): {d_threads:.2e}"
+    )
     sys.stdout.flush()
 
 
