@@ -19,7 +19,8 @@ torch.set_num_threads(1)
 
 from integral_superposition import SAEConfig, distributed  # noqa: E402
 from integral_superposition.dump.store import ActivationStore  # noqa: E402
-from integral_superposition.sae.train import train_saes  # noqa: E402
+from integral_superposition.sae import SparseAutoencoder, save_sae  # noqa: E402
+from integral_superposition.sae.train import train_sae, train_saes  # noqa: E402
 
 _BASE = dict(batch_size=64, epochs=1, lr=1e-2, lr_warmup_steps=3, log_every=5)
 
@@ -34,6 +35,14 @@ def dp_cfgs() -> list[SAEConfig]:
         ),
         SAEConfig(k=32, architecture="relu", l1=0.05, hook_point="b", **_BASE),
     ]
+
+
+def inplace_model() -> SparseAutoencoder:
+    return SparseAutoencoder(16, 40, architecture="topk", top_k=4, seed=7)
+
+
+def inplace_cfg() -> SAEConfig:
+    return SAEConfig(k=40, architecture="topk", top_k=4, hook_point="b", **_BASE)
 
 
 def mp_cfgs() -> list[SAEConfig]:
@@ -93,6 +102,11 @@ def main() -> None:
     if mode in ("parallel", "all"):
         names = ["dp-topk", "dp-batchtopk", "dp-relu"]
         train_saes(store, dp_cfgs(), [f"{out}/{n}" for n in names], progress=False, evaluate=False)
+        # the seed's call trains a given model in place: every rank ends with the same weights
+        model = inplace_model()
+        train_sae(model, store, inplace_cfg(), "cpu", progress=False)
+        if info.is_main:
+            save_sae(model, f"{out}/inplace")
         train_saes(
             store,
             mp_cfgs(),

@@ -18,15 +18,24 @@ import time
 
 import pytest
 import torch
-from _ddp_worker import PAUSE_STEP, dp_cfgs, mp_cfgs, online_cfgs, online_spec, slow_cfgs
+from _ddp_worker import (
+    PAUSE_STEP,
+    dp_cfgs,
+    inplace_cfg,
+    inplace_model,
+    mp_cfgs,
+    online_cfgs,
+    online_spec,
+    slow_cfgs,
+)
 from integral_superposition import distributed, storage
 from integral_superposition.dump.synthetic import (
     sparse_dictionary_activations,
     write_activation_store,
 )
-from integral_superposition.sae import load_sae
+from integral_superposition.sae import load_sae, save_sae
 from integral_superposition.sae.launch import launch_train_saes
-from integral_superposition.sae.train import train_saes
+from integral_superposition.sae.train import train_sae, train_saes
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 DP_NAMES = ["dp-topk", "dp-batchtopk", "dp-relu"]
@@ -83,6 +92,9 @@ def test_two_ranks_equal_one_and_resume_after_kill(store, tmp_path, one_thread, 
         train_saes(
             store, dp_cfgs(), [f"{ref}/{n}" for n in DP_NAMES], progress=False, evaluate=False
         )
+        model = inplace_model()
+        train_sae(model, store, inplace_cfg(), "cpu", progress=False)
+        save_sae(model, f"{ref}/inplace")
         train_saes(store, mp_cfgs(), [f"{ref}/mp-a", f"{ref}/mp-b"], progress=False, evaluate=False)
         (slow_ref,) = train_saes(
             store, slow_cfgs(), [f"{ref}/slow"], progress=False, evaluate=False
@@ -120,6 +132,8 @@ def test_two_ranks_equal_one_and_resume_after_kill(store, tmp_path, one_thread, 
             assert ca[-1][key] == pytest.approx(cb[-1][key], rel=1e-4, abs=1e-6), (n, key)
     # the AuxK run had dead latents, so the summed dead-latent counters were exercised
     assert max(c["dead_frac"] for c in _curve(f"{ref}/dp-topk")) > 0
+    # train_sae (in place) under torchrun is data-parallel too
+    assert max(_max_diff(f"{out}/inplace", f"{ref}/inplace").values()) <= 1e-5
     # (c) module-parallel: each SAE on its own rank equals its single-process twin
     for n in ("mp-a", "mp-b"):
         assert max(_max_diff(f"{out}/{n}", f"{ref}/{n}").values()) == 0.0, n
