@@ -146,7 +146,9 @@ def test_configs_bypassing_validation_are_rechecked(store, tmp_path):
 
 
 def test_model_top_k_out_of_range():
-    with pytest.raises(ValueError, match=r"top_k=40: expected 0 < top_k <= k=32"):
+    with pytest.raises(
+        ValueError, match=r"top_k=40: expected top_k <= k \(the number of latents, 32\)"
+    ):
         SparseAutoencoder(16, 32, architecture="topk", top_k=40)
     with pytest.raises(ValueError, match=r"top_k=0"):
         SparseAutoencoder(16, 32, architecture="batchtopk", top_k=0)

@@ -49,6 +49,11 @@ def test_top_k_is_checked_on_every_part_that_holds_it():
     for cls in (SAEConfig, SAEArchitectureConfig):
         with pytest.raises(pydantic.ValidationError, match=r"top_k=8: expected top_k <= k"):
             cls(k=4, top_k=8, architecture="topk")
+    # the model applies the same rule with the same words
+    with pytest.raises(
+        ValueError, match=r"top_k=8: expected top_k <= k \(the number of latents, 4\)"
+    ):
+        SparseAutoencoder(16, 4, architecture="topk", top_k=8)
     with pytest.raises(pydantic.ValidationError, match="refit_decoder"):
         TrainSchedule(refit_decoder="sometimes")
 

@@ -70,6 +70,19 @@ MAX_LATENTS = 1 << 28
 """Largest ``SAEConfig.k`` accepted: 268,435,456 latents, eight times the largest published
 SAEs; whether a width fits this machine is checked against its memory when training starts."""
 
+TOPK_FAMILY = ("topk", "batchtopk", "groupmax")
+"""Architectures whose ``top_k`` is the number of active latents per token."""
+
+
+def check_top_k(architecture: str, top_k: Any, k: int) -> None:
+    """The one rule tying ``top_k`` to the width, shared by ``SAEArchitectureConfig`` and
+    ``SparseAutoencoder``: ``1 <= top_k <= k`` for the TopK family (``k``: latents before a
+    merge); ``ValueError`` naming both otherwise."""
+    if architecture in TOPK_FAMILY and not (isinstance(top_k, int) and 1 <= top_k <= k):
+        raise ValueError(
+            f"top_k={top_k!r}: expected top_k <= k (the number of latents, {k}) and top_k >= 1"
+        )
+
 
 DEAD_WINDOW_MAX = 10_000_000
 """Largest automatic dead-latent window, in tokens."""
@@ -119,10 +132,7 @@ class SAEArchitectureConfig(_Config):
 
     @model_validator(mode="after")
     def _check_topk(self) -> SAEArchitectureConfig:
-        if self.architecture in ("topk", "batchtopk") and self.top_k > self.k:
-            raise ValueError(
-                f"top_k={self.top_k}: expected top_k <= k (the number of latents, {self.k})"
-            )
+        check_top_k(self.architecture, self.top_k, self.k)
         return self
 
     @property

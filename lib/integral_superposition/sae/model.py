@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from integral_superposition.config import SAEArchitectureConfig
+from integral_superposition.config import SAEArchitectureConfig, check_top_k
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 """The architectures the trainer trains."""
@@ -257,8 +257,7 @@ class SparseAutoencoder(nn.Module):
                     f"merge_index: values must cover every merged latent 0..{k - 1} (k={k}); got range [{lo}, {hi}] with empty latents"
                 )
         d_pre = k if merge_index is None else int(merge_index.numel())
-        if architecture in ("topk", "batchtopk", "groupmax") and not 0 < top_k <= d_pre:
-            raise ValueError(f"top_k={top_k}: expected 0 < top_k <= k={d_pre}")
+        check_top_k(architecture, top_k, d_pre)
         if architecture == "groupmax" and d_pre % top_k:
             raise ValueError(
                 f"top_k={top_k}: a groupmax SAE splits its k={d_pre} latents into top_k equal "
