@@ -109,3 +109,21 @@ def test_a_missing_train_deployment_is_named_before_anything_is_written(prefect_
                               "dump-partition/absent", "fanout.train": "in_process"})
         )  # fmt: skip
     check_deployments(_cfg(tmp_path, **{"fanout.train": "in_process"}))
+
+
+def test_groups_and_run_names_of_each_training_fanout(tmp_path):
+    from integral_superposition.flows.experiment import group_jobs
+    from integral_superposition.tasks.fanout import train_run_name
+
+    cfg = _cfg(tmp_path, sweep={"layer": [1, 2], "k": [64, 128]})
+    jobs = cfg.sae_jobs()
+    by_hook = group_jobs(jobs, "per_hook_point")
+    assert [[j.name for j in g] for g in by_hook] == [
+        ["layer1-topk-k64", "layer1-topk-k128"], ["layer2-topk-k64", "layer2-topk-k128"],
+    ]  # fmt: skip
+    assert group_jobs(jobs, "in_process") == by_hook  # one pass over the store per hook point
+    per_sae = group_jobs(jobs, "per_sae")
+    assert [g[0].name for g in per_sae] == [j.name for j in jobs]
+    assert all(len(g) == 1 for g in per_sae)
+    assert [train_run_name(g) for g in by_hook] == ["train-layer1", "train-layer2"]
+    assert train_run_name(per_sae[1]) == "layer1-topk-k128"
