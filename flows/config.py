@@ -109,6 +109,21 @@ class FlowExperimentConfig(ExperimentConfig):
             return data.model_dump()
         return data
 
+    @model_validator(mode="after")
+    def _online_in_process(self) -> FlowExperimentConfig:
+        # online training is one task: one stream of forward passes feeds every SAE
+        if self.online.enabled and self.fanout.train != "in_process":
+            raise ValueError(
+                f"fanout.train={self.fanout.train!r}: online.enabled trains every SAE in one "
+                "task of the experiment flow; expected fanout.train='in_process'"
+            )
+        if self.online.enabled and self.fanout.gpus_per_run > 1:
+            raise ValueError(
+                f"fanout.gpus_per_run={self.fanout.gpus_per_run}: online.enabled trains in one "
+                "process; expected 1 (torchrun runs online training from the library)"
+            )
+        return self
+
     @classmethod
     def preset_defaults(cls, preset: str) -> dict[str, Any]:
         """The orchestration settings of a shipped preset."""

@@ -49,3 +49,14 @@ def test_isup_run_online_completes_analysis_merge_and_steering(prefect_api, tmp_
     m = storage.read_manifest(str(sae_dir))
     assert m["metrics"]["train_tokens"] > sample.n_tokens  # trained on far more than it kept
     assert (root / "report" / "report.html").exists()
+
+
+def test_online_with_a_training_fanout_is_refused_naming_the_field():
+    from integral_superposition.experiment import ConfigError
+    from integral_superposition.flows.config import load_preset
+
+    with pytest.raises(ConfigError, match=r"fanout\.train='per_sae'.*online\.enabled"):
+        load_preset("smoke", ["online.enabled=true", "fanout.train=per_sae"])
+    with pytest.raises(ConfigError, match=r"fanout\.gpus_per_run=2"):
+        load_preset("smoke", ["online.enabled=true", "fanout.gpus_per_run=2"])
+    assert load_preset("smoke", ["online.enabled=true"]).online.enabled
