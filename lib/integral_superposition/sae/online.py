@@ -176,6 +176,7 @@ class OnlineSource:
         else:
             self.total = max(1, int(cfg.epochs * self.per_epoch))
         self._where: tuple[int, int, np.ndarray, np.ndarray] | None = None
+        self._first: tuple[dict[str, torch.Tensor], Any] | None = None
         self._store: ActivationStore | None = None
         self._writer: ShardWriter | None = None
         if spec.write_store:
@@ -263,20 +264,22 @@ class OnlineSource:
         return None
 
     def sample(self, n: int) -> dict[str, torch.Tensor]:
-        """About ``n`` training rows per hook point (whole documents in a seeded order),
-        float32 ``[n, d]``; costs the forward passes of those documents."""
-        docs = np.random.default_rng([self.cfg.seed, 3]).permutation(self.train_docs)
-        take = int(np.searchsorted(np.cumsum(self.n_kept[docs]), n, side="left")) + 1
-        docs = np.sort(docs[:take])
-        docs = docs[forward_order(docs, self.n_tok[docs], self.n_kept[docs], self.dump)]
-        hooks = [h for h in self.hook_points if h.name in self.hooks]
+        """Up to ``n`` training rows per hook point, float32 ``[n, d]``: the first rows of
+        the first epoch's (shuffled) windows. The first window is kept for :meth:`batches`,
+        which starts with it: the initialisation costs no forward pass of its own."""
         parts: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
-        for batch in capture_batches(
-            self.spec.backend, self.texts, docs, self.dump, hooks, self.mask
-        ):
+        got = 0
+        for w, window in enumerate(self.windows(0)):
+            acts = self._fill(0, w, window)
+            if w == 0:
+                self._first = (acts, self._where)
+            take = min(n - got, window.rows)
             for h in self.hooks:
-                parts[h].append(batch.acts[h].float().cpu())
-        return {h: torch.cat(p)[:n] for h, p in parts.items()}
+                parts[h].append(acts[h][:take].cpu())
+            got += take
+            if got >= n:
+                break
+        return {h: torch.cat(p) for h, p in parts.items()}
 
     def batches(self, start: int) -> Iterator[tuple[dict[str, torch.Tensor], Any]]:
         bs, total = self.cfg.batch_size, self.total
@@ -288,7 +291,11 @@ class OnlineSource:
                     continue
                 if window.batches == 0:
                     continue
-                acts = self._fill(epoch, w, window)
+                if epoch == 0 and w == 0 and self._first is not None:
+                    acts, self._where = self._first  # filled by sample()
+                else:
+                    acts = self._fill(epoch, w, window)
+                self._first = None
                 for b in range(window.batches):
                     if step >= total:
                         return
