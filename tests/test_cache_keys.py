@@ -69,6 +69,16 @@ def test_every_step_names_what_it_runs():
         assert step.cache_policy.entry_points, step.name
 
 
+def test_a_template_edit_changes_the_steps_that_render_pages(edit_source):
+    before, whole = _keys(), version.code_version()
+    edit_source("viz/templates/report.html.j2")
+    after = _keys()
+    assert version.code_version() != whole
+    assert after["build-report"] != before["build-report"]
+    for name in ("resolve-dataset", "dump-activations", "train-saes"):
+        assert after[name] == before[name], name
+
+
 def test_viz_edit_keeps_dump_and_training_keys_and_changes_the_report(edit_source):
     before, whole = _keys(), version.code_version()
     edit_source("viz/report.py")

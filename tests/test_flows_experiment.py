@@ -114,6 +114,10 @@ def test_smoke_experiment_runs_end_to_end(first_run):
     probe = pd.read_parquet(storage.join(root, "results_probe.parquet"))
     assert set(probe["sae"]) == {"layer2-topk-k128"} and "dense" in set(probe["method"])
     assert "Sparse probing" in html
+    # the headline table compares the merge and the steering with their controls
+    for group in ("SAE", "Sparse probing", "Merge", "Steering"):
+        assert f'<tr class="group"><th colspan="4">{group}</th></tr>' in html, group
+    assert "random partition: " in html and "random latent " in html
 
 
 def test_the_prefect_ui_gets_progress_tables_a_summary_and_events(first_run):

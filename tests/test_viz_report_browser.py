@@ -70,8 +70,11 @@ def report_page(demo_store, tmp_path_factory):
         "n_prompts": 12,
         "ppl_ratio_max": 2.0,
         "latents": [
-            {"latent": 3, "label": "sports", "best_share": 0.58, "best_share_ci_low": 0.41,
-             "best_share_ci_high": 0.73, "random_latent": 7, "random_share_at_best": 0.12},
+            {"latent": 3, "label": "sports", "n": 48, "baseline_share": 0.1,
+             "best_share": 0.58, "best_share_lo": 0.41, "best_share_hi": 0.73,
+             "random_latent": 7, "random_share_at_best": 0.12,
+             "random_share_at_best_lo": 0.05, "random_share_at_best_hi": 0.25,
+             "classifier_valid": True},
         ],
     }  # fmt: skip
     data = storage.canonical_json(summary).encode()
@@ -178,8 +181,10 @@ def test_merge_and_steering_sit_beside_their_controls(report_page, browser):
     assert "32 -> 16 latents" in rows["merged FVU"][2]
     (steer,) = [k for k in rows if k.startswith("share of 'sports'")]
     assert "L3" in steer and "2x perplexity" in steer
-    assert rows[steer][:2] == ["0.58 [0.41, 0.73]", "random latent 7: 0.12"]
-    assert rows[steer][2].startswith("held-out") and "12 neutral prompts" in rows[steer][2]
+    assert rows[steer][:2] == ["0.58 [0.41, 0.73]", "random latent 7: 0.12 [0.05, 0.25]"]
+    on = rows[steer][2]
+    assert on.startswith("held-out") and "12 neutral prompts, 48 per strength" in on
+    assert "unsteered 0.10" in on
 
 
 def test_a_report_of_an_sae_alone_has_a_headline_of_dashes(tmp_path, browser):

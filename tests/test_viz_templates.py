@@ -100,3 +100,33 @@ def test_printed_values_are_escaped_marked_and_missing_reads_a_dash():
         s={"anchor": "x", "title": "<i>", "split": "held-out", "paragraphs": ["p"],
            "html_text": None, "links": [], "tables": [], "figures": [], "generations": None},
     )  # fmt: skip
+
+
+class _HostileTokenizer:
+    def batch_decode(self, seqs, **_):
+        return ["<script>alert(1)</script>\u202e" if s[0] % 2 else "\n" for s in seqs]
+
+
+def test_the_notebook_panel_shows_tokens_as_text(demo_store):
+    import html.parser
+
+    import torch
+    from integral_superposition.sae import SparseAutoencoder
+    from integral_superposition.viz.panels import top_activations_panel
+
+    sae = SparseAutoencoder(demo_store.d_model, 8, seed=0)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)  # every latent fires: shaded tokens
+    panel = top_activations_panel(0, demo_store, sae, tokenizer=_HostileTokenizer(), top_titles=3)
+    tags, text = [], []
+    parser = html.parser.HTMLParser()
+    parser.handle_starttag = lambda tag, attrs: tags.append((tag, dict(attrs)))
+    parser.handle_data = text.append
+    parser.feed(panel._repr_html_())
+    assert "script" not in [t for t, _ in tags]
+    body = "".join(text)
+    assert "<script>alert(1)</script>⟨U+202E⟩" in body and "↵" in body
+    rows = [a for t, a in tags if t == "div" and a.get("class") == "ex"]
+    assert len(rows) == 3
+    shaded = [a for t, a in tags if t == "span" and a.get("class", "").startswith("a")]
+    assert shaded and all(float(a["title"]) > 0 for a in shaded if a["class"] != "a0")

@@ -23,11 +23,24 @@ read_source: Callable[[Path], bytes] = Path.read_bytes
 """How the hashes read a module's source (one place, so a test can show an edit)."""
 
 
+MODULE_DATA = {f"{LIBRARY}.viz.templates": "viz/templates"}
+"""Package data that counts as a module's source: the folder (relative to the library) of the
+templates a module renders, so an edited template changes the code version of every step
+that renders it."""
+
+
+def _data_files(module: str) -> list[Path]:
+    folder = MODULE_DATA.get(module)
+    return sorted(p for p in (LIBRARY_ROOT / folder).rglob("*") if p.is_file()) if folder else []
+
+
 @functools.cache
 def library_source_hash() -> str:
-    """SHA-256 over the library's ``.py`` files (path and content), in sorted order."""
+    """SHA-256 over the library's ``.py`` files and templates (path and content), in sorted
+    order."""
     h = hashlib.sha256()
-    for path in sorted(LIBRARY_ROOT.rglob("*.py")):
+    data = [p for m in sorted(MODULE_DATA) for p in _data_files(m)]
+    for path in sorted([*LIBRARY_ROOT.rglob("*.py"), *data]):
         h.update(path.relative_to(LIBRARY_ROOT).as_posix().encode())
         h.update(b"\0")
         h.update(read_source(path))
@@ -71,8 +84,9 @@ def _modules_hash(modules: frozenset[str]) -> str:
     for module in sorted(modules):
         h.update(module.encode())
         h.update(b"\0")
-        h.update(read_source(files[module]))
-        h.update(b"\0")
+        for path in [files[module], *_data_files(module)]:
+            h.update(read_source(path))
+            h.update(b"\0")
     return h.hexdigest()
 
 

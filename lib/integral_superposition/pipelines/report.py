@@ -200,7 +200,7 @@ def build_experiment_report(
     if not saes:
         raise ValueError("saes is empty: the report needs at least one trained SAE")
     check_same_activations(saes, [*analyses, *merges, *steering], storage_options)
-    analysis_of = _by_name(analyses)
+    analysis_of, merge_of, steer_of = _by_name(analyses), _by_name(merges), _by_name(steering)
     extra_dirs = {s.name: storage.join(report_dir, "saes", s.name) for s in saes[1:]}
     links = {name: f"saes/{name}/report.html" for name in extra_dirs}
     pages = {}
@@ -214,6 +214,8 @@ def build_experiment_report(
             title=title if i == 0 else f"{title}: {sae.name}",
             analysis=analysis_of[sae.name].uri if sae.name in analysis_of else None,
             sae=sae.uri,
+            merge=merge_of[sae.name].uri if sae.name in merge_of else None,
+            steering=steer_of[sae.name].uri if sae.name in steer_of else None,
             config=config,
             top_per_label=top_per_label,
             storage_options=storage_options,

@@ -58,6 +58,8 @@ class HeadlineRow:
     """What the number was measured on (token or document counts, the prompt set)."""
     interval: tuple[float, float] | None = None
     """A 95% interval of ``value``."""
+    control_interval: tuple[float, float] | None = None
+    """A 95% interval of ``control``."""
     latent: int | None = None
     """The latent the row is about (linked to its dashboard)."""
     href: str | None = None
@@ -65,22 +67,26 @@ class HeadlineRow:
     tokens: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def shown(self) -> str:
-        """The value as text (``-`` when missing), with its interval."""
-        if isinstance(self.value, str):
-            return self.value
-        text = fmt(self.value, self.spec)
-        if self.interval is not None and text != MISSING:
-            lo, hi = (fmt(v, self.spec) for v in self.interval)
+    def _with_interval(self, value: Any, interval: tuple[float, float] | None) -> str:
+        if isinstance(value, str):
+            return value
+        text = fmt(value, self.spec)
+        if interval is not None and text != MISSING:
+            lo, hi = (fmt(v, self.spec) for v in interval)
             text += f" [{lo}, {hi}]"
         return text
 
     @property
+    def shown(self) -> str:
+        """The value as text (``-`` when missing), with its interval."""
+        return self._with_interval(self.value, self.interval)
+
+    @property
     def control_shown(self) -> str:
+        """The control as ``name: value [interval]`` (``-`` when there is none)."""
         if self.control is None and not self.control_name:
             return MISSING
-        value = self.control if isinstance(self.control, str) else fmt(self.control, self.spec)
+        value = self._with_interval(self.control, self.control_interval)
         return f"{self.control_name}: {value}" if self.control_name else value
 
 
@@ -323,6 +329,20 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
     bound = _num(summary.get("ppl_ratio_max")) or 2.0
     rows = []
     for lat in summary.get("latents") or []:
+        detail = (
+            f"generations from {summary['n_prompts']} neutral prompts"
+            if summary.get("n_prompts")
+            else "generations from neutral prompts"
+        )
+        if _num(lat.get("n")) is not None:
+            detail += f", {int(lat['n'])} per strength"
+        base = _num(lat.get("baseline_share"))
+        if base is not None:
+            detail += f"; unsteered {base:.2f}"
+        if lat.get("classifier_valid") is False:
+            detail += "; the classifier cannot judge this label" + (
+                f" ({lat['classifier_note']})" if lat.get("classifier_note") else ""
+            )
         rows.append(
             HeadlineRow(
                 "Steering",
@@ -332,14 +352,11 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
                 ".2f",
                 interval=_interval(lat, "best_share"),
                 control=_num(lat.get("random_share_at_best")),
+                control_interval=_interval(lat, "random_share_at_best"),
                 control_name=f"random latent {lat.get('random_latent', '')}".strip(),
                 latent=None if lat.get("latent") is None else int(lat["latent"]),
                 split=HELD_OUT,
-                detail=(
-                    f"generations from {summary['n_prompts']} neutral prompts"
-                    if summary.get("n_prompts")
-                    else "generations from neutral prompts"
-                ),
+                detail=detail,
             )
         )
     return rows

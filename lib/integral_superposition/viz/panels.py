@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from markupsafe import escape
+from markupsafe import Markup, escape
 
 from integral_superposition.analysis.jaccard_sparse import Neighbours
 from integral_superposition.analysis.logit_lens import LogitLens
@@ -49,6 +49,7 @@ from integral_superposition.viz.templates import (
     cut_markup,
     display_token,
     fmt,
+    render,
     token_markup,
     visible_text,
 )
@@ -131,10 +132,6 @@ def _csp(script: str | None) -> str:
         f"default-src 'none'; script-src {src}; style-src 'unsafe-inline'; img-src data:; "
         "font-src 'none'; connect-src 'none'; form-action 'none'; base-uri 'none'"
     )
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return fmt(v, spec)
 
 
 CSS = (
@@ -233,9 +230,10 @@ class _Prepared:
         K = data.n_latents
         ex = data.examples
         ids = np.array(sorted(int(i) for i in data.token_text), dtype=np.int64)
-        shown = [token_html(data.token_text[int(i)]) for i in ids]
+        shown = [token_markup(data.token_text[int(i)]) for i in ids]
         self.tok_html = {int(i): h for i, h in zip(ids, shown, strict=True)}
-        vocab_html = np.array(["", *shown], dtype=object)
+        # plain str: numpy's string concatenation below must not re-escape the markup around
+        vocab_html = np.array(["", *map(str, shown)], dtype=object)
         if ids.size:
             pos = np.searchsorted(ids, ex.token_ids).clip(0, ids.size - 1)
             known = (ex.token_ids >= 0) & (ids[pos] == ex.token_ids)
@@ -268,12 +266,13 @@ class _Prepared:
             for h, r in zip(head, spans, strict=True)
         ]
         order = np.lexsort((ex.rank, ex.kind, ex.latents))
-        self.lines = np.array(lines, dtype=object)[order]
+        # pre-rendered rows of escaped tokens and numbers: inserted into the pages as markup
+        self.lines = np.array([Markup(line) for line in lines], dtype=object)[order]
         self.kind = ex.kind[order]
         starts = np.searchsorted(ex.latents[order], np.arange(K + 1))
         self.starts = starts
         self.enrich = self._enrichment_rows(data)
-        self.nb_html = self._neighbour_html(data)
+        self.neighbours = self._neighbour_lists(data)
 
     def _enrichment_rows(self, data: DashboardData) -> dict[str, dict[str, np.ndarray]]:
         out: dict[str, dict[str, np.ndarray]] = {}
@@ -302,112 +301,104 @@ class _Prepared:
             }
         return out
 
-    def _neighbour_html(self, data: DashboardData) -> list[str] | None:
+    def _neighbour_lists(self, data: DashboardData) -> list[list[tuple[int, float]]] | None:
         nb = data.neighbours
         if nb is None:
             return None
-        out = []
-        for idx, jac in zip(nb.index, nb.jaccard, strict=True):
-            ok = idx >= 0
-            out.append(
-                ", ".join(
-                    f'<a href="{int(i):05d}.html">L{int(i)}</a> <span class="mut">{j:.2f}</span>'
-                    for i, j in zip(idx[ok], jac[ok], strict=True)
-                )
-                or '<span class="mut">no co-activating latent in the sample</span>'
-            )
-        return out
+        return [
+            [(int(i), float(jc)) for i, jc in zip(idx[idx >= 0], jac[idx >= 0], strict=True)]
+            for idx, jac in zip(nb.index, nb.jaccard, strict=True)
+        ]
 
 
 # -- latent page -------------------------------------------------------------------------------
-def _hist_svg(data: DashboardData, j: int) -> str:
+def _hist_view(data: DashboardData, j: int) -> dict[str, Any] | None:
+    """The activation histogram as SVG rectangles stacked by label (None: no histogram)."""
     if data.hist is None or data.hist_edges is None:
-        return ""
+        return None
     h = data.hist[j]  # [C, nb]
     tot = h.sum(0)
     nz = np.flatnonzero(tot)
     if nz.size == 0:
-        return '<p class="mut">never fires</p>'
+        return {"never": True}
     lo, hi = int(nz[0]), int(nz[-1]) + 1
     h, tot = h[:, lo:hi], tot[lo:hi]
     W, H, pad = 420, 120, 18
     bw = (W - 2) / h.shape[1]
     top = float(tot.max())
-    parts = [
-        f'<svg width="{W}" height="{H + pad}" viewBox="0 0 {W} {H + pad}" role="img" aria-label="activation histogram">'
-    ]
+    # one page holds hundreds of bars: drawn here as markup (numbers, colours and the
+    # labels' escaped names), the rest of the page by the template
+    names = [esc(n) for n in data.label_names]
+    rects = []
     for b in range(h.shape[1]):
         y = float(H)
         for c in np.flatnonzero(h[:, b]):
             hh = H * float(h[c, b]) / top
             y -= hh
-            name = data.label_names[c] if c < len(data.label_names) else str(c)
-            parts.append(
-                f'<rect x="{1 + b * bw:.1f}" y="{y:.1f}" width="{max(bw - 0.6, 0.6):.1f}" height="{hh:.1f}" '
-                f'fill="{label_color(c)}"><title>{esc(name)}: {int(h[c, b])}</title></rect>'
+            name = names[c] if c < len(names) else str(c)
+            rects.append(
+                f'<rect x="{1 + b * bw:.1f}" y="{y:.1f}" width="{max(bw - 0.6, 0.6):.1f}" '
+                f'height="{hh:.1f}" fill="{label_color(c)}"><title>{name}: {int(h[c, b])}</title></rect>'
             )
     e = data.hist_edges
-    parts.append(f'<text x="1" y="{H + 13}">{10 ** e[lo]:.3g}</text>')
-    parts.append(f'<text x="{W - 1}" y="{H + 13}" text-anchor="end">{10 ** e[hi]:.3g}</text>')
-    parts.append(
-        f'<text x="{W / 2}" y="{H + 13}" text-anchor="middle">activation (log scale), {int(tot.sum())} firing tokens</text>'
-    )
-    parts.append("</svg>")
-    legend = " ".join(
-        f'<span class="pill" style="background:{label_color(c)}">{esc(n)}</span>'
-        for c, n in enumerate(data.label_names)
-    )
-    return "".join(parts) + f"<div>{legend}</div>"
+    return {
+        "never": False,
+        "W": W,
+        "H": H,
+        "pad": pad,
+        "rects": Markup("".join(rects)),
+        "lo": float(10 ** e[lo]),
+        "hi": float(10 ** e[hi]),
+        "total": int(tot.sum()),
+        "legend": [(n, label_color(c)) for c, n in enumerate(data.label_names)],
+    }
 
 
-def _enrichment_html(prep: _Prepared, j: int) -> str:
+def _enrichment_view(prep: _Prepared, j: int) -> dict[str, Any] | None:
+    """Latent ``j``'s enrichment row per label, one block of cells per level."""
     data = prep.data
     if not prep.enrich:
-        return '<p class="mut">no enrichment (unlabelled data)</p>'
+        return None
     levels = list(prep.enrich)
-    head = (
-        "<tr><th>label</th>"
-        + "".join(
-            f"<th>{esc(lv)}: in set</th><th>base rate</th><th>log odds</th><th>q</th><th>AUROC</th>"
-            for lv in levels
-        )
-        + "</tr>"
-    )
     rows = []
     for c, name in enumerate(data.label_names):
-        sig = any(bool(prep.enrich[lv]["significant"][j, c]) for lv in levels)
-        cells = [f"<td>{esc(name)}</td>"]
+        cells = []
         for lv in levels:
             e = prep.enrich[lv]
             cells.append(
-                f'<td class="n">{int(e["in_set"][j, c])}/{int(e["set_size"][j, c])}</td>'
-                f'<td class="n">{_fmt(float(e["base_rate"][j, c]), ".3f")}</td>'
-                f'<td class="n">{_fmt(float(e["log_odds"][j, c]), ".2f")}</td>'
-                f'<td class="n">{_fmt(float(e["q"][j, c]), ".2e")}</td>'
-                f'<td class="n">{_fmt(float(e["auroc"][j, c]), ".3f")}</td>'
+                {
+                    "in_set": int(e["in_set"][j, c]),
+                    "set_size": int(e["set_size"][j, c]),
+                    **{k: float(e[k][j, c]) for k in ("base_rate", "log_odds", "q", "auroc")},
+                }
             )
-        rows.append(f'<tr class="{"sig" if sig else ""}">{"".join(cells)}</tr>')
-    return f"<table>{head}{''.join(rows)}</table>"
+        sig = any(bool(prep.enrich[lv]["significant"][j, c]) for lv in levels)
+        rows.append({"label": name, "sig": sig, "cells": cells})
+    return {"levels": levels, "rows": rows}
 
 
-def _lens_html(prep: _Prepared, j: int) -> str:
+def _lens_view(prep: _Prepared, j: int) -> list[dict[str, Any]] | None:
+    """The promoted and suppressed tokens of latent ``j`` (None: no logit lens; []: not this
+    latent)."""
     lens = prep.data.lens
     if lens is None:
-        return '<p class="mut">no logit lens (run the analysis with a backend)</p>'
+        return None
     pos = np.searchsorted(lens.latents, j)
     if pos >= lens.latents.size or lens.latents[pos] != j:
-        return ""
-    cols = []
-    for title, ids, vals in (
-        ("promoted", lens.promoted_ids[pos], lens.promoted_logits[pos]),
-        ("suppressed", lens.suppressed_ids[pos], lens.suppressed_logits[pos]),
-    ):
-        rows = "".join(
-            f'<tr><td class="tok">{prep.tok_html.get(int(t), esc(f"<{int(t)}>"))}</td><td class="n">{float(v):+.3f}</td></tr>'
-            for t, v in zip(ids, vals, strict=True)
+        return []
+    return [
+        {
+            "title": title,
+            "rows": [
+                (prep.tok_html.get(int(t), f"<{int(t)}>"), float(v))
+                for t, v in zip(ids, vals, strict=True)
+            ],
+        }
+        for title, ids, vals in (
+            ("promoted", lens.promoted_ids[pos], lens.promoted_logits[pos]),
+            ("suppressed", lens.suppressed_ids[pos], lens.suppressed_logits[pos]),
         )
-        cols.append(f"<div><b>{title}</b><table class=lens>{rows}</table></div>")
-    return f'<div class="cols">{"".join(cols)}</div>'
+    ]
 
 
 def render_latent_page(
@@ -418,21 +409,19 @@ def render_latent_page(
     K = data.n_latents
     row = data.table.iloc[j]
     dead = bool(row.get("dead", False))
-    kv = [
-        ("density", _fmt(float(row["density"]), ".3e")),
+    kv: list[tuple[str, Any]] = [
+        ("density", fmt(float(row["density"]), ".3e")),
         ("fires on", f"{int(row['fire_count'])} tokens"),
-        ("max activation", _fmt(float(row["max_act"]), ".4g")),
-        ("mean when active", _fmt(float(row.get("mean_when_active", float("nan"))), ".4g")),
+        ("max activation", fmt(float(row["max_act"]), ".4g")),
+        ("mean when active", fmt(float(row.get("mean_when_active", float("nan"))), ".4g")),
     ]
     if "best_label" in row and isinstance(row["best_label"], str):
-        kv.append(
-            ("best label (token)", f"{esc(row['best_label'])} (q {_fmt(float(row['q']), '.2e')})")
-        )
+        kv.append(("best label (token)", f"{row['best_label']} (q {fmt(float(row['q']), '.2e')})"))
     if "doc_best_label" in row and isinstance(row["doc_best_label"], str):
         kv.append(
             (
                 "best label (document)",
-                f"{esc(row['doc_best_label'])} (q {_fmt(float(row['doc_q']), '.2e')})",
+                f"{row['doc_best_label']} (q {fmt(float(row['doc_q']), '.2e')})",
             )
         )
     if bool(row.get("generic", False)):
@@ -441,21 +430,26 @@ def render_latent_page(
         kv.append(
             (
                 "generic (artefact)",
-                f"{esc(token)} in {_fmt(100 * share, '.0f')}% of top contexts, in every label",
+                f"{token} in {fmt(100 * share, '.0f')}% of top contexts, in every label",
             )
         )
     if "decoder_norm" in row:
-        kv.append(("decoder norm", _fmt(float(row["decoder_norm"]), ".3f")))
+        kv.append(("decoder norm", fmt(float(row["decoder_norm"]), ".3f")))
     if "max_decoder_cos" in row:
         partner = int(row["max_cos_partner"])
-        link = f'<a href="{partner:05d}.html">L{partner}</a>' if partner >= 0 else ""
-        kv.append(("max decoder cos", f"{_fmt(float(row['max_decoder_cos']), '.3f')} {link}"))
+        cos = fmt(float(row["max_decoder_cos"]), ".3f")
+        kv.append(
+            (
+                "max decoder cos",
+                Markup('{} <a href="{:05d}.html">L{}</a>').format(cos, partner, partner)
+                if partner >= 0
+                else cos,
+            )
+        )
     if "cluster" in row and pd.notna(row["cluster"]):
-        kv.append(("cluster", esc(row["cluster"])))
-    grid = "".join(f'<div class="kv"><b>{esc(k)}</b>{v}</div>' for k, v in kv)
+        kv.append(("cluster", str(row["cluster"])))
     a, b = int(prep.starts[j]), int(prep.starts[j + 1])
     lines, kinds = prep.lines[a:b], prep.kind[a:b]
-    top_html = "".join(lines[kinds < 0]) or '<p class="mut">never fires on the analysed tokens</p>'
     bands = []
     if data.quantile_edges is not None:
         edges = data.quantile_edges[j]
@@ -463,47 +457,40 @@ def render_latent_page(
         for band in range(nb - 1, -1, -1):
             sel = lines[kinds == band][::-1]  # highest first, like the top examples
             if sel.size:
-                lo_p, hi_p = int(100 * band / nb), int(100 * (band + 1) / nb)
                 bands.append(
-                    f'<div class="band">quantile band {lo_p}–{hi_p}% of firing activations '
-                    f"({_fmt(float(edges[band]), '.3g')} – {_fmt(float(edges[band + 1]), '.3g')})</div>"
-                    + "".join(sel)
+                    {
+                        "lo": int(100 * band / nb),
+                        "hi": int(100 * (band + 1) / nb),
+                        "lo_value": float(edges[band]),
+                        "hi_value": float(edges[band + 1]),
+                        "lines": list(sel),
+                    }
                 )
-    nav = ['<a href="../index.html">index</a>']
+    nav = [("../index.html", "index")]
     for step, name in ((-1, "previous"), (1, "next")):
         k = j + step
         while 0 <= k < K and has_page is not None and not has_page(k):
             k += step
         if 0 <= k < K:
-            nav.append(f'<a href="{k:05d}.html">{name} (L{k})</a>')
-    neighbours = (
-        prep.nb_html[j] if prep.nb_html is not None else '<span class="mut">not computed</span>'
-    )
-    body = f"""<div class="nav">{"".join(nav)}</div>
-<h1>Latent {j}{' <span class="mut">(dead)</span>' if dead else ""}</h1>
-<div class="mut">{esc(data.title)}</div>
-<div class="grid">{grid}</div>
-<h2>Top activations</h2>{top_html}
-{"<h2>Quantile samples</h2>" + "".join(bands) if bands else ""}
-<h2>Activation histogram</h2>{_hist_svg(data, j)}
-<h2>Label enrichment</h2>{_enrichment_html(prep, j)}
-<h2>Logit lens</h2>{_lens_html(prep, j)}
-<h2>Co-activation neighbours (Jaccard)</h2><div>{neighbours}</div>"""
-    return _page(f"Latent {j}", body, script=None)
-
-
-def _page(title: str, body: str, script: str | None, data_json: str | None = None) -> str:
-    data = (
-        f'<script type="application/json" id="data">{data_json}</script>'
-        if data_json is not None
-        else ""
-    )
-    js = f"<script>{script}</script>" if script is not None else ""
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_csp(script)}">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{body}{data}{js}</body></html>"
+            nav.append((f"{k:05d}.html", f"{name} (L{k})"))
+    return render(
+        "latent.html.j2",
+        title=f"Latent {j}",
+        csp=Markup(_csp(None)),
+        css=Markup(CSS),
+        script=None,
+        data_json=None,
+        nav=nav,
+        j=j,
+        dead=dead,
+        data_title=data.title,
+        kv=kv,
+        top_lines=list(lines[kinds < 0]),
+        bands=bands,
+        hist=_hist_view(data, j),
+        enrichment=_enrichment_view(prep, j),
+        lens=_lens_view(prep, j),
+        neighbours=None if prep.neighbours is None else prep.neighbours[j],
     )
 
 
@@ -580,72 +567,56 @@ def render_index(
         "dead": [bool(x) for x in (t["dead"] if "dead" in t else [False] * K)],
         "tokens": tokens_plain,
     }
-    q, lo, pu, de, ma = (
-        cols["q"],
-        cols["log_odds"],
-        cols["purity"],
-        cols["density"],
-        cols["max_act"],
-    )
     promoted = t["promoted_tokens"].astype(str).tolist() if "promoted_tokens" in t else None
-    rows = []
-    for i in range(K):
-        j = cols["latent"][i]
-        link = (
-            f'<a href="{latent_page_name(j)}">L{j}</a>'
-            if has_page is None or has_page(j)
-            else f"L{j}"
+    # the numeric cells of every row, formatted at once (numbers need no escaping)
+    numbers = [
+        Markup(
+            f"<span class=n>{fmt(q, '.2e')}</span><span class=n>{fmt(lo, '.2f')}</span>"
+            f"<span class=n>{fmt(pu, '.2f')}</span><span class=n>{fmt(de, '.2e')}</span>"
+            f"<span class=n>{fmt(ma, '.3g')}</span>"
         )
-        lab = esc(names[label_ids[i]]) if label_ids[i] >= 0 else '<span class="mut">–</span>'
-        extra = (
-            f"<span class=tok>{esc_cut(display_token(promoted[i]), 4 * MAX_TOKEN_CHARS)}</span>"
-            if promoted is not None
-            else ""
+        for q, lo, pu, de, ma in zip(
+            cols["q"], cols["log_odds"], cols["purity"], cols["density"], cols["max_act"],
+            strict=True,
         )
-        rows.append(
-            f'<div class="{"r dead" if cols["dead"][i] else "r"}"><span>{link}</span><span>{lab}</span>'
-            f"<span class=n>{_fmt(q[i], '.2e')}</span><span class=n>{_fmt(lo[i], '.2f')}</span>"
-            f"<span class=n>{_fmt(pu[i], '.2f')}</span><span class=n>{_fmt(de[i], '.2e')}</span>"
-            f"<span class=n>{_fmt(ma[i], '.3g')}</span><span>{esc('' if cols['cluster'][i] is None else cols['cluster'][i])}</span>"
-            f"<span class=tok>{esc_cut(display_token(tokens_plain[i]), 4 * MAX_TOKEN_CHARS)}</span>{extra}</div>"
-        )
-    options = (
-        '<option value="">all labels</option>'
-        + "".join(f'<option value="{i}">{esc(n)}</option>' for i, n in enumerate(names))
-        + '<option value="-1">no label</option>'
-    )
-    header = "".join(
-        f'<span data-k="{k}">{esc(h)}</span>'
-        for k, h in (("latent", "latent"), ("label", "best label"), ("q", "q"), ("log_odds", "log odds"),
-                     ("purity", "purity"), ("density", "density"), ("max_act", "max act"), ("cluster", "cluster"),
-                     ("tokens", "top tokens"))
-    ) + ("<span>promoted tokens</span>" if promoted is not None else "")  # fmt: skip
+    ]  # fmt: skip
+    rows = [
+        {
+            "latent": cols["latent"][i],
+            "page": latent_page_name(cols["latent"][i])
+            if has_page is None or has_page(cols["latent"][i])
+            else None,
+            "label": names[label_ids[i]] if label_ids[i] >= 0 else None,
+            "numbers": numbers[i],
+            "cluster": cols["cluster"][i],
+            "dead": cols["dead"][i],
+            "tokens": tokens_plain[i],
+            "promoted": None if promoted is None else promoted[i],
+        }
+        for i in range(K)
+    ]
+    header = [("latent", "latent"), ("label", "best label"), ("q", "q"), ("log_odds", "log odds"),
+              ("purity", "purity"), ("density", "density"), ("max_act", "max act"),
+              ("cluster", "cluster"), ("tokens", "top tokens")]  # fmt: skip
     widths = ["64px", "130px", "80px", "78px", "66px", "80px", "74px", "70px", "minmax(0,1fr)"]
     widths += ["minmax(0,1fr)"] if promoted is not None else []
-    n_dead = sum(cols["dead"])
-    link_html = " ".join(f'<a href="{esc(href)}">{esc(text)}</a>' for text, href in links)
-    body = f"""<h1>{esc(data.title)}</h1>
-<div class="mut">{K} latents, {n_dead} dead. Click a column to sort; filters combine.</div>
-<div class="nav">{link_html}</div>
-<div class="filters" style="display:flex;flex-wrap:wrap;gap:10px;margin:10px 0;font-size:13px">
-<label>label <select id="f-label">{options}</select></label>
-<label>q ≤ <input id="f-q" type="number" step="any" style="width:80px"></label>
-<label>density ≥ <input id="f-dmin" type="number" step="any" style="width:80px"></label>
-<label>density ≤ <input id="f-dmax" type="number" step="any" style="width:80px"></label>
-<label>cluster <input id="f-cluster" style="width:60px"></label>
-<label>search <input id="f-text" style="width:140px"></label>
-<label><input id="f-alive" type="checkbox"> hide dead</label>
-<span id="count" class="mut"></span></div>
-<style>.r{{display:grid;grid-template-columns:{" ".join(widths)};border-bottom:1px solid var(--line);font-size:13px;content-visibility:auto;contain-intrinsic-size:auto 23px}}
-.r>span{{overflow:hidden;text-overflow:ellipsis;white-space:nowrap;padding:3px 8px}}.r>span.n{{text-align:right;font-variant-numeric:tabular-nums}}
-.r[hidden]{{display:none}}.hd{{font-weight:600;background:#f6f7f9;content-visibility:visible}}[data-k]{{cursor:pointer}}
-.asc:after{{content:" ▲"}}.desc:after{{content:" ▼"}}.dead{{color:#999}}</style>
-<div class="r hd">{header}</div><div id="rows">{"".join(rows)}</div>"""
-    return _page(
-        data.title,
-        body,
-        script=INDEX_JS,
-        data_json=json_for_script({"labels": names, "cols": cols}),
+    return render(
+        "index.html.j2",
+        title=data.title,
+        csp=Markup(_csp(INDEX_JS)),
+        css=Markup(CSS),
+        script=Markup(INDEX_JS),
+        data_json=Markup(json_for_script({"labels": names, "cols": cols})),
+        data_title=data.title,
+        n_latents=K,
+        n_dead=sum(cols["dead"]),
+        links=list(links),
+        label_names=names,
+        header=header,
+        widths=" ".join(widths),
+        rows=rows,
+        promoted=promoted is not None,
+        tokens_chars=4 * MAX_TOKEN_CHARS,
     )
 
 
@@ -728,20 +699,14 @@ def top_activations_panel(
     for d in best:
         rows = np.flatnonzero(inv == d)[:max_tokens_per_title]
         text = decode_tokens(tok, np.asarray(src.token_ids)[rows])
-        spans = []
+        tokens = []
         for r in rows:
-            t = esc(display_token(text.get(int(src.token_ids[r]), "")))
             v = float(z[r])
             level = (
                 0
                 if v <= min_alpha or vmax <= 0
                 else int(np.clip(np.ceil(v / vmax * N_SHADES), 0, N_SHADES))
             )
-            spans.append(f'<span class="a{level}" title="{v:.3g}">{t}</span>')
-        blocks.append(f'<div class="ex"><span class="v">{dmax[d]:.3g}</span>{"".join(spans)}</div>')
-    return HTMLPanel(
-        f"<div><style>{CSS}</style><h3>Top activations · latent #{latent_j}</h3>"
-        '<div class="mut">Shading ∝ the latent\'s activation; rows are the documents with the highest maximum.</div>'
-        + "".join(blocks)
-        + "</div>"
-    )
+            tokens.append((text.get(int(src.token_ids[r]), ""), level, v))
+        blocks.append({"value": float(dmax[d]), "tokens": tokens})
+    return HTMLPanel(render("panel.html.j2", css=Markup(CSS), latent=latent_j, blocks=blocks))

@@ -25,6 +25,7 @@ from functools import cache
 from typing import Any
 
 import jinja2
+import numpy as np
 from markupsafe import Markup, escape
 
 __all__ = [
@@ -59,6 +60,8 @@ def visible_text(text: str, keep: str = "\n\t") -> str:
     """``text`` with every invisible or reordering character (control, format, separator,
     surrogate, private use) written as a visible ``⟨U+XXXX⟩`` mark; characters in ``keep``
     stay as they are."""
+    if text.isprintable():  # no control, format, separator, surrogate or private-use character
+        return text
     return "".join(
         f"⟨U+{ord(ch):04X}⟩" if ch not in keep and unicodedata.category(ch) in _INVISIBLE else ch
         for ch in text
@@ -70,33 +73,31 @@ def display_token(text: str) -> str:
     separator characters (bidi marks, zero-width, U+2028/9) as visible ``⟨U+XXXX⟩``."""
     if text == "":
         return "∅"
+    if text.isprintable():
+        return text
     return visible_text("".join(_VISIBLE.get(ch, ch) for ch in text), keep="")
 
 
 def _missing(v: Any) -> bool:
     if v is None:
         return True
-    if isinstance(v, float):
+    if isinstance(v, float | np.floating):  # numpy's float64 included
         return not math.isfinite(v)
-    try:
-        import numpy as np
-
-        return isinstance(v, np.floating) and not np.isfinite(v)
-    except ImportError:  # pragma: no cover
-        return False
+    return False
 
 
 def fmt(v: Any, spec: str = ".4g") -> str:
     """``v`` formatted with ``spec``; :data:`MISSING` for None, NaN, inf or pandas' NA."""
     if _missing(v):
         return MISSING
-    try:
+    if not isinstance(v, int | float | np.number):
         import pandas as pd
 
-        if pd.isna(v):
-            return MISSING
-    except (TypeError, ValueError):
-        pass
+        try:
+            if pd.isna(v):
+                return MISSING
+        except (TypeError, ValueError):
+            pass
     try:
         return format(v, spec)
     except (TypeError, ValueError):
