@@ -130,6 +130,11 @@ def test_markdown_summary_and_tables(analysis_dir):
     md = markdown_summary(out, extra, figure_width=200)
     assert md.startswith("# SAE analysis summary")
     assert "## Metrics" in md and "## Top latents per label" in md and "## Steering" in md
+    # the answer first: the headline table, each number with the tokens it was measured on
+    assert md.index("## Results") < md.index("## Metrics")
+    fvu = next(line for line in md.splitlines() if line.startswith("| SAE | FVU |"))
+    assert "all tokens" in fvu  # the analysis ran on every token, training ones included
+    assert "| SAE | CE loss recovered | - |" in md
     assert "a\\|b" in md and "x\\|y" in md
     pngs = [chunk.split(")")[0] for chunk in md.split("data:image/png;base64,")[1:]]
     assert len(pngs) >= 2

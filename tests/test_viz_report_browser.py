@@ -44,7 +44,10 @@ def report_page(demo_store, tmp_path_factory):
     )
     out = str(root / "analysis")
     run_analysis(
-        sae_dir, demo_store, out, {"reducer": "pca", "n_top": 6, "n_bands": 1, "per_band": 2}
+        sae_dir,
+        demo_store,
+        out,
+        {"reducer": "pca", "n_top": 6, "n_bands": 1, "per_band": 2, "lead_doc_tokens": 1},
     )
     # a published merge (its evaluation and sweep tables) and a steering evaluation
     merge_eval = pd.DataFrame(
@@ -160,6 +163,12 @@ def test_headline_numbers_are_marked_and_missing_ones_read_a_dash(report_page, b
     assert found
     for cell in found:
         assert cell.startswith("L") and "q " in cell and "purity" in cell and "doc AUROC" in cell
+    # beside them, the shuffled-label control: the smallest q reached with permuted labels
+    for k in best:
+        assert rows[k][1].startswith("shuffled labels (3 seeds), smallest q: "), rows[k]
+        assert "token level" in rows[k][2] or rows[k][0].startswith("no significant")
+    value, control, on = rows["significant latent-label pairs (token level)"]
+    assert int(value) >= len(found) and control.startswith("shuffled labels, mean of 3 seeds: ")
     hrefs = browser.evaluate(
         "Array.from(document.querySelectorAll('table.headline a')).map(a => a.getAttribute('href'))"
     )
@@ -203,3 +212,40 @@ def test_a_report_of_an_sae_alone_has_a_headline_of_dashes(tmp_path, browser):
         "Array.from(document.querySelectorAll('table.headline tr.group')).map(r => r.innerText.trim())"
     )
     assert groups == ["SAE"]
+
+
+def test_a_sweep_compares_every_sae_one_row_each_under_the_headline(tmp_path, browser):
+    dirs = {}
+    for name, fvu, dead in (("k32", 0.31, 0.5), ("k64", 0.22, None)):
+        metrics = {"fvu": fvu, "l0": 12.0, "split": "test", "n_tokens": 900}
+        if dead is not None:
+            metrics.update(dead_frac=dead, dead_tokens=900)
+        dirs[name] = save_sae(
+            SparseAutoencoder(8, 16, seed=0), str(tmp_path / name), metrics=metrics
+        )
+    page = build_report(
+        str(tmp_path / "report"),
+        sae=dirs["k32"],
+        sweep=[
+            {"name": "k32", "sae": dirs["k32"]},
+            {"name": "k64", "sae": dirs["k64"], "href": "saes/k64/report.html"},
+        ],
+    )
+    browser.open(page)
+    assert browser.evaluate("document.querySelector('table').className") == "headline"
+    head = browser.evaluate(
+        "Array.from(document.querySelectorAll('table.sweep th')).map(c => c.innerText.trim())"
+    )
+    assert head[:4] == ["SAE", "FVU", "L0", "dead"]
+    rows = browser.evaluate(
+        "Array.from(document.querySelectorAll('table.sweep tbody tr')).map("
+        "r => Array.from(r.children).map(c => c.innerText.trim()))"
+    )
+    assert [r[0] for r in rows] == ["k32", "k64"]
+    assert rows[0][1:4] == ["0.3100", "12.0", "50.00%"] and rows[1][1:4] == ["0.2200", "12.0", "-"]
+    assert rows[1][4] == "-"  # CE recovered was not computed
+    link = browser.evaluate("document.querySelector('table.sweep a').getAttribute('href')")
+    assert link == "saes/k64/report.html"
+    with pytest.raises(ValueError, match="sweep: expected mappings with 'name' and 'sae'"):
+        build_report(str(tmp_path / "bad"), sae=dirs["k32"], sweep=[{"sae": dirs["k64"]}])
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

@@ -23,7 +23,6 @@ __all__ = [
     "merge_section",
     "report_sections",
     "report_summary",
-    "saes_section",
     "write_summary_tables",
 ]
 
@@ -39,34 +38,6 @@ class Published(Protocol):
 
 def _by_name(refs: Sequence[Published] | None) -> dict[str, Published]:
     return {r.name: r for r in refs or []}
-
-
-def saes_section(saes: Sequence[Published], links: Mapping[str, str]) -> ReportSection:
-    """Every SAE of a sweep side by side (held-out metrics), with links to their pages."""
-    rows = []
-    for s in saes:
-        row: dict[str, Any] = {
-            "sae": s.name,
-            "hook point": s.summary.get("hook_point"),
-            "architecture": s.summary.get("architecture"),
-            "latents": s.summary.get("d_sae"),
-        }
-        row.update(
-            {
-                k: v
-                for k, v in (s.summary.get("metrics") or {}).items()
-                if not isinstance(v, dict | list)
-            }
-        )
-        rows.append(row)
-    text = ""
-    if links:
-        text = "Each SAE of the sweep has its own report: " + ", ".join(
-            f"{name}: {href}" for name, href in links.items()
-        )
-    return ReportSection(
-        "SAEs", text=text, tables=[("held-out metrics", pd.DataFrame(rows))], anchor="saes"
-    )
 
 
 def merge_section(ref: Published, storage_options: Mapping[str, Any] | None) -> ReportSection:
@@ -206,8 +177,6 @@ def build_experiment_report(
     pages = {}
     for i, sae in enumerate(saes):
         sections = report_sections(sae.name, merges, steering, storage_options)
-        if i == 0 and len(saes) > 1:
-            sections.insert(0, saes_section(saes, links))
         pages[sae.name] = build_report(
             report_dir if i == 0 else extra_dirs[sae.name],
             *sections,
@@ -216,6 +185,18 @@ def build_experiment_report(
             sae=sae.uri,
             merge=merge_of[sae.name].uri if sae.name in merge_of else None,
             steering=steer_of[sae.name].uri if sae.name in steer_of else None,
+            sweep=[
+                {
+                    "name": s.name,
+                    "sae": s.uri,
+                    "analysis": analysis_of[s.name].uri if s.name in analysis_of else None,
+                    "merge": merge_of[s.name].uri if s.name in merge_of else None,
+                    "href": links.get(s.name),
+                }
+                for s in saes
+            ]
+            if i == 0 and len(saes) > 1
+            else (),
             config=config,
             top_per_label=top_per_label,
             storage_options=storage_options,
@@ -253,6 +234,9 @@ def report_summary(
         top_per_label=top_per_label,
         figure_width=figure_width,
         storage_options=storage_options,
+        sae=primary.uri,
+        merge=next((m.uri for m in merges if m.name == primary.name), None),
+        steering=next((r.uri for r in steering if r.name == primary.name), None),
     )
     metrics = (
         summary_tables(analysis, storage_options=storage_options)["metrics"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ import pandas as pd
 from integral_superposition import storage
 from integral_superposition.viz.templates import MISSING, fmt
 
-__all__ = ["HeadlineRow", "headline_rows", "split_mark"]
+__all__ = ["SWEEP_COLUMNS", "HeadlineRow", "headline_rows", "split_mark", "sweep_rows"]
 
 HELD_OUT, TRAINING, ALL = "held-out", "training", "all tokens"
 
@@ -178,7 +178,19 @@ def _tokens(n: Any, prefix: str = "") -> str:
     return "" if v is None else f"{prefix}{int(v):,} tokens"
 
 
+def _control(analysis, level: str) -> pd.DataFrame | None:
+    """The shuffled-label control's rows at ``level`` (None when not published)."""
+    c = analysis.table("enrichment_control")
+    if c is None or not len(c):
+        return None
+    c = c[c["level"].astype(str) == level]
+    return c if len(c) else None
+
+
 def _best_latents(analysis) -> list[HeadlineRow]:
+    """Per label, the best non-generic latent at the analysis's lead level (token or
+    document), beside the shuffled-label control: the smallest q any latent reached when the
+    document labels were permuted."""
     if analysis is None:
         return []
     s = analysis.summary
@@ -186,11 +198,29 @@ def _best_latents(analysis) -> list[HeadlineRow]:
     enr = analysis.enrichment
     if not best or enr is None or not len(enr):
         return []
+    level = str(s.get("best_latents_level", "token"))
     lat = analysis.latents.set_index("latent")
-    tok = enr[enr["level"] == "token"].set_index(["latent", "label"])
-    doc = enr[enr["level"] == "document"].set_index(["latent", "label"])
+    lead = enr[enr["level"].astype(str) == level].set_index(["latent", "label"])
+    doc = enr[enr["level"].astype(str) == "document"].set_index(["latent", "label"])
+    control = _control(analysis, level)
+    shuffled_q = None if control is None else _num(control["min_q"].min())
+    n_seeds = 0 if control is None else int(control["seed"].nunique())
+    control_name = f"shuffled labels ({n_seeds} seeds), smallest q" if control is not None else ""
     split = split_mark(s.get("split"))
     rows = []
+    observed = int((enr["level"].astype(str) == level).mul(enr["significant"]).sum())
+    rows.append(
+        HeadlineRow(
+            "Latents",
+            f"significant latent-label pairs ({level} level)",
+            observed,
+            "d",
+            control=None if control is None else _num(control["n_significant"].mean()),
+            control_name="" if control is None else f"shuffled labels, mean of {n_seeds} seeds",
+            split=split,
+            detail=f"q < {(analysis.manifest.get('config') or {}).get('alpha', 0.05)}",
+        )
+    )
     for label, j in best.items():
         if j is None:
             rows.append(
@@ -199,11 +229,14 @@ def _best_latents(analysis) -> list[HeadlineRow]:
                     f"best latent: {label}",
                     "no significant non-generic latent",
                     split=split,
+                    control=shuffled_q,
+                    control_name=control_name,
+                    spec=".2e",
                 )
             )
             continue
         j = int(j)
-        t = tok.loc[(j, label)] if (j, label) in tok.index else None
+        t = lead.loc[(j, label)] if (j, label) in lead.index else None
         d = doc.loc[(j, label)] if (j, label) in doc.index else None
         rows.append(
             HeadlineRow(
@@ -211,13 +244,16 @@ def _best_latents(analysis) -> list[HeadlineRow]:
                 f"best latent: {label}",
                 latent=j,
                 split=split,
+                spec=".2e",
+                control=shuffled_q,
+                control_name=control_name,
                 tokens=str(lat.at[j, "top_tokens"]) if "top_tokens" in lat else "",
                 extra={
                     "q": None if t is None else _num(t["q"]),
                     "purity": None if t is None else _num(t["purity"]),
                     "doc AUROC": None if d is None else _num(d["auroc"]),
                 },
-                detail=_tokens(s.get("n_tokens")),
+                detail=f"{level} level" + _tokens(s.get("n_tokens"), ", "),
             )
         )
     return rows
@@ -389,3 +425,56 @@ def headline_rows(
     rows += _merge(ev, sweep, merge_manifest)
     rows += _steering(read_steering_summary(steering, storage_options))
     return rows
+
+
+SWEEP_COLUMNS = {
+    "FVU": "FVU",
+    "L0 (active latents per token)": "L0",
+    "dead latents": "dead",
+    "CE loss recovered": "CE recovered",
+    "delta CE (nats per token)": "delta CE",
+    "KL to the clean model (nats per token)": "KL",
+    "accuracy, top 1 latent": "probe k=1",
+    "accuracy, top 10 latents": "probe k=10",
+    "merged FVU": "merged FVU",
+}
+"""The headline results a sweep compares, one column each (result name -> column)."""
+
+
+def sweep_rows(
+    entries: Sequence[Mapping[str, Any]], storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per SAE of a sweep: ``{"name", "href", "cells": [{"value", "control", "split"}]}``
+    with a cell per :data:`SWEEP_COLUMNS` entry. Each entry names the SAE (``name``, ``sae``
+    URI) and optionally its ``analysis``, ``merge`` and ``steering`` URIs and the ``href`` of
+    its own report."""
+    from integral_superposition.analysis.result import load_analysis
+
+    out = []
+    for e in entries:
+        if not isinstance(e, Mapping) or "name" not in e or "sae" not in e:
+            raise ValueError(
+                f"sweep: expected mappings with 'name' and 'sae' (and optional 'analysis', "
+                f"'merge', 'steering', 'href'), got {e!r}"
+            )
+        try:
+            manifest = storage.read_manifest(str(e["sae"]), storage_options)
+        except (FileNotFoundError, ValueError):
+            manifest = None
+        analysis = load_analysis(str(e["analysis"]), storage_options) if e.get("analysis") else None
+        rows = {
+            r.result: r
+            for r in headline_rows(manifest, analysis, e.get("merge"), None, storage_options)
+        }
+        cells = []
+        for result in SWEEP_COLUMNS:
+            r = rows.get(result)
+            cells.append(
+                {
+                    "value": MISSING if r is None else r.shown,
+                    "control": None if r is None or r.control is None else r.control_shown,
+                    "split": None if r is None else r.split,
+                }
+            )
+        out.append({"name": str(e["name"]), "href": e.get("href"), "cells": cells})
+    return out

@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 
 from integral_superposition import storage
 from integral_superposition.viz.figures import figure_bytes, png_data_uri
-from integral_superposition.viz.headline import headline_rows, split_mark
+from integral_superposition.viz.headline import SWEEP_COLUMNS, headline_rows, split_mark, sweep_rows
 from integral_superposition.viz.panels import CSS, _csp
 from integral_superposition.viz.templates import (
     MAX_TOKEN_CHARS,
@@ -53,6 +53,7 @@ __all__ = [
     "ReportSection",
     "analysis_sections",
     "build_report",
+    "headline_frame",
     "markdown_summary",
     "summary_tables",
 ]
@@ -556,6 +557,26 @@ def _find_history(
     return None
 
 
+def headline_frame(rows: Sequence[Any]) -> pd.DataFrame:
+    """The headline rows as a table: ``group, result, value, control / reference, measured on``."""
+
+    def value(r) -> str:
+        if r.latent is None or r.group != "Latents":
+            return r.shown
+        extra = ", ".join(f"{k} {fmt(v, '.2e' if k == 'q' else '.3g')}" for k, v in r.extra.items())
+        return f"L{r.latent} ({extra}): {r.tokens}"
+
+    return pd.DataFrame(
+        {
+            "group": [r.group for r in rows],
+            "result": [r.result for r in rows],
+            "value": [value(r) for r in rows],
+            "control / reference": [r.control_shown for r in rows],
+            "measured on": [" ".join(x for x in (r.split or MISSING, r.detail) if x) for r in rows],
+        }
+    )
+
+
 def _json_text(v: Any) -> str:
     return json.dumps(v, indent=2, sort_keys=True, default=str)
 
@@ -567,7 +588,7 @@ REPORT_CSS = CSS + (
     "pre{background:#f6f7f9;padding:8px;font-size:12px;overflow:auto;max-height:360px}"
     ".gens td.gen{white-space:pre-wrap;max-width:420px;font-family:ui-monospace,Menlo,monospace;font-size:12px;unicode-bidi:isolate}"
     "table.dataframe td{font-variant-numeric:tabular-nums}caption{text-align:left;font-weight:600;padding:4px 0}"
-    "table.headline{min-width:70%}table.headline tr.group th{background:#eef1f5;font-size:12px;text-transform:uppercase;letter-spacing:.04em}"
+    "table.headline,table.sweep{min-width:70%}table.sweep td.n{white-space:nowrap}table.headline tr.group th{background:#eef1f5;font-size:12px;text-transform:uppercase;letter-spacing:.04em}"
     "table.headline td.n{white-space:nowrap}table.headline .kv{margin-left:8px;font-variant-numeric:tabular-nums}"
     "table.headline .tok{color:var(--mut);font-size:12px}"
     ".mark{display:inline-block;font-size:11px;padding:0 6px;border-radius:8px;font-weight:500;vertical-align:1px}"
@@ -588,6 +609,7 @@ def build_report(
     history: pd.DataFrame | None = None,
     merge: str | None = None,
     steering: str | None = None,
+    sweep: Sequence[Mapping[str, Any]] = (),
     top_per_label: int = 10,
     storage_options: Mapping[str, Any] | None = None,
     filename: str = "report.html",
@@ -601,7 +623,9 @@ def build_report(
     :func:`~integral_superposition.analysis.load_analysis` result); ``sae``: the SAE folder
     (metrics, training curve, config); ``config``: the run configuration; ``merge`` /
     ``steering``: published merge and steering outputs for the headline's comparisons with
-    their controls; ``sections``: further :class:`ReportSection` (merge, steering, ...).
+    their controls; ``sweep``: every SAE of a sweep (mappings with ``name``, ``sae`` and
+    optional ``analysis``, ``merge``, ``href``), compared one row per SAE under the headline;
+    ``sections``: further :class:`ReportSection` (merge, steering, ...).
     """
     for s in sections:
         if not isinstance(s, ReportSection):
@@ -653,6 +677,7 @@ def build_report(
         if r.latent is not None and r.group == "Latents" and a is not None:
             page = a.dashboard_uri(r.latent)
             r.href = _relative_link(out_uri, page) if page else None
+    sweep_view = sweep_rows(sweep, storage_options) if sweep else []
     groups: dict[str, list] = {}
     for r in rows:
         groups.setdefault(r.group, []).append(r)
@@ -667,6 +692,8 @@ def build_report(
         groups=[{"name": k, "rows": v} for k, v in groups.items()],
         sections=[s.view() for s in all_sections],
         configs=configs,
+        sweep=sweep_view,
+        sweep_columns=list(SWEEP_COLUMNS.values()),
         tokens_chars=4 * MAX_TOKEN_CHARS,
     ).encode()
     uri = storage.join(out_uri, filename)
@@ -696,12 +723,21 @@ def markdown_summary(
     max_rows: int = 20,
     figure_width: int = 480,
     storage_options: Mapping[str, Any] | None = None,
+    sae: str | None = None,
+    merge: str | None = None,
+    steering: str | None = None,
 ) -> str:
-    """The run summary as markdown: metrics, top latents per label, small embedded PNGs of
-    the analysis ``figures`` (``data:`` URIs, at most ``figure_width`` pixels wide), then
-    the given sections."""
+    """The run summary as markdown: the headline table (as in :func:`build_report`, from the
+    analysis and the ``sae``, ``merge`` and ``steering`` outputs given), metrics, top latents
+    per label, small embedded PNGs of the analysis ``figures`` (``data:`` URIs, at most
+    ``figure_width`` pixels wide), then the given sections."""
     parts = [f"# {_md_escape(title or 'SAE analysis summary')}"]
     a = _as_analysis(analysis, storage_options)
+    sae_uri = sae or (a.manifest.get("sae", {}).get("uri") if a is not None else None)
+    sae_manifest = _sae_manifest(str(sae_uri), storage_options)[0] if sae_uri else None
+    if a is not None or sae_manifest is not None:
+        rows = headline_rows(sae_manifest, a, merge, steering, storage_options)
+        parts.append("## Results\n\n" + markdown_table(headline_frame(rows), max_rows=100))
     if a is not None:
         t = summary_tables(a, top_per_label)
         parts.append("## Metrics\n\n" + markdown_table(t["metrics"], max_rows=50))
