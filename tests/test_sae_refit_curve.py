@@ -43,9 +43,9 @@ def _heldout_fvu(sae: SparseAutoencoder, store) -> float:
 
 @pytest.fixture(scope="module")
 def short_runs(store, tmp_path_factory):
-    """The same undertrained 12-step run with and without the refit."""
+    """The same undertrained 10-step run with and without the refit."""
     out = tmp_path_factory.mktemp("short")
-    cfgs = [_cfg(train_tokens=12 * 64, log_every=1), _cfg(train_tokens=12 * 64, log_every=1)]
+    cfgs = [_cfg(train_tokens=10 * 64, log_every=1), _cfg(train_tokens=10 * 64, log_every=1)]
     cfgs[1] = cfgs[1].model_copy(update={"refit_decoder": False})
     on, off = train_saes(store, cfgs, [str(out / "on"), str(out / "off")], progress=False)
     return on, off
@@ -57,7 +57,7 @@ def test_refit_lowers_heldout_fvu_and_the_manifest_records_both(short_runs, stor
     assert m["refit_applied"] is True
     assert m["refit_fvu_after"] < 0.9 * m["refit_fvu_before"]
     assert m["refit_l0_after"] == pytest.approx(m["refit_l0_before"])  # the encoder is kept
-    assert m["refit_tokens"] > 10000  # the whole train split, not the 768 tokens trained on
+    assert m["refit_tokens"] > 10000  # the whole train split, not the 640 tokens trained on
     # the published SAE is the refit one; without the refit it is SGD's, with the before FVU
     assert _heldout_fvu(load_sae(on.uri), store) == pytest.approx(m["refit_fvu_after"], rel=1e-4)
     assert _heldout_fvu(load_sae(off.uri), store) == pytest.approx(m["refit_fvu_before"], rel=1e-4)
@@ -72,9 +72,9 @@ def test_refit_lowers_heldout_fvu_and_the_manifest_records_both(short_runs, stor
 def test_curve_table_has_one_row_per_log_step(short_runs):
     on, _ = short_runs
     curve = load_training_curve(on.uri)
-    assert list(curve["step"]) == list(range(1, 13))
+    assert list(curve["step"]) == list(range(1, 11))
     assert {"step", "tokens", "loss", "fvu", "l0", "dead_frac", "lr"} <= set(curve.columns)
-    assert curve["tokens"].iloc[-1] == 12 * 64
+    assert curve["tokens"].iloc[-1] == 10 * 64
     manifest = read_sae_manifest(on.uri)
     assert CURVE_FILE in manifest["files"]
     assert list(curve["fvu"]) == pytest.approx([e["fvu"] for e in manifest["training_curve"]])
