@@ -61,23 +61,33 @@ def wait_for_runs(
     error: type[DeploymentRunsFailed] = DeploymentRunsFailed,
     poll_s: float = 5.0,
     progress_key: str | None = None,
+    report_s: float = 60.0,
 ) -> None:
     """Wait until every flow run in ``runs`` is final; raise ``error`` naming each run that did
-    not complete, with its state and message."""
+    not complete, with its state and message. Every ``report_s`` seconds the runs still
+    pending are logged with their states (a ``Late`` run waits for a worker of its pool)."""
     from prefect.client.orchestration import get_client
 
+    logger = run_logger()
     progress = Progress(progress_key or f"{what}-runs", f"{what} runs", unit="runs")
     pending = {r.id: r for r in runs}
     failed: list[str] = []
+    last_report = time.monotonic()
     with get_client(sync_client=True) as client:
         while pending:
+            waiting = []
             for fr_id, r in list(pending.items()):
                 state = client.read_flow_run(fr_id).state
                 if state is not None and state.is_final():
                     pending.pop(fr_id)
                     if not state.is_completed():
                         failed.append(f"{r.name} ({fr_id}) {state.name}: {state.message}")
+                else:
+                    waiting.append(f"{r.name} {state.name if state is not None else 'no state'}")
             progress(len(runs) - len(pending), len(runs))
+            if waiting and time.monotonic() - last_report >= report_s:
+                last_report = time.monotonic()
+                logger.info("waiting for %d %s runs: %s", len(waiting), what, ", ".join(waiting))
             if pending:
                 time.sleep(poll_s)
     if failed:

@@ -49,6 +49,35 @@ def test_a_failed_child_run_is_named_with_its_state(prefect_api):
     wait_for_runs([ok], "training", TrainRunsFailed, poll_s=0.1)
 
 
+@pytest.mark.prefect
+def test_waiting_logs_the_runs_still_pending_with_their_states(prefect_api, caplog):
+    import threading
+
+    from integral_superposition.tasks.fanout import wait_for_runs
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    @flow(name="isup-pending-probe")
+    def child() -> None:
+        return None
+
+    with get_client(sync_client=True) as client:
+        slow = client.create_flow_run(child, name="e/r/layer1-topk-k128")
+
+    def finish() -> None:
+        with get_client(sync_client=True) as c:
+            c.set_flow_run_state(slow.id, Completed(), force=True)
+
+    timer = threading.Timer(1.0, finish)
+    timer.start()
+    with caplog.at_level("INFO", logger="integral_superposition.tasks.ui"):
+        wait_for_runs([slow], "training", poll_s=0.1, report_s=0.2)
+    timer.join()
+    waiting = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert waiting and waiting[0] == "waiting for 1 training runs: e/r/layer1-topk-k128 Pending"
+
+
 def test_train_part_refuses_sae_names_that_are_not_the_configs(tmp_path):
     from integral_superposition.flows.steps import train_part_flow
 
