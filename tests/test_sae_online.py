@@ -191,3 +191,25 @@ def test_online_bad_input_is_refused_before_anything_is_written(tiny_backend, tm
     with pytest.raises(ValueError, match="batch_size=100000"):
         train_saes(spec, [CFG.model_copy(update={"batch_size": 100000})], [str(tmp_path / "s")])
     assert not (tmp_path / "s").exists()
+
+
+def test_a_dump_of_chosen_documents_keeps_their_ids_and_refuses_bad_ones(tiny_backend, tmp_path):
+    df = demo_corpus(40)
+    with pytest.raises(ValueError, match="documents: row 40 is out of range; the dataset has 40"):
+        dump_layer_activations(
+            df, "title", "topic", tiny_backend, DUMP, str(tmp_path / "bad"), documents=[3, 40]
+        )
+    assert not (tmp_path / "bad").exists()
+    store = dump_layer_activations(
+        df, "title", "topic", tiny_backend, DUMP, str(tmp_path / "some"), documents=[31, 5, 5],
+        progress=False,
+    )  # fmt: skip
+    assert sorted(set(store.doc_ids.tolist())) == [5, 31]
+    assert store.docs["doc_id"].tolist() == [5, 31]
+    full = dump_layer_activations(
+        df, "title", "topic", tiny_backend, DUMP, str(tmp_path / "all"), progress=False
+    )
+    rows = np.flatnonzero(np.isin(full.doc_ids, [5, 31]))
+    _, x1 = _rows_by_token(store)
+    order = rows[np.lexsort((full.positions[rows], full.doc_ids[rows]))]
+    torch.testing.assert_close(x1, full.gather(order).float())
