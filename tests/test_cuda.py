@@ -143,15 +143,14 @@ def test_steering_on_the_device(device, device_backend):
 def test_auto_device_and_dtype_resolution(device, device_backend):
     from integral_superposition.compute import cpu_bf16_support, resolve_compute, resolve_device
     from integral_superposition.experiment import ModelSpec
-    from integral_superposition.steering import picks
 
     has_cuda = torch.cuda.is_available()
     auto = torch.device("cuda:0" if has_cuda else "cpu")
     assert resolve_device("auto") == auto
     assert ModelSpec(device="auto").resolved_device_map() == ("cuda:0" if has_cuda else None)
     assert ModelSpec(device="cpu").resolved_device_map() is None
-    assert picks.resolve_scan_device("auto", device_backend) == device_backend.device
-    assert picks.resolve_scan_device("auto", None) == auto
+    assert resolve_device("auto", default=device_backend.device) == device_backend.device
+    assert resolve_device("auto", default=None) == auto
 
     choice = resolve_compute("auto", device)
     assert choice.device.type == device.type

@@ -7,19 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 __all__ = ["enrichment_tables", "pick_latents", "random_controls", "target_latents"]
 
 
 # -- picking latents --------------------------------------------------------------------------------
-def resolve_scan_device(device: str, backend) -> torch.device:
-    """``auto``: where the model runs (it generates the steered texts), else CUDA or CPU."""
-    from integral_superposition.compute import resolve_device
-
-    return resolve_device(device, default=backend.device if backend is not None else None)
-
-
 def enrichment_tables(sae, store, n_top: int = 20, device=None, chunk_tokens: int | None = None):
     """One scan of ``sae`` over ``store``: ``(token table, document table, scan)`` with the
     enrichment tables of :mod:`integral_superposition.analysis.enrichment`."""

@@ -38,6 +38,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from integral_superposition import compute
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.steering.classifier import (
     LabelClassifier,
@@ -56,7 +57,6 @@ from integral_superposition.steering.hooks import resolve_sae_hook_point, steer
 from integral_superposition.steering.picks import (
     enrichment_tables,
     random_controls,
-    resolve_scan_device,
     target_latents,
 )
 from integral_superposition.steering.plot import plot_sweep
@@ -314,7 +314,11 @@ def evaluate_steering(
     if enrichment is None:
         rep.set_phase("enrichment scan")
         tok_table, doc_table, scan = enrichment_tables(
-            sae, store, p.n_top, device=resolve_scan_device(p.device, backend)
+            # auto: where the model runs (it generates the steered texts)
+            sae,
+            store,
+            p.n_top,
+            device=compute.resolve_device(p.device, default=getattr(backend, "device", None)),
         )
     else:
         tok_table, doc_table = enrichment
