@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,32 @@ def test_encode_chunks_checks_its_input_and_keeps_the_training_mode():
     for _ in encode_chunks(sae, torch.zeros(4, 12)):
         assert not sae.training  # encoded in eval mode ...
     assert sae.training  # ... and the caller's mode is back afterwards
+
+
+def test_top_activations_panel_reads_codes_through_the_encode_layer():
+    from integral_superposition.viz.panels import top_activations_panel
+
+    rng = np.random.default_rng(0)
+    n_docs, length = 30, 6
+    x = rng.normal(0, 0.1, (n_docs * length, 12)).astype(np.float32)
+    peak = rng.permutation(n_docs)[:4]  # documents where latent 0 peaks, in decreasing order
+    for rank, doc in enumerate(peak):
+        x[doc * length + 2, :] = 0.0
+        x[doc * length + 2, 0] = 5.0 - rank
+    src = ArraySource(
+        [x], doc_ids=np.repeat(np.arange(n_docs), length), token_ids=np.arange(x.shape[0]) % 7
+    )
+    sae = SparseAutoencoder(12, 8, architecture="relu", seed=0)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_enc[0, 0] = 1.0
+        sae.b_enc.fill_(-1.0)
+        sae.b_dec.zero_()
+
+    class Tok:
+        def batch_decode(self, ids, **_):
+            return [f"t{i[0]}" for i in ids]
+
+    html = top_activations_panel(0, src, sae, tokenizer=Tok(), top_titles=3)._repr_html_()
+    shown = [float(v) for v in re.findall(r'<span class="v">([^<]+)</span>', html)]
+    assert shown == [4.0, 3.0, 2.0]  # the three documents with the highest maxima, best first
