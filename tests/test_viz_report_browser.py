@@ -9,10 +9,16 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from integral_superposition import storage
+from integral_superposition.config import SAEConfig
 from integral_superposition.pipelines import run_analysis
-from integral_superposition.sae import SparseAutoencoder, evaluate_sae, save_sae
+from integral_superposition.sae import (
+    SparseAutoencoder,
+    load_sae,
+    read_sae_manifest,
+    save_sae,
+    train_saes,
+)
 from integral_superposition.viz import build_report
 from integral_superposition.viz.browser import HeadlessChromium, find_chromium
 
@@ -33,15 +39,14 @@ def _parquet(df: pd.DataFrame) -> bytes:
 @pytest.fixture(scope="module")
 def report_page(demo_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("headline")
-    sae = SparseAutoencoder(demo_store.d_model, 32, seed=0)
-    with torch.no_grad():
-        sae.b_enc.fill_(-1.2)
-    ev = evaluate_sae(sae, demo_store, split="test")  # held-out; no backend: no CE
-    metrics = {k: v for k, v in ev.items() if not isinstance(v, list | dict)}
-    curve = [{"step": i, "loss": 3.0 - i / 10, "fvu": 0.9 - i / 40} for i in range(20)]
-    sae_dir = save_sae(
-        sae, str(root / "sae"), metrics={**metrics, "converged": False}, training_curve=curve
-    )
+    # a short real training run: held-out metrics, the decoder refit, the curve, converged
+    cfg = SAEConfig(
+        k=32, architecture="topk", top_k=4, batch_size=64, train_tokens=40 * 64, lr=1e-2,
+        lr_warmup_steps=4, log_every=2,
+    )  # fmt: skip
+    (trained,) = train_saes(demo_store, [cfg], [str(root / "sae")], progress=False)
+    sae_dir, ev = trained.uri, read_sae_manifest(trained.uri)["metrics"]
+    sae = load_sae(sae_dir)
     out = str(root / "analysis")
     run_analysis(
         sae_dir,
@@ -149,7 +154,22 @@ def test_headline_numbers_are_marked_and_missing_ones_read_a_dash(report_page, b
     assert "held-out" in rows["CE loss recovered"][2] and "merge" in rows["CE loss recovered"][2]
     for name in ("delta CE (nats per token)", "KL to the clean model (nats per token)"):
         assert rows[name][0] == "-", name
-    assert rows["training"][0] == "not converged"
+    assert rows["training"][0] == ("converged" if ev["converged"] else "not converged")
+    assert (
+        rows["training"][2].startswith("training") and "before the LR decay" in rows["training"][2]
+    )
+    # the decoder refit beside the FVU before it, both held out
+    value, control, on = rows["FVU after the decoder refit"]
+    assert float(value) == pytest.approx(ev["refit_fvu_after"], abs=5e-5)
+    assert control == f"before the refit: {ev['refit_fvu_before']:.4f}" and on.startswith(
+        "held-out"
+    )
+    # the training curve section says whether training converged, and by which rule
+    title = browser.evaluate("document.querySelector('#training h2').innerText")
+    assert ("not converged" in title) != bool(ev["converged"])
+    assert "Converged means: the smoothed training FVU" in browser.evaluate(
+        "document.querySelector('#training').innerText"
+    )
     # every number says which tokens it was measured on
     marks = browser.evaluate(
         "Array.from(document.querySelectorAll('table.headline tbody tr:not(.group)')).map("

@@ -159,15 +159,47 @@ def _sae_metrics(
     ):
         v, s, d = pick(name)
         rows.append(HeadlineRow("SAE", label, v, ".4f", split=s, detail=d))
+    if m.get("refit_applied") is not None:
+        rows.append(
+            HeadlineRow(
+                "SAE",
+                "FVU after the decoder refit",
+                _num(m.get("refit_fvu_after")),
+                ".4f",
+                control=_num(m.get("refit_fvu_before")),
+                control_name="before the refit",
+                split=HELD_OUT,
+                detail=("kept" if m["refit_applied"] else "discarded: no better")
+                + _tokens(m.get("refit_tokens"), ", fit on "),
+            )
+        )
+    elif m.get("refit_skipped"):
+        rows.append(
+            HeadlineRow("SAE", "decoder refit", f"skipped: {m['refit_skipped']}", split=HELD_OUT)
+        )
     converged = (sae_manifest or {}).get("converged", m.get("converged"))
     if converged is not None:
+        changes = [
+            f"{name} {100 * v:+.1f}%"
+            for name, key in (("FVU", "converged_fvu_change"), ("L0", "converged_l0_change"))
+            if (v := _num(m.get(key))) is not None
+        ]
         rows.append(
             HeadlineRow(
                 "SAE",
                 "training",
                 "converged" if bool(converged) else "not converged",
                 split=TRAINING,
-                detail=_tokens(m.get("train_tokens")),
+                detail=", ".join(
+                    x
+                    for x in (
+                        _tokens(m.get("train_tokens")),
+                        ("smoothed change before the LR decay: " + ", ".join(changes))
+                        if changes
+                        else "",
+                    )
+                    if x
+                ),
             )
         )
     return rows

@@ -526,10 +526,14 @@ def _training_section(history: pd.DataFrame, manifest: Mapping[str, Any] | None)
         if converged is None
         else ("converged" if bool(converged) else "not converged")
     )
+    text = f"Training: {flag}."
+    if m.get("converged_rule"):
+        text += f" Converged means: {m['converged_rule']}."
+    shown = [c for c in ("loss", "fvu", "l0", "dead_frac", "lr") if c in history]
     return ReportSection(
         f"Training curve ({flag})",
-        text=f"Training: {flag}.",
-        figures=[(f"training curve ({flag})", training_curves(history))],
+        text=text,
+        figures=[(f"training curve ({flag})", training_curves(history, columns=shown or None))],
         anchor="training",
         split="training",
     )
