@@ -269,3 +269,24 @@ def test_a_sweep_compares_every_sae_one_row_each_under_the_headline(tmp_path, br
     with pytest.raises(ValueError, match="sweep: expected mappings with 'name' and 'sae'"):
         build_report(str(tmp_path / "bad"), sae=dirs["k32"], sweep=[{"sae": dirs["k64"]}])
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_top_latents_are_the_analysis_groups_of_near_duplicates(report_page, browser):
+    import os
+
+    from integral_superposition.analysis.result import load_analysis
+
+    page, _ = report_page
+    grouped = load_analysis(os.path.join(os.path.dirname(os.path.dirname(page)), "analysis"))
+    grouped = grouped.top_latents
+    browser.open(page)
+    head = browser.evaluate(
+        "Array.from(document.querySelectorAll('#top-latents th')).map(c => c.innerText.trim())"
+    )
+    assert "near-duplicates" in head and "in top set" in head
+    shown = browser.evaluate(
+        "Array.from(document.querySelectorAll('#top-latents tbody tr')).map("
+        "r => r.children[1].innerText.trim())"
+    )
+    assert shown == [f"L{int(j)}" for j in grouped["latent"]]
+    assert "token level" in browser.evaluate("document.querySelector('#top-latents p').innerText")

@@ -407,34 +407,60 @@ def analysis_sections(
                 anchor="generic-latents",
             )
         )
-    if "top_latents" in tables:
-        top = tables["top_latents"]
+    grouped = a.top_latents
+    has_grouped = grouped is not None and len(grouped) > 0
+    if has_grouped or "top_latents" in tables:
+        if has_grouped:
+            top = grouped.merge(
+                a.latents[["latent", "density", "top_tokens"]], on="latent", how="left"
+            )
+            unit = str(top["unit"].iloc[0]) if "unit" in top else "token"
+            text = (
+                f"Per label, the most significant non-generic latents at the {unit} level, one "
+                "row per group of near-duplicate latents (decoder cosine and co-firing), led by "
+                "its best member."
+            )
+        else:
+            top, text = (
+                tables["top_latents"],
+                ("Per label, the most significant non-generic latents (token-level enrichment)."),
+            )
         latent_cells = []
         for j in top["latent"].astype(int):
             page = a.dashboard_uri(int(j))
             href = _relative_link(report_dir, page) if page and report_dir else page
             latent_cells.append(Markup('<a href="{}">L{}</a>').format(href, j) if href else f"L{j}")
-        shown = pd.DataFrame(
-            {
-                "label": top["label"].astype(str),
-                # object columns: pandas would turn the Markup cells into plain (escaped) str
-                "latent": pd.Series(latent_cells, dtype=object),
-                "q": [fmt(v, ".2e") for v in top["q"]],
-                "log odds": [fmt(v, ".2f") for v in top["log_odds"]],
-                "in top set": [fmt(v, ".2f") for v in top["frac_in_set"]],
-                "AUROC": [fmt(v, ".3f") for v in top["auroc"]],
-                "density": [fmt(v, ".2e") for v in top["density"]],
-                "top tokens": pd.Series(
-                    [
-                        Markup('<span class="tok">{}</span>').format(
-                            cut_markup(display_token(str(t)), 4 * MAX_TOKEN_CHARS)
-                        )
-                        for t in top["top_tokens"]
-                    ],
-                    dtype=object,
-                ),
-            }
+        columns = {
+            "label": top["label"].astype(str),
+            # object columns: pandas would turn the Markup cells into plain (escaped) str
+            "latent": pd.Series(latent_cells, dtype=object),
+            "q": [fmt(v, ".2e") for v in top["q"]],
+            "log odds": [fmt(v, ".2f") for v in top["log_odds"]],
+        }
+        if "frac_in_set" in top:
+            columns["in top set"] = [fmt(v, ".2f") for v in top["frac_in_set"]]
+        else:
+            columns["in top set"] = [
+                f"{fmt(a_, 'd')}/{fmt(n, 'd')}"
+                for a_, n in zip(top["in_set"], top["set_size"], strict=True)
+            ]
+        columns["AUROC"] = [fmt(v, ".3f") for v in top["auroc"]]
+        if "group_size" in top:
+            columns["near-duplicates"] = [
+                "" if int(g) <= 1 else ", ".join(f"L{int(m)}" for m in list(ms)[1:])
+                for g, ms in zip(top["group_size"], top["members"], strict=True)
+            ]
+        columns["density"] = [fmt(v, ".2e") for v in top["density"]]
+        columns["top tokens"] = pd.Series(
+            [
+                Markup('<span class="tok">{}</span>').format(
+                    cut_markup(display_token(str(t)), 4 * MAX_TOKEN_CHARS)
+                )
+                for t in top["top_tokens"]
+            ],
+            dtype=object,
         )
+        shown = pd.DataFrame(columns)
         index = a.dashboard_uri()
         links = (
             [
@@ -449,7 +475,7 @@ def analysis_sections(
         sections.append(
             ReportSection(
                 "Top latents per label",
-                text="Per label, the most significant non-generic latents (token-level enrichment).",
+                text=text,
                 tables=[shown],
                 links=links,
                 anchor="top-latents",
