@@ -49,8 +49,8 @@ def direct(cfg, root: Path) -> dict[str, float]:
     from integral_superposition.pipelines.analyze import run_analysis
     from integral_superposition.pipelines.merge import run_merge
     from integral_superposition.pipelines.report import merge_section, write_summary_tables
+    from integral_superposition.pipelines.steer_eval import run_steering_eval, steering_section
     from integral_superposition.sae.train import train_saes
-    from integral_superposition.steering.evaluate import run_steering_eval, steering_section
     from integral_superposition.tasks.dump import partition_name
     from integral_superposition.tasks.refs import OutputRef, RunLocation
     from integral_superposition.viz.report import build_report, markdown_summary

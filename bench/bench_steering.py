@@ -39,6 +39,7 @@ import common
 from integral_superposition import steering
 from integral_superposition.data import neutral_prompts
 from integral_superposition.data.tokenize import pad_batch, pad_token_id
+from integral_superposition.pipelines.steer_eval import side_by_side
 from integral_superposition.sae import load_sae, read_sae_manifest
 from integral_superposition.steering import picks, sweep
 from integral_superposition.steering.generation import encode_prompts
@@ -244,7 +245,7 @@ def main() -> None:
         print(significance(result.table).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         for j in params.latents:
             print(f"\nside by side, latent {j}:")
-            print(steering.side_by_side(result, j).to_string(index=False, max_colwidth=70))
+            print(side_by_side(result, j).to_string(index=False, max_colwidth=70))
     (OUT / f"results_{args.tag}.json").write_text(json.dumps(results, indent=2, default=str))
 
 

@@ -24,7 +24,16 @@ import os
 
 import pandas as pd
 import torch
-from integral_superposition import DumpConfig, SAEConfig, backends, data, dump, sae, steering
+from integral_superposition import (
+    DumpConfig,
+    SAEConfig,
+    backends,
+    data,
+    dump,
+    pipelines,
+    sae,
+    steering,
+)
 from integral_superposition.data.tokenize import pad_batch, pad_token_id
 from integral_superposition.sae.train import train_sae
 
@@ -178,13 +187,13 @@ def main() -> None:
     if args.eval:
         out_uri = args.out or os.path.join(args.work, "steering")
         params = steering.SteeringParams(
-            latents=[latent], labels=[args.label], strengths=[0.5, 1.0, 2.0],
+            latents=[latent], labels=[args.label],
             positions=args.positions, max_new_tokens=args.new_tokens, own_label_prompts=6,
         )  # fmt: skip
-        manifest = steering.run_steering_eval(
+        manifest = pipelines.run_steering_eval(
             sae_uri, store.uris[0], out_uri, params, backend=backend
         )
-        res = steering.load_steering(out_uri)
+        res = pipelines.load_steering(out_uri)
         cols = ["control", "prompts", "strength", "share", "vocab_mass", "perplexity", "ppl_ratio"]
         print(
             f"\nsteering evaluation published at {out_uri} ({manifest['content_hash'][:12]}); plot {out_uri}/sweep.png"

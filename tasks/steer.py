@@ -37,7 +37,7 @@ def evaluate_steering(
 ) -> OutputRef:
     """Evaluate steering with ``sae`` inside ``model`` into ``{run}/{out}/{sae.name}``.
     Cached on the SAE's and the store's content hashes, the model and ``params``."""
-    from integral_superposition.steering.evaluate import load_steering, run_steering_eval
+    from integral_superposition.pipelines.steer_eval import load_steering, run_steering_eval
 
     out_uri = loc.uri(out, sae.name)
     manifest = run_sae_step(
@@ -83,6 +83,6 @@ def evaluate_steering(
 
 def steering_sections(ref: OutputRef, storage_options: Mapping[str, Any] | None = None) -> list:
     """The report sections of a published steering evaluation."""
-    from integral_superposition.steering.evaluate import steering_section
+    from integral_superposition.pipelines.steer_eval import steering_section
 
     return [steering_section(ref.uri, storage_options)]

@@ -116,7 +116,7 @@ def test_publish_folder_replaces_only_its_own_folder_on_s3(s3_bucket):
 
 
 def test_a_published_steering_evaluation_reads_back_every_table(tmp_path):
-    from integral_superposition.steering.evaluate import load_steering
+    from integral_superposition.pipelines.steer_eval import load_steering
 
     names = {
         "sweep": "sweep.parquet",

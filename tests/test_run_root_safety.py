@@ -429,7 +429,7 @@ def test_analysis_merge_and_steering_refuse_a_store_the_sae_was_not_trained_on(
 ):
     from integral_superposition.pipelines.analyze import run_analysis
     from integral_superposition.pipelines.merge import run_merge
-    from integral_superposition.steering.evaluate import run_steering_eval
+    from integral_superposition.pipelines.steer_eval import run_steering_eval
 
     sae, store = sae_of_another_store, demo_store.uris[0]
     match = rf"trained on activations ffffffffffffffff, but the store .* holds activations {demo_store.content_hash[:16]}"

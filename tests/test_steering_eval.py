@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from integral_superposition import steering, storage
+from integral_superposition.pipelines import steer_eval
 from integral_superposition.sae import SparseAutoencoder, save_sae
 from integral_superposition.steering import classifier, sweep
 from integral_superposition.steering import picks as picking
@@ -98,7 +99,7 @@ def published(demo_store, tiny_backend, tmp_path_factory):
         own_label_prompts=2, vocab_per_label=20, control_strengths="all",
     )  # fmt: skip
     progress = []
-    manifest = steering.run_steering_eval(
+    manifest = steer_eval.run_steering_eval(
         sae_uri, demo_store.uris[0], str(root / "out"), params, backend=tiny_backend,
         on_progress=lambda done, total: progress.append((done, total)),
     )  # fmt: skip
@@ -115,7 +116,7 @@ def test_run_steering_eval_publishes_the_sweep_with_controls(published):
         "sweep.png", "sweep.svg", "summary.json",
     }  # fmt: skip
     assert progress[-1][0] == progress[-1][1] == len(progress)
-    res = steering.load_steering(out)
+    res = steer_eval.load_steering(out)
     t = res.sweep.set_index(["control", "prompts", "strength"], drop=False)
     assert set(t["control"]) == {"unsteered", "alpha0", "steer", "random", "own_label"}
     base = t[t["control"] == "unsteered"].iloc[0]
@@ -139,15 +140,15 @@ def test_run_steering_eval_publishes_the_sweep_with_controls(published):
 
 def test_side_by_side_and_report_section(published):
     root, _, _, params = published
-    res = steering.load_steering(str(root / "out"))
-    sbs = steering.side_by_side(res)
+    res = steer_eval.load_steering(str(root / "out"))
+    sbs = steer_eval.side_by_side(res)
     assert list(sbs.columns[:2]) == ["prompt", "unsteered"] and len(sbs) == len(params.prompts)
     assert sbs["prompt"].tolist() == params.prompts
-    own = steering.side_by_side(res, 5, 40.0, prompts="own_label")
+    own = steer_eval.side_by_side(res, 5, 40.0, prompts="own_label")
     assert len(own) == params.own_label_prompts
     with pytest.raises(ValueError, match=r"strength=3.0: not in the sweep"):
-        steering.side_by_side(res, 5, 3.0)
-    section = steering.steering_section(res)
+        steer_eval.side_by_side(res, 5, 3.0)
+    section = steer_eval.steering_section(res)
     html = section.to_html()
     assert "Steering" in html and "Latent 5" in html and "<img" in html
     assert "<script" not in html.lower()
@@ -157,27 +158,29 @@ def test_run_steering_eval_rejects_bad_input_before_writing(demo_store, tiny_bac
     sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
     out = tmp_path / "never"
     with pytest.raises(ValueError, match=r"latents=\[64\]: \[64\] out of range .*d_sae=64"):
-        steering.run_steering_eval(
+        steer_eval.run_steering_eval(
             sae, demo_store, str(out), {"latents": [64]}, backend=tiny_backend
         )
     with pytest.raises(ValueError, match=r"labels=\['Cooking'\]"):
-        steering.run_steering_eval(
+        steer_eval.run_steering_eval(
             sae, demo_store, str(out), {"latents": [1], "labels": ["Cooking"]}, backend=tiny_backend
         )
     with pytest.raises(ValueError, match="prompts is empty"):
-        steering.run_steering_eval(sae, demo_store, str(out), {"prompts": []}, backend=tiny_backend)
+        steer_eval.run_steering_eval(
+            sae, demo_store, str(out), {"prompts": []}, backend=tiny_backend
+        )
     with pytest.raises(ValueError, match=r"prompts\[1\]='' is empty"):
-        steering.run_steering_eval(
+        steer_eval.run_steering_eval(
             sae, demo_store, str(out), {"prompts": ["The", ""]}, backend=tiny_backend
         )
     eos = tiny_backend.tokenizer.eos_token
     with pytest.raises(ValueError, match=rf"prompts\[0\]='{eos}' has only special tokens"):
-        steering.run_steering_eval(
+        steer_eval.run_steering_eval(
             sae, demo_store, str(out), {"prompts": [eos]}, backend=tiny_backend
         )
     narrow = SparseAutoencoder(16, 8)
     with pytest.raises(ValueError, match=r"sae.d_in=16 does not match"):
-        steering.run_steering_eval(
+        steer_eval.run_steering_eval(
             narrow, demo_store, str(out), {"latents": [1]}, backend=tiny_backend
         )
     assert not out.exists()

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from integral_superposition import steering
+from integral_superposition.pipelines.steer_eval import steering_section
 from integral_superposition.sae import SparseAutoencoder
 from integral_superposition.steering.generation import generate_continuations
 from integral_superposition.steering.scores import (
@@ -153,7 +154,7 @@ def test_steering_flags_shares_a_one_label_classifier_cannot_judge(demo_store, t
     assert set(ev.check["label"]) == set(demo_store.label_names)
     assert (ev.check[f"to_{demo_store.label_names[0]}"] == 1.0).all()
     assert len(ev.check_generations) == 2 * len(demo_store.label_names)
-    text = steering.steering_section(ev).text
+    text = steering_section(ev).text
     assert "Not evidence: the classifier cannot judge generations" in text
 
     good = steering.evaluate_steering(
@@ -162,7 +163,7 @@ def test_steering_flags_shares_a_one_label_classifier_cannot_judge(demo_store, t
     )  # fmt: skip
     assert set(good.check["label"]) == {target}
     valid = good.summary["latents"][0]["classifier_valid"]
-    assert ("Not evidence" in steering.steering_section(good).text) == (not valid)
+    assert ("Not evidence" in steering_section(good).text) == (not valid)
 
 
 def test_continuation_nll_equals_a_full_forward_per_row(tiny_backend):

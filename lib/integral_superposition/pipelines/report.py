@@ -72,7 +72,7 @@ def report_sections(
     storage_options: Mapping[str, Any] | None,
 ) -> list[ReportSection]:
     """The merge and steering sections of SAE ``name``'s report."""
-    from integral_superposition.steering.evaluate import steering_section
+    from integral_superposition.pipelines.steer_eval import steering_section
 
     sections = []
     merge_of, steer_of = _by_name(merges), _by_name(steering)

@@ -12,7 +12,8 @@
   with controls (latents from :mod:`~integral_superposition.steering.picks`, the figure from
   :mod:`~integral_superposition.steering.plot`; shares with 95% Wilson intervals, the best
   fluent strength and the classifier's check on generations in
-  :mod:`~integral_superposition.steering.scores`); :func:`run_steering_eval` publishes them.
+  :mod:`~integral_superposition.steering.scores`);
+  ``pipelines.steer_eval.run_steering_eval`` publishes them.
 - :mod:`~integral_superposition.steering.positions`: which tokens a hook edits under the KV
   cache.
 """
@@ -20,7 +21,6 @@
 from integral_superposition.steering import (
     classifier,
     edits,
-    evaluate,
     generation,
     hooks,
     picks,
@@ -40,13 +40,6 @@ from integral_superposition.steering.edits import (
     parse_edit,
     scale,
     set_or_scale_latent,
-)
-from integral_superposition.steering.evaluate import (
-    SteeringResult,
-    load_steering,
-    run_steering_eval,
-    side_by_side,
-    steering_section,
 )
 from integral_superposition.steering.generation import (
     Generations,
@@ -83,7 +76,6 @@ __all__ = [
     "SteeringEval",
     "SteeringHandle",
     "SteeringParams",
-    "SteeringResult",
     "ablate",
     "add",
     "clamp",
@@ -93,14 +85,12 @@ __all__ = [
     "compare_generations",
     "continuation_nll",
     "edits",
-    "evaluate",
     "evaluate_steering",
     "generate_continuations",
     "generation",
     "hooks",
     "judge_generations",
     "label_vocabulary",
-    "load_steering",
     "max_activations",
     "parse_edit",
     "pick_best_strength",
@@ -112,13 +102,10 @@ __all__ = [
     "register_prehook_last_row",
     "register_steering",
     "resolve_sae_hook_point",
-    "run_steering_eval",
     "scale",
     "scores",
     "set_or_scale_latent",
-    "side_by_side",
     "steer",
-    "steering_section",
     "sweep",
     "wilson_interval",
 ]

@@ -21,7 +21,7 @@ injected vector has the target's norm) and ``own_label`` (the same latent on pro
 held-out documents of its own label).
 
 :func:`evaluate_steering` returns the tables; the runner
-(:func:`~integral_superposition.steering.evaluate.run_steering_eval`) publishes them.
+(:func:`~integral_superposition.pipelines.steer_eval.run_steering_eval`) publishes them.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ __all__ = ["SteeringEval", "SteeringParams", "evaluate_steering"]
 
 
 class SteeringParams(BaseModel):
-    """What :func:`run_steering_eval` sweeps and how it scores it."""
+    """What :func:`evaluate_steering` sweeps and how it scores it."""
 
     model_config = ConfigDict(
         extra="forbid",

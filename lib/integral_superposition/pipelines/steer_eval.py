@@ -1,5 +1,6 @@
-"""Publish a steering evaluation and read it back: :func:`run_steering_eval`,
-:class:`SteeringResult` / :func:`load_steering`, :func:`side_by_side` and the report's
+"""The steering runner: evaluate steering with an SAE (``steering.sweep.evaluate_steering``)
+and publish it through :class:`~integral_superposition.outputs.OutputWriter`; read it back
+with :func:`load_steering` (:class:`SteeringResult`); :func:`side_by_side` and the report's
 :func:`steering_section`."""
 
 from __future__ import annotations
