@@ -21,7 +21,7 @@ from prefect import task
     **{
         **TASK_DEFAULTS,
         "cache_policy": output_cache(
-            "integral_superposition.steering", "integral_superposition.backends"
+            "integral_superposition.pipelines.steer_eval", "integral_superposition.backends"
         ),
     },
 )
