@@ -202,3 +202,29 @@ def test_missing_sae_metrics_show_a_dash(tmp_path):
     for name in ("L0 (active latents per token)", "CE loss recovered", "dead latents"):
         assert shown[name] == "-", name
     assert "NaN" not in page and "None" not in page
+
+
+def test_steering_rows_say_when_the_classifier_cannot_judge(tmp_path):
+    from integral_superposition.viz.headline import headline_rows
+
+    def steering_dir(name: str, summary: dict) -> str:
+        out = str(tmp_path / name)
+        data = storage.canonical_json(summary).encode()
+        storage.write_bytes(storage.join(out, "summary.json"), data)
+        storage.write_manifest(out, "steering", {}, {"summary.json": storage.file_entry("", data)})
+        return out
+
+    lat = {"latent": 2, "label": "World", "best_share": 0.4, "random_latent": 5,
+           "random_share_at_best": None, "classifier_valid": False,
+           "classifier_note": "predicted for 10% of its own prompts"}  # fmt: skip
+    rows = headline_rows(steering=steering_dir("one", {"latents": [lat]}))
+    (row,) = [r for r in rows if r.group == "Steering"]
+    assert all(r.shown == "-" for r in rows if r.group == "SAE")  # no SAE given
+    assert row.shown == "0.40" and row.control_shown == "random latent 5: -"
+    assert "cannot judge this label (predicted for 10% of its own prompts)" in row.detail
+    broken = {"latents": [lat], "classifier": {"generations": {"can_judge": False}}}
+    (row,) = [
+        r for r in headline_rows(steering=steering_dir("all", broken)) if r.group == "Steering"
+    ]
+    assert "failed its check on unsteered generations" in row.detail
+    assert "cannot judge this label" not in row.detail

@@ -189,6 +189,7 @@ def test_headline_numbers_are_marked_and_missing_ones_read_a_dash(report_page, b
         assert "token level" in rows[k][2] or rows[k][0].startswith("no significant")
     value, control, on = rows["significant latent-label pairs (token level)"]
     assert int(value) >= len(found) and control.startswith("shuffled labels, mean of 3 seeds: ")
+    assert len(control.rsplit(": ", 1)[1]) <= 5  # three significant digits
     hrefs = browser.evaluate(
         "Array.from(document.querySelectorAll('table.headline a')).map(a => a.getAttribute('href'))"
     )

@@ -246,7 +246,7 @@ def _best_latents(analysis) -> list[HeadlineRow]:
             "Latents",
             f"significant latent-label pairs ({level} level)",
             observed,
-            "d",
+            ".3g",
             control=None if control is None else _num(control["n_significant"].mean()),
             control_name="" if control is None else f"shuffled labels, mean of {n_seeds} seeds",
             split=split,
@@ -395,6 +395,7 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
     if not summary:
         return []
     bound = _num(summary.get("ppl_ratio_max")) or 2.0
+    judge = ((summary.get("classifier") or {}).get("generations") or {}).get("can_judge")
     rows = []
     for lat in summary.get("latents") or []:
         detail = (
@@ -407,7 +408,9 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
         base = _num(lat.get("baseline_share"))
         if base is not None:
             detail += f"; unsteered {base:.2f}"
-        if lat.get("classifier_valid") is False:
+        if judge is False:
+            detail += "; the classifier failed its check on unsteered generations"
+        elif lat.get("classifier_valid") is False:
             detail += "; the classifier cannot judge this label" + (
                 f" ({lat['classifier_note']})" if lat.get("classifier_note") else ""
             )
