@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
+from integral_superposition.flows.sae_steps import SAE_STEPS, SaeStep
 
 app = typer.Typer(
     name="isup",
@@ -467,87 +468,40 @@ ParamOpt = Annotated[
 ]
 
 
-@app.command()
-def analyze(
-    sae: SaeOpt,
-    store: StoreOpt = None,
-    model: ModelOpt = None,
-    run_root: RootOpt = None,
-    param: ParamOpt = None,
-    storage_option: StorageOptionOpt = None,
-    storage_secret: SecretOpt = None,
-    other_store: OtherStoreOpt = False,
-) -> None:
-    """Analyse an SAE's latents: statistics, label enrichment, maps, dashboards."""
-    from integral_superposition.analysis.params import AnalysisParams
-    from integral_superposition.flows.steps import analyze_flow
+def _sae_step_command(step: SaeStep) -> None:
+    """Register ``isup <step.name>``: run the step's flow on one SAE."""
 
-    with _flow_process():
-        params = _params(AnalysisParams, param)
-    state, fr_id = _run_flow(
-        analyze_flow, sae_uri=sae, store_uri=store, params=params, model_id=model,
-        run_root=run_root, **_storage_args(storage_option, storage_secret),
-        allow_other_store=other_store,
-    )  # fmt: skip
-    ref = _finish(state, fr_id)
-    _console().print(f"analysis: {ref.uri}")
+    def command(
+        sae: SaeOpt,
+        store: StoreOpt = None,
+        model: ModelOpt = None,
+        run_root: RootOpt = None,
+        param: ParamOpt = None,
+        storage_option: StorageOptionOpt = None,
+        storage_secret: SecretOpt = None,
+        other_store: OtherStoreOpt = False,
+    ) -> None:
+        from integral_superposition.flows.steps import SAE_STEP_FLOWS
 
+        with _flow_process():
+            params = _params(step.load_params(), param)
+        state, fr_id = _run_flow(
+            SAE_STEP_FLOWS[step.name], sae_uri=sae, store_uri=store, params=params,
+            model_id=model, run_root=run_root, **_storage_args(storage_option, storage_secret),
+            allow_other_store=other_store,
+        )  # fmt: skip
+        ref = _finish(state, fr_id)
+        typer.echo(f"{step.output}: {ref.uri}")
+        if step.print_summary:
+            typer.echo(json.dumps(ref.summary, default=str))
 
-@app.command()
-def merge(
-    sae: SaeOpt,
-    store: StoreOpt = None,
-    model: ModelOpt = None,
-    run_root: RootOpt = None,
-    param: ParamOpt = None,
-    storage_option: StorageOptionOpt = None,
-    storage_secret: SecretOpt = None,
-    other_store: OtherStoreOpt = False,
-) -> None:
-    """Merge redundant latents of an SAE into a smaller SAE, and evaluate what it costs."""
-    from integral_superposition.flows.steps import merge_flow
-    from integral_superposition.merge.params import MergeParams
-
-    with _flow_process():
-        params = _params(MergeParams, param)
-    state, fr_id = _run_flow(
-        merge_flow, sae_uri=sae, store_uri=store, params=params, model_id=model,
-        run_root=run_root, **_storage_args(storage_option, storage_secret),
-        allow_other_store=other_store,
-    )  # fmt: skip
-    ref = _finish(state, fr_id)
-    typer.echo(f"merged SAE: {ref.uri}\n{json.dumps(ref.summary, default=str)}")
+    command.__name__ = step.flow_name.removesuffix("_flow")
+    command.__doc__ = step.help.replace("``", "")
+    app.command(step.name)(command)
 
 
-@app.command("steer-eval")
-def steer_eval(
-    sae: SaeOpt,
-    store: StoreOpt = None,
-    model: ModelOpt = None,
-    run_root: RootOpt = None,
-    param: ParamOpt = None,
-    storage_option: StorageOptionOpt = None,
-    storage_secret: SecretOpt = None,
-    other_store: OtherStoreOpt = False,
-) -> None:
-    """Sweep steering strengths of the SAE's most label-enriched latents, with controls."""
-    from integral_superposition.flows.steps import steer_eval_flow
-    from integral_superposition.steering.sweep import SteeringParams
-
-    with _flow_process():
-        params = _params(SteeringParams, param)
-    state, fr_id = _run_flow(
-        steer_eval_flow,
-        sae_uri=sae,
-        store_uri=store,
-        params=params,
-        model_id=model,
-        run_root=run_root,
-        **_storage_args(storage_option, storage_secret),
-        allow_other_store=other_store,
-    )
-    ref = _finish(state, fr_id)
-    _console().print(f"steering evaluation: {ref.uri}")
+for _step in SAE_STEPS:
+    _sae_step_command(_step)
 
 
 @app.command()
@@ -581,7 +535,7 @@ def steer(
     from integral_superposition import sae as sae_lib
     from integral_superposition import steering
     from integral_superposition.experiment import ModelSpec
-    from integral_superposition.flows.steps import sae_model_id
+    from integral_superposition.runs import sae_model_id
     from integral_superposition.tasks.backends import load_backend
     from rich.table import Table
 

@@ -26,8 +26,8 @@ from integral_superposition.experiment import SAEJob, make_run_id
 from integral_superposition.flows.config import FlowExperimentConfig
 from integral_superposition.flows.process import record_process
 from integral_superposition.lease import RunLease
+from integral_superposition.runs import absolute_storage
 from integral_superposition.tasks.analyze import analyze_sae
-from integral_superposition.tasks.backends import model_stamp
 from integral_superposition.tasks.blocks import secure_config
 from integral_superposition.tasks.dump import (
     combine_partitions,
@@ -101,11 +101,6 @@ def result_storage_for(
         return cfg.result_storage
     opts = resolve_storage_options(cfg) if storage_options is None else storage_options
     return result_storage_at(storage.join(cfg.storage, cfg.name), opts, cfg.storage_secret)
-
-
-def absolute_storage(uri: str) -> str:
-    """Local storage made absolute (a worker may run the flow from another directory)."""
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 def task_options(
@@ -385,7 +380,7 @@ def _experiment(
         return task_obj.with_options(**opts)
 
     steps = _Steps()
-    model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+    model = ModelRef.of(cfg.model)
     if cfg.online.enabled:
         saes, store = train_online(cfg, loc, model, T, steps, show_progress)
     else:

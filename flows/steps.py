@@ -17,12 +17,9 @@ clear text.
 
 from __future__ import annotations
 
-import posixpath
 from typing import Any
 
-from integral_superposition import storage
-from integral_superposition.analysis.params import AnalysisParams
-from integral_superposition.compute import DTYPE_NAMES, short_name
+from integral_superposition import runs
 from integral_superposition.experiment import ModelSpec, ReportOptions, make_run_id
 from integral_superposition.flows.config import FlowExperimentConfig
 from integral_superposition.flows.experiment import (
@@ -38,19 +35,13 @@ from integral_superposition.flows.experiment import (
     task_options,
 )
 from integral_superposition.flows.process import record_process
+from integral_superposition.flows.sae_steps import SAE_STEPS, SaeStep
 from integral_superposition.lease import RunLease, check_delegate
-from integral_superposition.merge.params import MergeParams
-from integral_superposition.steering.sweep import SteeringParams
-from integral_superposition.tasks.analyze import analyze_sae
-from integral_superposition.tasks.backends import model_stamp
 from integral_superposition.tasks.blocks import refuse_credentials, resolve_storage, secure_config
 from integral_superposition.tasks.dump import dump_activations, partition_name
-from integral_superposition.tasks.index import RUN_INDEX
-from integral_superposition.tasks.merge import merge_sae
 from integral_superposition.tasks.policy import retry_options
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.report import build_experiment_report, publish_report_summary
-from integral_superposition.tasks.steer import evaluate_steering
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
@@ -78,11 +69,7 @@ def location_of(
 ) -> RunLocation:
     """The :class:`RunLocation` of a run folder ``{storage}/{experiment}/{run}``
     (``storage_options``: those storage is opened with, the Secret's included)."""
-    root = absolute_storage(run_root).rstrip("/")
-    exp_root, run = posixpath.split(root) if "://" in root else _split_local(root)
-    storage_root, experiment = (
-        posixpath.split(exp_root) if "://" in exp_root else _split_local(exp_root)
-    )
+    storage_root, experiment, run = runs.split_run_root(run_root)
     return RunLocation(
         storage=storage_root,
         experiment=experiment,
@@ -100,52 +87,12 @@ def _open_storage(
     return resolve_storage(storage_options, storage_secret)
 
 
-def _split_local(path: str) -> tuple[str, str]:
-    import os
-
-    return os.path.dirname(path), os.path.basename(path)
-
-
-def _parent(uri: str, levels: int = 1) -> str:
-    for _ in range(levels):
-        uri = (
-            posixpath.dirname(uri.rstrip("/")) if "://" in uri else _split_local(uri.rstrip("/"))[0]
-        )
-    return uri
-
-
-def _basename(uri: str) -> str:
-    return posixpath.basename(uri.rstrip("/"))
-
-
-def find_store_of(sae_uri: str, storage_options: dict[str, Any] | None = None) -> str:
-    """The activation store an SAE of an experiment run was trained on (from the run's
-    ``run.json``); raises when the SAE does not sit in a run folder that records it."""
-    root = _parent(sae_uri, 2)
-    index = storage.join(root, RUN_INDEX)
-    try:
-        doc = storage.read_json(index, storage_options)
-    except (FileNotFoundError, OSError, ValueError):
-        raise ValueError(
-            f"sae_uri={sae_uri!r}: no run index at {index!r} to find its activation store; "
-            "pass store_uri explicitly"
-        ) from None
-    stores = [
-        s["output"]["uri"]
-        for s in doc.get("steps", [])
-        if s.get("output")
-        and s["output"]["kind"] == "activations"
-        and s["step"] in ("dump", "combine")
-    ]
-    if not stores:
-        raise ValueError(f"{index!r} records no activation store; pass store_uri explicitly")
-    return stores[-1]
-
-
 def _refs(sae_uri: str, store_uri: str | None, opts: dict[str, Any]) -> tuple[OutputRef, OutputRef]:
-    store_uri = store_uri or find_store_of(sae_uri, opts)
-    sae = OutputRef.read("sae", _basename(sae_uri), absolute_storage(sae_uri), opts)
-    store = OutputRef.read("activations", _basename(store_uri), absolute_storage(store_uri), opts)
+    store_uri = store_uri or runs.find_store_of(sae_uri, opts)
+    sae = OutputRef.read("sae", runs.basename(sae_uri), absolute_storage(sae_uri), opts)
+    store = OutputRef.read(
+        "activations", runs.basename(store_uri), absolute_storage(store_uri), opts
+    )
     return sae, store
 
 
@@ -170,7 +117,7 @@ def dump_flow(cfg: FlowExperimentConfig, show_progress: bool = False) -> OutputR
     combined into one); cached like the experiment's dump step."""
     cfg, loc = _secured(cfg)
     opts = task_options(cfg, loc.storage_options)
-    model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+    model = ModelRef.of(cfg.model)
     check_deployments(cfg, ("dump",))
     with own_run_root(cfg, loc, "dump"):
         store = dump_store(
@@ -213,7 +160,7 @@ def dump_partition_flow(
         data = resolve_dataset.with_options(**opts)(
             cfg.data, cfg.data.stamp(loc.storage_options), loc
         )
-        model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+        model = ModelRef.of(cfg.model)
         # not cached here: the orchestrating task caches the whole fan-out, and the part
         # must land in this run's folder, where the orchestrator reads it
         ref = dump_activations.with_options(**opts, cache_policy=NO_CACHE)(
@@ -237,12 +184,12 @@ def train_flow(
         if store_uri:
             store = OutputRef.read(
                 "activations",
-                _basename(store_uri),
+                runs.basename(store_uri),
                 absolute_storage(store_uri),
                 loc.storage_options,
             )
         else:
-            model = ModelRef(spec=cfg.model, stamp=model_stamp(cfg.model))
+            model = ModelRef.of(cfg.model)
             store = dump_store(
                 cfg, loc, model, lambda t: t.with_options(**opts), _Steps(), show_progress
             )
@@ -308,7 +255,10 @@ def train_part_flow(
         else:
             guard.enter_context(own_run_root(cfg, loc, "train"))
         store = OutputRef.read(
-            "activations", _basename(store_uri), absolute_storage(store_uri), loc.storage_options
+            "activations",
+            runs.basename(store_uri),
+            absolute_storage(store_uri),
+            loc.storage_options,
         )
         # not cached here: the orchestrating task caches the training, and the SAEs must
         # land in this run's folder, where the orchestrator reads them
@@ -326,129 +276,63 @@ def train_part_flow(
     return refs
 
 
-@flow(name="analyze", persist_result=False, log_prints=True, on_running=[record_process])
-def analyze_flow(
-    sae_uri: str,
-    store_uri: str | None = None,
-    params: AnalysisParams | None = None,
-    model_id: str | None = None,
-    run_root: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    storage_secret: str | None = None,
-    allow_other_store: bool = False,
-) -> OutputRef:
-    """Analyse the SAE at ``sae_uri`` on ``store_uri`` (default: the store recorded by the
-    SAE's run). ``model_id`` adds the logit lens. Output: ``{run_root}/analysis/<sae>``.
-    The store must be the one the SAE was trained on unless ``allow_other_store``."""
-    opts = _open_storage(storage_options, storage_secret)
-    sae, store = _refs(sae_uri, store_uri, opts)
-    loc = location_of(run_root or _parent(sae.uri, 2), opts, storage_secret)
-    model = _model_ref(model_id, store, opts) if model_id else None
-    with RunLease(loc.root, opts, owner=lease_owner("analyze")):
-        ref = analyze_sae.with_options(**_standalone_options(loc))(
-            sae,
-            store,
-            params or AnalysisParams(),
-            loc,
-            model=model,
-            **_other_store(allow_other_store),
-        )
-    get_run_logger().info("analysis of %s: %s", sae.name, ref.uri)
-    return ref
-
-
-@flow(name="merge", persist_result=False, log_prints=True, on_running=[record_process])
-def merge_flow(
-    sae_uri: str,
-    store_uri: str | None = None,
-    params: MergeParams | None = None,
-    model_id: str | None = None,
-    run_root: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    storage_secret: str | None = None,
-    allow_other_store: bool = False,
-) -> OutputRef:
-    """Merge the latents of the SAE at ``sae_uri``; ``model_id`` enables the spliced CE / KL
-    metrics. Output: ``{run_root}/merge/<sae>``."""
-    opts = _open_storage(storage_options, storage_secret)
-    sae, store = _refs(sae_uri, store_uri, opts)
-    loc = location_of(run_root or _parent(sae.uri, 2), opts, storage_secret)
-    model = _model_ref(model_id, store, opts) if model_id else None
-    with RunLease(loc.root, opts, owner=lease_owner("merge")):
-        ref = merge_sae.with_options(**_standalone_options(loc))(
-            sae,
-            store,
-            params or MergeParams(),
-            loc,
-            model=model,
-            **_other_store(allow_other_store),
-        )
-    get_run_logger().info("merged SAE of %s: %s", sae.name, ref.uri)
-    return ref
-
-
-def sae_model_id(sae_uri: str, storage_options: dict[str, Any] | None = None) -> str:
-    """The model an SAE was trained on, from its ``cfg.json`` (SAELens ``metadata.model_name``)."""
-    try:
-        cfg = storage.read_json(storage.join(sae_uri, "cfg.json"), storage_options)
-    except (FileNotFoundError, OSError, ValueError):
-        cfg = {}
-    name = (cfg.get("metadata") or {}).get("model_name") or cfg.get("model_name")
-    if not name:
-        raise ValueError(f"sae_uri={sae_uri!r}: its cfg.json names no model; pass model_id")
-    return str(name)
-
-
-def _short_dtype(name: str) -> str | None:
-    """``"bfloat16"`` (a manifest's model dtype) -> ``"bf16"``; None for an unknown name."""
-    return short_name(DTYPE_NAMES[name]) if name in DTYPE_NAMES else None
-
-
 def _model_ref(
     model_id: str, store: OutputRef | None = None, storage_options: dict[str, Any] | None = None
 ) -> ModelRef:
     """The model ``model_id``; when it is the model ``store`` was dumped from, in the dtype it
     ran in then, so a step run on its own shares the experiment's cached results."""
-    spec = ModelSpec(model_id=model_id)
-    if store is not None:
-        try:
-            dumped = storage.read_manifest(store.uri, storage_options).get("model") or {}
-        except (FileNotFoundError, OSError, ValueError):
-            dumped = {}
-        dtype = _short_dtype(str(dumped.get("dtype")))
-        if dumped.get("model_id") == model_id and dtype:
-            spec = ModelSpec(model_id=model_id, dtype=dtype)
-    return ModelRef(spec=spec, stamp=model_stamp(spec))
+    dtype = runs.dumped_dtype(store.uri, model_id, storage_options) if store is not None else None
+    spec = ModelSpec(model_id=model_id, dtype=dtype) if dtype else ModelSpec(model_id=model_id)
+    return ModelRef.of(spec)
 
 
-@flow(name="steer-eval", persist_result=False, log_prints=True, on_running=[record_process])
-def steer_eval_flow(
-    sae_uri: str,
-    store_uri: str | None = None,
-    params: SteeringParams | None = None,
-    model_id: str | None = None,
-    run_root: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    storage_secret: str | None = None,
-    allow_other_store: bool = False,
-) -> OutputRef:
-    """Evaluate steering with the SAE at ``sae_uri`` inside ``model_id`` (default: the model
-    the SAE was trained on). Output: ``{run_root}/steering/<sae>``."""
-    opts = _open_storage(storage_options, storage_secret)
-    sae, store = _refs(sae_uri, store_uri, opts)
-    loc = location_of(run_root or _parent(sae.uri, 2), opts, storage_secret)
-    model = _model_ref(model_id or sae_model_id(sae.uri, opts), store, opts)
-    with RunLease(loc.root, opts, owner=lease_owner("steer-eval")):
-        ref = evaluate_steering.with_options(**_standalone_options(loc))(
-            sae,
-            store,
-            params or SteeringParams(),
-            loc,
-            model=model,
-            **_other_store(allow_other_store),
-        )
-    get_run_logger().info("steering evaluation of %s: %s", sae.name, ref.uri)
-    return ref
+def _sae_step_flow(step: SaeStep):
+    """The flow of one step on a trained SAE (a row of :data:`SAE_STEPS`)."""
+
+    def run_step(
+        sae_uri: str,
+        store_uri: str | None = None,
+        params: Any = None,
+        model_id: str | None = None,
+        run_root: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        storage_secret: str | None = None,
+        allow_other_store: bool = False,
+    ) -> OutputRef:
+        opts = _open_storage(storage_options, storage_secret)
+        sae, store = _refs(sae_uri, store_uri, opts)
+        loc = location_of(run_root or runs.parent(sae.uri, 2), opts, storage_secret)
+        if model_id is None and step.model_from_sae:
+            model_id = runs.sae_model_id(sae.uri, opts)
+        model = _model_ref(model_id, store, opts) if model_id else None
+        with RunLease(loc.root, opts, owner=lease_owner(step.name)):
+            ref = step.load_task().with_options(**_standalone_options(loc))(
+                sae,
+                store,
+                params or step.load_params()(),
+                loc,
+                model=model,
+                **_other_store(allow_other_store),
+            )
+        get_run_logger().info("%s of %s: %s", step.output, sae.name, ref.uri)
+        return ref
+
+    run_step.__name__ = run_step.__qualname__ = step.flow_name
+    run_step.__doc__ = step.help
+    run_step.__annotations__ = {
+        **run_step.__annotations__,
+        "params": step.load_params() | None,
+    }
+    return flow(name=step.name, persist_result=False, log_prints=True, on_running=[record_process])(
+        run_step
+    )
+
+
+SAE_STEP_FLOWS = {step.name: _sae_step_flow(step) for step in SAE_STEPS}
+"""The flow of each step on a trained SAE, by step name."""
+analyze_flow = SAE_STEP_FLOWS["analyze"]
+merge_flow = SAE_STEP_FLOWS["merge"]
+steer_eval_flow = SAE_STEP_FLOWS["steer-eval"]
 
 
 @flow(name="report", persist_result=False, log_prints=True, on_running=[record_process])
@@ -461,16 +345,12 @@ def report_flow(
     """(Re)build the report of the experiment run at ``run_root`` from its ``run.json``."""
     opts = _open_storage(storage_options, storage_secret)
     root = absolute_storage(run_root)
-    doc = storage.read_json(storage.join(root, RUN_INDEX), opts)
-    by_kind: dict[str, list[OutputRef]] = {}
-    for s in doc.get("steps", []):
-        if s.get("output") and s["step"] != "report":
-            ref = OutputRef.model_validate(s["output"])
-            by_kind.setdefault(ref.kind, []).append(ref)
+    config, outputs = runs.read_run_outputs(root, opts)
+    by_kind = {k: [OutputRef.model_validate(o) for o in v] for k, v in outputs.items()}
     loc = location_of(root, opts, storage_secret)
     with RunLease(loc.root, opts, owner=lease_owner("report")):
         ref = build_experiment_report.with_options(**_standalone_options(loc))(
-            doc.get("config", {}), by_kind.get("sae", []), by_kind.get("analysis", []),
+            config, by_kind.get("sae", []), by_kind.get("analysis", []),
             by_kind.get("merge", []), by_kind.get("steering", []), options or ReportOptions(), loc,
         )  # fmt: skip
         publish_report_summary(

@@ -9,9 +9,7 @@ comes with a lock that its users hold while they call the library.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -118,40 +116,3 @@ def clear_backends() -> None:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def model_stamp(spec: ModelSpec) -> str:
-    """A cheap identity of the weights ``spec`` loads, without loading them: file sizes and
-    modification times of a local directory or file, the pinned revision of a hub id, or the
-    package version of an embedded model."""
-    from importlib import metadata
-
-    from integral_superposition.backends.sources import EMBEDDED_MODELS
-
-    mid = spec.model_id
-    if mid.startswith("tiny:"):
-        return f"{mid}:builtin"
-    if mid in EMBEDDED_MODELS:
-        dist = EMBEDDED_MODELS[mid].distribution
-        try:
-            return f"{mid}:{dist}=={metadata.version(dist)}"
-        except metadata.PackageNotFoundError:
-            return f"{mid}:{dist} (not installed)"
-    path = os.path.expanduser(mid)
-    if os.path.exists(path):
-        h = hashlib.sha256()
-        files = (
-            [path]
-            if os.path.isfile(path)
-            else sorted(
-                os.path.join(d, f)
-                for d, _, fs in os.walk(path)
-                for f in fs
-                if not f.startswith(".")
-            )
-        )
-        for f in files:
-            st = os.stat(f)
-            h.update(f"{os.path.relpath(f, path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return f"local:{h.hexdigest()[:16]}"
-    return f"hub:{mid}@{spec.revision or 'main'}"

@@ -12,27 +12,13 @@ from integral_superposition.experiment import DataSpec
 from integral_superposition.tasks.backends import using_backend
 from integral_superposition.tasks.policy import (
     DUMP_MODULES,
-    OUTPUT_CACHE,
+    TASK_DEFAULTS,
     gpu_slot,
     output_cache,
-    retry_transient,
 )
 from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.ui import Progress, event, library_logs, timed_step
 from prefect import task
-
-TASK_DEFAULTS: dict[str, Any] = {
-    "cache_policy": OUTPUT_CACHE,
-    "persist_result": True,
-    "result_serializer": "json",
-    "retries": 3,
-    "retry_delay_seconds": [10, 20, 40],
-    "retry_jitter_factor": 0.2,
-    "retry_condition_fn": retry_transient,
-    "tags": ["isup"],
-}
-"""Options every step task starts from (the flow overrides retries and result storage); each
-step replaces ``cache_policy`` by one keyed on the library modules it runs."""
 
 
 def partition_name(index: int, count: int) -> str:

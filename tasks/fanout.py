@@ -23,8 +23,8 @@ from integral_superposition.config import DumpConfig
 from integral_superposition.experiment import SAEJob
 from integral_superposition.flows.config import FanoutPlan, FlowExperimentConfig
 from integral_superposition.lease import held_lease
-from integral_superposition.tasks.dump import TASK_DEFAULTS, combine_partitions, partition_name
-from integral_superposition.tasks.policy import DUMP_MODULES, OutputCache
+from integral_superposition.tasks.dump import combine_partitions, partition_name
+from integral_superposition.tasks.policy import DUMP_MODULES, TASK_DEFAULTS, OutputCache
 from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.train import TRAIN_MODULES, sae_ref
 from integral_superposition.tasks.ui import Progress, run_logger

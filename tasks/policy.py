@@ -451,3 +451,18 @@ def gpu_slot(
 
     with concurrency(name, occupy=occupy, timeout_seconds=timeout_s, strict=True):
         yield True
+
+
+# -- defaults of every step task ---------------------------------------------------------------
+TASK_DEFAULTS: dict[str, Any] = {
+    "cache_policy": OUTPUT_CACHE,
+    "persist_result": True,
+    "result_serializer": "json",
+    "retries": 3,
+    "retry_delay_seconds": [10, 20, 40],
+    "retry_jitter_factor": 0.2,
+    "retry_condition_fn": retry_transient,
+    "tags": ["isup"],
+}
+"""Options every step task starts from (the flow overrides retries and result storage); each
+step replaces ``cache_policy`` by one keyed on the library modules it runs."""

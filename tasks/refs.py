@@ -163,6 +163,13 @@ class ModelRef(BaseModel):
     spec: ModelSpec
     stamp: str
 
+    @classmethod
+    def of(cls, spec: ModelSpec) -> ModelRef:
+        """``spec`` stamped with its weights' source (:func:`backends.sources.model_stamp`)."""
+        from integral_superposition.backends.sources import model_stamp
+
+        return cls(spec=spec, stamp=model_stamp(spec.model_id, spec.revision))
+
     def cache_identity(self) -> dict[str, Any]:
         # where the model runs does not change what it computes (up to float noise)
         spec = self.spec.model_dump(mode="json", exclude={"device", "device_map"})

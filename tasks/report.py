@@ -10,8 +10,7 @@ from typing import Any
 from integral_superposition import storage
 from integral_superposition.experiment import ReportOptions
 from integral_superposition.pipelines import report
-from integral_superposition.tasks.dump import TASK_DEFAULTS
-from integral_superposition.tasks.policy import output_cache
+from integral_superposition.tasks.policy import TASK_DEFAULTS, output_cache
 from integral_superposition.tasks.refs import OutputRef, RunLocation
 from integral_superposition.tasks.ui import (
     browser_url,

@@ -9,8 +9,7 @@ from typing import Any
 
 from integral_superposition.steering.sweep import SteeringParams
 from integral_superposition.tasks.backends import run_sae_step
-from integral_superposition.tasks.dump import TASK_DEFAULTS
-from integral_superposition.tasks.policy import output_cache
+from integral_superposition.tasks.policy import TASK_DEFAULTS, output_cache
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.ui import event, table
 from prefect import task

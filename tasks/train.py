@@ -9,8 +9,7 @@ from integral_superposition import storage
 from integral_superposition.config import DumpConfig
 from integral_superposition.experiment import OnlineConfig, SAEJob
 from integral_superposition.tasks.backends import using_backend
-from integral_superposition.tasks.dump import TASK_DEFAULTS
-from integral_superposition.tasks.policy import OutputCache, gpu_slot
+from integral_superposition.tasks.policy import TASK_DEFAULTS, OutputCache, gpu_slot
 from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunLocation
 from integral_superposition.tasks.ui import (
     Progress,

@@ -255,7 +255,7 @@ def test_model_spec_device_map_reaches_the_backend(monkeypatch):
     """``model.device_map`` goes to the model's from_pretrained (accelerate's dispatch)."""
     import transformers
     from integral_superposition.experiment import ModelSpec
-    from integral_superposition.tasks.backends import clear_backends, load_backend, model_stamp
+    from integral_superposition.tasks.backends import clear_backends, load_backend
 
     seen: list[dict] = []
     original = transformers.AutoModelForCausalLM.from_pretrained.__func__
@@ -280,10 +280,10 @@ def test_model_spec_device_map_reaches_the_backend(monkeypatch):
         clear_backends()
     # where a model runs does not change its cache identity; its weights' source does
     plain = ModelSpec(model_id="tiny:gemma", dtype="fp32", device="cpu")
-    ident = ModelRef(spec=spec, stamp=model_stamp(spec)).cache_identity()
-    assert ident == ModelRef(spec=plain, stamp=model_stamp(plain)).cache_identity()
+    ident = ModelRef.of(spec).cache_identity()
+    assert ident == ModelRef.of(plain).cache_identity()
     other = ModelSpec(model_id="tiny:llama", dtype="fp32")
-    assert ident != ModelRef(spec=other, stamp=model_stamp(other)).cache_identity()
+    assert ident != ModelRef.of(other).cache_identity()
 
 
 def _ids(backend):

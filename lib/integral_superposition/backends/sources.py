@@ -55,6 +55,39 @@ class ModelSource:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def model_stamp(model_id: str, revision: str | None = None) -> str:
+    """A cheap identity of the weights ``model_id`` names, without loading them: file sizes and
+    modification times of a local directory or file, the pinned revision of a hub id, or the
+    package version of an embedded model."""
+    mid = model_id
+    if mid.startswith("tiny:"):
+        return f"{mid}:builtin"
+    if mid in EMBEDDED_MODELS:
+        dist = EMBEDDED_MODELS[mid].distribution
+        try:
+            return f"{mid}:{dist}=={metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            return f"{mid}:{dist} (not installed)"
+    path = os.path.expanduser(mid)
+    if os.path.exists(path):
+        h = hashlib.sha256()
+        files = (
+            [path]
+            if os.path.isfile(path)
+            else sorted(
+                os.path.join(d, f)
+                for d, _, fs in os.walk(path)
+                for f in fs
+                if not f.startswith(".")
+            )
+        )
+        for f in files:
+            st = os.stat(f)
+            h.update(f"{os.path.relpath(f, path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return f"local:{h.hexdigest()[:16]}"
+    return f"hub:{mid}@{revision or 'main'}"
+
+
 def embedded_gguf_path(name: str) -> ModelSource:
     """Assemble the embedded model's GGUF file (once) and return its source."""
     spec = EMBEDDED_MODELS[name]
