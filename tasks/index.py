@@ -13,10 +13,10 @@ from typing import Any
 import yaml
 from integral_superposition import storage
 from integral_superposition.experiment import ExperimentConfig
+from integral_superposition.runs import RUN_INDEX
 from integral_superposition.tasks.refs import OutputRef, RunLocation
 from pydantic import BaseModel, Field
 
-RUN_INDEX = "run.json"
 RUN_CONFIG = "config.yaml"
 RUN_PROCESS = "process.json"
 
