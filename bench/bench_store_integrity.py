@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine
 from integral_superposition.dump import shards as shards_mod
-from integral_superposition.dump.store import ActivationStore, first_non_finite
+from integral_superposition.dump.shards import first_non_finite
+from integral_superposition.dump.store import ActivationStore
 from integral_superposition.dump.synthetic import write_activation_store
 from integral_superposition.sae import SparseAutoencoder
 

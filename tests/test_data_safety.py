@@ -309,7 +309,7 @@ WHERE = r"shard \S*shard-00002\.safetensors row 7 \(store row 407\) \(value inf 
 
 
 def test_inf_in_a_store_stops_reads_with_the_shard_and_row(inf_store):
-    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.dump.shards import NonFiniteActivationsError
 
     _root, store = inf_store
     with pytest.raises(NonFiniteActivationsError, match=WHERE):
@@ -323,7 +323,7 @@ def test_inf_in_a_store_stops_reads_with_the_shard_and_row(inf_store):
 
 
 def test_inf_in_a_store_stops_analysis_before_publishing(inf_store, tmp_path):
-    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.dump.shards import NonFiniteActivationsError
     from integral_superposition.pipelines.analyze import run_analysis
 
     root, _store = inf_store
@@ -334,7 +334,7 @@ def test_inf_in_a_store_stops_analysis_before_publishing(inf_store, tmp_path):
 
 
 def test_inf_in_a_store_stops_metrics(inf_store):
-    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.dump.shards import NonFiniteActivationsError
     from integral_superposition.sae import load_sae
     from integral_superposition.sae.metrics import evaluate_sae
 
@@ -345,7 +345,7 @@ def test_inf_in_a_store_stops_metrics(inf_store):
 
 def test_run_merge_says_where_non_finite_values_come_from(inf_store, tmp_path, monkeypatch):
     from integral_superposition import pipelines
-    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.dump.shards import NonFiniteActivationsError
     from integral_superposition.merge import evaluate as ev
     from integral_superposition.sae import SparseAutoencoder, load_sae
 
@@ -509,7 +509,7 @@ class _EditedBackend(CountingBackend):
 
 
 def test_dump_refuses_to_store_non_finite_activations(tiny_backend, demo_df, tmp_path):
-    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.dump.shards import NonFiniteActivationsError
 
     def poisoned(_name, x):
         x = x.clone()
@@ -542,7 +542,7 @@ def test_dump_refuses_to_store_non_finite_activations(tiny_backend, demo_df, tmp
 
 
 def test_a_verified_dump_is_not_hashed_again_when_read(tmp_path, monkeypatch):
-    from integral_superposition.dump.store import verify_dump
+    from integral_superposition.dump.shards import verify_dump
 
     _synthetic(tmp_path / "acts")
     calls: list[str] = []
@@ -563,7 +563,7 @@ def test_a_verified_dump_is_not_hashed_again_when_read(tmp_path, monkeypatch):
 
 
 def test_damaged_or_impossible_data_is_not_retried():
-    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.dump.shards import NonFiniteActivationsError
     from integral_superposition.tasks.policy import is_transient
 
     for exc in (
@@ -576,7 +576,7 @@ def test_damaged_or_impossible_data_is_not_retried():
 
 
 def test_inf_in_a_store_stops_the_steering_classifier(inf_store):
-    from integral_superposition.dump.store import NonFiniteActivationsError
+    from integral_superposition.dump.shards import NonFiniteActivationsError
     from integral_superposition.steering.classifier import mean_pooled_documents
 
     _root, store = inf_store

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from integral_superposition import storage
 from integral_superposition.dump import ActivationStore
-from integral_superposition.dump.store import verify_dump
+from integral_superposition.dump.shards import verify_dump
 from integral_superposition.sae import load_sae
 
 pytestmark = pytest.mark.prefect

@@ -9,7 +9,7 @@ import torch
 from integral_superposition import DumpConfig
 from integral_superposition.data import demo_corpus
 from integral_superposition.dump import ActivationStore, combine_dumps, dump_layer_activations
-from integral_superposition.dump import store as store_mod
+from integral_superposition.dump import batches as batches_mod
 from safetensors.torch import load_file
 
 
@@ -156,13 +156,13 @@ def test_iter_batches_deterministic_resumable_and_bounded(dumped, monkeypatch):
     assert not (other[0][0] == full[0][0]).all()
     # the prefetch thread reads at most `prefetch` buffers ahead of the consumer
     loads = []
-    real_load = store_mod._BatchPlan.load
+    real_load = batches_mod.BatchPlan.load
 
     def counting_load(self, *a, **k):
         loads.append(1)
         return real_load(self, *a, **k)
 
-    monkeypatch.setattr(store_mod._BatchPlan, "load", counting_load)
+    monkeypatch.setattr(batches_mod.BatchPlan, "load", counting_load)
     it = iter(
         store.iter_batches(batch_size=64, seed=7, buffer_tokens=512, block_tokens=128, prefetch=2)
     )

@@ -11,7 +11,7 @@ import torch
 from integral_superposition import DumpConfig, SAEConfig
 from integral_superposition.data import demo_corpus
 from integral_superposition.dump import ActivationStore, dump_layer_activations
-from integral_superposition.dump.store import verify_dump
+from integral_superposition.dump.shards import verify_dump
 from integral_superposition.sae import load_sae
 from integral_superposition.sae.online import OnlineActivations, OnlineSource
 from integral_superposition.sae.train import train_saes

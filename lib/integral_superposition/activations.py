@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
+from integral_superposition.dump.shards import NonFiniteActivationsError, first_non_finite
 
 __all__ = ["ArraySource", "as_activation_source", "open_activation_files"]
 

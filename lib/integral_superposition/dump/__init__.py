@@ -5,8 +5,9 @@ from integral_superposition.dump.activations import (
     dump_layer_activations,
     plan_shards,
 )
+from integral_superposition.dump.batches import Batch
 from integral_superposition.dump.shards import CorruptShardError
-from integral_superposition.dump.store import ActivationStore, Batch
+from integral_superposition.dump.store import ActivationStore
 
 __all__ = [
     "ActivationStore",

@@ -17,7 +17,7 @@ import torch
 from integral_superposition.config import DumpConfig
 from integral_superposition.data.tokenize import pad_batch, pad_token_id, tokenize_texts
 from integral_superposition.dump.plan import TokenMask
-from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
+from integral_superposition.dump.shards import NonFiniteActivationsError, first_non_finite
 
 
 @dataclass

@@ -14,8 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from integral_superposition import storage
-from integral_superposition.dump.shards import files_intact
-from integral_superposition.dump.store import verify_dump
+from integral_superposition.dump.shards import files_intact, verify_dump
 
 log = logging.getLogger(__name__)
 

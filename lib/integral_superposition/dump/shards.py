@@ -44,6 +44,42 @@ class CorruptShardError(ValueError):
     """A shard file that does not match its dump's manifest: truncated, damaged or modified."""
 
 
+class NonFiniteActivationsError(ValueError):
+    """The activations hold NaN or inf values (the message names the shard and row)."""
+
+
+def first_non_finite(x: torch.Tensor) -> tuple[int, int] | None:
+    """``(row, column)`` of the first NaN/inf of ``x`` ``[n, d]``, or ``None``.
+
+    One reduction, in the tensor's own dtype, when everything is finite: ``aminmax``
+    propagates NaN and finds +-inf (and, unlike a sum, cannot overflow); only when it is not
+    finite is the element-wise test run. About 25 ms per 65536 x 640 chunk on a CPU core
+    pair, in float32, bf16 or fp16 alike (``isfinite(x).all()`` takes 1 s there).
+    """
+    if x.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(x)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return None
+    bad = ~torch.isfinite(x)
+    r, c = bad.nonzero()[0].tolist()
+    return int(r), int(c)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard of a store: its tensor file, token table, size and global row offset."""
+
+    root: str
+    tensors: str
+    tokens: str
+    n_tokens: int
+    offset: int
+    store_index: int
+    size: int | None = None
+    sha256: str | None = None
+
+
 @dataclass(frozen=True)
 class TensorSpan:
     """Where one tensor's bytes sit inside a shard file."""
@@ -224,6 +260,18 @@ def files_intact(
         elif storage.sha256_file(uri, storage_options) != entry["sha256"]:
             return False
     return True
+
+
+def verify_dump(dir_uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """True when a published dump's every file has the manifest's size and SHA-256.
+
+    Shards are checked as :class:`ActivationStore` checks them on first read (and remembered
+    for this process, so a store opened afterwards does not hash them again).
+    """
+    if not storage.verify_output(dir_uri, storage_options):
+        return False
+    manifest = storage.read_manifest(dir_uri, storage_options)
+    return files_intact(dir_uri, manifest.get("files", {}), storage_options)
 
 
 class ShardReader:

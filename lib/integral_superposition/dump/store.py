@@ -5,7 +5,7 @@ A store is one published activation dump (or several, concatenated). It offers
 - random access to token ranges (``read``) and index lists (``gather``);
 - sequential chunks for analysis (``iter_chunks``);
 - shuffled, resumable batches through a bounded buffer with background prefetch
-  (``iter_batches``);
+  (``iter_batches``; the schedule and the reader thread live in ``dump.batches``);
 - aligned token metadata: ``token_ids``, ``doc_ids``, ``positions``, ``labels``;
 - a document-level train/test split shared by every consumer (``split_mask``).
 """
@@ -15,11 +15,9 @@ from __future__ import annotations
 import functools
 import io
 import os
-import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,63 +25,29 @@ import pyarrow.parquet as pq
 import torch
 
 from integral_superposition import storage
+from integral_superposition.dump.batches import Batch, BatchIterator, BatchPlan, read_ahead
 from integral_superposition.dump.shards import (
     REPAIR_HINT,
     TORCH_DTYPES,
     CorruptShardError,
+    NonFiniteActivationsError,
     ShardReader,
-    files_intact,
+    ShardRef,
+    first_non_finite,
+    verify_dump,
 )
 
-T = TypeVar("T")
-
-
-class NonFiniteActivationsError(ValueError):
-    """The activations hold NaN or inf values (the message names the shard and row)."""
-
-
-def first_non_finite(x: torch.Tensor) -> tuple[int, int] | None:
-    """``(row, column)`` of the first NaN/inf of ``x`` ``[n, d]``, or ``None``.
-
-    One reduction, in the tensor's own dtype, when everything is finite: ``aminmax``
-    propagates NaN and finds +-inf (and, unlike a sum, cannot overflow); only when it is not
-    finite is the element-wise test run. About 25 ms per 65536 x 640 chunk on a CPU core
-    pair, in float32, bf16 or fp16 alike (``isfinite(x).all()`` takes 1 s there).
-    """
-    if x.numel() == 0:
-        return None
-    lo, hi = torch.aminmax(x)
-    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
-        return None
-    bad = ~torch.isfinite(x)
-    r, c = bad.nonzero()[0].tolist()
-    return int(r), int(c)
-
+__all__ = [
+    "VERIFY_MODES",
+    "ActivationStore",
+    "Batch",
+    "NonFiniteActivationsError",
+    "first_non_finite",
+    "verify_dump",
+]
 
 VERIFY_MODES = ("first-read", "off")
 """``ActivationStore(verify=...)``: hash every file on its first read, or not at all."""
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """One shard of a store: its tensor file, token table, size and global row offset."""
-
-    root: str
-    tensors: str
-    tokens: str
-    n_tokens: int
-    offset: int
-    store_index: int
-    size: int | None = None
-    sha256: str | None = None
-
-
-@dataclass
-class Batch:
-    """A training batch: activations ``[B, d]`` (or one per hook point) and global row ids ``[B]``."""
-
-    acts: torch.Tensor | dict[str, torch.Tensor]
-    index: np.ndarray
 
 
 def _doc_uniform(doc_ids: np.ndarray, seed: int) -> np.ndarray:
@@ -94,18 +58,6 @@ def _doc_uniform(doc_ids: np.ndarray, seed: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
-def verify_dump(dir_uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """True when a published dump's every file has the manifest's size and SHA-256.
-
-    Shards are checked as :class:`ActivationStore` checks them on first read (and remembered
-    for this process, so a store opened afterwards does not hash them again).
-    """
-    if not storage.verify_output(dir_uri, storage_options):
-        return False
-    manifest = storage.read_manifest(dir_uri, storage_options)
-    return files_intact(dir_uri, manifest.get("files", {}), storage_options)
 
 
 class ActivationStore:
@@ -485,7 +437,7 @@ class ActivationStore:
         block_tokens: int = 4096,
     ) -> int:
         """Number of batches one epoch of :meth:`iter_batches` yields (computed from metadata)."""
-        plan = _BatchPlan(
+        plan = BatchPlan(
             self, batch_size, split, test_fraction, split_seed, buffer_tokens, block_tokens, 0
         )
         return sum(plan.batches_in(0, b) for b in range(plan.n_buffers))
@@ -539,7 +491,7 @@ class ActivationStore:
                     "part: cannot be combined with row_filter (batches depend on the filter)"
                 )
         names = [self._check_hook(h) for h in (hook_points or [self.hook_point])]
-        plan = _BatchPlan(
+        plan = BatchPlan(
             self,
             batch_size,
             split,
@@ -570,245 +522,6 @@ class ActivationStore:
             raise ValueError(
                 f"batch_size={batch_size}: larger than every buffer of the {split!r} split ({plan.total_rows} tokens); use a smaller batch"
             )
-        yield from _PrefetchIterator(
+        yield from BatchIterator(
             self, plan, names, n_batches, start_batch, prefetch, dtype, row_filter
         )
-
-
-class _BatchPlan:
-    """Deterministic block/buffer schedule of :meth:`ActivationStore.iter_batches`."""
-
-    def __init__(
-        self,
-        store: ActivationStore,
-        batch_size: int,
-        split: str,
-        test_fraction: float,
-        split_seed: int,
-        buffer_tokens: int,
-        block_tokens: int,
-        seed: int,
-        shuffle: bool = True,
-        part: tuple[int, int] | None = None,
-    ):
-        if block_tokens < 1 or buffer_tokens < 1:
-            raise ValueError("block_tokens and buffer_tokens must be positive")
-        self.store, self.batch_size, self.seed, self.shuffle = store, batch_size, seed, shuffle
-        self.part = part
-        """Rows ``start:stop`` of every batch only (None: whole batches)."""
-        self.part_rows = batch_size if part is None else part[1] - part[0]
-        self.mask = store.split_mask(split, test_fraction, split_seed)
-        n = store.n_tokens
-        self.block_starts = np.arange(0, n, block_tokens, dtype=np.int64)
-        self.block_ends = np.minimum(self.block_starts + block_tokens, n)
-        csum = np.concatenate([[0], np.cumsum(self.mask)])
-        self.block_rows = csum[self.block_ends] - csum[self.block_starts]
-        self.total_rows = int(self.block_rows.sum())
-        self.blocks_per_buffer = max(1, -(-max(buffer_tokens, batch_size) // block_tokens))
-        self.n_buffers = max(1, -(-len(self.block_starts) // self.blocks_per_buffer))
-        self._orders: dict[int, np.ndarray] = {}
-
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if self.shuffle:
-                self._orders = {
-                    epoch: np.random.default_rng([self.seed, epoch]).permutation(
-                        len(self.block_starts)
-                    )
-                }
-            else:
-                self._orders = {epoch: np.arange(len(self.block_starts))}
-        return self._orders[epoch]
-
-    def blocks_in(self, epoch: int, buf: int) -> np.ndarray:
-        o = self.order(epoch)
-        return o[buf * self.blocks_per_buffer : (buf + 1) * self.blocks_per_buffer]
-
-    def batches_in(self, epoch: int, buf: int) -> int:
-        return int(self.block_rows[self.blocks_in(epoch, buf)].sum()) // self.batch_size
-
-    def load(
-        self, epoch: int, buf: int, names: list[str], dtype: torch.dtype, row_filter
-    ) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-        """Read one buffer: its row ids and activations, shuffled."""
-        blocks = self.blocks_in(epoch, buf)
-        rows_parts = []
-        for b in blocks:
-            a, e = int(self.block_starts[b]), int(self.block_ends[b])
-            rows_parts.append(np.arange(a, e)[self.mask[a:e]])
-        rows = np.concatenate(rows_parts) if rows_parts else np.zeros(0, dtype=np.int64)
-        # The buffer is allocated once and filled in place, already shuffled: each block is
-        # read through one reused scratch block (converted on the way), its kept rows are
-        # selected into a second one and scattered to their shuffled positions. No per-block
-        # temporaries and no second, shuffled copy of the buffer: a long run's reader thread
-        # does not fragment its malloc arena, so memory stays flat in the number of tokens.
-        perm = self._row_order(epoch, buf, rows.size) if row_filter is None else None
-        dest = np.arange(rows.size)  # where each row of the unshuffled buffer goes
-        if perm is not None:
-            dest[perm] = dest.copy()
-        wanted = None  # with ``part``: the unshuffled rows that land in this rank's part
-        n_out = rows.size
-        if self.part is not None:
-            lo, hi = self.part
-            nb = rows.size // self.batch_size
-            batch, offset = np.divmod(dest, self.batch_size)
-            wanted = (batch < nb) & (offset >= lo) & (offset < hi)
-            dest = batch * (hi - lo) + (offset - lo)  # position among the part's rows
-            n_out = nb * (hi - lo)
-        acts = {n: torch.empty((n_out, self.store.d_model), dtype=dtype) for n in names}
-        width = int((self.block_ends - self.block_starts).max()) if blocks.size else 0
-        scratch = torch.empty((width, self.store.d_model), dtype=dtype)
-        picked = torch.empty((width, self.store.d_model), dtype=dtype)
-        pos = 0
-        for b, part in zip(blocks, rows_parts, strict=True):
-            if not part.size:
-                continue
-            a, e = int(self.block_starts[b]), int(self.block_ends[b])
-            idx, to_np = part - a, dest[pos : pos + part.size]
-            if wanted is not None:
-                w = wanted[pos : pos + part.size]
-                idx, to_np = idx[w], to_np[w]
-            pos += part.size
-            if not idx.size:
-                continue  # none of this block's rows is in the part: not read
-            to = torch.from_numpy(to_np)
-            keep = None if idx.size == e - a else torch.from_numpy(idx)
-            for n in names:
-                self.store.read_into(a, e, scratch[: e - a], n)
-                src = scratch[: e - a]
-                if keep is not None:
-                    src = torch.index_select(src, 0, keep, out=picked[: idx.size])
-                acts[n].index_copy_(0, to, src)
-        rows = rows[perm] if perm is not None else rows
-        if self.part is not None:
-            lo, hi = self.part
-            nb = rows.size // self.batch_size
-            rows = rows[: nb * self.batch_size].reshape(nb, self.batch_size)[:, lo:hi].reshape(-1)
-        if row_filter is not None:
-            keep_rows = np.asarray(row_filter(rows, acts[names[0]]), dtype=bool)
-            rows = rows[keep_rows]
-            acts = {n: a[torch.from_numpy(keep_rows)] for n, a in acts.items()}
-            p2 = self._row_order(epoch, buf, rows.size)
-            if p2 is not None:
-                rows = rows[p2]
-                p2_t = torch.from_numpy(p2)
-                acts = {n: a[p2_t] for n, a in acts.items()}
-        return rows, acts
-
-    def _row_order(self, epoch: int, buf: int, n: int) -> np.ndarray | None:
-        """The seeded shuffle of a buffer's ``n`` rows (None without shuffling)."""
-        if not self.shuffle:
-            return None
-        return np.random.default_rng([self.seed, epoch, buf, 1]).permutation(n)
-
-
-def read_ahead(items: Callable[[], Iterator[T]], depth: int) -> Iterator[T]:
-    """Yield the values of ``items()``, which a background thread produces up to ``depth``
-    ahead (a bounded queue). Its exceptions re-raise here; closing this generator (or leaving
-    the loop) stops the thread."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-    done = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for x in items():
-                if not put((None, x)):
-                    return
-            put((done, None))
-        except BaseException as e:  # surfaced in the consumer
-            put((e, None))
-
-    thread = threading.Thread(target=produce, daemon=True, name="isup-prefetch")
-    thread.start()
-    try:
-        while True:
-            err, x = q.get()
-            if err is done:
-                return
-            if err is not None:
-                raise err
-            yield x
-    finally:
-        stop.set()
-        while True:  # unblock the producer
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                break
-        thread.join(timeout=5)
-
-
-class _PrefetchIterator:
-    """Yields batches from buffers that a background thread reads ahead (bounded queue)."""
-
-    def __init__(
-        self, store, plan: _BatchPlan, names, n_batches, start_batch, prefetch, dtype, row_filter
-    ):
-        self.plan, self.names, self.n_batches, self.dtype, self.row_filter = (
-            plan,
-            names,
-            n_batches,
-            dtype,
-            row_filter,
-        )
-        self.start_batch = start_batch
-        self.prefetch = prefetch
-
-    def _schedule(self) -> Iterator[tuple[int, int, int]]:
-        """``(epoch, buffer, batches to skip in it)`` from ``start_batch`` on."""
-        skip = self.start_batch
-        epoch = 0
-        while True:
-            for buf in range(self.plan.n_buffers):
-                if self.row_filter is None:
-                    nb = self.plan.batches_in(epoch, buf)
-                    if skip >= nb:
-                        skip -= nb
-                        continue
-                yield epoch, buf, skip
-                skip = 0
-            epoch += 1
-
-    def _buffers(self) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor], int]]:
-        """``(rows, activations, batches to skip)`` of each buffer from ``start_batch`` on."""
-        skip_left = self.start_batch if self.row_filter is not None else 0
-        for epoch, buf, skip in self._schedule():
-            rows, acts = self.plan.load(epoch, buf, self.names, self.dtype, self.row_filter)
-            if self.plan.part is not None:  # no row filter: the plan knows the count
-                nb = self.plan.batches_in(epoch, buf)
-            else:
-                nb = rows.size // self.plan.batch_size
-            if skip_left:
-                if skip_left >= nb:
-                    skip_left -= nb
-                    continue
-                skip, skip_left = skip_left, 0
-            yield rows, acts, skip, nb
-
-    def __iter__(self) -> Iterator[Batch]:
-        if self.n_batches <= self.start_batch:
-            return
-        emitted = self.start_batch
-        bs = self.plan.part_rows  # rows per batch (of the part)
-        buffers = read_ahead(self._buffers, self.prefetch)
-        try:
-            for rows, acts, skip, nb in buffers:
-                for j in range(skip, nb):
-                    sl = slice(j * bs, (j + 1) * bs)
-                    a = {n: t[sl] for n, t in acts.items()}
-                    yield Batch(a[self.names[0]] if len(self.names) == 1 else a, rows[sl])
-                    emitted += 1
-                    if emitted >= self.n_batches:
-                        return
-        finally:
-            buffers.close()
