@@ -239,7 +239,7 @@ def test_bf16_autocast_keeps_fp32_master_weights(dictionary_store, tmp_path):
 
 
 def test_jumprelu_straight_through_gradients_reach_the_input_only_when_asked():
-    from integral_superposition.sae.model import _JumpReLU, _Rectangle
+    from integral_superposition.sae.forward import JumpReLUFunction, RectangleStep
 
     x = torch.tensor([[0.05, 0.48, 0.52, 0.9]], requires_grad=True)
     thr = torch.full((4,), 0.5, requires_grad=True)
@@ -248,12 +248,12 @@ def test_jumprelu_straight_through_gradients_reach_the_input_only_when_asked():
     gate = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     for to_input in (False, True):
         x.grad = thr.grad = None
-        _JumpReLU.apply(x, thr, bw, to_input).sum().backward()
+        JumpReLUFunction.apply(x, thr, bw, to_input).sum().backward()
         jump = window * 0.5 / bw  # threshold / bandwidth inside the window
         torch.testing.assert_close(thr.grad, -jump[0])
         torch.testing.assert_close(x.grad, gate + jump if to_input else gate)
         x.grad = thr.grad = None
-        _Rectangle.apply(x, thr, bw, to_input).sum().backward()
+        RectangleStep.apply(x, thr, bw, to_input).sum().backward()
         torch.testing.assert_close(thr.grad, -window[0] / bw)
         if to_input:
             torch.testing.assert_close(x.grad, window / bw)
