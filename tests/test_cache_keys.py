@@ -107,6 +107,13 @@ def test_backend_edit_changes_the_dump_key(edit_source):
     assert after["combine-partitions"] == before["combine-partitions"]
 
 
+def test_demo_corpus_data_edit_changes_the_dataset_key(edit_source):
+    before, whole = _keys(), version.code_version()
+    edit_source("data/demo_corpus.yaml")
+    assert version.code_version() != whole
+    assert _keys()["resolve-dataset"] != before["resolve-dataset"]
+
+
 def test_training_checkpoints_follow_the_training_code(edit_source):
     from integral_superposition.tasks.train import TRAIN_CACHE
 

@@ -23,15 +23,21 @@ read_source: Callable[[Path], bytes] = Path.read_bytes
 """How the hashes read a module's source (one place, so a test can show an edit)."""
 
 
-MODULE_DATA = {f"{LIBRARY}.viz.templates": "viz/templates"}
-"""Package data that counts as a module's source: the folder (relative to the library) of the
-templates a module renders, so an edited template changes the code version of every step
-that renders it."""
+MODULE_DATA = {
+    f"{LIBRARY}.viz.templates": "viz/templates",
+    f"{LIBRARY}.data.demo_corpus": "data/demo_corpus.yaml",
+}
+"""Package data that counts as a module's source: the file or folder (relative to the
+library) a module reads, such as the templates it renders or the vocabulary it generates a
+corpus from, so an edited data file changes the code version of every step that reads it."""
 
 
 def _data_files(module: str) -> list[Path]:
-    folder = MODULE_DATA.get(module)
-    return sorted(p for p in (LIBRARY_ROOT / folder).rglob("*") if p.is_file()) if folder else []
+    where = MODULE_DATA.get(module)
+    if where is None:
+        return []
+    path = LIBRARY_ROOT / where
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
 
 
 @functools.cache
