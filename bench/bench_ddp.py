@@ -176,14 +176,12 @@ def main() -> None:
         store = _store(os.path.join(tmp, "acts"), args.tokens)
         rows = [_run(1, args, store, tmp), _run(nproc, args, store, tmp)]
 
-        def diff(x: dict, y: dict) -> float:
-            a, b = load_sae(x["out"]), load_sae(y["out"])
-            return max(
-                float((getattr(a, k) - getattr(b, k)).detach().abs().max())
-                for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-            )
-
-        d_par = diff(rows[0], rows[1])
+        a, b = load_sae(rows[0]["out"]), load_sae(rows[1]["out"])
+        per = {
+            k: float((getattr(a, k) - getattr(b, k)).detach().abs().max())
+            for k in ("W_enc", "W_dec", "b_enc", "b_dec")
+        }
+        d_par = max(per.values())
         sa, sb = (load_file(r["timings"] + ".samples.safetensors") for r in rows)
         first = next(
             (
@@ -209,6 +207,7 @@ def main() -> None:
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     print(f"\n{nproc} vs 1 process: x{ratio:.2f} tokens/s")
     where = "never" if first is None else f"from step {first} (0-based) on"
+    print("max |difference| per tensor: " + ", ".join(f"{k} {v:.1e}" for k, v in per.items()))
     print(
         f"max |weight difference| {nproc} processes vs 1: {d_par:.2e}; "
         f"sampled W_enc differs by > 1e-6 {where}"
