@@ -174,6 +174,7 @@ def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tm
         **os.environ,
         "PREFECT_API_URL": prefect_api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick up each wave of child runs at once
     }
     worker = subprocess.Popen(
         [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "3"],
@@ -184,7 +185,7 @@ def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tm
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(flow_run.id).state
             while not state.is_final() and time.time() < deadline and worker.poll() is None:
-                time.sleep(3)
+                time.sleep(1)
                 state = client.read_flow_run(flow_run.id).state
             children = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["isup-partition"]))
@@ -463,7 +464,7 @@ def _env_without_aws_credentials(api_url: str) -> dict[str, str]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         AWS_SHARED_CREDENTIALS_FILE=os.devnull,
         AWS_CONFIG_FILE=os.devnull,
-        PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_WORKER_QUERY_SECONDS="1",
     )
     return env
 
@@ -541,7 +542,7 @@ def test_a_triggered_analysis_reads_s3_with_credentials_from_a_secret_block(
                 if ours and all(a.state.is_final() for a in ours):
                     analyses = ours
                     break
-                time.sleep(3)
+                time.sleep(1)
     finally:
         worker.terminate()
         try:
