@@ -72,7 +72,7 @@ SAE_STEPS: tuple[SaeStep, ...] = (
     SaeStep(
         name="steer-eval",
         task="integral_superposition.tasks.steer:evaluate_steering",
-        params="integral_superposition.steering.sweep:SteeringParams",
+        params="integral_superposition.steering.params:SteeringParams",
         output="steering evaluation",
         help="Sweep steering strengths of the SAE's most label-enriched latents, with "
         "controls, inside a model (``--model``, ``model_id``; default: the model the SAE was "

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from integral_superposition.steering.sweep import SteeringParams
+from integral_superposition.steering.params import SteeringParams
 from integral_superposition.tasks.backends import run_sae_step
 from integral_superposition.tasks.policy import TASK_DEFAULTS, output_cache
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation

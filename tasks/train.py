@@ -23,8 +23,9 @@ from integral_superposition.tasks.ui import (
 )
 from prefect import task
 
-TRAIN_MODULES = ("integral_superposition.sae",)
-"""What training runs: the SAE package (the trainer, its sources and the SAE itself)."""
+TRAIN_MODULES = ("integral_superposition.sae", "integral_superposition.sae.launch")
+"""What training runs: the SAE package (the trainer, its sources and the SAE itself) and the
+launcher that runs it on several processes."""
 TRAIN_CACHE = OutputCache(
     entry_points=TRAIN_MODULES,
     # the number of processes does not change what is trained (a data-parallel SAE equals the

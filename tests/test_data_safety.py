@@ -25,7 +25,7 @@ from integral_superposition.dump import shards as shards_mod
 from integral_superposition.dump.shards import ShardReader
 from integral_superposition.dump.synthetic import write_activation_store
 from integral_superposition.merge.params import MergeParams
-from integral_superposition.steering.sweep import SteeringParams
+from integral_superposition.steering.params import SteeringParams
 from pydantic import ValidationError
 
 FRAME = pd.DataFrame(

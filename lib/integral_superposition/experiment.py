@@ -59,7 +59,7 @@ from integral_superposition.credentials import (
     split_secret_options,
 )
 from integral_superposition.merge.params import MergeParams
-from integral_superposition.steering.sweep import SteeringParams
+from integral_superposition.steering.params import SteeringParams
 
 __all__ = [
     "PRESETS",

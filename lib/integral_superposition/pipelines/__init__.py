@@ -23,7 +23,7 @@ from integral_superposition.pipelines.steer_eval import (
     side_by_side,
     steering_section,
 )
-from integral_superposition.steering.sweep import SteeringParams
+from integral_superposition.steering.params import SteeringParams
 
 __all__ = [
     "AnalysisParams",

@@ -27,16 +27,14 @@ held-out documents of its own label).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from integral_superposition import compute
 from integral_superposition.progress import ProgressFn, Reporter
@@ -54,6 +52,7 @@ from integral_superposition.steering.generation import (
     generate_continuations,
 )
 from integral_superposition.steering.hooks import resolve_sae_hook_point, steer
+from integral_superposition.steering.params import SteeringParams
 from integral_superposition.steering.picks import (
     enrichment_tables,
     random_controls,
@@ -67,127 +66,9 @@ from integral_superposition.steering.scores import (
     set_metrics,
 )
 
-Mode = Literal["clamp_max", "clamp", "add", "scale"]
-Control = Literal["alpha0", "random", "own_label"]
-
 log = logging.getLogger(__name__)
 
 __all__ = ["SteeringEval", "SteeringParams", "evaluate_steering"]
-
-
-class SteeringParams(BaseModel):
-    """What :func:`evaluate_steering` sweeps and how it scores it."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        use_attribute_docstrings=True,
-        validate_assignment=True,
-        allow_inf_nan=False,
-    )
-
-    latents: list[int] | Literal["auto"] = "auto"
-    """Latents to steer, or ``auto``: the most enriched latents of each label (``labels``)."""
-    labels: list[str] | None = None
-    """``auto``: the target labels (default: every label). Explicit latents: one target label per latent (default: each latent's most enriched label)."""
-    per_label: int = Field(1, ge=1)
-    """``auto``: latents picked per label."""
-    q_max: float = Field(1e-3, gt=0, le=1)
-    """A picked latent's token-level enrichment q-value must be below this."""
-    rank_by: Literal["doc_q", "token_q", "log_odds"] = "doc_q"
-    """Order of the significant latents: document-level q (broad, label-specific latents first), token-level q, or token-level log odds."""
-    n_top: int = Field(20, ge=1)
-    """Top activating tokens per latent in the token-level enrichment test."""
-    mode: Mode = "clamp_max"
-    """Edit swept: ``clamp_max`` (clamp to strength x the latent's max activation in the store), ``clamp`` (to strength), ``add`` (strength x decoder row), ``scale``."""
-    strengths: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
-    """Strengths of the sweep, run in increasing order (``clamp_max``: fractions of the latent's max activation, a log grid over the useful range)."""
-    positions: str | list[str] = "all"
-    """Steered positions: ``last_prompt``, ``prompt``, ``generated``, ``all`` (or a list of them)."""
-    prompts: list[str] | None = None
-    """Neutral prompts (default: ``data.neutral_prompts()``)."""
-    max_new_tokens: int = Field(24, ge=1)
-    """Tokens generated per continuation."""
-    do_sample: bool = True
-    """Sample (``True``) or decode greedily."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature."""
-    top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass."""
-    samples_per_prompt: int = Field(4, ge=1)
-    """Continuations per prompt (with sampling): 12 neutral prompts x 4 = 48 per set, enough for a 95% interval of at most +/- 0.15 on a share."""
-    seed: int = 0
-    """Seed of sampling and of the random control latent."""
-    batch_size: int = Field(64, ge=1)
-    """Continuations per generate call (a set of generations is one call when it fits)."""
-    keep_error: bool = True
-    """Keep the SAE error term (``x + dec(z') - dec(z)``); False replaces ``x`` by ``dec(z')``."""
-    controls: list[Control] = Field(default_factory=lambda: ["alpha0", "random", "own_label"])
-    """Control rows to add."""
-    control_strengths: Literal["best", "all"] = "best"
-    """Strengths of the ``random`` and ``own_label`` controls: the target's best strength within the fluency bound (``best``), or every strength the target ran (``all``)."""
-    stop_above_ppl: bool = True
-    """Stop a latent's sweep after the first strength whose perplexity exceeds ``ppl_ratio_max`` x unsteered (stronger edits only get less fluent)."""
-    own_label_prompts: int = Field(12, ge=1)
-    """Prompts cut from held-out documents of each label: the ``own_label`` control and the classifier check."""
-    own_prompt_words: int = Field(5, ge=1)
-    """``own_label`` control: words kept from each document as its prompt."""
-    vocab_per_label: int = Field(50, ge=1)
-    """Target vocabulary: most enriched token ids per label."""
-    vocab_min_count: int = Field(5, ge=1)
-    """Target vocabulary: a token must occur at least this often in the store."""
-    vocab_words_only: bool = True
-    """Target vocabulary: keep only tokens that read as words (three or more letters)."""
-    classifier_test_fraction: float = Field(0.05, gt=0, lt=1)
-    """The classifier is fitted on the store's training documents and scored on its held-out ones: ``store.split_mask('test', classifier_test_fraction, split_seed)``, the split SAE training uses."""
-    split_seed: int = 0
-    """Seed of the store's document-level split (0: the split SAE training and evaluation use)."""
-    check_labels: Literal["all", "targets"] = "all"
-    """Labels whose own prompts check the classifier on unsteered generations: every label (also detects a classifier that predicts one label whatever the text), or only the target labels."""
-    judge_margin: float = Field(0.2, ge=0, lt=1)
-    """The classifier can judge generations toward a label when it predicts that label for at least chance + this margin of the unsteered continuations of the label's own prompts."""
-    classifier_c: float = Field(1.0, gt=0)
-    """Inverse regularisation strength of the logistic regression."""
-    ppl_ratio_max: float = Field(2.0, gt=1)
-    """Fluency bound: the summary's best strength keeps perplexity within this factor of unsteered."""
-    hook_point: str | None = None
-    """Where to steer (default: the store's hook point, where the SAE was trained)."""
-    device: str = "auto"
-    """Torch device of the SAE scan: ``auto`` (the model's), ``cpu``, ``cuda:0``, ..."""
-
-    @field_validator("strengths")
-    @classmethod
-    def _strengths(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("strengths is empty: expected at least one strength")
-        if any(not math.isfinite(s) for s in v):
-            raise ValueError(f"strengths={v}: expected finite numbers")
-        if len(set(v)) != len(v):
-            raise ValueError(f"strengths={v}: expected distinct strengths")
-        return sorted(v)
-
-    @field_validator("prompts")
-    @classmethod
-    def _prompts(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and not v:
-            raise ValueError(
-                "prompts is empty: expected at least one prompt (or None for the neutral prompts)"
-            )
-        blank = [i for i, s in enumerate(v or []) if not s]
-        if blank:
-            raise ValueError(
-                f"prompts[{blank[0]}]={v[blank[0]]!r} is empty: expected text to steer"
-            )
-        return v
-
-    @field_validator("latents")
-    @classmethod
-    def _latents(cls, v):
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("latents is empty: expected latent indices or 'auto'")
-            if any(j < 0 for j in v):
-                raise ValueError(f"latents={v}: expected non-negative latent indices")
-        return v
 
 
 # -- the sweep --------------------------------------------------------------------------------------
