@@ -20,6 +20,11 @@ DENSE_THRESHOLD = 0.1
 DENSE_THRESHOLD_LOOSE = 0.01
 DEAD_MIN_TOKENS = 100_000
 """Fewest tokens a latent must never fire on to count as dead (all tokens when fewer)."""
+CE_LOGITS_ELEMENTS = 1 << 25
+"""Most logits ``B x T x vocab`` one forward of :func:`spliced_ce` returns (128 MiB of
+float32): texts are run in smaller forwards when ``batch_size`` texts would exceed it."""
+CE_BLOCK_ELEMENTS = 1 << 22
+"""Values per float64 block of the CE / KL reductions (32 MiB)."""
 
 
 def dead_count_rows(mask: np.ndarray, min_tokens: int = DEAD_MIN_TOKENS) -> np.ndarray | None:
@@ -208,6 +213,10 @@ def spliced_ce(
     replaced position whose target is also a stored token. So an identity SAE leaves the CE
     unchanged and a zero SAE gives the zero-ablation CE.
 
+    ``batch_size`` texts go through one forward unless their logits ``[B, max_len, vocab]``
+    would exceed :data:`CE_LOGITS_ELEMENTS` (then fewer); the CE and KL reductions run in
+    float64 blocks of rows, so memory stays bounded for large vocabularies.
+
     Returns ``ce_clean``, ``ce_sae``, ``ce_zero`` (nats), ``delta_ce = ce_sae - ce_clean``,
     ``ce_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``, ``kl`` and ``kl_zero``
     (nats per prediction) and ``n_predictions``.
@@ -241,8 +250,12 @@ def spliced_ce(
     sums = dict.fromkeys(("clean", "sae", "zero", "kl", "kl_zero"), 0.0)
     n_pred = 0
     sae_dev = sae.W_enc.device
-    for a in range(0, len(texts), batch_size):
-        seqs = tokenize_texts(tok, texts[a : a + batch_size], max_len, prepend_bos)
+    config = getattr(getattr(backend, "model", None), "config", None)
+    vocab = max(len(tok), int(getattr(config, "vocab_size", 0) or 0))
+    # forwards of at most CE_LOGITS_ELEMENTS logits (a [B, T, vocab] tensor each)
+    per_forward = max(1, min(batch_size, CE_LOGITS_ELEMENTS // max(1, max_len * vocab)))
+    for a in range(0, len(texts), per_forward):
+        seqs = tokenize_texts(tok, texts[a : a + per_forward], max_len, prepend_bos)
         batch = pad_batch(seqs, pad, "right")
         keep = token_mask.batch(batch.input_ids, batch.lengths)  # [B, T] spliced positions
         pred = keep[:, :-1] & keep[:, 1:]  # predictions at spliced positions of stored targets
@@ -258,20 +271,22 @@ def spliced_ce(
         def recon(x: torch.Tensor) -> torch.Tensor:
             return sae.reconstruct(x.to(sae_dev, torch.float32)).to(x.device)
 
-        logp = {}
-        logp["clean"] = backend.logits(batch.input_ids, batch.attention_mask)[:, :-1][pred]
+        def selected(ids=batch.input_ids, am=batch.attention_mask, pred=pred) -> torch.Tensor:
+            return backend.logits(ids, am)[:, :-1][pred]  # float32 [P, vocab]
+
+        clean = selected()
+        tgt = targets.to(clean.device)
+        sums["clean"] += _ce_and_kl(clean, None, tgt)[0]
         with backend.edit(hp, lambda x: splice(x, recon)):
-            logp["sae"] = backend.logits(batch.input_ids, batch.attention_mask)[:, :-1][pred]
+            ce_sae, kl = _ce_and_kl(selected(), clean, tgt)
+        sums["sae"] += ce_sae
+        sums["kl"] += kl
         with backend.edit(hp, lambda x: splice(x, torch.zeros_like)):
-            logp["zero"] = backend.logits(batch.input_ids, batch.attention_mask)[:, :-1][pred]
-        tgt = targets.to(logp["clean"].device)
-        for k in ("clean", "sae", "zero"):
-            logp[k] = torch.log_softmax(logp[k].double(), dim=-1)
-            sums[k] += float(-logp[k].gather(1, tgt[:, None]).sum())
-        p_clean = logp["clean"].exp()
-        sums["kl"] += float((p_clean * (logp["clean"] - logp["sae"])).sum())
-        sums["kl_zero"] += float((p_clean * (logp["clean"] - logp["zero"])).sum())
+            ce_zero, kl_zero = _ce_and_kl(selected(), clean, tgt)
+        sums["zero"] += ce_zero
+        sums["kl_zero"] += kl_zero
         n_pred += int(pred.sum())
+        del clean
     if n_pred == 0:
         raise ValueError("texts: no prediction at a stored position (texts too short?)")
     ce = {k: v / n_pred for k, v in sums.items()}
@@ -286,6 +301,26 @@ def spliced_ce(
         "kl_zero": ce["kl_zero"],
         "n_predictions": n_pred,
     }
+
+
+def _ce_and_kl(
+    logits: torch.Tensor, clean: torch.Tensor | None, targets: torch.Tensor
+) -> tuple[float, float]:
+    """Summed CE of ``logits`` ``[P, V]`` at ``targets`` ``[P]`` and summed
+    ``KL(softmax(clean) || softmax(logits))`` (0 without ``clean``), in float64.
+
+    Rows go through in blocks of about :data:`CE_BLOCK_ELEMENTS` values, so no float64
+    ``[P, V]`` copy is made.
+    """
+    rows = max(1, CE_BLOCK_ELEMENTS // max(1, logits.shape[1]))
+    ce = kl = 0.0
+    for a in range(0, logits.shape[0], rows):
+        lp = torch.log_softmax(logits[a : a + rows].double(), dim=-1)
+        ce -= float(lp.gather(1, targets[a : a + rows, None]).sum())
+        if clean is not None:
+            lc = torch.log_softmax(clean[a : a + rows].double(), dim=-1)
+            kl += float((lc.exp() * (lc - lp)).sum())
+    return ce, kl
 
 
 def evaluate_sae(
