@@ -10,11 +10,11 @@ from integral_superposition.data.datasets import (
     load_hf_dataset,
     load_kaggle_dataset,
     load_titles_csv,
-    read_table,
     split_df,
     validate_frame,
 )
 from integral_superposition.data.demo_corpus import demo_corpus, neutral_prompts
+from integral_superposition.data.tables import read_table
 from integral_superposition.data.tokenize import pad_batch, tokenize_texts
 
 __all__ = [
