@@ -14,7 +14,7 @@ import pandas as pd
 
 from integral_superposition import storage
 from integral_superposition.outputs import parquet_bytes, read_output
-from integral_superposition.viz.report import ReportSection
+from integral_superposition.viz.section import ReportSection
 
 __all__ = [
     "Published",

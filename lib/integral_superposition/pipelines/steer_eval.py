@@ -263,7 +263,7 @@ def steering_section(
 ):
     """A :class:`~integral_superposition.viz.report.ReportSection` with the sweep table, the
     plot and side-by-side generations of every steered latent."""
-    from integral_superposition.viz.report import ReportSection
+    from integral_superposition.viz.section import ReportSection
 
     if isinstance(result, str):
         result = load_steering(result, storage_options)
