@@ -56,6 +56,14 @@ def test_templates_render_from_an_installed_wheel(tmp_path):
         z.extractall(site)
     for name in template_names():
         assert f"integral_superposition/viz/templates/{name}" in names, name
+    # every package and every data file of the sources is in the wheel
+    lib = ROOT / "lib" / "integral_superposition"
+    for f in lib.rglob("*"):
+        if f.is_file() and "__pycache__" not in f.parts:
+            rel = f"integral_superposition/{f.relative_to(lib).as_posix()}"
+            assert rel in names, f"{rel} is missing from the wheel (pyproject packages/package-data)"
+    for sub in ("tasks", "flows"):
+        assert f"integral_superposition/{sub}/__init__.py" in names, sub
     code = (
         "import integral_superposition.viz.templates as t, json, sys;"
         "print(json.dumps([t.__file__, t.template_names(),"
