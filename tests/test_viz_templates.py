@@ -61,7 +61,9 @@ def test_templates_render_from_an_installed_wheel(tmp_path):
     for f in lib.rglob("*"):
         if f.is_file() and "__pycache__" not in f.parts:
             rel = f"integral_superposition/{f.relative_to(lib).as_posix()}"
-            assert rel in names, f"{rel} is missing from the wheel (pyproject packages/package-data)"
+            assert rel in names, (
+                f"{rel} is missing from the wheel (pyproject packages/package-data)"
+            )
     for sub in ("tasks", "flows"):
         assert f"integral_superposition/{sub}/__init__.py" in names, sub
     code = (
