@@ -124,6 +124,9 @@ def test_umap_is_deterministic_with_a_seed():
     b, _ = reducer.reduce_2d(X, "umap", random_state=7)
     assert used == "umap"
     np.testing.assert_allclose(a, b)
+    c, used = reducer.reduce_2d(X, "auto", random_state=7)  # auto: UMAP when installed
+    assert used == "umap"
+    np.testing.assert_allclose(c, a)
 
 
 def test_logit_lens_matches_brute_force_with_final_norm(tiny_backend):

@@ -200,6 +200,7 @@ def test_isup_run_on_gemma_as_the_readme_says(tmp_path):
     configured), on the default model and corpus with a small budget."""
     budget = [
         "data.source=demo:240", "sae.k=512", "sae.epochs=2", "analysis.dashboards=none",
+        "analysis.reducer=pca",  # auto's UMAP: test_analysis_stats, in-process
         "merge.sweep=false", "merge.ce_docs=8", "steering.labels=[Sports]",
         "steering.strengths=[4.0]", "steering.max_new_tokens=6", "steering.own_label_prompts=2",
         'steering.prompts=["Breaking news:"]', "steering.controls=[alpha0]",
