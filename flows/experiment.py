@@ -391,9 +391,15 @@ def _experiment(
         ]
         saes = [ref for f in train_futs for ref in f.result()]
 
-    def per_sae(step: str, task_obj, *args, **kwargs) -> list[PrefectFuture]:
+    def per_sae(step: str, task_obj, *args, after=(), **kwargs) -> list[PrefectFuture]:
         return [
-            steps.add(step, s.name, T(task_obj).submit(s, *args, **kwargs, gpu_limit=cfg.gpu_limit))
+            steps.add(
+                step,
+                s.name,
+                T(task_obj).submit(
+                    s, *args, **kwargs, gpu_limit=cfg.gpu_limit, wait_for=list(after)
+                ),
+            )
             for s in saes
         ]
 
@@ -402,12 +408,18 @@ def _experiment(
         if cfg.steps.analyze
         else []
     )
+    # the analysis is the central output: merge and steering evaluation wait for it rather
+    # than race it for the GPU slot and the shared model
     merge_f = (
-        per_sae("merge", merge_sae, store, cfg.merge, loc, model=model) if cfg.steps.merge else []
+        per_sae("merge", merge_sae, store, cfg.merge, loc, model=model, after=analysis_f)
+        if cfg.steps.merge
+        else []
     )
     steer_f: list[PrefectFuture] = []
     if cfg.steps.steer_eval:
-        steer_f = per_sae("steer_eval", evaluate_steering, store, cfg.steering, loc, model=model)
+        steer_f = per_sae(
+            "steer_eval", evaluate_steering, store, cfg.steering, loc, model=model, after=analysis_f
+        )
     analyses = [f.result() for f in analysis_f]
     merges = [f.result() for f in merge_f]
     steering = [f.result() for f in steer_f]

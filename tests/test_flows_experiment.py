@@ -120,6 +120,26 @@ def test_smoke_experiment_runs_end_to_end(first_run):
     assert "random partition: " in html and "random latent " in html
 
 
+def test_merge_and_steering_start_after_the_analysis(first_run):
+    """The analysis does not queue behind the merge for the GPU slot and the shared model."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    _, result, _ = first_run
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[result.flow_run_id]))
+        )
+    by_task: dict[str, list] = {}
+    for r in runs:
+        by_task.setdefault(r.name.rsplit("-", 1)[0], []).append(r)  # "analyze-sae-1a2"
+    analyses, later = by_task["analyze-sae"], by_task["merge-sae"] + by_task["steer-eval"]
+    assert analyses and later, sorted(by_task)
+    analysis_end = max(r.end_time for r in analyses)
+    for r in later:
+        assert r.start_time >= analysis_end, (r.name, r.start_time, analysis_end)
+
+
 def test_the_prefect_ui_gets_progress_tables_a_summary_and_events(first_run):
     """Progress artifacts during dump and training, metrics tables, the markdown summary
     (small PNGs, a link to the HTML report), and ``isup.sae.trained`` with the metrics."""
