@@ -13,6 +13,7 @@ shared volume). The child runs write as delegates of the experiment run's lease.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -29,6 +30,28 @@ from integral_superposition.tasks.refs import DataRef, ModelRef, OutputRef, RunL
 from integral_superposition.tasks.train import TRAIN_MODULES, sae_ref
 from integral_superposition.tasks.ui import Progress, run_logger
 from prefect import task
+
+POLL_ENV = "ISUP_FANOUT_POLL_S"
+"""Environment variable: seconds between checks of the deployment runs a task waits for
+(default 5; a small value suits a local worker and tests)."""
+
+
+def poll_interval(poll_s: float | None = None) -> float:
+    """``poll_s`` when given, else ``$ISUP_FANOUT_POLL_S``, else 5 seconds; a positive number
+    or a clear error naming the value."""
+    source = "poll_s"
+    if poll_s is None:
+        raw = os.environ.get(POLL_ENV, "").strip()
+        if not raw:
+            return 5.0
+        source = POLL_ENV
+        try:
+            poll_s = float(raw)
+        except ValueError:
+            raise ValueError(f"{POLL_ENV}={raw!r}: expected a number of seconds") from None
+    if not poll_s > 0 or poll_s == float("inf"):
+        raise ValueError(f"{source}={poll_s!r}: expected a positive, finite number of seconds")
+    return float(poll_s)
 
 
 class DeploymentRunsFailed(RuntimeError):
@@ -59,15 +82,17 @@ def wait_for_runs(
     runs: Sequence[Any],
     what: str,
     error: type[DeploymentRunsFailed] = DeploymentRunsFailed,
-    poll_s: float = 5.0,
+    poll_s: float | None = None,
     progress_key: str | None = None,
     report_s: float = 60.0,
 ) -> None:
     """Wait until every flow run in ``runs`` is final; raise ``error`` naming each run that did
     not complete, with its state and message. Every ``report_s`` seconds the runs still
-    pending are logged with their states (a ``Late`` run waits for a worker of its pool)."""
+    pending are logged with their states (a ``Late`` run waits for a worker of its pool).
+    The runs are checked every ``poll_s`` seconds (default: :func:`poll_interval`)."""
     from prefect.client.orchestration import get_client
 
+    poll_s = poll_interval(poll_s)
     logger = run_logger()
     progress = Progress(progress_key or f"{what}-runs", f"{what} runs", unit="runs")
     pending = {r.id: r for r in runs}
@@ -116,7 +141,7 @@ def dump_partitions_remote(
     fanout: FanoutPlan,
     loc: RunLocation,
     cfg: FlowExperimentConfig,
-    poll_s: float = 5.0,
+    poll_s: float | None = None,
 ) -> OutputRef:
     """Run one ``fanout.deployment`` flow run per partition, wait for all, and combine their
     dumps. Cached on the dataset fingerprint, the model, the dump config and the fan-out."""
@@ -219,7 +244,7 @@ def train_saes_remote(
     cfg: FlowExperimentConfig,
     out: str = "sae",
     gpus_per_run: int = 1,
-    poll_s: float = 5.0,
+    poll_s: float | None = None,
 ) -> list[OutputRef]:
     """Train ``jobs`` as one run of ``deployment`` (e.g. one GPU pod with ``gpus_per_run``
     GPUs), wait for it, and return references to the SAEs it published under

@@ -175,6 +175,7 @@ def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tm
         "PREFECT_API_URL": prefect_api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick up each wave of child runs at once
+        "ISUP_FANOUT_POLL_S": "0.5",  # and see it finish at once
     }
     worker = subprocess.Popen(
         [*PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", "3"],

@@ -4,6 +4,8 @@ parent's lease. (The end-to-end fan-out on a process work pool is in tests/test_
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from integral_superposition.flows.config import load_preset
 from integral_superposition.lease import LeaseHeldError, RunLease
@@ -156,3 +158,50 @@ def test_groups_and_run_names_of_each_training_fanout(tmp_path):
     assert all(len(g) == 1 for g in per_sae)
     assert [train_run_name(g) for g in by_hook] == ["train-layer1", "train-layer2"]
     assert train_run_name(per_sae[1]) == "layer1-topk-k128"
+
+
+def test_the_poll_interval_comes_from_the_argument_or_the_environment(monkeypatch):
+    from integral_superposition.tasks.fanout import POLL_ENV, poll_interval
+
+    monkeypatch.delenv(POLL_ENV, raising=False)
+    assert poll_interval() == 5.0
+    assert poll_interval(0.25) == 0.25
+    monkeypatch.setenv(POLL_ENV, "0.5")
+    assert poll_interval() == 0.5
+    assert poll_interval(2) == 2.0  # the argument wins
+    for bad in ("soon", "0", "-1", "inf", "nan"):
+        monkeypatch.setenv(POLL_ENV, bad)
+        with pytest.raises(ValueError, match=POLL_ENV):
+            poll_interval()
+    with pytest.raises(ValueError, match="poll_s=0"):
+        poll_interval(0)
+
+
+@pytest.mark.prefect
+def test_waiting_polls_at_the_interval_the_environment_sets(prefect_api, monkeypatch):
+    import threading
+
+    from integral_superposition.tasks.fanout import POLL_ENV, wait_for_runs
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed
+
+    @flow(name="isup-poll-probe")
+    def child() -> None:
+        return None
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(child, name="e/r/layer1-topk-k128")
+
+    def finish() -> None:
+        with get_client(sync_client=True) as c:
+            c.set_flow_run_state(run.id, Completed(), force=True)
+
+    monkeypatch.setenv(POLL_ENV, "0.05")
+    timer = threading.Timer(0.3, finish)
+    timer.start()
+    t0 = time.monotonic()
+    wait_for_runs([run], "training")
+    timer.join()
+    # the default 5 s poll would see the run finish no sooner than 5 s after the first check
+    assert time.monotonic() - t0 < 4.0
