@@ -93,7 +93,7 @@ def test_encode_chunks_checks_its_input_and_keeps_the_training_mode():
 
 
 def test_top_activations_panel_reads_codes_through_the_encode_layer():
-    from integral_superposition.viz.panels import top_activations_panel
+    from integral_superposition.viz.activations_panel import top_activations_panel
 
     rng = np.random.default_rng(0)
     n_docs, length = 30, 6

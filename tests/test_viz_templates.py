@@ -122,7 +122,7 @@ def test_the_notebook_panel_shows_tokens_as_text(demo_store):
 
     import torch
     from integral_superposition.sae import SparseAutoencoder
-    from integral_superposition.viz.panels import top_activations_panel
+    from integral_superposition.viz.activations_panel import top_activations_panel
 
     sae = SparseAutoencoder(demo_store.d_model, 8, seed=0)
     with torch.no_grad():

@@ -23,41 +23,44 @@ Pages are rendered in memory, written to a local staging folder and published in
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
-from integral_superposition.analysis.jaccard_sparse import Neighbours
-from integral_superposition.analysis.logit_lens import LogitLens
-from integral_superposition.analysis.scan import TopKSets
-from integral_superposition.analysis.top_tokens import Examples
 from integral_superposition.outputs import publish_folder
+from integral_superposition.viz.activations_panel import HTMLPanel, top_activations_panel
+from integral_superposition.viz.dashboard_data import DashboardData, PreparedDashboards
 from integral_superposition.viz.figures import label_color
+from integral_superposition.viz.safe_html import (
+    CSS,
+    N_SHADES,
+    csp,
+    esc,
+    esc_cut,
+    json_for_script,
+    token_html,
+)
 from integral_superposition.viz.templates import (
     MAX_TOKEN_CHARS,
     MISSING,
-    cut_markup,
     display_token,
     fmt,
     render,
-    token_markup,
     visible_text,
 )
 
 __all__ = [
+    "CSS",
     "MAX_TOKEN_CHARS",
     "MISSING",
+    "N_SHADES",
     "DashboardData",
+    "HTMLPanel",
     "display_token",
     "esc",
     "esc_cut",
@@ -71,244 +74,10 @@ __all__ = [
     "write_dashboards",
 ]
 
-N_SHADES = 10
-
 
 def latent_page_name(latent: int) -> str:
     """Path of latent ``latent``'s page relative to the dashboards folder."""
     return f"latents/{int(latent):05d}.html"
-
-
-# -- escaping ----------------------------------------------------------------------------------
-def esc(text: Any) -> str:
-    """The one escaping of every user-provided string shown in HTML (labels, experiment and
-    run names, titles, texts, tokens), for text and attribute context: HTML-escaped, with
-    invisible and bidi characters as visible ``⟨U+XXXX⟩`` marks (newlines and tabs kept).
-    The same as printing ``text`` in a template."""
-    return str(escape(visible_text(str(text))))
-
-
-def esc_cut(text: Any, max_chars: int) -> str:
-    """:func:`esc` of ``text`` cut to ``max_chars`` characters plus ``…``, with the whole
-    (escaped) text in a ``title`` tooltip; short texts are :func:`esc` alone."""
-    return str(cut_markup(text, max_chars))
-
-
-def token_html(token: str, max_chars: int = MAX_TOKEN_CHARS) -> str:
-    """A token for a page (:func:`display_token`), cut after ``max_chars`` characters of the
-    token with the whole token in a tooltip (the templates' ``token`` filter)."""
-    return str(token_markup(token, max_chars))
-
-
-def json_for_script(obj: Any) -> str:
-    """JSON safe to place inside ``<script type="application/json">``: ``<``, ``>``, ``&``,
-    U+2028 and U+2029 are written as ``\\uXXXX`` escapes (NaN/inf become null)."""
-    text = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    for ch, rep in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):  # fmt: skip
-        text = text.replace(ch, rep)
-    return text
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _finite(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _finite(obj.item())
-    return obj
-
-
-def _csp(script: str | None) -> str:
-    src = "'none'"
-    if script is not None:
-        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-        src = f"'sha256-{digest}'"
-    return (
-        f"default-src 'none'; script-src {src}; style-src 'unsafe-inline'; img-src data:; "
-        "font-src 'none'; connect-src 'none'; form-action 'none'; base-uri 'none'"
-    )
-
-
-CSS = (
-    """
-:root{--fg:#1d2329;--mut:#66707a;--line:#e3e6ea;--acc:#c2410c}
-*{box-sizing:border-box}
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);margin:0;padding:16px 22px;max-width:1200px}
-h1{font-size:20px;margin:0 0 4px}h2{font-size:15px;margin:18px 0 6px;border-bottom:1px solid var(--line);padding-bottom:3px}
-a{color:#1d4ed8;text-decoration:none}a:hover{text-decoration:underline}
-.mut{color:var(--mut)}.nav{margin-bottom:8px;font-size:13px}.nav a{margin-right:12px}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:6px 16px;margin:8px 0}
-.kv{font-size:13px}.kv b{display:block;font-size:11px;color:var(--mut);font-weight:500;text-transform:uppercase}
-table{border-collapse:collapse;font-size:13px}th,td{padding:3px 8px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
-th{font-weight:600;background:#f6f7f9}td.n{text-align:right;font-variant-numeric:tabular-nums}
-tr.sig td{background:#fff7ed}.pill{display:inline-block;padding:0 6px;border-radius:9px;color:#fff;font-size:12px}
-.ex{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px;white-space:pre-wrap;word-break:break-word;padding:2px 0;border-bottom:1px dotted var(--line)}
-.ex .v{display:inline-block;width:64px;color:var(--mut);text-align:right;margin-right:10px}
-.ex span{unicode-bidi:isolate;border-radius:3px;padding:1px 0}
-.ex .v{unicode-bidi:normal}.ex .h{outline:1.5px solid #7c2d12;outline-offset:0}
-"""
-    + "".join(
-        f".a{i}{{background:rgba(234,88,12,{i / N_SHADES:.2f})}}" for i in range(1, N_SHADES + 1)
-    )
-    + """
-.cols{display:flex;flex-wrap:wrap;gap:28px}.cols>div{min-width:260px}
-.tok{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre;unicode-bidi:isolate}
-.cut{cursor:help;text-decoration:underline dotted}
-.lens td.tok{background:#f3f4f6}.band{margin:10px 0 2px;font-size:13px;color:var(--mut)}
-svg text{font:10px system-ui,sans-serif;fill:#555}
-"""
-)
-
-
-# -- data --------------------------------------------------------------------------------------
-@dataclass
-class DashboardData:
-    """Everything the pages show, for all ``K`` latents (built once, rendered per latent)."""
-
-    title: str
-    label_names: list[str]
-    table: pd.DataFrame
-    """Per-latent table indexed 0..K-1 (from ``run_analysis``: statistics, best label, ...)."""
-    examples: Examples
-    token_text: Mapping[int, str]
-    quantile_edges: np.ndarray | None = None
-    hist: np.ndarray | None = None
-    """int ``[K, C, n_bins]`` firing activations per label on log10 bins."""
-    hist_edges: np.ndarray | None = None
-    enrichment: pd.DataFrame | None = None
-    neighbours: Neighbours | None = None
-    lens: LogitLens | None = None
-
-    @classmethod
-    def build(
-        cls,
-        *,
-        table: pd.DataFrame,
-        examples: Examples,
-        token_text: Mapping[int, str],
-        top: TopKSets | None = None,
-        enrichment: pd.DataFrame | None = None,
-        neighbours: Neighbours | None = None,
-        lens: LogitLens | None = None,
-        label_names: Sequence[str] | None = None,
-        title: str = "SAE latents",
-    ) -> DashboardData:
-        t = table.set_index("latent", drop=False).sort_index()
-        if not np.array_equal(t.index.to_numpy(), np.arange(len(t))):
-            raise ValueError("table: expected one row per latent 0..K-1")
-        return cls(
-            title=title,
-            label_names=list(
-                label_names or (top.label_names if top is not None and top.label_names else [])
-            ),
-            table=t,
-            examples=examples,
-            token_text=token_text,
-            quantile_edges=None if top is None else top.quantile_edges,
-            hist=None if top is None else top.label_hist,
-            hist_edges=None if top is None else top.hist_edges,
-            enrichment=enrichment,
-            neighbours=neighbours,
-            lens=lens,
-        )
-
-    @property
-    def n_latents(self) -> int:
-        return len(self.table)
-
-
-class _Prepared:
-    """Vectorised pre-rendering shared by all pages: each example's HTML line, grouped by latent."""
-
-    def __init__(self, data: DashboardData):
-        self.data = data
-        K = data.n_latents
-        ex = data.examples
-        ids = np.array(sorted(int(i) for i in data.token_text), dtype=np.int64)
-        shown = [token_markup(data.token_text[int(i)]) for i in ids]
-        self.tok_html = {int(i): h for i, h in zip(ids, shown, strict=True)}
-        # plain str: numpy's string concatenation below must not re-escape the markup around
-        vocab_html = np.array(["", *map(str, shown)], dtype=object)
-        if ids.size:
-            pos = np.searchsorted(ids, ex.token_ids).clip(0, ids.size - 1)
-            known = (ex.token_ids >= 0) & (ids[pos] == ex.token_ids)
-            pos = np.where(known, pos + 1, 0)
-        else:
-            known = np.zeros(ex.token_ids.shape, dtype=bool)
-            pos = np.zeros(ex.token_ids.shape, dtype=np.int64)
-        fallback = (ex.token_ids >= 0) & ~known
-        text = vocab_html[pos]
-        if fallback.any():
-            ids_txt = ex.token_ids[fallback].astype(str).astype(object)
-            text[fallback] = "&lt;" + ids_txt + "&gt;"
-        vmax = np.asarray(data.table["max_act"], dtype=np.float64)[ex.latents]
-        ratio = np.where(vmax[:, None] > 0, ex.acts / np.maximum(vmax[:, None], 1e-30), 0.0)
-        level = np.clip(np.ceil(ratio * N_SHADES - 1e-9), 0, N_SHADES).astype(np.int64)
-        level[ex.acts <= 0] = 0
-        # Compact markup (pages for thousands of latents): unquoted attributes where valid,
-        # no class or tooltip on tokens where the latent is silent.
-        shade = [""] + [f" class=a{i}" for i in range(1, N_SHADES + 1)]
-        hit = [" class=h"] + [f' class="a{i} h"' for i in range(1, N_SHADES + 1)]
-        cls = np.array(shade, dtype=object)[level]
-        cls[:, ex.center] = np.array(hit, dtype=object)[level[:, ex.center]]
-        vals = np.char.mod("%.3g", ex.acts.astype(np.float64)).astype(object)
-        tip = np.where(ex.acts > 0, " title=" + vals, "").astype(object)
-        spans = "<span" + cls + tip + ">" + text + "</span>"
-        spans[ex.window_rows < 0] = ""
-        head = np.char.mod("%.3g", ex.values.astype(np.float64)).astype(object)
-        lines = [
-            '<div class="ex"><span class="v">' + h + "</span>" + "".join(r) + "</div>"
-            for h, r in zip(head, spans, strict=True)
-        ]
-        order = np.lexsort((ex.rank, ex.kind, ex.latents))
-        # pre-rendered rows of escaped tokens and numbers: inserted into the pages as markup
-        self.lines = np.array([Markup(line) for line in lines], dtype=object)[order]
-        self.kind = ex.kind[order]
-        starts = np.searchsorted(ex.latents[order], np.arange(K + 1))
-        self.starts = starts
-        self.enrich = self._enrichment_rows(data)
-        self.neighbours = self._neighbour_lists(data)
-
-    def _enrichment_rows(self, data: DashboardData) -> dict[str, dict[str, np.ndarray]]:
-        out: dict[str, dict[str, np.ndarray]] = {}
-        if data.enrichment is None:
-            return out
-        K, C = data.n_latents, len(data.label_names)
-        levels = sorted(data.enrichment["level"].unique(), key=lambda lv: (lv != "token", str(lv)))
-        for level in levels:
-            t = data.enrichment[data.enrichment["level"] == level].sort_values(
-                ["latent", "label_id"]
-            )
-            if len(t) != K * C:
-                continue
-            out[str(level)] = {
-                c: t[c].to_numpy().reshape(K, C)
-                for c in (
-                    "frac_in_set",
-                    "base_rate",
-                    "log_odds",
-                    "q",
-                    "auroc",
-                    "in_set",
-                    "set_size",
-                    "significant",
-                )
-            }
-        return out
-
-    def _neighbour_lists(self, data: DashboardData) -> list[list[tuple[int, float]]] | None:
-        nb = data.neighbours
-        if nb is None:
-            return None
-        return [
-            [(int(i), float(jc)) for i, jc in zip(idx[idx >= 0], jac[idx >= 0], strict=True)]
-            for idx, jac in zip(nb.index, nb.jaccard, strict=True)
-        ]
 
 
 # -- latent page -------------------------------------------------------------------------------
@@ -354,7 +123,7 @@ def _hist_view(data: DashboardData, j: int) -> dict[str, Any] | None:
     }
 
 
-def _enrichment_view(prep: _Prepared, j: int) -> dict[str, Any] | None:
+def _enrichment_view(prep: PreparedDashboards, j: int) -> dict[str, Any] | None:
     """Latent ``j``'s enrichment row per label, one block of cells per level."""
     data = prep.data
     if not prep.enrich:
@@ -377,7 +146,7 @@ def _enrichment_view(prep: _Prepared, j: int) -> dict[str, Any] | None:
     return {"levels": levels, "rows": rows}
 
 
-def _lens_view(prep: _Prepared, j: int) -> list[dict[str, Any]] | None:
+def _lens_view(prep: PreparedDashboards, j: int) -> list[dict[str, Any]] | None:
     """The promoted and suppressed tokens of latent ``j`` (None: no logit lens; []: not this
     latent)."""
     lens = prep.data.lens
@@ -402,7 +171,7 @@ def _lens_view(prep: _Prepared, j: int) -> list[dict[str, Any]] | None:
 
 
 def render_latent_page(
-    prep: _Prepared, j: int, has_page: Callable[[int], bool] | None = None
+    prep: PreparedDashboards, j: int, has_page: Callable[[int], bool] | None = None
 ) -> str:
     """The HTML of latent ``j``'s dashboard."""
     data = prep.data
@@ -476,7 +245,7 @@ def render_latent_page(
     return render(
         "latent.html.j2",
         title=f"Latent {j}",
-        csp=Markup(_csp(None)),
+        csp=Markup(csp(None)),
         css=Markup(CSS),
         script=None,
         data_json=None,
@@ -603,7 +372,7 @@ def render_index(
     return render(
         "index.html.j2",
         title=data.title,
-        csp=Markup(_csp(INDEX_JS)),
+        csp=Markup(csp(INDEX_JS)),
         css=Markup(CSS),
         script=Markup(INDEX_JS),
         data_json=Markup(json_for_script({"labels": names, "cols": cols})),
@@ -641,7 +410,7 @@ def write_dashboards(
     def has_page(j: int) -> bool:
         return bool(page_set[j])
 
-    prep = _Prepared(data)
+    prep = PreparedDashboards(data)
     files: dict[str, bytes] = {"index.html": render_index(data, has_page, links).encode("utf-8")}
     for j in pages.tolist():
         files[latent_page_name(j)] = render_latent_page(prep, j, has_page).encode("utf-8")
@@ -649,64 +418,3 @@ def write_dashboards(
 
 
 _DASHBOARD_FILE_RE = re.compile(r"^(index\.html|latents/\d{5,}\.html)$")
-
-
-# -- the seed's panel --------------------------------------------------------------------------
-class HTMLPanel(str):
-    """An HTML fragment that notebooks render (``_repr_html_``)."""
-
-    def _repr_html_(self) -> str:
-        return str(self)
-
-
-@torch.no_grad()
-def top_activations_panel(
-    latent_j: int,
-    act_files: Any,
-    sae,
-    tokenizer=None,
-    device: str | torch.device | None = None,
-    top_titles: int = 12,
-    max_tokens_per_title: int = 64,
-    min_alpha: float = 0.0,
-) -> HTMLPanel:
-    """HTML panel of the documents where latent ``latent_j`` reaches its highest maxima, every
-    token shaded by the latent's activation (the seed's panel; returns HTML, displays nothing).
-
-    ``act_files``: an :class:`~integral_superposition.dump.ActivationStore` or store URI(s).
-    """
-    from integral_superposition.activations import as_activation_source
-    from integral_superposition.analysis.top_tokens import decode_tokens, tokenizer_for
-    from integral_superposition.sae.encode import check_sae_source, encode_chunks
-
-    src = as_activation_source(act_files)
-    check_sae_source(sae, src)
-    if not 0 <= latent_j < sae.d_sae:
-        raise ValueError(f"latent_j={latent_j}: expected 0..{sae.d_sae - 1}")
-    if src.doc_ids is None or src.token_ids is None:
-        raise ValueError("act_files: the panel needs token and document ids (an ActivationStore)")
-    z = np.zeros(src.n_tokens, dtype=np.float32)
-    for rows, _x, codes, _ in encode_chunks(sae, src, device, chunk_tokens=8192):
-        z[rows] = codes[:, latent_j].cpu().numpy()
-    doc = np.asarray(src.doc_ids)
-    uniq, inv = np.unique(doc, return_inverse=True)
-    dmax = np.full(uniq.size, -np.inf)
-    np.maximum.at(dmax, inv, z)
-    best = np.argsort(-dmax, kind="stable")[:top_titles]
-    tok = tokenizer if tokenizer is not None else tokenizer_for(src)
-    blocks = []
-    vmax = float(z.max()) if z.size else 0.0
-    for d in best:
-        rows = np.flatnonzero(inv == d)[:max_tokens_per_title]
-        text = decode_tokens(tok, np.asarray(src.token_ids)[rows])
-        tokens = []
-        for r in rows:
-            v = float(z[r])
-            level = (
-                0
-                if v <= min_alpha or vmax <= 0
-                else int(np.clip(np.ceil(v / vmax * N_SHADES), 0, N_SHADES))
-            )
-            tokens.append((text.get(int(src.token_ids[r]), ""), level, v))
-        blocks.append({"value": float(dmax[d]), "tokens": tokens})
-    return HTMLPanel(render("panel.html.j2", css=Markup(CSS), latent=latent_j, blocks=blocks))

@@ -30,7 +30,6 @@ from markupsafe import Markup
 from integral_superposition import storage
 from integral_superposition.viz.figures import png_data_uri
 from integral_superposition.viz.headline import SWEEP_COLUMNS, headline_rows, sweep_rows
-from integral_superposition.viz.panels import CSS, _csp
 from integral_superposition.viz.report_sections import (
     analysis_sections,
     as_analysis,
@@ -41,6 +40,7 @@ from integral_superposition.viz.report_sections import (
     summary_tables,
     training_section,
 )
+from integral_superposition.viz.safe_html import CSS, csp
 from integral_superposition.viz.section import FigureLike, ReportSection
 from integral_superposition.viz.tables import markdown_table, md_escape, small_png, table_view
 from integral_superposition.viz.templates import MAX_TOKEN_CHARS, MISSING, fmt, render
@@ -189,7 +189,7 @@ def build_report(
     page = render(
         "report.html.j2",
         title=page_title,
-        csp=Markup(_csp(None)),
+        csp=Markup(csp(None)),
         css=Markup(REPORT_CSS),
         script=None,
         data_json=None,
