@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from integral_superposition import storage
 from integral_superposition.dump.synthetic import write_activation_store
-from integral_superposition.pipelines.analyze import dead_count, run_analysis
+from integral_superposition.pipelines.analyze import run_analysis
+from integral_superposition.pipelines.analyze_inputs import dead_count
 from integral_superposition.sae import SparseAutoencoder, save_sae
 from integral_superposition.viz.report import summary_tables
 
