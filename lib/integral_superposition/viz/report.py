@@ -29,7 +29,7 @@ from markupsafe import Markup
 
 from integral_superposition import storage
 from integral_superposition.viz.figures import png_data_uri
-from integral_superposition.viz.headline import SWEEP_COLUMNS, headline_rows, sweep_rows
+from integral_superposition.viz.headline import headline_rows
 from integral_superposition.viz.report_sections import (
     analysis_sections,
     as_analysis,
@@ -42,6 +42,7 @@ from integral_superposition.viz.report_sections import (
 )
 from integral_superposition.viz.safe_html import CSS, csp
 from integral_superposition.viz.section import FigureLike, ReportSection
+from integral_superposition.viz.sweep_table import SWEEP_COLUMNS, sweep_rows
 from integral_superposition.viz.tables import markdown_table, md_escape, small_png, table_view
 from integral_superposition.viz.templates import MAX_TOKEN_CHARS, MISSING, fmt, render
 
