@@ -22,7 +22,7 @@ CFG = SAEConfig(
     k=64,
     top_k=8,
     batch_size=256,
-    epochs=2,
+    epochs=1,
     shuffle_buffer_tokens=2048,
     lr_warmup_steps=5,
     log_every=5,
@@ -37,17 +37,27 @@ def _rows_by_token(store: ActivationStore) -> tuple[np.ndarray, torch.Tensor]:
     return keys, store.gather(order).float()
 
 
-def test_online_training_matches_store_training_and_writes_the_same_store(tiny_backend, tmp_path):
+@pytest.fixture(scope="module")
+def pair(tiny_backend, tmp_path_factory):
+    """One corpus trained twice with ``CFG``: from its dumped store, and online (writing a
+    store along the way); shared by the tests that compare or resume them."""
+    root = tmp_path_factory.mktemp("online-pair")
     df = demo_corpus(240)
     dumped = dump_layer_activations(
-        df, "title", "topic", tiny_backend, DUMP, str(tmp_path / "acts"), progress=False
+        df, "title", "topic", tiny_backend, DUMP, str(root / "acts"), progress=False
     )
-    (by_store,) = train_saes(dumped, [CFG], [str(tmp_path / "sae-store")], progress=False)
+    (by_store,) = train_saes(dumped, [CFG], [str(root / "sae-store")], progress=False)
     spec = OnlineActivations(
-        df, "title", "topic", tiny_backend, DUMP, store_uri=str(tmp_path / "online-acts"),
+        df, "title", "topic", tiny_backend, DUMP, store_uri=str(root / "online-acts"),
         write_store=True,
     )  # fmt: skip
-    (online,) = train_saes(spec, [CFG], [str(tmp_path / "sae-online")], progress=False)
+    (online,) = train_saes(spec, [CFG], [str(root / "sae-online")], progress=False)
+    return {"df": df, "dumped": dumped, "by_store": by_store, "online": online, "root": root}
+
+
+def test_online_training_matches_store_training_and_writes_the_same_store(pair):
+    dumped, by_store, online = pair["dumped"], pair["by_store"], pair["online"]
+    tmp_path = pair["root"]
 
     # same tokens, same seed, same buffer: the held-out FVU agrees within 5%
     assert online.steps > 0 and online.tokens > 0
@@ -93,14 +103,14 @@ def _live_tensor_bytes() -> int:
 
 
 def test_online_memory_is_flat_when_the_tokens_double(tiny_backend, tmp_path):
-    cfg = CFG.model_copy(update={"epochs": 1})
+    cfg = CFG.model_copy(update={"shuffle_buffer_tokens": 1024})
     peaks = []
-    for n_docs in (240, 480):
+    for n_docs in (120, 240):
         spec = OnlineActivations(demo_corpus(n_docs), "title", "topic", tiny_backend, DUMP)
         peak = [0]
 
         def watch(step, total, peak=peak):
-            if step % 12 == 0:
+            if step % 6 == 0:
                 peak[0] = max(peak[0], _live_tensor_bytes())
 
         gc.collect()
@@ -111,8 +121,8 @@ def test_online_memory_is_flat_when_the_tokens_double(tiny_backend, tmp_path):
         peaks.append((peak[0] - base, res.tokens))
     (small, tok_small), (big, tok_big) = peaks
     assert tok_big > 1.8 * tok_small
-    # the buffer is seen ([~2048 + a document, 64] float32), and it does not grow with tokens
-    assert small >= 2048 * tiny_backend.d_model * 4
+    # the buffer is seen ([~1024 + a document, 64] float32), and it does not grow with tokens
+    assert small >= cfg.shuffle_buffer_tokens * tiny_backend.d_model * 4
     assert big < small * 1.25 + 256 * tiny_backend.d_model * 4
 
 
@@ -120,10 +130,12 @@ class _Stop(Exception):
     pass
 
 
-def test_online_training_resumes_after_a_stop_and_skips_consumed_documents(tiny_backend, tmp_path):
-    df = demo_corpus(240)
+def test_online_training_resumes_after_a_stop_and_skips_consumed_documents(
+    pair, tiny_backend, tmp_path
+):
+    df = pair["df"]
     ckpt = str(tmp_path / "ckpt")
-    cfg = CFG.model_copy(update={"epochs": 1})
+    cfg = CFG
 
     def spec(name):
         return OnlineActivations(
@@ -131,7 +143,7 @@ def test_online_training_resumes_after_a_stop_and_skips_consumed_documents(tiny_
             write_store=True,
         )  # fmt: skip
 
-    (whole,) = train_saes(spec("acts-a"), [cfg], [str(tmp_path / "sae-a")], progress=False)
+    whole = pair["online"]  # the same documents and config, trained without a stop
 
     def stop_after_checkpoint(step, total):
         if step == 2 * cfg.checkpoint_every + 1:
