@@ -23,7 +23,8 @@ same seed, ends with the same weights as an uninterrupted run.
 
 The pieces: ``sources`` (where batches come from), ``trainee`` (one SAE's optimiser step,
 initialisation and log), ``schedule`` (LR and sparsity coefficient), ``checkpoint``
-(resumable state); this module holds the loop over them and publishing.
+(resumable state), ``parallel`` (how several processes share a run), ``publish``
+(evaluation and saving); this module holds the loop over them.
 """
 
 from __future__ import annotations
@@ -34,27 +35,31 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from integral_superposition import compute, distributed, storage
+from integral_superposition import distributed
 from integral_superposition.config import SAEConfig, dead_window
 from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.checkpoint import Checkpoints, first_difference, run_fingerprint
-from integral_superposition.sae.curve import (
-    CONVERGED_RULE,
-    CURVE_FILE,
-    convergence,
-    curve_parquet,
-)
-from integral_superposition.sae.load import save_sae
 from integral_superposition.sae.model import SparseAutoencoder, sae_parameter_count
 from integral_superposition.sae.online import OnlineActivations, OnlineSource
+from integral_superposition.sae.parallel import (
+    Layout,
+    join_processes,
+    process_layout,
+    sync_from_main,
+    write_checkpoint,
+)
+from integral_superposition.sae.publish import (
+    TrainResult,
+    convergence_metrics,
+    publish_trainee,
+    store_metadata,
+)
 from integral_superposition.sae.refit import refit_decoders
-from integral_superposition.sae.schedule import decay_start
 from integral_superposition.sae.sources import (
     RankSlice,
     StoreSource,
@@ -77,25 +82,6 @@ LogFn = Callable[[int, dict[str, float]], None]
 _STREAM_FIELDS = ("batch_size", "seed", "epochs", "train_tokens", "test_fraction")
 _STREAM_FIELDS_STORE = (*_STREAM_FIELDS, "shuffle_buffer_tokens")
 _INIT_TOKENS = 16384
-
-
-@dataclass
-class TrainResult:
-    """What training one SAE produced: where it is saved and how good it is."""
-
-    uri: str | None
-    """The published SAE folder (None for :func:`train_sae`, which trains in place)."""
-    content_hash: str | None
-    """``manifest["content_hash"]`` of the published SAE."""
-    metrics: dict[str, Any]
-    """Held-out metrics (``evaluate_sae``) or, without a held-out split, the last training log."""
-    steps: int
-    """Optimiser steps taken in total (including those before a resume)."""
-    tokens: int
-    """Training tokens consumed (batch rows, before outlier filtering)."""
-    resumed_from_step: int = 0
-    """The checkpoint step this run resumed from (0 for a fresh run)."""
-    config: SAEConfig | None = None
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -121,92 +107,6 @@ def _check_cfgs(cfgs: Any, store_like: bool) -> list[SAEConfig]:
     return out
 
 
-# -- several processes -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Layout:
-    """How this process takes part in training.
-
-    ``single``: one process holds every SAE. ``data``: every rank holds every SAE and steps on
-    its part of each batch; gradients and statistics are summed over ranks, rank 0 writes.
-    ``modules``: every rank holds its own SAEs (``indices``) and reads whole batches of their
-    hook points; each rank writes its SAEs' checkpoint files and outputs, rank 0 the rest.
-    """
-
-    mode: str = "single"
-    indices: tuple[int, ...] = (0,)
-    """Positions (in the caller's config list) of the SAEs this process trains."""
-    n_saes: int = 1
-    is_main: bool = True
-
-
-def _layout(
-    info: distributed.DistInfo, n_saes: int, costs: Sequence[float], modules: bool
-) -> _Layout:
-    if not info.enabled:
-        return _Layout("single", tuple(range(n_saes)), n_saes, True)
-    if not modules:
-        return _Layout("data", tuple(range(n_saes)), n_saes, info.is_main)
-    if n_saes < info.world_size:
-        raise ValueError(
-            f"distribute_modules=True with {info.world_size} processes for {n_saes} SAE(s): every "
-            "process needs at least one SAE; start at most as many processes as SAEs, or train "
-            "data-parallel"
-        )
-    owner = distributed.assign_modules(costs, info.world_size)
-    mine = tuple(i for i, o in enumerate(owner) if o == info.rank)
-    log.info("module-parallel: rank %d trains SAE(s) %s", info.rank, list(mine))
-    return _Layout("modules", mine, n_saes, info.is_main)
-
-
-def _join(device: Any, cfg: SAEConfig) -> distributed.DistInfo:
-    """The process group when torchrun started this process (joined on first use), else a
-    single process on the resolved device."""
-    if distributed.launched():
-        return distributed.init(device if device is not None else cfg.device)
-    return distributed.DistInfo(
-        device=compute.resolve_device(device if device is not None else cfg.device)
-    )
-
-
-@torch.no_grad()
-def _sync_from_main(t: Trainee) -> None:
-    """Rank 0's initialised weights and scales on every rank (the data-dependent
-    initialisation must not differ by a rounding between ranks)."""
-    for p in t.sae.parameters():
-        distributed.broadcast_(p.data)
-    for b in t.sae.buffers():
-        distributed.broadcast_(b)
-    t.scale, t.max_norm = distributed.broadcast_object((t.scale, t.max_norm))
-
-
-def _write_checkpoint(
-    ckpt: Checkpoints,
-    layout: _Layout,
-    step: int,
-    fingerprint: dict[str, Any],
-    trainees: list[Trainee],
-    extra: dict[str, Any],
-) -> None:
-    """One checkpoint in the same format whatever the layout, so any layout resumes it."""
-    if layout.mode == "single":
-        ckpt.write(step, fingerprint, trainees, extra)
-    elif layout.mode == "data":
-        if layout.is_main:  # every rank holds the same state
-            ckpt.write(step, fingerprint, trainees, extra)
-    else:
-        files = ckpt.write_trainees(step, dict(zip(layout.indices, trainees, strict=True)))
-        own = {i: t.state_json() for i, t in zip(layout.indices, trainees, strict=True)}
-        parts = distributed.gather_objects((files, own))  # also: every rank's files are written
-        if layout.is_main:
-            all_files: dict[str, Any] = {}
-            js: dict[int, dict[str, Any]] = {}
-            for f, j in parts:
-                all_files.update(f)
-                js.update(j)
-            ordered = {k: all_files[k] for k in sorted(all_files)}
-            ckpt.commit(step, fingerprint, [js[i] for i in range(layout.n_saes)], ordered, extra)
-
-
 # -- the training loop -------------------------------------------------------------------------
 @torch.enable_grad()  # training works even when the caller sits inside no_grad/inference code
 def _run(
@@ -221,10 +121,10 @@ def _run(
     on_progress: ProgressFn | None,
     on_log: LogFn | None,
     progress: bool,
-    layout: _Layout | None = None,
+    layout: Layout | None = None,
 ) -> tuple[int, int]:
     """Train every trainee on one pass of ``source``; returns ``(steps, resumed_from)``."""
-    layout = layout or _Layout("single", tuple(range(len(trainees))), len(trainees), True)
+    layout = layout or Layout("single", tuple(range(len(trainees))), len(trainees), True)
     total = source.total
     for t in trainees:
         t.dead_tokens = dead_window(t.cfg, total)
@@ -258,7 +158,7 @@ def _run(
         for t in trainees:
             init_trainee(t, sample[t.hook], init_b_dec)
             if layout.mode == "data":
-                _sync_from_main(t)
+                sync_from_main(t)
         del sample  # not held while training: memory stays one buffer
     for t in trainees:
         t.start(total, start)
@@ -303,7 +203,7 @@ def _run(
                         if on_log is not None:
                             on_log(step, e if layout.n_saes == 1 else {**e, "sae": i})
             if ckpt is not None and (step % every_ckpt == 0 or step == total):
-                _write_checkpoint(ckpt, layout, step, fingerprint, trainees, {"total": total})
+                write_checkpoint(ckpt, layout, step, fingerprint, trainees, {"total": total})
                 wrote_ckpt = True
             # after the checkpoint: a reported step is durable
             bar.update(step, total if total is not None else step)
@@ -395,7 +295,7 @@ def train_saes(
         )
     if len(set(out_uris)) != len(out_uris):
         raise ValueError(f"out_uris={out_uris!r}: every SAE needs its own output URI")
-    info = _join(device, cfg_list[0])
+    info = join_processes(device, cfg_list[0])
     dev = info.device
     leaves_store = isinstance(stores, OnlineActivations) and stores.store_uri is not None
     writes_store = isinstance(stores, OnlineActivations) and stores.write_store
@@ -406,7 +306,7 @@ def train_saes(
     # the run's identity does not depend on the layout: any world size resumes a checkpoint
     fingerprint = run_fingerprint(cfg_list, source.describe(), {"total": source.total})
     costs = [float(sae_parameter_count(source.d_model, c.k)) for c in cfg_list]
-    layout = _layout(info, len(cfg_list), costs, distribute_modules)
+    layout = process_layout(info, len(cfg_list), costs, distribute_modules)
     mine = [cfg_list[i] for i in layout.indices]
     if layout.mode == "modules" and isinstance(source, StoreSource):
         source = open_source(source.store, mine, storage_options)  # only this rank's hook points
@@ -465,7 +365,7 @@ def train_saes(
             refit_from = StoreSource(base.evaluation_store(), base.hooks, base.cfg)
         refits = refit_decoders(refit_from, trainees)  # data-parallel: the main rank's replica
         for i, t, refit in zip(layout.indices, trainees, refits, strict=True):
-            own[i] = _publish(
+            own[i] = publish_trainee(
                 t,
                 out_uris[i],
                 base,
@@ -475,7 +375,7 @@ def train_saes(
                 storage_options,
                 metadata,
                 evaluate,
-                {**refit, **_convergence(t, base, steps)},
+                {**refit, **convergence_metrics(t, base, steps)},
             )
     published: dict[int, TrainResult] = {}
     for part in distributed.gather_objects(own):  # also waits until every SAE is published
@@ -484,105 +384,6 @@ def train_saes(
         ckpt.remove()
     distributed.barrier()  # nobody returns while rank 0 still removes the checkpoint
     return [published[i] for i in range(len(cfg_list))]
-
-
-def _convergence(t: Trainee, source: TrainingSource, steps: int) -> dict[str, Any]:
-    total = source.total or steps
-    return convergence(t.curve, total, decay_start(t.cfg, total))
-
-
-def _store_metadata(store, hook: str) -> dict[str, Any]:
-    """SAELens ``metadata`` fields describing where an SAE's activations came from."""
-    from integral_superposition.backends.sources import weights_source
-
-    info = store.hook_info(hook)
-    mcfg = store.manifest.get("config") or {}
-    meta = {
-        "model_name": store.model_info.get("model_id"),
-        "hook_name": info.get("saelens_name") or hook,
-        "context_size": mcfg.get("max_len"),
-        "prepend_bos": mcfg.get("prepend_bos", True),
-        "dataset_path": store.uris[0] if len(store.uris) == 1 else list(store.uris),
-        "isup_hook_point": hook,
-    }
-    # model_name stays the hub id SAELens expects; the weights' real source sits beside it
-    source = weights_source(store.model_info)
-    if source is not None:
-        meta["model_source"] = source
-    return meta
-
-
-def _publish(
-    t: Trainee,
-    uri: str,
-    source,
-    steps: int,
-    resumed: int,
-    elapsed: float,
-    storage_options,
-    metadata: Mapping[str, Any] | None,
-    evaluate: bool,
-    quality: Mapping[str, Any],
-) -> TrainResult:
-    """Evaluate and save one trained SAE (``quality``: refit and convergence metrics)."""
-    sae = t.sae
-    cfg = t.cfg
-    metrics: dict[str, Any]
-    sparsity = None
-    meta: dict[str, Any] = {}
-    act_hash = None
-    store = source.store if isinstance(source, StoreSource) else None
-    online = source.source if isinstance(source, RankSlice) else source
-    if isinstance(online, OnlineSource):
-        # the store it wrote, or the bounded sample of held-out documents
-        store = online.evaluation_store()
-        meta = online.saelens_metadata(t.hook)
-    if store is not None:
-        from integral_superposition.sae.metrics import evaluate_sae
-
-        act_hash = store.content_hash
-        meta = {**_store_metadata(store, t.hook), **meta}
-        if evaluate:
-            ev = evaluate_sae(
-                sae, store, split="test", test_fraction=cfg.test_fraction, hook_point=t.hook
-            )
-            metrics = {k: v for k, v in ev.items() if not isinstance(v, list | dict)}
-            metrics["density_hist"] = ev.get("density_hist")
-            sparsity = torch.log10(torch.as_tensor(ev["density"], dtype=torch.float32) + 1e-10)
-        else:
-            metrics = {}
-    else:
-        metrics = {}
-    if not metrics or not evaluate:
-        last = t.curve[-1] if t.curve else {}
-        metrics.update({f"train_{k}": v for k, v in last.items() if k not in ("step", "tokens")})
-    if sparsity is None and t.tokens_seen:
-        sparsity = torch.log10(t.fire_count.double().cpu() / max(1, t.tokens_seen) + 1e-10).float()
-    metrics.update(quality)
-    metrics["train_tokens"] = t.tokens_seen
-    metrics["train_steps"] = steps
-    metrics["train_seconds"] = elapsed
-    meta.update(metadata or {})
-    folder = save_sae(
-        sae,
-        uri,
-        metadata=meta,
-        sparsity=sparsity,
-        training_config=cfg,
-        metrics={k: v for k, v in metrics.items() if k != "density_hist"},
-        activation_manifest_hash=act_hash,
-        storage_options=storage_options,
-        training_curve=t.curve,
-        converged_rule=CONVERGED_RULE,
-        extra_files={CURVE_FILE: curve_parquet(t.curve)},
-        density_hist=metrics.get("density_hist"),
-        activation_scale=None,
-        hook_point=t.hook,
-        source=source.describe(),
-    )
-    manifest = storage.read_manifest(folder, storage_options)
-    small = {k: v for k, v in metrics.items() if k != "density_hist"}
-    return TrainResult(folder, manifest["content_hash"], small, steps, t.tokens_seen, resumed, cfg)
 
 
 def train_sae(
@@ -634,7 +435,7 @@ def train_sae(
         raise ValueError(
             f"model.d_model={model.d_in} does not match the activations' d_model={source.d_model}"
         )
-    info = _join(device, cfg)
+    info = join_processes(device, cfg)
     dev = info.device
     on_dev = model.W_enc.device == dev
     _check_training_memory(
@@ -648,7 +449,7 @@ def train_sae(
     fingerprint = run_fingerprint(
         [cfg], source.describe(), {"total": source.total, "d_model": model.d_in}
     )
-    layout = _layout(info, 1, [1.0], modules=False)
+    layout = process_layout(info, 1, [1.0], modules=False)
     if layout.mode == "data":
         source = RankSlice(source, info.rank, info.world_size)
     t = Trainee(cfg, model, hook, dev, data_parallel=layout.mode == "data")
@@ -672,12 +473,12 @@ def train_sae(
     base = source.source if isinstance(source, RankSlice) else source
     (refit,) = refit_decoders(base, [t])  # every replica alike: the same data, the same solve
     if isinstance(base, StoreSource):
-        model.metadata.update(_store_metadata(base.store, hook))
+        model.metadata.update(store_metadata(base.store, hook))
     distributed.barrier()
     if ckpt is not None and layout.is_main:
         ckpt.remove()
     metrics = {k: v for k, v in (t.curve[-1] if t.curve else {}).items()}
     metrics.update(refit)
-    metrics.update(_convergence(t, base, steps))
+    metrics.update(convergence_metrics(t, base, steps))
     metrics["train_seconds"] = time.perf_counter() - t0
     return TrainResult(None, None, metrics, steps, t.tokens_seen, resumed, cfg)
