@@ -145,3 +145,15 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield get_current_settings().api.url
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for every browser test of the session (each test opens its own
+    page, which resets the page's events and visit)."""
+    from integral_superposition.viz.browser import HeadlessChromium, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with HeadlessChromium() as b:
+        yield b

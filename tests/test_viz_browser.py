@@ -12,7 +12,7 @@ import torch
 from integral_superposition.pipelines import run_analysis
 from integral_superposition.sae import SparseAutoencoder, save_sae
 from integral_superposition.viz import ReportSection, build_report
-from integral_superposition.viz.browser import HeadlessChromium, find_chromium
+from integral_superposition.viz.browser import find_chromium
 
 pytestmark = [
     pytest.mark.browser,
@@ -69,12 +69,6 @@ def hostile_run(demo_store, tmp_path_factory):
         analysis=out,
     )
     return out, report
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with HeadlessChromium() as b:
-        yield b
 
 
 def _assert_clean(visit):

@@ -20,7 +20,7 @@ from integral_superposition.sae import (
     train_saes,
 )
 from integral_superposition.viz import build_report
-from integral_superposition.viz.browser import HeadlessChromium, find_chromium
+from integral_superposition.viz.browser import find_chromium
 
 pytestmark = [
     pytest.mark.browser,
@@ -98,12 +98,6 @@ def report_page(demo_store, tmp_path_factory):
         steering=steer_dir,
         config={"preset": "smoke"},
     ), ev
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with HeadlessChromium() as b:
-        yield b
 
 
 ROWS = """Array.from(document.querySelectorAll('table.headline tbody tr:not(.group)')).map(
