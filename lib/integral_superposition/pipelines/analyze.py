@@ -30,13 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from integral_superposition.analysis import enrichment as enr
 from integral_superposition.analysis.generic import generic_latents
 from integral_superposition.analysis.jaccard_sparse import (
     firing_matrix,
-    jaccard_dense,
     jaccard_neighbours,
 )
 from integral_superposition.analysis.labels import label_enrichment
@@ -61,6 +59,11 @@ from integral_superposition.analysis.top_tokens import (
 )
 from integral_superposition.outputs import OutputWriter
 from integral_superposition.pipelines.analyze_inputs import dead_count, load_inputs, resolve_labels
+from integral_superposition.pipelines.analyze_publish import (
+    publish_dashboards,
+    publish_figures,
+    publish_tables,
+)
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.encode import default_chunk_tokens
 
@@ -180,8 +183,6 @@ def run_analysis(
     second map and fills the index's cluster column. Inputs are checked before anything is
     written; on failure the files written so far are removed and no manifest is published.
     """
-    from integral_superposition import viz
-
     p = params if isinstance(params, AnalysisParams) else AnalysisParams(**dict(params or {}))
     sae, sae_info, store = load_inputs(sae_uri, store_uri, storage_options, allow_other_store)
     K = sae.d_sae
@@ -215,13 +216,13 @@ def run_analysis(
         prog = _Progress(rep, n_chunks + len(_STAGES))
         return _run(
             p, sae, sae_info, store, backend, token_labels, doc_labels, label_names,
-            clusters, mask, chunk, prog, pub, viz,
+            clusters, mask, chunk, prog, pub,
         )  # fmt: skip
 
 
 def _run(
     p, sae, sae_info, store, backend, token_labels, doc_labels, label_names,
-    clusters, mask, chunk, prog, pub: OutputWriter, viz,
+    clusters, mask, chunk, prog, pub: OutputWriter,
 ) -> dict[str, Any]:  # fmt: skip
     K = sae.d_sae
     t_start = time.perf_counter()
@@ -360,121 +361,22 @@ def _run(
             " ".join(token_text.get(int(t), "") for t in row[:5]) for row in lens.promoted_ids
         ]
 
-    # -- tables --------------------------------------------------------------------------------
-    pub.parquet("tables/latents.parquet", table)
-    if enrichment_table is not None:
-        pub.parquet("tables/enrichment.parquet", enrichment_table)
-        pub.parquet("tables/top_latents.parquet", top_latents)
-    if control is not None:
-        pub.parquet("tables/enrichment_control.parquet", control)
-    if probe is not None:
-        pub.parquet("tables/probe.parquet", probe)
-    doc_of = np.asarray(store.doc_ids)
-    pos_of = np.asarray(store.positions)
-    pub.parquet(
-        "tables/examples.parquet",
-        pd.DataFrame(
-            {
-                "latent": examples.latents,
-                "kind": np.where(examples.kind < 0, "top", "quantile"),
-                "band": examples.kind.astype(np.int16),
-                "rank": examples.rank,
-                "row": examples.rows,
-                "value": examples.values,
-                "doc_id": doc_of[examples.rows],
-                "position": pos_of[examples.rows],
-                "token_id": examples.token_ids[:, examples.center],
-                "window_token_ids": list(examples.token_ids),
-                "window_acts": list(examples.acts),
-            }
-        ),
-    )
-    if neighbours is not None:
-        pub.parquet("tables/neighbours.parquet", neighbours.to_frame())
-    if top.label_hist is not None:
-        j, c, b = np.nonzero(top.label_hist)
-        pub.parquet(
-            "tables/activation_hist.parquet",
-            pd.DataFrame(
-                {
-                    "latent": j,
-                    "label_id": c,
-                    "bin": b,
-                    "log10_lo": top.hist_edges[b],
-                    "count": top.label_hist[j, c, b],
-                }
-            ),
-        )
-    if lens_frame is not None:
-        pub.parquet("tables/logit_lens.parquet", lens_frame)
+    publish_tables(
+        pub, store, table, examples, top, enrichment_table, top_latents, control, probe,
+        neighbours, lens_frame,
+    )  # fmt: skip
     prog.step("tables")
 
-    # -- figures -------------------------------------------------------------------------------
-    from integral_superposition.viz import distributions, heatmaps, maps
-
-    pub.figure("figures/density_hist", distributions.density_histogram(table["density"].to_numpy()))
-    pub.figure("figures/l0_hist", distributions.l0_histogram(scan.l0_counts))
-    pub.figure("figures/decoder_geometry", distributions.decoder_geometry_figure(table))
-    pub.figure(
-        "figures/latent_map",
-        maps.latent_map(
-            coords,
-            best_label=table["best_label"].to_numpy() if "best_label" in table else None,
-            q=table["q"].to_numpy() if "q" in table else None,
-            label_names=label_names,
-            dead=table["dead"].to_numpy(),
-            alpha=p.alpha,
-            title=f"SAE latents ({method.upper()} of {'decoder directions' if p.map_input == 'decoder' else 'label profiles'})",
-        ),
-    )
-    if clusters is not None:
-        pub.figure(
-            "figures/latent_map_clusters",
-            maps.latent_map(
-                coords,
-                clusters=clusters,
-                dead=table["dead"].to_numpy(),
-                title="SAE latents by cluster",
-            ),
-        )
-    if enrichment_table is not None:
-        tok = enrichment_table[enrichment_table["level"] == "token"]
-        pub.figure(
-            "figures/enrichment_heatmap",
-            heatmaps.enrichment_heatmap(tok, per_label=p.heatmap_per_label, alpha=p.alpha),
-        )
-        chosen = heatmaps.select_enriched_latents(tok, p.heatmap_per_label)
-    else:
-        chosen = table.sort_values("fire_count", ascending=False)["latent"].to_numpy()[
-            : p.coactivation_latents
-        ]
-    if scan.firing_rows is not None and scan.firing_rows.size and len(chosen) >= 2:
-        sel = np.asarray(chosen)[: p.coactivation_latents]
-        F = firing_matrix(scan.firing_rows, scan.firing_latents, K)
-        pub.figure(
-            "figures/coactivation_heatmap",
-            heatmaps.coactivation_heatmap(jaccard_dense(F[:, sel]), sel),
-        )
+    publish_figures(
+        pub, p, scan, table, coords, method, label_names, clusters, enrichment_table
+    )  # fmt: skip
     prog.step("figures")
 
-    # -- dashboards ----------------------------------------------------------------------------
     if p.dashboards != "none":
-        data = viz.panels.DashboardData.build(
-            table=table,
-            examples=examples,
-            token_text=token_text,
-            top=top,
-            enrichment=enrichment_table,
-            neighbours=neighbours,
-            lens=lens,
-            label_names=label_names,
-            title=f"SAE latents - {store.model_info.get('model_id', '')} {store.hook_point}",
-        )
-        latents = None if p.dashboards == "all" else table.loc[~table["dead"], "latent"].to_numpy()
-        files = viz.panels.write_dashboards(
-            pub.uri("dashboards"), data, latents=latents, storage_options=pub.opts
-        )
-        pub.add("dashboards", files)
+        publish_dashboards(
+            pub, p, store, table, examples, token_text, top, enrichment_table, neighbours,
+            lens, label_names,
+        )  # fmt: skip
     prog.step("dashboards")
 
     summary["timings_s"] = dict(prog.timings)
