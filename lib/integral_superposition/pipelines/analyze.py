@@ -58,12 +58,13 @@ from integral_superposition.analysis.top_tokens import (
     tokenizer_for,
 )
 from integral_superposition.outputs import OutputWriter
-from integral_superposition.pipelines.analyze_inputs import dead_count, load_inputs, resolve_labels
+from integral_superposition.pipelines.analyze_inputs import dead_count, resolve_labels
 from integral_superposition.pipelines.analyze_publish import (
     publish_dashboards,
     publish_figures,
     publish_tables,
 )
+from integral_superposition.pipelines.inputs import load_inputs
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.encode import default_chunk_tokens
 

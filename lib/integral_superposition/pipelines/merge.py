@@ -22,10 +22,9 @@ from integral_superposition.merge.cluster import build_tree
 from integral_superposition.merge.medoid import merge_map_table
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.outputs import figure_bytes, jsonable, parquet_bytes
+from integral_superposition.pipelines.inputs import load_inputs
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.load import (
-    check_training_store,
-    load_sae,
     read_sae_manifest,
     save_sae,
 )
@@ -78,12 +77,11 @@ def run_merge(
     with where it came from: a store row (``NonFiniteActivationsError`` naming the shard
     and row), the SAE's weights (``ValueError``) or the computation (``FloatingPointError``).
     """
-    from integral_superposition.dump.store import ActivationStore
-
     params = params if isinstance(params, MergeParams) else MergeParams.model_validate(params or {})
     if str(out_uri).rstrip("/") == str(sae_uri).rstrip("/"):
         raise ValueError(f"out_uri={out_uri!r} is the source SAE's folder: expected a new location")
-    sae = load_sae(sae_uri, storage_options=storage_options).eval()
+    sae, _, store = load_inputs(sae_uri, store_uri, storage_options, allow_other_store)
+    sae.eval()
     if sae.is_merged:
         raise ValueError(f"sae_uri={sae_uri!r} holds a merged SAE: merge the original SAE instead")
     bad = _first_non_finite(sae)
@@ -92,12 +90,6 @@ def run_merge(
             f"sae_uri={sae_uri!r}: the SAE's weights hold NaN or inf values ({bad[0]} has "
             f"{bad[2]}, first at index {list(bad[1])}); merge an SAE with finite weights"
         )
-    store = ActivationStore(store_uri, storage_options)
-    if store.d_model != sae.d_in:
-        raise ValueError(
-            f"the SAE at {sae_uri!r} has d_in={sae.d_in}, but the store has d_model={store.d_model}"
-        )
-    check_training_store(sae_uri, store, storage_options, allow_other_store)
     k = sae.d_sae
     ev.check_params_for(sae, params)
     target = params.target_clusters(k)

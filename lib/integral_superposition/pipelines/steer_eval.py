@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from integral_superposition.outputs import Output, OutputWriter
+from integral_superposition.pipelines.inputs import load_inputs
 from integral_superposition.progress import ProgressFn
 from integral_superposition.steering.plot import plot_sweep
 from integral_superposition.steering.sweep import SteeringEval, SteeringParams, evaluate_steering
@@ -52,14 +53,6 @@ def run_steering_eval(
     written last. ``sae_uri``/``store_uri`` may also be a loaded SAE / store. Inputs are
     checked before anything is written; on failure the files written so far are removed.
     """
-    from integral_superposition.dump.store import ActivationStore
-    from integral_superposition.sae import (
-        SparseAutoencoder,
-        check_training_store,
-        load_sae,
-        read_sae_manifest,
-    )
-
     p = (
         params
         if isinstance(params, SteeringParams)
@@ -67,26 +60,7 @@ def run_steering_eval(
     )
     if backend is None or not hasattr(backend, "generate"):
         raise TypeError(f"backend={backend!r}: expected a causal LM backend (backends.HFCausalLM)")
-    if isinstance(sae_uri, SparseAutoencoder):
-        sae, sae_info = sae_uri, {"uri": None, "content_hash": None}
-    else:
-        sae = load_sae(str(sae_uri), storage_options=storage_options)
-        try:
-            sae_info = {
-                "uri": str(sae_uri),
-                "content_hash": read_sae_manifest(str(sae_uri), storage_options).get(
-                    "content_hash"
-                ),
-            }
-        except (FileNotFoundError, ValueError):  # a SAELens folder without our manifest
-            sae_info = {"uri": str(sae_uri), "content_hash": None}
-    store = (
-        store_uri
-        if isinstance(store_uri, ActivationStore)
-        else ActivationStore(store_uri, storage_options)
-    )
-    if not isinstance(sae_uri, SparseAutoencoder):
-        check_training_store(sae_uri, store, storage_options, allow_other_store)
+    sae, sae_info, store = load_inputs(sae_uri, store_uri, storage_options, allow_other_store)
     if str(out_uri).rstrip("/") in {
         str(sae_info["uri"] or "").rstrip("/"),
         *[u.rstrip("/") for u in store.uris],
