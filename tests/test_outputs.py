@@ -136,3 +136,18 @@ def test_a_published_steering_evaluation_reads_back_every_table(tmp_path):
     for i, attr in enumerate(names):
         assert getattr(result, attr)["i"].tolist() == [i], attr
     assert result.summary == {"latents": []}
+
+
+def test_a_failed_writer_in_a_users_folder_removes_only_its_own_files(tmp_path):
+    """Rollback removes the files this writer wrote, by name; the user's files stay as they were."""
+    user = tmp_path / "mine"
+    (user / "data").mkdir(parents=True)
+    (user / "notes.txt").write_text("keep me")
+    (user / "data" / "keep.csv").write_text("a,b\n1,2\n")
+    before = {p.relative_to(user): p.read_bytes() for p in user.rglob("*") if p.is_file()}
+    with pytest.raises(RuntimeError, match="boom"), OutputWriter(str(user), "analysis") as out:
+        _write_some(out)
+        assert len(out.files) > 0
+        raise RuntimeError("boom")
+    after = {p.relative_to(user): p.read_bytes() for p in user.rglob("*") if p.is_file()}
+    assert after == before
