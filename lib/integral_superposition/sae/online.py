@@ -51,6 +51,7 @@ from integral_superposition.dump.plan import TokenMask, count_tokens, forward_or
 from integral_superposition.dump.shards import TORCH_DTYPES
 from integral_superposition.dump.store import ActivationStore, _doc_uniform
 from integral_superposition.dump.writer import ShardWriter, publish_dump
+from integral_superposition.sae.schedule import total_steps
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +167,7 @@ class OnlineSource:
         self.buffer = max(cfg.shuffle_buffer_tokens, cfg.batch_size)
         self._windows_cache: tuple[int, list[_Window]] | None = None
         self.per_epoch = sum(w.batches for w in self.windows(0))
-        if self.per_epoch == 0:
-            raise ValueError(
-                f"batch_size={cfg.batch_size}: no shuffle buffer of the train split holds a whole "
-                f"batch; raise shuffle_buffer_tokens ({cfg.shuffle_buffer_tokens}) or lower batch_size"
-            )
-        if cfg.train_tokens is not None:
-            self.total = max(1, cfg.train_tokens // cfg.batch_size)
-        else:
-            self.total = max(1, int(cfg.epochs * self.per_epoch))
+        self.total = total_steps(cfg, self.per_epoch)
         self._where: tuple[int, int, np.ndarray, np.ndarray] | None = None
         self._first: tuple[dict[str, torch.Tensor], Any] | None = None
         self._store: ActivationStore | None = None

@@ -65,3 +65,16 @@ def sparsity_coef_at(cfg: SAEConfig, step: int, total: int | None) -> float:
         return cfg.l1
     n = max(1, round(cfg.l1_warmup_frac * total))
     return cfg.l1 * min(1.0, (step + 1) / n)
+
+
+def total_steps(cfg: SAEConfig, per_epoch: int) -> int:
+    """Optimiser steps of a run: ``train_tokens // batch_size`` when set, else ``epochs`` x
+    ``per_epoch`` (at least 1). Raises when no shuffle buffer of the train split holds a batch."""
+    if per_epoch == 0:
+        raise ValueError(
+            f"batch_size={cfg.batch_size}: no shuffle buffer of the train split holds a whole "
+            f"batch; raise shuffle_buffer_tokens ({cfg.shuffle_buffer_tokens}) or lower batch_size"
+        )
+    if cfg.train_tokens is not None:
+        return max(1, cfg.train_tokens // cfg.batch_size)
+    return max(1, int(cfg.epochs * per_epoch))

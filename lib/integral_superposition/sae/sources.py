@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from integral_superposition.config import SAEConfig
+from integral_superposition.sae.schedule import total_steps
 
 BLOCK_TOKENS = 4096
 """Rows a store reads contiguously before the shuffle buffer mixes them."""
@@ -80,15 +81,7 @@ class StoreSource:
         self.per_epoch = store.batches_per_epoch(
             cfg.batch_size, "train", cfg.test_fraction, 0, self._buffer(), BLOCK_TOKENS
         )
-        if self.per_epoch == 0:
-            raise ValueError(
-                f"batch_size={cfg.batch_size}: no shuffle buffer of the train split holds a whole "
-                f"batch; raise shuffle_buffer_tokens ({cfg.shuffle_buffer_tokens}) or lower batch_size"
-            )
-        if cfg.train_tokens is not None:
-            self.total = max(1, cfg.train_tokens // cfg.batch_size)
-        else:
-            self.total = max(1, int(cfg.epochs * self.per_epoch))
+        self.total = total_steps(cfg, self.per_epoch)
 
     def _buffer(self) -> int:
         return max(self.cfg.shuffle_buffer_tokens, self.cfg.batch_size)
