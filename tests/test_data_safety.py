@@ -365,9 +365,7 @@ def test_run_merge_says_where_non_finite_values_come_from(inf_store, tmp_path, m
     bad.load_state_dict(good.state_dict())
     with torch.no_grad():
         bad.W_dec[3, 2] = float("nan")
-    monkeypatch.setattr(
-        "integral_superposition.pipelines.merge.load_sae", lambda *a, **k: bad.eval()
-    )
+    monkeypatch.setattr("integral_superposition.sae.load_sae", lambda *a, **k: bad.eval())
     with pytest.raises(
         ValueError,
         match=r"SAE's weights hold NaN or inf values \(W_dec has 1, first at index \[3, 2\]\)",
