@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from integral_superposition import storage
 from integral_superposition.outputs import (
+    PENDING_NAME,
     Output,
     OutputWriter,
     jsonable,
@@ -151,3 +152,128 @@ def test_a_failed_writer_in_a_users_folder_removes_only_its_own_files(tmp_path):
         raise RuntimeError("boom")
     after = {p.relative_to(user): p.read_bytes() for p in user.rglob("*") if p.is_file()}
     assert after == before
+
+
+def _where(where, tmp_path, request, name):
+    if where == "s3":
+        bucket, opts = request.getfixturevalue("s3_bucket")
+        return f"{bucket}/{name}", opts
+    return str(tmp_path / name), None
+
+
+def _listing(uri, opts) -> dict[str, bytes]:
+    fs, path = storage.get_fs(uri, opts)
+    fs.invalidate_cache()
+    root = path.rstrip("/") + "/"
+    return {p[len(root) :]: fs.cat_file(p) for p in fs.find(path)}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("declared", [False, True])
+def test_a_users_file_of_an_output_name_is_refused_and_kept(where, declared, tmp_path, request):
+    """A user's summary.json in the folder is never replaced: refused naming folder and file,
+    the folder left exactly as it was (with ``names``: before anything is written)."""
+    uri, opts = _where(where, tmp_path, request, "mine")
+    storage.write_bytes(storage.join(uri, "summary.json"), b'{"mine": true}', opts)
+    storage.write_bytes(storage.join(uri, "notes.txt"), b"keep", opts)
+    before = _listing(uri, opts)
+    names = ("tables/t.parquet", "summary.json") if declared else ()
+    with (
+        pytest.raises(
+            FileExistsError, match=r"'summary\.json', not written by this project"
+        ) as err,
+        OutputWriter(uri, "analysis", opts, names=names) as out,
+    ):
+        if declared:
+            pytest.fail("entering should have refused")
+        _write_some(out)
+    assert uri in str(err.value)
+    assert _listing(uri, opts) == before
+
+
+def test_a_rerun_replaces_its_own_files_and_removes_stale_ones(tmp_path):
+    uri = str(tmp_path / "out")
+    with OutputWriter(uri, "analysis") as out:
+        out.json("summary.json", {"run": 1})
+        out.json("old.json", {"only": "first"})
+        out.publish(None)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with OutputWriter(uri, "analysis", names=["summary.json"]) as out:
+        out.json("summary.json", {"run": 2})
+        out.publish(None)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == {"run": 2}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "manifest.json",
+        "notes.txt",
+        "summary.json",
+    ]
+    assert storage.verify_output(uri, deep=True)
+
+
+def test_a_file_changed_since_it_was_published_is_not_replaced(tmp_path):
+    uri = str(tmp_path / "out")
+    with OutputWriter(uri, "analysis") as out:
+        out.json("summary.json", {"run": 1})
+        out.json("extra.json", {"run": 1})
+        out.publish(None)
+    (tmp_path / "out" / "summary.json").write_text('{"edited": "by hand"}')
+    (tmp_path / "out" / "extra.json").write_text('{"edited": "too"}')
+    with pytest.raises(FileExistsError, match="changed since this project wrote it"):
+        OutputWriter(uri, "analysis", names=["summary.json"]).__enter__()
+    assert (tmp_path / "out" / "summary.json").read_text() == '{"edited": "by hand"}'
+    with OutputWriter(uri, "analysis") as out:  # the edited extra.json is not removed as stale
+        out.json("other.json", {"run": 2})
+        out.publish(None)
+    assert (tmp_path / "out" / "extra.json").read_text() == '{"edited": "too"}'
+    assert (tmp_path / "out" / "summary.json").read_text() == '{"edited": "by hand"}'
+
+
+def test_files_of_a_crashed_writer_are_its_own_on_the_rerun(tmp_path):
+    """A writer killed before its manifest leaves its pending list: the rerun replaces those
+    files (they are ours) and removes the list when it publishes."""
+    uri = str(tmp_path / "out")
+    out = OutputWriter(uri, "analysis").__enter__()
+    out.json("summary.json", {"crashed": True})  # no __exit__: the process died here
+    assert (tmp_path / "out" / PENDING_NAME).exists()
+    with OutputWriter(uri, "analysis", names=["summary.json"]) as out:
+        out.json("summary.json", {"crashed": False})
+        out.publish(None)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == {"crashed": False}
+    assert not (tmp_path / "out" / PENDING_NAME).exists()
+    # a pending list of another kind, or a user's file of that name, is refused
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / PENDING_NAME).write_text("mine")
+    with pytest.raises(FileExistsError, match="not an earlier 'steering' output"):
+        OutputWriter(str(tmp_path / "other"), "steering").__enter__()
+    assert (tmp_path / "other" / PENDING_NAME).read_text() == "mine"
+
+
+def test_a_failed_rerun_keeps_the_earlier_files_its_own(tmp_path):
+    uri = str(tmp_path / "out")
+    with OutputWriter(uri, "analysis") as out:
+        out.json("summary.json", {"run": 1})
+        out.json("table.json", {"run": 1})
+        out.publish(None)
+    with pytest.raises(RuntimeError, match="stop"), OutputWriter(uri, "analysis") as out:
+        out.json("summary.json", {"run": 2})
+        raise RuntimeError("stop")
+    assert not (tmp_path / "out" / "summary.json").exists()  # what the failed run wrote
+    with OutputWriter(uri, "analysis", names=["table.json"]) as out:  # still ours
+        out.json("table.json", {"run": 3})
+        out.publish(None)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "table.json"]
+
+
+def test_a_users_subfolder_of_an_output_folder_name_is_refused(tmp_path):
+    from integral_superposition.viz.panels import _DASHBOARD_FILE_RE
+
+    user = tmp_path / "mine"
+    (user / "dashboards").mkdir(parents=True)
+    (user / "dashboards" / "index.html").write_text("my page")
+    with (
+        pytest.raises(FileExistsError, match=r"'dashboards/index\.html'"),
+        OutputWriter(str(user), "analysis") as out,
+    ):
+        out.folder("dashboards", {"index.html": b"ours"}, _DASHBOARD_FILE_RE)
+    assert (user / "dashboards" / "index.html").read_text() == "my page"
+    assert sorted(p.name for p in user.iterdir()) == ["dashboards"]

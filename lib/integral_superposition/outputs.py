@@ -9,8 +9,10 @@ Every step output is a folder with data files and a ``manifest.json`` written la
         out.json("summary.json", summary)
         manifest = out.publish(params, sae=..., activations=...)       # manifest last
 
-An exception inside the block removes the files written so far (no manifest was written, so
-no reader ever sees them). :class:`Output` reads a published folder back lazily, and
+A writer never replaces a file it did not write (a user's ``summary.json`` in the folder is
+refused, naming the folder and the file); files of an earlier output of the same kind are its
+own when that output's manifest lists them unchanged. An exception inside the block removes
+the files written so far (no manifest was written, so no reader ever sees them). :class:`Output` reads a published folder back lazily, and
 :func:`publish_folder` puts a whole folder of pages in place in one step.
 """
 
@@ -23,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -34,6 +36,7 @@ from integral_superposition import storage
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "PENDING_NAME",
     "Output",
     "OutputWriter",
     "figure_bytes",
@@ -70,25 +73,56 @@ def figure_bytes(fig: Any, fmt: str = "png", dpi: int | None = None) -> bytes:
     return render(fig, fmt, dpi)
 
 
+PENDING_NAME = ".manifest-pending.json"
+"""A writer's list of the names it may have written while no manifest of it is published
+(kept through a crash, so that a rerun knows those files are its own)."""
+
+
 class OutputWriter:
     """Writes the files of one ``kind`` output under ``out_uri`` (each atomically), records
     their sizes and hashes, and publishes the manifest last with :meth:`publish`.
 
-    Used as a context manager: entering removes the manifest of an earlier output of the
-    same kind there (a folder holding another kind is refused, nothing changed); leaving on
-    an exception removes every file written so far.
+    Used as a context manager. A writer never replaces a file it did not write: a file is
+    its own when the earlier ``kind`` manifest there lists it (unchanged: same size and
+    SHA-256) or a crashed writer's :data:`PENDING_NAME` list names it. Any other existing
+    file of the same name is refused with a :class:`FileExistsError` naming the folder and the
+    file, before that file is written (``names``: the file names to check on entering,
+    before anything is written). Other files in the folder are left as they are. Entering
+    refuses a folder holding another kind of output and unpublishes an earlier output of this
+    kind; leaving on an exception removes every file written so far; :meth:`publish` removes
+    the files of the earlier output that were not rewritten.
     """
 
-    def __init__(self, out_uri: str, kind: str, storage_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        out_uri: str,
+        kind: str,
+        storage_options: Mapping[str, Any] | None = None,
+        names: Iterable[str] = (),
+    ):
         if isinstance(out_uri, os.PathLike):
             out_uri = os.fspath(out_uri)
         if not isinstance(out_uri, str) or not out_uri:
             raise TypeError(f"out_uri={out_uri!r}: expected a non-empty folder URI string")
         self.out, self.kind, self.opts = out_uri, kind, storage_options
+        self.names = tuple(names)
         self.files: dict[str, dict[str, Any]] = {}
         self.manifest: dict[str, Any] | None = None
+        self._owned: dict[str, dict[str, Any] | None] = {}  # name -> earlier entry (None: pending)
+        self._claimed: set[str] = set()
 
     def __enter__(self) -> OutputWriter:
+        fs, path = storage.get_fs(self.out, self.opts)
+        if fs.isfile(path):
+            raise FileExistsError(f"out_uri={self.out!r} is a file: expected a folder")
+        earlier = storage.own_manifest(self.out, self.kind, self.opts)
+        self._owned = {n: dict(e) for n, e in ((earlier or {}).get("files") or {}).items()}
+        for name in self._read_pending():
+            self._owned.setdefault(name, None)
+        for name in self.names:
+            self._check_free(name)
+        if self._owned:  # remembered before the manifest that lists them goes
+            self._write_pending()
         storage.unpublish(self.out, self.kind, self.opts)
         return self
 
@@ -99,8 +133,71 @@ class OutputWriter:
     def uri(self, name: str) -> str:
         return storage.join(self.out, name)
 
+    def _read_pending(self) -> list[str]:
+        uri = self.uri(PENDING_NAME)
+        if not storage.exists(uri, self.opts):
+            return []
+        try:
+            found = storage.read_json(uri, self.opts)
+        except ValueError:
+            found = None
+        if (
+            not isinstance(found, dict)
+            or found.get("kind") != self.kind
+            or not isinstance(found.get("files"), list)
+        ):
+            raise FileExistsError(
+                f"out_uri={self.out!r} holds a {PENDING_NAME} that is not an earlier "
+                f"{self.kind!r} output's: choose another folder (nothing was changed)"
+            )
+        return [str(n) for n in found["files"]]
+
+    def _write_pending(self) -> None:
+        names = sorted(set(self._owned) | self._claimed)
+        storage.write_json(self.uri(PENDING_NAME), {"kind": self.kind, "files": names}, self.opts)
+
+    def _is_unchanged(self, name: str) -> bool:
+        """True when ``name`` is a file of the earlier output as its manifest lists it."""
+        entry = self._owned.get(name)
+        if entry is None:
+            return name in self._owned  # named by a crashed writer's pending list
+        uri = self.uri(name)
+        try:
+            return storage.file_entry(uri, None, self.opts) == {
+                "size": int(entry.get("size", -1)),
+                "sha256": entry.get("sha256"),
+            }
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+
+    def _check_free(self, name: str) -> None:
+        """Refuse ``name`` when a file this project did not write is there."""
+        if name in self.files or name in self._claimed:
+            return
+        if not storage.exists(self.uri(name), self.opts) or self._is_unchanged(name):
+            return
+        why = (
+            "changed since this project wrote it"
+            if name in self._owned
+            else "not written by this project (no earlier manifest of ours lists it)"
+        )
+        raise FileExistsError(
+            f"out_uri={self.out!r} holds the file {name!r}, {why}: refusing to replace it; "
+            f"choose another folder or move that file away (it was not changed)"
+        )
+
+    def _claim(self, names: Iterable[str]) -> None:
+        """Check ``names`` and list them as this writer's before any of them is written."""
+        new = [n for n in names if n not in self.files and n not in self._claimed]
+        for name in new:
+            self._check_free(name)
+        if new:
+            self._claimed.update(new)
+            self._write_pending()
+
     def write(self, name: str, data: bytes) -> str:
         """Write ``data`` to ``name`` (relative to the folder); returns its URI."""
+        self._claim([name])
         uri = self.uri(name)
         storage.write_bytes(uri, data, self.opts)
         self.files[name] = storage.file_entry(uri, data)
@@ -125,8 +222,10 @@ class OutputWriter:
     def folder(self, name: str, files: Mapping[str, bytes], allowed: re.Pattern[str]) -> None:
         """Put ``files`` (relative name -> bytes) in place as the subfolder ``name`` in one
         step (see :func:`publish_folder`) and list them in the manifest."""
-        entries = publish_folder(self.uri(name), files, self.opts, allowed)
-        self.add(name, entries)
+        prefix = name.rstrip("/")
+        self._claim(f"{prefix}/{rel}" for rel in files)
+        entries = publish_folder(self.uri(prefix), files, self.opts, allowed)
+        self.add(prefix, entries)
 
     def add(self, prefix: str, entries: Mapping[str, Mapping[str, Any]]) -> None:
         """List files written by someone else (``{relative name: {size, sha256}}``) under
@@ -135,19 +234,44 @@ class OutputWriter:
             self.files[f"{prefix.rstrip('/')}/{rel}"] = dict(entry)
 
     def publish(self, config: Any, **extra: Any) -> dict[str, Any]:
-        """Write ``manifest.json`` (``kind``, ``config``, the files, ``extra``); returns it."""
+        """Write ``manifest.json`` (``kind``, ``config``, the files, ``extra``); returns it.
+        Then remove the earlier output's files that this one did not rewrite."""
         self.manifest = storage.write_manifest(
             self.out, self.kind, config, self.files, self.opts, **jsonable(extra)
         )
+        stale = [n for n in self._owned if n not in self.files]
+        self._remove_own(stale)
+        storage.remove(self.uri(PENDING_NAME), self.opts)
         return self.manifest
 
+    def _remove_own(self, names: Iterable[str]) -> None:
+        """Remove the files of the earlier output among ``names`` that are still as this
+        project wrote them (one changed since is someone else's now and stays)."""
+        for name in names:
+            if self._is_unchanged(name):
+                self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        try:
+            storage.remove(self.uri(name), self.opts, recursive=False)
+        except Exception as e:
+            log.warning("could not remove %s of a %s output: %s", name, self.kind, e)
+
     def rollback(self) -> None:
-        """Remove the files written so far (best effort; the manifest was never written)."""
+        """Remove the files written so far (best effort; the manifest was never written).
+        The earlier output's files that were not rewritten stay listed as this project's."""
         for name in self.files:
-            try:
-                storage.remove(self.uri(name), self.opts, recursive=False)
-            except Exception as e:
-                log.warning("could not remove %s after a failed %s: %s", name, self.kind, e)
+            self._remove(name)
+        self._owned = {n: e for n, e in self._owned.items() if n not in self.files}
+        self._claimed.clear()
+        self.files = {}
+        try:
+            if self._owned:
+                self._write_pending()
+            else:
+                storage.remove(self.uri(PENDING_NAME), self.opts)
+        except Exception as e:
+            log.warning("could not update %s after a failed %s: %s", PENDING_NAME, self.kind, e)
 
 
 class Output:

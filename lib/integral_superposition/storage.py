@@ -406,13 +406,15 @@ def read_manifest(
     return manifest
 
 
-def unpublish(dir_uri: str, kind: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Remove the manifest of an earlier ``kind`` output in ``dir_uri`` before it is rewritten
-    (readers must never see an old manifest next to new files). A manifest of another kind,
-    or one that is not ours, is refused: that folder is not this step's to replace."""
+def own_manifest(
+    dir_uri: str, kind: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The manifest of an earlier ``kind`` output in ``dir_uri`` (None when there is none).
+    A manifest of another kind, or one that is not ours, is refused: that folder is not this
+    step's to replace."""
     uri = join(dir_uri, MANIFEST_NAME)
     if not exists(uri, storage_options):
-        return
+        return None
     try:
         found = read_json(uri, storage_options)
     except ValueError:
@@ -423,7 +425,14 @@ def unpublish(dir_uri: str, kind: str, storage_options: Mapping[str, Any] | None
             f"{dir_uri!r} holds {what} ({MANIFEST_NAME}), not an earlier {kind!r} output: "
             "choose another folder (nothing was changed)"
         )
-    remove(uri, storage_options)
+    return found
+
+
+def unpublish(dir_uri: str, kind: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove the manifest of an earlier ``kind`` output in ``dir_uri`` before it is rewritten
+    (readers must never see an old manifest next to new files); see :func:`own_manifest`."""
+    if own_manifest(dir_uri, kind, storage_options) is not None:
+        remove(join(dir_uri, MANIFEST_NAME), storage_options)
 
 
 def verify_output(
