@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
-from integral_superposition.flows.sae_steps import SAE_STEPS, SaeStep
+from integral_superposition.flows.sae_steps import STEPS, Step
 
 app = typer.Typer(
     name="isup",
@@ -468,8 +468,20 @@ ParamOpt = Annotated[
 ]
 
 
-def _sae_step_command(step: SaeStep) -> None:
-    """Register ``isup <step.name>``: run the step's flow on one SAE."""
+RunRootArg = Annotated[
+    str, typer.Argument(help="The run folder {storage}/{experiment}/{run}.", show_default=False)
+]
+
+
+def _print_output(step: Step, ref: Any) -> None:
+    # plain echo: rich would wrap (or mark up) long paths and JSON
+    typer.echo(f"{step.output}: {step.where(ref)}")
+    if step.print_summary:
+        typer.echo(json.dumps(ref.summary, default=str))
+
+
+def _sae_step_command(step: Step) -> Any:
+    """``isup <step.name>``: run the step's flow on one SAE."""
 
     def command(
         sae: SaeOpt,
@@ -481,27 +493,52 @@ def _sae_step_command(step: SaeStep) -> None:
         storage_secret: SecretOpt = None,
         other_store: OtherStoreOpt = False,
     ) -> None:
-        from integral_superposition.flows.steps import SAE_STEP_FLOWS
+        from integral_superposition.flows.steps import STEP_FLOWS
 
         with _flow_process():
             params = _params(step.load_params(), param)
         state, fr_id = _run_flow(
-            SAE_STEP_FLOWS[step.name], sae_uri=sae, store_uri=store, params=params,
+            STEP_FLOWS[step.name], sae_uri=sae, store_uri=store, params=params,
             model_id=model, run_root=run_root, **_storage_args(storage_option, storage_secret),
             allow_other_store=other_store,
         )  # fmt: skip
-        ref = _finish(state, fr_id)
-        typer.echo(f"{step.output}: {ref.uri}")
-        if step.print_summary:
-            typer.echo(json.dumps(ref.summary, default=str))
+        _print_output(step, _finish(state, fr_id))
 
+    return command
+
+
+def _run_step_command(step: Step) -> Any:
+    """``isup <step.name> RUN_ROOT``: run the step's flow on a finished run."""
+
+    def command(
+        run_root: RunRootArg,
+        param: ParamOpt = None,
+        storage_option: StorageOptionOpt = None,
+        storage_secret: SecretOpt = None,
+    ) -> None:
+        from integral_superposition.flows.steps import STEP_FLOWS
+
+        with _flow_process():
+            options = _params(step.load_params(), param)
+        state, fr_id = _run_flow(
+            STEP_FLOWS[step.name], run_root=run_root, options=options,
+            **_storage_args(storage_option, storage_secret),
+        )  # fmt: skip
+        _print_output(step, _finish(state, fr_id))
+
+    return command
+
+
+def _step_command(step: Step) -> None:
+    """Register ``isup <step.name>`` from a row of the step table."""
+    command = (_sae_step_command if step.scope == "sae" else _run_step_command)(step)
     command.__name__ = step.flow_name.removesuffix("_flow")
     command.__doc__ = step.help.replace("``", "")
     app.command(step.name)(command)
 
 
-for _step in SAE_STEPS:
-    _sae_step_command(_step)
+for _step in STEPS:
+    _step_command(_step)
 
 
 @app.command()
@@ -565,24 +602,6 @@ def steer(
     for p, base, steered in rows:
         t.add_row(p, base, steered)
     _console().print(t)
-
-
-@app.command()
-def report(
-    run_root: Annotated[str, typer.Argument(help="The run folder {storage}/{experiment}/{run}.")],
-    storage_option: StorageOptionOpt = None,
-    storage_secret: SecretOpt = None,
-) -> None:
-    """(Re)build the HTML report of a finished run from its run.json."""
-    from integral_superposition.flows.steps import report_flow
-
-    with _flow_process():
-        pass
-    state, fr_id = _run_flow(
-        report_flow, run_root=run_root, **_storage_args(storage_option, storage_secret)
-    )
-    ref = _finish(state, fr_id)
-    _console().print(f"report: {ref.summary.get('page')}")
 
 
 @app.command("ls")

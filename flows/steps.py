@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from integral_superposition import runs
-from integral_superposition.experiment import ModelSpec, ReportOptions, make_run_id
+from integral_superposition.experiment import ModelSpec, make_run_id
 from integral_superposition.flows.config import FlowExperimentConfig
 from integral_superposition.flows.experiment import (
     _Steps,
@@ -35,13 +35,12 @@ from integral_superposition.flows.experiment import (
     task_options,
 )
 from integral_superposition.flows.process import record_process
-from integral_superposition.flows.sae_steps import SAE_STEPS, SaeStep
+from integral_superposition.flows.sae_steps import STEPS, Step
 from integral_superposition.lease import RunLease, check_delegate
 from integral_superposition.tasks.blocks import refuse_credentials, resolve_storage, secure_config
 from integral_superposition.tasks.dump import dump_activations, partition_name
 from integral_superposition.tasks.policy import retry_options
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
-from integral_superposition.tasks.report import build_experiment_report, publish_report_summary
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
 
@@ -286,7 +285,7 @@ def _model_ref(
     return ModelRef.of(spec)
 
 
-def _sae_step_flow(step: SaeStep):
+def _sae_step_flow(step: Step):
     """The flow of one step on a trained SAE (a row of :data:`SAE_STEPS`)."""
 
     def run_step(
@@ -314,48 +313,55 @@ def _sae_step_flow(step: SaeStep):
                 model=model,
                 **_other_store(allow_other_store),
             )
-        get_run_logger().info("%s of %s: %s", step.output, sae.name, ref.uri)
+        get_run_logger().info("%s of %s: %s", step.output, sae.name, step.where(ref))
         return ref
 
-    run_step.__name__ = run_step.__qualname__ = step.flow_name
-    run_step.__doc__ = step.help
-    run_step.__annotations__ = {
-        **run_step.__annotations__,
-        "params": step.load_params() | None,
-    }
+    run_step.__annotations__ = {**run_step.__annotations__, "params": step.load_params() | None}
+    return _as_flow(step, run_step)
+
+
+def _run_step_flow(step: Step):
+    """The flow of one step on a finished run (a row of :data:`RUN_STEPS`)."""
+
+    def run_step(
+        run_root: str,
+        options: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        storage_secret: str | None = None,
+    ) -> OutputRef:
+        opts = _open_storage(storage_options, storage_secret)
+        root = absolute_storage(run_root)
+        config, outputs = runs.read_run_outputs(root, opts)
+        inputs = [[OutputRef.model_validate(o) for o in outputs.get(k, [])] for k in step.inputs]
+        options = options or step.load_params()()
+        loc = location_of(root, opts, storage_secret)
+        with RunLease(loc.root, opts, owner=lease_owner(step.name)):
+            ref = step.load_task().with_options(**_standalone_options(loc))(
+                config, *inputs, options, loc
+            )
+            if step.publish:
+                step.load_publish()(ref, *inputs, options, loc)
+        get_run_logger().info("%s: %s", step.output, step.where(ref))
+        return ref
+
+    run_step.__annotations__ = {**run_step.__annotations__, "options": step.load_params() | None}
+    return _as_flow(step, run_step)
+
+
+def _as_flow(step: Step, fn: Any) -> Any:
+    fn.__name__ = fn.__qualname__ = step.flow_name
+    fn.__doc__ = step.help
     return flow(name=step.name, persist_result=False, log_prints=True, on_running=[record_process])(
-        run_step
+        fn
     )
 
 
-SAE_STEP_FLOWS = {step.name: _sae_step_flow(step) for step in SAE_STEPS}
-"""The flow of each step on a trained SAE, by step name."""
-analyze_flow = SAE_STEP_FLOWS["analyze"]
-merge_flow = SAE_STEP_FLOWS["merge"]
-steer_eval_flow = SAE_STEP_FLOWS["steer-eval"]
-
-
-@flow(name="report", persist_result=False, log_prints=True, on_running=[record_process])
-def report_flow(
-    run_root: str,
-    options: ReportOptions | None = None,
-    storage_options: dict[str, Any] | None = None,
-    storage_secret: str | None = None,
-) -> OutputRef:
-    """(Re)build the report of the experiment run at ``run_root`` from its ``run.json``."""
-    opts = _open_storage(storage_options, storage_secret)
-    root = absolute_storage(run_root)
-    config, outputs = runs.read_run_outputs(root, opts)
-    by_kind = {k: [OutputRef.model_validate(o) for o in v] for k, v in outputs.items()}
-    loc = location_of(root, opts, storage_secret)
-    with RunLease(loc.root, opts, owner=lease_owner("report")):
-        ref = build_experiment_report.with_options(**_standalone_options(loc))(
-            config, by_kind.get("sae", []), by_kind.get("analysis", []),
-            by_kind.get("merge", []), by_kind.get("steering", []), options or ReportOptions(), loc,
-        )  # fmt: skip
-        publish_report_summary(
-            ref, by_kind.get("sae", []), by_kind.get("analysis", []), by_kind.get("merge", []),
-            by_kind.get("steering", []), options or ReportOptions(), loc,
-        )  # fmt: skip
-    get_run_logger().info("report: %s", ref.summary.get("page"))
-    return ref
+STEP_FLOWS = {
+    step.name: (_sae_step_flow if step.scope == "sae" else _run_step_flow)(step) for step in STEPS
+}
+"""The flow of each step run on its own (:data:`~integral_superposition.flows.sae_steps.STEPS`),
+by step name."""
+analyze_flow = STEP_FLOWS["analyze"]
+merge_flow = STEP_FLOWS["merge"]
+steer_eval_flow = STEP_FLOWS["steer-eval"]
+report_flow = STEP_FLOWS["report"]

@@ -154,10 +154,15 @@ def test_report_rebuilds_from_the_run_index(prefect_api, cli_run):
     storage, _ = cli_run
     root = storage / "smoke" / "cli"
     (root / "report" / "report.html").unlink()
-    proc = isup("report", str(root), api_url=prefect_api)
+    proc = isup("report", str(root), "--param", "title=Rebuilt run", api_url=prefect_api)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert (root / "report" / "report.html").exists()
-    assert str(root / "report" / "report.html") in proc.stdout
+    page = root / "report" / "report.html"
+    assert page.exists() and "<title>Rebuilt run" in page.read_text()
+    assert f"report: {page}\n" in proc.stdout
+    # the report's options are checked before any flow runs
+    bad = CliRunner().invoke(app, ["report", str(root), "--param", "top_per_label=0"])
+    assert bad.exit_code == 2, bad.output
+    assert "invalid ReportOptions: top_per_label" in bad.output
 
 
 @pytest.mark.prefect
