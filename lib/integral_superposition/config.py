@@ -7,6 +7,7 @@ and the CLI help.
 from __future__ import annotations
 
 import itertools
+import numbers
 import os
 import re
 from pathlib import Path
@@ -74,14 +75,33 @@ TOPK_FAMILY = ("topk", "batchtopk", "groupmax")
 """Architectures whose ``top_k`` is the number of active latents per token."""
 
 
-def check_top_k(architecture: str, top_k: Any, k: int) -> None:
-    """The one rule tying ``top_k`` to the width, shared by ``SAEArchitectureConfig`` and
-    ``SparseAutoencoder``: ``1 <= top_k <= k`` for the TopK family (``k``: latents before a
-    merge); ``ValueError`` naming both otherwise."""
-    if architecture in TOPK_FAMILY and not (isinstance(top_k, int) and 1 <= top_k <= k):
+def check_k(k: Any) -> int:
+    """The one rule for ``k``, the number of latents (``SAEConfig.k``, the sweep's ``k``,
+    ``SparseAutoencoder(d_model, k)``): an int (not a bool) with ``1 <= k <= MAX_LATENTS``.
+    Returns ``k`` as an int; ``ValueError`` naming the value and the range otherwise."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_LATENTS:
         raise ValueError(
-            f"top_k={top_k!r}: expected top_k <= k (the number of latents, {k}) and top_k >= 1"
+            f"k={k!r}: expected an int with 1 <= k <= {MAX_LATENTS} (the number of latents)"
         )
+    return int(k)
+
+
+def check_top_k(architecture: str | None, top_k: Any, k: int | None = None) -> int:
+    """The one rule for ``top_k`` (``SAEConfig.top_k``, ``SparseAutoencoder(..., top_k=)``):
+    an int (not a bool) ``>= 1``; for the TopK family also ``top_k <= k`` (``k``: latents
+    before a merge), and for ``groupmax`` a divisor of ``k``. ``architecture``/``k`` None:
+    only the value itself is checked. Returns ``top_k`` as an int; ``ValueError`` naming the
+    value and what was expected otherwise."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ValueError(f"top_k={top_k!r}: expected an int >= 1 (active latents per token)")
+    if k is not None and architecture in TOPK_FAMILY and top_k > k:
+        raise ValueError(f"top_k={top_k!r}: expected top_k <= k (the number of latents, {k})")
+    if k is not None and architecture == "groupmax" and k % top_k:
+        raise ValueError(
+            f"top_k={top_k!r}: a groupmax SAE splits its k={k} latents into top_k equal "
+            f"groups; expected a divisor of {k}"
+        )
+    return int(top_k)
 
 
 DEAD_WINDOW_MAX = 10_000_000
@@ -116,19 +136,30 @@ class SAEArchitectureConfig(_Config):
     The model (``SparseAutoencoder.from_config``) and the saved ``cfg.json`` depend on this
     part only. ``k`` is the dictionary size (number of latents), as in the seed; the number of
     active latents of the TopK family is ``top_k``. This is where ``k`` and ``top_k`` are
-    checked for every config (``SAEConfig`` is one).
+    checked for every config (``SAEConfig`` is one), by the same rules as the model's
+    constructor (:func:`check_k`, :func:`check_top_k`).
     """
 
-    k: int = Field(2048, ge=1, le=MAX_LATENTS)
+    k: int = Field(2048, json_schema_extra={"minimum": 1, "maximum": MAX_LATENTS})
     """Number of latents (dictionary size, d_sae); at most ``MAX_LATENTS`` (2**28)."""
     architecture: SAEArchitecture = "relu"
     """``relu`` (ReLU + decoder-norm-weighted L1, the seed's), ``topk``, ``batchtopk`` or ``jumprelu``."""
-    top_k: int = Field(32, ge=1)
+    top_k: int = Field(32, json_schema_extra={"minimum": 1})
     """Active latents per token for ``topk``/``batchtopk``."""
     jumprelu_bandwidth: float = Field(0.001, gt=0)
     """Straight-through bandwidth of JumpReLU's step function."""
     jumprelu_init_threshold: float = Field(0.001, gt=0)
     """Initial JumpReLU threshold."""
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _check_k(cls, v: Any) -> int:
+        return check_k(v)
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _check_top_k_value(cls, v: Any) -> int:
+        return check_top_k(None, v)
 
     @model_validator(mode="after")
     def _check_topk(self) -> SAEArchitectureConfig:

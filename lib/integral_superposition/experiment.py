@@ -316,7 +316,10 @@ def _describe_errors(e: ValidationError, prefix: str = "") -> str:
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
         got = err.get("input")
-        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        field = str(err["loc"][-1]) if err["loc"] else ""
+        # a message that starts with "field=value" names the value already
+        named = bool(field) and msg.startswith(f"{field}=")
+        shown = "" if named or isinstance(got, dict | list) or got is None else f" (got {got!r})"
         lines.append(f"{loc}: {msg}{shown}" if loc else msg)
     return "; ".join(lines)
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from integral_superposition.config import SAEArchitectureConfig, check_top_k
+from integral_superposition.config import SAEArchitectureConfig, check_k, check_top_k
 from integral_superposition.sae.forward import (
     SPARSE_MAX_DENSITY,
     SPARSE_MAX_DENSITY_DEFAULT,
@@ -131,8 +131,7 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         if not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model={d_model!r}: expected a positive int")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k={k!r}: expected a positive int (the number of latents)")
+        k = check_k(k)
         if architecture not in ARCHITECTURES + LOADED_ARCHITECTURES:
             raise ValueError(
                 f"architecture={architecture!r}: expected one of {ARCHITECTURES + LOADED_ARCHITECTURES}"
@@ -158,12 +157,7 @@ class SparseAutoencoder(nn.Module):
                     f"merge_index: values must cover every merged latent 0..{k - 1} (k={k}); got range [{lo}, {hi}] with empty latents"
                 )
         d_pre = k if merge_index is None else int(merge_index.numel())
-        check_top_k(architecture, top_k, d_pre)
-        if architecture == "groupmax" and d_pre % top_k:
-            raise ValueError(
-                f"top_k={top_k}: a groupmax SAE splits its k={d_pre} latents into top_k equal "
-                f"groups; expected a divisor of {d_pre}"
-            )
+        top_k = check_top_k(architecture, top_k, d_pre)
         self.d_in, self.d_sae = d_model, k
         self.architecture = architecture
         self.top_k = int(top_k)
