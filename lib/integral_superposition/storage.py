@@ -291,6 +291,17 @@ def write_json(uri: str, obj: Any, storage_options: Mapping[str, Any] | None = N
 
 
 def canonical_json(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as JSON with sorted keys: the text every content hash and manifest is made of.
+
+    Pydantic models become ``model_dump(mode="json")``, paths strings, numpy/torch scalars
+    (and size-1 arrays) numbers. This stays hand-written rather than
+    ``pydantic_core.to_jsonable_python`` (as ``outputs.jsonable`` uses), because that would
+    change existing content hashes, and so invalidate every cached output: it converts dict
+    keys to strings before ``json`` sorts them (``{2: .., 10: ..}`` sorts as ``"10", "2"``
+    instead of ``2, 10``), turns a size-1 array into a list instead of a number, writes a
+    field's alias where ``model_dump`` writes its name, and encodes sets in iteration order
+    (which varies between processes; here a set is refused). ``tests/test_canonical_json.py``
+    pins the hashes."""
     return json.dumps(obj, sort_keys=True, indent=indent, default=_json_default, ensure_ascii=False)
 
 
@@ -300,10 +311,17 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
+        try:
+            return o.item()
+        except (ValueError, RuntimeError):
+            pass  # an array of several numbers: refused below
+    elif hasattr(o, "tolist"):
         return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    shape = f" of shape {tuple(o.shape)}" if hasattr(o, "shape") else ""
+    raise TypeError(
+        f"not JSON serialisable: {type(o).__name__}{shape}; expected JSON values, pydantic "
+        "models, paths or numbers (convert arrays with .tolist())"
+    )
 
 
 def sha256_bytes(data: bytes) -> str:
