@@ -278,7 +278,7 @@ def test_top_latents_are_the_analysis_groups_of_near_duplicates(report_page, bro
     head = browser.evaluate(
         "Array.from(document.querySelectorAll('#top-latents th')).map(c => c.innerText.trim())"
     )
-    assert "near-duplicates" in head and "in top set" in head
+    assert "near-duplicates" in head and "in set" in head and "top-set purity (N)" in head
     shown = browser.evaluate(
         "Array.from(document.querySelectorAll('#top-latents tbody tr')).map("
         "r => r.children[1].innerText.trim())"

@@ -17,7 +17,10 @@ are taken over every testable pair (latents with an empty set are reported, with
 but are not counted as tests).
 
 Odds ratios are Haldane-corrected (0.5 added to each cell), so they are finite for empty
-cells. The AUROC of a latent's activation as a score for label ``c`` over all tokens comes
+cells. Two purities describe how specific a latent is: ``purity`` is the largest label share
+of its whole set (at the document level: every document where it fires), ``top_purity`` the
+share of label ``c`` among the ``top_n`` members where it fires most strongly (the token
+level's top set is already its strongest ``n`` tokens, so there both sets are one). The AUROC of a latent's activation as a score for label ``c`` over all tokens comes
 from the per-(latent, label) log10 activation histogram of the scan (exact for the
 zero/non-zero split, ties inside a bin counted half).
 """
@@ -45,6 +48,7 @@ __all__ = [
     "fisher_table",
     "lead_level",
     "max_auroc",
+    "top_set_counts",
 ]
 
 
@@ -153,9 +157,15 @@ def fisher_table(
     level: str = "token",
     auroc: np.ndarray | None = None,
     alpha: float = 0.05,
+    top_in: np.ndarray | None = None,
+    top_size: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The tidy enrichment table from counts: ``in_set [K, C]`` (set members with label c),
-    ``set_size [K]``, ``label_counts [C]``. One row per (latent, label)."""
+    ``set_size [K]``, ``label_counts [C]``. One row per (latent, label).
+
+    ``top_in [K, C]`` / ``top_size [K]``: label counts and size of each latent's top set (its
+    strongest members) for ``top_purity``; default: the whole set (``in_set``, ``set_size``).
+    """
     a = np.asarray(in_set, dtype=np.int64)
     K, C = a.shape
     n = np.asarray(set_size, dtype=np.int64)[:, None]
@@ -177,6 +187,17 @@ def fisher_table(
     se = np.where(fires, se, np.nan)
     purity = np.nanmax(np.where(fires, frac, -np.inf), axis=1)
     purity = np.where(n[:, 0] > 0, purity, np.nan)
+    top_in = a if top_in is None else np.asarray(top_in, dtype=np.int64)
+    top_size = n[:, 0] if top_size is None else np.asarray(top_size, dtype=np.int64)
+    if top_in.shape != (K, C) or top_size.shape != (K,):
+        raise ValueError(
+            f"top_in {top_in.shape} and top_size {top_size.shape}: expected ({K}, {C}) and "
+            f"({K},), like in_set and set_size"
+        )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        top_purity = np.where(
+            top_size[:, None] > 0, top_in / np.maximum(top_size, 1)[:, None], np.nan
+        )
     cat = pd.Categorical.from_codes(np.tile(np.arange(C), K), categories=list(label_names))
     table = pd.DataFrame(
         {
@@ -198,6 +219,8 @@ def fisher_table(
             "q": q.ravel(),
             "significant": (q < alpha).ravel() & fires.ravel(),
             "purity": np.repeat(purity, C),
+            "top_n": np.repeat(top_size, C),
+            "top_purity": top_purity.ravel(),
             "auroc": (auroc if auroc is not None else np.full((K, C), np.nan)).ravel(),
             "fires": fires.ravel(),
         }
@@ -255,7 +278,7 @@ def fisher_enrichment(
     name) per token, aligned with the rows the top sets index. Returns the tidy table
     (one row per latent x label): ``latent, label, label_id, level, set_size, in_set,
     label_total, population, frac_in_set, base_rate, lift, odds_ratio, log_odds,
-    log_odds_se, p, q, significant, purity, auroc, fires``.
+    log_odds_se, p, q, significant, purity, top_n, top_purity, auroc, fires``.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha={alpha}: expected a significance level in (0, 1)")
@@ -353,6 +376,7 @@ def document_enrichment(
     doc_max: np.ndarray | None = None,
     label_names: Sequence[str] | None = None,
     alpha: float = 0.05,
+    top_n: int = 50,
 ) -> pd.DataFrame:
     """Document-level enrichment: latent ``j``'s set is the documents where it fires.
 
@@ -363,7 +387,13 @@ def document_enrichment(
     every document in ``doc_labels``. The AUROC column scores each document by the latent's
     maximum over it (``doc_max [P]``, aligned with ``doc_pairs``; 0 for documents outside
     the pairs); without ``doc_max`` it is the AUROC of the firing indicator.
+
+    ``top_purity`` is the share of each label among the latent's ``top_n`` documents with the
+    largest maximum (``top_n`` column: fewer when it fires in fewer documents; ties go to the
+    smaller doc id); without ``doc_max`` the top set is every document where it fires.
     """
+    if isinstance(top_n, bool) or not isinstance(top_n, int | np.integer) or top_n < 1:
+        raise ValueError(f"top_n={top_n!r}: expected a positive number of documents")
     pairs, doc_of_pair, ids, names = align_documents(doc_pairs, doc_labels, n_latents, label_names)
     C = len(names)
     counts = np.bincount(ids, minlength=C)
@@ -379,13 +409,46 @@ def document_enrichment(
                 "per (doc_id, latent) pair"
             )
         auroc = max_auroc(pairs[:, 1], lab, doc_max, counts, n_latents)
+        top_in, top_size = top_set_counts(
+            pairs[:, 1], lab, doc_max, n_latents, C, top_n, pairs[:, 0]
+        )
     else:
+        top_in = top_size = None
         N = counts.sum()
         with np.errstate(invalid="ignore", divide="ignore"):
             tpr = in_set / counts[None, :]
             fpr = (set_size[:, None] - in_set) / (N - counts)[None, :]
         auroc = 0.5 * (1 + tpr - fpr)
-    return fisher_table(in_set, set_size, counts, names, level="document", auroc=auroc, alpha=alpha)
+    return fisher_table(
+        in_set, set_size, counts, names, level="document", auroc=auroc, alpha=alpha,
+        top_in=top_in, top_size=top_size,
+    )  # fmt: skip
+
+
+def top_set_counts(
+    latents: np.ndarray,
+    labels: np.ndarray,
+    values: np.ndarray,
+    n_latents: int,
+    n_labels: int,
+    n: int,
+    tiebreak: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label counts ``int64 [K, C]`` and sizes ``[K]`` of each latent's top set: its ``n``
+    members with the largest ``values``. ``latents``, ``labels``, ``values``, ``tiebreak``
+    (smaller first among equal values, e.g. doc ids): ``[P]``, one entry per member."""
+    lat = np.asarray(latents, dtype=np.int64)
+    lab = np.asarray(labels, dtype=np.int64)
+    v = np.asarray(values, dtype=np.float64)
+    tie = np.zeros(lat.size, np.int64) if tiebreak is None else np.asarray(tiebreak, np.int64)
+    order = np.lexsort((tie, -v, lat))
+    lat, lab = lat[order], lab[order]
+    start = np.searchsorted(lat, lat, side="left")
+    keep = (np.arange(lat.size) - start) < n
+    counts = np.bincount(lat[keep] * n_labels + lab[keep], minlength=n_latents * n_labels).reshape(
+        n_latents, n_labels
+    )
+    return counts, counts.sum(1)
 
 
 def max_auroc(
@@ -453,7 +516,7 @@ def best_labels(table: pd.DataFrame) -> pd.DataFrame:
     """Per latent, the label with the smallest q (ties: largest log odds).
 
     Columns: ``latent, level, best_label, best_label_id, q, p, log_odds, frac_in_set, purity,
-    auroc, set_size, significant`` (``level``: the unit, ``token`` or ``document``). Latents with an empty set get ``best_label`` NaN.
+    top_purity, top_n, auroc, set_size, significant`` (``top_purity``: of the best label) (``level``: the unit, ``token`` or ``document``). Latents with an empty set get ``best_label`` NaN.
     """
     t = table.sort_values(["latent", "q", "log_odds"], ascending=[True, True, False])
     best = t.drop_duplicates("latent", keep="first").set_index("latent")
@@ -467,6 +530,8 @@ def best_labels(table: pd.DataFrame) -> pd.DataFrame:
             "log_odds": best["log_odds"],
             "frac_in_set": best["frac_in_set"],
             "purity": best["purity"],
+            "top_purity": best["top_purity"],
+            "top_n": best["top_n"],
             "auroc": best["auroc"],
             "set_size": best["set_size"],
             "significant": best["significant"],

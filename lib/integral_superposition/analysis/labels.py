@@ -6,8 +6,14 @@ documents where it fires on any token. Both are tested (one-sided Fisher, BH q, 
 AUROC: of the token activation at the token level, of the per-document maximum at the document
 level). The analysis leads with the document level when documents are short (median length at
 most ``lead_doc_tokens`` tokens, 64 by default: headlines, titles), where a latent's top tokens
-say little about its document's label; otherwise with the token level. Each label's best
-latents are chosen at the lead unit among latents not flagged generic.
+say little about its document's label; otherwise with the token level.
+
+Best latents. A label's best latent is significant *and* specific: among the positively
+enriched, non-generic latents at the lead unit with q < ``best_q``, the one with the largest
+top-set purity (the label's share of the latent's strongest ``top_n`` documents at the document
+level, of its top ``n`` tokens at the token level), ties to the smaller q; when no latent
+reaches ``best_q``, the significant ones (q < ``alpha``) in the same order. The smallest q
+alone picks broad latents that fire on a large part of the corpus with modest purity.
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ import pandas as pd
 from integral_superposition.analysis import enrichment as enr
 from integral_superposition.analysis.control import control_summary, shuffled_label_control
 from integral_superposition.analysis.jaccard_sparse import firing_matrix
-from integral_superposition.analysis.redundancy import redundancy_groups, top_latents_table
+from integral_superposition.analysis.redundancy import (
+    redundancy_groups,
+    top_latent_candidates,
+    top_latents_table,
+)
 from integral_superposition.analysis.scan import LatentScan
 
 __all__ = ["LabelEnrichment", "label_enrichment"]
@@ -49,13 +59,11 @@ def _doc_firing(doc_pairs: np.ndarray, n_latents: int) -> Any:
     return firing_matrix(row, doc_pairs[:, 1], n_latents, n_rows=docs.size)
 
 
-def _best_latents(table: pd.DataFrame, level: str, generic: np.ndarray) -> dict[str, int | None]:
-    """Per label, the most significant positively enriched non-generic latent at ``level``."""
-    t = table[
-        (table["level"].astype(str) == level) & table["significant"] & (table["log_odds"] > 0)
-    ]
-    t = t[~generic[t["latent"].to_numpy()]]
-    t = t.sort_values(["q", "log_odds"], ascending=[True, False], kind="stable")
+def _best_latents(
+    table: pd.DataFrame, level: str, generic: np.ndarray, alpha: float, best_q: float
+) -> dict[str, int | None]:
+    """Per label, the best latent at ``level`` (see the module docstring)."""
+    t = top_latent_candidates(table, level, generic, alpha, best_q)
     first = t.drop_duplicates("label", keep="first").set_index("label")["latent"]
     labels = table["label"].astype(str).unique().tolist()
     return {c: (int(first[c]) if c in first.index else None) for c in labels}
@@ -76,6 +84,8 @@ def label_enrichment(
     redundancy_cosine: float = 0.7,
     redundancy_jaccard: float = 0.5,
     top_per_label: int = 10,
+    purity_top_n: int = 50,
+    best_q: float = 1e-6,
 ) -> LabelEnrichment:
     """Token- and document-level enrichment of ``scan``'s latents, the lead unit, the
     shuffled-label control and the grouped top-latents table.
@@ -85,6 +95,8 @@ def label_enrichment(
     redundancy groups. ``doc_labels`` (``doc_id, label`` of the scanned documents) and
     ``row_doc`` (``int [n_rows]`` document of every stored row) enable the document level,
     which needs a scan with ``doc_threshold``. ``control_seeds=0`` skips the control.
+    ``purity_top_n``: documents in a latent's top set for the document-level top-set purity;
+    ``best_q``: the q a label's best latents must reach before purity ranks them.
     """
     top = scan.top
     K = top.n_latents
@@ -93,7 +105,10 @@ def label_enrichment(
         raise ValueError(f"generic has shape {generic.shape}: expected ({K},), one per latent")
     tok = enr.fisher_enrichment(top, token_labels, label_names=label_names, alpha=alpha)
     frames = [tok]
-    cols = ["latent", "best_label", "q", "log_odds", "purity", "auroc", "significant"]
+    cols = [
+        "latent", "best_label", "q", "log_odds", "purity", "top_purity", "top_n", "auroc",
+        "significant",
+    ]  # fmt: skip
     latents = enr.best_labels(tok)[cols]
     doc = None
     has_docs = scan.doc_pairs is not None and doc_labels is not None and row_doc is not None
@@ -104,7 +119,7 @@ def label_enrichment(
         doc_labels = doc_labels[doc_labels["doc_id"].isin(scanned[0])]
         doc = enr.document_enrichment(
             scan.doc_pairs, doc_labels, K, doc_max=scan.doc_max, label_names=label_names,
-            alpha=alpha,
+            alpha=alpha, top_n=purity_top_n,
         )  # fmt: skip
         frames.append(doc)
         dbest = enr.best_labels(doc)[cols].rename(
@@ -120,8 +135,7 @@ def label_enrichment(
 
     # near-duplicates among the latents the top table can show, co-firing at the lead unit
     lead_table = doc if lead == "document" else tok
-    cand = lead_table[lead_table["significant"] & (lead_table["log_odds"] > 0)]
-    cand = cand.sort_values(["q", "log_odds"], ascending=[True, False], kind="stable")
+    cand = top_latent_candidates(lead_table, lead, alpha=alpha, best_q=best_q)
     # the latents each label's table can reach, with room for their duplicates
     cand = cand.groupby("label", observed=True).head(max(50, 5 * top_per_label))
     if lead == "document":
@@ -136,7 +150,7 @@ def label_enrichment(
     )  # fmt: skip
     latents["redundancy_group"] = groups
     top_latents = top_latents_table(
-        table, groups, lead, generic=generic, alpha=alpha, per_label=top_per_label
+        table, groups, lead, generic=generic, alpha=alpha, per_label=top_per_label, best_q=best_q
     )
 
     control = None
@@ -150,8 +164,14 @@ def label_enrichment(
         "lead_level": lead,
         "lead_rule": f"document when the median document has <= {lead_doc_tokens} tokens",
         "median_doc_tokens": median,
-        "best_latents": _best_latents(table, lead, generic),
+        "best_latents": _best_latents(table, lead, generic, alpha, best_q),
         "best_latents_level": lead,
+        "best_latents_rule": (
+            f"q < {best_q:g} (else q < {alpha:g}), non-generic, positively enriched; the "
+            f"largest top-set purity (top {purity_top_n} documents at the document level, "
+            "top tokens at the token level), ties to the smaller q"
+        ),
+        "purity_top_n": {"document": purity_top_n, "token": int(top.n)},
         "significant_latents_per_label": {},
         "n_significant_latents": 0,
         "significant_by_level": {},

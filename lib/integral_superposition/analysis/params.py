@@ -69,11 +69,23 @@ class AnalysisParams(BaseModel):
     """...and so are those whose co-firing Jaccard (at the lead unit) is at least this."""
     top_per_label: int = Field(10, ge=1)
     """Rows (groups of near-duplicate latents) per label in ``tables/top_latents.parquet``."""
+    purity_top_n: int = Field(50, ge=1)
+    """Documents in a latent's top set for the document-level top-set purity (of the N
+    documents where the latent's maximum is largest, the fraction with the label); the token
+    level's top set is the ``n_top`` tokens."""
+    best_q: float = Field(1e-6, gt=0, lt=1)
+    """A label's best latents are ranked by top-set purity (ties: smaller q) among the
+    non-generic, positively enriched latents with q below this (when none is, among those with
+    q < ``alpha``): significant and specific, not merely the smallest q."""
     generic_token_share: float = Field(0.5, gt=0, le=1)
     """A latent is generic when one token makes up at least this share of its top contexts..."""
     generic_label_fraction: float = Field(0.1, ge=0, le=1)
-    """...and that token occurs in at least this fraction of the documents of every label.
+    """...and that token occurs in at least this fraction of the documents of every label...
     Generic latents are listed apart and never chosen as a label's best latent."""
+    generic_rate_ratio: float = Field(0.5, ge=0, le=1)
+    """...and the latent fires on that token in every label alike: on the token firing sample,
+    its lowest per-label firing rate on the token is at least this times its highest (a latent
+    firing on "." only in one label's documents is topical)."""
     probe: bool = True
     """Sparse probing: per label, logistic probes on the top-k enriched latents of held-out
     documents (the store's ``test`` split), with dense and random-latent baselines."""

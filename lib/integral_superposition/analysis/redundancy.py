@@ -72,10 +72,16 @@ def top_latent_candidates(
     level: str,
     generic: np.ndarray | None = None,
     alpha: float = 0.05,
+    best_q: float | None = None,
 ) -> pd.DataFrame:
-    """The significant, positively enriched, non-generic (latent, label) rows of the tidy
-    enrichment table at ``level`` (``"document"`` or ``"token"``), best (smallest q, then
-    largest log odds) first."""
+    """The significant (q < ``alpha``), positively enriched, non-generic (latent, label) rows of
+    the tidy enrichment table at ``level`` (``"document"`` or ``"token"``), best first.
+
+    Best means significant *and* specific: with ``best_q``, the rows with q < ``best_q`` come
+    first, by top-set purity (``top_purity``, largest first), then the others in the same
+    order; ties go to the smaller q, then the larger log odds. Without ``best_q`` (or a
+    ``top_purity`` column) the order is by q alone: the smallest q tends to belong to broad
+    latents that fire on a large part of the corpus with modest purity."""
     t = enrichment[enrichment["level"].astype(str) == level]
     if t.empty:
         raise ValueError(
@@ -86,7 +92,15 @@ def top_latent_candidates(
     if generic is not None:
         generic = np.asarray(generic, dtype=bool)
         t = t[~generic[t["latent"].to_numpy()]]
-    return t.sort_values(["q", "log_odds"], ascending=[True, False], kind="stable")
+    if best_q is None or "top_purity" not in t:
+        return t.sort_values(["q", "log_odds"], ascending=[True, False], kind="stable")
+    if not 0 < best_q < 1:
+        raise ValueError(f"best_q={best_q!r}: expected a q-value threshold in (0, 1)")
+    key = t.assign(_weak=~(t["q"] < best_q), _purity=t["top_purity"].fillna(-1.0))
+    key = key.sort_values(
+        ["_weak", "_purity", "q", "log_odds"], ascending=[True, False, True, False], kind="stable"
+    )
+    return key.drop(columns=["_weak", "_purity"])
 
 
 def top_latents_table(
@@ -98,15 +112,18 @@ def top_latents_table(
     alpha: float = 0.05,
     per_label: int = 10,
     grouping: str = "redundancy",
+    best_q: float | None = None,
 ) -> pd.DataFrame:
     """The best latents per label at one unit, one row per group of near-duplicates.
 
     ``groups``: ``int [K]`` group of each latent (:func:`redundancy_groups`, or a merge's
     cluster labels). Within a label, the latents of a group collapse into one row led by
-    its best member. Columns: ``label, rank, unit, latent`` (the group's best member),
-    ``group, group_size`` (members enriched for this label), ``members`` (their ids, best
-    first), ``q, odds_ratio, log_odds, auroc, in_set, set_size, grouping``. At most
-    ``per_label`` rows per label.
+    its best member, in the order of :func:`top_latent_candidates` (``best_q``). Columns:
+    ``label, rank, unit, latent`` (the group's best member), ``group, group_size`` (members
+    enriched for this label), ``members`` (their ids, best first), ``q, odds_ratio,
+    log_odds, auroc, in_set, set_size`` (members of the label in the latent's whole set, its
+    size), ``top_purity, top_n`` (share of the label among its ``top_n`` strongest members),
+    ``grouping``. At most ``per_label`` rows per label.
     """
     groups = np.asarray(groups, dtype=np.int64)
     n_latents = int(enrichment["latent"].max()) + 1 if len(enrichment) else 0
@@ -115,7 +132,7 @@ def top_latents_table(
             f"groups has {groups.size} entries, but the enrichment table has {n_latents} "
             "latents: expected one group per latent"
         )
-    cand = top_latent_candidates(enrichment, level, generic, alpha)
+    cand = top_latent_candidates(enrichment, level, generic, alpha, best_q)
     cand = cand.assign(group=groups[cand["latent"].to_numpy()])
     rows = []
     for label, g in cand.groupby("label", observed=True, sort=False):
@@ -139,17 +156,28 @@ def top_latents_table(
                     "auroc": float(head["auroc"]),
                     "in_set": int(head["in_set"]),
                     "set_size": int(head["set_size"]),
+                    "top_purity": float(head.get("top_purity", np.nan)),
+                    "top_n": int(head.get("top_n", head["set_size"])),
                     "grouping": grouping,
                 }
             )
     cols = [
         "label", "rank", "unit", "latent", "group", "group_size", "members", "q",
-        "odds_ratio", "log_odds", "auroc", "in_set", "set_size", "grouping",
+        "odds_ratio", "log_odds", "auroc", "in_set", "set_size", "top_purity", "top_n",
+        "grouping",
     ]  # fmt: skip
     out = pd.DataFrame(rows, columns=cols)
     order = {str(c): i for i, c in enumerate(enrichment["label"].astype(str).unique())}
     return (
         out.sort_values(["label", "rank"], key=lambda s: s.map(order) if s.name == "label" else s)
         .reset_index(drop=True)
-        .astype({"rank": np.int64, "latent": np.int64, "group": np.int64, "group_size": np.int64})
+        .astype(
+            {
+                "rank": np.int64,
+                "latent": np.int64,
+                "group": np.int64,
+                "group_size": np.int64,
+                "top_n": np.int64,
+            }
+        )
     )

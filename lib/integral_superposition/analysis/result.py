@@ -67,6 +67,7 @@ class AnalysisResult(Output):
             alpha=float(config.get("alpha", 0.05)),
             per_label=int(config.get("top_per_label", 10)),
             grouping=grouping,
+            best_q=config.get("best_q"),
         )
 
     def figure(self, name: str, fmt: str = "png") -> bytes | None:

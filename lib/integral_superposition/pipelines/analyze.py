@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from integral_superposition.analysis import enrichment as enr
-from integral_superposition.analysis.generic import generic_latents
+from integral_superposition.analysis.generic import generic_latents, token_fire_rates
 from integral_superposition.analysis.jaccard_sparse import (
     firing_matrix,
     jaccard_neighbours,
@@ -47,6 +47,7 @@ from integral_superposition.analysis.probe import (
 )
 from integral_superposition.analysis.reducer import decoder_directions, reduce_2d
 from integral_superposition.analysis.scan import scan_latents
+from integral_superposition.analysis.select import row_uniform
 from integral_superposition.analysis.stats import (
     l0_distribution,
     latent_table,
@@ -121,6 +122,31 @@ def _top_tokens_text(examples, token_text: Mapping[int, str], K: int, n: int = 3
     for j, t in zip(lat[sel][order].tolist(), tok[sel][order].tolist(), strict=True):
         parts[j].append(token_text.get(t, f"<{t}>"))
     return [" | ".join(p) for p in parts]
+
+
+def _generic(p, scan, store, rows, token_labels, n_labels):
+    """The generic-latent table of the analysed ``rows``, with each candidate's per-label
+    firing rate on its dominant token from the scan's token firing sample (when kept)."""
+    top = scan.top
+    top_tokens = top.token_ids if top.token_ids is not None else np.full(top.values.shape, -1)
+    token_ids = np.asarray(store.token_ids)
+    args = (top_tokens, token_ids[rows], np.asarray(store.doc_ids)[rows], token_labels[rows])
+    g = generic_latents(
+        *args, n_labels, token_share=p.generic_token_share,
+        label_doc_fraction=p.generic_label_fraction,
+    )  # fmt: skip
+    if scan.firing_rows is None or not g["generic"].any():
+        return g
+    dominant = np.where(g["generic"], g["generic_token_id"], -1)
+    sample = rows[row_uniform(rows, p.seed) < scan.firing_rate]
+    rates = token_fire_rates(
+        dominant, scan.firing_rows, scan.firing_latents, sample, token_ids, token_labels, n_labels
+    )
+    return generic_latents(
+        *args, n_labels, token_share=p.generic_token_share,
+        label_doc_fraction=p.generic_label_fraction, fire_rates=rates,
+        rate_ratio=p.generic_rate_ratio,
+    )  # fmt: skip
 
 
 def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
@@ -288,21 +314,14 @@ def _run(
     enrichment_table = control = top_latents = None
     if p.enrichment:
         rows = np.arange(store.n_tokens) if mask is None else np.flatnonzero(mask)
-        generic = generic_latents(
-            top.token_ids if top.token_ids is not None else np.full(top.values.shape, -1),
-            np.asarray(store.token_ids)[rows],
-            np.asarray(store.doc_ids)[rows],
-            token_labels[rows],
-            len(label_names),
-            token_share=p.generic_token_share,
-            label_doc_fraction=p.generic_label_fraction,
-        )
+        generic = _generic(p, scan, store, rows, token_labels, len(label_names))
         labelled = label_enrichment(
             scan, token_labels, label_names, W_dec=sae.W_dec,
             generic=generic["generic"].to_numpy(), doc_labels=doc_labels,
             row_doc=np.asarray(store.doc_ids), alpha=p.alpha, control_seeds=p.control_seeds,
             lead_doc_tokens=p.lead_doc_tokens, redundancy_cosine=p.redundancy_cosine,
             redundancy_jaccard=p.redundancy_jaccard, top_per_label=p.top_per_label,
+            purity_top_n=p.purity_top_n, best_q=p.best_q,
         )  # fmt: skip
         table = table.merge(labelled.latents, on="latent", how="left")
         table = table.merge(generic, on="latent", how="left")

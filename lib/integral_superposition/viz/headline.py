@@ -6,7 +6,8 @@ the tokens it was measured on.
 - the SAE: FVU, L0, dead latents (with the tokens they never fired on), CE recovered,
   delta CE and KL - from the SAE's own held-out evaluation, else the analysis, else the
   merge's evaluation of the original SAE;
-- per label, the best non-generic latent: q, purity, document AUROC and top tokens;
+- per label, the best non-generic latent: q, top-set purity (with its N), document AUROC
+  and top tokens;
 - sparse probing: mean held-out accuracy at k = 1 and k = 10 against the dense probe;
 - merge: FVU, CE recovered and enrichment retention of the merged SAE against its
   random-partition control;
@@ -275,6 +276,7 @@ def _best_latents(analysis) -> list[HeadlineRow]:
             continue
         j = int(j)
         t = lead.loc[(j, label)] if (j, label) in lead.index else None
+        purity, purity_on = _purity(t, level)
         d = doc.loc[(j, label)] if (j, label) in doc.index else None
         rows.append(
             HeadlineRow(
@@ -288,13 +290,24 @@ def _best_latents(analysis) -> list[HeadlineRow]:
                 tokens=str(lat.at[j, "top_tokens"]) if "top_tokens" in lat else "",
                 extra={
                     "q": None if t is None else _num(t["q"]),
-                    "purity": None if t is None else _num(t["purity"]),
+                    "purity": purity,
                     "doc AUROC": None if d is None else _num(d["auroc"]),
                 },
-                detail=f"{level} level" + _tokens(s.get("n_tokens"), ", "),
+                detail=f"{level} level" + purity_on + _tokens(s.get("n_tokens"), ", "),
             )
         )
     return rows
+
+
+def _purity(t: pd.Series | None, level: str) -> tuple[float | None, str]:
+    """The latent's top-set purity for the label and what it was measured on (the whole
+    set's largest label share for analyses published without a top-set purity)."""
+    if t is None:
+        return None, ""
+    if "top_purity" in t and _num(t["top_n"]) is not None:
+        unit = "documents" if level == "document" else "tokens"
+        return _num(t["top_purity"]), f", purity of its {int(t['top_n'])} strongest {unit}"
+    return _num(t["purity"]), ", purity of its whole set"
 
 
 def _probe(analysis) -> list[HeadlineRow]:

@@ -206,8 +206,9 @@ def analysis_sections(
                 "Generic latents",
                 text=(
                     "Latents whose top contexts are dominated by one token that is frequent "
-                    "in every label (formatting or dataset artefacts); they are left out of "
-                    "the top latents per label."
+                    "in every label and that fire on that token in every label alike "
+                    "(formatting or dataset artefacts); they are left out of the top latents "
+                    "per label."
                 ),
                 tables=[tables["generic_latents"]],
                 anchor="generic-latents",
@@ -222,10 +223,19 @@ def analysis_sections(
             )
             unit = str(top["unit"].iloc[0]) if "unit" in top else "token"
             text = (
-                f"Per label, the most significant non-generic latents at the {unit} level, one "
-                "row per group of near-duplicate latents (decoder cosine and co-firing), led by "
-                "its best member."
+                f"Per label, the best non-generic latents at the {unit} level, one row per "
+                "group of near-duplicate latents (decoder cosine and co-firing), led by its "
+                "best member."
             )
+            if "top_purity" in top:
+                best_q = (a.manifest.get("config") or {}).get("best_q")
+                text += (
+                    " Best means significant and specific: latents with q below "
+                    f"{fmt(best_q, '.0e')} first, by top-set purity (the label's share of the "
+                    f"latent's N strongest {unit}s, N in the column), ties to the smaller q; "
+                    "'in set' counts every "
+                    f"{unit} where the latent fires."
+                )
         else:
             top, text = (
                 tables["top_latents"],
@@ -244,11 +254,16 @@ def analysis_sections(
             "log odds": [fmt(v, ".2f") for v in top["log_odds"]],
         }
         if "frac_in_set" in top:
-            columns["in top set"] = [fmt(v, ".2f") for v in top["frac_in_set"]]
+            columns["in set"] = [fmt(v, ".2f") for v in top["frac_in_set"]]
         else:
-            columns["in top set"] = [
+            columns["in set"] = [
                 f"{fmt(a_, 'd')}/{fmt(n, 'd')}"
                 for a_, n in zip(top["in_set"], top["set_size"], strict=True)
+            ]
+        if "top_purity" in top:
+            columns["top-set purity (N)"] = [
+                f"{fmt(v, '.2f')} ({fmt(n, 'd')})"
+                for v, n in zip(top["top_purity"], top["top_n"], strict=True)
             ]
         columns["AUROC"] = [fmt(v, ".3f") for v in top["auroc"]]
         if "group_size" in top:
