@@ -322,7 +322,7 @@ def run(
         return
     if cfg.run is None:
         from integral_superposition.flows.experiment import resolve_storage_options
-        from integral_superposition.tasks.index import find_unfinished_run
+        from integral_superposition.runs import find_unfinished_run
 
         resumed = None if new_run else find_unfinished_run(cfg, resolve_storage_options(cfg))
         cfg = cfg.model_copy(update={"run": resumed or make_run_id()})
@@ -617,10 +617,9 @@ def ls_runs(
     ] = False,
 ) -> None:
     """List runs (newest last) and, with --outputs, what each produced or reused."""
-    from integral_superposition.tasks.index import list_runs
+    from integral_superposition.runs import absolute_storage, list_runs
 
-    if "://" not in storage_root:  # runs record absolute local paths
-        storage_root = os.path.abspath(os.path.expanduser(storage_root))
+    storage_root = absolute_storage(storage_root)  # runs record absolute local paths
     runs = list_runs(storage_root, experiment)
     con = _console()
     if not runs:

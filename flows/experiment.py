@@ -89,6 +89,23 @@ def resolve_storage_options(cfg: FlowExperimentConfig) -> dict[str, Any]:
     return resolve_storage(cfg.storage_options, cfg.storage_secret)
 
 
+def secure_run(
+    cfg: FlowExperimentConfig, run: str | None = None
+) -> tuple[FlowExperimentConfig, RunLocation]:
+    """``cfg`` with inline credentials moved into a per-run Secret block, and where its run
+    ``run`` (default: ``cfg.run``, else a new id) writes."""
+    run = run or cfg.run or make_run_id()
+    cfg = secure_config(cfg, run)
+    loc = RunLocation(
+        storage=absolute_storage(cfg.storage),
+        experiment=cfg.name,
+        run=run,
+        storage_options=resolve_storage_options(cfg),
+        storage_secret=cfg.storage_secret,
+    )
+    return cfg, loc
+
+
 def result_storage_for(
     cfg: FlowExperimentConfig, storage_options: dict[str, Any] | None = None
 ) -> Any:
@@ -352,15 +369,7 @@ def experiment_flow(cfg: FlowExperimentConfig, show_progress: bool = False) -> E
     run = cfg.run or make_run_id()
     if not cfg.run:
         _rename_flow_run(f"{cfg.name}/{run}")
-    cfg = secure_config(cfg, run)
-    storage_options = resolve_storage_options(cfg)
-    loc = RunLocation(
-        storage=absolute_storage(cfg.storage),
-        experiment=cfg.name,
-        run=run,
-        storage_options=storage_options,
-        storage_secret=cfg.storage_secret,
-    )
+    cfg, loc = secure_run(cfg, run)
     logger.info("run root: %s", loc.root)
     check_deployments(cfg)
     with own_run_root(cfg, loc, "experiment") as lease:

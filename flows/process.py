@@ -206,7 +206,7 @@ class TemporaryServer:
 def record_process(flow: Any, flow_run: Any, state: Any) -> None:
     """Flow ``on_running`` hook: record this process on the flow run (unless a worker did),
     so that the run can be marked Crashed if the process dies without a final state."""
-    from integral_superposition.tasks.index import process_id
+    from integral_superposition.runs import process_id
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -222,7 +222,7 @@ def mark_dead_runs_crashed(
     (default: ``PREFECT_API_URL``; none: nothing to do) whose recorded process on this host
     is gone, with the message ``reasons[host:pid]`` if given; returns their names. Best
     effort: an API error marks nothing more."""
-    from integral_superposition.tasks.index import process_alive
+    from integral_superposition.runs import process_alive
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -344,7 +344,7 @@ class Supervisor:
                 if proc is not None:
                     _say(f"{name}: stopping the flow run")
                     _stop_group(proc)
-                    from integral_superposition.tasks.index import process_id
+                    from integral_superposition.runs import process_id
 
                     reasons = {process_id(proc.pid): f"stopped by {name}"}
                     crashed = mark_dead_runs_crashed(self.url, reasons)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from integral_superposition import runs
-from integral_superposition.experiment import ModelSpec, make_run_id
+from integral_superposition.experiment import ModelSpec
 from integral_superposition.flows.config import FlowExperimentConfig
 from integral_superposition.flows.experiment import (
     _Steps,
@@ -29,53 +29,20 @@ from integral_superposition.flows.experiment import (
     dump_store,
     lease_owner,
     own_run_root,
-    resolve_storage_options,
     result_storage_at,
+    secure_run,
     submit_training,
     task_options,
 )
 from integral_superposition.flows.process import record_process
 from integral_superposition.flows.sae_steps import STEPS, Step
 from integral_superposition.lease import RunLease, check_delegate
-from integral_superposition.tasks.blocks import refuse_credentials, resolve_storage, secure_config
+from integral_superposition.tasks.blocks import refuse_credentials, resolve_storage
 from integral_superposition.tasks.dump import dump_activations, partition_name
 from integral_superposition.tasks.policy import retry_options
 from integral_superposition.tasks.refs import ModelRef, OutputRef, RunLocation
 from prefect import flow, get_run_logger
 from prefect.cache_policies import NO_CACHE
-
-
-def _secured(
-    cfg: FlowExperimentConfig, run: str | None = None
-) -> tuple[FlowExperimentConfig, RunLocation]:
-    """``cfg`` with inline credentials moved into a per-run Secret block, and where it writes."""
-    run = run or cfg.run or make_run_id()
-    cfg = secure_config(cfg, run)
-    loc = RunLocation(
-        storage=absolute_storage(cfg.storage),
-        experiment=cfg.name,
-        run=run,
-        storage_options=resolve_storage_options(cfg),
-        storage_secret=cfg.storage_secret,
-    )
-    return cfg, loc
-
-
-def location_of(
-    run_root: str,
-    storage_options: dict[str, Any] | None = None,
-    storage_secret: str | None = None,
-) -> RunLocation:
-    """The :class:`RunLocation` of a run folder ``{storage}/{experiment}/{run}``
-    (``storage_options``: those storage is opened with, the Secret's included)."""
-    storage_root, experiment, run = runs.split_run_root(run_root)
-    return RunLocation(
-        storage=storage_root,
-        experiment=experiment,
-        run=run,
-        storage_options=storage_options or {},
-        storage_secret=storage_secret,
-    )
 
 
 def _open_storage(
@@ -114,7 +81,7 @@ def _standalone_options(loc: RunLocation) -> dict[str, Any]:
 def dump_flow(cfg: FlowExperimentConfig, show_progress: bool = False) -> OutputRef:
     """Resolve the dataset of ``cfg`` and dump its activations (one store, or partitions
     combined into one); cached like the experiment's dump step."""
-    cfg, loc = _secured(cfg)
+    cfg, loc = secure_run(cfg)
     opts = task_options(cfg, loc.storage_options)
     model = ModelRef.of(cfg.model)
     check_deployments(cfg, ("dump",))
@@ -143,7 +110,7 @@ def dump_partition_flow(
     n = cfg.fanout.partitions
     if not 0 <= partition < n:
         raise ValueError(f"partition={partition}: expected 0 <= partition < fanout.partitions={n}")
-    cfg, loc = _secured(cfg, run)
+    cfg, loc = secure_run(cfg, run)
     opts = task_options(cfg, loc.storage_options)
     if lease_token:
         check_delegate(loc.root, lease_token, loc.storage_options)
@@ -176,7 +143,7 @@ def train_flow(
 ) -> list[OutputRef]:
     """Train the SAEs of ``cfg`` (the base SAE and its sweep) on ``store_uri``, or on the
     store of ``cfg``'s dump step (run first, cached)."""
-    cfg, loc = _secured(cfg)
+    cfg, loc = secure_run(cfg)
     opts = task_options(cfg, loc.storage_options)
     check_deployments(cfg, ("train",) if store_uri else ("dump", "train"))
     with own_run_root(cfg, loc, "train"):
@@ -236,7 +203,7 @@ def train_part_flow(
             f"sae_names={sae_names!r}: expected SAEs of one hook point, got "
             f"{sorted({j.hook_point for j in jobs})}"
         )
-    cfg, loc = _secured(cfg, run)
+    cfg, loc = secure_run(cfg, run)
     opts = task_options(cfg, loc.storage_options)
     out = cfg.paths.sae_path
     with contextlib.ExitStack() as guard:
@@ -300,7 +267,7 @@ def _sae_step_flow(step: Step):
     ) -> OutputRef:
         opts = _open_storage(storage_options, storage_secret)
         sae, store = _refs(sae_uri, store_uri, opts)
-        loc = location_of(run_root or runs.parent(sae.uri, 2), opts, storage_secret)
+        loc = RunLocation.at(run_root or runs.parent(sae.uri, 2), opts, storage_secret)
         if model_id is None and step.model_from_sae:
             model_id = runs.sae_model_id(sae.uri, opts)
         model = _model_ref(model_id, store, opts) if model_id else None
@@ -334,7 +301,7 @@ def _run_step_flow(step: Step):
         config, outputs = runs.read_run_outputs(root, opts)
         inputs = [[OutputRef.model_validate(o) for o in outputs.get(k, [])] for k in step.inputs]
         options = options or step.load_params()()
-        loc = location_of(root, opts, storage_secret)
+        loc = RunLocation.at(root, opts, storage_secret)
         with RunLease(loc.root, opts, owner=lease_owner(step.name)):
             ref = step.load_task().with_options(**_standalone_options(loc))(
                 config, *inputs, options, loc

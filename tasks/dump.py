@@ -61,6 +61,7 @@ def dump_activations(
     already written are kept."""
     from integral_superposition.data.datasets import dataset_fingerprint
     from integral_superposition.dump import dump_layer_activations
+    from integral_superposition.dump.writer import dump_summary
 
     df = data.spec.load(loc.storage_options)
     spec = data.spec
@@ -94,12 +95,7 @@ def dump_activations(
         )
     progress.finish()
     m = store.manifest
-    ref = OutputRef.from_manifest(
-        "activations", name, out_uri, m,
-        n_tokens=m["n_tokens"], n_docs=m["n_docs"], d_model=m["d_model"],
-        hook_points=[h["name"] for h in m["hook_points"]], labels=m["labels"]["names"],
-        model=m["model"].get("model_id"),
-    )  # fmt: skip
+    ref = OutputRef.from_manifest("activations", name, out_uri, m, **dump_summary(m))
     if partition is None:
         _announce(ref, loc)
     return ref
@@ -126,6 +122,7 @@ def combine_partitions(parts: list[OutputRef], loc: RunLocation, out: str = "act
     write (under its own lease), never this run's.
     """
     from integral_superposition.dump import combine_dumps
+    from integral_superposition.dump.writer import dump_summary
 
     target = loc.uri(out)
     part_uris = []
@@ -140,11 +137,8 @@ def combine_partitions(parts: list[OutputRef], loc: RunLocation, out: str = "act
         store = combine_dumps(part_uris, target, storage_options=loc.storage_options)
     m = store.manifest
     ref = OutputRef.from_manifest(
-        "activations", out, target, m,
-        n_tokens=m["n_tokens"], n_docs=m["n_docs"], d_model=m["d_model"],
-        hook_points=[h["name"] for h in m["hook_points"]], labels=m["labels"]["names"],
-        model=m["model"].get("model_id"), partitions=len(parts),
-    )  # fmt: skip
+        "activations", out, target, m, **dump_summary(m), partitions=len(parts)
+    )
     _announce(ref, loc)
     return ref
 

@@ -17,6 +17,7 @@ from integral_superposition import storage
 from integral_superposition.credentials import masked_options, split_secret_options
 from integral_superposition.experiment import DataSpec, ModelSpec
 from integral_superposition.lease import check_writer
+from integral_superposition.runs import split_run_root
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 
@@ -90,6 +91,24 @@ class RunLocation(BaseModel):
     @field_serializer("storage_options", when_used="json")
     def _mask_credentials(self, v: dict[str, Any]) -> dict[str, Any]:
         return masked_options(v)
+
+    @classmethod
+    def at(
+        cls,
+        run_root: str,
+        storage_options: Mapping[str, Any] | None = None,
+        storage_secret: str | None = None,
+    ) -> RunLocation:
+        """The location of the run folder ``run_root`` (``{storage}/{experiment}/{run}``;
+        ``storage_options``: those storage is opened with, the Secret's included)."""
+        storage_root, experiment, run = split_run_root(run_root)
+        return cls(
+            storage=storage_root,
+            experiment=experiment,
+            run=run,
+            storage_options=dict(storage_options or {}),
+            storage_secret=storage_secret,
+        )
 
     def storage_settings(self) -> dict[str, Any]:
         """What a step started elsewhere needs to open this storage, without a credential:

@@ -205,6 +205,7 @@ def train_saes_online(
     skips the documents consumed before it. Returns the SAEs' references, then the store's.
     """
     from integral_superposition.data.datasets import dataset_fingerprint
+    from integral_superposition.dump.writer import dump_summary
     from integral_superposition.sae.online import OnlineActivations
     from integral_superposition.sae.train import train_saes as _train
 
@@ -252,10 +253,7 @@ def train_saes_online(
     ]
     m = storage.read_manifest(loc.uri(store_out), loc.storage_options, kind="activations")
     store = OutputRef.from_manifest(
-        "activations", store_out, loc.uri(store_out), m,
-        n_tokens=m["n_tokens"], n_docs=m["n_docs"], d_model=m["d_model"],
-        hook_points=[h["name"] for h in m["hook_points"]], labels=m["labels"]["names"],
-        model=m["model"].get("model_id"), online=True,
+        "activations", store_out, loc.uri(store_out), m, **dump_summary(m), online=True,
         sample=not online.write_store,
     )  # fmt: skip
     return [*refs, store]

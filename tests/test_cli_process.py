@@ -292,7 +292,7 @@ def test_rerun_after_kill_9_resumes_the_run_and_ends_with_the_uninterrupted_weig
 
 def test_find_unfinished_run_picks_the_newest_crashed_run_of_the_same_config(tmp_path):
     from integral_superposition.flows.config import resolve_config
-    from integral_superposition.tasks.index import find_unfinished_run, list_runs
+    from integral_superposition.runs import find_unfinished_run, list_runs
 
     cfg = resolve_config(None, "smoke", [f"storage={tmp_path}"])
     exp = tmp_path / "smoke"

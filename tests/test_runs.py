@@ -63,3 +63,37 @@ def test_model_of_an_sae_and_dtype_of_a_dump(tmp_path):
     assert runs.dumped_dtype(acts, "m") == "bf16"
     assert runs.dumped_dtype(acts, "other") is None  # dumped from another model
     assert runs.dumped_dtype(str(tmp_path / "none"), "m") is None
+
+
+def test_list_runs_takes_a_relative_storage_root(tmp_path, monkeypatch):
+    """``isup ls runs`` from the storage's parent: the runs' folders come back absolute."""
+    root = _run(tmp_path)
+    (root / runs.RUN_CONFIG).write_text("name: exp\n")
+    monkeypatch.chdir(tmp_path)
+    listed = runs.list_runs(".")
+    assert [r["run_root"] for r in listed] == [str(root)]
+    assert runs.list_runs(".", experiment="exp") == listed
+
+
+def test_a_run_location_of_a_run_folder(tmp_path):
+    from integral_superposition.tasks.refs import RunLocation
+
+    loc = RunLocation.at(str(tmp_path / "e" / "r") + "/", {"endpoint_url": "http://x"}, "blk")
+    assert (loc.storage, loc.experiment, loc.run) == (str(tmp_path), "e", "r")
+    assert loc.root == str(tmp_path / "e" / "r") and loc.storage_secret == "blk"
+    assert loc.storage_options == {"endpoint_url": "http://x"}
+    with pytest.raises(ValueError, match=r"run_root='s3://b': expected a folder"):
+        RunLocation.at("s3://b")
+
+
+def test_the_summary_of_a_dump_from_its_manifest(demo_store):
+    from integral_superposition.dump.writer import dump_summary
+
+    assert dump_summary(demo_store.manifest) == {
+        "n_tokens": demo_store.n_tokens,
+        "n_docs": len(demo_store.docs),
+        "d_model": demo_store.d_model,
+        "hook_points": ["layer.2"],
+        "labels": demo_store.label_names,
+        "model": "tiny:gemma",
+    }

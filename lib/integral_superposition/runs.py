@@ -1,6 +1,8 @@
 """Run folders ``{storage}/{experiment}/{run}``: where a step's output sits in one, and what
 its ``run.json`` index and the outputs' manifests say (the store an SAE was trained on, the
-model and dtype it was dumped with, every output of a finished run).
+model and dtype it was dumped with, every output of a finished run); what its ``config.yaml``
+and ``process.json`` say (whether a step's config fits the run, whether its process still
+runs); the runs of a storage root (``isup ls``) and the unfinished run a rerun continues.
 
 An SAE of a run sits at ``{run}/sae/<name>``; the steps after training write next to it
 (``{run}/analysis/<name>``, ``{run}/merge/<name>``, ...).
@@ -8,27 +10,48 @@ An SAE of a run sits at ``{run}/sae/<name>``; the steps after training write nex
 
 from __future__ import annotations
 
+import datetime as _dt
 import os
 import posixpath
-from collections.abc import Mapping
-from typing import Any
+import socket
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from integral_superposition import storage
 
+if TYPE_CHECKING:
+    from integral_superposition.experiment import ExperimentConfig
+
 __all__ = [
+    "RUN_CONFIG",
     "RUN_INDEX",
+    "RUN_PROCESS",
+    "STEP_FIELDS",
+    "RunConfigMismatch",
     "absolute_storage",
     "basename",
+    "config_differences",
     "dumped_dtype",
     "find_store_of",
+    "find_unfinished_run",
+    "list_runs",
     "parent",
+    "process_alive",
+    "process_id",
     "read_run_outputs",
+    "run_state",
     "sae_model_id",
     "split_run_root",
 ]
 
 RUN_INDEX = "run.json"
 """The index a finished run writes into its folder: its config and every step's output."""
+RUN_CONFIG = "config.yaml"
+"""The resolved config a run records at its start (without storage options)."""
+RUN_PROCESS = "process.json"
+"""Which process runs the run (``host:pid``), since when, and its flow run."""
 
 
 def absolute_storage(uri: str) -> str:
@@ -128,3 +151,197 @@ def read_run_outputs(
         if s.get("output") and s["step"] != "report":
             by_kind.setdefault(s["output"]["kind"], []).append(s["output"])
     return doc.get("config", {}), by_kind
+
+
+# -- a run's records: its config, its process; the runs of a storage root -----------------------
+class RunConfigMismatch(ValueError):
+    """A step's config differs from the config recorded in the run root it writes to."""
+
+
+_NOT_OUTPUT_FIELDS = (
+    "run",
+    "storage",
+    "storage_options",
+    "storage_secret",
+    "storage_create_bucket",
+    "result_storage",
+    "retries",
+    "gpu_limit",
+    "steps",
+    "fanout.mode",
+    "fanout.deployment",
+    "fanout.train",
+    "fanout.train_deployment",
+    "fanout.gpus_per_run",
+    "model.device",
+    "model.device_map",
+)
+"""Config fields that do not shape any output: they may differ between steps of one run."""
+
+STEP_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "dump": ("name", "data", "model", "dump", "fanout", "paths.shards_dir"),
+    "train": ("name", "data", "model", "dump", "fanout", "paths", "sae", "sweep"),
+    "experiment": None,
+}
+"""The config fields each step's outputs depend on (None: every field)."""
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def config_differences(
+    recorded: Mapping[str, Any], cfg: ExperimentConfig, step: str = "experiment"
+) -> list[tuple[str, Any, Any]]:
+    """``(field, recorded value, this value)`` for every field of ``step`` that differs
+    (fields the recorded config does not know, e.g. added by a later version, are skipped)."""
+    scope = STEP_FIELDS[step]
+    old, new = _flatten(dict(recorded)), _flatten(cfg.public_dict())
+
+    def relevant(key: str) -> bool:
+        if any(key == f or key.startswith(f + ".") for f in _NOT_OUTPUT_FIELDS):
+            return False
+        return scope is None or any(key == f or key.startswith(f + ".") for f in scope)
+
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if not relevant(key) or key not in old:
+            continue
+        if old.get(key) != new.get(key, "<absent>"):
+            diffs.append((key, old.get(key), new.get(key, "<absent>")))
+    return diffs
+
+
+def process_id(pid: int | None = None) -> str:
+    """``host:pid`` of a process (this one by default), as Prefect's runner records it."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def process_alive(process: str | None, since: _dt.datetime | None = None) -> bool | None:
+    """Whether the process ``host:pid`` still runs: None when it is on another host
+    (unknown); False when the pid is gone, a zombie, or a newer process that reused the pid
+    (started after ``since``)."""
+    import psutil
+
+    host, _, pid = (process or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        p = psutil.Process(int(pid))
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return since is None or p.create_time() <= since.timestamp() + 1.0
+    except psutil.Error:
+        return False
+
+
+def run_state(
+    run_root: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The state of a run without ``run.json``: ``running`` (its process is alive, or on
+    another host its lease is renewed), ``crashed`` (its process on this host is gone, or
+    its lease expired), ``stopped`` (a process on another host released its lease without
+    finishing) or ``unfinished`` (no record, or unknown); and its ``process.json`` record."""
+    from integral_superposition.lease import read_lease, stale_reason
+
+    try:
+        rec = storage.read_json(storage.join(run_root, RUN_PROCESS), storage_options)
+    except (FileNotFoundError, NotADirectoryError, OSError, ValueError):
+        return "unfinished", {}
+    started = rec.get("started")
+    since = _dt.datetime.fromisoformat(started) if started else None
+    alive = process_alive(rec.get("process"), since)
+    if alive is None:  # another host: its lease tells whether it still writes
+        try:
+            lease = read_lease(run_root, storage_options)
+        except (OSError, ValueError):
+            return "unfinished", rec
+        if lease is None:
+            return "stopped", rec
+        return ("crashed" if stale_reason(lease) else "running"), rec
+    return ("running" if alive else "crashed"), rec
+
+
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same: all but the run name and how storage is accessed."""
+    return {
+        k: v for k, v in config.items() if k not in ("run", "storage_options", "storage_secret")
+    }
+
+
+def find_unfinished_run(
+    cfg: ExperimentConfig, storage_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """The newest run of ``cfg``'s experiment that did not finish (no ``run.json``), whose
+    process is gone (it crashed, or never recorded one), and whose ``config.yaml`` equals
+    ``cfg`` but for the run name and storage access: the run a rerun of the same command
+    continues. None if there is none. A run of another host counts as gone when its lease
+    expired or was released (:func:`run_state`)."""
+    exp_root = storage.join(absolute_storage(cfg.storage), cfg.name)
+    try:
+        names = storage.listdir(exp_root, storage_options)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    want = _comparable(yaml.safe_load(cfg.to_yaml()))
+    found: list[tuple[str, str]] = []
+    for run in names:
+        if run.startswith("."):
+            continue
+        root = storage.join(exp_root, run)
+        if storage.exists(storage.join(root, RUN_INDEX), storage_options):
+            continue
+        try:
+            recorded = yaml.safe_load(
+                storage.read_bytes(storage.join(root, RUN_CONFIG), storage_options)
+            )
+        except (FileNotFoundError, NotADirectoryError, OSError, yaml.YAMLError):
+            continue
+        if not isinstance(recorded, dict) or _comparable(recorded) != want:
+            continue
+        state, rec = run_state(root, storage_options)
+        if state == "running" or (rec and state == "unfinished"):  # it may still be running
+            continue
+        found.append((rec.get("started") or "", run))
+    return max(found)[1] if found else None
+
+
+def list_runs(
+    storage_root: str,
+    experiment: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Every run under ``storage_root`` (or one experiment): ``experiment, run, finished,
+    report_uri, steps`` from its ``run.json``; a run without one has ``finished: None`` and a
+    ``state`` (:func:`run_state`: running, crashed, stopped or unfinished)."""
+    storage_root = absolute_storage(storage_root)  # runs record absolute local paths
+    experiments: Sequence[str] = (
+        [experiment] if experiment else storage.listdir(storage_root, storage_options)
+    )
+    runs = []
+    for exp in experiments:
+        if exp.startswith("."):
+            continue
+        exp_root = storage.join(storage_root, exp)
+        for run in storage.listdir(exp_root, storage_options):
+            if run.startswith("."):
+                continue
+            run_root = storage.join(exp_root, run)
+            index = storage.join(run_root, RUN_INDEX)
+            try:
+                doc = storage.read_json(index, storage_options)
+            except (FileNotFoundError, NotADirectoryError, OSError, ValueError):
+                if not storage.exists(storage.join(run_root, RUN_CONFIG), storage_options):
+                    continue
+                doc = {"experiment": exp, "run": run, "finished": None, "steps": []}
+                doc["state"] = run_state(run_root, storage_options)[0]
+            doc["run_root"] = run_root
+            runs.append(doc)
+    runs.sort(
+        key=lambda d: (d.get("experiment") or "", d.get("finished") or "", d.get("run") or "")
+    )
+    return runs

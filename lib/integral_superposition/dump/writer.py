@@ -343,3 +343,17 @@ def publish_dump(
         partition=list(partition) if partition else None,
         **extra,
     )
+
+
+def dump_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The few numbers a published dump is shown and referenced by, from its manifest:
+    ``n_tokens``, ``n_docs``, ``d_model``, ``hook_points`` (names), ``labels`` (names) and
+    ``model`` (the model id)."""
+    return {
+        "n_tokens": manifest["n_tokens"],
+        "n_docs": manifest["n_docs"],
+        "d_model": manifest["d_model"],
+        "hook_points": [h["name"] for h in manifest["hook_points"]],
+        "labels": manifest["labels"]["names"],
+        "model": (manifest.get("model") or {}).get("model_id"),
+    }
