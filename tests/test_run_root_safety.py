@@ -192,7 +192,7 @@ def test_a_tampered_checkpoint_pointer_removes_nothing_outside(tmp_path):
 
 
 def test_dashboards_never_replace_a_users_folder(tmp_path):
-    from integral_superposition.outputs import publish_folder
+    from integral_superposition.outputs import FOLDER_MARK, publish_folder
     from integral_superposition.viz.panels import _DASHBOARD_FILE_RE
 
     def _publish_folder(uri, files):
@@ -205,7 +205,17 @@ def test_dashboards_never_replace_a_users_folder(tmp_path):
     assert _files_of(victim) == before
     _publish_folder(str(tmp_path / "dash"), {"index.html": b"a", "latents/00001.html": b"b"})
     _publish_folder(str(tmp_path / "dash"), {"index.html": b"c"})  # our own: replaced
-    assert _files_of(tmp_path / "dash") == {Path("index.html"): b"c"}
+    pages = _files_of(tmp_path / "dash")
+    assert pages.pop(Path(FOLDER_MARK))
+    assert pages == {Path("index.html"): b"c"}
+    # a user's folder holding only files named like dashboard pages is not ours either
+    (tmp_path / "site" / "latents").mkdir(parents=True)
+    (tmp_path / "site" / "index.html").write_text("my site")
+    (tmp_path / "site" / "latents" / "00001.html").write_text("my page")
+    before = _files_of(tmp_path / "site")
+    with pytest.raises(FileExistsError, match=r"not ours to replace \(index\.html, latents/"):
+        _publish_folder(str(tmp_path / "site"), {"index.html": b"<html></html>"})
+    assert _files_of(tmp_path / "site") == before
 
 
 def test_an_output_folder_of_another_kind_is_not_unpublished(tmp_path):

@@ -109,7 +109,7 @@ def test_report_from_analysis_and_generic_sections(analysis_dir, tmp_path):
 
 def test_report_rejects_bad_input(analysis_dir, tmp_path):
     out, _ = analysis_dir
-    with pytest.raises(ValueError, match="holds a published 'analysis' output"):
+    with pytest.raises(FileExistsError, match="holds a 'analysis' output"):
         build_report(out, analysis=out)
     with pytest.raises(TypeError, match="ReportSection"):
         build_report(str(tmp_path / "r"), "not a section")

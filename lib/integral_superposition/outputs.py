@@ -111,7 +111,10 @@ class OutputWriter:
         self._owned: dict[str, dict[str, Any] | None] = {}  # name -> earlier entry (None: pending)
         self._claimed: set[str] = set()
 
-    def __enter__(self) -> OutputWriter:
+    def check(self) -> OutputWriter:
+        """Refuse the folder as :meth:`__enter__` would (a file, another kind of output, a
+        file of one of ``names`` this project did not write), changing nothing: for a step
+        to call before long work whose output goes there."""
         fs, path = storage.get_fs(self.out, self.opts)
         if fs.isfile(path):
             raise FileExistsError(f"out_uri={self.out!r} is a file: expected a folder")
@@ -121,6 +124,10 @@ class OutputWriter:
             self._owned.setdefault(name, None)
         for name in self.names:
             self._check_free(name)
+        return self
+
+    def __enter__(self) -> OutputWriter:
+        self.check()
         if self._owned:  # remembered before the manifest that lists them goes
             self._write_pending()
         storage.unpublish(self.out, self.kind, self.opts)
@@ -224,8 +231,20 @@ class OutputWriter:
         step (see :func:`publish_folder`) and list them in the manifest."""
         prefix = name.rstrip("/")
         self._claim(f"{prefix}/{rel}" for rel in files)
-        entries = publish_folder(self.uri(prefix), files, self.opts, allowed)
+        entries = publish_folder(
+            self.uri(prefix), files, self.opts, allowed, self.owned_under(prefix)
+        )
         self.add(prefix, entries)
+
+    def owned_under(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """``{relative name: {size, sha256}}`` of the earlier output's files under ``prefix/``
+        (to let :func:`publish_folder` replace a subfolder this project wrote)."""
+        head = prefix.rstrip("/") + "/"
+        return {
+            n[len(head) :]: dict(e)
+            for n, e in self._owned.items()
+            if n.startswith(head) and e is not None
+        }
 
     def add(self, prefix: str, entries: Mapping[str, Mapping[str, Any]]) -> None:
         """List files written by someone else (``{relative name: {size, sha256}}``) under
@@ -323,15 +342,49 @@ def read_output(
     return Output(uri, storage_options, kind)
 
 
-def _check_replaceable(out_uri: str, fs, path: str, allowed: re.Pattern[str]) -> None:
-    """Refuse to replace a folder that holds anything ``allowed`` does not match."""
+FOLDER_MARK = ".published-folder.json"
+"""The list of files :func:`publish_folder` put in a folder (``{"files": {name: {size,
+sha256}}}``): what makes that folder its own to replace later."""
+
+
+def _check_replaceable(
+    out_uri: str,
+    fs,
+    path: str,
+    allowed: re.Pattern[str],
+    owned: Mapping[str, Mapping[str, Any]] | None,
+) -> None:
+    """Refuse to replace a folder holding a file that ``allowed`` does not match or that
+    neither the folder's :data:`FOLDER_MARK` nor ``owned`` lists with its size."""
     if not fs.exists(path):
         return
     if not fs.isdir(path):
         raise FileExistsError(f"out_uri={out_uri!r} is a file: expected a folder")
     root = path.rstrip("/") + "/"
-    names = [p[len(root) :] if p.startswith(root) else p for p in fs.find(path)]
-    foreign = sorted(n for n in names if not allowed.match(n.replace(os.sep, "/")))
+    found = {
+        (p[len(root) :] if p.startswith(root) else p).replace(os.sep, "/"): int(
+            info.get("size") or 0
+        )
+        for p, info in fs.find(path, detail=True).items()
+    }
+    listed: dict[str, Any] = dict(owned or {})
+    if FOLDER_MARK in found:
+        found.pop(FOLDER_MARK)
+        try:
+            mark = json.loads(fs.cat_file(root + FOLDER_MARK))
+            listed.update(mark["files"])
+        except (ValueError, KeyError, TypeError):
+            raise FileExistsError(
+                f"out_uri={out_uri!r} holds a {FOLDER_MARK} this project did not write; "
+                "choose a new folder (nothing was changed)"
+            ) from None
+    foreign = sorted(
+        n
+        for n, size in found.items()
+        if not allowed.match(n)
+        or not isinstance(listed.get(n), Mapping)
+        or int(listed[n].get("size", -1)) != size
+    )
     if foreign:
         raise FileExistsError(
             f"out_uri={out_uri!r} holds files that are not ours to replace "
@@ -344,14 +397,18 @@ def publish_folder(
     files: Mapping[str, bytes],
     storage_options: Mapping[str, Any] | None,
     allowed: re.Pattern[str],
+    owned: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write ``files`` (relative name -> bytes) into a local staging folder, then put it in
     place at ``out_uri`` in one step (local: rename; object stores: one recursive upload),
-    replacing an earlier folder whose every file matches ``allowed``. Returns
-    ``{relative name: {size, sha256}}``."""
+    replacing an earlier folder only when every file there matches ``allowed`` and was put
+    there by this function (its :data:`FOLDER_MARK` lists it) or is listed in ``owned``
+    (``{relative name: {size, sha256}}``, e.g. from the manifest of the output holding the
+    folder). Returns ``{relative name: {size, sha256}}``."""
     entries = {name: storage.file_entry("", data) for name, data in files.items()}
     fs, path = storage.get_fs(out_uri, storage_options)
-    _check_replaceable(out_uri, fs, path, allowed)
+    _check_replaceable(out_uri, fs, path, allowed, owned)
+    files = {**files, FOLDER_MARK: storage.canonical_json({"files": entries}, indent=2).encode()}
     local = storage.is_local(out_uri)
     parent = os.path.dirname(os.path.abspath(path)) if local else None
     if local:

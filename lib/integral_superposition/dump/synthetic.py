@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from integral_superposition import storage
+from integral_superposition.dump.layout import own_listing, remove_named
 from integral_superposition.dump.shards import TORCH_DTYPES
 from integral_superposition.dump.store import ActivationStore
 from integral_superposition.dump.writer import _norm_stats, _parquet_bytes, _write_shard
@@ -44,7 +45,8 @@ def write_activation_store(
     ``tokens_per_doc`` consecutive rows form one. ``token_ids`` default to 0, ``labels``
     (per row, constant within a document) to 0 with ``label_names`` ``["unlabelled"]``.
     ``model_info`` adds fields to the manifest's ``model`` entry (as a backend's ``describe()``).
-    A single tensor is stored under the hook point ``"layer.0"``. Values are stored as given
+    A single tensor is stored under the hook point ``"layer.0"``. A folder holding files a
+    dump does not write is refused (``FileExistsError``); an earlier store there is replaced. Values are stored as given
     (NaN included), so the store can also exercise error handling downstream.
     """
     if isinstance(acts, torch.Tensor):
@@ -88,6 +90,12 @@ def write_activation_store(
     position = (np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))).astype(np.int32)
 
     out_dir = os.fspath(out_dir)
+    # a folder holding anything a dump does not write is refused before anything changes;
+    # an earlier store there is replaced: its manifest goes first, then its files, by name
+    earlier = own_listing(out_dir, storage_options)
+    if earlier:
+        remove_named(out_dir, [storage.MANIFEST_NAME], storage_options)
+        remove_named(out_dir, sorted(earlier), storage_options)
     tdtype = TORCH_DTYPES[dtype]
     files: dict[str, dict[str, Any]] = {}
     shards = []

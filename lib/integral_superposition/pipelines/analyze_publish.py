@@ -169,6 +169,10 @@ def publish_dashboards(
     )
     latents = None if p.dashboards == "all" else table.loc[~table["dead"], "latent"].to_numpy()
     files = panels.write_dashboards(
-        pub.uri("dashboards"), data, latents=latents, storage_options=pub.opts
+        pub.uri("dashboards"),
+        data,
+        latents=latents,
+        storage_options=pub.opts,
+        owned=pub.owned_under("dashboards"),
     )
     pub.add("dashboards", files)

@@ -60,8 +60,35 @@ class Checkpoints:
         storage.remove_empty_dir(d, self.so)
 
     def latest(self) -> dict[str, Any] | None:
+        """The ``latest.json`` pointer (None when there is none); one this project did not
+        write is refused, never read as a checkpoint nor replaced."""
         p = storage.join(self.uri, "latest.json")
-        return storage.read_json(p, self.so) if storage.exists(p, self.so) else None
+        if not storage.exists(p, self.so):
+            return None
+        try:
+            found = storage.read_json(p, self.so)
+        except ValueError:
+            found = None
+        if (
+            not isinstance(found, dict)
+            or not isinstance(found.get("step"), int)
+            or not _STEP_DIR_RE.match(str(found.get("dir")))
+        ):
+            raise FileExistsError(
+                f"checkpoint_uri={self.uri!r} holds a latest.json that training checkpoints "
+                "did not write: choose another checkpoint folder (nothing was changed)"
+            )
+        return found
+
+    def check(self) -> None:
+        """Refuse a folder holding a published output (``manifest.json``) or a
+        ``latest.json`` that is not a checkpoint's (see :meth:`latest`), changing nothing."""
+        if storage.exists(storage.join(self.uri, storage.MANIFEST_NAME), self.so):
+            raise FileExistsError(
+                f"checkpoint_uri={self.uri!r} holds a published output ({storage.MANIFEST_NAME}):"
+                " choose a folder of its own for checkpoints (nothing was changed)"
+            )
+        self.latest()
 
     def write(
         self,
@@ -71,6 +98,7 @@ class Checkpoints:
         extra: dict[str, Any],
     ) -> None:
         """Write every trainee's state, then commit the step (one process holding all SAEs)."""
+        self.check()
         files = self.write_trainees(step, dict(enumerate(trainees)))
         self.commit(step, fingerprint, [t.state_json() for t in trainees], files, extra)
 

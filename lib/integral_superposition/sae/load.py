@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from integral_superposition import storage
+from integral_superposition.outputs import OutputWriter
 from integral_superposition.sae.formats import (
     ISUP_KEYS,
     SAELENS_COMMON_KEYS,
@@ -52,10 +53,12 @@ _SAELENS_ARCH = {
 }
 
 
-def _resolve_save_path(path: str) -> str:
+def _resolve_save_path(path: str, warn: bool = True) -> str:
     path = str(path)
     if path.endswith((".pt", ".pth")):
         folder = path.rsplit(".", 1)[0]
+        if not warn:
+            return folder
         msg = (
             f"save_sae({path!r}): SAEs are saved as a SAELens folder (cfg.json + "
             f"sae_weights.safetensors + manifest.json), never as a pickled .pt file; writing the "
@@ -110,6 +113,20 @@ def saelens_config(
     return cfg
 
 
+SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
+"""The files :func:`save_sae` writes into every SAE folder (besides its ``extra_files``)."""
+
+
+def check_sae_folder(
+    path: str, storage_options: Mapping[str, Any] | None = None, extra: Sequence[str] = ()
+) -> None:
+    """Refuse ``path`` as :func:`save_sae` would (a file, a folder holding another kind of
+    output, a file named like an SAE file that this project did not write), changing
+    nothing: checked before training, so that a long run never ends in a refused save."""
+    folder = _resolve_save_path(path, warn=False)
+    OutputWriter(folder, "sae", storage_options, names=[*SAE_FILES, *extra]).check()
+
+
 def save_sae(
     model: SparseAutoencoder,
     path: str,
@@ -148,7 +165,6 @@ def save_sae(
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise ValueError(f"refusing to save: {name} has NaN or inf values")
-    files: dict[str, dict[str, Any]] = {}
     payloads = {
         "sae_weights.safetensors": st_save(tensors),
         "cfg.json": storage.canonical_json(cfg, indent=2).encode(),
@@ -159,22 +175,19 @@ def save_sae(
             raise ValueError(f"sparsity has shape {tuple(sp.shape)}, expected ({model.d_sae},)")
         payloads["sparsity.safetensors"] = st_save({"sparsity": sp})
     payloads.update(extra_files or {})
-    for name, data in payloads.items():
-        storage.write_bytes(storage.join(folder, name), data, storage_options)
-        files[name] = storage.file_entry("", data)
     if cfg["metadata"].get("model_source") is not None:  # shown beside the metrics as well
         manifest_extra.setdefault("model_source", cfg["metadata"]["model_source"])
-    storage.write_manifest(
-        folder,
-        "sae",
-        training_config,
-        files,
-        storage_options,
-        sae=model.config_dict(),
-        metrics=dict(metrics or {}),
-        activation_manifest_hash=activation_manifest_hash,
-        **manifest_extra,
-    )
+    # refuses a file of these names that this project did not write, before writing any
+    with OutputWriter(folder, "sae", storage_options, names=payloads) as out:
+        for name, data in payloads.items():
+            out.write(name, data)
+        out.publish(
+            training_config,
+            sae=model.config_dict(),
+            metrics=dict(metrics or {}),
+            activation_manifest_hash=activation_manifest_hash,
+            **manifest_extra,
+        )
     return folder
 
 

@@ -44,6 +44,8 @@ from integral_superposition.config import SAEConfig, dead_window
 from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.checkpoint import Checkpoints, first_difference, run_fingerprint
+from integral_superposition.sae.curve import CURVE_FILE
+from integral_superposition.sae.load import check_sae_folder
 from integral_superposition.sae.model import SparseAutoencoder, sae_parameter_count
 from integral_superposition.sae.online import OnlineActivations, OnlineSource
 from integral_superposition.sae.parallel import (
@@ -295,6 +297,10 @@ def train_saes(
         )
     if len(set(out_uris)) != len(out_uris):
         raise ValueError(f"out_uris={out_uris!r}: every SAE needs its own output URI")
+    for uri in out_uris:  # a folder the save would refuse is refused before training
+        check_sae_folder(uri, storage_options, extra=[CURVE_FILE])
+    if checkpoint_uri is not None:
+        Checkpoints(checkpoint_uri, storage_options).check()
     info = join_processes(device, cfg_list[0])
     dev = info.device
     leaves_store = isinstance(stores, OnlineActivations) and stores.store_uri is not None

@@ -396,10 +396,13 @@ def write_dashboards(
     latents: Sequence[int] | np.ndarray | None = None,
     storage_options: Mapping[str, Any] | None = None,
     links: Sequence[tuple[str, str]] = (),
+    owned: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write ``index.html`` and ``latents/NNNNN.html`` (for ``latents``, default all) under
     ``out_uri``, replacing earlier dashboards there; returns ``{relative name: {size, sha256}}``.
-    A folder holding any other file is refused (it is not ours to replace)."""
+    A folder holding any other file, or pages this project did not write (see
+    :func:`~integral_superposition.outputs.publish_folder`; ``owned``: pages an enclosing
+    output's manifest lists), is refused: it is not ours to replace."""
     K = data.n_latents
     pages = np.arange(K) if latents is None else np.unique(np.asarray(latents, dtype=np.int64))
     if pages.size and (pages.min() < 0 or pages.max() >= K):
@@ -414,7 +417,7 @@ def write_dashboards(
     files: dict[str, bytes] = {"index.html": render_index(data, has_page, links).encode("utf-8")}
     for j in pages.tolist():
         files[latent_page_name(j)] = render_latent_page(prep, j, has_page).encode("utf-8")
-    return publish_folder(out_uri, files, storage_options, _DASHBOARD_FILE_RE)
+    return publish_folder(out_uri, files, storage_options, _DASHBOARD_FILE_RE, owned)
 
 
 _DASHBOARD_FILE_RE = re.compile(r"^(index\.html|latents/\d{5,}\.html)$")

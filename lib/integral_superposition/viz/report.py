@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 from markupsafe import Markup
 
-from integral_superposition import storage
+from integral_superposition.outputs import OutputWriter
 from integral_superposition.viz.figures import png_data_uri
 from integral_superposition.viz.headline import headline_rows
 from integral_superposition.viz.report_sections import (
@@ -138,14 +138,8 @@ def build_report(
     for name, value in (("merge", merge), ("steering", steering), ("sae", sae)):
         if value is not None and not isinstance(value, str):
             raise TypeError(f"{name}={value!r}: expected the URI of a published output (a str)")
-    if storage.exists(storage.join(out_uri, storage.MANIFEST_NAME), storage_options):
-        kind = storage.read_json(storage.join(out_uri, storage.MANIFEST_NAME), storage_options).get(
-            "kind"
-        )
-        if kind != "report":
-            raise ValueError(
-                f"out_uri={out_uri!r} holds a published {kind!r} output: write the report to its own folder"
-            )
+    # another kind of output there, or a user's file named like the page: refused up front
+    OutputWriter(out_uri, "report", storage_options, names=[filename]).check()
     a = as_analysis(analysis, storage_options)
     configs: list[tuple[str, str]] = []
     if config:
@@ -201,21 +195,18 @@ def build_report(
         sweep_columns=list(SWEEP_COLUMNS.values()),
         tokens_chars=4 * MAX_TOKEN_CHARS,
     ).encode()
-    uri = storage.join(out_uri, filename)
-    storage.write_bytes(uri, page, storage_options)
-    storage.write_manifest(
-        out_uri,
-        "report",
-        {"title": page_title, "sections": [s.title for s in all_sections]},
-        {filename: storage.file_entry(uri, page)},
-        storage_options,
-        analysis=None
-        if a is None
-        else {"uri": a.uri, "content_hash": a.manifest.get("content_hash")},
-        sae=sae_uri,
-        merge=merge,
-        steering=steering,
-    )
+    # a user's file named like the page is refused, never replaced
+    with OutputWriter(out_uri, "report", storage_options, names=[filename]) as out:
+        uri = out.write(filename, page)
+        out.publish(
+            {"title": page_title, "sections": [s.title for s in all_sections]},
+            analysis=None
+            if a is None
+            else {"uri": a.uri, "content_hash": a.manifest.get("content_hash")},
+            sae=sae_uri,
+            merge=merge,
+            steering=steering,
+        )
     return uri
 
 

@@ -1,0 +1,245 @@
+"""Every public entry point that writes, pointed at folders it must not damage: a user's file
+with the name of one of its outputs, a folder of other user files, a folder holding another
+kind of output, and a failure half-way; locally and on S3 (moto server through s3fs).
+
+Each writer either refuses (``FileExistsError`` naming the folder) or writes beside the
+user's files; either way every byte it did not write is as it was, and a failure leaves no
+half-written output (no manifest, none of its files)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from integral_superposition import storage
+from integral_superposition.config import SAEConfig
+
+D = 8
+
+
+def _sae():
+    from integral_superposition.sae import SparseAutoencoder
+
+    torch.manual_seed(0)
+    return SparseAutoencoder(D, 16, architecture="topk", top_k=4)
+
+
+def _save_sae(uri, opts, ctx):
+    from integral_superposition.sae import save_sae
+
+    save_sae(_sae(), uri, storage_options=opts)
+
+
+def _train_saes(uri, opts, ctx):
+    from integral_superposition.sae import train_saes
+
+    cfg = SAEConfig(k=16, architecture="topk", top_k=4, batch_size=64, epochs=1, log_every=1000)
+    train_saes(ctx["store"], [cfg], [uri], storage_options=opts, progress=False, evaluate=False)
+
+
+def _report(uri, opts, ctx):
+    from integral_superposition.viz.report import build_report
+
+    build_report(uri, config={"experiment": "hostile"}, storage_options=opts)
+
+
+def _dashboards(uri, opts, ctx):
+    from integral_superposition.outputs import publish_folder
+    from integral_superposition.viz.panels import _DASHBOARD_FILE_RE
+
+    publish_folder(uri, {"index.html": b"<html></html>"}, opts, _DASHBOARD_FILE_RE)
+
+
+def _synthetic_store(uri, opts, ctx):
+    from integral_superposition.dump.synthetic import write_activation_store
+
+    write_activation_store(torch.randn(64, D), uri, storage_options=opts)
+
+
+def _dump(uri, opts, ctx):
+    from integral_superposition import DumpConfig
+    from integral_superposition.dump import dump_layer_activations
+
+    dump_layer_activations(
+        ctx["df"], "title", "topic", ctx["backend"],
+        DumpConfig(layer=1, max_len=8, batch_size=8, shard_size_mb=0.02), uri,
+        storage_options=opts, overwrite=True, progress=False,
+    )  # fmt: skip
+
+
+def _analysis_writer(uri, opts, ctx):
+    """What run_analysis, run_steering_eval and run_merge's SAE publish do through it."""
+    from integral_superposition.outputs import OutputWriter
+
+    with OutputWriter(uri, "analysis", opts) as out:
+        out.json("notes.md.json", {"n": 1})
+        out.json("summary.json", {"n": 2})
+        out.publish(None)
+
+
+def _checkpoints(uri, opts, ctx):
+    from integral_superposition.sae.checkpoint import Checkpoints
+
+    class _T:
+        def state_tensors(self):
+            return {"w": torch.zeros(2)}
+
+        def state_json(self):
+            return {}
+
+    Checkpoints(uri, opts).write(1, {"run": 1}, [_T()], {})
+
+
+@dataclass
+class Writer:
+    write: Callable
+    output_name: str  # a file name it writes (a user's file of that name must survive)
+    kind: str | None  # the manifest kind it publishes (None: no manifest)
+    other_kind: str = "sae"  # a kind of output it must not mix with
+    s3: bool = True
+
+
+WRITERS = {
+    "save_sae": Writer(_save_sae, "cfg.json", "sae", other_kind="analysis"),
+    "train_saes": Writer(_train_saes, "sae_weights.safetensors", "sae", "activations"),
+    "build_report": Writer(_report, "report.html", "report"),
+    "write_dashboards": Writer(_dashboards, "index.html", None),
+    "write_activation_store": Writer(_synthetic_store, "docs.parquet", "activations"),
+    "dump_layer_activations": Writer(_dump, "docs.parquet", "activations", s3=False),
+    "output_writer": Writer(_analysis_writer, "summary.json", "analysis"),
+    "checkpoints": Writer(_checkpoints, "latest.json", None),
+}
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    if request.param == "s3":
+        bucket, opts = request.getfixturevalue("s3_bucket")
+        return bucket, opts
+    return str(tmp_path), None
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory, tiny_backend):
+    from integral_superposition.data import demo_corpus
+    from integral_superposition.dump.synthetic import write_activation_store
+
+    torch.manual_seed(0)
+    store = write_activation_store(
+        torch.randn(512, D), str(tmp_path_factory.mktemp("store") / "acts")
+    )
+    return {"store": store, "backend": tiny_backend, "df": demo_corpus(12)}
+
+
+def _tree(uri, opts) -> dict[str, bytes]:
+    fs, path = storage.get_fs(uri, opts)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return {}
+    root = path.rstrip("/") + "/"
+    return {p[len(root) :]: fs.cat_file(p) for p in fs.find(path)}
+
+
+def _put(uri, files: dict[str, bytes], opts) -> None:
+    for name, data in files.items():
+        storage.write_bytes(storage.join(uri, name), data, opts)
+
+
+def _writer(name: str, where) -> tuple[Writer, str, dict | None]:
+    w = WRITERS[name]
+    if where[1] is not None and not w.s3:
+        pytest.skip(f"{name} on S3 is covered by its own tests (slow here)")
+    return w, storage.join(where[0], "target"), where[1]
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_users_file_named_like_an_output_is_refused_and_kept(name, where, ctx):
+    w, uri, opts = _writer(name, where)
+    user = {w.output_name: b"the user's own bytes", "notes.txt": b"keep"}
+    _put(uri, user, opts)
+    with pytest.raises(FileExistsError) as err:
+        w.write(uri, opts, ctx)
+    assert "target" in str(err.value) and (
+        w.output_name in str(err.value) or "notes.txt" in str(err.value)
+    )
+    assert _tree(uri, opts) == user
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_other_user_files_are_left_as_they_were(name, where, ctx):
+    w, uri, opts = _writer(name, where)
+    user = {"notes.txt": b"keep", "data/table.csv": b"a,b\n1,2\n"}
+    _put(uri, user, opts)
+    try:
+        w.write(uri, opts, ctx)
+    except FileExistsError as e:  # refusing is allowed: nothing may have changed
+        assert "target" in str(e)
+        assert _tree(uri, opts) == user
+        return
+    after = _tree(uri, opts)
+    assert {k: after.get(k) for k in user} == user
+    if w.kind is not None:
+        assert storage.verify_output(uri, opts, deep=True)
+        assert storage.read_manifest(uri, opts)["kind"] == w.kind
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_folder_holding_another_kind_of_output_is_refused(name, where, ctx):
+    w, uri, opts = _writer(name, where)
+    _put(uri, {"weights.bin": b"theirs"}, opts)
+    storage.write_manifest(uri, w.other_kind, {"by": "another run"}, {}, opts)
+    before = _tree(uri, opts)
+    with pytest.raises(FileExistsError, match="target"):
+        w.write(uri, opts, ctx)
+    assert _tree(uri, opts) == before
+
+
+@pytest.mark.parametrize("name", [n for n, w in WRITERS.items() if w.kind is not None])
+def test_rewriting_an_output_of_ours_leaves_no_mix(name, where, ctx):
+    """Our earlier output of the same kind, with a user's file added since, is replaced as a
+    whole (the new manifest lists exactly the files there, no file of the earlier output is
+    left beside it) or refused; the user's file stays."""
+    w, uri, opts = _writer(name, where)
+    w.write(uri, opts, ctx)
+    storage.write_bytes(storage.join(uri, "notes.txt"), b"user's", opts)
+    before = _tree(uri, opts)
+    try:
+        w.write(uri, opts, ctx)
+    except FileExistsError as e:  # a dump refuses a folder a user's file was added to
+        assert "notes.txt" in str(e)
+        assert _tree(uri, opts) == before
+        return
+    manifest = storage.read_manifest(uri, opts, kind=w.kind)
+    assert storage.verify_output(uri, opts, deep=True)
+    left = set(_tree(uri, opts)) - {storage.MANIFEST_NAME, "notes.txt"}
+    assert left <= set(manifest["files"]) | {".published-folder.json"}
+    assert _tree(uri, opts)["notes.txt"] == b"user's"
+
+
+_FAILING = ["save_sae", "build_report", "output_writer"]
+
+
+@pytest.mark.parametrize("name", _FAILING)
+def test_a_failure_half_way_leaves_nothing_half_written(name, where, ctx, monkeypatch):
+    """The second file write fails (a full disk, a dropped connection): the first file is
+    removed again, no manifest is written, and the user's file beside it is untouched."""
+    w, uri, opts = _writer(name, where)
+    _put(uri, {"notes.txt": b"keep"}, opts)
+    real = storage.write_bytes
+    calls = []
+
+    def flaky(u, data, so=None):
+        if not u.endswith(".manifest-pending.json"):
+            calls.append(u)
+            if len(calls) == 2 or u.endswith(storage.MANIFEST_NAME):
+                raise OSError(28, "No space left on device")
+        return real(u, data, so)
+
+    monkeypatch.setattr(storage, "write_bytes", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        w.write(uri, opts, ctx)
+    monkeypatch.undo()
+    assert calls, "the writer wrote nothing"
+    assert _tree(uri, opts) == {"notes.txt": b"keep"}
