@@ -95,6 +95,15 @@ def quality(sae, store, backend, params: MergeParams) -> pd.DataFrame:
         f"K/4: enrichment retention {ret:.3f} of {int(at4.get('n_enriched_before', 0))} pairs (goal >= 0.80) "
         f"{'PASS' if ret >= 0.8 else 'MISS'}"
     )
+    refit = table[table["partition"] == "original_refit"]
+    if len(refit):
+        r0 = refit.iloc[0]
+        print(
+            f"refit control (K={k}: the original codes, decoder refit): FVU {r0['fvu']:.4f}, "
+            f"CE recovered {r0.get('ce_recovered', float('nan')):.4f} vs the original's "
+            f"{orig['fvu']:.4f}, {orig.get('ce_recovered', float('nan')):.4f}; K/4 merged "
+            f"{at4['fvu']:.4f}, {at4.get('ce_recovered', float('nan')):.4f}"
+        )
     for size in sorted(table.loc[table["partition"] == "cluster", "k_prime"], reverse=True):
         c = table[(table["partition"] == "cluster") & (table["k_prime"] == size)].iloc[0]
         r = table[(table["partition"] == "random") & (table["k_prime"] == size)].iloc[0]

@@ -83,7 +83,10 @@ def test_run_merge_publishes_a_loadable_merged_sae(setup, tiny_backend):
         torch.testing.assert_close(merged.encode(x), want, atol=1e-4, rtol=1e-4)
 
     ev = pd.read_parquet(os.path.join(out, "merge_eval.parquet")).set_index("sae")
+    assert ev.index.tolist() == ["original", "original_refit", "merged"]
     assert ev.loc["merged", "n_latents"] == 24 and ev.loc["original", "n_latents"] == 96
+    assert ev.loc["original_refit", "n_latents"] == 96
+    assert ev.loc["original_refit", "l0"] == pytest.approx(ev.loc["original", "l0"], rel=1e-6)
     assert 0 <= ev.loc["merged", "enrichment_retention"] <= 1
     assert manifest["metrics"]["fvu"] == pytest.approx(ev.loc["merged", "fvu"])
     # spliced forwards through the backend: CE recovered, delta CE and KL for both SAEs
@@ -117,6 +120,18 @@ def test_large_k_path_without_a_dense_gram(setup, tmp_path, monkeypatch):
     assert merged.d_sae == 24
     ev = pd.read_parquet(os.path.join(out, "merge_eval.parquet")).set_index("sae")
     assert np.isfinite(ev.loc["merged", "fvu"]) and ev.loc["merged", "fit_tokens"] > 0
+    # no K x K statistics above DENSE_MAX_LATENTS: no refit control row either
+    assert ev.index.tolist() == ["original", "merged"]
+
+
+def test_compare_adds_the_refit_control_without_a_sweep(setup, tmp_path):
+    root, _store, _sae = setup
+    out = str(tmp_path / "nosweep")
+    pipelines.run_merge(str(root / "sae"), str(root / "acts"), out, fast_params(sweep=False))
+    ev = pd.read_parquet(os.path.join(out, "merge_eval.parquet")).set_index("sae")
+    assert ev.index.tolist() == ["original", "original_refit", "merged"]
+    assert ev.loc["original_refit", "fit_tokens"] > 0
+    assert ev.loc["original_refit", "fvu"] != ev.loc["original", "fvu"]
 
 
 def test_merged_sae_works_with_analysis_and_steers(setup, tiny_backend, tmp_path):
@@ -148,11 +163,36 @@ def test_sweep_returns_table_and_figure(setup):
     _root, store, sae = setup
     table, fig = merge.evaluate.sweep(sae, store, fast_params(), sizes=[48, 12])
     assert isinstance(fig, Figure)
-    assert table["partition"].tolist() == ["original", "cluster", "random", "cluster", "random"]
-    assert table["k_prime"].tolist() == [96, 48, 48, 12, 12]
+    parts = ["original", "original_refit", "cluster", "random", "cluster", "random"]
+    assert table["partition"].tolist() == parts
+    assert table["k_prime"].tolist() == [96, 96, 48, 48, 12, 12]
     assert table[["fvu", "l0", "dead_frac"]].notna().all().all()
     # the random control has exactly the clustering's cluster sizes, so same K'
     assert (table.loc[1:, "fit_tokens"] > 0).all()
+    # the refit control keeps the original codes (same L0) and only changes the decoder
+    orig, refit = table.iloc[0], table.iloc[1]
+    assert refit["l0"] == pytest.approx(orig["l0"], rel=1e-6)
+    assert refit["fvu"] != orig["fvu"]
+    no_refit, _ = merge.evaluate.sweep(sae, store, fast_params(refit=False), sizes=[48])
+    assert no_refit["partition"].tolist() == ["original", "cluster", "random"]
+
+
+def test_refit_identity_is_the_ridge_optimum_of_the_original_codes(setup):
+    """The refit control decodes the original codes with the least-squares decoder: on the
+    fit tokens it reconstructs at least as well as the original decoder does."""
+    from integral_superposition.sae.metrics import explained_variance
+
+    _root, store, sae = setup
+    params = fast_params(ridge_lambda=0.0)
+    refit, info = merge.evaluate.refit_identity(sae, params, store=store)
+    assert refit.is_merged and refit.d_sae == sae.d_sae and info["fit_tokens"] > 0
+    x = torch.cat([c for c in merge.evaluate._fit_chunks(store, params)]).float()
+    with torch.no_grad():
+        torch.testing.assert_close(refit.encode(x), sae.encode(x))
+        fvu_orig = 1 - explained_variance(x, sae.reconstruct(x))
+        fvu_refit = 1 - explained_variance(x, refit.reconstruct(x))
+    assert fvu_refit < fvu_orig - 1e-3
+    assert info["fit_fvu"] == pytest.approx(fvu_refit, abs=1e-4)
 
 
 def test_bad_input_writes_nothing(setup, tmp_path):

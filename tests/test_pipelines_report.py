@@ -97,7 +97,8 @@ def test_merge_section_reads_the_published_tables(run):
     section = merge_section(refs["merges"][0], None)
     assert section.title == "Merge (a)"
     ((caption, df),) = section.tables
-    assert caption.startswith("original vs merged") and list(df["sae"]) == ["original", "merged"]
+    assert caption.startswith("original, original with a refit decoder and merged")
+    assert list(df["sae"]) == ["original", "merged"]
 
 
 def test_report_refusals_write_nothing(run, tmp_path):

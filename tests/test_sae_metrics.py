@@ -141,3 +141,109 @@ def test_spliced_ce_input_errors(tiny_backend, texts):
         spliced_ce(tiny_backend, identity_sae(tiny_backend.d_model), "layer.2", [])
     with pytest.raises(ValueError, match="hook_point"):
         spliced_ce(tiny_backend, identity_sae(tiny_backend.d_model), None, texts)
+
+
+def test_splicing_the_clean_activation_back_is_exact(tiny_backend, texts):
+    """An identity reconstruction: the spliced forward is the clean one, bit for bit."""
+    out = spliced_ce(tiny_backend, lambda x: x, "layer.2", texts, batch_size=8, max_len=24)
+    assert out["delta_ce"] == 0.0 and out["kl"] == 0.0
+    assert out["ce_recovered"] == 1.0
+    zero = spliced_ce(tiny_backend, torch.zeros_like, "layer.2", texts, batch_size=8, max_len=24)
+    assert zero["ce_recovered"] == 0.0 and zero["kl"] == zero["kl_zero"] > 0
+    assert zero["ce_sae"] == zero["ce_zero"] == out["ce_zero"]
+
+
+def _manual_ce(backend, texts, max_len: int, zero_layer: int | None = None) -> float:
+    """Mean next-token CE over predictions made at positions 1..n-2 of each text, one unpadded
+    text per forward; ``zero_layer``: hook point ``layer.{zero_layer}`` (the residual stream
+    entering that block, ``hidden_states[zero_layer]``) set to 0 after the BOS position, by a
+    plain torch forward hook on the output of the block before it."""
+    from integral_superposition.data.tokenize import tokenize_texts
+
+    def zero_after_bos(_module, _inputs, output):
+        out = output.clone()
+        out[:, 1:] = 0
+        return out
+
+    block = backend.model.model.layers[zero_layer - 1] if zero_layer is not None else None
+    handle = block.register_forward_hook(zero_after_bos) if block is not None else None
+    total, n = 0.0, 0
+    try:
+        for seq in tokenize_texts(backend.tokenizer, texts, max_len):
+            ids = torch.tensor([seq])
+            with torch.no_grad():
+                logits = backend.model(input_ids=ids).logits[0].double()
+            lp = torch.log_softmax(logits[1:-1], dim=-1)  # predictions at positions 1..n-2
+            total -= float(lp.gather(1, ids[0, 2:, None]).sum())
+            n += len(seq) - 2
+    finally:
+        if handle is not None:
+            handle.remove()
+    return total / n
+
+
+def test_clean_and_ablated_ce_use_the_same_tokens_and_positions(tiny_backend, texts):
+    """Padded batches give what one unpadded text per forward gives: the clean CE, and the
+    zero-ablated CE with block 1's output (the residual entering block 2, hook point
+    ``layer.2``) zeroed after BOS by an independent torch hook."""
+    out = spliced_ce(tiny_backend, lambda x: x, "layer.2", texts, batch_size=8, max_len=24)
+    one = spliced_ce(tiny_backend, lambda x: x, "layer.2", texts, batch_size=1, max_len=24)
+    assert out["n_predictions"] == one["n_predictions"]
+    assert out["ce_clean"] == pytest.approx(_manual_ce(tiny_backend, texts, 24), abs=1e-5)
+    assert one["ce_clean"] == pytest.approx(out["ce_clean"], abs=1e-5)
+    manual_zero = _manual_ce(tiny_backend, texts, 24, zero_layer=2)
+    assert out["ce_zero"] == pytest.approx(manual_zero, abs=1e-5)
+    assert one["ce_zero"] == pytest.approx(manual_zero, abs=1e-5)
+    # zeroing the residual one block later gives another CE: the splice is at layer.2
+    assert abs(_manual_ce(tiny_backend, texts, 24, zero_layer=3) - manual_zero) > 1e-3
+
+
+def test_the_splice_sees_exactly_the_hook_points_output(tiny_backend, texts):
+    """The function spliced in receives the residual stream entering block 2 (the model's
+    ``hidden_states[2]``) and nothing else."""
+    from integral_superposition.data.tokenize import pad_batch, pad_token_id, tokenize_texts
+
+    seen = []
+    spliced_ce(
+        tiny_backend, lambda x: seen.append(x.clone()) or x, "layer.2", texts[:4], max_len=24
+    )
+    seqs = tokenize_texts(tiny_backend.tokenizer, texts[:4], 24)
+    batch = pad_batch(seqs, pad_token_id(tiny_backend.tokenizer), "right")
+    with torch.no_grad():
+        hidden = tiny_backend.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+        ).hidden_states
+    assert len(seen) == 1 and seen[0].shape == hidden[2].shape
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(seen[0][real], hidden[2][real], atol=1e-6, rtol=1e-6)
+    assert (seen[0][real] - hidden[3][real]).abs().max() > 1e-3
+
+
+def test_spliced_ce_many_shares_the_clean_and_zero_forwards(tiny_backend, texts, monkeypatch):
+    """Several SAEs in one pass: the same numbers as one call each, from 2 + n forwards per
+    batch instead of 3 n."""
+    from integral_superposition.sae.metrics import spliced_ce_many
+
+    d = tiny_backend.d_model
+    saes = {"identity": identity_sae(d), "half": lambda x: 0.5 * x, "zero": constant_sae(d, 0.0)}
+    single = {
+        name: spliced_ce(tiny_backend, s, "layer.2", texts, batch_size=24, max_len=24)
+        for name, s in saes.items()
+    }
+    calls = []
+    logits = tiny_backend.logits
+    monkeypatch.setattr(tiny_backend, "logits", lambda *a, **k: calls.append(1) or logits(*a, **k))
+    many = spliced_ce_many(tiny_backend, saes, "layer.2", texts, batch_size=24, max_len=24)
+    assert len(calls) == 2 + len(saes)
+    for name, want in single.items():
+        for key, value in want.items():
+            assert many[name][key] == pytest.approx(value, abs=1e-9), (name, key)
+    assert many["half"]["kl"] > 0 and many["half"]["delta_ce"] != 0
+    with pytest.raises(ValueError, match="saes is empty"):
+        spliced_ce_many(tiny_backend, {}, "layer.2", texts)
+    with pytest.raises(ValueError, match=r"saes\['bad'\].d_in=7"):
+        spliced_ce_many(tiny_backend, {"bad": SparseAutoencoder(7, 8)}, "layer.2", texts)
+    with pytest.raises(TypeError, match=r"saes\['odd'\]"):
+        spliced_ce_many(tiny_backend, {"odd": 3}, "layer.2", texts)

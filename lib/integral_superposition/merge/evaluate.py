@@ -67,34 +67,29 @@ def _has_labels(store) -> bool:
     return labels is not None and len(getattr(store, "label_names", []) or []) >= 2
 
 
-@torch.no_grad()
-def measure(
-    sae: SparseAutoencoder, store, params: MergeParams, *, backend=None
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """Held-out metrics of one SAE and its enriched ``(latent, label id)`` pairs ``[P, 2]``.
+_CE_KEYS = ("ce_recovered", "delta_ce", "kl")
 
-    FVU, L0, dead fraction (and, with a ``backend``, the spliced CE / KL) come from
-    :func:`integral_superposition.sae.metrics.evaluate_sae`; the enrichment from the top-
-    ``top_n`` held-out tokens of each latent (``analysis.enrichment.fisher_enrichment``).
-    """
+
+def _measure_core(
+    sae: SparseAutoencoder, store, params: MergeParams
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Held-out metrics of one SAE without the spliced CE, and its enriched pairs ``[P, 2]``."""
     from integral_superposition.analysis.scan import scan_latents
     from integral_superposition.sae.metrics import evaluate_sae
 
     out = evaluate_sae(
         sae,
         store,
-        backend if params.ce_docs > 0 else None,
+        None,
         split=params.eval_split,
         test_fraction=params.test_fraction,
         split_seed=params.split_seed,
         chunk_tokens=params.chunk_tokens,
-        n_ce_docs=max(1, params.ce_docs),
-        ce_batch_size=params.ce_batch_size,
     )
     metrics = {
         k: v for k, v in out.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
-    for k in ("ce_recovered", "delta_ce", "kl"):
+    for k in _CE_KEYS:
         metrics.setdefault(k, float("nan"))
     pairs = None
     if _has_labels(store):
@@ -111,6 +106,62 @@ def measure(
             pairs = _enrichment_pairs(scan.top, store, params.q_threshold)
         metrics["n_enriched"] = int(pairs.shape[0])
     return metrics, pairs
+
+
+def spliced_metrics(
+    saes: dict[str, SparseAutoencoder], store, params: MergeParams, backend=None
+) -> dict[str, dict[str, float]]:
+    """Spliced CE / KL of several SAEs on the same ``ce_docs`` held-out documents, from one
+    clean and one zero-ablated forward per batch plus one spliced forward per SAE
+    (``sae.metrics.spliced_ce_many``). ``{}`` without a backend, with ``ce_docs = 0`` or
+    no SAE."""
+    from integral_superposition.sae.metrics import store_spliced_ce
+
+    if backend is None or params.ce_docs == 0 or not saes:
+        return {}
+    return store_spliced_ce(
+        backend,
+        saes,
+        store,
+        _split(store, params.eval_split, params),
+        n_docs=params.ce_docs,
+        batch_size=params.ce_batch_size,
+    )
+
+
+@torch.no_grad()
+def measure_many(
+    saes: dict[str, SparseAutoencoder], store, params: MergeParams, *, backend=None
+) -> dict[str, tuple[dict[str, float], np.ndarray | None]]:
+    """:func:`measure` of several SAEs: ``{name: (metrics, enriched pairs)}``; their spliced
+    CE / KL come from one pass over the CE documents (:func:`spliced_metrics`)."""
+    out = {name: _measure_core(sae, store, params) for name, sae in saes.items()}
+    for name, ce in spliced_metrics(saes, store, params, backend).items():
+        out[name][0].update(ce)
+    return out
+
+
+@torch.no_grad()
+def measure(
+    sae: SparseAutoencoder, store, params: MergeParams, *, backend=None
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Held-out metrics of one SAE and its enriched ``(latent, label id)`` pairs ``[P, 2]``.
+
+    FVU, L0, dead fraction come from :func:`integral_superposition.sae.metrics.evaluate_sae`;
+    with a ``backend``, the spliced CE / KL from ``sae.metrics.spliced_ce_many`` on
+    ``ce_docs`` held-out documents; the enrichment from the top-``top_n`` held-out tokens of
+    each latent (``analysis.enrichment.fisher_enrichment``).
+    """
+    return measure_many({"sae": sae}, store, params, backend=backend)["sae"]
+
+
+def _needs_ce(ref: Reference, params: MergeParams, backend) -> bool:
+    """Whether the reference still lacks the spliced CE that ``backend`` could measure."""
+    return (
+        backend is not None
+        and params.ce_docs > 0
+        and not np.isfinite(ref.metrics.get("ce_recovered", float("nan")))
+    )
 
 
 def enrichment_retention(
@@ -139,31 +190,46 @@ def compare(
     *,
     backend=None,
     reference: Reference | None = None,
+    refit_original: SparseAutoencoder | None = None,
 ) -> pd.DataFrame:
-    """Original vs merged on the held-out split: one row each (``sae`` = original / merged)."""
+    """Original vs merged on the held-out split: one row each (``sae`` = original / merged),
+    and ``original_refit`` between them when ``refit_original`` (:func:`refit_identity`:
+    the original codes with a refit decoder) is given, which separates what the refit does
+    from what the merge does. The spliced CE of every row comes from one pass."""
     params = params or MergeParams()
     if not merged.is_merged or merged.d_pre != original.d_sae:
         raise ValueError(
             f"merged must be a merge of original (d_pre={getattr(merged, 'd_pre', None)}, K={original.d_sae})"
         )
     if reference is None:
-        reference = reference_metrics(original, store, params, backend=backend)
-    m_metrics, m_pairs = measure(merged, store, params, backend=backend)
-    if reference.significant is not None and m_pairs is not None:
-        m_metrics.update(
-            enrichment_retention(reference.significant, m_pairs, merged.merge_index.cpu().numpy())
+        reference = reference_metrics(original, store, params)
+    saes = {"merged": merged}
+    if refit_original is not None:
+        saes["original_refit"] = refit_original
+    measured = {name: _measure_core(sae, store, params) for name, sae in saes.items()}
+    ce_saes = ({"original": original} if _needs_ce(reference, params, backend) else {}) | saes
+    for name, ce in spliced_metrics(ce_saes, store, params, backend).items():
+        (reference.metrics if name == "original" else measured[name][0]).update(ce)
+    for name, sae in saes.items():
+        metrics, pairs = measured[name]
+        if reference.significant is not None and pairs is not None:
+            labels = sae.merge_index.cpu().numpy()
+            metrics.update(enrichment_retention(reference.significant, pairs, labels))
+    rows = [{"sae": "original", "n_latents": original.d_sae, **reference.metrics}]
+    if refit_original is not None:
+        rows.append(
+            {"sae": "original_refit", "n_latents": original.d_sae, **measured["original_refit"][0]}
         )
-    rows = [
-        {"sae": "original", "n_latents": original.d_sae, **reference.metrics},
-        {"sae": "merged", "n_latents": merged.d_sae, **m_metrics},
-    ]
+    rows.append({"sae": "merged", "n_latents": merged.d_sae, **measured["merged"][0]})
     return pd.DataFrame(rows)
 
 
 def reference_metrics(
     original: SparseAutoencoder, store, params: MergeParams, *, backend=None
 ) -> Reference:
-    """Evaluate the original SAE once (metrics and its enriched pairs)."""
+    """Evaluate the original SAE once (metrics and its enriched pairs). Without a
+    ``backend`` its CE stays NaN until :func:`sweep` or :func:`compare` measures it in
+    their shared CE pass."""
     metrics, pairs = measure(original, store, params, backend=backend)
     return Reference(metrics, pairs)
 
@@ -245,6 +311,39 @@ def merge_with_labels(
     return merged, medoids, dist, info
 
 
+def refit_identity(
+    sae: SparseAutoencoder, params: MergeParams, *, store=None, stats: RidgeStats | None = None
+) -> tuple[SparseAutoencoder, dict[str, float]]:
+    """The original SAE's codes with a decoder refit as every merge's is (the identity
+    merge, ``K' = K``): the control that tells what the refit does from what the merge does.
+
+    Returns ``(SAE, refit info)``; ``stats``: ridge statistics of the original codes (else
+    one pass over ``store``'s fit split).
+    """
+    k = sae.d_sae
+    ident = np.arange(k)
+    refit = build_merged_sae(sae, ident, ident, mode=params.aggregation)
+    if stats is None:
+        if store is None:
+            raise ValueError("refit_identity needs store= or the original codes' stats=")
+        stats = accumulate_stats(refit, _fit_chunks(store, params))
+    res = refit_decoder(
+        refit, stats=stats, ridge_lambda=params.ridge_lambda, fit_bias=params.refit_bias
+    )
+    return refit, {"fit_fvu": res.fit_fvu, "ridge_lambda_abs": res.lam, "fit_tokens": res.n_tokens}
+
+
+def has_refit_control(sae: SparseAutoencoder, params: MergeParams) -> bool:
+    """Whether the evaluation adds the original SAE with a refit decoder: when merges are
+    refit and the original codes' ``K x K`` statistics fit (``K <= DENSE_MAX_LATENTS``)."""
+    return params.refit and sae.d_sae <= DENSE_MAX_LATENTS
+
+
+def sweep_steps(n_sizes: int, control: bool = True, refit: bool = True) -> int:
+    """Progress steps of :func:`sweep`: three stages, the refit control, one per merge, the CE."""
+    return 3 + int(refit) + n_sizes * (2 if control else 1) + 1
+
+
 def _fit_chunks(store, params: MergeParams):
     for _rows, x in store.iter_chunks(
         params.chunk_tokens, mask=_split(store, params.fit_split, params)
@@ -276,8 +375,10 @@ def sweep(
     """Merge ``sae`` to each ``K'`` in ``sizes`` (default ``params.sweep_fractions`` of K) by
     clustering and by a random partition of the same sizes; evaluate each on held-out tokens.
 
-    Returns the table (one row per ``K'`` x ``partition`` in ``original``/``cluster``/``random``)
-    and a figure of FVU, CE recovered and enrichment retention against ``K'``.
+    Returns the table (one row per ``K'`` x ``partition`` in ``original``/``cluster``/``random``,
+    and, when :func:`has_refit_control`, ``original_refit``: the original codes with a refit
+    decoder, :func:`refit_identity`) and a figure of FVU, CE recovered and enrichment retention against
+    ``K'``. Every SAE's spliced CE comes from one pass over the CE documents.
     """
     params = params or MergeParams()
     k = sae.d_sae
@@ -285,7 +386,8 @@ def sweep(
     for s in sizes:
         if not 1 <= s <= k:
             raise ValueError(f"sweep size K'={s}: expected 1 <= K' <= K={k}")
-    steps = 3 + len(sizes) * (2 if control else 1)
+    with_refit = has_refit_control(sae, params)
+    steps = sweep_steps(len(sizes), control, with_refit)
     rep = Reporter("merge sweep", on_progress, unit="steps", total=steps)
     tick = rep.advance
 
@@ -297,10 +399,15 @@ def sweep(
     if tree is None:
         tree = build_tree(sim, params.linkage, params.graph, params.n_neighbors, min(sizes))
     tick(phase="reference metrics")
-    ref = reference or reference_metrics(sae, store, params, backend=backend)
+    ref = reference or reference_metrics(sae, store, params)
     tick()
-    rows = [{"k_prime": k, "fraction": 1.0, "partition": "original", **ref.metrics}]
     rng = np.random.default_rng(params.control_seed)
+    variants: list[tuple[int, str, SparseAutoencoder, dict[str, float]]] = []
+    if with_refit:
+        rep.set_phase("original SAE, decoder refit")
+        refit, info = refit_identity(sae, params, store=store, stats=stats)
+        variants.append((k, "original_refit", refit, {**info, "mean_distance_to_medoid": 0.0}))
+        tick()
     for size in sizes:
         lab = tree.cut(size)
         parts = [("cluster", lab)] + ([("random", rng.permutation(lab))] if control else [])
@@ -309,18 +416,35 @@ def sweep(
             merged, _med, dist, info = merge_with_labels(
                 sae, labels, sim, params, store=store, stats=stats
             )
-            m, pairs = measure(merged, store, params, backend=backend)
-            if ref.significant is not None and pairs is not None:
-                m.update(enrichment_retention(ref.significant, pairs, labels))
-            m["mean_distance_to_medoid"] = float(dist.mean())
-            rows.append({"k_prime": size, "fraction": size / k, "partition": name, **info, **m})
+            variants.append(
+                (size, name, merged, {**info, "mean_distance_to_medoid": float(dist.mean())})
+            )
             tick()
+    rows_m = []
+    for size, name, merged, _info in variants:
+        rep.set_phase(f"evaluate K'={size} {name}")
+        m, pairs = _measure_core(merged, store, params)
+        if ref.significant is not None and pairs is not None:
+            labels = merged.merge_index.cpu().numpy()
+            m.update(enrichment_retention(ref.significant, pairs, labels))
+        rows_m.append(m)
+    rep.set_phase("spliced CE")
+    ce_saes = {f"{i}": v[2] for i, v in enumerate(variants)}
+    if _needs_ce(ref, params, backend):
+        ce_saes["original"] = sae
+    for name, ce in spliced_metrics(ce_saes, store, params, backend).items():
+        (ref.metrics if name == "original" else rows_m[int(name)]).update(ce)
+    tick()
+    rows = [{"k_prime": k, "fraction": 1.0, "partition": "original", **ref.metrics}]
+    for (size, name, _merged, info), m in zip(variants, rows_m, strict=True):
+        rows.append({"k_prime": size, "fraction": size / k, "partition": name, **info, **m})
     table = pd.DataFrame(rows)
     return table, plot_sweep(table)
 
 
 def plot_sweep(table: pd.DataFrame) -> Figure:
-    """FVU, CE recovered and enrichment retention against ``K'`` (log2 axis), cluster vs random."""
+    """FVU, CE recovered and enrichment retention against ``K'`` (log2 axis), cluster vs random,
+    with the original SAE and its refit-decoder control as horizontal lines."""
     panels = [
         ("fvu", "FVU (held-out)"),
         ("ce_recovered", "CE loss recovered"),
@@ -329,6 +453,7 @@ def plot_sweep(table: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
     axes = fig.subplots(1, len(panels), sharex=True)
     orig = table[table["partition"] == "original"]
+    refit = table[table["partition"] == "original_refit"]
     styles = {
         "cluster": ("C0", "-", "o", "clustering"),
         "random": ("C3", "--", "s", "random partition"),
@@ -350,6 +475,10 @@ def plot_sweep(table: pd.DataFrame) -> Figure:
                 color="0.4",
                 ls=":",
                 label=f"original (K={int(orig['k_prime'].iloc[0])})",
+            )
+        if len(refit) and col in refit and not refit[col].isna().all():
+            ax.axhline(
+                float(refit[col].iloc[0]), color="C2", ls="-.", label="original, decoder refit"
             )
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -4,7 +4,8 @@ The output folder is a regular SAE folder (``save_sae``: ``cfg.json``,
 ``sae_weights.safetensors``, ``manifest.json`` written last, ``kind="sae"``) plus:
 
 - ``merge_map.parquet``: ``latent, cluster, medoid, distance_to_medoid, cluster_size, is_medoid``;
-- ``merge_eval.parquet``: original vs merged on the held-out split;
+- ``merge_eval.parquet``: original vs merged on the held-out split, with ``original_refit``
+  (the original codes with a refit decoder) between them when merges are refit;
 - ``merge_sweep.parquet`` and ``merge_sweep.png`` / ``.svg`` when ``params.sweep``.
 """
 
@@ -95,9 +96,10 @@ def run_merge(
     target = params.target_clusters(k)
     sizes = params.sweep_sizes(k) if params.sweep else []
     n_min = 1 if target is None else min([target, *sizes])
-    # one step per stage, and one per sweep point (clustered and random) in between
-    sweep_steps = 3 + 2 * len(sizes) if params.sweep else 0
-    rep = Reporter("merge", on_progress, unit="steps", total=6 + sweep_steps)
+    n_sweep = (
+        ev.sweep_steps(len(sizes), True, ev.has_refit_control(sae, params)) if params.sweep else 0
+    )
+    rep = Reporter("merge", on_progress, unit="steps", total=6 + n_sweep)
     with rep:
         return _run_merge(
             sae,
@@ -137,7 +139,8 @@ def _run_merge(
             f"ridge_lambda={params.ridge_lambda}: a larger ridge_lambda steadies the refit)"
         )
     tick(phase="reference metrics")
-    reference = ev.reference_metrics(sae, store, params, backend=backend)
+    # without the spliced CE: the sweep or the comparison measures it with the others' in one pass
+    reference = ev.reference_metrics(sae, store, params)
     tick(phase="sweep" if params.sweep else "evaluate")
     sweep_table = None
     files: dict[str, bytes] = {}
@@ -168,15 +171,29 @@ def _run_merge(
     )
     if same is not None and len(same):
         # the sweep built this very merge (same tree, cut and refit): reuse its evaluation
-        m = same.iloc[0].drop(["k_prime", "fraction", "partition"]).to_dict()
-        eval_table = pd.DataFrame(
-            [
-                {"sae": "original", "n_latents": k, **reference.metrics},
-                {"sae": "merged", "n_latents": merged.d_sae, **m},
-            ]
-        )
+        rows = [{"sae": "original", "n_latents": k, **reference.metrics}]
+        refit_row = sweep_table[sweep_table["partition"] == "original_refit"]
+        for name, sub in (("original_refit", refit_row), ("merged", same)):
+            if len(sub):
+                m = sub.iloc[0].drop(["k_prime", "fraction", "partition"]).to_dict()
+                rows.append({"sae": name, "n_latents": int(sub["k_prime"].iloc[0]), **m})
+        eval_table = pd.DataFrame(rows)
     else:
-        eval_table = ev.compare(sae, merged, store, params, backend=backend, reference=reference)
+        refit_original, refit_control = None, {}
+        if ev.has_refit_control(sae, params):
+            refit_original, refit_control = ev.refit_identity(sae, params, store=store, stats=stats)
+        eval_table = ev.compare(
+            sae,
+            merged,
+            store,
+            params,
+            backend=backend,
+            reference=reference,
+            refit_original=refit_original,
+        )
+        if refit_original is not None:
+            for key, value in {**refit_control, "mean_distance_to_medoid": 0.0}.items():
+                eval_table.loc[eval_table["sae"] == "original_refit", key] = value
         extra = {**refit_info, "mean_distance_to_medoid": float(dist.mean())}
         for key, value in extra.items():
             eval_table.loc[eval_table["sae"] == "merged", key] = value

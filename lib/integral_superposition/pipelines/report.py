@@ -46,7 +46,10 @@ def merge_section(ref: Published, storage_options: Mapping[str, Any] | None) -> 
     tables = []
     if out.has("merge_eval.parquet"):
         tables.append(
-            ("original vs merged SAE (held-out tokens)", out.parquet("merge_eval.parquet"))
+            (
+                "original, original with a refit decoder and merged SAE (held-out tokens)",
+                out.parquet("merge_eval.parquet"),
+            )
         )
     if out.has("merge_sweep.parquet"):
         tables.append(

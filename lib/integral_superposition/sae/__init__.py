@@ -10,7 +10,12 @@ from integral_superposition.sae.load import (
     saelens_config,
     save_sae,
 )
-from integral_superposition.sae.metrics import evaluate_sae, explained_variance, spliced_ce
+from integral_superposition.sae.metrics import (
+    evaluate_sae,
+    explained_variance,
+    spliced_ce,
+    spliced_ce_many,
+)
 from integral_superposition.sae.model import ARCHITECTURES, SAEOutput, SparseAutoencoder
 from integral_superposition.sae.train import (
     NonFiniteActivationsError,
@@ -36,6 +41,7 @@ __all__ = [
     "saelens_config",
     "save_sae",
     "spliced_ce",
+    "spliced_ce_many",
     "train_sae",
     "train_saes",
 ]

@@ -6,7 +6,7 @@ tokens only: no BOS, pad or special tokens), usually its held-out ``test`` split
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,10 +191,32 @@ def _default_hook(sae: SparseAutoencoder, store=None) -> str | None:
     )
 
 
+Reconstruction = SparseAutoencoder | Callable[[torch.Tensor], torch.Tensor]
+"""What :func:`spliced_ce` splices in: an SAE (its ``reconstruct``) or a function of the
+hook point's activation ``[B, T, d]`` returning its replacement ``[B, T, d]``."""
+
+
+def _splice_fn(name: str, recon: Reconstruction, d_model: int):
+    """``x [B, T, d] -> replacement [B, T, d]`` for one entry of :func:`spliced_ce_many`."""
+    if isinstance(recon, SparseAutoencoder):
+        if recon.d_in != d_model:
+            raise ValueError(
+                f"saes[{name!r}].d_in={recon.d_in} does not match the model's d_model={d_model}"
+            )
+        dev = recon.W_enc.device
+        return lambda x: recon.reconstruct(x.to(dev, torch.float32)).to(x.device)
+    if not callable(recon):
+        raise TypeError(
+            f"saes[{name!r}]: expected a SparseAutoencoder or a function of the activation, "
+            f"got {type(recon).__name__}"
+        )
+    return recon
+
+
 @torch.no_grad()
 def spliced_ce(
     backend,
-    sae: SparseAutoencoder,
+    sae: Reconstruction,
     hook_point: str | int | None,
     texts: Sequence[str],
     *,
@@ -211,7 +233,8 @@ def spliced_ce(
     stores are replaced (no pad; no BOS or special tokens under ``drop_bos``/``drop_special``),
     and the CE and ``KL(p_clean || p_spliced)`` are averaged over the predictions made at a
     replaced position whose target is also a stored token. So an identity SAE leaves the CE
-    unchanged and a zero SAE gives the zero-ablation CE.
+    unchanged and a zero SAE gives the zero-ablation CE. ``sae`` may also be a function of
+    the activation ``[B, T, d]`` (``lambda x: x`` splices the clean activation back).
 
     ``batch_size`` texts go through one forward unless their logits ``[B, max_len, vocab]``
     would exceed :data:`CE_LOGITS_ELEMENTS` (then fewer); the CE and KL reductions run in
@@ -221,6 +244,45 @@ def spliced_ce(
     ``ce_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``, ``kl`` and ``kl_zero``
     (nats per prediction) and ``n_predictions``.
     """
+    if isinstance(sae, SparseAutoencoder):
+        hook_point = hook_point if hook_point is not None else _default_hook(sae)
+        if hasattr(backend, "d_model") and sae.d_in != backend.d_model:
+            raise ValueError(
+                f"sae.d_in={sae.d_in} does not match the model's d_model={backend.d_model}"
+            )
+    return spliced_ce_many(
+        backend,
+        {"sae": sae},
+        hook_point,
+        texts,
+        batch_size=batch_size,
+        max_len=max_len,
+        prepend_bos=prepend_bos,
+        drop_bos=drop_bos,
+        drop_special=drop_special,
+    )["sae"]
+
+
+@torch.no_grad()
+def spliced_ce_many(
+    backend,
+    saes: Mapping[str, Reconstruction],
+    hook_point: str | int | None,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_len: int = 64,
+    prepend_bos: bool = True,
+    drop_bos: bool = True,
+    drop_special: bool = True,
+) -> dict[str, dict[str, float]]:
+    """:func:`spliced_ce` of several SAEs on the same texts: ``{name: its results}``.
+
+    Each batch runs the clean and the zero-ablated forward once and one spliced forward per
+    SAE (``2 + n`` forwards instead of ``3 n``); every SAE's CE and KL are taken at the same
+    predictions against the same clean logits, so their rows compare exactly. ``hook_point``
+    None: the first SAE's metadata names it.
+    """
     from integral_superposition.config import DumpConfig
     from integral_superposition.data.tokenize import pad_batch, pad_token_id, tokenize_texts
     from integral_superposition.dump.activations import TokenMask
@@ -229,27 +291,28 @@ def spliced_ce(
         raise TypeError(
             f"backend: expected a causal LM backend with logits() (HFCausalLM), got {type(backend).__name__}"
         )
+    if not saes:
+        raise ValueError("saes is empty: expected at least one SAE to splice in")
     texts = [str(t) for t in texts]
     if not texts:
         raise ValueError("texts is empty: expected at least one text")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive number of texts")
-    hook_point = hook_point if hook_point is not None else _default_hook(sae)
+    if hook_point is None:
+        first = next((s for s in saes.values() if isinstance(s, SparseAutoencoder)), None)
+        hook_point = _default_hook(first) if first is not None else None
     if hook_point is None:
         raise ValueError("hook_point: not given and the SAE's metadata names none")
     hp = backend.hook_point(hook_point)
-    if backend.d_model != sae.d_in:
-        raise ValueError(
-            f"sae.d_in={sae.d_in} does not match the model's d_model={backend.d_model}"
-        )
+    fns = {name: _splice_fn(name, r, backend.d_model) for name, r in saes.items()}
     tok = backend.tokenizer
     token_mask = TokenMask(
         tok, DumpConfig(max_len=max_len, drop_bos=drop_bos, drop_special=drop_special)
     )
     pad = pad_token_id(tok)
-    sums = dict.fromkeys(("clean", "sae", "zero", "kl", "kl_zero"), 0.0)
+    ce_clean = ce_zero = kl_zero = 0.0
+    sums = {name: [0.0, 0.0] for name in fns}  # summed CE and KL per SAE
     n_pred = 0
-    sae_dev = sae.W_enc.device
     config = getattr(getattr(backend, "model", None), "config", None)
     vocab = max(len(tok), int(getattr(config, "vocab_size", 0) or 0))
     # forwards of at most CE_LOGITS_ELEMENTS logits (a [B, T, vocab] tensor each)
@@ -265,42 +328,43 @@ def spliced_ce(
         keep_dev = keep.to(backend.device)
 
         def splice(x: torch.Tensor, fn, keep_dev=keep_dev) -> torch.Tensor:
-            new = fn(x)
-            return torch.where(keep_dev[..., None], new.to(x.dtype), x)
-
-        def recon(x: torch.Tensor) -> torch.Tensor:
-            return sae.reconstruct(x.to(sae_dev, torch.float32)).to(x.device)
+            return torch.where(keep_dev[..., None], fn(x).to(x.dtype), x)
 
         def selected(ids=batch.input_ids, am=batch.attention_mask, pred=pred) -> torch.Tensor:
             return backend.logits(ids, am)[:, :-1][pred]  # float32 [P, vocab]
 
         clean = selected()
         tgt = targets.to(clean.device)
-        sums["clean"] += _ce_and_kl(clean, None, tgt)[0]
-        with backend.edit(hp, lambda x: splice(x, recon)):
-            ce_sae, kl = _ce_and_kl(selected(), clean, tgt)
-        sums["sae"] += ce_sae
-        sums["kl"] += kl
+        ce_clean += _ce_and_kl(clean, None, tgt)[0]
         with backend.edit(hp, lambda x: splice(x, torch.zeros_like)):
-            ce_zero, kl_zero = _ce_and_kl(selected(), clean, tgt)
-        sums["zero"] += ce_zero
-        sums["kl_zero"] += kl_zero
+            ce, kl = _ce_and_kl(selected(), clean, tgt)
+        ce_zero += ce
+        kl_zero += kl
+        for name, fn in fns.items():
+            with backend.edit(hp, lambda x, fn=fn: splice(x, fn)):
+                ce, kl = _ce_and_kl(selected(), clean, tgt)
+            sums[name][0] += ce
+            sums[name][1] += kl
         n_pred += int(pred.sum())
         del clean
     if n_pred == 0:
         raise ValueError("texts: no prediction at a stored position (texts too short?)")
-    ce = {k: v / n_pred for k, v in sums.items()}
-    denom = ce["zero"] - ce["clean"]
-    return {
-        "ce_clean": ce["clean"],
-        "ce_sae": ce["sae"],
-        "ce_zero": ce["zero"],
-        "delta_ce": ce["sae"] - ce["clean"],
-        "ce_recovered": (ce["zero"] - ce["sae"]) / denom if abs(denom) > 1e-12 else float("nan"),
-        "kl": ce["kl"],
-        "kl_zero": ce["kl_zero"],
-        "n_predictions": n_pred,
-    }
+    clean_mean, zero_mean = ce_clean / n_pred, ce_zero / n_pred
+    denom = zero_mean - clean_mean
+    out = {}
+    for name, (ce_sum, kl_sum) in sums.items():
+        ce_sae = ce_sum / n_pred
+        out[name] = {
+            "ce_clean": clean_mean,
+            "ce_sae": ce_sae,
+            "ce_zero": zero_mean,
+            "delta_ce": ce_sae - clean_mean,
+            "ce_recovered": (zero_mean - ce_sae) / denom if abs(denom) > 1e-12 else float("nan"),
+            "kl": kl_sum / n_pred,
+            "kl_zero": kl_zero / n_pred,
+            "n_predictions": n_pred,
+        }
+    return out
 
 
 def _ce_and_kl(
@@ -380,21 +444,49 @@ def evaluate_sae(
     out["split"] = split
     out["hook_point"] = hook_point
     if backend is not None:
-        docs = store.docs
-        held = np.unique(store.doc_ids[mask])[:n_ce_docs]
-        texts = docs.set_index("doc_id").loc[held, "text"].tolist()
-        mcfg = store.manifest.get("config") or {}
-        info = store.hook_info(hook_point)
-        ce = spliced_ce(
+        ce = store_spliced_ce(
             backend,
-            sae,
-            info.get("module_path") if info.get("layer") is None else f"layer.{info['layer']}",
-            texts,
+            {"sae": sae},
+            store,
+            mask,
+            hook_point=hook_point,
+            n_docs=n_ce_docs,
             batch_size=ce_batch_size,
-            max_len=int(mcfg.get("max_len", 64)),
-            prepend_bos=bool(mcfg.get("prepend_bos", True)),
-            drop_bos=bool(mcfg.get("drop_bos", True)),
-            drop_special=bool(mcfg.get("drop_special", True)),
-        )
+        )["sae"]
         out.update(ce)
     return out
+
+
+def store_spliced_ce(
+    backend,
+    saes: Mapping[str, Reconstruction],
+    store,
+    mask: np.ndarray,
+    *,
+    hook_point: str | None = None,
+    n_docs: int = 64,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float]]:
+    """:func:`spliced_ce_many` on the first ``n_docs`` documents with a row in ``mask``
+    (``bool [store rows]``), tokenised as the dump was (same ``max_len``, BOS and
+    special-token handling) and spliced at the store's layer (``hook_point``: one of the
+    store's hook points, default its first)."""
+    if n_docs < 1:
+        raise ValueError(f"n_docs={n_docs}: expected at least one document")
+    held = np.unique(store.doc_ids[mask])[:n_docs]
+    if held.size == 0:
+        raise ValueError("mask selects no row of the store: expected at least one document")
+    texts = store.docs.set_index("doc_id").loc[held, "text"].tolist()
+    mcfg = store.manifest.get("config") or {}
+    info = store.hook_info(hook_point or store.hook_point)
+    return spliced_ce_many(
+        backend,
+        saes,
+        info.get("module_path") if info.get("layer") is None else f"layer.{info['layer']}",
+        texts,
+        batch_size=batch_size,
+        max_len=int(mcfg.get("max_len", 64)),
+        prepend_bos=bool(mcfg.get("prepend_bos", True)),
+        drop_bos=bool(mcfg.get("drop_bos", True)),
+        drop_special=bool(mcfg.get("drop_special", True)),
+    )
