@@ -250,3 +250,22 @@ def test_combine_four_partitions_equals_one_dump(tiny_backend, tmp_path):
         combine_dumps([str(tmp_path / "whole")], str(root))
     with pytest.raises(ValueError, match="listed twice"):
         combine_dumps([str(root / "part-0"), str(root / "part-0")], str(root))
+
+
+def test_the_document_split_is_a_fixed_rule_of_the_document_ids(dumped):
+    """Held-out documents depend only on their ids, the fraction and the seed (pinned: a
+    change would move every store's train/test split), and a store's mask is that rule."""
+    from integral_superposition.dump.tokens import split_rows
+
+    ids = np.arange(40)
+    assert np.flatnonzero(split_rows(ids, "test", 0.25, seed=0)).tolist() == [3, 10, 18, 20, 21, 33]
+    assert np.flatnonzero(split_rows(ids, "test", 0.25, seed=7)).tolist() == [
+        6, 16, 18, 21, 23, 26, 27, 34, 35,
+    ]  # fmt: skip
+    assert (split_rows(ids[::-1], "train", 0.25)[::-1] == ~split_rows(ids, "test", 0.25)).all()
+    assert split_rows(ids, "all").all()
+    store, _ = dumped
+    assert (store.split_mask("test", 0.2, 3) == split_rows(store.doc_ids, "test", 0.2, 3)).all()
+    for bad, match in ((0.0, "test_fraction=0.0"), (1.0, "test_fraction=1.0")):
+        with pytest.raises(ValueError, match=match):
+            split_rows(ids, "test", bad)

@@ -13,7 +13,6 @@ A store is one published activation dump (or several, concatenated). It offers
 from __future__ import annotations
 
 import functools
-import io
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from integral_superposition import storage
@@ -36,6 +34,7 @@ from integral_superposition.dump.shards import (
     first_non_finite,
     verify_dump,
 )
+from integral_superposition.dump.tokens import read_docs, read_token_table, split_rows
 
 __all__ = [
     "VERIFY_MODES",
@@ -48,16 +47,6 @@ __all__ = [
 
 VERIFY_MODES = ("first-read", "off")
 """``ActivationStore(verify=...)``: hash every file on its first read, or not at all."""
-
-
-def _doc_uniform(doc_ids: np.ndarray, seed: int) -> np.ndarray:
-    """A deterministic pseudo-uniform number in [0, 1) per document id (splitmix64)."""
-    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
-        z = doc_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 class ActivationStore:
@@ -232,30 +221,7 @@ class ActivationStore:
 
     @functools.cached_property
     def _token_table(self) -> dict[str, np.ndarray]:
-        cols: dict[str, list[np.ndarray]] = {
-            "token_id": [],
-            "doc_id": [],
-            "position": [],
-            "label": [],
-        }
-        doc_offset, store_index = 0, -1
-        label_maps = [
-            np.array([self.label_names.index(n) for n in m["labels"]["names"]], dtype=np.int32)
-            for m in self.manifests
-        ]
-        for shard in self.shards:
-            if shard.store_index != store_index:
-                if store_index >= 0:
-                    doc_offset += int(self.manifests[store_index]["doc_id_end"])
-                store_index = shard.store_index
-            t = pq.read_table(io.BytesIO(self._read_file(shard.store_index, shard.tokens)))
-            cols["token_id"].append(t.column("token_id").to_numpy().astype(np.int32))
-            cols["doc_id"].append(t.column("doc_id").to_numpy().astype(np.int64) + doc_offset)
-            cols["position"].append(t.column("position").to_numpy().astype(np.int32))
-            cols["label"].append(label_maps[store_index][t.column("label").to_numpy()])
-        return {
-            k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)) for k, v in cols.items()
-        }
+        return read_token_table(self.manifests, self.shards, self.label_names, self._read_file)
 
     @property
     def token_ids(self) -> np.ndarray:
@@ -280,30 +246,16 @@ class ActivationStore:
     @functools.cached_property
     def docs(self) -> pd.DataFrame:
         """One row per document: ``doc_id``, ``text``, ``label`` (id), ``label_name``, ``n_tokens``."""
-        frames = []
-        doc_offset = 0
-        for i, m in enumerate(self.manifests):
-            df = pd.read_parquet(io.BytesIO(self._read_file(i, m["docs_file"])))
-            df["doc_id"] = df["doc_id"].astype(np.int64) + doc_offset
-            df["label"] = [self.label_names.index(n) for n in df["label_name"]]
-            frames.append(df)
-            doc_offset += int(m["doc_id_end"])
-        return pd.concat(frames, ignore_index=True)
+        return read_docs(self.manifests, self.label_names, self._read_file)
 
     def split_mask(
         self, split: str = "train", test_fraction: float = 0.05, seed: int = 0
     ) -> np.ndarray:
-        """Boolean row mask of a document-level split: ``train``, ``test`` or ``all``."""
-        if split == "all":
+        """Boolean row mask ``[n_tokens]`` of a document-level split: ``train``, ``test`` or
+        ``all`` (:func:`~integral_superposition.dump.tokens.split_rows`)."""
+        if split == "all":  # without reading the token tables
             return np.ones(self.n_tokens, dtype=bool)
-        if split not in ("train", "test"):
-            raise ValueError(f"split={split!r}: expected 'train', 'test' or 'all'")
-        if not 0 < test_fraction < 1:
-            raise ValueError(
-                f"test_fraction={test_fraction}: expected a fraction strictly between 0 and 1"
-            )
-        is_test = _doc_uniform(self.doc_ids, seed) < test_fraction
-        return is_test if split == "test" else ~is_test
+        return split_rows(self.doc_ids, split, test_fraction, seed)
 
     # -- activations ------------------------------------------------------------------------
     def _reader(self, i: int) -> ShardReader:

@@ -49,7 +49,8 @@ from integral_superposition.dump.capture import capture_batches
 from integral_superposition.dump.layout import reusable_shards
 from integral_superposition.dump.plan import TokenMask, count_tokens, forward_order, plan_shards
 from integral_superposition.dump.shards import TORCH_DTYPES
-from integral_superposition.dump.store import ActivationStore, _doc_uniform
+from integral_superposition.dump.store import ActivationStore
+from integral_superposition.dump.tokens import doc_uniform
 from integral_superposition.dump.writer import ShardWriter, publish_dump
 from integral_superposition.sae.schedule import total_steps
 
@@ -156,7 +157,7 @@ class OnlineSource:
         self.n_tok, self.n_kept = count_tokens(
             self.texts, self.doc_ids, backend.tokenizer, self.mask, self.dump
         )
-        self.is_test = _doc_uniform(self.doc_ids, 0) < cfg.test_fraction
+        self.is_test = doc_uniform(self.doc_ids, 0) < cfg.test_fraction
         self.train_docs = self.doc_ids[~self.is_test & (self.n_kept > 0)]
         n_train = int(self.n_kept[self.train_docs].sum())
         if n_train < cfg.batch_size:
