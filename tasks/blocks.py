@@ -25,7 +25,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
-from integral_superposition.credentials import merge_options, split_secret_options
+from integral_superposition.credentials import (
+    merge_options,
+    option_paths,
+    split_secret_options,
+    without_values,
+)
 from integral_superposition.experiment import ExperimentConfig
 from prefect.filesystems import RemoteFileSystem
 from pydantic import Field
@@ -98,7 +103,7 @@ def refuse_credentials(storage_options: Mapping[str, Any] | None, argument: str)
     """Raise when ``storage_options`` holds credentials: a flow must get them by name."""
     _, secret = split_secret_options(storage_options)
     if secret:
-        names = ", ".join(f"{argument}.{k}" for k in _paths(secret))
+        names = ", ".join(f"{argument}.{k}" for k in option_paths(secret))
         raise ValueError(
             f"{names}: credentials cannot be flow parameters (Prefect stores parameters in "
             "clear text); save them in a Prefect Secret block and pass its name as "
@@ -119,7 +124,7 @@ def move_credentials(
     public, secret = split_secret_options(storage_options)
     if not secret:
         return dict(storage_options or {}), storage_secret
-    names = ", ".join(f"{argument}.{k}" for k in _paths(secret))
+    names = ", ".join(f"{argument}.{k}" for k in option_paths(secret))
     try:
         value = merge_options(load_secret_options(storage_secret) if storage_secret else {}, secret)
         save_secret_options(block_name, value)
@@ -127,7 +132,7 @@ def move_credentials(
         raise ValueError(
             f"{names}: credentials given inline are moved into a Prefect Secret block before "
             f"a run starts, and saving the block {block_name!r} failed ({type(e).__name__}: "
-            f"{_without(str(e), secret)}); save them in a Secret block yourself and set "
+            f"{without_values(str(e), secret)}); save them in a Secret block yourself and set "
             "storage_secret to its name, or give them through the environment "
             "(AWS_* variables, a profile)"
         ) from None
@@ -145,30 +150,6 @@ def secure_config(cfg: ExperimentConfig, run: str | None = None) -> ExperimentCo
         cfg.storage_options, cfg.storage_secret, secret_block_name(cfg.name, run)
     )
     return cfg.model_copy(update={"storage_options": public, "storage_secret": name})
-
-
-def _paths(options: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out: list[str] = []
-    for k, v in options.items():
-        if isinstance(v, Mapping):
-            out += _paths(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}")
-    return out
-
-
-def _values(options: Mapping[str, Any]) -> list[str]:
-    out: list[str] = []
-    for v in options.values():
-        out += _values(v) if isinstance(v, Mapping) else [str(v)]
-    return out
-
-
-def _without(text: str, secret: Mapping[str, Any]) -> str:
-    for v in _values(secret):
-        if v:
-            text = text.replace(v, "***")
-    return text
 
 
 class SecretRemoteFileSystem(RemoteFileSystem):

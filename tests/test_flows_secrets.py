@@ -16,7 +16,9 @@ from integral_superposition.credentials import (
     is_secret_option,
     masked_options,
     merge_options,
+    option_paths,
     split_secret_options,
+    without_values,
 )
 from integral_superposition.experiment import ConfigError
 from integral_superposition.flows.config import load_preset
@@ -52,6 +54,15 @@ def test_split_secret_options_finds_credentials_at_any_depth():
     masked = masked_options(opts)
     assert masked["client_kwargs"] == {"region_name": "eu-west-1", "aws_secret_access_key": MASK}
     assert not is_secret_option("endpoint_url") and is_secret_option("SSEKMSKeyId")
+
+
+def test_credentials_are_named_by_path_and_scrubbed_from_messages():
+    secret = {"key": "AKIA9", "client_kwargs": {"aws_secret_access_key": "s3cr3t"}, "n": 7}
+    assert option_paths(secret) == ["key", "client_kwargs.aws_secret_access_key", "n"]
+    assert option_paths(None) == []
+    message = "auth failed for AKIA9 with s3cr3t (7 tries)"
+    assert without_values(message, secret) == f"auth failed for {MASK} with {MASK} ({MASK} tries)"
+    assert without_values(message, {"empty": ""}) == message
 
 
 def test_a_config_dumped_to_json_masks_credentials_and_refuses_the_mask():

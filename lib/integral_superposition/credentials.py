@@ -19,7 +19,9 @@ __all__ = [
     "masked_options",
     "masked_paths",
     "merge_options",
+    "option_paths",
     "split_secret_options",
+    "without_values",
 ]
 
 MASK = "***"
@@ -109,3 +111,31 @@ def masked_paths(options: Mapping[str, Any] | None, prefix: str = "") -> list[st
         elif v == MASK:
             found.append(name)
     return found
+
+
+def option_paths(options: Mapping[str, Any] | None, prefix: str = "") -> list[str]:
+    """Dotted names of every option (``client_kwargs.aws_secret_access_key``), nested
+    mappings walked."""
+    out: list[str] = []
+    for k, v in (options or {}).items():
+        if isinstance(v, Mapping):
+            out += option_paths(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def without_values(text: str, options: Mapping[str, Any] | None) -> str:
+    """``text`` (an error message) with the value of every option in ``options`` (nested
+    ones included) replaced by :data:`MASK`."""
+
+    def values(opts: Mapping[str, Any]) -> list[str]:
+        out: list[str] = []
+        for v in opts.values():
+            out += values(v) if isinstance(v, Mapping) else [str(v)]
+        return out
+
+    for v in values(options or {}):
+        if v:
+            text = text.replace(v, MASK)
+    return text
