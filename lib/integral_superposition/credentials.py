@@ -12,15 +12,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 __all__ = [
     "MASK",
     "is_secret_option",
     "masked_options",
     "masked_paths",
+    "masked_uri",
     "merge_options",
     "option_paths",
     "split_secret_options",
+    "uri_credentials",
     "without_values",
 ]
 
@@ -139,3 +142,35 @@ def without_values(text: str, options: Mapping[str, Any] | None) -> str:
         if v:
             text = text.replace(v, MASK)
     return text
+
+
+def uri_credentials(uri: str) -> list[str]:
+    """What in ``uri`` is a credential: ``"password"`` for ``scheme://user:password@host``,
+    and the names of query parameters that hold one (``?token=...``, ``?sig=...`` is not
+    recognised, ``?X-Amz-Credential=...`` is). Empty for a URI without any."""
+    if "://" not in str(uri):
+        return []
+    try:
+        parts = urlsplit(str(uri))
+        found = ["password"] if parts.password else []
+    except ValueError:  # e.g. a port that is not a number
+        return []
+    found += [k for k, _ in parse_qsl(parts.query, keep_blank_values=True) if is_secret_option(k)]
+    return found
+
+
+def masked_uri(uri: str) -> str:
+    """``uri`` with the credentials :func:`uri_credentials` finds replaced by :data:`MASK`."""
+    text = str(uri)
+    if not uri_credentials(text):
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc
+    if parts.password:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':', 1)[0]}:{MASK}@{host}"
+    query = "&".join(
+        f"{k}={MASK if is_secret_option(k) else v}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return parts._replace(netloc=netloc, query=query).geturl()

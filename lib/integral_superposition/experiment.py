@@ -107,6 +107,7 @@ class ExperimentConfig(Section):
         validate_assignment=True,
         allow_inf_nan=False,
         title="Integral Superposition experiment",
+        hide_input_in_errors=True,  # a rejected value may be a credential
     )
 
     name: str = Field("demo", pattern=NAME_RE)
@@ -191,6 +192,11 @@ class ExperimentConfig(Section):
                 "(AWS_* variables, a profile) or, in the flows, a secret block (storage_secret)"
             )
         return v
+
+    def __repr_args__(self):
+        # repr and str (logs, tracebacks, debuggers) show the options with credentials masked
+        for name, value in super().__repr_args__():
+            yield name, masked_options(value) if name == "storage_options" else value
 
     @field_serializer("storage_options", when_used="json")
     def _mask_credentials(self, v: dict[str, Any]) -> dict[str, Any]:

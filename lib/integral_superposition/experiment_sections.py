@@ -36,6 +36,7 @@ class Section(BaseModel):
         use_attribute_docstrings=True,
         validate_assignment=True,
         allow_inf_nan=False,
+        hide_input_in_errors=True,  # a rejected value may be a credential
     )
 
 
@@ -65,6 +66,9 @@ class DataSpec(Section):
     def _source(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("expected a dataset source, e.g. 'demo:4000' or 'data/news.csv'")
+        from integral_superposition import storage
+
+        storage.refuse_uri_credentials(v, "source")
         if v.startswith("demo:") and v[5:].isdigit():
             from integral_superposition.data.demo_corpus import MAX_TITLES_PER_TOPIC, TOPICS
 

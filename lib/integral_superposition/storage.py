@@ -110,6 +110,7 @@ def check_root(uri: Any, name: str | None = "storage") -> str:
     text = os.fspath(uri).strip()
     if not text:
         raise bad("expected a directory or a URI such as s3://bucket/prefix")
+    refuse_uri_credentials(text, name or "storage")
     protocol, _ = split_protocol(text)
     if protocol is None:
         m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):", text)
@@ -131,6 +132,22 @@ def check_root(uri: Any, name: str | None = "storage") -> str:
             "directory such as runs or /data/runs, or a URI such as s3://bucket/prefix"
         )
     return text.rstrip("/")
+
+
+def refuse_uri_credentials(uri: str, name: str) -> None:
+    """Refuse a URI that carries a credential (``sftp://user:password@host/...``,
+    ``https://host/data.csv?token=...``): a URI is written into manifests, run records, Prefect
+    parameters and logs, so credentials go in storage options (or the environment) instead.
+    The error shows the URI with the credential masked."""
+    from integral_superposition.credentials import masked_uri, uri_credentials
+
+    found = uri_credentials(uri)
+    if found:
+        raise ValueError(
+            f"{name}={masked_uri(uri)!r}: the URI carries a credential ({', '.join(found)}), "
+            "which would be written with every output and record that names it; give it as "
+            "a storage option (or through the environment or a secret block) instead"
+        )
 
 
 def _is_fs_root(path: str) -> bool:

@@ -85,8 +85,8 @@ class OnlineActivations:
     """Stored tokens of the bounded sample (when ``write_store`` is off)."""
     label_names: Sequence[str] | None = None
     """Fixed label mapping (default: the sorted distinct labels)."""
-    storage_options: Mapping[str, Any] | None = None
-    """fsspec options for ``store_uri``."""
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    """fsspec options for ``store_uri`` (left out of the repr: they may hold credentials)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.dump, DumpConfig):
