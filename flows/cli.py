@@ -224,7 +224,7 @@ def _prefect_hint(flow_run_id: str | None) -> str:
 
 
 def _print_run(result, flow_run_id: str | None, wall_s: float) -> None:
-    from integral_superposition.tasks.ui import browser_url
+    from integral_superposition.storage import browser_url
 
     con = _console()
     t = _table(title="Steps")

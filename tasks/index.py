@@ -116,7 +116,7 @@ def write_run_index(result: ExperimentResult, cfg: ExperimentConfig, loc: RunLoc
 def publish_run_outputs(result: ExperimentResult, loc: RunLocation) -> None:
     """A markdown artifact listing every step of the run with its state and a link to its
     output (on a cached run, the earlier run's output it reuses)."""
-    from integral_superposition.tasks.ui import browser_url, markdown
+    from integral_superposition.tasks.ui import markdown
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
@@ -125,7 +125,9 @@ def publish_run_outputs(result: ExperimentResult, loc: RunLocation) -> None:
     for s in result.steps:
         out = ""
         if s.output is not None:
-            out = f"[{cell(s.output.uri)}]({browser_url(s.output.uri, loc.storage_options)})"
+            out = (
+                f"[{cell(s.output.uri)}]({storage.browser_url(s.output.uri, loc.storage_options)})"
+            )
         rows.append(f"| {s.step} | {cell(s.name)} | {s.state} | {out} |")
     n_cached = sum(s.state == "Cached" for s in result.steps)
     head = f"# Outputs of {cell(result.experiment)} / {cell(result.run)}\n\n"

@@ -13,7 +13,6 @@ from integral_superposition.pipelines import report
 from integral_superposition.tasks.policy import TASK_DEFAULTS, output_cache
 from integral_superposition.tasks.refs import OutputRef, RunLocation
 from integral_superposition.tasks.ui import (
-    browser_url,
     event,
     link,
     markdown,
@@ -57,7 +56,7 @@ def build_experiment_report(
         storage_options=loc.storage_options,
     )  # fmt: skip
     page = built["page"]
-    url = browser_url(page, loc.storage_options)
+    url = storage.browser_url(page, loc.storage_options)
     record_step_seconds(time.perf_counter() - t0)
     ref = OutputRef.read("report", out, loc.uri(out), loc.storage_options)
     ref = ref.model_copy(update={"summary": {**built, "url": url}})
@@ -87,7 +86,7 @@ def publish_report_summary(
     report.check_same_activations(saes, [*analyses, *merges, *steering], loc.storage_options)
     title = options.title or f"{loc.experiment} / {loc.run}"
     page = ref.summary.get("page") or storage.join(ref.uri, "report.html")
-    url = browser_url(page, loc.storage_options)
+    url = storage.browser_url(page, loc.storage_options)
     head = f"**[Open the HTML report]({url})** (`{page}`)\n\n"
     if not ref.uri.startswith(loc.root + "/"):
         head += f"The report is reused unchanged from an earlier run: `{ref.uri}`.\n\n"

@@ -231,31 +231,6 @@ def link(key: str, url: str, text: str, description: str) -> None:
         run_logger().warning("link artifact %s not created: %s", key, e)
 
 
-def browser_url(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """A URL a browser can open for ``uri``: ``file://`` for local files, a presigned
-    HTTPS URL (7 days) for S3, else the URI itself. No presigned URL is made from session
-    credentials: it would carry their session token into the artifacts and events it is
-    shown in."""
-    import os
-
-    fs, path = storage.get_fs(uri, storage_options)
-    if storage.is_local(uri):
-        return "file://" + os.path.abspath(path)
-    sign = getattr(fs, "url", None)
-    if sign is not None and "s3" in (
-        fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    ):
-        try:
-            url = sign(path, expires=7 * 24 * 3600)
-        except Exception as e:
-            log.debug("no presigned URL for %s: %s", uri, e)
-        else:
-            if "x-amz-security-token" not in url.lower():
-                return url
-            log.debug("no presigned URL for %s: the credentials are session credentials", uri)
-    return uri
-
-
 def producer() -> str:
     """The name of the flow this code runs in (``experiment``, ``train``, ...), or ``library``."""
     from prefect.runtime import flow_run

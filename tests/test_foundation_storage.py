@@ -112,3 +112,18 @@ def test_s3_options_from_the_environment(s3_bucket, monkeypatch):
         assert fs.exists(bucket.removeprefix("s3://") + "/env.txt")  # explicit options win
     finally:
         storage.set_default_storage_options("s3", {})
+
+
+def test_browser_urls_of_local_memory_and_s3_outputs(s3_bucket, tmp_path, monkeypatch):
+    """``file://`` for a local file, a presigned HTTPS URL for S3 (never one carrying a
+    session token), the URI itself where there is no such URL."""
+    monkeypatch.chdir(tmp_path)
+    assert storage.browser_url("report/report.html") == f"file://{tmp_path}/report/report.html"
+    assert storage.browser_url("memory://x/report.html") == "memory://x/report.html"
+    bucket, opts = s3_bucket
+    page = bucket + "/e/r/report/report.html"
+    storage.write_bytes(page, b"<html></html>", opts)
+    url = storage.browser_url(page, opts)
+    assert url.startswith(opts["endpoint_url"]) and "Signature=" in url
+    with_token = {**opts, "token": "session-token"}
+    assert storage.browser_url(page, with_token) == page

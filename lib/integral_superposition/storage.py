@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -32,6 +33,8 @@ from integral_superposition.hashing import (
     package_versions,
     sha256_bytes,
 )
+
+log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -203,6 +206,29 @@ def join(uri: str, *parts: str) -> str:
             else f"{proto}://" + posixpath.join(*parts)
         )
     return os.path.join(uri, *parts)
+
+
+def browser_url(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A URL a browser can open for ``uri``: ``file://`` for local files, a presigned
+    HTTPS URL (7 days) for S3, else the URI itself. No presigned URL is made from session
+    credentials: it would carry their session token into the artifacts and events it is
+    shown in."""
+    fs, path = get_fs(uri, storage_options)
+    if is_local(uri):
+        return "file://" + os.path.abspath(path)
+    sign = getattr(fs, "url", None)
+    if sign is not None and "s3" in (
+        fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    ):
+        try:
+            url = sign(path, expires=7 * 24 * 3600)
+        except Exception as e:
+            log.debug("no presigned URL for %s: %s", uri, e)
+        else:
+            if "x-amz-security-token" not in url.lower():
+                return url
+            log.debug("no presigned URL for %s: the credentials are session credentials", uri)
+    return uri
 
 
 def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
