@@ -430,14 +430,10 @@ def train(
 
 
 def _params(model_cls, overrides: list[str] | None):
-    from integral_superposition.experiment import ConfigError, _describe_errors, apply_overrides
-    from pydantic import ValidationError
+    from integral_superposition.experiment import ConfigError, params_from_overrides
 
     try:
-        data = apply_overrides({}, overrides or [])
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        _fail(f"invalid {model_cls.__name__}: {_describe_errors(e)}")
+        return params_from_overrides(model_cls, overrides or [])
     except ConfigError as e:
         _fail(str(e))
 

@@ -194,6 +194,23 @@ def test_overrides_parse_values_as_yaml():
         apply_overrides({}, ["sae.k"])
 
 
+def test_step_parameters_from_overrides_name_each_bad_field():
+    from integral_superposition.experiment import ReportOptions, params_from_overrides
+    from integral_superposition.merge.params import MergeParams
+
+    opts = params_from_overrides(ReportOptions, ["title=Rebuilt run", "top_per_label=3"])
+    assert (opts.title, opts.top_per_label) == ("Rebuilt run", 3)
+    assert params_from_overrides(ReportOptions, []) == ReportOptions()
+    with pytest.raises(ConfigError) as err:
+        params_from_overrides(ReportOptions, ["top_per_label=0", "colour=red"])
+    assert str(err.value) == (
+        "invalid ReportOptions: top_per_label: Input should be greater than or equal to 1 "
+        "(got 0); colour: unknown field (got 'red')"
+    )
+    with pytest.raises(ConfigError, match=r"^invalid MergeParams: ce_docs: "):
+        params_from_overrides(MergeParams, ["ce_docs=-1"])
+
+
 def test_run_root_and_public_dict_hide_secrets():
     cfg = load_preset(
         "smoke",

@@ -70,6 +70,8 @@ from integral_superposition.experiment_sections import (
     StepsConfig,
 )
 from integral_superposition.merge.params import MergeParams
+from integral_superposition.overrides import apply_overrides, params_from_overrides
+from integral_superposition.overrides import describe_errors as _describe_errors
 from integral_superposition.steering.params import SteeringParams
 
 __all__ = [
@@ -88,6 +90,7 @@ __all__ = [
     "load_config",
     "load_preset",
     "make_run_id",
+    "params_from_overrides",
     "resolve_config",
     "schema_path",
     "write_schema",
@@ -312,24 +315,6 @@ def _job_name(cfg: SAEConfig, swept: Mapping[str, Any], several_hooks: bool) -> 
 
 
 # -- errors ------------------------------------------------------------------------------------
-def _describe_errors(e: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for err in e.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"])
-        if prefix:
-            loc = f"{prefix}.{loc}" if loc else prefix
-        msg = err["msg"].removeprefix("Value error, ")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown field"
-        got = err.get("input")
-        field = str(err["loc"][-1]) if err["loc"] else ""
-        # a message that starts with "field=value" names the value already
-        named = bool(field) and msg.startswith(f"{field}=")
-        shown = "" if named or isinstance(got, dict | list) or got is None else f" (got {got!r})"
-        lines.append(f"{loc}: {msg}{shown}" if loc else msg)
-    return "; ".join(lines)
-
-
 def _validate(
     data: Mapping[str, Any], source: str, model: type[ExperimentConfig] = ExperimentConfig
 ) -> ExperimentConfig:
@@ -425,41 +410,6 @@ def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, An
             out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
-    return out
-
-
-def apply_overrides(
-    data: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any]
-) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides (values parsed as YAML: ``sae.k=4096``,
-    ``sweep.k=[512,1024]``, ``data.label_col=null``) to a raw config mapping."""
-    items: list[tuple[str, Any]] = []
-    if isinstance(overrides, Mapping):
-        items = list(overrides.items())
-    else:
-        for o in overrides:
-            if "=" not in o:
-                raise ConfigError(f"override {o!r}: expected key.path=value")
-            key, raw = o.split("=", 1)
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError:
-                value = raw
-            items.append((key.strip(), value))
-    out = json.loads(json.dumps(dict(data), default=str))
-    for key, value in items:
-        parts = key.split(".")
-        if not all(parts):
-            raise ConfigError(f"override {key!r}: empty path component")
-        node = out
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {key!r}: {p!r} is not a section")
-            node = nxt
-        node[parts[-1]] = value
     return out
 
 

@@ -89,11 +89,11 @@ def read_sae_configs(
         try:
             out[name] = (SAEConfig.model_validate(fields), None if uri is None else str(uri))
         except ValidationError as e:
-            from integral_superposition.experiment import _describe_errors
+            from integral_superposition.overrides import describe_errors
 
             where = f"saes.{name}" if name else ""
             raise ValueError(
-                f"config={path!r}: invalid SAE config: {_describe_errors(e, prefix=where)}"
+                f"config={path!r}: invalid SAE config: {describe_errors(e, prefix=where)}"
             ) from None
     return out
 
