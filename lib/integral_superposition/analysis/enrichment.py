@@ -61,6 +61,15 @@ def encode_label_array(
         raise ValueError(f"{name} has shape {arr.shape}: expected a 1-D array of labels")
     if arr.size == 0:
         raise ValueError(f"{name} is empty: expected one label per token")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
+        # a missing label would otherwise become a class of its own named "nan" or "None"
+        missing = pd.isna(arr) | (pd.Series(arr).astype(str).str.strip() == "").to_numpy()
+        if missing.any():
+            raise ValueError(
+                f"{name}: {int(missing.sum())} of {arr.size} labels are missing (NaN, None or "
+                f"empty), first at position {int(np.flatnonzero(missing)[0])}: expected a label "
+                "for every entry (drop those rows or fill them in)"
+            )
     if np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_):
         ids = arr.astype(np.int64)
         if ids.min() < 0:

@@ -2,6 +2,7 @@
 
 from integral_superposition.sae import metrics
 from integral_superposition.sae.curve import load_training_curve
+from integral_superposition.sae.formats import CorruptSAEError
 from integral_superposition.sae.load import (
     check_training_store,
     load_sae,
@@ -26,6 +27,7 @@ from integral_superposition.sae.train import (
 
 __all__ = [
     "ARCHITECTURES",
+    "CorruptSAEError",
     "NonFiniteActivationsError",
     "SAEOutput",
     "SparseAutoencoder",

@@ -9,6 +9,7 @@ the math, and a silently ignored one gives wrong codes. ``sae.load.load_sae`` di
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,87 @@ from safetensors.torch import load as st_load
 
 from integral_superposition import storage
 from integral_superposition.sae.model import SparseAutoencoder
+
+
+class CorruptSAEError(ValueError):
+    """An SAE file that cannot be read as written: not JSON or safetensors (truncated,
+    damaged), or not the bytes its manifest records."""
+
+
+def read_checked(
+    path: str, name: str, storage_options, manifest: Mapping[str, Any] | None = None
+) -> bytes:
+    """The bytes of ``path/name``, checked against the ``manifest`` entry (size and SHA-256)
+    when the folder has our manifest: a file that is not the one it records (damaged,
+    truncated or replaced after the save) is a :class:`CorruptSAEError` naming it."""
+    uri = storage.join(path, name)
+    data = storage.read_bytes(uri, storage_options)
+    entry = ((manifest or {}).get("files") or {}).get(name)
+    if entry:
+        digest = storage.sha256_bytes(data)
+        if len(data) != entry.get("size") or digest != entry.get("sha256"):
+            raise CorruptSAEError(
+                f"{uri!r}: {len(data)} bytes with SHA-256 {digest[:16]}, but the SAE's "
+                f"manifest records {entry.get('size')} bytes with SHA-256 "
+                f"{str(entry.get('sha256'))[:16]}: the file was damaged or replaced after it "
+                "was saved; save or download the SAE again"
+            )
+    return data
+
+
+def read_cfg(
+    path: str,
+    storage_options,
+    name: str = "cfg.json",
+    manifest: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON object ``path/name`` (see :func:`read_checked`); a file that is not one is
+    a :class:`CorruptSAEError` naming it."""
+    data = read_checked(path, name, storage_options, manifest)
+    try:
+        cfg = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptSAEError(
+            f"{storage.join(path, name)!r}: not valid JSON ({e}; {len(data)} bytes): the file "
+            "is truncated or damaged; save or download the SAE again"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise CorruptSAEError(
+            f"{storage.join(path, name)!r}: expected a JSON object, got {type(cfg).__name__}"
+        )
+    return cfg
+
+
+def read_tensors(
+    path: str, name: str, storage_options, manifest: Mapping[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """The safetensors file ``path/name`` (see :func:`read_checked`); one that is truncated
+    or damaged is a :class:`CorruptSAEError` naming it."""
+    data = read_checked(path, name, storage_options, manifest)
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+        raise CorruptSAEError(
+            f"{storage.join(path, name)!r}: not a readable safetensors file "
+            f"({type(e).__name__}: {e}; {len(data)} bytes): it is truncated or damaged; "
+            "save or download the SAE again"
+        ) from None
+
+
+def check_finite_weights(path: str, sae: SparseAutoencoder) -> SparseAutoencoder:
+    """``sae``, after checking that every floating-point weight is finite; a NaN or inf is a
+    ``ValueError`` naming the tensor, how many values and the first index."""
+    for name, t in sae.state_dict().items():
+        if t.is_floating_point():
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                first = bad.nonzero()[0].tolist()
+                raise ValueError(
+                    f"path={path!r}: the SAE's weights hold NaN or inf values ({name} has "
+                    f"{int(bad.sum())} of {t.numel()}, first at index {first}): a diverged "
+                    "training run or a damaged file; the SAE cannot be used"
+                )
+    return sae
 
 
 def from_tensors(
@@ -238,7 +320,7 @@ and ``multi_topk`` act only in training."""
 def load_sparsify(path: str, storage_options) -> SparseAutoencoder:
     """A sparsify ``SparseCoder`` folder: ``(relu(x - b_dec) @ encoder.weight.T + bias)``,
     top-k (or group max), decoded by ``W_dec`` plus ``b_dec`` (and ``x @ W_skip.T``)."""
-    cfg = storage.read_json(storage.join(path, "cfg.json"), storage_options)
+    cfg = read_cfg(path, storage_options)
     refuse_unknown(path, "cfg.json (sparsify)", cfg, SPARSIFY_KEYS)
     if cfg.get("transcode", False):
         raise ValueError(
@@ -249,7 +331,7 @@ def load_sparsify(path: str, storage_options) -> SparseAutoencoder:
     activation = cfg.get("activation", "topk")
     if activation not in ("topk", "groupmax"):
         raise ValueError(f"path={path!r}: activation={activation!r}; expected 'topk' or 'groupmax'")
-    t = st_load(storage.read_bytes(storage.join(path, "sae.safetensors"), storage_options))
+    t = read_tensors(path, "sae.safetensors", storage_options)
     known = {"encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip"}
     refuse_unknown(path, "sae.safetensors (sparsify)", t, known)
     if "W_dec" not in t:

@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from integral_superposition import storage
@@ -29,10 +28,13 @@ from integral_superposition.outputs import OutputWriter
 from integral_superposition.sae.formats import (
     ISUP_KEYS,
     SAELENS_COMMON_KEYS,
+    check_finite_weights,
     from_tensors,
     legacy_saelens_config,
     load_legacy_state_dict,
     load_sparsify,
+    read_cfg,
+    read_tensors,
     refuse_unknown,
     saelens_tensors,
     saelens_version,
@@ -214,12 +216,11 @@ def load_sae(
             storage.join(folder, "cfg.json"), storage_options
         ):  # save_sae(model, "x.pt") wrote the folder "x": read it back from the same name
             return load_sae(folder, device=device, storage_options=storage_options)
-        return load_legacy_state_dict(path, device, storage_options)
+        return check_finite_weights(path, load_legacy_state_dict(path, device, storage_options))
     if storage.exists(storage.join(path, "sae_weights.safetensors"), storage_options):
-        cfg = storage.read_json(storage.join(path, "cfg.json"), storage_options)
-        tensors = st_load(
-            storage.read_bytes(storage.join(path, "sae_weights.safetensors"), storage_options)
-        )
+        manifest = _own_manifest(path, storage_options)
+        cfg = read_cfg(path, storage_options, manifest=manifest)
+        tensors = read_tensors(path, "sae_weights.safetensors", storage_options, manifest)
         ours = cfg.get("isup") or {}
         if cfg.get("architecture") == OURS_ONLY and ours:
             refuse_unknown(path, "cfg.json", cfg, SAELENS_COMMON_KEYS | {"isup"})
@@ -247,7 +248,16 @@ def load_sae(
         raise FileNotFoundError(
             f"path={path!r}: no sae_weights.safetensors (SAELens/ours) or sae.safetensors (sparsify) found"
         )
+    check_finite_weights(path, sae)
     return sae.to(device) if device is not None else sae
+
+
+def _own_manifest(path: str, storage_options) -> dict[str, Any] | None:
+    """Our ``sae`` manifest of the folder (None for a SAELens or sparsify folder without one)."""
+    try:
+        return storage.read_manifest(path, storage_options, kind="sae")
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def read_sae_manifest(
@@ -294,4 +304,4 @@ def load_sparsity(
     uri = storage.join(str(path), "sparsity.safetensors")
     if not storage.exists(uri, storage_options):
         return None
-    return st_load(storage.read_bytes(uri, storage_options))["sparsity"]
+    return read_tensors(str(path), "sparsity.safetensors", storage_options)["sparsity"]
