@@ -56,7 +56,7 @@ def main() -> None:
     written = []
 
     def save(fig, name: str) -> None:
-        written.append(viz.save_figure(fig, os.path.join(out, name))["png"])
+        written.append(viz.save_figure(fig, os.path.join(out, name), overwrite=True)["png"])
         viz.figures.close_figure(fig)
 
     # latents: decoder directions in 2-D, coloured by the most enriched label

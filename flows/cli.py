@@ -686,7 +686,10 @@ def schema(
     from integral_superposition.flows.config import json_schema, write_schema
 
     if out:
-        typer.echo(str(write_schema(out)))
+        try:
+            typer.echo(str(write_schema(out)))
+        except FileExistsError as e:
+            _fail(str(e))
     else:
         typer.echo(json.dumps(json_schema(), indent=2))
 

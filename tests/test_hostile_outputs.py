@@ -243,3 +243,56 @@ def test_a_failure_half_way_leaves_nothing_half_written(name, where, ctx, monkey
     monkeypatch.undo()
     assert calls, "the writer wrote nothing"
     assert _tree(uri, opts) == {"notes.txt": b"keep"}
+
+
+# -- single files and run-root records ---------------------------------------------------------
+def test_save_figure_never_replaces_an_existing_file_unless_asked(where):
+    from integral_superposition.viz.figures import new_figure, save_figure
+
+    root, opts = where
+    base = storage.join(root, "fig")
+    storage.write_bytes(base + ".svg", b"<svg>the user's</svg>", opts)
+    fig = new_figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    with pytest.raises(FileExistsError, match=r"fig\.svg' exists; pass overwrite=True"):
+        save_figure(fig, base, storage_options=opts)
+    assert _tree(root, opts) == {"fig.svg": b"<svg>the user's</svg>"}  # not even the .png
+    uris = save_figure(fig, base, storage_options=opts, overwrite=True)
+    assert storage.read_bytes(uris["png"], opts)[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("content", [b"my notes", b'{"lease": "of another tool"}'])
+def test_a_run_lease_never_takes_over_a_file_it_did_not_write(where, content):
+    from integral_superposition.lease import LEASE_NAME, RunLease
+
+    root, opts = where
+    storage.write_bytes(storage.join(root, LEASE_NAME), content, opts)
+    with pytest.raises(FileExistsError, match="not a lease this project wrote"):
+        RunLease(root, opts, owner="test").acquire()
+    assert _tree(root, opts) == {LEASE_NAME: content}
+
+
+def test_a_lease_file_left_half_written_by_a_crash_is_taken_over(tmp_path):
+    from integral_superposition.lease import LEASE_NAME, RunLease
+
+    (tmp_path / LEASE_NAME).write_bytes(b'{\n  "acquired": 17965')  # killed mid-write
+    with RunLease(str(tmp_path), owner="test") as lease:
+        assert lease.held
+    assert not (tmp_path / LEASE_NAME).exists()
+
+
+def test_isup_schema_out_never_replaces_a_users_file(tmp_path):
+    from integral_superposition.flows.cli import app
+    from typer.testing import CliRunner
+
+    target = tmp_path / "schema.json"
+    target.write_text('{"title": "my own schema"}')
+    result = CliRunner().invoke(app, ["schema", "--out", str(target)])
+    assert result.exit_code == 2
+    assert "is not a schema of the experiment config" in result.output
+    assert target.read_text() == '{"title": "my own schema"}'
+    target.unlink()
+    assert CliRunner().invoke(app, ["schema", "--out", str(target)]).exit_code == 0
+    first = target.read_bytes()
+    assert CliRunner().invoke(app, ["schema", "--out", str(target)]).exit_code == 0  # ours
+    assert target.read_bytes() == first

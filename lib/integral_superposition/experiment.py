@@ -440,8 +440,19 @@ def write_schema(
     """(Re)write a schema file (the published one: ``python -m
     integral_superposition.flows.config``, with the flows' model)."""
     target = Path(path) if path is not None else schema_path()
+    schema = json_schema(model)
+    if target.exists():  # replaced only when it is a schema of this config
+        try:
+            found = json.loads(target.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            found = None
+        if not isinstance(found, dict) or found.get("title") != schema.get("title"):
+            raise FileExistsError(
+                f"path={str(target)!r} exists and is not a schema of the experiment config: "
+                "refusing to replace it; choose another file (it was not changed)"
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(json_schema(model), indent=2, sort_keys=False) + "\n"
+    text = json.dumps(schema, indent=2, sort_keys=False) + "\n"
     from integral_superposition import storage
 
     storage.write_bytes(str(target), text.encode("utf-8"))

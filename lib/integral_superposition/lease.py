@@ -267,6 +267,24 @@ def read_lease(
     return doc if isinstance(doc, dict) else {}
 
 
+def _lease_doc(data: bytes, root: str) -> dict[str, Any]:
+    """The lease document in ``data``; ``{}`` for one a crash left half-written (empty, or the
+    start of a lease). A file that is neither is not ours: :class:`FileExistsError`, and it is
+    never replaced nor removed."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        if not data.strip() or data.startswith(b'{\n  "acquired"'):
+            return {}
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("token"), str):
+        return doc
+    raise FileExistsError(
+        f"run root {root!r} holds a {LEASE_NAME} that is not a lease this project wrote: "
+        "choose another folder, or move that file away (it was not changed)"
+    )
+
+
 # -- the lease ---------------------------------------------------------------------------------
 class RunLease:
     """The exclusive right to write under ``root_uri`` (see the module docstring).
@@ -336,11 +354,7 @@ class RunLease:
             cur = self._file.read()
             if cur is None:
                 continue  # released meanwhile: try to create it again
-            try:
-                doc = json.loads(cur[0])
-            except ValueError:
-                doc = {}
-            doc = doc if isinstance(doc, dict) else {}
+            doc = _lease_doc(cur[0], self.root)
             why = stale_reason(doc, now)
             if why is None:
                 raise LeaseHeldError(

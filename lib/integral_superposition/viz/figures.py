@@ -76,14 +76,24 @@ def save_figure(
     formats: Iterable[str] = ("png", "svg"),
     storage_options: Mapping[str, Any] | None = None,
     dpi: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, str]:
-    """Write ``fig`` to ``uri_base + '.' + fmt`` for each format (atomically); returns ``{fmt: uri}``."""
-    out = {}
-    for fmt in formats:
-        uri = f"{uri_base}.{fmt}"
+    """Write ``fig`` to ``uri_base + '.' + fmt`` for each format (atomically); returns ``{fmt: uri}``.
+
+    An existing file there is refused (``FileExistsError`` naming it, before anything is
+    written) unless ``overwrite=True``: a figure file carries no record of who wrote it."""
+    formats = list(formats)
+    uris = {fmt: f"{uri_base}.{fmt}" for fmt in formats}
+    if not overwrite:
+        for uri in uris.values():
+            if storage.exists(uri, storage_options):
+                raise FileExistsError(
+                    f"uri_base={uri_base!r}: {uri!r} exists; pass overwrite=True to replace it, "
+                    "or choose another name (nothing was written)"
+                )
+    for fmt, uri in uris.items():
         storage.write_bytes(uri, figure_bytes(fig, fmt, dpi), storage_options)
-        out[fmt] = uri
-    return out
+    return uris
 
 
 def png_data_uri(fig_or_png: Figure | bytes, dpi: int | None = None) -> str:
