@@ -296,3 +296,47 @@ def test_isup_schema_out_never_replaces_a_users_file(tmp_path):
     first = target.read_bytes()
     assert CliRunner().invoke(app, ["schema", "--out", str(target)]).exit_code == 0  # ours
     assert target.read_bytes() == first
+
+
+# -- long steps refuse before they compute -----------------------------------------------------
+def test_merge_and_steering_refuse_a_users_file_before_computing(demo_store, tmp_path, monkeypatch):
+    """A user's file named like one of their outputs is refused before the merge or the
+    steering evaluation runs (the long part), and stays as it was."""
+    from integral_superposition import pipelines
+    from integral_superposition.merge import evaluate as ev
+    from integral_superposition.pipelines import steer_eval
+    from integral_superposition.sae import SparseAutoencoder, save_sae
+
+    sae_uri = str(tmp_path / "sae")
+    save_sae(
+        SparseAutoencoder(demo_store.d_model, 16, architecture="topk", top_k=4, seed=0), sae_uri,
+        activation_manifest_hash=demo_store.content_hash,
+    )  # fmt: skip
+
+    def never(*a, **k):
+        raise AssertionError("computed before the output folder was checked")
+
+    monkeypatch.setattr(ev, "check_params_for", never)
+    monkeypatch.setattr(steer_eval, "evaluate_steering", never)
+    for name, run in [
+        ("merge_eval.parquet", lambda out: pipelines.run_merge(sae_uri, demo_store.uris[0], out)),
+        (
+            "summary.json",
+            lambda out: steer_eval.run_steering_eval(
+                sae_uri, demo_store.uris[0], out, backend=_Generating()
+            ),
+        ),
+    ]:
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        (out / name).write_bytes(b"the user's")
+        with pytest.raises(FileExistsError, match=name.replace(".", r"\.")):
+            run(str(out))
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == {name: b"the user's"}
+
+
+class _Generating:
+    """Enough of a causal LM backend to pass the steering runner's argument check."""
+
+    def generate(self, *a, **k):
+        raise AssertionError("generated before the output folder was checked")

@@ -26,9 +26,19 @@ from integral_superposition.outputs import figure_bytes, jsonable, parquet_bytes
 from integral_superposition.pipelines.inputs import load_inputs
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.load import (
+    check_sae_folder,
     read_sae_manifest,
     save_sae,
 )
+
+MERGE_FILES = (
+    "merge_map.parquet",
+    "merge_eval.parquet",
+    "merge_sweep.parquet",
+    "merge_sweep.png",
+    "merge_sweep.svg",
+)
+"""The files a merged SAE folder holds besides the SAE's own (``sae.load.SAE_FILES``)."""
 
 _CORE_METRICS = ("fvu", "explained_variance", "l0", "mse")
 """Metrics that are finite whenever their inputs are (CE/KL are NaN without a backend)."""
@@ -82,6 +92,8 @@ def run_merge(
     if str(out_uri).rstrip("/") == str(sae_uri).rstrip("/"):
         raise ValueError(f"out_uri={out_uri!r} is the source SAE's folder: expected a new location")
     sae, _, store = load_inputs(sae_uri, store_uri, storage_options, allow_other_store)
+    # a folder the save would refuse is refused before the merge is computed
+    check_sae_folder(out_uri, storage_options, extra=MERGE_FILES)
     sae.eval()
     if sae.is_merged:
         raise ValueError(f"sae_uri={sae_uri!r} holds a merged SAE: merge the original SAE instead")

@@ -67,7 +67,8 @@ def run_steering_eval(
     }:
         raise ValueError(f"out_uri={out_uri!r} is an input folder: expected a new location")
     # entering unpublishes an earlier evaluation there; a failure removes what was written
-    with OutputWriter(out_uri, "steering", storage_options) as out:
+    # a user's file of one of these names is refused before the (long) evaluation
+    with OutputWriter(out_uri, "steering", storage_options, names=STEERING_FILES) as out:
         ev = evaluate_steering(backend, sae, store, p, on_progress=on_progress)
         out.parquet("sweep.parquet", ev.table)
         out.parquet("generations.parquet", ev.generations)
@@ -84,6 +85,20 @@ def run_steering_eval(
             model=backend.describe() if hasattr(backend, "describe") else None,
             summary={k: ev.summary[k] for k in ("hook_point", "classifier", "latents")},
         )  # fmt: skip
+
+
+STEERING_FILES = (
+    "sweep.parquet",
+    "generations.parquet",
+    "latents.parquet",
+    "vocabulary.parquet",
+    "classifier_check.parquet",
+    "check_generations.parquet",
+    "sweep.png",
+    "sweep.svg",
+    "summary.json",
+)
+"""The files of a published steering evaluation."""
 
 
 class SteeringResult(Output):
