@@ -18,6 +18,7 @@ from integral_superposition.runs import (
     RunConfigMismatch,
     config_differences,
     process_id,
+    write_run_record,
 )
 from integral_superposition.tasks.refs import OutputRef, RunLocation
 from pydantic import BaseModel, Field
@@ -87,19 +88,16 @@ def write_run_process(loc: RunLocation, flow_run_id: str | None = None) -> str:
     """Write ``{run}/process.json``: the process running the run (``host:pid``), when it
     started, and its flow run. A run with this record and no ``run.json`` whose process is
     gone has crashed (and ``isup run`` resumes it)."""
-    uri = loc.uri(RUN_PROCESS)
     doc = {
         "process": process_id(),
         "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "flow_run_id": flow_run_id,
     }
-    storage.write_json(uri, doc, loc.storage_options)
-    return uri
+    return write_run_record(loc.root, RUN_PROCESS, doc, loc.storage_options)
 
 
 def write_run_index(result: ExperimentResult, cfg: ExperimentConfig, loc: RunLocation) -> str:
     """Write ``{run}/run.json``: the run's outputs (here or reused from earlier runs)."""
-    uri = loc.uri(RUN_INDEX)
     doc = {
         "experiment": result.experiment,
         "run": result.run,
@@ -109,8 +107,7 @@ def write_run_index(result: ExperimentResult, cfg: ExperimentConfig, loc: RunLoc
         "config": cfg.public_dict(),
         "steps": [s.model_dump(mode="json") for s in result.steps],
     }
-    storage.write_json(uri, doc, loc.storage_options)
-    return uri
+    return write_run_record(loc.root, RUN_INDEX, doc, loc.storage_options)
 
 
 def publish_run_outputs(result: ExperimentResult, loc: RunLocation) -> None:

@@ -340,3 +340,20 @@ class _Generating:
 
     def generate(self, *a, **k):
         raise AssertionError("generated before the output folder was checked")
+
+
+@pytest.mark.parametrize("name", ["run.json", "process.json"])
+def test_run_records_never_replace_a_users_file(where, name):
+    from integral_superposition.runs import write_run_record
+
+    root, opts = where
+    run_root = storage.join(root, "exp", "run1")
+    storage.write_bytes(storage.join(run_root, name), b'{"mine": true}', opts)
+    doc = {"experiment": "exp", "run": "run1", "steps": [], "process": "h:1", "started": "t"}
+    with pytest.raises(FileExistsError, match=f"holds a {name} that is not a run record"):
+        write_run_record(run_root, name, doc, opts)
+    assert _tree(run_root, opts) == {name: b'{"mine": true}'}
+    storage.remove(storage.join(run_root, name), opts)
+    write_run_record(run_root, name, doc, opts)
+    write_run_record(run_root, name, {**doc, "run": "again"}, opts)  # our own: replaced
+    assert storage.read_json(storage.join(run_root, name), opts)["run"] == "again"

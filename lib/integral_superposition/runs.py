@@ -44,6 +44,7 @@ __all__ = [
     "run_state",
     "sae_model_id",
     "split_run_root",
+    "write_run_record",
 ]
 
 RUN_INDEX = "run.json"
@@ -52,6 +53,34 @@ RUN_CONFIG = "config.yaml"
 """The resolved config a run records at its start (without storage options)."""
 RUN_PROCESS = "process.json"
 """Which process runs the run (``host:pid``), since when, and its flow run."""
+
+
+RECORD_KEYS = {RUN_INDEX: ("experiment", "run", "steps"), RUN_PROCESS: ("process", "started")}
+"""The keys every record of that name holds: what tells a record of ours from a user's file."""
+
+
+def write_run_record(
+    run_root: str,
+    name: str,
+    doc: Mapping[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write the record ``name`` (:data:`RUN_INDEX`, :data:`RUN_PROCESS`) into ``run_root``,
+    replacing only an earlier record of ours (a JSON object with :data:`RECORD_KEYS`); any
+    other file of that name is a :class:`FileExistsError`, and stays. Returns its URI."""
+    uri = storage.join(run_root, name)
+    if storage.exists(uri, storage_options):
+        try:
+            found = storage.read_json(uri, storage_options)
+        except (ValueError, UnicodeDecodeError):
+            found = None
+        if not isinstance(found, dict) or not all(k in found for k in RECORD_KEYS[name]):
+            raise FileExistsError(
+                f"run root {run_root!r} holds a {name} that is not a run record this project "
+                "wrote: refusing to replace it; choose another run folder (it was not changed)"
+            )
+    storage.write_json(uri, dict(doc), storage_options)
+    return uri
 
 
 def absolute_storage(uri: str) -> str:
