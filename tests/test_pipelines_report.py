@@ -111,3 +111,25 @@ def test_report_refusals_write_nothing(run, tmp_path):
     with pytest.raises(ValueError, match=r"analysis output .* on activations ffffffffffffffff"):
         build_experiment_report(str(out), refs["saes"], [Ref("analysis", "a", other)], title="t")
     assert not out.exists()
+
+
+def test_summary_tables_never_replace_a_users_file(run, tmp_path):
+    """A user's results.csv is refused before anything is written; the tables of an earlier
+    report are replaced (they are recorded in results.tables.json), unless changed since."""
+    from integral_superposition.pipelines.report import write_summary_tables
+
+    _root, refs = run
+    stem = tmp_path / "results"
+    (tmp_path / "results.csv").write_text("mine,1\n")
+    with pytest.raises(FileExistsError, match=r"results\.csv' exists and is not a summary table"):
+        write_summary_tables(refs["analyses"], str(stem), None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+    (tmp_path / "results.csv").unlink()
+    write_summary_tables(refs["analyses"], str(stem), None)
+    first = (tmp_path / "results.parquet").read_bytes()
+    assert write_summary_tables(refs["analyses"], str(stem), None) == str(stem) + ".csv"
+    assert (tmp_path / "results.parquet").read_bytes() == first  # our own: replaced
+    (tmp_path / "results.parquet").write_bytes(b"edited by hand")
+    with pytest.raises(FileExistsError, match=r"results\.parquet' exists"):
+        write_summary_tables(refs["analyses"], str(stem), None)
+    assert (tmp_path / "results.parquet").read_bytes() == b"edited by hand"

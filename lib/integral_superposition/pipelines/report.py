@@ -91,7 +91,11 @@ def write_summary_tables(
 ) -> str | None:
     """The enrichment tables of every analysis, one ``sae`` column added, as ``stem.csv`` and
     ``stem.parquet`` (and the sparse probes as ``stem_probe.*``); returns the CSV's URI (None
-    when no analysis has an enrichment table)."""
+    when no analysis has an enrichment table).
+
+    ``stem.tables.json`` records the files written (size and SHA-256): a file of one of these
+    names is replaced only when that record lists it unchanged; any other (a user's
+    ``results.csv``) is a :class:`FileExistsError`, raised before anything is written."""
     from integral_superposition.analysis.result import load_analysis
 
     frames, probes = [], []
@@ -103,20 +107,64 @@ def write_summary_tables(
         probe = result.table("probe")
         if probe is not None and len(probe):
             probes.append(probe.assign(sae=a.name))
-    if probes:  # the sparse probes of every SAE, side by side (e.g. results_probe.csv)
-        _write_csv_parquet(
-            pd.concat(probes, ignore_index=True), stem_uri + "_probe", storage_options
-        )
-    if not frames:
-        return None
-    return _write_csv_parquet(pd.concat(frames, ignore_index=True), stem_uri, storage_options)
+    tables: dict[str, bytes] = {}
+    for suffix, parts in (("", frames), ("_probe", probes)):  # probes: e.g. results_probe.csv
+        if parts:
+            df = pd.concat(parts, ignore_index=True)
+            tables[suffix + ".csv"] = df.to_csv(index=False).encode("utf-8")
+            tables[suffix + ".parquet"] = parquet_bytes(df)
+    if tables:
+        _publish_tables(stem_uri, tables, storage_options)
+    return stem_uri + ".csv" if frames else None
 
 
-def _write_csv_parquet(df: pd.DataFrame, stem_uri: str, storage_options) -> str:
-    csv_uri = stem_uri + ".csv"
-    storage.write_bytes(csv_uri, df.to_csv(index=False).encode("utf-8"), storage_options)
-    storage.write_bytes(stem_uri + ".parquet", parquet_bytes(df), storage_options)
-    return csv_uri
+TABLES_RECORD = ".tables.json"
+"""Suffix of the record :func:`write_summary_tables` keeps beside its tables."""
+
+
+def _publish_tables(stem_uri: str, tables: Mapping[str, bytes], storage_options) -> None:
+    """Write ``stem_uri + suffix`` for each ``{suffix: bytes}``, replacing only files the
+    record lists unchanged (a crash leaves them listed as pending: still ours)."""
+    record_uri = stem_uri + TABLES_RECORD
+    listed: dict[str, Any] = {}
+    if storage.exists(record_uri, storage_options):
+        try:
+            found = storage.read_json(record_uri, storage_options)
+        except (ValueError, UnicodeDecodeError):
+            found = None
+        if not isinstance(found, dict) or not isinstance(found.get("files"), dict):
+            raise FileExistsError(
+                f"stem_uri={stem_uri!r}: {record_uri!r} is not a record of summary tables this "
+                "project wrote; choose another stem (nothing was changed)"
+            )
+        listed = found["files"]
+
+    def ours(suffix: str) -> bool:
+        uri = stem_uri + suffix
+        if suffix not in listed:
+            return False
+        entry = listed[suffix]
+        return entry is None or storage.file_entry(uri, None, storage_options) == {
+            "size": entry.get("size"),
+            "sha256": entry.get("sha256"),
+        }
+
+    for suffix in tables:
+        if storage.exists(stem_uri + suffix, storage_options) and not ours(suffix):
+            raise FileExistsError(
+                f"stem_uri={stem_uri!r}: {stem_uri + suffix!r} exists and is not a summary "
+                "table this project wrote (or it was changed since): refusing to replace it; "
+                "choose another stem (nothing was changed)"
+            )
+    pending = {**listed, **dict.fromkeys(tables)}
+    storage.write_json(record_uri, {"files": pending}, storage_options)
+    for suffix, data in tables.items():
+        storage.write_bytes(stem_uri + suffix, data, storage_options)
+    for suffix in [s for s in listed if s not in tables]:  # an earlier table not written now
+        if storage.exists(stem_uri + suffix, storage_options) and ours(suffix):
+            storage.remove(stem_uri + suffix, storage_options)
+    entries = {suffix: storage.file_entry("", data) for suffix, data in tables.items()}
+    storage.write_json(record_uri, {"files": entries}, storage_options)
 
 
 def _activation_hash(manifest: Mapping[str, Any]) -> str | None:
