@@ -24,6 +24,8 @@ TopK with AuxK ends with under 1% dead latents on the held-out split.
     python bench/bench_sae_quality.py [--epochs 4] [--batch 1024] [--auxk-coef 0.25] [--ce-docs 64]
 
 A shorter run: ``--docs 1000 --max-len 32 --ours topk`` (the first documents, our TopK only).
+``--store PATH`` trains on an existing activation store instead (e.g. an experiment's dump);
+``--saelens-init zero`` trains SAELens's TopK once, with its default ``b_dec = 0``.
 Each SAELens SAE is also evaluated as a loader that ignores its
 ``rescale_acts_by_decoder_norm`` would read it (``SAELens ... flag ignored``), which is how
 SAELens TopK SAEs were read before ``load_sae`` folded the decoder norms.
@@ -168,10 +170,25 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=None, help="only the first ag_news documents")
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--ours", default="relu,topk,batchtopk,jumprelu,jumprelu_tanh")
+    ap.add_argument(
+        "--store", default=None, help="an existing activation store instead of the bench's dump"
+    )
+    ap.add_argument(
+        "--saelens-init",
+        choices=("both", "zero", "median"),
+        default="both",
+        help="SAELens's b_dec start: its default 0, the geometric median, or both",
+    )
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     out = OUT / "sae_quality"
-    store = ag_news_store(max_len=args.max_len, n_docs=args.docs)
+    if args.store is not None:
+        from integral_superposition.dump import ActivationStore
+
+        store = ActivationStore(args.store)
+    else:
+        store = ag_news_store(max_len=args.max_len, n_docs=args.docs)
+    print(f"store: {args.store or 'ag_news dump'}, {store.n_tokens} tokens, d = {store.d_model}")
     wanted = args.ours.split(",")
     cfgs = {a: c for a, c in our_configs(args).items() if a in wanted or a == "topk"}
     print(machine())
@@ -188,7 +205,8 @@ def main() -> None:
     saes = {f"ours {a}": r.uri for a, r in zip(cfgs, res, strict=True)}
     if not args.no_saelens:
         for arch in ("topk", "batchtopk") if args.saelens_batchtopk else ("topk",):
-            for median in (False, True):
+            inits = {"both": (False, True), "zero": (False,), "median": (True,)}
+            for median in inits[args.saelens_init]:
                 name = f"SAELens {arch}" + (" (b_dec at median)" if median else " (b_dec = 0)")
                 t = time.time()
                 cfg_arch = cfgs.get(arch) or our_configs(args)[arch]

@@ -234,3 +234,44 @@ def test_max_aggregation_and_distance_threshold(setup, tmp_path):
             1, merged.merge_index.expand(100, -1), z, reduce="amax", include_self=True
         )
         torch.testing.assert_close(merged.encode(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_merges_take_their_dead_fraction_from_one_pass_of_the_original(setup, monkeypatch):
+    """A merged latent of non-negative codes is dead exactly when all its members are: the
+    evaluation's dead fraction and token count equal a full pass of each merged SAE, and the
+    rows outside the held-out split are encoded once, by the original."""
+    from integral_superposition.sae import metrics as sm
+
+    _root, store, sae = setup
+    dead_sae = SparseAutoencoder(sae.d_in, sae.d_sae, architecture="topk", top_k=6, seed=0)
+    dead_sae.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        dead_sae.b_enc[:8] = -1e6  # latents 0..7 never fire
+    dead_sae.eval()
+    params = fast_params(ce_docs=0)
+    # latents 0..7 in 4 pairs of dead latents, the rest in pairs of live ones
+    labels = np.concatenate([np.arange(8) // 2, 4 + np.arange(88) // 2])
+    labels[8] = 0  # a live latent joins the first dead pair, which then fires
+    _, labels = np.unique(labels, return_inverse=True)
+    merged = merge.refit.build_merged_sae(dead_sae, labels, np.unique(labels, return_index=True)[1])
+    ref = merge.evaluate.reference_metrics(dead_sae, store, params)
+    assert ref.extra is not None and (ref.extra.fires[:8] == 0).all()
+    seen = []
+    stats = sm.latent_stats
+    monkeypatch.setattr(
+        sm,
+        "latent_stats",
+        lambda s, st, mask=None, *a, **k: (
+            seen.append(int(mask.sum())) or stats(s, st, mask, *a, **k)
+        ),
+    )
+    table = merge.evaluate.compare(dead_sae, merged, store, params, reference=ref).set_index("sae")
+    monkeypatch.setattr(sm, "latent_stats", stats)
+    n_test = int(store.split_mask("test", params.test_fraction, params.split_seed).sum())
+    assert seen and all(n <= n_test for n in seen)  # no pass over the rows outside the split
+    full = sm.evaluate_sae(merged, store, split="test", chunk_tokens=params.chunk_tokens)
+    assert table.loc["merged", "dead_frac"] == pytest.approx(full["dead_frac"])
+    assert table.loc["merged", "dead_tokens"] == full["dead_tokens"]
+    assert full["dead_frac"] >= 3 / merged.d_sae  # the three all-dead pairs
+    orig = sm.evaluate_sae(dead_sae, store, split="test", chunk_tokens=params.chunk_tokens)
+    assert table.loc["original", "dead_frac"] == pytest.approx(orig["dead_frac"])

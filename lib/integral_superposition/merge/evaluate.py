@@ -48,6 +48,45 @@ class Reference:
     metrics: dict[str, float]
     significant: np.ndarray | None
     """int64 ``[P, 2]``: (latent, label id) pairs enriched before the merge (None: no labels)."""
+    extra: DeadRows | None = None
+    """The original latents' firing on the rows the dead count adds to the held-out split."""
+
+
+@dataclass
+class DeadRows:
+    """How often each original latent fires on the rows outside the held-out split that the
+    dead count adds (``sae.metrics.dead_count_rows``): a merged latent of codes that are never
+    negative fires on a row exactly when one of its members does, so one pass of the original
+    SAE serves the dead fraction of every merge."""
+
+    fires: np.ndarray
+    """int64 ``[K]``: rows on which each original latent fires."""
+    n_tokens: int
+
+
+def _codes_nonnegative(sae: SparseAutoencoder) -> bool:
+    """Whether ``sae``'s codes are never negative (so a merged code is 0 only when every
+    member's is)."""
+    if sae.architecture in ("relu", "topk"):
+        return True
+    threshold = getattr(sae, "threshold", None)
+    return (
+        sae.architecture != "groupmax"
+        and threshold is not None
+        and bool((threshold.detach() >= 0).all())
+    )
+
+
+def dead_rows(sae: SparseAutoencoder, store, params: MergeParams) -> DeadRows | None:
+    """:class:`DeadRows` of the original ``sae`` (None when the held-out split alone is long
+    enough for the dead count, or the codes can be negative)."""
+    from integral_superposition.sae.metrics import dead_count_rows, latent_stats
+
+    extra = dead_count_rows(_split(store, params.eval_split, params))
+    if extra is None or sae.is_merged or not _codes_nonnegative(sae):
+        return None
+    stats = latent_stats(sae, store, extra, params.chunk_tokens)
+    return DeadRows(np.asarray(stats.fire_count, dtype=np.int64), int(stats.n_tokens))
 
 
 def _split(store, name: str, params: MergeParams) -> np.ndarray:
@@ -71,12 +110,17 @@ _CE_KEYS = ("ce_recovered", "delta_ce", "kl")
 
 
 def _measure_core(
-    sae: SparseAutoencoder, store, params: MergeParams
+    sae: SparseAutoencoder, store, params: MergeParams, extra: DeadRows | None = None
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Held-out metrics of one SAE without the spliced CE, and its enriched pairs ``[P, 2]``."""
+    """Held-out metrics of one SAE without the spliced CE, and its enriched pairs ``[P, 2]``.
+
+    ``extra``: the original latents' firing on the dead count's added rows; the dead fraction
+    of ``sae`` (the original or a merge of it) is then taken from them instead of a pass of
+    ``sae`` over those rows."""
     from integral_superposition.analysis.scan import scan_latents
     from integral_superposition.sae.metrics import evaluate_sae
 
+    shared = extra is not None and _codes_nonnegative(sae)
     out = evaluate_sae(
         sae,
         store,
@@ -85,7 +129,14 @@ def _measure_core(
         test_fraction=params.test_fraction,
         split_seed=params.split_seed,
         chunk_tokens=params.chunk_tokens,
+        **({"dead_min_tokens": 0} if shared else {}),
     )
+    if shared:
+        index = sae.merge_index.cpu().numpy() if sae.is_merged else np.arange(sae.d_sae)
+        fires_extra = np.bincount(index, weights=extra.fires > 0, minlength=sae.d_sae) > 0
+        fires_split = np.asarray(out["density"]) > 0
+        out["dead_frac"] = float((~fires_split & ~fires_extra).mean())
+        out["dead_tokens"] = int(out["n_tokens"]) + extra.n_tokens
     metrics = {
         k: v for k, v in out.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
@@ -206,7 +257,9 @@ def compare(
     saes = {"merged": merged}
     if refit_original is not None:
         saes["original_refit"] = refit_original
-    measured = {name: _measure_core(sae, store, params) for name, sae in saes.items()}
+    measured = {
+        name: _measure_core(sae, store, params, reference.extra) for name, sae in saes.items()
+    }
     ce_saes = ({"original": original} if _needs_ce(reference, params, backend) else {}) | saes
     for name, ce in spliced_metrics(ce_saes, store, params, backend).items():
         (reference.metrics if name == "original" else measured[name][0]).update(ce)
@@ -230,8 +283,12 @@ def reference_metrics(
     """Evaluate the original SAE once (metrics and its enriched pairs). Without a
     ``backend`` its CE stays NaN until :func:`sweep` or :func:`compare` measures it in
     their shared CE pass."""
-    metrics, pairs = measure(original, store, params, backend=backend)
-    return Reference(metrics, pairs)
+    extra = dead_rows(original, store, params)
+    metrics, pairs = _measure_core(original, store, params, extra)
+    metrics.update(
+        spliced_metrics({"original": original}, store, params, backend).get("original", {})
+    )
+    return Reference(metrics, pairs, extra)
 
 
 def check_params_for(sae: SparseAutoencoder, params: MergeParams) -> None:
@@ -423,7 +480,7 @@ def sweep(
     rows_m = []
     for size, name, merged, _info in variants:
         rep.set_phase(f"evaluate K'={size} {name}")
-        m, pairs = _measure_core(merged, store, params)
+        m, pairs = _measure_core(merged, store, params, ref.extra)
         if ref.significant is not None and pairs is not None:
             labels = merged.merge_index.cpu().numpy()
             m.update(enrichment_retention(ref.significant, pairs, labels))
