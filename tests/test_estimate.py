@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from integral_superposition.compute import ComputeChoice
-from integral_superposition.estimate import REFERENCE_GFLOPS, estimate_run, matmul_gflops
+from integral_superposition.estimate import (
+    REFERENCE_GFLOPS,
+    REFERENCE_S,
+    estimate_run,
+    matmul_gflops,
+    steering_tokens,
+)
 from integral_superposition.experiment import load_preset
 
 CPU32 = ComputeChoice(torch.device("cpu"), torch.float32, "", "fp32")
@@ -14,7 +21,10 @@ def test_estimate_scales_with_work_and_speed():
     default = estimate_run(load_preset("default"), CPU32, gflops=REFERENCE_GFLOPS)
     smoke = estimate_run(load_preset("smoke"), CPU32, gflops=REFERENCE_GFLOPS)
     thorough = estimate_run(load_preset("thorough"), CPU32, gflops=REFERENCE_GFLOPS)
-    assert smoke.total_s < 60 < default.total_s < 8 * 60 < thorough.total_s
+    assert smoke.total_s < 60 < default.total_s < 30 * 60 < thorough.total_s
+    # on the reference machine the defaults take the measured reference times
+    for step in ("dump", "train", "analyze", "steer", "report"):
+        assert default.steps[step] == pytest.approx(REFERENCE_S[step]), step
     assert thorough.steps["steer"] > 5 * default.steps["steer"]
     assert thorough.steps["merge"] > default.steps["merge"]
     fast = estimate_run(load_preset("default"), CPU32, gflops=4 * REFERENCE_GFLOPS)
@@ -45,3 +55,20 @@ def test_describe_and_probe():
     assert e.describe() == f"about {round(e.total_s / 60)} min"
     assert estimate_run(load_preset("smoke"), CPU32, gflops=75.0).describe().endswith(" s")
     assert matmul_gflops(torch.device("cpu"), torch.float32, seconds=0.02) > 0.1
+
+
+def test_steering_estimate_follows_its_work():
+    """Early stopping and the classifier's fitting continuations change the steering work the
+    estimate scales by; the default sweep without them is the earlier, larger one."""
+    cfg = load_preset("default")
+    s = cfg.steering
+    old = s.model_copy(update={"early_stop": False, "classifier_fit": "documents"})
+    assert steering_tokens(old) > steering_tokens(s)
+    more_fit = s.model_copy(update={"classifier_fit_generations": 48})
+    assert steering_tokens(more_fit) > steering_tokens(s)
+    longer = s.model_copy(update={"max_new_tokens": 24})
+    assert steering_tokens(longer) == 2 * steering_tokens(s)
+    e = estimate_run(
+        load_preset("default", ["steering.max_new_tokens=24"]), CPU32, gflops=REFERENCE_GFLOPS
+    )
+    assert e.steps["steer"] == pytest.approx(2 * REFERENCE_S["steer"])

@@ -96,7 +96,7 @@ def published(demo_store, tiny_backend, tmp_path_factory):
     params = steering.SteeringParams(
         latents=[5], labels=[demo_store.label_names[0]], mode="clamp", strengths=[40.0],
         prompts=["the market", "news:"], max_new_tokens=4, samples_per_prompt=1, do_sample=False,
-        own_label_prompts=2, vocab_per_label=20, control_strengths="all",
+        own_label_prompts=2, vocab_per_label=20, control_strengths="all", classifier_fit_generations=2,
     )  # fmt: skip
     progress = []
     manifest = steer_eval.run_steering_eval(
@@ -113,7 +113,7 @@ def test_run_steering_eval_publishes_the_sweep_with_controls(published):
     assert set(manifest["files"]) == {
         "sweep.parquet", "generations.parquet", "latents.parquet", "vocabulary.parquet",
         "classifier_check.parquet", "check_generations.parquet",
-        "sweep.png", "sweep.svg", "summary.json",
+        "classifier_fit_generations.parquet", "sweep.png", "sweep.svg", "summary.json",
     }  # fmt: skip
     assert progress[-1][0] == progress[-1][1] == len(progress)
     res = steer_eval.load_steering(out)

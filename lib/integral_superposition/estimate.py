@@ -19,7 +19,7 @@ import torch
 
 from integral_superposition.compute import ComputeChoice, resolve_compute
 
-__all__ = ["Estimate", "estimate_run", "matmul_gflops"]
+__all__ = ["Estimate", "estimate_run", "matmul_gflops", "steering_tokens"]
 
 REFERENCE_GFLOPS = 75.0
 """float32 matmul throughput of the reference machine (2 cores, AVX2), GFLOP/s."""
@@ -103,6 +103,39 @@ def _model_factor(model_id: str) -> float:
     return 0.02 if model_id.startswith("tiny:") else 1.0
 
 
+def steering_tokens(s, n_labels: int = 8) -> float:
+    """Tokens the steering evaluation with ``SteeringParams`` ``s`` generates and scores,
+    roughly: its sets of continuations (``max_new_tokens`` each) - the unsteered set, the
+    classifier check, the classifier's fitting continuations (generated but not scored for
+    perplexity: half a continuation's cost) and per steered latent its strengths and controls.
+    With ``early_stop`` about two strengths of each latent run in full and the others one
+    round. ``n_labels``: labels of the data when ``s.labels`` does not say (the demo corpus
+    has 8)."""
+    n_prompts = len(s.prompts) if s.prompts is not None else 12
+    targets = len(s.labels) if s.labels is not None else n_labels
+    rounds = s.samples_per_prompt
+    full_set = n_prompts * rounds
+    n_str = len(s.strengths)
+    if getattr(s, "early_stop", False):
+        full = min(2, n_str)
+        steer = full * full_set + (n_str - full) * n_prompts
+    else:
+        steer = n_str * full_set
+    n_ctrl = 1 if s.control_strengths == "best" else n_str
+    per_latent = (
+        steer
+        + ("alpha0" in s.controls) * full_set
+        + n_ctrl * ("random" in s.controls) * full_set
+        + n_ctrl * ("own_label" in s.controls) * s.own_label_prompts * rounds
+    )
+    checks = (targets if s.check_labels == "targets" else n_labels) * s.own_label_prompts * rounds
+    fit = 0.0
+    if getattr(s, "classifier_fit", "documents") != "documents":
+        fit = 0.5 * s.classifier_fit_generations * n_labels
+    total = full_set + checks + fit + targets * s.per_label * per_latent
+    return float(total * s.max_new_tokens)
+
+
 def estimate_run(
     cfg,
     choice: ComputeChoice | None = None,
@@ -154,17 +187,9 @@ def estimate_run(
         per_merge = REFERENCE_S["merge"] / 6 * lat
         steps["merge"] = merges * per_merge * (0.5 / sae_speed + 0.5 * ce / speed)
     if cfg.steps.steer_eval:
-        s = cfg.steering
-        n_prompts = len(s.prompts) if s.prompts is not None else 12
-        n_labels = len(s.labels) if s.labels is not None else 8
-        n_ctrl = 1 if s.control_strengths == "best" else len(s.strengths)
-        controls = n_ctrl * (("random" in s.controls) + ("own_label" in s.controls))
-        sets = n_labels * s.per_label * (len(s.strengths) + ("alpha0" in s.controls) + controls)
-        checks = (n_labels if s.check_labels == "targets" else 8) * s.own_label_prompts
-        rows = (1 + sets) * n_prompts + checks  # prompts; every one sampled alike
-        gens = rows * s.samples_per_prompt * s.max_new_tokens
-        ref_gens = ((1 + 2 * (5 + 2)) * 12 + 2 * 12) * 4 * 12  # the default sweep, all run
-        steps["steer"] = REFERENCE_S["steer"] * gens / ref_gens * model / speed
+        ref = type(cfg).model_fields["steering"].get_default(call_default_factory=True)
+        work = steering_tokens(cfg.steering) / steering_tokens(ref)
+        steps["steer"] = REFERENCE_S["steer"] * work * model / speed
     if cfg.steps.report:
         steps["report"] = REFERENCE_S["report"]
     return Estimate(steps=steps, choice=choice, gflops=gflops)

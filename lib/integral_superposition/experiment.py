@@ -167,13 +167,16 @@ class ExperimentConfig(Section):
             labels=["Sports", "Business"],
             max_new_tokens=12,
             check_labels="targets",
+            classifier_fit_generations=12,
             controls=["random", "own_label"],
         )
     )
-    """Steering evaluation parameters (two labels, strengths 0.125-2 x max activation stopping
-    above 2x perplexity, 48 continuations per set, the classifier checked on the target labels'
-    own prompts, random and own-label controls at the best strength; the ``thorough`` preset
-    steers every label with every control at every strength)."""
+    """Steering evaluation parameters (two labels, strengths 0.125-2 x max activation, strongest
+    first, each stopped early once it is clearly above 2x perplexity or cannot win, 48
+    continuations per complete set, the classifier fitted on documents and 12 continuations of
+    training documents per label and checked on the target labels' own prompts, random and
+    own-label controls at the best strength; the ``thorough`` preset steers every label with
+    every control at every strength)."""
     report: ReportOptions = Field(default_factory=ReportOptions)
     """Report options."""
 

@@ -49,6 +49,7 @@ def run_steering_eval(
 
     Files: ``sweep.parquet``, ``generations.parquet``, ``latents.parquet``,
     ``vocabulary.parquet``, ``classifier_check.parquet``, ``check_generations.parquet``,
+    ``classifier_fit_generations.parquet`` (when the classifier was fitted on continuations),
     ``sweep.png``, ``sweep.svg``, ``summary.json``; the manifest is
     written last. ``sae_uri``/``store_uri`` may also be a loaded SAE / store. Inputs are
     checked before anything is written; on failure the files written so far are removed.
@@ -76,6 +77,8 @@ def run_steering_eval(
         out.parquet("vocabulary.parquet", ev.vocabulary)
         out.parquet("classifier_check.parquet", ev.check)
         out.parquet("check_generations.parquet", ev.check_generations)
+        if ev.fit_generations is not None:
+            out.parquet("classifier_fit_generations.parquet", ev.fit_generations)
         out.figure("sweep", ev.figure())
         out.json("summary.json", ev.summary)
         return out.publish(
@@ -137,10 +140,20 @@ class SteeringResult(Output):
         return self.parquet("check_generations.parquet")
 
     @property
+    def fit_generations(self) -> pd.DataFrame | None:
+        """The continuations of training documents the classifier was fitted on (None when
+        it was fitted on documents alone)."""
+        if "classifier_fit_generations.parquet" not in self.manifest.get("files", {}):
+            return None
+        return self.parquet("classifier_fit_generations.parquet")
+
+    @property
     def headline(self) -> pd.DataFrame:
         """One row per steered latent (``summary["latents"]``): ``latent, label, n,
         baseline_share(_lo, _hi), best_strength, best_share(_lo, _hi), best_ppl_ratio,
-        random_latent, random_share_at_best(_lo, _hi), classifier_valid, classifier_note``
+        random_latent, random_share_at_best(_lo, _hi), classifier_valid, classifier_note,
+        classifier_recall(_lo, _hi)`` (the classifier's accuracy on continuations of held-out
+        documents of the label)
         (``best_*`` and ``random_*`` are None when no strength stays fluent)."""
         return pd.DataFrame(self.summary.get("latents", []))
 
@@ -239,6 +252,12 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
     else:
         line += ", no strength within the fluency bound"
     line += "."
+    if lat.get("classifier_recall") is not None:
+        line += (
+            f" The classifier labels {lat['classifier_recall']:.2f}"
+            f"{_ci(lat, 'classifier_recall')} of unsteered continuations of held-out "
+            f"{lat['label']} documents' openings {lat['label']}."
+        )
     if lat.get("classifier_valid") is False:
         line += (
             " Not evidence: the classifier cannot judge generations toward this label ("
@@ -263,10 +282,17 @@ def steering_section(
         f"Steering at {s.get('hook_point')} ({s.get('mode')}, positions {s.get('positions')}) over "
         f"{s.get('n_prompts')} neutral prompts x {s.get('samples_per_prompt', 1)} samples. "
         f"Shares are the fraction of continuations the label classifier assigns to the target "
-        f"label, with 95% Wilson intervals. Label classifier: held-out accuracy "
+        f"label, with 95% Wilson intervals. Label classifier (fitted on "
+        f"{clf.get('fitted_on', 'documents')}): held-out accuracy "
         f"{clf.get('held_out_accuracy', float('nan')):.3f} on {clf.get('n_test_docs')} documents "
         f"(chance {clf.get('chance', float('nan')):.2f})."
     ]
+    if clf.get("neutral"):
+        lines.append(
+            "On unsteered continuations of the neutral prompts it predicts: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in clf["neutral"].items())
+            + "."
+        )
     if check:
         recall = ", ".join(f"{k} {v:.2f}" for k, v in (check.get("recall") or {}).items())
         lines.append(
@@ -283,7 +309,7 @@ def steering_section(
         lines.append(_latent_line(lat))
     cols = [
         "latent", "label", "control", "strength", "n", "share", "share_lo", "share_hi",
-        "vocab_mass", "perplexity", "ppl_ratio", "distinct2", "classifier_valid",
+        "vocab_mass", "perplexity", "ppl_ratio", "distinct2", "stopped", "classifier_valid",
     ]  # fmt: skip
     table = result.table[[c for c in cols if c in result.table.columns]].round(4)
     tables = [("Strength sweep with controls (share: 95% interval share_lo..share_hi)", table)]

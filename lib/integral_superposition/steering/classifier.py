@@ -2,13 +2,16 @@
 
 - :func:`label_vocabulary`: each label's most enriched token ids in an activation store (a
   one-sided Fisher test per token and label);
-- :class:`LabelClassifier`: scikit-learn logistic regression on mean-pooled activations of a
-  store's labelled documents at the store's hook point; it reads any text through a backend
-  the same way the store was dumped.
+- :class:`LabelClassifier`: scikit-learn logistic regression on mean-pooled activations at the
+  store's hook point, fitted on the store's labelled training documents and (with
+  :meth:`LabelClassifier.with_generations`) on the model's own continuations of their
+  openings, classes balanced; it reads any text through a backend the same way the store was
+  dumped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +22,13 @@ import torch
 
 from integral_superposition.data.tokenize import pad_batch, pad_token_id, special_ids
 
-__all__ = ["LabelClassifier", "label_prompts", "label_vocabulary", "mean_pooled_documents"]
+__all__ = [
+    "LabelClassifier",
+    "balanced_weights",
+    "label_prompts",
+    "label_vocabulary",
+    "mean_pooled_documents",
+]
 
 
 # -- target vocabularies --------------------------------------------------------------------------
@@ -91,10 +100,34 @@ def mean_pooled_documents(store, chunk_tokens: int = 65536) -> tuple[np.ndarray,
     return docs, (sums / torch.from_numpy(np.maximum(counts, 1))[:, None]).float().numpy()
 
 
+def balanced_weights(sources: Sequence[np.ndarray]) -> np.ndarray:
+    """Sample weights ``[sum n_s]`` for training rows from several sources (each ``y_s [n_s]``
+    of labels): every source carries the same total weight, and within a source every label
+    present does (scikit-learn's ``"balanced"`` rule), so neither the larger source nor the
+    commoner label sets the classifier's prior. Normalised to mean 1."""
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    parts = [compute_sample_weight("balanced", y) / y.size for y in sources if y.size]
+    w = np.concatenate(parts) if parts else np.zeros(0)
+    return w * (w.size / w.sum()) if w.size else w
+
+
+def _fit_model(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    model.fit(X, y, logisticregression__sample_weight=w)
+    return model
+
+
 @dataclass
 class LabelClassifier:
     """Logistic regression on mean-pooled activations at ``hook_point``, fitted on a store's
-    labelled documents; scores texts read by a backend the same way the store was dumped."""
+    labelled training documents (and, after :meth:`with_generations`, on the model's own
+    continuations of their openings), every label carrying the same weight; scores texts read
+    by a backend the same way the store was dumped."""
 
     model: Any
     """The fitted scikit-learn pipeline (standardise, then logistic regression)."""
@@ -114,6 +147,18 @@ class LabelClassifier:
     """Per label: the fraction of its held-out documents predicted as it (nan: none held out)."""
     test_docs: list[int] = field(default_factory=list)
     """Per label: held-out documents."""
+    C: float = 1.0
+    """Inverse regularisation strength of the logistic regression."""
+    balanced: bool = True
+    """Every label (and, with generations, each source) carries the same total weight."""
+    fitted_on: str = "documents"
+    """``documents``, ``generations`` or ``documents+generations``."""
+    n_train_generations: int = 0
+    """Generated continuations the classifier was fitted on."""
+    train_doc_ids: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
+    """The training documents (the prompts of fitted continuations come from these only)."""
+    _train: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)
+    _test: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)
 
     @classmethod
     def fit(
@@ -124,14 +169,13 @@ class LabelClassifier:
         seed: int = 0,
         C: float = 1.0,
         chunk_tokens: int = 65536,
+        balanced: bool = True,
     ) -> LabelClassifier:
         """Fit on the training documents of the store's own document-level split
         (``store.split_mask("train", test_fraction, seed)``, the split SAE training and
-        evaluation use) and measure accuracy on its held-out documents."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
+        evaluation use) and measure accuracy on its held-out documents. ``balanced``: weight
+        each label's documents by ``1 / its count`` (a label that is common in the store is
+        not therefore the default answer)."""
         docs_table = store.docs.set_index("doc_id")
         doc_ids, X = mean_pooled_documents(store, chunk_tokens)
         y = docs_table.loc[doc_ids, "label"].to_numpy(dtype=np.int64)
@@ -151,30 +195,85 @@ class LabelClassifier:
                 f"test_fraction={test_fraction} (seed {seed}) leaves training documents of a single "
                 "label: expected two or more labels to fit the classifier on"
             )
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
-        model.fit(X[~test], y[~test])
-        pred = model.predict(X[test])
-        acc = float((pred == y[test]).mean())
-        n_labels = len(store.label_names)
-        docs = np.bincount(y[test], minlength=n_labels)
-        hits = np.bincount(y[test][pred == y[test]], minlength=n_labels)
-        recall = np.where(docs > 0, hits / np.maximum(docs, 1), np.nan)
+        w = balanced_weights([y[~test]]) if balanced else np.ones(int((~test).sum()))
+        model = _fit_model(X[~test], y[~test], w, C)
         cfg = store.manifest.get("config", {})
-        return cls(
+        clf = cls(
             model=model,
             label_names=list(store.label_names),
             hook_point=store.hook_point,
             max_len=int(cfg.get("max_len", 64)),
             prepend_bos=bool(cfg.get("prepend_bos", True)),
-            accuracy=acc,
+            accuracy=float("nan"),
             n_train=int((~test).sum()),
             n_test=int(test.sum()),
             test_doc_ids=doc_ids[test],
             test_fraction=float(test_fraction),
             split_seed=int(seed),
-            test_recall=[float(r) for r in recall],
-            test_docs=[int(d) for d in docs],
+            C=float(C),
+            balanced=bool(balanced),
+            train_doc_ids=doc_ids[~test],
+            _train=(X[~test], y[~test]),
+            _test=(X[test], y[test]),
         )
+        clf._score_documents()
+        return clf
+
+    def _score_documents(self) -> None:
+        """Held-out document accuracy and per-label recall of the current model."""
+        X, y = self._test
+        pred = self.model.predict(X)
+        n_labels = len(self.label_names)
+        docs = np.bincount(y, minlength=n_labels)
+        hits = np.bincount(y[pred == y], minlength=n_labels)
+        self.accuracy = float((pred == y).mean())
+        self.test_recall = [
+            float(r) for r in np.where(docs > 0, hits / np.maximum(docs, 1), np.nan)
+        ]
+        self.test_docs = [int(d) for d in docs]
+
+    def with_generations(
+        self, X: np.ndarray, y: np.ndarray, *, documents: bool = True
+    ) -> LabelClassifier:
+        """A copy refitted on generated continuations ``X [n, d]`` (mean-pooled as
+        :meth:`features` reads them) labelled ``y [n]`` by the document whose opening
+        prompted them - openings of *training* documents only, so that held-out documents
+        stay held out - plus, with ``documents``, the training documents. With both sources
+        each carries half the weight, and within each every label the same share (when
+        ``balanced``). Held-out document accuracy is measured again for the new model."""
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64)
+        if (
+            X.ndim != 2
+            or X.shape[0] != y.shape[0]
+            or (self._train and X.shape[1] != self._train[0].shape[1])
+        ):
+            raise ValueError(
+                f"X {X.shape} and y {y.shape}: expected one label per row of X [n, d_model]"
+            )
+        if self._train is None:
+            raise ValueError("with_generations needs a classifier made by LabelClassifier.fit")
+        bad = sorted(set(y.tolist()) - set(range(len(self.label_names))))
+        if bad:
+            raise ValueError(f"y holds label ids {bad}: expected 0..{len(self.label_names) - 1}")
+        if np.unique(y).size < 2 and not documents:
+            raise ValueError(
+                f"y has a single label ({np.unique(y).tolist()}): fitting on generations alone "
+                "needs continuations of two or more labels"
+            )
+        Xd, yd = self._train
+        sources = [(Xd, yd), (X, y)] if documents else [(X, y)]
+        Xa = np.concatenate([s[0] for s in sources])
+        ya = np.concatenate([s[1] for s in sources])
+        w = balanced_weights([s[1] for s in sources]) if self.balanced else np.ones(ya.size)
+        out = dataclasses.replace(
+            self,
+            model=_fit_model(Xa, ya, w, self.C),
+            fitted_on="documents+generations" if documents else "generations",
+            n_train_generations=int(y.size),
+        )
+        out._score_documents()
+        return out
 
     @torch.inference_mode()
     def features(
@@ -214,6 +313,9 @@ class LabelClassifier:
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "logistic regression on mean-pooled activations",
+            "fitted_on": self.fitted_on,
+            "balanced": self.balanced,
+            "n_train_generations": self.n_train_generations,
             "hook_point": self.hook_point,
             "held_out_accuracy": self.accuracy,
             "n_train_docs": self.n_train,
@@ -224,13 +326,24 @@ class LabelClassifier:
 
 
 def label_prompts(
-    store, label_id: int, test_docs: np.ndarray, n: int, words: int, seed: int
+    store,
+    label_id: int,
+    docs_pool: np.ndarray,
+    n: int,
+    words: int,
+    seed: int,
+    *,
+    fallback: bool = True,
+    exclude: np.ndarray | None = None,
 ) -> list[str]:
-    """Up to ``n`` prompts of label ``label_id``: the first ``words`` words of held-out
-    documents (``test_docs``; all the label's documents when too few are held out)."""
+    """Up to ``n`` prompts of label ``label_id``: the first ``words`` words of documents in
+    ``docs_pool`` (held-out documents for the check; training documents for fitting). With
+    ``fallback``, all the label's documents not in ``exclude`` are used when the pool holds
+    too few."""
     docs = store.docs
-    pool = docs[(docs["label"] == label_id) & docs["doc_id"].isin(test_docs)]
-    if len(pool) < n:
-        pool = docs[docs["label"] == label_id]
+    of_label = docs["label"] == label_id
+    pool = docs[of_label & docs["doc_id"].isin(docs_pool)]
+    if len(pool) < n and fallback:
+        pool = docs[of_label & ~docs["doc_id"].isin(exclude if exclude is not None else [])]
     pool = pool.sample(n=min(n, len(pool)), random_state=seed) if len(pool) else pool
     return [" ".join(str(t).split()[:words]) for t in pool["text"]]

@@ -83,6 +83,10 @@ class Generations:
     vocab_mass: np.ndarray | None = None
     """``float64 [rows, C]``: next-token probability on each vocabulary set, averaged over the
     row's generation steps (None unless ``vocab_sets`` was given)."""
+    nll: np.ndarray | None = None
+    """``float64 [rows]``: the generating model's summed negative log-likelihood of each
+    continuation (its ``token_ids``; None unless ``score=True``). Unsteered, this is
+    :func:`continuation_nll` without a second forward."""
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -109,6 +113,31 @@ class _VocabMass:
         self.steps.append(mass)
 
 
+class _StepNLL:
+    """Model-level forward hook: the generating model's negative log-likelihood of each
+    sampled token. A step's forward receives the token the previous step sampled, so its
+    log-probability is read from the previous step's distribution (kept for one step);
+    :meth:`finish` scores the last token from the final distribution."""
+
+    def __init__(self):
+        self.prev: torch.Tensor | None = None  # [B, V] log-probabilities of the last step
+        self.steps: list[torch.Tensor] = []  # per fed-back token: [B]
+
+    def __call__(self, _module, args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.prev is not None and ids is not None:
+            self.steps.append(-self.prev.gather(1, ids[:, -1:].to(self.prev.device))[:, 0])
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        self.prev = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+
+    def finish(self, last: torch.Tensor) -> torch.Tensor:
+        """``[steps, B]`` NLL of every generated token, ``last [B]`` the final token."""
+        if self.prev is not None:
+            self.steps.append(-self.prev.gather(1, last[:, None].to(self.prev.device))[:, 0])
+        self.prev = None
+        return torch.stack(self.steps, 0).cpu().double()
+
+
 def _eos_ids(backend) -> set[int]:
     ids: set[int] = set()
     for src in (backend.model.generation_config, backend.tokenizer):
@@ -132,13 +161,15 @@ def generate_continuations(
     seed: int = 0,
     batch_size: int = 16,
     vocab_sets: Sequence[Sequence[int]] | None = None,
+    score: bool = False,
 ) -> Generations:
     """Generate ``samples_per_prompt`` continuations of every prompt (left-padded batches).
 
     Sampling is seeded per batch (``seed + batch index``), so two calls with the same
     arguments - one steered, one not - draw the same random numbers. ``vocab_sets``: lists of
     token ids; the result's ``vocab_mass`` is the next-token probability on each set, averaged
-    over each row's steps.
+    over each row's steps. ``score``: also record the generating model's NLL of every
+    continuation (``nll``), from the logits the generation computed anyway.
     """
     prompts = check_prompts(prompts)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -155,6 +186,7 @@ def generate_continuations(
     enc_rows = [e for e in enc for _ in range(samples_per_prompt)]
     out_ids: list[list[int]] = []
     masses: list[np.ndarray] = []
+    nlls: list[np.ndarray] = []
     gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
     if do_sample:
         gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
@@ -164,6 +196,10 @@ def generate_continuations(
         batch = pad_batch(enc_rows[a : a + batch_size], pad, "left")
         recorder = _VocabMass(vocab_sets, backend.device) if vocab_sets else None
         handle = backend.model.register_forward_hook(recorder) if recorder is not None else None
+        scorer = _StepNLL() if score else None
+        score_handle = (
+            backend.model.register_forward_hook(scorer, with_kwargs=True) if scorer else None
+        )
         try:
             torch.manual_seed(seed + bi)
             seqs = backend.generate(
@@ -173,8 +209,10 @@ def generate_continuations(
                 **gen_kwargs,
             )
         finally:
-            if handle is not None:
-                handle.remove()
+            for h in (handle, score_handle):
+                if h is not None:
+                    h.remove()
+        step_nll = scorer.finish(seqs[:, -1]) if scorer is not None else None
         new = seqs[:, batch.input_ids.shape[1] :].cpu().tolist()
         lengths = []
         for ids in new:
@@ -185,6 +223,9 @@ def generate_continuations(
                     break
             out_ids.append(ids[:n])
             lengths.append(n)
+        if step_nll is not None:
+            upto = torch.arange(step_nll.shape[0])[:, None] < torch.tensor(lengths)[None, :]
+            nlls.append((step_nll * upto).sum(0).numpy())
         if recorder is not None:
             steps = torch.stack(recorder.steps[: max(lengths, default=0)], 0).cpu().double()
             valid = torch.arange(steps.shape[0])[:, None] < torch.tensor(lengths)[None, :]
@@ -201,6 +242,7 @@ def generate_continuations(
         prompt_ids=[list(e) for e in enc_rows],
         token_ids=out_ids,
         vocab_mass=np.concatenate(masses, 0) if masses else None,
+        nll=np.concatenate(nlls, 0) if nlls else None,
         meta={
             "max_new_tokens": max_new_tokens,
             "do_sample": do_sample,

@@ -32,8 +32,10 @@ class SteeringParams(BaseModel):
     """``auto``: latents picked per label."""
     q_max: float = Field(1e-3, gt=0, le=1)
     """A picked latent's token-level enrichment q-value must be below this."""
-    rank_by: Literal["doc_q", "token_q", "log_odds"] = "doc_q"
-    """Order of the significant latents: document-level q (broad, label-specific latents first), token-level q, or token-level log odds."""
+    rank_by: Literal["doc_q", "token_q", "log_odds", "vocab_logit"] = "doc_q"
+    """Order of the significant latents: document-level q (broad, label-specific latents first), token-level q, token-level log odds, or ``vocab_logit``: among the ``candidates`` best by document-level q, those whose decoder direction promotes the label's target vocabulary most through the unembedding."""
+    candidates: int = Field(16, ge=1)
+    """``rank_by="vocab_logit"``: enriched latents per label scored by their vocabulary logits."""
     n_top: int = Field(20, ge=1)
     """Top activating tokens per latent in the token-level enrichment test."""
     mode: Mode = "clamp_max"
@@ -64,6 +66,8 @@ class SteeringParams(BaseModel):
     """Control rows to add."""
     control_strengths: Literal["best", "all"] = "best"
     """Strengths of the ``random`` and ``own_label`` controls: the target's best strength within the fluency bound (``best``), or every strength the target ran (``all``)."""
+    early_stop: bool = True
+    """Run every set in rounds of one continuation per prompt and each latent's strengths strongest first; a strength ends after a round once it cannot be the best: the 95% lower bound of its perplexity exceeds ``ppl_ratio_max`` x unsteered, or the 95% upper bound of its share is below the share of a complete, fluent strength. The best strength and the controls always run all ``samples_per_prompt`` rounds. False: every strength runs in full, in increasing order (``stop_above_ppl`` applies)."""
     stop_above_ppl: bool = True
     """Stop a latent's sweep after the first strength whose perplexity exceeds ``ppl_ratio_max`` x unsteered (stronger edits only get less fluent)."""
     own_label_prompts: int = Field(12, ge=1)
@@ -86,6 +90,12 @@ class SteeringParams(BaseModel):
     """The classifier can judge generations toward a label when it predicts that label for at least chance + this margin of the unsteered continuations of the label's own prompts."""
     classifier_c: float = Field(1.0, gt=0)
     """Inverse regularisation strength of the logistic regression."""
+    classifier_fit: Literal["documents", "generations", "both"] = "both"
+    """What the classifier is fitted on: the store's training documents, the model's own continuations of their openings (``classifier_fit_generations`` per label, ``max_new_tokens`` long, labelled by the source document), or both (each source half the weight). Continuations are what it judges; documents alone misread them."""
+    classifier_fit_generations: int = Field(48, ge=1)
+    """Continuations per label generated for the classifier's fit (one per training document, its first ``own_prompt_words`` words as the prompt)."""
+    classifier_balanced: bool = True
+    """Every label carries the same total weight in the classifier's fit, so that no label is its default answer for text of no label."""
     ppl_ratio_max: float = Field(2.0, gt=1)
     """Fluency bound: the summary's best strength keeps perplexity within this factor of unsteered."""
     hook_point: str | None = None

@@ -7,8 +7,15 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
-__all__ = ["enrichment_tables", "pick_latents", "random_controls", "target_latents"]
+__all__ = [
+    "enrichment_tables",
+    "pick_latents",
+    "random_controls",
+    "target_latents",
+    "vocabulary_logit_scores",
+]
 
 
 # -- picking latents --------------------------------------------------------------------------------
@@ -54,6 +61,8 @@ def pick_latents(
     """
     if rank_by not in ("doc_q", "token_q", "log_odds"):
         raise ValueError(f"rank_by={rank_by!r}: expected 'doc_q', 'token_q' or 'log_odds'")
+    if per_label < 1:
+        raise ValueError(f"per_label={per_label}: expected >= 1")
     names = [str(x) for x in token_table["label"].astype(str).unique()]
     if labels is not None:
         unknown = [lb for lb in labels if lb not in names]
@@ -92,19 +101,84 @@ def pick_latents(
     return t[cols].reset_index(drop=True)
 
 
+@torch.no_grad()
+def vocabulary_logit_scores(
+    W_dec: torch.Tensor, W_U: torch.Tensor, final_norm, vocab_ids: Sequence[int]
+) -> np.ndarray:
+    """How strongly each decoder row ``W_dec [M, d]`` promotes the tokens ``vocab_ids``
+    through the unembedding ``W_U [V, d]`` (after the model's final norm, as
+    :func:`~integral_superposition.analysis.logit_lens.logit_lens`): the mean direct logit of
+    those tokens minus the mean over the vocabulary, in standard deviations of the row's
+    logits. ``[M]``; 0 means the row favours them no more than any token."""
+    ids = torch.as_tensor(list(vocab_ids), dtype=torch.long)
+    if ids.numel() == 0:
+        return np.zeros(W_dec.shape[0])
+    WU = W_U.detach().float()
+    rows = W_dec.detach().float().to(WU.device)
+    if final_norm is not None:
+        ref = next(final_norm.parameters(), None)
+        dt = ref.dtype if ref is not None else torch.float32
+        zero = final_norm(torch.zeros(1, rows.shape[1], device=WU.device, dtype=dt)).float()
+        rows = final_norm(rows.to(dt)).float() - zero
+    out = []
+    for a in range(0, rows.shape[0], 64):
+        logits = rows[a : a + 64] @ WU.T  # [m, V]
+        mu, sd = logits.mean(1), logits.std(1).clamp_min(1e-12)
+        out.append(((logits[:, ids.to(WU.device)].mean(1) - mu) / sd).cpu())
+    return torch.cat(out).double().numpy()
+
+
 def target_latents(
-    p, tok_table: pd.DataFrame, doc_table: pd.DataFrame | None, names: list[str]
+    p,
+    tok_table: pd.DataFrame,
+    doc_table: pd.DataFrame | None,
+    names: list[str],
+    *,
+    sae=None,
+    backend=None,
+    vocab: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The latents to steer with their target label: picked by enrichment (``auto``) or given
-    (target label: given, else the latent's most significant label)."""
+    (target label: given, else the latent's most significant label).
+
+    ``p.rank_by="vocab_logit"``: among each label's ``p.candidates`` best latents by
+    document-level enrichment, the ones whose decoder direction promotes the label's target
+    vocabulary (``vocab``) most through the model's unembedding
+    (:func:`vocabulary_logit_scores`; needs ``sae`` and ``backend``). Enrichment says a latent
+    *reads* the topic; steering needs one that *writes* it."""
     if p.latents == "auto":
+        by_vocab = p.rank_by == "vocab_logit"
         picks = pick_latents(
-            tok_table, doc_table, labels=p.labels, per_label=p.per_label, q_max=p.q_max,
-            rank_by=p.rank_by,
+            tok_table, doc_table, labels=p.labels,
+            per_label=max(p.per_label, p.candidates) if by_vocab else p.per_label,
+            q_max=p.q_max, rank_by="doc_q" if by_vocab else p.rank_by,
         )  # fmt: skip
         if picks.empty:
             raise ValueError(
                 f"no latent is enriched for any of the labels {p.labels or names} at q < {p.q_max}"
+            )
+        if by_vocab:
+            if sae is None or backend is None or vocab is None:
+                raise ValueError(
+                    "rank_by='vocab_logit' needs the SAE, the backend and the vocabulary"
+                )
+            W_U = backend.output_embedding()
+            norm = backend.final_norm()
+            score = np.zeros(len(picks))
+            for label, idx in picks.groupby("label", sort=False).groups.items():
+                ids = vocab.loc[vocab["label"] == label, "token_id"].tolist()
+                rows = sae.W_dec[
+                    torch.tensor(picks.loc[idx, "latent"].to_numpy(), dtype=torch.long)
+                ]
+                score[picks.index.get_indexer(idx)] = vocabulary_logit_scores(rows, W_U, norm, ids)
+            order = {lb: i for i, lb in enumerate(dict.fromkeys(picks["label"]))}
+            picks = (
+                picks.assign(vocab_logit=score, _o=picks["label"].map(order))
+                .sort_values(["_o", "vocab_logit"], ascending=[True, False], kind="stable")
+                .groupby("label", sort=False)
+                .head(p.per_label)
+                .drop(columns="_o")
+                .reset_index(drop=True)
             )
         return picks
     t = tok_table.assign(label=tok_table["label"].astype(str))

@@ -22,8 +22,10 @@ import pandas as pd
 
 __all__ = [
     "GenerationCheck",
+    "early_stop_reason",
     "judge_generations",
     "latent_summary",
+    "log_perplexity_interval",
     "pick_best_strength",
     "set_metrics",
     "wilson_interval",
@@ -93,6 +95,48 @@ def set_metrics(
     }
 
 
+def log_perplexity_interval(
+    nll: np.ndarray, n_tokens: np.ndarray, z: float = 1.96
+) -> tuple[float, float]:
+    """95% interval of the log perplexity ``sum(nll) / sum(n_tokens)`` of a set of
+    continuations (``nll [n]`` summed per continuation, ``n_tokens [n]``): the ratio
+    estimator's delta-method interval over continuations. ``(-inf, inf)`` with fewer than
+    two scored continuations."""
+    nll = np.asarray(nll, dtype=np.float64)
+    n_tokens = np.asarray(n_tokens, dtype=np.float64)
+    tot = float(n_tokens.sum())
+    n = int((n_tokens > 0).sum())
+    if n < 2 or tot <= 0:
+        return -math.inf, math.inf
+    mean = float(nll.sum()) / tot
+    resid = nll - mean * n_tokens
+    se = math.sqrt(float((resid**2).sum()) * n / (n - 1)) / tot
+    return mean - z * se, mean + z * se
+
+
+def early_stop_reason(
+    hits: int,
+    n: int,
+    nll: np.ndarray,
+    n_tokens: np.ndarray,
+    base_ppl: float | None,
+    ppl_ratio_max: float,
+    best_share: float | None,
+) -> str | None:
+    """Whether a strength's set, ``n`` continuations so far (``hits`` of them the target),
+    can end early: ``"perplexity"`` when the 95% lower bound of its perplexity exceeds
+    ``ppl_ratio_max`` x ``base_ppl`` (it is not fluent), ``"cannot win"`` when the 95% upper
+    bound of its share is below ``best_share`` (the share of a complete, fluent strength),
+    else None."""
+    if base_ppl and math.isfinite(base_ppl) and base_ppl > 0:
+        lower, _ = log_perplexity_interval(nll, n_tokens)
+        if lower > math.log(ppl_ratio_max * base_ppl):
+            return "perplexity"
+    if best_share is not None and n > 0 and wilson_interval(hits, n)[1] < best_share:
+        return "cannot win"
+    return None
+
+
 def pick_best_strength(sweep: pd.DataFrame, ppl_ratio_max: float) -> pd.Series | None:
     """The row of ``sweep`` (one target latent's steered sets: ``strength, share,
     ppl_ratio``) with the highest share among those whose perplexity stays within
@@ -145,6 +189,23 @@ class GenerationCheck:
             f"{row['recall']:.2f} of them (n={int(row['n'])}), not above chance "
             f"{self.chance:.2f} + margin {self.margin:.2f}"
         )
+
+    def recall_of(self, label: str) -> dict[str, float | None]:
+        """The classifier's accuracy on unsteered continuations of ``label``'s own prompts:
+        ``classifier_recall`` with its 95% interval (None when not checked)."""
+        t = self.table.set_index("label") if len(self.table) else None
+        if t is None or label not in t.index:
+            return {
+                "classifier_recall": None,
+                "classifier_recall_lo": None,
+                "classifier_recall_hi": None,
+            }
+        r = t.loc[label]
+        return {
+            "classifier_recall": float(r["recall"]),
+            "classifier_recall_lo": float(r["recall_lo"]),
+            "classifier_recall_hi": float(r["recall_hi"]),
+        }
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -60,6 +60,7 @@ from integral_superposition.steering.picks import (
 )
 from integral_superposition.steering.plot import plot_sweep
 from integral_superposition.steering.scores import (
+    early_stop_reason,
     judge_generations,
     latent_summary,
     pick_best_strength,
@@ -67,6 +68,9 @@ from integral_superposition.steering.scores import (
 )
 
 log = logging.getLogger(__name__)
+
+_ROUND_SEED = 1000
+"""Sampling seed offset between rounds of a set (``seed + _ROUND_SEED * round``)."""
 
 __all__ = ["SteeringEval", "SteeringParams", "evaluate_steering"]
 
@@ -81,6 +85,25 @@ class _Scored:
     valid: np.ndarray  # [n]
     nll: np.ndarray  # [n]
     n_tok: np.ndarray  # [n]
+
+    stopped: str | None = None
+    """Why the set ended before all its rounds (``perplexity``, ``cannot win``), else None."""
+
+    @classmethod
+    def concat(cls, parts: list[_Scored]) -> _Scored:
+        """Rounds of the same set, in order."""
+        gs = [s.gens for s in parts]
+        vm = [g.vocab_mass for g in gs]
+        gens = Generations(
+            prompts=[t for g in gs for t in g.prompts],
+            texts=[t for g in gs for t in g.texts],
+            prompt_ids=[t for g in gs for t in g.prompt_ids],
+            token_ids=[t for g in gs for t in g.token_ids],
+            vocab_mass=np.concatenate(vm, 0) if all(v is not None for v in vm) else None,
+            meta=gs[0].meta,
+        )
+        cat = lambda k: np.concatenate([getattr(s, k) for s in parts], 0)  # noqa: E731
+        return cls(gens, cat("proba"), cat("valid"), cat("nll"), cat("n_tok"))
 
     @property
     def predicted(self) -> np.ndarray:
@@ -125,6 +148,9 @@ class SteeringEval:
     (:class:`~integral_superposition.steering.scores.GenerationCheck` ``.table``)."""
     check_generations: pd.DataFrame | None = None
     """Those continuations: ``prompt_label, prompt, text, predicted``."""
+    fit_generations: pd.DataFrame | None = None
+    """The continuations of training documents the classifier was fitted on: ``label, prompt,
+    text, used`` (None when it was fitted on documents alone or given)."""
 
     def figure(self) -> Figure:
         return plot_sweep(self.table, self.summary.get("ppl_ratio_max"))
@@ -211,19 +237,22 @@ def evaluate_steering(
     if p.mode == "clamp_max" and mx is None:
         raise ValueError("mode='clamp_max' needs max_acts= when enrichment tables are given")
 
-    picks = target_latents(p, tok_table, doc_table, names)
+    vocab = label_vocabulary(
+        store, p.vocab_per_label, p.q_max, p.vocab_min_count, backend.tokenizer, p.vocab_words_only
+    )
+    picks = target_latents(p, tok_table, doc_table, names, sae=sae, backend=backend, vocab=vocab)
     norms = sae.W_dec.detach().float().norm(dim=1).cpu().numpy()
     picks["max_act"] = mx[picks["latent"].to_numpy()] if mx is not None else np.nan
     picks["decoder_norm"] = norms[picks["latent"].to_numpy()]
     picks = random_controls(picks, tok_table, norms, p.q_max, p.seed)
 
     rep.set_phase("label classifier")
-    classifier = classifier or LabelClassifier.fit(
-        store, test_fraction=p.classifier_test_fraction, seed=p.split_seed, C=p.classifier_c
-    )
-    vocab = label_vocabulary(
-        store, p.vocab_per_label, p.q_max, p.vocab_min_count, backend.tokenizer, p.vocab_words_only
-    )
+    fit_here = classifier is None
+    if classifier is None:
+        classifier = LabelClassifier.fit(
+            store, test_fraction=p.classifier_test_fraction, seed=p.split_seed,
+            C=p.classifier_c, balanced=p.classifier_balanced,
+        )  # fmt: skip
     vocab_sets = [vocab.loc[vocab["label_id"] == c, "token_id"].tolist() for c in range(len(names))]
 
     gen_kw = dict(
@@ -239,24 +268,72 @@ def evaluate_steering(
         + ("alpha0" in p.controls)
         + n_ctrl * (("random" in p.controls) + ("own_label" in p.controls))
     )
-    rep.update(0, 1 + len(checked) + len(picks) * per_latent)
+    fit_gens = fit_here and p.classifier_fit != "documents"
+    rep.update(0, 1 + len(checked) + len(picks) * per_latent + fit_gens)
 
-    def run(prompt_list: list[str], edits: list[Edit] | None, what: str) -> _Scored:
-        rep.set_phase(what)
-        if edits is None:
-            g = generate_continuations(backend, prompt_list, p.max_new_tokens, **gen_kw)
+    def score_set(prompt_list: list[str], edits: list[Edit] | None, samples: int, seed: int):
+        kw = {**gen_kw, "samples_per_prompt": samples, "seed": seed}
+        if edits is None:  # the unsteered model scores its own tokens as it generates them
+            g = generate_continuations(backend, prompt_list, p.max_new_tokens, score=True, **kw)
+            nll = g.nll
+            n_tok = np.array([len(t) for t in g.token_ids], dtype=np.int64)
         else:
             with steer(backend, sae, hp, edits, p.positions, keep_error=p.keep_error):
-                g = generate_continuations(backend, prompt_list, p.max_new_tokens, **gen_kw)
+                g = generate_continuations(backend, prompt_list, p.max_new_tokens, **kw)
+            nll, n_tok = continuation_nll(backend, g.prompt_ids, g.token_ids)
         X, valid = classifier.features(backend, g.texts, p.batch_size)
-        nll, n_tok = continuation_nll(backend, g.prompt_ids, g.token_ids)
-        rep.advance()
         return _Scored(g, classifier.predict_proba(X), valid, nll, n_tok)
+
+    def run(prompt_list: list[str], edits: list[Edit] | None, what: str, decide=None) -> _Scored:
+        """One set of generations. With ``early_stop``, in rounds of one continuation per
+        prompt (every set alike, so steered and unsteered rounds draw the same random
+        numbers); ``decide(scored) -> reason | None`` may end it after a round."""
+        rep.set_phase(what)
+        if not p.early_stop:
+            out = score_set(prompt_list, edits, p.samples_per_prompt, p.seed)
+        else:
+            parts: list[_Scored] = []
+            for r in range(p.samples_per_prompt):
+                parts.append(score_set(prompt_list, edits, 1, p.seed + _ROUND_SEED * r))
+                out = _Scored.concat(parts)
+                why = decide(out) if decide is not None and r + 1 < p.samples_per_prompt else None
+                if why is not None:
+                    out.stopped = why
+                    break
+        rep.advance()
+        return out
 
     def skip(n_sets: int) -> None:
         """Sets planned but not run (a sweep stopped early): the total shrinks."""
         if n_sets > 0:
             rep.update(rep.done, rep.total - n_sets)
+
+    fit_frame = None
+    if fit_gens:
+        # the classifier learns the text it judges: continuations the unsteered model writes
+        # after the openings of training documents, labelled by their document
+        fit_prompts, fit_y = [], []
+        for c in range(len(names)):
+            got = label_prompts(
+                store, c, classifier.train_doc_ids, p.classifier_fit_generations,
+                p.own_prompt_words, p.seed, fallback=False,
+            )  # fmt: skip
+            fit_prompts += got
+            fit_y += [c] * len(got)
+        rep.set_phase("classifier fit: continuations of training documents")
+        g = generate_continuations(
+            backend, fit_prompts, p.max_new_tokens, **{**gen_kw, "samples_per_prompt": 1}
+        )
+        X, valid = classifier.features(backend, g.texts, p.batch_size)
+        y = np.asarray(fit_y, dtype=np.int64)
+        classifier = classifier.with_generations(
+            X[valid], y[valid], documents=p.classifier_fit == "both"
+        )
+        fit_frame = pd.DataFrame({
+            "label": [names[c] for c in fit_y], "prompt": g.prompts, "text": g.texts,
+            "used": valid,
+        })  # fmt: skip
+        rep.advance()
 
     base = run(prompts, None, "unsteered")
 
@@ -264,8 +341,9 @@ def evaluate_steering(
     own_sets: dict[int, tuple[list[str], _Scored]] = {}
     for c in checked:
         own = label_prompts(
-            store, c, classifier.test_doc_ids, p.own_label_prompts, p.own_prompt_words, p.seed
-        )
+            store, c, classifier.test_doc_ids, p.own_label_prompts, p.own_prompt_words, p.seed,
+            exclude=classifier.train_doc_ids if fit_gens else None,
+        )  # fmt: skip
         if own:
             own_sets[c] = (own, run(own, None, f"classifier check: {names[c]} prompts"))
         else:
@@ -296,6 +374,7 @@ def evaluate_steering(
             "edit_value": edit.value if edit else float("nan"), "mode": p.mode,
             "prompts": prompt_set, **m, "classifier_accuracy": classifier.accuracy,
             "classifier_valid": check.judged.get(pick["label"], False),
+            "stopped": s.stopped,
         })  # fmt: skip
         gen_frames.append(pd.DataFrame({
             "set": len(rows) - 1, "latent": int(pick["latent"]), "label": pick["label"],
@@ -307,20 +386,36 @@ def evaluate_steering(
         return m
 
     def sweep(pick, control, latent, ratio, prompt_list, prompt_set, base_ppl, strengths, stop):
-        """One steered set per strength (increasing); returns ``[(strength, metrics)]``.
-        ``stop``: end after the first strength above the fluency bound."""
+        """One steered set per strength; returns ``[(strength, metrics)]`` in increasing
+        strength. ``stop``: without ``early_stop``, strengths run in increasing order and the
+        sweep ends after the first one above the fluency bound; with it, strongest first, each
+        in rounds, and a strength ends after a round once it cannot be the best (see
+        ``SteeringParams.early_stop``)."""
         max_act = float(pick["max_act"]) if np.isfinite(pick["max_act"]) else 1.0
+        c = names.index(pick["label"])
+        rounds = stop and p.early_stop
+        best_full: list[float] = []  # shares of complete, fluent strengths
+
+        def decide(s: _Scored) -> str | None:
+            return early_stop_reason(
+                int((s.predicted == c).sum()), len(s.gens), s.nll, s.n_tok, base_ppl,
+                p.ppl_ratio_max, max(best_full) if best_full else None,
+            )  # fmt: skip
+
         out = []
-        for i, st in enumerate(strengths):
+        order = sorted(strengths, reverse=rounds)
+        for i, st in enumerate(order):
             e = _edit_for(p.mode, latent, st, max_act, ratio)
             what = f"{pick['label']}: {control} latent {latent}, strength {st:g}"
-            scored = run(prompt_list, [e], what)
+            scored = run(prompt_list, [e], what, decide if rounds else None)
             m = record(scored, pick, control, prompt_set, base_ppl, st, e)
             out.append((st, m))
-            if stop and not m["ppl_ratio"] <= p.ppl_ratio_max:
+            if rounds and scored.stopped is None and m["ppl_ratio"] <= p.ppl_ratio_max:
+                best_full.append(m["share"])
+            if stop and not rounds and not m["ppl_ratio"] <= p.ppl_ratio_max:
                 skip(len(strengths) - i - 1)
                 break
-        return out
+        return sorted(out, key=lambda x: x[0])
 
     summary_latents = []
     for _, pick in picks.iterrows():
@@ -361,10 +456,19 @@ def evaluate_steering(
         lat = latent_summary(j, pick["label"], base_m, steer_ms, rand_ms, r, p.ppl_ratio_max)
         lat["classifier_valid"] = check.judged.get(pick["label"], False)
         lat["classifier_note"] = check.reason(pick["label"])
+        lat.update(check.recall_of(pick["label"]))
         summary_latents.append(lat)
     table = pd.DataFrame(rows)
     generations = pd.concat(gen_frames, ignore_index=True)
-    clf = {**classifier.describe(), "generations": check.describe()}
+    neutral = np.bincount(base.predicted[base.predicted >= 0], minlength=len(names))
+    clf = {
+        **classifier.describe(),
+        "generations": check.describe(),
+        # what it calls unsteered continuations of the neutral prompts: no label should own them
+        "neutral": {
+            n: float(k / max(len(base.gens), 1)) for n, k in zip(names, neutral, strict=True)
+        },
+    }
     summary = {
         "hook_point": hp.name,
         "mode": p.mode,
@@ -372,6 +476,7 @@ def evaluate_steering(
         "strengths": list(p.strengths),
         "n_prompts": len(prompts),
         "samples_per_prompt": p.samples_per_prompt,
+        "early_stop": p.early_stop,
         "ppl_ratio_max": p.ppl_ratio_max,
         "classifier": clf,
         "latents": summary_latents,
@@ -379,5 +484,5 @@ def evaluate_steering(
     }
     return SteeringEval(
         table, generations, picks, vocab, clf, summary, check=check.table,
-        check_generations=check_gens,
+        check_generations=check_gens, fit_generations=fit_frame,
     )  # fmt: skip
