@@ -58,7 +58,12 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(demo_store, 
         samples_per_prompt=3, own_label_prompts=2, check_labels="targets",
         classifier_fit="documents", classifier_test_fraction=0.25,
     )  # fmt: skip
-    ev = steering.evaluate_steering(tiny_backend, sae, demo_store, params)
+    tok, doc, scan = steering.picks.enrichment_tables(sae, demo_store)
+    shared = dict(
+        enrichment=(tok, doc), max_acts=scan.act_max,
+        classifier=steering.LabelClassifier.fit(demo_store, test_fraction=0.25),
+    )  # fmt: skip
+    ev = steering.evaluate_steering(tiny_backend, sae, demo_store, params, **shared)
     t = ev.table
     full = len(prompts) * params.samples_per_prompt
     steer_rows = t[t["control"] == "steer"]
@@ -85,7 +90,7 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(demo_store, 
         params.model_copy(update={
             "early_stop": False, "stop_above_ppl": False, "strengths": [0.5, 500.0],
             "controls": [],
-        }),
+        }), **shared,
     )  # fmt: skip
     w = whole.table
     assert (w["n"] == full).all() and w["stopped"].isna().all()
