@@ -97,6 +97,7 @@ STEERING_FILES = (
     "vocabulary.parquet",
     "classifier_check.parquet",
     "check_generations.parquet",
+    "classifier_fit_generations.parquet",
     "sweep.png",
     "sweep.svg",
     "summary.json",
