@@ -7,7 +7,12 @@ import pytest
 import torch
 from integral_superposition.activations import ArraySource
 from integral_superposition.analysis.generic import generic_latents
-from integral_superposition.analysis.probe import doc_latent_matrix, sparse_probe
+from integral_superposition.analysis.probe import (
+    balanced_task,
+    doc_latent_matrix,
+    rank_latents,
+    sparse_probe,
+)
 from integral_superposition.analysis.scan import scan_latents
 from integral_superposition.sae import SparseAutoencoder
 
@@ -100,7 +105,9 @@ def test_sparse_probe_finds_planted_latent_and_random_is_near_chance():
     assert set(t.label) == {"topic0", "topic1", "topic2"}
     d1 = t[(t.label == "topic1") & (t.method == "dense")].iloc[0]
     assert d1.k == x.shape[1] and d1.accuracy > 0.9
-    assert (t.n_test == int((~train).sum())).all()
+    # each task is class-balanced: every held-out document of the label and as many others
+    pos = t.label_id.map(lambda c: int(((doc_label == c) & ~train).sum()))
+    assert (t.n_test_pos == pos).all() and (t.n_test == 2 * pos).all()
     with pytest.raises(ValueError, match="doc_labels"):
         sparse_probe(F, doc_label[:-1], train, ["a", "b", "c"])
 
@@ -142,6 +149,7 @@ def test_analysis_run_lists_generic_latents_apart_and_publishes_probes(tmp_path)
     probe = a.table("probe")
     one = probe[(probe.label == "topic1") & (probe.method == "sae") & (probe.k == 1)].iloc[0]
     assert one.latents.tolist() == [5] and one.accuracy > 0.95
+    assert a.summary["probe"]["pool"] == {"latents": "mean", "dense": "mean"}
     tables = summary_tables(a)
     assert 9 not in set(tables["top_latents"]["latent"])
     assert tables["generic_latents"]["latent"].tolist() == [9]
@@ -154,3 +162,57 @@ def test_analysis_run_lists_generic_latents_apart_and_publishes_probes(tmp_path)
     assert "generic (artefact)</b>&lt;500&gt; in 100% of top contexts" in pages[1]
     titles = [s.title for s in analysis_sections(a)]
     assert "Sparse probing" in titles and "Generic latents" in titles
+
+
+def test_scan_doc_sum_is_each_latents_sum_over_the_document():
+    """Documents span chunks; the sum takes every entry, the threshold only picks the pairs."""
+    src, sae, doc_label, x = _planted(n_docs=60)
+    with torch.no_grad():
+        z = sae.encode(torch.from_numpy(x.astype(np.float32))).numpy().astype(np.float64)
+    docs = np.arange(doc_label.size)
+    sums = np.stack([z[src.doc_ids == i].sum(0) for i in docs])
+    maxes = np.stack([z[src.doc_ids == i].max(0) for i in docs])
+    for thr in (0.0, 1.0):
+        scan = scan_latents(sae, src, n_top=4, doc_threshold=thr, chunk_tokens=50, stats=False)
+        d, j = scan.doc_pairs[:, 0], scan.doc_pairs[:, 1]
+        np.testing.assert_allclose(scan.doc_sum, sums[d, j], rtol=1e-5)
+        np.testing.assert_allclose(scan.doc_max, maxes[d, j], rtol=1e-6)
+        assert len(d) == int((maxes > thr).sum())
+
+
+def test_balanced_task_takes_every_positive_and_an_even_share_of_the_others():
+    y = np.repeat([0, 1, 2, 3], [30, 60, 90, 20])
+    docs = np.flatnonzero(np.arange(y.size) % 2 == 0)  # a split: every other document
+    task = balanced_task(docs, y, 0, np.random.default_rng(0))
+    assert set(task) <= set(docs) and np.unique(task).size == task.size
+    assert (y[task] == 0).sum() == 15 and task.size == 30
+    np.testing.assert_array_equal(np.bincount(y[task], minlength=4), [15, 5, 5, 5])
+    again = balanced_task(docs, y, 0, np.random.default_rng(0))
+    np.testing.assert_array_equal(task, again)
+    # the majority label: as many positives as there are others
+    big = balanced_task(docs, y, 2, np.random.default_rng(1))
+    assert (y[big] == 2).sum() == (y[big] != 2).sum() == 45
+
+
+def test_probe_picks_latents_by_class_mean_difference_on_training_documents():
+    """Latent 0 fires in six training documents of the label only (the largest log odds of
+    firing); latent 1 is broad but much larger in the label's documents (the largest mean
+    difference); latent 2 matches the label on the test documents only (a leak if the test
+    documents chose the latents)."""
+    rng = np.random.default_rng(0)
+    D = 800
+    y = np.arange(D) % 4
+    train = rng.random(D) < 0.7
+    pos = y == 1
+    F = np.zeros((D, 4))
+    F[np.flatnonzero(pos & train)[:6], 0] = 1.0
+    F[:, 1] = np.clip(rng.normal(np.where(pos, 1.0, 0.5), 0.3), 0, None)
+    F[~train & pos, 2] = 5.0
+    F[:, 3] = 0.05 * rng.random(D)  # noise
+    assert rank_latents(F[train], pos[train])[0] == 1
+    t = sparse_probe(F, y, train, ["a", "b", "c", "d"], ks=(1, 2), random_baseline=False)
+    b = t[(t.label == "b") & (t.method == "sae")].set_index("k")
+    assert b.loc[1, "latents"] == [1] and b.loc[2, "latents"] == [1, 0]
+    assert 0.7 < b.loc[1, "accuracy"] < 0.95  # the broad latent alone, not the leak
+    with pytest.raises(ValueError, match="positive"):
+        rank_latents(F, np.ones(D, bool))

@@ -35,7 +35,7 @@ from integral_superposition.activations import as_activation_source
 from integral_superposition.analysis.select import (
     SelectBuffer,
     TorchSelectBuffer,
-    max_per_key,
+    max_sum_per_key,
     on_accelerator,
     quantile_samples,
     row_uniform,
@@ -140,6 +140,9 @@ class LatentScan:
     """int64 ``[P, 2]`` distinct ``(doc_id, latent)`` with the latent's document max above the threshold."""
     doc_max: np.ndarray | None = None
     """float32 ``[P]``: the latent's maximum over the document, aligned with ``doc_pairs``."""
+    doc_sum: np.ndarray | None = None
+    """float64 ``[P]``: the sum of the latent's activations over the document's scanned tokens,
+    aligned with ``doc_pairs`` (divided by the document's length: its mean activation)."""
     doc_threshold: float | None = None
     firing_rows: np.ndarray | None = None
     """int64 ``[F]`` rows of the sampled token firing matrix."""
@@ -204,8 +207,8 @@ class _Accumulator:
             self.hist = np.zeros(K * n_labels * hist_bins, dtype=np.int64)
             self.label_counts = np.zeros(n_labels, dtype=np.int64)
         self.doc_ids, self.doc_thr = doc_ids, doc_threshold
-        self.doc_parts: list[np.ndarray] = []
-        self.doc_max_parts: list[np.ndarray] = []
+        # per chunk: distinct (doc, latent) keys, their max and sum (documents span chunks)
+        self.doc_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.budget = firing_budget
         self.rate = 1.0
         self.f_rows: list[np.ndarray] = []
@@ -271,12 +274,9 @@ class _Accumulator:
             np.add.at(self.hist, idx, 1)  # no [K x C x bins] temporary per chunk
 
         if self.doc_ids is not None and self.doc_thr is not None:
-            # a latent's max over a document exceeds the threshold iff one of its entries does
-            above = v > self.doc_thr
+            # every entry: a document's sum needs them all; the threshold applies to the max
             d = np.asarray(self.doc_ids[rows], dtype=np.int64)
-            key, mx = max_per_key(d[t[above]] * K + j[above], v[above])
-            self.doc_parts.append(np.stack([key // K, key % K], 1))
-            self.doc_max_parts.append(mx)
+            self.doc_parts.append(max_sum_per_key(d[t] * K + j, v))
 
         if self.budget:
             sel = u[t] < self.rate
@@ -339,15 +339,16 @@ class _Accumulator:
             has_stats=self.stats,
         )
         if self.doc_thr is not None and self.doc_ids is not None:
-            pairs = np.concatenate(self.doc_parts) if self.doc_parts else np.zeros((0, 2), np.int64)
-            vals = (
-                np.concatenate(self.doc_max_parts)
-                if self.doc_max_parts
-                else np.zeros(0, np.float32)
-            )
-            key, mx = max_per_key(pairs[:, 0] * self.K + pairs[:, 1], vals)
+            parts = self.doc_parts or [
+                (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float64))
+            ]
+            key, mx, sm = max_sum_per_key(*(np.concatenate(p) for p in zip(*parts, strict=True)))
+            # a latent's max over a document exceeds the threshold iff one of its entries does
+            above = mx > self.doc_thr
+            key, mx, sm = key[above], mx[above], sm[above]
             scan.doc_pairs = np.stack([key // self.K, key % self.K], 1)
             scan.doc_max = mx
+            scan.doc_sum = sm
             scan.doc_threshold = self.doc_thr
         if self.budget:
             scan.firing_rows = np.concatenate(self.f_rows) if self.f_rows else np.zeros(0, np.int64)

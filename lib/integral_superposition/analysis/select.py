@@ -19,6 +19,7 @@ __all__ = [
     "SelectBuffer",
     "TorchSelectBuffer",
     "max_per_key",
+    "max_sum_per_key",
     "on_accelerator",
     "quantile_samples",
     "row_uniform",
@@ -271,3 +272,22 @@ def max_per_key(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nda
     last = np.ones(k.size, dtype=bool)
     last[:-1] = k[1:] != k[:-1]
     return k[last].astype(np.int64), values[order][last].astype(np.float32)
+
+
+def max_sum_per_key(
+    key: np.ndarray, values: np.ndarray, sums: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted distinct ``key [E]``, the maximum of ``values [E]`` (float32) and the sum of
+    ``sums [E]`` (float64; default ``values``) for each."""
+    if key.size == 0:
+        return key.astype(np.int64), values.astype(np.float32), np.zeros(0, np.float64)
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    first = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    v = values[order]
+    s = (values if sums is None else sums)[order].astype(np.float64)
+    return (
+        k[first].astype(np.int64),
+        np.maximum.reduceat(v, first).astype(np.float32),
+        np.add.reduceat(s, first),
+    )

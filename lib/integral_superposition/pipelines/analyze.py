@@ -152,7 +152,7 @@ def _generic(p, scan, store, rows, token_labels, n_labels):
 def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
     """Sparse probes on the analysed documents: train on the store's ``train`` split, score on
     its ``test`` split. Returns the table (None when skipped) and its summary."""
-    if scan.doc_pairs is None or scan.doc_max is None or doc_labels is None:
+    if scan.doc_pairs is None or scan.doc_sum is None or doc_labels is None:
         return None, {"skipped": "labels vary inside documents"}
     row_doc = np.asarray(store.doc_ids, dtype=np.int64)
     analysed = row_doc if mask is None else row_doc[mask]
@@ -167,14 +167,23 @@ def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
     t0 = time.perf_counter()
     labels_by_doc = doc_labels.set_index("doc_id")["label"]
     y = labels_by_doc.reindex(docs).to_numpy(dtype=np.int64)
-    F = doc_latent_matrix(scan.doc_pairs, scan.doc_max, docs, scan.top.n_latents)
+    # per-document means over the analysed tokens (SAEBench's pooling), of latents and raw
+    lengths = np.bincount(np.searchsorted(docs, analysed), minlength=docs.size)
+    pair_len = lengths[np.searchsorted(docs, scan.doc_pairs[:, 0])]
+    F = doc_latent_matrix(scan.doc_pairs, scan.doc_sum / pair_len, docs, scan.top.n_latents)
     dense = doc_mean_activations(store, docs, mask, chunk_tokens=min(chunk, 65536))
     table = sparse_probe(F, y, train, label_names, ks=p.probe_ks, dense=dense, seed=p.seed)
     summary: dict[str, Any] = {
         "n_train_docs": int(train.sum()),
         "n_test_docs": int((~train).sum()),
         "seconds": round(time.perf_counter() - t0, 3),
-        "pool": {"latents": "max", "dense": "mean"},
+        "pool": {"latents": "mean", "dense": "mean"},
+        "method": (
+            "one vs rest per label on class-balanced documents (train and test each); top k "
+            "latents by |difference of class means| on the training documents; logistic "
+            "regression (L2, C=1) on standardised features; accuracy on the balanced test "
+            "documents"
+        ),
     }
     if len(table):
         mean = table.groupby(["method", "k"])[["accuracy", "balanced_accuracy", "f1"]].mean()

@@ -324,7 +324,9 @@ def _probe(analysis) -> list[HeadlineRow]:
             value = _num(sel["accuracy"].mean()) if len(sel) else None
             dense = _num(den["accuracy"].mean()) if len(den) else None
             if "n_test" in t and len(sel):
-                detail = f"{int(sel['n_test'].iloc[0]):,} held-out documents, mean over labels"
+                lo, hi = int(sel["n_test"].min()), int(sel["n_test"].max())
+                n = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+                detail = f"{n} held-out documents per label, mean over labels"
         rows.append(
             HeadlineRow(
                 "Sparse probing",

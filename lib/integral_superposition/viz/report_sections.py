@@ -190,10 +190,12 @@ def analysis_sections(
             ReportSection(
                 "Sparse probing",
                 text=(
-                    "Held-out document classification per label (one vs rest): logistic probes "
-                    "on the k most enriched latents (each latent's maximum over the document), "
-                    "on k random live latents, and on the raw activations (mean over the "
-                    "document). Accuracy on the store's test split, F1 of the label."
+                    "Held-out document classification per label (one vs rest, class-balanced, "
+                    "as SAEBench): logistic probes on the k latents with the largest difference "
+                    "of class means on the training documents, on k random live latents, and "
+                    "on the raw activations; every feature is the mean over the document. "
+                    "Accuracy on the balanced documents of the store's test split (chance 0.5), "
+                    "F1 of the label."
                 ),
                 tables=[tables["probe"]],
                 anchor="sparse-probing",
