@@ -102,8 +102,13 @@ def dump_activations(
 
 
 def _copy_output(src: str, dst: str, storage_options: Any) -> None:
-    """Copy a published output: data files first, its manifest last."""
+    """Copy a published dump: data files first, its manifest last. A ``dst`` holding anything
+    a dump does not write is refused; an earlier copy there is unpublished first."""
+    from integral_superposition.dump.layout import own_listing, remove_named
+
     manifest = storage.read_manifest(src, storage_options)
+    if own_listing(dst, storage_options):
+        remove_named(dst, [storage.MANIFEST_NAME], storage_options)
     for name in sorted(manifest["files"]):
         data = storage.read_bytes(storage.join(src, name), storage_options)
         storage.write_bytes(storage.join(dst, name), data, storage_options)

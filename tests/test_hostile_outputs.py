@@ -357,3 +357,27 @@ def test_run_records_never_replace_a_users_file(where, name):
     write_run_record(run_root, name, doc, opts)
     write_run_record(run_root, name, {**doc, "run": "again"}, opts)  # our own: replaced
     assert storage.read_json(storage.join(run_root, name), opts)["run"] == "again"
+
+
+def test_copying_a_reused_partition_never_mixes_with_other_files(where):
+    """combine-partitions copies a partition dump reused from an earlier run into this run:
+    a folder there holding a user's file is refused; an earlier copy is replaced whole."""
+    from integral_superposition.dump.synthetic import write_activation_store
+    from integral_superposition.tasks.dump import _copy_output
+
+    root, opts = where
+    src, dst = storage.join(root, "earlier"), storage.join(root, "now", "part-000-of-002")
+    write_activation_store(torch.randn(64, D), src, storage_options=opts)
+    storage.write_bytes(storage.join(dst, "docs.parquet"), b"the user's", opts)
+    storage.write_bytes(storage.join(dst, "notes.txt"), b"keep", opts)
+    before = _tree(dst, opts)
+    with pytest.raises(FileExistsError, match="did not write"):
+        _copy_output(src, dst, opts)
+    assert _tree(dst, opts) == before
+    for name in before:
+        storage.remove(storage.join(dst, name), opts)
+    _copy_output(src, dst, opts)
+    _copy_output(src, dst, opts)  # an earlier copy of ours: replaced
+    assert storage.verify_output(dst, opts, deep=True)
+    copied = set(storage.read_manifest(src, opts)["files"]) | {storage.MANIFEST_NAME}
+    assert set(_tree(dst, opts)) == copied
