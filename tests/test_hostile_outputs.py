@@ -299,9 +299,11 @@ def test_isup_schema_out_never_replaces_a_users_file(tmp_path):
 
 
 # -- long steps refuse before they compute -----------------------------------------------------
-def test_merge_and_steering_refuse_a_users_file_before_computing(demo_store, tmp_path, monkeypatch):
-    """A user's file named like one of their outputs is refused before the merge or the
-    steering evaluation runs (the long part), and stays as it was."""
+def test_analysis_merge_and_steering_refuse_a_users_file_before_computing(
+    demo_store, tmp_path, monkeypatch
+):
+    """A user's file named like one of their outputs is refused before the analysis scan,
+    the merge or the steering evaluation runs (the long part), and stays as it was."""
     from integral_superposition import pipelines
     from integral_superposition.merge import evaluate as ev
     from integral_superposition.pipelines import steer_eval
@@ -318,16 +320,26 @@ def test_merge_and_steering_refuse_a_users_file_before_computing(demo_store, tmp
 
     monkeypatch.setattr(ev, "check_params_for", never)
     monkeypatch.setattr(steer_eval, "evaluate_steering", never)
-    for name, run in [
-        ("merge_eval.parquet", lambda out: pipelines.run_merge(sae_uri, demo_store.uris[0], out)),
-        (
-            "summary.json",
-            lambda out: steer_eval.run_steering_eval(
-                sae_uri, demo_store.uris[0], out, backend=_Generating()
+    monkeypatch.setattr("integral_superposition.pipelines.analyze.scan_latents", never)
+    for i, (name, run) in enumerate(
+        [
+            (
+                "summary.json",
+                lambda out: pipelines.run_analysis(sae_uri, demo_store.uris[0], out, {"n_top": 5}),
             ),
-        ),
-    ]:
-        out = tmp_path / f"out-{name}"
+            (
+                "merge_eval.parquet",
+                lambda out: pipelines.run_merge(sae_uri, demo_store.uris[0], out),
+            ),
+            (
+                "summary.json",
+                lambda out: steer_eval.run_steering_eval(
+                    sae_uri, demo_store.uris[0], out, backend=_Generating()
+                ),
+            ),
+        ]
+    ):
+        out = tmp_path / f"out-{i}"
         out.mkdir()
         (out / name).write_bytes(b"the user's")
         with pytest.raises(FileExistsError, match=name.replace(".", r"\.")):

@@ -248,12 +248,25 @@ def run_analysis(
     n_chunks = -(-store.n_tokens // chunk)
     rep = Reporter("analysis", on_progress, unit="steps", total=n_chunks + len(_STAGES))
     # entering unpublishes an earlier analysis there; a failure removes what was written
-    with OutputWriter(out_uri, "analysis", storage_options) as pub, rep:
+    # a user's file named like one every analysis writes is refused before the scan
+    with OutputWriter(out_uri, "analysis", storage_options, names=ANALYSIS_FILES) as pub, rep:
         prog = _Progress(rep, n_chunks + len(_STAGES))
         return _run(
             p, sae, sae_info, store, backend, token_labels, doc_labels, label_names,
             clusters, mask, chunk, prog, pub,
         )  # fmt: skip
+
+
+ANALYSIS_FILES = (
+    "summary.json",
+    "tables/latents.parquet",
+    *(
+        f"figures/{name}.{fmt}"
+        for name in ("density_hist", "l0_hist", "decoder_geometry")
+        for fmt in ("png", "svg")
+    ),
+)
+"""Files every published analysis holds (the others depend on its parameters)."""
 
 
 def _run(
