@@ -98,7 +98,6 @@ class Writer:
     output_name: str  # a file name it writes (a user's file of that name must survive)
     kind: str | None  # the manifest kind it publishes (None: no manifest)
     other_kind: str = "sae"  # a kind of output it must not mix with
-    s3: bool = True
 
 
 WRITERS = {
@@ -107,7 +106,7 @@ WRITERS = {
     "build_report": Writer(_report, "report.html", "report"),
     "write_dashboards": Writer(_dashboards, "index.html", None),
     "write_activation_store": Writer(_synthetic_store, "docs.parquet", "activations"),
-    "dump_layer_activations": Writer(_dump, "docs.parquet", "activations", s3=False),
+    "dump_layer_activations": Writer(_dump, "docs.parquet", "activations"),
     "output_writer": Writer(_analysis_writer, "summary.json", "analysis"),
     "checkpoints": Writer(_checkpoints, "latest.json", None),
 }
@@ -149,8 +148,6 @@ def _put(uri, files: dict[str, bytes], opts) -> None:
 
 def _writer(name: str, where) -> tuple[Writer, str, dict | None]:
     w = WRITERS[name]
-    if where[1] is not None and not w.s3:
-        pytest.skip(f"{name} on S3 is covered by its own tests (slow here)")
     return w, storage.join(where[0], "target"), where[1]
 
 
