@@ -167,3 +167,27 @@ def test_a_topical_latent_on_a_frequent_token_is_not_generic():
     assert res.summary["purity_top_n"] == {"document": 20, "token": 20}
     assert "top-set purity" in res.summary["best_latents_rule"]
     assert res.latents.loc[1, "doc_top_purity"] == 1.0 and res.latents.loc[1, "doc_top_n"] == 20
+
+
+def test_analysis_run_flags_the_token_detector_and_keeps_the_topical_latent(tmp_path):
+    """End to end: the run measures the firing rates on its own token firing sample."""
+    from integral_superposition.analysis import load_analysis
+    from integral_superposition.dump.synthetic import write_activation_store
+    from integral_superposition.pipelines import run_analysis
+
+    src, sae, _ = _frequent_token_store()
+    store = write_activation_store(
+        torch.from_numpy(np.asarray(src.read(0, src.n_tokens), dtype=np.float32)),
+        str(tmp_path / "acts"), doc_ids=src.doc_ids, token_ids=src.token_ids,
+        labels=src.labels, label_names=NAMES,
+    )  # fmt: skip
+    params = {"reducer": "pca", "n_top": 20, "n_bands": 0, "dashboards": "none",
+              "hist_bins": 16, "probe": False, "control_seeds": 0, "purity_top_n": 20}  # fmt: skip
+    run_analysis(sae, store, str(tmp_path / "analysis"), params, allow_other_store=True)
+    a = load_analysis(str(tmp_path / "analysis"))
+    assert a.summary["generic_latents"] == [0]
+    lat = a.latents
+    assert lat.loc[0, "generic_rate_ratio"] > 0.9 and lat.loc[1, "generic_rate_ratio"] == 0.0
+    assert a.summary["best_latents"]["Business"] == 1
+    top = a.top_latents
+    assert top.loc[top["label"] == "Business", "top_purity"].iloc[0] == 1.0
