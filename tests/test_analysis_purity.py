@@ -191,3 +191,9 @@ def test_analysis_run_flags_the_token_detector_and_keeps_the_topical_latent(tmp_
     assert a.summary["best_latents"]["Business"] == 1
     top = a.top_latents
     assert top.loc[top["label"] == "Business", "top_purity"].iloc[0] == 1.0
+    # the report's headline gives the top-set purity with the N it was measured on
+    from integral_superposition.viz.headline import headline_rows
+
+    row = next(r for r in headline_rows(analysis=a) if r.result == "best latent: Business")
+    assert row.latent == 1 and row.extra["purity"] == 1.0
+    assert "purity of its 20 strongest documents" in row.detail
