@@ -244,7 +244,16 @@ def _print_run(result, flow_run_id: str | None, wall_s: float) -> None:
 
 
 def _run_flow(flow_obj, **params):
-    """Call a flow, returning (result or None, flow run id, final state)."""
+    """Call a flow, returning (result or None, flow run id, final state). A URI parameter
+    carrying a credential is refused first: flow-run parameters are stored by Prefect."""
+    from integral_superposition import storage
+
+    for name, value in params.items():
+        if isinstance(value, str):
+            try:
+                storage.refuse_uri_credentials(value, name)
+            except ValueError as e:
+                _fail(str(e))
     state = flow_obj(**params, return_state=True)
     fr_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
     return state, fr_id

@@ -132,3 +132,16 @@ def test_storage_errors_do_not_echo_credentials(s3_server):
         with pytest.raises(Exception) as err:
             storage.read_bytes(uri, opts)
         assert SECRET not in "".join(traceback.format_exception(err.value))
+
+
+@pytest.mark.parametrize("option", ["--sae", "--store", "--run-root"])
+def test_step_commands_refuse_a_uri_carrying_a_credential(tmp_path, monkeypatch, option):
+    from integral_superposition.flows.cli import app
+    from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)
+    args = {"--sae": str(tmp_path / "sae"), option: f"https://me:{SECRET}@host/x"}
+    result = CliRunner().invoke(app, ["analyze", *[a for kv in args.items() for a in kv]])
+    assert result.exit_code == 2, result.output
+    assert "carries a credential" in result.output and SECRET not in result.output
+    assert os.listdir(tmp_path) == []
