@@ -406,11 +406,15 @@ def test_huge_k_is_refused_at_once(tmp_path):
     from integral_superposition.sae import SparseAutoencoder
     from integral_superposition.sae.train import train_saes
 
-    _quick(lambda: SAEConfig(k=10**12), ValidationError, r"k\n.*less than or equal to 268435456")
     _quick(
-        lambda: SparseAutoencoder(640, 10**10),
+        lambda: SAEConfig(k=10**12),
+        ValidationError,
+        r"k=1000000000000: expected an int with 1 <= k <= 268435456",
+    )
+    _quick(
+        lambda: SparseAutoencoder(640, MAX_LATENTS),
         MemoryError,
-        r"SparseAutoencoder\(d_model=640, k=10000000000\): needs at least [\d,.]+ GiB on cpu, "
+        rf"SparseAutoencoder\(d_model=640, k={MAX_LATENTS}\): needs at least [\d,.]+ GiB on cpu, "
         r"but only [\d,.]+ GiB is available",
     )
     store = write_activation_store(torch.randn(256, 16), str(tmp_path / "acts"))
