@@ -173,3 +173,20 @@ def test_bad_input_is_rejected():
         fisher_enrichment([{0}], np.array([-1, 0, 1]))
     with pytest.raises(ValueError, match="alpha"):
         fisher_enrichment([{0}], np.array([0, 1]), alpha=2)
+
+
+def test_enrichment_and_scan_still_export_the_names_their_parts_define():
+    """The Fisher tests, rank statistics, label encoding and the scan's buffers live in their
+    own modules; every public name stays importable from its old module, as the same object."""
+    from integral_superposition.analysis import accumulate, enrichment, label_ids, ranks, scan
+
+    for part in (ranks, label_ids):
+        for name in part.__all__:
+            if name in enrichment.__all__:
+                assert getattr(enrichment, name) is getattr(part, name), name
+    assert set(ranks.__all__) <= set(enrichment.__all__)
+    assert {"align_documents", "encode_label_array"} <= set(enrichment.__all__)
+    for name in ("HIST_LOG10_RANGE", "LatentScan", "TopKSets"):
+        assert getattr(scan, name) is getattr(accumulate, name)
+    assert set(enrichment.__all__) <= set(dir(enrichment))
+    assert set(scan.__all__) <= set(dir(scan))

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from integral_superposition.analysis.enrichment import align_documents, fisher_pq
-from integral_superposition.analysis.scan import TopKSets
+from integral_superposition.analysis.accumulate import TopKSets
+from integral_superposition.analysis.enrichment import fisher_pq
+from integral_superposition.analysis.label_ids import align_documents
 
 __all__ = ["control_summary", "shuffled_label_control"]
 

@@ -20,9 +20,10 @@ Odds ratios are Haldane-corrected (0.5 added to each cell), so they are finite f
 cells. Two purities describe how specific a latent is: ``purity`` is the largest label share
 of its whole set (at the document level: every document where it fires), ``top_purity`` the
 share of label ``c`` among the ``top_n`` members where it fires most strongly (the token
-level's top set is already its strongest ``n`` tokens, so there both sets are one). The AUROC of a latent's activation as a score for label ``c`` over all tokens comes
-from the per-(latent, label) log10 activation histogram of the scan (exact for the
-zero/non-zero split, ties inside a bin counted half).
+level's top set is already its strongest ``n`` tokens, so there both sets are one). The AUROC
+of a latent's activation as a score for label ``c`` and the top-set counts come from
+:mod:`integral_superposition.analysis.ranks`; label encoding and document alignment from
+:mod:`integral_superposition.analysis.label_ids`. Both are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ import numpy as np
 import pandas as pd
 from scipy.stats import false_discovery_control, hypergeom
 
-from integral_superposition.analysis.scan import TopKSets
+from integral_superposition.analysis.accumulate import TopKSets
+from integral_superposition.analysis.label_ids import (
+    align_documents,
+    check_two_classes,
+    encode_label_array,
+)
+from integral_superposition.analysis.ranks import auroc_from_hist, max_auroc, top_set_counts
 
 __all__ = [
     "align_documents",
@@ -50,81 +57,6 @@ __all__ = [
     "max_auroc",
     "top_set_counts",
 ]
-
-
-def encode_label_array(
-    labels: Any, label_names: Sequence[str] | None = None, name: str = "labels_global"
-) -> tuple[np.ndarray, list[str]]:
-    """Labels (ids or names; array, list or Series) -> ``(int64 ids [N], names [C])``."""
-    arr = labels.to_numpy() if isinstance(labels, pd.Series | pd.Index) else np.asarray(labels)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} has shape {arr.shape}: expected a 1-D array of labels")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty: expected one label per token")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
-        # a missing label would otherwise become a class of its own named "nan" or "None"
-        missing = pd.isna(arr) | (pd.Series(arr).astype(str).str.strip() == "").to_numpy()
-        if missing.any():
-            raise ValueError(
-                f"{name}: {int(missing.sum())} of {arr.size} labels are missing (NaN, None or "
-                f"empty), first at position {int(np.flatnonzero(missing)[0])}: expected a label "
-                "for every entry (drop those rows or fill them in)"
-            )
-    if np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_):
-        ids = arr.astype(np.int64)
-        if ids.min() < 0:
-            raise ValueError(f"{name}: label ids must be non-negative, found {int(ids.min())}")
-        n = int(ids.max()) + 1
-        names = list(label_names) if label_names is not None else [str(i) for i in range(n)]
-        if len(names) < n:
-            raise ValueError(
-                f"label_names has {len(names)} names, but {name} uses ids up to {n - 1}"
-            )
-        return ids, [str(x) for x in names]
-    if label_names is not None:
-        names = [str(x) for x in label_names]
-        index = {n: i for i, n in enumerate(names)}
-        ids = np.array([index.get(str(v), -1) for v in arr], dtype=np.int64)
-        if (ids < 0).any():
-            bad = sorted({str(v) for v in arr[ids < 0]})[:5]
-            raise ValueError(f"{name} has labels {bad} not in label_names={names}")
-        return ids, names
-    codes, uniques = pd.factorize(pd.Series(arr).astype(str), sort=True)
-    return codes.astype(np.int64), [str(u) for u in uniques]
-
-
-def _check_two_classes(counts: np.ndarray, names: Sequence[str], name: str) -> None:
-    present = np.flatnonzero(counts > 0)
-    if present.size < 2:
-        only = names[int(present[0])] if present.size else None
-        raise ValueError(
-            f"{name} has a single class ({only!r}): enrichment needs at least two labels "
-            "that occur among the tokens"
-        )
-
-
-def auroc_from_hist(
-    label_hist: np.ndarray, label_counts: np.ndarray, block: int = 2048
-) -> np.ndarray:
-    """AUROC of each latent's activation as a score for each label, ``float64 [K, C]``.
-
-    ``label_hist``: ``[K, C, n_bins]`` counts of firing activations on increasing bins;
-    ``label_counts``: ``[C]`` tokens per label. Non-firing tokens form a bin below all others.
-    """
-    K, C, _ = label_hist.shape
-    N = float(label_counts.sum())
-    out = np.full((K, C), np.nan)
-    for a in range(0, K, block):
-        h = label_hist[a : a + block].astype(np.float64)
-        zeros = label_counts[None, :] - h.sum(2)
-        pos = np.concatenate([zeros[..., None], h], 2)  # [k, C, nb+1]
-        neg = pos.sum(1, keepdims=True) - pos
-        below = np.cumsum(neg, 2) - neg
-        u = (pos * (below + 0.5 * neg)).sum(2)
-        denom = label_counts * (N - label_counts)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[a : a + block] = np.where(denom > 0, u / denom, np.nan)
-    return out
 
 
 def fisher_pq(
@@ -316,7 +248,7 @@ def fisher_enrichment(
         )
     C = len(names)
     counts = np.bincount(population, minlength=C)
-    _check_two_classes(counts, names, "labels_global")
+    check_two_classes(counts, names, "labels_global")
     in_set = np.bincount(lat * C + ids[rows], minlength=K * C).reshape(K, C)
     set_size = in_set.sum(1)
     auroc = None
@@ -327,54 +259,6 @@ def fisher_enrichment(
     ):
         auroc = auroc_from_hist(top_sets.label_hist, top_sets.label_counts)
     return fisher_table(in_set, set_size, counts, names, level="token", auroc=auroc, alpha=alpha)
-
-
-def align_documents(
-    doc_pairs: np.ndarray,
-    doc_labels: Any,
-    n_latents: int,
-    label_names: Sequence[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Check and align document pairs with document labels.
-
-    Returns ``(pairs int64 [P, 2], index of each pair's document in doc_labels [P],
-    label ids of the documents [D], label names [C])``; see :func:`document_enrichment`.
-    """
-    if isinstance(doc_labels, pd.DataFrame):
-        if "doc_id" not in doc_labels:
-            raise ValueError("doc_labels: expected a 'doc_id' column")
-        col = "label_name" if "label_name" in doc_labels else "label"
-        if col not in doc_labels:
-            raise ValueError("doc_labels: expected a 'label' or 'label_name' column")
-        doc_index = doc_labels["doc_id"].to_numpy(dtype=np.int64)
-        values = doc_labels[col]
-    elif isinstance(doc_labels, pd.Series):
-        doc_index = doc_labels.index.to_numpy(dtype=np.int64)
-        values = doc_labels
-    else:
-        raise TypeError(
-            f"doc_labels={type(doc_labels).__name__}: expected a DataFrame (doc_id, label) or a "
-            "Series indexed by doc_id"
-        )
-    if np.unique(doc_index).size != doc_index.size:
-        raise ValueError("doc_labels: doc_id values must be unique (one label per document)")
-    ids, names = encode_label_array(values, label_names, name="doc_labels")
-    pairs = np.asarray(doc_pairs, dtype=np.int64).reshape(-1, 2)
-    order = np.argsort(doc_index)
-    sorted_docs = doc_index[order]
-    pos = np.searchsorted(sorted_docs, pairs[:, 0])
-    found = (pos < sorted_docs.size) & (
-        sorted_docs[np.minimum(pos, sorted_docs.size - 1)] == pairs[:, 0]
-    )
-    if not found.all():
-        missing = np.unique(pairs[~found, 0])
-        raise ValueError(
-            f"doc_labels has no label for {missing.size} document ids that the activations "
-            f"contain (e.g. {missing[:5].tolist()}): labels and activations are not aligned"
-        )
-    if pairs.size and (pairs[:, 1].min() < 0 or pairs[:, 1].max() >= n_latents):
-        raise ValueError(f"doc_pairs: latent ids must lie in [0, {n_latents})")
-    return pairs, order[pos], ids, names
 
 
 def document_enrichment(
@@ -406,7 +290,7 @@ def document_enrichment(
     pairs, doc_of_pair, ids, names = align_documents(doc_pairs, doc_labels, n_latents, label_names)
     C = len(names)
     counts = np.bincount(ids, minlength=C)
-    _check_two_classes(counts, names, "doc_labels")
+    check_two_classes(counts, names, "doc_labels")
     lab = ids[doc_of_pair]
     in_set = np.bincount(pairs[:, 1] * C + lab, minlength=n_latents * C).reshape(n_latents, C)
     set_size = in_set.sum(1)
@@ -432,74 +316,6 @@ def document_enrichment(
         in_set, set_size, counts, names, level="document", auroc=auroc, alpha=alpha,
         top_in=top_in, top_size=top_size,
     )  # fmt: skip
-
-
-def top_set_counts(
-    latents: np.ndarray,
-    labels: np.ndarray,
-    values: np.ndarray,
-    n_latents: int,
-    n_labels: int,
-    n: int,
-    tiebreak: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Label counts ``int64 [K, C]`` and sizes ``[K]`` of each latent's top set: its ``n``
-    members with the largest ``values``. ``latents``, ``labels``, ``values``, ``tiebreak``
-    (smaller first among equal values, e.g. doc ids): ``[P]``, one entry per member."""
-    lat = np.asarray(latents, dtype=np.int64)
-    lab = np.asarray(labels, dtype=np.int64)
-    v = np.asarray(values, dtype=np.float64)
-    tie = np.zeros(lat.size, np.int64) if tiebreak is None else np.asarray(tiebreak, np.int64)
-    order = np.lexsort((tie, -v, lat))
-    lat, lab = lat[order], lab[order]
-    start = np.searchsorted(lat, lat, side="left")
-    keep = (np.arange(lat.size) - start) < n
-    counts = np.bincount(lat[keep] * n_labels + lab[keep], minlength=n_latents * n_labels).reshape(
-        n_latents, n_labels
-    )
-    return counts, counts.sum(1)
-
-
-def max_auroc(
-    latents: np.ndarray,
-    labels: np.ndarray,
-    values: np.ndarray,
-    label_counts: np.ndarray,
-    n_latents: int,
-) -> np.ndarray:
-    """AUROC ``float64 [K, C]`` of each latent's per-document score for each label, from the
-    documents where it is non-zero: ``latents``, ``labels``, ``values`` ``[P]`` (distinct
-    (document, latent) pairs); every other document scores 0 (ties counted half).
-
-    Mann-Whitney through ranks: the zeros of latent ``j`` share the average rank of the
-    ``N - n_j`` lowest places, its ``n_j`` non-zero documents rank above them.
-    """
-    counts = np.asarray(label_counts, dtype=np.int64)
-    C, N = counts.size, int(counts.sum())
-    lat = np.asarray(latents, dtype=np.int64)
-    lab = np.asarray(labels, dtype=np.int64)
-    v = np.asarray(values, dtype=np.float64)
-    order = np.lexsort((v, lat))
-    lat, lab, v = lat[order], lab[order], v[order]
-    n_j = np.bincount(lat, minlength=n_latents)
-    start = np.concatenate([[0], np.cumsum(n_j)[:-1]])
-    # average rank (1-based) of each pair among its latent's non-zero documents, ties averaged
-    new = np.ones(lat.size, dtype=bool)
-    new[1:] = (lat[1:] != lat[:-1]) | (v[1:] != v[:-1])
-    grp = np.cumsum(new) - 1
-    first = np.flatnonzero(new)
-    last = np.append(first[1:], lat.size) - 1
-    avg = 0.5 * (first[grp] + last[grp]) - start[lat] + 1
-    rank = (N - n_j[lat]) + avg
-    rank_sum = np.bincount(lat * C + lab, weights=rank, minlength=n_latents * C).astype(float)
-    rank_sum = rank_sum.reshape(-1, C)
-    fired = np.bincount(lat * C + lab, minlength=n_latents * C).reshape(-1, C)
-    zeros = counts[None, :] - fired  # documents of label c where latent j is 0
-    rank_sum += zeros * (0.5 * (N - n_j + 1))[:, None]
-    u = rank_sum - counts * (counts + 1) / 2
-    denom = counts * (N - counts)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, u / denom, np.nan)
 
 
 def lead_level(doc_lengths: np.ndarray, max_median_tokens: int = 64) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from integral_superposition.analysis import enrichment as enr
+from integral_superposition.analysis.accumulate import LatentScan
 from integral_superposition.analysis.control import control_summary, shuffled_label_control
 from integral_superposition.analysis.jaccard_sparse import firing_matrix
 from integral_superposition.analysis.redundancy import (
@@ -33,7 +34,6 @@ from integral_superposition.analysis.redundancy import (
     top_latent_candidates,
     top_latents_table,
 )
-from integral_superposition.analysis.scan import LatentScan
 
 __all__ = ["LabelEnrichment", "label_enrichment"]
 

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from scipy.sparse import coo_matrix
 
-from integral_superposition.analysis.scan import LatentScan
+from integral_superposition.analysis.accumulate import LatentScan
 from integral_superposition.sae.metrics import DENSE_THRESHOLD, DENSE_THRESHOLD_LOOSE, LatentStats
 
 __all__ = [
