@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from integral_superposition.activations import ArraySource
@@ -10,8 +11,10 @@ from integral_superposition.analysis.generic import generic_latents
 from integral_superposition.analysis.probe import (
     balanced_task,
     doc_latent_matrix,
+    mean_over_labels,
     rank_latents,
     sparse_probe,
+    wilson_interval,
 )
 from integral_superposition.analysis.scan import scan_latents
 from integral_superposition.sae import SparseAutoencoder
@@ -108,8 +111,55 @@ def test_sparse_probe_finds_planted_latent_and_random_is_near_chance():
     # each task is class-balanced: every held-out document of the label and as many others
     pos = t.label_id.map(lambda c: int(((doc_label == c) & ~train).sum()))
     assert (t.n_test_pos == pos).all() and (t.n_test == 2 * pos).all()
+    # every accuracy carries its Wilson interval over the label's balanced test documents
+    np.testing.assert_allclose(t.accuracy, t.n_correct / t.n_test)
+    assert (t.accuracy_low <= t.accuracy).all() and (t.accuracy <= t.accuracy_high).all()
+    for r in t.itertuples():
+        assert (r.accuracy_low, r.accuracy_high) == wilson_interval(r.n_correct, r.n_test)
+    assert (t.accuracy_high - t.accuracy_low).between(0.01, 0.5).all()
     with pytest.raises(ValueError, match="doc_labels"):
         sparse_probe(F, doc_label[:-1], train, ["a", "b", "c"])
+
+
+def _wilson(k, n, z=1.959963984540054):
+    """The Wilson score interval from its formula."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_wilson_interval_matches_the_formula_and_checks_its_arguments():
+    for k, n in [(45, 50), (0, 100), (100, 100), (57, 110), (1, 1)]:
+        np.testing.assert_allclose(wilson_interval(k, n), _wilson(k, n), rtol=1e-9, atol=1e-12)
+    lo, hi = wilson_interval(95, 100)
+    assert 0.88 < lo < 0.9 and 0.97 < hi < 0.99  # not the Wald interval's 0.907-0.993
+    lo90, hi90 = wilson_interval(95, 100, confidence=0.9)
+    assert lo < lo90 and hi90 < hi
+    for bad, match in [((5, 0), "n=0"), ((7, 5), "successes=7"), ((2.5, 5), "successes=2.5"),
+                       ((-1, 5), "successes=-1")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            wilson_interval(*bad)
+    with pytest.raises(ValueError, match="confidence=1"):
+        wilson_interval(3, 5, confidence=1)
+
+
+def test_mean_over_labels_gives_the_mean_accuracy_and_its_interval():
+    t = pd.DataFrame(
+        {"method": ["sae", "sae", "dense", "dense"], "k": [1, 1, 16, 16],
+         "accuracy": [0.9, 0.7, 0.95, 0.85], "balanced_accuracy": [0.9, 0.7, 0.95, 0.85],
+         "f1": [0.9, 0.6, 0.95, 0.8], "n_test": [100, 100, 100, 100]}
+    )  # fmt: skip
+    m = mean_over_labels(t).set_index("method")
+    assert m.loc["sae", "accuracy"] == pytest.approx(0.8) and m.loc["sae", "n_test"] == 200
+    np.testing.assert_allclose(
+        m.loc["sae", ["accuracy_low", "accuracy_high"]].to_numpy(float), _wilson(160, 200)
+    )
+    np.testing.assert_allclose(
+        m.loc["dense", ["accuracy_low", "accuracy_high"]].to_numpy(float), _wilson(180, 200)
+    )
+    with pytest.raises(ValueError, match="n_test"):
+        mean_over_labels(t.drop(columns="n_test"))
 
 
 def test_doc_latent_matrix_rows_follow_doc_ids_and_drop_other_documents():
@@ -157,6 +207,24 @@ def test_analysis_run_lists_generic_latents_apart_and_publishes_probes(tmp_path)
     pt = tables["probe"].set_index("label")
     assert pt.loc["topic1", "k=1 acc"] > 0.95 and np.isfinite(pt.loc["topic1", "random k=10 acc"])
     assert {"k=10 acc", "dense acc", "dense F1"} <= set(pt.columns) and "mean" in pt.index
+    # intervals: each label's from its own test documents, the mean row's from all of them
+    lo, hi = wilson_interval(round(one.accuracy * one.n_test), int(one.n_test))
+    assert pt.loc["topic1", "k=1 acc 95% CI"] == f"{lo:.3f}-{hi:.3f}"
+    for name in ("k=1", "k=10", "random k=10", "dense"):
+        assert pt[f"{name} acc 95% CI"].str.fullmatch(r"[01]\.\d{3}-[01]\.\d{3}").all(), name
+    means = {(r["method"], r["k"]): r for r in a.summary["probe"]["mean_over_labels"]}
+    m1 = means[("sae", 1)]
+    assert m1["n_test"] == int(probe.loc[(probe.method == "sae") & (probe.k == 1), "n_test"].sum())
+    assert m1["accuracy_low"] < m1["accuracy"] < m1["accuracy_high"]
+    assert pt.loc["mean", "k=1 acc 95% CI"] == f"{m1['accuracy_low']:.3f}-{m1['accuracy_high']:.3f}"
+    from integral_superposition.viz.headline import headline_rows
+
+    head = {r.result: r for r in headline_rows(analysis=a) if r.group == "Sparse probing"}
+    top1 = head["accuracy, top 1 latent"]
+    assert top1.interval == pytest.approx((m1["accuracy_low"], m1["accuracy_high"]))
+    d = next(r for (meth, _), r in means.items() if meth == "dense")
+    assert top1.control_interval == pytest.approx((d["accuracy_low"], d["accuracy_high"]))
+    assert f"[{m1['accuracy_low']:.3f}, {m1['accuracy_high']:.3f}]" in top1.shown
     pages = [storage.read_bytes(a.dashboard_uri(j)).decode() for j in (5, 9)]
     assert "generic (artefact)" not in pages[0]
     assert "generic (artefact)</b>&lt;500&gt; in 100% of top contexts" in pages[1]

@@ -43,6 +43,7 @@ from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.analysis.probe import (
     doc_latent_matrix,
     doc_mean_activations,
+    mean_over_labels,
     sparse_probe,
 )
 from integral_superposition.analysis.reducer import decoder_directions, reduce_2d
@@ -186,11 +187,12 @@ def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
         ),
     }
     if len(table):
-        mean = table.groupby(["method", "k"])[["accuracy", "balanced_accuracy", "f1"]].mean()
         summary["mean_over_labels"] = [
-            {"method": m, "k": int(k), **{c: float(v) for c, v in r.items()}}
-            for (m, k), r in mean.iterrows()
-        ]
+            {"method": r["method"], "k": int(r["k"]), "n_test": int(r["n_test"]),
+             **{c: float(r[c]) for c in ("accuracy", "accuracy_low", "accuracy_high",
+                                         "balanced_accuracy", "f1")}}
+            for r in mean_over_labels(table).to_dict("records")
+        ]  # fmt: skip
     return table, summary
 
 

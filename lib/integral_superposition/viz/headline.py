@@ -8,7 +8,8 @@ the tokens it was measured on.
   merge's evaluation of the original SAE;
 - per label, the best non-generic latent: q, top-set purity (with its N), document AUROC
   and top tokens;
-- sparse probing: mean held-out accuracy at k = 1 and k = 10 against the dense probe;
+- sparse probing: mean held-out accuracy at k = 1 and k = 10 (with its 95% interval) against
+  the dense probe;
 - merge: FVU, CE recovered and enrichment retention of the merged SAE against its
   random-partition control;
 - steering: per steered latent, the best classifier share within the perplexity bound (with
@@ -313,16 +314,21 @@ def _purity(t: pd.Series | None, level: str) -> tuple[float | None, str]:
 def _probe(analysis) -> list[HeadlineRow]:
     if analysis is None:
         return []
+    from integral_superposition.analysis.probe import mean_over_labels
+
     t = analysis.table("probe")
+    means = mean_over_labels(t) if t is not None and len(t) else None
     rows = []
     for k in (1, 10):
-        value = dense = None
+        value = dense = interval = dense_interval = None
         detail = ""
         if t is not None and len(t):
             sel = t[(t["method"] == "sae") & (t["k"] == k)]
             den = t[t["method"] == "dense"]
             value = _num(sel["accuracy"].mean()) if len(sel) else None
             dense = _num(den["accuracy"].mean()) if len(den) else None
+            interval = _mean_interval(means, "sae", k)
+            dense_interval = _mean_interval(means, "dense", None)
             if "n_test" in t and len(sel):
                 lo, hi = int(sel["n_test"].min()), int(sel["n_test"].max())
                 n = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
@@ -337,9 +343,19 @@ def _probe(analysis) -> list[HeadlineRow]:
                 control_name="dense probe",
                 split=HELD_OUT if t is not None else None,
                 detail=detail,
+                interval=interval,
+                control_interval=dense_interval,
             )
         )
     return rows
+
+
+def _mean_interval(means: pd.DataFrame | None, method: str, k: int | None):
+    """The 95% interval of a probe's mean accuracy over labels (``k=None``: any k)."""
+    if means is None:
+        return None
+    m = means[(means["method"] == method) & ((means["k"] == k) if k is not None else True)]
+    return (float(m["accuracy_low"].iloc[0]), float(m["accuracy_high"].iloc[0])) if len(m) else None
 
 
 def _read_table(uri: str, name: str, storage_options) -> pd.DataFrame | None:

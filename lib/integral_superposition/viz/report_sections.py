@@ -114,27 +114,48 @@ def summary_tables(
 
 
 def probe_table(analysis: Any, ks: tuple[int, int] = (1, 10)) -> pd.DataFrame | None:
-    """Per label, held-out accuracy and F1 of the sparse probes on the top ``ks`` latents, of
-    the probe on ``ks[-1]`` random live latents and of the dense probe, with a mean row
-    (None when the analysis has no probe table)."""
+    """Per label, held-out accuracy (with its 95% Wilson interval) and F1 of the sparse probes
+    on the top ``ks`` latents, of the probe on ``ks[-1]`` random live latents and of the dense
+    probe, with a mean row (None when the analysis has no probe table)."""
+    from integral_superposition.analysis.probe import mean_over_labels, wilson_interval
+
     t = analysis.table("probe")
     if t is None or not len(t):
         return None
     cols: dict[str, pd.Series] = {}
+    means = mean_over_labels(t)
+    mean_row: dict[str, Any] = {}
     by = t.set_index("label")
     picks = [("sae", k, f"k={k}") for k in ks] + [("random", ks[-1], f"random k={ks[-1]}")]
-    for method, k, name in picks:
-        r = by[(by["method"] == method) & (by["k"] == k)]
+    for method, k, name in [*picks, ("dense", None, "dense")]:  # dense: k is the raw width
+        pick = (by["method"] == method) & (by["k"] == k if k is not None else True)
+        r = by[pick]
+        # accuracy = correct / n_test exactly, so the count comes back from the two
+        ci = [
+            wilson_interval(round(a * n), int(n))
+            for a, n in zip(r["accuracy"], r["n_test"], strict=True)
+        ]
         cols[f"{name} acc"] = r["accuracy"]
+        cols[f"{name} acc 95% CI"] = pd.Series([_interval(*c) for c in ci], index=r.index)
         cols[f"{name} F1"] = r["f1"]
-    d = by[by["method"] == "dense"]
-    cols["dense acc"], cols["dense F1"] = d["accuracy"], d["f1"]
+        m = means[(means["method"] == method) & (means["k"] == k if k is not None else True)]
+        if len(m):
+            mean_row[f"{name} acc 95% CI"] = _interval(
+                m["accuracy_low"].iloc[0], m["accuracy_high"].iloc[0]
+            )
     n = by.groupby(level=0)["n_test"].first()
     out = pd.DataFrame(cols).reindex(n.index)
     out.insert(0, "test docs", n)
     out.loc["mean"] = out.mean(numeric_only=True)
     out.loc["mean", "test docs"] = float(n.iloc[0]) if n.nunique() == 1 else None
+    for col, text in mean_row.items():
+        out.loc["mean", col] = text
     return out.reset_index(names="label")
+
+
+def _interval(low: float, high: float) -> str:
+    """A 95% interval as table text: ``0.812-0.901``."""
+    return f"{low:.3f}-{high:.3f}"
 
 
 def _scalar(v: Any) -> Any:
@@ -194,8 +215,9 @@ def analysis_sections(
                     "as SAEBench): logistic probes on the k latents with the largest difference "
                     "of class means on the training documents, on k random live latents, and "
                     "on the raw activations; every feature is the mean over the document. "
-                    "Accuracy on the balanced documents of the store's test split (chance 0.5), "
-                    "F1 of the label."
+                    "Accuracy on the balanced documents of the store's test split (chance 0.5) "
+                    "with its 95% Wilson interval (the mean row's counts every label's test "
+                    "documents), F1 of the label."
                 ),
                 tables=[tables["probe"]],
                 anchor="sparse-probing",
