@@ -155,3 +155,19 @@ def test_a_dataset_csv_with_missing_labels_names_the_row(tmp_path):
     )
     with pytest.raises(ValueError, match=r"label_col='topic' row 1: missing \(NaN\) label"):
         load_dataset_auto(str(tmp_path / "news.csv"), text_col="title", label_col="topic")
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"[1, 2]"])
+def test_a_damaged_manifest_names_the_file(tmp_path, damage):
+    from integral_superposition.dump.store import ActivationStore
+    from integral_superposition.dump.synthetic import write_activation_store
+
+    uri = str(tmp_path / "acts")
+    write_activation_store(torch.randn(64, D), uri)
+    manifest = tmp_path / "acts" / "manifest.json"
+    manifest.write_bytes(damage(manifest.read_bytes()))
+    with pytest.raises(
+        ValueError, match=r"manifest\.json': (not valid JSON|expected a JSON object)"
+    ):
+        ActivationStore(uri)
+    assert not storage.verify_output(uri)

@@ -402,6 +402,13 @@ def read_manifest(
         raise FileNotFoundError(
             f"{dir_uri!r} has no {MANIFEST_NAME}: it is not a published output (or it is incomplete)"
         ) from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(
+            f"{uri!r}: not valid JSON ({e}): the manifest is truncated or damaged; rerun the "
+            "step that wrote it (or restore it)"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{uri!r}: expected a JSON object, got {type(manifest).__name__}")
     if kind is not None and manifest.get("kind") != kind:
         raise ValueError(f"{dir_uri!r} holds a {manifest.get('kind')!r} output, expected {kind!r}")
     return manifest
