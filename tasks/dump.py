@@ -4,7 +4,6 @@ combine partition dumps into one store."""
 from __future__ import annotations
 
 import posixpath
-from typing import Any
 
 from integral_superposition import storage
 from integral_superposition.config import DumpConfig
@@ -101,20 +100,6 @@ def dump_activations(
     return ref
 
 
-def _copy_output(src: str, dst: str, storage_options: Any) -> None:
-    """Copy a published dump: data files first, its manifest last. A ``dst`` holding anything
-    a dump does not write is refused; an earlier copy there is unpublished first."""
-    from integral_superposition.dump.layout import own_listing, remove_named
-
-    manifest = storage.read_manifest(src, storage_options)
-    if own_listing(dst, storage_options):
-        remove_named(dst, [storage.MANIFEST_NAME], storage_options)
-    for name in sorted(manifest["files"]):
-        data = storage.read_bytes(storage.join(src, name), storage_options)
-        storage.write_bytes(storage.join(dst, name), data, storage_options)
-    storage.write_json(storage.join(dst, storage.MANIFEST_NAME), manifest, storage_options)
-
-
 @task(
     name="combine-partitions",
     **{**TASK_DEFAULTS, "cache_policy": output_cache("integral_superposition.dump")},
@@ -127,14 +112,14 @@ def combine_partitions(parts: list[OutputRef], loc: RunLocation, out: str = "act
     write (under its own lease), never this run's.
     """
     from integral_superposition.dump import combine_dumps
-    from integral_superposition.dump.writer import dump_summary
+    from integral_superposition.dump.writer import copy_dump, dump_summary
 
     target = loc.uri(out)
     part_uris = []
     for p in parts:
         if posixpath.dirname(p.uri.rstrip("/")) != target.rstrip("/"):
             dst = storage.join(target, p.name)
-            _copy_output(p.uri, dst, loc.storage_options)
+            copy_dump(p.uri, dst, loc.storage_options)
             part_uris.append(dst)
         else:
             part_uris.append(p.uri)

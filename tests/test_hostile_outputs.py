@@ -372,7 +372,7 @@ def test_copying_a_reused_partition_never_mixes_with_other_files(where):
     """combine-partitions copies a partition dump reused from an earlier run into this run:
     a folder there holding a user's file is refused; an earlier copy is replaced whole."""
     from integral_superposition.dump.synthetic import write_activation_store
-    from integral_superposition.tasks.dump import _copy_output
+    from integral_superposition.dump.writer import copy_dump
 
     root, opts = where
     src, dst = storage.join(root, "earlier"), storage.join(root, "now", "part-000-of-002")
@@ -381,12 +381,39 @@ def test_copying_a_reused_partition_never_mixes_with_other_files(where):
     storage.write_bytes(storage.join(dst, "notes.txt"), b"keep", opts)
     before = _tree(dst, opts)
     with pytest.raises(FileExistsError, match="did not write"):
-        _copy_output(src, dst, opts)
+        copy_dump(src, dst, opts)
     assert _tree(dst, opts) == before
     for name in before:
         storage.remove(storage.join(dst, name), opts)
-    _copy_output(src, dst, opts)
-    _copy_output(src, dst, opts)  # an earlier copy of ours: replaced
+    copy_dump(src, dst, opts)
+    copy_dump(src, dst, opts)  # an earlier copy of ours: replaced
     assert storage.verify_output(dst, opts, deep=True)
     copied = set(storage.read_manifest(src, opts)["files"]) | {storage.MANIFEST_NAME}
     assert set(_tree(dst, opts)) == copied
+
+
+def test_copying_a_dump_that_changed_since_it_was_published_copies_nothing(where):
+    """A source file whose bytes no longer match its manifest (same size, other content) stops
+    the copy: the destination is left without a manifest and without the dump's files."""
+    from integral_superposition.dump.synthetic import write_activation_store
+    from integral_superposition.dump.writer import copy_dump
+
+    root, opts = where
+    src, dst = storage.join(root, "earlier"), storage.join(root, "now", "part-000-of-002")
+    write_activation_store(torch.randn(64, D), src, storage_options=opts)
+    copy_dump(src, dst, opts)  # an earlier, good copy: unpublished before the new one
+    files = storage.read_manifest(src, opts)["files"]
+    last = sorted(files)[-1]  # the copy reaches it after every other file
+    data = bytearray(storage.read_bytes(storage.join(src, last), opts))
+    data[len(data) // 2] ^= 0xFF
+    storage.write_bytes(storage.join(src, last), bytes(data), opts)
+    with pytest.raises(ValueError, match=f"{last} has {len(data)} bytes with SHA-256"):
+        copy_dump(src, dst, opts, chunk=7)
+    assert not storage.exists(storage.join(dst, storage.MANIFEST_NAME), opts)
+    assert not storage.verify_output(dst, opts)
+    assert _tree(dst, opts) == {}  # neither this copy's files nor the earlier copy's remain
+    other = storage.join(root, "other")
+    storage.write_manifest(other, "sae", None, {}, opts)
+    with pytest.raises(ValueError, match="holds a 'sae' output, expected 'activations'"):
+        copy_dump(other, storage.join(root, "x"), opts)
+    assert _tree(storage.join(root, "x"), opts) == {}

@@ -9,6 +9,7 @@ rows and writes it in a background thread while the caller computes the next one
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +25,7 @@ import torch
 from integral_superposition import storage
 from integral_superposition.config import DumpConfig
 from integral_superposition.dump.capture import CapturedBatch, check_finite_rows
+from integral_superposition.dump.layout import own_listing, remove_named
 from integral_superposition.dump.plan import TokenMask
 from integral_superposition.dump.shards import TORCH_DTYPES, write_shard
 
@@ -357,3 +359,51 @@ def dump_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "labels": manifest["labels"]["names"],
         "model": (manifest.get("model") or {}).get("model_id"),
     }
+
+
+def copy_dump(
+    src: str,
+    dst: str,
+    storage_options: Mapping[str, Any] | None = None,
+    chunk: int = 8 << 20,
+) -> None:
+    """Copy the published activation dump at ``src`` to ``dst``: each file its manifest lists,
+    streamed in ``chunk``-byte pieces and checked against the manifest's size and SHA-256,
+    then the manifest, last (a crash leaves ``dst`` unpublished, and a rerun copies again).
+
+    A ``dst`` holding anything a dump does not write is refused (``FileExistsError``, nothing
+    changed); an earlier dump there is unpublished first and replaced. A source file that does
+    not match its manifest raises ``ValueError`` and leaves none of the dump's files in ``dst``.
+    """
+    manifest = storage.read_manifest(src, storage_options, kind="activations")
+    if manifest.get("parts"):
+        raise ValueError(
+            f"src={src!r} is a dump over partition folders {manifest['parts'][:3]}: expected a "
+            "dump whose manifest lists every file (copy each partition instead)"
+        )
+    if own_listing(dst, storage_options):
+        remove_named(dst, [storage.MANIFEST_NAME], storage_options)
+    try:
+        for name, entry in sorted(manifest["files"].items()):
+            h, size = hashlib.sha256(), 0
+            fs, path = storage.get_fs(storage.join(src, name), storage_options)
+            with (
+                fs.open(path, "rb") as f,
+                storage.atomic_open(storage.join(dst, name), storage_options) as out,
+            ):
+                while block := f.read(chunk):
+                    h.update(block)
+                    size += len(block)
+                    out.write(block)
+                if size != int(entry["size"]) or h.hexdigest() != entry["sha256"]:
+                    raise ValueError(
+                        f"{storage.join(src, name)} has {size} bytes with SHA-256 "
+                        f"{h.hexdigest()[:16]}..., but its manifest lists {entry['size']} "
+                        f"bytes with {str(entry['sha256'])[:16]}...: the dump at src={src!r} "
+                        "changed after it was published; nothing was copied"
+                    )
+    except BaseException:
+        # the names this dump writes, whether copied now or left by an earlier copy
+        remove_named(dst, sorted(manifest["files"]), storage_options)
+        raise
+    storage.write_json(storage.join(dst, storage.MANIFEST_NAME), manifest, storage_options)
