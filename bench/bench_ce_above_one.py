@@ -60,13 +60,16 @@ def main() -> None:
     ap.add_argument("--store", required=True)
     ap.add_argument("--sae", action="append", required=True, help="an SAE folder (repeatable)")
     ap.add_argument("--docs", type=int, default=64, help="documents per set of the store")
-    ap.add_argument("--other", default=str(AG_NEWS), help="CSV of other text (title, description)")
+    ap.add_argument(
+        "--other", default=str(AG_NEWS), help="CSV of other text (title, description columns)"
+    )
     ap.add_argument("--other-docs", type=int, default=32)
     ap.add_argument("--ranks", default="32,128", help="PCA ranks (comma-separated; '' for none)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
     logging.disable(logging.WARNING)
+    other = pd.read_csv(args.other).head(args.other_docs)  # read first: fail before the work
     print(machine())
     store = ActivationStore(args.store)
     cfg = store.manifest.get("config") or {}
@@ -97,7 +100,7 @@ def main() -> None:
         )
         rows += [{"text set": name, "splice": k, **v} for k, v in res.items()]
         print(f"{name}: {time.time() - t:.0f}s")
-    other = pd.read_csv(args.other).head(args.other_docs)
+        print_rows(rows[-len(res) :])
     texts = (other["title"].astype(str) + ". " + other["description"].astype(str)).tolist()
     t = time.time()
     res = spliced_ce_many(
@@ -114,16 +117,21 @@ def main() -> None:
     other_name = f"other text ({args.other.split('/')[-1]}, {len(texts)} documents)"
     rows += [{"text set": other_name, "splice": k, **v} for k, v in res.items()]
     print(f"{other_name}: {time.time() - t:.0f}s; peak RSS {peak_rss_mb():.0f} MiB")
-    table = pd.DataFrame(rows)
     print(f"\nmodel dtype {args.dtype}, splice at {hook}, max_len {max_len}\n")
+    print_rows(rows)
+
+
+def print_rows(rows: list[dict]) -> None:
+    """The rows as a markdown table."""
     print(
         "| text set | splice | predictions | CE clean | CE spliced | delta CE | CE recovered | KL |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in table.to_dict("records"):
+    for r in rows:
         print(
             f"| {r['text set']} | {r['splice']} | {r['n_predictions']} | {r['ce_clean']:.3f} | "
-            f"{r['ce_sae']:.3f} | {r['delta_ce']:+.3f} | {r['ce_recovered']:.4f} | {r['kl']:.3f} |"
+            f"{r['ce_sae']:.3f} | {r['delta_ce']:+.3f} | {r['ce_recovered']:.4f} | {r['kl']:.3f} |",
+            flush=True,
         )
 
 
