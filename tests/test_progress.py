@@ -108,8 +108,9 @@ def test_merge_reports_every_sweep_point_with_its_phase(demo_store, tmp_path):
     for want in ("sweep K'=16 cluster", "sweep K'=16 random", "sweep K'=8 random"):
         assert want in phases, phases
     totals = {t for _, t, _ in seen}
-    assert totals == {6 + 3 + 2 * 2}
-    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen) and seen[-1][0] == 13
+    # 6 run steps; the sweep: 3 stages, the refit control, 2 sizes x (cluster, random), one CE pass
+    assert totals == {6 + 3 + 1 + 2 * 2 + 1}
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen) and seen[-1][0] == 15
 
 
 class _Terminal(io.StringIO):

@@ -181,3 +181,11 @@ def test_continuation_nll_equals_a_full_forward_per_row(tiny_backend):
         lp = torch.log_softmax(logits[len(p) - 1 : -1].float(), dim=-1)
         want = -lp.gather(1, torch.tensor(c)[:, None]).sum().item()
         assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_a_check_without_continuations_says_so_instead_of_failing():
+    from integral_superposition.steering.scores import judge_generations
+
+    check = judge_generations(prompt_labels=[], predicted=[], label_names=["Sports", "World"])
+    assert not check.can_judge and check.describe()["recall"] == {}
+    assert check.reason("Sports") == "no continuation of a Sports prompt was checked"

@@ -190,9 +190,10 @@ def test_headline_numbers_are_marked_and_missing_ones_read_a_dash(report_page, b
     assert hrefs and all("dashboards/latents/" in h for h in hrefs)
     # sparse probing against the dense probe (held-out documents)
     value, control, on = rows["accuracy, top 1 latent"]
-    assert (
-        0 <= float(value) <= 1 and control.startswith("dense probe: ") and on.startswith("held-out")
-    )
+    acc, interval = value.split(" [", 1)
+    low, high = (float(v) for v in interval.rstrip("]").split(", "))
+    assert 0 <= low <= float(acc) <= high <= 1, value
+    assert control.startswith("dense probe: ") and on.startswith("held-out")
 
 
 def test_merge_and_steering_sit_beside_their_controls(report_page, browser):

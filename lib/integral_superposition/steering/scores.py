@@ -264,7 +264,8 @@ def judge_generations(
             "heldout_recall": float(heldout_recall[c]) if heldout_recall is not None else float("nan"),
             **shares,
         })  # fmt: skip
-    table = pd.DataFrame(rows)
+    columns = ["label", "n", "recall", "recall_lo", "recall_hi", "heldout_docs", "heldout_recall"]
+    table = pd.DataFrame(rows, columns=columns + [f"to_{name}" for name in names])
     dominant = None
     if len(majority) >= 2 and majority[0] >= 0 and len(set(majority)) == 1:
         dominant = names[majority[0]]
