@@ -19,6 +19,7 @@ import numpy as np
 from integral_superposition import analysis, pipelines, sae, viz
 from integral_superposition.analysis import reducer
 from integral_superposition.dump import ActivationStore
+from integral_superposition.outputs import OutputWriter
 
 
 def _example_03():
@@ -54,54 +55,56 @@ def main() -> None:
     lat = result.latents
     labels = result.summary["labels"]
     written = []
+    # the figures go through the project's output writer: a rerun replaces the maps it wrote
+    # there, a file of the same name that it did not write is refused, never replaced, and a
+    # failure removes what this run wrote
+    with OutputWriter(out, "maps") as maps:
 
-    def save(fig, name: str) -> None:
-        written.append(viz.save_figure(fig, os.path.join(out, name), overwrite=True)["png"])
-        viz.figures.close_figure(fig)
+        def save(fig, name: str) -> None:
+            maps.figure(name, fig)
+            written.append(maps.uri(f"{name}.png"))
 
-    # latents: decoder directions in 2-D, coloured by the most enriched label
-    model = sae.load_sae(result.manifest["sae"]["uri"])
-    directions = reducer.decoder_directions(model.W_dec)
-    methods = ["pca"] + (["umap"] if reducer.HAS_UMAP else [])
-    for method in methods:
-        coords, used = reducer.reduce_2d(directions, method, random_state=args.seed)
-        best = lat["best_label"].to_numpy() if "best_label" in lat else None
-        fig = viz.maps.latent_map(
-            coords,
-            best_label=best,
-            q=lat["q"].to_numpy() if "q" in lat else None,
-            label_names=labels,
-            dead=lat["dead"].to_numpy(),
-            title=f"SAE latents, {used.upper()} of decoder directions",
-        )
-        save(fig, f"latent_map_{used}")
-    if not reducer.HAS_UMAP:
-        print(
-            "umap-learn is not installed: PCA maps only (pip install 'integral-superposition[viz]')"
-        )
+        # latents: decoder directions in 2-D, coloured by the most enriched label
+        model = sae.load_sae(result.manifest["sae"]["uri"])
+        directions = reducer.decoder_directions(model.W_dec)
+        methods = ["pca"] + (["umap"] if reducer.HAS_UMAP else [])
+        for method in methods:
+            coords, used = reducer.reduce_2d(directions, method, random_state=args.seed)
+            best = lat["best_label"].to_numpy() if "best_label" in lat else None
+            fig = viz.maps.latent_map(
+                coords,
+                best_label=best,
+                q=lat["q"].to_numpy() if "q" in lat else None,
+                label_names=labels,
+                dead=lat["dead"].to_numpy(),
+                title=f"SAE latents, {used.upper()} of decoder directions",
+            )
+            save(fig, f"latent_map_{used}")
+        if not reducer.HAS_UMAP:
+            print(
+                "umap-learn is not installed: PCA maps only (pip install 'integral-superposition[viz]')"
+            )
 
-    # documents: mean latent code per document, and the most enriched latents among them
-    store = ActivationStore(result.manifest["activations"]["uris"])
-    doc_ids, codes = analysis.stats.document_codes(model, store)
-    doc_label = store.docs.set_index("doc_id").loc[doc_ids, "label"].to_numpy()
-    fitted = reducer.PCAReducer(2, random_state=args.seed).fit(codes)
-    save(viz.maps.titles_map(codes, doc_label, fitted, label_names=labels), "documents_map")
-    enrichment = result.enrichment
-    if enrichment is not None:
-        token = enrichment[enrichment["level"] == "token"]
-        top = viz.heatmaps.select_enriched_latents(token, per_label=1)
-        names = [f"L{j}: {lat.loc[j, 'best_label']}" for j in top]
-        save(
-            viz.maps.latents_labels_map(fitted, codes, np.asarray(top), names),
-            "latents_among_documents",
-        )
-        save(viz.heatmaps.enrichment_heatmap(token, per_label=4), "enrichment_heatmap")
-    coact = result.figure("coactivation_heatmap", "svg")
-    if coact is not None:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "coactivation_heatmap.svg"), "wb") as f:
-            f.write(coact)
-        written.append(os.path.join(out, "coactivation_heatmap.svg"))
+        # documents: mean latent code per document, and the most enriched latents among them
+        store = ActivationStore(result.manifest["activations"]["uris"])
+        doc_ids, codes = analysis.stats.document_codes(model, store)
+        doc_label = store.docs.set_index("doc_id").loc[doc_ids, "label"].to_numpy()
+        fitted = reducer.PCAReducer(2, random_state=args.seed).fit(codes)
+        save(viz.maps.titles_map(codes, doc_label, fitted, label_names=labels), "documents_map")
+        enrichment = result.enrichment
+        if enrichment is not None:
+            token = enrichment[enrichment["level"] == "token"]
+            top = viz.heatmaps.select_enriched_latents(token, per_label=1)
+            names = [f"L{j}: {lat.loc[j, 'best_label']}" for j in top]
+            save(
+                viz.maps.latents_labels_map(fitted, codes, np.asarray(top), names),
+                "latents_among_documents",
+            )
+            save(viz.heatmaps.enrichment_heatmap(token, per_label=4), "enrichment_heatmap")
+        coact = result.figure("coactivation_heatmap", "svg")
+        if coact is not None:
+            written.append(maps.write("coactivation_heatmap.svg", coact))
+        maps.publish({"analysis": result.manifest.get("content_hash"), "seed": args.seed})
     print("\n".join(["figures (each also as .svg):", *written]))
 
 
