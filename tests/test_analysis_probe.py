@@ -284,3 +284,34 @@ def test_probe_picks_latents_by_class_mean_difference_on_training_documents():
     assert 0.7 < b.loc[1, "accuracy"] < 0.95  # the broad latent alone, not the leak
     with pytest.raises(ValueError, match="positive"):
         rank_latents(F, np.ones(D, bool))
+
+
+def test_probe_ranks_by_standardised_difference_so_a_large_dense_latent_does_not_come_first():
+    """Latent 0 fires in every document with a large, noisy activation that differs between
+    the classes by a fraction of its spread (the largest raw difference of class means);
+    latent 1 is a clean label latent of small scale (the largest standardised difference)."""
+    rng = np.random.default_rng(0)
+    D = 800
+    y = np.arange(D) % 4
+    train = rng.random(D) < 0.7
+    pos = y == 2
+    F = np.zeros((D, 3))
+    F[:, 0] = rng.normal(np.where(pos, 105.0, 100.0), 30.0)
+    F[:, 1] = np.where(pos, rng.normal(1.0, 0.2, D), 0.0).clip(0)
+    F[:, 2] = 0.05 * rng.random(D)
+    assert rank_latents(F[train], pos[train], "mean_diff")[0] == 0
+    assert rank_latents(F[train], pos[train])[0] == 1  # std_diff is the default
+    names = ["a", "b", "c", "d"]
+    ours = sparse_probe(F, y, train, names, ks=(1,), random_baseline=False)
+    raw = sparse_probe(F, y, train, names, ks=(1,), random_baseline=False, rank_by="mean_diff")
+    c_ours = ours[(ours.label == "c") & (ours.method == "sae")].iloc[0]
+    c_raw = raw[(raw.label == "c") & (raw.method == "sae")].iloc[0]
+    assert c_ours["latents"] == [1] and c_raw["latents"] == [0]
+    assert c_ours["accuracy"] > 0.95 and c_raw["accuracy"] < 0.7
+    # a latent that is constant in both classes scores 0 instead of dividing by zero
+    const = np.column_stack([np.full(D, 3.0), F[:, 1]])
+    assert rank_latents(const[train], pos[train]).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="rank_by='logodds'"):
+        sparse_probe(F, y, train, names, ks=(1,), rank_by="logodds")
+    with pytest.raises(ValueError, match="by='x'"):
+        rank_latents(F, pos, "x")

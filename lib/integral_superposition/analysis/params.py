@@ -91,6 +91,9 @@ class AnalysisParams(BaseModel):
     documents (the store's ``test`` split), with dense and random-latent baselines."""
     probe_ks: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 5, 10, 20], min_length=1)
     """Probe sizes k (latents per probe)."""
+    probe_rank_by: Literal["std_diff", "mean_diff"] = "std_diff"
+    """The order a probe takes latents in, on the training documents: the standardised
+    difference of class means (Cohen's d, scale-free) or the raw difference (SAEBench's)."""
     metrics: bool = True
     """Also compute reconstruction metrics (EV, FVU, cosine) in the same pass (one decode per chunk)."""
     chunk_tokens: int | None = Field(None, ge=1)

@@ -9,9 +9,15 @@ The method follows SAEBench's sparse probing:
   of the raw activations;
 - each one-vs-rest task is class-balanced: all documents of the label and as many others,
   drawn evenly from the other labels (seeded), separately in the training and the test split;
-- the ``k`` latents are those with the largest absolute difference of class means on the
-  balanced *training* documents only, so the test documents never influence which latents a
-  probe sees (a latent's enrichment q would also rank near-duplicate latents side by side);
+- the ``k`` latents are those with the largest absolute *standardised* difference of class
+  means (Cohen's d: the difference over the pooled within-class deviation) on the balanced
+  *training* documents only, so the test documents never influence which latents a probe sees
+  (a latent's enrichment q would also rank near-duplicate latents side by side). SAEBench
+  ranks by the raw difference (``rank_by="mean_diff"``); that is not scale-free, so a latent
+  that fires on most tokens with a large activation, and differs between the classes by a
+  small fraction of its spread, outranks a clean label latent of smaller scale, while the
+  probe itself sees standardised features. On the AG News run (docs/analysis.md) the raw
+  difference put the SAE's 34 dense latents first for every label;
 - scikit-learn's ``LogisticRegression`` (L2, ``C=1``, lbfgs, 1000 iterations) on features
   standardised with the training documents' mean and deviation; accuracy, balanced accuracy
   and F1 on the balanced test documents. SAEBench fits unscaled features; a residual stream
@@ -40,6 +46,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 __all__ = [
+    "RANK_BY",
     "balanced_task",
     "doc_latent_matrix",
     "doc_mean_activations",
@@ -89,15 +96,35 @@ def doc_mean_activations(
     return (total / count.clamp_min(1)[:, None]).float().numpy()
 
 
-def rank_latents(F: sparse.spmatrix | np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """Latents ``[K]`` ordered by the absolute difference of their mean feature over the
-    ``positive [D]`` (bool) documents and over the others, largest first (ties: lower id)."""
+RANK_BY = ("std_diff", "mean_diff")
+"""Latent orders of a probe: standardised (Cohen's d) or raw difference of class means."""
+
+
+def rank_latents(
+    F: sparse.spmatrix | np.ndarray, positive: np.ndarray, by: str = "std_diff"
+) -> np.ndarray:
+    """Latents ``[K]`` ordered by how the mean feature over the ``positive [D]`` (bool)
+    documents differs from the mean over the others, largest first (ties: lower id).
+
+    ``by="std_diff"``: the absolute difference over the pooled within-class standard deviation
+    ``sqrt((var_pos + var_neg) / 2)`` (Cohen's d; a latent constant in both classes scores 0).
+    ``by="mean_diff"``: the absolute difference itself (SAEBench)."""
+    if by not in RANK_BY:
+        raise ValueError(f"by={by!r}: expected one of {RANK_BY}")
     F = sparse.csr_matrix(F, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
     if not (positive.any() and (~positive).any()):
         raise ValueError("positive: expected both positive and negative documents to rank on")
-    diff = np.asarray(F[positive].mean(0)).ravel() - np.asarray(F[~positive].mean(0)).ravel()
-    return np.argsort(-np.abs(diff), kind="stable")
+    mean = [np.asarray(F[m].mean(0)).ravel() for m in (positive, ~positive)]
+    diff = np.abs(mean[0] - mean[1])
+    if by == "std_diff":
+        var = [
+            np.maximum(np.asarray(F[m].multiply(F[m]).mean(0)).ravel() - mu * mu, 0.0)
+            for m, mu in zip((positive, ~positive), mean, strict=True)
+        ]
+        sd = np.sqrt((var[0] + var[1]) / 2)
+        diff = np.divide(diff, sd, out=np.zeros_like(diff), where=sd > 0)
+    return np.argsort(-diff, kind="stable")
 
 
 def balanced_task(
@@ -161,6 +188,7 @@ def sparse_probe(
     ks: Sequence[int] = (1, 2, 5, 10, 20),
     dense: np.ndarray | None = None,
     random_baseline: bool = True,
+    rank_by: str = "std_diff",
     seed: int = 0,
 ) -> pd.DataFrame:
     """k-sparse one-vs-rest logistic probes per label, scored on held-out documents (see the
@@ -170,7 +198,8 @@ def sparse_probe(
     document, as SAEBench). ``doc_labels``: ``int [D]`` label ids into ``label_names``.
     ``train``: ``bool [D]``, True for training documents (the others are the test set).
     ``dense``: optional ``[D, d_model]`` raw features (the mean activation) for the dense
-    baseline. Each label's task is class-balanced in both sets (:func:`balanced_task`, seeded
+    baseline. ``rank_by``: the order the ``k`` latents are taken in (:func:`rank_latents`'s
+    ``by``). Each label's task is class-balanced in both sets (:func:`balanced_task`, seeded
     by ``seed`` and the label); the same documents serve every method and ``k``.
 
     Returns one row per (label, method, k) with columns ``label, label_id, method`` (``sae``,
@@ -189,6 +218,8 @@ def sparse_probe(
             f"doc_labels {y_all.shape} and train {train.shape}: expected ({D},), one per "
             "document row of features"
         )
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by={rank_by!r}: expected one of {RANK_BY}")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks={ks!r}: expected positive probe sizes")
@@ -211,7 +242,7 @@ def sparse_probe(
             "label": str(name), "label_id": c, "n_train": int(tr.size),
             "n_test": int(te.size), "n_test_pos": int(yte.sum()),
         }  # fmt: skip
-        order = rank_latents(Ftr, ytr)  # training documents only
+        order = rank_latents(Ftr, ytr, rank_by)  # training documents only
         for k in ks:
             if k > K:
                 continue

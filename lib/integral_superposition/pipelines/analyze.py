@@ -150,6 +150,12 @@ def _generic(p, scan, store, rows, token_labels, n_labels):
     )  # fmt: skip
 
 
+RANK_TEXT = {
+    "std_diff": "|difference of class means| / pooled within-class deviation (Cohen's d)",
+    "mean_diff": "|difference of class means|",
+}
+
+
 def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
     """Sparse probes on the analysed documents: train on the store's ``train`` split, score on
     its ``test`` split. Returns the table (None when skipped) and its summary."""
@@ -173,15 +179,18 @@ def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
     pair_len = lengths[np.searchsorted(docs, scan.doc_pairs[:, 0])]
     F = doc_latent_matrix(scan.doc_pairs, scan.doc_sum / pair_len, docs, scan.top.n_latents)
     dense = doc_mean_activations(store, docs, mask, chunk_tokens=min(chunk, 65536))
-    table = sparse_probe(F, y, train, label_names, ks=p.probe_ks, dense=dense, seed=p.seed)
+    table = sparse_probe(
+        F, y, train, label_names, ks=p.probe_ks, dense=dense, rank_by=p.probe_rank_by, seed=p.seed
+    )
     summary: dict[str, Any] = {
         "n_train_docs": int(train.sum()),
         "n_test_docs": int((~train).sum()),
         "seconds": round(time.perf_counter() - t0, 3),
         "pool": {"latents": "mean", "dense": "mean"},
+        "rank_by": p.probe_rank_by,
         "method": (
             "one vs rest per label on class-balanced documents (train and test each); top k "
-            "latents by |difference of class means| on the training documents; logistic "
+            f"latents by {RANK_TEXT[p.probe_rank_by]} on the training documents; logistic "
             "regression (L2, C=1) on standardised features; accuracy on the balanced test "
             "documents"
         ),
