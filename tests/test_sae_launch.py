@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -87,3 +88,24 @@ def test_bad_launcher_input_is_named(store, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=rf"{STORAGE_OPTIONS_ENV}: expected a JSON object"):
         main(["--store", store.uris[0], "--out", str(tmp_path / "x"), "--config", one])
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_results_path_holding_a_users_file_is_refused_before_training(store, tmp_path):
+    cfg = _yaml(tmp_path / "sae.yaml", {"k": 8, **SMALL})
+    notes = tmp_path / "results.json"
+    notes.write_text('{"my": "notes"}')
+    out = tmp_path / "sae"
+    args = ["--store", store.uris[0], "--out", str(out), "--config", cfg, "--no-evaluate"]
+    with pytest.raises(FileExistsError, match=r"--results .*results\.json"):
+        main([*args, "--results", str(notes)])
+    assert notes.read_text() == '{"my": "notes"}' and not out.exists()
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileExistsError, match="never replaced"):
+        main([*args, "--results", str(tmp_path / "folder")])
+    # an earlier results file of the launcher is replaced by a rerun
+    ours = str(tmp_path / "ours.json")
+    assert main([*args, "--results", ours]) == 0
+    first = json.loads(Path(ours).read_text())
+    assert main([*args, "--results", ours, "--out", str(tmp_path / "sae2")]) == 0
+    (row,) = json.loads(Path(ours).read_text())
+    assert row["uri"] == str(tmp_path / "sae2") and first[0]["uri"] == str(out)

@@ -179,6 +179,31 @@ def _print_progress() -> Callable[[int, int], None]:
     return on_progress
 
 
+RESULT_KEYS = frozenset({"name", "uri", "content_hash", "steps", "metrics"})
+"""Keys of every row of a results file this launcher writes."""
+
+
+def check_results_target(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Refuse a ``--results`` path that holds something other than an earlier results file of
+    this launcher (a JSON list of result rows), before any training: a user's file of the same
+    name is never replaced."""
+    if not storage.exists(uri, storage_options):
+        return
+    try:
+        rows = json.loads(storage.read_bytes(uri, storage_options))
+    except (ValueError, OSError):
+        rows = None
+    if not (
+        isinstance(rows, list)
+        and rows
+        and all(isinstance(r, dict) and r.keys() >= RESULT_KEYS for r in rows)
+    ):
+        raise FileExistsError(
+            f"--results {uri}: something that is not an earlier results file of this launcher "
+            "is there; expected a new path (it is never replaced)"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, train, publish (rank 0) and write ``--results``; returns the exit code."""
     from integral_superposition.sae.train import train_saes
@@ -188,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     opts = _storage_options_from_env()
+    if args.results:
+        check_results_target(args.results, opts)
     cfgs = read_sae_configs(args.config, opts)
     names = list(cfgs)
     out_uris = []
