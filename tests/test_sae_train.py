@@ -58,7 +58,7 @@ def trained(dictionary_store, tmp_path_factory):
     store, _ = dictionary_store
     out = tmp_path_factory.mktemp("saes")
     logs: list[tuple[int, dict]] = []
-    progress: list[tuple[int, int]] = []
+    progress: list[tuple[int, int, str | None]] = []
     results = train_saes(
         store,
         [_cfg(a) for a in ARCHS],
@@ -66,7 +66,7 @@ def trained(dictionary_store, tmp_path_factory):
         checkpoint_uri=str(out / "ckpt"),
         progress=False,
         on_log=lambda step, m: logs.append((step, m)),
-        on_progress=lambda step, total: progress.append((step, total)),
+        on_progress=lambda step, total, phase=None: progress.append((step, total, phase)),
     )
     return dict(zip(ARCHS, results, strict=True)), logs, progress, out
 
@@ -103,8 +103,16 @@ def test_outputs_manifest_callbacks_and_checkpoint_cleanup(trained, dictionary_s
     results, logs, progress, out = trained
     store, _ = dictionary_store
     res = results["topk"]
-    assert isinstance(res, TrainResult) and res.steps == progress[-1][0] == progress[-1][1]
-    assert [p[0] for p in progress] == list(range(1, res.steps + 1))
+    steps = [p for p in progress if p[2] is None]
+    assert isinstance(res, TrainResult) and res.steps == steps[-1][0] == steps[-1][1]
+    assert [p[0] for p in steps] == list(range(1, res.steps + 1))
+    # the work after the last step is named, not a silent "100%"
+    after = [p for p in progress if p[2] is not None]
+    assert after == [
+        (res.steps, res.steps, "refit decoder"),
+        (res.steps, res.steps, "evaluate and publish"),
+    ]
+    assert progress[-2:] == after
     manifest = read_sae_manifest(res.uri)
     assert manifest["content_hash"] == res.content_hash
     assert manifest["activation_manifest_hash"] == store.content_hash

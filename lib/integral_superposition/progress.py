@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-__all__ = ["ProgressFn", "Reporter", "format_duration"]
+__all__ = ["ProgressFn", "Reporter", "format_duration", "report_phase"]
 
 ProgressFn = Callable[[int, int], None]
 """``on_progress(done, total)`` after each unit of work. A callback that also accepts a
@@ -44,6 +44,14 @@ def format_duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def report_phase(on_progress: ProgressFn | None, done: int, total: int, phase: str) -> None:
+    """Tell ``on_progress`` that the work entered ``phase`` at ``done`` of ``total`` units (for
+    the stages after the counted units, e.g. a training run's decoder refit and publication);
+    a callback without a ``phase`` keyword is not called."""
+    if _accepts_phase(on_progress):
+        on_progress(done, total, phase=phase)  # type: ignore[call-arg, misc]
 
 
 def _accepts_phase(fn: Any) -> bool:

@@ -42,7 +42,7 @@ import torch
 from integral_superposition import distributed
 from integral_superposition.config import SAEConfig, dead_window
 from integral_superposition.dump.store import NonFiniteActivationsError, first_non_finite
-from integral_superposition.progress import ProgressFn, Reporter
+from integral_superposition.progress import ProgressFn, Reporter, report_phase
 from integral_superposition.sae.checkpoint import Checkpoints, first_difference, run_fingerprint
 from integral_superposition.sae.curve import CURVE_FILE
 from integral_superposition.sae.load import check_sae_folder
@@ -369,7 +369,10 @@ def train_saes(
         if isinstance(base, OnlineSource) and writes_store:
             # the store written while training holds the train split the refit reads
             refit_from = StoreSource(base.evaluation_store(), base.hooks, base.cfg)
+        report_phase(on_progress if layout.is_main else None, steps, steps, "refit decoder")
         refits = refit_decoders(refit_from, trainees)  # data-parallel: the main rank's replica
+        phase = "evaluate and publish" if evaluate else "publish"
+        report_phase(on_progress if layout.is_main else None, steps, steps, phase)
         for i, t, refit in zip(layout.indices, trainees, refits, strict=True):
             own[i] = publish_trainee(
                 t,
@@ -477,6 +480,7 @@ def train_sae(
     )
     finish(t)
     base = source.source if isinstance(source, RankSlice) else source
+    report_phase(on_progress if layout.is_main else None, steps, steps, "refit decoder")
     (refit,) = refit_decoders(base, [t])  # every replica alike: the same data, the same solve
     if isinstance(base, StoreSource):
         model.metadata.update(store_metadata(base.store, hook))
