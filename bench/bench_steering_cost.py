@@ -65,7 +65,8 @@ print("RESULT " + json.dumps({
     "latents": [
         {k: lat.get(k) for k in ("latent", "label", "baseline_share", "best_strength",
                                  "best_share", "best_share_lo", "best_share_hi",
-                                 "best_ppl_ratio", "random_share_at_best")}
+                                 "best_ppl_ratio", "random_share_at_best",
+                                 "random_lift_at_best")}
         for lat in summary["latents"]
     ],
 }))

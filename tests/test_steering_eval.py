@@ -138,6 +138,34 @@ def test_run_steering_eval_publishes_the_sweep_with_controls(published):
     assert res.read("sweep.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_every_steered_and_control_row_has_its_lift_over_the_unsteered_share(published):
+    from integral_superposition.steering.scores import paired_lift
+
+    root, _, _, _params = published
+    res = steer_eval.load_steering(str(root / "out"))
+    t, g = res.sweep, res.generations
+    label = t["label"].iloc[0]
+    hits = {i: (grp["predicted"] == label).to_numpy() for i, grp in g.groupby("set")}
+    ref_of = {  # the unsteered set of each prompt set
+        prompts: int(t.index[(t["control"].isin(["unsteered", "own_label"])) & t["strength"].isna()
+                             & (t["prompts"] == prompts)][0])
+        for prompts in ("neutral", "own_label")
+    }  # fmt: skip
+    for i, row in t.iterrows():
+        if np.isnan(row["strength"]):  # an unsteered set is the reference itself
+            assert np.isnan(row["lift"]) and np.isnan(row["lift_lo"])
+            continue
+        want = paired_lift(hits[i], hits[ref_of[row["prompts"]]][: int(row["n"])])
+        assert (row["lift"], row["lift_lo"], row["lift_hi"]) == pytest.approx(want)
+        base_share = t.loc[ref_of[row["prompts"]], "share"]
+        assert row["lift"] == pytest.approx(row["share"] - base_share)
+        assert row["lift_lo"] <= row["lift"] <= row["lift_hi"]
+    lat = res.summary["latents"][0]
+    assert {"best_lift", "random_lift_at_best", "own_label_lift_at_best"} <= set(lat)
+    section = steer_eval.steering_section(res)
+    assert "lift" in section.tables[0][0] and "lift_lo" in section.tables[0][1].columns
+
+
 def test_side_by_side_and_report_section(published):
     root, _, _, params = published
     res = steer_eval.load_steering(str(root / "out"))

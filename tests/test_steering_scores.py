@@ -189,3 +189,61 @@ def test_a_check_without_continuations_says_so_instead_of_failing():
     check = judge_generations(prompt_labels=[], predicted=[], label_names=["Sports", "World"])
     assert not check.can_judge and check.describe()["recall"] == {}
     assert check.reason("Sports") == "no continuation of a Sports prompt was checked"
+
+
+def _pairs(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.repeat([True, True, False, False], [both, only_a, only_b, neither])
+    b = np.repeat([True, False, True, False], [both, only_a, only_b, neither])
+    return a, b
+
+
+def test_paired_lift_is_newcombes_interval_for_paired_shares():
+    from integral_superposition.steering.scores import paired_lift
+
+    # Fagerland, Lydersen & Laake, the paired 2x2 table of Cavo et al. (2012): 59 / 6 / 16 / 80,
+    # Newcombe square-and-add estimate -0.0621, 95% CI -0.1186 to -0.0046
+    lift, lo, hi = paired_lift(*_pairs(59, 6, 16, 80))
+    assert (lift, lo, hi) == pytest.approx((-10 / 161, -0.1186, -0.0046), abs=5e-5)
+    # a control that changes nothing: lift 0, its interval around 0 and within [-1, 1]
+    a, _ = _pairs(8, 0, 0, 40)
+    lift, lo, hi = paired_lift(a, a)
+    assert lift == 0.0 and lo < 0 < hi and hi - lo < 0.2
+    # a random edit at the classifier's floor: 7/48 against 8/48 unsteered is a lift near 0
+    lift, lo, hi = paired_lift(*_pairs(5, 2, 3, 38))
+    assert lift == pytest.approx(-1 / 48) and lo < 0 < hi
+    # pairing narrows the interval of positively correlated pairs
+    ind_lo, ind_hi = paired_lift(*_pairs(0, 20, 20, 8))[1:]
+    cor_lo, cor_hi = paired_lift(*_pairs(20, 0, 0, 28))[1:]
+    assert cor_hi - cor_lo < ind_hi - ind_lo
+    assert paired_lift(*_pairs(0, 48, 0, 0))[2] == 1.0  # clipped to [-1, 1]
+    assert all(math.isnan(x) for x in paired_lift(np.zeros(0, bool), np.zeros(0, bool)))
+    with pytest.raises(ValueError, match=r"hits \(3,\) and base_hits \(2,\): expected one flag"):
+        paired_lift(np.ones(3, bool), np.ones(2, bool))
+
+
+def test_latent_summary_gives_each_controls_lift_at_the_best_strength():
+    from integral_superposition.steering.scores import latent_summary
+
+    def m(share, lift, ppl_ratio=1.0, n=48):
+        return {"n": n, "share": share, "share_lo": share - 0.1, "share_hi": share + 0.1,
+                "lift": lift, "lift_lo": lift - 0.15, "lift_hi": lift + 0.15,
+                "vocab_mass": 0.01, "perplexity": 30.0, "ppl_ratio": ppl_ratio}  # fmt: skip
+
+    base = {**m(0.17, float("nan")), "lift_lo": float("nan"), "lift_hi": float("nan")}
+    steer_ms = [(0.25, m(0.4, 0.23)), (0.5, m(0.69, 0.52, 1.68)), (1.0, m(0.9, 0.73, 3.0))]
+    rand_ms = [(0.5, m(0.15, -0.02))]
+    own_ms = [(0.5, m(0.8, 0.3))]
+    s = latent_summary(
+        3, "Sports", base, steer_ms, rand_ms, 7, 2.0, own_base_m=m(0.5, 0.0), own_ms=own_ms
+    )
+    assert s["best_strength"] == 0.5 and s["best_share"] == 0.69
+    assert (s["best_lift"], s["best_lift_lo"], s["best_lift_hi"]) == pytest.approx(
+        (0.52, 0.37, 0.67)
+    )
+    assert s["random_share_at_best"] == 0.15
+    assert (s["random_lift_at_best"], s["random_lift_at_best_lo"]) == pytest.approx((-0.02, -0.17))
+    assert s["own_label_baseline_share"] == 0.5
+    assert (s["own_label_share_at_best"], s["own_label_lift_at_best"]) == (0.8, 0.3)
+    none = latent_summary(3, "Sports", base, [(1.0, m(0.9, 0.7, 3.0))], [], 7, 2.0)
+    assert none["best_lift"] is None and none["random_lift_at_best"] is None
+    assert none["own_label_share_at_best"] is None and none["own_label_baseline_share"] is None

@@ -228,3 +228,28 @@ def test_steering_rows_say_when_the_classifier_cannot_judge(tmp_path):
     ]
     assert "failed its check on unsteered generations" in row.detail
     assert "cannot judge this label" not in row.detail
+
+
+def test_steering_row_shows_each_share_with_its_lift_over_unsteered(tmp_path):
+    from integral_superposition.viz.headline import headline_rows
+
+    out = str(tmp_path / "steering")
+    lat = {"latent": 1980, "label": "Sports", "n": 48, "baseline_share": 0.17,
+           "best_share": 0.69, "best_share_lo": 0.55, "best_share_hi": 0.80,
+           "best_lift": 0.52, "best_lift_lo": 0.35, "best_lift_hi": 0.65,
+           "random_latent": 3474, "random_share_at_best": 0.15,
+           "random_share_at_best_lo": 0.07, "random_share_at_best_hi": 0.27,
+           "random_lift_at_best": -0.02, "random_lift_at_best_lo": -0.13,
+           "random_lift_at_best_hi": 0.09, "classifier_valid": True}  # fmt: skip
+    data = storage.canonical_json({"n_prompts": 12, "latents": [lat]}).encode()
+    storage.write_bytes(storage.join(out, "summary.json"), data)
+    storage.write_manifest(out, "steering", {}, {"summary.json": storage.file_entry("", data)})
+    (row,) = [r for r in headline_rows(steering=out) if r.group == "Steering"]
+    assert row.shown == "0.69 [0.55, 0.80]"
+    assert row.control_shown == "random latent 3474: 0.15 [0.07, 0.27], lift -0.02 [-0.13, 0.09]"
+    assert "unsteered 0.17, lift +0.52 [0.35, 0.65]" in row.detail
+    older = {k: v for k, v in lat.items() if "lift" not in k}  # published before lifts
+    storage.write_bytes(storage.join(out, "summary.json"), storage.canonical_json(
+        {"latents": [older]}).encode())  # fmt: skip
+    (row,) = [r for r in headline_rows(steering=out) if r.group == "Steering"]
+    assert row.control_shown == "random latent 3474: 0.15 [0.07, 0.27]"

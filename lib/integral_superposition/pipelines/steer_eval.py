@@ -152,10 +152,14 @@ class SteeringResult(Output):
     def headline(self) -> pd.DataFrame:
         """One row per steered latent (``summary["latents"]``): ``latent, label, n,
         baseline_share(_lo, _hi), best_strength, best_share(_lo, _hi), best_ppl_ratio,
-        random_latent, random_share_at_best(_lo, _hi), classifier_valid, classifier_note,
+        best_lift(_lo, _hi), random_latent, random_share_at_best(_lo, _hi),
+        random_lift_at_best(_lo, _hi), own_label_baseline_share, own_label_share_at_best(_lo,
+        _hi), own_label_lift_at_best(_lo, _hi), classifier_valid, classifier_note,
         classifier_recall(_lo, _hi)`` (the classifier's accuracy on continuations of held-out
         documents of the label)
-        (``best_*`` and ``random_*`` are None when no strength stays fluent)."""
+        (``best_*``, ``random_*`` and ``own_label_*_at_best`` are None when no strength stays
+        fluent). A ``*_lift*`` is the share minus the unsteered share of the same prompts,
+        with its 95% interval for paired continuations."""
         return pd.DataFrame(self.summary.get("latents", []))
 
     @property
@@ -232,9 +236,17 @@ def _ci(lat: Mapping[str, Any], key: str) -> str:
     return f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
 
 
+def _lift(lat: Mapping[str, Any], key: str) -> str:
+    """`` (lift +0.12 [-0.02, 0.25])``: a share's difference from the unsteered share of the
+    same prompts, with its interval (empty when not published)."""
+    v = lat.get(key)
+    return f" (lift {v:+.2f}{_ci(lat, key)})" if v is not None else ""
+
+
 def _latent_line(lat: Mapping[str, Any]) -> str:
-    """One sentence per steered latent: unsteered share, the best fluent share and the
-    random control at that strength, each with its 95% interval."""
+    """One sentence per steered latent: unsteered share, the best fluent share and each
+    control at that strength, each with its 95% interval and its lift over the unsteered
+    share of the same prompts."""
     best = lat.get("best_strength")
     line = (
         f"Latent {lat['latent']} ({lat['label']}): share {lat['baseline_share']:.2f}"
@@ -242,13 +254,21 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
     )
     if best is not None:
         line += (
-            f", {lat['best_share']:.2f}{_ci(lat, 'best_share')} at strength {best:g} "
-            f"(perplexity x{lat['best_ppl_ratio']:.2f})"
+            f", {lat['best_share']:.2f}{_ci(lat, 'best_share')}{_lift(lat, 'best_lift')} at "
+            f"strength {best:g} (perplexity x{lat['best_ppl_ratio']:.2f})"
         )
         if lat.get("random_share_at_best") is not None:
             line += (
                 f"; random latent {lat['random_latent']} at that strength: "
                 f"{lat['random_share_at_best']:.2f}{_ci(lat, 'random_share_at_best')}"
+                f"{_lift(lat, 'random_lift_at_best')}"
+            )
+        if lat.get("own_label_share_at_best") is not None:
+            line += (
+                f"; on its own label's prompts: {lat['own_label_share_at_best']:.2f}"
+                f"{_ci(lat, 'own_label_share_at_best')}"
+                f"{_lift(lat, 'own_label_lift_at_best')} against "
+                f"{lat['own_label_baseline_share']:.2f} unsteered"
             )
     else:
         line += ", no strength within the fluency bound"
@@ -310,10 +330,16 @@ def steering_section(
         lines.append(_latent_line(lat))
     cols = [
         "latent", "label", "control", "strength", "n", "share", "share_lo", "share_hi",
-        "vocab_mass", "perplexity", "ppl_ratio", "distinct2", "stopped", "classifier_valid",
+        "lift", "lift_lo", "lift_hi", "vocab_mass", "perplexity", "ppl_ratio", "distinct2", "stopped", "classifier_valid",
     ]  # fmt: skip
     table = result.table[[c for c in cols if c in result.table.columns]].round(4)
-    tables = [("Strength sweep with controls (share: 95% interval share_lo..share_hi)", table)]
+    tables = [
+        (
+            "Strength sweep with controls (share: 95% interval share_lo..share_hi; lift: share "
+            "minus the unsteered share of the same prompts, 95% interval lift_lo..lift_hi)",
+            table,
+        )
+    ]
     try:
         check_table = result.check
     except FileNotFoundError:  # published before the classifier check existed

@@ -1,6 +1,8 @@
 """Scores of a steering sweep, computed from predictions and likelihoods alone (no model).
 
 - :func:`wilson_interval`: the 95% Wilson score interval of a share ``k / n`` (scipy);
+- :func:`paired_lift`: a set's share minus its unsteered set's share on the same prompts and
+  sampling seeds, with Newcombe's interval for paired proportions;
 - :func:`set_metrics`: the metrics of one set of generations (share with its interval,
   classifier probability, vocabulary mass, perplexity and its ratio, distinct bigrams);
 - :func:`pick_best_strength`: the strength that moves the share most within the fluency bound;
@@ -26,6 +28,7 @@ __all__ = [
     "judge_generations",
     "latent_summary",
     "log_perplexity_interval",
+    "paired_lift",
     "pick_best_strength",
     "set_metrics",
     "wilson_interval",
@@ -46,6 +49,45 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
         return float("nan"), float("nan")
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
+
+
+def paired_lift(
+    hits: np.ndarray, base_hits: np.ndarray, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """The lift of a set's share over its unsteered set's: ``(lift, lo, hi)`` with ``lift =
+    share - unsteered share`` and its 95% interval (``nan`` when ``n == 0``).
+
+    ``hits bool [n]`` and ``base_hits bool [n]``: whether each continuation is the target,
+    row ``i`` of both generated from the same prompt with the same sampling seed, so the two
+    shares are paired. The interval is Newcombe's (1998, method 10) for a difference of
+    paired proportions: the Wilson intervals of both shares, combined with the continuity-
+    corrected correlation of the pairs (``phi``; 0 when a margin is empty). It stays within [-1, 1] and, unlike the
+    Wald interval, keeps its coverage at shares near 0 or 1.
+    """
+    a = np.asarray(hits, dtype=bool)
+    b = np.asarray(base_hits, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"hits {a.shape} and base_hits {b.shape}: expected one flag per paired continuation"
+        )
+    n = int(a.size)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    both, only_a = int((a & b).sum()), int((a & ~b).sum())
+    only_b, neither = int((~a & b).sum()), int((~a & ~b).sum())
+    k1, k2 = both + only_a, both + only_b
+    p1, p2 = k1 / n, k2 / n
+    l1, u1 = wilson_interval(k1, n, confidence)
+    l2, u2 = wilson_interval(k2, n, confidence)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    cross = both * neither - only_a * only_b
+    # Newcombe's continuity-corrected correlation: a small positive one counts as none
+    cross = cross - n / 2 if cross > n / 2 else min(cross, 0)
+    phi = cross / math.sqrt(margins) if margins > 0 else 0.0
+    d = p1 - p2
+    lo = d - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    hi = d + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return d, max(lo, -1.0), min(hi, 1.0)
 
 
 def _distinct2(token_ids: Sequence[Sequence[int]]) -> float:
@@ -273,6 +315,21 @@ def judge_generations(
     return GenerationCheck(table, chance, margin, dominant, judged)
 
 
+def _at(ms: dict[float, dict[str, Any]], strength: float | None, prefix: str) -> dict[str, Any]:
+    """``{prefix}_share_at_best(_lo, _hi)`` and ``{prefix}_lift_at_best(_lo, _hi)``: the
+    metrics of the set run at ``strength`` (None when it did not run)."""
+    m = ms.get(strength) if strength is not None else None
+    out = {}
+    for what in ("share", "lift"):
+        for end in ("", "_lo", "_hi"):
+            out[f"{prefix}_{what}_at_best{end}"] = _finite(m.get(what + end)) if m else None
+    return out
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
 def latent_summary(
     j: int,
     label: str,
@@ -281,29 +338,36 @@ def latent_summary(
     rand_ms: Sequence[tuple[float, dict[str, Any]]],
     r: int,
     ppl_ratio_max: float,
+    *,
+    own_base_m: dict[str, Any] | None = None,
+    own_ms: Sequence[tuple[float, dict[str, Any]]] = (),
 ) -> dict[str, Any]:
     """Summary of steered latent ``j``: the unsteered metrics ``base_m``, the strength that
     moves the share most within the fluency bound among ``steer_ms`` (``[(strength,
-    metrics)]``), with 95% intervals, and random latent ``r``'s share at that strength."""
+    metrics)]``), with 95% intervals, and each control at that strength: random latent ``r``
+    (``rand_ms``) and the latent on its own label's prompts (``own_ms``, against their
+    unsteered set ``own_base_m``). Every share at the best strength comes with its lift over
+    the unsteered share of the same prompts (``*_lift_at_best``, ``best_lift``; the paired
+    difference with its 95% interval, :func:`paired_lift`), so a control's share can be read
+    against what unsteered text already scores."""
     tab = pd.DataFrame([{"strength": st, **m} for st, m in steer_ms])
     best = pick_best_strength(tab, ppl_ratio_max)
-    rand_at = dict(rand_ms)
-    rb = rand_at.get(float(best["strength"])) if best is not None else None
+    at = float(best["strength"]) if best is not None else None
+    get = (lambda k: _finite(best.get(k))) if best is not None else (lambda k: None)
     return {
         "latent": j, "label": label, "n": base_m["n"], "baseline_share": base_m["share"],
         "baseline_share_lo": base_m["share_lo"], "baseline_share_hi": base_m["share_hi"],
         "baseline_vocab_mass": base_m["vocab_mass"], "baseline_perplexity": base_m["perplexity"],
-        "best_strength": float(best["strength"]) if best is not None else None,
-        "best_share": float(best["share"]) if best is not None else None,
-        "best_share_lo": float(best["share_lo"]) if best is not None else None,
-        "best_share_hi": float(best["share_hi"]) if best is not None else None,
-        "best_vocab_mass": float(best["vocab_mass"]) if best is not None else None,
-        "best_ppl_ratio": float(best["ppl_ratio"]) if best is not None else None,
+        "best_strength": at,
+        "best_share": get("share"), "best_share_lo": get("share_lo"),
+        "best_share_hi": get("share_hi"),
+        "best_lift": get("lift"), "best_lift_lo": get("lift_lo"), "best_lift_hi": get("lift_hi"),
+        "best_vocab_mass": get("vocab_mass"), "best_ppl_ratio": get("ppl_ratio"),
         "max_share": float(tab["share"].max()),
         "strengths_run": [float(x) for x in tab["strength"]],
         "random_latent": r,
-        "random_share_at_best": rb["share"] if rb else None,
-        "random_share_at_best_lo": rb["share_lo"] if rb else None,
-        "random_share_at_best_hi": rb["share_hi"] if rb else None,
+        **_at(dict(rand_ms), at, "random"),
         "random_max_shift": max((abs(m["share"] - base_m["share"]) for _, m in rand_ms), default=None),
+        "own_label_baseline_share": own_base_m["share"] if own_base_m else None,
+        **_at(dict(own_ms), at, "own_label"),
     }  # fmt: skip

@@ -63,6 +63,7 @@ from integral_superposition.steering.scores import (
     early_stop_reason,
     judge_generations,
     latent_summary,
+    paired_lift,
     pick_best_strength,
     set_metrics,
 )
@@ -365,9 +366,19 @@ def evaluate_steering(
     gen_frames: list[pd.DataFrame] = []
 
     def record(s: _Scored, pick, control: str, prompt_set: str, base_ppl: float | None,
-               strength: float = float("nan"), edit: Edit | None = None) -> dict[str, Any]:  # fmt: skip
+               strength: float = float("nan"), edit: Edit | None = None,
+               ref: _Scored | None = None) -> dict[str, Any]:  # fmt: skip
+        """One row of the table; ``ref``: the unsteered set of the same prompts, whose share
+        the row's ``lift`` is measured from (None for that set itself)."""
         c = names.index(pick["label"])
         m = s.metrics(c, base_ppl)
+        n = len(s.gens)
+        if ref is not None and len(ref.gens) >= n:
+            # row i of a set and of its unsteered set: the same prompt and sampling seed
+            lift = paired_lift(s.predicted == c, ref.predicted[:n] == c)
+        else:
+            lift = (float("nan"),) * 3
+        m.update(zip(("lift", "lift_lo", "lift_hi"), lift, strict=True))
         rows.append({
             "latent": int(pick["latent"]), "label": pick["label"], "control": control,
             "strength": strength, "steered_latent": edit.latent if edit else -1,
@@ -385,7 +396,8 @@ def evaluate_steering(
         }))  # fmt: skip
         return m
 
-    def sweep(pick, control, latent, ratio, prompt_list, prompt_set, base_ppl, strengths, stop):
+    def sweep(pick, control, latent, ratio, prompt_list, prompt_set, ref, base_ppl, strengths,
+              stop):  # fmt: skip
         """One steered set per strength; returns ``[(strength, metrics)]`` in increasing
         strength. ``stop``: without ``early_stop``, strengths run in increasing order and the
         sweep ends after the first one above the fluency bound; with it, strongest first, each
@@ -408,7 +420,7 @@ def evaluate_steering(
             e = _edit_for(p.mode, latent, st, max_act, ratio)
             what = f"{pick['label']}: {control} latent {latent}, strength {st:g}"
             scored = run(prompt_list, [e], what, decide if rounds else None)
-            m = record(scored, pick, control, prompt_set, base_ppl, st, e)
+            m = record(scored, pick, control, prompt_set, base_ppl, st, e, ref)
             out.append((st, m))
             if rounds and scored.stopped is None and m["ppl_ratio"] <= p.ppl_ratio_max:
                 best_full.append(m["share"])
@@ -425,10 +437,11 @@ def evaluate_steering(
         if "alpha0" in p.controls:
             identity = Edit(j, "add", 0.0)
             scored = run(prompts, [identity], f"{pick['label']}: alpha0 control latent {j}")
-            record(scored, pick, "alpha0", "neutral", base_ppl, 0.0, identity)
+            record(scored, pick, "alpha0", "neutral", base_ppl, 0.0, identity, base)
         steer_ms = sweep(
-            pick, "steer", j, 1.0, prompts, "neutral", base_ppl, p.strengths, p.stop_above_ppl
-        )
+            pick, "steer", j, 1.0, prompts, "neutral", base, base_ppl, p.strengths,
+            p.stop_above_ppl,
+        )  # fmt: skip
         ran = [st for st, _ in steer_ms]
         best = pick_best_strength(
             pd.DataFrame([{"strength": st, **m} for st, m in steer_ms]), p.ppl_ratio_max
@@ -442,18 +455,24 @@ def evaluate_steering(
         if "random" in p.controls:
             if r >= 0:
                 rand_ms = sweep(
-                    pick, "random", r, float(pick["random_ratio"]), prompts, "neutral",
+                    pick, "random", r, float(pick["random_ratio"]), prompts, "neutral", base,
                     base_ppl, ctrl, False,
                 )  # fmt: skip
             skip(n_ctrl - (len(ctrl) if r >= 0 else 0))
+        own_m, own_ms = None, []
         if "own_label" in p.controls:
             if c in own_sets:
                 own, own_base = own_sets[c]
                 own_ppl = own_base.metrics(c, None)["perplexity"]
-                record(own_base, pick, "own_label", "own_label", own_ppl)
-                sweep(pick, "own_label", j, 1.0, own, "own_label", own_ppl, ctrl, False)
+                own_m = record(own_base, pick, "own_label", "own_label", own_ppl)
+                own_ms = sweep(
+                    pick, "own_label", j, 1.0, own, "own_label", own_base, own_ppl, ctrl, False
+                )
             skip(n_ctrl - (len(ctrl) if c in own_sets else 0))
-        lat = latent_summary(j, pick["label"], base_m, steer_ms, rand_ms, r, p.ppl_ratio_max)
+        lat = latent_summary(
+            j, pick["label"], base_m, steer_ms, rand_ms, r, p.ppl_ratio_max,
+            own_base_m=own_m, own_ms=own_ms,
+        )  # fmt: skip
         lat["classifier_valid"] = check.judged.get(pick["label"], False)
         lat["classifier_note"] = check.reason(pick["label"])
         lat.update(check.recall_of(pick["label"]))

@@ -13,7 +13,9 @@ the tokens it was measured on.
 - merge: FVU, CE recovered and enrichment retention of the merged SAE against its
   random-partition control;
 - steering: per steered latent, the best classifier share within the perplexity bound (with
-  its 95% interval when published) against the random-latent control.
+  its 95% interval when published) against the random-latent control, each with its lift
+  over the unsteered share of the same prompts (a control's share alone cannot tell "the edit
+  does nothing" from "the classifier's floor").
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class HeadlineRow:
     """A 95% interval of ``value``."""
     control_interval: tuple[float, float] | None = None
     """A 95% interval of ``control``."""
+    control_lift: float | None = None
+    """The control's difference from its reference without the intervention (a steering
+    control's share minus the unsteered share), shown beside it; None when not measured."""
+    control_lift_interval: tuple[float, float] | None = None
+    """A 95% interval of ``control_lift``."""
     latent: int | None = None
     """The latent the row is about (linked to its dashboard)."""
     href: str | None = None
@@ -95,6 +102,12 @@ class HeadlineRow:
         if self.control is None and not self.control_name:
             return MISSING
         value = self._with_interval(self.control, self.control_interval)
+        if self.control_lift is not None:
+            lift = fmt(self.control_lift, "+" + self.spec)
+            if self.control_lift_interval is not None:
+                lo, hi = (fmt(v, self.spec) for v in self.control_lift_interval)
+                lift += f" [{lo}, {hi}]"
+            value += f", lift {lift}"
         return f"{self.control_name}: {value}" if self.control_name else value
 
 
@@ -445,6 +458,10 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
         base = _num(lat.get("baseline_share"))
         if base is not None:
             detail += f"; unsteered {base:.2f}"
+            lift = _num(lat.get("best_lift"))
+            if lift is not None:
+                ci = _interval(lat, "best_lift")
+                detail += f", lift {lift:+.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
         if judge is False:
             detail += "; the classifier failed its check on unsteered generations"
         elif lat.get("classifier_valid") is False:
@@ -461,6 +478,8 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
                 interval=_interval(lat, "best_share"),
                 control=_num(lat.get("random_share_at_best")),
                 control_interval=_interval(lat, "random_share_at_best"),
+                control_lift=_num(lat.get("random_lift_at_best")),
+                control_lift_interval=_interval(lat, "random_lift_at_best"),
                 control_name=f"random latent {lat.get('random_latent', '')}".strip(),
                 latent=None if lat.get("latent") is None else int(lat["latent"]),
                 split=HELD_OUT,
