@@ -159,7 +159,15 @@ def test_merge_map_table():
         "distance_to_medoid",
         "cluster_size",
         "is_medoid",
+        "weight",
     ]
+    assert table["weight"].tolist() == [1.0] * 5
+    weighted = merge_map_table(
+        labels, np.array([2, 3]), np.zeros(5), weights=np.array([0.5, 1, 2, 0, 3])
+    )
+    assert weighted["weight"].tolist() == [0.5, 1, 2, 0, 3]
+    with pytest.raises(ValueError, match="weights has shape"):
+        merge_map_table(labels, np.array([2, 3]), np.zeros(5), weights=np.ones(4))
     assert table["medoid"].tolist() == [2, 3, 2, 3, 3]
     assert table["cluster_size"].tolist() == [2, 3, 2, 3, 3]
     assert table["is_medoid"].tolist() == [False, False, True, True, False]

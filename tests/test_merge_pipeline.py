@@ -275,3 +275,52 @@ def test_merges_take_their_dead_fraction_from_one_pass_of_the_original(setup, mo
     assert full["dead_frac"] >= 3 / merged.d_sae  # the three all-dead pairs
     orig = sm.evaluate_sae(dead_sae, store, split="test", chunk_tokens=params.chunk_tokens)
     assert table.loc["original", "dead_frac"] == pytest.approx(orig["dead_frac"])
+
+
+def test_projection_aggregation_publishes_its_weights(setup, tmp_path):
+    root, store, sae = setup
+    out = str(tmp_path / "p")
+    manifest = pipelines.run_merge(
+        str(root / "sae"),
+        str(root / "acts"),
+        out,
+        fast_params(aggregation="projection", sweep=False),
+    )
+    merged = load_sae(out)
+    assert manifest["merge"]["aggregation"] == "projection" and merged.merge_mode == "sum"
+    mm = pd.read_parquet(os.path.join(out, "merge_map.parquet"))
+    w = merged.merge_weight.double().numpy()
+    np.testing.assert_array_equal(mm["weight"].to_numpy(), w)
+    assert (w >= 0).all() and (w[mm["cluster_size"].to_numpy() > 1] != 1).any()
+    x = store.read(0, 100).float()
+    with torch.no_grad():
+        want = torch.zeros(100, merged.d_sae).index_add_(
+            1, merged.merge_index, sae.encode(x) * merged.merge_weight
+        )
+        torch.testing.assert_close(merged.encode(x), want, atol=1e-5, rtol=1e-5)
+    rows = pd.read_parquet(os.path.join(out, "merge_eval.parquet")).set_index("sae")
+    assert rows.loc["merged", "fit_fvu"] <= rows.loc["merged", "fvu"] * 2
+
+
+def test_a_member_of_weight_zero_does_not_make_its_cluster_fire(setup):
+    """The dead fraction taken from the original's firing counts only members that count."""
+    from integral_superposition.sae import metrics as sm
+
+    _root, store, sae = setup
+    dead_sae = SparseAutoencoder(sae.d_in, sae.d_sae, architecture="topk", top_k=6, seed=0)
+    dead_sae.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        dead_sae.b_enc[:2] = -1e6  # latents 0 and 1 never fire
+    dead_sae.eval()
+    params = fast_params(ce_docs=0)
+    labels = np.concatenate([[0, 0, 0], 1 + np.arange(93) // 3])  # latent 2 joins the dead pair
+    weights = np.ones(96, dtype=np.float32)
+    weights[2] = 0.0  # ... with weight 0: the cluster never fires
+    medoids = np.unique(labels, return_index=True)[1]
+    merged = merge.refit.build_merged_sae(dead_sae, labels, medoids, weights=weights)
+    ref = merge.evaluate.reference_metrics(dead_sae, store, params)
+    assert ref.extra is not None and ref.extra.fires[2] > 0
+    table = merge.evaluate.compare(dead_sae, merged, store, params, reference=ref).set_index("sae")
+    full = sm.evaluate_sae(merged, store, split="test", chunk_tokens=params.chunk_tokens)
+    assert table.loc["merged", "dead_frac"] == pytest.approx(full["dead_frac"])
+    assert full["dead_frac"] >= 1 / merged.d_sae

@@ -44,6 +44,7 @@ from integral_superposition.merge.refit import (
     RidgeStats,
     accumulate_stats,
     build_merged_sae,
+    projection_weights,
     refit_decoder,
 )
 from integral_superposition.merge.similarity import LatentSimilarity, latent_firing
@@ -58,12 +59,17 @@ def check_params_for(sae: SparseAutoencoder, params: MergeParams) -> None:
             f"similarity 'reconstruction' needs the dense K x K Gram matrix of the codes; K={sae.d_sae} > "
             f"{DENSE_MAX_LATENTS}: use 'decoder', 'encoder' or 'coactivation' (with graph='knn')"
         )
+    if params.aggregation == "projection" and sae.d_sae > DENSE_MAX_LATENTS:
+        raise ValueError(
+            f"aggregation='projection' needs the dense K x K Gram matrix of the codes; K={sae.d_sae} > "
+            f"{DENSE_MAX_LATENTS}: use aggregation='sum'"
+        )
     params.target_clusters(sae.d_sae)
 
 
 def uses_original_stats(sae: SparseAutoencoder, params: MergeParams) -> bool:
     """Whether one pass of original-code statistics serves this merge (and its sweep)."""
-    if params.similarity.get("reconstruction", 0) > 0:
+    if params.similarity.get("reconstruction", 0) > 0 or params.aggregation == "projection":
         return True
     return params.refit and params.aggregation == "sum" and sae.d_sae <= DENSE_MAX_LATENTS
 
@@ -106,15 +112,23 @@ def merge_with_labels(
     """Medoids, the merged SAE and its refit for one partition.
 
     Returns ``(merged, medoids [K'], distance to medoid [K], refit info)``. ``stats``: ridge
-    statistics of the *original* codes (sum aggregation reuses them; ``max`` streams
-    ``store`` again).
+    statistics of the *original* codes (sum and projection aggregation reuse them, projection
+    needs them; ``max`` streams ``store`` again).
     """
     medoids, dist = medoids_from_similarity(sim, labels)
-    merged = build_merged_sae(sae, labels, medoids, mode=params.aggregation)
+    weights = rows = None
+    if params.aggregation == "projection":
+        if stats is None:
+            raise ValueError("aggregation='projection' needs the original codes' stats=")
+        w, rows = projection_weights(sae.W_dec, stats, labels)
+        # stored as float32 in the SAE: the statistics below use exactly those weights
+        weights = np.maximum(w, 0.0).astype(np.float32).astype(np.float64)
+    mode = "max" if params.aggregation == "max" else "sum"
+    merged = build_merged_sae(sae, labels, medoids, mode=mode, weights=weights, rows=rows)
     info: dict[str, float] = {}
     if params.refit:
-        if params.aggregation == "sum" and stats is not None:
-            merged_stats = stats.merged(labels)
+        if mode == "sum" and stats is not None:
+            merged_stats = stats.merged(labels, weights)
         else:
             if store is None:
                 raise ValueError(
@@ -139,7 +153,10 @@ def refit_identity(
     """
     k = sae.d_sae
     ident = np.arange(k)
-    refit = build_merged_sae(sae, ident, ident, mode=params.aggregation)
+    # the identity merge's codes are the original ones for every aggregation
+    refit = build_merged_sae(
+        sae, ident, ident, mode="max" if params.aggregation == "max" else "sum"
+    )
     if stats is None:
         if store is None:
             raise ValueError("refit_identity needs store= or the original codes' stats=")

@@ -107,7 +107,10 @@ def _measure_core(
     )
     if shared:
         index = sae.merge_index.cpu().numpy() if sae.is_merged else np.arange(sae.d_sae)
-        fires_extra = np.bincount(index, weights=extra.fires > 0, minlength=sae.d_sae) > 0
+        counts = extra.fires > 0
+        if getattr(sae, "merge_weight", None) is not None:  # a member of weight 0 never counts
+            counts = counts & (sae.merge_weight.cpu().numpy() > 0)
+        fires_extra = np.bincount(index, weights=counts, minlength=sae.d_sae) > 0
         fires_split = np.asarray(out["density"]) > 0
         out["dead_frac"] = float((~fires_split & ~fires_extra).mean())
         out["dead_tokens"] = int(out["n_tokens"]) + extra.n_tokens

@@ -184,17 +184,21 @@ def labels_from_merge_matrix(M) -> np.ndarray:
     return cols
 
 
-def merge_map_table(labels, medoids, distance_to_medoid) -> pd.DataFrame:
+def merge_map_table(labels, medoids, distance_to_medoid, weights=None) -> pd.DataFrame:
     """The merge map: one row per original latent.
 
     Columns: ``latent``, ``cluster``, ``medoid`` (original latent id), ``distance_to_medoid``,
-    ``cluster_size``, ``is_medoid``.
+    ``cluster_size``, ``is_medoid``, ``weight`` (the latent's merge weight ``[K]``; 1 for
+    unweighted aggregation).
     """
     lab = check_labels(labels)
     med = check_medoids(medoids, lab)
     dist = np.asarray(distance_to_medoid, dtype=np.float64)
     if dist.shape != lab.shape:
         raise ValueError(f"distance_to_medoid has shape {dist.shape}, expected {lab.shape}")
+    w = np.ones(lab.size) if weights is None else np.asarray(torch.as_tensor(weights).double())
+    if w.shape != lab.shape:
+        raise ValueError(f"weights has shape {w.shape}, expected {lab.shape}")
     return pd.DataFrame(
         {
             "latent": np.arange(lab.size, dtype=np.int64),
@@ -203,5 +207,6 @@ def merge_map_table(labels, medoids, distance_to_medoid) -> pd.DataFrame:
             "distance_to_medoid": dist,
             "cluster_size": np.bincount(lab)[lab].astype(np.int64),
             "is_medoid": med[lab] == np.arange(lab.size),
+            "weight": w,
         }
     )

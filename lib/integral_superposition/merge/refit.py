@@ -34,7 +34,7 @@ from integral_superposition.merge.medoid import (
     labels_from_merge_matrix,
 )
 from integral_superposition.sae.encode import encode_chunks
-from integral_superposition.sae.model import MERGE_MODES, SparseAutoencoder
+from integral_superposition.sae.model import MERGE_MODES, SparseAutoencoder, check_merge_weight
 
 SPARSE_DENSITY = 0.05
 """Chunks whose codes are sparser than this are accumulated with sparse products."""
@@ -108,18 +108,28 @@ class RidgeStats:
         self.x_sq += float(torch.dot(flat, flat))
         self.n += int(x.shape[0])
 
-    def merged(self, labels) -> RidgeStats:
-        """Statistics of sum-merged codes ``z M`` (``labels``: ``int[m]`` cluster ids)."""
+    def merged(self, labels, weights=None) -> RidgeStats:
+        """Statistics of merged codes ``z W`` ``[n, m']``: ``labels`` ``int[m]`` cluster ids,
+        ``weights`` ``[m]`` (default ones: sum aggregation), ``W[i, labels[i]] = weights[i]``.
+
+        ``W^T Z^T Z W``, ``W^T Z^T X``, ``W^T sum z``: no pass over the data.
+        """
         lab = check_labels(labels, self.n_latents)
         n_c = int(lab.max()) + 1
         idx = torch.from_numpy(lab)
         g = torch.from_numpy(self.gram)
+        cross = torch.from_numpy(self.cross)
+        z_sum = self.z_sum
+        if weights is not None:
+            w = check_merge_weight(weights, self.n_latents, "weights").numpy()
+            wt = torch.from_numpy(w)
+            g = g * wt[:, None] * wt[None, :]
+            cross = cross * wt[:, None]
+            z_sum = z_sum * w
         rows = torch.zeros(n_c, g.shape[1], dtype=g.dtype).index_add_(0, idx, g)
         gram = torch.zeros(n_c, n_c, dtype=g.dtype).index_add_(1, idx, rows)
-        cross = torch.zeros(n_c, self.cross.shape[1], dtype=g.dtype).index_add_(
-            0, idx, torch.from_numpy(self.cross)
-        )
-        z_sum = np.bincount(lab, weights=self.z_sum, minlength=n_c)
+        cross = torch.zeros(n_c, self.cross.shape[1], dtype=g.dtype).index_add_(0, idx, cross)
+        z_sum = np.bincount(lab, weights=z_sum, minlength=n_c)
         return RidgeStats(gram.numpy(), cross.numpy(), z_sum, self.x_sum.copy(), self.x_sq, self.n)
 
     def solve(
@@ -198,6 +208,50 @@ class RidgeStats:
         return sse / max(sst, 1e-300)
 
 
+def projection_weights(
+    w_dec: np.ndarray | torch.Tensor, stats: RidgeStats, labels
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-latent merge weights ``float64[K]`` and cluster directions ``u`` ``float64[K', d]``
+    of the best rank-one summary of each cluster's reconstruction.
+
+    A cluster ``C`` contributes ``y = sum_{i in C} z_i d_i`` (``d_i``: decoder rows ``w_dec``
+    ``[K, d]``). Its best rank-one approximation over the fit tokens is ``(u . y) u`` with ``u``
+    the top eigenvector of ``D_C^T G_CC D_C`` (``G = stats.gram`` ``= Z^T Z`` of the original
+    codes), so the merged code is ``sum_i w_i z_i`` with ``w_i = d_i . u``. It is solved in the
+    ``|C| x |C|`` space: with ``D_C D_C^T = L L^T``, ``u = D_C^T L^+T f`` and ``w = L f`` for the
+    top eigenvector ``f`` of ``L^T G_CC L``. The sign makes the weights' sum positive. A cluster
+    that never fires on the fit tokens takes its summed rows' direction.
+    """
+    d = np.asarray(torch.as_tensor(w_dec).detach().cpu().double().numpy())
+    lab = check_labels(labels, stats.n_latents)
+    if d.ndim != 2 or d.shape[0] != lab.size:
+        raise ValueError(f"w_dec has shape {d.shape}: expected [K={lab.size}, d]")
+    n_c = int(lab.max()) + 1
+    weights = np.zeros(lab.size)
+    dirs = np.zeros((n_c, d.shape[1]))
+    order = np.argsort(lab, kind="stable")
+    bounds = np.searchsorted(lab[order], np.arange(n_c + 1))
+    gram = stats.gram
+    for c in range(n_c):
+        members = order[bounds[c] : bounds[c + 1]]
+        dc = d[members]  # [|C|, d]
+        g = gram[np.ix_(members, members)]
+        evals, evecs = np.linalg.eigh(dc @ dc.T)
+        keep = evals > 1e-12 * max(float(evals.max()), 1e-300)
+        v, root = evecs[:, keep], np.sqrt(evals[keep])
+        inner = (v * root).T @ g @ (v * root)  # L^T G_CC L with L = V sqrt(evals)
+        vals, vecs = np.linalg.eigh(inner)
+        # u^T u = f^T f = 1; a cluster that never fires takes its summed rows' direction
+        u = dc.T @ (v @ (vecs[:, -1] / root)) if vals[-1] > 0 else dc.sum(0)
+        u = u / max(float(np.linalg.norm(u)), 1e-300)
+        w = dc @ u
+        if w.sum() < 0:
+            u, w = -u, -w
+        weights[members] = w
+        dirs[c] = u
+    return weights, dirs
+
+
 @dataclass
 class RefitResult:
     """A solved refit: ``W_dec`` ``[m, d]``, ``b_dec`` ``[d]``, the absolute ``lam`` used,
@@ -242,12 +296,20 @@ def accumulate_stats(
 
 
 def build_merged_sae(
-    sae: SparseAutoencoder, labels, medoids, *, mode: str = "sum"
+    sae: SparseAutoencoder,
+    labels,
+    medoids,
+    *,
+    mode: str = "sum",
+    weights=None,
+    rows=None,
 ) -> SparseAutoencoder:
     """A merged ``SparseAutoencoder``: ``sae``'s encoder followed by the merge ``labels`` ``int[K]``.
 
-    The decoder starts as the medoids' rows ``W_dec[medoids]`` ``[K', d]`` (not refit: see
-    :func:`refit_decoder`). With the identity merge it reproduces ``sae`` exactly.
+    ``weights`` ``[K]`` (>= 0, optional) multiply each original code before the aggregation
+    (``merge_weight``). The decoder starts as ``rows`` ``[K', d]`` (default the medoids' rows
+    ``W_dec[medoids]``), not refit (see :func:`refit_decoder`). With the identity merge and no
+    weights it reproduces ``sae`` exactly.
     """
     if not isinstance(sae, SparseAutoencoder):
         raise TypeError(f"sae: expected a SparseAutoencoder, got {type(sae).__name__}")
@@ -263,6 +325,14 @@ def build_merged_sae(
     lab = check_labels(labels, sae.d_sae)
     med = check_medoids(medoids, lab)
     n_c = int(lab.max()) + 1
+    if weights is not None:
+        weights = check_merge_weight(weights, sae.d_sae, "weights")
+    if rows is not None:
+        rows = torch.as_tensor(rows).detach().cpu()
+        if tuple(rows.shape) != (n_c, sae.d_in):
+            raise ValueError(
+                f"rows has shape {tuple(rows.shape)}: expected [K'={n_c}, d={sae.d_in}]"
+            )
     merged = SparseAutoencoder(
         sae.d_in,
         n_c,
@@ -272,13 +342,17 @@ def build_merged_sae(
         seed=None,
         merge_index=torch.from_numpy(lab),
         merge_mode=mode,
+        merge_weight=weights,
         device=sae.W_enc.device,
         dtype=sae.W_enc.dtype,
     )
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "b_dec", "threshold"):
             getattr(merged, name).copy_(getattr(sae, name))
-        merged.W_dec.copy_(sae.W_dec[torch.from_numpy(med).to(sae.W_dec.device)])
+        if rows is None:
+            merged.W_dec.copy_(sae.W_dec[torch.from_numpy(med).to(sae.W_dec.device)])
+        else:
+            merged.W_dec.copy_(rows.to(merged.W_dec))
     merged.metadata = dict(sae.metadata)
     return merged.eval()
 

@@ -3,7 +3,8 @@
 The output folder is a regular SAE folder (``save_sae``: ``cfg.json``,
 ``sae_weights.safetensors``, ``manifest.json`` written last, ``kind="sae"``) plus:
 
-- ``merge_map.parquet``: ``latent, cluster, medoid, distance_to_medoid, cluster_size, is_medoid``;
+- ``merge_map.parquet``: ``latent, cluster, medoid, distance_to_medoid, cluster_size, is_medoid,
+  weight``;
 - ``merge_eval.parquet``: original vs merged on the held-out split, with ``original_refit``
   (the original codes with a refit decoder) between them when merges are refit;
 - ``merge_sweep.parquet`` and ``merge_sweep.png`` / ``.svg`` when ``params.sweep``.
@@ -210,7 +211,8 @@ def _run_merge(
         for key, value in extra.items():
             eval_table.loc[eval_table["sae"] == "merged", key] = value
     _check_computation(eval_table, "evaluation")
-    files["merge_map.parquet"] = parquet_bytes(merge_map_table(labels, medoids, dist))
+    weights = merged.merge_weight.cpu() if merged.merge_weight is not None else None
+    files["merge_map.parquet"] = parquet_bytes(merge_map_table(labels, medoids, dist, weights))
     files["merge_eval.parquet"] = parquet_bytes(eval_table)
     sweep_records = (
         [jsonable(r) for r in sweep_table.to_dict("records")] if sweep_table is not None else None

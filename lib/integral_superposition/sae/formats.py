@@ -122,6 +122,7 @@ def from_tensors(
         seed=None,
         merge_index=tensors.get("merge_index"),
         merge_mode=merge_mode,
+        merge_weight=tensors.get("merge_weight"),
         skip_connection=skip is not None,
     )
     with torch.no_grad():
@@ -277,7 +278,9 @@ def saelens_tensors(
         )
     ours = SAELENS_TO_OURS[arch]
     table = "batchtopk" if ours == "batchtopk" else arch
-    refuse_unknown(path, "sae_weights.safetensors", t, SAELENS_TENSORS[table] | {"merge_index"})
+    refuse_unknown(
+        path, "sae_weights.safetensors", t, SAELENS_TENSORS[table] | {"merge_index", "merge_weight"}
+    )
     if ours == "batchtopk":  # a training folder: the running threshold, as SAELens saves it
         if "topk_threshold" in t:
             t["threshold"] = torch.full_like(t["b_enc"], float(t.pop("topk_threshold")))

@@ -162,6 +162,8 @@ def save_sae(
         tensors["threshold"] = model.threshold.detach().float().cpu().contiguous()
     if model.merge_index is not None:
         tensors["merge_index"] = model.merge_index.detach().cpu().contiguous()
+    if model.merge_weight is not None:
+        tensors["merge_weight"] = model.merge_weight.detach().float().cpu().contiguous()
     if model.W_skip is not None:
         tensors["W_skip"] = model.W_skip.detach().float().cpu().contiguous()
     for name, t in tensors.items():
@@ -224,7 +226,16 @@ def load_sae(
         ours = cfg.get("isup") or {}
         if cfg.get("architecture") == OURS_ONLY and ours:
             refuse_unknown(path, "cfg.json", cfg, SAELENS_COMMON_KEYS | {"isup"})
-            known = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold", "merge_index", "W_skip"}
+            known = {
+                "W_enc",
+                "W_dec",
+                "b_enc",
+                "b_dec",
+                "threshold",
+                "merge_index",
+                "merge_weight",
+                "W_skip",
+            }
             refuse_unknown(path, "sae_weights.safetensors", tensors, known)
             top_k = 32
         else:
@@ -240,7 +251,10 @@ def load_sae(
         d_in, d_sae = tensors["W_enc"].shape
         if "merge_index" in tensors:  # a merged SAE: d_sae merged latents over d_pre codes
             d_sae = tensors["W_dec"].shape[0]
-        sae = from_tensors(arch, int(d_in), int(d_sae), top_k, tensors, bw, merge_mode)
+        try:
+            sae = from_tensors(arch, int(d_in), int(d_sae), top_k, tensors, bw, merge_mode)
+        except ValueError as e:
+            raise ValueError(f"path={path!r}: {e}") from e
         sae.metadata = dict(cfg.get("metadata") or {})
     elif storage.exists(storage.join(path, "sae.safetensors"), storage_options):
         sae = load_sparsify(path, storage_options)

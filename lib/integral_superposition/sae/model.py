@@ -25,7 +25,8 @@ rows (``decode_sparse``), which avoids the dense ``[B, d_sae] @ [d_sae, d_in]`` 
 
 Merged SAEs (built by ``integral_superposition.merge``): an optional fixed ``merge_index``
 (``long[d_pre]``, values in ``[0, d_sae)``) aggregates the ``d_pre`` codes of the original
-encoder into ``d_sae`` merged latents, by ``merge_mode`` ``"sum"`` or ``"max"``. Then
+encoder into ``d_sae`` merged latents, by ``merge_mode`` ``"sum"`` or ``"max"``, each code
+first multiplied by its ``merge_weight`` (``float[d_pre]``, >= 0) when the SAE has one. Then
 ``W_enc`` is ``[d_in, d_pre]``, ``b_enc`` and ``threshold`` are ``[d_pre]``, ``W_dec`` is
 ``[d_sae, d_in]``, and ``encode(x)`` is exactly the aggregation of the original codes.
 """
@@ -56,6 +57,7 @@ __all__ = [
     "SPARSE_MAX_DENSITY_DEFAULT",
     "SAEOutput",
     "SparseAutoencoder",
+    "check_merge_weight",
     "check_sae_memory",
     "sae_parameter_count",
 ]
@@ -65,6 +67,26 @@ ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 LOADED_ARCHITECTURES = ("groupmax",)
 """Architectures ``SparseAutoencoder`` computes but the trainer does not train."""
 MERGE_MODES = ("sum", "max")
+
+
+def check_merge_weight(weight, d_pre: int, name: str = "merge_weight") -> torch.Tensor:
+    """A merged SAE's per-code weights as float64 ``[d_pre]``: finite and >= 0, so merged codes
+    of non-negative codes are never negative (a member of weight 0 never counts)."""
+    w = torch.as_tensor(weight).detach().cpu()
+    if not w.is_floating_point():
+        w = w.double()
+    if tuple(w.shape) != (d_pre,):
+        raise ValueError(
+            f"{name} has shape {tuple(w.shape)}: expected [{d_pre}] (one weight per original latent)"
+        )
+    w = w.double()
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"{name}[{i}]={float(w[i])!r} ({int(bad.sum())} bad of {d_pre}): expected finite weights >= 0"
+        )
+    return w
 
 
 class _LinearView:
@@ -126,6 +148,7 @@ class SparseAutoencoder(nn.Module):
         seed: int | None = 0,
         merge_index: torch.Tensor | None = None,
         merge_mode: str = "sum",
+        merge_weight: torch.Tensor | None = None,
         skip_connection: bool = False,
     ):
         super().__init__()
@@ -157,6 +180,13 @@ class SparseAutoencoder(nn.Module):
                     f"merge_index: values must cover every merged latent 0..{k - 1} (k={k}); got range [{lo}, {hi}] with empty latents"
                 )
         d_pre = k if merge_index is None else int(merge_index.numel())
+        if merge_weight is not None:
+            if merge_index is None:
+                raise ValueError(
+                    "merge_weight without merge_index: weights aggregate a merged SAE's codes; "
+                    "expected merge_index [d_pre] as well"
+                )
+            merge_weight = check_merge_weight(merge_weight, d_pre)
         top_k = check_top_k(architecture, top_k, d_pre)
         self.d_in, self.d_sae = d_model, k
         self.architecture = architecture
@@ -207,6 +237,11 @@ class SparseAutoencoder(nn.Module):
             self.register_buffer("merge_index", merge_index.to(device))
         else:
             self.merge_index = None
+        self.merge_weight: torch.Tensor | None
+        if merge_weight is not None:
+            self.register_buffer("merge_weight", merge_weight.to(device=device, dtype=dtype))
+        else:
+            self.merge_weight = None
 
     # -- seed compatibility -----------------------------------------------------------------
     @classmethod
@@ -330,11 +365,15 @@ class SparseAutoencoder(nn.Module):
         """Aggregate original codes ``[..., d_pre]`` into merged latents ``[..., d_sae]``.
 
         ``sum`` adds the members' codes; ``max`` takes their maximum (codes are >= 0, so the
-        zero start is exact). Identity when the SAE is not merged.
+        zero start is exact). With ``merge_weight`` ``[d_pre]`` each code is first multiplied
+        by its weight (``sum``: ``z' = z W`` with ``W[i, merge_index[i]] = merge_weight[i]``).
+        Identity when the SAE is not merged.
         """
         if self.merge_index is None:
             return z
         flat = z.reshape(-1, z.shape[-1])
+        if self.merge_weight is not None:
+            flat = flat * self.merge_weight.to(flat.dtype)
         out = flat.new_zeros(flat.shape[0], self.d_sae)
         if self.merge_mode == "sum":
             out.index_add_(1, self.merge_index, flat)
