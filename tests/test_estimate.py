@@ -8,6 +8,8 @@ from integral_superposition.compute import ComputeChoice
 from integral_superposition.estimate import (
     REFERENCE_GFLOPS,
     REFERENCE_S,
+    REFERENCE_TOKENS,
+    data_tokens,
     estimate_run,
     matmul_gflops,
     steering_tokens,
@@ -72,3 +74,25 @@ def test_steering_estimate_follows_its_work():
         load_preset("default", ["steering.max_new_tokens=24"]), CPU32, gflops=REFERENCE_GFLOPS
     )
     assert e.steps["steer"] == pytest.approx(2 * REFERENCE_S["steer"])
+
+
+def test_a_local_table_is_sized_by_its_texts_capped_at_max_len(tmp_path):
+    path = tmp_path / "news.csv"
+    rows = ["title,topic"] + [f"{'x' * 39},a" for _ in range(60)] + [f"{'y' * 400},b"] * 40
+    path.write_text("\n".join(rows) + "\n")
+    cfg = load_preset("default", [f"data.source={path}"])
+    # 60 x (ceil(39 / 4) + 1 BOS) + 40 x max_len
+    assert data_tokens(cfg.data, 32) == 60 * 11 + 40 * 32
+    default = estimate_run(load_preset("default"), CPU32, gflops=REFERENCE_GFLOPS)
+    small = estimate_run(cfg, CPU32, gflops=REFERENCE_GFLOPS)
+    ratio = (60 * 11 + 40 * 32) / REFERENCE_TOKENS
+    for step in ("dump", "train", "analyze"):
+        assert small.steps[step] == pytest.approx(default.steps[step] * ratio), step
+    assert small.steps["steer"] == default.steps["steer"]  # generation does not scale with data
+    given = estimate_run(cfg, CPU32, gflops=REFERENCE_GFLOPS, tokens=2 * REFERENCE_TOKENS)
+    assert given.steps["dump"] == pytest.approx(2 * default.steps["dump"])
+    # a source not readable without fetching it: the demo's tokens per document
+    remote = load_preset("default", ["data.source=s3://bucket/news.csv", "data.max_rows=2000"])
+    assert data_tokens(remote.data, 32) is None
+    far = estimate_run(remote, CPU32, gflops=REFERENCE_GFLOPS)
+    assert far.steps["dump"] == pytest.approx(default.steps["dump"] / 2)

@@ -11,15 +11,17 @@ to tell minutes from hours, not to be exact.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from integral_superposition.compute import ComputeChoice, resolve_compute
 
-__all__ = ["Estimate", "estimate_run", "matmul_gflops", "steering_tokens"]
+__all__ = ["Estimate", "data_tokens", "estimate_run", "matmul_gflops", "steering_tokens"]
 
 REFERENCE_GFLOPS = 75.0
 """float32 matmul throughput of the reference machine (2 cores, AVX2), GFLOP/s."""
@@ -94,12 +96,43 @@ class Estimate:
         return f"about {s / 3600:.1f} h"
 
 
+REFERENCE_TOKENS = 39_733
+"""Tokens the default experiment dumps (4,000 demo headlines at ``max_len`` 32)."""
+
+DEMO_TOKENS_PER_DOC = REFERENCE_TOKENS / 4000
+"""Mean tokens of a demo headline (with its BOS), from the reference dump."""
+
+CHARS_PER_TOKEN = 4.0
+"""Characters per token of English text, for sizing a table's documents before tokenising."""
+
+LOCAL_TABLE_MAX_BYTES = 256 * 2**20
+"""Local tables up to this size are read to count their documents and tokens."""
+
+
 def _n_docs(source: str, max_rows: int | None) -> int | None:
     m = re.fullmatch(r"demo(?::(\d+))?", source)
     n = int(m.group(1) or 4000) if m else None
     if max_rows is not None:
         n = min(n, max_rows) if n is not None else max_rows
     return n
+
+
+def data_tokens(data, max_len: int) -> float | None:
+    """Roughly the tokens a dump of ``data`` (a ``DataSpec``) writes at ``max_len``: the demo
+    headlines' measured mean length, or, for a local table of at most
+    ``LOCAL_TABLE_MAX_BYTES``, each document's characters over ``CHARS_PER_TOKEN`` plus its
+    BOS, capped at ``max_len``. None when the source is not known without fetching it."""
+    n = _n_docs(data.source, data.max_rows)
+    if re.fullmatch(r"demo(?::\d+)?", data.source):
+        return float(n) * min(DEMO_TOKENS_PER_DOC, max_len)
+    path = os.path.expanduser(data.source)
+    if "://" in data.source or not os.path.isfile(path):
+        return None
+    if os.path.getsize(path) > LOCAL_TABLE_MAX_BYTES:
+        return None
+    texts = data.load()[data.text_col].astype(str)
+    per_doc = np.minimum(np.ceil(texts.str.len().to_numpy() / CHARS_PER_TOKEN) + 1, max_len)
+    return float(per_doc.sum())
 
 
 def _model_factor(model_id: str) -> float:
@@ -146,10 +179,13 @@ def estimate_run(
     probe_s: float = 0.1,
     gflops: float | None = None,
     sae_gflops: float | None = None,
+    tokens: float | None = None,
 ) -> Estimate:
     """Rough seconds per step of ``cfg`` (an ``ExperimentConfig``) on this machine (or on one
     whose matmul runs at ``gflops`` in the model's dtype and ``sae_gflops`` in float32, the
-    SAE's; ``REFERENCE_GFLOPS`` gives the reference machine's)."""
+    SAE's; ``REFERENCE_GFLOPS`` gives the reference machine's). The dump, training, analysis
+    and the merge's SAE passes scale with the dumped tokens: ``tokens``, else
+    :func:`data_tokens`, else the demo's tokens per document."""
     if choice is None:
         choice = resolve_compute(cfg.model.dtype, cfg.model.device)
     if gflops is None:
@@ -166,8 +202,15 @@ def estimate_run(
     # that is native, i.e. no slower)
     speed, sae_speed = relative(gflops), relative(sae_gflops)
     model = _model_factor(cfg.model.model_id)
-    docs = _n_docs(cfg.data.source, cfg.data.max_rows) or 4000
-    d_ratio = docs / 4000 * min(cfg.dump.max_len, 32) / 32
+    if tokens is None:
+        try:
+            tokens = data_tokens(cfg.data, cfg.dump.max_len)
+        except Exception:  # an unreadable table is the dump's error to report, not ours
+            tokens = None
+    if tokens is None:  # as many documents as the demo's of its length, or max_rows of them
+        docs = _n_docs(cfg.data.source, cfg.data.max_rows) or 4000
+        tokens = docs * min(DEMO_TOKENS_PER_DOC, cfg.dump.max_len)
+    d_ratio = tokens / REFERENCE_TOKENS
     layers = [
         int(h.split(".")[1]) for h in cfg.dump.resolved_hook_points() if h.startswith("layer.")
     ]
@@ -189,7 +232,7 @@ def estimate_run(
         ce = m.ce_docs / 32
         # about half of it is the spliced CE through the model
         per_merge = REFERENCE_S["merge"] / 6 * lat
-        steps["merge"] = merges * per_merge * (0.5 / sae_speed + 0.5 * ce / speed)
+        steps["merge"] = merges * per_merge * (0.5 * d_ratio / sae_speed + 0.5 * ce / speed)
     if cfg.steps.steer_eval:
         ref = type(cfg).model_fields["steering"].get_default(call_default_factory=True)
         work = steering_tokens(cfg.steering) / steering_tokens(ref)
