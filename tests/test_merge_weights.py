@@ -156,3 +156,18 @@ def test_bad_weights_are_refused_with_the_argument_named(tmp_path):
         with pytest.raises(ValueError, match=what) as err:
             load_sae(str(folder))
         assert str(folder) in str(err.value)
+
+
+def test_projection_weights_of_a_cluster_with_zero_rows_or_no_firing():
+    sae = make_sae(k=8)
+    with torch.no_grad():
+        sae.W_dec[6:] = 0.0  # latents 6 and 7: zero rows
+        sae.b_enc[2:4] = -1e6  # latents 2 and 3 never fire
+    stats = accumulate_stats(sae, [data(300)])
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    w, u = projection_weights(sae.W_dec, stats, labels)
+    d = sae.W_dec.detach().double().numpy()
+    assert (w[6:] == 0).all() and (u[3] == 0).all()
+    s = d[2] + d[3]
+    np.testing.assert_allclose(u[1], s / np.linalg.norm(s), atol=1e-12)
+    assert np.isfinite(w).all() and np.isfinite(u).all()

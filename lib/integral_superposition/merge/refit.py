@@ -219,8 +219,9 @@ def projection_weights(
     the top eigenvector of ``D_C^T G_CC D_C`` (``G = stats.gram`` ``= Z^T Z`` of the original
     codes), so the merged code is ``sum_i w_i z_i`` with ``w_i = d_i . u``. It is solved in the
     ``|C| x |C|`` space: with ``D_C D_C^T = L L^T``, ``u = D_C^T L^+T f`` and ``w = L f`` for the
-    top eigenvector ``f`` of ``L^T G_CC L``. The sign makes the weights' sum positive. A cluster
-    that never fires on the fit tokens takes its summed rows' direction.
+    top eigenvector ``f`` of ``L^T G_CC L``. The sign makes the weights' sum positive; a member
+    whose row points away from ``u`` has ``w_i < 0``. A cluster that never fires on the fit
+    tokens takes its summed rows' direction; one whose rows are all zero gets weights 0.
     """
     d = np.asarray(torch.as_tensor(w_dec).detach().cpu().double().numpy())
     lab = check_labels(labels, stats.n_latents)
@@ -238,6 +239,8 @@ def projection_weights(
         g = gram[np.ix_(members, members)]
         evals, evecs = np.linalg.eigh(dc @ dc.T)
         keep = evals > 1e-12 * max(float(evals.max()), 1e-300)
+        if not keep.any():  # every member's row is zero: the cluster adds nothing
+            continue
         v, root = evecs[:, keep], np.sqrt(evals[keep])
         inner = (v * root).T @ g @ (v * root)  # L^T G_CC L with L = V sqrt(evals)
         vals, vecs = np.linalg.eigh(inner)
