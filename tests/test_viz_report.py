@@ -253,3 +253,26 @@ def test_steering_row_shows_each_share_with_its_lift_over_unsteered(tmp_path):
         {"latents": [older]}).encode())  # fmt: skip
     (row,) = [r for r in headline_rows(steering=out) if r.group == "Steering"]
     assert row.control_shown == "random latent 3474: 0.15 [0.07, 0.27]"
+
+
+def test_headline_dead_latents_come_from_the_count_over_the_most_tokens():
+    from types import SimpleNamespace
+
+    from integral_superposition.viz.headline import _sae_metrics
+
+    manifest = {
+        "metrics": {"fvu": 0.06, "l0": 32.0, "dead_frac": 0.0142, "dead_tokens": 100_000,
+                    "n_tokens": 9_980, "split": "test"}
+    }  # fmt: skip
+    analysis = SimpleNamespace(
+        summary={"n_dead": 29, "n_latents": 4096, "dead_tokens": 190_052, "split": "all"}
+    )
+    rows = {r.result: r for r in _sae_metrics(manifest, analysis, None)}
+    dead = rows["dead latents"]
+    assert dead.value == f"{100 * 29 / 4096:.2f}%" and "190,052 tokens" in dead.detail
+    # the SAE's own count wins when it saw more tokens, and stands alone without an analysis
+    analysis.summary["dead_tokens"] = 50_000
+    rows = {r.result: r for r in _sae_metrics(manifest, analysis, None)}
+    assert rows["dead latents"].value == "1.42%" and "100,000" in rows["dead latents"].detail
+    alone = {r.result: r for r in _sae_metrics(manifest, None, None)}
+    assert alone["dead latents"].value == "1.42%"

@@ -154,16 +154,23 @@ def _sae_metrics(
     ):
         v, s, d = pick(name)
         rows.append(HeadlineRow("SAE", label, v, spec, split=s, detail=d))
-    dead, dead_tokens, dead_split = None, None, split
+    # every count of dead latents at hand; the one over the most tokens is shown (a latent
+    # silent on 100,000 tokens may fire on the next 90,000)
+    counts: list[tuple[float, float, str | None]] = []
     if _num(m.get("dead_frac")) is not None:
-        dead, dead_tokens = _num(m["dead_frac"]), m.get("dead_tokens")
-        if (_num(dead_tokens) or 0) > (_num(m.get("n_tokens")) or float("inf")):
+        dead_split = split
+        if (_num(m.get("dead_tokens")) or 0) > (_num(m.get("n_tokens")) or float("inf")):
             dead_split = ALL  # a small split is topped up with rows outside it
-    elif a_sum.get("n_dead") is not None and a_sum.get("n_latents"):
-        dead = a_sum["n_dead"] / a_sum["n_latents"]
-        dead_tokens, dead_split = a_sum.get("dead_tokens"), a_split
-    elif orig is not None and _num(orig.get("dead_frac")) is not None:
-        dead, dead_tokens, dead_split = _num(orig["dead_frac"]), orig.get("dead_tokens"), HELD_OUT
+        counts.append((_num(m["dead_frac"]), _num(m.get("dead_tokens")) or 0, dead_split))
+    if a_sum.get("n_dead") is not None and a_sum.get("n_latents"):
+        n = a_sum["n_dead"] / a_sum["n_latents"]
+        counts.append((n, _num(a_sum.get("dead_tokens")) or 0, a_split))
+    if orig is not None and _num(orig.get("dead_frac")) is not None:
+        counts.append((_num(orig["dead_frac"]), _num(orig.get("dead_tokens")) or 0, HELD_OUT))
+    dead, dead_tokens, dead_split = None, None, split
+    if counts:
+        dead, dead_tokens, dead_split = max(counts, key=lambda c: c[1])  # first on ties
+        dead_tokens = dead_tokens or None
     rows.append(
         HeadlineRow(
             "SAE",
