@@ -240,7 +240,10 @@ def test_steering_row_shows_each_share_with_its_lift_over_unsteered(tmp_path):
            "random_latent": 3474, "random_share_at_best": 0.15,
            "random_share_at_best_lo": 0.07, "random_share_at_best_hi": 0.27,
            "random_lift_at_best": -0.02, "random_lift_at_best_lo": -0.13,
-           "random_lift_at_best_hi": 0.09, "classifier_valid": True}  # fmt: skip
+           "random_lift_at_best_hi": 0.09, "own_label_baseline_share": 0.6,
+           "own_label_share_at_best": 0.77, "own_label_lift_at_best": 0.17,
+           "own_label_lift_at_best_lo": 0.04, "own_label_lift_at_best_hi": 0.3,
+           "classifier_valid": True}  # fmt: skip
     data = storage.canonical_json({"n_prompts": 12, "latents": [lat]}).encode()
     storage.write_bytes(storage.join(out, "summary.json"), data)
     storage.write_manifest(out, "steering", {}, {"summary.json": storage.file_entry("", data)})
@@ -248,6 +251,7 @@ def test_steering_row_shows_each_share_with_its_lift_over_unsteered(tmp_path):
     assert row.shown == "0.69 [0.55, 0.80]"
     assert row.control_shown == "random latent 3474: 0.15 [0.07, 0.27], lift -0.02 [-0.13, 0.09]"
     assert "unsteered 0.17, lift +0.52 [0.35, 0.65]" in row.detail
+    assert "own label's prompts 0.77 against 0.60 unsteered, lift +0.17 [0.04, 0.30]" in row.detail
     older = {k: v for k, v in lat.items() if "lift" not in k}  # published before lifts
     storage.write_bytes(storage.join(out, "summary.json"), storage.canonical_json(
         {"latents": [older]}).encode())  # fmt: skip

@@ -469,6 +469,16 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
             if lift is not None:
                 ci = _interval(lat, "best_lift")
                 detail += f", lift {lift:+.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        own = _num(lat.get("own_label_share_at_best"))
+        if own is not None:
+            detail += f"; on its own label's prompts {own:.2f}"
+            own_base = _num(lat.get("own_label_baseline_share"))
+            if own_base is not None:
+                detail += f" against {own_base:.2f} unsteered"
+            lift = _num(lat.get("own_label_lift_at_best"))
+            if lift is not None:
+                ci = _interval(lat, "own_label_lift_at_best")
+                detail += f", lift {lift:+.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
         if judge is False:
             detail += "; the classifier failed its check on unsteered generations"
         elif lat.get("classifier_valid") is False:
