@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--n-clusters", type=int, help="K' (overrides --fraction)")
     p.add_argument("--similarity", default="reconstruction=1,coactivation=0.3")
     p.add_argument("--linkage", default="complete", choices=["average", "complete", "single"])
-    p.add_argument("--aggregation", default="sum", choices=["sum", "max"])
+    p.add_argument("--aggregation", default="sum", choices=["sum", "projection", "max"])
     p.add_argument("--no-sweep", action="store_true", help="skip the K' sweep")
     p.add_argument("--seed-steps", action="store_true", help="also run the seed's calls")
     args = p.parse_args()
