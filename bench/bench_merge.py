@@ -128,6 +128,7 @@ def levers(sae, store, base: MergeParams, stats, ref) -> pd.DataFrame:
         "default: reconstruction + 0.3 doc-correlation, complete": {},
         "  same, average linkage": {"linkage": "average"},
         "  same, max aggregation": {"aggregation": "max"},
+        "  same, projection weights": {"aggregation": "projection"},
         "  same, ridge_lambda 1e-2": {"ridge_lambda": 1e-2},
         "  same, ridge_lambda 1e-6": {"ridge_lambda": 1e-6},
         "  same, no bias refit": {"refit_bias": False},

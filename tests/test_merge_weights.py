@@ -171,3 +171,13 @@ def test_projection_weights_of_a_cluster_with_zero_rows_or_no_firing():
     s = d[2] + d[3]
     np.testing.assert_allclose(u[1], s / np.linalg.norm(s), atol=1e-12)
     assert np.isfinite(w).all() and np.isfinite(u).all()
+
+
+def test_projection_above_the_dense_limit_is_refused_before_any_work():
+    from integral_superposition.merge.cluster import DENSE_MAX_LATENTS
+
+    sae = SparseAutoencoder(4, DENSE_MAX_LATENTS + 1, architecture="topk", top_k=4)
+    params = MergeParams(aggregation="projection", similarity={"decoder": 1.0})
+    with pytest.raises(ValueError, match="aggregation='projection' needs the dense"):
+        evaluate.check_params_for(sae, params)
+    evaluate.check_params_for(sae, params.model_copy(update={"aggregation": "sum"}))
