@@ -1,7 +1,9 @@
 """Batched generation, side-by-side comparisons and perplexity for steering.
 
 Prompts are tokenised with the model's BOS and left-padded, so every row's last prompt token
-sits in the last column and generated tokens follow it directly.
+sits in the last column and generated tokens follow it directly. Sampling draws each row's
+random numbers from a stream of its own, seeded by ``(seed, prompt index, sample index)``:
+a row's continuation does not depend on the batch it runs in.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from integral_superposition.data.tokenize import pad_batch, pad_token_id, special_ids
 
 __all__ = [
     "Generations",
+    "RowSampler",
     "check_prompts",
     "compare_generations",
     "continuation_nll",
@@ -70,7 +74,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 
 @dataclass
 class Generations:
-    """Continuations of ``prompts`` (one row per prompt x sample, prompt-major)."""
+    """Continuations of ``prompts``: one row per prompt x sample, prompt-major (every sample of
+    the first prompt, then of the second, ...) or sample-major (``sample_major=True``)."""
 
     prompts: list[str]
     """The prompt of each row."""
@@ -138,6 +143,64 @@ class _StepNLL:
         return torch.stack(self.steps, 0).cpu().double()
 
 
+class RowSampler(LogitsProcessor):
+    """Sampling with temperature and top-p (nucleus) where every row draws from its own random
+    stream, as a logits processor for a greedy ``generate`` call.
+
+    At each step row ``i`` takes one uniform number ``u`` from ``rngs[i]`` and picks the token
+    where ``u`` falls in the cumulative distribution of ``softmax(scores / temperature)``
+    (restricted to the smallest set of most probable tokens whose mass reaches ``top_p``): an
+    exact sample of that distribution (inverse transform sampling). The returned scores are
+    ``0`` at the picked token and ``-inf`` elsewhere, so greedy decoding takes it. One number
+    per row and step: a row's tokens depend on its logits and its stream only, not on the
+    other rows of the batch.
+    """
+
+    def __init__(self, rngs: Sequence[np.random.Generator], temperature: float, top_p: float):
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r}: expected a number > 0")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1]")
+        self.rngs = list(rngs)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores [B, V]`` logits -> ``[B]`` the sampled token of each row."""
+        if scores.shape[0] != len(self.rngs):
+            raise ValueError(f"scores has {scores.shape[0]} rows but {len(self.rngs)} streams")
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
+        order = None
+        if self.top_p < 1.0:
+            probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            before = probs.cumsum(-1) - probs  # mass of the more probable tokens
+            probs = probs.masked_fill(before >= self.top_p, 0.0)
+        # float64 sums: 262k float32 probabilities would lose the tail's resolution
+        cdf = probs.to(torch.float64 if scores.device.type != "mps" else torch.float32).cumsum(-1)
+        u = torch.tensor([g.random() for g in self.rngs], dtype=cdf.dtype, device=cdf.device)
+        # the first token whose cumulative mass exceeds u * total (never a zero-mass token)
+        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+        idx = idx.clamp_max(cdf.shape[1] - 1)
+        return (order.gather(1, idx) if order is not None else idx)[:, 0]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``scores [B, V]`` -> ``[B, V]``: 0 at each row's sampled token, -inf elsewhere."""
+        picked = self.pick(scores)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picked[:, None], 0.0)
+
+
+def row_streams(
+    seed: int, prompt_index: Sequence[int], sample_index: Sequence[int]
+) -> list[np.random.Generator]:
+    """One random stream per row, seeded by ``(seed, prompt index, sample index)`` (numpy's
+    ``SeedSequence``: independent streams for distinct triples)."""
+    return [
+        np.random.default_rng(np.random.SeedSequence([seed % 2**64, int(i), int(s)]))
+        for i, s in zip(prompt_index, sample_index, strict=True)
+    ]
+
+
 def _eos_ids(backend) -> set[int]:
     ids: set[int] = set()
     for src in (backend.model.generation_config, backend.tokenizer):
@@ -162,14 +225,21 @@ def generate_continuations(
     batch_size: int = 16,
     vocab_sets: Sequence[Sequence[int]] | None = None,
     score: bool = False,
+    first_sample: int = 0,
+    sample_major: bool = False,
 ) -> Generations:
     """Generate ``samples_per_prompt`` continuations of every prompt (left-padded batches).
 
-    Sampling is seeded per batch (``seed + batch index``), so two calls with the same
-    arguments - one steered, one not - draw the same random numbers. ``vocab_sets``: lists of
-    token ids; the result's ``vocab_mass`` is the next-token probability on each set, averaged
-    over each row's steps. ``score``: also record the generating model's NLL of every
-    continuation (``nll``), from the logits the generation computed anyway.
+    Sampling (:class:`RowSampler`) gives every row a random stream seeded by ``(seed, prompt
+    index, sample index)``: a row's continuation depends on its prompt, its sample index and
+    the seed only, not on ``batch_size`` or the other rows, and a steered and an unsteered call
+    draw the same numbers row by row. Sample indices run from ``first_sample``: a call with
+    ``first_sample=r, samples_per_prompt=1`` gives the rows of sample ``r`` of a larger call.
+    ``sample_major``: rows ordered sample by sample (every prompt's sample 0, then every
+    prompt's sample 1, ...) instead of prompt by prompt. ``vocab_sets``: lists of token ids;
+    the result's ``vocab_mass`` is the next-token probability on each set, averaged over each
+    row's steps. ``score``: also record the generating model's NLL of every continuation
+    (``nll``), from the logits the generation computed anyway.
     """
     prompts = check_prompts(prompts)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -178,22 +248,39 @@ def generate_continuations(
         raise ValueError(f"samples_per_prompt={samples_per_prompt}: expected >= 1")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    if not isinstance(first_sample, int) or first_sample < 0:
+        raise ValueError(f"first_sample={first_sample!r}: expected an int >= 0")
+    if not isinstance(seed, int):
+        raise TypeError(f"seed={seed!r}: expected an int")
+    if do_sample:  # checks temperature and top_p before anything is generated
+        RowSampler([], temperature, top_p)
     tok = backend.tokenizer
     pad = pad_token_id(tok)
     eos = _eos_ids(backend)
-    rows = [p for p in prompts for _ in range(samples_per_prompt)]
     enc = encode_prompts(tok, prompts)
-    enc_rows = [e for e in enc for _ in range(samples_per_prompt)]
+    samples = range(first_sample, first_sample + samples_per_prompt)
+    pairs = (  # (prompt index, sample index) of each row
+        [(i, s) for s in samples for i in range(len(prompts))]
+        if sample_major
+        else [(i, s) for i in range(len(prompts)) for s in samples]
+    )
+    rows = [prompts[i] for i, _ in pairs]
+    enc_rows = [enc[i] for i, _ in pairs]
     out_ids: list[list[int]] = []
     masses: list[np.ndarray] = []
     nlls: list[np.ndarray] = []
-    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
-    if do_sample:
-        gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
-    else:  # silence the model's sampling defaults when decoding greedily
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    for bi, a in enumerate(range(0, len(rows), batch_size)):
+    # greedy decoding of the sampler's one-hot scores; the model's own sampling defaults
+    # (temperature, top_k, top_p of its generation config) are silenced
+    gen_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens, "do_sample": False,
+        "temperature": None, "top_p": None, "top_k": None,
+    }  # fmt: skip
+    for a in range(0, len(rows), batch_size):
         batch = pad_batch(enc_rows[a : a + batch_size], pad, "left")
+        if do_sample:
+            rngs = row_streams(seed, *zip(*pairs[a : a + batch_size], strict=True))
+            sampler = RowSampler(rngs, temperature, top_p)
+            gen_kwargs["logits_processor"] = LogitsProcessorList([sampler])
         recorder = _VocabMass(vocab_sets, backend.device) if vocab_sets else None
         handle = backend.model.register_forward_hook(recorder) if recorder is not None else None
         scorer = _StepNLL() if score else None
@@ -201,7 +288,6 @@ def generate_continuations(
             backend.model.register_forward_hook(scorer, with_kwargs=True) if scorer else None
         )
         try:
-            torch.manual_seed(seed + bi)
             seqs = backend.generate(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -249,6 +335,8 @@ def generate_continuations(
             "temperature": temperature if do_sample else None,
             "top_p": top_p if do_sample else None,
             "samples_per_prompt": samples_per_prompt,
+            "first_sample": first_sample,
+            "sample_major": sample_major,
             "seed": seed,
         },
     )

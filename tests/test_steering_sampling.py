@@ -1,0 +1,151 @@
+"""Sampled continuations: every row draws from its own random stream, seeded by (seed, prompt,
+sample), so a row's continuation does not depend on its batch, and the sampler draws from
+softmax(logits / T) restricted to the top-p nucleus."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from integral_superposition.sae import SparseAutoencoder
+from integral_superposition.steering.edits import Edit
+from integral_superposition.steering.generation import (
+    RowSampler,
+    generate_continuations,
+    row_streams,
+)
+from integral_superposition.steering.hooks import steer
+from scipy.stats import chisquare
+
+PROMPTS = ["the market", "In other news, the", "a", "sports today:"]
+SAMPLE = dict(do_sample=True, temperature=0.8, top_p=0.9)
+
+
+def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> np.ndarray:
+    """``[V]`` the distribution a top-p sampler at ``temperature`` draws from."""
+    p = torch.softmax(logits.double() / temperature, -1).numpy()
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    keep = np.zeros_like(p, dtype=bool)
+    keep[order[before < top_p]] = True
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+def _chi2_pvalue(counts: np.ndarray, expected_p: np.ndarray) -> float:
+    """Chi-square goodness of fit, bins with under 5 expected draws pooled into one."""
+    n = counts.sum()
+    assert counts[expected_p == 0].sum() == 0, "a token outside the support was drawn"
+    exp = expected_p * n
+    big = exp >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    ex = np.append(exp[big], exp[~big].sum())
+    if ex[-1] == 0:
+        obs, ex = obs[:-1], ex[:-1]
+    return float(chisquare(obs, ex).pvalue)
+
+
+def test_a_row_does_not_depend_on_its_batch(tiny_backend):
+    kw = dict(max_new_tokens=4, samples_per_prompt=3, seed=7, **SAMPLE)
+    whole = generate_continuations(tiny_backend, PROMPTS, batch_size=64, **kw)
+    other = generate_continuations(tiny_backend, PROMPTS, batch_size=5, **kw)
+    assert whole.token_ids == other.token_ids
+    # the same rows, sample by sample: one call equals its rounds of one sample each
+    major = generate_continuations(tiny_backend, PROMPTS, batch_size=3, sample_major=True, **kw)
+    rounds = [
+        generate_continuations(
+            tiny_backend, PROMPTS, batch_size=64, first_sample=r, **{**kw, "samples_per_prompt": 1}
+        )
+        for r in range(3)
+    ]
+    assert major.token_ids == [t for g in rounds for t in g.token_ids]
+    assert major.prompts == PROMPTS * 3
+    # ... and the prompt-major call's rows, reordered
+    n = len(PROMPTS)
+    assert [whole.token_ids[i * 3 + s] for s in range(3) for i in range(n)] == major.token_ids
+    # a prompt's rows do not depend on the other prompts of the call
+    alone = generate_continuations(tiny_backend, PROMPTS[:2], batch_size=64, **kw)
+    assert alone.token_ids == whole.token_ids[:6]
+    # the sample index matters: different samples of a prompt differ
+    assert len({tuple(t) for t in whole.token_ids[:3]}) > 1
+
+
+def test_seeds_change_the_samples_and_greedy_ignores_them(tiny_backend):
+    kw = dict(max_new_tokens=6, samples_per_prompt=2, **SAMPLE)
+    a = generate_continuations(tiny_backend, PROMPTS, seed=1, **kw)
+    b = generate_continuations(tiny_backend, PROMPTS, seed=2, **kw)
+    assert a.token_ids != b.token_ids
+    assert a.token_ids == generate_continuations(tiny_backend, PROMPTS, seed=1, **kw).token_ids
+    g1 = generate_continuations(tiny_backend, PROMPTS, 6, seed=1, batch_size=3)
+    g2 = generate_continuations(tiny_backend, PROMPTS, 6, seed=2)
+    assert g1.token_ids == g2.token_ids  # greedy decoding draws nothing
+    assert not g1.meta["do_sample"] and a.meta["sample_major"] is False
+
+
+def test_steered_and_unsteered_rows_pair(tiny_backend):
+    """The identity edit in another batch layout reproduces the unsteered rows exactly; a real
+    edit changes the continuations but keeps each row's random stream."""
+    sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
+    kw = dict(max_new_tokens=6, samples_per_prompt=2, seed=5, **SAMPLE)
+    base = generate_continuations(tiny_backend, PROMPTS, batch_size=64, **kw)
+    with steer(tiny_backend, sae, "layer.2", [Edit(5, "add", 0.0)], keep_error=True):
+        same = generate_continuations(tiny_backend, PROMPTS, batch_size=3, **kw)
+    assert same.token_ids == base.token_ids
+    with steer(tiny_backend, sae, "layer.2", [Edit(5, "set", 500.0)], keep_error=True):
+        moved = generate_continuations(tiny_backend, PROMPTS, batch_size=3, **kw)
+    assert moved.token_ids != base.token_ids
+
+
+def test_row_streams_depend_on_seed_prompt_and_sample():
+    u = lambda *k: row_streams(*k)[0].random()  # noqa: E731
+    first = u(0, [1], [2])
+    assert first == u(0, [1], [2])
+    assert len({first, u(1, [1], [2]), u(0, [2], [1]), u(0, [1], [3]), u(0, [2], [2])}) == 5
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.6, 1.0), (1.3, 0.7)])
+def test_the_sampler_draws_from_the_tempered_nucleus(temperature, top_p):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, -20.0, float("-inf")])
+    n = 20_000
+    rngs = row_streams(11, range(n), [0] * n)
+    picked = RowSampler(rngs, temperature, top_p).pick(logits.expand(n, -1).clone())
+    counts = np.bincount(picked.numpy(), minlength=len(logits))
+    expected = _nucleus(logits, temperature, top_p)
+    assert _chi2_pvalue(counts, expected) > 1e-3
+    # the test can tell distributions apart: the untempered full softmax is rejected
+    other = _nucleus(logits, 1.0 if temperature != 1.0 else 2.0, 1.0)
+    with np.errstate(divide="ignore"):
+        assert (counts[other == 0].sum() > 0) or _chi2_pvalue(counts, other) < 1e-6
+    scores = RowSampler(row_streams(0, [0, 1], [0, 0]), temperature, top_p)(
+        None, logits.expand(2, -1).clone()
+    )
+    assert (torch.isfinite(scores).sum(1) == 1).all() and scores.max() == 0
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_first_sampled_tokens_follow_the_model(tiny_backend, top_p):
+    """The first token of many sampled continuations of one prompt follows softmax(logits/T)
+    of the model's next-token logits (within the top-p nucleus)."""
+    temperature, n = 0.1, 3000
+    g = generate_continuations(
+        tiny_backend, ["the market"], 1, do_sample=True, temperature=temperature, top_p=top_p,
+        samples_per_prompt=n, seed=3, batch_size=1000,
+    )  # fmt: skip
+    ids = torch.tensor([g.prompt_ids[0]], device=tiny_backend.device)
+    with torch.inference_mode():
+        logits = tiny_backend.model(input_ids=ids).logits[0, -1].float().cpu()
+    V = logits.shape[0]
+    counts = np.bincount([t[0] for t in g.token_ids], minlength=V)[:V]
+    assert counts.sum() == n
+    assert _chi2_pvalue(counts, _nucleus(logits, temperature, top_p)) > 1e-3
+    assert _chi2_pvalue(counts, _nucleus(logits, 1.0, 1.0)) < 1e-6
+
+
+def test_bad_sampling_arguments_are_refused_before_generating(tiny_backend):
+    for kw, msg in [
+        ({"temperature": 0.0}, "temperature=0.0"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+        ({"first_sample": -1}, "first_sample=-1"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            generate_continuations(tiny_backend, PROMPTS, 2, do_sample=True, **kw)
