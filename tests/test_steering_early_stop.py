@@ -48,7 +48,18 @@ def test_a_strength_stops_when_clearly_not_fluent_or_unable_to_win():
     assert early_stop_reason(1, 12, far, tok, float("nan"), 2.0, None) is None
 
 
-def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(demo_store, tiny_backend):
+def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(
+    demo_store, tiny_backend, monkeypatch
+):
+    from integral_superposition.steering import generation, sweep
+
+    calls: list[int] = []  # samples_per_prompt of every generation call of the sweep
+
+    def counted(*args, **kw):
+        calls.append(kw["samples_per_prompt"])
+        return generation.generate_continuations(*args, **kw)
+
+    monkeypatch.setattr(sweep, "generate_continuations", counted)
     sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
     target = demo_store.label_names[1]
     prompts = ["the market", "news:", "In other news"]
@@ -78,7 +89,17 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(demo_store, 
     base = ev.generations[ev.generations["control"] == "unsteered"]
     alpha0 = ev.generations[ev.generations["control"] == "alpha0"]
     assert base["text"].tolist() == alpha0["text"].tolist()
-    assert base["prompt"].tolist()[: len(prompts)] == prompts  # round-major rows
+    assert base["prompt"].tolist() == prompts * params.samples_per_prompt  # sample-major rows
+    # only strengths that may end early run in rounds; every other set is one call
+    n_checks = int(len(ev.check_generations) > 0)
+    full_sets = 1 + n_checks + (t["control"].isin(["alpha0", "random"])).sum()
+    assert sorted(calls) == [1] * int(steer_rows["n"].sum() // len(prompts)) + [3] * full_sets
+    # ... with the rows its rounds give: the unsteered set is the same call outside the sweep
+    alone = generation.generate_continuations(
+        tiny_backend, prompts, params.max_new_tokens, do_sample=True,
+        samples_per_prompt=3, seed=params.seed, sample_major=True,
+    )  # fmt: skip
+    assert base["text"].tolist() == alone.texts
     lat = ev.summary["latents"][0]
     if lat["best_strength"] is not None:
         win = steer_rows.set_index("strength").loc[lat["best_strength"]]
@@ -95,6 +116,19 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(demo_store, 
     w = whole.table
     assert (w["n"] == full).all() and w["stopped"].isna().all()
     assert sorted(w.loc[w["control"] == "steer", "strength"]) == [0.5, 500.0]
+    # a strength in rounds (stopped or not) holds the first rows of the same set in one call
+    wg, eg = whole.generations, ev.generations
+    for st in (0.5, 500.0):
+        rounds = eg.loc[(eg["control"] == "steer") & (eg["strength"] == st), "text"].tolist()
+        one = wg.loc[(wg["control"] == "steer") & (wg["strength"] == st), "text"].tolist()
+        assert len(one) == full and rounds == one[: len(rounds)]
+    assert wg.loc[wg["control"] == "unsteered", "text"].tolist() == base["text"].tolist()
+    # the outputs keep their columns
+    assert list(wg.columns) == list(ev.generations.columns) == [
+        "set", "latent", "label", "control", "strength", "prompts", "prompt", "text",
+        "predicted", "target_prob", "n_tokens", "nll",
+    ]  # fmt: skip
+    assert list(w.columns) == list(t.columns)
 
 
 @pytest.mark.parametrize("n", [48])

@@ -67,7 +67,7 @@ class SteeringParams(BaseModel):
     control_strengths: Literal["best", "all"] = "best"
     """Strengths of the ``random`` and ``own_label`` controls: the target's best strength within the fluency bound (``best``), or every strength the target ran (``all``)."""
     early_stop: bool = True
-    """Run every set in rounds of one continuation per prompt and each latent's strengths strongest first; a strength ends after a round once it cannot be the best: the 95% lower bound of its perplexity exceeds ``ppl_ratio_max`` x unsteered, or the 95% upper bound of its share is below the share of a complete, fluent strength. The best strength and the controls always run all ``samples_per_prompt`` rounds. False: every strength runs in full, in increasing order (``stop_above_ppl`` applies)."""
+    """Run each latent's strengths strongest first, each in rounds of one continuation per prompt; a strength ends after a round once it cannot be the best: the 95% lower bound of its perplexity exceeds ``ppl_ratio_max`` x unsteered, or the 95% upper bound of its share is below the share of a complete, fluent strength. The best strength and the controls always get all ``samples_per_prompt`` continuations (sets that cannot end early - unsteered, classifier check, controls - run in one call, with the rows their rounds would give). False: every strength runs in full, in one call each, in increasing order (``stop_above_ppl`` applies)."""
     stop_above_ppl: bool = True
     """Stop a latent's sweep after the first strength whose perplexity exceeds ``ppl_ratio_max`` x unsteered (stronger edits only get less fluent)."""
     own_label_prompts: int = Field(12, ge=1)

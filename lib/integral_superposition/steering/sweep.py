@@ -70,9 +70,6 @@ from integral_superposition.steering.scores import (
 
 log = logging.getLogger(__name__)
 
-_ROUND_SEED = 1000
-"""Sampling seed offset between rounds of a set (``seed + _ROUND_SEED * round``)."""
-
 __all__ = ["SteeringEval", "SteeringParams", "evaluate_steering"]
 
 
@@ -272,8 +269,9 @@ def evaluate_steering(
     fit_gens = fit_here and p.classifier_fit != "documents"
     rep.update(0, 1 + len(checked) + len(picks) * per_latent + fit_gens)
 
-    def score_set(prompt_list: list[str], edits: list[Edit] | None, samples: int, seed: int):
-        kw = {**gen_kw, "samples_per_prompt": samples, "seed": seed}
+    def score_set(prompt_list: list[str], edits: list[Edit] | None, samples: int, first: int):
+        """Samples ``first .. first + samples - 1`` of every prompt, sample by sample."""
+        kw = {**gen_kw, "samples_per_prompt": samples, "first_sample": first, "sample_major": True}
         if edits is None:  # the unsteered model scores its own tokens as it generates them
             g = generate_continuations(backend, prompt_list, p.max_new_tokens, score=True, **kw)
             nll = g.nll
@@ -286,18 +284,22 @@ def evaluate_steering(
         return _Scored(g, classifier.predict_proba(X), valid, nll, n_tok)
 
     def run(prompt_list: list[str], edits: list[Edit] | None, what: str, decide=None) -> _Scored:
-        """One set of generations. With ``early_stop``, in rounds of one continuation per
-        prompt (every set alike, so steered and unsteered rounds draw the same random
-        numbers); ``decide(scored) -> reason | None`` may end it after a round."""
+        """One set of generations: ``samples_per_prompt`` continuations of every prompt, rows
+        sample by sample (every prompt's sample 0, then sample 1, ...). Row ``i`` of any two
+        sets of the same prompts has the same prompt and random stream, so shares pair. With
+        ``early_stop`` and ``decide(scored) -> reason | None`` the set runs in rounds of one
+        sample per prompt and may end after a round; otherwise in one call, which gives the
+        same rows as its rounds (sampling is drawn per row) at a fraction of the cost: each
+        decoding step reads the whole model, whatever the rows."""
         rep.set_phase(what)
-        if not p.early_stop:
-            out = score_set(prompt_list, edits, p.samples_per_prompt, p.seed)
+        if not (p.early_stop and decide is not None):
+            out = score_set(prompt_list, edits, p.samples_per_prompt, 0)
         else:
             parts: list[_Scored] = []
             for r in range(p.samples_per_prompt):
-                parts.append(score_set(prompt_list, edits, 1, p.seed + _ROUND_SEED * r))
+                parts.append(score_set(prompt_list, edits, 1, r))
                 out = _Scored.concat(parts)
-                why = decide(out) if decide is not None and r + 1 < p.samples_per_prompt else None
+                why = decide(out) if r + 1 < p.samples_per_prompt else None
                 if why is not None:
                     out.stopped = why
                     break
