@@ -448,6 +448,15 @@ def _interval(lat: Mapping[str, Any], name: str) -> tuple[float, float] | None:
     return None
 
 
+def _lift_text(lat: Mapping[str, Any], key: str) -> str:
+    """``", lift +0.19 [0.02, 0.34]"`` from ``lat[key]`` and its interval, or ``""``."""
+    lift = _num(lat.get(key))
+    if lift is None:
+        return ""
+    ci = _interval(lat, key)
+    return f", lift {lift:+.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
     if not summary:
         return []
@@ -465,20 +474,14 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
         base = _num(lat.get("baseline_share"))
         if base is not None:
             detail += f"; unsteered {base:.2f}"
-            lift = _num(lat.get("best_lift"))
-            if lift is not None:
-                ci = _interval(lat, "best_lift")
-                detail += f", lift {lift:+.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            detail += _lift_text(lat, "best_lift")
         own = _num(lat.get("own_label_share_at_best"))
         if own is not None:
             detail += f"; on its own label's prompts {own:.2f}"
             own_base = _num(lat.get("own_label_baseline_share"))
             if own_base is not None:
                 detail += f" against {own_base:.2f} unsteered"
-            lift = _num(lat.get("own_label_lift_at_best"))
-            if lift is not None:
-                ci = _interval(lat, "own_label_lift_at_best")
-                detail += f", lift {lift:+.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+            detail += _lift_text(lat, "own_label_lift_at_best")
         if judge is False:
             detail += "; the classifier failed its check on unsteered generations"
         elif lat.get("classifier_valid") is False:
