@@ -262,16 +262,21 @@ def test_balanced_task_takes_every_positive_and_an_even_share_of_the_others():
     assert (y[big] == 2).sum() == (y[big] != 2).sum() == 45
 
 
+def _four_label_documents(label: int, D: int = 800):
+    """``rng, D, y, train, pos``: D documents of 4 labels in turn, about 70% of them training
+    documents, ``pos`` those of ``label``; ``rng`` (seed 0) continues for the features."""
+    rng = np.random.default_rng(0)
+    y = np.arange(D) % 4
+    train = rng.random(D) < 0.7
+    return rng, D, y, train, y == label
+
+
 def test_probe_picks_latents_by_class_mean_difference_on_training_documents():
     """Latent 0 fires in six training documents of the label only (the largest log odds of
     firing); latent 1 is broad but much larger in the label's documents (the largest mean
     difference); latent 2 matches the label on the test documents only (a leak if the test
     documents chose the latents)."""
-    rng = np.random.default_rng(0)
-    D = 800
-    y = np.arange(D) % 4
-    train = rng.random(D) < 0.7
-    pos = y == 1
+    rng, D, y, train, pos = _four_label_documents(1)
     F = np.zeros((D, 4))
     F[np.flatnonzero(pos & train)[:6], 0] = 1.0
     F[:, 1] = np.clip(rng.normal(np.where(pos, 1.0, 0.5), 0.3), 0, None)
@@ -290,11 +295,7 @@ def test_probe_ranks_by_standardised_difference_so_a_large_dense_latent_does_not
     """Latent 0 fires in every document with a large, noisy activation that differs between
     the classes by a fraction of its spread (the largest raw difference of class means);
     latent 1 is a clean label latent of small scale (the largest standardised difference)."""
-    rng = np.random.default_rng(0)
-    D = 800
-    y = np.arange(D) % 4
-    train = rng.random(D) < 0.7
-    pos = y == 2
+    rng, D, y, train, pos = _four_label_documents(2)
     F = np.zeros((D, 3))
     F[:, 0] = rng.normal(np.where(pos, 105.0, 100.0), 30.0)
     F[:, 1] = np.where(pos, rng.normal(1.0, 0.2, D), 0.0).clip(0)

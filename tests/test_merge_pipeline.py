@@ -47,6 +47,11 @@ def fast_params(**kw) -> MergeParams:
     return MergeParams(**{**base, **kw})
 
 
+def _merge(root, out: str, **params) -> dict:
+    """``run_merge`` of the fixture's SAE and store into ``out`` with :func:`fast_params`."""
+    return pipelines.run_merge(str(root / "sae"), str(root / "acts"), out, fast_params(**params))
+
+
 def test_run_merge_publishes_a_loadable_merged_sae(setup, tiny_backend):
     root, store, sae = setup
     out = str(root / "merged")
@@ -218,12 +223,7 @@ def test_bad_input_writes_nothing(setup, tmp_path):
 def test_max_aggregation_and_distance_threshold(setup, tmp_path):
     root, _store, sae = setup
     out = str(tmp_path / "m")
-    manifest = pipelines.run_merge(
-        str(root / "sae"),
-        str(root / "acts"),
-        out,
-        fast_params(aggregation="max", distance_threshold=0.5, sweep=False),
-    )
+    manifest = _merge(root, out, aggregation="max", distance_threshold=0.5, sweep=False)
     merged = load_sae(out)
     assert merged.merge_mode == "max" and manifest["merge"]["aggregation"] == "max"
     assert 1 <= merged.d_sae <= 96
@@ -280,12 +280,7 @@ def test_merges_take_their_dead_fraction_from_one_pass_of_the_original(setup, mo
 def test_projection_aggregation_publishes_its_weights(setup, tmp_path):
     root, store, sae = setup
     out = str(tmp_path / "p")
-    manifest = pipelines.run_merge(
-        str(root / "sae"),
-        str(root / "acts"),
-        out,
-        fast_params(aggregation="projection", sweep=False),
-    )
+    manifest = _merge(root, out, aggregation="projection", sweep=False)
     merged = load_sae(out)
     assert manifest["merge"]["aggregation"] == "projection" and merged.merge_mode == "sum"
     mm = pd.read_parquet(os.path.join(out, "merge_map.parquet"))

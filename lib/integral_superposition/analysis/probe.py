@@ -115,12 +115,13 @@ def rank_latents(
     positive = np.asarray(positive, dtype=bool)
     if not (positive.any() and (~positive).any()):
         raise ValueError("positive: expected both positive and negative documents to rank on")
-    mean = [np.asarray(F[m].mean(0)).ravel() for m in (positive, ~positive)]
+    parts = (F[positive], F[~positive])
+    mean = [np.asarray(A.mean(0)).ravel() for A in parts]
     diff = np.abs(mean[0] - mean[1])
     if by == "std_diff":
         var = [
-            np.maximum(np.asarray(F[m].multiply(F[m]).mean(0)).ravel() - mu * mu, 0.0)
-            for m, mu in zip((positive, ~positive), mean, strict=True)
+            np.maximum(np.asarray(A.multiply(A).mean(0)).ravel() - mu * mu, 0.0)
+            for A, mu in zip(parts, mean, strict=True)
         ]
         sd = np.sqrt((var[0] + var[1]) / 2)
         diff = np.divide(diff, sd, out=np.zeros_like(diff), where=sd > 0)
