@@ -5,7 +5,8 @@
   positions (last prompt token, prompt, generated tokens, all, or a mask), correct under the
   KV cache and with left or right padding.
 - Edits: :func:`clamp`, :func:`clamp_to_max`, :func:`scale`, :func:`add`, :func:`ablate`,
-  the seed's :func:`set_or_scale_latent`, and :func:`parse_edit` (``"42=100"``).
+  the seed's :func:`set_or_scale_latent`, and :func:`parse_edit` (``"42=100"``);
+  :class:`RowEdits`: different edits on different rows of one call.
 - :func:`compare_generations`: unsteered and steered continuations side by side.
 - :mod:`~integral_superposition.steering.sweep`: strength sweeps scored by the label classifier
   (:mod:`~integral_superposition.steering.classifier`), target-vocabulary mass and perplexity,
@@ -32,6 +33,7 @@ from integral_superposition.steering import (
 from integral_superposition.steering.classifier import LabelClassifier, label_vocabulary
 from integral_superposition.steering.edits import (
     Edit,
+    RowEdits,
     ablate,
     add,
     clamp,
@@ -73,6 +75,7 @@ __all__ = [
     "Generations",
     "LabelClassifier",
     "LatentEditor",
+    "RowEdits",
     "SteeringEval",
     "SteeringHandle",
     "SteeringParams",

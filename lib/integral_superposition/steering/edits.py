@@ -12,7 +12,9 @@ op               effect on the code ``z [N, d_sae]``          constructor
 ``ablate``       ``z[:, j] = 0``                              :func:`ablate`
 ===============  ==========================================  =================================
 
-Several edits are applied in order. ``set_max`` needs the largest activation each latent
+Several edits are applied in order. :class:`RowEdits` gives different rows of one batch
+different edits (or none), so that one generation call carries several steered sets.
+``set_max`` needs the largest activation each latent
 reached in the data: an array ``[d_sae]``, an analysis latents table (``latent, max_act``), a
 published analysis (:func:`max_activations` reads any of them).
 """
@@ -32,6 +34,7 @@ import torch
 __all__ = [
     "OPS",
     "Edit",
+    "RowEdits",
     "ablate",
     "add",
     "as_edits",
@@ -210,6 +213,68 @@ def as_edits(edits: Any) -> list[Edit]:
     )
 
 
+class RowEdits:
+    """Edits per row of a batch: ``groups[g] = (rows, edits)`` applies ``edits`` to exactly
+    the rows ``rows`` (indices into the ``n_rows`` rows of a call, e.g. of one
+    ``generate_continuations`` call); a row in no group is not edited.
+
+    ``group_of``: ``int64 [n_rows]``, the group of each row (-1: none). A row may be in at most
+    one group (put several edits in one group); a group's edits are any form
+    :func:`as_edits` takes.
+    """
+
+    def __init__(self, n_rows: int, groups: Sequence[tuple[Sequence[int], Any]]):
+        if isinstance(n_rows, bool) or not isinstance(n_rows, int | np.integer) or n_rows < 1:
+            raise ValueError(
+                f"n_rows={n_rows!r}: expected the number of rows of the call (an int >= 1)"
+            )
+        self.n_rows = int(n_rows)
+        self.edits: list[list[Edit]] = []
+        self.group_of = np.full(self.n_rows, -1, dtype=np.int64)
+        for g, item in enumerate(groups):
+            if not (isinstance(item, Sequence) and len(item) == 2):
+                raise TypeError(f"groups[{g}]={item!r}: expected a (rows, edits) pair")
+            rows, edits = item
+            idx = np.asarray(rows)
+            if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+                raise TypeError(f"groups[{g}] rows={rows!r}: expected a list of row indices")
+            idx = idx.astype(np.int64)
+            bad = idx[(idx < 0) | (idx >= self.n_rows)]
+            if bad.size:
+                raise ValueError(
+                    f"groups[{g}] rows: row {int(bad[0])} out of range for n_rows={self.n_rows} "
+                    f"(0..{self.n_rows - 1})"
+                )
+            uniq, counts = np.unique(idx, return_counts=True)
+            if (counts > 1).any():
+                raise ValueError(
+                    f"groups[{g}] rows: row {int(uniq[counts > 1][0])} is listed twice: "
+                    "expected distinct row indices"
+                )
+            taken = idx[self.group_of[idx] >= 0]
+            if taken.size:
+                row = int(taken[0])
+                raise ValueError(
+                    f"groups[{g}] rows: row {row} is already in groups[{self.group_of[row]}]: "
+                    "expected each row in at most one group (put several edits in one group)"
+                )
+            try:
+                self.edits.append(as_edits(edits))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"groups[{g}]: {e}") from None
+            self.group_of[idx] = g
+
+    def __len__(self) -> int:
+        return len(self.edits)
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        """The groups as JSON-able dicts: ``rows`` (count) and ``edits``."""
+        return [
+            {"rows": int((self.group_of == g).sum()), "edits": [e.to_dict() for e in es]}
+            for g, es in enumerate(self.edits)
+        ]
+
+
 def max_activations(source: Any, d_sae: int | None = None, storage_options=None) -> np.ndarray:
     """The largest activation of every latent in the data, ``float64 [d_sae]``.
 
@@ -292,6 +357,8 @@ def resolve_edits(
 
 def edits_summary(edits: Sequence[Edit] | Mapping[str, Any] | Any) -> list[dict[str, Any]] | str:
     """JSON-able description of edits (for manifests); a callable is described by its name."""
+    if isinstance(edits, RowEdits):
+        return edits.to_dict()
     if callable(edits) and not isinstance(edits, Edit):
         return getattr(edits, "__qualname__", type(edits).__name__)
     return [e.to_dict() for e in as_edits(edits)]

@@ -8,7 +8,7 @@ a row's continuation does not depend on the batch it runs in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,14 @@ class Generations:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def take(self, rows: slice) -> Generations:
+        """The rows ``rows`` as Generations of their own."""
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return Generations(
+            self.prompts[rows], self.texts[rows], self.prompt_ids[rows], self.token_ids[rows],
+            pick(self.vocab_mass), pick(self.nll), dict(self.meta),
+        )  # fmt: skip
 
 
 class _VocabMass:
@@ -227,6 +235,9 @@ def generate_continuations(
     score: bool = False,
     first_sample: int = 0,
     sample_major: bool = False,
+    rows: Sequence[tuple[int, int]] | None = None,
+    stream_ids: Sequence[int] | None = None,
+    on_batch: Callable[[range | None, int], None] | None = None,
 ) -> Generations:
     """Generate ``samples_per_prompt`` continuations of every prompt (left-padded batches).
 
@@ -240,6 +251,16 @@ def generate_continuations(
     the result's ``vocab_mass`` is the next-token probability on each set, averaged over each
     row's steps. ``score``: also record the generating model's NLL of every continuation
     (``nll``), from the logits the generation computed anyway.
+
+    ``rows``: the rows of the call as ``(prompt index, sample index)`` pairs, in order, instead
+    of the grid that ``samples_per_prompt``, ``first_sample`` and ``sample_major`` describe.
+    ``stream_ids``: the index that seeds each prompt's streams in place of its position, so
+    that the prompts of several sets in one call draw what each set draws alone. Rows run in
+    the fewest batches of at most ``batch_size``, of equal size; ``on_batch(rows, n_rows)`` is
+    called with the rows of each batch (a range) and the call's row count before the batch
+    runs, and with ``rows=None`` after the call (e.g.
+    :meth:`~integral_superposition.steering.hooks.SteeringHandle.select_rows` for per-row
+    edits).
     """
     prompts = check_prompts(prompts)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -254,17 +275,32 @@ def generate_continuations(
         raise TypeError(f"seed={seed!r}: expected an int")
     if do_sample:  # checks temperature and top_p before anything is generated
         RowSampler([], temperature, top_p)
+    if stream_ids is None:
+        stream_ids = range(len(prompts))
+    elif len(stream_ids) != len(prompts):
+        raise ValueError(
+            f"stream_ids has {len(stream_ids)} entries for {len(prompts)} prompts: expected one per prompt"
+        )
+    if rows is None:
+        samples = range(first_sample, first_sample + samples_per_prompt)
+        pairs = (  # (prompt index, sample index) of each row
+            [(i, s) for s in samples for i in range(len(prompts))]
+            if sample_major
+            else [(i, s) for i in range(len(prompts)) for s in samples]
+        )
+    else:
+        pairs = [(int(i), int(s)) for i, s in rows]
+        bad = [(i, s) for i, s in pairs if not (0 <= i < len(prompts) and s >= 0)]
+        if bad or not pairs:
+            raise ValueError(
+                f"rows: {bad[0] if bad else 'none'}: expected (prompt index in 0..{len(prompts) - 1}, "
+                "sample index >= 0) pairs, at least one"
+            )
     tok = backend.tokenizer
     pad = pad_token_id(tok)
     eos = _eos_ids(backend)
     enc = encode_prompts(tok, prompts)
-    samples = range(first_sample, first_sample + samples_per_prompt)
-    pairs = (  # (prompt index, sample index) of each row
-        [(i, s) for s in samples for i in range(len(prompts))]
-        if sample_major
-        else [(i, s) for i in range(len(prompts)) for s in samples]
-    )
-    rows = [prompts[i] for i, _ in pairs]
+    streams = [(int(stream_ids[i]), s) for i, s in pairs]
     enc_rows = [enc[i] for i, _ in pairs]
     out_ids: list[list[int]] = []
     masses: list[np.ndarray] = []
@@ -275,55 +311,32 @@ def generate_continuations(
         "max_new_tokens": max_new_tokens, "do_sample": False,
         "temperature": None, "top_p": None, "top_k": None,
     }  # fmt: skip
-    for a in range(0, len(rows), batch_size):
-        batch = pad_batch(enc_rows[a : a + batch_size], pad, "left")
-        if do_sample:
-            rngs = row_streams(seed, *zip(*pairs[a : a + batch_size], strict=True))
-            sampler = RowSampler(rngs, temperature, top_p)
-            gen_kwargs["logits_processor"] = LogitsProcessorList([sampler])
-        recorder = _VocabMass(vocab_sets, backend.device) if vocab_sets else None
-        handle = backend.model.register_forward_hook(recorder) if recorder is not None else None
-        scorer = _StepNLL() if score else None
-        score_handle = (
-            backend.model.register_forward_hook(scorer, with_kwargs=True) if scorer else None
-        )
-        try:
-            seqs = backend.generate(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                pad_token_id=pad,
-                **gen_kwargs,
-            )
-        finally:
-            for h in (handle, score_handle):
-                if h is not None:
-                    h.remove()
-        step_nll = scorer.finish(seqs[:, -1]) if scorer is not None else None
-        new = seqs[:, batch.input_ids.shape[1] :].cpu().tolist()
-        lengths = []
-        for ids in new:
-            n = len(ids)
-            for i, t in enumerate(ids):
-                if t in eos:
-                    n = i + 1
-                    break
-            out_ids.append(ids[:n])
-            lengths.append(n)
-        if step_nll is not None:
-            upto = torch.arange(step_nll.shape[0])[:, None] < torch.tensor(lengths)[None, :]
-            nlls.append((step_nll * upto).sum(0).numpy())
-        if recorder is not None:
-            steps = torch.stack(recorder.steps[: max(lengths, default=0)], 0).cpu().double()
-            valid = torch.arange(steps.shape[0])[:, None] < torch.tensor(lengths)[None, :]
-            total = (steps * valid[..., None]).sum(0)
-            masses.append((total / valid.sum(0).clamp_min(1)[:, None]).numpy())
+    n_batches = -(-len(pairs) // batch_size)
+    size = -(-len(pairs) // n_batches)  # equal batches: 72 rows at 64 run as 36 + 36
+    try:
+        for a in range(0, len(pairs), size):
+            b = min(a + size, len(pairs))
+            if on_batch is not None:
+                on_batch(range(a, b), len(pairs))
+            g = _generate_batch(
+                backend, enc_rows[a:b], streams[a:b], gen_kwargs, pad, eos, do_sample, seed,
+                temperature, top_p, vocab_sets, score,
+            )  # fmt: skip
+            out_ids += g[0]
+            if g[1] is not None:
+                nlls.append(g[1])
+            if g[2] is not None:
+                masses.append(g[2])
+    finally:
+        if on_batch is not None:
+            on_batch(None, len(pairs))
     specials = special_ids(tok)
     texts = [
         tok.decode([t for t in ids if t not in specials], skip_special_tokens=True)
         for ids in out_ids
     ]
     return Generations(
-        prompts=rows,
+        prompts=[prompts[i] for i, _ in pairs],
         texts=texts,
         prompt_ids=[list(e) for e in enc_rows],
         token_ids=out_ids,
@@ -334,12 +347,62 @@ def generate_continuations(
             "do_sample": do_sample,
             "temperature": temperature if do_sample else None,
             "top_p": top_p if do_sample else None,
-            "samples_per_prompt": samples_per_prompt,
-            "first_sample": first_sample,
-            "sample_major": sample_major,
+            "samples_per_prompt": samples_per_prompt if rows is None else None,
+            "first_sample": first_sample if rows is None else None,
+            "sample_major": sample_major if rows is None else None,
             "seed": seed,
         },
     )
+
+
+def _generate_batch(
+    backend, enc_rows, streams, gen_kwargs, pad, eos, do_sample, seed, temperature, top_p,
+    vocab_sets, score,
+) -> tuple[list[list[int]], np.ndarray | None, np.ndarray | None]:  # fmt: skip
+    """One ``generate`` call: ``(token ids of each row, nll [B] or None, vocab mass [B, C] or
+    None)``."""
+    out_ids: list[list[int]] = []
+    nll = mass = None
+    batch = pad_batch(enc_rows, pad, "left")
+    if do_sample:
+        rngs = row_streams(seed, *zip(*streams, strict=True))
+        sampler = RowSampler(rngs, temperature, top_p)
+        gen_kwargs = {**gen_kwargs, "logits_processor": LogitsProcessorList([sampler])}
+    recorder = _VocabMass(vocab_sets, backend.device) if vocab_sets else None
+    handle = backend.model.register_forward_hook(recorder) if recorder is not None else None
+    scorer = _StepNLL() if score else None
+    score_handle = backend.model.register_forward_hook(scorer, with_kwargs=True) if scorer else None
+    try:
+        seqs = backend.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pad_token_id=pad,
+            **gen_kwargs,
+        )
+    finally:
+        for h in (handle, score_handle):
+            if h is not None:
+                h.remove()
+    step_nll = scorer.finish(seqs[:, -1]) if scorer is not None else None
+    new = seqs[:, batch.input_ids.shape[1] :].cpu().tolist()
+    lengths = []
+    for ids in new:
+        n = len(ids)
+        for i, t in enumerate(ids):
+            if t in eos:
+                n = i + 1
+                break
+        out_ids.append(ids[:n])
+        lengths.append(n)
+    if step_nll is not None:
+        upto = torch.arange(step_nll.shape[0])[:, None] < torch.tensor(lengths)[None, :]
+        nll = (step_nll * upto).sum(0).numpy()
+    if recorder is not None:
+        steps = torch.stack(recorder.steps[: max(lengths, default=0)], 0).cpu().double()
+        valid = torch.arange(steps.shape[0])[:, None] < torch.tensor(lengths)[None, :]
+        total = (steps * valid[..., None]).sum(0)
+        mass = (total / valid.sum(0).clamp_min(1)[:, None]).numpy()
+    return out_ids, nll, mass
 
 
 @torch.inference_mode()

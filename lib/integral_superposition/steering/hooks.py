@@ -39,6 +39,7 @@ from integral_superposition.backends.base_model import HookPoint, register_edit_
 from integral_superposition.sae.model import SparseAutoencoder
 from integral_superposition.steering.edits import (
     Edit,
+    RowEdits,
     as_edits,
     edits_summary,
     resolve_edits,
@@ -62,7 +63,7 @@ __all__ = [
     "steer",
 ]
 
-LatentMap = Edit | Sequence[Edit | str] | str | Callable[[torch.Tensor], torch.Tensor]
+LatentMap = Edit | Sequence[Edit | str] | str | RowEdits | Callable[[torch.Tensor], torch.Tensor]
 
 
 # -- the latent editor -----------------------------------------------------------------------
@@ -75,6 +76,10 @@ class LatentEditor:
     computed for those latents alone when the architecture is elementwise (ReLU, JumpReLU,
     BatchTopK at inference). Pure ``add`` edits need no encoding. ``keep_error=False``
     returns ``dec(z')``.
+
+    ``edits`` may be :class:`~integral_superposition.steering.edits.RowEdits`: each group's
+    edits apply to its rows only, and the call takes ``rows [N]``, the group of each row of
+    ``x`` (-1: not edited); a row of no group is returned as it came in.
     """
 
     def __init__(
@@ -98,7 +103,13 @@ class LatentEditor:
         self.keep_error = bool(keep_error)
         self.fn: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.edits: list[Edit] = []
-        if callable(edits) and not isinstance(edits, Edit):
+        self.row_edits: RowEdits | None = None
+        self.parts: list[LatentEditor] = []  # per-row edits: one editor per group
+        if isinstance(edits, RowEdits):
+            self.row_edits = edits
+            kw = dict(keep_error=keep_error, max_acts=max_acts, storage_options=storage_options)
+            self.parts = [LatentEditor(sae, es, device=device, **kw) for es in edits.edits]
+        elif callable(edits) and not isinstance(edits, Edit):
             self.fn = edits
         else:
             self.edits = resolve_edits(as_edits(edits), sae.d_sae, max_acts, storage_options)
@@ -160,6 +171,8 @@ class LatentEditor:
         """True when the edits cannot change any code (no edits, ``scale 1``, ``add 0``)."""
         if self.fn is not None or not self.keep_error:
             return False
+        if self.row_edits is not None:
+            return all(part.is_identity for part in self.parts)
         return all(
             (e.op == "scale" and e.value == 1.0) or (e.op == "add" and e.value == 0.0)
             for e in self.edits
@@ -187,11 +200,19 @@ class LatentEditor:
                 z[:, cols] = 0.0
         return z
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [N, d_in]`` -> ``x' [N, d_in]``; ``rows [N]`` (int, per-row edits only): the
+        edit group of each row, -1 for none."""
         if x.shape[-1] != self.sae.d_in:
             raise ValueError(
                 f"the hooked activation has dimension {x.shape[-1]}, but the SAE has d_in={self.sae.d_in}: "
                 "it was trained on another layer or model"
+            )
+        if self.row_edits is not None:
+            return self._per_row(x, rows)
+        if rows is not None:
+            raise ValueError(
+                "rows= is for per-row edits (RowEdits); these edits apply to every row"
             )
         xf = x.float()
         if self.fn is not None:
@@ -222,6 +243,22 @@ class LatentEditor:
         delta = (self._apply_groups(z.clone()) - z) @ self.W_dec_S
         return (xf + delta).to(x.dtype)
 
+    def _per_row(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        if rows is None or rows.shape != x.shape[:1]:
+            got = "none" if rows is None else f"shape {tuple(rows.shape)}"
+            raise ValueError(
+                f"per-row edits: rows= must give the group of each of the {x.shape[0]} rows "
+                f"of x, got {got}"
+            )
+        out = x
+        for g, part in enumerate(self.parts):
+            idx = (rows == g).nonzero().flatten()
+            if idx.numel():
+                if out is x:
+                    out = x.clone()  # the rows of no group stay the very input
+                out[idx] = part(x[idx])
+        return out
+
 
 # -- the handle and the context manager -------------------------------------------------------
 class SteeringHandle:
@@ -229,6 +266,11 @@ class SteeringHandle:
 
     Also a context manager. ``edited_tokens`` counts the tokens edited so far, split into
     ``prompt`` and ``generated``.
+
+    With per-row edits (:class:`~integral_superposition.steering.edits.RowEdits` for
+    ``n_rows`` rows) a forward must have all ``n_rows`` rows, or the rows last named by
+    :meth:`select_rows`: a call that runs its rows in batches names each batch first
+    (``generate_continuations(..., on_batch=handle.select_rows)``).
     """
 
     def __init__(
@@ -248,6 +290,56 @@ class SteeringHandle:
         # Counts stay on the model's device: no host sync per forward.
         self._prompt: torch.Tensor | int = 0
         self._generated: torch.Tensor | int = 0
+        self._rows: np.ndarray | None = None  # per-row edits: the call's rows of the forwards
+        self._row_groups: torch.Tensor | None = None  # [B] their groups, on the model's device
+
+    def select_rows(self, rows: Sequence[int] | range | None, n_rows: int | None = None) -> None:
+        """The rows (indices into the per-row edits' ``n_rows``) that the next forwards carry,
+        in order; ``None``: all of them. ``n_rows``: the rows of the whole call, checked
+        against the edits'. Without per-row edits this does nothing."""
+        re = self.editor.row_edits
+        if re is None:
+            return
+        if n_rows is not None and n_rows != re.n_rows:
+            raise ValueError(
+                f"per-row edits for n_rows={re.n_rows}, but the call has {n_rows} rows: "
+                "expected one per row"
+            )
+        if rows is None:
+            self._rows, self._row_groups = None, None
+            return
+        idx = np.asarray(list(rows) if isinstance(rows, range) else rows)
+        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+            raise TypeError(f"rows={rows!r}: expected a list of row indices")
+        bad = idx[(idx < 0) | (idx >= re.n_rows)]
+        if bad.size:
+            raise ValueError(
+                f"rows: row {int(bad[0])} out of range for per-row edits of n_rows={re.n_rows} "
+                f"(0..{re.n_rows - 1})"
+            )
+        self._rows = idx.astype(np.int64)
+        self._row_groups = None
+
+    def _groups_of_forward(self, B: int, device: torch.device) -> torch.Tensor:
+        """``[B]`` the edit group of each row of the current forward (per-row edits)."""
+        re = self.editor.row_edits
+        n = re.n_rows if self._rows is None else len(self._rows)
+        if n != B:
+            raise ValueError(
+                f"steering with per-row edits: the forward has {B} rows but "
+                + (
+                    f"the edits are for n_rows={re.n_rows}"
+                    if self._rows is None
+                    else f"select_rows named {n}"
+                )
+                + ": a call that runs its rows in batches names each one with "
+                "handle.select_rows (generate_continuations(..., on_batch=handle.select_rows))"
+            )
+        g = self._row_groups
+        if g is None or g.device != device:
+            groups = re.group_of if self._rows is None else re.group_of[self._rows]
+            self._row_groups = g = torch.as_tensor(groups, device=device)
+        return g
 
     def _edit(self, x: torch.Tensor) -> torch.Tensor | None:
         step = self._tracker.step
@@ -264,11 +356,19 @@ class SteeringHandle:
                 f"match the forward's tokens [{step.B}, {step.T}]"
             )
         flat = x.reshape(-1, x.shape[-1])
-        new = self.editor(flat)
-        sel = step.select.reshape(-1, 1)
-        self._prompt = self._prompt + step.n_prompt
-        self._generated = self._generated + step.n_generated
-        return torch.where(sel, new, flat).reshape(x.shape)
+        if self.editor.row_edits is None:
+            new = self.editor(flat)
+            sel = step.select.reshape(-1, 1)
+            self._prompt = self._prompt + step.n_prompt
+            self._generated = self._generated + step.n_generated
+            return torch.where(sel, new, flat).reshape(x.shape)
+        groups = self._groups_of_forward(step.B, x.device)  # [B]
+        sel = step.select & (groups >= 0)[:, None]  # [B, T]
+        rows = torch.where(sel, groups[:, None], -1).reshape(-1)  # only the selected tokens
+        n_prompt = sel[:, : step.n_prompt_cols].sum()
+        self._prompt = self._prompt + n_prompt
+        self._generated = self._generated + (sel.sum() - n_prompt)
+        return self.editor(flat, rows).reshape(x.shape)
 
     @property
     def edited_tokens(self) -> dict[str, int]:
@@ -282,7 +382,7 @@ class SteeringHandle:
         pos = self.positions
         return {
             "hook_point": self.hook_point.name,
-            "edits": edits_summary(self.editor.fn or self.editor.edits),
+            "edits": edits_summary(self.editor.fn or self.editor.row_edits or self.editor.edits),
             "positions": pos
             if isinstance(pos, str)
             else ("mask" if isinstance(pos, torch.Tensor | np.ndarray) else list(pos)),
@@ -405,8 +505,9 @@ def steer(
     exit, also after an exception.
 
     ``edits``: an :class:`Edit` (``clamp``, ``clamp_to_max``, ``scale``, ``add``, ``ablate``),
-    an edit string (``"42=30"``), a list of them, or a callable ``z -> z'`` on codes
-    ``[N, d_sae]``. ``max_acts`` supplies the max activations for ``clamp_to_max``.
+    an edit string (``"42=30"``), a list of them, a callable ``z -> z'`` on codes
+    ``[N, d_sae]``, or :class:`~integral_superposition.steering.edits.RowEdits` (different
+    edits on different rows; see :meth:`SteeringHandle.select_rows`). ``max_acts`` supplies the max activations for ``clamp_to_max``.
     ``keep_error=False`` replaces the activation by the SAE reconstruction.
     """
     handle = register_steering(

@@ -100,6 +100,7 @@ class _Step:
     select: torch.Tensor | None  # bool [B, T]; None: nothing to edit in this forward
     n_prompt: torch.Tensor | int = 0
     n_generated: torch.Tensor | int = 0
+    n_prompt_cols: int = 0  # the first columns hold prompt tokens, the rest generated ones
 
 
 def _cache_length(kwargs: dict[str, Any]) -> int | None:
@@ -211,7 +212,9 @@ class PositionTracker:
                         f"positions: the mask has {self.mask.shape[0]} rows, but the forward has batch size {B}"
                     )
             sel |= m.to(device) & real
-        self.step = _Step(B, T, sel, (sel & is_prompt).sum(), (sel & ~is_prompt).sum())
+        self.step = _Step(
+            B, T, sel, (sel & is_prompt).sum(), (sel & ~is_prompt).sum(), n_prompt_cols
+        )
 
 
 def special_token_ids(tokenizer) -> torch.Tensor | None:
