@@ -101,8 +101,9 @@ def test_run_merge_publishes_a_loadable_merged_sae(setup, tiny_backend):
     assert sweep["ce_recovered"].notna().all()
 
 
-def test_large_k_path_without_a_dense_gram(setup, tmp_path, monkeypatch):
-    """Above DENSE_MAX_LATENTS: k-NN graph, no K x K statistics, refit from merged codes."""
+def test_large_k_path_without_a_dense_gram(setup, tmp_path, monkeypatch, caplog):
+    """Above DENSE_MAX_LATENTS: k-NN graph, no K x K statistics, refit from merged codes; the
+    projection weights run as the sum, and the log and the manifest say so."""
     root, _store, _sae = setup
     monkeypatch.setattr(merge.evaluate, "DENSE_MAX_LATENTS", 32)
     monkeypatch.setattr(merge.cluster, "DENSE_MAX_LATENTS", 32)
@@ -114,15 +115,24 @@ def test_large_k_path_without_a_dense_gram(setup, tmp_path, monkeypatch):
     called = []
     monkeypatch.setattr(merge.evaluate, "original_stats", lambda *a, **k: called.append(1) or None)
     out = str(tmp_path / "knn")
-    pipelines.run_merge(
-        str(root / "sae"),
-        str(root / "acts"),
-        out,
-        fast_params(similarity={"decoder": 1.0}, n_neighbors=8, sweep=False),
-    )
+    with caplog.at_level("WARNING", logger="integral_superposition.pipelines.merge"):
+        manifest = pipelines.run_merge(
+            str(root / "sae"),
+            str(root / "acts"),
+            out,
+            fast_params(
+                similarity={"decoder": 1.0}, aggregation="projection", n_neighbors=8, sweep=False
+            ),
+        )
     assert not called
+    note = (
+        "aggregation='projection' -> 'sum' (K=96 > 32 latents: the dense K x K Gram matrix of "
+        "the codes does not fit)"
+    )
+    assert manifest["merge"]["aggregation"] == "sum"
+    assert manifest["merge"]["dense_fallback"] == [note] and note in caplog.text
     merged = load_sae(out)
-    assert merged.d_sae == 24
+    assert merged.d_sae == 24 and merged.merge_weight is None
     ev = pd.read_parquet(os.path.join(out, "merge_eval.parquet")).set_index("sae")
     assert np.isfinite(ev.loc["merged", "fvu"]) and ev.loc["merged", "fit_tokens"] > 0
     # no K x K statistics above DENSE_MAX_LATENTS: no refit control row either

@@ -173,11 +173,23 @@ def test_projection_weights_of_a_cluster_with_zero_rows_or_no_firing():
     assert np.isfinite(w).all() and np.isfinite(u).all()
 
 
-def test_projection_above_the_dense_limit_is_refused_before_any_work():
+def test_projection_above_the_dense_limit_falls_back_to_sum_and_says_so():
     from integral_superposition.merge.cluster import DENSE_MAX_LATENTS
 
     sae = SparseAutoencoder(4, DENSE_MAX_LATENTS + 1, architecture="topk", top_k=4)
     params = MergeParams(aggregation="projection", similarity={"decoder": 1.0})
     with pytest.raises(ValueError, match="aggregation='projection' needs the dense"):
         evaluate.check_params_for(sae, params)
-    evaluate.check_params_for(sae, params.model_copy(update={"aggregation": "sum"}))
+    run, notes = evaluate.dense_fallback(sae, params)
+    assert run.aggregation == "sum" and run.similarity == {"decoder": 1.0}
+    assert notes == [
+        f"aggregation='projection' -> 'sum' (K={DENSE_MAX_LATENTS + 1} > {DENSE_MAX_LATENTS} "
+        "latents: the dense K x K Gram matrix of the codes does not fit)"
+    ]
+    evaluate.check_params_for(sae, run)
+    # sum, max and SAEs at the limit are left as they are
+    for agg in ("sum", "max"):
+        p = MergeParams(aggregation=agg, similarity={"decoder": 1.0})
+        assert evaluate.dense_fallback(sae, p) == (p, [])
+    small = SparseAutoencoder(4, DENSE_MAX_LATENTS, architecture="topk", top_k=4)
+    assert evaluate.dense_fallback(small, params) == (params, [])

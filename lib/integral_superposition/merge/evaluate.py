@@ -19,6 +19,8 @@ against ``K'``.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -51,9 +53,27 @@ from integral_superposition.merge.similarity import LatentSimilarity, latent_fir
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.model import SparseAutoencoder
 
+log = logging.getLogger(__name__)
+
+
+def dense_fallback(sae: SparseAutoencoder, params: MergeParams) -> tuple[MergeParams, list[str]]:
+    """``params`` as they run on ``sae``, and a note per change: above
+    :data:`DENSE_MAX_LATENTS` latents the ``K x K`` Gram matrix of the codes does not fit, so
+    ``aggregation="projection"`` runs as ``"sum"``. Unchanged otherwise (a ``reconstruction``
+    similarity there is refused by :func:`check_params_for`)."""
+    k = sae.d_sae
+    if k <= DENSE_MAX_LATENTS or params.aggregation != "projection":
+        return params, []
+    note = (
+        f"aggregation='projection' -> 'sum' (K={k} > {DENSE_MAX_LATENTS} latents: the dense "
+        "K x K Gram matrix of the codes does not fit)"
+    )
+    return params.model_copy(update={"aggregation": "sum"}), [note]
+
 
 def check_params_for(sae: SparseAutoencoder, params: MergeParams) -> None:
-    """Errors that depend on the SAE's size, raised before any work."""
+    """Errors that depend on the SAE's size, raised before any work (``params`` after
+    :func:`dense_fallback`)."""
     if params.similarity.get("reconstruction", 0) > 0 and sae.d_sae > DENSE_MAX_LATENTS:
         raise ValueError(
             f"similarity 'reconstruction' needs the dense K x K Gram matrix of the codes; K={sae.d_sae} > "
@@ -214,7 +234,9 @@ def sweep(
     decoder, :func:`refit_identity`) and a figure of FVU, CE recovered and enrichment retention against
     ``K'``. Every SAE's spliced CE comes from one pass over the CE documents.
     """
-    params = params or MergeParams()
+    params, notes = dense_fallback(sae, params or MergeParams())
+    for note in notes:
+        log.warning("merge sweep: %s", note)
     k = sae.d_sae
     sizes = sorted(set(sizes or params.sweep_sizes(k)), reverse=True)
     for s in sizes:

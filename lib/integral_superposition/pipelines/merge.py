@@ -12,6 +12,7 @@ The output folder is a regular SAE folder (``save_sae``: ``cfg.json``,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +32,8 @@ from integral_superposition.sae.load import (
     read_sae_manifest,
     save_sae,
 )
+
+log = logging.getLogger(__name__)
 
 MERGE_FILES = (
     "merge_map.parquet",
@@ -105,6 +108,9 @@ def run_merge(
             f"{bad[2]}, first at index {list(bad[1])}); merge an SAE with finite weights"
         )
     k = sae.d_sae
+    params, notes = ev.dense_fallback(sae, params)
+    for note in notes:
+        log.warning("merge of %s: %s", sae_uri, note)
     ev.check_params_for(sae, params)
     target = params.target_clusters(k)
     sizes = params.sweep_sizes(k) if params.sweep else []
@@ -126,11 +132,12 @@ def run_merge(
             target,
             sizes,
             n_min,
+            notes,
         )
 
 
 def _run_merge(
-    sae, sae_uri, store, out_uri, params, backend, storage_options, rep, target, sizes, n_min
+    sae, sae_uri, store, out_uri, params, backend, storage_options, rep, target, sizes, n_min, notes
 ) -> dict[str, Any]:
     k = sae.d_sae
     tick = rep.advance
@@ -239,6 +246,7 @@ def _run_merge(
             "n_latents_before": k,
             "n_latents_after": merged.d_sae,
             "aggregation": params.aggregation,
+            "dense_fallback": notes,
             "refit": jsonable(refit_info),
             "original_metrics": rows["original"],
             "merged_metrics": rows["merged"],
