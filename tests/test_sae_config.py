@@ -26,7 +26,8 @@ FLAT_FIELDS = {
 def test_the_parts_cover_the_flat_fields_once():
     arch, sched = set(SAEArchitectureConfig.model_fields), set(TrainSchedule.model_fields)
     assert not arch & sched
-    assert arch | sched == set(SAEConfig.model_fields) == FLAT_FIELDS | {"refit_decoder"}
+    newer = {"refit_decoder", "decoder_norm", "decoder_init_norm"}
+    assert arch | sched == set(SAEConfig.model_fields) == FLAT_FIELDS | newer
     assert arch == {"k", "architecture", "top_k", "jumprelu_bandwidth", "jumprelu_init_threshold"}
 
 
@@ -80,6 +81,10 @@ def test_model_from_config_and_back():
 def test_fingerprint_keys_are_the_flat_fields_so_older_checkpoints_resume():
     fp = run_fingerprint([SAEConfig()], {"kind": "store"}, {})
     assert set(fp["cfgs"][0]) == FLAT_FIELDS - {"checkpoint_every", "log_every", "device"}
+    # a free-norm decoder run is another run: its checkpoint does not resume a unit-norm one
+    free = SAEConfig(architecture="topk", decoder_norm="free", decoder_init_norm=0.1)
+    fp_free = run_fingerprint([free], {"kind": "store"}, {})["cfgs"][0]
+    assert (fp_free["decoder_norm"], fp_free["decoder_init_norm"]) == ("free", 0.1)
 
 
 def test_saved_sae_depends_on_the_architecture_only(tmp_path):

@@ -205,6 +205,15 @@ class TrainSchedule(_Config):
     """AuxK loss coefficient for dead latents (TopK family)."""
     aux_k: int = Field(512, ge=1)
     """Dead latents used by AuxK per token."""
+    decoder_norm: Literal["unit", "free"] = "unit"
+    """Decoder rows in training (``topk``): ``unit`` keeps them unit-norm (the gradient's
+    component along each row removed before each step, rows renormalised after); ``free`` is
+    SAELens's TopK parametrisation: rows of any norm, latents ranked by pre-activation times
+    row norm. The norms are folded into the encoder when training ends (the saved SAE has unit
+    rows and the same outputs)."""
+    decoder_init_norm: float = Field(1.0, gt=0)
+    """Initial norm of the decoder rows and encoder columns with ``decoder_norm: free``
+    (SAELens: 0.1); 1 with ``unit``."""
     dead_tokens: int | None = Field(None, ge=1)
     """A latent is dead in training when it has not fired for this many tokens. None (auto):
     a tenth of the run's training tokens, at least 4 batches and at most 10,000,000
@@ -251,6 +260,20 @@ class SAEConfig(TrainSchedule, SAEArchitectureConfig):
     ``schedule()`` give the two parts and ``SAEConfig.from_parts(arch, schedule)`` joins
     them. ``SAEConfig(k=..., lr=..., l1=..., epochs=...)`` is the seed's call.
     """
+
+    @model_validator(mode="after")
+    def _check_decoder_norm(self) -> SAEConfig:
+        if self.decoder_norm == "free" and self.architecture != "topk":
+            raise ValueError(
+                f"decoder_norm='free' with architecture={self.architecture!r}: the free-norm "
+                "decoder is implemented for topk only; expected decoder_norm='unit'"
+            )
+        if self.decoder_norm == "unit" and self.decoder_init_norm != 1.0:
+            raise ValueError(
+                f"decoder_init_norm={self.decoder_init_norm!r} with decoder_norm='unit': unit "
+                "decoder rows start at norm 1; expected decoder_init_norm=1 or decoder_norm='free'"
+            )
+        return self
 
     def architecture_config(self) -> SAEArchitectureConfig:
         """The architecture part (what the model and its ``cfg.json`` depend on)."""

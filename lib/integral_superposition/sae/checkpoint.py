@@ -23,6 +23,9 @@ from integral_superposition.config import SAEConfig
 
 CHECKPOINT_FORMAT = 1
 _NOT_FINGERPRINTED = {"checkpoint_every", "log_every", "device", "refit_decoder"}
+_FINGERPRINTED_WHEN_SET = {"decoder_norm": "unit", "decoder_init_norm": 1.0}
+"""Fields added after checkpoints were first written: part of the fingerprint only when they
+differ from these defaults, so that a checkpoint written before them still resumes."""
 """Config fields a resume may change: they leave the training state as it is."""
 
 
@@ -174,6 +177,14 @@ class Checkpoints:
         storage.remove_empty_dir(self.uri, self.so)  # only when nothing else is left in it
 
 
+def _fingerprinted(cfg: SAEConfig) -> dict[str, Any]:
+    d = cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED)
+    for name, default in _FINGERPRINTED_WHEN_SET.items():
+        if d[name] == default:
+            del d[name]
+    return d
+
+
 def run_fingerprint(
     cfgs: Sequence[SAEConfig], source_desc: dict[str, Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
@@ -181,7 +192,7 @@ def run_fingerprint(
     device), the data source and ``extra`` (e.g. the step total)."""
     return {
         "format": CHECKPOINT_FORMAT,
-        "cfgs": [c.model_dump(mode="json", exclude=_NOT_FINGERPRINTED) for c in cfgs],
+        "cfgs": [_fingerprinted(c) for c in cfgs],
         "source": source_desc,
         **extra,
     }

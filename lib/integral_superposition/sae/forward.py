@@ -162,8 +162,8 @@ def train_forward(
     if sae.architecture == "relu":
         z = F.relu(pre)
     elif sae.architecture == "topk":
-        top = pre.topk(sae.top_k, dim=-1, sorted=False)
-        top_i, top_v = top.indices, F.relu(top.values)
+        top_i = ranking(sae, pre).topk(sae.top_k, dim=-1, sorted=False).indices
+        top_v = F.relu(pre.gather(-1, top_i))
         z = torch.zeros_like(pre).scatter(-1, top_i, top_v)
     elif sae.architecture == "groupmax":
         top_v, top_i = sae._groupmax(pre)
@@ -214,6 +214,14 @@ def train_forward(
     return SAEOutput(x_hat, z, top_i, top_v, fvu, mse, sparsity, aux, l0)
 
 
+def ranking(sae: SparseAutoencoder, pre: torch.Tensor) -> torch.Tensor:
+    """The scores TopK ranks ``pre [B, d_sae]`` by: ``pre`` itself, or in free-norm decoder
+    training (``rank_by_decoder_norm``) ``pre * ||W_dec[i]||`` (no gradient)."""
+    if not sae.rank_by_decoder_norm:
+        return pre
+    return pre.detach() * sae.W_dec.detach().norm(dim=1).to(pre.dtype)
+
+
 def batch_topk(
     sae: SparseAutoencoder, flat: torch.Tensor, rows: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +244,7 @@ def forward_sparse(
     """
     B, dev = pre.shape[0], pre.device
     if sae.architecture == "topk":
-        top = pre.topk(sae.top_k, dim=-1, sorted=False)
+        top = ranking(sae, pre).topk(sae.top_k, dim=-1, sorted=False)
         cols = top.indices.reshape(-1)
         rows = torch.arange(B, device=dev).repeat_interleave(sae.top_k)
     elif sae.architecture == "batchtopk":
@@ -277,7 +285,7 @@ def forward_sparse(
     aux = zero
     if dead_mask is not None and sae.architecture != "relu" and bool(dead_mask.any()):
         k_aux = min(sae.aux_k, int(dead_mask.sum()))
-        masked = torch.where(dead_mask, pre, torch.full_like(pre, float("-inf")))
+        masked = torch.where(dead_mask, ranking(sae, pre), torch.full_like(pre, float("-inf")))
         atop = masked.topk(k_aux, dim=-1, sorted=False)
         arows = torch.arange(B, device=dev).repeat_interleave(k_aux)
         avals = F.relu(
@@ -314,9 +322,9 @@ def auxk_loss(
     """
     n_dead = int(dead_mask.sum())
     k_aux = min(aux_k or sae.aux_k, n_dead)
-    masked = torch.where(dead_mask, pre, torch.full_like(pre, float("-inf")))
+    masked = torch.where(dead_mask, ranking(sae, pre), torch.full_like(pre, float("-inf")))
     top = masked.topk(k_aux, dim=-1, sorted=False)
-    vals = F.relu(top.values)
+    vals = F.relu(pre.gather(-1, top.indices))
     recon = F.embedding_bag(
         top.indices, sae.W_dec, per_sample_weights=vals.to(sae.W_dec.dtype), mode="sum"
     )

@@ -195,6 +195,10 @@ class SparseAutoencoder(nn.Module):
         self.merge_mode = merge_mode
         self.aux_k = 512
         """Dead latents per token that the AuxK loss uses (set by the trainer)."""
+        self.rank_by_decoder_norm = False
+        """TopK training with free-norm decoder rows (set by the trainer): latents are ranked
+        by ``pre * ||W_dec[i]||`` (SAELens's ``rescale_acts_by_decoder_norm``); their values
+        stay ``pre``, decoded by the rows as they are."""
         self.jumprelu_sparsity = "step"
         """JumpReLU training penalty (set by the trainer): ``step`` is the L0 through the
         threshold's straight-through estimator (Rajamanoharan et al.); ``tanh`` is
@@ -483,6 +487,19 @@ class SparseAutoencoder(nn.Module):
         self.b_enc.mul_(n)
         self.threshold.mul_(n.to(self.threshold))
         self.W_dec.div_(n[:, None])
+
+    @torch.no_grad()
+    def fold_ranking_norms(self) -> None:
+        """End free-norm TopK training (``rank_by_decoder_norm``): multiply latent ``i``'s
+        encoder column and ``b_enc[i]`` by ``||W_dec[i]||`` and make the row unit-norm. The
+        SAE then ranks by its plain pre-activations and every output stays the same."""
+        if not self.rank_by_decoder_norm:
+            raise ValueError("fold_ranking_norms: this SAE does not rank by decoder norms")
+        n = self.W_dec.norm(dim=1).clamp_min(1e-8)
+        self.W_enc.mul_(n)
+        self.b_enc.mul_(n)
+        self.W_dec.div_(n[:, None])
+        self.rank_by_decoder_norm = False
 
     @torch.no_grad()
     def fold_activation_scale(self, scale: float) -> None:

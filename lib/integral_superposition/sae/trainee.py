@@ -207,6 +207,7 @@ class Trainee:
     def __post_init__(self) -> None:
         d_sae = self.sae.d_sae
         self.sae.aux_k = self.cfg.aux_k
+        self.sae.rank_by_decoder_norm = self.cfg.decoder_norm == "free"
         self.sae.jumprelu_sparsity = self.cfg.jumprelu_sparsity
         self.sae.jumprelu_tanh_scale = self.cfg.jumprelu_tanh_scale
         self.sae.jumprelu_ste_to_input = self.cfg.jumprelu_ste_to_input
@@ -263,13 +264,15 @@ class Trainee:
         if self.data_parallel and _all_reduce_grads(sae, x.shape[0]) == 0:
             self.sched.step()  # type: ignore[union-attr]  # no rank kept a token
             return
-        sae.remove_gradient_parallel_to_decoder_directions()
+        if cfg.decoder_norm == "unit":
+            sae.remove_gradient_parallel_to_decoder_directions()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self.opt.step()
         self.sched.step()  # type: ignore[union-attr]
         with torch.no_grad():
-            sae.set_decoder_norm_to_unit_norm()
+            if cfg.decoder_norm == "unit":
+                sae.set_decoder_norm_to_unit_norm()
             if sae.architecture == "jumprelu":
                 sae.threshold.clamp_(min=0.0)
             if out is not None:
@@ -390,7 +393,8 @@ class Trainee:
 
 
 def init_trainee(t: Trainee, sample: torch.Tensor, init_b_dec: bool) -> None:
-    """Data-dependent setup: outlier threshold, activation scale, ``b_dec``, unit decoder rows."""
+    """Data-dependent setup: outlier threshold, activation scale, ``b_dec``, unit decoder rows
+    (with ``decoder_norm: free``, rows and encoder columns scaled to ``decoder_init_norm``)."""
     cfg, sae = t.cfg, t.sae
     norms = sample.norm(dim=1)
     if cfg.max_norm_factor is not None and norms.numel():
@@ -406,6 +410,9 @@ def init_trainee(t: Trainee, sample: torch.Tensor, init_b_dec: bool) -> None:
         if init_b_dec and sample.shape[0]:
             sae.b_dec.copy_(geometric_median(sample * t.scale).to(sae.b_dec))
         sae.set_decoder_norm_to_unit_norm()
+        if cfg.decoder_norm == "free":
+            sae.W_dec.mul_(cfg.decoder_init_norm)
+            sae.W_enc.mul_(cfg.decoder_init_norm)
 
 
 @torch.no_grad()
@@ -430,11 +437,14 @@ def calibrate_threshold(t: Trainee, x_raw: torch.Tensor) -> None:
 
 
 def finish(t: Trainee) -> SparseAutoencoder:
-    """Fold the training scale into the weights; the SAE then takes raw activations."""
+    """Fold the training scale (and free decoder norms) into the weights; the SAE then takes
+    raw activations and has unit decoder rows."""
     sae = t.sae
     sae.eval()
     sae.batch_topk_select = None
     with torch.no_grad():
+        if sae.rank_by_decoder_norm:
+            sae.fold_ranking_norms()
         sae.fold_activation_scale(t.scale)
     t.scale = 1.0
     return sae
