@@ -53,10 +53,10 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(
 ):
     from integral_superposition.steering import generation, sweep
 
-    calls: list[int] = []  # samples_per_prompt of every generation call of the sweep
+    calls: list[int] = []  # rows of every generation call of the sweep
 
     def counted(*args, **kw):
-        calls.append(kw["samples_per_prompt"])
+        calls.append(len(kw["rows"]))
         return generation.generate_continuations(*args, **kw)
 
     monkeypatch.setattr(sweep, "generate_continuations", counted)
@@ -90,10 +90,14 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(
     alpha0 = ev.generations[ev.generations["control"] == "alpha0"]
     assert base["text"].tolist() == alpha0["text"].tolist()
     assert base["prompt"].tolist() == prompts * params.samples_per_prompt  # sample-major rows
-    # only strengths that may end early run in rounds; every other set is one call
-    n_checks = int(len(ev.check_generations) > 0)
-    full_sets = 1 + n_checks + (t["control"].isin(["alpha0", "random"])).sum()
-    assert sorted(calls) == [1] * int(steer_rows["n"].sum() // len(prompts)) + [3] * full_sets
+    # one call of the unsteered sets, one per round of the strengths still running (all of
+    # them in the first), one of the controls
+    ctrl_sets = int(t["control"].isin(["alpha0", "random"]).sum())
+    n_rounds = int(steer_rows["n"].max() // len(prompts))
+    assert len(calls) == 2 + n_rounds
+    assert calls[0] == full + len(ev.check_generations)
+    assert calls[1] == 3 * len(prompts) and sum(calls[1:-1]) == steer_rows["n"].sum()
+    assert calls[-1] == full * ctrl_sets
     # ... with the rows its rounds give: the unsteered set is the same call outside the sweep
     alone = generation.generate_continuations(
         tiny_backend, prompts, params.max_new_tokens, do_sample=True,

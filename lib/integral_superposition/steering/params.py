@@ -59,7 +59,7 @@ class SteeringParams(BaseModel):
     seed: int = 0
     """Seed of sampling and of the random control latent."""
     batch_size: int = Field(64, ge=1)
-    """Continuations per generate call (a set of generations is one call when it fits)."""
+    """Most continuations per ``generate`` batch: a generation call (several sets that do not wait on each other) runs in the fewest batches of at most this many rows, of equal size."""
     keep_error: bool = True
     """Keep the SAE error term (``x + dec(z') - dec(z)``); False replaces ``x`` by ``dec(z')``."""
     controls: list[Control] = Field(default_factory=lambda: ["alpha0", "random", "own_label"])
@@ -67,7 +67,7 @@ class SteeringParams(BaseModel):
     control_strengths: Literal["best", "all"] = "best"
     """Strengths of the ``random`` and ``own_label`` controls: the target's best strength within the fluency bound (``best``), or every strength the target ran (``all``)."""
     early_stop: bool = True
-    """Run each latent's strengths strongest first, each in rounds of one continuation per prompt; a strength ends after a round once it cannot be the best: the 95% lower bound of its perplexity exceeds ``ppl_ratio_max`` x unsteered, or the 95% upper bound of its share is below the share of a complete, fluent strength. The best strength and the controls always get all ``samples_per_prompt`` continuations (sets that cannot end early - unsteered, classifier check, controls - run in one call, with the rows their rounds would give). False: every strength runs in full, in one call each, in increasing order (``stop_above_ppl`` applies)."""
+    """Run the strengths in rounds of one continuation per prompt, round r of every strength still running (of every latent) in one generation call. After each round but the last, every running strength is decided at once from its rows so far: it ends when the 95% lower bound of its perplexity exceeds ``ppl_ratio_max`` x unsteered (``perplexity``), or when the 95% upper bound of its share is below the 95% lower bound of the share of another running strength of the same latent whose perplexity's 95% upper bound is within ``ppl_ratio_max`` x unsteered (``cannot win``: another strength is surely fluent and surely better). A strength that ended early is never the best, so the best strength and the controls always have all ``samples_per_prompt`` continuations (the unsteered sets, the classifier check and the controls run in full, in one call per group). False (or ``stop_above_ppl=False``): every strength runs in full; with ``stop_above_ppl``, in increasing order, one call per strength for all latents."""
     stop_above_ppl: bool = True
     """Stop a latent's sweep after the first strength whose perplexity exceeds ``ppl_ratio_max`` x unsteered (stronger edits only get less fluent)."""
     own_label_prompts: int = Field(12, ge=1)

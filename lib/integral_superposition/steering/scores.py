@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,8 +168,8 @@ def early_stop_reason(
     """Whether a strength's set, ``n`` continuations so far (``hits`` of them the target),
     can end early: ``"perplexity"`` when the 95% lower bound of its perplexity exceeds
     ``ppl_ratio_max`` x ``base_ppl`` (it is not fluent), ``"cannot win"`` when the 95% upper
-    bound of its share is below ``best_share`` (the share of a complete, fluent strength),
-    else None."""
+    bound of its share is below ``best_share`` (a share it must reach to be the best, e.g. the
+    95% lower bound of the share of a strength sure to be fluent), else None."""
     if base_ppl and math.isfinite(base_ppl) and base_ppl > 0:
         lower, _ = log_perplexity_interval(nll, n_tokens)
         if lower > math.log(ppl_ratio_max * base_ppl):
@@ -183,7 +183,10 @@ def pick_best_strength(sweep: pd.DataFrame, ppl_ratio_max: float) -> pd.Series |
     """The row of ``sweep`` (one target latent's steered sets: ``strength, share,
     ppl_ratio``) with the highest share among those whose perplexity stays within
     ``ppl_ratio_max`` x unsteered; ties go to the smaller strength. None when no strength is
-    fluent enough."""
+    fluent enough. With a ``stopped`` column, a set that ended early is never the best: its
+    share rests on fewer continuations."""
+    if "stopped" in sweep.columns:
+        sweep = sweep[sweep["stopped"].isna()]
     fluent = sweep[np.isfinite(sweep["ppl_ratio"]) & (sweep["ppl_ratio"] <= ppl_ratio_max)]
     if fluent.empty:
         return None
@@ -341,6 +344,7 @@ def latent_summary(
     *,
     own_base_m: dict[str, Any] | None = None,
     own_ms: Sequence[tuple[float, dict[str, Any]]] = (),
+    stopped: Mapping[float, str | None] | None = None,
 ) -> dict[str, Any]:
     """Summary of steered latent ``j``: the unsteered metrics ``base_m``, the strength that
     moves the share most within the fluency bound among ``steer_ms`` (``[(strength,
@@ -349,8 +353,11 @@ def latent_summary(
     unsteered set ``own_base_m``). Every share at the best strength comes with its lift over
     the unsteered share of the same prompts (``*_lift_at_best``, ``best_lift``; the paired
     difference with its 95% interval, :func:`paired_lift`), so a control's share can be read
-    against what unsteered text already scores."""
+    against what unsteered text already scores. ``stopped``: why a strength ended early (it is
+    then not a candidate for the best)."""
     tab = pd.DataFrame([{"strength": st, **m} for st, m in steer_ms])
+    if stopped is not None:
+        tab["stopped"] = [stopped.get(st) for st, _ in steer_ms]
     best = pick_best_strength(tab, ppl_ratio_max)
     at = float(best["strength"]) if best is not None else None
     get = (lambda k: _finite(best.get(k))) if best is not None else (lambda k: None)

@@ -27,6 +27,7 @@ held-out documents of its own label).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from integral_superposition.steering.classifier import (
     label_prompts,
     label_vocabulary,
 )
-from integral_superposition.steering.edits import Edit
+from integral_superposition.steering.edits import Edit, RowEdits
 from integral_superposition.steering.generation import (
     Generations,
     check_prompts,
@@ -63,9 +64,11 @@ from integral_superposition.steering.scores import (
     early_stop_reason,
     judge_generations,
     latent_summary,
+    log_perplexity_interval,
     paired_lift,
     pick_best_strength,
     set_metrics,
+    wilson_interval,
 )
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,131 @@ class _Scored:
             self.predicted, self.proba, self.nll, self.n_tok, self.gens.token_ids, label,
             base_ppl, self.gens.vocab_mass,
         )  # fmt: skip
+
+
+@dataclass
+class _Set:
+    """A set of generations to run: samples ``first .. first + samples - 1`` of every prompt,
+    rows sample by sample, with ``edit`` (None: unsteered)."""
+
+    prompts: list[str]
+    edit: Edit | None
+    samples: int
+    first: int = 0
+
+
+@dataclass
+class _Raw:
+    """A generated set before the classifier reads it: ``X [n, d]`` its features."""
+
+    gens: Generations
+    X: np.ndarray
+    valid: np.ndarray
+    nll: np.ndarray
+    n_tok: np.ndarray
+
+    def scored(self, classifier: LabelClassifier) -> _Scored:
+        proba = classifier.predict_proba(self.X)
+        return _Scored(self.gens, proba, self.valid, self.nll, self.n_tok)
+
+
+def _stop_reasons(
+    sets: dict[tuple[int, float], _Scored],
+    lats: list[tuple[int, int, float]],
+    ppl_ratio_max: float,
+) -> dict[tuple[int, float], str | None]:
+    """Why each running strength ``(latent k, strength)`` ends after this round (None: it goes
+    on), decided for all of them at once from the rows so far: ``perplexity`` when its
+    perplexity's 95% lower bound is above the fluency bound, ``cannot win`` when its share's 95%
+    upper bound is below the 95% lower bound of the share of another running strength of the
+    same latent whose perplexity's 95% upper bound is within the bound (surely fluent and
+    surely better). ``lats[k] = (latent, label id, unsteered perplexity)``."""
+    rival: dict[int, list[tuple[tuple[int, float], float]]] = {}
+    lower: dict[tuple[int, float], float] = {}
+    for (k, st), sc in sets.items():
+        _, c, base_ppl = lats[k]
+        lo = wilson_interval(int((sc.predicted == c).sum()), len(sc.gens))[0]
+        lower[(k, st)] = lo
+        ok = base_ppl is not None and math.isfinite(base_ppl) and base_ppl > 0
+        if ok and log_perplexity_interval(sc.nll, sc.n_tok)[1] <= math.log(
+            ppl_ratio_max * base_ppl
+        ):
+            rival.setdefault(k, [])
+            rival[k].append(((k, st), lo))
+    out = {}
+    for (k, st), sc in sets.items():
+        _, c, base_ppl = lats[k]
+        others = [lo for key, lo in rival.get(k, []) if key != (k, st)]
+        out[(k, st)] = early_stop_reason(
+            int((sc.predicted == c).sum()), len(sc.gens), sc.nll, sc.n_tok, base_ppl,
+            ppl_ratio_max, max(others) if others else None,
+        )  # fmt: skip
+    return out
+
+
+def _advance(rep: Reporter, n_sets: int) -> None:
+    """Count ``n_sets`` finished sets, one progress report each."""
+    for _ in range(n_sets):
+        rep.advance()
+
+
+def _sweep_strengths(p: SteeringParams, lats, prompts, edit_of, run_sets, rep, skip):
+    """The steered sets of every latent's strengths, ``[[(strength, scored), ...] per
+    latent]`` in increasing strength; the sets of a round (or of a strength) of all latents
+    run in one call. ``lats[k] = (latent, label id, unsteered perplexity)``. With
+    ``early_stop`` (and ``stop_above_ppl``) every strength runs in rounds of one continuation
+    per prompt and may end after a round (:func:`_stop_reasons`); else with
+    ``stop_above_ppl`` strengths run in increasing order and a latent's sweep ends after the
+    first one above the fluency bound; else every strength runs in full, all in one call."""
+    keys = [(k, st) for k in range(len(lats)) for st in p.strengths]
+    edits = {(k, st): edit_of(k, lats[k][0], st) for k, st in keys}
+    full = p.samples_per_prompt
+    out: dict[tuple[int, float], _Scored] = {}
+    if p.early_stop and p.stop_above_ppl:
+        parts: dict[tuple[int, float], list[_Scored]] = {key: [] for key in keys}
+        running = list(keys)
+        for r in range(full):
+            what = f"strengths: round {r + 1} of {full}, {len(running)} sets"
+            got = run_sets([_Set(prompts, edits[key], 1, r) for key in running], what)
+            now = {}
+            for key, sc in zip(running, got, strict=True):
+                parts[key].append(sc)
+                now[key] = _Scored.concat(parts[key])
+            why = (
+                _stop_reasons(now, lats, p.ppl_ratio_max)
+                if r + 1 < full
+                else dict.fromkeys(running)
+            )
+            for key, reason in why.items():
+                if reason is not None or r + 1 == full:
+                    now[key].stopped = reason
+                    out[key] = now[key]
+                    rep.advance()
+            running = [key for key in running if why[key] is None and r + 1 < full]
+            if not running:
+                break
+    elif p.stop_above_ppl:
+        active = list(range(len(lats)))
+        for i, st in enumerate(p.strengths):
+            got = run_sets(
+                [_Set(prompts, edits[(k, st)], full) for k in active], f"strength {st:g}"
+            )
+            _advance(rep, len(active))
+            still = []
+            for k, sc in zip(active, got, strict=True):
+                out[(k, st)] = sc
+                if sc.metrics(lats[k][1], lats[k][2])["ppl_ratio"] <= p.ppl_ratio_max:
+                    still.append(k)
+                else:
+                    skip(len(p.strengths) - i - 1)
+            active = still
+            if not active:
+                break
+    else:
+        got = run_sets([_Set(prompts, edits[key], full) for key in keys], "strengths")
+        out.update(zip(keys, got, strict=True))
+        _advance(rep, len(keys))
+    return [[(st, out[(k, st)]) for st in p.strengths if (k, st) in out] for k in range(len(lats))]
 
 
 def _edit_for(mode: str, latent: int, strength: float, max_act: float, ratio: float = 1.0) -> Edit:
@@ -191,6 +319,7 @@ def evaluate_steering(
     enrichment: tuple[pd.DataFrame, pd.DataFrame | None] | None = None,
     max_acts: Any = None,
     on_progress: ProgressFn | None = None,
+    sets_per_call: int | None = None,
 ) -> SteeringEval:
     """Sweep steering strengths for the chosen latents and score every set of generations.
 
@@ -203,6 +332,12 @@ def evaluate_steering(
     label's own prompts (:func:`~integral_superposition.steering.scores.judge_generations`);
     a latent whose target label it cannot judge keeps its shares, flagged
     ``classifier_valid=False``.
+
+    Sets that do not wait on each other share a generation call (in batches of at most
+    ``batch_size`` rows, each steered set's rows with its own edit): the unsteered sets (the
+    classifier's fitting continuations, the neutral prompts', the classifier check's), each
+    round of every latent's strengths, and every latent's controls. ``sets_per_call``: at most
+    that many sets per call (None: no limit; 1: one set per call, which gives the same rows).
     """
     from integral_superposition.steering.edits import max_activations
 
@@ -211,6 +346,12 @@ def evaluate_steering(
         if isinstance(params, SteeringParams)
         else SteeringParams.model_validate(dict(params or {}))
     )
+    if sets_per_call is not None and (
+        isinstance(sets_per_call, bool) or not isinstance(sets_per_call, int) or sets_per_call < 1
+    ):
+        raise ValueError(
+            f"sets_per_call={sets_per_call!r}: expected None (no limit) or an int >= 1"
+        )
     prompts, hp = _check_inputs(p, backend, sae, store)
     t0 = time.perf_counter()
     names = list(store.label_names)
@@ -269,53 +410,72 @@ def evaluate_steering(
     fit_gens = fit_here and p.classifier_fit != "documents"
     rep.update(0, 1 + len(checked) + len(picks) * per_latent + fit_gens)
 
-    def score_set(prompt_list: list[str], edits: list[Edit] | None, samples: int, first: int):
-        """Samples ``first .. first + samples - 1`` of every prompt, sample by sample."""
-        kw = {**gen_kw, "samples_per_prompt": samples, "first_sample": first, "sample_major": True}
-        if edits is None:  # the unsteered model scores its own tokens as it generates them
-            g = generate_continuations(backend, prompt_list, p.max_new_tokens, score=True, **kw)
-            nll = g.nll
-            n_tok = np.array([len(t) for t in g.token_ids], dtype=np.int64)
+    def generate(chunk: list[_Set]) -> list[_Raw]:
+        """One generation call of every row of ``chunk``'s sets (in batches of at most
+        ``batch_size``), each steered set's rows with its own edit; then the perplexity and
+        the classifier's features of every row."""
+        offset: dict[int, int] = {}  # a prompt list's first index in the call's prompts
+        call_prompts: list[str] = []
+        stream_ids: list[int] = []
+        for st in chunk:
+            if id(st.prompts) not in offset:
+                offset[id(st.prompts)] = len(call_prompts)
+                call_prompts += st.prompts
+                stream_ids += range(len(st.prompts))
+        rows: list[tuple[int, int]] = []
+        spans: list[slice] = []
+        groups = []
+        for st in chunk:
+            o, a0 = offset[id(st.prompts)], len(rows)
+            samples = range(st.first, st.first + st.samples)
+            rows += [(o + i, smp) for smp in samples for i in range(len(st.prompts))]
+            spans.append(slice(a0, len(rows)))
+            if st.edit is not None:
+                groups.append((range(a0, len(rows)), [st.edit]))
+        unsteered = any(st.edit is None for st in chunk)
+        kw = {**gen_kw, "rows": rows, "stream_ids": stream_ids, "score": unsteered}
+        if not groups:
+            g = generate_continuations(backend, call_prompts, p.max_new_tokens, **kw)
         else:
-            with steer(backend, sae, hp, edits, p.positions, keep_error=p.keep_error):
-                g = generate_continuations(backend, prompt_list, p.max_new_tokens, **kw)
-            nll, n_tok = continuation_nll(backend, g.prompt_ids, g.token_ids)
+            edits = RowEdits(len(rows), groups)
+            with steer(backend, sae, hp, edits, p.positions, keep_error=p.keep_error) as h:
+                g = generate_continuations(
+                    backend, call_prompts, p.max_new_tokens, on_batch=h.select_rows, **kw
+                )
+        # an unsteered row scores its own tokens as it generates them; a steered row is
+        # scored by the unsteered model in a second forward
+        nll = g.nll if g.nll is not None else np.zeros(len(rows))
+        n_tok = np.array([len(t) for t in g.token_ids], dtype=np.int64)
+        steered = [i for st, sp in zip(chunk, spans, strict=True) if st.edit is not None
+                   for i in range(sp.start, sp.stop)]  # fmt: skip
+        if steered:
+            nll[steered], n_tok[steered] = continuation_nll(
+                backend, [g.prompt_ids[i] for i in steered], [g.token_ids[i] for i in steered]
+            )
         X, valid = classifier.features(backend, g.texts, p.batch_size)
-        return _Scored(g, classifier.predict_proba(X), valid, nll, n_tok)
+        return [_Raw(g.take(sp), X[sp], valid[sp], nll[sp], n_tok[sp]) for sp in spans]
 
-    def run(prompt_list: list[str], edits: list[Edit] | None, what: str, decide=None) -> _Scored:
-        """One set of generations: ``samples_per_prompt`` continuations of every prompt, rows
-        sample by sample (every prompt's sample 0, then sample 1, ...). Row ``i`` of any two
-        sets of the same prompts has the same prompt and random stream, so shares pair. With
-        ``early_stop`` and ``decide(scored) -> reason | None`` the set runs in rounds of one
-        sample per prompt and may end after a round; otherwise in one call, which gives the
-        same rows as its rounds (sampling is drawn per row) at a fraction of the cost: each
-        decoding step reads the whole model, whatever the rows."""
+    def run_sets(sets: list[_Set], what: str) -> list[_Scored]:
+        """``sets`` in as few generation calls as ``sets_per_call`` allows, scored."""
         rep.set_phase(what)
-        if not (p.early_stop and decide is not None):
-            out = score_set(prompt_list, edits, p.samples_per_prompt, 0)
-        else:
-            parts: list[_Scored] = []
-            for r in range(p.samples_per_prompt):
-                parts.append(score_set(prompt_list, edits, 1, r))
-                out = _Scored.concat(parts)
-                why = decide(out) if r + 1 < p.samples_per_prompt else None
-                if why is not None:
-                    out.stopped = why
-                    break
-        rep.advance()
-        return out
+        per = sets_per_call or max(len(sets), 1)
+        raw = [r for i in range(0, len(sets), per) for r in generate(sets[i : i + per])]
+        return [r.scored(classifier) for r in raw]
 
     def skip(n_sets: int) -> None:
         """Sets planned but not run (a sweep stopped early): the total shrinks."""
         if n_sets > 0:
             rep.update(rep.done, rep.total - n_sets)
 
-    fit_frame = None
+    # unsteered sets, in one call: the classifier's fitting continuations (continuations the
+    # unsteered model writes after the openings of training documents, labelled by their
+    # document: the classifier learns the text it judges), the neutral prompts' set and the
+    # classifier check's sets (continuations of each label's held-out documents' openings)
+    full = p.samples_per_prompt
+    first: list[_Set] = []
+    fit_y: list[int] = []
     if fit_gens:
-        # the classifier learns the text it judges: continuations the unsteered model writes
-        # after the openings of training documents, labelled by their document
-        fit_prompts, fit_y = [], []
+        fit_prompts = []
         for c in range(len(names)):
             got = label_prompts(
                 store, c, classifier.train_doc_ids, p.classifier_fit_generations,
@@ -323,34 +483,41 @@ def evaluate_steering(
             )  # fmt: skip
             fit_prompts += got
             fit_y += [c] * len(got)
-        rep.set_phase("classifier fit: continuations of training documents")
-        g = generate_continuations(
-            backend, fit_prompts, p.max_new_tokens, **{**gen_kw, "samples_per_prompt": 1}
-        )
-        X, valid = classifier.features(backend, g.texts, p.batch_size)
-        y = np.asarray(fit_y, dtype=np.int64)
-        classifier = classifier.with_generations(
-            X[valid], y[valid], documents=p.classifier_fit == "both"
-        )
-        fit_frame = pd.DataFrame({
-            "label": [names[c] for c in fit_y], "prompt": g.prompts, "text": g.texts,
-            "used": valid,
-        })  # fmt: skip
-        rep.advance()
-
-    base = run(prompts, None, "unsteered")
-
-    # the classifier on unsteered continuations of each label's own prompts
-    own_sets: dict[int, tuple[list[str], _Scored]] = {}
+        fit_gens = bool(fit_prompts)  # no training document with text: documents alone
+        if fit_gens:
+            first.append(_Set(fit_prompts, None, 1))
+    first.append(_Set(prompts, None, full))
+    own_prompts: dict[int, list[str]] = {}
     for c in checked:
         own = label_prompts(
             store, c, classifier.test_doc_ids, p.own_label_prompts, p.own_prompt_words, p.seed,
             exclude=classifier.train_doc_ids if fit_gens else None,
         )  # fmt: skip
         if own:
-            own_sets[c] = (own, run(own, None, f"classifier check: {names[c]} prompts"))
+            own_prompts[c] = own
+            first.append(_Set(own, None, full))
         else:
             skip(1)
+    rep.set_phase("unsteered continuations and the classifier check")
+    per = sets_per_call or len(first)
+    raw = [r for i in range(0, len(first), per) for r in generate(first[i : i + per])]
+    fit_frame = None
+    if fit_gens:
+        fit_raw, raw = raw[0], raw[1:]
+        y = np.asarray(fit_y, dtype=np.int64)
+        classifier = classifier.with_generations(
+            fit_raw.X[fit_raw.valid], y[fit_raw.valid], documents=p.classifier_fit == "both"
+        )
+        fit_frame = pd.DataFrame({
+            "label": [names[c] for c in fit_y], "prompt": fit_raw.gens.prompts,
+            "text": fit_raw.gens.texts, "used": fit_raw.valid,
+        })  # fmt: skip
+    base = raw[0].scored(classifier)
+    own_sets: dict[int, tuple[list[str], _Scored]] = {
+        c: (own, r.scored(classifier))
+        for (c, own), r in zip(own_prompts.items(), raw[1:], strict=True)
+    }
+    _advance(rep, len(first))
     check = judge_generations(
         np.concatenate([np.full(len(s.gens), c) for c, (_, s) in own_sets.items()] or [[]]),
         np.concatenate([s.predicted for _, s in own_sets.values()] or [[]]),
@@ -398,82 +565,82 @@ def evaluate_steering(
         }))  # fmt: skip
         return m
 
-    def sweep(pick, control, latent, ratio, prompt_list, prompt_set, ref, base_ppl, strengths,
-              stop):  # fmt: skip
-        """One steered set per strength; returns ``[(strength, metrics)]`` in increasing
-        strength. ``stop``: without ``early_stop``, strengths run in increasing order and the
-        sweep ends after the first one above the fluency bound; with it, strongest first, each
-        in rounds, and a strength ends after a round once it cannot be the best (see
-        ``SteeringParams.early_stop``)."""
-        max_act = float(pick["max_act"]) if np.isfinite(pick["max_act"]) else 1.0
-        c = names.index(pick["label"])
-        rounds = stop and p.early_stop
-        best_full: list[float] = []  # shares of complete, fluent strengths
+    # the strength sweeps of every picked latent, together
+    lat_of = [(int(pk["latent"]), names.index(pk["label"])) for _, pk in picks.iterrows()]
+    pick_rows = [pk for _, pk in picks.iterrows()]
+    base_ppls = [base.metrics(c, None)["perplexity"] for _, c in lat_of]
 
-        def decide(s: _Scored) -> str | None:
-            return early_stop_reason(
-                int((s.predicted == c).sum()), len(s.gens), s.nll, s.n_tok, base_ppl,
-                p.ppl_ratio_max, max(best_full) if best_full else None,
-            )  # fmt: skip
+    def edit_of(k: int, latent: int, strength: float, ratio: float = 1.0) -> Edit:
+        mx_k = float(pick_rows[k]["max_act"])
+        return _edit_for(p.mode, latent, strength, mx_k if np.isfinite(mx_k) else 1.0, ratio)
 
-        out = []
-        order = sorted(strengths, reverse=rounds)
-        for i, st in enumerate(order):
-            e = _edit_for(p.mode, latent, st, max_act, ratio)
-            what = f"{pick['label']}: {control} latent {latent}, strength {st:g}"
-            scored = run(prompt_list, [e], what, decide if rounds else None)
-            m = record(scored, pick, control, prompt_set, base_ppl, st, e, ref)
-            out.append((st, m))
-            if rounds and scored.stopped is None and m["ppl_ratio"] <= p.ppl_ratio_max:
-                best_full.append(m["share"])
-            if stop and not rounds and not m["ppl_ratio"] <= p.ppl_ratio_max:
-                skip(len(strengths) - i - 1)
-                break
-        return sorted(out, key=lambda x: x[0])
+    steer_sets = _sweep_strengths(
+        p, [(j, c, bp) for (j, c), bp in zip(lat_of, base_ppls, strict=True)], prompts,
+        edit_of, run_sets, rep, skip,
+    )  # fmt: skip
 
-    summary_latents = []
-    for _, pick in picks.iterrows():
-        j, c = int(pick["latent"]), names.index(pick["label"])
-        base_ppl = base.metrics(c, None)["perplexity"]
-        base_m = record(base, pick, "unsteered", "neutral", base_ppl)
-        if "alpha0" in p.controls:
-            identity = Edit(j, "add", 0.0)
-            scored = run(prompts, [identity], f"{pick['label']}: alpha0 control latent {j}")
-            record(scored, pick, "alpha0", "neutral", base_ppl, 0.0, identity, base)
-        steer_ms = sweep(
-            pick, "steer", j, 1.0, prompts, "neutral", base, base_ppl, p.strengths,
-            p.stop_above_ppl,
-        )  # fmt: skip
-        ran = [st for st, _ in steer_ms]
+    # the controls of every latent, in one call: alpha0 (the identity edit), the random latent
+    # and the same latent on its own label's prompts at the control strengths
+    controls: list[tuple[int, str, float, Edit, list[str]]] = []  # (pick, control, st, ...)
+    for k, (j, c) in enumerate(lat_of):
         best = pick_best_strength(
-            pd.DataFrame([{"strength": st, **m} for st, m in steer_ms]), p.ppl_ratio_max
-        )
+            pd.DataFrame([
+                {"strength": st, **sc.metrics(c, base_ppls[k]), "stopped": sc.stopped}
+                for st, sc in steer_sets[k]
+            ]), p.ppl_ratio_max,
+        )  # fmt: skip
         if p.control_strengths == "best":
             ctrl = [float(best["strength"])] if best is not None else []
         else:
-            ctrl = ran
-        r = int(pick["random_latent"])
-        rand_ms = []
+            ctrl = [st for st, _ in steer_sets[k]]
+        if "alpha0" in p.controls:
+            controls.append((k, "alpha0", 0.0, Edit(j, "add", 0.0), prompts))
+        r = int(pick_rows[k]["random_latent"])
         if "random" in p.controls:
+            ratio = float(pick_rows[k]["random_ratio"])
             if r >= 0:
-                rand_ms = sweep(
-                    pick, "random", r, float(pick["random_ratio"]), prompts, "neutral", base,
-                    base_ppl, ctrl, False,
-                )  # fmt: skip
+                controls += [(k, "random", st, edit_of(k, r, st, ratio), prompts) for st in ctrl]
             skip(n_ctrl - (len(ctrl) if r >= 0 else 0))
-        own_m, own_ms = None, []
         if "own_label" in p.controls:
             if c in own_sets:
-                own, own_base = own_sets[c]
-                own_ppl = own_base.metrics(c, None)["perplexity"]
-                own_m = record(own_base, pick, "own_label", "own_label", own_ppl)
-                own_ms = sweep(
-                    pick, "own_label", j, 1.0, own, "own_label", own_base, own_ppl, ctrl, False
-                )
+                own = own_sets[c][0]
+                controls += [(k, "own_label", st, edit_of(k, j, st), own) for st in ctrl]
             skip(n_ctrl - (len(ctrl) if c in own_sets else 0))
+    ctrl_scored = run_sets([_Set(pr, e, full) for _, _, _, e, pr in controls], "controls")
+    _advance(rep, len(controls))
+
+    # the tables, latent by latent: unsteered, alpha0, strengths, random, own label
+    summary_latents = []
+    for k, (j, c) in enumerate(lat_of):
+        pick, base_ppl = pick_rows[k], base_ppls[k]
+        mine = [(ctl, st, e, sc) for (kk, ctl, st, e, _), sc
+                in zip(controls, ctrl_scored, strict=True) if kk == k]  # fmt: skip
+        base_m = record(base, pick, "unsteered", "neutral", base_ppl)
+        for _, st, e, sc in (x for x in mine if x[0] == "alpha0"):
+            record(sc, pick, "alpha0", "neutral", base_ppl, st, e, base)
+        steer_ms = [
+            (st, record(sc, pick, "steer", "neutral", base_ppl, st, edit_of(k, j, st), base))
+            for st, sc in steer_sets[k]
+        ]
+        rand_ms = [
+            (st, record(sc, pick, "random", "neutral", base_ppl, st, e, base))
+            for ctl, st, e, sc in mine
+            if ctl == "random"
+        ]
+        own_m, own_ms = None, []
+        if "own_label" in p.controls and c in own_sets:
+            own_base = own_sets[c][1]
+            own_ppl = own_base.metrics(c, None)["perplexity"]
+            own_m = record(own_base, pick, "own_label", "own_label", own_ppl)
+            own_ms = [
+                (st, record(sc, pick, "own_label", "own_label", own_ppl, st, e, own_base))
+                for ctl, st, e, sc in mine
+                if ctl == "own_label"
+            ]
         lat = latent_summary(
-            j, pick["label"], base_m, steer_ms, rand_ms, r, p.ppl_ratio_max,
-            own_base_m=own_m, own_ms=own_ms,
+            j, pick["label"], base_m, steer_ms, rand_ms, int(pick["random_latent"]),
+            p.ppl_ratio_max, own_base_m=own_m, own_ms=own_ms,
+            stopped={st: sc.stopped for st, sc in steer_sets[k]},
         )  # fmt: skip
         lat["classifier_valid"] = check.judged.get(pick["label"], False)
         lat["classifier_note"] = check.reason(pick["label"])

@@ -1,0 +1,132 @@
+"""The sweep runs sets that do not wait on each other in one generation call (the unsteered
+sets, each round of every latent's strengths, the controls) and gives the tables that one set
+per call gives; a round's early-stop decisions use the rows of every strength so far."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from integral_superposition import steering
+from integral_superposition.sae import SparseAutoencoder
+from integral_superposition.steering.generation import Generations
+from integral_superposition.steering.sweep import _Scored, _stop_reasons
+
+FLOATS = ["share", "share_lo", "share_hi", "prob", "vocab_mass", "perplexity", "ppl_ratio",
+          "lift", "lift_lo", "lift_hi", "target_prob", "nll"]  # fmt: skip
+
+
+def test_one_call_per_group_of_sets_gives_the_tables_of_one_call_per_set(
+    demo_store, tiny_backend, monkeypatch
+):
+    from integral_superposition.steering import generation, sweep
+
+    calls: list[int] = []
+
+    def counted(*args, **kw):
+        calls.append(len(kw["rows"]))
+        return generation.generate_continuations(*args, **kw)
+
+    monkeypatch.setattr(sweep, "generate_continuations", counted)
+    # the tiny random model's perplexity hardly moves under any edit: the strongest strength
+    # is made to end after its first round, as a 5x perplexity would end it
+    decide = sweep._stop_reasons
+
+    def forced(sets, lats, ppl_ratio_max):
+        why = decide(sets, lats, ppl_ratio_max)
+        return {key: "perplexity" if key[1] == 500.0 else w for key, w in why.items()}
+
+    monkeypatch.setattr(sweep, "_stop_reasons", forced)
+    sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
+    labels = list(demo_store.label_names[:2])
+    prompts = ["the market", "news:", "In other news"]
+    params = steering.SteeringParams(
+        latents=[5, 11], labels=labels, mode="clamp", strengths=[0.5, 5.0, 500.0],
+        controls=["alpha0", "random", "own_label"], prompts=prompts, max_new_tokens=3,
+        samples_per_prompt=2, own_label_prompts=2, check_labels="targets",
+        classifier_fit="both", classifier_fit_generations=2, classifier_test_fraction=0.25,
+        batch_size=16,
+    )  # fmt: skip
+    tok, doc, scan = steering.picks.enrichment_tables(sae, demo_store)
+    kw = dict(enrichment=(tok, doc), max_acts=scan.act_max)
+    batched = steering.evaluate_steering(tiny_backend, sae, demo_store, params, **kw)
+    n_batched = len(calls)
+    alone = steering.evaluate_steering(tiny_backend, sae, demo_store, params, sets_per_call=1, **kw)
+    n_alone = len(calls) - n_batched
+    t, ref = batched.table, alone.table
+    # the same sets in the same order, with the same rows, decisions and scores
+    assert list(t.columns) == list(ref.columns) and len(t) == len(ref)
+    exact = [c for c in t.columns if c not in FLOATS]
+    pd.testing.assert_frame_equal(t[exact], ref[exact])
+    pd.testing.assert_frame_equal(t[FLOATS[:-2]], ref[FLOATS[:-2]], rtol=1e-5, atol=1e-6)
+    g, gref = batched.generations, alone.generations
+    exact = [c for c in g.columns if c not in FLOATS]
+    pd.testing.assert_frame_equal(g[exact], gref[exact])
+    pd.testing.assert_frame_equal(g[FLOATS[-2:]], gref[FLOATS[-2:]], rtol=1e-5, atol=1e-5)
+    pd.testing.assert_frame_equal(batched.check_generations, alone.check_generations)
+    pd.testing.assert_frame_equal(batched.fit_generations, alone.fit_generations)
+    for lat, lref in zip(batched.summary["latents"], alone.summary["latents"], strict=True):
+        assert lat.keys() == lref.keys()
+        for k, v in lat.items():
+            if isinstance(v, float):
+                assert v == pytest.approx(lref[k], rel=1e-5, nan_ok=True), k
+            else:
+                assert v == lref[k], k
+    # both latents' sweeps and controls ran, and early stopping ended the strongest strength
+    steer_rows = t[t["control"] == "steer"]
+    assert set(t["control"]) == {"unsteered", "alpha0", "steer", "random", "own_label"}
+    assert set(steer_rows["label"]) == set(labels)
+    assert (steer_rows.loc[steer_rows["strength"] == 500.0, "stopped"] == "perplexity").all()
+    assert (steer_rows.loc[steer_rows["strength"] == 500.0, "n"] == len(prompts)).all()
+    whole = t["stopped"].isna() & (t["prompts"] == "neutral")
+    assert (t.loc[whole, "n"] == 2 * len(prompts)).all()
+    # calls: the unsteered sets, each round of the strengths, the controls; against one per set
+    # (the classifier's fitting set, the neutral set, a check per label, every round of every
+    # strength, every control)
+    assert n_batched == 4 and calls[:4] == [
+        2 * 8 + 2 * len(prompts) + len(batched.check_generations),
+        3 * 2 * len(prompts),
+        2 * 2 * len(prompts),
+        int(t.loc[t["strength"].notna() & (t["control"] != "steer"), "n"].sum()),
+    ]
+    n_ctrl = int((t["strength"].notna() & (t["control"] != "steer")).sum())
+    assert n_alone == 1 + 1 + len(labels) + steer_rows["n"].sum() // len(prompts) + n_ctrl
+
+
+def _set(hits: int, n: int, per_token_nll: float, spread: float = 0.05, seed: int = 0):
+    """A scored set of ``n`` continuations of 10 tokens, ``hits`` of them label 0."""
+    rng = np.random.default_rng(seed)
+    pred = np.array([0] * hits + [1] * (n - hits))
+    proba = np.eye(2)[pred]
+    gens = Generations([""] * n, ["x"] * n, [[1]] * n, [[2] * 10] * n)
+    nll = rng.normal(per_token_nll, spread, n) * 10
+    return _Scored(gens, proba, np.ones(n, bool), nll, np.full(n, 10))
+
+
+def test_a_round_stops_a_strength_that_a_surely_fluent_strength_beats():
+    base = math.exp(3.0)
+    lats = [(7, 0, base)]
+    sets = {
+        (0, 0.25): _set(1, 24, 3.0, seed=1),  # share 0.04: upper bound 0.20
+        (0, 0.5): _set(20, 24, 3.2, seed=2),  # share 0.83: lower bound 0.64, 1.2x perplexity
+        (0, 4.0): _set(23, 24, 3.0 + math.log(6.0), seed=3),  # 6x perplexity
+    }
+    why = _stop_reasons(sets, lats, 2.0)
+    assert why == {(0, 0.25): "cannot win", (0, 0.5): None, (0, 4.0): "perplexity"}
+    # a rival that may yet prove not fluent (1.9x, wide) decides nothing
+    sets[(0, 0.5)] = _set(20, 24, 3.0 + math.log(1.9), spread=0.5, seed=2)
+    assert _stop_reasons(sets, lats, 2.0)[(0, 0.25)] is None
+    # nor does a strength of another latent
+    two = {(0, 0.25): sets[(0, 0.25)], (1, 0.5): _set(20, 24, 3.2, seed=2)}
+    assert _stop_reasons(two, [(7, 0, base), (8, 0, base)], 2.0) == {
+        (0, 0.25): None,
+        (1, 0.5): None,
+    }
+
+
+def test_sets_per_call_is_checked(demo_store, tiny_backend):
+    sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
+    with pytest.raises(ValueError, match="sets_per_call=0: expected None"):
+        steering.evaluate_steering(tiny_backend, sae, demo_store, {}, sets_per_call=0)
