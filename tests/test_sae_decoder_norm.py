@@ -131,3 +131,53 @@ def test_free_decoder_trains_saves_and_loads(dictionary_store, tmp_path):
     w = b.W_dec.detach()
     assert float((feats @ w.T).max(dim=1).values.mean()) >= 0.9
     assert free.metrics["explained_variance"] > 0.5
+
+
+def test_a_free_decoder_step_is_saelens_topk_step():
+    """From the same weights and batch, one Adam step of ours (``decoder_norm: free``) and one
+    of SAELens's ``TopKTrainingSAE`` (``rescale_acts_by_decoder_norm``) give the same weights;
+    the unit-norm trainer's step does not. (One step: Adam's first update hardly depends on the
+    loss's scale, ours being divided by ``d_in`` and clipped differently.)"""
+    pytest.importorskip("sae_lens")
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    names = ("W_enc", "W_dec", "b_enc", "b_dec")
+    torch.manual_seed(0)
+    x = torch.randn(128, D) * 2 + 0.5
+    free = _cfg(
+        decoder_norm="free", decoder_init_norm=0.1, normalize_activations=False, lr=1e-3,
+        lr_warmup_steps=0, lr_decay_frac=0.0, max_norm_factor=None,
+    )  # fmt: skip
+    ours = SparseAutoencoder(D, D_SAE, architecture="topk", top_k=4, seed=0)
+    t = Trainee(free, ours, "h", torch.device("cpu"))
+    init_trainee(t, x, init_b_dec=True)
+    with torch.no_grad():  # rows of unequal norms, so that the ranking by norm matters
+        ours.W_dec.mul_(torch.rand(D_SAE, 1) + 0.5)
+    start = {n: getattr(ours, n).detach().clone() for n in names}
+    ref = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=D_SAE, k=4, dtype="float32"))
+    with torch.no_grad():
+        for n in names:
+            getattr(ref, n).copy_(start[n])
+    t.dead_tokens = 10**9  # no latent is dead yet: no AuxK term on either side
+    t.start(1, 0)
+    t.step(x, 0, 1)
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    out = ref.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    opt.step()
+    for n in names:
+        # within 5% of one step (lr): Adam's eps weighs more on our loss, divided by d_in
+        diff = (getattr(ours, n).detach() - getattr(ref, n).detach()).abs()
+        assert float(diff.max()) < 0.05 * 1e-3, n
+    unit_cfg = free.model_copy(update={"decoder_norm": "unit", "decoder_init_norm": 1.0})
+    unit = SparseAutoencoder(D, D_SAE, architecture="topk", top_k=4, seed=0)
+    with torch.no_grad():
+        for n in names:
+            getattr(unit, n).copy_(start[n])
+    tu = Trainee(unit_cfg, unit, "h", torch.device("cpu"))
+    tu.dead_tokens = 10**9
+    tu.start(1, 0)
+    tu.step(x, 0, 1)
+    assert float((unit.W_enc.detach() - ref.W_enc.detach()).abs().max()) > 1e-3
