@@ -3,8 +3,9 @@
 Runs offline on its defaults: without --sae/--store it first dumps the built-in demo corpus
 through the embedded gemma-3-270m and trains a small SAE on it (in --work, shared with
 example 03). Then it clusters the latents, builds the merged SAE (the original encoder, then
-the sum of each cluster's codes; a ridge-refit decoder), evaluates original vs merged on
-held-out tokens, sweeps K' with a random-partition control, and publishes the merged SAE.
+the projection-weighted sum of each cluster's codes; a ridge-refit decoder), evaluates
+original vs merged on held-out tokens, sweeps K' with a random-partition control, and
+publishes the merged SAE.
 
     python examples/04_merge_and_refit.py
     python examples/04_merge_and_refit.py --sae runs/sae --store runs/acts --out runs/merged
@@ -95,7 +96,7 @@ def main() -> None:
     p.add_argument("--n-clusters", type=int, help="K' (overrides --fraction)")
     p.add_argument("--similarity", default="reconstruction=1,coactivation=0.3")
     p.add_argument("--linkage", default="complete", choices=["average", "complete", "single"])
-    p.add_argument("--aggregation", default="sum", choices=["sum", "projection", "max"])
+    p.add_argument("--aggregation", default="projection", choices=["sum", "projection", "max"])
     p.add_argument("--no-sweep", action="store_true", help="skip the K' sweep")
     p.add_argument("--seed-steps", action="store_true", help="also run the seed's calls")
     args = p.parse_args()

@@ -81,10 +81,14 @@ def test_run_merge_publishes_a_loadable_merged_sae(setup, tiny_backend):
     np.testing.assert_array_equal(mm["cluster"].to_numpy(), merged.merge_index.numpy())
     assert (mm.loc[mm["is_medoid"], "distance_to_medoid"] == 0).all()
 
-    # the encoder is the original one followed by the merge (sum of member codes)
+    # the encoder is the original one followed by the merge: by default the sum of the member
+    # codes times their projection weights, listed in the merge map
+    assert manifest["merge"]["aggregation"] == "projection" and merged.merge_mode == "sum"
+    np.testing.assert_array_equal(mm["weight"].to_numpy(), merged.merge_weight.double().numpy())
     x = store.read(0, 300).float()
     with torch.no_grad():
-        want = torch.zeros(300, 24).index_add_(1, merged.merge_index, sae.encode(x))
+        z = sae.encode(x) * merged.merge_weight
+        want = torch.zeros(300, 24).index_add_(1, merged.merge_index, z)
         torch.testing.assert_close(merged.encode(x), want, atol=1e-4, rtol=1e-4)
 
     ev = pd.read_parquet(os.path.join(out, "merge_eval.parquet")).set_index("sae")

@@ -32,10 +32,10 @@ class MergeParams(_Config):
     """Dense ``[K, K]`` distances, a sparse k-NN graph, or auto (dense up to 16,384 latents)."""
     n_neighbors: int = Field(16, ge=1)
     """Neighbours per latent in the k-NN graph mode."""
-    aggregation: Literal["sum", "projection", "max"] = "sum"
-    """A merged latent's activation: the sum of its members' activations; their weighted sum
-    with the weights of the best rank-one summary of the cluster's reconstruction
-    (``projection``); or their max."""
+    aggregation: Literal["sum", "projection", "max"] = "projection"
+    """A merged latent's activation: the weighted sum of its members' activations with the
+    weights of the best rank-one summary of the cluster's reconstruction (``projection``); their
+    plain sum; or their max. Above 16,384 latents ``projection`` runs as ``sum`` (logged)."""
     refit: bool = True
     """Refit the decoder by streaming ridge regression (else keep the medoids' decoder rows)."""
     ridge_lambda: float = Field(1e-4, ge=0)
