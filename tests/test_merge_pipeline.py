@@ -144,9 +144,18 @@ def test_large_k_path_without_a_dense_gram(setup, tmp_path, monkeypatch, caplog)
 
 
 def test_compare_adds_the_refit_control_without_a_sweep(setup, tmp_path):
-    root, _store, _sae = setup
+    """Also the plain sum aggregation (no merge weights) through the pipeline."""
+    root, store, sae = setup
     out = str(tmp_path / "nosweep")
-    pipelines.run_merge(str(root / "sae"), str(root / "acts"), out, fast_params(sweep=False))
+    manifest = pipelines.run_merge(
+        str(root / "sae"), str(root / "acts"), out, fast_params(sweep=False, aggregation="sum")
+    )
+    merged = load_sae(out)
+    assert manifest["merge"]["aggregation"] == "sum" and merged.merge_weight is None
+    x = store.read(0, 100).float()
+    with torch.no_grad():
+        want = torch.zeros(100, merged.d_sae).index_add_(1, merged.merge_index, sae.encode(x))
+        torch.testing.assert_close(merged.encode(x), want, atol=1e-5, rtol=1e-5)
     ev = pd.read_parquet(os.path.join(out, "merge_eval.parquet")).set_index("sae")
     assert ev.index.tolist() == ["original", "original_refit", "merged"]
     assert ev.loc["original_refit", "fit_tokens"] > 0
