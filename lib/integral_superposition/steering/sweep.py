@@ -155,22 +155,18 @@ def _stop_reasons(
     upper bound is below the 95% lower bound of the share of another running strength of the
     same latent whose perplexity's 95% upper bound is within the bound (surely fluent and
     surely better). ``lats[k] = (latent, label id, unsteered perplexity)``."""
-    rival: dict[int, list[tuple[tuple[int, float], float]]] = {}
-    lower: dict[tuple[int, float], float] = {}
+    rival: dict[int, list[tuple[float, float]]] = {}  # latent -> (strength, share lower bound)
     for (k, st), sc in sets.items():
         _, c, base_ppl = lats[k]
-        lo = wilson_interval(int((sc.predicted == c).sum()), len(sc.gens))[0]
-        lower[(k, st)] = lo
-        ok = base_ppl is not None and math.isfinite(base_ppl) and base_ppl > 0
-        if ok and log_perplexity_interval(sc.nll, sc.n_tok)[1] <= math.log(
-            ppl_ratio_max * base_ppl
-        ):
-            rival.setdefault(k, [])
-            rival[k].append(((k, st), lo))
+        if not (base_ppl is not None and math.isfinite(base_ppl) and base_ppl > 0):
+            continue
+        if log_perplexity_interval(sc.nll, sc.n_tok)[1] <= math.log(ppl_ratio_max * base_ppl):
+            lo = wilson_interval(int((sc.predicted == c).sum()), len(sc.gens))[0]
+            rival.setdefault(k, []).append((st, lo))
     out = {}
     for (k, st), sc in sets.items():
         _, c, base_ppl = lats[k]
-        others = [lo for key, lo in rival.get(k, []) if key != (k, st)]
+        others = [lo for other, lo in rival.get(k, []) if other != st]
         out[(k, st)] = early_stop_reason(
             int((sc.predicted == c).sum()), len(sc.gens), sc.nll, sc.n_tok, base_ppl,
             ppl_ratio_max, max(others) if others else None,
