@@ -33,7 +33,7 @@ REFERENCE_S = {
     "train": 10.0,
     "analyze": 30.0,
     "merge": 115.0,
-    "steer": 305.0,
+    "steer": 235.0,
     "report": 5.0,
 }
 """Seconds of each step of the default experiment on the reference machine; ``start`` is the
@@ -42,8 +42,10 @@ AVX2 emulation on a shared machine, each step's wall time scaled by the run's CP
 (``bench/bench_orchestration.py --avx2``). ``steer``: the earlier 48-continuation sweep's 609 s
 wall x 0.68 CPU share (794 CPU-s in 1165 s) = 415 s, times 1.02 for early stopping and the
 classifier's fitting continuations (690 / 678 CPU-s) = 423 s, times 0.72 for generating the
-sets that cannot end early in one call (224.7 / 311.2 CPU-s), each ratio measured side by
-side under the AVX2 emulation (``bench/bench_steering_cost.py --set labels=[Sports]``)."""
+sets that cannot end early in one call (224.7 / 311.2 CPU-s) = 305 s, times 0.77 for running
+the sets that do not wait on each other in shared generation calls (985.8 / 1278.9 CPU-s, the
+full default, both labels), each ratio measured side by side under the AVX2 emulation
+(``bench/bench_steering_cost.py``; the earlier ones with ``--set labels=[Sports]``)."""
 
 _GPU_SPEEDUP_CAP = 12.0
 """The default steps are small: a GPU's matmul speed does not carry over to them in full."""
