@@ -11,7 +11,7 @@ import numbers
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -172,6 +172,31 @@ class SAEArchitectureConfig(_Config):
         return self.k
 
 
+def check_grad_clip(v: Any) -> float | str:
+    """``grad_clip``: ``"auto"`` or a finite number >= 0, else a ``ValueError`` naming it."""
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Real | str):
+        raise ValueError(f"grad_clip={v!r}: expected 'auto' or a number >= 0 (0 disables)")
+    try:
+        f = float(v)
+    except ValueError:
+        raise ValueError(
+            f"grad_clip={v!r}: expected 'auto' or a number >= 0 (0 disables)"
+        ) from None
+    if not (f >= 0 and f != float("inf")):
+        raise ValueError(f"grad_clip={v!r}: expected 'auto' or a finite number >= 0 (0 disables)")
+    return f
+
+
+def grad_clip_norm(cfg: TrainSchedule, d_in: int) -> float:
+    """The gradient-norm clip a run uses on a ``d_in``-wide hook: ``1 / d_in`` for
+    ``grad_clip="auto"``, else ``cfg.grad_clip`` (0: no clipping)."""
+    if cfg.grad_clip == "auto":
+        return 1.0 / int(d_in)
+    return float(cfg.grad_clip)
+
+
 class TrainSchedule(_Config):
     """How an SAE is trained: budget, optimiser schedule, losses, data stream and execution.
 
@@ -199,8 +224,16 @@ class TrainSchedule(_Config):
     """Fraction of steps at the end over which the LR decays linearly to zero."""
     l1_warmup_frac: float = Field(0.05, ge=0, le=1)
     """Fraction of steps over which the sparsity coefficient ramps from 0."""
-    grad_clip: float = Field(1.0, ge=0)
-    """Gradient-norm clip (0 disables)."""
+    grad_clip: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
+    """Gradient-norm clip: ``auto`` clips at ``1 / d_in`` (the loss is divided by ``d_in``, so
+    this is SAELens's clip at 1 on its undivided loss), resolved by the trainer from the hook's
+    width (:func:`grad_clip_norm`); a number clips at that norm; 0 disables."""
+
+    @field_validator("grad_clip", mode="before")
+    @classmethod
+    def _check_grad_clip(cls, v: Any) -> float | str:
+        return check_grad_clip(v)
+
     auxk_coef: float = Field(1 / 32, ge=0)
     """AuxK loss coefficient for dead latents (TopK family)."""
     aux_k: int = Field(512, ge=1)

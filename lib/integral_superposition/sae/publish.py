@@ -121,6 +121,7 @@ def publish_trainee(
         sparsity = torch.log10(t.fire_count.double().cpu() / max(1, t.tokens_seen) + 1e-10).float()
     metrics.update(quality)
     metrics["train_tokens"] = t.tokens_seen
+    metrics["train_grad_clip"] = t.grad_clip  # the resolved clip (grad_clip='auto': 1/d_in)
     metrics["train_steps"] = steps
     metrics["train_seconds"] = elapsed
     meta.update(metadata or {})

@@ -137,6 +137,13 @@ def _run(
             if t.cfg.dead_tokens is not None
             else "automatic: scaled to the run",
         )
+        log.info(
+            "gradient-norm clip: %g (%s)",
+            t.grad_clip,
+            f"grad_clip='auto': 1/d_in, d_in={t.sae.d_in}"
+            if t.cfg.grad_clip == "auto"
+            else "set by grad_clip",
+        )
     start = 0
     wrote_ckpt = False
     indices = list(layout.indices) if layout.mode == "modules" else None

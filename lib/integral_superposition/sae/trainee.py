@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LRScheduler
 
 from integral_superposition import distributed
-from integral_superposition.config import SAEConfig
+from integral_superposition.config import SAEConfig, grad_clip_norm
 from integral_superposition.sae.model import SparseAutoencoder
 from integral_superposition.sae.schedule import lr_at, lr_scheduler, sparsity_coef_at
 
@@ -197,6 +197,7 @@ class Trainee:
     acc_steps: int = 0
     autocast: bool = False
     dead_tokens: int = 0  # the dead-latent window in tokens (``config.dead_window``)
+    grad_clip: float = 0.0  # the resolved gradient-norm clip (``config.grad_clip_norm``)
     sched: LRScheduler | None = None  # set by ``start`` once the run's length is known
     data_parallel: bool = False
     """Each rank steps on its part of the batch; gradients and statistics are summed over ranks."""
@@ -207,6 +208,7 @@ class Trainee:
     def __post_init__(self) -> None:
         d_sae = self.sae.d_sae
         self.sae.aux_k = self.cfg.aux_k
+        self.grad_clip = grad_clip_norm(self.cfg, self.sae.d_in)
         self.sae.rank_by_decoder_norm = self.cfg.decoder_norm == "free"
         self.sae.jumprelu_sparsity = self.cfg.jumprelu_sparsity
         self.sae.jumprelu_tanh_scale = self.cfg.jumprelu_tanh_scale
@@ -266,8 +268,8 @@ class Trainee:
             return
         if cfg.decoder_norm == "unit":
             sae.remove_gradient_parallel_to_decoder_directions()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
         self.opt.step()
         self.sched.step()  # type: ignore[union-attr]
         with torch.no_grad():
