@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 import yaml
-from common import OUT, ag_news_store, gemma, machine, peak_rss_mb
+from common import OUT, ag_news_store, fresh_bench_dir, gemma, machine, peak_rss_mb
 from integral_superposition import SAEConfig
 from integral_superposition.config import dead_window
 from integral_superposition.sae import evaluate_sae, load_sae, save_sae
@@ -204,13 +204,12 @@ def refit_as_shipped(store, cfg: SAEConfig, sgd_uri: str, out: str) -> tuple[str
         sample = source.sample(16384)[hook]
         t.max_norm = float(shipped.max_norm_factor * sample.norm(dim=1).median())
     (info,) = refit_decoders(source, [t])
-    shutil.rmtree(out, ignore_errors=True)
     return save_sae(t.sae, out, metadata=sae.metadata, training_config=shipped), info
 
 
 def train_seed(args, store, seed: int, out: Path) -> dict[str, str]:
     """Train every SAE of one seed; returns ``{row name: SAE folder}``."""
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_bench_dir(out)
     wanted = args.ours.split(",")
     cfgs = {
         a: c

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +38,28 @@ DTYPE = os.environ.get("ISUP_BENCH_DTYPE", "bf16")
 """The model's compute dtype in every script (``$ISUP_BENCH_DTYPE``: bf16, fp16 or fp32)."""
 DEVICE = "cpu"
 """Where :func:`ag_news_store` dumps and :func:`ag_news_sae` trains (see :func:`set_device`)."""
+
+
+BENCH_MARK = ".isup-bench-output"
+
+
+def fresh_bench_dir(path: Path) -> Path:
+    """An empty folder at ``path`` for a benchmark's outputs. An existing folder is emptied
+    only when an earlier benchmark made it (it holds ``BENCH_MARK``); a folder holding anything
+    else is refused, so a folder of the user's under ``ISUP_BENCH_OUT`` is never touched."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise SystemExit(f"benchmark output {path}: exists and is not a folder")
+        if any(path.iterdir()) and not (path / BENCH_MARK).is_file():
+            raise SystemExit(
+                f"benchmark output {path}: holds files no benchmark wrote (no {BENCH_MARK}); "
+                "move them or set ISUP_BENCH_OUT to another folder"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / BENCH_MARK).write_text("made by a benchmark under bench/; emptied on its next run\n")
+    return path
 
 
 def set_device(device: str) -> torch.device:
