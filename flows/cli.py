@@ -285,7 +285,7 @@ def _plan_line(cfg) -> str:
         _fail(str(e))
     where = choice.describe()
     try:
-        when = f"{estimate_run(cfg, choice).describe()} on this machine"
+        when = estimate_run(cfg, choice).line()
     except Exception as e:  # an estimate must never stop a run
         when = f"no time estimate ({type(e).__name__}: {e})"
     return (

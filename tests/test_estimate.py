@@ -6,12 +6,15 @@ import pytest
 import torch
 from integral_superposition.compute import ComputeChoice
 from integral_superposition.estimate import (
+    BUSY_SHARE,
     REFERENCE_GFLOPS,
     REFERENCE_S,
     REFERENCE_TOKENS,
+    SpeedProbe,
     data_tokens,
     estimate_run,
     matmul_gflops,
+    matmul_probe,
     steering_tokens,
 )
 from integral_superposition.experiment import load_preset
@@ -96,3 +99,59 @@ def test_a_local_table_is_sized_by_its_texts_capped_at_max_len(tmp_path):
     assert data_tokens(remote.data, 32) is None
     far = estimate_run(remote, CPU32, gflops=REFERENCE_GFLOPS)
     assert far.steps["dump"] == pytest.approx(default.steps["dump"] / 2)
+
+
+FLOPS = 2.0 * 1024 * 640 * 2048
+
+
+def test_a_probe_on_a_busy_machine_is_timed_by_its_cpu_time():
+    """A probe that got a tenth of the CPU it asked for: its wall time says 10x slower than
+    the machine is; the speed comes from its CPU time and the line says the machine is busy."""
+    fast = (0.010, 0.012, 0.011)  # seconds per product with the cores to itself
+    idle = SpeedProbe(FLOPS, fast, tuple(2 * 0.95 * w for w in fast), threads=2)
+    assert not idle.busy and idle.cpu_share == pytest.approx(0.95)
+    assert idle.gflops == idle.wall_gflops == pytest.approx(FLOPS / 0.010 / 1e9)
+    busy = SpeedProbe(FLOPS, tuple(10 * w for w in fast), tuple(2 * w for w in fast), threads=2)
+    assert busy.busy and busy.cpu_share == pytest.approx(0.1)
+    assert busy.wall_gflops == pytest.approx(idle.wall_gflops / 10)
+    assert busy.gflops == pytest.approx(idle.gflops)
+    # no CPU time (an accelerator): the wall clock, never busy
+    gpu = SpeedProbe(FLOPS, tuple(10 * w for w in fast), None, threads=1)
+    assert not gpu.busy and gpu.cpu_share is None and gpu.gflops == busy.wall_gflops
+
+    cfg = load_preset("default")
+    quiet = estimate_run(cfg, CPU32, probe=idle)
+    loaded = estimate_run(cfg, CPU32, probe=busy)
+    assert loaded.total_s == pytest.approx(quiet.total_s)
+    assert quiet.line() == f"{quiet.describe()} on this machine"
+    assert loaded.line() == (
+        f"{quiet.describe()} on this machine when idle; busy now: the speed probe got 10% of "
+        "its CPU"
+    )
+    # what the wall clock alone would have said: several times longer
+    by_wall = estimate_run(cfg, CPU32, gflops=busy.wall_gflops)
+    assert by_wall.total_s > 5 * loaded.total_s
+    assert by_wall.line().endswith("on this machine") and by_wall.cpu_share is None
+    # the threshold itself: just below it is busy, at it is not
+    edge = SpeedProbe(FLOPS, (1.0,), (2 * BUSY_SHARE,), threads=2)
+    assert not edge.busy
+    assert SpeedProbe(FLOPS, (1.0,), (2 * BUSY_SHARE - 0.01,), threads=2).busy
+
+
+def test_probe_timings_are_checked():
+    with pytest.raises(ValueError, match=r"wall_s=\(\): expected positive"):
+        SpeedProbe(FLOPS, ())
+    with pytest.raises(ValueError, match=r"cpu_s=.*one per repeat of wall_s \(2\)"):
+        SpeedProbe(FLOPS, (0.1, 0.1), (0.1,))
+    with pytest.raises(ValueError, match="threads=0"):
+        SpeedProbe(FLOPS, (0.1,), (0.1,), threads=0)
+    with pytest.raises(ValueError, match="probe and gflops"):
+        estimate_run(load_preset("default"), CPU32, gflops=75.0, probe=SpeedProbe(FLOPS, (0.1,)))
+
+
+def test_a_cpu_probe_reads_the_cpu_time_of_every_repeat():
+    p = matmul_probe(torch.device("cpu"), torch.float32, seconds=0.02)
+    assert p.cpu_s is not None and len(p.cpu_s) == len(p.wall_s) >= 1
+    assert p.threads == torch.get_num_threads()
+    assert 0 < p.cpu_share <= 1
+    assert p.gflops >= p.wall_gflops > 0

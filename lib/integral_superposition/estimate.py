@@ -6,11 +6,16 @@ step of ``cfg`` does relative to the defaults (documents, dumped layers, latents
 merges, steered generations) and by this machine's speed: a short matmul probe in the
 chosen dtype on the chosen device (about 0.1 s), compared with the reference's. It is meant
 to tell minutes from hours, not to be exact.
+
+On a CPU the probe also reads the CPU time the process got (``time.process_time``, all its
+threads). When other work holds the cores, the probe's wall time says more about the load
+than about the machine: when it got less than ``BUSY_SHARE`` of the CPU it asked for (CPU
+seconds over wall seconds times torch's threads), the speed comes from its CPU time instead,
+and the estimate says that it holds for the idle machine and how busy the machine is now.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -21,7 +26,16 @@ import torch
 
 from integral_superposition.compute import ComputeChoice, resolve_compute
 
-__all__ = ["Estimate", "data_tokens", "estimate_run", "matmul_gflops", "steering_tokens"]
+__all__ = [
+    "BUSY_SHARE",
+    "Estimate",
+    "SpeedProbe",
+    "data_tokens",
+    "estimate_run",
+    "matmul_gflops",
+    "matmul_probe",
+    "steering_tokens",
+]
 
 REFERENCE_GFLOPS = 75.0
 """float32 matmul throughput of the reference machine (2 cores, AVX2), GFLOP/s."""
@@ -51,12 +65,73 @@ _GPU_SPEEDUP_CAP = 12.0
 """The default steps are small: a GPU's matmul speed does not carry over to them in full."""
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.1) -> float:
-    """GFLOP/s of a ``[1024, 640] @ [640, 2048]`` product in ``dtype`` on ``device`` (the best
-    of the repeats that fit in about ``seconds``)."""
-    a = torch.randn(1024, 640, device=device).to(dtype)
-    b = torch.randn(640, 2048, device=device).to(dtype)
-    flops = 2.0 * 1024 * 640 * 2048
+BUSY_SHARE = 0.7
+"""A probe that got less than this share of the CPU it asked for ran on a busy machine (an
+idle 2-core machine gives its 2-thread matmul about 0.95)."""
+
+_PROBE_SHAPE = (1024, 640, 2048)
+
+
+@dataclass(frozen=True)
+class SpeedProbe:
+    """Timings of the repeats of one timed matmul: ``flops`` per product, the wall seconds of
+    each repeat ``wall_s [R]``, the process CPU seconds of each ``cpu_s [R]`` (None where CPU
+    time says nothing of the speed: an accelerator) and the CPU ``threads`` it ran on."""
+
+    flops: float
+    wall_s: tuple[float, ...]
+    cpu_s: tuple[float, ...] | None = None
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.wall_s or min(self.wall_s) <= 0:
+            raise ValueError(f"wall_s={self.wall_s!r}: expected positive seconds per repeat")
+        if self.cpu_s is not None and (len(self.cpu_s) != len(self.wall_s) or min(self.cpu_s) < 0):
+            raise ValueError(
+                f"cpu_s={self.cpu_s!r}: expected non-negative seconds, one per repeat of "
+                f"wall_s ({len(self.wall_s)})"
+            )
+        if self.threads < 1:
+            raise ValueError(f"threads={self.threads!r}: expected at least 1")
+
+    @property
+    def wall_gflops(self) -> float:
+        """GFLOP/s of the fastest repeat by the wall clock."""
+        return self.flops / min(self.wall_s) / 1e9
+
+    @property
+    def cpu_share(self) -> float | None:
+        """CPU seconds over wall seconds times ``threads``, over all repeats (at most 1)."""
+        if self.cpu_s is None:
+            return None
+        return min(1.0, sum(self.cpu_s) / (sum(self.wall_s) * self.threads))
+
+    @property
+    def busy(self) -> bool:
+        """Whether the probe got less than ``BUSY_SHARE`` of the CPU it asked for."""
+        share = self.cpu_share
+        return share is not None and share < BUSY_SHARE
+
+    @property
+    def gflops(self) -> float:
+        """This machine's speed when idle: the wall-clock speed, or on a busy machine the speed
+        of the repeat that ran fastest by its CPU seconds spread over ``threads``."""
+        if not self.busy:
+            return self.wall_gflops
+        held = min(c for c in self.cpu_s if c > 0) / self.threads if any(self.cpu_s) else 0.0
+        if held <= 0:  # no CPU time measured: the wall clock is all there is
+            return self.wall_gflops
+        return max(self.wall_gflops, self.flops / held / 1e9)
+
+
+def matmul_probe(device: torch.device, dtype: torch.dtype, seconds: float = 0.1) -> SpeedProbe:
+    """Time ``[1024, 640] @ [640, 2048]`` products in ``dtype`` on ``device``: the repeats
+    that fit in about ``seconds`` of wall time, each by the wall clock and, on a CPU, by the
+    process's CPU time."""
+    m, k, n = _PROBE_SHAPE
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    on_cpu = device.type == "cpu"
 
     def sync() -> None:
         if device.type == "cuda":
@@ -64,38 +139,70 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.1
 
     a @ b  # warm-up: kernel selection
     sync()
-    best, spent = math.inf, 0.0
-    while spent < seconds or best == math.inf:
-        t0 = time.perf_counter()
+    walls: list[float] = []
+    cpus: list[float] = []
+    while sum(walls) < seconds or not walls:
+        t0, c0 = time.perf_counter(), time.process_time()
         a @ b
         sync()
-        dt = time.perf_counter() - t0
-        best, spent = min(best, dt), spent + dt
-        if dt > seconds:  # a slow path: one product is enough to know
+        walls.append(max(time.perf_counter() - t0, 1e-9))
+        cpus.append(time.process_time() - c0)
+        if walls[-1] > seconds:  # a slow path: one product is enough to know
             break
-    return flops / best / 1e9
+    return SpeedProbe(
+        flops=2.0 * m * k * n,
+        wall_s=tuple(walls),
+        cpu_s=tuple(cpus) if on_cpu else None,
+        threads=torch.get_num_threads() if on_cpu else 1,
+    )
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.1) -> float:
+    """GFLOP/s of a ``[1024, 640] @ [640, 2048]`` product in ``dtype`` on ``device`` when the
+    machine is idle (:attr:`SpeedProbe.gflops` of :func:`matmul_probe`)."""
+    return matmul_probe(device, dtype, seconds).gflops
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """Estimated seconds per step and in total, with the compute choice it assumed."""
+    """Estimated seconds per step and in total, with the compute choice it assumed; on a busy
+    machine ``cpu_share``, the share of the CPU the speed probe got."""
 
     steps: dict[str, float]
     choice: ComputeChoice
     gflops: float
+    cpu_share: float | None = None
 
     @property
     def total_s(self) -> float:
         return sum(self.steps.values())
 
+    @property
+    def busy(self) -> bool:
+        """Whether the speed probe ran on a busy machine (see ``BUSY_SHARE``)."""
+        return self.cpu_share is not None and self.cpu_share < BUSY_SHARE
+
     def describe(self) -> str:
         """``"about 6 min"`` (rounded to what an estimate can say)."""
-        s = self.total_s
-        if s < 90:
-            return f"about {max(10, round(s / 10) * 10):.0f} s"
-        if s < 3600:
-            return f"about {round(s / 60):.0f} min"
-        return f"about {s / 3600:.1f} h"
+        return _rounded(self.total_s)
+
+    def line(self) -> str:
+        """``"about 6 min on this machine"``; on a busy machine ``"about 23 min on this machine
+        when idle; busy now: the speed probe got 15% of its CPU"``."""
+        if not self.busy:
+            return f"{self.describe()} on this machine"
+        return (
+            f"{self.describe()} on this machine when idle; busy now: the speed probe got "
+            f"{self.cpu_share:.0%} of its CPU"
+        )
+
+
+def _rounded(s: float) -> str:
+    if s < 90:
+        return f"about {max(10, round(s / 10) * 10):.0f} s"
+    if s < 3600:
+        return f"about {round(s / 60):.0f} min"
+    return f"about {s / 3600:.1f} h"
 
 
 REFERENCE_TOKENS = 39_733
@@ -182,19 +289,34 @@ def estimate_run(
     gflops: float | None = None,
     sae_gflops: float | None = None,
     tokens: float | None = None,
+    probe: SpeedProbe | None = None,
 ) -> Estimate:
-    """Rough seconds per step of ``cfg`` (an ``ExperimentConfig``) on this machine (or on one
-    whose matmul runs at ``gflops`` in the model's dtype and ``sae_gflops`` in float32, the
-    SAE's; ``REFERENCE_GFLOPS`` gives the reference machine's). The dump, training, analysis
-    and the merge's SAE passes scale with the dumped tokens: ``tokens``, else
-    :func:`data_tokens`, else the demo's tokens per document."""
+    """Rough seconds per step of ``cfg`` (an ``ExperimentConfig``) on this machine when idle
+    (or on one whose matmul runs at ``gflops`` in the model's dtype and ``sae_gflops`` in
+    float32, the SAE's; ``REFERENCE_GFLOPS`` gives the reference machine's). ``probe``: the
+    timings of a speed probe in the model's dtype (:func:`matmul_probe`, run when neither it
+    nor ``gflops`` is given); a probe that ran on a busy machine gives the speed by its CPU time
+    and ``Estimate.cpu_share``. The dump, training, analysis and the merge's SAE passes scale
+    with the dumped tokens: ``tokens``, else :func:`data_tokens`, else the demo's tokens per
+    document."""
+    if probe is not None and gflops is not None:
+        raise ValueError("probe and gflops: expected one of them, a probe's timings or its speed")
     if choice is None:
         choice = resolve_compute(cfg.model.dtype, cfg.model.device)
+    shares: list[float | None] = []
     if gflops is None:
-        gflops = matmul_gflops(choice.device, choice.dtype, probe_s)
+        probe = probe or matmul_probe(choice.device, choice.dtype, probe_s)
+        gflops = probe.gflops
+        shares.append(probe.cpu_share)
     if sae_gflops is None:
-        same = choice.dtype == torch.float32 or not probe_s
-        sae_gflops = gflops if same else matmul_gflops(choice.device, torch.float32, probe_s)
+        if choice.dtype == torch.float32 or not probe_s:
+            sae_gflops = gflops
+        else:
+            sae_probe = matmul_probe(choice.device, torch.float32, probe_s)
+            sae_gflops = sae_probe.gflops
+            shares.append(sae_probe.cpu_share)
+    known = [x for x in shares if x is not None]
+    cpu_share = min(known) if known else None
 
     def relative(g: float) -> float:
         s = g / REFERENCE_GFLOPS
@@ -241,4 +363,4 @@ def estimate_run(
         steps["steer"] = REFERENCE_S["steer"] * work * model / speed
     if cfg.steps.report:
         steps["report"] = REFERENCE_S["report"]
-    return Estimate(steps=steps, choice=choice, gflops=gflops)
+    return Estimate(steps=steps, choice=choice, gflops=gflops, cpu_share=cpu_share)
