@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from integral_superposition.config import SAEConfig
 from integral_superposition.merge.cluster import DENSE_MAX_LATENTS, MergeTree, build_tree
+from integral_superposition.merge.finetune import finetune_merged, finetune_recipe, flatten_merged
 from integral_superposition.merge.measure import (  # noqa: F401  (re-exported)
     DeadRows,
     Reference,
@@ -187,6 +189,25 @@ def refit_identity(
     return refit, {"fit_fvu": res.fit_fvu, "ridge_lambda_abs": res.lam, "fit_tokens": res.n_tokens}
 
 
+def finetune(
+    merged: SparseAutoencoder, store, params: MergeParams, recipe: SAEConfig
+) -> tuple[SparseAutoencoder, dict[str, float]]:
+    """The merge as a plain SAE fine-tuned for ``params.finetune_epochs`` with ``recipe``
+    (:mod:`~integral_superposition.merge.finetune`; ``recipe.k`` is replaced by ``K'``).
+
+    Returns ``(flattened SAE, the fine-tune's record)``."""
+    flat = flatten_merged(merged)
+    cfg = recipe.model_copy(
+        update={
+            "k": flat.d_sae,
+            "top_k": flat.top_k,
+            "epochs": float(params.finetune_epochs),
+            "test_fraction": params.test_fraction,
+        }
+    )
+    return flat, finetune_merged(flat, store, cfg)
+
+
 def has_refit_control(sae: SparseAutoencoder, params: MergeParams) -> bool:
     """Whether the evaluation adds the original SAE with a refit decoder: when merges are
     refit and the original codes' ``K x K`` statistics fit (``K <= DENSE_MAX_LATENTS``)."""
@@ -224,6 +245,8 @@ def sweep(
     tree: MergeTree | None = None,
     stats: RidgeStats | None = None,
     reference: Reference | None = None,
+    recipe: SAEConfig | None = None,
+    finetuned: dict[int, tuple[SparseAutoencoder, dict[str, float]]] | None = None,
     on_progress: ProgressFn | None = None,
 ) -> tuple[pd.DataFrame, Figure]:
     """Merge ``sae`` to each ``K'`` in ``sizes`` (default ``params.sweep_fractions`` of K) by
@@ -233,6 +256,11 @@ def sweep(
     and, when :func:`has_refit_control`, ``original_refit``: the original codes with a refit
     decoder, :func:`refit_identity`) and a figure of FVU, CE recovered and enrichment retention against
     ``K'``. Every SAE's spliced CE comes from one pass over the CE documents.
+
+    With ``params.finetune_epochs > 0`` every merge, cluster and random alike, is flattened
+    and fine-tuned with ``recipe`` (the original SAE's training config: :func:`finetune`;
+    ``finetuned``: the clustering's fine-tuned merges already built, by ``K'``); its row
+    says so (``finetuned``, ``finetune_*``). Latent ``j`` still stands for cluster ``j``.
     """
     params, notes = dense_fallback(sae, params or MergeParams())
     for note in notes:
@@ -257,31 +285,42 @@ def sweep(
     tick(phase="reference metrics")
     ref = reference or reference_metrics(sae, store, params)
     tick()
+    tune = params.finetune_epochs > 0
+    if tune and recipe is None:
+        recipe = finetune_recipe(None, sae, params.finetune_epochs, params.test_fraction)
+    finetuned = finetuned or {}
     rng = np.random.default_rng(params.control_seed)
-    variants: list[tuple[int, str, SparseAutoencoder, dict[str, float]]] = []
+    variants: list[tuple[int, str, SparseAutoencoder, dict[str, float], np.ndarray]] = []
     if with_refit:
         rep.set_phase("original SAE, decoder refit")
         refit, info = refit_identity(sae, params, store=store, stats=stats)
-        variants.append((k, "original_refit", refit, {**info, "mean_distance_to_medoid": 0.0}))
+        info = {**info, "mean_distance_to_medoid": 0.0, "finetuned": False}
+        variants.append((k, "original_refit", refit, info, np.arange(k)))
         tick()
     for size in sizes:
         lab = tree.cut(size)
         parts = [("cluster", lab)] + ([("random", rng.permutation(lab))] if control else [])
         for name, labels in parts:
             rep.set_phase(f"sweep K'={size} {name}")
-            merged, _med, dist, info = merge_with_labels(
-                sae, labels, sim, params, store=store, stats=stats
-            )
-            variants.append(
-                (size, name, merged, {**info, "mean_distance_to_medoid": float(dist.mean())})
-            )
+            if name == "cluster" and size in finetuned:
+                merged, info = finetuned[size]
+            else:
+                merged, _med, dist, info = merge_with_labels(
+                    sae, labels, sim, params, store=store, stats=stats
+                )
+                info = {**info, "mean_distance_to_medoid": float(dist.mean())}
+                if tune:
+                    rep.set_phase(f"fine-tune K'={size} {name}")
+                    merged, tuned = finetune(merged, store, params, recipe)
+                    info.update(tuned)
+            variants.append((size, name, merged, {**info, "finetuned": tune}, labels))
             tick()
     rows_m = []
-    for size, name, merged, _info in variants:
+    for size, name, merged, _info, labels in variants:
         rep.set_phase(f"evaluate K'={size} {name}")
-        m, pairs = _measure_core(merged, store, params, ref.extra)
+        # the original's firing on the dead count's extra rows serves only its own merges
+        m, pairs = _measure_core(merged, store, params, ref.extra if merged.is_merged else None)
         if ref.significant is not None and pairs is not None:
-            labels = merged.merge_index.cpu().numpy()
             m.update(enrichment_retention(ref.significant, pairs, labels))
         rows_m.append(m)
     rep.set_phase("spliced CE")
@@ -292,7 +331,7 @@ def sweep(
         (ref.metrics if name == "original" else rows_m[int(name)]).update(ce)
     tick()
     rows = [{"k_prime": k, "fraction": 1.0, "partition": "original", **ref.metrics}]
-    for (size, name, _merged, info), m in zip(variants, rows_m, strict=True):
+    for (size, name, _merged, info, _labels), m in zip(variants, rows_m, strict=True):
         rows.append({"k_prime": size, "fraction": size / k, "partition": name, **info, **m})
     table = pd.DataFrame(rows)
     return table, plot_sweep(table)

@@ -219,23 +219,39 @@ def compare(
     backend=None,
     reference: Reference | None = None,
     refit_original: SparseAutoencoder | None = None,
+    labels: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Original vs merged on the held-out split: one row each (``sae`` = original / merged),
     and ``original_refit`` between them when ``refit_original`` (:func:`refit_identity`:
     the original codes with a refit decoder) is given, which separates what the refit does
-    from what the merge does. The spliced CE of every row comes from one pass."""
+    from what the merge does. The spliced CE of every row comes from one pass.
+
+    ``merged`` is a merged SAE of ``original``, or a plain ``K'``-latent SAE standing for a
+    merge (a fine-tuned one: ``merge.finetune``) with ``labels`` ``int[K]``, the cluster of
+    every original latent."""
     params = params or MergeParams()
-    if not merged.is_merged or merged.d_pre != original.d_sae:
+    if labels is None:
+        if not merged.is_merged or merged.d_pre != original.d_sae:
+            raise ValueError(
+                f"merged must be a merge of original (d_pre={getattr(merged, 'd_pre', None)}, "
+                f"K={original.d_sae}), or a plain SAE given with labels="
+            )
+        labels = merged.merge_index.cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.shape != (original.d_sae,) or int(labels.max()) >= merged.d_sae:
         raise ValueError(
-            f"merged must be a merge of original (d_pre={getattr(merged, 'd_pre', None)}, K={original.d_sae})"
+            f"labels has shape {labels.shape} and values up to {int(labels.max())}: expected "
+            f"[K={original.d_sae}] cluster ids below K'={merged.d_sae}"
         )
     if reference is None:
         reference = reference_metrics(original, store, params)
     saes = {"merged": merged}
     if refit_original is not None:
         saes["original_refit"] = refit_original
+    # the original's firing on the dead count's extra rows serves only its own merges
     measured = {
-        name: _measure_core(sae, store, params, reference.extra) for name, sae in saes.items()
+        name: _measure_core(sae, store, params, reference.extra if sae.is_merged else None)
+        for name, sae in saes.items()
     }
     ce_saes = ({"original": original} if _needs_ce(reference, params, backend) else {}) | saes
     for name, ce in spliced_metrics(ce_saes, store, params, backend).items():
@@ -243,8 +259,8 @@ def compare(
     for name, sae in saes.items():
         metrics, pairs = measured[name]
         if reference.significant is not None and pairs is not None:
-            labels = sae.merge_index.cpu().numpy()
-            metrics.update(enrichment_retention(reference.significant, pairs, labels))
+            lab = labels if name == "merged" else sae.merge_index.cpu().numpy()
+            metrics.update(enrichment_retention(reference.significant, pairs, lab))
     rows = [{"sae": "original", "n_latents": original.d_sae, **reference.metrics}]
     if refit_original is not None:
         rows.append(

@@ -66,6 +66,10 @@ class MergeParams(_Config):
     """Fractions of K for the sweep."""
     control_seed: int = 0
     """Seed of the random-partition control."""
+    finetune_epochs: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """Fine-tune every merge (and its random control, with the same budget and seed) as a plain
+    ``K'``-latent SAE for this many epochs of the training split, with the original SAE's
+    training recipe and decoder refit (0: off; needs ``aggregation`` ``sum``/``projection``)."""
 
     @field_validator("similarity")
     @classmethod
@@ -88,6 +92,22 @@ class MergeParams(_Config):
         if self.n_clusters is not None and self.distance_threshold is not None:
             raise ValueError(
                 f"n_clusters={self.n_clusters} and distance_threshold={self.distance_threshold}: give at most one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _finetune_split(self) -> MergeParams:
+        if self.finetune_epochs > 0 and self.split_seed != 0:
+            raise ValueError(
+                f"finetune_epochs={self.finetune_epochs} with split_seed={self.split_seed}: the "
+                "fine-tune trains on the trainer's training split (seed 0), which would hold "
+                "held-out tokens of this split; use split_seed=0 or finetune_epochs=0"
+            )
+        if self.finetune_epochs > 0 and self.aggregation == "max":
+            raise ValueError(
+                f"finetune_epochs={self.finetune_epochs} with aggregation='max': only a sum "
+                "merge flattens to a plain SAE; use aggregation 'projection' or 'sum', or "
+                "finetune_epochs=0"
             )
         return self
 

@@ -8,6 +8,10 @@ The output folder is a regular SAE folder (``save_sae``: ``cfg.json``,
 - ``merge_eval.parquet``: original vs merged on the held-out split, with ``original_refit``
   (the original codes with a refit decoder) between them when merges are refit;
 - ``merge_sweep.parquet`` and ``merge_sweep.png`` / ``.svg`` when ``params.sweep``.
+
+With ``params.finetune_epochs > 0`` the published SAE is the merge flattened to a plain
+``K'``-latent SAE and fine-tuned (``merge.finetune``); the manifest's ``merge.finetune``
+records the budget, the recipe and the fine-tune's numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from integral_superposition.merge import evaluate as ev
 from integral_superposition.merge.cluster import build_tree
+from integral_superposition.merge.finetune import finetune_recipe
 from integral_superposition.merge.medoid import merge_map_table
 from integral_superposition.merge.params import MergeParams
 from integral_superposition.outputs import figure_bytes, jsonable, parquet_bytes
@@ -70,6 +75,14 @@ def _check_computation(table: pd.DataFrame, what: str) -> None:
                 f"the merge computation produced {col}={vals[bad[0]]} in the {what} ({who}), "
                 "although the store's activations and the SAE's weights are finite"
             )
+
+
+def _training_config(sae_uri: str, storage_options) -> dict[str, Any] | None:
+    """The training config in the SAE's manifest (None for an SAE trained elsewhere)."""
+    try:
+        return read_sae_manifest(sae_uri, storage_options).get("config")
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def run_merge(
@@ -150,7 +163,17 @@ def _run_merge(
     merged, medoids, dist, refit_info = ev.merge_with_labels(
         sae, labels, sim, params, store=store, stats=stats
     )
-    bad = _first_non_finite(merged)
+    published, finetune_info, recipe = merged, {}, None
+    if params.finetune_epochs > 0:
+        rep.set_phase("fine-tune")
+        recipe = finetune_recipe(
+            _training_config(sae_uri, storage_options),
+            sae,
+            params.finetune_epochs,
+            params.test_fraction,
+        )
+        published, finetune_info = ev.finetune(merged, store, params, recipe)
+    bad = _first_non_finite(published)
     if bad is not None:
         raise FloatingPointError(
             f"the merge computation produced NaN or inf values in the merged SAE ({bad[0]} has "
@@ -175,6 +198,21 @@ def _run_merge(
             tree=tree,
             stats=stats,
             reference=reference,
+            recipe=recipe,
+            finetuned=(
+                {
+                    published.d_sae: (
+                        published,
+                        {
+                            **refit_info,
+                            **finetune_info,
+                            "mean_distance_to_medoid": float(dist.mean()),
+                        },
+                    )
+                }
+                if finetune_info and target is not None
+                else None
+            ),
             on_progress=lambda d, _t, phase=None, base=rep.done: rep.update(base + d, phase=phase),
         )
         _check_computation(sweep_table, "sweep")
@@ -184,7 +222,7 @@ def _run_merge(
         files["merge_sweep.svg"] = figure_bytes(fig, "svg", dpi=110)
     same = (
         sweep_table[
-            (sweep_table["partition"] == "cluster") & (sweep_table["k_prime"] == merged.d_sae)
+            (sweep_table["partition"] == "cluster") & (sweep_table["k_prime"] == published.d_sae)
         ]
         if sweep_table is not None and target is not None
         else None
@@ -204,17 +242,23 @@ def _run_merge(
             refit_original, refit_control = ev.refit_identity(sae, params, store=store, stats=stats)
         eval_table = ev.compare(
             sae,
-            merged,
+            published,
             store,
             params,
             backend=backend,
             reference=reference,
             refit_original=refit_original,
+            labels=labels,
         )
         if refit_original is not None:
             for key, value in {**refit_control, "mean_distance_to_medoid": 0.0}.items():
                 eval_table.loc[eval_table["sae"] == "original_refit", key] = value
-        extra = {**refit_info, "mean_distance_to_medoid": float(dist.mean())}
+        extra = {
+            **refit_info,
+            **finetune_info,
+            "mean_distance_to_medoid": float(dist.mean()),
+            "finetuned": bool(finetune_info),
+        }
         for key, value in extra.items():
             eval_table.loc[eval_table["sae"] == "merged", key] = value
     _check_computation(eval_table, "evaluation")
@@ -232,7 +276,7 @@ def _run_merge(
     rows = {r["sae"]: jsonable(r) for r in eval_table.to_dict("records")}
     tick()
     save_sae(
-        merged,
+        published,
         out_uri,
         metadata={**sae.metadata, "merged_from": str(sae_uri)},
         training_config=params,
@@ -248,6 +292,11 @@ def _run_merge(
             "aggregation": params.aggregation,
             "dense_fallback": notes,
             "refit": jsonable(refit_info),
+            "finetune": (
+                {**jsonable(finetune_info), "recipe": recipe.model_dump(mode="json")}
+                if recipe is not None
+                else None
+            ),
             "original_metrics": rows["original"],
             "merged_metrics": rows["merged"],
             "sweep": sweep_records,
