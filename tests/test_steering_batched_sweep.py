@@ -60,11 +60,16 @@ def test_one_call_per_group_of_sets_gives_the_tables_of_one_call_per_set(
     assert list(t.columns) == list(ref.columns) and len(t) == len(ref)
     exact = [c for c in t.columns if c not in FLOATS]
     pd.testing.assert_frame_equal(t[exact], ref[exact])
-    pd.testing.assert_frame_equal(t[FLOATS[:-2]], ref[FLOATS[:-2]], rtol=1e-5, atol=1e-6)
+    close = [c for c in FLOATS[:-2] if c != "prob"]
+    pd.testing.assert_frame_equal(t[close], ref[close], rtol=1e-5, atol=1e-6)
+    # the classifier's probabilities come from a solver that stops at its tolerance: features
+    # that differ by the rounding of other batches move them by about that much
+    pd.testing.assert_frame_equal(t[["prob"]], ref[["prob"]], rtol=2e-2, atol=1e-3)
     g, gref = batched.generations, alone.generations
     exact = [c for c in g.columns if c not in FLOATS]
     pd.testing.assert_frame_equal(g[exact], gref[exact])
-    pd.testing.assert_frame_equal(g[FLOATS[-2:]], gref[FLOATS[-2:]], rtol=1e-5, atol=1e-5)
+    pd.testing.assert_frame_equal(g[["nll"]], gref[["nll"]], rtol=1e-5, atol=1e-5)
+    pd.testing.assert_frame_equal(g[["target_prob"]], gref[["target_prob"]], rtol=2e-2, atol=1e-3)
     pd.testing.assert_frame_equal(batched.check_generations, alone.check_generations)
     pd.testing.assert_frame_equal(batched.fit_generations, alone.fit_generations)
     for lat, lref in zip(batched.summary["latents"], alone.summary["latents"], strict=True):
@@ -83,16 +88,16 @@ def test_one_call_per_group_of_sets_gives_the_tables_of_one_call_per_set(
     whole = t["stopped"].isna() & (t["prompts"] == "neutral")
     assert (t.loc[whole, "n"] == 2 * len(prompts)).all()
     # calls: the unsteered sets, each round of the strengths, the controls; against one per set
-    # (the classifier's fitting set, the neutral set, a check per label, every round of every
-    # strength, every control)
+    # (the classifier's fitting set and its "none" set (2 topic-neutral openings), the neutral
+    # set, a check per label, every round of every strength, every control)
     assert n_batched == 4 and calls[:4] == [
-        2 * 8 + 2 * len(prompts) + len(batched.check_generations),
+        2 * 8 + 2 + 2 * len(prompts) + len(batched.check_generations),
         3 * 2 * len(prompts),
         2 * 2 * len(prompts),
         int(t.loc[t["strength"].notna() & (t["control"] != "steer"), "n"].sum()),
     ]
     n_ctrl = int((t["strength"].notna() & (t["control"] != "steer")).sum())
-    assert n_alone == 1 + 1 + len(labels) + steer_rows["n"].sum() // len(prompts) + n_ctrl
+    assert n_alone == 1 + 1 + 1 + len(labels) + steer_rows["n"].sum() // len(prompts) + n_ctrl
 
 
 def _set(hits: int, n: int, per_token_nll: float, spread: float = 0.05, seed: int = 0):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from integral_superposition import steering
+from integral_superposition import data, steering
 from integral_superposition.dump.synthetic import write_activation_store
 from integral_superposition.sae import SparseAutoencoder
 from integral_superposition.steering.classifier import balanced_weights
@@ -108,10 +108,15 @@ def test_steering_fits_its_classifier_on_continuations_of_training_documents(
     ev = steering.evaluate_steering(tiny_backend, sae, demo_store, params)
     clf = ev.summary["classifier"]
     assert clf["fitted_on"] == "documents+generations" and clf["balanced"]
-    fit = ev.fit_generations
+    everything = ev.fit_generations
+    fit = everything[everything["label"] != "none"]
     n_labels = len(demo_store.label_names)
     assert len(fit) == 3 * n_labels and set(fit["label"]) == set(demo_store.label_names)
     assert clf["n_train_generations"] == int(fit["used"].sum())
+    # the "none" class: continuations of the first 3 topic-neutral fitting openings
+    none = everything[everything["label"] == "none"]
+    assert none["prompt"].tolist() == data.neutral_fit_prompts()[:3]
+    assert clf["abstain"] and clf["n_none_generations"] == int(none["used"].sum())
     # fit prompts open training documents of their label; check prompts open held-out ones
     docs = demo_store.docs
     opening = docs.assign(p=[" ".join(t.split()[:5]) for t in docs["text"]])

@@ -121,8 +121,14 @@ def test_run_steering_eval_publishes_the_sweep_with_controls(published):
     assert set(t["control"]) == {"unsteered", "alpha0", "steer", "random", "own_label"}
     base = t[t["control"] == "unsteered"].iloc[0]
     alpha0 = t[t["control"] == "alpha0"].iloc[0]
-    for col in ("share", "prob", "vocab_mass", "perplexity", "distinct2"):
+    for col in ("share", "abstain", "vocab_mass", "perplexity", "distinct2"):
         assert alpha0[col] == pytest.approx(base[col], nan_ok=True)  # the hook itself is neutral
+    # the same texts: their classifier features differ only by the rounding of the batches
+    # they were read in (the unsteered set shares a call with the classifier's fitting sets)
+    assert alpha0["prob"] == pytest.approx(base["prob"], rel=1e-4)
+    assert res.generations.query("control == 'alpha0'")["text"].tolist() == (
+        res.generations.query("control == 'unsteered' and prompts == 'neutral'")["text"].tolist()
+    )
     steer_row = t[t["control"] == "steer"].iloc[0]
     rand_row = t[t["control"] == "random"].iloc[0]
     assert steer_row["edit_value"] == 40.0 and steer_row["steered_latent"] == 5

@@ -13,7 +13,11 @@ from integral_superposition.data.datasets import (
     split_df,
     validate_frame,
 )
-from integral_superposition.data.demo_corpus import demo_corpus, neutral_prompts
+from integral_superposition.data.demo_corpus import (
+    demo_corpus,
+    neutral_fit_prompts,
+    neutral_prompts,
+)
 from integral_superposition.data.tables import read_table
 from integral_superposition.data.tokenize import pad_batch, tokenize_texts
 
@@ -28,6 +32,7 @@ __all__ = [
     "load_hf_dataset",
     "load_kaggle_dataset",
     "load_titles_csv",
+    "neutral_fit_prompts",
     "neutral_prompts",
     "pad_batch",
     "read_table",

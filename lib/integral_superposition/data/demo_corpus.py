@@ -89,3 +89,10 @@ def demo_corpus(n: int = 4000, seed: int = 0, topics: list[str] | None = None) -
 def neutral_prompts() -> list[str]:
     """Topic-neutral headline openings, for steering evaluations."""
     return list(_DATA["neutral_prompts"])
+
+
+def neutral_fit_prompts() -> list[str]:
+    """Other topic-neutral headline openings, none of them in :func:`neutral_prompts`: the
+    steering classifier learns "no topic" from the model's continuations of these, never from
+    continuations of the prompts it evaluates."""
+    return list(_DATA["neutral_fit_prompts"])

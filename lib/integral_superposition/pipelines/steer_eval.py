@@ -243,6 +243,13 @@ def _lift(lat: Mapping[str, Any], key: str) -> str:
     return f" (lift {v:+.2f}{_ci(lat, key)})" if v is not None else ""
 
 
+def _none(lat: Mapping[str, Any], key: str) -> str:
+    """`` (0.85 no label)``: the share the classifier assigned to no label (empty when it
+    cannot abstain)."""
+    v = lat.get(key)
+    return f" ({v:.2f} no label)" if v else ""
+
+
 def _latent_line(lat: Mapping[str, Any]) -> str:
     """One sentence per steered latent: unsteered share, the best fluent share and each
     control at that strength, each with its 95% interval and its lift over the unsteered
@@ -250,18 +257,19 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
     best = lat.get("best_strength")
     line = (
         f"Latent {lat['latent']} ({lat['label']}): share {lat['baseline_share']:.2f}"
-        f"{_ci(lat, 'baseline_share')} unsteered"
+        f"{_ci(lat, 'baseline_share')} unsteered" + _none(lat, "baseline_abstain")
     )
     if best is not None:
         line += (
-            f", {lat['best_share']:.2f}{_ci(lat, 'best_share')}{_lift(lat, 'best_lift')} at "
+            f", {lat['best_share']:.2f}{_ci(lat, 'best_share')}{_lift(lat, 'best_lift')}"
+            f"{_none(lat, 'best_abstain')} at "
             f"strength {best:g} (perplexity x{lat['best_ppl_ratio']:.2f})"
         )
         if lat.get("random_share_at_best") is not None:
             line += (
                 f"; random latent {lat['random_latent']} at that strength: "
                 f"{lat['random_share_at_best']:.2f}{_ci(lat, 'random_share_at_best')}"
-                f"{_lift(lat, 'random_lift_at_best')}"
+                f"{_lift(lat, 'random_lift_at_best')}" + _none(lat, "random_abstain_at_best")
             )
         if lat.get("own_label_share_at_best") is not None:
             line += (
@@ -303,8 +311,20 @@ def steering_section(
         f"Steering at {s.get('hook_point')} ({s.get('mode')}, positions {s.get('positions')}) over "
         f"{s.get('n_prompts')} neutral prompts x {s.get('samples_per_prompt', 1)} samples. "
         f"Shares are the fraction of continuations the label classifier assigns to the target "
-        f"label, with 95% Wilson intervals. Label classifier (fitted on "
-        f"{clf.get('fitted_on', 'documents')}): held-out accuracy "
+        f"label, with 95% Wilson intervals"
+        + (
+            " (a continuation the classifier assigns to no label, 'none', is a miss)"
+            if clf.get("abstain")
+            else ""
+        )
+        + f". Label classifier (fitted on {clf.get('fitted_on', 'documents')}"
+        + (
+            f", and on {clf.get('n_none_generations')} continuations of topic-neutral openings "
+            "as 'none'"
+            if clf.get("abstain")
+            else ", a forced choice among the labels"
+        )
+        + "): held-out accuracy "
         f"{clf.get('held_out_accuracy', float('nan')):.3f} on {clf.get('n_test_docs')} documents "
         f"(chance {clf.get('chance', float('nan')):.2f})."
     ]
@@ -330,7 +350,7 @@ def steering_section(
         lines.append(_latent_line(lat))
     cols = [
         "latent", "label", "control", "strength", "n", "share", "share_lo", "share_hi",
-        "lift", "lift_lo", "lift_hi", "vocab_mass", "perplexity", "ppl_ratio", "distinct2", "stopped", "classifier_valid",
+        "lift", "lift_lo", "lift_hi", "abstain", "vocab_mass", "perplexity", "ppl_ratio", "distinct2", "stopped", "classifier_valid",
     ]  # fmt: skip
     table = result.table[[c for c in cols if c in result.table.columns]].round(4)
     tables = [

@@ -6,7 +6,8 @@
   store's hook point, fitted on the store's labelled training documents and (with
   :meth:`LabelClassifier.with_generations`) on the model's own continuations of their
   openings, classes balanced; it reads any text through a backend the same way the store was
-  dumped.
+  dumped. With a ``none`` class fitted on continuations of topic-neutral openings it can
+  abstain: text of no label is not forced onto one (:func:`predicted_labels`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,32 @@ import torch
 from integral_superposition.data.tokenize import pad_batch, pad_token_id, special_ids
 
 __all__ = [
+    "ABSTAIN",
+    "EMPTY",
+    "NONE_LABEL",
     "LabelClassifier",
     "balanced_weights",
     "label_prompts",
     "label_vocabulary",
     "mean_pooled_documents",
+    "predicted_labels",
 ]
+
+NONE_LABEL = "none"
+"""The name of the abstaining classifier's extra class: text of no label."""
+ABSTAIN = -2
+"""Predicted code of a continuation the classifier assigns to no label (``none``)."""
+EMPTY = -1
+"""Predicted code of a continuation with nothing to classify."""
+
+
+def predicted_labels(proba: np.ndarray, valid: np.ndarray, n_labels: int) -> np.ndarray:
+    """``[n]`` the label of each row from ``proba [n, n_labels (+1)]``: ``0..n_labels-1``,
+    :data:`ABSTAIN` where the ``none`` column (index ``n_labels``) wins, :data:`EMPTY` where
+    ``valid [n]`` is False (nothing to classify)."""
+    arg = np.asarray(proba).argmax(1) if len(proba) else np.zeros(0, dtype=np.int64)
+    arg = np.where(arg >= n_labels, ABSTAIN, arg)
+    return np.where(np.asarray(valid, dtype=bool), arg, EMPTY).astype(np.int64)
 
 
 # -- target vocabularies --------------------------------------------------------------------------
@@ -157,6 +178,13 @@ class LabelClassifier:
     """Generated continuations the classifier was fitted on."""
     train_doc_ids: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))
     """The training documents (the prompts of fitted continuations come from these only)."""
+    abstain: bool = False
+    """It has a ``none`` class (column ``len(label_names)`` of :meth:`predict_proba`), fitted
+    on continuations of topic-neutral openings: it may assign text to no label."""
+    n_none_generations: int = 0
+    """Continuations of topic-neutral openings fitted as ``none``."""
+    test_abstain: float = 0.0
+    """Share of the held-out documents assigned to ``none``."""
     _train: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)
     _test: tuple[np.ndarray, np.ndarray] | None = field(repr=False, default=None)
 
@@ -222,8 +250,9 @@ class LabelClassifier:
     def _score_documents(self) -> None:
         """Held-out document accuracy and per-label recall of the current model."""
         X, y = self._test
-        pred = self.model.predict(X)
         n_labels = len(self.label_names)
+        pred = predicted_labels(self.predict_proba(X), np.ones(len(y), bool), n_labels)
+        self.test_abstain = float((pred == ABSTAIN).mean()) if len(y) else 0.0
         docs = np.bincount(y, minlength=n_labels)
         hits = np.bincount(y[pred == y], minlength=n_labels)
         self.accuracy = float((pred == y).mean())
@@ -233,14 +262,23 @@ class LabelClassifier:
         self.test_docs = [int(d) for d in docs]
 
     def with_generations(
-        self, X: np.ndarray, y: np.ndarray, *, documents: bool = True
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        documents: bool = True,
+        X_none: np.ndarray | None = None,
     ) -> LabelClassifier:
         """A copy refitted on generated continuations ``X [n, d]`` (mean-pooled as
         :meth:`features` reads them) labelled ``y [n]`` by the document whose opening
         prompted them - openings of *training* documents only, so that held-out documents
         stay held out - plus, with ``documents``, the training documents. With both sources
         each carries half the weight, and within each every label the same share (when
-        ``balanced``). Held-out document accuracy is measured again for the new model."""
+        ``balanced``). Held-out document accuracy is measured again for the new model.
+
+        ``X_none [m, d]``: continuations of topic-neutral openings, fitted as an extra class
+        ``none`` (the classifier can then abstain); with ``balanced``, the class carries the
+        total weight of one label. The openings must not be the prompts it will judge."""
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64)
         if (
@@ -261,16 +299,42 @@ class LabelClassifier:
                 f"y has a single label ({np.unique(y).tolist()}): fitting on generations alone "
                 "needs continuations of two or more labels"
             )
+        n_labels = len(self.label_names)
         Xd, yd = self._train
-        sources = [(Xd, yd), (X, y)] if documents else [(X, y)]
+        sources = [(Xd, yd)] if documents else []
+        if y.size:
+            sources.append((X, y))
         Xa = np.concatenate([s[0] for s in sources])
         ya = np.concatenate([s[1] for s in sources])
         w = balanced_weights([s[1] for s in sources]) if self.balanced else np.ones(ya.size)
+        n_none = 0
+        if X_none is not None:
+            Xn = np.asarray(X_none, dtype=np.float32)
+            if Xn.ndim != 2 or Xn.shape[0] == 0 or Xn.shape[1] != Xd.shape[1]:
+                raise ValueError(
+                    f"X_none {Xn.shape}: expected continuations of topic-neutral openings "
+                    f"[m >= 1, {Xd.shape[1]}]"
+                )
+            if NONE_LABEL in self.label_names:
+                raise ValueError(
+                    f"label_names={self.label_names} already hold {NONE_LABEL!r}: the "
+                    "abstaining classifier needs that name for text of no label"
+                )
+            n_none = int(Xn.shape[0])
+            # as one more label: the class's total weight is a label's mean total weight
+            wn = np.full(n_none, w.sum() / n_labels / n_none if self.balanced else 1.0)
+            Xa, ya = np.concatenate([Xa, Xn]), np.concatenate([ya, np.full(n_none, n_labels)])
+            w = np.concatenate([w, wn])
+            w = w * (w.size / w.sum())
         out = dataclasses.replace(
             self,
             model=_fit_model(Xa, ya, w, self.C),
-            fitted_on="documents+generations" if documents else "generations",
+            fitted_on=(
+                ("documents+generations" if documents else "generations") if y.size else "documents"
+            ),
             n_train_generations=int(y.size),
+            abstain=n_none > 0,
+            n_none_generations=n_none,
         )
         out._score_documents()
         return out
@@ -303,12 +367,24 @@ class LabelClassifier:
             valid[idx] = (n > 0).cpu().numpy()
         return X, valid
 
+    @property
+    def classes(self) -> list[str]:
+        """The columns of :meth:`predict_proba`: the labels, then ``none`` when it abstains."""
+        return [*self.label_names, NONE_LABEL] if self.abstain else list(self.label_names)
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """``[n, C]`` label probabilities (columns in ``label_names`` order)."""
+        """``[n, C]`` label probabilities (columns in ``label_names`` order), ``[n, C + 1]``
+        with the ``none`` column last when the classifier abstains."""
         proba = self.model.predict_proba(X)
-        out = np.zeros((X.shape[0], len(self.label_names)))
+        out = np.zeros((X.shape[0], len(self.classes)))
         out[:, self.model.classes_] = proba
         return out
+
+    def predict(self, X: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """``[n]`` label ids of ``X [n, d]``: :data:`ABSTAIN` for ``none``, :data:`EMPTY`
+        where ``valid [n]`` is False."""
+        ok = np.ones(X.shape[0], bool) if valid is None else valid
+        return predicted_labels(self.predict_proba(X), ok, len(self.label_names))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -316,6 +392,9 @@ class LabelClassifier:
             "fitted_on": self.fitted_on,
             "balanced": self.balanced,
             "n_train_generations": self.n_train_generations,
+            "abstain": self.abstain,
+            "n_none_generations": self.n_none_generations,
+            "held_out_abstain": self.test_abstain,
             "hook_point": self.hook_point,
             "held_out_accuracy": self.accuracy,
             "n_train_docs": self.n_train,

@@ -94,6 +94,10 @@ class SteeringParams(BaseModel):
     """What the classifier is fitted on: the store's training documents, the model's own continuations of their openings (``classifier_fit_generations`` per label, ``max_new_tokens`` long, labelled by the source document), or both (each source half the weight). Continuations are what it judges; documents alone misread them."""
     classifier_fit_generations: int = Field(48, ge=1)
     """Continuations per label generated for the classifier's fit (one per training document, its first ``own_prompt_words`` words as the prompt)."""
+    classifier_abstain: bool = True
+    """The classifier may assign a continuation to no label: a ``none`` class fitted on the unsteered model's continuations of topic-neutral openings (``abstain_prompts``, never the evaluation's ``prompts``; ``classifier_fit_generations`` of them, one per opening), weighted as one more label. A continuation assigned to ``none`` counts as a miss for every label, and the tables give the share assigned to it (``abstain``). False: a forced choice among the labels, so text of no label still gets one and a topic-neutral edit keeps the unsteered share."""
+    abstain_prompts: list[str] | None = None
+    """Topic-neutral openings the ``none`` class is fitted on (default: ``data.neutral_fit_prompts()``); none of them may be one of the evaluation's ``prompts``."""
     classifier_balanced: bool = True
     """Every label carries the same total weight in the classifier's fit, so that no label is its default answer for text of no label."""
     ppl_ratio_max: float = Field(2.0, gt=1)
@@ -114,7 +118,7 @@ class SteeringParams(BaseModel):
             raise ValueError(f"strengths={v}: expected distinct strengths")
         return sorted(v)
 
-    @field_validator("prompts")
+    @field_validator("prompts", "abstain_prompts")
     @classmethod
     def _prompts(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and not v:

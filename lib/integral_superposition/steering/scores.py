@@ -107,14 +107,15 @@ def set_metrics(
 ) -> dict[str, Any]:
     """Metrics of one set of ``n`` generations scored for target label ``label``.
 
-    ``predicted [n]``: the classifier's label per generation (-1: nothing to classify, which
-    counts as not the target); ``proba [n, C]``; ``nll [n]`` / ``n_tokens [n]``: summed
-    negative log-likelihood and token count of each continuation under the unsteered model;
-    ``vocab_mass [n, C]`` (optional). ``share`` is ``hits / n`` with its 95% Wilson interval
-    ``share_lo``..``share_hi``.
+    ``predicted [n]``: the classifier's label per generation (-1: nothing to classify, -2:
+    ``none``, the classifier abstained; both count as not the target); ``proba [n, C (+1)]``;
+    ``nll [n]`` / ``n_tokens [n]``: summed negative log-likelihood and token count of each
+    continuation under the unsteered model; ``vocab_mass [n, C]`` (optional). ``share`` is
+    ``hits / n`` with its 95% Wilson interval ``share_lo``..``share_hi``; ``abstain`` the share
+    assigned to no label, ``empty`` the count with nothing to classify.
     """
     n = int(predicted.shape[0])
-    valid = predicted >= 0
+    valid = predicted != -1
     hits = int((predicted == label).sum())
     lo, hi = wilson_interval(hits, n)
     total = float(n_tokens.sum())
@@ -134,6 +135,7 @@ def set_metrics(
         "distinct2": _distinct2(token_ids),
         "mean_tokens": float(n_tokens.mean()) if n else float("nan"),
         "empty": int((~valid).sum()),
+        "abstain": float((predicted == -2).mean()) if n else float("nan"),
     }
 
 
@@ -201,12 +203,12 @@ class GenerationCheck:
     table: pd.DataFrame
     """One row per prompt label: ``label, n, recall, recall_lo, recall_hi,
     heldout_docs, heldout_recall`` and ``to_<label>`` (share of the continuations predicted
-    as each label)."""
+    as each label; ``to_none``: assigned to no label, when the classifier can abstain)."""
     chance: float
     margin: float
     dominant_label: str | None
-    """A label that takes most predictions on the prompts of every label (the classifier
-    then cannot tell generations apart), else None."""
+    """A label (or ``none``: abstentions) that takes most predictions on the prompts of every
+    label (the classifier then cannot tell generations apart), else None."""
     judged: dict[str, bool]
     """Per label: True when the classifier can judge generations toward it."""
 
@@ -219,6 +221,10 @@ class GenerationCheck:
         """Why generations toward ``label`` cannot be judged (None when they can)."""
         if self.judged.get(label, False):
             return None
+        if self.dominant_label == "none":
+            return (
+                "the classifier assigns most continuations to no label whatever the prompt's label"
+            )
         if self.dominant_label is not None:
             return (
                 f"the classifier predicts {self.dominant_label} for most continuations "
@@ -271,16 +277,19 @@ def judge_generations(
     margin: float = 0.2,
     heldout_recall: Sequence[float] | None = None,
     heldout_docs: Sequence[int] | None = None,
+    abstain: bool = False,
 ) -> GenerationCheck:
     """Can the classifier judge generations? ``prompt_labels [n]``: the label of the prompt
     each unsteered continuation was generated from; ``predicted [n]``: the classifier's label
-    for it (-1: nothing to classify).
+    for it (-1: nothing to classify; -2: ``none``, it abstained).
 
     A label ``L`` can be judged when, on continuations of ``L``'s own prompts, the classifier
-    predicts ``L`` at least ``chance + margin`` of the time (``chance = 1 / C``), and no label
+    predicts ``L`` at least ``chance + margin`` of the time (``chance = 1 / C`` over the
+    labels; an abstention is a miss, so abstaining never helps), and no label - nor ``none`` -
     takes most predictions (over half) on the prompts of every checked label: a classifier
-    that predicts one label whatever the text measures nothing. ``heldout_recall`` /
-    ``heldout_docs``: per-label recall on held-out documents, shown beside it.
+    that predicts one label whatever the text, or abstains on it all, measures nothing.
+    ``heldout_recall`` / ``heldout_docs``: per-label recall on held-out documents, shown
+    beside it. ``abstain``: the classifier can abstain (a ``to_none`` column is added).
     """
     names = list(label_names)
     C = len(names)
@@ -301,7 +310,10 @@ def judge_generations(
         hits = int((p == c).sum())
         lo, hi = wilson_interval(hits, n)
         shares = {f"to_{names[j]}": float((p == j).mean()) for j in range(C)}
-        counts = np.bincount(p[p >= 0], minlength=C)
+        if abstain:
+            shares["to_none"] = float((p == -2).mean())
+        # index C: abstentions, a possible majority of their own
+        counts = np.bincount(np.where(p == -2, C, p)[p != -1], minlength=C + 1)
         majority.append(int(counts.argmax()) if counts.max() * 2 > n else -1)
         rows.append({
             "label": names[c], "n": n, "recall": hits / n, "recall_lo": lo, "recall_hi": hi,
@@ -310,10 +322,11 @@ def judge_generations(
             **shares,
         })  # fmt: skip
     columns = ["label", "n", "recall", "recall_lo", "recall_hi", "heldout_docs", "heldout_recall"]
-    table = pd.DataFrame(rows, columns=columns + [f"to_{name}" for name in names])
+    to = [f"to_{name}" for name in names] + (["to_none"] if abstain else [])
+    table = pd.DataFrame(rows, columns=columns + to)
     dominant = None
     if len(majority) >= 2 and majority[0] >= 0 and len(set(majority)) == 1:
-        dominant = names[majority[0]]
+        dominant = [*names, "none"][majority[0]]
     judged = {r["label"]: bool(dominant is None and r["recall"] >= chance + margin) for r in rows}
     return GenerationCheck(table, chance, margin, dominant, judged)
 
@@ -326,6 +339,7 @@ def _at(ms: dict[float, dict[str, Any]], strength: float | None, prefix: str) ->
     for what in ("share", "lift"):
         for end in ("", "_lo", "_hi"):
             out[f"{prefix}_{what}_at_best{end}"] = _finite(m.get(what + end)) if m else None
+    out[f"{prefix}_abstain_at_best"] = _finite(m.get("abstain")) if m else None
     return out
 
 
@@ -353,7 +367,9 @@ def latent_summary(
     unsteered set ``own_base_m``). Every share at the best strength comes with its lift over
     the unsteered share of the same prompts (``*_lift_at_best``, ``best_lift``; the paired
     difference with its 95% interval, :func:`paired_lift`), so a control's share can be read
-    against what unsteered text already scores. ``stopped``: why a strength ended early (it is
+    against what unsteered text already scores, and the share assigned to no label
+    (``baseline_abstain``, ``best_abstain``, ``*_abstain_at_best``; None when the metrics
+    have none). ``stopped``: why a strength ended early (it is
     then not a candidate for the best)."""
     tab = pd.DataFrame([{"strength": st, **m} for st, m in steer_ms])
     if stopped is not None:
@@ -365,6 +381,7 @@ def latent_summary(
         "latent": j, "label": label, "n": base_m["n"], "baseline_share": base_m["share"],
         "baseline_share_lo": base_m["share_lo"], "baseline_share_hi": base_m["share_hi"],
         "baseline_vocab_mass": base_m["vocab_mass"], "baseline_perplexity": base_m["perplexity"],
+        "baseline_abstain": _finite(base_m.get("abstain")), "best_abstain": get("abstain"),
         "best_strength": at,
         "best_share": get("share"), "best_share_lo": get("share_lo"),
         "best_share_hi": get("share_hi"),

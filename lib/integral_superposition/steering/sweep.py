@@ -40,9 +40,11 @@ from matplotlib.figure import Figure
 from integral_superposition import compute
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.steering.classifier import (
+    NONE_LABEL,
     LabelClassifier,
     label_prompts,
     label_vocabulary,
+    predicted_labels,
 )
 from integral_superposition.steering.edits import Edit, RowEdits
 from integral_superposition.steering.generation import (
@@ -86,6 +88,9 @@ class _Scored:
     valid: np.ndarray  # [n]
     nll: np.ndarray  # [n]
     n_tok: np.ndarray  # [n]
+    n_labels: int | None = None
+    """Labels of the classifier; ``proba``'s column ``n_labels`` (if any) is ``none`` (None:
+    every column is a label)."""
 
     stopped: str | None = None
     """Why the set ended before all its rounds (``perplexity``, ``cannot win``), else None."""
@@ -104,12 +109,14 @@ class _Scored:
             meta=gs[0].meta,
         )
         cat = lambda k: np.concatenate([getattr(s, k) for s in parts], 0)  # noqa: E731
-        return cls(gens, cat("proba"), cat("valid"), cat("nll"), cat("n_tok"))
+        return cls(gens, cat("proba"), cat("valid"), cat("nll"), cat("n_tok"), parts[0].n_labels)
 
     @property
     def predicted(self) -> np.ndarray:
-        """``[n]`` the classifier's label of each continuation (-1: nothing to classify)."""
-        return np.where(self.valid, self.proba.argmax(1), -1)
+        """``[n]`` the classifier's label of each continuation (-1: nothing to classify, -2:
+        no label, the classifier abstained)."""
+        n_labels = self.n_labels if self.n_labels is not None else self.proba.shape[1]
+        return predicted_labels(self.proba, self.valid, n_labels)
 
     def metrics(self, label: int, base_ppl: float | None) -> dict[str, Any]:
         return set_metrics(
@@ -141,7 +148,8 @@ class _Raw:
 
     def scored(self, classifier: LabelClassifier) -> _Scored:
         proba = classifier.predict_proba(self.X)
-        return _Scored(self.gens, proba, self.valid, self.nll, self.n_tok)
+        n_labels = len(classifier.label_names)
+        return _Scored(self.gens, proba, self.valid, self.nll, self.n_tok, n_labels)
 
 
 def _stop_reasons(
@@ -278,11 +286,39 @@ class SteeringEval:
         return plot_sweep(self.table, self.summary.get("ppl_ratio_max"))
 
 
+def _same_text(a: str) -> str:
+    return " ".join(a.split()).casefold()
+
+
+def abstain_openings(p: SteeringParams, prompts: list[str]) -> list[str]:
+    """The topic-neutral openings the classifier's ``none`` class is fitted on
+    (``p.abstain_prompts``, default ``data.neutral_fit_prompts()``), checked to share no
+    opening with the evaluation's ``prompts`` (compared with case and spacing ignored): the
+    classifier must never be fitted on continuations of the prompts it judges."""
+    from integral_superposition.data import neutral_fit_prompts
+
+    own = p.abstain_prompts if p.abstain_prompts is not None else neutral_fit_prompts()
+    shared = sorted({_same_text(t) for t in own} & {_same_text(t) for t in prompts})
+    if shared:
+        raise ValueError(
+            f"abstain_prompts share {len(shared)} opening(s) with the evaluation's prompts "
+            f"({shared[:3]}): expected openings disjoint from the prompts it judges"
+        )
+    return check_prompts(own)
+
+
 def _check_inputs(p: SteeringParams, backend, sae, store) -> tuple[list[str], Any]:
     from integral_superposition.data import neutral_prompts
 
     prompts = check_prompts(p.prompts if p.prompts is not None else neutral_prompts())
     check_steerable_prompts(backend.tokenizer, prompts)
+    if p.classifier_abstain:
+        check_steerable_prompts(backend.tokenizer, abstain_openings(p, prompts))
+        if NONE_LABEL in store.label_names:
+            raise ValueError(
+                f"classifier_abstain=True but the store has a label named {NONE_LABEL!r} "
+                f"({store.label_names}): expected labels other than the abstaining class's name"
+            )
     hp = resolve_sae_hook_point(backend, sae, p.hook_point or store.hook_point)
     if store.d_model != sae.d_in:
         raise ValueError(f"sae.d_in={sae.d_in} does not match the store's d_model={store.d_model}")
@@ -331,8 +367,8 @@ def evaluate_steering(
 
     Sets that do not wait on each other share a generation call (in batches of at most
     ``batch_size`` rows, each steered set's rows with its own edit): the unsteered sets (the
-    classifier's fitting continuations, the neutral prompts', the classifier check's), each
-    round of every latent's strengths, and every latent's controls. ``sets_per_call``: at most
+    classifier's fitting continuations and its "none" set, the neutral prompts', the
+    classifier check's), each round of every latent's strengths, and every latent's controls. ``sets_per_call``: at most
     that many sets per call (None: no limit; 1: one set per call, which gives the same rows).
     """
     from integral_superposition.steering.edits import max_activations
@@ -404,7 +440,8 @@ def evaluate_steering(
         + n_ctrl * (("random" in p.controls) + ("own_label" in p.controls))
     )
     fit_gens = fit_here and p.classifier_fit != "documents"
-    rep.update(0, 1 + len(checked) + len(picks) * per_latent + fit_gens)
+    fit_none = fit_here and p.classifier_abstain
+    rep.update(0, 1 + len(checked) + len(picks) * per_latent + fit_gens + fit_none)
 
     def generate(chunk: list[_Set]) -> list[_Raw]:
         """One generation call of every row of ``chunk``'s sets (in batches of at most
@@ -482,6 +519,12 @@ def evaluate_steering(
         fit_gens = bool(fit_prompts)  # no training document with text: documents alone
         if fit_gens:
             first.append(_Set(fit_prompts, None, 1))
+    n_none = p.classifier_fit_generations
+    if fit_none:
+        # the "none" class: continuations of other topic-neutral openings than the
+        # evaluation's, one per opening (more samples each when there are fewer openings)
+        openings = abstain_openings(p, prompts)[:n_none]
+        first.append(_Set(openings, None, -(-n_none // len(openings))))
     first.append(_Set(prompts, None, full))
     own_prompts: dict[int, list[str]] = {}
     for c in checked:
@@ -498,16 +541,35 @@ def evaluate_steering(
     per = sets_per_call or len(first)
     raw = [r for i in range(0, len(first), per) for r in generate(first[i : i + per])]
     fit_frame = None
+    fit_parts = []
+    X_fit, y_fit = np.zeros((0, store.d_model), np.float32), np.zeros(0, np.int64)
     if fit_gens:
         fit_raw, raw = raw[0], raw[1:]
         y = np.asarray(fit_y, dtype=np.int64)
-        classifier = classifier.with_generations(
-            fit_raw.X[fit_raw.valid], y[fit_raw.valid], documents=p.classifier_fit == "both"
-        )
-        fit_frame = pd.DataFrame({
+        X_fit, y_fit = fit_raw.X[fit_raw.valid], y[fit_raw.valid]
+        fit_parts.append(pd.DataFrame({
             "label": [names[c] for c in fit_y], "prompt": fit_raw.gens.prompts,
             "text": fit_raw.gens.texts, "used": fit_raw.valid,
-        })  # fmt: skip
+        }))  # fmt: skip
+    X_none = None
+    if fit_none:
+        none_raw, raw = raw[0], raw[1:]
+        sl = slice(0, n_none)  # rows run sample by sample: the first n_none openings' rows
+        X_none = none_raw.X[sl][none_raw.valid[sl]]
+        fit_parts.append(pd.DataFrame({
+            "label": NONE_LABEL, "prompt": none_raw.gens.prompts[sl],
+            "text": none_raw.gens.texts[sl], "used": none_raw.valid[sl],
+        }))  # fmt: skip
+        if not len(X_none):
+            raise ValueError(
+                "no continuation of the abstain_prompts had a token to classify: expected "
+                "text to fit the classifier's 'none' class on"
+            )
+    if fit_gens or fit_none:
+        classifier = classifier.with_generations(
+            X_fit, y_fit, documents=p.classifier_fit == "both" or not fit_gens, X_none=X_none
+        )
+        fit_frame = pd.concat(fit_parts, ignore_index=True)
     base = raw[0].scored(classifier)
     own_sets: dict[int, tuple[list[str], _Scored]] = {
         c: (own, r.scored(classifier))
@@ -518,13 +580,14 @@ def evaluate_steering(
         np.concatenate([np.full(len(s.gens), c) for c, (_, s) in own_sets.items()] or [[]]),
         np.concatenate([s.predicted for _, s in own_sets.values()] or [[]]),
         names, margin=p.judge_margin, heldout_recall=classifier.test_recall or None,
-        heldout_docs=classifier.test_docs or None,
+        heldout_docs=classifier.test_docs or None, abstain=classifier.abstain,
     )  # fmt: skip
+    shown = {**dict(enumerate(names)), -1: None, -2: NONE_LABEL}  # a predicted code's name
     check_gens = pd.DataFrame({
         "prompt_label": [names[c] for c, (_, s) in own_sets.items() for _ in range(len(s.gens))],
         "prompt": [t for _, s in own_sets.values() for t in s.gens.prompts],
         "text": [t for _, s in own_sets.values() for t in s.gens.texts],
-        "predicted": [names[i] if i >= 0 else None for _, s in own_sets.values() for i in s.predicted],
+        "predicted": [shown[i] for _, s in own_sets.values() for i in s.predicted],
     })  # fmt: skip
 
     rows: list[dict[str, Any]] = []
@@ -556,7 +619,7 @@ def evaluate_steering(
             "set": len(rows) - 1, "latent": int(pick["latent"]), "label": pick["label"],
             "control": control, "strength": strength, "prompts": prompt_set,
             "prompt": s.gens.prompts, "text": s.gens.texts,
-            "predicted": [names[i] if i >= 0 else None for i in s.predicted],
+            "predicted": [shown[i] for i in s.predicted],
             "target_prob": s.proba[:, c], "n_tokens": s.n_tok, "nll": s.nll,
         }))  # fmt: skip
         return m
@@ -645,13 +708,17 @@ def evaluate_steering(
     table = pd.DataFrame(rows)
     generations = pd.concat(gen_frames, ignore_index=True)
     neutral = np.bincount(base.predicted[base.predicted >= 0], minlength=len(names))
+    neutral_share = {
+        n: float(k / max(len(base.gens), 1)) for n, k in zip(names, neutral, strict=True)
+    }
+    if classifier.abstain:
+        neutral_share[NONE_LABEL] = float((base.predicted == -2).mean())
     clf = {
         **classifier.describe(),
         "generations": check.describe(),
-        # what it calls unsteered continuations of the neutral prompts: no label should own them
-        "neutral": {
-            n: float(k / max(len(base.gens), 1)) for n, k in zip(names, neutral, strict=True)
-        },
+        # what it calls unsteered continuations of the neutral prompts: no label should own
+        # them (with abstention: mostly "none")
+        "neutral": neutral_share,
     }
     summary = {
         "hook_point": hp.name,

@@ -474,6 +474,9 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
         base = _num(lat.get("baseline_share"))
         if base is not None:
             detail += f"; unsteered {base:.2f}"
+            none = _num(lat.get("baseline_abstain"))
+            if none:  # an abstaining classifier: the share of unsteered text of no label
+                detail += f" ({none:.2f} no label)"
             detail += _lift_text(lat, "best_lift")
         own = _num(lat.get("own_label_share_at_best"))
         if own is not None:
