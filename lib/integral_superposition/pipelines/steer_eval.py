@@ -79,6 +79,8 @@ def run_steering_eval(
         out.parquet("check_generations.parquet", ev.check_generations)
         if ev.fit_generations is not None:
             out.parquet("classifier_fit_generations.parquet", ev.fit_generations)
+        if ev.pilot is not None:
+            out.parquet("pilot.parquet", ev.pilot)
         out.figure("sweep", ev.figure())
         out.json("summary.json", ev.summary)
         return out.publish(
@@ -98,6 +100,7 @@ STEERING_FILES = (
     "classifier_check.parquet",
     "check_generations.parquet",
     "classifier_fit_generations.parquet",
+    "pilot.parquet",
     "sweep.png",
     "sweep.svg",
     "summary.json",
@@ -147,6 +150,13 @@ class SteeringResult(Output):
         if "classifier_fit_generations.parquet" not in self.manifest.get("files", {}):
             return None
         return self.parquet("classifier_fit_generations.parquet")
+
+    @property
+    def pilot(self) -> pd.DataFrame | None:
+        """The pilot among each label's candidate latents (None when it ran none)."""
+        if "pilot.parquet" not in self.manifest.get("files", {}):
+            return None
+        return self.parquet("pilot.parquet")
 
     @property
     def headline(self) -> pd.DataFrame:

@@ -70,6 +70,12 @@ class SteeringParams(BaseModel):
     """Run the strengths in rounds of one continuation per prompt, round r of every strength still running (of every latent) in one generation call. After each round but the last, every running strength is decided at once from its rows so far: it ends when the 95% lower bound of its perplexity exceeds ``ppl_ratio_max`` x unsteered (``perplexity``), or when the 95% upper bound of its share is below the 95% lower bound of the share of another running strength of the same latent whose perplexity's 95% upper bound is within ``ppl_ratio_max`` x unsteered (``cannot win``: another strength is surely fluent and surely better). A strength that ended early is never the best, so the best strength and the controls always have all ``samples_per_prompt`` continuations (the unsteered sets, the classifier check and the controls run in full, in one call per group). False (or ``stop_above_ppl=False``): every strength runs in full; with ``stop_above_ppl``, in increasing order, one call per strength for all latents."""
     stop_above_ppl: bool = True
     """Stop a latent's sweep after the first strength whose perplexity exceeds ``ppl_ratio_max`` x unsteered (stronger edits only get less fluent)."""
+    pilot_candidates: int = Field(1, ge=1)
+    """``latents="auto"``: each label's best latents by ``rank_by`` tried in a pilot before the sweep; the one with the highest pilot share within the fluency bound (ties: the better ranked) is swept (1: no pilot, the best ranked is swept). The pilot's continuations use sample indices after the sweep's (``samples_per_prompt`` on), so the shares the sweep reports are fresh draws, not the ones the pick was made on."""
+    pilot_strengths: list[float] = Field(default_factory=lambda: [0.25, 0.5])
+    """Strengths of the pilot (same mode as the sweep)."""
+    pilot_samples: int = Field(1, ge=1)
+    """Continuations per neutral prompt per pilot strength."""
     own_label_prompts: int = Field(12, ge=1)
     """Prompts cut from held-out documents of each label: the ``own_label`` control and the classifier check."""
     own_prompt_words: int = Field(5, ge=1)
@@ -107,7 +113,7 @@ class SteeringParams(BaseModel):
     device: str = "auto"
     """Torch device of the SAE scan: ``auto`` (the model's), ``cpu``, ``cuda:0``, ..."""
 
-    @field_validator("strengths")
+    @field_validator("strengths", "pilot_strengths")
     @classmethod
     def _strengths(cls, v: list[float]) -> list[float]:
         if not v:

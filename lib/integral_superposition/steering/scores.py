@@ -30,6 +30,7 @@ __all__ = [
     "log_perplexity_interval",
     "paired_lift",
     "pick_best_strength",
+    "pilot_choice",
     "set_metrics",
     "wilson_interval",
 ]
@@ -194,6 +195,34 @@ def pick_best_strength(sweep: pd.DataFrame, ppl_ratio_max: float) -> pd.Series |
         return None
     order = fluent.sort_values(["share", "strength"], ascending=[False, True], kind="stable")
     return order.iloc[0]
+
+
+def pilot_choice(pilot: pd.DataFrame, per_label: int, ppl_ratio_max: float) -> pd.DataFrame:
+    """The latents a pilot picks: per label, the ``per_label`` candidates with the highest
+    share at a strength within ``ppl_ratio_max`` x unsteered perplexity (ties, and candidates
+    with no fluent strength, in ``rank`` order). ``pilot``: one row per candidate and pilot
+    strength (``label, latent, rank, strength, share, ppl_ratio``). Returns ``label, latent,
+    rank, pilot_share, pilot_strength`` (share and strength None when no strength was
+    fluent)."""
+    fluent = pilot[np.isfinite(pilot["ppl_ratio"]) & (pilot["ppl_ratio"] <= ppl_ratio_max)]
+    best = (
+        fluent.sort_values(["share", "strength"], ascending=[False, True], kind="stable")
+        .drop_duplicates(["label", "latent"])
+        .set_index(["label", "latent"])
+    )
+    rows = []
+    for (label, latent), g in pilot.groupby(["label", "latent"], sort=False):
+        hit = best.loc[(label, latent)] if (label, latent) in best.index else None
+        rows.append({
+            "label": label, "latent": int(latent), "rank": int(g["rank"].iloc[0]),
+            "pilot_share": float(hit["share"]) if hit is not None else None,
+            "pilot_strength": float(hit["strength"]) if hit is not None else None,
+        })  # fmt: skip
+    out = pd.DataFrame(rows, columns=["label", "latent", "rank", "pilot_share", "pilot_strength"])
+    key = out["pilot_share"].astype(float).fillna(-1.0)
+    out = out.assign(_k=key).sort_values(["_k", "rank"], ascending=[False, True], kind="stable")
+    out = out.groupby("label", sort=False).head(per_label).drop(columns="_k")
+    return out.sort_values(["label", "rank"], kind="stable").reset_index(drop=True)
 
 
 @dataclass

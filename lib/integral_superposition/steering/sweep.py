@@ -69,6 +69,7 @@ from integral_superposition.steering.scores import (
     log_perplexity_interval,
     paired_lift,
     pick_best_strength,
+    pilot_choice,
     set_metrics,
     wilson_interval,
 )
@@ -281,6 +282,10 @@ class SteeringEval:
     fit_generations: pd.DataFrame | None = None
     """The continuations of training documents the classifier was fitted on: ``label, prompt,
     text, used`` (None when it was fitted on documents alone or given)."""
+    pilot: pd.DataFrame | None = None
+    """The pilot (``pilot_candidates > 1``): one row per candidate latent and pilot strength,
+    ``label, latent, rank, strength, first_sample, n, hits, share, share_lo, share_hi,
+    abstain, ppl_ratio, chosen`` (None without a pilot)."""
 
     def figure(self) -> Figure:
         return plot_sweep(self.table, self.summary.get("ppl_ratio_max"))
@@ -411,11 +416,16 @@ def evaluate_steering(
     vocab = label_vocabulary(
         store, p.vocab_per_label, p.q_max, p.vocab_min_count, backend.tokenizer, p.vocab_words_only
     )
-    picks = target_latents(p, tok_table, doc_table, names, sae=sae, backend=backend, vocab=vocab)
+    # with a pilot, each label's pilot_candidates best latents; the pilot keeps per_label
+    pilot_on = p.latents == "auto" and p.pilot_candidates > p.per_label
+    pool = p.model_copy(update={"per_label": p.pilot_candidates}) if pilot_on else p
+    picks = target_latents(pool, tok_table, doc_table, names, sae=sae, backend=backend, vocab=vocab)
     norms = sae.W_dec.detach().float().norm(dim=1).cpu().numpy()
     picks["max_act"] = mx[picks["latent"].to_numpy()] if mx is not None else np.nan
     picks["decoder_norm"] = norms[picks["latent"].to_numpy()]
-    picks = random_controls(picks, tok_table, norms, p.q_max, p.seed)
+    picks["rank"] = picks.groupby("label", sort=False).cumcount()
+    n_final = int(picks.groupby("label").size().clip(upper=p.per_label).sum())
+    n_pilot = len(picks) * len(p.pilot_strengths) if pilot_on else 0
 
     rep.set_phase("label classifier")
     fit_here = classifier is None
@@ -441,7 +451,7 @@ def evaluate_steering(
     )
     fit_gens = fit_here and p.classifier_fit != "documents"
     fit_none = fit_here and p.classifier_abstain
-    rep.update(0, 1 + len(checked) + len(picks) * per_latent + fit_gens + fit_none)
+    rep.update(0, 1 + len(checked) + n_pilot + n_final * per_latent + fit_gens + fit_none)
 
     def generate(chunk: list[_Set]) -> list[_Raw]:
         """One generation call of every row of ``chunk``'s sets (in batches of at most
@@ -590,6 +600,42 @@ def evaluate_steering(
         "predicted": [shown[i] for _, s in own_sets.values() for i in s.predicted],
     })  # fmt: skip
 
+    # the pilot: every candidate at the pilot strengths, on sample indices the sweep never
+    # uses (samples_per_prompt on), so the picked latent's swept shares are fresh draws
+    pilot_frame = None
+    if pilot_on:
+        base_ppl0 = base.metrics(0, None)["perplexity"]
+        keys = [(k, st) for k in range(len(picks)) for st in p.pilot_strengths]
+        mx_of = [float(m) if np.isfinite(m) else 1.0 for m in picks["max_act"]]
+        sets = [
+            _Set(
+                prompts, _edit_for(p.mode, int(picks.iloc[k]["latent"]), st, mx_of[k]),
+                p.pilot_samples, p.samples_per_prompt,
+            )
+            for k, st in keys
+        ]  # fmt: skip
+        pilot_rows = []
+        for (k, st), sc in zip(keys, run_sets(sets, "pilot"), strict=True):
+            pk = picks.iloc[k]
+            m = sc.metrics(names.index(pk["label"]), base_ppl0)
+            pilot_rows.append({
+                "label": pk["label"], "latent": int(pk["latent"]), "rank": int(pk["rank"]),
+                "strength": st, "first_sample": p.samples_per_prompt,
+                **{c: m[c] for c in ("n", "hits", "share", "share_lo", "share_hi", "abstain",
+                                     "ppl_ratio")},
+            })  # fmt: skip
+        _advance(rep, len(sets))
+        pilot_frame = pd.DataFrame(pilot_rows)
+        chosen = pilot_choice(pilot_frame, p.per_label, p.ppl_ratio_max)
+        won = set(zip(chosen["label"], chosen["latent"], strict=True))
+        pilot_frame["chosen"] = [
+            (lb, j) in won
+            for lb, j in zip(pilot_frame["label"], pilot_frame["latent"], strict=True)
+        ]
+        keep = [(lb, j) in won for lb, j in zip(picks["label"], picks["latent"], strict=True)]
+        picks = picks[keep].reset_index(drop=True)
+    picks = random_controls(picks, tok_table, norms, p.q_max, p.seed)
+
     rows: list[dict[str, Any]] = []
     gen_frames: list[pd.DataFrame] = []
 
@@ -701,6 +747,10 @@ def evaluate_steering(
             p.ppl_ratio_max, own_base_m=own_m, own_ms=own_ms,
             stopped={st: sc.stopped for st, sc in steer_sets[k]},
         )  # fmt: skip
+        lat["rank"] = int(pick["rank"])
+        if pilot_frame is not None:
+            mine = pilot_frame[pilot_frame["latent"] == j]
+            lat["pilot_share"] = float(mine["share"].max()) if len(mine) else None
         lat["classifier_valid"] = check.judged.get(pick["label"], False)
         lat["classifier_note"] = check.reason(pick["label"])
         lat.update(check.recall_of(pick["label"]))
@@ -731,9 +781,25 @@ def evaluate_steering(
         "ppl_ratio_max": p.ppl_ratio_max,
         "classifier": clf,
         "latents": summary_latents,
+        "pilot": None
+        if pilot_frame is None
+        else {
+            "candidates": p.pilot_candidates,
+            "strengths": list(p.pilot_strengths),
+            "samples_per_prompt": p.pilot_samples,
+            # sample indices of the pilot's continuations: none of them is the sweep's
+            "samples": [p.samples_per_prompt, p.samples_per_prompt + p.pilot_samples - 1],
+            "continuations": int(pilot_frame["n"].sum()),
+            "chosen": {
+                lb: [int(j) for j in g["latent"]]
+                for lb, g in pilot_frame[pilot_frame["chosen"]]
+                .drop_duplicates(["label", "latent"])
+                .groupby("label", sort=False)
+            },
+        },
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return SteeringEval(
         table, generations, picks, vocab, clf, summary, check=check.table,
-        check_generations=check_gens, fit_generations=fit_frame,
+        check_generations=check_gens, fit_generations=fit_frame, pilot=pilot_frame,
     )  # fmt: skip
