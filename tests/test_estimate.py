@@ -71,6 +71,11 @@ def test_steering_estimate_follows_its_work():
     assert steering_tokens(old) > steering_tokens(s)
     more_fit = s.model_copy(update={"classifier_fit_generations": 48})
     assert steering_tokens(more_fit) > steering_tokens(s)
+    forced = s.model_copy(update={"classifier_abstain": False})
+    assert steering_tokens(forced) < steering_tokens(s)
+    piloted = s.model_copy(update={"pilot_candidates": 3})
+    pilot = 2 * 3 * len(s.pilot_strengths) * 12 * s.pilot_samples * s.max_new_tokens
+    assert steering_tokens(piloted) == pytest.approx(steering_tokens(s) + pilot)
     longer = s.model_copy(update={"max_new_tokens": 24})
     assert steering_tokens(longer) == 2 * steering_tokens(s)
     e = estimate_run(

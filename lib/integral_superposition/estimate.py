@@ -252,8 +252,9 @@ def _model_factor(model_id: str) -> float:
 def steering_tokens(s, n_labels: int = 8) -> float:
     """Tokens the steering evaluation with ``SteeringParams`` ``s`` generates and scores,
     roughly: its sets of continuations (``max_new_tokens`` each) - the unsteered set, the
-    classifier check, the classifier's fitting continuations (generated but not scored for
-    perplexity: half a continuation's cost) and per steered latent its strengths and controls.
+    classifier check, the classifier's fitting continuations and its "none" continuations
+    (generated but not scored for perplexity: half a continuation's cost), the pilot among
+    candidate latents and per steered latent its strengths and controls.
     With ``early_stop`` about two strengths of each latent run in full and the others one
     round. ``n_labels``: labels of the data when ``s.labels`` does not say (the demo corpus
     has 8)."""
@@ -278,7 +279,12 @@ def steering_tokens(s, n_labels: int = 8) -> float:
     fit = 0.0
     if getattr(s, "classifier_fit", "documents") != "documents":
         fit = 0.5 * s.classifier_fit_generations * n_labels
-    total = full_set + checks + fit + targets * s.per_label * per_latent
+    if getattr(s, "classifier_abstain", False):  # the classifier's "none" continuations
+        fit += 0.5 * s.classifier_fit_generations
+    pilot = 0.0
+    if s.latents == "auto" and getattr(s, "pilot_candidates", 1) > s.per_label:
+        pilot = targets * s.pilot_candidates * len(s.pilot_strengths) * n_prompts * s.pilot_samples
+    total = full_set + checks + fit + pilot + targets * s.per_label * per_latent
     return float(total * s.max_new_tokens)
 
 
