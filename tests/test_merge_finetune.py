@@ -147,6 +147,7 @@ def test_finetune_lowers_the_training_loss_on_a_planted_store():
     record = finetune_merged(flat, x, recipe)
     after = _fvu(flat, x)
     assert record["finetune_steps"] == 90 and record["finetune_tokens"] == 18000
+    assert record["finetune_cpu_seconds"] > 0
     assert record["finetune_train_fvu_last"] < record["finetune_train_fvu_first"]
     assert after < 0.8 * before, (before, after)
     assert flat.top_k == 3 and not flat.is_merged

@@ -147,7 +147,8 @@ def finetune_merged(
     """Train the flattened SAE ``flat`` in place with ``recipe`` on ``store``'s training split
     (``train_sae``: the recipe's optimiser and schedule, then its decoder refit); ``flat`` ends
     on its own device again. Returns the fine-tune's record: ``finetune_epochs``, ``_steps``,
-    ``_tokens``, ``_seconds``, ``finetune_train_fvu_first``/``_last`` (the training curve's
+    ``_tokens``, ``_seconds`` (wall), ``_cpu_seconds`` (this process, every thread),
+    ``finetune_train_fvu_first``/``_last`` (the training curve's
     first and last logged FVU, on the scaled training batches) and ``finetune_refit_applied``."""
     from integral_superposition.sae.train import train_sae
 
@@ -155,7 +156,7 @@ def finetune_merged(
         raise ValueError("flat: expected a plain SAE (flatten_merged first), got a merged one")
     home = flat.W_enc.device
     curve: list[dict[str, float]] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = train_sae(
         flat, store, recipe, device=device, progress=False, on_log=lambda _s, e: curve.append(e)
     )
@@ -165,6 +166,7 @@ def finetune_merged(
         "finetune_steps": int(res.steps),
         "finetune_tokens": int(res.tokens),
         "finetune_seconds": time.perf_counter() - t0,
+        "finetune_cpu_seconds": time.process_time() - c0,
         "finetune_train_fvu_first": float(curve[0]["fvu"]) if curve else float("nan"),
         "finetune_train_fvu_last": float(curve[-1]["fvu"]) if curve else float("nan"),
         "finetune_refit_applied": bool(res.metrics.get("refit_applied", False)),
