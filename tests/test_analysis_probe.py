@@ -8,7 +8,9 @@ import pytest
 import torch
 from integral_superposition.activations import ArraySource
 from integral_superposition.analysis.generic import generic_latents
+from integral_superposition.analysis.params import AnalysisParams
 from integral_superposition.analysis.probe import (
+    CS,
     balanced_task,
     doc_latent_matrix,
     mean_over_labels,
@@ -316,3 +318,36 @@ def test_probe_ranks_by_standardised_difference_so_a_large_dense_latent_does_not
         sparse_probe(F, y, train, names, ks=(1,), rank_by="logodds")
     with pytest.raises(ValueError, match="by='x'"):
         rank_latents(F, pos, "x")
+
+
+def test_probe_chooses_its_c_by_cross_validation_on_the_training_documents():
+    """Dense probes on 60 dimensions, each weakly informative of one label (15 per label),
+    from about 40 training documents per label: a weak penalty (C = 100) fits the noise; the C chosen by cross-validation on the
+    training documents is much stronger and scores better. The test documents never choose
+    it: scrambling their features leaves every probe's C and latents unchanged."""
+    rng, D, y, train, _ = _four_label_documents(0, D=240)
+    X = rng.normal(size=(D, 60)) + 0.25 * np.eye(4)[y].repeat(15, 1)
+    F = np.abs(X[:, :12])  # latents: folded copies of the first 12 dimensions
+    names = ["a", "b", "c", "d"]
+    kw = {"ks": (1,), "dense": X, "seed": 3, "random_baseline": False}
+    cv = sparse_probe(F, y, train, names, **kw)
+    weak = sparse_probe(F, y, train, names, cs=[100.0], **kw)
+    assert (weak.C == 100.0).all() and len(cv) == len(weak) == 8
+    assert set(cv.C) <= set(CS)
+    dense_cv, dense_weak = cv[cv.method == "dense"], weak[weak.method == "dense"]
+    assert (dense_cv.C < 1.0).all()
+    assert dense_cv.accuracy.mean() > dense_weak.accuracy.mean() + 0.03
+    scrambled = X.copy()
+    scrambled[~train] = rng.permutation(scrambled[~train])[:, ::-1]
+    F2 = F.copy()
+    F2[~train] = F2[~train][::-1]
+    other = sparse_probe(F2, y, train, names, **{**kw, "dense": scrambled})
+    assert other.C.tolist() == cv.C.tolist()
+    assert other.latents.tolist() == cv.latents.tolist()
+    with pytest.raises(ValueError, match=r"cs=\[\]: expected positive"):
+        sparse_probe(F, y, train, names, cs=[])
+    with pytest.raises(ValueError, match=r"cs=\[1.0, -2.0\]"):
+        sparse_probe(F, y, train, names, cs=[1.0, -2.0])
+    with pytest.raises(ValueError, match="cv_folds=1: expected"):
+        sparse_probe(F, y, train, names, cv_folds=1)
+    assert AnalysisParams().probe_cs == list(CS)  # the pipeline's default grid is the library's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 __all__ = ["AnalysisParams"]
 
@@ -94,6 +94,14 @@ class AnalysisParams(BaseModel):
     probe_rank_by: Literal["std_diff", "mean_diff"] = "std_diff"
     """The order a probe takes latents in, on the training documents: the standardised
     difference of class means (Cohen's d, scale-free) or the raw difference (SAEBench's)."""
+    probe_cs: list[PositiveFloat] = Field(
+        default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0], min_length=1
+    )
+    """Inverse L2 regularisation strengths each probe's ``C`` is chosen from, by stratified
+    cross-validation on its training documents (one value: that ``C``, no cross-validation);
+    the same for the SAE, random-latent and dense probes."""
+    probe_cv_folds: int = Field(5, ge=2)
+    """Folds of that cross-validation (fewer when a class has fewer training documents)."""
     metrics: bool = True
     """Also compute reconstruction metrics (EV, FVU, cosine) in the same pass (one decode per chunk)."""
     chunk_tokens: int | None = Field(None, ge=1)

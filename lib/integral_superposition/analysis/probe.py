@@ -18,12 +18,18 @@ The method follows SAEBench's sparse probing:
   small fraction of its spread, outranks a clean label latent of smaller scale, while the
   probe itself sees standardised features. On the AG News run (docs/analysis.md) the raw
   difference put the SAE's 34 dense latents first for every label;
-- scikit-learn's ``LogisticRegression`` (L2, ``C=1``, lbfgs, 1000 iterations) on features
-  standardised with the training documents' mean and deviation; accuracy, balanced accuracy
-  and F1 on the balanced test documents. SAEBench fits unscaled features; a residual stream
-  with a few massive dimensions (gemma-3-270m layer 6: per-document means up to 2,700 against
-  a typical 5-15) leaves that fit unconverged after 1000 iterations (75 s per label on two
-  cores), while the standardised one converges in about 65.
+- scikit-learn's L2 logistic regression (lbfgs, 1000 iterations) on features standardised
+  with the training documents' mean and deviation, its inverse regularisation strength ``C``
+  chosen for each probe by stratified cross-validation (log loss) on the balanced *training*
+  documents from a grid (``LogisticRegressionCV``; default ``CS``, decade steps from 1e-3
+  to 100)
+  - the same for the SAE, random and dense probes, so no probe keeps a fixed ``C`` that suits
+  one width and not another (a 640-wide dense probe on 1,800 documents wants a much stronger
+  penalty than a one-latent probe); accuracy, balanced accuracy and F1 on the balanced test
+  documents. SAEBench fits unscaled features; a residual stream with a few massive dimensions
+  (gemma-3-270m layer 6: per-document means up to 2,700 against a typical 5-15) leaves that
+  fit unconverged after 1000 iterations (75 s per label on two cores), while the standardised
+  one converges in about 65.
 
 Each accuracy comes with its 95% Wilson score interval (``scipy.stats.binomtest``): the test
 sets are small (about a hundred balanced documents per label), so two probes a few points apart
@@ -40,12 +46,14 @@ import pandas as pd
 import torch
 from scipy import sparse
 from scipy.stats import binomtest
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 __all__ = [
+    "CS",
     "RANK_BY",
     "balanced_task",
     "doc_latent_matrix",
@@ -58,8 +66,11 @@ __all__ = [
 
 PROBE_COLUMNS = [
     "label", "label_id", "method", "k", "accuracy", "accuracy_low", "accuracy_high",
-    "balanced_accuracy", "f1", "n_train", "n_test", "n_test_pos", "n_correct", "latents",
+    "balanced_accuracy", "f1", "n_train", "n_test", "n_test_pos", "n_correct", "C", "latents",
 ]  # fmt: skip
+
+CS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+"""The inverse regularisation strengths a probe's ``C`` is chosen from (decade steps)."""
 
 
 def doc_latent_matrix(
@@ -164,9 +175,31 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return float(ci.low), float(ci.high)
 
 
-def _fit_score(Xtr, ytr, Xte, yte, seed: int) -> dict[str, float | int]:
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    clf.fit(Xtr, ytr)
+# scikit-learn 1.8 asks for the L2 penalty as ``l1_ratios=(0,)`` and for the simplified
+# fitted attributes; earlier versions have neither parameter (L2 is their default)
+_CV_L2 = (
+    {"l1_ratios": (0.0,), "use_legacy_attributes": False}
+    if "use_legacy_attributes" in LogisticRegressionCV().get_params()
+    else {}
+)
+
+
+def _fit_score(
+    Xtr, ytr, Xte, yte, seed: int, cs: Sequence[float], folds: int
+) -> dict[str, float | int]:
+    """Fit a standardised L2 logistic probe on ``Xtr [n, w]`` / ``ytr [n]``, its ``C`` chosen
+    by ``folds``-fold stratified cross-validation on these training rows from ``cs`` (one value,
+    or too few rows of a class for two folds: ``cs[0]`` as it is); score it on ``Xte``/``yte``."""
+    n_fold = min(int(folds), int(np.bincount(np.asarray(ytr, dtype=np.int64)).min()))
+    if len(cs) > 1 and n_fold >= 2:
+        lr = LogisticRegressionCV(
+            Cs=list(cs), cv=StratifiedKFold(n_fold, shuffle=True, random_state=seed),
+            scoring="neg_log_loss", max_iter=1000, **_CV_L2,
+        )  # fmt: skip
+    else:
+        lr = LogisticRegression(C=float(cs[0]), max_iter=1000)
+    clf = make_pipeline(StandardScaler(), lr).fit(Xtr, ytr)
+    C = float(np.ravel(lr.C_)[0]) if isinstance(lr, LogisticRegressionCV) else float(lr.C)
     pred = clf.predict(Xte)
     correct = int((pred == yte).sum())
     low, high = wilson_interval(correct, len(yte))
@@ -177,6 +210,7 @@ def _fit_score(Xtr, ytr, Xte, yte, seed: int) -> dict[str, float | int]:
         "n_correct": correct,
         "balanced_accuracy": float(balanced_accuracy_score(yte, pred)),
         "f1": float(f1_score(yte, pred, zero_division=0.0)),
+        "C": C,
     }
 
 
@@ -190,6 +224,8 @@ def sparse_probe(
     dense: np.ndarray | None = None,
     random_baseline: bool = True,
     rank_by: str = "std_diff",
+    cs: Sequence[float] = CS,
+    cv_folds: int = 5,
     seed: int = 0,
 ) -> pd.DataFrame:
     """k-sparse one-vs-rest logistic probes per label, scored on held-out documents (see the
@@ -207,8 +243,9 @@ def sparse_probe(
     ``random`` or ``dense``), ``k`` (the raw width for ``dense``), ``accuracy,
     accuracy_low, accuracy_high`` (its 95% Wilson interval), ``balanced_accuracy, f1`` (of
     the label, on the balanced test documents), ``n_train, n_test, n_test_pos`` (balanced set
-    sizes), ``n_correct`` (test documents classified right), ``latents`` (the latents used). Labels without
-    positive or negative documents in either set are left out.
+    sizes), ``n_correct`` (test documents classified right), ``C`` (the probe's inverse
+    regularisation strength), ``latents`` (the latents used). Labels without positive or
+    negative documents in either set are left out.
     """
     F = sparse.csr_matrix(features, dtype=np.float32)
     D, K = F.shape
@@ -221,6 +258,11 @@ def sparse_probe(
         )
     if rank_by not in RANK_BY:
         raise ValueError(f"rank_by={rank_by!r}: expected one of {RANK_BY}")
+    cs = [float(c) for c in cs]
+    if not cs or not all(np.isfinite(c) and c > 0 for c in cs):
+        raise ValueError(f"cs={cs!r}: expected positive, finite inverse regularisation strengths")
+    if isinstance(cv_folds, bool) or int(cv_folds) != cv_folds or cv_folds < 2:
+        raise ValueError(f"cv_folds={cv_folds!r}: expected a whole number of folds, at least 2")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks={ks!r}: expected positive probe sizes")
@@ -248,14 +290,18 @@ def sparse_probe(
             if k > K:
                 continue
             sel = order[:k]
-            m = _fit_score(Ftr[:, sel].toarray(), ytr, Fte[:, sel].toarray(), yte, seed)
+            m = _fit_score(
+                Ftr[:, sel].toarray(), ytr, Fte[:, sel].toarray(), yte, seed, cs, cv_folds
+            )
             rows.append({**base, "method": "sae", "k": k, **m, "latents": sel.tolist()})
             if random_baseline and k <= live.size:
                 rs = np.sort(rng.choice(live, size=k, replace=False))
-                m = _fit_score(Ftr[:, rs].toarray(), ytr, Fte[:, rs].toarray(), yte, seed)
+                m = _fit_score(
+                    Ftr[:, rs].toarray(), ytr, Fte[:, rs].toarray(), yte, seed, cs, cv_folds
+                )
                 rows.append({**base, "method": "random", "k": k, **m, "latents": rs.tolist()})
         if X is not None:
-            m = _fit_score(X[tr], ytr, X[te], yte, seed)
+            m = _fit_score(X[tr], ytr, X[te], yte, seed, cs, cv_folds)
             rows.append({**base, "method": "dense", "k": X.shape[1], **m, "latents": []})
     return pd.DataFrame(rows, columns=PROBE_COLUMNS)
 

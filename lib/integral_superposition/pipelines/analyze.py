@@ -180,8 +180,9 @@ def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
     F = doc_latent_matrix(scan.doc_pairs, scan.doc_sum / pair_len, docs, scan.top.n_latents)
     dense = doc_mean_activations(store, docs, mask, chunk_tokens=min(chunk, 65536))
     table = sparse_probe(
-        F, y, train, label_names, ks=p.probe_ks, dense=dense, rank_by=p.probe_rank_by, seed=p.seed
-    )
+        F, y, train, label_names, ks=p.probe_ks, dense=dense, rank_by=p.probe_rank_by,
+        cs=p.probe_cs, cv_folds=p.probe_cv_folds, seed=p.seed,
+    )  # fmt: skip
     summary: dict[str, Any] = {
         "n_train_docs": int(train.sum()),
         "n_test_docs": int((~train).sum()),
@@ -191,8 +192,9 @@ def _probe(p, store, scan, doc_labels, label_names, mask, chunk):
         "method": (
             "one vs rest per label on class-balanced documents (train and test each); top k "
             f"latents by {RANK_TEXT[p.probe_rank_by]} on the training documents; logistic "
-            "regression (L2, C=1) on standardised features; accuracy on the balanced test "
-            "documents"
+            "regression (L2) on standardised features, C chosen per probe by "
+            f"{p.probe_cv_folds}-fold cross-validation on the training documents from "
+            f"{len(p.probe_cs)} values; accuracy on the balanced test documents"
         ),
     }
     if len(table):
