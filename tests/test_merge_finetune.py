@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from integral_superposition.dump import dump_layer_activations
 from integral_superposition.merge import MergeParams
 from integral_superposition.merge.finetune import finetune_merged, finetune_recipe, flatten_merged
 from integral_superposition.merge.refit import build_merged_sae
+from integral_superposition.pipelines.report import merge_section
 from integral_superposition.sae import SparseAutoencoder, load_sae, read_sae_manifest, save_sae
 
 
@@ -206,6 +208,14 @@ def test_finetuned_merge_and_its_random_control_publish_and_load(setup, tmp_path
     # the published SAE is the sweep's fine-tuned K/4 clustering (built once, reused)
     row = sw[(sw["partition"] == "cluster") & (sw["k_prime"] == 24)].iloc[0]
     assert ev.loc["merged", "fvu"] == pytest.approx(row["fvu"])
+
+    ref = SimpleNamespace(
+        kind="sae", name="m", uri=out, summary={"n_latents_before": 96, "n_latents_after": 24}
+    )
+    text = merge_section(ref, None).text
+    assert (
+        "96 latents merged into 24, flattened to a plain SAE and fine-tuned for 1 epoch (" in text
+    )
 
     merged = load_sae(out)
     assert not merged.is_merged and merged.d_sae == 24 and merged.top_k == sae.top_k

@@ -59,9 +59,17 @@ def merge_section(ref: Published, storage_options: Mapping[str, Any] | None) -> 
     if out.has("merge_sweep.png"):
         figures.append(("FVU and CE recovered against K'", out.read("merge_sweep.png")))
     before, after = ref.summary.get("n_latents_before"), ref.summary.get("n_latents_after")
+    tuned = (out.manifest.get("merge") or {}).get("finetune")
+    how = (
+        f", flattened to a plain SAE and fine-tuned for {tuned['finetune_epochs']:g} "
+        f"epoch{'' if tuned['finetune_epochs'] == 1 else 's'} "
+        f"({tuned['finetune_steps']} steps; so are the sweep's merges and random controls)"
+        if tuned
+        else ""
+    )
     return ReportSection(
         f"Merge ({ref.name})",
-        text=f"{before} latents merged into {after}; the merged SAE is at {ref.uri}.",
+        text=f"{before} latents merged into {after}{how}; the merged SAE is at {ref.uri}.",
         tables=tables,
         figures=figures,
         anchor=f"merge-{ref.name}",
