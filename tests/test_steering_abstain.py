@@ -9,6 +9,7 @@ import pytest
 import torch
 from integral_superposition import data, steering
 from integral_superposition.dump.synthetic import write_activation_store
+from integral_superposition.pipelines import steer_eval
 from integral_superposition.sae import SparseAutoencoder
 from integral_superposition.steering.classifier import ABSTAIN, EMPTY, LabelClassifier
 from integral_superposition.steering.scores import judge_generations, paired_lift, set_metrics
@@ -170,6 +171,11 @@ def test_steering_never_fits_on_continuations_of_the_evaluation_prompts(
     lat = ev.summary["latents"][0]
     assert lat["baseline_abstain"] == pytest.approx(row["abstain"])
     assert "to_none" in ev.check.columns
+    # the report says what a share counts and gives the abstain share column
+    sec = steer_eval.steering_section(ev)
+    assert "assigns to no label, 'none', is a miss" in sec.text
+    assert "continuations of topic-neutral openings as 'none'" in sec.text
+    assert "abstain" in dict(sec.tables)[next(iter(dict(sec.tables)))].columns
 
 
 def test_forced_choice_stays_available(demo_store, tiny_backend):
@@ -185,3 +191,5 @@ def test_forced_choice_stays_available(demo_store, tiny_backend):
     assert (ev.table["abstain"] == 0).all()
     assert "to_none" not in ev.check.columns
     assert ev.generations["predicted"].isin(demo_store.label_names).all()
+    sec = steer_eval.steering_section(ev)
+    assert "a forced choice among the labels" in sec.text and "'none'" not in sec.text
