@@ -61,6 +61,12 @@ the sets that do not wait on each other in shared generation calls (985.8 / 1278
 full default, both labels), each ratio measured side by side under the AVX2 emulation
 (``bench/bench_steering_cost.py``; the earlier ones with ``--set labels=[Sports]``)."""
 
+REFERENCE_STEER_WORK = 7776.0
+"""The steering work (:func:`steering_tokens`) of the sweep ``REFERENCE_S["steer"]`` was
+measured on: the default preset's steering with the forced-choice classifier
+(``classifier_abstain=False``: no "none" continuations). Any other sweep, the default
+included, is scaled by its work over this one."""
+
 _GPU_SPEEDUP_CAP = 12.0
 """The default steps are small: a GPU's matmul speed does not carry over to them in full."""
 
@@ -364,8 +370,7 @@ def estimate_run(
         per_merge = REFERENCE_S["merge"] / 6 * lat
         steps["merge"] = merges * per_merge * (0.5 * d_ratio / sae_speed + 0.5 * ce / speed)
     if cfg.steps.steer_eval:
-        ref = type(cfg).model_fields["steering"].get_default(call_default_factory=True)
-        work = steering_tokens(cfg.steering) / steering_tokens(ref)
+        work = steering_tokens(cfg.steering) / REFERENCE_STEER_WORK
         steps["steer"] = REFERENCE_S["steer"] * work * model / speed
     if cfg.steps.report:
         steps["report"] = REFERENCE_S["report"]
