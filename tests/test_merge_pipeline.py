@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from integral_superposition import DumpConfig, merge, pipelines, steering, storage
-from integral_superposition.data import demo_corpus
-from integral_superposition.dump import ActivationStore, dump_layer_activations
+from _merge_setup import store_and_topk_sae
+from integral_superposition import merge, pipelines, steering, storage
+from integral_superposition.dump import ActivationStore
 from integral_superposition.merge import MergeParams
 from integral_superposition.sae import SparseAutoencoder, load_sae, save_sae
 from matplotlib.figure import Figure
@@ -21,23 +21,7 @@ from matplotlib.figure import Figure
 def setup(tiny_backend, tmp_path_factory):
     """A store of 240 demo headlines at layer 2 of tiny:gemma and a TopK SAE (K=96) on it."""
     root = tmp_path_factory.mktemp("merge")
-    store = dump_layer_activations(
-        demo_corpus(240),
-        "title",
-        "topic",
-        tiny_backend,
-        DumpConfig(layer=2, max_len=16, batch_size=32),
-        str(root / "acts"),
-        progress=False,
-    )
-    sae = SparseAutoencoder(store.d_model, 96, architecture="topk", top_k=6, seed=0)
-    x = store.read(0, store.n_tokens).float()
-    with torch.no_grad():  # encoder along data directions so that latents are informative
-        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:96]
-        sae.b_dec.copy_(x.mean(0))
-        w = x[idx] - x.mean(0)
-        sae.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
-        sae.W_enc.copy_(sae.W_dec.T)
+    store, sae = store_and_topk_sae(tiny_backend, root)
     save_sae(sae, str(root / "sae"), metadata={"hook_name": "layer.2"})
     return root, store, sae
 
