@@ -194,6 +194,11 @@ def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tm
             trainings = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["isup-train-part"]))
             )
+            every_run = [
+                f"{r.name} [{r.deployment_id}] {r.state.name if r.state else None}: "
+                f"{r.state.message if r.state else ''}"
+                for r in client.read_flow_runs()
+            ]
     finally:
         worker.terminate()
         try:
@@ -201,7 +206,10 @@ def test_deploy_all_and_process_workers_run_the_smoke_experiment(prefect_api, tm
         except subprocess.TimeoutExpired:
             worker.kill()
             log, _ = worker.communicate()
-    assert state.is_completed(), (state, log[-6000:])
+    # on failure: every flow run's state and message (a child's names the cause), then the
+    # worker's log, whose tail has the failing run's traceback
+    why = "\n".join([f"experiment: {state.name}: {state.message}", *every_run, log[-8000:]])
+    assert state.is_completed(), why
     assert sorted(c.name for c in children) == [
         "smoke/deployed/part-000-of-002", "smoke/deployed/part-001-of-002",
     ]  # fmt: skip
