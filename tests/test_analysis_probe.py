@@ -351,3 +351,24 @@ def test_probe_chooses_its_c_by_cross_validation_on_the_training_documents():
     with pytest.raises(ValueError, match="cv_folds=1: expected"):
         sparse_probe(F, y, train, names, cv_folds=1)
     assert AnalysisParams().probe_cs == list(CS)  # the pipeline's default grid is the library's
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_the_probes_cv_score_is_scikit_learns_neg_log_loss(dtype):
+    """The cross-validation's scorer gives scikit-learn's ``neg_log_loss`` (clipping included:
+    a confidently wrong probe on a far-off row), so it picks the same ``C``."""
+    from integral_superposition.analysis.probe import _neg_log_loss
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import get_scorer
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    X = (rng.normal(size=(200, 5)) + y[:, None]).astype(dtype)
+    lr = LogisticRegression(C=10.0).fit(X, y)
+    Xt = rng.normal(size=(50, 5)).astype(dtype)
+    Xt[0] = 400.0 * (1 - 2 * y[0])  # pushes row 0 far to the wrong side: clipped
+    ours, theirs = _neg_log_loss(lr, Xt, y[:50]), get_scorer("neg_log_loss")(lr, Xt, y[:50])
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    assert ours < -0.5  # the clipped row dominates: a real loss, not a trivial one
+    text = LogisticRegression(C=10.0).fit(X, np.where(y == 1, "yes", "no"))
+    assert _neg_log_loss(text, Xt, np.where(y[:50] == 1, "yes", "no")) == pytest.approx(ours)

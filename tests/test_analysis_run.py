@@ -13,7 +13,15 @@ from integral_superposition.analysis import AnalysisParams, load_analysis
 from integral_superposition.pipelines import run_analysis
 from integral_superposition.sae import SparseAutoencoder, save_sae
 
-FAST = {"reducer": "pca", "n_top": 8, "n_bands": 2, "per_band": 2, "hist_bins": 32}
+# one probe C: cross-validating C is tested in test_analysis_probe
+FAST = {
+    "reducer": "pca",
+    "n_top": 8,
+    "n_bands": 2,
+    "per_band": 2,
+    "hist_bins": 32,
+    "probe_cs": [1.0],
+}
 
 
 @pytest.fixture(scope="module")
