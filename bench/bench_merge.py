@@ -291,7 +291,7 @@ from integral_superposition.merge.cluster import tree_from_graph
 from integral_superposition.merge.medoid import medoids_from_similarity
 # VmHWM is this process's own peak: ru_maxrss would carry the parent's peak over fork + exec.
 def peak_mb():
-    for line in open("/proc/self/status"):
+    for line in open("/proc/self/status", errors="replace"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 K, d, group = int(sys.argv[1]), int(sys.argv[2]), 16
@@ -343,7 +343,7 @@ from integral_superposition.merge.cluster import tree_from_graph
 from integral_superposition.merge.similarity import LatentSimilarity
 # VmHWM is this process's own peak: ru_maxrss would carry the parent's peak over fork + exec.
 def peak_mb():
-    for line in open("/proc/self/status"):
+    for line in open("/proc/self/status", errors="replace"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 mode, K, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -38,7 +38,7 @@ from integral_superposition.storage import verify_output
 
 
 def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", errors="replace") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])

@@ -113,7 +113,7 @@ def peak_rss_mb() -> float:
     process image only (a child spawned by a large parent does not inherit its peak).
     """
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", errors="replace") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024

@@ -256,13 +256,13 @@ print("released", flush=True)
 """
 
 
-def _start_holder(root: str, opts: dict, ttl_s: float = 30.0):
+def _start_holder(root: str, opts: dict, ttl_s: float = 30.0, prelude: str = ""):
     import json
     import subprocess
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, root, json.dumps(opts), str(ttl_s)],
+        [sys.executable, "-c", prelude + _HOLDER, root, json.dumps(opts), str(ttl_s)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -295,6 +295,26 @@ def test_a_second_writer_is_refused_naming_the_holder(lease_root):
         with RunLease(root, opts, owner="B") as lease:
             assert read_lease(root, opts)["token"] == lease.token
         assert read_lease(root, opts) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_holder_whose_process_name_is_not_ascii_is_live(tmp_path):
+    """A process may name itself with any bytes, and ``/proc`` shows that name: its lease is
+    still written (its start time and the umask come from ``/proc``), and a second writer is
+    refused while it lives."""
+    from integral_superposition.lease import LeaseHeldError, RunLease, read_lease
+
+    root = str(tmp_path / "exp" / "run")
+    rename = "import ctypes; ctypes.CDLL(None).prctl(15, 'caf\\u00e9 (x)'.encode(), 0, 0, 0)\n"
+    proc = _start_holder(root, {}, prelude=rename)
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as f:
+            assert "café (x)".encode() in f.read()  # the name really is not ASCII
+        assert read_lease(root)["pid_start"]
+        with pytest.raises(LeaseHeldError, match="holder-A"):
+            RunLease(root, owner="B").acquire()
     finally:
         proc.kill()
         proc.wait()

@@ -121,7 +121,7 @@ def resolve_device(
 # -- the CPU bf16 rule ----------------------------------------------------------------------
 def _cpu_flags() -> set[str]:
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key = line.split(":", 1)[0].strip().lower()
                 if key in ("flags", "features"):

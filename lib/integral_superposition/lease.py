@@ -69,9 +69,9 @@ def _pid_start(pid: int) -> str | None:
     """The start time of process ``pid`` (clock ticks since boot, Linux), to tell a live
     holder from a new process that reuses its pid."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        with open(f"/proc/{pid}/stat", "rb") as f:  # bytes: a process name may be any bytes
+            return f.read().rsplit(b")", 1)[1].split()[19].decode("ascii")
+    except (OSError, IndexError, UnicodeDecodeError):
         return None
 
 

@@ -256,7 +256,7 @@ def read_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any
 def _umask() -> int:
     """The process umask, read without changing it (Linux), else by setting it back at once."""
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
