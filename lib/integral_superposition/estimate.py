@@ -37,35 +37,32 @@ __all__ = [
     "steering_tokens",
 ]
 
-REFERENCE_GFLOPS = 75.0
-"""float32 matmul throughput of the reference machine (2 cores, AVX2), GFLOP/s."""
+REFERENCE_GFLOPS = 135.0
+"""float32 matmul throughput of the reference machine (2 cores, AVX2), GFLOP/s: the median
+of nine speed probes (:func:`matmul_probe`, 126-159 GFLOP/s) on the idle machine and CPU
+settings ``REFERENCE_S`` was measured on, just after that run. The same idle VM probed at
+160-196 GFLOP/s minutes later: an estimate is good to about a third."""
 
 REFERENCE_S = {
-    "start": 20.0,
-    "load": 10.0,
-    "dump": 25.0,
-    "train": 10.0,
-    "analyze": 30.0,
-    "merge": 115.0,
-    "steer": 235.0,
-    "report": 5.0,
+    "start": 30.0,
+    "load": 15.0,
+    "dump": 30.0,
+    "train": 21.0,
+    "analyze": 60.0,
+    "merge": 75.0,
+    "steer": 262.0,
+    "report": 2.0,
 }
-"""Seconds of each step of the default experiment on the reference machine; ``start`` is the
-imports and the temporary Prefect server, ``load`` the model load. From one run under the
-AVX2 emulation on a shared machine, each step's wall time scaled by the run's CPU share
-(``bench/bench_orchestration.py --avx2``). ``steer``: the earlier 48-continuation sweep's 609 s
-wall x 0.68 CPU share (794 CPU-s in 1165 s) = 415 s, times 1.02 for early stopping and the
-classifier's fitting continuations (690 / 678 CPU-s) = 423 s, times 0.72 for generating the
-sets that cannot end early in one call (224.7 / 311.2 CPU-s) = 305 s, times 0.77 for running
-the sets that do not wait on each other in shared generation calls (985.8 / 1278.9 CPU-s, the
-full default, both labels), each ratio measured side by side under the AVX2 emulation
-(``bench/bench_steering_cost.py``; the earlier ones with ``--set labels=[Sports]``)."""
+"""Seconds of each step of the default experiment on the reference machine: one ``isup run``
+on the defaults, on an idle 2-core VM under the AVX2 emulation (CPU capability AVX2, float32;
+``bench/bench_orchestration.py --avx2``): 494 s wall, 771 s CPU. The steps are its wall
+times; ``start`` (the imports, the temporary Prefect server and the bookkeeping between the
+steps) and ``load`` (the model load) share the 45 s outside them."""
 
-REFERENCE_STEER_WORK = 7776.0
+REFERENCE_STEER_WORK = 7848.0
 """The steering work (:func:`steering_tokens`) of the sweep ``REFERENCE_S["steer"]`` was
-measured on: the default preset's steering with the forced-choice classifier
-(``classifier_abstain=False``: no "none" continuations). Any other sweep, the default
-included, is scaled by its work over this one."""
+measured on: the default preset's steering (with the classifier's "none" continuations).
+Any other sweep is scaled by its work over this one."""
 
 _GPU_SPEEDUP_CAP = 12.0
 """The default steps are small: a GPU's matmul speed does not carry over to them in full."""
