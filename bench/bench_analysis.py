@@ -179,9 +179,7 @@ def bench_topk(sae, store, n_subset: int, chunk: int = 16384, device: str = "cpu
 def _rss_mb() -> tuple[float, float]:
     """``(anonymous, total)`` resident memory of this process in MiB. The anonymous part
     excludes file pages of memory-mapped shards, which the kernel can drop at any time."""
-    with open("/proc/self/status", errors="replace") as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    kib = {k: float(v.split()[0]) for k, v in fields.items() if k in ("RssAnon", "VmRSS")}
+    kib = common.proc_status_kib("RssAnon", "VmRSS")
     return kib.get("RssAnon", kib["VmRSS"]) / 1024, kib["VmRSS"] / 1024
 
 

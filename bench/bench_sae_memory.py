@@ -33,16 +33,12 @@ import threading
 import time
 
 import numpy as np
-from common import OUT, ag_news_store, machine
+from common import OUT, ag_news_store, machine, proc_status_kib
 from integral_superposition.storage import verify_output
 
 
 def _status_kib(field: str) -> int:
-    with open("/proc/self/status", errors="replace") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
+    return proc_status_kib(field).get(field, 0)
 
 
 def child(uri: str, buffer_tokens: int) -> None:

@@ -106,6 +106,16 @@ def machine() -> str:
     return f"{platform.node()} | {psutil.cpu_count(logical=True)} CPUs | {psutil.virtual_memory().total / 2**30:.0f} GiB | {gpu} | torch {torch.__version__} threads={torch.get_num_threads()} | model {MODEL} {DTYPE} | data {data}"
 
 
+def proc_status_kib(*fields: str) -> dict[str, int]:
+    """The memory ``fields`` of ``/proc/self/status`` (e.g. ``VmHWM``, ``RssAnon``) in KiB;
+    those it lacks are left out. The file names the process, in any bytes: read with
+    replacement."""
+    with open("/proc/self/status", errors="replace") as f:
+        return {
+            k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f) if k in fields
+        }
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB.
 
@@ -113,12 +123,11 @@ def peak_rss_mb() -> float:
     process image only (a child spawned by a large parent does not inherit its peak).
     """
     try:
-        with open("/proc/self/status", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+        kib = proc_status_kib("VmHWM")
     except OSError:
-        pass
+        kib = {}
+    if "VmHWM" in kib:
+        return kib["VmHWM"] / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
