@@ -12,6 +12,7 @@ from integral_superposition.steering.edits import Edit
 from integral_superposition.steering.generation import (
     RowSampler,
     generate_continuations,
+    inverse_cdf,
     row_streams,
 )
 from integral_superposition.steering.hooks import steer
@@ -149,3 +150,68 @@ def test_bad_sampling_arguments_are_refused_before_generating(tiny_backend):
     ]:
         with pytest.raises(ValueError, match=msg):
             generate_continuations(tiny_backend, PROMPTS, 2, do_sample=True, **kw)
+
+
+def _reference_inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One float64 cumulative sum over the whole row: the first index whose mass exceeds u."""
+    cdf = w.double().cumsum(-1)
+    return torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+
+
+@pytest.mark.parametrize("V", [1, 2, 7, 10, 97, 1024, 50257])
+def test_inverse_cdf_matches_one_cumulative_sum(V):
+    """The two-level search picks the token one float64 cumulative sum picks, for vocabularies
+    that blocks divide and that they do not, with zero weights and sparse rows."""
+    g = torch.Generator().manual_seed(V)
+    B = 64
+    w = torch.rand(B, V, generator=g) ** 4
+    w[w < 0.3] = 0.0  # zero-weight tokens between the others
+    w[0] = 0.0
+    w[0, -1] = 1.0  # all mass on the last token
+    w[1] = 0.0
+    w[1, 0] = 2.5  # ... on the first
+    w[2, V // 2] += 1e-30  # a row with a tiny mass somewhere
+    w[w.sum(-1) == 0, 0] = 1.0
+    u = torch.rand(B, generator=g, dtype=torch.float64)
+    u[3], u[4] = 0.0, 1.0 - 2.0**-53  # both ends of [0, 1)
+    got = inverse_cdf(w, u)
+    ref = _reference_inverse_cdf(w, u).clamp_max(V - 1)
+    assert (w.gather(1, got[:, None]) > 0).all(), "a zero-weight token was picked"
+    # rounding of the block sums may move a pick across a boundary only where u sits on it
+    differ = (got != ref).nonzero()[:, 0]
+    for r in differ.tolist():
+        cdf = w[r].double().cumsum(0) / w[r].double().sum()
+        edge = cdf[torch.minimum(got[r], ref[r])]
+        assert abs(float(edge) - float(u[r])) < 1e-6, (r, int(got[r]), int(ref[r]))
+    assert differ.numel() <= 1
+
+
+def test_inverse_cdf_never_picks_a_zero_weight_token_at_the_top_of_u():
+    """u just under 1 with trailing zero weights: the last token with mass, not a zero after it
+    (in either level: a zero block after the mass, and zeros inside the last block)."""
+    V = 100  # blocks of 10
+    w = torch.zeros(3, V)
+    w[0, 37] = 1.0  # one token, zeros after it in its block and in later blocks
+    w[1, :5] = 1.0
+    w[2, 89] = 1e-6
+    w[2, 3] = 1.0
+    u = torch.full((3,), 1.0 - 2.0**-53, dtype=torch.float64)
+    assert inverse_cdf(w, u).tolist() == [37, 4, 89]
+    assert inverse_cdf(w, torch.zeros(3, dtype=torch.float64)).tolist() == [37, 0, 3]
+
+
+def test_vocab_mass_and_nll_of_one_step_match_the_models_softmax(tiny_backend):
+    """With one new token, ``vocab_mass`` is the next-token probability of each set and ``nll``
+    the sampled token's -log p, both from the softmax of the prompt's last logits."""
+    sets = [[5, 6, 7], [11], list(range(40, 90))]
+    g = generate_continuations(
+        tiny_backend, PROMPTS, 1, do_sample=True, samples_per_prompt=1, seed=2,
+        vocab_sets=sets, score=True,
+    )  # fmt: skip
+    for r, ids in enumerate(g.prompt_ids):
+        x = torch.tensor([ids], device=tiny_backend.device)
+        with torch.inference_mode():
+            logp = torch.log_softmax(tiny_backend.model(input_ids=x).logits[0, -1].double(), -1)
+        want = [float(logp[s].exp().sum()) for s in sets]
+        np.testing.assert_allclose(g.vocab_mass[r], want, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(g.nll[r], -float(logp[g.token_ids[r][0]]), rtol=1e-4)

@@ -173,6 +173,11 @@ def test_continuation_nll_equals_a_full_forward_per_row(tiny_backend):
     conts = [[5, 9, 11], [], [7, 8, 9, 10, 12]]
     nll, n = continuation_nll(tiny_backend, prompts, conts, batch_size=3)
     assert n.tolist() == [3, 0, 5] and nll[1] == 0.0
+    # rows are batched by length: other batch sizes give every row its own number back
+    for bs in (1, 2):
+        other, n_other = continuation_nll(tiny_backend, prompts, conts, batch_size=bs)
+        assert n_other.tolist() == n.tolist()
+        np.testing.assert_allclose(other, nll, rtol=1e-5, atol=1e-5)
     for p, c, got in zip(prompts, conts, nll, strict=True):
         if not c:
             continue

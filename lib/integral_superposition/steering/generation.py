@@ -8,6 +8,7 @@ a row's continuation does not depend on the batch it runs in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "continuation_nll",
     "encode_prompts",
     "generate_continuations",
+    "inverse_cdf",
 ]
 
 _MAX_PROMPT_TOKENS = 4096
@@ -121,7 +123,9 @@ class _VocabMass:
 
     def __call__(self, _module, _args, output) -> None:
         logits = output.logits if hasattr(output, "logits") else output[0]
-        p = torch.softmax(logits[:, -1, :].float(), dim=-1)[:, self.ids]  # [B, n_ids]
+        last = logits[:, -1, :].float()  # [B, V]
+        # softmax at the sets' ids only: exp(logit - logsumexp), without a [B, V] softmax
+        p = (last[:, self.ids] - torch.logsumexp(last, dim=-1, keepdim=True)).exp()  # [B, n_ids]
         mass = torch.zeros(p.shape[0], self.C, device=p.device).index_add_(1, self.seg, p)
         self.steps.append(mass)
 
@@ -133,22 +137,66 @@ class _StepNLL:
     :meth:`finish` scores the last token from the final distribution."""
 
     def __init__(self):
-        self.prev: torch.Tensor | None = None  # [B, V] log-probabilities of the last step
+        self.prev: torch.Tensor | None = None  # [B, V] logits of the last step
+        self.prev_lse: torch.Tensor | None = None  # [B] their log-sum-exp
         self.steps: list[torch.Tensor] = []  # per fed-back token: [B]
+
+    def _nll(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B]`` -log p(token) under the last step's distribution: logsumexp - logit."""
+        assert self.prev is not None and self.prev_lse is not None
+        picked = self.prev.gather(1, tokens[:, None].to(self.prev.device))[:, 0]
+        return self.prev_lse - picked
 
     def __call__(self, _module, args, kwargs, output) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if self.prev is not None and ids is not None:
-            self.steps.append(-self.prev.gather(1, ids[:, -1:].to(self.prev.device))[:, 0])
+            self.steps.append(self._nll(ids[:, -1]))
         logits = output.logits if hasattr(output, "logits") else output[0]
-        self.prev = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+        self.prev = logits[:, -1, :].float()
+        self.prev_lse = torch.logsumexp(self.prev, dim=-1)
 
     def finish(self, last: torch.Tensor) -> torch.Tensor:
         """``[steps, B]`` NLL of every generated token, ``last [B]`` the final token."""
         if self.prev is not None:
-            self.steps.append(-self.prev.gather(1, last[:, None].to(self.prev.device))[:, 0])
-        self.prev = None
+            self.steps.append(self._nll(last))
+        self.prev = self.prev_lse = None
         return torch.stack(self.steps, 0).cpu().double()
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse transform sampling: ``weights [B, V]`` (non-negative, unnormalised, each row
+    with positive mass) and ``u [B]`` uniform numbers in ``[0, 1)`` -> ``[B]`` the first token
+    whose cumulative weight exceeds ``u`` x the row's total (never a zero-weight token).
+
+    Two levels instead of one cumulative sum over the whole vocabulary: the weights' sums over
+    blocks of about ``sqrt(V)`` tokens, accumulated in float64, pick the block, then the
+    float64 cumulative sum of that block's weights picks the token. It reads the weights once
+    and converts only ``[B, sqrt(V)]`` values to float64, where a float64 cumulative sum over a
+    262k vocabulary wrote and read 16 bytes per token."""
+    B, V = weights.shape
+    dt = torch.float64 if weights.device.type != "mps" else torch.float32
+    bs = max(1, math.isqrt(V))
+    n_full = V // bs
+    w = weights.contiguous()
+    sums = w.as_strided((B, n_full, bs), (V, bs, 1)).sum(-1)  # [B, n_full] full blocks
+    if n_full * bs < V:
+        sums = torch.cat([sums, w[:, n_full * bs :].sum(-1, keepdim=True)], 1)
+    cdf = sums.to(dt).cumsum(-1)  # [B, n_blocks]
+    total = cdf[:, -1]
+    target = u.to(device=w.device, dtype=dt) * total
+    # the first block whose cumulative mass exceeds the target, at most the last block with mass
+    blk = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+    blk = torch.minimum(blk, (cdf < total[:, None]).sum(-1))
+    hi = cdf.gather(1, blk[:, None])[:, 0]
+    lo = torch.where(blk > 0, cdf.gather(1, (blk - 1).clamp_min(0)[:, None])[:, 0], 0.0)
+    cols = blk[:, None] * bs + torch.arange(bs, device=w.device)  # [B, bs]
+    inside = w.gather(1, cols.clamp_max(V - 1)).masked_fill(cols >= V, 0.0)
+    local = inside.to(dt).cumsum(-1)  # [B, bs]
+    # the target's place within the block, as a share of the block's own float64 mass
+    within = (target - lo) / (hi - lo) * local[:, -1]
+    idx = torch.searchsorted(local, within[:, None], right=True)[:, 0]
+    idx = torch.minimum(idx, (local < local[:, -1:]).sum(-1))
+    return blk * bs + idx
 
 
 class RowSampler(LogitsProcessor):
@@ -158,10 +206,10 @@ class RowSampler(LogitsProcessor):
     At each step row ``i`` takes one uniform number ``u`` from ``rngs[i]`` and picks the token
     where ``u`` falls in the cumulative distribution of ``softmax(scores / temperature)``
     (restricted to the smallest set of most probable tokens whose mass reaches ``top_p``): an
-    exact sample of that distribution (inverse transform sampling). The returned scores are
-    ``0`` at the picked token and ``-inf`` elsewhere, so greedy decoding takes it. One number
-    per row and step: a row's tokens depend on its logits and its stream only, not on the
-    other rows of the batch.
+    exact sample of that distribution (inverse transform sampling, :func:`inverse_cdf`). The
+    returned scores are ``0`` at the picked token and ``-inf`` elsewhere, so greedy decoding
+    takes it. One number per row and step: a row's tokens depend on its logits and its stream
+    only, not on the other rows of the batch.
     """
 
     def __init__(self, rngs: Sequence[np.random.Generator], temperature: float, top_p: float):
@@ -177,19 +225,20 @@ class RowSampler(LogitsProcessor):
         """``scores [B, V]`` logits -> ``[B]`` the sampled token of each row."""
         if scores.shape[0] != len(self.rngs):
             raise ValueError(f"scores has {scores.shape[0]} rows but {len(self.rngs)} streams")
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
-        order = None
-        if self.top_p < 1.0:
-            probs, order = probs.sort(dim=-1, descending=True, stable=True)
-            before = probs.cumsum(-1) - probs  # mass of the more probable tokens
-            probs = probs.masked_fill(before >= self.top_p, 0.0)
-        # float64 sums: 262k float32 probabilities would lose the tail's resolution
-        cdf = probs.to(torch.float64 if scores.device.type != "mps" else torch.float32).cumsum(-1)
-        u = torch.tensor([g.random() for g in self.rngs], dtype=cdf.dtype, device=cdf.device)
-        # the first token whose cumulative mass exceeds u * total (never a zero-mass token)
-        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
-        idx = idx.clamp_max(cdf.shape[1] - 1)
-        return (order.gather(1, idx) if order is not None else idx)[:, 0]
+        u = torch.tensor([g.random() for g in self.rngs], dtype=torch.float64)
+        scores = scores.float()
+        # exp((s - max) / T): softmax(s / T) up to each row's constant, which the sampler ignores
+        weights = torch.sub(scores, scores.amax(-1, keepdim=True))
+        if self.temperature != 1.0:
+            weights.div_(self.temperature)
+        weights.exp_()  # [B, V]
+        if self.top_p >= 1.0:
+            return inverse_cdf(weights, u)
+        probs = weights / weights.sum(-1, keepdim=True)
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        before = probs.cumsum(-1) - probs  # mass of the more probable tokens
+        probs = probs.masked_fill(before >= self.top_p, 0.0)
+        return order.gather(1, inverse_cdf(probs, u)[:, None])[:, 0]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """``scores [B, V]`` -> ``[B, V]``: 0 at each row's sampled token, -inf elsewhere."""
@@ -416,8 +465,9 @@ def continuation_nll(
     is (call it outside any steering block to score with the unsteered model).
 
     Returns ``(nll_sum [n], n_tokens [n])``; rows with an empty continuation get ``(0, 0)``.
-    Rows are right-padded and the LM head runs only from the shortest prompt's last token on
-    (``logits_to_keep``): with a 262k vocabulary the head costs more than the blocks.
+    Rows run in batches of similar lengths, right-padded, and the LM head runs only from the
+    shortest prompt's last token on (``logits_to_keep``): with a 262k vocabulary the head costs
+    more than the blocks.
     """
     if len(prompt_ids) != len(cont_ids):
         raise ValueError(
@@ -427,6 +477,8 @@ def continuation_nll(
     nll = np.zeros(n)
     count = np.zeros(n, dtype=np.int64)
     todo = [i for i in range(n) if len(cont_ids[i]) > 0]
+    # batches of similar prompt and total lengths: less padding, a shorter span for the head
+    todo.sort(key=lambda i: (len(prompt_ids[i]), len(prompt_ids[i]) + len(cont_ids[i])))
     pad = pad_token_id(backend.tokenizer)
     for a in range(0, len(todo), batch_size):
         idx = todo[a : a + batch_size]
