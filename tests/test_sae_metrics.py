@@ -208,6 +208,8 @@ def test_the_splice_sees_exactly_the_hook_points_output(tiny_backend, texts):
         tiny_backend, lambda x: seen.append(x.clone()) or x, "layer.2", texts[:4], max_len=24
     )
     seqs = tokenize_texts(tiny_backend.tokenizer, texts[:4], 24)
+    assert len({len(q) for q in seqs}) > 1, "texts of one length cannot show the batch order"
+    seqs = sorted(seqs, key=len)  # batches run shortest first
     batch = pad_batch(seqs, pad_token_id(tiny_backend.tokenizer), "right")
     with torch.no_grad():
         hidden = tiny_backend.model(
@@ -247,3 +249,28 @@ def test_spliced_ce_many_shares_the_clean_and_zero_forwards(tiny_backend, texts,
         spliced_ce_many(tiny_backend, {"bad": SparseAutoencoder(7, 8)}, "layer.2", texts)
     with pytest.raises(TypeError, match=r"saes\['odd'\]"):
         spliced_ce_many(tiny_backend, {"odd": 3}, "layer.2", texts)
+
+
+def test_spliced_ce_batches_texts_of_similar_length(tiny_backend, texts, monkeypatch):
+    """Texts run shortest first, so a batch pads to the length of texts like its own: the
+    forwards see the fewest padded positions, and the result is the one of the given order."""
+    from integral_superposition.data.tokenize import tokenize_texts
+    from integral_superposition.sae.metrics import spliced_ce_many
+
+    lengths = sorted(len(q) for q in tokenize_texts(tiny_backend.tokenizer, texts, 24))
+    assert lengths[0] < lengths[-1]
+    shapes = []
+    logits = tiny_backend.logits
+    monkeypatch.setattr(
+        tiny_backend,
+        "logits",
+        lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or logits(ids, *a, **k),
+    )
+    saes = {"half": lambda x: 0.5 * x}
+    got = spliced_ce_many(tiny_backend, saes, "layer.2", texts, batch_size=3, max_len=24)
+    per_batch = [lengths[a : a + 3] for a in range(0, len(lengths), 3)]
+    want = [(len(b), max(b)) for b in per_batch for _ in range(3)]  # clean, zero, one SAE
+    assert shapes == want
+    reverse = spliced_ce_many(tiny_backend, saes, "layer.2", texts[::-1], batch_size=3, max_len=24)
+    for key, value in got["half"].items():
+        assert reverse["half"][key] == pytest.approx(value, rel=1e-5), key

@@ -317,8 +317,12 @@ def spliced_ce_many(
     vocab = max(len(tok), int(getattr(config, "vocab_size", 0) or 0))
     # forwards of at most CE_LOGITS_ELEMENTS logits (a [B, T, vocab] tensor each)
     per_forward = max(1, min(batch_size, CE_LOGITS_ELEMENTS // max(1, max_len * vocab)))
-    for a in range(0, len(texts), per_forward):
-        seqs = tokenize_texts(tok, texts[a : a + per_forward], max_len, prepend_bos)
+    # batches of similar lengths: less padding to run through the blocks and the LM head (the
+    # sums below do not depend on the order)
+    all_seqs = tokenize_texts(tok, texts, max_len, prepend_bos)
+    all_seqs = sorted(all_seqs, key=len)
+    for a in range(0, len(all_seqs), per_forward):
+        seqs = all_seqs[a : a + per_forward]
         batch = pad_batch(seqs, pad, "right")
         keep = token_mask.batch(batch.input_ids, batch.lengths)  # [B, T] spliced positions
         pred = keep[:, :-1] & keep[:, 1:]  # predictions at spliced positions of stored targets
