@@ -37,25 +37,25 @@ __all__ = [
     "steering_tokens",
 ]
 
-REFERENCE_GFLOPS = 135.0
+REFERENCE_GFLOPS = 140.0
 """float32 matmul throughput of the reference machine (2 cores, AVX2), GFLOP/s: the median
-of nine speed probes (:func:`matmul_probe`, 126-159 GFLOP/s) on the idle machine and CPU
-settings ``REFERENCE_S`` was measured on, just after that run. The same idle VM probed at
-160-196 GFLOP/s minutes later: an estimate is good to about a third."""
+of nine speed probes (:func:`matmul_probe`, 96-158 GFLOP/s) on the idle machine and CPU
+settings ``REFERENCE_S`` was measured on, just after that run. The same idle VM has probed
+anywhere from 126 to 196 GFLOP/s within minutes: an estimate is good to about a third."""
 
 REFERENCE_S = {
     "start": 30.0,
     "load": 15.0,
-    "dump": 30.0,
+    "dump": 32.0,
     "train": 21.0,
-    "analyze": 60.0,
-    "merge": 75.0,
-    "steer": 262.0,
+    "analyze": 58.0,
+    "merge": 66.0,
+    "steer": 216.0,
     "report": 2.0,
 }
 """Seconds of each step of the default experiment on the reference machine: one ``isup run``
 on the defaults, on an idle 2-core VM under the AVX2 emulation (CPU capability AVX2, float32;
-``bench/bench_orchestration.py --avx2``): 494 s wall, 771 s CPU. The steps are its wall
+``bench/bench_orchestration.py --avx2``): 439 s wall, 694 s CPU. The steps are its wall
 times; ``start`` (the imports, the temporary Prefect server and the bookkeeping between the
 steps) and ``load`` (the model load) share the 45 s outside them."""
 
