@@ -215,3 +215,10 @@ def test_vocab_mass_and_nll_of_one_step_match_the_models_softmax(tiny_backend):
         want = [float(logp[s].exp().sum()) for s in sets]
         np.testing.assert_allclose(g.vocab_mass[r], want, rtol=1e-4, atol=1e-7)
         np.testing.assert_allclose(g.nll[r], -float(logp[g.token_ids[r][0]]), rtol=1e-4)
+
+
+def test_inverse_cdf_refuses_shapes_it_cannot_sample_from():
+    with pytest.raises(ValueError, match=r"weights has shape \(5,\)"):
+        inverse_cdf(torch.ones(5), torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"u has shape \(3,\): expected \[2\]"):
+        inverse_cdf(torch.ones(2, 4), torch.zeros(3, dtype=torch.float64))

@@ -169,11 +169,17 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     whose cumulative weight exceeds ``u`` x the row's total (never a zero-weight token).
 
     Two levels instead of one cumulative sum over the whole vocabulary: the weights' sums over
-    blocks of about ``sqrt(V)`` tokens, accumulated in float64, pick the block, then the
-    float64 cumulative sum of that block's weights picks the token. It reads the weights once
-    and converts only ``[B, sqrt(V)]`` values to float64, where a float64 cumulative sum over a
-    262k vocabulary wrote and read 16 bytes per token."""
+    blocks of about ``sqrt(V)`` tokens, accumulated from block to block in float64, pick the
+    block, then the float64 cumulative sum of that block's weights picks the token. It reads
+    the weights once and converts only ``[B, sqrt(V)]`` values to float64, where a float64
+    cumulative sum over a 262k vocabulary wrote and read 16 bytes per token."""
+    if weights.ndim != 2 or weights.shape[1] < 1:
+        raise ValueError(
+            f"weights has shape {tuple(weights.shape)}: expected [rows, vocabulary] with a vocabulary"
+        )
     B, V = weights.shape
+    if tuple(u.shape) != (B,):
+        raise ValueError(f"u has shape {tuple(u.shape)}: expected [{B}], one number per row")
     dt = torch.float64 if weights.device.type != "mps" else torch.float32
     bs = max(1, math.isqrt(V))
     n_full = V // bs
