@@ -51,7 +51,11 @@ from integral_superposition.merge.refit import (
     projection_weights,
     refit_decoder,
 )
-from integral_superposition.merge.similarity import LatentSimilarity, latent_firing
+from integral_superposition.merge.similarity import (
+    LatentSimilarity,
+    label_profiles,
+    latent_firing,
+)
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.sae.model import SparseAutoencoder
 
@@ -117,9 +121,34 @@ def similarity_for(
         )
     if params.similarity.get("reconstruction", 0) > 0 and stats is None:
         stats = original_stats(sae, store, params)
+    profiles = None
+    if params.similarity.get("labels", 0) > 0:
+        profiles = _label_profiles(sae, store, params, firing, on_progress)
     return LatentSimilarity(
-        sae, params.similarity, firing=firing, coactivation=params.coactivation, stats=stats
+        sae,
+        params.similarity,
+        firing=firing,
+        coactivation=params.coactivation,
+        stats=stats,
+        profiles=profiles,
     )
+
+
+def _label_profiles(sae, store, params: MergeParams, firing, on_progress) -> np.ndarray:
+    """``[K, n_labels]`` label profiles on the fit split's documents (``labels`` similarity)."""
+    names = list(getattr(store, "label_names", None) or [])
+    if len(names) < 2 or getattr(store, "labels", None) is None:
+        raise ValueError(
+            f"similarity={params.similarity}: 'labels' needs a store with at least two labels "
+            f"(this one has {len(names)}); drop 'labels' from the similarity"
+        )
+    mask = _split(store, params.fit_split, params)
+    if firing is None or params.coactivation_level != "document":
+        firing = latent_firing(sae, store, mask, params.chunk_tokens, on_progress, level="document")
+    selected = np.flatnonzero(mask)
+    _, first = np.unique(store.doc_ids[selected], return_index=True)  # rows of latent_firing
+    doc_labels = np.asarray(store.labels)[selected[first]]
+    return label_profiles(firing, doc_labels, len(names))
 
 
 def merge_with_labels(

@@ -21,7 +21,7 @@ class MergeParams(_Config):
     similarity: dict[str, float] = Field(
         default_factory=lambda: {"reconstruction": 1.0, "coactivation": 0.3}
     )
-    """Weights of the distances to mix: ``decoder``, ``encoder``, ``coactivation``, ``reconstruction`` (merge cost)."""
+    """Weights of the distances to mix: ``decoder``, ``encoder``, ``coactivation``, ``reconstruction`` (merge cost), ``labels`` (label distributions of the documents a latent fires in; needs a labelled store)."""
     coactivation: Literal["jaccard", "correlation"] = "correlation"
     """Co-activation similarity: Jaccard of the firing sets, or the correlation of firing indicators."""
     coactivation_level: Literal["token", "document"] = "document"

@@ -16,6 +16,12 @@ that neither mode needs more than ``block_rows x K`` values at once:
   and ``S = G_ii + 2 G_ij + G_jj``. The distance is that loss times ``K / SST`` (the total
   variance of the fit tokens): about 1 for merging two latents of average weight, 0 for
   latents that never fire. It keeps heavily used latents apart and merges cheap ones.
+- ``labels``: the total variation distance between two latents' label distributions over the
+  documents they fire in (:func:`label_profiles`, on labelled training documents), each shrunk
+  towards the base rates by a prior worth ``LABEL_PRIOR_DOCS`` documents. Two latents of the
+  same topic are close, a topical latent and one that fires alike in every label are far
+  apart (up to 0.75 for a pure latent of one of four balanced labels): it keeps label-specific
+  latents out of clusters whose heavier members would dilute them. It needs a labelled store.
 
 A mix ``{"decoder": 0.5, "coactivation": 0.5}`` is the weighted mean of the distances.
 ``distance_matrix()`` gives the dense ``[K, K]`` matrix; ``knn_edges(n)`` the ``n`` nearest
@@ -35,7 +41,9 @@ from integral_superposition.analysis import jaccard_sparse
 from integral_superposition.sae.encode import encode_chunks
 from integral_superposition.sae.model import SparseAutoencoder
 
-SIMILARITIES = ("decoder", "encoder", "coactivation", "reconstruction")
+SIMILARITIES = ("decoder", "encoder", "coactivation", "reconstruction", "labels")
+LABEL_PRIOR_DOCS = 10.0
+"""Weight of the base rates in a latent's label profile, in documents (:func:`label_profiles`)."""
 COACTIVATION_KINDS = ("jaccard", "correlation")
 COACTIVATION_LEVELS = ("token", "document")
 
@@ -115,6 +123,44 @@ def latent_firing(
     return jaccard_sparse.firing_matrix(row_of[r], np.concatenate(cols), sae.d_sae, n)
 
 
+def label_profiles(
+    firing: sp.sparray | sp.spmatrix,
+    doc_labels: np.ndarray,
+    n_labels: int,
+    prior_docs: float = LABEL_PRIOR_DOCS,
+) -> np.ndarray:
+    """``[K, n_labels]`` label distribution of each latent over the documents it fires in.
+
+    ``firing`` is the document-level firing matrix ``[D, K]`` (:func:`latent_firing` with
+    ``level="document"``) and ``doc_labels`` ``[D]`` the label id of each of its rows (negative:
+    unlabelled, left out). Row ``i`` is ``(n_i + prior_docs * base) / (N_i + prior_docs)``, where
+    ``n_i`` counts the labelled documents of each label in which latent ``i`` fires, ``N_i``
+    their total and ``base`` the labels' shares of all labelled documents: a latent that fires
+    in few documents stays near the base rates, one that never fires is at them."""
+    f = sp.csr_array(firing)
+    doc_labels = np.asarray(doc_labels)
+    if doc_labels.shape != (f.shape[0],):
+        raise ValueError(
+            f"doc_labels has shape {doc_labels.shape}: expected [{f.shape[0]}], one per firing row"
+        )
+    if n_labels < 2:
+        raise ValueError(f"n_labels={n_labels}: expected at least 2 labels")
+    if not np.isfinite(prior_docs) or prior_docs <= 0:
+        raise ValueError(f"prior_docs={prior_docs!r}: expected a finite number > 0")
+    ok = doc_labels >= 0
+    if (doc_labels[ok] >= n_labels).any():
+        raise ValueError(f"doc_labels: values up to {int(doc_labels.max())}, expected < {n_labels}")
+    if not ok.any():
+        raise ValueError("doc_labels: no labelled document to build label profiles from")
+    y = sp.csr_array(
+        (np.ones(int(ok.sum())), (np.flatnonzero(ok), doc_labels[ok].astype(np.int64))),
+        shape=(f.shape[0], n_labels),
+    )
+    counts = np.asarray((f.T.astype(np.float64) @ y).toarray())  # [K, L]
+    base = np.bincount(doc_labels[ok].astype(np.int64), minlength=n_labels) / ok.sum()
+    return (counts + prior_docs * base) / (counts.sum(1, keepdims=True) + prior_docs)
+
+
 @dataclass
 class KnnEdges:
     """A symmetric k-NN distance graph as an edge list: both directions, no self loops."""
@@ -137,6 +183,8 @@ class LatentSimilarity:
     ``coactivation`` has a weight (build it with :func:`latent_firing`).
     ``stats``: ridge statistics of the original codes (``merge.refit.RidgeStats``, its dense
     ``gram`` ``[K, K]``), required when ``reconstruction`` has a weight.
+    ``profiles``: ``[K, n_labels]`` label distributions (:func:`label_profiles`), required when
+    ``labels`` has a weight.
     ``dtype``: float dtype of the cosine computations (float64 for exact small problems).
     """
 
@@ -148,6 +196,7 @@ class LatentSimilarity:
         firing: sp.sparray | sp.spmatrix | None = None,
         coactivation: str = "jaccard",
         stats=None,
+        profiles: np.ndarray | None = None,
         decoder: torch.Tensor | np.ndarray | None = None,
         encoder: torch.Tensor | np.ndarray | None = None,
         dtype: torch.dtype = torch.float32,
@@ -201,6 +250,19 @@ class LatentSimilarity:
             self._fire_t = sp.csr_array(f.T)  # [K, n_tokens]
             self._count = np.asarray(self._fire_t.sum(axis=1)).ravel().astype(np.float64)
             sizes.add(int(f.shape[1]))
+        self._profiles: np.ndarray | None = None
+        if "labels" in self.weights:
+            if profiles is None:
+                raise ValueError(
+                    "labels similarity needs profiles= (a [K, n_labels] matrix from merge.similarity.label_profiles)"
+                )
+            prof = np.asarray(profiles, dtype=np.float64)
+            if prof.ndim != 2 or not np.isfinite(prof).all():
+                raise ValueError(
+                    f"profiles has shape {prof.shape}: expected a finite [K, n_labels] matrix"
+                )
+            self._profiles = prof
+            sizes.add(prof.shape[0])
         if len(sizes) != 1:
             raise ValueError(
                 f"the similarity inputs disagree on the number of latents: {sorted(sizes)}"
@@ -252,6 +314,15 @@ class LatentSimilarity:
         loss = np.where(s > 0, q - c_sq / np.where(s > 0, s, 1.0), 0.0)
         return np.maximum(loss, 0.0) * self._recon_scale
 
+    def _labels_block(self, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+        p = self._profiles
+        right = p if cols is None else p[cols]
+        # total variation distance, label by label (few labels: [rows, K] per label)
+        out = np.zeros((len(rows), right.shape[0]))
+        for c in range(p.shape[1]):
+            out += np.abs(p[rows, c][:, None] - right[:, c][None, :])
+        return 0.5 * out
+
     def _block(self, rows: np.ndarray, cols: np.ndarray | None) -> torch.Tensor:
         """Distances ``[len(rows), len(cols)]`` as a torch tensor in the similarity's dtype."""
         rows_t = torch.from_numpy(rows)
@@ -266,6 +337,7 @@ class LatentSimilarity:
         for name, fn in (
             ("coactivation", self._coact_block),
             ("reconstruction", self._reconstruction_block),
+            ("labels", self._labels_block),
         ):
             if name in self.weights:
                 part = torch.from_numpy(fn(rows, cols)).to(self.dtype).mul_(self.weights[name])
