@@ -149,3 +149,47 @@ def test_unknown_entry_point_is_named():
         OutputCache(entry_points=("integral_superposition.nope",))
     with pytest.raises(TypeError, match="entry_points"):
         OutputCache(entry_points="integral_superposition.dump")
+
+
+def test_the_import_graph_is_parsed_once_by_one_thread(monkeypatch):
+    """Tasks of one flow run ask for their code versions from several threads at once. The
+    graph's ASTs are built by one thread while the others wait (two threads building ASTs at
+    once can fail on CPython 3.11 with 'AST constructor recursion depth mismatch')."""
+    import threading
+    import time
+
+    real = version.import_graph
+    calls, inside, most = [], [0], [0]
+    guard = threading.Lock()
+
+    def slow_graph(roots):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        calls.append(1)
+        time.sleep(0.05)  # long enough for every other thread to arrive
+        try:
+            return real(roots)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(version, "import_graph", slow_graph)
+    version.clear_caches()
+    results, errors = [], []
+
+    def ask():
+        try:
+            results.append(version.code_version("integral_superposition.sae.train"))
+        except Exception as e:  # pragma: no cover - the failure this test guards against
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    version.clear_caches()
+    assert not errors
+    assert len(calls) == 1 and most[0] == 1
+    assert len(set(results)) == 1 and len(results) == 8

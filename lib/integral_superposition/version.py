@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -70,10 +71,23 @@ def check_entry_points(*entry_points: str) -> None:
         )
 
 
+_GRAPH_LOCK = threading.Lock()
+"""Held while the import graph is read: one thread parses, the others wait for its result.
+CPython 3.11's ``ast`` keeps its recursion depth per interpreter, not per thread, so two
+threads building ASTs at once (two tasks of one flow run asking for their code version) can
+fail with ``SystemError: AST constructor recursion depth mismatch``."""
+
+
 @functools.cache
-def library_graph() -> dict[str, set[str]]:
-    """The library's import graph (see :mod:`integral_superposition.module_graph`)."""
+def _library_graph() -> dict[str, set[str]]:
     return import_graph({LIBRARY: LIBRARY_ROOT})
+
+
+def library_graph() -> dict[str, set[str]]:
+    """The library's import graph (see :mod:`integral_superposition.module_graph`), read once
+    per process by one thread at a time."""
+    with _GRAPH_LOCK:
+        return _library_graph()
 
 
 def step_modules(*entry_points: str) -> set[str]:
@@ -109,5 +123,6 @@ def clear_caches() -> None:
     """Forget the hashes and the graph read so far (after the source changed in-process)."""
     library_source_hash.cache_clear()
     library_files.cache_clear()
-    library_graph.cache_clear()
+    with _GRAPH_LOCK:
+        _library_graph.cache_clear()
     _modules_hash.cache_clear()
