@@ -305,7 +305,7 @@ def test_probe_ranks_by_standardised_difference_so_a_large_dense_latent_does_not
     assert rank_latents(F[train], pos[train], "mean_diff")[0] == 0
     assert rank_latents(F[train], pos[train])[0] == 1  # std_diff is the default
     names = ["a", "b", "c", "d"]
-    ours = sparse_probe(F, y, train, names, ks=(1,), random_baseline=False)
+    ours = sparse_probe(F, y, train, names, ks=(1,), random_baseline=False, rank_by="std_diff")
     raw = sparse_probe(F, y, train, names, ks=(1,), random_baseline=False, rank_by="mean_diff")
     c_ours = ours[(ours.label == "c") & (ours.method == "sae")].iloc[0]
     c_raw = raw[(raw.label == "c") & (raw.method == "sae")].iloc[0]
@@ -372,3 +372,49 @@ def test_the_probes_cv_score_is_scikit_learns_neg_log_loss(dtype):
     assert ours < -0.5  # the clipped row dominates: a real loss, not a trivial one
     text = LogisticRegression(C=10.0).fit(X, np.where(y == 1, "yes", "no"))
     assert _neg_log_loss(text, Xt, np.where(y[:50] == 1, "yes", "no")) == pytest.approx(ours)
+
+
+def test_forward_selection_skips_near_duplicates_and_takes_the_independent_evidence():
+    """Latents 0-4 are near-copies of one noisy label signal (the five largest standardised
+    differences); latents 5 and 6 carry independent, weaker evidence of the label. Ranked by the
+    difference of class means a 3-latent probe gets three copies of the same evidence; forward
+    selection takes one copy and then the two independent latents, and its probe scores
+    higher on the held-out documents."""
+    rng, D, y, train, pos = _four_label_documents(1, D=1600)
+    F = np.zeros((D, 40))
+    shared = pos + rng.normal(0.0, 0.7, D)
+    for j in range(5):
+        F[:, j] = np.maximum(shared + rng.normal(0.0, 0.05, D), 0.0)
+    for j in (5, 6):
+        F[:, j] = np.maximum(pos + rng.normal(0.0, 1.0, D), 0.0)
+    F[:, 7:] = np.abs(rng.normal(size=(D, 33))) * (rng.random((D, 33)) < 0.2)
+    by_diff = rank_latents(F[train], pos[train])
+    by_forward = rank_latents(F[train], pos[train], "forward", forward_steps=3)
+    assert set(by_diff[:3].tolist()) <= {0, 1, 2, 3, 4}
+    assert by_forward[0] in range(5) and set(by_forward[1:3].tolist()) == {5, 6}
+    # the rest follow by the difference of class means, every latent exactly once
+    assert sorted(by_forward.tolist()) == list(range(40))
+    assert by_forward[3:].tolist() == [j for j in by_diff.tolist() if j not in by_forward[:3]]
+    names = ["a", "b", "c", "d"]
+    kw = {"ks": (3,), "random_baseline": False, "cs": (1.0,)}
+    diff = sparse_probe(F, y, train, names, rank_by="std_diff", **kw)
+    fwd = sparse_probe(F, y, train, names, rank_by="forward", **kw)
+    acc_diff = diff[diff.label == "b"].iloc[0]["accuracy"]
+    acc_fwd = fwd[fwd.label == "b"].iloc[0]["accuracy"]
+    assert acc_fwd > acc_diff + 0.03, (acc_fwd, acc_diff)
+    with pytest.raises(ValueError, match="forward_steps=0"):
+        rank_latents(F, pos, "forward", forward_steps=0)
+    with pytest.raises(ValueError, match="positive has shape"):
+        rank_latents(F, pos[:10], "forward")
+
+
+def test_forward_selection_stops_at_the_live_latents_and_ignores_constant_ones():
+    """Only two latents vary: forward selection returns those two first, the constant and
+    all-zero latents after them, and never fails for want of candidates."""
+    rng, D, _, _, pos = _four_label_documents(3, D=400)
+    F = np.zeros((D, 4))
+    F[:, 1] = np.where(pos, rng.normal(1.0, 0.3, D), 0.0).clip(0)
+    F[:, 2] = 3.0
+    F[:, 3] = rng.random(D)
+    order = rank_latents(F, pos, "forward", forward_steps=4)
+    assert order[:2].tolist() == [1, 3] and sorted(order.tolist()) == [0, 1, 2, 3]

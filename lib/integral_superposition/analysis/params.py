@@ -91,9 +91,11 @@ class AnalysisParams(BaseModel):
     documents (the store's ``test`` split), with dense and random-latent baselines."""
     probe_ks: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 5, 10, 20], min_length=1)
     """Probe sizes k (latents per probe)."""
-    probe_rank_by: Literal["std_diff", "mean_diff"] = "std_diff"
-    """The order a probe takes latents in, on the training documents: the standardised
-    difference of class means (Cohen's d, scale-free) or the raw difference (SAEBench's)."""
+    probe_rank_by: Literal["std_diff", "mean_diff", "forward"] = "forward"
+    """The order a probe takes latents in, on the training documents: greedy forward
+    selection by the logistic score test (each latent judged given the ones before it, so a
+    near-duplicate of a chosen latent is not taken again), the standardised difference of class
+    means (Cohen's d, scale-free) or the raw difference (SAEBench's)."""
     probe_cs: list[PositiveFloat] = Field(
         default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0], min_length=1
     )

@@ -9,15 +9,18 @@ The method follows SAEBench's sparse probing:
   of the raw activations;
 - each one-vs-rest task is class-balanced: all documents of the label and as many others,
   drawn evenly from the other labels (seeded), separately in the training and the test split;
-- the ``k`` latents are those with the largest absolute *standardised* difference of class
-  means (Cohen's d: the difference over the pooled within-class deviation) on the balanced
-  *training* documents only, so the test documents never influence which latents a probe sees
-  (a latent's enrichment q would also rank near-duplicate latents side by side). SAEBench
-  ranks by the raw difference (``rank_by="mean_diff"``); that is not scale-free, so a latent
-  that fires on most tokens with a large activation, and differs between the classes by a
-  small fraction of its spread, outranks a clean label latent of smaller scale, while the
-  probe itself sees standardised features. On the AG News run (docs/analysis.md) the raw
-  difference put the SAE's 34 dense latents first for every label;
+- the ``k`` latents are chosen on the balanced *training* documents only, so the test
+  documents never influence which latents a probe sees. By default (``rank_by="forward"``)
+  greedy forward selection: the first latent has the largest standardised difference of class
+  means, and each next one the largest logistic score statistic given those already chosen,
+  so a near-duplicate of a chosen latent (SAEs split one feature over several latents) is not
+  taken again. ``"std_diff"`` takes the top ``k`` by the absolute *standardised* difference of
+  class means (Cohen's d: the difference over the pooled within-class deviation), which puts
+  near-duplicates side by side. SAEBench ranks by the raw difference (``"mean_diff"``); that
+  is not scale-free, so a latent that fires on most tokens with a large activation, and
+  differs between the classes by a small fraction of its spread, outranks a clean label latent
+  of smaller scale, while the probe itself sees standardised features. On the AG News run
+  (docs/analysis.md) the raw difference put the SAE's 34 dense latents first for every label;
 - scikit-learn's L2 logistic regression (lbfgs, 1000 iterations) on features standardised
   with the training documents' mean and deviation, its inverse regularisation strength ``C``
   chosen for each probe by stratified cross-validation (log loss) on the balanced *training*
@@ -108,25 +111,18 @@ def doc_mean_activations(
     return (total / count.clamp_min(1)[:, None]).float().numpy()
 
 
-RANK_BY = ("std_diff", "mean_diff")
-"""Latent orders of a probe: standardised (Cohen's d) or raw difference of class means."""
+RANK_BY = ("std_diff", "mean_diff", "forward")
+"""Latent orders of a probe: standardised (Cohen's d) or raw difference of class means, or
+greedy forward selection by the logistic score test (each latent judged given those before it)."""
+
+FORWARD_C = 1.0
+"""Inverse L2 regularisation strength of the logistic fits inside forward selection (on
+standardised features; the probe itself then chooses its own ``C``)."""
 
 
-def rank_latents(
-    F: sparse.spmatrix | np.ndarray, positive: np.ndarray, by: str = "std_diff"
-) -> np.ndarray:
-    """Latents ``[K]`` ordered by how the mean feature over the ``positive [D]`` (bool)
-    documents differs from the mean over the others, largest first (ties: lower id).
-
-    ``by="std_diff"``: the absolute difference over the pooled within-class standard deviation
-    ``sqrt((var_pos + var_neg) / 2)`` (Cohen's d; a latent constant in both classes scores 0).
-    ``by="mean_diff"``: the absolute difference itself (SAEBench)."""
-    if by not in RANK_BY:
-        raise ValueError(f"by={by!r}: expected one of {RANK_BY}")
-    F = sparse.csr_matrix(F, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    if not (positive.any() and (~positive).any()):
-        raise ValueError("positive: expected both positive and negative documents to rank on")
+def _class_mean_diff(F: sparse.csr_matrix, positive: np.ndarray, by: str) -> np.ndarray:
+    """``[K]`` absolute difference of class means, over the pooled within-class deviation when
+    ``by="std_diff"`` (0 for a latent constant in both classes)."""
     parts = (F[positive], F[~positive])
     mean = [np.asarray(A.mean(0)).ravel() for A in parts]
     diff = np.abs(mean[0] - mean[1])
@@ -137,7 +133,80 @@ def rank_latents(
         ]
         sd = np.sqrt((var[0] + var[1]) / 2)
         diff = np.divide(diff, sd, out=np.zeros_like(diff), where=sd > 0)
-    return np.argsort(-diff, kind="stable")
+    return diff
+
+
+def _forward_order(F: sparse.csr_matrix, positive: np.ndarray, steps: int) -> list[int]:
+    """The first ``steps`` latents of greedy forward selection (grafting) on ``F [n, K]``.
+
+    Features are standardised (column mean and deviation over the ``n`` documents, never
+    densified). At each step a logistic regression (L2, ``FORWARD_C``) is fitted on the latents
+    chosen so far and the next latent is the one with the largest score statistic
+    ``|z_j . (y - p)| / sqrt(z_j^2 . p (1 - p))``: the Rao score test of adding it to that fit.
+    The first step (``p`` the base rate) ranks by the standardised difference of class means;
+    later ones judge a latent by what the chosen ones leave unexplained, so a near-duplicate of
+    a chosen latent scores near 0."""
+    n = F.shape[0]
+    y = positive.astype(np.float64)
+    mu = np.asarray(F.mean(0)).ravel()
+    sq = F.multiply(F).tocsr()
+    sd = np.sqrt(np.maximum(np.asarray(sq.mean(0)).ravel() - mu * mu, 0.0))
+    live = sd > 1e-12 * np.maximum(np.abs(mu), 1.0)
+    inv_sd = np.divide(1.0, sd, out=np.zeros_like(sd), where=live)
+    Ft, sqt = F.T.tocsr(), sq.T.tocsr()
+    chosen: list[int] = []
+    p = np.full(n, y.mean())
+    for _ in range(min(int(steps), int(live.sum()))):
+        r, w = y - p, p * (1.0 - p)
+        grad = (Ft @ r - mu * r.sum()) * inv_sd
+        info = (sqt @ w - 2.0 * mu * (Ft @ w) + mu * mu * w.sum()) * inv_sd * inv_sd
+        stat = np.divide(np.abs(grad), np.sqrt(np.maximum(info, 0.0)), out=np.zeros(mu.size),
+                         where=live & (info > 0))  # fmt: skip
+        stat[chosen] = -1.0
+        stat[~live] = -1.0
+        j = int(np.argmax(stat))  # ties: lower id
+        if stat[j] < 0:
+            break
+        chosen.append(j)
+        Z = (F[:, chosen].toarray() - mu[chosen]) * inv_sd[chosen]
+        lr = LogisticRegression(C=FORWARD_C, max_iter=1000).fit(Z, positive)
+        p = np.clip(lr.predict_proba(Z)[:, 1], 1e-12, 1.0 - 1e-12)
+    return chosen
+
+
+def rank_latents(
+    F: sparse.spmatrix | np.ndarray,
+    positive: np.ndarray,
+    by: str = "std_diff",
+    forward_steps: int = 20,
+) -> np.ndarray:
+    """Latents ``[K]`` ordered for a probe of the ``positive [D]`` (bool) documents against
+    the others, best first (ties: lower id).
+
+    ``by="std_diff"``: the absolute difference of class means over the pooled within-class
+    standard deviation ``sqrt((var_pos + var_neg) / 2)`` (Cohen's d; a latent constant in both
+    classes scores 0). ``by="mean_diff"``: the absolute difference itself (SAEBench).
+    ``by="forward"``: the first ``forward_steps`` latents by greedy forward selection
+    (:func:`_forward_order`), the rest after them by ``std_diff``."""
+    if by not in RANK_BY:
+        raise ValueError(f"by={by!r}: expected one of {RANK_BY}")
+    if isinstance(forward_steps, bool) or int(forward_steps) != forward_steps or forward_steps < 1:
+        raise ValueError(f"forward_steps={forward_steps!r}: expected a positive whole number")
+    F = sparse.csr_matrix(F, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    if positive.shape != (F.shape[0],):
+        raise ValueError(
+            f"positive has shape {positive.shape}: expected ({F.shape[0]},), one per row of F"
+        )
+    if not (positive.any() and (~positive).any()):
+        raise ValueError("positive: expected both positive and negative documents to rank on")
+    order = np.argsort(-_class_mean_diff(F, positive, "mean_diff" if by == "mean_diff" else
+                                         "std_diff"), kind="stable")  # fmt: skip
+    if by != "forward":
+        return order
+    first = _forward_order(F, positive, int(forward_steps))
+    rest = order[~np.isin(order, first)]
+    return np.concatenate([np.asarray(first, dtype=np.int64), rest])
 
 
 def balanced_task(
@@ -235,7 +304,7 @@ def sparse_probe(
     ks: Sequence[int] = (1, 2, 5, 10, 20),
     dense: np.ndarray | None = None,
     random_baseline: bool = True,
-    rank_by: str = "std_diff",
+    rank_by: str = "forward",
     cs: Sequence[float] = CS,
     cv_folds: int = 5,
     seed: int = 0,
@@ -297,7 +366,7 @@ def sparse_probe(
             "label": str(name), "label_id": c, "n_train": int(tr.size),
             "n_test": int(te.size), "n_test_pos": int(yte.sum()),
         }  # fmt: skip
-        order = rank_latents(Ftr, ytr, rank_by)  # training documents only
+        order = rank_latents(Ftr, ytr, rank_by, forward_steps=min(max(ks), K))  # training docs
         for k in ks:
             if k > K:
                 continue

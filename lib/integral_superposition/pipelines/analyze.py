@@ -153,6 +153,7 @@ def _generic(p, scan, store, rows, token_labels, n_labels):
 RANK_TEXT = {
     "std_diff": "|difference of class means| / pooled within-class deviation (Cohen's d)",
     "mean_diff": "|difference of class means|",
+    "forward": "greedy forward selection (logistic score test given the latents before)",
 }
 
 
