@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from integral_superposition.experiment import (
@@ -224,3 +225,15 @@ def test_run_root_and_public_dict_hide_secrets():
     public = cfg.public_dict()
     assert public["storage_options"] == {"key": "***", "secret": "***"}
     assert "AKIA" not in cfg.to_yaml()
+
+
+def test_the_shipped_ag_news_config_loads_and_steers_label_groups():
+    """bench/ag_news.yaml (the whole experiment on AG News) validates against the current
+    schema: title + description, 4,096 TopK latents, groups of four latents steered at 24
+    new tokens."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "bench" / "ag_news.yaml")
+    assert cfg.data.text == "{title}. {description}" and cfg.data.label_col == "topic"
+    assert (cfg.sae.k, cfg.sae.top_k, cfg.dump.max_len) == (4096, 32, 64)
+    assert cfg.steering.group_size == 4 and cfg.steering.max_new_tokens == 24
+    assert cfg.steering.strengths == sorted(cfg.steering.strengths)

@@ -254,3 +254,82 @@ def test_random_control_is_a_topic_neutral_live_latent_with_matched_norm():
     only = tok[tok["latent"].isin([0, 1, 2])]
     out = picking.random_controls(picks, only, norms, 1e-3, 0)
     assert int(out["random_latent"].iloc[0]) == 1
+
+
+def test_a_group_gets_as_many_distinct_neutral_random_latents_each_matched_to_a_member():
+    names = ["a", "b"]
+    n_lat = 8
+    lat = np.repeat(np.arange(n_lat), 2)
+    tok = pd.DataFrame(
+        {
+            "latent": lat,
+            "label": pd.Categorical(names * n_lat, categories=names),
+            # latents 0, 1: the group (a); 2: enriched for b; 3..7: neutral
+            "q": [1e-9, 1, 1e-8, 1, 1, 1e-7] + [0.5, 1] * 5,
+            "log_odds": [3.0, -1, 2.0, -1, -1, 2.0] + [0.1, 0.2] * 5,
+            "fires": True,
+        }
+    )
+    norms = np.array([2.0, 1.0, 1.0, 4.0, 0.5, 1.0, 2.0, 8.0])
+    picks = pd.DataFrame({"label": ["a"], "latent": [0], "members": [[0, 1]]})
+    for seed in range(10):
+        out = picking.random_controls(picks, tok, norms, 1e-3, seed).iloc[0]
+        rs = out["random_members"]
+        assert len(set(rs)) == 2 and set(rs) <= {3, 4, 5, 6, 7}
+        assert out["random_ratios"] == pytest.approx([2.0 / norms[rs[0]], 1.0 / norms[rs[1]]])
+        assert out["random_latent"] == rs[0] and out["random_ratio"] == out["random_ratios"][0]
+    # a single pick draws exactly what it drew before groups existed
+    single = picking.random_controls(picks.drop(columns="members"), tok, norms, 1e-3, 3)
+    assert "random_members" not in single
+    assert int(single["random_latent"].iloc[0]) == int(
+        np.random.default_rng(3).choice(np.array([3, 4, 5, 6, 7]))
+    )
+
+
+def test_group_picks_keeps_each_labels_best_latents_in_rank_order():
+    picks = pd.DataFrame({
+        "label": ["a", "a", "a", "b", "b"], "latent": [7, 2, 9, 4, 1],
+        "q": [1e-9, 1e-8, 1e-7, 1e-6, 1e-5], "max_act": [1.0, 2.0, 3.0, 4.0, 5.0],
+    })  # fmt: skip
+    g = picking.group_picks(picks, 2)
+    assert g["latent"].tolist() == [7, 4] and g["members"].tolist() == [[7, 2], [4, 1]]
+    assert g["member_max_acts"].tolist() == [[1.0, 2.0], [4.0, 5.0]]
+    assert g["q"].tolist() == [1e-9, 1e-6]
+    with pytest.raises(ValueError, match="group_size=0"):
+        picking.group_picks(picks, 0)
+
+
+def test_a_group_is_steered_together_and_its_random_control_edits_as_many_latents(
+    demo_store, tiny_backend, tmp_path
+):
+    """group_size=3: every steered row clamps the label's three best latents at once (each
+    to strength x its own max activation); the random control edits three other latents, each
+    scaled to its member's decoder norm; the summary names the members."""
+    sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
+    label = demo_store.label_names[0]
+    params = steering.SteeringParams(
+        labels=[label], group_size=3, q_max=1.0, strengths=[0.5], prompts=["the market", "news:"],
+        max_new_tokens=3, samples_per_prompt=1, do_sample=False, own_label_prompts=2,
+        vocab_per_label=20, classifier_fit_generations=2, controls=["random", "own_label"],
+    )  # fmt: skip
+    ev = sweep.evaluate_steering(tiny_backend, sae, demo_store, params)
+    pick = ev.picks.iloc[0]
+    members, mx = list(pick["members"]), list(pick["member_max_acts"])
+    assert len(members) == 3 and members[0] == pick["latent"]
+    t = ev.table
+    row = t[t["control"] == "steer"].iloc[0]
+    assert list(row["steered_latents"]) == members and row["edit_value"] == pytest.approx(
+        0.5 * mx[0]
+    )
+    rand = t[t["control"] == "random"].iloc[0]
+    assert list(rand["steered_latents"]) == list(pick["random_members"])
+    assert not set(rand["steered_latents"]) & set(members)
+    assert rand["edit_value"] == pytest.approx(0.5 * mx[0] * pick["random_ratios"][0])
+    own = t[(t["control"] == "own_label") & t["strength"].notna()].iloc[0]
+    assert list(own["steered_latents"]) == members
+    lat = ev.summary["latents"][0]
+    assert lat["members"] == members and lat["random_members"] == list(pick["random_members"])
+    # one group and one set per strength: the three edits share the rows
+    assert len(t[t["control"] == "steer"]) == 1
+    with pytest.raises(ValueError, match="group_size=3 with explicit latents"):
+        steering.SteeringParams(latents=[1, 2], group_size=3)

@@ -280,3 +280,20 @@ def test_headline_dead_latents_come_from_the_count_over_the_most_tokens():
     assert rows["dead latents"].value == "1.42%" and "100,000" in rows["dead latents"].detail
     alone = {r.result: r for r in _sae_metrics(manifest, None, None)}
     assert alone["dead latents"].value == "1.42%"
+
+
+def test_steering_row_of_a_group_names_every_member_and_random_latent(tmp_path):
+    from integral_superposition.viz.headline import headline_rows
+
+    out = str(tmp_path / "steering")
+    lat = {"latent": 1298, "members": [1298, 734, 2569], "label": "Sports", "n": 48,
+           "baseline_share": 0.1, "best_share": 0.8, "best_share_lo": 0.67,
+           "best_share_hi": 0.89, "random_latent": 12, "random_members": [12, 40, 7],
+           "random_share_at_best": 0.15, "random_share_at_best_lo": 0.07,
+           "random_share_at_best_hi": 0.27, "classifier_valid": True}  # fmt: skip
+    data = storage.canonical_json({"n_prompts": 12, "latents": [lat]}).encode()
+    storage.write_bytes(storage.join(out, "summary.json"), data)
+    storage.write_manifest(out, "steering", {}, {"summary.json": storage.file_entry("", data)})
+    (row,) = [r for r in headline_rows(steering=out) if r.group == "Steering"]
+    assert "steering L1298+L734+L2569 at" in row.result
+    assert row.control_shown == "random latents 12, 40, 7: 0.15 [0.07, 0.27]"

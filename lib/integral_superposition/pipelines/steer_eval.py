@@ -265,8 +265,14 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
     control at that strength, each with its 95% interval and its lift over the unsteered
     share of the same prompts."""
     best = lat.get("best_strength")
+    group = lat.get("members") or [lat["latent"]]
+    who = (
+        f"Latent {lat['latent']}"
+        if len(group) == 1
+        else f"Latents {', '.join(str(j) for j in group)}, together"
+    )
     line = (
-        f"Latent {lat['latent']} ({lat['label']}): share {lat['baseline_share']:.2f}"
+        f"{who} ({lat['label']}): share {lat['baseline_share']:.2f}"
         f"{_ci(lat, 'baseline_share')} unsteered" + _none(lat, "baseline_abstain")
     )
     if best is not None:
@@ -277,7 +283,9 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
         )
         if lat.get("random_share_at_best") is not None:
             line += (
-                f"; random latent {lat['random_latent']} at that strength: "
+                f"; random latent{'s' if len(group) > 1 else ''} "
+                f"{', '.join(str(j) for j in lat.get('random_members') or [lat['random_latent']])}"
+                " at that strength: "
                 f"{lat['random_share_at_best']:.2f}{_ci(lat, 'random_share_at_best')}"
                 f"{_lift(lat, 'random_lift_at_best')}" + _none(lat, "random_abstain_at_best")
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["Control", "Mode", "SteeringParams"]
 
@@ -30,6 +30,8 @@ class SteeringParams(BaseModel):
     """``auto``: the target labels (default: every label). Explicit latents: one target label per latent (default: each latent's most enriched label)."""
     per_label: int = Field(1, ge=1)
     """``auto``: latents picked per label."""
+    group_size: int = Field(1, ge=1)
+    """``auto``: latents steered together per label. Above 1, each label's edit acts on its ``group_size`` best latents by ``rank_by`` at once, each with the swept strength (``clamp_max``: each clamped to strength x its own max activation), and the random control edits as many random latents, each matched to a member's decoder norm. A topic is often split over several latents; steering them together moves it with less damage to fluency than pushing one latent harder. Needs ``per_label=1`` and no pilot."""
     q_max: float = Field(1e-3, gt=0, le=1)
     """A picked latent's token-level enrichment q-value must be below this."""
     rank_by: Literal["doc_q", "token_q", "log_odds", "vocab_logit"] = "doc_q"
@@ -112,6 +114,22 @@ class SteeringParams(BaseModel):
     """Where to steer (default: the store's hook point, where the SAE was trained)."""
     device: str = "auto"
     """Torch device of the SAE scan: ``auto`` (the model's), ``cpu``, ``cuda:0``, ..."""
+
+    @model_validator(mode="after")
+    def _group(self) -> SteeringParams:
+        if self.group_size > 1:
+            if self.latents != "auto":
+                raise ValueError(
+                    f"group_size={self.group_size} with explicit latents: expected "
+                    "latents='auto' (groups are each label's best latents)"
+                )
+            if self.per_label != 1 or self.pilot_candidates != 1:
+                raise ValueError(
+                    f"group_size={self.group_size} with per_label={self.per_label} and "
+                    f"pilot_candidates={self.pilot_candidates}: expected per_label=1 and "
+                    "pilot_candidates=1 (one group per label, no pilot)"
+                )
+        return self
 
     @field_validator("strengths", "pilot_strengths")
     @classmethod

@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "enrichment_tables",
+    "group_picks",
     "pick_latents",
     "random_controls",
     "target_latents",
@@ -195,7 +196,12 @@ def random_controls(
 ) -> pd.DataFrame:
     """For each steered latent, a random latent that fired in the data and is enriched for no
     label (a topic-neutral perturbation; if there is none, one not enriched for the target
-    label), and the decoder-norm ratio that matches the injected vectors."""
+    label), and the decoder-norm ratio that matches the injected vectors.
+
+    A pick with a ``members`` column (a group steered together, :func:`group_picks`) gets as
+    many distinct random latents, none of them a member: ``random_members`` and
+    ``random_ratios`` (member ``i``'s decoder norm over random latent ``i``'s), with the first
+    as ``random_latent`` and ``random_ratio``."""
     t = tok_table.assign(label=tok_table["label"].astype(str))
     fired = np.zeros(norms.shape[0], dtype=bool)
     fired[t.loc[t["fires"], "latent"].to_numpy()] = True
@@ -203,16 +209,51 @@ def random_controls(
     neutral = fired.copy()
     neutral[t.loc[enriched, "latent"].to_numpy()] = False
     rng = np.random.default_rng(seed)
-    randoms = []
-    for label, j in zip(picks["label"], picks["latent"], strict=True):
+    groups = (
+        [[int(j) for j in m] for m in picks["members"]]
+        if "members" in picks
+        else [[int(j)] for j in picks["latent"]]
+    )
+    randoms: list[list[int]] = []
+    for label, members in zip(picks["label"], groups, strict=True):
         ok = neutral.copy()
-        ok[int(j)] = False
-        if not ok.any():
+        ok[members] = False
+        if ok.sum() < len(members):
             ok = fired.copy()
             ok[t.loc[enriched & (t["label"] == label), "latent"].to_numpy()] = False
-            ok[int(j)] = False
+            ok[members] = False
         cands = np.flatnonzero(ok)
-        randoms.append(int(rng.choice(cands)) if cands.size else -1)
-    r = np.asarray(randoms)
-    ratio = np.where(r >= 0, norms[picks["latent"].to_numpy()] / norms[np.maximum(r, 0)], np.nan)
-    return picks.assign(random_latent=r, random_ratio=ratio)
+        if cands.size < len(members):
+            randoms.append([-1] * len(members))
+        elif len(members) == 1:
+            randoms.append([int(rng.choice(cands))])
+        else:
+            randoms.append([int(r) for r in rng.choice(cands, len(members), replace=False)])
+    ratios = [
+        [float(norms[j] / norms[r]) if r >= 0 else float("nan") for j, r in zip(m, rs, strict=True)]
+        for m, rs in zip(groups, randoms, strict=True)
+    ]
+    out = picks.assign(
+        random_latent=[rs[0] for rs in randoms], random_ratio=[rt[0] for rt in ratios]
+    )
+    if "members" in picks:
+        out = out.assign(random_members=randoms, random_ratios=ratios)
+    return out
+
+
+def group_picks(picks: pd.DataFrame, group_size: int) -> pd.DataFrame:
+    """Each label's first ``group_size`` picks (in rank order) as one pick: the first row,
+    with ``members`` (the latents, best first) and, when ``picks`` has ``max_act``,
+    ``member_max_acts``."""
+    if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1:
+        raise ValueError(f"group_size={group_size!r}: expected a positive whole number")
+    rows = []
+    for _, g in picks.groupby("label", sort=False):
+        g = g.head(int(group_size))
+        row = g.iloc[0].to_dict()
+        row["members"] = [int(j) for j in g["latent"]]
+        if "max_act" in g:
+            row["member_max_acts"] = [float(m) for m in g["max_act"]]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*picks.columns, "members"]
+                        + (["member_max_acts"] if "max_act" in picks else []))  # fmt: skip

@@ -58,6 +58,7 @@ from integral_superposition.steering.hooks import resolve_sae_hook_point, steer
 from integral_superposition.steering.params import SteeringParams
 from integral_superposition.steering.picks import (
     enrichment_tables,
+    group_picks,
     random_controls,
     target_latents,
 )
@@ -129,10 +130,10 @@ class _Scored:
 @dataclass
 class _Set:
     """A set of generations to run: samples ``first .. first + samples - 1`` of every prompt,
-    rows sample by sample, with ``edit`` (None: unsteered)."""
+    rows sample by sample, with the edits ``edit`` (None: unsteered; several for a group)."""
 
     prompts: list[str]
-    edit: Edit | None
+    edit: tuple[Edit, ...] | None
     samples: int
     first: int = 0
 
@@ -198,7 +199,7 @@ def _sweep_strengths(p: SteeringParams, lats, prompts, edit_of, run_sets, rep, s
     ``stop_above_ppl`` strengths run in increasing order and a latent's sweep ends after the
     first one above the fluency bound; else every strength runs in full, all in one call."""
     keys = [(k, st) for k in range(len(lats)) for st in p.strengths]
-    edits = {(k, st): edit_of(k, lats[k][0], st) for k, st in keys}
+    edits = {(k, st): edit_of(k, None, st) for k, st in keys}
     full = p.samples_per_prompt
     out: dict[tuple[int, float], _Scored] = {}
     if p.early_stop and p.stop_above_ppl:
@@ -418,12 +419,21 @@ def evaluate_steering(
     )
     # with a pilot, each label's pilot_candidates best latents; the pilot keeps per_label
     pilot_on = p.latents == "auto" and p.pilot_candidates > p.per_label
-    pool = p.model_copy(update={"per_label": p.pilot_candidates}) if pilot_on else p
+    # with group_size > 1, each label's group_size best latents, steered as one group
+    pool = (
+        p.model_copy(update={"per_label": p.pilot_candidates})
+        if pilot_on
+        else p.model_copy(update={"per_label": p.group_size})
+        if p.group_size > 1
+        else p
+    )
     picks = target_latents(pool, tok_table, doc_table, names, sae=sae, backend=backend, vocab=vocab)
     norms = sae.W_dec.detach().float().norm(dim=1).cpu().numpy()
     picks["max_act"] = mx[picks["latent"].to_numpy()] if mx is not None else np.nan
     picks["decoder_norm"] = norms[picks["latent"].to_numpy()]
     picks["rank"] = picks.groupby("label", sort=False).cumcount()
+    if p.group_size > 1:
+        picks = group_picks(picks, p.group_size)
     n_final = int(picks.groupby("label").size().clip(upper=p.per_label).sum())
     n_pilot = len(picks) * len(p.pilot_strengths) if pilot_on else 0
 
@@ -474,7 +484,7 @@ def evaluate_steering(
             rows += [(o + i, smp) for smp in samples for i in range(len(st.prompts))]
             spans.append(slice(a0, len(rows)))
             if st.edit is not None:
-                groups.append((range(a0, len(rows)), [st.edit]))
+                groups.append((range(a0, len(rows)), list(st.edit)))
         unsteered = any(st.edit is None for st in chunk)
         kw = {**gen_kw, "rows": rows, "stream_ids": stream_ids, "score": unsteered}
         if not groups:
@@ -609,7 +619,7 @@ def evaluate_steering(
         mx_of = [float(m) if np.isfinite(m) else 1.0 for m in picks["max_act"]]
         sets = [
             _Set(
-                prompts, _edit_for(p.mode, int(picks.iloc[k]["latent"]), st, mx_of[k]),
+                prompts, (_edit_for(p.mode, int(picks.iloc[k]["latent"]), st, mx_of[k]),),
                 p.pilot_samples, p.samples_per_prompt,
             )
             for k, st in keys
@@ -640,7 +650,7 @@ def evaluate_steering(
     gen_frames: list[pd.DataFrame] = []
 
     def record(s: _Scored, pick, control: str, prompt_set: str, base_ppl: float | None,
-               strength: float = float("nan"), edit: Edit | None = None,
+               strength: float = float("nan"), edit: tuple[Edit, ...] | None = None,
                ref: _Scored | None = None) -> dict[str, Any]:  # fmt: skip
         """One row of the table; ``ref``: the unsteered set of the same prompts, whose share
         the row's ``lift`` is measured from (None for that set itself)."""
@@ -655,8 +665,9 @@ def evaluate_steering(
         m.update(zip(("lift", "lift_lo", "lift_hi"), lift, strict=True))
         rows.append({
             "latent": int(pick["latent"]), "label": pick["label"], "control": control,
-            "strength": strength, "steered_latent": edit.latent if edit else -1,
-            "edit_value": edit.value if edit else float("nan"), "mode": p.mode,
+            "strength": strength, "steered_latent": edit[0].latent if edit else -1,
+            "edit_value": edit[0].value if edit else float("nan"), "mode": p.mode,
+            "steered_latents": [e.latent for e in edit] if edit else [],
             "prompts": prompt_set, **m, "classifier_accuracy": classifier.accuracy,
             "classifier_valid": check.judged.get(pick["label"], False),
             "stopped": s.stopped,
@@ -675,9 +686,21 @@ def evaluate_steering(
     pick_rows = [pk for _, pk in picks.iterrows()]
     base_ppls = [base.metrics(c, None)["perplexity"] for _, c in lat_of]
 
-    def edit_of(k: int, latent: int, strength: float, ratio: float = 1.0) -> Edit:
-        mx_k = float(pick_rows[k]["max_act"])
-        return _edit_for(p.mode, latent, strength, mx_k if np.isfinite(mx_k) else 1.0, ratio)
+    def edit_of(
+        k: int, latents: list[int] | None, strength: float, ratios: list[float] | None = None
+    ) -> tuple[Edit, ...]:
+        """Pick ``k``'s edit at ``strength``: of its members (``latents=None``), or of other
+        latents in their place, member ``i``'s edit moved to ``latents[i]`` and scaled by
+        ``ratios[i]`` (the random control)."""
+        pk = pick_rows[k]
+        members = list(pk["members"]) if "members" in pk else [int(pk["latent"])]
+        mxs = list(pk["member_max_acts"]) if "member_max_acts" in pk else [pk["max_act"]]
+        latents = members if latents is None else latents
+        ratios = [1.0] * len(latents) if ratios is None else ratios
+        return tuple(
+            _edit_for(p.mode, int(j), strength, float(m) if np.isfinite(m) else 1.0, float(r))
+            for j, m, r in zip(latents, mxs, ratios, strict=True)
+        )
 
     steer_sets = _sweep_strengths(
         p, [(j, c, bp) for (j, c), bp in zip(lat_of, base_ppls, strict=True)], prompts,
@@ -699,17 +722,23 @@ def evaluate_steering(
         else:
             ctrl = [st for st, _ in steer_sets[k]]
         if "alpha0" in p.controls:
-            controls.append((k, "alpha0", 0.0, Edit(j, "add", 0.0), prompts))
+            controls.append((k, "alpha0", 0.0, (Edit(j, "add", 0.0),), prompts))
         r = int(pick_rows[k]["random_latent"])
         if "random" in p.controls:
-            ratio = float(pick_rows[k]["random_ratio"])
+            pk = pick_rows[k]
+            r_lat = list(pk["random_members"]) if "random_members" in pk else [r]
+            r_ratio = (
+                list(pk["random_ratios"]) if "random_ratios" in pk else [float(pk["random_ratio"])]
+            )
             if r >= 0:
-                controls += [(k, "random", st, edit_of(k, r, st, ratio), prompts) for st in ctrl]
+                controls += [
+                    (k, "random", st, edit_of(k, r_lat, st, r_ratio), prompts) for st in ctrl
+                ]
             skip(n_ctrl - (len(ctrl) if r >= 0 else 0))
         if "own_label" in p.controls:
             if c in own_sets:
                 own = own_sets[c][0]
-                controls += [(k, "own_label", st, edit_of(k, j, st), own) for st in ctrl]
+                controls += [(k, "own_label", st, edit_of(k, None, st), own) for st in ctrl]
             skip(n_ctrl - (len(ctrl) if c in own_sets else 0))
     ctrl_scored = run_sets([_Set(pr, e, full) for _, _, _, e, pr in controls], "controls")
     _advance(rep, len(controls))
@@ -724,7 +753,7 @@ def evaluate_steering(
         for _, st, e, sc in (x for x in mine if x[0] == "alpha0"):
             record(sc, pick, "alpha0", "neutral", base_ppl, st, e, base)
         steer_ms = [
-            (st, record(sc, pick, "steer", "neutral", base_ppl, st, edit_of(k, j, st), base))
+            (st, record(sc, pick, "steer", "neutral", base_ppl, st, edit_of(k, None, st), base))
             for st, sc in steer_sets[k]
         ]
         rand_ms = [
@@ -748,6 +777,9 @@ def evaluate_steering(
             stopped={st: sc.stopped for st, sc in steer_sets[k]},
         )  # fmt: skip
         lat["rank"] = int(pick["rank"])
+        if "members" in pick:
+            lat["members"] = [int(m) for m in pick["members"]]
+            lat["random_members"] = [int(m) for m in pick["random_members"]]
         if pilot_frame is not None:
             mine = pilot_frame[pilot_frame["latent"] == j]
             lat["pilot_share"] = float(mine["share"].max()) if len(mine) else None

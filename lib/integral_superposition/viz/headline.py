@@ -491,11 +491,15 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
             detail += "; the classifier cannot judge this label" + (
                 f" ({lat['classifier_note']})" if lat.get("classifier_note") else ""
             )
+        group = lat.get("members") or []
+        steered = (
+            "L" + "+L".join(str(j) for j in group) if len(group) > 1 else f"L{lat.get('latent')}"
+        )
+        rand = lat.get("random_members") or [lat.get("random_latent", "")]
         rows.append(
             HeadlineRow(
                 "Steering",
-                f"share of '{lat.get('label')}' steering L{lat.get('latent')}"
-                f" at <= {bound:g}x perplexity",
+                f"share of '{lat.get('label')}' steering {steered} at <= {bound:g}x perplexity",
                 _num(lat.get("best_share")),
                 ".2f",
                 interval=_interval(lat, "best_share"),
@@ -503,7 +507,10 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
                 control_interval=_interval(lat, "random_share_at_best"),
                 control_lift=_num(lat.get("random_lift_at_best")),
                 control_lift_interval=_interval(lat, "random_lift_at_best"),
-                control_name=f"random latent {lat.get('random_latent', '')}".strip(),
+                control_name=(
+                    f"random latent{'s' if len(rand) > 1 else ''} "
+                    + ", ".join(str(j) for j in rand)
+                ).strip(),
                 latent=None if lat.get("latent") is None else int(lat["latent"]),
                 split=HELD_OUT,
                 detail=detail,
