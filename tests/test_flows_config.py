@@ -236,5 +236,6 @@ def test_the_shipped_ag_news_config_loads_and_steers_label_groups():
     assert cfg.data.text == "{title}. {description}" and cfg.data.label_col == "topic"
     assert (cfg.sae.k, cfg.sae.top_k, cfg.dump.max_len) == (4096, 32, 64)
     assert cfg.steering.group_size == 4 and cfg.steering.max_new_tokens == 24
+    assert cfg.steering.classifier_fit_generations == 48
     assert cfg.steering.strengths == sorted(cfg.steering.strengths)
     assert cfg.merge.similarity["labels"] > 0 and cfg.merge.finetune_epochs == 1
