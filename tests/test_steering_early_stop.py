@@ -130,7 +130,7 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(
     # the outputs keep their columns
     assert list(wg.columns) == list(ev.generations.columns) == [
         "set", "latent", "label", "control", "strength", "prompts", "prompt", "text",
-        "predicted", "target_prob", "n_tokens", "nll",
+        "predicted", "target_prob", "n_tokens", "nll", "predicted_text",
     ]  # fmt: skip
     assert list(w.columns) == list(t.columns)
 

@@ -227,19 +227,24 @@ def test_edit_for_matches_decoder_norms():
     assert sweep._edit_for("scale", 4, 2.0, 5.0, ratio=3.0) == steering.scale(4, 2.0)
 
 
-def test_random_control_is_a_topic_neutral_live_latent_with_matched_norm():
+def _token_table(q: list[float], log_odds: list[float], fires) -> pd.DataFrame:
+    """A token-level enrichment table of labels ``a``, ``b``: rows latent by latent, label
+    ``a`` then ``b`` (``q``, ``log_odds`` and ``fires`` in that order)."""
     names = ["a", "b"]
-    n_lat = 6
-    lat = np.repeat(np.arange(n_lat), 2)
-    tok = pd.DataFrame(
-        {
-            "latent": lat,
-            "label": pd.Categorical(names * n_lat, categories=names),
-            # latent 0: target (a); 1: enriched for b; 2: enriched for a; 3: dead; 4, 5: neutral
-            "q": [1e-9, 1, 1, 1e-6, 1e-5, 1, 1, 1, 0.5, 1, 1, 0.2],
-            "log_odds": [3.0, -1, -1, 2.0, 2.0, -1, 0, 0, 0.5, -0.5, 0.1, 0.3],
-            "fires": np.repeat([True, True, True, False, True, True], 2),
-        }
+    n_lat = len(q) // 2
+    return pd.DataFrame({
+        "latent": np.repeat(np.arange(n_lat), 2),
+        "label": pd.Categorical(names * n_lat, categories=names),
+        "q": q, "log_odds": log_odds, "fires": fires,
+    })  # fmt: skip
+
+
+def test_random_control_is_a_topic_neutral_live_latent_with_matched_norm():
+    # latent 0: target (a); 1: enriched for b; 2: enriched for a; 3: dead; 4, 5: neutral
+    tok = _token_table(
+        [1e-9, 1, 1, 1e-6, 1e-5, 1, 1, 1, 0.5, 1, 1, 0.2],
+        [3.0, -1, -1, 2.0, 2.0, -1, 0, 0, 0.5, -0.5, 0.1, 0.3],
+        np.repeat([True, True, True, False, True, True], 2),
     )
     norms = np.array([2.0, 1.0, 1.0, 1.0, 4.0, 0.5])
     picks = pd.DataFrame({"label": ["a"], "latent": [0]})
@@ -257,18 +262,11 @@ def test_random_control_is_a_topic_neutral_live_latent_with_matched_norm():
 
 
 def test_a_group_gets_as_many_distinct_neutral_random_latents_each_matched_to_a_member():
-    names = ["a", "b"]
-    n_lat = 8
-    lat = np.repeat(np.arange(n_lat), 2)
-    tok = pd.DataFrame(
-        {
-            "latent": lat,
-            "label": pd.Categorical(names * n_lat, categories=names),
-            # latents 0, 1: the group (a); 2: enriched for b; 3..7: neutral
-            "q": [1e-9, 1, 1e-8, 1, 1, 1e-7] + [0.5, 1] * 5,
-            "log_odds": [3.0, -1, 2.0, -1, -1, 2.0] + [0.1, 0.2] * 5,
-            "fires": True,
-        }
+    # latents 0, 1: the group (a); 2: enriched for b; 3..7: neutral
+    tok = _token_table(
+        [1e-9, 1, 1e-8, 1, 1, 1e-7] + [0.5, 1] * 5,
+        [3.0, -1, 2.0, -1, -1, 2.0] + [0.1, 0.2] * 5,
+        True,
     )
     norms = np.array([2.0, 1.0, 1.0, 4.0, 0.5, 1.0, 2.0, 8.0])
     picks = pd.DataFrame({"label": ["a"], "latent": [0], "members": [[0, 1]]})

@@ -252,6 +252,12 @@ def test_steering_row_shows_each_share_with_its_lift_over_unsteered(tmp_path):
     assert row.control_shown == "random latent 3474: 0.15 [0.07, 0.27], lift -0.02 [-0.13, 0.09]"
     assert "unsteered 0.17, lift +0.52 [0.35, 0.65]" in row.detail
     assert "own label's prompts 0.77 against 0.60 unsteered, lift +0.17 [0.04, 0.30]" in row.detail
+    assert "text judge" not in row.detail  # published without the second judge
+    judged = {**lat, "best_text_share": 0.62, "random_text_share_at_best": 0.08}
+    storage.write_bytes(storage.join(out, "summary.json"), storage.canonical_json(
+        {"latents": [judged]}).encode())  # fmt: skip
+    (row,) = [r for r in headline_rows(steering=out) if r.group == "Steering"]
+    assert "; text judge 0.62 (random 0.08)" in row.detail
     older = {k: v for k, v in lat.items() if "lift" not in k}  # published before lifts
     storage.write_bytes(storage.join(out, "summary.json"), storage.canonical_json(
         {"latents": [older]}).encode())  # fmt: skip

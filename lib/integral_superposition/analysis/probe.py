@@ -200,8 +200,8 @@ def rank_latents(
         )
     if not (positive.any() and (~positive).any()):
         raise ValueError("positive: expected both positive and negative documents to rank on")
-    order = np.argsort(-_class_mean_diff(F, positive, "mean_diff" if by == "mean_diff" else
-                                         "std_diff"), kind="stable")  # fmt: skip
+    stat = "mean_diff" if by == "mean_diff" else "std_diff"
+    order = np.argsort(-_class_mean_diff(F, positive, stat), kind="stable")
     if by != "forward":
         return order
     first = _forward_order(F, positive, int(forward_steps))

@@ -166,7 +166,9 @@ class SteeringResult(Output):
         random_lift_at_best(_lo, _hi), own_label_baseline_share, own_label_share_at_best(_lo,
         _hi), own_label_lift_at_best(_lo, _hi), classifier_valid, classifier_note,
         classifier_recall(_lo, _hi)`` (the classifier's accuracy on continuations of held-out
-        documents of the label)
+        documents of the label), and the second judge's (words only) ``baseline_text_share``,
+        ``best_text_share(_lo, _hi)``, ``best_text_lift(_lo, _hi)`` and
+        ``random_text_share_at_best(_lo, _hi)`` (None without it)
         (``best_*``, ``random_*`` and ``own_label_*_at_best`` are None when no strength stays
         fluent). A ``*_lift*`` is the share minus the unsteered share of the same prompts,
         with its 95% interval for paired continuations."""
@@ -299,6 +301,17 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
     else:
         line += ", no strength within the fluency bound"
     line += "."
+    if lat.get("best_text_share") is not None:
+        line += (
+            f" The text judge (words only) gives {lat['best_text_share']:.2f}"
+            f"{_ci(lat, 'best_text_share')}{_lift(lat, 'best_text_lift')} at that strength"
+        )
+        if lat.get("random_text_share_at_best") is not None:
+            line += (
+                f" and {lat['random_text_share_at_best']:.2f}"
+                f"{_ci(lat, 'random_text_share_at_best')} to the random control"
+            )
+        line += f", against {lat['baseline_text_share']:.2f} unsteered."
     if lat.get("classifier_recall") is not None:
         line += (
             f" The classifier labels {lat['classifier_recall']:.2f}"

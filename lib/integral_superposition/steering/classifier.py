@@ -7,7 +7,10 @@
   :meth:`LabelClassifier.with_generations`) on the model's own continuations of their
   openings, classes balanced; it reads any text through a backend the same way the store was
   dumped. With a ``none`` class fitted on continuations of topic-neutral openings it can
-  abstain: text of no label is not forced onto one (:func:`predicted_labels`).
+  abstain: text of no label is not forced onto one (:func:`predicted_labels`);
+- :class:`TextJudge`: a second judge that reads words, not the model (TF-IDF over words and
+  word pairs, logistic regression), fitted on the same texts, labels and weights, so that a
+  share can be read under two judges that see text in unrelated ways.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ __all__ = [
     "EMPTY",
     "NONE_LABEL",
     "LabelClassifier",
+    "TextJudge",
     "balanced_weights",
+    "fit_weights",
     "label_prompts",
     "label_vocabulary",
     "mean_pooled_documents",
@@ -131,6 +136,20 @@ def balanced_weights(sources: Sequence[np.ndarray]) -> np.ndarray:
     parts = [compute_sample_weight("balanced", y) / y.size for y in sources if y.size]
     w = np.concatenate(parts) if parts else np.zeros(0)
     return w * (w.size / w.sum()) if w.size else w
+
+
+def fit_weights(sources: Sequence[np.ndarray], n_none: int, n_labels: int, balanced: bool):
+    """Sample weights ``[sum n_s + n_none]`` of a fit on several labelled sources (each
+    ``y_s [n_s]``, :func:`balanced_weights` when ``balanced``, else 1) followed by ``n_none``
+    rows of the ``none`` class, which carries the total weight of one label (``n_labels``
+    labels share the sources' weight). Normalised to mean 1."""
+    ys = [np.asarray(y) for y in sources]
+    w = balanced_weights(ys) if balanced else np.ones(sum(y.size for y in ys))
+    if n_none:
+        wn = np.full(n_none, w.sum() / n_labels / n_none if balanced else 1.0)
+        w = np.concatenate([w, wn])
+        w = w * (w.size / w.sum())
+    return w
 
 
 def _fit_model(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float):
@@ -306,7 +325,6 @@ class LabelClassifier:
             sources.append((X, y))
         Xa = np.concatenate([s[0] for s in sources])
         ya = np.concatenate([s[1] for s in sources])
-        w = balanced_weights([s[1] for s in sources]) if self.balanced else np.ones(ya.size)
         n_none = 0
         if X_none is not None:
             Xn = np.asarray(X_none, dtype=np.float32)
@@ -321,11 +339,9 @@ class LabelClassifier:
                     "abstaining classifier needs that name for text of no label"
                 )
             n_none = int(Xn.shape[0])
-            # as one more label: the class's total weight is a label's mean total weight
-            wn = np.full(n_none, w.sum() / n_labels / n_none if self.balanced else 1.0)
             Xa, ya = np.concatenate([Xa, Xn]), np.concatenate([ya, np.full(n_none, n_labels)])
-            w = np.concatenate([w, wn])
-            w = w * (w.size / w.sum())
+        # "none" as one more label: its total weight is a label's mean total weight
+        w = fit_weights([s[1] for s in sources], n_none, n_labels, self.balanced)
         out = dataclasses.replace(
             self,
             model=_fit_model(Xa, ya, w, self.C),
@@ -401,6 +417,114 @@ class LabelClassifier:
             "n_test_docs": self.n_test,
             "split": f"store.split_mask('test', {self.test_fraction:g}, seed={self.split_seed})",
             "chance": 1.0 / len(self.label_names),
+        }
+
+
+@dataclass
+class TextJudge:
+    """A judge of text that reads its words, not the model: TF-IDF over words and word pairs
+    (sublinear term frequency, terms in at least two fitted texts) and an L2 logistic
+    regression (scikit-learn). Fitted on the texts the activation classifier is fitted on
+    (training documents, continuations of their openings, and ``none`` continuations) with the
+    same weights, it gives every steered set a second share: one that no activation, latent or
+    edit of the model can move except through the words the model wrote."""
+
+    model: Any
+    """The fitted scikit-learn pipeline (TF-IDF, then logistic regression)."""
+    label_names: list[str]
+    abstain: bool
+    """It has a ``none`` class (column ``len(label_names)`` of :meth:`predict_proba`)."""
+    n_train: int
+    """Texts it was fitted on."""
+    accuracy: float = float("nan")
+    """Accuracy on the held-out documents (nan: none given)."""
+    C: float = 1.0
+
+    @classmethod
+    def fit(
+        cls,
+        texts: Sequence[str],
+        y: np.ndarray,
+        weights: np.ndarray,
+        label_names: Sequence[str],
+        *,
+        C: float = 1.0,
+        test_texts: Sequence[str] = (),
+        test_y: np.ndarray | None = None,
+    ) -> TextJudge:
+        """Fit on ``texts [n]`` with label ids ``y [n]`` (``len(label_names)``: ``none``) and
+        sample ``weights [n]``; ``test_texts`` / ``test_y``: held-out documents to score."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        texts = [str(t) for t in texts]
+        y = np.asarray(y, dtype=np.int64)
+        w = np.asarray(weights, dtype=np.float64)
+        n_labels = len(label_names)
+        if not (len(texts) == y.size == w.size):
+            raise ValueError(
+                f"texts ({len(texts)}), y {y.shape} and weights {w.shape}: expected one label "
+                "and one weight per text"
+            )
+        bad = sorted(set(y.tolist()) - set(range(n_labels + 1)))
+        if bad:
+            raise ValueError(f"y holds label ids {bad}: expected 0..{n_labels} ({n_labels}: none)")
+        if np.unique(y).size < 2:
+            raise ValueError(
+                f"y has a single label ({np.unique(y).tolist()}): a judge needs texts of two or "
+                "more labels"
+            )
+        if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError("weights: expected finite non-negative weights with a positive sum")
+        model = make_pipeline(
+            TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2),
+            LogisticRegression(C=C, max_iter=2000),
+        )
+        try:
+            model.fit(texts, y, logisticregression__sample_weight=w)
+        except ValueError as e:  # an empty vocabulary: no term in two texts
+            raise ValueError(f"texts: expected words shared by at least two texts ({e})") from e
+        judge = cls(
+            model=model, label_names=list(label_names), abstain=bool((y == n_labels).any()),
+            n_train=len(texts), C=float(C),
+        )  # fmt: skip
+        if test_y is not None and len(test_texts):
+            pred = judge.predict(test_texts)
+            judge.accuracy = float((pred == np.asarray(test_y)).mean())
+        return judge
+
+    @property
+    def classes(self) -> list[str]:
+        """The columns of :meth:`predict_proba`: the labels, then ``none`` when it abstains."""
+        return [*self.label_names, NONE_LABEL] if self.abstain else list(self.label_names)
+
+    def predict_proba(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(proba [n, C (+1)], valid [n])``: label probabilities of ``texts`` (columns as
+        :attr:`classes`), and whether a text holds any term the judge knows (one with none is
+        not judged)."""
+        texts = [str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, len(self.classes))), np.zeros(0, bool)
+        tfidf, lr = self.model.steps[0][1], self.model.steps[-1][1]
+        F = tfidf.transform(texts)
+        out = np.zeros((len(texts), len(self.classes)))
+        out[:, lr.classes_] = lr.predict_proba(F)
+        return out, np.asarray(F.getnnz(axis=1) > 0)
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        """``[n]`` label ids of ``texts``: :data:`ABSTAIN` for ``none``, :data:`EMPTY` for a
+        text with no known term."""
+        proba, valid = self.predict_proba(texts)
+        return predicted_labels(proba, valid, len(self.label_names))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "logistic regression on TF-IDF of words and word pairs",
+            "n_train_texts": self.n_train,
+            "abstain": self.abstain,
+            "held_out_accuracy": self.accuracy,
+            "C": self.C,
         }
 
 

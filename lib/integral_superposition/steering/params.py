@@ -106,6 +106,8 @@ class SteeringParams(BaseModel):
     """The classifier may assign a continuation to no label: a ``none`` class fitted on the unsteered model's continuations of topic-neutral openings (``abstain_prompts``, never the evaluation's ``prompts``; ``classifier_fit_generations`` of them, one per opening), weighted as one more label. A continuation assigned to ``none`` counts as a miss for every label, and the tables give the share assigned to it (``abstain``). False: a forced choice among the labels, so text of no label still gets one and a topic-neutral edit keeps the unsteered share."""
     abstain_prompts: list[str] | None = None
     """Topic-neutral openings the ``none`` class is fitted on (default: ``data.neutral_fit_prompts()``); none of them may be one of the evaluation's ``prompts``."""
+    text_judge: bool = True
+    """Also judge every set with a :class:`~integral_superposition.steering.classifier.TextJudge`: logistic regression on the words of the text (TF-IDF of words and word pairs), fitted on the classifier's own texts and weights. Each row then has a second share (``text_share``, with its interval and lift) that no activation of the model enters; the sweep's decisions follow the classifier alone."""
     classifier_balanced: bool = True
     """Every label carries the same total weight in the classifier's fit, so that no label is its default answer for text of no label."""
     ppl_ratio_max: float = Field(2.0, gt=1)

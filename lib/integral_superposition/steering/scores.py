@@ -5,6 +5,7 @@
   sampling seeds, with Newcombe's interval for paired proportions;
 - :func:`set_metrics`: the metrics of one set of generations (share with its interval,
   classifier probability, vocabulary mass, perplexity and its ratio, distinct bigrams);
+  :func:`text_metrics`: the same set's share and lift under the second judge (words only);
 - :func:`pick_best_strength`: the strength that moves the share most within the fluency bound;
   :func:`latent_summary` reports it per steered latent with the random control beside it;
 - :func:`judge_generations`: can the label classifier judge free-text generations at all?
@@ -32,6 +33,7 @@ __all__ = [
     "pick_best_strength",
     "pilot_choice",
     "set_metrics",
+    "text_metrics",
     "wilson_interval",
 ]
 
@@ -137,6 +139,30 @@ def set_metrics(
         "mean_tokens": float(n_tokens.mean()) if n else float("nan"),
         "empty": int((~valid).sum()),
         "abstain": float((predicted == -2).mean()) if n else float("nan"),
+    }
+
+
+def text_metrics(
+    predicted: np.ndarray, label: int, ref_predicted: np.ndarray | None = None
+) -> dict[str, float]:
+    """The second judge's metrics of one set for target label ``label``: ``text_share`` with
+    its 95% Wilson interval (``_lo``, ``_hi``) from ``predicted [n]`` (label codes as
+    :func:`set_metrics` reads them), and ``text_lift`` (``_lo``, ``_hi``): the paired
+    :func:`paired_lift` over ``ref_predicted [>= n]``, the same judge's labels of the
+    unsteered set of the same prompts (nan without one)."""
+    hit = np.asarray(predicted) == label
+    n = int(hit.size)
+    lo, hi = wilson_interval(int(hit.sum()), n)
+    lift = (
+        paired_lift(hit, np.asarray(ref_predicted)[:n] == label)
+        if ref_predicted is not None and len(ref_predicted) >= n
+        else (float("nan"),) * 3
+    )
+    return {
+        "text_share": float(hit.mean()) if n else float("nan"),
+        "text_share_lo": lo,
+        "text_share_hi": hi,
+        **dict(zip(("text_lift", "text_lift_lo", "text_lift_hi"), lift, strict=True)),
     }
 
 
@@ -361,11 +387,13 @@ def judge_generations(
 
 
 def _at(ms: dict[float, dict[str, Any]], strength: float | None, prefix: str) -> dict[str, Any]:
-    """``{prefix}_share_at_best(_lo, _hi)`` and ``{prefix}_lift_at_best(_lo, _hi)``: the
-    metrics of the set run at ``strength`` (None when it did not run)."""
+    """``{prefix}_share_at_best(_lo, _hi)`` and ``{prefix}_lift_at_best(_lo, _hi)``, and the
+    second judge's ``{prefix}_text_share_at_best`` and ``{prefix}_text_lift_at_best`` (each
+    with ``_lo``, ``_hi``): the metrics of the set run at ``strength`` (None when it did not
+    run, or without the judge)."""
     m = ms.get(strength) if strength is not None else None
     out = {}
-    for what in ("share", "lift"):
+    for what in ("share", "lift", "text_share", "text_lift"):
         for end in ("", "_lo", "_hi"):
             out[f"{prefix}_{what}_at_best{end}"] = _finite(m.get(what + end)) if m else None
     out[f"{prefix}_abstain_at_best"] = _finite(m.get("abstain")) if m else None
@@ -416,6 +444,10 @@ def latent_summary(
         "best_share_hi": get("share_hi"),
         "best_lift": get("lift"), "best_lift_lo": get("lift_lo"), "best_lift_hi": get("lift_hi"),
         "best_vocab_mass": get("vocab_mass"), "best_ppl_ratio": get("ppl_ratio"),
+        "baseline_text_share": _finite(base_m.get("text_share")),
+        "best_text_share": get("text_share"), "best_text_share_lo": get("text_share_lo"),
+        "best_text_share_hi": get("text_share_hi"), "best_text_lift": get("text_lift"),
+        "best_text_lift_lo": get("text_lift_lo"), "best_text_lift_hi": get("text_lift_hi"),
         "max_share": float(tab["share"].max()),
         "strengths_run": [float(x) for x in tab["strength"]],
         "random_latent": r,

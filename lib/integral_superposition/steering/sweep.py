@@ -42,6 +42,8 @@ from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.steering.classifier import (
     NONE_LABEL,
     LabelClassifier,
+    TextJudge,
+    fit_weights,
     label_prompts,
     label_vocabulary,
     predicted_labels,
@@ -72,6 +74,7 @@ from integral_superposition.steering.scores import (
     pick_best_strength,
     pilot_choice,
     set_metrics,
+    text_metrics,
     wilson_interval,
 )
 
@@ -152,6 +155,75 @@ class _Raw:
         proba = classifier.predict_proba(self.X)
         n_labels = len(classifier.label_names)
         return _Scored(self.gens, proba, self.valid, self.nll, self.n_tok, n_labels)
+
+
+def _text_judge(
+    p: SteeringParams, store, classifier: LabelClassifier, fit_frame: pd.DataFrame | None
+) -> tuple[TextJudge | None, str | None]:
+    """The second judge (:class:`TextJudge`), fitted on the classifier's texts with its
+    weights: the training documents (when the classifier was fitted on them), the
+    continuations of their openings and the ``none`` continuations (``fit_frame``'s used rows).
+    ``(None, why)`` when those texts cannot fit one (fewer than two labels, or no word shared
+    by two texts)."""
+    names = list(store.label_names)
+    docs = store.docs
+    has_text = "text" in docs.columns
+    text_ok = (
+        (lambda d: d["text"].notna() & (d["text"].astype(str).str.strip() != ""))
+        if has_text
+        else None
+    )
+    parts: list[tuple[list[str], np.ndarray]] = []
+    if has_text and classifier.fitted_on != "generations":
+        d = docs[docs["doc_id"].isin(classifier.train_doc_ids)]
+        d = d[text_ok(d)]
+        parts.append((d["text"].astype(str).tolist(), d["label"].to_numpy(np.int64)))
+    none_texts: list[str] = []
+    if fit_frame is not None:
+        f = fit_frame[fit_frame["used"].astype(bool)]
+        g = f[f["label"] != NONE_LABEL]
+        if len(g):
+            parts.append((g["text"].tolist(), np.array([names.index(x) for x in g["label"]])))
+        none_texts = f.loc[f["label"] == NONE_LABEL, "text"].tolist()
+    texts = [t for ts, _ in parts for t in ts] + none_texts
+    y = np.concatenate([ys for _, ys in parts] + [np.full(len(none_texts), len(names))])
+    w = fit_weights([ys for _, ys in parts], len(none_texts), len(names), p.classifier_balanced)
+    test = docs[docs["doc_id"].isin(classifier.test_doc_ids)] if has_text else docs.iloc[:0]
+    if has_text:
+        test = test[text_ok(test)]
+    try:
+        judge = TextJudge.fit(
+            texts, y.astype(np.int64), w, names, C=p.classifier_c,
+            test_texts=test["text"].astype(str).tolist() if has_text else [],
+            test_y=test["label"].to_numpy(np.int64) if has_text else None,
+        )  # fmt: skip
+    except ValueError as e:
+        return None, str(e)
+    return judge, None
+
+
+def _judge_summary(
+    judge: TextJudge | None,
+    why: str | None,
+    base: _Scored,
+    check_gens: pd.DataFrame,
+    names: list[str],
+) -> dict[str, Any]:
+    """The second judge in the summary: how it was fitted, its held-out document accuracy,
+    its recall on the classifier check's continuations (each checked label's own prompts) and
+    what it calls the unsteered continuations of the neutral prompts; or why it is absent."""
+    if judge is None:
+        return {"fitted": False, "reason": why}
+    pred = judge.predict(base.gens.texts)
+    n = max(len(pred), 1)
+    neutral = {name: float((pred == c).sum() / n) for c, name in enumerate(names)}
+    if judge.abstain:
+        neutral[NONE_LABEL] = float((pred == -2).sum() / n)
+    recall = {
+        lb: float((g["predicted_text"] == lb).mean())
+        for lb, g in check_gens.groupby("prompt_label", sort=False)
+    } if "predicted_text" in check_gens else {}  # fmt: skip
+    return {"fitted": True, **judge.describe(), "recall": recall, "neutral": neutral}
 
 
 def _stop_reasons(
@@ -591,6 +663,9 @@ def evaluate_steering(
         )
         fit_frame = pd.concat(fit_parts, ignore_index=True)
     base = raw[0].scored(classifier)
+    judge, judge_why = (
+        _text_judge(p, store, classifier, fit_frame) if p.text_judge else (None, None)
+    )
     own_sets: dict[int, tuple[list[str], _Scored]] = {
         c: (own, r.scored(classifier))
         for (c, own), r in zip(own_prompts.items(), raw[1:], strict=True)
@@ -609,6 +684,8 @@ def evaluate_steering(
         "text": [t for _, s in own_sets.values() for t in s.gens.texts],
         "predicted": [shown[i] for _, s in own_sets.values() for i in s.predicted],
     })  # fmt: skip
+    if judge is not None:
+        check_gens["predicted_text"] = [shown[i] for i in judge.predict(check_gens["text"])]
 
     # the pilot: every candidate at the pilot strengths, on sample indices the sweep never
     # uses (samples_per_prompt on), so the picked latent's swept shares are fresh draws
@@ -657,12 +734,18 @@ def evaluate_steering(
         c = names.index(pick["label"])
         m = s.metrics(c, base_ppl)
         n = len(s.gens)
-        if ref is not None and len(ref.gens) >= n:
+        paired = ref is not None and len(ref.gens) >= n
+        if paired:
             # row i of a set and of its unsteered set: the same prompt and sampling seed
             lift = paired_lift(s.predicted == c, ref.predicted[:n] == c)
         else:
             lift = (float("nan"),) * 3
         m.update(zip(("lift", "lift_lo", "lift_hi"), lift, strict=True))
+        by_text = judge.predict(s.gens.texts) if judge is not None else None
+        if by_text is not None:
+            m.update(text_metrics(
+                by_text, c, judge.predict(ref.gens.texts[:n]) if paired else None
+            ))  # fmt: skip
         rows.append({
             "latent": int(pick["latent"]), "label": pick["label"], "control": control,
             "strength": strength, "steered_latent": edit[0].latent if edit else -1,
@@ -678,6 +761,7 @@ def evaluate_steering(
             "prompt": s.gens.prompts, "text": s.gens.texts,
             "predicted": [shown[i] for i in s.predicted],
             "target_prob": s.proba[:, c], "n_tokens": s.n_tok, "nll": s.nll,
+            **({"predicted_text": [shown[i] for i in by_text]} if by_text is not None else {}),
         }))  # fmt: skip
         return m
 
@@ -801,6 +885,9 @@ def evaluate_steering(
         # what it calls unsteered continuations of the neutral prompts: no label should own
         # them (with abstention: mostly "none")
         "neutral": neutral_share,
+        "text_judge": _judge_summary(judge, judge_why, base, check_gens, names)
+        if p.text_judge
+        else None,
     }
     summary = {
         "hook_point": hp.name,

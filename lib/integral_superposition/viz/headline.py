@@ -478,6 +478,12 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
             if none:  # an abstaining classifier: the share of unsteered text of no label
                 detail += f" ({none:.2f} no label)"
             detail += _lift_text(lat, "best_lift")
+        text = _num(lat.get("best_text_share"))
+        if text is not None:  # the second judge, which reads the words alone
+            detail += f"; text judge {text:.2f}"
+            rand_text = _num(lat.get("random_text_share_at_best"))
+            if rand_text is not None:
+                detail += f" (random {rand_text:.2f})"
         own = _num(lat.get("own_label_share_at_best"))
         if own is not None:
             detail += f"; on its own label's prompts {own:.2f}"
