@@ -93,9 +93,14 @@ def test_a_merge_with_the_labels_similarity_keeps_topics_apart(tiny_backend, tmp
     assert d.shape == (sae.d_sae, sae.d_sae) and (d >= 0).all() and d.max() <= 1.0 + 1e-9
     assert d.max() > 0.1  # the demo topics separate some latents
 
-    class Unlabelled:
+    class Unlabelled:  # any read of its activations would fail: the refusal comes first
         label_names = ()
         labels = None
 
-    with pytest.raises(ValueError, match="'labels' needs a store with at least two labels"):
-        ev._label_profiles(sae, Unlabelled(), p, None, None)
+    both = MergeParams(similarity={"coactivation": 1.0, "labels": 1.0}, sweep=False)
+    for params in (p, both):
+        with pytest.raises(ValueError, match="'labels' needs a store with at least two labels"):
+            ev.check_params_for(sae, params, Unlabelled())
+        with pytest.raises(ValueError, match=r"\(this one has 0\); drop 'labels'"):
+            ev.similarity_for(sae, Unlabelled(), params)
+    ev.check_params_for(sae, MergeParams(similarity={"decoder": 1.0}), Unlabelled())

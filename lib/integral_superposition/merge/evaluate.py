@@ -77,9 +77,11 @@ def dense_fallback(sae: SparseAutoencoder, params: MergeParams) -> tuple[MergePa
     return params.model_copy(update={"aggregation": "sum"}), [note]
 
 
-def check_params_for(sae: SparseAutoencoder, params: MergeParams) -> None:
-    """Errors that depend on the SAE's size, raised before any work (``params`` after
-    :func:`dense_fallback`)."""
+def check_params_for(sae: SparseAutoencoder, params: MergeParams, store=None) -> None:
+    """Errors that depend on the SAE's size (and, given the ``store``, on its labels), raised
+    before any work (``params`` after :func:`dense_fallback`)."""
+    if store is not None:
+        _check_labelled(store, params)
     if params.similarity.get("reconstruction", 0) > 0 and sae.d_sae > DENSE_MAX_LATENTS:
         raise ValueError(
             f"similarity 'reconstruction' needs the dense K x K Gram matrix of the codes; K={sae.d_sae} > "
@@ -109,6 +111,7 @@ def similarity_for(
 ) -> LatentSimilarity:
     """The :class:`LatentSimilarity` ``params`` asks for (firing matrix on the fit split;
     ``stats`` of the original codes for ``reconstruction``)."""
+    _check_labelled(store, params)
     firing = None
     if params.similarity.get("coactivation", 0) > 0:
         firing = latent_firing(
@@ -134,14 +137,21 @@ def similarity_for(
     )
 
 
-def _label_profiles(sae, store, params: MergeParams, firing, on_progress) -> np.ndarray:
-    """``[K, n_labels]`` label profiles on the fit split's documents (``labels`` similarity)."""
+def _check_labelled(store, params: MergeParams) -> None:
+    """The ``labels`` similarity needs a store with two or more labels."""
+    if params.similarity.get("labels", 0) <= 0:
+        return
     names = list(getattr(store, "label_names", None) or [])
     if len(names) < 2 or getattr(store, "labels", None) is None:
         raise ValueError(
             f"similarity={params.similarity}: 'labels' needs a store with at least two labels "
             f"(this one has {len(names)}); drop 'labels' from the similarity"
         )
+
+
+def _label_profiles(sae, store, params: MergeParams, firing, on_progress) -> np.ndarray:
+    """``[K, n_labels]`` label profiles on the fit split's documents (``labels`` similarity)."""
+    names = list(store.label_names)
     mask = _split(store, params.fit_split, params)
     if firing is None or params.coactivation_level != "document":
         firing = latent_firing(sae, store, mask, params.chunk_tokens, on_progress, level="document")
@@ -304,7 +314,7 @@ def sweep(
     rep = Reporter("merge sweep", on_progress, unit="steps", total=steps)
     tick = rep.advance
 
-    check_params_for(sae, params)
+    check_params_for(sae, params, store)
     if stats is None and uses_original_stats(sae, params):
         stats = original_stats(sae, store, params)
     tick(phase="similarity")

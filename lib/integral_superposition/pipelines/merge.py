@@ -124,7 +124,7 @@ def run_merge(
     params, notes = ev.dense_fallback(sae, params)
     for note in notes:
         log.warning("merge of %s: %s", sae_uri, note)
-    ev.check_params_for(sae, params)
+    ev.check_params_for(sae, params, store)
     target = params.target_clusters(k)
     sizes = params.sweep_sizes(k) if params.sweep else []
     n_min = 1 if target is None else min([target, *sizes])
