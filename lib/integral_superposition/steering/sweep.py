@@ -157,7 +157,7 @@ class _Raw:
         return _Scored(self.gens, proba, self.valid, self.nll, self.n_tok, n_labels)
 
 
-def _text_judge(
+def fit_text_judge(
     p: SteeringParams, store, classifier: LabelClassifier, fit_frame: pd.DataFrame | None
 ) -> tuple[TextJudge | None, str | None]:
     """The second judge (:class:`TextJudge`), fitted on the classifier's texts with its
@@ -664,7 +664,7 @@ def evaluate_steering(
         fit_frame = pd.concat(fit_parts, ignore_index=True)
     base = raw[0].scored(classifier)
     judge, judge_why = (
-        _text_judge(p, store, classifier, fit_frame) if p.text_judge else (None, None)
+        fit_text_judge(p, store, classifier, fit_frame) if p.text_judge else (None, None)
     )
     own_sets: dict[int, tuple[list[str], _Scored]] = {
         c: (own, r.scored(classifier))
