@@ -167,16 +167,12 @@ def fit_text_judge(
     by two texts)."""
     names = list(store.label_names)
     docs = store.docs
-    has_text = "text" in docs.columns
-    text_ok = (
-        (lambda d: d["text"].notna() & (d["text"].astype(str).str.strip() != ""))
-        if has_text
-        else None
-    )
+    if "text" not in docs.columns:  # a store without document texts: continuations only
+        docs = docs.iloc[:0].assign(text=pd.Series(dtype=object))
+    docs = docs[docs["text"].notna() & (docs["text"].astype(str).str.strip() != "")]
     parts: list[tuple[list[str], np.ndarray]] = []
-    if has_text and classifier.fitted_on != "generations":
+    if classifier.fitted_on != "generations":
         d = docs[docs["doc_id"].isin(classifier.train_doc_ids)]
-        d = d[text_ok(d)]
         parts.append((d["text"].astype(str).tolist(), d["label"].to_numpy(np.int64)))
     none_texts: list[str] = []
     if fit_frame is not None:
@@ -188,14 +184,12 @@ def fit_text_judge(
     texts = [t for ts, _ in parts for t in ts] + none_texts
     y = np.concatenate([ys for _, ys in parts] + [np.full(len(none_texts), len(names))])
     w = fit_weights([ys for _, ys in parts], len(none_texts), len(names), p.classifier_balanced)
-    test = docs[docs["doc_id"].isin(classifier.test_doc_ids)] if has_text else docs.iloc[:0]
-    if has_text:
-        test = test[text_ok(test)]
+    test = docs[docs["doc_id"].isin(classifier.test_doc_ids)]
     try:
         judge = TextJudge.fit(
             texts, y.astype(np.int64), w, names, C=p.classifier_c,
-            test_texts=test["text"].astype(str).tolist() if has_text else [],
-            test_y=test["label"].to_numpy(np.int64) if has_text else None,
+            test_texts=test["text"].astype(str).tolist(),
+            test_y=test["label"].to_numpy(np.int64),
         )  # fmt: skip
     except ValueError as e:
         return None, str(e)
