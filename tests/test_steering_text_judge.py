@@ -155,3 +155,12 @@ def test_the_steering_sentence_gives_the_text_judges_share_beside_the_classifier
     )
     plain = {k: v for k, v in lat.items() if "text" not in k}
     assert "text judge" not in _latent_line(plain)
+
+
+def test_lift_over_pairs_rows_with_the_unsteered_set_and_needs_enough_of_them():
+    from integral_superposition.steering.scores import lift_over, paired_lift
+
+    steered, base = np.array([1, 1, 0, 1]), np.array([0, 1, 0, 0, 1])
+    assert lift_over(steered, 1, base) == paired_lift(steered == 1, base[:4] == 1)
+    assert np.isnan(lift_over(steered, 1, None)).all()
+    assert np.isnan(lift_over(steered, 1, base[:3])).all()

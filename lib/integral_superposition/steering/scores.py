@@ -28,6 +28,7 @@ __all__ = [
     "early_stop_reason",
     "judge_generations",
     "latent_summary",
+    "lift_over",
     "log_perplexity_interval",
     "paired_lift",
     "pick_best_strength",
@@ -142,22 +143,31 @@ def set_metrics(
     }
 
 
+def lift_over(
+    predicted: np.ndarray, label: int, ref_predicted: np.ndarray | None
+) -> tuple[float, float, float]:
+    """:func:`paired_lift` of the hits on ``label`` in ``predicted [n]`` over the first ``n``
+    rows of ``ref_predicted``: the labels of the unsteered set of the same prompts and
+    sampling draws (row ``i`` of both: the same prompt and seed). nan x 3 without one, or
+    when it has fewer rows."""
+    hit = np.asarray(predicted) == label
+    n = int(hit.size)
+    if ref_predicted is None or len(ref_predicted) < n:
+        return (float("nan"),) * 3
+    return paired_lift(hit, np.asarray(ref_predicted)[:n] == label)
+
+
 def text_metrics(
     predicted: np.ndarray, label: int, ref_predicted: np.ndarray | None = None
 ) -> dict[str, float]:
     """The second judge's metrics of one set for target label ``label``: ``text_share`` with
     its 95% Wilson interval (``_lo``, ``_hi``) from ``predicted [n]`` (label codes as
-    :func:`set_metrics` reads them), and ``text_lift`` (``_lo``, ``_hi``): the paired
-    :func:`paired_lift` over ``ref_predicted [>= n]``, the same judge's labels of the
-    unsteered set of the same prompts (nan without one)."""
+    :func:`set_metrics` reads them), and ``text_lift`` (``_lo``, ``_hi``): :func:`lift_over`
+    the same judge's labels of the unsteered set of the same prompts (nan without one)."""
     hit = np.asarray(predicted) == label
     n = int(hit.size)
     lo, hi = wilson_interval(int(hit.sum()), n)
-    lift = (
-        paired_lift(hit, np.asarray(ref_predicted)[:n] == label)
-        if ref_predicted is not None and len(ref_predicted) >= n
-        else (float("nan"),) * 3
-    )
+    lift = lift_over(predicted, label, ref_predicted)
     return {
         "text_share": float(hit.mean()) if n else float("nan"),
         "text_share_lo": lo,

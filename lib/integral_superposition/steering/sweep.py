@@ -69,8 +69,8 @@ from integral_superposition.steering.scores import (
     early_stop_reason,
     judge_generations,
     latent_summary,
+    lift_over,
     log_perplexity_interval,
-    paired_lift,
     pick_best_strength,
     pilot_choice,
     set_metrics,
@@ -720,6 +720,17 @@ def evaluate_steering(
     rows: list[dict[str, Any]] = []
     gen_frames: list[pd.DataFrame] = []
 
+    text_of: dict[int, np.ndarray] = {}  # id of a set -> the text judge's labels
+
+    def judged_text(s: _Scored | None) -> np.ndarray | None:
+        """The text judge's labels of set ``s`` (None without the judge or the set), once per
+        set: an unsteered set is the reference of many rows."""
+        if judge is None or s is None:
+            return None
+        if id(s) not in text_of:
+            text_of[id(s)] = judge.predict(s.gens.texts)
+        return text_of[id(s)]
+
     def record(s: _Scored, pick, control: str, prompt_set: str, base_ppl: float | None,
                strength: float = float("nan"), edit: tuple[Edit, ...] | None = None,
                ref: _Scored | None = None) -> dict[str, Any]:  # fmt: skip
@@ -727,19 +738,11 @@ def evaluate_steering(
         the row's ``lift`` is measured from (None for that set itself)."""
         c = names.index(pick["label"])
         m = s.metrics(c, base_ppl)
-        n = len(s.gens)
-        paired = ref is not None and len(ref.gens) >= n
-        if paired:
-            # row i of a set and of its unsteered set: the same prompt and sampling seed
-            lift = paired_lift(s.predicted == c, ref.predicted[:n] == c)
-        else:
-            lift = (float("nan"),) * 3
+        lift = lift_over(s.predicted, c, ref.predicted if ref is not None else None)
         m.update(zip(("lift", "lift_lo", "lift_hi"), lift, strict=True))
-        by_text = judge.predict(s.gens.texts) if judge is not None else None
+        by_text = judged_text(s)
         if by_text is not None:
-            m.update(text_metrics(
-                by_text, c, judge.predict(ref.gens.texts[:n]) if paired else None
-            ))  # fmt: skip
+            m.update(text_metrics(by_text, c, judged_text(ref)))
         rows.append({
             "latent": int(pick["latent"]), "label": pick["label"], "control": control,
             "strength": strength, "steered_latent": edit[0].latent if edit else -1,
