@@ -23,7 +23,9 @@ Each listed latent is clamped (``op`` "set", the default) to, or raised by (``op
 ``strength`` x its max activation in the store (the analysis's ``latents.parquet``), on
 ``positions`` (default ``all``). ``control: true`` edits as many topic-neutral random latents
 instead, each matched to a member's decoder norm (``steering.picks.random_controls``, as the
-step's random control).
+step's random control). ``ablate`` (optional) lists latents set to 0 on the same positions, in
+the variant and in its control alike (for example the latents of the labels a target is
+confused with).
 
     python bench/bench_steering_variants.py --run RUN_ROOT --plan plan.json
     python bench/bench_steering_variants.py --run RUN_ROOT --plan plan.json --seed 1 --tokens 24
@@ -53,7 +55,7 @@ from integral_superposition.steering.picks import random_controls
 from integral_superposition.steering.scores import paired_lift, text_metrics, wilson_interval
 from integral_superposition.steering.sweep import fit_text_judge
 
-VARIANT_KEYS = {"label", "latents", "strength", "op", "positions", "control"}
+VARIANT_KEYS = {"label", "latents", "strength", "op", "positions", "control", "ablate"}
 
 
 def read_plan(path: str, names: list[str], d_sae: int) -> dict:
@@ -84,6 +86,14 @@ def read_plan(path: str, names: list[str], d_sae: int) -> dict:
         if not lat or any(not isinstance(j, int) or not 0 <= j < d_sae for j in lat):
             raise SystemExit(
                 f"variants[{i}].latents={lat!r}: expected latent indices in [0, {d_sae})"
+            )
+        abl = v.get("ablate", [])
+        if not isinstance(abl, list) or any(
+            not isinstance(j, int) or not 0 <= j < d_sae or j in lat for j in abl
+        ):
+            raise SystemExit(
+                f"variants[{i}].ablate={abl!r}: expected latent indices in [0, {d_sae}) that "
+                "are not among its latents"
             )
         st = v.get("strength")
         if not isinstance(st, int | float) or not math.isfinite(st):
@@ -213,7 +223,7 @@ def main() -> None:
         edits = [
             Edit(j, op, float(st * mx[m] * q))
             for j, m, q in zip(lats, members, ratios, strict=True)
-        ]
+        ] + [Edit(int(j), "set", 0.0) for j in v.get("ablate", [])]
         t = time.perf_counter()
         g, pred, ppl = run_set(edits, positions)
         hit = pred == c

@@ -28,7 +28,10 @@ def _plan(tmp_path, variants) -> str:
 
 
 def test_a_good_plan_is_read(bench, tmp_path):
-    v = [{"label": "b", "latents": [0, 3], "strength": 0.25, "op": "add", "control": True}]
+    v = [
+        {"label": "b", "latents": [0, 3], "strength": 0.25, "op": "add", "control": True},
+        {"label": "a", "latents": [1], "strength": 0.5, "ablate": [0, 2]},
+    ]
     assert bench.read_plan(_plan(tmp_path, v), ["a", "b"], 4)["variants"] == v
 
 
@@ -41,6 +44,8 @@ def test_a_good_plan_is_read(bench, tmp_path):
         ({"label": "a", "latents": [1], "strength": "x"}, r"variants\[0\].strength='x': expected a finite number"),
         ({"label": "a", "latents": [1], "strength": 1, "op": "scale"}, r"variants\[0\].op='scale': expected 'set' or 'add'"),
         ({"label": "a", "latents": [1], "strength": 1, "colour": 2}, r"variants\[0\] has keys \['colour'\]"),
+        ({"label": "a", "latents": [1], "strength": 1, "ablate": [1]}, r"variants\[0\].ablate=\[1\]: expected latent indices in \[0, 4\) that are not among its latents"),
+        ({"label": "a", "latents": [1], "strength": 1, "ablate": 2}, r"variants\[0\].ablate=2"),
     ],
 )  # fmt: skip
 def test_a_bad_variant_is_refused_naming_it(bench, tmp_path, variant, message):
@@ -55,7 +60,9 @@ def test_a_missing_or_empty_plan_is_refused(bench, tmp_path):
         bench.read_plan(_plan(tmp_path, []), ["a"], 4)
 
 
-@pytest.mark.parametrize("name", ["ag_news_business.json", "ag_news_everyday.json"])
+@pytest.mark.parametrize(
+    "name", ["ag_news_business.json", "ag_news_everyday.json", "ag_news_business_ablate.json"]
+)
 def test_the_shipped_plans_are_valid_for_the_ag_news_sae(bench, name):
     plan = bench.read_plan(
         str(ROOT / "bench" / "plans" / name), ["Business", "Sci/Tech", "Sports", "World"], 4096

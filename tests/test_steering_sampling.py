@@ -13,6 +13,7 @@ from integral_superposition.steering.generation import (
     RowSampler,
     generate_continuations,
     inverse_cdf,
+    nucleus,
     row_streams,
 )
 from integral_superposition.steering.hooks import steer
@@ -222,3 +223,22 @@ def test_inverse_cdf_refuses_shapes_it_cannot_sample_from():
         inverse_cdf(torch.ones(5), torch.zeros(5, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"u has shape \(3,\): expected \[2\]"):
         inverse_cdf(torch.ones(2, 4), torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("spread", [0.05, 1.0, 8.0])
+def test_the_nucleus_equals_a_full_sort(spread):
+    """The top-k nucleus keeps exactly the tokens a full sort keeps, with their probabilities,
+    for peaked rows (a few tokens) and flat ones (the candidates grow past the first k)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5000, generator=g) * spread
+    logits[0] = torch.randn(5000, generator=g) * 1e-3  # near uniform: most of the vocabulary
+    probs = torch.softmax(logits, -1)
+    p, ids = nucleus(probs, 0.9, k=16)
+    full, order = probs.sort(dim=-1, descending=True, stable=True)
+    before = full.cumsum(-1) - full
+    for r in range(probs.shape[0]):
+        want = set(order[r][before[r] < 0.9].tolist())
+        got = set(ids[r][p[r] > 0].tolist())
+        assert got == want and len(want) >= 1
+        assert torch.equal(p[r][p[r] > 0], probs[r, ids[r][p[r] > 0]])
+    assert int((p[0] > 0).sum()) > 4000  # the flat row's candidates grew from 16 to 5000

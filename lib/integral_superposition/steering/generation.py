@@ -205,6 +205,24 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return blk * bs + idx
 
 
+def nucleus(probs: torch.Tensor, top_p: float, k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-p nucleus of each row: ``probs [B, V]`` (rows summing to 1) -> ``(p [B, K],
+    ids [B, K])``, the ``K`` most probable tokens in decreasing order with their
+    probabilities, zero past the smallest prefix whose mass reaches ``top_p``.
+
+    Starts from the ``k`` most probable tokens (``torch.topk``) and doubles ``k`` until every
+    row's nucleus fits, so a peaked distribution never sorts its whole vocabulary (a stable
+    sort of a 262k vocabulary took most of a sampling step)."""
+    V = probs.shape[-1]
+    k = min(max(1, k), V)
+    while True:
+        p, ids = probs.topk(k, dim=-1, sorted=True)
+        before = p.cumsum(-1) - p  # mass of the more probable tokens
+        if k == V or bool((before[:, -1] + p[:, -1] >= top_p).all()):
+            return p.masked_fill(before >= top_p, 0.0), ids
+        k = min(2 * k, V)
+
+
 class RowSampler(LogitsProcessor):
     """Sampling with temperature and top-p (nucleus) where every row draws from its own random
     stream, as a logits processor for a greedy ``generate`` call.
@@ -240,10 +258,7 @@ class RowSampler(LogitsProcessor):
         weights.exp_()  # [B, V]
         if self.top_p >= 1.0:
             return inverse_cdf(weights, u)
-        probs = weights / weights.sum(-1, keepdim=True)
-        probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        before = probs.cumsum(-1) - probs  # mass of the more probable tokens
-        probs = probs.masked_fill(before >= self.top_p, 0.0)
+        probs, order = nucleus(weights / weights.sum(-1, keepdim=True), self.top_p)
         return order.gather(1, inverse_cdf(probs, u)[:, None])[:, 0]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
