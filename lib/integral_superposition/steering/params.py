@@ -34,10 +34,14 @@ class SteeringParams(BaseModel):
     """``auto``: latents steered together per label. Above 1, each label's edit acts on its ``group_size`` best latents by ``rank_by`` at once, each with the swept strength (``clamp_max``: each clamped to strength x its own max activation), and the random control edits as many random latents, each matched to a member's decoder norm. A topic is often split over several latents; steering them together moves it with less damage to fluency than pushing one latent harder. Needs ``per_label=1`` and no pilot."""
     q_max: float = Field(1e-3, gt=0, le=1)
     """A picked latent's token-level enrichment q-value must be below this."""
-    rank_by: Literal["doc_q", "token_q", "log_odds", "vocab_logit"] = "doc_q"
-    """Order of the significant latents: document-level q (broad, label-specific latents first), token-level q, token-level log odds, or ``vocab_logit``: among the ``candidates`` best by document-level q, those whose decoder direction promotes the label's target vocabulary most through the unembedding."""
+    rank_by: Literal["doc_q", "token_q", "log_odds", "vocab_logit", "vocab_gain"] = "doc_q"
+    """Order of the significant latents: document-level q (broad, label-specific latents first), token-level q, token-level log odds, or ``vocab_logit``: among the ``candidates`` best by document-level q, those whose decoder direction promotes the label's target vocabulary most through the unembedding; or ``vocab_gain``: among the same candidates, those whose clamp (``gain_strength`` x max activation) raises the target vocabulary's probability most through the whole model, teacher-forced on the unsteered continuations of ``gain_prompts`` topic-neutral fitting openings (``abstain_prompts``, never the evaluation's prompts)."""
     candidates: int = Field(16, ge=1)
-    """``rank_by="vocab_logit"``: enriched latents per label scored by their vocabulary logits."""
+    """``rank_by="vocab_logit"`` / ``"vocab_gain"``: enriched latents per label scored."""
+    gain_strength: float = Field(0.35, gt=0)
+    """``rank_by="vocab_gain"``: the clamp each candidate is scored at, x its max activation."""
+    gain_prompts: int = Field(24, ge=1)
+    """``rank_by="vocab_gain"``: fitting openings whose continuations the candidates are scored on."""
     n_top: int = Field(20, ge=1)
     """Top activating tokens per latent in the token-level enrichment test."""
     mode: Mode = "clamp_max"

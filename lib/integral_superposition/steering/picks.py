@@ -3,7 +3,7 @@ latent of matched decoder norm as the control of each."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -129,6 +129,78 @@ def vocabulary_logit_scores(
     return torch.cat(out).double().numpy()
 
 
+@torch.no_grad()
+def vocabulary_gain_scores(
+    backend,
+    sae,
+    hook_point,
+    latents: Sequence[int],
+    values: Sequence[float],
+    vocab_ids: Sequence[int],
+    prompt_ids: Sequence[Sequence[int]],
+    token_ids: Sequence[Sequence[int]],
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """What each latent writes through the whole model: latent ``latents[m]`` clamped to
+    ``values[m]`` on every token of each sequence ``prompt_ids[i] + token_ids[i]``, the forward
+    teacher-forced on the continuation ``token_ids[i]``.
+
+    Returns one row per latent: ``latent``, ``vocab_gain`` (log of the mean probability the
+    next-token distributions at the continuations' positions put on ``vocab_ids``, steered
+    over unsteered; 0 for an edit that changes nothing) and ``nll_gain`` (the continuation
+    tokens' mean NLL in nats, steered minus unsteered: the edit's cost in fluency)."""
+    from integral_superposition.data.tokenize import pad_batch, pad_token_id
+    from integral_superposition.steering.edits import Edit
+    from integral_superposition.steering.hooks import steer
+
+    if len(latents) != len(values):
+        raise ValueError(
+            f"values has {len(values)} entries but latents has {len(latents)}: expected one "
+            "clamp value per latent"
+        )
+    if len(prompt_ids) != len(token_ids):
+        raise ValueError(
+            f"prompt_ids has {len(prompt_ids)} rows but token_ids has {len(token_ids)}: "
+            "expected one continuation per prompt"
+        )
+    rows = [i for i in range(len(token_ids)) if len(token_ids[i]) > 0]
+    if not rows:
+        raise ValueError("token_ids: expected at least one non-empty continuation to score")
+    ids = torch.as_tensor(list(vocab_ids), dtype=torch.long, device=backend.device)
+    pad = pad_token_id(backend.tokenizer)
+
+    def measure() -> tuple[float, float]:
+        mass = nll = 0.0
+        n = 0
+        for a in range(0, len(rows), batch_size):
+            idx = rows[a : a + batch_size]
+            batch = pad_batch([list(prompt_ids[i]) + list(token_ids[i]) for i in idx], pad)
+            first = min(len(prompt_ids[i]) for i in idx) - 1
+            out = backend.model(
+                input_ids=batch.input_ids.to(backend.device),
+                attention_mask=batch.attention_mask.to(backend.device),
+                use_cache=False,
+                logits_to_keep=batch.input_ids.shape[1] - first,
+            )
+            for r, i in enumerate(idx):
+                p, c = len(prompt_ids[i]), len(token_ids[i])
+                lp = torch.log_softmax(out.logits[r, p - 1 - first : p + c - 1 - first].float(), -1)
+                tgt = torch.as_tensor(list(token_ids[i]), device=lp.device)
+                mass += float(lp[:, ids].logsumexp(-1).exp().sum()) if len(ids) else 0.0
+                nll -= float(lp.gather(1, tgt[:, None]).sum())
+                n += c
+        return mass / n, nll / n
+
+    mass0, nll0 = measure()
+    out = []
+    for j, v in zip(latents, values, strict=True):
+        with steer(backend, sae, hook_point, [Edit(int(j), "set", float(v))], "all"):
+            mass, nll = measure()
+        gain = float(np.log(mass / mass0)) if mass0 > 0 and mass > 0 else 0.0
+        out.append({"latent": int(j), "vocab_gain": gain, "nll_gain": nll - nll0})
+    return pd.DataFrame(out, columns=["latent", "vocab_gain", "nll_gain"])
+
+
 def target_latents(
     p,
     tok_table: pd.DataFrame,
@@ -138,6 +210,7 @@ def target_latents(
     sae=None,
     backend=None,
     vocab: pd.DataFrame | None = None,
+    gain_scorer: Callable[[str, list[int]], pd.DataFrame] | None = None,
 ) -> pd.DataFrame:
     """The latents to steer with their target label: picked by enrichment (``auto``) or given
     (target label: given, else the latent's most significant label).
@@ -146,9 +219,12 @@ def target_latents(
     document-level enrichment, the ones whose decoder direction promotes the label's target
     vocabulary (``vocab``) most through the model's unembedding
     (:func:`vocabulary_logit_scores`; needs ``sae`` and ``backend``). Enrichment says a latent
-    *reads* the topic; steering needs one that *writes* it."""
+    *reads* the topic; steering needs one that *writes* it. ``p.rank_by="vocab_gain"``: among
+    the same candidates, the ones with the highest ``vocab_gain`` through the whole model,
+    ``gain_scorer(label, latents)`` (a :func:`vocabulary_gain_scores` table; its ``vocab_gain``
+    and ``nll_gain`` columns join the picks)."""
     if p.latents == "auto":
-        by_vocab = p.rank_by == "vocab_logit"
+        by_vocab = p.rank_by in ("vocab_logit", "vocab_gain")
         picks = pick_latents(
             tok_table, doc_table, labels=p.labels,
             per_label=max(p.per_label, p.candidates) if by_vocab else p.per_label,
@@ -157,6 +233,26 @@ def target_latents(
         if picks.empty:
             raise ValueError(
                 f"no latent is enriched for any of the labels {p.labels or names} at q < {p.q_max}"
+            )
+        if p.rank_by == "vocab_gain":
+            if gain_scorer is None:
+                raise ValueError("rank_by='vocab_gain' needs gain_scorer (vocabulary_gain_scores)")
+            scores = pd.concat(
+                [
+                    gain_scorer(str(label), [int(j) for j in g["latent"]])
+                    for label, g in picks.groupby("label", sort=False)
+                ],
+                ignore_index=True,
+            )
+            picks = picks.merge(scores, on="latent", how="left")
+            order = {lb: i for i, lb in enumerate(dict.fromkeys(picks["label"]))}
+            return (
+                picks.assign(_o=picks["label"].map(order))
+                .sort_values(["_o", "vocab_gain"], ascending=[True, False], kind="stable")
+                .groupby("label", sort=False)
+                .head(p.per_label)
+                .drop(columns="_o")
+                .reset_index(drop=True)
             )
         if by_vocab:
             if sae is None or backend is None or vocab is None:

@@ -63,6 +63,7 @@ from integral_superposition.steering.picks import (
     group_picks,
     random_controls,
     target_latents,
+    vocabulary_gain_scores,
 )
 from integral_superposition.steering.plot import plot_sweep
 from integral_superposition.steering.scores import (
@@ -493,7 +494,30 @@ def evaluate_steering(
         if p.group_size > 1
         else p
     )
-    picks = target_latents(pool, tok_table, doc_table, names, sae=sae, backend=backend, vocab=vocab)
+    gain_scorer = None
+    if p.latents == "auto" and p.rank_by == "vocab_gain":
+        if mx is None:
+            raise ValueError("rank_by='vocab_gain' needs the latents' max activations (max_acts=)")
+        rep.set_phase("vocabulary gain of the candidates")
+        # the unsteered continuations of topic-neutral fitting openings (the classifier's
+        # "none" openings), never of the prompts the sweep evaluates
+        teach = generate_continuations(
+            backend, abstain_openings(p, prompts)[: p.gain_prompts], p.max_new_tokens,
+            do_sample=p.do_sample, temperature=p.temperature, top_p=p.top_p, seed=p.seed,
+            batch_size=p.batch_size,
+        )  # fmt: skip
+
+        def gain_scorer(label: str, latents: list[int]) -> pd.DataFrame:
+            return vocabulary_gain_scores(
+                backend, sae, hp, latents, [p.gain_strength * float(mx[j]) for j in latents],
+                vocab.loc[vocab["label"] == label, "token_id"].tolist(),
+                teach.prompt_ids, teach.token_ids,
+            )  # fmt: skip
+
+    picks = target_latents(
+        pool, tok_table, doc_table, names, sae=sae, backend=backend, vocab=vocab,
+        gain_scorer=gain_scorer,
+    )  # fmt: skip
     norms = sae.W_dec.detach().float().norm(dim=1).cpu().numpy()
     picks["max_act"] = mx[picks["latent"].to_numpy()] if mx is not None else np.nan
     picks["decoder_norm"] = norms[picks["latent"].to_numpy()]
