@@ -201,6 +201,20 @@ def vocabulary_gain_scores(
     return pd.DataFrame(out, columns=["latent", "vocab_gain", "nll_gain"])
 
 
+def _best_by(picks: pd.DataFrame, column: str, per_label: int) -> pd.DataFrame:
+    """Each label's ``per_label`` rows with the highest ``column`` (labels in their order,
+    ties in rank order)."""
+    order = {lb: i for i, lb in enumerate(dict.fromkeys(picks["label"]))}
+    return (
+        picks.assign(_o=picks["label"].map(order))
+        .sort_values(["_o", column], ascending=[True, False], kind="stable")
+        .groupby("label", sort=False)
+        .head(per_label)
+        .drop(columns="_o")
+        .reset_index(drop=True)
+    )
+
+
 def target_latents(
     p,
     tok_table: pd.DataFrame,
@@ -239,21 +253,13 @@ def target_latents(
                 raise ValueError("rank_by='vocab_gain' needs gain_scorer (vocabulary_gain_scores)")
             scores = pd.concat(
                 [
-                    gain_scorer(str(label), [int(j) for j in g["latent"]])
+                    gain_scorer(str(label), [int(j) for j in g["latent"]]).assign(label=label)
                     for label, g in picks.groupby("label", sort=False)
                 ],
                 ignore_index=True,
             )
-            picks = picks.merge(scores, on="latent", how="left")
-            order = {lb: i for i, lb in enumerate(dict.fromkeys(picks["label"]))}
-            return (
-                picks.assign(_o=picks["label"].map(order))
-                .sort_values(["_o", "vocab_gain"], ascending=[True, False], kind="stable")
-                .groupby("label", sort=False)
-                .head(p.per_label)
-                .drop(columns="_o")
-                .reset_index(drop=True)
-            )
+            return _best_by(picks.merge(scores, on=["label", "latent"], how="left"),
+                            "vocab_gain", p.per_label)  # fmt: skip
         if by_vocab:
             if sae is None or backend is None or vocab is None:
                 raise ValueError(
@@ -268,15 +274,7 @@ def target_latents(
                     torch.tensor(picks.loc[idx, "latent"].to_numpy(), dtype=torch.long)
                 ]
                 score[picks.index.get_indexer(idx)] = vocabulary_logit_scores(rows, W_U, norm, ids)
-            order = {lb: i for i, lb in enumerate(dict.fromkeys(picks["label"]))}
-            picks = (
-                picks.assign(vocab_logit=score, _o=picks["label"].map(order))
-                .sort_values(["_o", "vocab_logit"], ascending=[True, False], kind="stable")
-                .groupby("label", sort=False)
-                .head(p.per_label)
-                .drop(columns="_o")
-                .reset_index(drop=True)
-            )
+            picks = _best_by(picks.assign(vocab_logit=score), "vocab_logit", p.per_label)
         return picks
     t = tok_table.assign(label=tok_table["label"].astype(str))
     t = t[t["latent"].isin(p.latents)].sort_values(["q", "log_odds"], ascending=[True, False])
