@@ -61,7 +61,13 @@ def test_a_missing_or_empty_plan_is_refused(bench, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["ag_news_business.json", "ag_news_everyday.json", "ag_news_business_ablate.json"]
+    "name",
+    [
+        "ag_news_business.json",
+        "ag_news_everyday.json",
+        "ag_news_business_ablate.json",
+        "ag_news_everyday_vocab_gain.json",
+    ],
 )
 def test_the_shipped_plans_are_valid_for_the_ag_news_sae(bench, name):
     plan = bench.read_plan(
