@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 from integral_superposition.backends import HFCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_line, steering_run
 from integral_superposition.data import neutral_fit_prompts
-from integral_superposition.pipelines.inputs import load_inputs
 from integral_superposition.steering.generation import generate_continuations
 from integral_superposition.steering.picks import pick_latents, vocabulary_gain_scores
 
@@ -51,22 +53,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="gemma-3-270m")
     args = ap.parse_args()
-    print(
-        f"{platform.node()} | CPU capability {torch.backends.cpu.get_cpu_capability()} | "
-        f"torch {torch.__version__} threads={torch.get_num_threads()} | {args.model} float32",
-        flush=True,
-    )
-    run = Path(args.run)
-    found = (
-        [p.name for p in (run / "sae").iterdir() if p.is_dir()] if (run / "sae").is_dir() else []
-    )
-    name = args.sae or (found[0] if len(found) == 1 else None)
-    if name is None:
-        raise SystemExit(f"--run {run}: expected one SAE under sae/ or --sae NAME (found {found})")
-    vocab_path = run / "steering" / name / "vocabulary.parquet"
-    if not vocab_path.exists():
-        raise SystemExit(f"{vocab_path} is missing: run the steering step on this SAE first")
-    sae, _, store = load_inputs(str(run / "sae" / name), str(run / "acts"), None)
+    print(cpu_line(args.model), flush=True)
+    run, name, vocab_path, sae, store = steering_run(args.run, args.sae, "vocabulary.parquet")
     if args.label not in store.label_names:
         raise SystemExit(f"--label {args.label!r}: expected one of {list(store.label_names)}")
     tables = run / "analysis" / name / "tables"

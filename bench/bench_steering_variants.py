@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -44,8 +44,10 @@ import numpy as np
 import pandas as pd
 import torch
 from integral_superposition.backends import HFCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_line, steering_run
 from integral_superposition.data import neutral_prompts
-from integral_superposition.pipelines.inputs import load_inputs
 from integral_superposition.steering import SteeringParams
 from integral_superposition.steering.classifier import NONE_LABEL, LabelClassifier
 from integral_superposition.steering.edits import Edit
@@ -120,25 +122,10 @@ def main() -> None:
         "--test-fraction", type=float, default=0.05, help="the step's classifier_test_fraction"
     )
     args = ap.parse_args()
-    print(
-        f"{platform.node()} | CPU capability {torch.backends.cpu.get_cpu_capability()} | "
-        f"torch {torch.__version__} threads={torch.get_num_threads()} | {args.model} float32",
-        flush=True,
+    print(cpu_line(args.model), flush=True)
+    run, name, fit_path, sae, store = steering_run(
+        args.run, args.sae, "classifier_fit_generations.parquet"
     )
-
-    run = Path(args.run)
-    names_sae = (
-        [p.name for p in (run / "sae").iterdir() if p.is_dir()] if (run / "sae").is_dir() else []
-    )
-    name = args.sae or (names_sae[0] if len(names_sae) == 1 else None)
-    if name is None:
-        raise SystemExit(
-            f"--run {run}: expected one SAE under sae/ or --sae NAME (found {names_sae})"
-        )
-    fit_path = run / "steering" / name / "classifier_fit_generations.parquet"
-    if not fit_path.exists():
-        raise SystemExit(f"{fit_path} is missing: run the steering step on this SAE first")
-    sae, _, store = load_inputs(str(run / "sae" / name), str(run / "acts"), None)
     names = list(store.label_names)
     plan = read_plan(args.plan, names, sae.d_sae)
     backend = HFCausalLM.from_pretrained(args.model, dtype=torch.float32)

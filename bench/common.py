@@ -106,6 +106,39 @@ def machine() -> str:
     return f"{platform.node()} | {psutil.cpu_count(logical=True)} CPUs | {psutil.virtual_memory().total / 2**30:.0f} GiB | {gpu} | torch {torch.__version__} threads={torch.get_num_threads()} | model {MODEL} {DTYPE} | data {data}"
 
 
+def cpu_line(model: str) -> str:
+    """One line naming the machine, the torch CPU capability and the model (float32)."""
+    return (
+        f"{platform.node()} | CPU capability {torch.backends.cpu.get_cpu_capability()} | "
+        f"torch {torch.__version__} threads={torch.get_num_threads()} | {model} float32"
+    )
+
+
+def steering_run(run_root: str, sae: str | None, needs: str):
+    """A run root with a finished steering step: ``(run, SAE name, path of the step's file
+    ``needs``, the SAE, the activation store)``; a clear exit when the file is missing."""
+    from integral_superposition.pipelines.inputs import load_inputs
+
+    run = Path(run_root)
+    name = run_sae_name(run, sae)
+    path = run / "steering" / name / needs
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run the steering step on this SAE first")
+    model, _, store = load_inputs(str(run / "sae" / name), str(run / "acts"), None)
+    return run, name, path, model, store
+
+
+def run_sae_name(run: Path, sae: str | None = None) -> str:
+    """The SAE folder under a run root's ``sae/``: ``sae`` or, without it, the only one."""
+    found = (
+        [p.name for p in (run / "sae").iterdir() if p.is_dir()] if (run / "sae").is_dir() else []
+    )
+    name = sae or (found[0] if len(found) == 1 else None)
+    if name is None:
+        raise SystemExit(f"--run {run}: expected one SAE under sae/ or --sae NAME (found {found})")
+    return name
+
+
 def proc_status_kib(*fields: str) -> dict[str, int]:
     """The memory ``fields`` of ``/proc/self/status`` (e.g. ``VmHWM``, ``RssAnon``) in KiB;
     those it lacks are left out. The file names the process, in any bytes: read with
