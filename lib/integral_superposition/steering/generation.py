@@ -9,7 +9,7 @@ a row's continuation does not depend on the batch it runs in.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -497,7 +497,24 @@ def continuation_nll(
     n = len(cont_ids)
     nll = np.zeros(n)
     count = np.zeros(n, dtype=np.int64)
-    todo = [i for i in range(n) if len(cont_ids[i]) > 0]
+    for i, lp, target in continuation_log_probs(backend, prompt_ids, cont_ids, batch_size):
+        nll[i] = float(-lp.gather(1, target[:, None]).sum())
+        count[i] = target.numel()
+    return nll, count
+
+
+def continuation_log_probs(
+    backend,
+    prompt_ids: Sequence[Sequence[int]],
+    cont_ids: Sequence[Sequence[int]],
+    batch_size: int = 16,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(i, log_probs [c_i, V], target [c_i])`` for each row ``i`` with a non-empty
+    continuation: the next-token log-probabilities (float32) at the positions that predict
+    its ``c_i`` continuation tokens, under ``backend`` as it is (inside a steering block:
+    steered), and those tokens. Rows run in batches of similar lengths, right-padded, and the
+    LM head runs only from the shortest prompt's last token on (``logits_to_keep``)."""
+    todo = [i for i in range(len(cont_ids)) if len(cont_ids[i]) > 0]
     # batches of similar prompt and total lengths: less padding, a shorter span for the head
     todo.sort(key=lambda i: (len(prompt_ids[i]), len(prompt_ids[i]) + len(cont_ids[i])))
     pad = pad_token_id(backend.tokenizer)
@@ -517,11 +534,8 @@ def continuation_nll(
         for r, i in enumerate(idx):
             p, c = len(prompt_ids[i]), len(cont_ids[i])
             lp = torch.log_softmax(logits[r, p - 1 - first : p + c - 1 - first].float(), dim=-1)
-            target = torch.tensor(cont_ids[i], device=lp.device)
-            nll[i] = float(-lp.gather(1, target[:, None]).sum())
-            count[i] = c
+            yield i, lp, torch.tensor(cont_ids[i], device=lp.device)
         del out, logits
-    return nll, count
 
 
 def compare_generations(

@@ -149,8 +149,8 @@ def vocabulary_gain_scores(
     next-token distributions at the continuations' positions put on ``vocab_ids``, steered
     over unsteered; 0 for an edit that changes nothing) and ``nll_gain`` (the continuation
     tokens' mean NLL in nats, steered minus unsteered: the edit's cost in fluency)."""
-    from integral_superposition.data.tokenize import pad_batch, pad_token_id
     from integral_superposition.steering.edits import Edit
+    from integral_superposition.steering.generation import continuation_log_probs
     from integral_superposition.steering.hooks import steer
 
     if len(latents) != len(values):
@@ -163,32 +163,18 @@ def vocabulary_gain_scores(
             f"prompt_ids has {len(prompt_ids)} rows but token_ids has {len(token_ids)}: "
             "expected one continuation per prompt"
         )
-    rows = [i for i in range(len(token_ids)) if len(token_ids[i]) > 0]
-    if not rows:
+    if not any(len(t) for t in token_ids):
         raise ValueError("token_ids: expected at least one non-empty continuation to score")
     ids = torch.as_tensor(list(vocab_ids), dtype=torch.long, device=backend.device)
-    pad = pad_token_id(backend.tokenizer)
 
     def measure() -> tuple[float, float]:
+        """Mean vocabulary probability and mean NLL over every continuation token."""
         mass = nll = 0.0
         n = 0
-        for a in range(0, len(rows), batch_size):
-            idx = rows[a : a + batch_size]
-            batch = pad_batch([list(prompt_ids[i]) + list(token_ids[i]) for i in idx], pad)
-            first = min(len(prompt_ids[i]) for i in idx) - 1
-            out = backend.model(
-                input_ids=batch.input_ids.to(backend.device),
-                attention_mask=batch.attention_mask.to(backend.device),
-                use_cache=False,
-                logits_to_keep=batch.input_ids.shape[1] - first,
-            )
-            for r, i in enumerate(idx):
-                p, c = len(prompt_ids[i]), len(token_ids[i])
-                lp = torch.log_softmax(out.logits[r, p - 1 - first : p + c - 1 - first].float(), -1)
-                tgt = torch.as_tensor(list(token_ids[i]), device=lp.device)
-                mass += float(lp[:, ids].logsumexp(-1).exp().sum()) if len(ids) else 0.0
-                nll -= float(lp.gather(1, tgt[:, None]).sum())
-                n += c
+        for _, lp, tgt in continuation_log_probs(backend, prompt_ids, token_ids, batch_size):
+            mass += float(lp[:, ids].logsumexp(-1).exp().sum()) if len(ids) else 0.0
+            nll -= float(lp.gather(1, tgt[:, None]).sum())
+            n += tgt.numel()
         return mass / n, nll / n
 
     mass0, nll0 = measure()
