@@ -20,8 +20,9 @@ A plan is a JSON file::
         "positions": "generated"}]}
 
 Each listed latent is clamped (``op`` "set", the default) to, or raised by (``op`` "add"),
-``strength`` x its max activation in the store (the analysis's ``latents.parquet``), on
-``positions`` (default ``all``). ``control: true`` edits as many topic-neutral random latents
+``strength`` x its max activation in the store (the analysis's ``latents.parquet``), or x its
+entry of ``values`` (optional, one number per latent, in activation units), on ``positions``
+(default ``all``). ``control: true`` edits as many topic-neutral random latents
 instead, each matched to a member's decoder norm (``steering.picks.random_controls``, as the
 step's random control). ``ablate`` (optional) lists latents set to 0 on the same positions, in
 the variant and in its control alike (for example the latents of the labels a target is
@@ -57,7 +58,7 @@ from integral_superposition.steering.picks import random_controls
 from integral_superposition.steering.scores import paired_lift, text_metrics, wilson_interval
 from integral_superposition.steering.sweep import fit_text_judge
 
-VARIANT_KEYS = {"label", "latents", "strength", "op", "positions", "control", "ablate"}
+VARIANT_KEYS = {"label", "latents", "strength", "op", "positions", "control", "ablate", "values"}
 
 
 def read_plan(path: str, names: list[str], d_sae: int) -> dict:
@@ -96,6 +97,15 @@ def read_plan(path: str, names: list[str], d_sae: int) -> dict:
             raise SystemExit(
                 f"variants[{i}].ablate={abl!r}: expected latent indices in [0, {d_sae}) that "
                 "are not among its latents"
+            )
+        vals = v.get("values")
+        if vals is not None and (
+            not isinstance(vals, list)
+            or len(vals) != len(lat)
+            or any(not isinstance(x, int | float) or not math.isfinite(x) for x in vals)
+        ):
+            raise SystemExit(
+                f"variants[{i}].values={vals!r}: expected {len(lat)} finite numbers, one per latent"
             )
         st = v.get("strength")
         if not isinstance(st, int | float) or not math.isfinite(st):
@@ -207,9 +217,9 @@ def main() -> None:
                 [int(j) for j in r["random_members"]],
                 [float(x) for x in r["random_ratios"]],
             )
+        unit = v.get("values") or [mx[m] for m in members]
         edits = [
-            Edit(j, op, float(st * mx[m] * q))
-            for j, m, q in zip(lats, members, ratios, strict=True)
+            Edit(j, op, float(st * u * q)) for j, u, q in zip(lats, unit, ratios, strict=True)
         ] + [Edit(int(j), "set", 0.0) for j in v.get("ablate", [])]
         t = time.perf_counter()
         g, pred, ppl = run_set(edits, positions)

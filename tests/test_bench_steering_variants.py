@@ -31,6 +31,7 @@ def test_a_good_plan_is_read(bench, tmp_path):
     v = [
         {"label": "b", "latents": [0, 3], "strength": 0.25, "op": "add", "control": True},
         {"label": "a", "latents": [1], "strength": 0.5, "ablate": [0, 2]},
+        {"label": "a", "latents": [1, 2], "strength": 8, "op": "add", "values": [0.5, 1]},
     ]
     assert bench.read_plan(_plan(tmp_path, v), ["a", "b"], 4)["variants"] == v
 
@@ -46,6 +47,8 @@ def test_a_good_plan_is_read(bench, tmp_path):
         ({"label": "a", "latents": [1], "strength": 1, "colour": 2}, r"variants\[0\] has keys \['colour'\]"),
         ({"label": "a", "latents": [1], "strength": 1, "ablate": [1]}, r"variants\[0\].ablate=\[1\]: expected latent indices in \[0, 4\) that are not among its latents"),
         ({"label": "a", "latents": [1], "strength": 1, "ablate": 2}, r"variants\[0\].ablate=2"),
+        ({"label": "a", "latents": [1, 2], "strength": 1, "values": [1.0]}, r"variants\[0\].values=\[1.0\]: expected 2 finite numbers, one per latent"),
+        ({"label": "a", "latents": [1], "strength": 1, "values": [float("nan")]}, r"variants\[0\].values=\[nan\]"),
     ],
 )  # fmt: skip
 def test_a_bad_variant_is_refused_naming_it(bench, tmp_path, variant, message):

@@ -24,6 +24,7 @@ __all__ = [
     "decoder_geometry",
     "document_codes",
     "l0_distribution",
+    "label_mean_codes",
     "latent_table",
     "log10_density_hist",
     "mean_pool_by_title",
@@ -191,6 +192,54 @@ def document_codes(
     if reduce == "mean":
         out /= torch.from_numpy(np.bincount(inv_all, minlength=docs.size)).to(dev)[:, None]
     return docs, out.cpu().numpy()
+
+
+@torch.no_grad()
+def label_mean_codes(
+    sae,
+    store,
+    mask: np.ndarray | None = None,
+    chunk_tokens: int | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each label's mean document code: the mean, over the label's documents, of each
+    document's code averaged over its tokens (the rows of ``mask``; all rows when None).
+
+    Returns ``(codes [n_labels, K] float64, n_docs [n_labels])``; a label without a document
+    has a row of NaN. One streaming pass; memory is ``[n_labels, K]`` whatever the number of
+    documents (each row enters with weight one over its document's row count).
+    """
+    from integral_superposition.activations import as_activation_source
+    from integral_superposition.sae.encode import check_sae_source, encode_chunks, encode_device
+
+    src = as_activation_source(store)
+    check_sae_source(sae, src)
+    if any(getattr(src, a, None) is None for a in ("doc_ids", "labels", "label_names")):
+        raise ValueError(
+            "store: label mean codes need document ids and labels (an ActivationStore)"
+        )
+    n_labels = len(src.label_names)
+    doc_all = np.asarray(src.doc_ids, dtype=np.int64)
+    lab_all = np.asarray(src.labels, dtype=np.int64)
+    used = np.ones(doc_all.size, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if used.shape != doc_all.shape:
+        raise ValueError(f"mask has shape {used.shape}: expected ({doc_all.size},), one per row")
+    docs, inv, per_doc = np.unique(doc_all[used], return_inverse=True, return_counts=True)
+    doc_label = np.zeros(docs.size, dtype=np.int64)
+    doc_label[inv] = lab_all[used]
+    n_docs = np.bincount(doc_label, minlength=n_labels)
+    weight = np.zeros(doc_all.size)
+    weight[used] = 1.0 / per_doc[inv]
+    dev = encode_device(sae, device)
+    total = torch.zeros((n_labels, sae.d_sae), dtype=torch.float64, device=dev)
+    for rows, _x, z, _ in encode_chunks(sae, src, dev, chunk_tokens=chunk_tokens, mask=mask):
+        w = torch.from_numpy(weight[rows]).to(dev)
+        idx = torch.from_numpy(lab_all[rows]).to(dev)
+        total.index_add_(0, idx, z.double() * w[:, None])
+    codes = total.cpu().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        codes = codes / n_docs[:, None]
+    return codes, n_docs
 
 
 # -- the seed's helpers, vectorised ------------------------------------------------------------

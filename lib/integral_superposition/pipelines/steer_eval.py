@@ -18,6 +18,7 @@ from integral_superposition.pipelines.inputs import load_inputs
 from integral_superposition.progress import ProgressFn
 from integral_superposition.steering.plot import plot_sweep
 from integral_superposition.steering.sweep import SteeringEval, SteeringParams, evaluate_steering
+from integral_superposition.viz.templates import latent_list
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +270,7 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
     best = lat.get("best_strength")
     group = lat.get("members") or [lat["latent"]]
     who = (
-        f"Latent {lat['latent']}"
-        if len(group) == 1
-        else f"Latents {', '.join(str(j) for j in group)}, together"
+        f"Latent {lat['latent']}" if len(group) == 1 else f"Latents {latent_list(group)}, together"
     )
     line = (
         f"{who} ({lat['label']}): share {lat['baseline_share']:.2f}"
@@ -286,7 +285,7 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
         if lat.get("random_share_at_best") is not None:
             line += (
                 f"; random latent{'s' if len(group) > 1 else ''} "
-                f"{', '.join(str(j) for j in lat.get('random_members') or [lat['random_latent']])}"
+                f"{latent_list(lat.get('random_members') or [lat['random_latent']])}"
                 " at that strength: "
                 f"{lat['random_share_at_best']:.2f}{_ci(lat, 'random_share_at_best')}"
                 f"{_lift(lat, 'random_lift_at_best')}" + _none(lat, "random_abstain_at_best")

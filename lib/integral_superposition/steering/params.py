@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = ["Control", "Mode", "SteeringParams"]
 
-Mode = Literal["clamp_max", "clamp", "add", "scale"]
+Mode = Literal["clamp_max", "clamp", "add", "scale", "mean_diff"]
 Control = Literal["alpha0", "random", "own_label"]
 
 
@@ -34,8 +34,10 @@ class SteeringParams(BaseModel):
     """``auto``: latents steered together per label. Above 1, each label's edit acts on its ``group_size`` best latents by ``rank_by`` at once, each with the swept strength (``clamp_max``: each clamped to strength x its own max activation), and the random control edits as many random latents, each matched to a member's decoder norm. A topic is often split over several latents; steering them together moves it with less damage to fluency than pushing one latent harder. Needs ``per_label=1`` and no pilot."""
     q_max: float = Field(1e-3, gt=0, le=1)
     """A picked latent's token-level enrichment q-value must be below this."""
-    rank_by: Literal["doc_q", "token_q", "log_odds", "vocab_logit", "vocab_gain"] = "doc_q"
-    """Order of the significant latents: document-level q (broad, label-specific latents first), token-level q, token-level log odds, or ``vocab_logit``: among the ``candidates`` best by document-level q, those whose decoder direction promotes the label's target vocabulary most through the unembedding; or ``vocab_gain``: among the same candidates, those whose clamp (``gain_strength`` x max activation) raises the target vocabulary's probability most through the whole model, teacher-forced on the unsteered continuations of ``gain_prompts`` topic-neutral fitting openings (``abstain_prompts``, never the evaluation's prompts)."""
+    rank_by: Literal["doc_q", "token_q", "log_odds", "vocab_logit", "vocab_gain", "mean_diff"] = (
+        "doc_q"
+    )
+    """Order of the significant latents: document-level q (broad, label-specific latents first), token-level q, token-level log odds, or ``vocab_logit``: among the ``candidates`` best by document-level q, those whose decoder direction promotes the label's target vocabulary most through the unembedding; or ``vocab_gain``: among the same candidates, those whose clamp (``gain_strength`` x max activation) raises the target vocabulary's probability most through the whole model, teacher-forced on the unsteered continuations of ``gain_prompts`` topic-neutral fitting openings (``abstain_prompts``, never the evaluation's prompts); or ``mean_diff`` (with ``mode="mean_diff"``): every latent by its difference of mean document code, the label's training documents against the other labels' (largest first, positive only; no significance filter)."""
     candidates: int = Field(16, ge=1)
     """``rank_by="vocab_logit"`` / ``"vocab_gain"``: enriched latents per label scored."""
     gain_strength: float = Field(0.35, gt=0)
@@ -45,7 +47,7 @@ class SteeringParams(BaseModel):
     n_top: int = Field(20, ge=1)
     """Top activating tokens per latent in the token-level enrichment test."""
     mode: Mode = "clamp_max"
-    """Edit swept: ``clamp_max`` (clamp to strength x the latent's max activation in the store), ``clamp`` (to strength), ``add`` (strength x decoder row), ``scale``."""
+    """Edit swept: ``clamp_max`` (clamp to strength x the latent's max activation in the store), ``clamp`` (to strength), ``add`` (strength x decoder row), ``scale``, or ``mean_diff`` (with ``rank_by="mean_diff"``: add strength x the latent's difference of mean document code to its code; with a group of many latents, strength x the SAE's view of the label's mean-difference steering vector, so strength 1 moves an average token's code by the whole difference)."""
     strengths: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
     """Strengths of the sweep, run in increasing order (``clamp_max``: fractions of the latent's max activation, a log grid over the useful range)."""
     positions: str | list[str] = "all"
@@ -135,6 +137,20 @@ class SteeringParams(BaseModel):
                     f"pilot_candidates={self.pilot_candidates}: expected per_label=1 and "
                     "pilot_candidates=1 (one group per label, no pilot)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _mean_diff(self) -> SteeringParams:
+        if (self.mode == "mean_diff") != (self.rank_by == "mean_diff"):
+            raise ValueError(
+                f"mode={self.mode!r} with rank_by={self.rank_by!r}: expected mode='mean_diff' "
+                "and rank_by='mean_diff' together (the edit adds each latent's mean difference)"
+            )
+        if self.mode == "mean_diff" and self.latents != "auto":
+            raise ValueError(
+                f"mode='mean_diff' with latents={self.latents}: expected latents='auto' (the "
+                "latents with the largest difference of mean document code)"
+            )
         return self
 
     @field_validator("strengths", "pilot_strengths")

@@ -12,6 +12,7 @@ import torch
 __all__ = [
     "enrichment_tables",
     "group_picks",
+    "mean_diff_latents",
     "pick_latents",
     "random_controls",
     "target_latents",
@@ -100,6 +101,52 @@ def pick_latents(
         ["_o"], kind="stable"
     )
     return t[cols].reset_index(drop=True)
+
+
+def mean_diff_latents(
+    label_codes: np.ndarray,
+    names: Sequence[str],
+    *,
+    labels: Sequence[str] | None = None,
+    per_label: int = 1,
+) -> pd.DataFrame:
+    """Each label's latents by how much more they fire on its documents: ``label, latent,
+    mean_diff``, ``per_label`` rows per label at most, largest difference first.
+
+    ``label_codes [n_labels, K]``: each label's mean document code
+    (:func:`~integral_superposition.analysis.stats.label_mean_codes`). A latent's ``mean_diff``
+    for label ``c`` is ``label_codes[c]`` minus the mean of the other labels' rows (each other
+    label the same weight, so a larger label does not set the reference); only latents with a
+    positive difference are kept. Adding ``mean_diff`` to every kept latent moves an average
+    token's code from the other labels' toward the label's: the sum of those edits through the
+    decoder is the SAE's view of the mean-difference steering vector."""
+    codes = np.asarray(label_codes, dtype=np.float64)
+    names = [str(n) for n in names]
+    if codes.ndim != 2 or codes.shape[0] != len(names):
+        raise ValueError(
+            f"label_codes has shape {codes.shape}: expected [{len(names)}, K], one row per label"
+        )
+    if len(names) < 2:
+        raise ValueError(f"names={names}: a mean difference needs at least two labels")
+    if per_label < 1:
+        raise ValueError(f"per_label={per_label}: expected >= 1")
+    wanted = list(labels) if labels is not None else names
+    unknown = [lb for lb in wanted if lb not in names]
+    if unknown:
+        raise ValueError(f"labels={wanted}: {unknown} not among the store's labels {names}")
+    ok = np.isfinite(codes).all(1)
+    rows = []
+    for lb in wanted:
+        c = names.index(lb)
+        others = ok.copy()
+        others[c] = False
+        if not ok[c] or not others.any():
+            continue
+        diff = codes[c] - codes[others].mean(0)
+        order = np.argsort(-diff, kind="stable")[:per_label]
+        order = order[diff[order] > 0]
+        rows += [{"label": lb, "latent": int(j), "mean_diff": float(diff[j])} for j in order]
+    return pd.DataFrame(rows, columns=["label", "latent", "mean_diff"])
 
 
 @torch.no_grad()
@@ -211,6 +258,7 @@ def target_latents(
     backend=None,
     vocab: pd.DataFrame | None = None,
     gain_scorer: Callable[[str, list[int]], pd.DataFrame] | None = None,
+    label_codes: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """The latents to steer with their target label: picked by enrichment (``auto``) or given
     (target label: given, else the latent's most significant label).
@@ -222,7 +270,25 @@ def target_latents(
     *reads* the topic; steering needs one that *writes* it. ``p.rank_by="vocab_gain"``: among
     the same candidates, the ones with the highest ``vocab_gain`` through the whole model,
     ``gain_scorer(label, latents)`` (a :func:`vocabulary_gain_scores` table; its ``vocab_gain``
-    and ``nll_gain`` columns join the picks)."""
+    and ``nll_gain`` columns join the picks). ``p.rank_by="mean_diff"``: the latents with the
+    largest difference of mean document code, ``label_codes`` (:func:`mean_diff_latents`),
+    whatever their enrichment; the enrichment columns join them where the tables have them."""
+    if p.latents == "auto" and p.rank_by == "mean_diff":
+        if label_codes is None:
+            raise ValueError("rank_by='mean_diff' needs label_codes (label_mean_codes)")
+        picks = mean_diff_latents(label_codes, names, labels=p.labels, per_label=p.per_label)
+        if picks.empty:
+            raise ValueError(
+                f"no latent fires more on the documents of any of the labels {p.labels or names}"
+            )
+        enr = pick_latents(tok_table, doc_table, per_label=tok_table.shape[0] or 1, q_max=1.0)
+        enr = enr.drop_duplicates(["label", "latent"]).assign(
+            label=lambda d: d["label"].astype(str)
+        )
+        cols = ["q", "log_odds", "frac_in_set", "doc_q", "doc_log_odds"]
+        return picks.merge(enr[["label", "latent", *cols]], on=["label", "latent"], how="left")[
+            ["label", "latent", *cols, "mean_diff"]
+        ]
     if p.latents == "auto":
         by_vocab = p.rank_by in ("vocab_logit", "vocab_gain")
         picks = pick_latents(
@@ -323,8 +389,8 @@ def random_controls(
 
 def group_picks(picks: pd.DataFrame, group_size: int) -> pd.DataFrame:
     """Each label's first ``group_size`` picks (in rank order) as one pick: the first row,
-    with ``members`` (the latents, best first) and, when ``picks`` has ``max_act``,
-    ``member_max_acts``."""
+    with ``members`` (the latents, best first) and, when ``picks`` has ``max_act`` /
+    ``mean_diff``, ``member_max_acts`` / ``member_mean_diffs``."""
     if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1:
         raise ValueError(f"group_size={group_size!r}: expected a positive whole number")
     rows = []
@@ -332,8 +398,10 @@ def group_picks(picks: pd.DataFrame, group_size: int) -> pd.DataFrame:
         g = g.head(int(group_size))
         row = g.iloc[0].to_dict()
         row["members"] = [int(j) for j in g["latent"]]
-        if "max_act" in g:
-            row["member_max_acts"] = [float(m) for m in g["max_act"]]
+        for col, out in (("max_act", "member_max_acts"), ("mean_diff", "member_mean_diffs")):
+            if col in g:
+                row[out] = [float(m) for m in g[col]]
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*picks.columns, "members"]
-                        + (["member_max_acts"] if "max_act" in picks else []))  # fmt: skip
+    extra = [out for col, out in (("max_act", "member_max_acts"),
+                                  ("mean_diff", "member_mean_diffs")) if col in picks]  # fmt: skip
+    return pd.DataFrame(rows, columns=[*picks.columns, "members", *extra])

@@ -38,6 +38,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from integral_superposition import compute
+from integral_superposition.analysis.stats import label_mean_codes
 from integral_superposition.progress import ProgressFn, Reporter
 from integral_superposition.steering.classifier import (
     NONE_LABEL,
@@ -316,11 +317,14 @@ def _sweep_strengths(p: SteeringParams, lats, prompts, edit_of, run_sets, rep, s
     return [[(st, out[(k, st)]) for st in p.strengths if (k, st) in out] for k in range(len(lats))]
 
 
-def _edit_for(mode: str, latent: int, strength: float, max_act: float, ratio: float = 1.0) -> Edit:
-    """The sweep's edit of ``latent`` at ``strength``; ``ratio`` rescales it so that another
+def _edit_for(mode: str, latent: int, strength: float, unit: float, ratio: float = 1.0) -> Edit:
+    """The sweep's edit of ``latent`` at ``strength``; ``unit``: the latent's max activation
+    (``clamp_max``) or mean difference (``mean_diff``); ``ratio`` rescales it so that another
     latent's injected vector matches the target's norm (random control)."""
     if mode == "clamp_max":
-        return Edit(latent, "set", strength * max_act * ratio)
+        return Edit(latent, "set", strength * unit * ratio)
+    if mode == "mean_diff":
+        return Edit(latent, "add", strength * unit * ratio)
     if mode == "clamp":
         return Edit(latent, "set", strength * ratio)
     if mode == "add":
@@ -514,10 +518,19 @@ def evaluate_steering(
                 teach.prompt_ids, teach.token_ids,
             )  # fmt: skip
 
+    label_codes = None
+    if p.latents == "auto" and p.rank_by == "mean_diff":
+        rep.set_phase("mean codes of the labels")
+        label_codes, _ = label_mean_codes(
+            sae, store, mask=store.split_mask("train", p.classifier_test_fraction, p.split_seed),
+            device=compute.resolve_device(p.device, default=getattr(backend, "device", None)),
+        )  # fmt: skip
     picks = target_latents(
         pool, tok_table, doc_table, names, sae=sae, backend=backend, vocab=vocab,
-        gain_scorer=gain_scorer,
+        gain_scorer=gain_scorer, label_codes=label_codes,
     )  # fmt: skip
+    # the per-latent unit a strength multiplies
+    unit_col = "mean_diff" if p.mode == "mean_diff" else "max_act"
     norms = sae.W_dec.detach().float().norm(dim=1).cpu().numpy()
     picks["max_act"] = mx[picks["latent"].to_numpy()] if mx is not None else np.nan
     picks["decoder_norm"] = norms[picks["latent"].to_numpy()]
@@ -711,7 +724,7 @@ def evaluate_steering(
     if pilot_on:
         base_ppl0 = base.metrics(0, None)["perplexity"]
         keys = [(k, st) for k in range(len(picks)) for st in p.pilot_strengths]
-        mx_of = [float(m) if np.isfinite(m) else 1.0 for m in picks["max_act"]]
+        mx_of = [float(m) if np.isfinite(m) else 1.0 for m in picks[unit_col]]
         sets = [
             _Set(
                 prompts, (_edit_for(p.mode, int(picks.iloc[k]["latent"]), st, mx_of[k]),),
@@ -799,7 +812,7 @@ def evaluate_steering(
         ``ratios[i]`` (the random control)."""
         pk = pick_rows[k]
         members = list(pk["members"]) if "members" in pk else [int(pk["latent"])]
-        mxs = list(pk["member_max_acts"]) if "member_max_acts" in pk else [pk["max_act"]]
+        mxs = list(pk[f"member_{unit_col}s"]) if "members" in pk else [pk[unit_col]]
         latents = members if latents is None else latents
         ratios = [1.0] * len(latents) if ratios is None else ratios
         return tuple(

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from integral_superposition import storage
-from integral_superposition.viz.templates import MISSING, fmt
+from integral_superposition.viz.templates import MISSING, fmt, latent_list
 
 __all__ = [
     "HeadlineRow",
@@ -498,9 +498,7 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
                 f" ({lat['classifier_note']})" if lat.get("classifier_note") else ""
             )
         group = lat.get("members") or []
-        steered = (
-            "L" + "+L".join(str(j) for j in group) if len(group) > 1 else f"L{lat.get('latent')}"
-        )
+        steered = latent_list(group, "+", "L") if len(group) > 1 else f"L{lat.get('latent')}"
         rand = lat.get("random_members") or [lat.get("random_latent", "")]
         rows.append(
             HeadlineRow(
@@ -514,8 +512,7 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
                 control_lift=_num(lat.get("random_lift_at_best")),
                 control_lift_interval=_interval(lat, "random_lift_at_best"),
                 control_name=(
-                    f"random latent{'s' if len(rand) > 1 else ''} "
-                    + ", ".join(str(j) for j in rand)
+                    f"random latent{'s' if len(rand) > 1 else ''} " + latent_list(rand)
                 ).strip(),
                 latent=None if lat.get("latent") is None else int(lat["latent"]),
                 split=HELD_OUT,

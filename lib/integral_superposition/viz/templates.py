@@ -35,6 +35,7 @@ __all__ = [
     "display_token",
     "environment",
     "fmt",
+    "latent_list",
     "render",
     "template_names",
     "token_markup",
@@ -84,6 +85,15 @@ def _missing(v: Any) -> bool:
     if isinstance(v, float | np.floating):  # numpy's float64 included
         return not math.isfinite(v)
     return False
+
+
+def latent_list(latents, sep: str = ", ", prefix: str = "", limit: int = 8) -> str:
+    """``latents`` as text: the first ``limit`` named (each after ``prefix``), the rest counted
+    (``"L1+L2+... (256 latents)"``), so a large steered group stays one short line."""
+    names = [f"{prefix}{j}" for j in latents]
+    if len(names) <= limit:
+        return sep.join(names)
+    return f"{sep.join(names[:limit])}{sep}... ({len(names)} latents)"
 
 
 def fmt(v: Any, spec: str = ".4g") -> str:
