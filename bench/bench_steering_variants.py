@@ -22,7 +22,9 @@ A plan is a JSON file::
 Each listed latent is clamped (``op`` "set", the default) to, or raised by (``op`` "add"),
 ``strength`` x its max activation in the store (the analysis's ``latents.parquet``), or x its
 entry of ``values`` (optional, one number per latent, in activation units), on ``positions``
-(default ``all``). ``control: true`` edits as many topic-neutral random latents
+(default ``all``). ``mean_diff: N`` in place of ``latents`` steers the label's ``N`` latents
+with the largest difference of mean document code, each raised by ``strength`` x its
+difference (``op`` "add"; ``SteeringParams(mode="mean_diff")``). ``control: true`` edits as many topic-neutral random latents
 instead, each matched to a member's decoder norm (``steering.picks.random_controls``, as the
 step's random control). ``ablate`` (optional) lists latents set to 0 on the same positions, in
 the variant and in its control alike (for example the latents of the labels a target is
@@ -48,17 +50,28 @@ from integral_superposition.backends import HFCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_line, steering_run
+from integral_superposition.analysis.stats import label_mean_codes
 from integral_superposition.data import neutral_prompts
 from integral_superposition.steering import SteeringParams
 from integral_superposition.steering.classifier import NONE_LABEL, LabelClassifier
 from integral_superposition.steering.edits import Edit
 from integral_superposition.steering.generation import continuation_nll, generate_continuations
 from integral_superposition.steering.hooks import steer
-from integral_superposition.steering.picks import random_controls
+from integral_superposition.steering.picks import mean_diff_latents, random_controls
 from integral_superposition.steering.scores import paired_lift, text_metrics, wilson_interval
 from integral_superposition.steering.sweep import fit_text_judge
 
-VARIANT_KEYS = {"label", "latents", "strength", "op", "positions", "control", "ablate", "values"}
+VARIANT_KEYS = {
+    "label",
+    "latents",
+    "strength",
+    "op",
+    "positions",
+    "control",
+    "ablate",
+    "values",
+    "mean_diff",
+}
 
 
 def read_plan(path: str, names: list[str], d_sae: int) -> dict:
@@ -85,8 +98,23 @@ def read_plan(path: str, names: list[str], d_sae: int) -> dict:
             )
         if v.get("label") not in names:
             raise SystemExit(f"variants[{i}].label={v.get('label')!r}: expected one of {names}")
-        lat = v.get("latents")
-        if not lat or any(not isinstance(j, int) or not 0 <= j < d_sae for j in lat):
+        md = v.get("mean_diff")
+        if md is not None:
+            if "latents" in v or "values" in v or v.get("op", "add") != "add":
+                raise SystemExit(
+                    f"variants[{i}] has mean_diff and {sorted({'latents', 'values', 'op'} & set(v))}"
+                    ": expected mean_diff alone (its latents, values and op 'add' follow from it)"
+                )
+            if isinstance(md, bool) or not isinstance(md, int) or not 0 < md <= d_sae:
+                raise SystemExit(
+                    f"variants[{i}].mean_diff={md!r}: expected a number of latents in [1, {d_sae}]"
+                )
+            lat = []
+        else:
+            lat = v.get("latents")
+        if (md is None and not lat) or any(
+            not isinstance(j, int) or not 0 <= j < d_sae for j in lat
+        ):
             raise SystemExit(
                 f"variants[{i}].latents={lat!r}: expected latent indices in [0, {d_sae})"
             )
@@ -99,10 +127,14 @@ def read_plan(path: str, names: list[str], d_sae: int) -> dict:
                 "are not among its latents"
             )
         vals = v.get("values")
-        if vals is not None and (
-            not isinstance(vals, list)
-            or len(vals) != len(lat)
-            or any(not isinstance(x, int | float) or not math.isfinite(x) for x in vals)
+        if (
+            vals is not None
+            and md is None
+            and (
+                not isinstance(vals, list)
+                or len(vals) != len(lat)
+                or any(not isinstance(x, int | float) or not math.isfinite(x) for x in vals)
+            )
         ):
             raise SystemExit(
                 f"variants[{i}].values={vals!r}: expected {len(lat)} finite numbers, one per latent"
@@ -200,7 +232,16 @@ def main() -> None:
             }
         )
     )
+    codes = None
     for i, v in enumerate(plan["variants"]):
+        asked = v
+        if v.get("mean_diff"):
+            if codes is None:  # each label's mean document code, on the classifier's split
+                mask = store.split_mask("train", args.test_fraction, 0)
+                codes, _ = label_mean_codes(sae, store, mask=mask)
+            md = mean_diff_latents(codes, names, labels=[v["label"]], per_label=v["mean_diff"])
+            v = {**v, "latents": md["latent"].tolist(), "values": md["mean_diff"].tolist(),
+                 "op": "add"}  # fmt: skip
         c, members, st = (
             names.index(v["label"]),
             [int(j) for j in v["latents"]],
@@ -225,7 +266,7 @@ def main() -> None:
         g, pred, ppl = run_set(edits, positions)
         hit = pred == c
         out = {
-            **v, "edited": lats, "n": int(hit.size), "share": round(float(hit.mean()), 3),
+            **asked, "edited": lats[:16], "n_edited": len(lats), "n": int(hit.size), "share": round(float(hit.mean()), 3),
             "share_ci": [round(x, 3) for x in wilson_interval(int(hit.sum()), hit.size)],
             "lift": [round(x, 3) for x in paired_lift(hit, pred0 == c)],
             "ppl_ratio": round(ppl / ppl0, 2),

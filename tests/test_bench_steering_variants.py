@@ -32,6 +32,7 @@ def test_a_good_plan_is_read(bench, tmp_path):
         {"label": "b", "latents": [0, 3], "strength": 0.25, "op": "add", "control": True},
         {"label": "a", "latents": [1], "strength": 0.5, "ablate": [0, 2]},
         {"label": "a", "latents": [1, 2], "strength": 8, "op": "add", "values": [0.5, 1]},
+        {"label": "b", "mean_diff": 4, "strength": 8, "control": True},
     ]
     assert bench.read_plan(_plan(tmp_path, v), ["a", "b"], 4)["variants"] == v
 
@@ -49,6 +50,9 @@ def test_a_good_plan_is_read(bench, tmp_path):
         ({"label": "a", "latents": [1], "strength": 1, "ablate": 2}, r"variants\[0\].ablate=2"),
         ({"label": "a", "latents": [1, 2], "strength": 1, "values": [1.0]}, r"variants\[0\].values=\[1.0\]: expected 2 finite numbers, one per latent"),
         ({"label": "a", "latents": [1], "strength": 1, "values": [float("nan")]}, r"variants\[0\].values=\[nan\]"),
+        ({"label": "a", "mean_diff": 5, "strength": 1}, r"variants\[0\].mean_diff=5: expected a number of latents in \[1, 4\]"),
+        ({"label": "a", "mean_diff": 2, "latents": [1], "strength": 1}, r"variants\[0\] has mean_diff and \['latents'\]: expected mean_diff alone"),
+        ({"label": "a", "mean_diff": 2, "strength": 1, "op": "set"}, r"has mean_diff and \['op'\]"),
     ],
 )  # fmt: skip
 def test_a_bad_variant_is_refused_naming_it(bench, tmp_path, variant, message):
@@ -71,6 +75,8 @@ def test_a_missing_or_empty_plan_is_refused(bench, tmp_path):
         "ag_news_business_ablate.json",
         "ag_news_everyday_vocab_gain.json",
         "ag_news_business_vocab_gain_generated.json",
+        "ag_news_mean_diff.json",
+        "ag_news_everyday_mean_diff.json",
     ],
 )
 def test_the_shipped_plans_are_valid_for_the_ag_news_sae(bench, name):

@@ -303,3 +303,21 @@ def test_steering_row_of_a_group_names_every_member_and_random_latent(tmp_path):
     (row,) = [r for r in headline_rows(steering=out) if r.group == "Steering"]
     assert "steering L1298+L734+L2569 at" in row.result
     assert row.control_shown == "random latents 12, 40, 7: 0.15 [0.07, 0.27]"
+
+
+def test_steering_row_of_a_large_group_names_four_members_and_counts_them(tmp_path):
+    from integral_superposition.viz.headline import headline_rows
+
+    out = str(tmp_path / "steering")
+    members, randoms = list(range(100, 356)), list(range(1000, 1256))
+    lat = {"latent": 100, "members": members, "label": "Business", "n": 48,
+           "baseline_share": 0.2, "best_share": 0.6, "best_share_lo": 0.46,
+           "best_share_hi": 0.72, "random_latent": 1000, "random_members": randoms,
+           "random_share_at_best": 0.1, "random_share_at_best_lo": 0.05,
+           "random_share_at_best_hi": 0.22, "classifier_valid": True}  # fmt: skip
+    data = storage.canonical_json({"n_prompts": 12, "latents": [lat]}).encode()
+    storage.write_bytes(storage.join(out, "summary.json"), data)
+    storage.write_manifest(out, "steering", {}, {"summary.json": storage.file_entry("", data)})
+    (row,) = [r for r in headline_rows(steering=out) if r.group == "Steering"]
+    assert "steering L100+L101+L102+L103+... (256 latents) at" in row.result
+    assert row.control_shown.startswith("random latents 1000, 1001, 1002, 1003, ... (256 latents)")

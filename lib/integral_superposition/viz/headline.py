@@ -498,7 +498,9 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
                 f" ({lat['classifier_note']})" if lat.get("classifier_note") else ""
             )
         group = lat.get("members") or []
-        steered = latent_list(group, "+", "L") if len(group) > 1 else f"L{lat.get('latent')}"
+        steered = (
+            latent_list(group, "+", "L", limit=4) if len(group) > 1 else f"L{lat.get('latent')}"
+        )
         rand = lat.get("random_members") or [lat.get("random_latent", "")]
         rows.append(
             HeadlineRow(
@@ -512,7 +514,7 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
                 control_lift=_num(lat.get("random_lift_at_best")),
                 control_lift_interval=_interval(lat, "random_lift_at_best"),
                 control_name=(
-                    f"random latent{'s' if len(rand) > 1 else ''} " + latent_list(rand)
+                    f"random latent{'s' if len(rand) > 1 else ''} " + latent_list(rand, limit=4)
                 ).strip(),
                 latent=None if lat.get("latent") is None else int(lat["latent"]),
                 split=HELD_OUT,
