@@ -138,3 +138,13 @@ def test_latent_list_names_a_large_group_in_one_short_line():
     assert latent_list([3, 5], "+", "L") == "L3+L5"
     text = latent_list(range(256), "+", "L", limit=3)
     assert text == "L0+L1+L2+... (256 latents)"
+
+
+def test_mean_diff_mode_brings_its_own_strengths_and_group_unless_given():
+    p = steering.SteeringParams(mode="mean_diff", rank_by="mean_diff")
+    assert p.strengths == [4.0, 6.0, 8.0, 10.0, 12.0, 16.0] and p.group_size == 256
+    p = steering.SteeringParams(
+        mode="mean_diff", rank_by="mean_diff", strengths=[2.0, 1.0], group_size=32
+    )
+    assert p.strengths == [1.0, 2.0] and p.group_size == 32
+    assert steering.SteeringParams().strengths == [0.125, 0.25, 0.5, 1.0, 2.0]

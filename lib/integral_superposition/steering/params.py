@@ -14,6 +14,12 @@ Mode = Literal["clamp_max", "clamp", "add", "scale", "mean_diff"]
 Control = Literal["alpha0", "random", "own_label"]
 
 
+MEAN_DIFF_STRENGTHS = (4.0, 6.0, 8.0, 10.0, 12.0, 16.0)
+"""``mode="mean_diff"``: the strengths swept unless given (multiples of the mean difference)."""
+MEAN_DIFF_GROUP = 256
+"""``mode="mean_diff"``: latents per label's group unless ``group_size`` is given."""
+
+
 class SteeringParams(BaseModel):
     """What :func:`evaluate_steering` sweeps and how it scores it."""
 
@@ -31,7 +37,7 @@ class SteeringParams(BaseModel):
     per_label: int = Field(1, ge=1)
     """``auto``: latents picked per label."""
     group_size: int = Field(1, ge=1)
-    """``auto``: latents steered together per label. Above 1, each label's edit acts on its ``group_size`` best latents by ``rank_by`` at once, each with the swept strength (``clamp_max``: each clamped to strength x its own max activation), and the random control edits as many random latents, each matched to a member's decoder norm. A topic is often split over several latents; steering them together moves it with less damage to fluency than pushing one latent harder. Needs ``per_label=1`` and no pilot."""
+    """``auto``: latents steered together per label (``mode="mean_diff"`` without it: 256). Above 1, each label's edit acts on its ``group_size`` best latents by ``rank_by`` at once, each with the swept strength (``clamp_max``: each clamped to strength x its own max activation), and the random control edits as many random latents, each matched to a member's decoder norm. A topic is often split over several latents; steering them together moves it with less damage to fluency than pushing one latent harder. Needs ``per_label=1`` and no pilot."""
     q_max: float = Field(1e-3, gt=0, le=1)
     """A picked latent's token-level enrichment q-value must be below this."""
     rank_by: Literal["doc_q", "token_q", "log_odds", "vocab_logit", "vocab_gain", "mean_diff"] = (
@@ -49,7 +55,7 @@ class SteeringParams(BaseModel):
     mode: Mode = "clamp_max"
     """Edit swept: ``clamp_max`` (clamp to strength x the latent's max activation in the store), ``clamp`` (to strength), ``add`` (strength x decoder row), ``scale``, or ``mean_diff`` (with ``rank_by="mean_diff"``: add strength x the latent's difference of mean document code to its code; with a group of many latents, strength x the SAE's view of the label's mean-difference steering vector, so strength 1 moves an average token's code by the whole difference)."""
     strengths: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0, 2.0])
-    """Strengths of the sweep, run in increasing order (``clamp_max``: fractions of the latent's max activation, a log grid over the useful range)."""
+    """Strengths of the sweep, run in increasing order (``clamp_max``: fractions of the latent's max activation, a log grid over the useful range; ``mode="mean_diff"`` without strengths: 4, 6, 8, 10, 12, 16 x the mean difference)."""
     positions: str | list[str] = "all"
     """Steered positions: ``last_prompt``, ``prompt``, ``generated``, ``all`` (or a list of them)."""
     prompts: list[str] | None = None
@@ -138,6 +144,17 @@ class SteeringParams(BaseModel):
                     "pilot_candidates=1 (one group per label, no pilot)"
                 )
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mean_diff_defaults(cls, data):
+        """``mode="mean_diff"`` without ``strengths`` / ``group_size``: the grid and the group
+        it needs (the ``clamp_max`` defaults would not move the text)."""
+        if isinstance(data, dict) and data.get("mode") == "mean_diff":
+            data = dict(data)
+            data.setdefault("strengths", list(MEAN_DIFF_STRENGTHS))
+            data.setdefault("group_size", MEAN_DIFF_GROUP)
+        return data
 
     @model_validator(mode="after")
     def _mean_diff(self) -> SteeringParams:
