@@ -231,12 +231,14 @@ def label_mean_codes(
     weight = np.zeros(doc_all.size)
     weight[used] = 1.0 / per_doc[inv]
     dev = encode_device(sae, device)
-    total = torch.zeros((n_labels, sae.d_sae), dtype=torch.float64, device=dev)
+    # each chunk's sums on the device in float32 (every device has it), the total in float64
+    total = torch.zeros((n_labels, sae.d_sae), dtype=torch.float64)
     for rows, _x, z, _ in encode_chunks(sae, src, dev, chunk_tokens=chunk_tokens, mask=mask):
-        w = torch.from_numpy(weight[rows]).to(dev)
+        w = torch.from_numpy(weight[rows]).to(dev, torch.float32)
         idx = torch.from_numpy(lab_all[rows]).to(dev)
-        total.index_add_(0, idx, z.double() * w[:, None])
-    codes = total.cpu().numpy()
+        part = torch.zeros((n_labels, sae.d_sae), dtype=torch.float32, device=dev)
+        total += part.index_add_(0, idx, z.float() * w[:, None]).cpu().double()
+    codes = total.numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         codes = codes / n_docs[:, None]
     return codes, n_docs
