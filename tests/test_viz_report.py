@@ -288,36 +288,33 @@ def test_headline_dead_latents_come_from_the_count_over_the_most_tokens():
     assert alone["dead latents"].value == "1.42%"
 
 
-def test_steering_row_of_a_group_names_every_member_and_random_latent(tmp_path):
+def _steering_row(tmp_path, members: list[int], randoms: list[int]):
+    """The headline's steering row of a published summary whose one entry steers ``members``
+    (Sports, 0.8 [0.67, 0.89]) with ``randoms`` as its control (0.15 [0.07, 0.27])."""
     from integral_superposition.viz.headline import headline_rows
 
     out = str(tmp_path / "steering")
-    lat = {"latent": 1298, "members": [1298, 734, 2569], "label": "Sports", "n": 48,
+    lat = {"latent": members[0], "members": members, "label": "Sports", "n": 48,
            "baseline_share": 0.1, "best_share": 0.8, "best_share_lo": 0.67,
-           "best_share_hi": 0.89, "random_latent": 12, "random_members": [12, 40, 7],
+           "best_share_hi": 0.89, "random_latent": randoms[0], "random_members": randoms,
            "random_share_at_best": 0.15, "random_share_at_best_lo": 0.07,
            "random_share_at_best_hi": 0.27, "classifier_valid": True}  # fmt: skip
     data = storage.canonical_json({"n_prompts": 12, "latents": [lat]}).encode()
     storage.write_bytes(storage.join(out, "summary.json"), data)
     storage.write_manifest(out, "steering", {}, {"summary.json": storage.file_entry("", data)})
     (row,) = [r for r in headline_rows(steering=out) if r.group == "Steering"]
+    return row
+
+
+def test_steering_row_of_a_group_names_every_member_and_random_latent(tmp_path):
+    row = _steering_row(tmp_path, [1298, 734, 2569], [12, 40, 7])
     assert "steering L1298+L734+L2569 at" in row.result
     assert row.control_shown == "random latents 12, 40, 7: 0.15 [0.07, 0.27]"
 
 
 def test_steering_row_of_a_large_group_names_four_members_and_counts_them(tmp_path):
-    from integral_superposition.viz.headline import headline_rows
-
-    out = str(tmp_path / "steering")
-    members, randoms = list(range(100, 356)), list(range(1000, 1256))
-    lat = {"latent": 100, "members": members, "label": "Business", "n": 48,
-           "baseline_share": 0.2, "best_share": 0.6, "best_share_lo": 0.46,
-           "best_share_hi": 0.72, "random_latent": 1000, "random_members": randoms,
-           "random_share_at_best": 0.1, "random_share_at_best_lo": 0.05,
-           "random_share_at_best_hi": 0.22, "classifier_valid": True}  # fmt: skip
-    data = storage.canonical_json({"n_prompts": 12, "latents": [lat]}).encode()
-    storage.write_bytes(storage.join(out, "summary.json"), data)
-    storage.write_manifest(out, "steering", {}, {"summary.json": storage.file_entry("", data)})
-    (row,) = [r for r in headline_rows(steering=out) if r.group == "Steering"]
+    row = _steering_row(tmp_path, list(range(100, 356)), list(range(1000, 1256)))
     assert "steering L100+L101+L102+L103+... (256 latents) at" in row.result
-    assert row.control_shown.startswith("random latents 1000, 1001, 1002, 1003, ... (256 latents)")
+    assert row.control_shown == (
+        "random latents 1000, 1001, 1002, 1003, ... (256 latents): 0.15 [0.07, 0.27]"
+    )
