@@ -77,6 +77,7 @@ def test_a_missing_or_empty_plan_is_refused(bench, tmp_path):
         "ag_news_business_vocab_gain_generated.json",
         "ag_news_mean_diff.json",
         "ag_news_everyday_mean_diff.json",
+        "ag_news_informational.json",
     ],
 )
 def test_the_shipped_plans_are_valid_for_the_ag_news_sae(bench, name):
