@@ -45,6 +45,25 @@ def enrichment_tables(sae, store, n_top: int = 20, device=None, chunk_tokens: in
     return tok, doc, scan
 
 
+def _enriched(
+    token_table: pd.DataFrame, doc_table: pd.DataFrame | None, q_max: float
+) -> pd.DataFrame:
+    """The token table's rows enriched at ``q < q_max`` (positive log odds), labels as text,
+    with the document table's ``doc_q`` and ``doc_log_odds`` joined (NaN without it)."""
+    t = token_table.copy()
+    t["label"] = t["label"].astype(str)
+    t = t[(t["q"] < q_max) & (t["log_odds"] > 0)]
+    if doc_table is None:
+        return t.assign(doc_q=np.nan, doc_log_odds=np.nan)
+    d = doc_table[["latent", "label", "q", "log_odds"]].copy()
+    d["label"] = d["label"].astype(str)
+    return t.merge(
+        d.rename(columns={"q": "doc_q", "log_odds": "doc_log_odds"}),
+        on=["latent", "label"],
+        how="left",
+    )
+
+
 def pick_latents(
     token_table: pd.DataFrame,
     doc_table: pd.DataFrame | None = None,
@@ -72,21 +91,9 @@ def pick_latents(
             raise ValueError(
                 f"labels={list(labels)}: {unknown} not among the store's labels {names}"
             )
-    t = token_table.copy()
-    t["label"] = t["label"].astype(str)
-    t = t[(t["q"] < q_max) & (t["log_odds"] > 0)]
+    t = _enriched(token_table, doc_table, q_max)
     if labels is not None:
         t = t[t["label"].isin(list(labels))]
-    if doc_table is not None:
-        d = doc_table[["latent", "label", "q", "log_odds"]].copy()
-        d["label"] = d["label"].astype(str)
-        t = t.merge(
-            d.rename(columns={"q": "doc_q", "log_odds": "doc_log_odds"}),
-            on=["latent", "label"],
-            how="left",
-        )
-    else:
-        t["doc_q"], t["doc_log_odds"] = np.nan, np.nan
     if rank_by == "doc_q" and doc_table is not None:
         order = (["doc_q", "doc_log_odds", "q"], [True, False, True])
     elif rank_by == "log_odds":
@@ -281,10 +288,7 @@ def target_latents(
             raise ValueError(
                 f"no latent fires more on the documents of any of the labels {p.labels or names}"
             )
-        enr = pick_latents(tok_table, doc_table, per_label=tok_table.shape[0] or 1, q_max=1.0)
-        enr = enr.drop_duplicates(["label", "latent"]).assign(
-            label=lambda d: d["label"].astype(str)
-        )
+        enr = _enriched(tok_table, doc_table, 1.0).drop_duplicates(["label", "latent"])
         cols = ["q", "log_odds", "frac_in_set", "doc_q", "doc_log_odds"]
         return picks.merge(enr[["label", "latent", *cols]], on=["label", "latent"], how="left")[
             ["label", "latent", *cols, "mean_diff"]
