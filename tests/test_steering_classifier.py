@@ -137,3 +137,76 @@ def test_steering_fits_its_classifier_on_continuations_of_training_documents(
     base = ev.generations[ev.generations["control"] == "unsteered"]
     for name, share in clf["neutral"].items():
         assert share == pytest.approx((base["predicted"] == name).mean())
+
+
+def _noisy(n: int, d: int, signal: float, seed: int):
+    """``n`` rows of ``d`` features, the label (0/1) in feature 0 at ``signal``, the rest noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    X = rng.normal(size=(n, d))
+    X[:, 0] += signal * (2 * y - 1)
+    return X.astype(np.float32), y
+
+
+def test_cross_validated_c_penalises_noise_dimensions_and_not_a_clean_signal():
+    """Planted: one weak label feature among 200 noise features on 120 rows (a weakly
+    penalised fit memorises the noise: the grid's smallest C wins) against one strong
+    feature among two on 600 rows (nothing to overfit: the largest C wins)."""
+    from integral_superposition.steering.classifier import (
+        CLASSIFIER_CS,
+        _activation_model,
+        cross_validated_c,
+    )
+
+    X, y = _noisy(120, 200, 0.6, 0)
+    C, search = cross_validated_c(_activation_model, X, y, np.ones(120))
+    assert search["cs"] == sorted(CLASSIFIER_CS) and search["folds"] == 5
+    loss = search["log_loss"]
+    assert search["cs"][int(np.argmin(loss))] == C and C <= 1e-2
+    assert loss[-1] > loss[int(np.argmin(loss))] + 0.1  # C = 1 overfits, by a clear margin
+    X, y = _noisy(600, 2, 3.0, 1)
+    C, search = cross_validated_c(_activation_model, X, y, np.ones(600))
+    assert C == 1.0 and search["log_loss"][-1] < search["log_loss"][0]
+
+
+def test_cross_validated_c_scores_with_the_weights_and_keeps_single_rows_in_training():
+    from integral_superposition.steering.classifier import _activation_model, cross_validated_c
+
+    X, y = _noisy(60, 3, 2.0, 2)
+    # a third class with one row: fitted in every fold, scored in none
+    X3, y3 = np.r_[X, X[:1] + 10], np.r_[y, 2]
+    C, search = cross_validated_c(_activation_model, X3, y3, np.ones(61), folds=4)
+    assert search["folds"] == 4 and C in search["cs"]
+    # zero weight on half the rows: the same losses as leaving them out of the scoring
+    w = np.r_[np.ones(30), np.zeros(30)]
+    _, with_w = cross_validated_c(_activation_model, X, y, w, cs=(0.01, 1.0), folds=3)
+    _, unit = cross_validated_c(_activation_model, X, y, np.ones(60), cs=(0.01, 1.0), folds=3)
+    assert with_w["log_loss"] != unit["log_loss"]
+    with pytest.raises(
+        ValueError, match=r"C='cv' needs two or more rows .*\{0: 1, 1: 5\}.*classifier_c"
+    ):
+        cross_validated_c(_activation_model, X[:6], np.r_[0, 1, 1, 1, 1, 1], np.ones(6))
+    with pytest.raises(ValueError, match=r"cs=\[-1.0\]: expected one or more finite positive"):
+        cross_validated_c(_activation_model, X, y, np.ones(60), cs=(-1.0,))
+
+
+def test_classifier_chooses_its_regularisation_by_cross_validation(tmp_path):
+    """The default ``C="cv"`` fits the model at the grid's best value, reported by describe();
+    a refit on continuations chooses again, and a given number is kept."""
+    from integral_superposition.steering.classifier import CLASSIFIER_CS
+
+    C, d = 3, 12
+    store = _store(tmp_path, np.arange(90) % C, np.eye(C, d) * 4)
+    clf = steering.LabelClassifier.fit(store, test_fraction=0.2, seed=0)
+    info = clf.describe()
+    assert clf.C == "cv" and info["C_chosen_by"] == "cross-validation"
+    assert info["C"] in CLASSIFIER_CS and info["C"] == clf.model[-1].C
+    search = info["C_search"]
+    assert info["C"] == search["cs"][int(np.argmin(search["log_loss"]))]
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(30, d)).astype(np.float32)
+    again = clf.with_generations(X, np.arange(30) % C)
+    assert again.c_search is not None and again.c_search is not clf.c_search
+    given = clf.with_generations(X, np.arange(30) % C, C=0.5)
+    assert given.describe()["C"] == 0.5 == given.model[-1].C and "C_search" not in given.describe()
+    assert given.describe()["C_chosen_by"] == "given"

@@ -164,3 +164,17 @@ def test_lift_over_pairs_rows_with_the_unsteered_set_and_needs_enough_of_them():
     assert lift_over(steered, 1, base) == paired_lift(steered == 1, base[:4] == 1)
     assert np.isnan(lift_over(steered, 1, None)).all()
     assert np.isnan(lift_over(steered, 1, base[:3])).all()
+
+
+def test_text_judge_chooses_its_regularisation_by_cross_validation():
+    from integral_superposition.steering.classifier import TEXT_JUDGE_CS
+
+    rng = np.random.default_rng(4)
+    texts = _texts(0, 30, rng) + _texts(1, 30, rng)
+    y = np.r_[np.zeros(30), np.ones(30)].astype(np.int64)
+    judge = TextJudge.fit(texts, y, np.ones(60), ["Sports", "Business"])
+    search = judge.describe()["C_search"]
+    assert search["cs"] == sorted(TEXT_JUDGE_CS)
+    assert judge.C == search["cs"][int(np.argmin(search["log_loss"]))] == judge.model[-1].C
+    fixed = TextJudge.fit(texts, y, np.ones(60), ["Sports", "Business"], C=2.0)
+    assert fixed.C == 2.0 and "C_search" not in fixed.describe()

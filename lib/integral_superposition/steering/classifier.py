@@ -3,7 +3,8 @@
 - :func:`label_vocabulary`: each label's most enriched token ids in an activation store (a
   one-sided Fisher test per token and label);
 - :class:`LabelClassifier`: scikit-learn logistic regression on mean-pooled activations at the
-  store's hook point, fitted on the store's labelled training documents and (with
+  store's hook point, its regularisation chosen by cross-validation (:func:`cross_validated_c`),
+  fitted on the store's labelled training documents and (with
   :meth:`LabelClassifier.with_generations`) on the model's own continuations of their
   openings, classes balanced; it reads any text through a backend the same way the store was
   dumped. With a ``none`` class fitted on continuations of topic-neutral openings it can
@@ -16,7 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +29,14 @@ from integral_superposition.data.tokenize import pad_batch, pad_token_id, specia
 
 __all__ = [
     "ABSTAIN",
+    "CLASSIFIER_CS",
     "EMPTY",
     "NONE_LABEL",
+    "TEXT_JUDGE_CS",
     "LabelClassifier",
     "TextJudge",
     "balanced_weights",
+    "cross_validated_c",
     "fit_weights",
     "label_prompts",
     "label_vocabulary",
@@ -46,6 +50,13 @@ ABSTAIN = -2
 """Predicted code of a continuation the classifier assigns to no label (``none``)."""
 EMPTY = -1
 """Predicted code of a continuation with nothing to classify."""
+CLASSIFIER_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+"""The grid :class:`LabelClassifier`'s ``C="cv"`` chooses from (decade steps): standardised
+activations, a few thousand rows, hundreds of dimensions."""
+TEXT_JUDGE_CS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+"""The grid :class:`TextJudge`'s ``C="cv"`` chooses from: sparse unit-norm TF-IDF rows want
+a far weaker penalty than standardised activations."""
+CV_FOLDS = 5
 
 
 def predicted_labels(proba: np.ndarray, valid: np.ndarray, n_labels: int) -> np.ndarray:
@@ -152,14 +163,81 @@ def fit_weights(sources: Sequence[np.ndarray], n_none: int, n_labels: int, balan
     return w
 
 
-def _fit_model(X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float):
+def _activation_model(C: float):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+
+
+def cross_validated_c(
+    make_model: Callable[[float], Any],
+    X: Any,
+    y: np.ndarray,
+    w: np.ndarray,
+    cs: Sequence[float] = CLASSIFIER_CS,
+    folds: int = CV_FOLDS,
+    seed: int = 0,
+) -> tuple[float, dict[str, Any]]:
+    """The ``C`` of ``cs`` whose model (``make_model(C)``: a scikit-learn pipeline ending in a
+    logistic regression) has the lowest weighted log loss over stratified ``folds``-fold
+    cross-validation on rows ``X [n, ...]`` (an array, or texts) with labels ``y [n]`` and
+    sample weights ``w [n]``: each fold is fitted and scored with its rows' weights, and ties
+    go to the smaller ``C``. The folds are as many as the rarest class has rows (at most
+    ``folds``); a class with a single row is fitted in every fold and scored in none. Returns
+    ``(C, {"cs", "log_loss", "folds"})``."""
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y, dtype=np.int64)
+    w = np.asarray(w, dtype=np.float64)
+    cs = sorted(float(c) for c in cs)
+    if not cs or any(not np.isfinite(c) or c <= 0 for c in cs):
+        raise ValueError(f"cs={cs}: expected one or more finite positive values")
+    if y.ndim != 1 or y.size != w.size or len(X) != y.size:
+        raise ValueError(
+            f"X ({len(X)} rows), y {y.shape}, w {w.shape}: expected one label and weight per row"
+        )
+    classes, counts = np.unique(y, return_counts=True)
+    scored = np.isin(y, classes[counts >= 2])
+    if np.unique(y[scored]).size < 2:
+        raise ValueError(
+            f"C='cv' needs two or more rows in each of at least two classes to cross-validate; "
+            f"the rows per class are {dict(zip(classes.tolist(), counts.tolist(), strict=True))}: expected "
+            "more rows, or a number for C (classifier_c)"
+        )
+    n_fold = min(int(folds), int(counts[counts >= 2].min()))
+    rows = np.asarray(X, dtype=object) if isinstance(X, list | tuple) else X
+    kept, idx = np.flatnonzero(~scored), np.flatnonzero(scored)
+    loss = np.zeros(len(cs))
+    split = StratifiedKFold(n_fold, shuffle=True, random_state=seed).split(idx, y[idx])
+    for tr, va in split:
+        tr, va = np.concatenate([idx[tr], kept]), idx[va]
+        for i, c in enumerate(cs):
+            model = make_model(c)
+            model.fit(rows[tr], y[tr], **{f"{model.steps[-1][0]}__sample_weight": w[tr]})
+            proba = np.zeros((va.size, classes.size))
+            proba[:, np.searchsorted(classes, model.classes_)] = model.predict_proba(rows[va])
+            proba /= proba.sum(1, keepdims=True)  # float32 rows off one by rounding
+            ll = log_loss(y[va], proba, sample_weight=w[va], labels=classes)
+            loss[i] += ll * w[va].sum()
+    loss /= w[idx].sum()
+    best = int(np.argmin(loss))
+    return cs[best], {"cs": cs, "log_loss": [float(v) for v in loss], "folds": n_fold}
+
+
+def _fit_model(
+    X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float | str, seed: int = 0
+) -> tuple[Any, float, dict[str, Any] | None]:
+    """``(pipeline, C, search)``: standardise + logistic regression fitted on ``X [n, d]``,
+    ``C`` as given or (``"cv"``) chosen by :func:`cross_validated_c` (``search``: its scores)."""
+    search = None
+    if C == "cv":
+        C, search = cross_validated_c(_activation_model, X, y, w, CLASSIFIER_CS, seed=seed)
+    model = _activation_model(float(C))
     model.fit(X, y, logisticregression__sample_weight=w)
-    return model
+    return model, float(C), search
 
 
 @dataclass
@@ -187,8 +265,13 @@ class LabelClassifier:
     """Per label: the fraction of its held-out documents predicted as it (nan: none held out)."""
     test_docs: list[int] = field(default_factory=list)
     """Per label: held-out documents."""
-    C: float = 1.0
-    """Inverse regularisation strength of the logistic regression."""
+    C: float | str = "cv"
+    """Inverse regularisation strength of the logistic regression as asked: a number, or
+    ``"cv"``, chosen for each fit by :func:`cross_validated_c` from :data:`CLASSIFIER_CS`."""
+    fitted_C: float = float("nan")
+    """The ``C`` of the current model."""
+    c_search: dict[str, Any] | None = None
+    """With ``C="cv"``: the grid, each value's cross-validated log loss and the folds."""
     balanced: bool = True
     """Every label (and, with generations, each source) carries the same total weight."""
     fitted_on: str = "documents"
@@ -214,7 +297,7 @@ class LabelClassifier:
         *,
         test_fraction: float = 0.05,
         seed: int = 0,
-        C: float = 1.0,
+        C: float | str = "cv",
         chunk_tokens: int = 65536,
         balanced: bool = True,
     ) -> LabelClassifier:
@@ -222,7 +305,8 @@ class LabelClassifier:
         (``store.split_mask("train", test_fraction, seed)``, the split SAE training and
         evaluation use) and measure accuracy on its held-out documents. ``balanced``: weight
         each label's documents by ``1 / its count`` (a label that is common in the store is
-        not therefore the default answer)."""
+        not therefore the default answer). ``C``: a number, or ``"cv"`` (chosen by stratified
+        cross-validation on the training documents, see :func:`cross_validated_c`)."""
         docs_table = store.docs.set_index("doc_id")
         doc_ids, X = mean_pooled_documents(store, chunk_tokens)
         y = docs_table.loc[doc_ids, "label"].to_numpy(dtype=np.int64)
@@ -243,7 +327,7 @@ class LabelClassifier:
                 "label: expected two or more labels to fit the classifier on"
             )
         w = balanced_weights([y[~test]]) if balanced else np.ones(int((~test).sum()))
-        model = _fit_model(X[~test], y[~test], w, C)
+        model, fitted_C, search = _fit_model(X[~test], y[~test], w, C, seed)
         cfg = store.manifest.get("config", {})
         clf = cls(
             model=model,
@@ -257,7 +341,9 @@ class LabelClassifier:
             test_doc_ids=doc_ids[test],
             test_fraction=float(test_fraction),
             split_seed=int(seed),
-            C=float(C),
+            C=C if C == "cv" else float(C),
+            fitted_C=fitted_C,
+            c_search=search,
             balanced=bool(balanced),
             train_doc_ids=doc_ids[~test],
             _train=(X[~test], y[~test]),
@@ -287,6 +373,7 @@ class LabelClassifier:
         *,
         documents: bool = True,
         X_none: np.ndarray | None = None,
+        C: float | str | None = None,
     ) -> LabelClassifier:
         """A copy refitted on generated continuations ``X [n, d]`` (mean-pooled as
         :meth:`features` reads them) labelled ``y [n]`` by the document whose opening
@@ -297,7 +384,10 @@ class LabelClassifier:
 
         ``X_none [m, d]``: continuations of topic-neutral openings, fitted as an extra class
         ``none`` (the classifier can then abstain); with ``balanced``, the class carries the
-        total weight of one label. The openings must not be the prompts it will judge."""
+        total weight of one label. The openings must not be the prompts it will judge.
+
+        ``C``: the new fit's regularisation (default: this classifier's ``C``; ``"cv"`` chooses
+        it again on the new rows)."""
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64)
         if (
@@ -342,9 +432,14 @@ class LabelClassifier:
             Xa, ya = np.concatenate([Xa, Xn]), np.concatenate([ya, np.full(n_none, n_labels)])
         # "none" as one more label: its total weight is a label's mean total weight
         w = fit_weights([s[1] for s in sources], n_none, n_labels, self.balanced)
+        C = self.C if C is None else C
+        model, fitted_C, search = _fit_model(Xa, ya, w, C, self.split_seed)
         out = dataclasses.replace(
             self,
-            model=_fit_model(Xa, ya, w, self.C),
+            model=model,
+            C=C if C == "cv" else float(C),
+            fitted_C=fitted_C,
+            c_search=search,
             fitted_on=(
                 ("documents+generations" if documents else "generations") if y.size else "documents"
             ),
@@ -413,11 +508,25 @@ class LabelClassifier:
             "held_out_abstain": self.test_abstain,
             "hook_point": self.hook_point,
             "held_out_accuracy": self.accuracy,
+            "C": self.fitted_C,
+            "C_chosen_by": "cross-validation" if self.C == "cv" else "given",
+            **({"C_search": self.c_search} if self.c_search else {}),
             "n_train_docs": self.n_train,
             "n_test_docs": self.n_test,
             "split": f"store.split_mask('test', {self.test_fraction:g}, seed={self.split_seed})",
             "chance": 1.0 / len(self.label_names),
         }
+
+
+def _text_model(C: float):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(
+        TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2),
+        LogisticRegression(C=C, max_iter=2000),
+    )
 
 
 @dataclass
@@ -439,6 +548,9 @@ class TextJudge:
     accuracy: float = float("nan")
     """Accuracy on the held-out documents (nan: none given)."""
     C: float = 1.0
+    """The fitted inverse regularisation strength."""
+    c_search: dict[str, Any] | None = None
+    """With ``C="cv"``: the grid, each value's cross-validated log loss and the folds."""
 
     @classmethod
     def fit(
@@ -448,16 +560,14 @@ class TextJudge:
         weights: np.ndarray,
         label_names: Sequence[str],
         *,
-        C: float = 1.0,
+        C: float | str = "cv",
         test_texts: Sequence[str] = (),
         test_y: np.ndarray | None = None,
     ) -> TextJudge:
         """Fit on ``texts [n]`` with label ids ``y [n]`` (``len(label_names)``: ``none``) and
-        sample ``weights [n]``; ``test_texts`` / ``test_y``: held-out documents to score."""
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-
+        sample ``weights [n]``; ``test_texts`` / ``test_y``: held-out documents to score.
+        ``C``: a number, or ``"cv"`` (chosen by :func:`cross_validated_c`, the vocabulary
+        refitted within each fold)."""
         texts = [str(t) for t in texts]
         y = np.asarray(y, dtype=np.int64)
         w = np.asarray(weights, dtype=np.float64)
@@ -477,17 +587,20 @@ class TextJudge:
             )
         if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError("weights: expected finite non-negative weights with a positive sum")
-        model = make_pipeline(
-            TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=2),
-            LogisticRegression(C=C, max_iter=2000),
-        )
+        search = None
         try:
+            if C == "cv":
+                _text_model(1.0).steps[0][1].fit(texts)  # the vocabulary, before any fold
+                C, search = cross_validated_c(_text_model, texts, y, w, TEXT_JUDGE_CS)
+            model = _text_model(float(C))
             model.fit(texts, y, logisticregression__sample_weight=w)
         except ValueError as e:  # an empty vocabulary: no term in two texts
+            if "vocabulary" not in str(e) and "no terms remain" not in str(e):
+                raise
             raise ValueError(f"texts: expected words shared by at least two texts ({e})") from e
         judge = cls(
             model=model, label_names=list(label_names), abstain=bool((y == n_labels).any()),
-            n_train=len(texts), C=float(C),
+            n_train=len(texts), C=float(C), c_search=search,
         )  # fmt: skip
         if test_y is not None and len(test_texts):
             pred = judge.predict(test_texts)
@@ -525,6 +638,7 @@ class TextJudge:
             "abstain": self.abstain,
             "held_out_accuracy": self.accuracy,
             "C": self.C,
+            **({"C_search": self.c_search} if self.c_search else {}),
         }
 
 

@@ -542,10 +542,14 @@ def evaluate_steering(
 
     rep.set_phase("label classifier")
     fit_here = classifier is None
+    fit_gens = fit_here and p.classifier_fit != "documents"
+    fit_none = fit_here and p.classifier_abstain
     if classifier is None:
+        # refitted on the continuations below, so a cross-validated C is chosen there, once
         classifier = LabelClassifier.fit(
             store, test_fraction=p.classifier_test_fraction, seed=p.split_seed,
-            C=p.classifier_c, balanced=p.classifier_balanced,
+            C=1.0 if (fit_gens or fit_none) and p.classifier_c == "cv" else p.classifier_c,
+            balanced=p.classifier_balanced,
         )  # fmt: skip
     vocab_sets = [vocab.loc[vocab["label_id"] == c, "token_id"].tolist() for c in range(len(names))]
 
@@ -562,8 +566,6 @@ def evaluate_steering(
         + ("alpha0" in p.controls)
         + n_ctrl * (("random" in p.controls) + ("own_label" in p.controls))
     )
-    fit_gens = fit_here and p.classifier_fit != "documents"
-    fit_none = fit_here and p.classifier_abstain
     rep.update(0, 1 + len(checked) + n_pilot + n_final * per_latent + fit_gens + fit_none)
 
     def generate(chunk: list[_Set]) -> list[_Raw]:
@@ -690,8 +692,9 @@ def evaluate_steering(
             )
     if fit_gens or fit_none:
         classifier = classifier.with_generations(
-            X_fit, y_fit, documents=p.classifier_fit == "both" or not fit_gens, X_none=X_none
-        )
+            X_fit, y_fit, documents=p.classifier_fit == "both" or not fit_gens, X_none=X_none,
+            C=p.classifier_c,
+        )  # fmt: skip
         fit_frame = pd.concat(fit_parts, ignore_index=True)
     base = raw[0].scored(classifier)
     judge, judge_why = (
