@@ -210,3 +210,7 @@ def test_classifier_chooses_its_regularisation_by_cross_validation(tmp_path):
     given = clf.with_generations(X, np.arange(30) % C, C=0.5)
     assert given.describe()["C"] == 0.5 == given.model[-1].C and "C_search" not in given.describe()
     assert given.describe()["C_chosen_by"] == "given"
+    with pytest.raises(ValueError, match=r"C='auto': expected a positive number or 'cv'"):
+        clf.with_generations(X, np.arange(30) % C, C="auto")
+    with pytest.raises(ValueError, match=r"C=0: expected a positive number or 'cv'"):
+        steering.LabelClassifier.fit(store, test_fraction=0.2, C=0)

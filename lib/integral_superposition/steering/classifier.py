@@ -227,12 +227,21 @@ def cross_validated_c(
     return cs[best], {"cs": cs, "log_loss": [float(v) for v in loss], "folds": n_fold}
 
 
+def _check_c(C: Any) -> None:
+    ok = C == "cv" or (
+        isinstance(C, int | float) and not isinstance(C, bool) and np.isfinite(C) and C > 0
+    )
+    if not ok:
+        raise ValueError(f"C={C!r}: expected a positive number or 'cv' (cross-validated)")
+
+
 def _fit_model(
     X: np.ndarray, y: np.ndarray, w: np.ndarray, C: float | str, seed: int = 0
 ) -> tuple[Any, float, dict[str, Any] | None]:
     """``(pipeline, C, search)``: standardise + logistic regression fitted on ``X [n, d]``,
     ``C`` as given or (``"cv"``) chosen by :func:`cross_validated_c` (``search``: its scores)."""
     search = None
+    _check_c(C)
     if C == "cv":
         C, search = cross_validated_c(_activation_model, X, y, w, CLASSIFIER_CS, seed=seed)
     model = _activation_model(float(C))
@@ -588,6 +597,7 @@ class TextJudge:
         if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError("weights: expected finite non-negative weights with a positive sum")
         search = None
+        _check_c(C)
         try:
             if C == "cv":
                 _text_model(1.0).steps[0][1].fit(texts)  # the vocabulary, before any fold
