@@ -160,7 +160,7 @@ def test_cross_validated_c_penalises_noise_dimensions_and_not_a_clean_signal():
 
     X, y = _noisy(120, 200, 0.6, 0)
     C, search = cross_validated_c(_activation_model, X, y, np.ones(120))
-    assert search["cs"] == sorted(CLASSIFIER_CS) and search["folds"] == 5
+    assert search["cs"] == sorted(CLASSIFIER_CS) and search["folds"] == 3
     loss = search["log_loss"]
     assert search["cs"][int(np.argmin(loss))] == C and C <= 1e-2
     assert loss[-1] > loss[int(np.argmin(loss))] + 0.1  # C = 1 overfits, by a clear margin

@@ -109,7 +109,7 @@ class SteeringParams(BaseModel):
     judge_margin: float = Field(0.2, ge=0, lt=1)
     """The classifier can judge generations toward a label when it predicts that label for at least chance + this margin of the unsteered continuations of the label's own prompts."""
     classifier_c: Annotated[float, Field(gt=0)] | Literal["cv"] = "cv"
-    """Inverse regularisation strength of the classifier's and the text judge's logistic regressions: a number, or ``cv`` (each fit chooses its own by the lowest weighted log loss over five stratified folds of its training rows: the classifier from ``CLASSIFIER_CS``, 1e-4 to 1, the text judge from ``TEXT_JUDGE_CS``, 0.01 to 100, in decade steps). A 640-wide activation classifier fitted on a few thousand documents overfits at 1.0."""
+    """Inverse regularisation strength of the classifier's and the text judge's logistic regressions: a number, or ``cv`` (each fit chooses its own by the lowest weighted log loss over three stratified folds of its training rows: the classifier from ``CLASSIFIER_CS``, 1e-4 to 1, the text judge from ``TEXT_JUDGE_CS``, 0.01 to 100, in decade steps). A 640-wide activation classifier fitted on a few thousand documents overfits at 1.0."""
     classifier_fit: Literal["documents", "generations", "both"] = "both"
     """What the classifier is fitted on: the store's training documents, the model's own continuations of their openings (``classifier_fit_generations`` per label, ``max_new_tokens`` long, labelled by the source document), or both (each source half the weight). Continuations are what it judges; documents alone misread them."""
     classifier_fit_generations: int = Field(48, ge=1)
