@@ -218,8 +218,9 @@ def cross_validated_c(
         # the fold's transforms (scaler, vocabulary) once; the regression along the grid,
         # each C started from the previous one's solution
         model = make_model(cs[0])
-        head = model[:-1].fit(rows[tr], y[tr])
-        Xtr, Xva = head.transform(rows[tr]), head.transform(rows[va])
+        head = model[:-1]
+        Xtr = head.fit_transform(rows[tr], y[tr])
+        Xva = head.transform(rows[va])
         lr = model[-1].set_params(warm_start=True)
         for i, c in enumerate(cs):
             lr.set_params(C=c).fit(Xtr, y[tr], sample_weight=w[tr])
