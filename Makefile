@@ -35,11 +35,17 @@ run: install
 smoke: install
 	$(VENV)/bin/isup run --preset smoke
 
+# The suite on one process per core (at most TEST_WORKERS_MAX), each test module on one worker:
+# most of the slowest tests wait on Prefect servers, workers and subprocesses.
+TEST_WORKERS ?= auto
+TEST_WORKERS_MAX ?= 4
+
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses $(TEST_WORKERS_MAX) --dist loadscope
 
 test-fast: install
-	$(PY) -m pytest -q -m "not gemma and not browser"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses $(TEST_WORKERS_MAX) --dist loadscope \
+	  -m "not gemma and not browser"
 
 # Debian's chromium for the HTML report and dashboard tests (needs root or sudo).
 browser:
