@@ -12,7 +12,7 @@ import pytest
 from integral_superposition import steering
 from integral_superposition.sae import SparseAutoencoder
 from integral_superposition.steering.generation import Generations
-from integral_superposition.steering.sweep import _Scored, _stop_reasons
+from integral_superposition.steering.sweep import _refine_next, _Scored, _stop_reasons
 
 FLOATS = ["share", "share_lo", "share_hi", "prob", "vocab_mass", "perplexity", "ppl_ratio",
           "lift", "lift_lo", "lift_hi", "target_prob", "nll"]  # fmt: skip
@@ -47,7 +47,7 @@ def test_one_call_per_group_of_sets_gives_the_tables_of_one_call_per_set(
         controls=["alpha0", "random", "own_label"], prompts=prompts, max_new_tokens=3,
         samples_per_prompt=2, own_label_prompts=2, check_labels="targets",
         classifier_fit="both", classifier_fit_generations=2, classifier_test_fraction=0.25,
-        batch_size=16,
+        batch_size=16, refine=0,  # the refinement's call: its own test
     )  # fmt: skip
     tok, doc, scan = steering.picks.enrichment_tables(sae, demo_store)
     kw = dict(enrichment=(tok, doc), max_acts=scan.act_max)
@@ -135,3 +135,96 @@ def test_sets_per_call_is_checked(demo_store, tiny_backend):
     sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
     with pytest.raises(ValueError, match="sets_per_call=0: expected None"):
         steering.evaluate_steering(tiny_backend, sae, demo_store, {}, sets_per_call=0)
+
+
+def test_refinement_tries_between_the_last_fluent_strength_and_the_first_beyond_it():
+    base = math.exp(3.0)
+    ppl = lambda ratio: 3.0 + math.log(ratio)  # noqa: E731
+    sets = [
+        (1.0, _set(16, 24, ppl(1.2), seed=1)),  # the best fluent share, 0.67
+        (2.0, _set(12, 24, ppl(1.5), seed=2)),  # fluent, the strongest fluent strength
+        (4.0, _set(20, 24, ppl(3.0), seed=3)),  # 0.83, beyond the bound
+        (8.0, _set(24, 24, ppl(9.0), seed=4)),
+    ]
+    assert _refine_next(sets, 0, base, 2.0) == pytest.approx(math.sqrt(8.0))
+    # a strength that ended early for perplexity bounds the bracket too; one that ended
+    # because another surely beats it is neither fluent nor beyond
+    sets[2][1].stopped = "perplexity"
+    assert _refine_next(sets, 0, base, 2.0) == pytest.approx(math.sqrt(8.0))
+    sets[1][1].stopped = "cannot win"  # the bracket is [1, 4], whose midpoint ran (and lost)
+    assert _refine_next(sets, 0, base, 2.0) is None
+    sets[1][1].stopped = None
+    # once the midpoint has run, the next round halves the bracket it leaves
+    mid = (math.sqrt(8.0), _set(18, 24, ppl(2.6), seed=5))  # beyond: [2, 2.83]
+    assert _refine_next(sorted([*sets, mid], key=lambda x: x[0]), 0, base, 2.0) == pytest.approx(
+        math.sqrt(2.0 * math.sqrt(8.0))
+    )
+    # nothing to gain: the stronger set's share does not beat the best fluent one
+    weak = [sets[0], sets[1], (4.0, _set(16, 24, ppl(3.0), seed=3))]
+    assert _refine_next(weak, 0, base, 2.0) is None
+    # every strength fluent, none fluent, or no unsteered perplexity to compare with
+    assert _refine_next(sets[:2], 0, base, 2.0) is None
+    assert _refine_next(sets[2:], 0, base, 2.0) is None
+    assert _refine_next(sets, 0, float("nan"), 2.0) is None
+    # the target label's share decides: label 1's best fluent share (0.5) beats the 0.17
+    # beyond the bound
+    assert _refine_next(sets[:3], 1, base, 2.0) is None
+    # a bracket with a strength of 0: the arithmetic mean
+    zero = [(0.0, _set(10, 24, ppl(1.0), seed=6)), (1.0, _set(20, 24, ppl(4.0), seed=7))]
+    assert _refine_next(zero, 0, base, 2.0) == pytest.approx(0.5)
+
+
+def test_refined_strengths_run_in_one_call_and_join_the_sweep(
+    demo_store, tiny_backend, monkeypatch
+):
+    from integral_superposition.steering import generation, sweep
+
+    calls: list[int] = []
+
+    def counted(*args, **kw):
+        calls.append(len(kw["rows"]))
+        return generation.generate_continuations(*args, **kw)
+
+    monkeypatch.setattr(sweep, "generate_continuations", counted)
+    # the tiny random model's perplexity hardly moves: every round tries the midpoint of the
+    # two strongest strengths (the decision itself: the test above)
+    asked: list[list[float]] = []
+
+    def between(sets, c, base_ppl, ppl_ratio_max):
+        asked.append([st for st, _ in sets])
+        (a, _), (b, _) = sets[-2:]
+        return (a + b) / 2
+
+    monkeypatch.setattr(sweep, "_refine_next", between)
+    sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
+    labels = list(demo_store.label_names[:2])
+    prompts = ["the market", "news:", "In other news"]
+    progress: list[tuple[int, int]] = []
+    params = steering.SteeringParams(
+        latents=[5, 11], labels=labels, mode="clamp", strengths=[0.5, 5.0], refine=2,
+        controls=["random"], prompts=prompts, max_new_tokens=3, samples_per_prompt=2,
+        own_label_prompts=2, check_labels="targets", classifier_fit_generations=2,
+        classifier_test_fraction=0.25, early_stop=False, stop_above_ppl=False, text_judge=False,
+    )  # fmt: skip
+    res = steering.evaluate_steering(
+        tiny_backend, sae, demo_store, params, on_progress=lambda d, t: progress.append((d, t))
+    )
+    t = res.table
+    steer_rows = t[t["control"] == "steer"]
+    # round 1 tries 2.75 for both latents, round 2 the midpoint of 2.75 and 5
+    assert asked == [[0.5, 5.0], [0.5, 5.0], [0.5, 2.75, 5.0], [0.5, 2.75, 5.0]]
+    for lb in labels:
+        mine = steer_rows[steer_rows["label"] == lb]
+        assert mine["strength"].tolist() == [0.5, 2.75, 3.875, 5.0]
+        assert mine["refined"].tolist() == [False, True, True, False]
+        assert (mine["n"] == 2 * len(prompts)).all()
+    # each round ran both latents' refined sets in one call of full sets
+    assert calls[2:4] == [2 * 2 * len(prompts)] * 2
+    for lat in res.summary["latents"]:
+        assert lat["refined_strengths"] == [2.75, 3.875]
+        assert lat["strengths_run"] == [0.5, 2.75, 3.875, 5.0]
+        best = lat["best_strength"]
+        rnd = t[(t["control"] == "random") & (t["label"] == lat["label"])]
+        assert rnd["strength"].tolist() == [best]  # the control runs at the best, refined or not
+    assert res.summary["refine"] == 2 and res.summary["strengths"] == [0.5, 5.0]
+    assert progress[-1][0] == progress[-1][1]  # the planned total counted the refined sets

@@ -280,7 +280,13 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
         line += (
             f", {lat['best_share']:.2f}{_ci(lat, 'best_share')}{_lift(lat, 'best_lift')}"
             f"{_none(lat, 'best_abstain')} at "
-            f"strength {best:g} (perplexity x{lat['best_ppl_ratio']:.2f})"
+            f"strength {best:.3g}"
+            + (
+                ", refined between the grid's"
+                if best in (lat.get("refined_strengths") or [])
+                else ""
+            )
+            + f" (perplexity x{lat['best_ppl_ratio']:.2f})"
         )
         if lat.get("random_share_at_best") is not None:
             line += (
@@ -380,7 +386,7 @@ def steering_section(
         lines.append(_latent_line(lat))
     cols = [
         "latent", "label", "control", "strength", "n", "share", "share_lo", "share_hi",
-        "lift", "lift_lo", "lift_hi", "abstain", "vocab_mass", "perplexity", "ppl_ratio", "distinct2", "stopped", "classifier_valid",
+        "lift", "lift_lo", "lift_hi", "abstain", "vocab_mass", "perplexity", "ppl_ratio", "distinct2", "stopped", "refined", "classifier_valid",
     ]  # fmt: skip
     table = result.table[[c for c in cols if c in result.table.columns]].round(4)
     tables = [

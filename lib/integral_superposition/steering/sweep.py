@@ -101,6 +101,8 @@ class _Scored:
 
     stopped: str | None = None
     """Why the set ended before all its rounds (``perplexity``, ``cannot win``), else None."""
+    refined: bool = False
+    """A strength the refinement added between two of the grid's (:func:`_refine_next`)."""
 
     @classmethod
     def concat(cls, parts: list[_Scored]) -> _Scored:
@@ -265,7 +267,9 @@ def _sweep_strengths(p: SteeringParams, lats, prompts, edit_of, run_sets, rep, s
     ``early_stop`` (and ``stop_above_ppl``) every strength runs in rounds of one continuation
     per prompt and may end after a round (:func:`_stop_reasons`); else with
     ``stop_above_ppl`` strengths run in increasing order and a latent's sweep ends after the
-    first one above the fluency bound; else every strength runs in full, all in one call."""
+    first one above the fluency bound; else every strength runs in full, all in one call.
+    Then ``refine`` rounds, each one more full set per latent where :func:`_refine_next`
+    gives a strength, all latents' in one call."""
     keys = [(k, st) for k in range(len(lats)) for st in p.strengths]
     edits = {(k, st): edit_of(k, None, st) for k, st in keys}
     full = p.samples_per_prompt
@@ -314,7 +318,55 @@ def _sweep_strengths(p: SteeringParams, lats, prompts, edit_of, run_sets, rep, s
         got = run_sets([_Set(prompts, edits[key], full) for key in keys], "strengths")
         out.update(zip(keys, got, strict=True))
         _advance(rep, len(keys))
-    return [[(st, out[(k, st)]) for st in p.strengths if (k, st) in out] for k in range(len(lats))]
+    sets = [[(st, out[(k, st)]) for st in p.strengths if (k, st) in out] for k in range(len(lats))]
+    for r in range(p.refine):
+        todo = [(k, st) for k, (_, c, bp) in enumerate(lats)
+                if (st := _refine_next(sets[k], c, bp, p.ppl_ratio_max)) is not None]  # fmt: skip
+        skip(len(lats) - len(todo))
+        if not todo:
+            skip((p.refine - r - 1) * len(lats))
+            break
+        got = run_sets(
+            [_Set(prompts, edit_of(k, None, st), full) for k, st in todo],
+            f"refine: round {r + 1} of {p.refine}, {len(todo)} sets",
+        )
+        _advance(rep, len(todo))
+        for (k, st), sc in zip(todo, got, strict=True):
+            sc.refined = True
+            sets[k] = sorted([*sets[k], (st, sc)], key=lambda x: x[0])
+    return sets
+
+
+def _refine_next(
+    sets: list[tuple[float, _Scored]], c: int, base_ppl: float | None, ppl_ratio_max: float
+) -> float | None:
+    """The strength a refinement round tries for one latent's steered ``sets`` (``[(strength,
+    scored)]``, target label ``c``), or None: between the strongest full set within the
+    fluency bound and the next stronger set beyond it (above the bound, or ended early for
+    perplexity), when that one's share beat every fluent share (the bound, not the grid,
+    limits the best). Their geometric mean (arithmetic when a strength is not positive)."""
+    if not (base_ppl is not None and math.isfinite(base_ppl) and base_ppl > 0):
+        return None
+    ms = [(st, sc, sc.metrics(c, base_ppl)) for st, sc in sets]
+    fluent = [
+        (st, m["share"]) for st, sc, m in ms
+        if sc.stopped is None and math.isfinite(m["ppl_ratio"]) and m["ppl_ratio"] <= ppl_ratio_max
+    ]  # fmt: skip
+    if not fluent:
+        return None
+    lo, best = max(st for st, _ in fluent), max(sh for _, sh in fluent)
+    above = [
+        (st, m["share"]) for st, sc, m in ms
+        if st > lo and (sc.stopped == "perplexity" or (sc.stopped is None and not (
+            math.isfinite(m["ppl_ratio"]) and m["ppl_ratio"] <= ppl_ratio_max)))
+    ]  # fmt: skip
+    if not above:
+        return None
+    hi, share = min(above)
+    if not share > best:
+        return None
+    mid = math.sqrt(lo * hi) if lo > 0 and hi > 0 else (lo + hi) / 2
+    return None if any(math.isclose(mid, st) for st, _ in sets) else float(mid)
 
 
 def _edit_for(mode: str, latent: int, strength: float, unit: float, ratio: float = 1.0) -> Edit:
@@ -563,6 +615,7 @@ def evaluate_steering(
     n_ctrl = 1 if p.control_strengths == "best" else len(p.strengths)
     per_latent = (
         len(p.strengths)
+        + p.refine
         + ("alpha0" in p.controls)
         + n_ctrl * (("random" in p.controls) + ("own_label" in p.controls))
     )
@@ -790,7 +843,7 @@ def evaluate_steering(
             "steered_latents": [e.latent for e in edit] if edit else [],
             "prompts": prompt_set, **m, "classifier_accuracy": classifier.accuracy,
             "classifier_valid": check.judged.get(pick["label"], False),
-            "stopped": s.stopped,
+            "stopped": s.stopped, "refined": s.refined,
         })  # fmt: skip
         gen_frames.append(pd.DataFrame({
             "set": len(rows) - 1, "latent": int(pick["latent"]), "label": pick["label"],
@@ -898,6 +951,7 @@ def evaluate_steering(
             stopped={st: sc.stopped for st, sc in steer_sets[k]},
         )  # fmt: skip
         lat["rank"] = int(pick["rank"])
+        lat["refined_strengths"] = [float(st) for st, sc in steer_sets[k] if sc.refined]
         if "members" in pick:
             lat["members"] = [int(m) for m in pick["members"]]
             lat["random_members"] = [int(m) for m in pick["random_members"]]
@@ -934,6 +988,7 @@ def evaluate_steering(
         "n_prompts": len(prompts),
         "samples_per_prompt": p.samples_per_prompt,
         "early_stop": p.early_stop,
+        "refine": p.refine,
         "ppl_ratio_max": p.ppl_ratio_max,
         "classifier": clf,
         "latents": summary_latents,
