@@ -228,3 +228,13 @@ def test_refined_strengths_run_in_one_call_and_join_the_sweep(
         assert rnd["strength"].tolist() == [best]  # the control runs at the best, refined or not
     assert res.summary["refine"] == 2 and res.summary["strengths"] == [0.5, 5.0]
     assert progress[-1][0] == progress[-1][1]  # the planned total counted the refined sets
+    # controls at every strength: the refined ones too, and the total still adds up
+    progress.clear()
+    every = params.model_copy(update={"control_strengths": "all", "refine": 1})
+    res = steering.evaluate_steering(
+        tiny_backend, sae, demo_store, every, on_progress=lambda d, t: progress.append((d, t))
+    )
+    rnd = res.table[res.table["control"] == "random"]
+    for lb in labels:
+        assert rnd.loc[rnd["label"] == lb, "strength"].tolist() == [0.5, 2.75, 5.0]
+    assert progress[-1][0] == progress[-1][1]

@@ -612,7 +612,7 @@ def evaluate_steering(
     )  # fmt: skip
     targets = sorted({names.index(lb) for lb in picks["label"]})
     checked = list(range(len(names))) if p.check_labels == "all" else targets
-    n_ctrl = 1 if p.control_strengths == "best" else len(p.strengths)
+    n_ctrl = 1 if p.control_strengths == "best" else len(p.strengths) + p.refine
     per_latent = (
         len(p.strengths)
         + p.refine
