@@ -31,7 +31,9 @@ def test_estimate_scales_with_work_and_speed():
     # on the reference machine the defaults take the measured reference times
     for step in ("dump", "train", "analyze", "report"):
         assert default.steps[step] == pytest.approx(REFERENCE_S[step]), step
-    assert default.steps["steer"] == pytest.approx(REFERENCE_S["steer"])
+    # the steering step scales by its work over the sweep the reference time was measured on
+    work = steering_tokens(load_preset("default").steering) / REFERENCE_STEER_WORK
+    assert work > 1 and default.steps["steer"] == pytest.approx(REFERENCE_S["steer"] * work)
     assert thorough.steps["steer"] > 5 * default.steps["steer"]
     assert thorough.steps["merge"] > default.steps["merge"]
     fast = estimate_run(load_preset("default"), CPU32, gflops=4 * REFERENCE_GFLOPS)
@@ -55,7 +57,7 @@ def test_a_slow_model_dtype_slows_the_model_steps_only():
     fine = estimate_run(load_preset("default"), bf16, gflops=75.0, sae_gflops=75.0)
     slow = estimate_run(load_preset("default"), bf16, gflops=0.75, sae_gflops=75.0)
     assert slow.steps["dump"] == 100 * fine.steps["dump"]
-    assert slow.steps["steer"] == 100 * fine.steps["steer"]
+    assert slow.steps["steer"] == pytest.approx(100 * fine.steps["steer"])
     assert slow.steps["train"] == fine.steps["train"]
     assert slow.steps["analyze"] == fine.steps["analyze"]
     assert fine.steps["merge"] < slow.steps["merge"] < 100 * fine.steps["merge"]
@@ -93,16 +95,24 @@ def test_steering_estimate_follows_its_work():
 
 def test_the_steering_reference_is_the_measured_sweep():
     """``REFERENCE_STEER_WORK`` is the work of the sweep ``REFERENCE_S["steer"]`` was measured
-    on (the default, with the classifier's "none" class), so the default's estimate is the
-    measured time and a sweep without that class estimates less."""
+    on (the default, with the classifier's "none" class, before the refinement and the
+    confirmation), and a sweep without that class estimates less."""
     s = load_preset("default").steering
-    assert steering_tokens(s) == REFERENCE_STEER_WORK
+    measured = s.model_copy(update={"refine": 0, "confirm": False})
+    assert steering_tokens(measured) == REFERENCE_STEER_WORK
+    # a refinement round and the confirmation each add a set per latent; the confirmation
+    # also the unsteered model's set on its samples
+    full_set = 12 * s.samples_per_prompt * s.max_new_tokens
+    assert steering_tokens(s) == pytest.approx(
+        REFERENCE_STEER_WORK + (2 * (s.refine + 1) + 1) * full_set
+    )
     forced = load_preset("default", ["steering.classifier_abstain=false"])
     e = estimate_run(forced, CPU32, gflops=REFERENCE_GFLOPS)
     assert e.steps["steer"] == pytest.approx(
         REFERENCE_S["steer"] * steering_tokens(forced.steering) / REFERENCE_STEER_WORK
     )
-    assert e.steps["steer"] < REFERENCE_S["steer"]
+    default = estimate_run(load_preset("default"), CPU32, gflops=REFERENCE_GFLOPS)
+    assert e.steps["steer"] < default.steps["steer"]
 
 
 def test_a_local_table_is_sized_by_its_texts_capped_at_max_len(tmp_path):

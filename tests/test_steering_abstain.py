@@ -163,7 +163,8 @@ def test_steering_never_fits_on_continuations_of_the_evaluation_prompts(
     # the abstain share is in the tables and the summary
     clf = ev.summary["classifier"]
     assert clf["abstain"] and set(clf["neutral"]) == {*demo_store.label_names, "none"}
-    base = ev.generations[ev.generations["control"] == "unsteered"]
+    g = ev.generations
+    base = g[(g["control"] == "unsteered") & (g["prompts"] == "neutral")]
     assert clf["neutral"]["none"] == pytest.approx((base["predicted"] == "none").mean())
     assert sum(clf["neutral"].values()) == pytest.approx(1.0)
     row = ev.table[ev.table["control"] == "unsteered"].iloc[0]

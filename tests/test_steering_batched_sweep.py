@@ -47,7 +47,7 @@ def test_one_call_per_group_of_sets_gives_the_tables_of_one_call_per_set(
         controls=["alpha0", "random", "own_label"], prompts=prompts, max_new_tokens=3,
         samples_per_prompt=2, own_label_prompts=2, check_labels="targets",
         classifier_fit="both", classifier_fit_generations=2, classifier_test_fraction=0.25,
-        batch_size=16, refine=0,  # the refinement's call: its own test
+        batch_size=16, refine=0, confirm=False,  # the refinement, the confirmation: own tests
     )  # fmt: skip
     tok, doc, scan = steering.picks.enrichment_tables(sae, demo_store)
     kw = dict(enrichment=(tok, doc), max_acts=scan.act_max)
@@ -238,3 +238,74 @@ def test_refined_strengths_run_in_one_call_and_join_the_sweep(
     for lb in labels:
         assert rnd.loc[rnd["label"] == lb, "strength"].tolist() == [0.5, 2.75, 5.0]
     assert progress[-1][0] == progress[-1][1]
+
+
+def test_the_best_strength_is_confirmed_on_fresh_samples(demo_store, tiny_backend, monkeypatch):
+    from integral_superposition.steering import generation, sweep
+
+    calls: list[list[tuple[int, int]]] = []
+
+    def counted(*args, **kw):
+        calls.append(list(kw["rows"]))
+        return generation.generate_continuations(*args, **kw)
+
+    monkeypatch.setattr(sweep, "generate_continuations", counted)
+    sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
+    labels = list(demo_store.label_names[:2])
+    prompts = ["the market", "news:", "In other news"]
+    progress: list[tuple[int, int]] = []
+    params = steering.SteeringParams(
+        latents=[5, 11], labels=labels, mode="clamp", strengths=[0.5, 5.0], refine=0,
+        controls=["random"], prompts=prompts, max_new_tokens=3, samples_per_prompt=2,
+        own_label_prompts=2, check_labels="targets", classifier_fit_generations=2,
+        classifier_test_fraction=0.25, early_stop=False, stop_above_ppl=False,
+    )  # fmt: skip
+    res = steering.evaluate_steering(
+        tiny_backend, sae, demo_store, params, on_progress=lambda d, t: progress.append((d, t))
+    )
+    t = res.table
+    assert progress[-1][0] == progress[-1][1]
+    # the controls' call ends with the confirmation: the unsteered set and each latent's best
+    # strength, on samples 2 and 3 of every prompt (the sweep used 0 and 1)
+    n = len(prompts)
+    last = calls[-1]
+    assert [smp for _, smp in last[: -3 * 2 * n]] == [0] * n + [1] * n + [0] * n + [1] * n
+    assert [smp for _, smp in last[-3 * 2 * n :]] == ([2] * n + [3] * n) * 3
+    for lat in res.summary["latents"]:
+        assert lat["best_strength"] is not None
+        mine = t[(t["label"] == lat["label"]) & (t["prompts"] == "confirm")]
+        assert mine["control"].tolist() == ["unsteered", "confirm"]
+        base, conf = mine.iloc[0], mine.iloc[1]
+        assert conf["strength"] == lat["best_strength"] and (mine["n"] == 2 * n).all()
+        assert lat["confirmed_share"] == pytest.approx(conf["share"])
+        assert lat["confirmed_baseline_share"] == pytest.approx(base["share"])
+        assert lat["confirmed_lift"] == pytest.approx(conf["lift"])
+        assert lat["confirmed_ppl_ratio"] == pytest.approx(conf["ppl_ratio"])
+        assert lat["confirm_samples"] == [2, 3]
+        # fresh samples: other continuations than the sweep's at the same strength
+        g = res.generations
+        same = g[(g["label"] == lat["label"]) & (g["strength"] == lat["best_strength"])]
+        swept = same.loc[same["control"] == "steer", "text"].tolist()
+        fresh = same.loc[same["control"] == "confirm", "text"].tolist()
+        assert len(fresh) == len(swept) == 2 * n and fresh != swept
+    assert res.summary["confirm"] is True
+    line = steer_eval_text(res)
+    assert "that strength again on fresh samples" in line
+    off = steering.evaluate_steering(
+        tiny_backend, sae, demo_store, params.model_copy(update={"confirm": False})
+    )
+    assert "confirm" not in set(off.table["prompts"]) and "confirm" not in set(off.table["control"])
+    assert all("confirmed_share" not in lat for lat in off.summary["latents"])
+    # without it, every call but the first is the same as with it
+    pd.testing.assert_frame_equal(
+        off.table.drop(columns=["prob"]),
+        t[t["prompts"] != "confirm"].drop(columns=["prob"]).reset_index(drop=True),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+
+
+def steer_eval_text(res) -> str:
+    """The report section's text of a steering result."""
+    from integral_superposition.pipelines.steer_eval import _latent_line
+
+    return " ".join(_latent_line(lat) for lat in res.summary["latents"])

@@ -68,6 +68,7 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(
         controls=["alpha0", "random"], prompts=prompts, max_new_tokens=4,
         samples_per_prompt=3, own_label_prompts=2, check_labels="targets",
         classifier_fit="documents", classifier_test_fraction=0.25,
+        refine=0, confirm=False,  # their sets: tests/test_steering_batched_sweep.py
     )  # fmt: skip
     tok, doc, scan = steering.picks.enrichment_tables(sae, demo_store)
     shared = dict(

@@ -59,11 +59,16 @@ def test_pilot_draws_fresh_samples_and_the_sweep_runs_its_pick(
     assert pilot is not None and set(pilot["label"]) == set(labels)
     assert (pilot.groupby("label")["latent"].nunique() == 3).all()
     assert len(pilot) == 2 * 3 * 2 and (pilot["n"] == 2 * 2).all()
-    # the pilot's call draws sample indices 2, 3; every other call only 0, 1
-    pilot_calls = [c for c in calls if any(s >= 2 for _, s in c)]
+    # the pilot's call draws sample indices 2, 3; the confirmation (in the controls' call,
+    # the last) 4, 5; every other row only 0, 1
+    pilot_calls = [c for c in calls[:-1] if any(s >= 2 for _, s in c)]
     assert len(pilot_calls) == 1 and {s for _, s in pilot_calls[0]} == {2, 3}
     assert len(pilot_calls[0]) == pilot["n"].sum()
-    assert all(s < 2 for c in calls if c is not pilot_calls[0] for _, s in c)
+    assert all(s < 2 for c in calls[:-1] if c is not pilot_calls[0] for _, s in c)
+    fresh = [s for _, s in calls[-1] if s >= 2]
+    n_confirm = int((ev.table["prompts"] == "confirm").sum()) - len(labels) + 1  # one unsteered
+    assert set(fresh) == {4, 5} and len(fresh) == n_confirm * 2 * 2
+    assert all(lat["confirm_samples"] == [4, 5] for lat in ev.summary["latents"])
     # one latent per label is swept: the pilot's pick by its rule
     chosen = pilot_choice(pilot, 1, params.ppl_ratio_max)
     assert pilot.loc[pilot["chosen"], "latent"].unique().tolist() == chosen["latent"].tolist()

@@ -61,7 +61,8 @@ steps) and ``load`` (the model load) share the 45 s outside them."""
 
 REFERENCE_STEER_WORK = 7848.0
 """The steering work (:func:`steering_tokens`) of the sweep ``REFERENCE_S["steer"]`` was
-measured on: the default preset's steering (with the classifier's "none" continuations).
+measured on: the default preset's steering (with the classifier's "none" continuations),
+before the refinement and the confirmation (``refine=0, confirm=False``).
 Any other sweep is scaled by its work over this one."""
 
 _GPU_SPEEDUP_CAP = 12.0
@@ -257,7 +258,8 @@ def steering_tokens(s, n_labels: int = 8) -> float:
     roughly: its sets of continuations (``max_new_tokens`` each) - the unsteered set, the
     classifier check, the classifier's fitting continuations and its "none" continuations
     (generated but not scored for perplexity: half a continuation's cost), the pilot among
-    candidate latents and per steered latent its strengths and controls.
+    candidate latents and per steered latent its strengths (with each ``refine`` round, counted
+    as run), its confirmation and its controls (with the confirmation's unsteered set).
     With ``early_stop`` about two strengths of each latent run in full and the others one
     round. ``n_labels``: labels of the data when ``s.labels`` does not say (the demo corpus
     has 8)."""
@@ -272,8 +274,10 @@ def steering_tokens(s, n_labels: int = 8) -> float:
     else:
         steer = n_str * full_set
     n_ctrl = 1 if s.control_strengths == "best" else n_str
+    refine, confirm = getattr(s, "refine", 0), getattr(s, "confirm", False)
     per_latent = (
         steer
+        + (refine + confirm) * full_set
         + ("alpha0" in s.controls) * full_set
         + n_ctrl * ("random" in s.controls) * full_set
         + n_ctrl * ("own_label" in s.controls) * s.own_label_prompts * rounds
@@ -287,7 +291,7 @@ def steering_tokens(s, n_labels: int = 8) -> float:
     pilot = 0.0
     if s.latents == "auto" and getattr(s, "pilot_candidates", 1) > s.per_label:
         pilot = targets * s.pilot_candidates * len(s.pilot_strengths) * n_prompts * s.pilot_samples
-    total = full_set + checks + fit + pilot + targets * s.per_label * per_latent
+    total = (1 + confirm) * full_set + checks + fit + pilot + targets * s.per_label * per_latent
     return float(total * s.max_new_tokens)
 
 

@@ -303,6 +303,13 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
                 f"{_lift(lat, 'own_label_lift_at_best')} against "
                 f"{lat['own_label_baseline_share']:.2f} unsteered"
             )
+        if lat.get("confirmed_share") is not None:
+            ratio = lat.get("confirmed_ppl_ratio")
+            line += (
+                f"; that strength again on fresh samples: {lat['confirmed_share']:.2f}"
+                f"{_ci(lat, 'confirmed_share')}{_lift(lat, 'confirmed_lift')}"
+                + (f" (perplexity x{ratio:.2f})" if ratio is not None else "")
+            )
     else:
         line += ", no strength within the fluency bound"
     line += "."

@@ -25,6 +25,7 @@ import pandas as pd
 
 __all__ = [
     "GenerationCheck",
+    "confirmed_summary",
     "early_stop_reason",
     "judge_generations",
     "latent_summary",
@@ -412,6 +413,26 @@ def _at(ms: dict[float, dict[str, Any]], strength: float | None, prefix: str) ->
 
 def _finite(v: Any) -> float | None:
     return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
+def confirmed_summary(
+    m: Mapping[str, Any] | None, base_m: Mapping[str, Any] | None, first: int, samples: int
+) -> dict[str, Any]:
+    """The ``confirmed_*`` fields of a latent's summary: its best strength run again on fresh
+    sample indices (``first .. first + samples - 1`` of every prompt, metrics ``m``) against
+    the unsteered model on the same indices (``base_m``); None where no strength was fluent.
+    The best strength is the maximum of several noisy shares, so its own share leans high;
+    the confirmation's does not."""
+    get = (lambda k: _finite(m.get(k))) if m is not None else (lambda k: None)
+    return {
+        "confirmed_share": get("share"), "confirmed_share_lo": get("share_lo"),
+        "confirmed_share_hi": get("share_hi"), "confirmed_lift": get("lift"),
+        "confirmed_lift_lo": get("lift_lo"), "confirmed_lift_hi": get("lift_hi"),
+        "confirmed_ppl_ratio": get("ppl_ratio"), "confirmed_abstain": get("abstain"),
+        "confirmed_text_share": get("text_share"),
+        "confirmed_baseline_share": _finite(base_m["share"]) if base_m is not None else None,
+        "confirm_samples": [first, first + samples - 1],
+    }  # fmt: skip
 
 
 def latent_summary(

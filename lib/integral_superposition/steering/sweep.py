@@ -68,6 +68,7 @@ from integral_superposition.steering.picks import (
 )
 from integral_superposition.steering.plot import plot_sweep
 from integral_superposition.steering.scores import (
+    confirmed_summary,
     early_stop_reason,
     judge_generations,
     latent_summary,
@@ -616,10 +617,13 @@ def evaluate_steering(
     per_latent = (
         len(p.strengths)
         + p.refine
+        + p.confirm
         + ("alpha0" in p.controls)
         + n_ctrl * (("random" in p.controls) + ("own_label" in p.controls))
     )
-    rep.update(0, 1 + len(checked) + n_pilot + n_final * per_latent + fit_gens + fit_none)
+    rep.update(
+        0, 1 + len(checked) + n_pilot + n_final * per_latent + fit_gens + fit_none + p.confirm
+    )
 
     def generate(chunk: list[_Set]) -> list[_Raw]:
         """One generation call of every row of ``chunk``'s sets (in batches of at most
@@ -884,6 +888,7 @@ def evaluate_steering(
     # the controls of every latent, in one call: alpha0 (the identity edit), the random latent
     # and the same latent on its own label's prompts at the control strengths
     controls: list[tuple[int, str, float, Edit, list[str]]] = []  # (pick, control, st, ...)
+    bests: list[float | None] = []
     for k, (j, c) in enumerate(lat_of):
         best = pick_best_strength(
             pd.DataFrame([
@@ -891,6 +896,7 @@ def evaluate_steering(
                 for st, sc in steer_sets[k]
             ]), p.ppl_ratio_max,
         )  # fmt: skip
+        bests.append(float(best["strength"]) if best is not None else None)
         if p.control_strengths == "best":
             ctrl = [float(best["strength"])] if best is not None else []
         else:
@@ -914,8 +920,17 @@ def evaluate_steering(
                 own = own_sets[c][0]
                 controls += [(k, "own_label", st, edit_of(k, None, st), own) for st in ctrl]
             skip(n_ctrl - (len(ctrl) if c in own_sets else 0))
-    ctrl_scored = run_sets([_Set(pr, e, full) for _, _, _, e, pr in controls], "controls")
-    _advance(rep, len(controls))
+    # the confirmation: each best strength again, and the unsteered model, on sample indices
+    # neither the sweep nor the pilot used, in the controls' call
+    conf_first = p.samples_per_prompt + (p.pilot_samples if pilot_on else 0)
+    conf_keys = [k for k, b in enumerate(bests) if p.confirm and b is not None]
+    conf_sets = [_Set(prompts, None, full, conf_first)] if conf_keys else []
+    conf_sets += [_Set(prompts, edit_of(k, None, bests[k]), full, conf_first) for k in conf_keys]
+    skip(p.confirm * (len(lat_of) + 1) - len(conf_sets))
+    got = run_sets([*(_Set(pr, e, full) for _, _, _, e, pr in controls), *conf_sets], "controls")
+    ctrl_scored, conf_scored = got[: len(controls)], got[len(controls) :]
+    conf_of = dict(zip(conf_keys, conf_scored[1:], strict=True))
+    _advance(rep, len(got))
 
     # the tables, latent by latent: unsteered, alpha0, strengths, random, own label
     summary_latents = []
@@ -951,6 +966,16 @@ def evaluate_steering(
             stopped={st: sc.stopped for st, sc in steer_sets[k]},
         )  # fmt: skip
         lat["rank"] = int(pick["rank"])
+        if p.confirm:
+            conf_m = conf_base_m = None
+            if k in conf_of:
+                conf_ppl = conf_scored[0].metrics(c, None)["perplexity"]
+                conf_base_m = record(conf_scored[0], pick, "unsteered", "confirm", conf_ppl)
+                conf_m = record(
+                    conf_of[k], pick, "confirm", "confirm", conf_ppl, bests[k],
+                    edit_of(k, None, bests[k]), conf_scored[0],
+                )  # fmt: skip
+            lat.update(confirmed_summary(conf_m, conf_base_m, conf_first, full))
         lat["refined_strengths"] = [float(st) for st, sc in steer_sets[k] if sc.refined]
         if "members" in pick:
             lat["members"] = [int(m) for m in pick["members"]]
@@ -989,6 +1014,7 @@ def evaluate_steering(
         "samples_per_prompt": p.samples_per_prompt,
         "early_stop": p.early_stop,
         "refine": p.refine,
+        "confirm": p.confirm,
         "ppl_ratio_max": p.ppl_ratio_max,
         "classifier": clf,
         "latents": summary_latents,

@@ -478,6 +478,15 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
             if none:  # an abstaining classifier: the share of unsteered text of no label
                 detail += f" ({none:.2f} no label)"
             detail += _lift_text(lat, "best_lift")
+        conf = _num(lat.get("confirmed_share"))
+        if conf is not None:  # the best strength again, on samples its choice never saw
+            ci = _interval(lat, "confirmed_share")
+            detail += f"; on fresh samples {conf:.2f}" + (
+                f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            )
+            ratio = _num(lat.get("confirmed_ppl_ratio"))
+            if ratio is not None:
+                detail += f" at perplexity x{ratio:.2f}"
         text = _num(lat.get("best_text_share"))
         if text is not None:  # the second judge, which reads the words alone
             detail += f"; text judge {text:.2f}"
