@@ -18,18 +18,27 @@ FLOATS = ["share", "share_lo", "share_hi", "prob", "vocab_mass", "perplexity", "
           "lift", "lift_lo", "lift_hi", "target_prob", "nll"]  # fmt: skip
 
 
-def test_one_call_per_group_of_sets_gives_the_tables_of_one_call_per_set(
-    demo_store, tiny_backend, monkeypatch
-):
+def _spy_calls(monkeypatch, sizes: bool = False) -> list:
+    """Every generation call the sweep makes, in order: its rows ``[(prompt, sample)]``, or
+    with ``sizes`` their number."""
     from integral_superposition.steering import generation, sweep
 
-    calls: list[int] = []
+    calls: list = []
 
     def counted(*args, **kw):
-        calls.append(len(kw["rows"]))
+        calls.append(len(kw["rows"]) if sizes else list(kw["rows"]))
         return generation.generate_continuations(*args, **kw)
 
     monkeypatch.setattr(sweep, "generate_continuations", counted)
+    return calls
+
+
+def test_one_call_per_group_of_sets_gives_the_tables_of_one_call_per_set(
+    demo_store, tiny_backend, monkeypatch
+):
+    from integral_superposition.steering import sweep
+
+    calls = _spy_calls(monkeypatch, sizes=True)
     # the tiny random model's perplexity hardly moves under any edit: the strongest strength
     # is made to end after its first round, as a 5x perplexity would end it
     decide = sweep._stop_reasons
@@ -177,15 +186,9 @@ def test_refinement_tries_between_the_last_fluent_strength_and_the_first_beyond_
 def test_refined_strengths_run_in_one_call_and_join_the_sweep(
     demo_store, tiny_backend, monkeypatch
 ):
-    from integral_superposition.steering import generation, sweep
+    from integral_superposition.steering import sweep
 
-    calls: list[int] = []
-
-    def counted(*args, **kw):
-        calls.append(len(kw["rows"]))
-        return generation.generate_continuations(*args, **kw)
-
-    monkeypatch.setattr(sweep, "generate_continuations", counted)
+    calls = _spy_calls(monkeypatch, sizes=True)
     # the tiny random model's perplexity hardly moves: every round tries the midpoint of the
     # two strongest strengths (the decision itself: the test above)
     asked: list[list[float]] = []
@@ -241,15 +244,7 @@ def test_refined_strengths_run_in_one_call_and_join_the_sweep(
 
 
 def test_the_best_strength_is_confirmed_on_fresh_samples(demo_store, tiny_backend, monkeypatch):
-    from integral_superposition.steering import generation, sweep
-
-    calls: list[list[tuple[int, int]]] = []
-
-    def counted(*args, **kw):
-        calls.append(list(kw["rows"]))
-        return generation.generate_continuations(*args, **kw)
-
-    monkeypatch.setattr(sweep, "generate_continuations", counted)
+    calls = _spy_calls(monkeypatch)
     sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
     labels = list(demo_store.label_names[:2])
     prompts = ["the market", "news:", "In other news"]
