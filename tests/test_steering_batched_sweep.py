@@ -18,6 +18,19 @@ FLOATS = ["share", "share_lo", "share_hi", "prob", "vocab_mass", "perplexity", "
           "lift", "lift_lo", "lift_hi", "target_prob", "nll"]  # fmt: skip
 
 
+PROMPTS = ["the market", "news:", "In other news"]
+
+
+def _two_latents(labels: list[str], **kw) -> steering.SteeringParams:
+    """Latents 5 and 11 toward ``labels``, every strength in full, 2 samples of 3 prompts."""
+    return steering.SteeringParams(
+        latents=[5, 11], labels=labels, mode="clamp", strengths=[0.5, 5.0], controls=["random"],
+        prompts=PROMPTS, max_new_tokens=3, samples_per_prompt=2, own_label_prompts=2,
+        check_labels="targets", classifier_fit_generations=2, classifier_test_fraction=0.25,
+        early_stop=False, stop_above_ppl=False, **kw,
+    )  # fmt: skip
+
+
 def _spy_calls(monkeypatch, sizes: bool = False) -> list:
     """Every generation call the sweep makes, in order: its rows ``[(prompt, sample)]``, or
     with ``sizes`` their number."""
@@ -200,15 +213,9 @@ def test_refined_strengths_run_in_one_call_and_join_the_sweep(
 
     monkeypatch.setattr(sweep, "_refine_next", between)
     sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
-    labels = list(demo_store.label_names[:2])
-    prompts = ["the market", "news:", "In other news"]
+    labels, prompts = list(demo_store.label_names[:2]), PROMPTS
     progress: list[tuple[int, int]] = []
-    params = steering.SteeringParams(
-        latents=[5, 11], labels=labels, mode="clamp", strengths=[0.5, 5.0], refine=2,
-        controls=["random"], prompts=prompts, max_new_tokens=3, samples_per_prompt=2,
-        own_label_prompts=2, check_labels="targets", classifier_fit_generations=2,
-        classifier_test_fraction=0.25, early_stop=False, stop_above_ppl=False, text_judge=False,
-    )  # fmt: skip
+    params = _two_latents(labels, refine=2, text_judge=False)
     res = steering.evaluate_steering(
         tiny_backend, sae, demo_store, params, on_progress=lambda d, t: progress.append((d, t))
     )
@@ -246,15 +253,9 @@ def test_refined_strengths_run_in_one_call_and_join_the_sweep(
 def test_the_best_strength_is_confirmed_on_fresh_samples(demo_store, tiny_backend, monkeypatch):
     calls = _spy_calls(monkeypatch)
     sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
-    labels = list(demo_store.label_names[:2])
-    prompts = ["the market", "news:", "In other news"]
+    labels, prompts = list(demo_store.label_names[:2]), PROMPTS
     progress: list[tuple[int, int]] = []
-    params = steering.SteeringParams(
-        latents=[5, 11], labels=labels, mode="clamp", strengths=[0.5, 5.0], refine=0,
-        controls=["random"], prompts=prompts, max_new_tokens=3, samples_per_prompt=2,
-        own_label_prompts=2, check_labels="targets", classifier_fit_generations=2,
-        classifier_test_fraction=0.25, early_stop=False, stop_above_ppl=False,
-    )  # fmt: skip
+    params = _two_latents(labels, refine=0)
     res = steering.evaluate_steering(
         tiny_backend, sae, demo_store, params, on_progress=lambda d, t: progress.append((d, t))
     )
