@@ -292,7 +292,11 @@ def test_the_best_strength_is_confirmed_on_fresh_samples(demo_store, tiny_backen
     )
     assert "confirm" not in set(off.table["prompts"]) and "confirm" not in set(off.table["control"])
     assert all("confirmed_share" not in lat for lat in off.summary["latents"])
-    # without it, every call but the first is the same as with it
+    greedy = steering.evaluate_steering(
+        tiny_backend, sae, demo_store, params.model_copy(update={"do_sample": False})
+    )
+    assert "confirm" not in set(greedy.table["prompts"]) and greedy.summary["confirm"] is False
+    # without it, every row is the same as with it
     pd.testing.assert_frame_equal(
         off.table.drop(columns=["prob"]),
         t[t["prompts"] != "confirm"].drop(columns=["prob"]).reset_index(drop=True),

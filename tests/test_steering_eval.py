@@ -118,7 +118,8 @@ def test_run_steering_eval_publishes_the_sweep_with_controls(published):
     assert progress[-1][0] == progress[-1][1] == len(progress)
     res = steer_eval.load_steering(out)
     t = res.sweep.set_index(["control", "prompts", "strength"], drop=False)
-    assert set(t["control"]) == {"unsteered", "alpha0", "steer", "random", "own_label", "confirm"}
+    # greedy decoding: no fresh samples, so no confirmation
+    assert set(t["control"]) == {"unsteered", "alpha0", "steer", "random", "own_label"}
     base = t[t["control"] == "unsteered"].iloc[0]
     alpha0 = t[t["control"] == "alpha0"].iloc[0]
     for col in ("share", "abstain", "vocab_mass", "perplexity", "distinct2"):
@@ -155,7 +156,7 @@ def test_every_steered_and_control_row_has_its_lift_over_the_unsteered_share(pub
     ref_of = {  # the unsteered set of each prompt set
         prompts: int(t.index[(t["control"].isin(["unsteered", "own_label"])) & t["strength"].isna()
                              & (t["prompts"] == prompts)][0])
-        for prompts in ("neutral", "own_label", "confirm")
+        for prompts in t["prompts"].unique()
     }  # fmt: skip
     for i, row in t.iterrows():
         if np.isnan(row["strength"]):  # an unsteered set is the reference itself

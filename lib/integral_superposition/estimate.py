@@ -274,7 +274,8 @@ def steering_tokens(s, n_labels: int = 8) -> float:
     else:
         steer = n_str * full_set
     n_ctrl = 1 if s.control_strengths == "best" else n_str
-    refine, confirm = getattr(s, "refine", 0), getattr(s, "confirm", False)
+    refine = getattr(s, "refine", 0)
+    confirm = getattr(s, "confirm", False) and getattr(s, "do_sample", True)
     per_latent = (
         steer
         + (refine + confirm) * full_set

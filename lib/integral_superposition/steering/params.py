@@ -85,7 +85,7 @@ class SteeringParams(BaseModel):
     refine: int = Field(1, ge=0)
     """Rounds of refinement after the grid. Where a latent's strongest strength within the fluency bound is followed by a stronger one beyond it whose share beat every fluent share, one more set runs in full at their geometric mean, and each round halves the bracket again (0: the grid only). The fluency bound then limits the best share, not the grid's spacing. The refined sets use the same sample indices as the grid's."""
     confirm: bool = True
-    """Run each latent's best strength again, and the unsteered model, on fresh sample indices (after the sweep's and the pilot's), in the controls' call: rows ``control="confirm"`` and ``control="unsteered"`` with ``prompts="confirm"``, and the summary's ``confirmed_*`` fields. The best strength is the highest of several noisy shares, so its own share leans high; the confirmation's is an estimate the choice never saw."""
+    """Run each latent's best strength again, and the unsteered model, on fresh sample indices (after the sweep's and the pilot's), in the controls' call: rows ``control="confirm"`` and ``control="unsteered"`` with ``prompts="confirm"``, and the summary's ``confirmed_*`` fields. The best strength is the highest of several noisy shares, so its own share leans high; the confirmation's is an estimate the choice never saw. Needs sampling: with ``do_sample=False`` every sample is the same continuation, so none runs."""
     stop_above_ppl: bool = True
     """Stop a latent's sweep after the first strength whose perplexity exceeds ``ppl_ratio_max`` x unsteered (stronger edits only get less fluent)."""
     pilot_candidates: int = Field(1, ge=1)

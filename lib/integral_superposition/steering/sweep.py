@@ -614,16 +614,15 @@ def evaluate_steering(
     targets = sorted({names.index(lb) for lb in picks["label"]})
     checked = list(range(len(names))) if p.check_labels == "all" else targets
     n_ctrl = 1 if p.control_strengths == "best" else len(p.strengths) + p.refine
+    confirm = p.confirm and p.do_sample  # greedy decoding has no fresh samples to draw
     per_latent = (
         len(p.strengths)
         + p.refine
-        + p.confirm
+        + confirm
         + ("alpha0" in p.controls)
         + n_ctrl * (("random" in p.controls) + ("own_label" in p.controls))
     )
-    rep.update(
-        0, 1 + len(checked) + n_pilot + n_final * per_latent + fit_gens + fit_none + p.confirm
-    )
+    rep.update(0, 1 + len(checked) + n_pilot + n_final * per_latent + fit_gens + fit_none + confirm)
 
     def generate(chunk: list[_Set]) -> list[_Raw]:
         """One generation call of every row of ``chunk``'s sets (in batches of at most
@@ -923,10 +922,10 @@ def evaluate_steering(
     # the confirmation: each best strength again, and the unsteered model, on sample indices
     # neither the sweep nor the pilot used, in the controls' call
     conf_first = p.samples_per_prompt + (p.pilot_samples if pilot_on else 0)
-    conf_keys = [k for k, b in enumerate(bests) if p.confirm and b is not None]
+    conf_keys = [k for k, b in enumerate(bests) if confirm and b is not None]
     conf_sets = [_Set(prompts, None, full, conf_first)] if conf_keys else []
     conf_sets += [_Set(prompts, edit_of(k, None, bests[k]), full, conf_first) for k in conf_keys]
-    skip(p.confirm * (len(lat_of) + 1) - len(conf_sets))
+    skip(confirm * (len(lat_of) + 1) - len(conf_sets))
     got = run_sets([*(_Set(pr, e, full) for _, _, _, e, pr in controls), *conf_sets], "controls")
     ctrl_scored, conf_scored = got[: len(controls)], got[len(controls) :]
     conf_of = dict(zip(conf_keys, conf_scored[1:], strict=True))
@@ -966,7 +965,7 @@ def evaluate_steering(
             stopped={st: sc.stopped for st, sc in steer_sets[k]},
         )  # fmt: skip
         lat["rank"] = int(pick["rank"])
-        if p.confirm:
+        if confirm:
             conf_m = conf_base_m = None
             if k in conf_of:
                 conf_ppl = conf_scored[0].metrics(c, None)["perplexity"]
@@ -1014,7 +1013,7 @@ def evaluate_steering(
         "samples_per_prompt": p.samples_per_prompt,
         "early_stop": p.early_stop,
         "refine": p.refine,
-        "confirm": p.confirm,
+        "confirm": confirm,
         "ppl_ratio_max": p.ppl_ratio_max,
         "classifier": clf,
         "latents": summary_latents,
