@@ -275,7 +275,7 @@ def steering_tokens(s, n_labels: int = 8) -> float:
         steer = n_str * full_set
     n_ctrl = 1 if s.control_strengths == "best" else n_str
     refine = getattr(s, "refine", 0)
-    confirm = getattr(s, "confirm", False) and getattr(s, "do_sample", True)
+    confirm = getattr(s, "confirms", False)
     per_latent = (
         steer
         + (refine + confirm) * full_set

@@ -133,6 +133,12 @@ class SteeringParams(BaseModel):
     device: str = "auto"
     """Torch device of the SAE scan: ``auto`` (the model's), ``cpu``, ``cuda:0``, ..."""
 
+    @property
+    def confirms(self) -> bool:
+        """Whether the confirmation runs: ``confirm`` with sampling (greedy decoding has no
+        fresh samples to draw)."""
+        return self.confirm and self.do_sample
+
     @model_validator(mode="after")
     def _group(self) -> SteeringParams:
         if self.group_size > 1:

@@ -349,17 +349,15 @@ def _refine_next(
     if not (base_ppl is not None and math.isfinite(base_ppl) and base_ppl > 0):
         return None
     ms = [(st, sc, sc.metrics(c, base_ppl)) for st, sc in sets]
-    fluent = [
-        (st, m["share"]) for st, sc, m in ms
-        if sc.stopped is None and math.isfinite(m["ppl_ratio"]) and m["ppl_ratio"] <= ppl_ratio_max
-    ]  # fmt: skip
+    within = {st: math.isfinite(m["ppl_ratio"]) and m["ppl_ratio"] <= ppl_ratio_max
+              for st, _, m in ms}  # fmt: skip
+    fluent = [(st, m["share"]) for st, sc, m in ms if sc.stopped is None and within[st]]
     if not fluent:
         return None
     lo, best = max(st for st, _ in fluent), max(sh for _, sh in fluent)
     above = [
         (st, m["share"]) for st, sc, m in ms
-        if st > lo and (sc.stopped == "perplexity" or (sc.stopped is None and not (
-            math.isfinite(m["ppl_ratio"]) and m["ppl_ratio"] <= ppl_ratio_max)))
+        if st > lo and (sc.stopped == "perplexity" or (sc.stopped is None and not within[st]))
     ]  # fmt: skip
     if not above:
         return None
@@ -614,7 +612,7 @@ def evaluate_steering(
     targets = sorted({names.index(lb) for lb in picks["label"]})
     checked = list(range(len(names))) if p.check_labels == "all" else targets
     n_ctrl = 1 if p.control_strengths == "best" else len(p.strengths) + p.refine
-    confirm = p.confirm and p.do_sample  # greedy decoding has no fresh samples to draw
+    confirm = p.confirms
     per_latent = (
         len(p.strengths)
         + p.refine
