@@ -106,6 +106,10 @@ def test_the_steering_reference_is_the_measured_sweep():
     assert steering_tokens(s) == pytest.approx(
         REFERENCE_STEER_WORK + (2 * (s.refine + 1) + 1) * full_set
     )
+    # each further draw of random latents adds a set per latent (two labels)
+    assert s.random_draws == 1
+    drawn = s.model_copy(update={"random_draws": 3})
+    assert steering_tokens(drawn) == pytest.approx(steering_tokens(s) + 2 * 2 * full_set)
     forced = load_preset("default", ["steering.classifier_abstain=false"])
     e = estimate_run(forced, CPU32, gflops=REFERENCE_GFLOPS)
     assert e.steps["steer"] == pytest.approx(

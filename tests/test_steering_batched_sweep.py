@@ -12,6 +12,7 @@ import pytest
 from integral_superposition import steering
 from integral_superposition.sae import SparseAutoencoder
 from integral_superposition.steering.generation import Generations
+from integral_superposition.steering.scores import wilson_interval
 from integral_superposition.steering.sweep import _refine_next, _Scored, _stop_reasons
 
 FLOATS = ["share", "share_lo", "share_hi", "prob", "vocab_mass", "perplexity", "ppl_ratio",
@@ -108,7 +109,9 @@ def test_one_call_per_group_of_sets_gives_the_tables_of_one_call_per_set(
     assert (steer_rows.loc[steer_rows["strength"] == 500.0, "stopped"] == "perplexity").all()
     assert (steer_rows.loc[steer_rows["strength"] == 500.0, "n"] == len(prompts)).all()
     whole = t["stopped"].isna() & (t["prompts"] == "neutral")
-    assert (t.loc[whole, "n"] == 2 * len(prompts)).all()
+    # the random control pools its draws (the default 3), each a whole set
+    assert (t.loc[whole, "n"] == 2 * len(prompts) * t.loc[whole, "draws"]).all()
+    assert (t.loc[t["control"] == "random", "draws"] == params.random_draws).all()
     # calls: the unsteered sets, each round of the strengths, the controls; against one per set
     # (the classifier's fitting set and its "none" set (2 topic-neutral openings), the neutral
     # set, a check per label, every round of every strength, every control)
@@ -116,9 +119,12 @@ def test_one_call_per_group_of_sets_gives_the_tables_of_one_call_per_set(
         2 * 8 + 2 + 2 * len(prompts) + len(batched.check_generations),
         3 * 2 * len(prompts),
         2 * 2 * len(prompts),
-        int(t.loc[t["strength"].notna() & (t["control"] != "steer"), "n"].sum()),
+        int(t.loc[t["strength"].notna() & (t["control"] != "steer"), "n"].sum())
+        + (params.random_draws - 1) * 2 * len(prompts),  # the later draws' unsteered sets
     ]
-    n_ctrl = int((t["strength"].notna() & (t["control"] != "steer")).sum())
+    # the control sets (each random draw one), and the unsteered sets of the later draws
+    n_ctrl = int(t.loc[t["strength"].notna() & (t["control"] != "steer"), "draws"].sum())
+    n_ctrl += params.random_draws - 1
     assert n_alone == 1 + 1 + 1 + len(labels) + steer_rows["n"].sum() // len(prompts) + n_ctrl
 
 
@@ -265,8 +271,13 @@ def test_the_best_strength_is_confirmed_on_fresh_samples(demo_store, tiny_backen
     # strength, on samples 2 and 3 of every prompt (the sweep used 0 and 1)
     n = len(prompts)
     last = calls[-1]
-    assert [smp for _, smp in last[: -3 * 2 * n]] == [0] * n + [1] * n + [0] * n + [1] * n
-    assert [smp for _, smp in last[-3 * 2 * n :]] == ([2] * n + [3] * n) * 3
+    # (before it, the random control's three draws of both latents: the first on the sweep's
+    # samples, the others on 4-5 and 6-7; after it, the unsteered model on those)
+    draw = [[0] * n + [1] * n, [4] * n + [5] * n, [6] * n + [7] * n]
+    assert params.random_draws == 3
+    assert [smp for _, smp in last] == (
+        (draw[0] + draw[1] + draw[2]) * 2 + ([2] * n + [3] * n) * 3 + draw[1] + draw[2]
+    )
     for lat in res.summary["latents"]:
         assert lat["best_strength"] is not None
         mine = t[(t["label"] == lat["label"]) & (t["prompts"] == "confirm")]
@@ -309,3 +320,73 @@ def steer_eval_text(res) -> str:
     from integral_superposition.pipelines.steer_eval import _latent_line
 
     return " ".join(_latent_line(lat) for lat in res.summary["latents"])
+
+
+def test_the_random_control_pools_independent_draws(demo_store, tiny_backend, monkeypatch):
+    calls = _spy_calls(monkeypatch)
+    sae = SparseAutoencoder(tiny_backend.d_model, 64, seed=4)
+    labels, n = list(demo_store.label_names[:2]), len(PROMPTS)
+    progress: list[tuple[int, int]] = []
+    params = _two_latents(labels, refine=0, confirm=False, random_draws=3)
+    res = steering.evaluate_steering(
+        tiny_backend, sae, demo_store, params, on_progress=lambda d, t: progress.append((d, t))
+    )
+    assert progress[-1][0] == progress[-1][1]
+    # the controls' call: three random sets per latent, draw 0 on the sweep's samples 0 and 1,
+    # draws 1 and 2 on samples 4-5 and 6-7 (after the confirmation's 2-3), then the unsteered
+    # model on samples 4-5 and 6-7 once for both latents
+    draw = {0: [0] * n + [1] * n, 1: [4] * n + [5] * n, 2: [6] * n + [7] * n}
+    assert [smp for _, smp in calls[-1]] == ((draw[0] + draw[1] + draw[2]) * 2 + draw[1] + draw[2])
+    one = steering.evaluate_steering(
+        tiny_backend, sae, demo_store, params.model_copy(update={"random_draws": 1})
+    )
+    t, g, g1 = res.table, res.generations, one.generations
+    for lat, lat1 in zip(res.summary["latents"], one.summary["latents"], strict=True):
+        label, best = lat["label"], lat["best_strength"]
+        mine = t[(t["label"] == label) & (t["prompts"] == "random")]
+        assert mine["control"].tolist() == ["unsteered", "random"]
+        base, row = mine.iloc[0], mine.iloc[1]
+        assert row["strength"] == best and (mine["n"] == 3 * 2 * n).all()
+        assert (mine["draws"] == 3).all()
+        texts = g[(g["label"] == label) & (g["control"] == "random")]
+        assert texts["draw"].tolist() == [0] * 2 * n + [1] * 2 * n + [2] * 2 * n
+        # draw 0 is the one-draw control, on the sweep's samples; its unsteered rows are the
+        # sweep's unsteered set
+        rand1 = g1[(g1["label"] == label) & (g1["control"] == "random")]
+        assert texts.loc[texts["draw"] == 0, "text"].tolist() == rand1["text"].tolist()
+        unst = g[(g["label"] == label) & (g["control"] == "unsteered")]
+        pooled = unst[unst["prompts"] == "random"]
+        assert pooled.loc[pooled["draw"] == 0, "text"].tolist() == (
+            unst.loc[unst["prompts"] == "neutral", "text"].tolist()
+        )
+        # later draws are fresh samples: the unsteered texts differ from draw 0's
+        assert pooled.loc[pooled["draw"] == 1, "text"].tolist() != (
+            pooled.loc[pooled["draw"] == 0, "text"].tolist()
+        )
+        assert lat["random_samples"] == [[0, 1], [4, 5], [6, 7]]
+        assert lat1["random_samples"] == [[0, 1]] and "random_baseline_share" not in lat1
+        draws = lat["random_draws"]
+        assert len(draws) == 3 and draws[0] == [lat1["random_latent"]] == [lat["random_latent"]]
+        assert len({d[0] for d in draws}) > 1
+        # the pooled share is the draws' hits over all their rows, and their mean share
+        hit = texts["predicted"] == label
+        shares = hit.groupby(texts["draw"]).mean().tolist()
+        assert lat["random_draw_shares_at_best"] == pytest.approx(shares)
+        assert row["hits"] == hit.sum() and row["share"] == pytest.approx(np.mean(shares))
+        assert lat["random_share_at_best"] == pytest.approx(row["share"])
+        lo, hi = wilson_interval(int(hit.sum()), 3 * 2 * n)
+        assert (row["share_lo"], row["share_hi"]) == pytest.approx((lo, hi))
+        # each draw's continuation is paired with the unsteered one of its prompt and sample
+        assert row["lift"] == pytest.approx(row["share"] - base["share"])
+        assert lat["random_lift_at_best"] == pytest.approx(row["lift"])
+        assert lat["random_baseline_share"] == pytest.approx(base["share"])
+        assert row["ppl_ratio"] == pytest.approx(row["perplexity"] / base["perplexity"])
+    # every other row is the one-draw run's
+    keep = ~t["prompts"].eq("random")
+    pd.testing.assert_frame_equal(
+        t[keep].drop(columns=["prob"]).reset_index(drop=True),
+        one.table[one.table["control"] != "random"].drop(columns=["prob"]).reset_index(drop=True),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    line = steer_eval_text(res)
+    assert "(1 of 3 draws; by draw" in line and "draws; by draw" not in steer_eval_text(one)

@@ -80,20 +80,26 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(
     full = len(prompts) * params.samples_per_prompt
     steer_rows = t[t["control"] == "steer"]
     assert sorted(steer_rows["strength"]) == [0.5, 5.0, 500.0]
-    # every set is whole rounds of one continuation per prompt
-    assert (t["n"] % len(prompts) == 0).all() and (t["n"] <= full).all()
-    assert (t.loc[t["stopped"].isna(), "n"] == full).all()
+    # every set is whole rounds of one continuation per prompt (the random control: its
+    # draws' sets pooled)
+    per_set = t["n"] / t["draws"]
+    assert (per_set % len(prompts) == 0).all() and (per_set <= full).all()
+    assert (per_set[t["stopped"].isna()] == full).all()
     assert (t.loc[t["stopped"].notna(), "n"] < full).all()
     assert set(t["stopped"].dropna()) <= {"perplexity", "cannot win"}
     assert t.loc[t["control"] != "steer", "stopped"].isna().all()  # controls run in full
     # steered and unsteered rounds draw the same random numbers: the identity edit equals
-    base = ev.generations[ev.generations["control"] == "unsteered"]
+    base = ev.generations[
+        (ev.generations["control"] == "unsteered") & (ev.generations["prompts"] == "neutral")
+    ]
     alpha0 = ev.generations[ev.generations["control"] == "alpha0"]
     assert base["text"].tolist() == alpha0["text"].tolist()
     assert base["prompt"].tolist() == prompts * params.samples_per_prompt  # sample-major rows
     # one call of the unsteered sets, one per round of the strengths still running (all of
     # them in the first), one of the controls
-    ctrl_sets = int(t["control"].isin(["alpha0", "random"]).sum())
+    # (each random draw a set, and the unsteered sets of the draws after the first)
+    ctrl_sets = int(t.loc[t["control"].isin(["alpha0", "random"]), "draws"].sum())
+    ctrl_sets += params.random_draws - 1
     n_rounds = int(steer_rows["n"].max() // len(prompts))
     assert len(calls) == 2 + n_rounds
     assert calls[0] == full + len(ev.check_generations)
@@ -128,10 +134,14 @@ def test_early_stopped_sweep_keeps_the_winner_and_controls_complete(
         one = wg.loc[(wg["control"] == "steer") & (wg["strength"] == st), "text"].tolist()
         assert len(one) == full and rounds == one[: len(rounds)]
     assert wg.loc[wg["control"] == "unsteered", "text"].tolist() == base["text"].tolist()
+    # the random control's later draws ran on fresh samples beside the unsteered model's
+    pooled = eg[(eg["control"] == "unsteered") & (eg["prompts"] == "random")]
+    assert pooled.loc[pooled["draw"] == 0, "text"].tolist() == base["text"].tolist()
+    assert sorted(set(pooled["draw"])) == list(range(params.random_draws))
     # the outputs keep their columns
     assert list(wg.columns) == list(ev.generations.columns) == [
         "set", "latent", "label", "control", "strength", "prompts", "prompt", "text",
-        "predicted", "target_prob", "n_tokens", "nll", "predicted_text",
+        "predicted", "target_prob", "n_tokens", "nll", "predicted_text", "draw",
     ]  # fmt: skip
     assert list(w.columns) == list(t.columns)
 

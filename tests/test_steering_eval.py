@@ -285,6 +285,44 @@ def test_a_group_gets_as_many_distinct_neutral_random_latents_each_matched_to_a_
     )
 
 
+def test_random_draws_keep_draw_0_and_draw_each_pick_independently():
+    # latents 0, 1: the group (a); 2: enriched for b; 3..7: neutral
+    tok = _token_table(
+        [1e-9, 1, 1e-8, 1, 1, 1e-7] + [0.5, 1] * 5,
+        [3.0, -1, 2.0, -1, -1, 2.0] + [0.1, 0.2] * 5,
+        True,
+    )
+    norms = np.array([2.0, 1.0, 1.0, 4.0, 0.5, 1.0, 2.0, 8.0])
+    group = pd.DataFrame({"label": ["a", "b"], "latent": [0, 2], "members": [[0, 1], [2, 1]]})
+    for picks in (group, group.drop(columns="members")):
+        for seed in range(5):
+            one = picking.random_controls(picks, tok, norms, 1e-3, seed)
+            many = picking.random_controls(picks, tok, norms, 1e-3, seed, draws=4)
+            # draw 0 is the single draw, and its columns are unchanged
+            drawn = ["random_draws", "random_draw_ratios"]
+            pd.testing.assert_frame_equal(many.drop(columns=drawn), one.drop(columns=drawn))
+            assert [d[:1] for d in many["random_draws"]] == list(one["random_draws"])
+            for _, row in many.iterrows():
+                members = row["members"] if "members" in picks else [row["latent"]]
+                assert row["random_draws"][0][0] == row["random_latent"]
+                assert len(row["random_draws"]) == len(row["random_draw_ratios"]) == 4
+                for d, rt in zip(row["random_draws"], row["random_draw_ratios"], strict=True):
+                    assert len(set(d)) == len(members) and set(d) <= {3, 4, 5, 6, 7}
+                    assert rt == pytest.approx(
+                        [norms[m] / norms[r] for m, r in zip(members, d, strict=True)]
+                    )
+    # the draws differ: over seeds, later draws are not copies of draw 0
+    differs = [
+        len({tuple(d) for d in picking.random_controls(group, tok, norms, 1e-3, seed, draws=3)
+             .iloc[0]["random_draws"]}) > 1
+        for seed in range(10)
+    ]  # fmt: skip
+    assert sum(differs) >= 8
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"draws={bad!r}: expected a positive whole number"):
+            picking.random_controls(group, tok, norms, 1e-3, 0, draws=bad)
+
+
 def test_group_picks_keeps_each_labels_best_latents_in_rank_order():
     picks = pd.DataFrame({
         "label": ["a", "a", "a", "b", "b"], "latent": [7, 2, 9, 4, 1],

@@ -60,14 +60,18 @@ def test_pilot_draws_fresh_samples_and_the_sweep_runs_its_pick(
     assert (pilot.groupby("label")["latent"].nunique() == 3).all()
     assert len(pilot) == 2 * 3 * 2 and (pilot["n"] == 2 * 2).all()
     # the pilot's call draws sample indices 2, 3; the confirmation (in the controls' call,
-    # the last) 4, 5; every other row only 0, 1
+    # the last) 4, 5; every other row before it only 0, 1
     pilot_calls = [c for c in calls[:-1] if any(s >= 2 for _, s in c)]
     assert len(pilot_calls) == 1 and {s for _, s in pilot_calls[0]} == {2, 3}
     assert len(pilot_calls[0]) == pilot["n"].sum()
     assert all(s < 2 for c in calls[:-1] if c is not pilot_calls[0] for _, s in c)
     fresh = [s for _, s in calls[-1] if s >= 2]
     n_confirm = int((ev.table["prompts"] == "confirm").sum()) - len(labels) + 1  # one unsteered
-    assert set(fresh) == {4, 5} and len(fresh) == n_confirm * 2 * 2
+    assert sum(s in (4, 5) for s in fresh) == n_confirm * 2 * 2
+    # the random control's later draws (and the unsteered model beside them): 6-7 and 8-9
+    assert set(fresh) == {4, 5, 6, 7, 8, 9} and params.random_draws == 3
+    for lat in ev.summary["latents"]:
+        assert lat["random_samples"] == [[0, 1], [6, 7], [8, 9]]
     assert all(lat["confirm_samples"] == [4, 5] for lat in ev.summary["latents"])
     # one latent per label is swept: the pilot's pick by its rule
     chosen = pilot_choice(pilot, 1, params.ppl_ratio_max)

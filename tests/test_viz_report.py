@@ -288,9 +288,10 @@ def test_headline_dead_latents_come_from_the_count_over_the_most_tokens():
     assert alone["dead latents"].value == "1.42%"
 
 
-def _steering_row(tmp_path, members: list[int], randoms: list[int]):
+def _steering_row(tmp_path, members: list[int], randoms: list[int], more: int = 0):
     """The headline's steering row of a published summary whose one entry steers ``members``
-    (Sports, 0.8 [0.67, 0.89]) with ``randoms`` as its control (0.15 [0.07, 0.27])."""
+    (Sports, 0.8 [0.67, 0.89]) with ``randoms`` as its control (0.15 [0.07, 0.27]), and
+    ``more`` further draws of random latents pooled with it."""
     from integral_superposition.viz.headline import headline_rows
 
     out = str(tmp_path / "steering")
@@ -299,6 +300,8 @@ def _steering_row(tmp_path, members: list[int], randoms: list[int]):
            "best_share_hi": 0.89, "random_latent": randoms[0], "random_members": randoms,
            "random_share_at_best": 0.15, "random_share_at_best_lo": 0.07,
            "random_share_at_best_hi": 0.27, "classifier_valid": True}  # fmt: skip
+    if more:
+        lat["random_draws"] = [randoms] + [[r + 1 + d for r in randoms] for d in range(more)]
     data = storage.canonical_json({"n_prompts": 12, "latents": [lat]}).encode()
     storage.write_bytes(storage.join(out, "summary.json"), data)
     storage.write_manifest(out, "steering", {}, {"summary.json": storage.file_entry("", data)})
@@ -318,3 +321,10 @@ def test_steering_row_of_a_large_group_names_four_members_and_counts_them(tmp_pa
     assert row.control_shown == (
         "random latents 1000, 1001, 1002, 1003, ... (256 latents): 0.15 [0.07, 0.27]"
     )
+
+
+def test_steering_row_of_a_pooled_random_control_says_how_many_draws(tmp_path):
+    row = _steering_row(tmp_path, [1298, 734], [12, 40], more=2)
+    assert row.control_shown == "random latents 12, 40 and 2 more draws: 0.15 [0.07, 0.27]"
+    one = _steering_row(tmp_path / "one", [1298], [12], more=1)
+    assert one.control_shown == "random latent 12 and 1 more draw: 0.15 [0.07, 0.27]"

@@ -62,7 +62,8 @@ steps) and ``load`` (the model load) share the 45 s outside them."""
 REFERENCE_STEER_WORK = 7848.0
 """The steering work (:func:`steering_tokens`) of the sweep ``REFERENCE_S["steer"]`` was
 measured on: the default preset's steering (with the classifier's "none" continuations),
-before the refinement and the confirmation (``refine=0, confirm=False``).
+before the refinement and the confirmation (``refine=0, confirm=False``), with one draw of
+random latents (``random_draws=1``).
 Any other sweep is scaled by its work over this one."""
 
 _GPU_SPEEDUP_CAP = 12.0
@@ -259,7 +260,8 @@ def steering_tokens(s, n_labels: int = 8) -> float:
     classifier check, the classifier's fitting continuations and its "none" continuations
     (generated but not scored for perplexity: half a continuation's cost), the pilot among
     candidate latents and per steered latent its strengths (with each ``refine`` round, counted
-    as run), its confirmation and its controls (with the confirmation's unsteered set).
+    as run), its confirmation and its controls (``random_draws`` random sets, and the confirmation's
+    unsteered set).
     With ``early_stop`` about two strengths of each latent run in full and the others one
     round. ``n_labels``: labels of the data when ``s.labels`` does not say (the demo corpus
     has 8)."""
@@ -280,7 +282,7 @@ def steering_tokens(s, n_labels: int = 8) -> float:
         steer
         + (refine + confirm) * full_set
         + ("alpha0" in s.controls) * full_set
-        + n_ctrl * ("random" in s.controls) * full_set
+        + n_ctrl * ("random" in s.controls) * getattr(s, "random_draws", 1) * full_set
         + n_ctrl * ("own_label" in s.controls) * s.own_label_prompts * rounds
     )
     checks = (targets if s.check_labels == "targets" else n_labels) * s.own_label_prompts * rounds

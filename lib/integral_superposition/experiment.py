@@ -169,14 +169,15 @@ class ExperimentConfig(Section):
             check_labels="targets",
             classifier_fit_generations=12,
             controls=["random", "own_label"],
+            random_draws=1,
         )
     )
     """Steering evaluation parameters (two labels, strengths 0.125-2 x max activation, strongest
     first, each stopped early once it is clearly above 2x perplexity or cannot win, 48
     continuations per complete set, the classifier fitted on documents and 12 continuations of
     training documents per label and checked on the target labels' own prompts, random and
-    own-label controls at the best strength; the ``thorough`` preset steers every label with
-    every control at every strength)."""
+    own-label controls at the best strength, one draw of random latents; the ``thorough``
+    preset steers every label with every control at every strength)."""
     report: ReportOptions = Field(default_factory=ReportOptions)
     """Report options."""
 

@@ -263,6 +263,15 @@ def _none(lat: Mapping[str, Any], key: str) -> str:
     return f" ({v:.2f} no label)" if v else ""
 
 
+def _draws(lat: Mapping[str, Any]) -> str:
+    """The random control's draws when it pooled several: ``" (1 of 3 draws; by draw 0.10,
+    0.04, 0.06)"``, else ``""``."""
+    shares = lat.get("random_draw_shares_at_best") or []
+    if len(shares) < 2:
+        return ""
+    return f" (1 of {len(shares)} draws; by draw {', '.join(f'{x:.2f}' for x in shares)})"
+
+
 def _latent_line(lat: Mapping[str, Any]) -> str:
     """One sentence per steered latent: unsteered share, the best fluent share and each
     control at that strength, each with its 95% interval and its lift over the unsteered
@@ -292,7 +301,8 @@ def _latent_line(lat: Mapping[str, Any]) -> str:
             line += (
                 f"; random latent{'s' if len(group) > 1 else ''} "
                 f"{latent_list(lat.get('random_members') or [lat['random_latent']])}"
-                " at that strength: "
+                + _draws(lat)
+                + " at that strength: "
                 f"{lat['random_share_at_best']:.2f}{_ci(lat, 'random_share_at_best')}"
                 f"{_lift(lat, 'random_lift_at_best')}" + _none(lat, "random_abstain_at_best")
             )

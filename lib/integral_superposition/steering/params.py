@@ -78,6 +78,8 @@ class SteeringParams(BaseModel):
     """Keep the SAE error term (``x + dec(z') - dec(z)``); False replaces ``x`` by ``dec(z')``."""
     controls: list[Control] = Field(default_factory=lambda: ["alpha0", "random", "own_label"])
     """Control rows to add."""
+    random_draws: int = Field(3, ge=1)
+    """Independent draws of the ``random`` control's latents (each latent or group member replaced by a random latent, its edit scaled to the member's decoder norm), each run at every control strength. Draw 0 runs on the sweep's sample indices (the single draw of ``random_draws=1``); draw ``g > 0`` on sample indices of its own after the confirmation's, beside one unsteered set on the same indices that every latent shares. With several draws the ``random`` row (``prompts="random"``) pools them: ``n`` is ``random_draws`` x continuations, its share and interval count all of them, and its lift and perplexity ratio are against the row ``unsteered`` with ``prompts="random"`` (the unsteered sets of the same indices). One draw measures one direction on one sample of 48; the pool measures what an edit of that size in no chosen direction does to the share. The summary gives each draw's share."""
     control_strengths: Literal["best", "all"] = "best"
     """Strengths of the ``random`` and ``own_label`` controls: the target's best strength within the fluency bound (``best``), or every strength the target ran (``all``)."""
     early_stop: bool = True

@@ -342,7 +342,12 @@ def target_latents(
 
 
 def random_controls(
-    picks: pd.DataFrame, tok_table: pd.DataFrame, norms: np.ndarray, q_max: float, seed: int
+    picks: pd.DataFrame,
+    tok_table: pd.DataFrame,
+    norms: np.ndarray,
+    q_max: float,
+    seed: int,
+    draws: int = 1,
 ) -> pd.DataFrame:
     """For each steered latent, a random latent that fired in the data and is enriched for no
     label (a topic-neutral perturbation; if there is none, one not enriched for the target
@@ -351,7 +356,13 @@ def random_controls(
     A pick with a ``members`` column (a group steered together, :func:`group_picks`) gets as
     many distinct random latents, none of them a member: ``random_members`` and
     ``random_ratios`` (member ``i``'s decoder norm over random latent ``i``'s), with the first
-    as ``random_latent`` and ``random_ratio``."""
+    as ``random_latent`` and ``random_ratio``.
+
+    ``draws``: independent draws per pick, ``random_draws`` (``[draws][members]`` latents, -1
+    where there is no candidate) and ``random_draw_ratios``. Draw 0 is the one above, the
+    same as with ``draws=1``; the later draws follow it from the same generator."""
+    if isinstance(draws, bool) or int(draws) != draws or draws < 1:
+        raise ValueError(f"draws={draws!r}: expected a positive whole number")
     t = tok_table.assign(label=tok_table["label"].astype(str))
     fired = np.zeros(norms.shape[0], dtype=bool)
     fired[t.loc[t["fires"], "latent"].to_numpy()] = True
@@ -364,7 +375,7 @@ def random_controls(
         if "members" in picks
         else [[int(j)] for j in picks["latent"]]
     )
-    randoms: list[list[int]] = []
+    cands_of = []
     for label, members in zip(picks["label"], groups, strict=True):
         ok = neutral.copy()
         ok[members] = False
@@ -372,23 +383,37 @@ def random_controls(
             ok = fired.copy()
             ok[t.loc[enriched & (t["label"] == label), "latent"].to_numpy()] = False
             ok[members] = False
-        cands = np.flatnonzero(ok)
-        if cands.size < len(members):
-            randoms.append([-1] * len(members))
-        elif len(members) == 1:
-            randoms.append([int(rng.choice(cands))])
-        else:
-            randoms.append([int(r) for r in rng.choice(cands, len(members), replace=False)])
-    ratios = [
-        [float(norms[j] / norms[r]) if r >= 0 else float("nan") for j, r in zip(m, rs, strict=True)]
-        for m, rs in zip(groups, randoms, strict=True)
+        cands_of.append(np.flatnonzero(ok))
+    # every pick's draw 0 first, so that it is the draw of draws=1
+    by_draw: list[list[list[int]]] = []
+    for _ in range(int(draws)):
+        randoms: list[list[int]] = []
+        for members, cands in zip(groups, cands_of, strict=True):
+            if cands.size < len(members):
+                randoms.append([-1] * len(members))
+            elif len(members) == 1:
+                randoms.append([int(rng.choice(cands))])
+            else:
+                randoms.append([int(r) for r in rng.choice(cands, len(members), replace=False)])
+        by_draw.append(randoms)
+
+    def ratio(j: int, r: int) -> float:
+        return float(norms[j] / norms[r]) if r >= 0 else float("nan")
+
+    draws_of = [[d[i] for d in by_draw] for i in range(len(groups))]
+    ratios_of = [
+        [[ratio(j, r) for j, r in zip(m, rs, strict=True)] for rs in ds]
+        for m, ds in zip(groups, draws_of, strict=True)
     ]
     out = picks.assign(
-        random_latent=[rs[0] for rs in randoms], random_ratio=[rt[0] for rt in ratios]
+        random_latent=[ds[0][0] for ds in draws_of],
+        random_ratio=[rt[0][0] for rt in ratios_of],
     )
     if "members" in picks:
-        out = out.assign(random_members=randoms, random_ratios=ratios)
-    return out
+        out = out.assign(
+            random_members=[ds[0] for ds in draws_of], random_ratios=[rt[0] for rt in ratios_of]
+        )
+    return out.assign(random_draws=draws_of, random_draw_ratios=ratios_of)
 
 
 def group_picks(picks: pd.DataFrame, group_size: int) -> pd.DataFrame:

@@ -435,6 +435,15 @@ def confirmed_summary(
     }  # fmt: skip
 
 
+def _shift(m: Mapping[str, Any], base_m: Mapping[str, Any]) -> float:
+    """How far a control's share moved: its lift over the unsteered share of the same samples,
+    else its distance to ``base_m``'s share."""
+    lift = m.get("lift")
+    if lift is not None and np.isfinite(lift):
+        return abs(float(lift))
+    return abs(m["share"] - base_m["share"])
+
+
 def latent_summary(
     j: int,
     label: str,
@@ -483,7 +492,7 @@ def latent_summary(
         "strengths_run": [float(x) for x in tab["strength"]],
         "random_latent": r,
         **_at(dict(rand_ms), at, "random"),
-        "random_max_shift": max((abs(m["share"] - base_m["share"]) for _, m in rand_ms), default=None),
+        "random_max_shift": max((_shift(m, base_m) for _, m in rand_ms), default=None),
         "own_label_baseline_share": own_base_m["share"] if own_base_m else None,
         **_at(dict(own_ms), at, "own_label"),
     }  # fmt: skip

@@ -618,9 +618,15 @@ def evaluate_steering(
         + p.refine
         + confirm
         + ("alpha0" in p.controls)
-        + n_ctrl * (("random" in p.controls) + ("own_label" in p.controls))
+        + n_ctrl * (("random" in p.controls) * p.random_draws + ("own_label" in p.controls))
     )
-    rep.update(0, 1 + len(checked) + n_pilot + n_final * per_latent + fit_gens + fit_none + confirm)
+    # the unsteered sets of the random control's later draws (shared by every latent)
+    draw_bases = ("random" in p.controls) * (p.random_draws - 1)
+    rep.update(
+        0,
+        1 + len(checked) + n_pilot + n_final * per_latent + fit_gens + fit_none + confirm
+        + draw_bases,
+    )  # fmt: skip
 
     def generate(chunk: list[_Set]) -> list[_Raw]:
         """One generation call of every row of ``chunk``'s sets (in batches of at most
@@ -809,7 +815,7 @@ def evaluate_steering(
         ]
         keep = [(lb, j) in won for lb, j in zip(picks["label"], picks["latent"], strict=True)]
         picks = picks[keep].reset_index(drop=True)
-    picks = random_controls(picks, tok_table, norms, p.q_max, p.seed)
+    picks = random_controls(picks, tok_table, norms, p.q_max, p.seed, p.random_draws)
 
     rows: list[dict[str, Any]] = []
     gen_frames: list[pd.DataFrame] = []
@@ -827,9 +833,10 @@ def evaluate_steering(
 
     def record(s: _Scored, pick, control: str, prompt_set: str, base_ppl: float | None,
                strength: float = float("nan"), edit: tuple[Edit, ...] | None = None,
-               ref: _Scored | None = None) -> dict[str, Any]:  # fmt: skip
+               ref: _Scored | None = None, draws: int = 1) -> dict[str, Any]:  # fmt: skip
         """One row of the table; ``ref``: the unsteered set of the same prompts, whose share
-        the row's ``lift`` is measured from (None for that set itself)."""
+        the row's ``lift`` is measured from (None for that set itself); ``draws``: the random
+        control's draws pooled in ``s``, in order, each as many rows as ``ref``."""
         c = names.index(pick["label"])
         m = s.metrics(c, base_ppl)
         lift = lift_over(s.predicted, c, ref.predicted if ref is not None else None)
@@ -844,7 +851,7 @@ def evaluate_steering(
             "steered_latents": [e.latent for e in edit] if edit else [],
             "prompts": prompt_set, **m, "classifier_accuracy": classifier.accuracy,
             "classifier_valid": check.judged.get(pick["label"], False),
-            "stopped": s.stopped, "refined": s.refined,
+            "stopped": s.stopped, "refined": s.refined, "draws": draws,
         })  # fmt: skip
         gen_frames.append(pd.DataFrame({
             "set": len(rows) - 1, "latent": int(pick["latent"]), "label": pick["label"],
@@ -853,6 +860,7 @@ def evaluate_steering(
             "predicted": [shown[i] for i in s.predicted],
             "target_prob": s.proba[:, c], "n_tokens": s.n_tok, "nll": s.nll,
             **({"predicted_text": [shown[i] for i in by_text]} if by_text is not None else {}),
+            "draw": np.repeat(np.arange(draws), len(s.gens.texts) // draws),
         }))  # fmt: skip
         return m
 
@@ -884,7 +892,8 @@ def evaluate_steering(
 
     # the controls of every latent, in one call: alpha0 (the identity edit), the random latent
     # and the same latent on its own label's prompts at the control strengths
-    controls: list[tuple[int, str, float, Edit, list[str]]] = []  # (pick, control, st, ...)
+    # (pick, control, strength, edit, prompts, draw of the random control)
+    controls: list[tuple[int, str, float, tuple[Edit, ...], list[str], int]] = []
     bests: list[float | None] = []
     for k, (j, c) in enumerate(lat_of):
         best = pick_best_strength(
@@ -899,23 +908,23 @@ def evaluate_steering(
         else:
             ctrl = [st for st, _ in steer_sets[k]]
         if "alpha0" in p.controls:
-            controls.append((k, "alpha0", 0.0, (Edit(j, "add", 0.0),), prompts))
+            controls.append((k, "alpha0", 0.0, (Edit(j, "add", 0.0),), prompts, 0))
         r = int(pick_rows[k]["random_latent"])
         if "random" in p.controls:
             pk = pick_rows[k]
-            r_lat = list(pk["random_members"]) if "random_members" in pk else [r]
-            r_ratio = (
-                list(pk["random_ratios"]) if "random_ratios" in pk else [float(pk["random_ratio"])]
-            )
             if r >= 0:
                 controls += [
-                    (k, "random", st, edit_of(k, r_lat, st, r_ratio), prompts) for st in ctrl
+                    (k, "random", st, edit_of(k, list(r_lat), st, list(r_ratio)), prompts, g)
+                    for st in ctrl
+                    for g, (r_lat, r_ratio) in enumerate(
+                        zip(pk["random_draws"], pk["random_draw_ratios"], strict=True)
+                    )
                 ]
-            skip(n_ctrl - (len(ctrl) if r >= 0 else 0))
+            skip((n_ctrl - (len(ctrl) if r >= 0 else 0)) * p.random_draws)
         if "own_label" in p.controls:
             if c in own_sets:
                 own = own_sets[c][0]
-                controls += [(k, "own_label", st, edit_of(k, None, st), own) for st in ctrl]
+                controls += [(k, "own_label", st, edit_of(k, None, st), own, 0) for st in ctrl]
             skip(n_ctrl - (len(ctrl) if c in own_sets else 0))
     # the confirmation: each best strength again, and the unsteered model, on sample indices
     # neither the sweep nor the pilot used, in the controls' call
@@ -924,8 +933,19 @@ def evaluate_steering(
     conf_sets = [_Set(prompts, None, full, conf_first)] if conf_keys else []
     conf_sets += [_Set(prompts, edit_of(k, None, bests[k]), full, conf_first) for k in conf_keys]
     skip(confirm * (len(lat_of) + 1) - len(conf_sets))
-    got = run_sets([*(_Set(pr, e, full) for _, _, _, e, pr in controls), *conf_sets], "controls")
-    ctrl_scored, conf_scored = got[: len(controls)], got[len(controls) :]
+    # the random control's draw g > 0 runs on samples of its own after the confirmation's,
+    # beside the unsteered model on the same samples (one set per draw for every latent)
+    drawn = sorted({g for _, ctl, _, _, _, g in controls if ctl == "random" and g > 0})
+    draw_first = {0: 0, **{g: conf_first + g * full for g in drawn}}
+    base_sets = [_Set(prompts, None, full, draw_first[g]) for g in drawn]
+    skip(draw_bases - len(base_sets))
+    got = run_sets(
+        [*(_Set(pr, e, full, draw_first[g]) for _, _, _, e, pr, g in controls), *conf_sets,
+         *base_sets], "controls",
+    )  # fmt: skip
+    ctrl_scored = got[: len(controls)]
+    conf_scored = got[len(controls) : len(controls) + len(conf_sets)]
+    base_of_draw = {0: base, **dict(zip(drawn, got[len(got) - len(base_sets) :], strict=True))}
     conf_of = dict(zip(conf_keys, conf_scored[1:], strict=True))
     _advance(rep, len(got))
 
@@ -933,7 +953,7 @@ def evaluate_steering(
     summary_latents = []
     for k, (j, c) in enumerate(lat_of):
         pick, base_ppl = pick_rows[k], base_ppls[k]
-        mine = [(ctl, st, e, sc) for (kk, ctl, st, e, _), sc
+        mine = [(ctl, st, e, sc) for (kk, ctl, st, e, _, _), sc
                 in zip(controls, ctrl_scored, strict=True) if kk == k]  # fmt: skip
         base_m = record(base, pick, "unsteered", "neutral", base_ppl)
         for _, st, e, sc in (x for x in mine if x[0] == "alpha0"):
@@ -942,11 +962,28 @@ def evaluate_steering(
             (st, record(sc, pick, "steer", "neutral", base_ppl, st, edit_of(k, None, st), base))
             for st, sc in steer_sets[k]
         ]
+        # the random control's draws at a strength, pooled into one row (draw order); with
+        # several, against the unsteered model on the draws' samples (its own row)
+        rand_sets: dict[float, list[tuple[tuple[Edit, ...], _Scored]]] = {}
+        for ctl, st, e, sc in mine:
+            if ctl == "random":
+                rand_sets.setdefault(st, []).append((e, sc))
+        n_drawn = max((len(ds) for ds in rand_sets.values()), default=1)
+        rand_prompts, rand_ref, rand_ppl = "neutral", base, base_ppl
+        if n_drawn > 1:
+            rand_prompts = "random"
+            rand_ref = _Scored.concat([base_of_draw[g] for g in range(n_drawn)])
+            rand_ppl = rand_ref.metrics(c, None)["perplexity"]
+            rand_base_m = record(rand_ref, pick, "unsteered", "random", rand_ppl, draws=n_drawn)
         rand_ms = [
-            (st, record(sc, pick, "random", "neutral", base_ppl, st, e, base))
-            for ctl, st, e, sc in mine
-            if ctl == "random"
-        ]
+            (st, record(_Scored.concat([sc for _, sc in ds]), pick, "random", rand_prompts,
+                        rand_ppl, st, ds[0][0], rand_ref, len(ds)))
+            for st, ds in rand_sets.items()
+        ]  # fmt: skip
+        draw_shares = {
+            st: [float(sc.metrics(c, None)["share"]) for _, sc in ds]
+            for st, ds in rand_sets.items()
+        }
         own_m, own_ms = None, []
         if "own_label" in p.controls and c in own_sets:
             own_base = own_sets[c][1]
@@ -963,6 +1000,15 @@ def evaluate_steering(
             stopped={st: sc.stopped for st, sc in steer_sets[k]},
         )  # fmt: skip
         lat["rank"] = int(pick["rank"])
+        if "random" in p.controls:
+            lat["random_draws"] = [[int(m) for m in d] for d in pick["random_draws"]]
+            lat["random_draw_shares_at_best"] = draw_shares.get(bests[k])
+            lat["random_samples"] = [
+                [draw_first[g], draw_first[g] + full - 1] for g in range(n_drawn)
+            ] if rand_sets else None  # fmt: skip
+            if n_drawn > 1:
+                lat.update({f"random_baseline_{x}": rand_base_m[x]
+                            for x in ("share", "share_lo", "share_hi")})  # fmt: skip
         if confirm:
             conf_m = conf_base_m = None
             if k in conf_of:

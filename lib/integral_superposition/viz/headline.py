@@ -511,6 +511,7 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
             latent_list(group, "+", "L", limit=4) if len(group) > 1 else f"L{lat.get('latent')}"
         )
         rand = lat.get("random_members") or [lat.get("random_latent", "")]
+        n_draws = len(lat.get("random_draws") or [])
         rows.append(
             HeadlineRow(
                 "Steering",
@@ -524,7 +525,12 @@ def _steering(summary: Mapping[str, Any] | None) -> list[HeadlineRow]:
                 control_lift_interval=_interval(lat, "random_lift_at_best"),
                 control_name=(
                     f"random latent{'s' if len(rand) > 1 else ''} " + latent_list(rand, limit=4)
-                ).strip(),
+                ).strip()
+                + (
+                    f" and {n_draws - 1} more draw{'s' if n_draws > 2 else ''}"
+                    if n_draws > 1
+                    else ""
+                ),
                 latent=None if lat.get("latent") is None else int(lat["latent"]),
                 split=HELD_OUT,
                 detail=detail,
