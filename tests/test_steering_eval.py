@@ -262,14 +262,19 @@ def test_random_control_is_a_topic_neutral_live_latent_with_matched_norm():
     assert int(out["random_latent"].iloc[0]) == 1
 
 
-def test_a_group_gets_as_many_distinct_neutral_random_latents_each_matched_to_a_member():
-    # latents 0, 1: the group (a); 2: enriched for b; 3..7: neutral
+def _group_tables() -> tuple[pd.DataFrame, np.ndarray]:
+    """Token-level enrichment of 8 latents over labels a and b, and their decoder norms:
+    latents 0, 1 a group for a; 2 enriched for b; 3..7 neutral."""
     tok = _token_table(
         [1e-9, 1, 1e-8, 1, 1, 1e-7] + [0.5, 1] * 5,
         [3.0, -1, 2.0, -1, -1, 2.0] + [0.1, 0.2] * 5,
         True,
     )
-    norms = np.array([2.0, 1.0, 1.0, 4.0, 0.5, 1.0, 2.0, 8.0])
+    return tok, np.array([2.0, 1.0, 1.0, 4.0, 0.5, 1.0, 2.0, 8.0])
+
+
+def test_a_group_gets_as_many_distinct_neutral_random_latents_each_matched_to_a_member():
+    tok, norms = _group_tables()
     picks = pd.DataFrame({"label": ["a"], "latent": [0], "members": [[0, 1]]})
     for seed in range(10):
         out = picking.random_controls(picks, tok, norms, 1e-3, seed).iloc[0]
@@ -286,13 +291,7 @@ def test_a_group_gets_as_many_distinct_neutral_random_latents_each_matched_to_a_
 
 
 def test_random_draws_keep_draw_0_and_draw_each_pick_independently():
-    # latents 0, 1: the group (a); 2: enriched for b; 3..7: neutral
-    tok = _token_table(
-        [1e-9, 1, 1e-8, 1, 1, 1e-7] + [0.5, 1] * 5,
-        [3.0, -1, 2.0, -1, -1, 2.0] + [0.1, 0.2] * 5,
-        True,
-    )
-    norms = np.array([2.0, 1.0, 1.0, 4.0, 0.5, 1.0, 2.0, 8.0])
+    tok, norms = _group_tables()
     group = pd.DataFrame({"label": ["a", "b"], "latent": [0, 2], "members": [[0, 1], [2, 1]]})
     for picks in (group, group.drop(columns="members")):
         for seed in range(5):
