@@ -397,14 +397,14 @@ def random_controls(
                 randoms.append([int(r) for r in rng.choice(cands, len(members), replace=False)])
         by_draw.append(randoms)
 
-    def ratio(j: int, r: int) -> float:
-        return float(norms[j] / norms[r]) if r >= 0 else float("nan")
+    def ratios(members: list[int], rs: list[list[int]]) -> list[list[float]]:
+        """``[draws][members]`` member norm over random latent norm (nan where none)."""
+        r = np.asarray(rs, dtype=np.int64)
+        out = norms[np.asarray(members)][None, :] / norms[np.maximum(r, 0)]
+        return np.where(r >= 0, out, np.nan).tolist()
 
     draws_of = [[d[i] for d in by_draw] for i in range(len(groups))]
-    ratios_of = [
-        [[ratio(j, r) for j, r in zip(m, rs, strict=True)] for rs in ds]
-        for m, ds in zip(groups, draws_of, strict=True)
-    ]
+    ratios_of = [ratios(m, ds) for m, ds in zip(groups, draws_of, strict=True)]
     out = picks.assign(
         random_latent=[ds[0][0] for ds in draws_of],
         random_ratio=[rt[0][0] for rt in ratios_of],

@@ -945,7 +945,9 @@ def evaluate_steering(
     )  # fmt: skip
     ctrl_scored = got[: len(controls)]
     conf_scored = got[len(controls) : len(controls) + len(conf_sets)]
-    base_of_draw = {0: base, **dict(zip(drawn, got[len(got) - len(base_sets) :], strict=True))}
+    # the random control's unsteered reference: the sweep's set, and with several draws the
+    # unsteered sets of the later draws' samples after it (every latent's)
+    rand_ref = _Scored.concat([base, *got[len(got) - len(base_sets) :]]) if base_sets else base
     conf_of = dict(zip(conf_keys, conf_scored[1:], strict=True))
     _advance(rep, len(got))
 
@@ -968,11 +970,10 @@ def evaluate_steering(
         for ctl, st, e, sc in mine:
             if ctl == "random":
                 rand_sets.setdefault(st, []).append((e, sc))
-        n_drawn = max((len(ds) for ds in rand_sets.values()), default=1)
-        rand_prompts, rand_ref, rand_ppl = "neutral", base, base_ppl
-        if n_drawn > 1:
+        n_drawn = len(draw_first)
+        rand_prompts, rand_ppl = "neutral", base_ppl
+        if n_drawn > 1 and rand_sets:
             rand_prompts = "random"
-            rand_ref = _Scored.concat([base_of_draw[g] for g in range(n_drawn)])
             rand_ppl = rand_ref.metrics(c, None)["perplexity"]
             rand_base_m = record(rand_ref, pick, "unsteered", "random", rand_ppl, draws=n_drawn)
         rand_ms = [
@@ -1006,7 +1007,7 @@ def evaluate_steering(
             lat["random_samples"] = [
                 [draw_first[g], draw_first[g] + full - 1] for g in range(n_drawn)
             ] if rand_sets else None  # fmt: skip
-            if n_drawn > 1:
+            if n_drawn > 1 and rand_sets:
                 lat.update({f"random_baseline_{x}": rand_base_m[x]
                             for x in ("share", "share_lo", "share_hi")})  # fmt: skip
         if confirm:
